@@ -1,0 +1,26 @@
+"""DICOM status codes used by the node's service handlers, named in one place.
+
+Each constant carries the PS3 section that defines it. Handlers return these names;
+no hex literal appears anywhere else. Unexpected exceptions inside a handler are left
+to pynetdicom, which answers 0xC211 and logs the traceback.
+"""
+
+from __future__ import annotations
+
+# PS3.7 Annex C.1.1: the operation completed successfully.
+SUCCESS = 0x0000
+
+# PS3.4 Annex B.2.3 (Storage Service Class, C-STORE statuses).
+# Refused: Out of Resources (A700-A7FF). Used for disk full and index unavailable.
+OUT_OF_RESOURCES = 0xA700
+# Error: Data Set does not match SOP Class (A900-A9FF).
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+# Error: Cannot understand (C000-CFFF). Used for missing/invalid identifying attributes
+# and for a data set that cannot be parsed.
+CANNOT_UNDERSTAND = 0xC000
+# Warning: Coercion of Data Elements (B000). Not used: the node never coerces.
+COERCION_OF_DATA_ELEMENTS = 0xB000
+
+# PS3.7 Annex C.5.x: refused because the node is shutting down (used by SIGTERM handling).
+# Refused: SOP Class not supported is 0x0122 (PS3.7 C.4.2); pynetdicom answers it itself.
+REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122

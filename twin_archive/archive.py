@@ -1,0 +1,442 @@
+"""The per-patient archive: durable instance files and their SQLite index."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from twin_archive.durable import clean_tmp, write_durably
+from twin_archive.errors import (
+    InvalidInstanceError,
+    OutOfResourcesError,
+    SopClassMismatchError,
+    TwinNotFoundError,
+)
+from twin_archive.layout import INDEX_NAME, instance_relpath, load_or_create_key, patient_key
+from twin_archive.records import (
+    ConsentEvent,
+    IncomingInstance,
+    SeriesRecord,
+    StoreOutcome,
+    StoreResult,
+    StudyRecord,
+    TwinDetail,
+    TwinSummary,
+)
+from twin_archive.schema import connect, migrate, write_transaction
+from twin_archive.uids import uid_problem
+
+LOG = logging.getLogger(__name__)
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def utc_now() -> str:
+    """Current time as ISO 8601 in UTC with microseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+class Archive:
+    """The twin archive under one data directory.
+
+    Thread-safe: the DICOM server calls :meth:`store` from one thread per association.
+    Several processes may open the same data directory (the server and the CLI);
+    SQLite's WAL mode and ``BEGIN IMMEDIATE`` keep their writes apart.
+
+    Parameters
+    ----------
+    data_dir : pathlib.Path
+        Root of the archive; created if missing.
+    min_free_bytes : int
+        Refuse new instances (A700) while less than this many bytes are free on the
+        data directory's file system, so the index can always commit and the
+        operating system keeps working.
+    """
+
+    def __init__(self, data_dir: Path | str, *, min_free_bytes: int = 0) -> None:
+        if min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must be >= 0, got {min_free_bytes}")
+        self.data_dir = Path(data_dir).resolve()
+        self.min_free_bytes = min_free_bytes
+        self.tmp_dir = self.data_dir / "tmp"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(exist_ok=True)
+        self._secret = load_or_create_key(self.data_dir)
+        self.db = connect(str(self.data_dir / INDEX_NAME))
+        self._lock = threading.Lock()
+        migrate(self.db)
+
+    def close(self) -> None:
+        """Close the index connection."""
+        with self._lock:
+            self.db.conn.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def recover(self) -> int:
+        """Remove temporary files of writes interrupted by a crash; return how many."""
+        removed = clean_tmp(self.tmp_dir)
+        if removed:
+            LOG.warning("archive: removed %d unfinished temporary file(s) after restart", removed)
+        return removed
+
+    # ------------------------------------------------------------------ storing
+    def store(self, incoming: IncomingInstance) -> StoreResult:
+        """Validate, write durably and index one instance.
+
+        Returns only after the file is fsynced, renamed into place and its index row
+        committed.
+
+        Raises
+        ------
+        InvalidInstanceError
+            A required identifier (Patient ID, Study/Series/SOP Instance UID) is missing
+            or invalid, or the data set cannot be parsed.
+        SopClassMismatchError
+            The data set does not match the SOP class it was sent as.
+        OutOfResourcesError
+            Disk full, below the free-space reserve, or the index cannot commit.
+        """
+        ds = self._parse(incoming)
+        ident = self._identify(ds, incoming)
+        sha = hashlib.sha256(incoming.dataset).hexdigest()
+        key = patient_key(self._secret, ident["patient_id"], ident["issuer"])
+        rel = instance_relpath(
+            key, ident["study_uid"], ident["series_uid"], ident["sop_uid"], sha
+        )
+
+        with self._lock:
+            row = self.db.execute(
+                "SELECT version FROM instances WHERE sop_instance_uid = ? AND sha256 = ?",
+                (ident["sop_uid"], sha),
+            ).fetchone()
+        if row is not None:
+            LOG.info("archive: instance %s already archived (identical), not written again",
+                     ident["sop_uid"])
+            return StoreResult(
+                outcome=StoreOutcome.DUPLICATE, sop_instance_uid=ident["sop_uid"],
+                series_uid=ident["series_uid"], study_uid=ident["study_uid"],
+                patient_key=key, version=row[0], path=str(rel), sha256=sha,
+            )
+
+        size = len(incoming.file_meta) + len(incoming.dataset)
+        self._check_free_space(size)
+        final = self.data_dir / rel
+        try:
+            write_durably(final, (incoming.file_meta, incoming.dataset), self.tmp_dir)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE_ERRNOS:
+                raise OutOfResourcesError(f"disk full writing {rel.name}: {exc.strerror}") from exc
+            raise OutOfResourcesError(f"cannot write {rel.name}: {exc}") from exc
+
+        try:
+            outcome, version = self._index(ds, ident, key, sha, str(rel), size, incoming)
+        except sqlite3.Error as exc:
+            self._discard_unindexed(final, str(rel))
+            raise OutOfResourcesError(f"archive index cannot commit: {exc}") from exc
+        if outcome is StoreOutcome.NEW_VERSION:
+            LOG.warning(
+                "archive: instance %s resent with different content from %s; kept as "
+                "version %d beside the earlier one(s), the newer is current",
+                ident["sop_uid"], incoming.calling_ae or "?", version,
+            )
+        return StoreResult(
+            outcome=outcome, sop_instance_uid=ident["sop_uid"],
+            series_uid=ident["series_uid"], study_uid=ident["study_uid"],
+            patient_key=key, version=version, path=str(rel), sha256=sha,
+        )
+
+    def _parse(self, incoming: IncomingInstance) -> Dataset:
+        try:
+            return pydicom.dcmread(BytesIO(incoming.file_meta + incoming.dataset))
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+            raise InvalidInstanceError("DataSet", f"cannot be parsed ({exc})") from exc
+
+    def _identify(self, ds: Dataset, incoming: IncomingInstance) -> dict[str, str]:
+        try:
+            sop_class = _text(ds, "SOPClassUID")
+            sop_uid = _text(ds, "SOPInstanceUID")
+            ident = {
+                "patient_id": _text(ds, "PatientID"),
+                "issuer": _text(ds, "IssuerOfPatientID"),
+                "study_uid": _text(ds, "StudyInstanceUID"),
+                "series_uid": _text(ds, "SeriesInstanceUID"),
+                "sop_uid": sop_uid,
+                "sop_class": sop_class,
+            }
+        except Exception as exc:  # a malformed value deep in the data set
+            raise InvalidInstanceError("DataSet", f"cannot be decoded ({exc})") from exc
+        if not ident["patient_id"]:
+            raise InvalidInstanceError("PatientID", "missing or empty: the instance cannot be filed into a twin")
+        if len(ident["patient_id"]) > 64:
+            raise InvalidInstanceError("PatientID", "longer than 64 characters (LO)")
+        for keyword, name in (
+            ("SOPInstanceUID", "sop_uid"),
+            ("StudyInstanceUID", "study_uid"),
+            ("SeriesInstanceUID", "series_uid"),
+            ("SOPClassUID", "sop_class"),
+        ):
+            problem = uid_problem(ident[name] or None)
+            if problem:
+                raise InvalidInstanceError(keyword, problem)
+        if sop_class != incoming.sop_class_uid:
+            raise SopClassMismatchError(
+                sop_uid, f"data set has SOP Class {sop_class} but was sent as {incoming.sop_class_uid}"
+            )
+        if sop_uid != incoming.sop_instance_uid:
+            raise SopClassMismatchError(
+                sop_uid, f"data set's SOP Instance UID differs from the request's ({incoming.sop_instance_uid})"
+            )
+        if UID(sop_class).name.endswith("Image Storage") and "Multi-frame" not in UID(sop_class).name:
+            if not any(k in ds for k in _PIXEL_KEYWORDS):
+                raise SopClassMismatchError(sop_uid, f"{UID(sop_class).name} without Pixel Data")
+            if "Rows" not in ds or "Columns" not in ds:
+                raise SopClassMismatchError(sop_uid, f"{UID(sop_class).name} without Rows/Columns")
+        return ident
+
+    def _check_free_space(self, incoming_bytes: int) -> None:
+        if not self.min_free_bytes:
+            return
+        free = shutil.disk_usage(self.data_dir).free
+        if free - incoming_bytes < self.min_free_bytes:
+            raise OutOfResourcesError(
+                f"only {free // (1 << 20)} MiB free on the data directory, below the "
+                f"reserve of {self.min_free_bytes // (1 << 20)} MiB (min_free_mb)"
+            )
+
+    def _index(
+        self, ds: Dataset, ident: dict[str, str], key: str, sha: str, rel: str,
+        size: int, incoming: IncomingInstance,
+    ) -> tuple[StoreOutcome, int]:
+        now = utc_now()
+        with self._lock, write_transaction(self.db) as conn:
+            conn.execute(
+                "INSERT INTO twins (patient_key, patient_id, issuer_of_patient_id, patient_name,"
+                " birth_date, sex, donate, created_at, updated_at) VALUES (?,?,?,?,?,?,0,?,?)"
+                " ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,"
+                " birth_date=excluded.birth_date, sex=excluded.sex, updated_at=excluded.updated_at",
+                (key, ident["patient_id"], ident["issuer"], _text(ds, "PatientName"),
+                 _text(ds, "PatientBirthDate"), _text(ds, "PatientSex"), now, now),
+            )
+            conn.execute(
+                "INSERT INTO studies (study_uid, patient_key, study_date, study_time, description,"
+                " accession_number, first_received, last_received) VALUES (?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received",
+                (ident["study_uid"], key, _text(ds, "StudyDate"), _text(ds, "StudyTime"),
+                 _text(ds, "StudyDescription"), _text(ds, "AccessionNumber"), now, now),
+            )
+            conn.execute(
+                "INSERT INTO series (series_uid, study_uid, modality, body_part, description,"
+                " series_number, manufacturer, model_name, frame_of_reference_uid,"
+                " first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
+                (ident["series_uid"], ident["study_uid"], _text(ds, "Modality"),
+                 _text(ds, "BodyPartExamined"), _text(ds, "SeriesDescription"),
+                 _text(ds, "SeriesNumber"), _text(ds, "Manufacturer"),
+                 _text(ds, "ManufacturerModelName"), _text(ds, "FrameOfReferenceUID"), now, now),
+            )
+            previous = conn.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM instances WHERE sop_instance_uid = ?",
+                (ident["sop_uid"],),
+            ).fetchone()[0]
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, series_uid,"
+                " study_uid, patient_key, instance_number, transfer_syntax_uid, size, sha256,"
+                " path, calling_ae, received_at, version, current)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
+                (ident["sop_uid"], ident["sop_class"], ident["series_uid"], ident["study_uid"],
+                 key, _text(ds, "InstanceNumber"), incoming.transfer_syntax_uid, size, sha, rel,
+                 incoming.calling_ae, now, previous + 1),
+            )
+            if cur.rowcount == 0:  # the same content committed by a concurrent association
+                return StoreOutcome.DUPLICATE, previous
+            if previous:
+                conn.execute(
+                    "UPDATE instances SET current = 0 WHERE sop_instance_uid = ? AND version <= ?",
+                    (ident["sop_uid"], previous),
+                )
+                return StoreOutcome.NEW_VERSION, previous + 1
+            return StoreOutcome.STORED, 1
+
+    def _discard_unindexed(self, final: Path, rel: str) -> None:
+        """Remove a written file whose index row could not be committed."""
+        try:
+            with self._lock:
+                referenced = self.db.execute(
+                    "SELECT 1 FROM instances WHERE path = ?", (rel,)
+                ).fetchone()
+            if not referenced:
+                final.unlink(missing_ok=True)
+        except (sqlite3.Error, OSError):
+            LOG.exception("archive: could not clean up %s after an index failure", rel)
+
+    # ------------------------------------------------------------------ reading
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self.db.execute(sql, params)
+            cols = [c[0] for c in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def list_twins(self) -> list[TwinSummary]:
+        """All twins, most recently updated first."""
+        rows = self._rows(
+            "SELECT t.*, (SELECT COUNT(*) FROM studies s WHERE s.patient_key = t.patient_key) AS n_studies,"
+            " (SELECT COUNT(*) FROM series se JOIN studies s ON se.study_uid = s.study_uid"
+            "   WHERE s.patient_key = t.patient_key) AS n_series,"
+            " (SELECT COUNT(*) FROM instances i WHERE i.patient_key = t.patient_key AND i.current = 1) AS n_instances,"
+            " (SELECT MAX(received_at) FROM instances i WHERE i.patient_key = t.patient_key) AS last"
+            " FROM twins t ORDER BY t.updated_at DESC"
+        )
+        return [self._summary(r) for r in rows]
+
+    @staticmethod
+    def _summary(r: dict[str, Any]) -> TwinSummary:
+        return TwinSummary(
+            patient_key=r["patient_key"], patient_id=r["patient_id"],
+            issuer_of_patient_id=r["issuer_of_patient_id"] or "",
+            patient_name=r["patient_name"] or "", donate=bool(r["donate"]),
+            studies=r["n_studies"], series=r["n_series"], instances=r["n_instances"],
+            last_received=r["last"] or "",
+        )
+
+    def find_twin_keys(self, patient_id: str, issuer: str | None = None) -> list[str]:
+        """Patient keys of the twins with this Patient ID (one per issuer).
+
+        Raises
+        ------
+        TwinNotFoundError
+            If no twin has that Patient ID.
+        """
+        sql = "SELECT patient_key FROM twins WHERE patient_id = ?"
+        params: tuple[Any, ...] = (patient_id,)
+        if issuer is not None:
+            sql += " AND issuer_of_patient_id = ?"
+            params += (issuer,)
+        keys = [r["patient_key"] for r in self._rows(sql, params)]
+        if not keys:
+            raise TwinNotFoundError(patient_id)
+        return keys
+
+    def twin(self, patient_id: str, issuer: str | None = None) -> TwinDetail:
+        """Everything known about one patient (the first issuer if several match).
+
+        Raises
+        ------
+        TwinNotFoundError
+            If no twin has that Patient ID.
+        """
+        key = self.find_twin_keys(patient_id, issuer)[0]
+        summary = next(t for t in self.list_twins() if t.patient_key == key)
+        studies = []
+        for st in self._rows(
+            "SELECT * FROM studies WHERE patient_key = ? ORDER BY study_date, study_time", (key,)
+        ):
+            series = tuple(
+                SeriesRecord(
+                    series_uid=se["series_uid"], modality=se["modality"] or "",
+                    body_part=se["body_part"] or "", description=se["description"] or "",
+                    series_number=se["series_number"] or "", manufacturer=se["manufacturer"] or "",
+                    model_name=se["model_name"] or "",
+                    frame_of_reference_uid=se["frame_of_reference_uid"] or "",
+                    instances=se["n"], first_received=se["first_received"],
+                    last_received=se["last_received"],
+                )
+                for se in self._rows(
+                    "SELECT se.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid = se.series_uid"
+                    " AND i.current = 1) AS n FROM series se WHERE se.study_uid = ?"
+                    " ORDER BY CAST(se.series_number AS INTEGER), se.first_received",
+                    (st["study_uid"],),
+                )
+            )
+            studies.append(StudyRecord(
+                study_uid=st["study_uid"], study_date=st["study_date"] or "",
+                study_time=st["study_time"] or "", description=st["description"] or "",
+                accession_number=st["accession_number"] or "", series=series,
+            ))
+        history = tuple(
+            ConsentEvent(at=r["at"], donate=bool(r["donate"]), previous=bool(r["previous"]),
+                         by=r["by"] or "", reason=r["reason"] or "")
+            for r in self._rows(
+                "SELECT * FROM consent_events WHERE patient_key = ? ORDER BY id", (key,)
+            )
+        )
+        return TwinDetail(twin=summary, studies=tuple(studies), consent_history=history)
+
+    def set_consent(
+        self, patient_id: str, *, donate: bool, by: str, reason: str = "",
+        issuer: str | None = None,
+    ) -> ConsentEvent:
+        """Record a donation decision and its audit entry in one transaction.
+
+        Raises
+        ------
+        TwinNotFoundError
+            If no twin has that Patient ID.
+        ValueError
+            If ``by`` is empty.
+        """
+        if not by.strip():
+            raise ValueError("by: the person recording the consent decision must be named")
+        keys = self.find_twin_keys(patient_id, issuer)
+        if len(keys) > 1:
+            raise ValueError(
+                f"patient_id: {len(keys)} twins share Patient ID {patient_id!r} under different "
+                "issuers; name the issuer"
+            )
+        at = utc_now()
+        with self._lock, write_transaction(self.db) as conn:
+            previous = bool(conn.execute(
+                "SELECT donate FROM twins WHERE patient_key = ?", (keys[0],)
+            ).fetchone()[0])
+            conn.execute(
+                "UPDATE twins SET donate = ?, updated_at = ? WHERE patient_key = ?",
+                (int(donate), at, keys[0]),
+            )
+            conn.execute(
+                "INSERT INTO consent_events (patient_key, at, donate, previous, by, reason)"
+                " VALUES (?,?,?,?,?,?)",
+                (keys[0], at, int(donate), int(previous), by, reason),
+            )
+        LOG.info("consent: twin %s donation %s -> %s (by %s)", keys[0],
+                 "on" if previous else "off", "on" if donate else "off", by)
+        return ConsentEvent(at=at, donate=donate, previous=previous, by=by, reason=reason)
+
+    def series_files(self, series_uid: str) -> list[Path]:
+        """Absolute paths of the current instances of a series."""
+        return [
+            self.data_dir / r["path"]
+            for r in self._rows(
+                "SELECT path FROM instances WHERE series_uid = ? AND current = 1 ORDER BY id",
+                (series_uid,),
+            )
+        ]
+
+    def instance_count(self) -> int:
+        """Number of instance rows (all versions)."""
+        return int(self._rows("SELECT COUNT(*) AS n FROM instances")[0]["n"])
+
+

@@ -1,0 +1,144 @@
+"""Value objects that cross the archive's boundary."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class StoreOutcome(str, enum.Enum):
+    """What :meth:`twin_archive.Archive.store` did with an instance."""
+
+    STORED = "stored"  # first time this SOP Instance UID was seen
+    DUPLICATE = "duplicate"  # identical content already archived: nothing written
+    NEW_VERSION = "new_version"  # same SOP Instance UID, different content: kept beside the old
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class IncomingInstance:
+    """One C-STORE as the network layer hands it to the archive.
+
+    Parameters
+    ----------
+    file_meta : bytes
+        Preamble, ``DICM`` prefix and encoded File Meta Information group.
+    dataset : bytes
+        The encoded data set exactly as received (its transfer syntax unchanged).
+    transfer_syntax_uid : str
+        Transfer syntax of ``dataset`` (from the presentation context).
+    sop_class_uid : str
+        Affected SOP Class UID of the request (what the sender says it is).
+    sop_instance_uid : str
+        Affected SOP Instance UID of the request.
+    calling_ae : str
+        AE title of the sender.
+    """
+
+    file_meta: bytes
+    dataset: bytes
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    calling_ae: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.file_meta, bytes | bytearray | memoryview):
+            raise TypeError("file_meta must be bytes")
+        if not isinstance(self.dataset, bytes | bytearray | memoryview):
+            raise TypeError("dataset must be bytes")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoreResult:
+    """Result of storing one instance."""
+
+    outcome: StoreOutcome
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    patient_key: str
+    version: int
+    path: str  # relative to the data directory
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConsentEvent:
+    """One change (or confirmation) of a patient's donation consent."""
+
+    at: str  # ISO 8601, UTC
+    donate: bool
+    previous: bool
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SeriesRecord:
+    """A series as a PACS would list it."""
+
+    series_uid: str
+    modality: str
+    body_part: str
+    description: str
+    series_number: str
+    manufacturer: str
+    model_name: str
+    frame_of_reference_uid: str
+    instances: int
+    first_received: str
+    last_received: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StudyRecord:
+    """A study with its series."""
+
+    study_uid: str
+    study_date: str
+    study_time: str
+    description: str
+    accession_number: str
+    series: tuple[SeriesRecord, ...] = ()
+
+    @property
+    def instances(self) -> int:
+        """Number of current instances in the study."""
+        return sum(s.instances for s in self.series)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TwinSummary:
+    """One patient's twin, summarised."""
+
+    patient_key: str
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    donate: bool
+    studies: int
+    series: int
+    instances: int
+    last_received: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TwinDetail:
+    """Everything ``twin show`` displays for one patient."""
+
+    twin: TwinSummary
+    studies: tuple[StudyRecord, ...]
+    consent_history: tuple[ConsentEvent, ...]
+    # Filled by later parts of the loop (AI results, radiologist labels, model versions
+    # trained with this patient's data); empty until those exist.
+    results: tuple[dict[str, Any], ...] = field(default=())
+    labels: tuple[dict[str, Any], ...] = field(default=())
+    trained_model_versions: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dictionary."""
+        out = asdict(self)
+        for study, rec in zip(out["studies"], self.studies):
+            study["instances"] = rec.instances
+        return out

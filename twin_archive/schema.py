@@ -1,0 +1,172 @@
+"""The archive index schema, applied as numbered migrations.
+
+Each migration runs in one transaction together with the row that records it in
+``schema_migrations``; a migration is never edited once released: add a new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+
+import sqlite_utils
+
+LOG = logging.getLogger(__name__)
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db["twins"].create(
+        {
+            "patient_key": str,
+            "patient_id": str,
+            "issuer_of_patient_id": str,
+            "patient_name": str,
+            "birth_date": str,
+            "sex": str,
+            "donate": int,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="patient_key",
+        not_null={"patient_id", "donate"},
+        defaults={"donate": 0, "issuer_of_patient_id": ""},
+    )
+    db["twins"].create_index(["patient_id"])
+    db["consent_events"].create(
+        {
+            "id": int,
+            "patient_key": str,
+            "at": str,
+            "donate": int,
+            "previous": int,
+            "by": str,
+            "reason": str,
+        },
+        pk="id",
+        foreign_keys=[("patient_key", "twins", "patient_key")],
+    )
+    db["consent_events"].create_index(["patient_key"])
+    db["studies"].create(
+        {
+            "study_uid": str,
+            "patient_key": str,
+            "study_date": str,
+            "study_time": str,
+            "description": str,
+            "accession_number": str,
+            "first_received": str,
+            "last_received": str,
+        },
+        pk="study_uid",
+        foreign_keys=[("patient_key", "twins", "patient_key")],
+    )
+    db["studies"].create_index(["patient_key"])
+    db["series"].create(
+        {
+            "series_uid": str,
+            "study_uid": str,
+            "modality": str,
+            "body_part": str,
+            "description": str,
+            "series_number": str,
+            "manufacturer": str,
+            "model_name": str,
+            "frame_of_reference_uid": str,
+            "first_received": str,
+            "last_received": str,
+        },
+        pk="series_uid",
+        foreign_keys=[("study_uid", "studies", "study_uid")],
+    )
+    db["series"].create_index(["study_uid"])
+    db["series"].create_index(["last_received"])
+    db["instances"].create(
+        {
+            "id": int,
+            "sop_instance_uid": str,
+            "sop_class_uid": str,
+            "series_uid": str,
+            "study_uid": str,
+            "patient_key": str,
+            "instance_number": str,
+            "transfer_syntax_uid": str,
+            "size": int,
+            "sha256": str,
+            "path": str,
+            "calling_ae": str,
+            "received_at": str,
+            "version": int,
+            "current": int,
+        },
+        pk="id",
+        not_null={"sop_instance_uid", "sha256", "path", "version", "current"},
+        foreign_keys=[("series_uid", "series", "series_uid")],
+    )
+    db["instances"].create_index(["sop_instance_uid", "sha256"], unique=True)
+    db["instances"].create_index(["series_uid", "current"])
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
+    """One write transaction, ``BEGIN IMMEDIATE`` so that it takes the write lock first.
+
+    A deferred ``BEGIN`` that reads and then writes fails at once with ``SQLITE_BUSY``
+    in WAL mode when another process (the CLI, a second worker) wrote in between;
+    ``IMMEDIATE`` waits on the busy timeout instead. Everything inside commits or
+    nothing does (sqlite-utils #121).
+    """
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
+def connect(path: str, *, timeout_s: float = 30.0) -> sqlite_utils.Database:
+    """Open the index in WAL mode with full durability and a busy timeout.
+
+    ``synchronous=FULL`` makes every commit durable before it returns, which the
+    C-STORE acknowledgement relies on.
+    """
+    conn = sqlite3.connect(path, timeout=timeout_s, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+    return sqlite_utils.Database(conn)
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial,)
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Apply every migration not yet recorded; return the schema version now in force."""
+    conn = db.conn
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    for number, migration in enumerate(MIGRATIONS, start=1):
+        if number in done:
+            continue
+        with write_transaction(db):
+            # Re-read under the write lock: another process may have just migrated.
+            if conn.execute(
+                "SELECT 1 FROM schema_migrations WHERE version = ?", (number,)
+            ).fetchone():
+                continue
+            migration(db)
+            conn.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?)",
+                (number, datetime.now(timezone.utc).isoformat()),
+            )
+        LOG.info("archive index: applied migration %d (%s)", number, migration.__name__)
+    return len(MIGRATIONS)
