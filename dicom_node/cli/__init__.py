@@ -1,0 +1,80 @@
+"""The ``dicom-node`` command: subcommands in the domain's words.
+
+Each subcommand module has ``register(subparsers, parents)``; handlers are
+``cmd_xxx(args, settings) -> int`` and get the one settings object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dicom_node import __version__
+from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.settings import load_settings
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="TOML configuration file (default: $DICOM_NODE_CONFIG)")
+    common.add_argument("--data-dir", default=argparse.SUPPRESS, metavar="DIR",
+                        help="data directory (default: $DICOM_NODE_DATA_DIR or the configuration)")
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command-line interface."""
+    from dicom_node.cli import demo, serve, twin
+
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="dicom-node", parents=[common],
+        description="PACS-integrated AI inference node: receives studies over DICOM, keeps "
+                    "each patient's archive (twin) and returns AI results to the PACS.",
+    )
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (serve, twin, demo):
+        module.register(sub, [common])
+    try:
+        from dicom_node.cli import models
+    except ImportError:  # the registry CLI lands with the knowledge bank
+        pass
+    else:
+        models.register(sub, [common])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dicom-node`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = {
+        "data_dir": getattr(args, "data_dir", None),
+        "log_level": getattr(args, "log_level", None),
+        "port": getattr(args, "port", None),
+        "ae_title": getattr(args, "ae_title", None),
+        "bind_address": getattr(args, "bind", None),
+    }
+    try:
+        settings = load_settings(getattr(args, "config", None), overrides=overrides)
+        return int(args.func(args, settings) or 0)
+    except ConfigError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    except DicomNodeError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a bad argument, named by the raiser
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

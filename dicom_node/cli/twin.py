@@ -1,0 +1,99 @@
+"""``dicom-node twin``: list, show and set donation consent of patients' twins."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+from typing import Any
+
+from dicom_node.settings import Settings
+from twin_archive import Archive
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    twin = sub.add_parser("twin", parents=parents, help="patients' twins: list, show, consent")
+    tsub = twin.add_subparsers(dest="twin_command", metavar="ACTION", required=True)
+
+    p = tsub.add_parser("list", parents=parents, help="list the twins in the archive")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+
+    p = tsub.add_parser("show", parents=parents, help="studies, series, consent and results of one patient")
+    p.add_argument("patient_id", metavar="PATIENT_ID")
+    p.add_argument("--issuer", default=None, help="Issuer of Patient ID, when several share the ID")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_show)
+
+    p = tsub.add_parser("consent", parents=parents,
+                        help="record a patient's decision to donate studies for model development")
+    p.add_argument("patient_id", metavar="PATIENT_ID")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--donate", action="store_true", help="the patient donates (opt in)")
+    group.add_argument("--revoke", action="store_true", help="the patient withdraws donation")
+    p.add_argument("--by", default=None, help="who records the decision (default: your user name)")
+    p.add_argument("--reason", default="", help="why, or the reference of the signed form")
+    p.add_argument("--issuer", default=None, help="Issuer of Patient ID, when several share the ID")
+    p.set_defaults(func=cmd_consent)
+
+
+def _archive(settings: Settings) -> Archive:
+    from dicom_node.cli.serve import open_archive
+
+    return open_archive(settings)
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    with _archive(settings) as archive:
+        twins = archive.list_twins()
+    if args.json:
+        print(json.dumps([_summary_dict(t) for t in twins], indent=2))
+        return 0
+    if not twins:
+        print(f"no twins yet in {settings.data_dir}")
+        return 0
+    print(f"{'PATIENT ID':<20} {'NAME':<24} {'STUDIES':>7} {'SERIES':>6} {'INSTANCES':>9}  DONATES  LAST RECEIVED")
+    for t in twins:
+        print(f"{t.patient_id:<20} {t.patient_name[:24]:<24} {t.studies:>7} {t.series:>6} "
+              f"{t.instances:>9}  {'yes' if t.donate else 'no':<7}  {t.last_received[:19]}")
+    return 0
+
+
+def _summary_dict(t: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(t)
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    with _archive(settings) as archive:
+        detail = archive.twin(args.patient_id, args.issuer)
+    if args.json:
+        print(json.dumps(detail.to_dict(), indent=2))
+        return 0
+    t = detail.twin
+    print(f"Patient {t.patient_id} ({t.patient_name})  twin {t.patient_key}")
+    print(f"  donation: {'DONATES' if t.donate else 'does not donate'}")
+    for st in detail.studies:
+        print(f"  study {st.study_uid}  {st.study_date} {st.description!r}  accession {st.accession_number}")
+        for se in st.series:
+            print(f"    series {se.series_number:>4} {se.modality:<3} {se.description!r:<30} "
+                  f"{se.instances:>5} instances  {se.manufacturer} {se.model_name}  ({se.series_uid})")
+    print("  consent history:" if detail.consent_history else "  consent history: none (default: not donated)")
+    for ev in detail.consent_history:
+        print(f"    {ev.at[:19]}  {'donate' if ev.previous else 'no'} -> {'donate' if ev.donate else 'no'}"
+              f"  by {ev.by}  {ev.reason}")
+    print(f"  AI results: {len(detail.results)}   labels: {len(detail.labels)}   "
+          f"model versions trained with this patient's data: {len(detail.trained_model_versions)}")
+    return 0
+
+
+def cmd_consent(args: argparse.Namespace, settings: Settings) -> int:
+    by = args.by or getpass.getuser()
+    with _archive(settings) as archive:
+        event = archive.set_consent(args.patient_id, donate=bool(args.donate), by=by,
+                                    reason=args.reason, issuer=args.issuer)
+    state = "donates" if event.donate else "does not donate"
+    print(f"recorded: patient {args.patient_id} {state} (was: "
+          f"{'donating' if event.previous else 'not donating'}), by {event.by} at {event.at[:19]}")
+    return 0

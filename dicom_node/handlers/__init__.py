@@ -1,0 +1,1 @@
+"""DICOM service handlers: small functions bound to pynetdicom events, one module per role."""

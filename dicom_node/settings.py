@@ -1,0 +1,251 @@
+"""One typed settings object, loaded once and passed down.
+
+Sources, later ones winning: built-in defaults, the TOML file (``--config`` or
+``DICOM_NODE_CONFIG``), environment variables (``DICOM_NODE_DATA_DIR``,
+``DICOM_NODE_PORT``, ``DICOM_NODE_AE_TITLE``, ``DICOM_NODE_LOG_LEVEL``), command-line
+flags. Every mistake is reported as one :class:`~dicom_node.errors.ConfigError` line
+naming the key and what is expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import ConfigError
+
+DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENV_PREFIX = "DICOM_NODE_"
+ENV_KEYS = ("data_dir", "port", "ae_title", "log_level")
+
+
+def _check_ae_title(key: str, value: object, source: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, "an AE title (string of 1-16 characters)", value, source)
+    text = value.strip()
+    if not 1 <= len(text) <= 16 or "\\" in text or any(ord(c) < 32 or ord(c) > 126 for c in text):
+        raise ConfigError(
+            key, "an AE title: 1-16 printable ASCII characters, no backslash", value, source
+        )
+    return text
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Everything the node is configured with.
+
+    Parameters
+    ----------
+    ae_title : str
+        The node's own AE title (1-16 characters).
+    port : int
+        TCP port of the DICOM listener (0 picks a free port; 104 needs a capability).
+    bind_address : str
+        Address the listener binds to.
+    data_dir : pathlib.Path
+        Root of the archive, the queues and the model registry.
+    allowed_calling_aes : tuple of str
+        Calling AE titles allowed to associate; empty accepts every caller (a warning
+        is logged at start).
+    require_called_ae : bool
+        Reject associations whose Called AE Title is not ``ae_title``.
+    max_associations : int
+        Associations served at once.
+    max_pdu_size : int
+        Largest PDU the node accepts, bytes (0 = no limit).
+    network_timeout_s : float
+        Seconds of silence after which an association is aborted.
+    min_free_mb : int
+        Free space (MiB) kept in reserve on the data directory; below it C-STOREs are
+        refused with A700 (out of resources).
+    log_level : str
+        One of DEBUG, INFO, WARNING, ERROR.
+    config_path : pathlib.Path or None
+        The file these settings were read from, if any.
+    """
+
+    ae_title: str = "DICOM_NODE"
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    data_dir: Path = DEFAULT_DATA_DIR
+    allowed_calling_aes: tuple[str, ...] = ()
+    require_called_ae: bool = False
+    max_associations: int = 16
+    max_pdu_size: int = 0
+    network_timeout_s: float = 60.0
+    min_free_mb: int = 1024
+    log_level: str = "INFO"
+    config_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        src = str(self.config_path) if self.config_path else ""
+        _check_ae_title("ae_title", self.ae_title, src)
+        for i, aet in enumerate(self.allowed_calling_aes):
+            _check_ae_title(f"allowed_calling_aes[{i}]", aet, src)
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ConfigError("port", "an integer from 0 to 65535", self.port, src)
+        try:
+            ipaddress.ip_address(self.bind_address)
+        except ValueError:
+            raise ConfigError("bind_address", "an IP address such as 0.0.0.0 or 127.0.0.1",
+                              self.bind_address, src) from None
+        if not isinstance(self.max_associations, int) or not 1 <= self.max_associations <= 1000:
+            raise ConfigError("max_associations", "an integer from 1 to 1000", self.max_associations, src)
+        if not isinstance(self.max_pdu_size, int) or self.max_pdu_size < 0:
+            raise ConfigError("max_pdu_size", "an integer >= 0 (0 = no limit)", self.max_pdu_size, src)
+        if not isinstance(self.network_timeout_s, int | float) or self.network_timeout_s <= 0:
+            raise ConfigError("network_timeout_s", "a number of seconds > 0", self.network_timeout_s, src)
+        if not isinstance(self.min_free_mb, int) or self.min_free_mb < 0:
+            raise ConfigError("min_free_mb", "an integer number of MiB >= 0", self.min_free_mb, src)
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError("log_level", "one of " + ", ".join(LOG_LEVELS), self.log_level, src)
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+# How each key is read from TOML or the environment: (expected, converter).
+def _to_path(v: Any) -> Path:
+    if not isinstance(v, str) or not v:
+        raise TypeError
+    return Path(v).expanduser()
+
+
+def _to_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise TypeError
+    if isinstance(v, str):
+        return int(v.strip())
+    if not isinstance(v, int):
+        raise TypeError
+    return v
+
+
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.lower() in ("true", "1", "yes")
+    raise TypeError
+
+
+def _to_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise TypeError
+    return float(v)
+
+
+def _to_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError
+    return v
+
+
+def _to_aet_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [p for p in v.split(",") if p.strip()]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError
+    return tuple(x.strip() for x in v)
+
+
+_KEYS: dict[str, tuple[str, Any]] = {
+    "ae_title": ("a string", _to_str),
+    "port": ("an integer", _to_int),
+    "bind_address": ("a string", _to_str),
+    "data_dir": ("a directory path (string)", _to_path),
+    "allowed_calling_aes": ("a list of AE titles", _to_aet_list),
+    "require_called_ae": ("true or false", _to_bool),
+    "max_associations": ("an integer", _to_int),
+    "max_pdu_size": ("an integer", _to_int),
+    "network_timeout_s": ("a number of seconds", _to_float),
+    "min_free_mb": ("an integer", _to_int),
+    "log_level": ("a string", lambda v: _to_str(v).upper()),
+}
+
+
+def _convert(key: str, value: Any, source: str) -> Any:
+    expected, conv = _KEYS[key]
+    try:
+        return conv(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, expected, value, source) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read and syntax-check a configuration file.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, unreadable or not valid TOML.
+    """
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("--config", "an existing TOML file", str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(syntax)", f"valid TOML ({exc})", source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError("--config", f"a readable file ({exc.strerror})", str(path)) from None
+
+
+def load_settings(
+    config_path: Path | str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from the file, the environment and flag overrides.
+
+    Parameters
+    ----------
+    config_path : path, optional
+        TOML file; when ``None``, ``DICOM_NODE_CONFIG`` from ``env`` is used if set.
+    env : mapping, optional
+        Environment variables (defaults to ``os.environ``).
+    overrides : mapping, optional
+        Values from command-line flags; ``None`` values are ignored.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first wrong key and what it expects.
+    """
+    import os
+
+    env = os.environ if env is None else env
+    if config_path is None and env.get(ENV_PREFIX + "CONFIG"):
+        config_path = env[ENV_PREFIX + "CONFIG"]
+    values: dict[str, Any] = {}
+    source = ""
+    if config_path is not None:
+        path = Path(config_path).expanduser()
+        source = str(path)
+        for key, value in read_toml(path).items():
+            if key not in _KEYS:
+                known = ", ".join(sorted(_KEYS))
+                raise ConfigError(key, f"no such key (known keys: {known})", source=source)
+            values[key] = _convert(key, value, source)
+        values["config_path"] = path
+    for key in ENV_KEYS:
+        name = ENV_PREFIX + key.upper()
+        if env.get(name):
+            values[key] = _convert(key, env[name], f"environment variable {name}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _convert(key, value, "command line") if key in _KEYS else value
+    try:
+        return Settings(**values)
+    except ConfigError as exc:
+        if not exc.source and source:
+            raise ConfigError(exc.key, exc.expected, exc.got, source) from None
+        raise
