@@ -240,3 +240,17 @@ def _ct_dataset(pixels: np.ndarray, g: SliceGeometry, k: int, info: StudyInfo,
     ds.WindowWidth = "400"
     ds.PixelData = pixels.tobytes()
     return ds
+
+
+def truth_labels(anatomy: Anatomy, geometry: SliceGeometry) -> np.ndarray:
+    """Exact truth label map (uint8, (slices, rows, columns)) of ``geometry``'s slices.
+
+    Slice ``k`` is the slice at ``geometry.position(k)``, i.e. instance ``k + 1`` of
+    :func:`ct_series`; values are the keys of :data:`LABELS` (0 = background).
+    """
+    return np.stack([anatomy.sample(geometry.points(k))[1] for k in range(geometry.slices)])
+
+
+def truth_at(anatomy: Anatomy, points: np.ndarray) -> np.ndarray:
+    """Truth label values (uint8) at LPS points (..., 3), mm."""
+    return anatomy.sample(np.asarray(points, dtype=np.float32))[1]

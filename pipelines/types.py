@@ -1,0 +1,299 @@
+"""Value objects shared by the pipeline steps (volume -> infer -> post-process -> write).
+
+Arrays inside value objects are treated as read-only: no step mutates an array it was
+given, and :func:`pipelines.volume.load_series` hands out a non-writeable ``array``.
+Classes that hold arrays compare by identity (``eq=False``): comparing voxel data
+element-wise is never what a caller wants from ``==``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pipelines.uids import is_valid_uid
+
+LOG = logging.getLogger(__name__)
+
+#: Manufacturer written into every object the node creates (SEG, SR, overlay) and into
+#: their Contributing Equipment Sequence. :func:`pipelines.selection.is_node_output`
+#: recognises it, so the node never infers on its own results (DESIGN decision 4).
+NODE_MANUFACTURER = "DICOM-NODE AI"
+#: Manufacturer's Model Name written with :data:`NODE_MANUFACTURER`.
+NODE_MODEL_NAME = "dicom-node"
+#: Device Serial Number (type 1 in SEG); one value per installation is not tracked here.
+NODE_DEVICE_SERIAL = "0"
+
+try:
+    NODE_SOFTWARE_VERSION = metadata.version("dicom-node")
+except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    NODE_SOFTWARE_VERSION = "0+unknown"
+
+#: Warning burned into every overlay image.
+OVERLAY_BANNER = "AI RESULT - NOT FOR DIAGNOSIS"
+
+
+def _lo(name: str, value: str, *, required: bool = True) -> str:
+    """Check a value that goes into a DICOM LO element (64 characters, no backslash)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if required and not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    if len(value) > 64 or "\\" in value:
+        raise ValueError(f"{name} must be at most 64 characters without backslash, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class Volume:
+    """A CT series on a regular grid, in Hounsfield units.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        float32 HU values, shape (slices, rows, columns).
+    affine : numpy.ndarray
+        4x4 float64 matrix mapping a voxel index ``(k, i, j, 1)`` (slice, row, column)
+        to patient coordinates ``(x, y, z, 1)`` in LPS, mm. Its columns are the slice
+        step (along the slice normal), the row step (along the image column direction)
+        and the column step (along the image row direction), each scaled by the
+        spacing in mm.
+    frame_of_reference_uid, study_instance_uid, series_instance_uid : str
+        Identity of the source series.
+    source_images : tuple of pydicom.dataset.Dataset
+        Headers (no pixel data) of the source slices, sorted along the slice normal
+        (ascending position along ``cross(row direction, column direction)``).
+    source_grid_positions : tuple of float
+        For each source image, its slice index ``k`` on this grid (fractional when
+        the series was resampled onto a regular grid). ``0, 1, 2, ...`` when the grid
+        is the source slices themselves.
+
+    Raises
+    ------
+    ValueError
+        If the shapes, the affine or the UIDs are invalid.
+    TypeError
+        If ``array`` is not a float32 numpy array.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    frame_of_reference_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    source_images: tuple[Dataset, ...]
+    source_grid_positions: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.array, np.ndarray) or self.array.dtype != np.float32:
+            raise TypeError("array must be a float32 numpy array")
+        if self.array.ndim != 3 or min(self.array.shape) < 1:
+            raise ValueError(f"array must be 3-D (slices, rows, columns), got {self.array.shape}")
+        aff = np.asarray(self.affine)
+        if aff.shape != (4, 4) or not np.allclose(aff[3], (0, 0, 0, 1)) or not np.all(np.isfinite(aff)):
+            raise ValueError("affine must be a finite 4x4 matrix with last row (0, 0, 0, 1)")
+        if abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+            raise ValueError("affine must be invertible")
+        for name in ("frame_of_reference_uid", "study_instance_uid", "series_instance_uid"):
+            if not is_valid_uid(getattr(self, name)):
+                raise ValueError(f"{name} is not a valid UID: {getattr(self, name)!r}")
+        if len(self.source_images) != len(self.source_grid_positions) or not self.source_images:
+            raise ValueError("source_images and source_grid_positions must have the same, "
+                             "non-zero length")
+        n = self.array.shape[0]
+        if any(not (-0.5 <= p <= n - 0.5) for p in self.source_grid_positions):
+            raise ValueError("source_grid_positions must lie on the grid (0 .. slices-1)")
+        for ds in self.source_images:
+            if (int(ds.Rows), int(ds.Columns)) != self.array.shape[1:]:
+                raise ValueError("source image matrix does not match the array's rows/columns")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(slices, rows, columns)."""
+        s = self.array.shape
+        return (s[0], s[1], s[2])
+
+    @property
+    def spacing_mm(self) -> tuple[float, float, float]:
+        """Voxel spacing along (slice, row, column) index axes, mm."""
+        n = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(n[0]), float(n[1]), float(n[2]))
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel, mL (1 mL = 1000 mm^3)."""
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    @property
+    def slice_normal(self) -> np.ndarray:
+        """Unit vector (LPS) of increasing slice index."""
+        v = self.affine[:3, 0]
+        return v / np.linalg.norm(v)
+
+    @property
+    def sop_instance_uids(self) -> tuple[str, ...]:
+        """SOP Instance UIDs of the source images, in slice order."""
+        return tuple(str(ds.SOPInstanceUID) for ds in self.source_images)
+
+    @property
+    def is_source_grid(self) -> bool:
+        """``True`` when grid slice ``k`` is source image ``k`` (no resampling)."""
+        return (len(self.source_grid_positions) == self.array.shape[0]
+                and all(abs(p - k) < 1e-6 for k, p in enumerate(self.source_grid_positions)))
+
+    def index_to_lps(self, index: np.ndarray) -> np.ndarray:
+        """Map voxel indices (..., 3) as (k, i, j) to LPS coordinates (..., 3), mm."""
+        idx = np.asarray(index, dtype=np.float64)
+        return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def lps_to_index(self, points: np.ndarray) -> np.ndarray:
+        """Map LPS points (..., 3), mm, to fractional voxel indices (..., 3) as (k, i, j)."""
+        pts = np.asarray(points, dtype=np.float64) - self.affine[:3, 3]
+        return pts @ np.linalg.inv(self.affine[:3, :3]).T
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelInfo:
+    """The model that produced a result, as written into SEG, SR and overlay.
+
+    Parameters
+    ----------
+    name : str
+        Model name (e.g. the MONAI bundle name), at most 64 characters.
+    version : str
+        Model version (the bundle's ``metadata.json`` version), at most 64 characters.
+    backend : str, optional
+        Inference backend that ran it (``tensorrt``, ``onnxruntime-cuda``, ``torch-cpu``),
+        recorded as an algorithm parameter (DESIGN decision 9).
+    source : str, optional
+        Where the model comes from (e.g. ``MONAI Model Zoo``), at most 64 characters.
+    """
+
+    name: str
+    version: str
+    backend: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        _lo("name", self.name)
+        _lo("version", self.version)
+        _lo("backend", self.backend, required=False)
+        _lo("source", self.source, required=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class SegmentResult:
+    """One segmented structure on a volume's grid.
+
+    Parameters
+    ----------
+    label : int
+        Label value in the model's output (1 .. 65535); becomes the segment's identity.
+    name : str
+        Label name (``spleen``); mapped to SNOMED CT by :mod:`pipelines.codes`.
+    mask : numpy.ndarray
+        bool array, shape (slices, rows, columns) of the volume's grid.
+    volume_ml : float
+        Volume of the mask, mL.
+
+    Raises
+    ------
+    TypeError
+        If ``mask`` is not a boolean 3-D array.
+    ValueError
+        If ``label`` or ``volume_ml`` is out of range or ``name`` is empty.
+    """
+
+    label: int
+    name: str
+    mask: np.ndarray
+    volume_ml: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.label, bool) or not isinstance(self.label, (int, np.integer)):
+            raise TypeError(f"label must be an int, got {type(self.label).__name__}")
+        if not 1 <= int(self.label) <= 65535:
+            raise ValueError(f"label must be in 1..65535, got {self.label}")
+        _lo("name", self.name)
+        if not isinstance(self.mask, np.ndarray) or self.mask.dtype != np.bool_ or self.mask.ndim != 3:
+            raise TypeError("mask must be a 3-D numpy array of dtype bool")
+        if not math.isfinite(self.volume_ml) or self.volume_ml < 0:
+            raise ValueError(f"volume_ml must be finite and >= 0, got {self.volume_ml}")
+
+    @property
+    def is_empty(self) -> bool:
+        """``True`` when no voxel is set."""
+        return not bool(self.mask.any())
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WriterOptions:
+    """How result objects are labelled (series numbers, descriptions, overlay look).
+
+    Parameters
+    ----------
+    seg_series_number, sr_series_number, overlay_series_number : int
+        Series Number of each new result series (1 .. 2**31-1).
+    series_description_prefix : str
+        Prefix of each result's Series Description (``AI`` -> ``AI SEG spleen_ct``).
+    procedure_code : tuple of str
+        (code value, coding scheme designator, code meaning) of the procedure reported
+        in the SR; default SNOMED CT 169070004 "CT of abdomen".
+    window_center, window_width : float
+        Grey window of the overlay images, HU.
+    contour_width_px : int
+        Width of the burned-in contours, 1 or 2 pixels (of the source matrix).
+    min_overlay_width_px : int
+        Overlay images narrower than this are enlarged by an integer factor so that
+        the banner stays legible.
+    write_overlay : bool
+        Whether to create the overlay series (configurable per destination).
+    """
+
+    seg_series_number: int = 9001
+    sr_series_number: int = 9002
+    overlay_series_number: int = 9003
+    series_description_prefix: str = "AI"
+    procedure_code: tuple[str, str, str] = ("169070004", "SCT", "CT of abdomen")
+    window_center: float = 40.0
+    window_width: float = 400.0
+    contour_width_px: int = 1
+    min_overlay_width_px: int = 256
+    write_overlay: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seg_series_number", "sr_series_number", "overlay_series_number"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 1 <= v <= 2**31 - 1:
+                raise ValueError(f"{name} must be an int in 1..2**31-1, got {v!r}")
+        if len(self.procedure_code) != 3 or not all(isinstance(p, str) and p for p in self.procedure_code):
+            raise ValueError("procedure_code must be (value, scheme designator, meaning), all non-empty")
+        if not self.window_width > 0:
+            raise ValueError(f"window_width must be > 0 HU, got {self.window_width}")
+        if self.contour_width_px not in (1, 2):
+            raise ValueError(f"contour_width_px must be 1 or 2, got {self.contour_width_px}")
+        if not 1 <= self.min_overlay_width_px <= 4096:
+            raise ValueError(f"min_overlay_width_px must be in 1..4096, got {self.min_overlay_width_px}")
+        _lo("series_description_prefix", self.series_description_prefix, required=False)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResultDatasets:
+    """The DICOM objects of one result: a SEG, its SR and an optional overlay series.
+
+    All share the source study; each is its own new series.
+    """
+
+    seg: Dataset
+    sr: Dataset
+    overlay: tuple[Dataset, ...] = field(default_factory=tuple)
+
+    def all(self) -> tuple[Dataset, ...]:
+        """Every data set, SEG first, then SR, then the overlay images."""
+        return (self.seg, self.sr, *self.overlay)
+
