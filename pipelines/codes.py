@@ -1,0 +1,143 @@
+"""Coded concepts for segments: label name -> SNOMED CT property category and type.
+
+Codes follow DICOM CID 7150 (Segmentation Property Categories) and CID 7151
+(Segmentation Property Types); the values were checked against pydicom's code
+dictionary where it has them (``tests/test_pipelines_writers.py`` does so). A label name
+without a known code gets the generic category "Tissue" and a code from the local
+coding scheme :data:`LOCAL_SCHEME`, with a warning, so that a new model still produces
+a valid SEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+
+from highdicom.sr import CodedConcept
+
+LOG = logging.getLogger(__name__)
+
+#: Private coding scheme designator ("99" prefix, PS3.3 8.1) for label names without a code.
+LOCAL_SCHEME = "99DCMNODE"
+
+ANATOMICAL_STRUCTURE = CodedConcept("91723000", "SCT", "Anatomical Structure")
+TISSUE = CodedConcept("85756007", "SCT", "Tissue")
+ABNORMAL_STRUCTURE = CodedConcept("49755003", "SCT", "Morphologically Altered Structure")
+
+#: Volume (SNOMED CT), the concept name of the SR measurements.
+VOLUME = CodedConcept("118565006", "SCT", "Volume")
+#: UCUM millilitre, the unit of every volume in the SR.
+MILLILITER = CodedConcept("mL", "UCUM", "milliliter")
+
+# (code value, meaning, category, display colour RGB: saturated, to stand out on grey CT)
+_KNOWN: dict[str, tuple[str, str, CodedConcept, tuple[int, int, int]]] = {
+    "spleen": ("78961009", "Spleen", ANATOMICAL_STRUCTURE, (0, 255, 0)),
+    "liver": ("10200004", "Liver", ANATOMICAL_STRUCTURE, (255, 150, 0)),
+    "kidney": ("64033007", "Kidney", ANATOMICAL_STRUCTURE, (0, 200, 255)),
+    "left kidney": ("18639004", "Left kidney", ANATOMICAL_STRUCTURE, (0, 200, 255)),
+    "right kidney": ("9846003", "Right kidney", ANATOMICAL_STRUCTURE, (0, 120, 255)),
+    "spine": ("421060004", "Spine", ANATOMICAL_STRUCTURE, (255, 255, 0)),
+    "pancreas": ("15776009", "Pancreas", ANATOMICAL_STRUCTURE, (255, 0, 255)),
+    "gallbladder": ("28231008", "Gallbladder", ANATOMICAL_STRUCTURE, (128, 255, 0)),
+    "stomach": ("69695003", "Stomach", ANATOMICAL_STRUCTURE, (255, 90, 160)),
+    "aorta": ("15825003", "Aorta", ANATOMICAL_STRUCTURE, (255, 40, 40)),
+    "inferior vena cava": ("64131007", "Inferior vena cava", ANATOMICAL_STRUCTURE, (60, 60, 255)),
+    "esophagus": ("32849002", "Esophagus", ANATOMICAL_STRUCTURE, (200, 120, 255)),
+    "adrenal gland": ("23451007", "Adrenal gland", ANATOMICAL_STRUCTURE, (220, 245, 20)),
+    "duodenum": ("38848004", "Duodenum", ANATOMICAL_STRUCTURE, (255, 200, 120)),
+    "urinary bladder": ("89837001", "Urinary bladder", ANATOMICAL_STRUCTURE, (255, 255, 140)),
+    "lung": ("39607008", "Lung", ANATOMICAL_STRUCTURE, (120, 255, 255)),
+    "heart": ("80891009", "Heart", ANATOMICAL_STRUCTURE, (255, 60, 120)),
+    "bone": ("272673000", "Bone", TISSUE, (255, 255, 0)),
+    "neoplasm": ("108369006", "Neoplasm", ABNORMAL_STRUCTURE, (255, 0, 0)),
+}
+_ALIASES = {
+    "vertebral column": "spine", "vertebrae": "spine", "spinal column": "spine",
+    "kidney left": "left kidney", "kidney right": "right kidney",
+    "gall bladder": "gallbladder", "oesophagus": "esophagus", "ivc": "inferior vena cava",
+    "postcava": "inferior vena cava", "bladder": "urinary bladder", "tumor": "neoplasm",
+    "tumour": "neoplasm",
+}
+# Distinct colours for label names without a fixed one (RGB).
+_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SegmentCoding:
+    """How one label is coded in SEG and SR.
+
+    Parameters
+    ----------
+    category : CodedConcept
+        Segmented Property Category (CID 7150).
+    type : CodedConcept
+        Segmented Property Type (CID 7151, or the local scheme).
+    rgb : tuple of int
+        Display colour, 0..255 each; used for the SEG's Recommended Display CIELab
+        Value and the overlay contours so that both look alike.
+    standard : bool
+        ``False`` when ``type`` is a local code.
+    """
+
+    category: CodedConcept
+    type: CodedConcept
+    rgb: tuple[int, int, int]
+    standard: bool
+
+    def __post_init__(self) -> None:
+        if len(self.rgb) != 3 or not all(0 <= c <= 255 for c in self.rgb):
+            raise ValueError(f"rgb must be three values in 0..255, got {self.rgb}")
+
+
+def normalise(name: str) -> str:
+    """Lower-case, ``_``/``-``/``.`` to spaces, single spaces (``Left_Kidney`` -> ``left kidney``)."""
+    return re.sub(r"\s+", " ", re.sub(r"[_\-.]", " ", name.strip().lower())).strip()
+
+
+def segment_coding(name: str, index: int = 0) -> SegmentCoding:
+    """Codes and colour of the label ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Label name as the model's configuration spells it.
+    index : int, optional
+        Position of the label in the model's label list; picks the colour of an
+        unknown name.
+
+    Returns
+    -------
+    SegmentCoding
+        SNOMED CT codes for known names, otherwise category "Tissue" and a local code
+        (``99DCMNODE``) whose meaning is the name itself.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is empty.
+    """
+    key = normalise(name)
+    if not key:
+        raise ValueError("name must not be empty")
+    key = _ALIASES.get(key, key)
+    if key in _KNOWN:
+        value, meaning, category, rgb = _KNOWN[key]
+        return SegmentCoding(category=category, type=CodedConcept(value, "SCT", meaning),
+                             rgb=rgb, standard=True)
+    LOG.warning("label %r has no SNOMED CT code in pipelines.codes; coding it as Tissue with "
+                "local code scheme %s", name, LOCAL_SCHEME)
+    return SegmentCoding(category=TISSUE, type=CodedConcept(local_code(key), LOCAL_SCHEME, name[:64]),
+                         rgb=_PALETTE[index % len(_PALETTE)], standard=False)
+
+
+def local_code(key: str) -> str:
+    """A stable code value (at most 16 characters, PS3.3 SH) for a label name."""
+    slug = re.sub(r"[^A-Z0-9]+", "-", key.upper()).strip("-") or "LABEL"
+    if len(slug) <= 16:
+        return slug
+    return f"{slug[:10]}-{hashlib.sha1(key.encode()).hexdigest()[:5].upper()}"

@@ -1,0 +1,195 @@
+"""Overlay series: secondary-capture RGB images with burned-in contours and a warning.
+
+For viewers that cannot display SEG. One image per source slice that contains any
+segment: the CT in a grey window, a 1-2 pixel contour per segment in the segment's
+display colour (the SEG's colour), a legend, and the banner
+:data:`~pipelines.types.OVERLAY_BANNER` on a strip added above the image (so it hides
+no anatomy). Burned In Annotation is YES.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, features
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from scipy import ndimage
+
+from pipelines.codes import segment_coding
+from pipelines.types import (
+    NODE_MANUFACTURER,
+    NODE_MODEL_NAME,
+    NODE_SOFTWARE_VERSION,
+    OVERLAY_BANNER,
+    ModelInfo,
+    SegmentResult,
+    Volume,
+    WriterOptions,
+)
+from pipelines.uids import new_uid
+from pipelines.writers.seg import contributing_equipment, written_segments
+
+LOG = logging.getLogger(__name__)
+
+_BANNER_RGB = (200, 0, 0)
+_TEXT_RGB = (255, 255, 255)
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: ModelInfo, *,
+                  options: WriterOptions | None = None) -> tuple[Dataset, ...]:
+    """Render the overlay series, one RGB secondary capture per source slice with a segment.
+
+    Parameters
+    ----------
+    volume : Volume
+        The source volume. When it was resampled, each source slice is shown on its
+        nearest grid slice (image and contours from the same grid slice).
+    segments : sequence of SegmentResult
+        Masks on the volume's grid; empty ones are ignored.
+    model : ModelInfo
+        Named in the legend and in the series description.
+    options : WriterOptions, optional
+        Window (HU), contour width (pixels of the source matrix), minimum width and
+        series number.
+
+    Returns
+    -------
+    tuple of highdicom.sc.SCImage
+        In source slice order (ascending along the slice normal), Instance Number
+        1, 2, ...; each references its source CT image.
+
+    Raises
+    ------
+    EmptyResultError
+        If every segment is empty.
+    """
+    opts = options or WriterOptions()
+    kept = written_segments(volume, segments)
+    colours = [segment_coding(s.name, n).rgb for n, s in enumerate(kept)]
+    grid_index = np.clip(np.rint(np.asarray(volume.source_grid_positions)), 0,
+                         volume.shape[0] - 1).astype(np.intp)
+    rows, cols = volume.shape[1:]
+    factor = max(1, -(-opts.min_overlay_width_px // cols))
+    font, banner_h = _font(cols * factor)
+    spacing = volume.spacing_mm
+    pixel_spacing = (spacing[1] / factor, spacing[2] / factor)
+    first = volume.source_images[0]
+    orientation = _patient_orientation(volume)
+    series_uid = new_uid()
+    description = f"{opts.series_description_prefix} OVERLAY {model.name}".strip()[:64]
+    equipment = [contributing_equipment("AI overlay")]
+    lo, hi = opts.window_center - opts.window_width / 2, opts.window_center + opts.window_width / 2
+    # which segments touch which grid slice, without scanning every mask per slice
+    present = np.stack([s.mask.any(axis=(1, 2)) for s in kept], axis=1)  # (grid slices, segments)
+
+    out: list[Dataset] = []
+    for n, src in enumerate(volume.source_images):
+        k = int(grid_index[n])
+        if not present[k].any():
+            continue
+        grey = np.clip((volume.array[k] - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+        if factor > 1:
+            grey = np.repeat(np.repeat(grey, factor, axis=0), factor, axis=1)
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+        names = []
+        for s, colour, here in zip(kept, colours, present[k], strict=True):
+            if not here:
+                continue
+            m = s.mask[k]
+            if factor > 1:
+                m = np.repeat(np.repeat(m, factor, axis=0), factor, axis=1)
+            inner = ndimage.binary_erosion(m, _CROSS, iterations=opts.contour_width_px * factor,
+                                           border_value=0)
+            rgb[m & ~inner] = colour
+            names.append((s.name, colour))
+        pixels = _decorate(rgb, banner_h, font, names, f"{model.name} {model.version}")
+        sc = hd.sc.SCImage(
+            pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+            coordinate_system="PATIENT", study_instance_uid=volume.study_instance_uid,
+            series_instance_uid=series_uid, series_number=opts.overlay_series_number,
+            sop_instance_uid=new_uid(), instance_number=len(out) + 1,
+            manufacturer=NODE_MANUFACTURER, patient_id=_get(first, "PatientID"),
+            patient_name=_get(first, "PatientName"),
+            patient_birth_date=_get(first, "PatientBirthDate"),
+            patient_sex=_get(first, "PatientSex") or None,
+            accession_number=_get(first, "AccessionNumber"), study_id=_get(first, "StudyID"),
+            study_date=_get(first, "StudyDate") or None, study_time=_get(first, "StudyTime") or None,
+            referring_physician_name=_get(first, "ReferringPhysicianName"),
+            pixel_spacing=pixel_spacing, patient_orientation=orientation,
+            contributing_equipment=equipment, series_description=description,
+            manufacturer_model_name=NODE_MODEL_NAME, software_versions=NODE_SOFTWARE_VERSION)
+        if first.get("BodyPartExamined"):
+            sc.BodyPartExamined = first.BodyPartExamined
+        else:  # type 2C: dciodvfy wants it present when it cannot tell the body part
+            sc.Laterality = None
+        sc.BurnedInAnnotation = "YES"
+        sc.RecognizableVisualFeatures = "NO"
+        sc.DerivationDescription = f"CT W{opts.window_width:g}/L{opts.window_center:g} with AI " \
+                                   f"contours ({model.name} {model.version})"[:1024]
+        sc.SourceImageSequence = DicomSequence([_reference(src)])
+        sc.ImageComments = OVERLAY_BANNER
+        out.append(sc)
+    LOG.info("overlay for series %s: %d image(s)", volume.series_instance_uid, len(out))
+    return tuple(out)
+
+
+def _get(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    return None if value is None else str(value)
+
+
+def _reference(src: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = src.SOPClassUID
+    item.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    return item
+
+
+def _font(width: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int]:
+    """Pillow's embedded font (no file, no download) sized so the banner fits ``width``."""
+    if not features.check("freetype2"):
+        font: ImageFont.ImageFont | ImageFont.FreeTypeFont = ImageFont.load_default_imagefont()
+        return font, 16
+    size = max(10, min(28, width // 22))
+    while True:
+        font = ImageFont.load_default(size=size)
+        left, _, right, _ = font.getbbox(OVERLAY_BANNER)
+        if right - left <= width - 8 or size <= 8:
+            return font, size + 10
+        size -= 1
+
+
+def _decorate(rgb: np.ndarray, banner_h: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+              names: list[tuple[str, tuple[int, int, int]]], model_text: str) -> np.ndarray:
+    """Add the banner strip above the image and a legend (label names in their colours)."""
+    h, w = rgb.shape[:2]
+    canvas = Image.new("RGB", (w, h + banner_h), _BANNER_RGB)
+    canvas.paste(Image.fromarray(rgb, "RGB"), (0, banner_h))
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), OVERLAY_BANNER, font=font)
+    draw.text(((w - (right - left)) // 2 - left, (banner_h - (bottom - top)) // 2 - top),
+              OVERLAY_BANNER, fill=_TEXT_RGB, font=font)
+    y = banner_h + 4
+    for text, colour in [*names, (model_text, (255, 255, 255))]:
+        draw.text((4, y), text, fill=colour, font=font)
+        y += bottom - top + 4
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def _patient_orientation(volume: Volume) -> tuple[str, str]:
+    """Patient Orientation (0020,0020) letters of the image row and column directions."""
+    row_dir = volume.affine[:3, 2] / np.linalg.norm(volume.affine[:3, 2])
+    col_dir = volume.affine[:3, 1] / np.linalg.norm(volume.affine[:3, 1])
+    return _letters(row_dir), _letters(col_dir)
+
+
+def _letters(v: np.ndarray) -> str:
+    names = (("L", "R"), ("P", "A"), ("H", "F"))
+    order = np.argsort(-np.abs(v))
+    text = "".join(names[a][0 if v[a] > 0 else 1] for a in order if abs(v[a]) > 0.1)
+    return text or "L"

@@ -1,0 +1,158 @@
+"""DICOM Segmentation (BINARY) of a result, built with highdicom.
+
+One segment per non-empty label, frames only where a segment is present, frame ``n``
+on source image ``n`` (so any orientation, flipped or oblique, is written on the
+source's own grid), same study and Frame of Reference as the source, new series.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from pipelines.codes import segment_coding
+from pipelines.errors import EmptyResultError
+from pipelines.types import (
+    NODE_DEVICE_SERIAL,
+    NODE_MANUFACTURER,
+    NODE_MODEL_NAME,
+    NODE_SOFTWARE_VERSION,
+    ModelInfo,
+    SegmentResult,
+    Volume,
+    WriterOptions,
+)
+from pipelines.uids import new_uid
+from pipelines.volume import to_source_slices
+
+LOG = logging.getLogger(__name__)
+
+
+def written_segments(volume: Volume, segments: Sequence[SegmentResult]) -> tuple[SegmentResult, ...]:
+    """The segments a SEG holds, in order: non-empty ones, ascending label value.
+
+    Segment number ``n`` of the SEG is element ``n - 1`` of the result.
+
+    Raises
+    ------
+    ValueError
+        If a mask does not have the volume's shape or two segments share a label.
+    EmptyResultError
+        If every segment is empty.
+    """
+    labels = [s.label for s in segments]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"segments must have distinct labels, got {labels}")
+    for s in segments:
+        if s.mask.shape != volume.shape:
+            raise ValueError(f"segment {s.name!r}: mask shape {s.mask.shape} differs from the "
+                             f"volume's {volume.shape}")
+    kept = tuple(sorted((s for s in segments if not s.is_empty), key=lambda s: s.label))
+    for s in segments:
+        if s.is_empty:
+            LOG.info("series %s: segment %r is empty and is not written",
+                     volume.series_instance_uid, s.name)
+    if not kept:
+        raise EmptyResultError(volume.series_instance_uid, tuple(s.name for s in segments))
+    return kept
+
+
+def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification (family "Artificial Intelligence") of ``model``."""
+    params = {"backend": model.backend} if model.backend else None
+    return hd.AlgorithmIdentificationSequence(
+        name=model.name, version=model.version, family=codes.cid7162.ArtificialIntelligence,
+        source=model.source or None, parameters=params)
+
+
+def contributing_equipment(description: str) -> hd.ContributingEquipment:
+    """Our node as Processing Equipment: the marker :func:`is_node_output` recognises."""
+    return hd.ContributingEquipment(
+        manufacturer=NODE_MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=NODE_MODEL_NAME, software_versions=NODE_SOFTWARE_VERSION,
+        contribution_description=description[:64])
+
+
+def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInfo, *,
+              options: WriterOptions | None = None) -> Dataset:
+    """Write the segments as a BINARY DICOM Segmentation of the source series.
+
+    Parameters
+    ----------
+    volume : Volume
+        The source volume; masks are on its grid (mapped to the source slices when
+        the volume was resampled).
+    segments : sequence of SegmentResult
+        The masks; empty ones are left out.
+    model : ModelInfo
+        Written as the segments' algorithm identification.
+    options : WriterOptions, optional
+        Series number and description prefix.
+
+    Returns
+    -------
+    highdicom.seg.Segmentation
+        A pydicom data set (Segmentation Storage), frames only where a segment is set.
+        Each segment carries a Tracking UID and the label name as Tracking ID, which the
+        SR reuses.
+
+    Raises
+    ------
+    EmptyResultError
+        If every segment is empty.
+    ValueError
+        If a mask does not fit the volume.
+    """
+    opts = options or WriterOptions()
+    kept = written_segments(volume, segments)
+    alg = algorithm_identification(model)
+    descriptions = []
+    for number, s in enumerate(kept, start=1):
+        coding = segment_coding(s.name, number - 1)
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=s.name,
+            segmented_property_category=coding.category, segmented_property_type=coding.type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=alg, tracking_uid=new_uid(), tracking_id=s.name,
+            display_color=hd.color.CIELabColor.from_rgb(*coding.rgb)))
+    pixels = _pixel_array(volume, kept)
+    description = f"{opts.series_description_prefix} SEG {model.name}".strip()[:64]
+    seg = hd.seg.Segmentation(
+        source_images=list(volume.source_images), pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=new_uid(),
+        series_number=opts.seg_series_number, sop_instance_uid=new_uid(), instance_number=1,
+        manufacturer=NODE_MANUFACTURER, manufacturer_model_name=NODE_MODEL_NAME,
+        software_versions=NODE_SOFTWARE_VERSION, device_serial_number=NODE_DEVICE_SERIAL,
+        content_label="AI_SEGMENTATION", content_description=f"{model.name} {model.version}"[:64],
+        content_creator_name=None, omit_empty_frames=True,
+        contributing_equipment=[contributing_equipment("AI segmentation")],
+        series_description=description)
+    LOG.info("SEG for series %s: %d segment(s), %d frame(s)", volume.series_instance_uid,
+             len(kept), int(seg.NumberOfFrames))
+    return seg
+
+
+def _pixel_array(volume: Volume, kept: Sequence[SegmentResult]) -> np.ndarray:
+    """Segments on the source slices: a label map when disjoint, else a stack of masks."""
+    n_src = len(volume.source_images)
+    shape = (n_src, *volume.shape[1:])
+    dtype = np.uint8 if len(kept) < 256 else np.uint16
+    labelmap = np.zeros(shape, dtype=dtype)
+    overlap = False
+    for number, s in enumerate(kept, start=1):
+        m = to_source_slices(volume, s.mask)
+        if not overlap and np.any(labelmap[m]):
+            overlap = True
+        labelmap[m] = number
+    if not overlap:
+        return labelmap
+    stack = np.zeros((*shape, len(kept)), dtype=bool)
+    for number, s in enumerate(kept, start=1):
+        stack[..., number - 1] = to_source_slices(volume, s.mask)
+    return stack

@@ -1,0 +1,97 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) of a SEG: one volume per segment.
+
+Each measurement group references its SEG segment (and through it the source images),
+shares the segment's Tracking UID / Tracking ID, names the finding with the segment's
+property type and records the model as algorithm and as device observer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from pipelines.codes import MILLILITER, VOLUME, segment_coding
+from pipelines.types import NODE_MANUFACTURER, ModelInfo, SegmentResult, Volume, WriterOptions
+from pipelines.uids import new_uid, stable_uid
+from pipelines.writers.seg import contributing_equipment, written_segments
+
+LOG = logging.getLogger(__name__)
+
+
+def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], model: ModelInfo, *,
+             options: WriterOptions | None = None) -> Dataset:
+    """Write the segments' volumes as a TID 1500 Comprehensive 3D SR.
+
+    Parameters
+    ----------
+    volume : Volume
+        The source volume (its images become evidence).
+    seg : pydicom.dataset.Dataset
+        The SEG written by :func:`pipelines.writers.seg.build_seg` from ``segments``.
+    segments : sequence of SegmentResult
+        The same segments given to ``build_seg``; volumes (mL) come from here.
+    model : ModelInfo
+        Device observer and algorithm of every measurement.
+    options : WriterOptions, optional
+        Series number, description prefix and the procedure reported.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        A pydicom data set; Completion COMPLETE, Verification UNVERIFIED, Preliminary.
+
+    Raises
+    ------
+    ValueError
+        If ``seg`` does not hold exactly the non-empty ``segments`` (by label name)
+        or is not of the same Frame of Reference.
+    """
+    opts = options or WriterOptions()
+    kept = written_segments(volume, segments)
+    items = list(seg.SegmentSequence)
+    if [str(i.SegmentLabel) for i in items] != [s.name for s in kept]:
+        raise ValueError("seg does not hold the non-empty segments: "
+                         f"{[str(i.SegmentLabel) for i in items]} vs {[s.name for s in kept]}")
+    if str(seg.FrameOfReferenceUID) != volume.frame_of_reference_uid:
+        raise ValueError("seg and volume have different Frames of Reference")
+
+    version_text = f"{model.name} {model.version}"[:64]
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=stable_uid("device-observer", model.name, model.version),
+        name=model.name, manufacturer_name=NODE_MANUFACTURER, model_name=version_text)
+    context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=model.name, version=model.version,
+        parameters=[f"backend={model.backend}"] if model.backend else None)
+
+    groups = []
+    for number, (item, s) in enumerate(zip(items, kept, strict=True), start=1):
+        coding = segment_coding(s.name, number - 1)
+        measurement = hd.sr.Measurement(name=VOLUME, value=round(s.volume_ml, 3), unit=MILLILITER,
+                                        algorithm_id=algorithm)
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID),
+                                                          identifier=str(item.TrackingID)),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, number),
+            finding_type=coding.type, finding_category=coding.category,
+            algorithm_id=algorithm, measurements=[measurement]))
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=hd.sr.CodedConcept(*opts.procedure_code),
+        imaging_measurements=groups)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*volume.source_images, seg], content=report,
+        series_instance_uid=new_uid(), series_number=opts.sr_series_number,
+        sop_instance_uid=new_uid(), instance_number=1, manufacturer=NODE_MANUFACTURER,
+        is_complete=True, is_final=False, is_verified=False,
+        contributing_equipment=[contributing_equipment("AI measurement report")],
+        series_description=f"{opts.series_description_prefix} SR {model.name}".strip()[:64])
+    sr.ManufacturerModelName = seg.ManufacturerModelName
+    sr.SoftwareVersions = seg.SoftwareVersions
+    LOG.info("SR for series %s: %d volume measurement(s)", volume.series_instance_uid, len(groups))
+    return sr
