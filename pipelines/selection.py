@@ -1,0 +1,259 @@
+"""Which series a pipeline runs on: selection rules as data, and the decision with a reason.
+
+Rules come from the configuration as a plain mapping (TOML/JSON), are validated once by
+:meth:`SelectionRules.from_dict`, and are applied to the headers of one series by
+:func:`matches`. Whatever the rules say, a series is never selected when
+
+* the node itself produced it (:func:`is_node_output`: Manufacturer or Contributing
+  Equipment is :data:`~pipelines.types.NODE_MANUFACTURER`), or
+* it is a result or document object (SEG, SR, KO, PR, RT..., secondary capture).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
+
+from pipelines.errors import SelectionRulesError
+from pipelines.types import NODE_MANUFACTURER
+
+LOG = logging.getLogger(__name__)
+
+#: Modalities of results and documents: never inferred on, and not allowed in rules.
+NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE",
+                                  "RTRECORD", "REG", "DOC", "PLAN", "AU", "ECG"})
+#: Prefix of the Secondary Capture SOP Class UIDs (PS3.4 B.5): never inferred on.
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+_ORIENTATION_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SelectionDecision:
+    """Whether a series is selected, and why (in words, no patient data)."""
+
+    matched: bool
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SelectionRules:
+    """The series a pipeline accepts.
+
+    Parameters
+    ----------
+    name : str
+        Name of the rule set, used in reasons and logs.
+    modality : str
+        Required Modality (e.g. ``CT``); a result modality (SEG, SR, ...) is refused.
+    sop_class_uids : tuple of str
+        Accepted SOP Class UIDs (default: CT Image Storage).
+    body_part_patterns : tuple of str
+        Shell-style patterns (``ABDOMEN*``), case-insensitive, one must match
+        Body Part Examined. Empty: any body part.
+    accept_missing_body_part : bool
+        Whether a series without Body Part Examined passes ``body_part_patterns``.
+    series_description_patterns : tuple of str
+        Regular expressions (searched, case-insensitive); one must match Series
+        Description. Empty: any description.
+    exclude_series_description_patterns : tuple of str
+        Regular expressions; a match refuses the series (``scout``, ``dose report``).
+    require_original : bool
+        Image Type value 1 must be ORIGINAL in every instance.
+    exclude_image_types : tuple of str
+        Image Type values that refuse the series (default ``LOCALIZER``).
+    min_slices : int
+        Least number of distinct instances (>= 1).
+    single_orientation : bool
+        All instances must share one Image Orientation (Patient).
+
+    Raises
+    ------
+    SelectionRulesError
+        If a value is of the wrong kind, out of range or an invalid pattern.
+    """
+
+    name: str = "default"
+    modality: str = "CT"
+    sop_class_uids: tuple[str, ...] = (str(CTImageStorage),)
+    body_part_patterns: tuple[str, ...] = ()
+    accept_missing_body_part: bool = False
+    series_description_patterns: tuple[str, ...] = ()
+    exclude_series_description_patterns: tuple[str, ...] = ()
+    require_original: bool = True
+    exclude_image_types: tuple[str, ...] = ("LOCALIZER",)
+    min_slices: int = 1
+    single_orientation: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise SelectionRulesError("name", "a non-empty string", self.name)
+        if not isinstance(self.modality, str) or not re.fullmatch(r"[A-Z0-9_ ]{1,16}", self.modality):
+            raise SelectionRulesError("modality", "an upper-case DICOM modality such as 'CT'",
+                                      self.modality)
+        if self.modality in NON_IMAGE_MODALITIES:
+            raise SelectionRulesError("modality", "an image modality (results and documents "
+                                      f"{sorted(NON_IMAGE_MODALITIES)} are never inferred on)",
+                                      self.modality)
+        for key in ("sop_class_uids", "body_part_patterns", "series_description_patterns",
+                    "exclude_series_description_patterns", "exclude_image_types"):
+            value = getattr(self, key)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
+                raise SelectionRulesError(key, "a list of non-empty strings", value)
+        if not self.sop_class_uids:
+            raise SelectionRulesError("sop_class_uids", "at least one SOP Class UID", [])
+        bad_sc = [u for u in self.sop_class_uids if u.startswith(SECONDARY_CAPTURE_PREFIX)]
+        if bad_sc:
+            raise SelectionRulesError("sop_class_uids", "no Secondary Capture SOP class", bad_sc)
+        for key in ("series_description_patterns", "exclude_series_description_patterns"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise SelectionRulesError(key, f"valid regular expressions ({exc})",
+                                              pattern) from exc
+        for key in ("accept_missing_body_part", "require_original", "single_orientation"):
+            if not isinstance(getattr(self, key), bool):
+                raise SelectionRulesError(key, "true or false", getattr(self, key))
+        if isinstance(self.min_slices, bool) or not isinstance(self.min_slices, int) \
+                or self.min_slices < 1:
+            raise SelectionRulesError("min_slices", "an integer >= 1", self.min_slices)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> SelectionRules:
+        """Build rules from a plain mapping (a TOML table or a JSON object).
+
+        Lists become tuples; keys not listed above are refused, so that a typo does
+        not silently widen the selection.
+
+        Raises
+        ------
+        SelectionRulesError
+            If a key is unknown or a value invalid.
+        """
+        if not isinstance(data, Mapping):
+            raise SelectionRulesError("(rules)", "a table of rule keys", type(data).__name__)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SelectionRulesError(unknown[0], f"one of {sorted(known)}")
+        kwargs: dict[str, object] = {}
+        for key, value in data.items():
+            if isinstance(value, list):
+                value = tuple(value)
+            if key in ("modality",) and isinstance(value, str):
+                value = value.strip().upper()
+            if key == "exclude_image_types" and isinstance(value, tuple):
+                value = tuple(v.strip().upper() if isinstance(v, str) else v for v in value)
+            kwargs[key] = value
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def is_node_output(ds: Dataset) -> bool:
+    """``True`` when ``ds`` was created by this node (SEG, SR, overlay), by its marker.
+
+    The marker is :data:`~pipelines.types.NODE_MANUFACTURER` as Manufacturer or as the
+    Manufacturer of any Contributing Equipment item (kept when a PACS or viewer
+    re-writes the object).
+    """
+    if str(ds.get("Manufacturer", "")).strip() == NODE_MANUFACTURER:
+        return True
+    return any(str(item.get("Manufacturer", "")).strip() == NODE_MANUFACTURER
+               for item in ds.get("ContributingEquipmentSequence", []))
+
+
+def matches(rules: SelectionRules, series: Iterable[Dataset]) -> SelectionDecision:
+    """Decide whether one series (its headers) is selected by ``rules``.
+
+    Parameters
+    ----------
+    rules : SelectionRules
+        The rule set.
+    series : iterable of pydicom.dataset.Dataset
+        Headers of the instances of one series (pixel data not needed).
+
+    Returns
+    -------
+    SelectionDecision
+        ``matched`` and the first reason that decided it.
+    """
+    items = list(series)
+
+    def no(reason: str) -> SelectionDecision:
+        return SelectionDecision(matched=False, reason=f"rules {rules.name!r}: {reason}")
+
+    if not items:
+        return no("no instances")
+    if any(is_node_output(ds) for ds in items):
+        return no(f"produced by this node (marker {NODE_MANUFACTURER!r}); never inferred on")
+    modalities = {str(ds.get("Modality", "")) for ds in items}
+    if modalities & NON_IMAGE_MODALITIES:
+        return no(f"modality {sorted(modalities & NON_IMAGE_MODALITIES)} is a result/document object")
+    sop_classes = {str(ds.get("SOPClassUID", "")) for ds in items}
+    if any(u.startswith(SECONDARY_CAPTURE_PREFIX) for u in sop_classes):
+        return no("secondary capture images are never inferred on")
+    if modalities != {rules.modality}:
+        return no(f"modality {sorted(modalities)} is not {rules.modality}")
+    if not sop_classes <= set(rules.sop_class_uids):
+        return no(f"SOP class {sorted(sop_classes - set(rules.sop_class_uids))} not accepted")
+    series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in items}
+    if len(series_uids) != 1:
+        return no(f"instances of {len(series_uids)} series given, expected one")
+
+    for ds in items:
+        image_type = [str(v).upper() for v in _values(ds.get("ImageType"))]
+        if rules.require_original and (not image_type or image_type[0] != "ORIGINAL"):
+            return no(f"Image Type {image_type or 'missing'} is not ORIGINAL")
+        excluded = set(image_type) & set(rules.exclude_image_types)
+        if excluded:
+            return no(f"Image Type contains {sorted(excluded)}")
+
+    if rules.body_part_patterns:
+        parts = {str(ds.get("BodyPartExamined", "") or "").strip().upper() for ds in items}
+        for part in parts:
+            if not part:
+                if not rules.accept_missing_body_part:
+                    return no("Body Part Examined is missing")
+            elif not any(fnmatch.fnmatchcase(part, p.upper()) for p in rules.body_part_patterns):
+                return no(f"Body Part Examined {part!r} matches none of {list(rules.body_part_patterns)}")
+
+    descriptions = {str(ds.get("SeriesDescription", "") or "") for ds in items}
+    for text in descriptions:
+        if rules.series_description_patterns and not any(
+                re.search(p, text, re.IGNORECASE) for p in rules.series_description_patterns):
+            return no(f"Series Description {text!r} matches none of "
+                      f"{list(rules.series_description_patterns)}")
+        hit = next((p for p in rules.exclude_series_description_patterns
+                    if re.search(p, text, re.IGNORECASE)), None)
+        if hit is not None:
+            return no(f"Series Description {text!r} matches excluded pattern {hit!r}")
+
+    if rules.single_orientation:
+        iops = [ds.get("ImageOrientationPatient") for ds in items]
+        if any(v is None or len(v) != 6 for v in iops):
+            return no("Image Orientation (Patient) is missing")
+        arr = np.array([[float(x) for x in v] for v in iops])
+        if np.abs(arr - arr[0]).max() > _ORIENTATION_TOLERANCE:
+            return no("more than one Image Orientation (Patient) in the series")
+
+    count = len({str(ds.get("SOPInstanceUID", "")) for ds in items})
+    if count < rules.min_slices:
+        return no(f"{count} instance(s), at least {rules.min_slices} required")
+    return SelectionDecision(matched=True, reason=f"rules {rules.name!r}: matched ({count} instances)")
+
+
+def _values(value: object) -> list[object]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    try:
+        return list(value)  # type: ignore[call-overload]
+    except TypeError:
+        return [value]
