@@ -119,7 +119,7 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child
+def set_pdeathsig() -> None:  # pragma: no cover - runs in the child
     """Ask Linux to SIGTERM the child when the parent dies (no orphan Orthancs)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -371,7 +371,7 @@ class OrthancServer:
                 else [binary, str(self.config_path)],
                 cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
-                preexec_fn=None if detach else _set_pdeathsig,
+                preexec_fn=None if detach else set_pdeathsig,
             )
         self.pid = self.process.pid
         try:
