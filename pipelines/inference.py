@@ -272,8 +272,7 @@ def choose_backend(version: ModelVersion, registry: Registry | None) -> tuple[Ba
             if v.backend not in here or v.device_name != device_name(v.backend):
                 continue
             if not v.verified:
-                usable.pop(v.backend, None) if v.backend.artifact is not ArtifactKind.PYTORCH else None
-                continue
+                continue  # PyTorch stays usable (it is the reference); others are not added
             art = intact.get(v.backend.artifact)
             if v.backend.artifact is not ArtifactKind.PYTORCH:
                 if art is None or sha256_file(art.path) != art.sha256:
