@@ -28,7 +28,7 @@ def _common() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface."""
-    from dicom_node.cli import demo, serve, twin
+    from dicom_node.cli import demo, models, serve, twin
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -38,14 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, twin, demo):
+    for module in (serve, twin, models, demo):
         module.register(sub, [common])
-    try:
-        from dicom_node.cli import models
-    except ImportError:  # the registry CLI lands with the knowledge bank
-        pass
-    else:
-        models.register(sub, [common])
     return parser
 
 

@@ -1,0 +1,140 @@
+"""Start the real node as a subprocess on a free loopback port, and make test data.
+
+Used by the tests and importable by benchmarks; nothing here is a mock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+DICOM_NODE = [sys.executable, "-m", "dicom_node"]
+
+
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NodeProcess:
+    """``dicom-node serve`` in a subprocess; its log goes to ``<data_dir>/../node-N.log``.
+
+    Parameters
+    ----------
+    data_dir : pathlib.Path
+        The node's data directory.
+    config : str, optional
+        TOML text written to a file passed with ``--config``.
+    extra_args : list of str
+        More flags for ``serve``.
+    """
+
+    def __init__(self, data_dir: Path, *, config: str | None = None, ae_title: str = "DICOM_NODE",
+                 extra_args: list[str] | None = None, preexec_fn=None) -> None:
+        self.data_dir = Path(data_dir)
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.config = config
+        self.extra_args = extra_args or []
+        self.preexec_fn = preexec_fn
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-node.log"
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        args = [*DICOM_NODE]
+        if self.config is not None:
+            cfg = self.data_dir.parent / f"{self.data_dir.name}-config.toml"
+            cfg.write_text(self.config)
+            args += ["--config", str(cfg)]
+        args += ["--data-dir", str(self.data_dir), "serve", "--port", str(self.port),
+                 "--ae-title", self.ae_title, "--bind", "127.0.0.1", *self.extra_args]
+        self.starts += 1
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                     preexec_fn=self.preexec_fn)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            if "ready: listening" in text:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        raise TimeoutError(f"node not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run another ``dicom-node`` command against the same data directory."""
+        return subprocess.run([*DICOM_NODE, "--data-dir", str(self.data_dir), *args],
+                              capture_output=True, text=True, cwd=REPO, check=check)
+
+
+def small_ct(*, patient_id: str = "PAT-1", study_uid: str | None = None,
+             series_uid: str | None = None, instance: int = 1, size: int = 16,
+             seed: int = 0) -> Dataset:
+    """A small but complete CT Image data set (random pixels, unique SOP Instance UID)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientID = patient_id
+    ds.PatientName = "Test^Patient"
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyDate = "20260101"
+    ds.Modality = "CT"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [0, 0, float(instance)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [1, 1]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    rng = np.random.default_rng(seed + instance)
+    ds.PixelData = rng.integers(-1000, 1000, size=(size, size), dtype=np.int16).tobytes()
+    return ds
