@@ -34,11 +34,18 @@ def send(port: int, items: Sequence[Dataset | Path], *, calling_ae: str = "TEST_
     if not assoc.is_established:
         raise ConnectionRefusedError(f"association rejected/aborted (calling AE {calling_ae})")
     statuses = []
+    # Files are sent as their bytes, without decoding and re-encoding (pynetdicom's
+    # module-level switch; restored afterwards).
+    from pynetdicom import _config
+
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         for item in items:
             rsp = assoc.send_c_store(item)
             statuses.append(int(rsp.Status) if "Status" in rsp else -1)
     finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
         if assoc.is_established:
             assoc.release()
     return statuses
