@@ -1,0 +1,121 @@
+"""Nothing acknowledged is lost; nothing unacknowledged is half-kept."""
+
+from __future__ import annotations
+
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+
+from dicom_client import archive_files, echo, send, stored_rows
+from node_harness import NodeProcess, small_ct
+
+
+def test_association_aborted_mid_transfer_leaves_no_row_and_no_file(node: NodeProcess) -> None:
+    ds = small_ct(size=512, patient_id="ABORT")
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = ds.SOPClassUID
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(encode(ds, False, True))
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    context_id = assoc.accepted_contexts[0].context_id
+    pdus = list(msg.encode_msg(context_id, 16384))
+    assert len(pdus) > 10
+    for pdu in pdus[: len(pdus) // 2]:  # the command and half of the data set
+        assoc.dul.send_pdu(pdu)
+    time.sleep(0.5)
+    assoc.abort()
+    time.sleep(0.5)
+    assert stored_rows(node.data_dir) == []
+    assert archive_files(node.data_dir) == []
+    assert list((node.data_dir / "tmp").iterdir()) == []
+    assert "association aborted" in node.log()
+    assert echo(node.port) == 0
+
+
+def test_four_concurrent_associations_of_200_instances_each_are_indexed_once(node: NodeProcess) -> None:
+    batches = []
+    for a in range(4):
+        study, series = generate_uid(), generate_uid()
+        batches.append([small_ct(patient_id=f"CONC-{a}", study_uid=study, series_uid=series,
+                                 instance=i) for i in range(1, 201)])
+    results: dict[int, list[int]] = {}
+
+    def run(a: int) -> None:
+        results[a] = send(node.port, batches[a], calling_ae=f"SCU{a}")
+
+    threads = [threading.Thread(target=run, args=(a,)) for a in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(results[a] == [0] * 200 for a in range(4))
+    rows = stored_rows(node.data_dir)
+    sent = {str(ds.SOPInstanceUID) for batch in batches for ds in batch}
+    assert len(rows) == 800
+    assert {r["sop_instance_uid"] for r in rows} == sent
+    assert len(archive_files(node.data_dir)) == 800
+    listing = node.cli("twin", "list", "--json")
+    import json
+
+    twins = {t["patient_id"]: t for t in json.loads(listing.stdout)}
+    assert all(twins[f"CONC-{a}"]["instances"] == 200 for a in range(4))
+
+
+def test_sigkill_mid_study_keeps_every_acknowledged_instance(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path / "data").start()
+    study, series = generate_uid(), generate_uid()
+    datasets = [small_ct(patient_id="KILL", study_uid=study, series_uid=series, instance=i, size=128)
+                for i in range(1, 401)]
+    acknowledged: list[str] = []
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    for i, ds in enumerate(datasets):
+        if i == 150:
+            node.kill()  # no SIGTERM, no clean-up: the middle of a study
+        try:
+            rsp = assoc.send_c_store(ds)
+        except Exception:
+            break
+        if "Status" not in rsp or not assoc.is_established:
+            break
+        if rsp.Status == 0:
+            acknowledged.append(str(ds.SOPInstanceUID))
+    assoc.release()
+    assert 100 <= len(acknowledged) <= 151
+    node.start()  # same data directory, after the crash
+    try:
+        rows = stored_rows(node.data_dir)
+        indexed = [r["sop_instance_uid"] for r in rows]
+        assert len(indexed) == len(set(indexed))
+        assert set(acknowledged) <= set(indexed)
+        # At most the one instance in flight at the kill may be indexed without its answer.
+        assert len(set(indexed) - set(acknowledged)) <= 1
+        assert set(indexed) <= {str(ds.SOPInstanceUID) for ds in datasets}
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+        for row in rows:
+            stored = pydicom.dcmread(node.data_dir / str(row["path"]))
+            assert stored.PixelData == by_uid[row["sop_instance_uid"]].PixelData
+        assert list((node.data_dir / "tmp").iterdir()) == []
+        # The study goes on after the restart.
+        rest = [ds for ds in datasets if str(ds.SOPInstanceUID) not in set(indexed)]
+        assert set(send(node.port, rest)) == {0}
+        assert len(stored_rows(node.data_dir)) == 400
+    finally:
+        node.stop()
