@@ -1,0 +1,118 @@
+"""The twin archive on its own: layout, validation, consent, migrations."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import MRImageStorage
+
+from node_harness import small_ct
+from twin_archive import (
+    Archive,
+    IncomingInstance,
+    InvalidInstanceError,
+    SopClassMismatchError,
+    StoreOutcome,
+    TwinNotFoundError,
+    uid_problem,
+)
+
+
+def incoming(ds, *, sop_class: str | None = None) -> IncomingInstance:
+    buf = DicomBytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, ds.file_meta)
+    whole = io.BytesIO()
+    ds.save_as(whole, enforce_file_format=True)
+    meta = buf.getvalue()
+    return IncomingInstance(file_meta=meta, dataset=whole.getvalue()[len(meta):],
+                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                            sop_class_uid=sop_class or str(ds.SOPClassUID),
+                            sop_instance_uid=str(ds.SOPInstanceUID), calling_ae="UNIT")
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("1.2.840.10008.5.1.4.1.1.2", None),
+    ("", "empty"),
+    ("1.2..3", "not a UID"),
+    ("../../etc/passwd", "not a UID"),
+    ("1.2.3/4", "not a UID"),
+    ("1." + "1" * 63, "longer than 64"),
+    (None, "missing"),
+])
+def test_uid_validation(value: str | None, problem: str | None) -> None:
+    found = uid_problem(value)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_paths_hold_no_phi_and_stay_inside(tmp_path: Path) -> None:
+    with Archive(tmp_path) as archive:
+        ds = small_ct(patient_id="MRN-123456")
+        ds.PatientName = "Doe^Jane"
+        result = archive.store(incoming(ds))
+        assert result.outcome is StoreOutcome.STORED
+        path = (tmp_path / result.path).resolve()
+        assert tmp_path.resolve() in path.parents
+        assert "MRN-123456" not in str(path) and "Doe" not in str(path)
+        assert (tmp_path / "archive.key").stat().st_mode & 0o777 == 0o600
+    # The folder name is keyed by the installation secret: another install differs.
+    with Archive(tmp_path / "other") as other:
+        assert other.store(incoming(ds)).patient_key != result.patient_key
+
+
+def test_sop_class_mismatch_is_refused(tmp_path: Path) -> None:
+    with Archive(tmp_path) as archive:
+        with pytest.raises(SopClassMismatchError, match="but was sent as"):
+            archive.store(incoming(small_ct(), sop_class=MRImageStorage))
+        with pytest.raises(InvalidInstanceError):  # garbage: C000 with a reason
+            good = incoming(small_ct())
+            archive.store(IncomingInstance(
+                file_meta=good.file_meta, dataset=good.dataset[:40] + b"\xff" * 9,
+                transfer_syntax_uid=good.transfer_syntax_uid, sop_class_uid=good.sop_class_uid,
+                sop_instance_uid=good.sop_instance_uid))
+        assert archive.instance_count() == 0
+
+
+def test_concurrent_stores_of_the_same_instance_index_it_once(tmp_path: Path) -> None:
+    with Archive(tmp_path) as archive:
+        item = incoming(small_ct())
+        outcomes = []
+        threads = [threading.Thread(target=lambda: outcomes.append(archive.store(item).outcome))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert outcomes.count(StoreOutcome.STORED) == 1
+        assert outcomes.count(StoreOutcome.DUPLICATE) == 7
+        assert archive.instance_count() == 1
+
+
+def test_consent_defaults_off_and_every_change_is_audited(tmp_path: Path) -> None:
+    with Archive(tmp_path) as archive:
+        archive.store(incoming(small_ct(patient_id="P1")))
+        assert archive.twin("P1").twin.donate is False
+        archive.set_consent("P1", donate=True, by="dr.who", reason="form 42")
+        archive.set_consent("P1", donate=False, by="clerk", reason="patient called")
+        detail = archive.twin("P1")
+        assert detail.twin.donate is False
+        assert [(e.previous, e.donate, e.by, e.reason) for e in detail.consent_history] == [
+            (False, True, "dr.who", "form 42"), (True, False, "clerk", "patient called")]
+        with pytest.raises(TwinNotFoundError, match="no twin with Patient ID 'NOPE'"):
+            archive.set_consent("NOPE", donate=True, by="x")
+        with pytest.raises(ValueError, match="by:"):
+            archive.set_consent("P1", donate=True, by=" ")
+
+
+def test_reopening_applies_no_migration_twice_and_cleans_tmp(tmp_path: Path) -> None:
+    Archive(tmp_path).close()
+    (tmp_path / "tmp" / "leftover.part").write_bytes(b"half a file")
+    with Archive(tmp_path) as archive:
+        assert archive.recover() == 1
+        versions = [r[0] for r in archive.db.execute("SELECT version FROM schema_migrations")]
+        assert versions == sorted(set(versions))
