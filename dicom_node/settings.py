@@ -22,7 +22,9 @@ from dicom_node.errors import ConfigError
 DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENV_PREFIX = "DICOM_NODE_"
-ENV_KEYS = ("data_dir", "port", "ae_title", "log_level")
+ENV_KEYS = ("data_dir", "port", "ae_title", "log_level", "stable_after")
+#: What a destination may receive: the SEG, the SR and the overlay series.
+RESULT_KINDS = ("seg", "sr", "overlay")
 
 
 def _check_ae_title(key: str, value: object, source: str) -> str:
@@ -34,6 +36,106 @@ def _check_ae_title(key: str, value: object, source: str) -> str:
             key, "an AE title: 1-16 printable ASCII characters, no backslash", value, source
         )
     return text
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Destination:
+    """A DICOM node that receives results (normally the PACS).
+
+    Parameters
+    ----------
+    ae_title : str
+        Its AE title (1-16 characters).
+    host : str
+        Host name or IP address.
+    port : int
+        Its DICOM port (1-65535).
+    send : tuple of str
+        Which results it wants, any of ``seg``, ``sr``, ``overlay`` (default all three).
+    """
+
+    ae_title: str
+    host: str
+    port: int
+    send: tuple[str, ...] = RESULT_KINDS
+
+    def __post_init__(self) -> None:
+        self.check("destinations", "")
+
+    def check(self, key: str, source: str) -> None:
+        """Validate each field, naming ``key.field`` in the error.
+
+        Raises
+        ------
+        ConfigError
+            On the first invalid field.
+        """
+        _check_ae_title(f"{key}.ae_title", self.ae_title, source)
+        if not isinstance(self.host, str) or not self.host.strip() or any(c.isspace() for c in self.host):
+            raise ConfigError(f"{key}.host", "a host name or IP address", self.host, source)
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise ConfigError(f"{key}.port", "an integer from 1 to 65535", self.port, source)
+        if (not isinstance(self.send, tuple) or not self.send
+                or not all(k in RESULT_KINDS for k in self.send) or len(set(self.send)) != len(self.send)):
+            raise ConfigError(f"{key}.send", 'a non-empty list of "seg", "sr", "overlay"',
+                              list(self.send) if isinstance(self.send, tuple) else self.send, source)
+
+    @property
+    def key(self) -> str:
+        """``AET@HOST:PORT``, the destination's name in queues and logs."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def parse_destination(text: str, source: str = "command line") -> Destination:
+    """Parse ``AET@HOST:PORT`` (the ``--destination`` flag); it receives SEG, SR and overlay.
+
+    Raises
+    ------
+    ConfigError
+        If the text is not of that form or a part is invalid.
+    """
+    try:
+        aet, hostport = text.split("@", 1)
+        host, port = hostport.rsplit(":", 1)
+        port_number = int(port)
+    except ValueError:
+        raise ConfigError("--destination", "AET@HOST:PORT, e.g. PACS@10.0.0.5:104", text, source) from None
+    dest = Destination.__new__(Destination)
+    for name, value in (("ae_title", aet.strip()), ("host", host), ("port", port_number),
+                        ("send", RESULT_KINDS)):
+        object.__setattr__(dest, name, value)
+    dest.check("--destination", source)
+    return dest
+
+
+def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
+    if not isinstance(v, list):
+        raise ConfigError("destinations", "an array of tables ([[destinations]])", v, source)
+    known = ("ae_title", "host", "port", "send")
+    out = []
+    for i, table in enumerate(v):
+        key = f"destinations[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(key, "a table with ae_title, host, port and send", table, source)
+        for name in table:
+            if name not in known:
+                raise ConfigError(f"{key}.{name}", f"no such key (known keys: {', '.join(known)})",
+                                  source=source)
+        for name in ("ae_title", "host", "port"):
+            if name not in table:
+                raise ConfigError(f"{key}.{name}", "a value (the key is required)", source=source)
+        send = table.get("send", list(RESULT_KINDS))
+        if not isinstance(send, list):
+            raise ConfigError(f"{key}.send", 'a list of "seg", "sr", "overlay"', send, source)
+        dest = Destination.__new__(Destination)
+        for name, value in (("ae_title", table["ae_title"]), ("host", table["host"]),
+                            ("port", table["port"]), ("send", tuple(send))):
+            object.__setattr__(dest, name, value)
+        dest.check(key, source)
+        if isinstance(dest.ae_title, str):
+            object.__setattr__(dest, "ae_title", dest.ae_title.strip())
+        out.append(dest)
+    return tuple(out)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -68,6 +170,14 @@ class Settings:
         One of DEBUG, INFO, WARNING, ERROR.
     config_path : pathlib.Path or None
         The file these settings were read from, if any.
+    stable_after : float
+        Seconds without a new instance after which a series is complete and its
+        inference job is queued.
+    destinations : tuple of Destination
+        Where results are sent (``[[destinations]]`` tables, ``--destination``).
+    send_backoff_initial_s, send_backoff_max_s : float
+        First delay before re-sending to a destination that cannot be reached, and the
+        cap of its doubling, seconds.
     """
 
     ae_title: str = "DICOM_NODE"
@@ -82,6 +192,10 @@ class Settings:
     min_free_mb: int = 1024
     log_level: str = "INFO"
     config_path: Path | None = None
+    stable_after: float = 30.0
+    destinations: tuple[Destination, ...] = ()
+    send_backoff_initial_s: float = 2.0
+    send_backoff_max_s: float = 300.0
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""
@@ -105,6 +219,22 @@ class Settings:
             raise ConfigError("min_free_mb", "an integer number of MiB >= 0", self.min_free_mb, src)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", "one of " + ", ".join(LOG_LEVELS), self.log_level, src)
+        if isinstance(self.stable_after, bool) or not isinstance(self.stable_after, int | float) \
+                or not 0 < self.stable_after <= 86400:
+            raise ConfigError("stable_after", "a number of seconds > 0 (at most 86400)",
+                              self.stable_after, src)
+        if not isinstance(self.destinations, tuple) or not all(
+                isinstance(d, Destination) for d in self.destinations):
+            raise ConfigError("destinations", "destination tables", self.destinations, src)
+        for i, dest in enumerate(self.destinations):
+            dest.check(f"destinations[{i}]", src)
+        for key in ("send_backoff_initial_s", "send_backoff_max_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
+                raise ConfigError(key, "a number of seconds > 0 (at most 86400)", value, src)
+        if self.send_backoff_initial_s > self.send_backoff_max_s:
+            raise ConfigError("send_backoff_initial_s", "at most send_backoff_max_s",
+                              self.send_backoff_initial_s, src)
 
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied (and validated)."""
@@ -168,11 +298,17 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "network_timeout_s": ("a number of seconds", _to_float),
     "min_free_mb": ("an integer", _to_int),
     "log_level": ("a string", lambda v: _to_str(v).upper()),
+    "stable_after": ("a number of seconds", _to_float),
+    "send_backoff_initial_s": ("a number of seconds", _to_float),
+    "send_backoff_max_s": ("a number of seconds", _to_float),
+    "destinations": ("an array of tables ([[destinations]])", None),
 }
 
 
 def _convert(key: str, value: Any, source: str) -> Any:
     expected, conv = _KEYS[key]
+    if key == "destinations":
+        return _to_destinations(value, source)
     try:
         return conv(value)
     except (TypeError, ValueError):

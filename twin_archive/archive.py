@@ -384,7 +384,12 @@ class Archive:
                 "SELECT * FROM consent_events WHERE patient_key = ? ORDER BY id", (key,)
             )
         )
-        return TwinDetail(twin=summary, studies=tuple(studies), consent_history=history)
+        from twin_archive.results import twin_results  # kept local: one hunk in this file
+
+        with self._lock:
+            results = twin_results(self.db, self.data_dir, key)
+        return TwinDetail(twin=summary, studies=tuple(studies), consent_history=history,
+                          results=results)
 
     def set_consent(
         self, patient_id: str, *, donate: bool, by: str, reason: str = "",

@@ -144,7 +144,29 @@ def connect(path: str, *, timeout_s: float = 30.0) -> sqlite_utils.Database:
     return sqlite_utils.Database(conn)
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial,)
+def _m2_ai_results(db: sqlite_utils.Database) -> None:
+    """AI results (:mod:`twin_archive.results`): which objects came from which series and model."""
+    db.execute(
+        "CREATE TABLE ai_results (id INTEGER PRIMARY KEY, job_key TEXT NOT NULL UNIQUE,"
+        " patient_key TEXT NOT NULL REFERENCES twins(patient_key),"
+        " study_uid TEXT NOT NULL, source_series_uid TEXT NOT NULL,"
+        " source_last_received TEXT NOT NULL, source_instances INTEGER NOT NULL,"
+        " task TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL,"
+        " backend TEXT NOT NULL, created_at TEXT NOT NULL, segments TEXT NOT NULL,"
+        " timings TEXT NOT NULL, superseded_by INTEGER REFERENCES ai_results(id))"
+    )
+    db.execute("CREATE INDEX ai_results_source ON ai_results (source_series_uid, task)")
+    db.execute("CREATE INDEX ai_results_patient ON ai_results (patient_key)")
+    db.execute(
+        "CREATE TABLE ai_result_objects (id INTEGER PRIMARY KEY,"
+        " result_id INTEGER NOT NULL REFERENCES ai_results(id), kind TEXT NOT NULL,"
+        " sop_class_uid TEXT NOT NULL, sop_instance_uid TEXT NOT NULL UNIQUE,"
+        " series_uid TEXT NOT NULL, transfer_syntax_uid TEXT NOT NULL, path TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX ai_result_objects_result ON ai_result_objects (result_id)")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_ai_results)
 
 
 def migrate(db: sqlite_utils.Database) -> int:

@@ -1,0 +1,309 @@
+"""The durable inference job queue, in ``<data-dir>/queue.sqlite``.
+
+A job is "run the matching pipeline on this series as it stood at this moment"
+(``series_uid`` plus the series' ``last_received`` when it went quiet). Jobs live in
+SQLite, so they survive a restart; a job is claimed by one worker at a time
+(``BEGIN IMMEDIATE``), runs once, is retried a bounded number of times with a delay
+after a failure and then stays visible as ``failed`` with its reason.
+
+A job found ``running`` when the node starts was interrupted by a crash (SIGKILL, power
+loss); :meth:`JobQueue.recover` puts it back in the queue. The worker makes a re-run
+harmless: a result is recorded under the job's key once (see
+:mod:`twin_archive.results`).
+
+The same database file holds the send queue (:mod:`dicom_node.sender`) and the
+stability monitor's memory (:mod:`dicom_node.monitor`); its schema is applied here as
+numbered migrations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+LOG = logging.getLogger(__name__)
+
+QUEUE_DB_NAME = "queue.sqlite"
+#: Attempts of one job before it is left ``failed``.
+DEFAULT_MAX_ATTEMPTS = 3
+#: Delay before a failed job is tried again, seconds (doubled per attempt).
+RETRY_DELAY_S = 5.0
+
+
+def utc_now() -> datetime:
+    """The current time, UTC."""
+    return datetime.now(timezone.utc)
+
+
+def iso(t: datetime) -> str:
+    """ISO 8601 text of ``t`` (UTC, microseconds); sorts as time does."""
+    return t.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+# ----------------------------------------------------------------------- database
+def _q1(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, series_uid TEXT NOT NULL,"
+        " study_uid TEXT NOT NULL, patient_key TEXT NOT NULL, task TEXT NOT NULL,"
+        " series_last_received TEXT NOT NULL, instances INTEGER NOT NULL,"
+        " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+        " max_attempts INTEGER NOT NULL, enqueued_at TEXT NOT NULL,"
+        " not_before TEXT NOT NULL, started_at TEXT, finished_at TEXT,"
+        " error TEXT NOT NULL DEFAULT '', result_id INTEGER,"
+        " UNIQUE (series_uid, task, series_last_received))"
+    )
+    conn.execute("CREATE INDEX jobs_state ON jobs (state, not_before)")
+    conn.execute(
+        "CREATE TABLE sends (id INTEGER PRIMARY KEY, result_id INTEGER NOT NULL,"
+        " kind TEXT NOT NULL, destination TEXT NOT NULL, ae_title TEXT NOT NULL,"
+        " host TEXT NOT NULL, port INTEGER NOT NULL, path TEXT NOT NULL,"
+        " sop_class_uid TEXT NOT NULL, sop_instance_uid TEXT NOT NULL,"
+        " transfer_syntax_uid TEXT NOT NULL, state TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, enqueued_at TEXT NOT NULL,"
+        " next_attempt_at TEXT NOT NULL, sent_at TEXT, last_error TEXT NOT NULL DEFAULT '',"
+        " UNIQUE (sop_instance_uid, destination))"
+    )
+    conn.execute("CREATE INDEX sends_due ON sends (state, next_attempt_at)")
+    conn.execute(
+        "CREATE TABLE monitored_series (series_uid TEXT PRIMARY KEY,"
+        " last_received TEXT NOT NULL, decision TEXT NOT NULL, reason TEXT NOT NULL,"
+        " decided_at TEXT NOT NULL)"
+    )
+
+
+QUEUE_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_q1,)
+
+
+def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite3.Connection:
+    """Open ``<data_dir>/queue.sqlite`` (WAL, synchronous FULL) and migrate it.
+
+    Returns a connection in autocommit mode: every write goes through
+    :func:`write_transaction`.
+    """
+    path = Path(data_dir) / QUEUE_DB_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=timeout_s, check_same_thread=False,
+                           isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+    with write_transaction(conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, migration in enumerate(QUEUE_MIGRATIONS, start=1):
+            if number > version:
+                migration(conn)
+                conn.execute(f"PRAGMA user_version={number}")
+                LOG.info("queue database: applied migration %d", number)
+    return conn
+
+
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` transaction: all of it commits or none of it does."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+# ----------------------------------------------------------------------- jobs
+class JobState(str, enum.Enum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Job:
+    """One inference job as stored in the queue."""
+
+    id: int
+    series_uid: str
+    study_uid: str
+    patient_key: str
+    task: str
+    series_last_received: str
+    instances: int
+    state: JobState
+    attempts: int
+    max_attempts: int
+    enqueued_at: str
+    started_at: str
+    finished_at: str
+    error: str
+    result_id: int | None
+
+    @property
+    def key(self) -> str:
+        """Identity of the job's input: the series as it stood when it went quiet."""
+        return f"{self.series_uid}@{self.series_last_received}/{self.task}"
+
+    @staticmethod
+    def from_row(r: sqlite3.Row) -> Job:
+        return Job(
+            id=r["id"], series_uid=r["series_uid"], study_uid=r["study_uid"],
+            patient_key=r["patient_key"], task=r["task"],
+            series_last_received=r["series_last_received"], instances=r["instances"],
+            state=JobState(r["state"]), attempts=r["attempts"], max_attempts=r["max_attempts"],
+            enqueued_at=r["enqueued_at"], started_at=r["started_at"] or "",
+            finished_at=r["finished_at"] or "", error=r["error"] or "", result_id=r["result_id"],
+        )
+
+
+class JobQueue:
+    """The inference jobs of one node.
+
+    Thread-safe (one connection, one lock); several processes may share the file.
+
+    Parameters
+    ----------
+    data_dir : pathlib.Path or str
+        The node's data directory (the queue is ``queue.sqlite`` in it).
+    max_attempts : int
+        Attempts of a job before it is left failed (>= 1).
+    retry_delay_s : float
+        Delay before the second attempt, seconds; doubled for each further attempt.
+    """
+
+    def __init__(self, data_dir: Path | str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 retry_delay_s: float = RETRY_DELAY_S) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if retry_delay_s < 0:
+            raise ValueError(f"retry_delay_s must be >= 0, got {retry_delay_s}")
+        self.conn = connect_queue(data_dir)
+        self.max_attempts = max_attempts
+        self.retry_delay_s = retry_delay_s
+        self._lock = threading.Lock()
+        self.wakeup = threading.Event()
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self.conn.close()
+
+    def enqueue(self, *, series_uid: str, study_uid: str, patient_key: str, task: str,
+                series_last_received: str, instances: int) -> Job | None:
+        """Queue a job for a series that went quiet; ``None`` if that job already exists."""
+        now = iso(utc_now())
+        with self._lock, write_transaction(self.conn) as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO jobs (series_uid, study_uid, patient_key, task,"
+                " series_last_received, instances, state, max_attempts, enqueued_at, not_before)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (series_uid, study_uid, patient_key, task, series_last_received, instances,
+                 JobState.QUEUED.value, self.max_attempts, now, now),
+            )
+            if cur.rowcount == 0:
+                return None
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone()
+        self.wakeup.set()
+        return Job.from_row(row)
+
+    def claim(self) -> Job | None:
+        """Take the oldest due queued job for this worker (marks it running), or ``None``."""
+        now = iso(utc_now())
+        with self._lock, write_transaction(self.conn) as conn:
+            row = conn.execute(
+                "SELECT * FROM jobs WHERE state = ? AND not_before <= ? ORDER BY id LIMIT 1",
+                (JobState.QUEUED.value, now),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
+                (JobState.RUNNING.value, now, row["id"]),
+            )
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+        return Job.from_row(row)
+
+    def complete(self, job_id: int, *, result_id: int | None, note: str = "") -> None:
+        """Mark a job done (``result_id`` of what it produced, ``note`` why none)."""
+        with self._lock, write_transaction(self.conn) as conn:
+            conn.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, result_id = ?, error = ? WHERE id = ?",
+                (JobState.DONE.value, iso(utc_now()), result_id, note, job_id),
+            )
+
+    def fail(self, job_id: int, reason: str, *, permanent: bool = False) -> JobState:
+        """Record a failed attempt; re-queue with a delay or leave failed. Returns the new state."""
+        with self._lock, write_transaction(self.conn) as conn:
+            row = conn.execute("SELECT attempts, max_attempts FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+            attempts, limit = row["attempts"], row["max_attempts"]
+            if permanent or attempts >= limit:
+                state = JobState.FAILED
+                conn.execute(
+                    "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                    (state.value, iso(utc_now()), reason, job_id),
+                )
+            else:
+                state = JobState.QUEUED
+                delay = self.retry_delay_s * (2 ** max(0, attempts - 1))
+                conn.execute(
+                    "UPDATE jobs SET state = ?, not_before = ?, error = ? WHERE id = ?",
+                    (state.value, iso(utc_now() + timedelta(seconds=delay)), reason, job_id),
+                )
+        return state
+
+    def recover(self) -> int:
+        """Put jobs left ``running`` by a crash back in the queue; return how many."""
+        with self._lock, write_transaction(self.conn) as conn:
+            n = conn.execute(
+                "UPDATE jobs SET state = ?, error = 'interrupted (node stopped during the job)'"
+                " WHERE state = ?", (JobState.QUEUED.value, JobState.RUNNING.value),
+            ).rowcount
+        if n:
+            LOG.warning("job queue: %d job(s) interrupted by the last stop are queued again", n)
+        return n
+
+    def requeue_running(self, job_id: int) -> None:
+        """Give a claimed job back untouched (the node is stopping); its attempt is not counted."""
+        with self._lock, write_transaction(self.conn) as conn:
+            conn.execute(
+                "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0) WHERE id = ? AND state = ?",
+                (JobState.QUEUED.value, job_id, JobState.RUNNING.value),
+            )
+
+    def get(self, job_id: int) -> Job:
+        """One job by id.
+
+        Raises
+        ------
+        KeyError
+            If there is no such job.
+        """
+        with self._lock:
+            row = self.conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no job {job_id}")
+        return Job.from_row(row)
+
+    def list(self, state: JobState | str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs, newest first, optionally only those in ``state``."""
+        sql, params = "SELECT * FROM jobs", ()  # type: tuple[str, tuple[object, ...]]
+        if state is not None:
+            sql, params = sql + " WHERE state = ?", (JobState(state).value,)
+        with self._lock:
+            rows = self.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs in each state."""
+        with self._lock:
+            rows = self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}

@@ -1,0 +1,217 @@
+"""The stability monitor: a series quiet for ``stable_after`` seconds becomes a job.
+
+DICOM has no end-of-study message (DESIGN decision 3): a series is complete when no
+instance of it has arrived for ``stable_after`` seconds. The archive index keeps
+``series.last_received``; the monitor compares it with what it already decided for
+that series (table ``monitored_series`` in ``queue.sqlite``). A series whose
+``last_received`` changed since its decision (a late instance) is decided again, and
+its new job's result supersedes the earlier one.
+
+Decisions, each logged once per series state:
+
+* ``ignored``: the series is a result or document object (SEG, SR, KO, PR,
+  secondary capture...) from anywhere, or the node's own output (DESIGN decision 4);
+* ``no-pipeline``: no pipeline's selection rules match (e.g. an MR): stored, left alone;
+* ``queued``: one job per matching pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.jobs import JobQueue, iso, utc_now, write_transaction
+from pipelines.selection import (
+    NON_IMAGE_MODALITIES,
+    SECONDARY_CAPTURE_PREFIX,
+    SelectionRules,
+    is_node_output,
+    matches,
+)
+from twin_archive import Archive
+from twin_archive.layout import INDEX_NAME
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineSpec:
+    """A pipeline as the node serves it: a task (registry model) and its selection rules."""
+
+    task: str
+    rules: SelectionRules
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task, str) or not self.task.strip():
+            raise ValueError(f"task must be a non-empty string, got {self.task!r}")
+        if not isinstance(self.rules, SelectionRules):
+            raise TypeError("rules must be a SelectionRules")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SeriesDecision:
+    """What the monitor decided for a series that went quiet."""
+
+    series_uid: str
+    last_received: str
+    decision: str  # queued, no-pipeline, ignored
+    reason: str
+    job_ids: tuple[int, ...] = ()
+
+
+def read_headers(paths: Sequence[Path]) -> list[Dataset]:
+    """Headers (no pixel data) of the instance files of one series."""
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+class StabilityMonitor:
+    """Turns quiet series into jobs.
+
+    Parameters
+    ----------
+    archive : twin_archive.Archive
+        The node's archive (its files are read for the series headers).
+    jobs : JobQueue
+        Where jobs go.
+    pipelines : sequence of PipelineSpec
+        The pipelines served, tried in order; every matching one gets a job.
+    stable_after_s : float
+        Quiet period, seconds (> 0).
+    poll_s : float, optional
+        How often the index is looked at; default ``min(1, stable_after_s / 4)``.
+    """
+
+    def __init__(self, archive: Archive, jobs: JobQueue, pipelines: Sequence[PipelineSpec], *,
+                 stable_after_s: float, poll_s: float | None = None) -> None:
+        if not stable_after_s > 0:
+            raise ValueError(f"stable_after_s must be > 0 seconds, got {stable_after_s}")
+        self.archive = archive
+        self.jobs = jobs
+        self.pipelines = tuple(pipelines)
+        self.stable_after_s = float(stable_after_s)
+        self.poll_s = poll_s if poll_s is not None else min(1.0, self.stable_after_s / 4)
+        # Own connection: queue.sqlite with the archive index attached, read only.
+        self._conn = sqlite3.connect(str(Path(archive.data_dir) / "queue.sqlite"), timeout=30.0,
+                                     check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn.execute("ATTACH DATABASE ? AS idx", (str(Path(archive.data_dir) / INDEX_NAME),))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- one pass
+    def quiet_series(self) -> list[sqlite3.Row]:
+        """Series quiet for ``stable_after`` whose current state is not yet decided."""
+        cutoff = iso(utc_now() - timedelta(seconds=self.stable_after_s))
+        return self._conn.execute(
+            "SELECT se.series_uid, se.study_uid, se.modality, se.last_received, st.patient_key"
+            " FROM idx.series se JOIN idx.studies st ON st.study_uid = se.study_uid"
+            " LEFT JOIN main.monitored_series m ON m.series_uid = se.series_uid"
+            " WHERE se.last_received <= ?"
+            "   AND (m.series_uid IS NULL OR m.last_received <> se.last_received)"
+            " ORDER BY se.last_received",
+            (cutoff,),
+        ).fetchall()
+
+    def poll(self) -> list[SeriesDecision]:
+        """Decide every series that went quiet since the last pass; return the decisions."""
+        out = []
+        for row in self.quiet_series():
+            try:
+                out.append(self._decide(row))
+            except (OSError, pydicom.errors.InvalidDicomError) as exc:
+                LOG.error("series %s: cannot read its instances to decide on it (%s); "
+                          "will try again", row["series_uid"], exc)
+        return out
+
+    def _decide(self, row: sqlite3.Row) -> SeriesDecision:
+        uid, last = row["series_uid"], row["last_received"]
+        modality = (row["modality"] or "").upper()
+        files = self.archive.series_files(uid)
+        job_ids: list[int] = []
+        if modality in NON_IMAGE_MODALITIES:
+            decision, reason = "ignored", f"{modality} is a result/document object; never inferred on"
+        elif not files:
+            decision, reason = "ignored", "no current instances"
+        else:
+            headers = read_headers(files)
+            if any(is_node_output(ds) for ds in headers):
+                decision, reason = "ignored", "produced by this node; never inferred on"
+            elif any(str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX)
+                     for ds in headers):
+                decision, reason = "ignored", "secondary capture; never inferred on"
+            else:
+                reasons = []
+                for spec in self.pipelines:
+                    verdict = matches(spec.rules, headers)
+                    if not verdict.matched:
+                        reasons.append(verdict.reason)
+                        continue
+                    job = self.jobs.enqueue(
+                        series_uid=uid, study_uid=row["study_uid"], patient_key=row["patient_key"],
+                        task=spec.task, series_last_received=last, instances=len(files))
+                    if job is not None:
+                        job_ids.append(job.id)
+                    reasons.append(verdict.reason)
+                if job_ids:
+                    decision, reason = "queued", "; ".join(reasons)
+                elif any("matched" in r for r in reasons):
+                    decision, reason = "queued", "job already queued"
+                else:
+                    decision, reason = "no-pipeline", "; ".join(reasons) or "no pipeline configured"
+        reopened = self._record(uid, last, decision, reason)
+        if decision == "queued":
+            LOG.info("series %s quiet for %.0f s with %d instance(s)%s: job(s) %s queued",
+                     uid, self.stable_after_s, len(files),
+                     " (re-opened by later instances; the new result will supersede the old)"
+                     if reopened else "", ", ".join(map(str, job_ids)) or "-")
+        else:
+            LOG.info("series %s (%s, %d instance(s)) left alone: %s", uid, modality or "?",
+                     len(files), reason)
+        return SeriesDecision(series_uid=uid, last_received=last, decision=decision,
+                              reason=reason, job_ids=tuple(job_ids))
+
+    def _record(self, uid: str, last: str, decision: str, reason: str) -> bool:
+        """Remember the decision; return whether the series had been decided before."""
+        with write_transaction(self._conn) as conn:
+            before = conn.execute("SELECT 1 FROM monitored_series WHERE series_uid = ?",
+                                  (uid,)).fetchone()
+            conn.execute(
+                "INSERT INTO monitored_series (series_uid, last_received, decision, reason,"
+                " decided_at) VALUES (?,?,?,?,?) ON CONFLICT(series_uid) DO UPDATE SET"
+                " last_received=excluded.last_received, decision=excluded.decision,"
+                " reason=excluded.reason, decided_at=excluded.decided_at",
+                (uid, last, decision, reason, iso(utc_now())),
+            )
+        return before is not None
+
+    # ----------------------------------------------------------------- thread
+    def start(self) -> None:
+        """Poll in a background thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="stability-monitor", daemon=True)
+        self._thread.start()
+        LOG.info("stability monitor: a series is complete after %.1f s without new instances; "
+                 "pipelines: %s", self.stable_after_s,
+                 ", ".join(p.task for p in self.pipelines) or "none")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.poll()
+            except Exception:  # keep watching; the next pass retries
+                LOG.exception("stability monitor: pass failed")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop polling and close the connection."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._conn.close()

@@ -1,0 +1,291 @@
+"""The durable send queue: results go to each destination by C-STORE, once.
+
+Each object of a result is one row per destination in table ``sends`` of
+``queue.sqlite`` (DESIGN decision 5). The sender thread takes the rows that are due,
+opens one association per destination proposing only the presentation contexts those
+objects need (their SOP classes, each with the transfer syntax it is stored in) and
+sends them. A destination that cannot be reached, or an association that breaks, keeps
+the rows queued with exponential back-off (``send_backoff_initial_s`` doubling up to
+``send_backoff_max_s``) for as long as it takes: nothing is dropped, and the rows with
+their attempts and last error are listed by ``dicom-node sends``. A PACS that answers a
+C-STORE with a failure status gets :data:`MAX_REFUSALS` tries, then the row is left
+``failed`` with that status as its reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE, build_context
+
+from dicom_node.jobs import connect_queue, iso, utc_now, write_transaction
+from dicom_node.settings import Destination
+from dicom_node.statuses import SUCCESS
+from twin_archive.results import AIResult
+
+LOG = logging.getLogger(__name__)
+
+#: C-STORE failure statuses from the PACS tolerated per object before it is left failed.
+MAX_REFUSALS = 5
+#: Objects sent on one association at most.
+BATCH = 1000
+
+
+class SendState(str, enum.Enum):
+    """Where an outbound object is."""
+
+    QUEUED = "queued"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Send:
+    """One object queued for one destination."""
+
+    id: int
+    result_id: int
+    kind: str
+    destination: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    state: SendState
+    attempts: int
+    enqueued_at: str
+    next_attempt_at: str
+    sent_at: str
+    last_error: str
+
+
+def _is_success(status: int) -> bool:
+    # PS3.7 C.1.1 success, PS3.4 B.2.3 warnings (0001, Bxxx): the object is stored.
+    return status == SUCCESS or status == 0x0001 or (status & 0xF000) == 0xB000
+
+
+class Sender:
+    """Sends queued result objects; one background thread.
+
+    Parameters
+    ----------
+    data_dir : pathlib.Path
+        The node's data directory (``queue.sqlite``; result files live under it).
+    ae_title : str
+        Calling AE title of the node.
+    backoff_initial_s, backoff_max_s : float
+        First retry delay and its cap, seconds.
+    network_timeout_s : float
+        Connection, ACSE and DIMSE timeout, seconds.
+    """
+
+    def __init__(self, data_dir: Path | str, *, ae_title: str, backoff_initial_s: float = 2.0,
+                 backoff_max_s: float = 300.0, network_timeout_s: float = 30.0) -> None:
+        if not 0 < backoff_initial_s <= backoff_max_s:
+            raise ValueError("backoff_initial_s must be > 0 and <= backoff_max_s, got "
+                             f"{backoff_initial_s} and {backoff_max_s}")
+        self.data_dir = Path(data_dir)
+        self.ae_title = ae_title
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.network_timeout_s = network_timeout_s
+        self.conn = connect_queue(self.data_dir)
+        self._lock = threading.Lock()
+        self.wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self.conn.close()
+
+    # ----------------------------------------------------------------- queueing
+    def enqueue(self, result: AIResult, destinations: Sequence[Destination]) -> int:
+        """Queue every object of ``result`` each destination wants, in one transaction.
+
+        Returns the number of new rows (rows already queued for the same object and
+        destination are kept as they are, so a re-run job queues nothing twice).
+        """
+        now = iso(utc_now())
+        rows = []
+        for dest in destinations:
+            for obj in result.objects:
+                if obj.kind in dest.send:
+                    rows.append((result.id, obj.kind, dest.key, dest.ae_title, dest.host,
+                                 dest.port, str(obj.path.relative_to(self.data_dir.resolve())),
+                                 obj.sop_class_uid, obj.sop_instance_uid, obj.transfer_syntax_uid,
+                                 SendState.QUEUED.value, now, now))
+        with self._lock, write_transaction(self.conn) as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO sends (result_id, kind, destination, ae_title, host, port,"
+                " path, sop_class_uid, sop_instance_uid, transfer_syntax_uid, state, enqueued_at,"
+                " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            added = conn.total_changes - before
+        if added:
+            LOG.info("result %d: %d object(s) queued for %s", result.id, added,
+                     ", ".join(d.key for d in destinations))
+            self.wakeup.set()
+        return added
+
+    def list(self, state: SendState | str | None = None, limit: int = 200) -> list[Send]:
+        """Queued, sent or failed objects, newest first."""
+        sql, params = "SELECT * FROM sends", ()  # type: tuple[str, tuple[object, ...]]
+        if state is not None:
+            sql, params = sql + " WHERE state = ?", (SendState(state).value,)
+        with self._lock:
+            rows = self.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
+        return [Send(id=r["id"], result_id=r["result_id"], kind=r["kind"],
+                     destination=r["destination"], sop_class_uid=r["sop_class_uid"],
+                     sop_instance_uid=r["sop_instance_uid"], state=SendState(r["state"]),
+                     attempts=r["attempts"], enqueued_at=r["enqueued_at"],
+                     next_attempt_at=r["next_attempt_at"], sent_at=r["sent_at"] or "",
+                     last_error=r["last_error"]) for r in rows]
+
+    def pending(self) -> int:
+        """Number of objects still queued."""
+        with self._lock:
+            return int(self.conn.execute("SELECT COUNT(*) FROM sends WHERE state = ?",
+                                         (SendState.QUEUED.value,)).fetchone()[0])
+
+    # ----------------------------------------------------------------- sending
+    def _due(self) -> dict[str, list[dict[str, object]]]:
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT * FROM sends WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (SendState.QUEUED.value, iso(utc_now()), BATCH)).fetchall()
+        by_dest: dict[str, list[dict[str, object]]] = defaultdict(list)
+        for r in rows:
+            by_dest[r["destination"]].append(dict(r))
+        return by_dest
+
+    def _backoff(self, attempts: int) -> float:
+        return float(min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(0, attempts - 1)))
+
+    def _mark_sent(self, send_id: int) -> None:
+        with self._lock, write_transaction(self.conn) as conn:
+            conn.execute("UPDATE sends SET state = ?, sent_at = ?, attempts = attempts + 1,"
+                         " last_error = '' WHERE id = ?",
+                         (SendState.SENT.value, iso(utc_now()), send_id))
+
+    def _mark_retry(self, ids: Sequence[int], error: str, *, refused: bool = False) -> float:
+        """Count a failed attempt for ``ids``; returns the delay before the next one."""
+        delay = 0.0
+        with self._lock, write_transaction(self.conn) as conn:
+            for send_id in ids:
+                attempts = conn.execute("SELECT attempts FROM sends WHERE id = ?",
+                                        (send_id,)).fetchone()[0] + 1
+                delay = self._backoff(attempts)
+                if refused and attempts >= MAX_REFUSALS:
+                    conn.execute("UPDATE sends SET state = ?, attempts = ?, last_error = ?"
+                                 " WHERE id = ?", (SendState.FAILED.value, attempts, error, send_id))
+                else:
+                    conn.execute(
+                        "UPDATE sends SET attempts = ?, last_error = ?, next_attempt_at = ?"
+                        " WHERE id = ?",
+                        (attempts, error, iso(utc_now() + timedelta(seconds=delay)), send_id))
+        return delay
+
+    def send_due(self) -> int:
+        """Send what is due now, one association per destination; return objects delivered."""
+        delivered = 0
+        for dest, rows in self._due().items():
+            if self._stop.is_set():
+                break
+            delivered += self._send_to(dest, rows)
+        return delivered
+
+    def _send_to(self, dest: str, rows: list[dict[str, object]]) -> int:
+        first = rows[0]
+        ae = AE(ae_title=self.ae_title)
+        ae.connection_timeout = min(10.0, self.network_timeout_s)
+        ae.acse_timeout = self.network_timeout_s
+        ae.dimse_timeout = self.network_timeout_s
+        ae.network_timeout = self.network_timeout_s
+        syntaxes: dict[str, set[str]] = defaultdict(set)
+        for r in rows:
+            syntaxes[str(r["sop_class_uid"])].add(str(r["transfer_syntax_uid"]))
+        contexts = [build_context(sop, sorted(ts)) for sop, ts in sorted(syntaxes.items())]
+        assoc = ae.associate(str(first["host"]), int(str(first["port"])),
+                             ae_title=str(first["ae_title"]), contexts=contexts)
+        if not assoc.is_established:
+            why = ("association rejected" if assoc.is_rejected else
+                   "association aborted" if assoc.is_aborted else "cannot connect")
+            delay = self._mark_retry([int(str(r["id"])) for r in rows], why)
+            LOG.warning("send to %s: %s; %d object(s) kept in the queue, next try in %.0f s",
+                        dest, why, len(rows), delay)
+            return 0
+        delivered = 0
+        try:
+            for i, r in enumerate(rows):
+                if self._stop.is_set():
+                    break
+                send_id = int(str(r["id"]))
+                ds = dcmread(self.data_dir / str(r["path"]))
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if "Status" in status else None
+                if code is not None and _is_success(code):
+                    self._mark_sent(send_id)
+                    delivered += 1
+                elif code is None:
+                    rest = [int(str(x["id"])) for x in rows[i:]]
+                    delay = self._mark_retry(rest, "no answer (association lost)")
+                    LOG.warning("send to %s: association lost; %d object(s) kept in the queue, "
+                                "next try in %.0f s", dest, len(rest), delay)
+                    break
+                else:
+                    self._mark_retry([send_id], f"C-STORE refused with status 0x{code:04X}",
+                                     refused=True)
+                    LOG.error("send to %s: %s object %s refused with status 0x%04X",
+                              dest, r["kind"], r["sop_instance_uid"], code)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if delivered:
+            LOG.info("send to %s: %d object(s) delivered", dest, delivered)
+        return delivered
+
+    # ----------------------------------------------------------------- thread
+    def start(self) -> None:
+        """Send in a background thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+        self._thread.start()
+        n = self.pending()
+        if n:
+            LOG.info("sender: %d object(s) waiting from before the restart", n)
+
+    def _next_due_in(self) -> float:
+        with self._lock:
+            row = self.conn.execute("SELECT MIN(next_attempt_at) FROM sends WHERE state = ?",
+                                    (SendState.QUEUED.value,)).fetchone()
+        if row[0] is None:
+            return 5.0
+        from datetime import datetime
+
+        wait = (datetime.fromisoformat(row[0]) - utc_now()).total_seconds()
+        return max(0.05, min(5.0, wait))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send_due()
+                wait = self._next_due_in()
+            except Exception:
+                LOG.exception("sender: pass failed; trying again shortly")
+                wait = 5.0
+            self.wakeup.wait(wait)
+            self.wakeup.clear()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the object being sent; what is not sent stays queued."""
+        self._stop.set()
+        self.wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,274 @@
+"""AI results kept in the twin: which result came from which series and which model.
+
+A result is the set of DICOM objects (SEG, SR, overlay images) one model version made
+from one series as it stood when it went quiet. The files are written durably under
+``<data_dir>/results/<patient key>/<study uid>/`` and indexed in the archive index
+(tables ``ai_results`` and ``ai_result_objects``, migration 2 in
+:mod:`twin_archive.schema`) in one transaction.
+
+A later result for the same series and task *supersedes* the earlier one: the earlier
+row gets ``superseded_by``; nothing is overwritten (the new objects are new series).
+
+Each result is recorded under its job's key, once: recording the same key again
+returns the result already stored (a job re-run after a crash adds nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import sqlite_utils
+from pydicom.dataset import Dataset
+
+from twin_archive.durable import write_durably
+from twin_archive.layout import INDEX_NAME
+from twin_archive.schema import connect, write_transaction
+from twin_archive.uids import uid_problem
+
+LOG = logging.getLogger(__name__)
+
+RESULT_KINDS = ("seg", "sr", "overlay")
+RESULTS_DIR = "results"
+
+
+def utc_now() -> str:
+    """Current time as ISO 8601 in UTC with microseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SegmentMeasure:
+    """One segment of a result and its volume (mL)."""
+
+    name: str
+    volume_ml: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResultObject:
+    """One stored DICOM object of a result."""
+
+    kind: str  # seg, sr or overlay
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    path: Path  # absolute
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AIResult:
+    """An AI result as the twin keeps it."""
+
+    id: int
+    job_key: str
+    patient_key: str
+    study_uid: str
+    source_series_uid: str
+    source_last_received: str
+    source_instances: int
+    task: str
+    model_name: str
+    model_version: str
+    backend: str
+    created_at: str
+    segments: tuple[SegmentMeasure, ...]
+    timings: dict[str, float]
+    superseded_by: int | None
+    objects: tuple[ResultObject, ...]
+
+    def series_uids(self, kind: str) -> tuple[str, ...]:
+        """Series Instance UIDs of the objects of ``kind``."""
+        return tuple(dict.fromkeys(o.series_uid for o in self.objects if o.kind == kind))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (what ``twin show`` lists)."""
+        return {
+            "id": self.id, "study_uid": self.study_uid,
+            "source_series_uid": self.source_series_uid,
+            "source_instances": self.source_instances, "task": self.task,
+            "model": self.model_name, "model_version": self.model_version,
+            "backend": self.backend, "created_at": self.created_at,
+            "segments": [{"name": s.name, "volume_ml": s.volume_ml} for s in self.segments],
+            "seg_series_uid": ",".join(self.series_uids("seg")),
+            "sr_series_uid": ",".join(self.series_uids("sr")),
+            "overlay_series_uid": ",".join(self.series_uids("overlay")),
+            "objects": len(self.objects),
+            "superseded_by": self.superseded_by,
+        }
+
+
+def _encode(ds: Dataset) -> bytes:
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class ResultStore:
+    """Records and reads AI results; its own connection to the archive index.
+
+    Parameters
+    ----------
+    data_dir : pathlib.Path or str
+        The archive's data directory (the index must exist and be migrated: open an
+        :class:`~twin_archive.Archive` on it first).
+    """
+
+    def __init__(self, data_dir: Path | str) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.tmp_dir = self.data_dir / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.db = connect(str(self.data_dir / INDEX_NAME))
+        self._lock = threading.Lock()
+        if "ai_results" not in self.db.table_names():
+            raise RuntimeError(f"archive index in {self.data_dir} lacks the results tables; "
+                               "open the Archive first (it migrates the index)")
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self.db.conn.close()
+
+    def record(self, *, job_key: str, patient_key: str, study_uid: str, source_series_uid: str,
+               source_last_received: str, source_instances: int, task: str, model_name: str,
+               model_version: str, backend: str, segments: Sequence[SegmentMeasure],
+               timings: dict[str, float], objects: Sequence[tuple[str, Dataset]]) -> AIResult:
+        """Store the objects of one result durably and index them in one transaction.
+
+        Earlier results of the same series and task are marked superseded by this one.
+        Recording a ``job_key`` that is already recorded stores nothing and returns the
+        existing result.
+
+        Raises
+        ------
+        ValueError
+            If a kind is not one of seg, sr, overlay, or an object's UID is invalid.
+        OSError
+            If a file cannot be written (the index is then left untouched).
+        """
+        existing = self.by_job_key(job_key)
+        if existing is not None:
+            LOG.info("result for job %s already recorded (result %d); not stored again",
+                     job_key, existing.id)
+            return existing
+        if uid_problem(study_uid):
+            raise ValueError(f"study_uid: {uid_problem(study_uid)}")
+        rows = []
+        folder = self.data_dir / RESULTS_DIR / patient_key / study_uid
+        for kind, ds in objects:
+            if kind not in RESULT_KINDS:
+                raise ValueError(f"objects: kind must be one of {RESULT_KINDS}, got {kind!r}")
+            sop_uid = str(ds.SOPInstanceUID)
+            problem = uid_problem(sop_uid)
+            if problem:
+                raise ValueError(f"objects: SOP Instance UID {problem}")
+            data = _encode(ds)
+            final = folder / f"{kind}-{sop_uid}.dcm"
+            write_durably(final, (data,), self.tmp_dir)
+            rows.append((kind, str(ds.SOPClassUID), sop_uid, str(ds.SeriesInstanceUID),
+                         str(ds.file_meta.TransferSyntaxUID),
+                         str(final.relative_to(self.data_dir))))
+        now = utc_now()
+        seg_json = json.dumps([{"name": s.name, "volume_ml": s.volume_ml} for s in segments])
+        with self._lock, write_transaction(self.db) as conn:
+            cur = conn.execute(
+                "INSERT INTO ai_results (job_key, patient_key, study_uid, source_series_uid,"
+                " source_last_received, source_instances, task, model_name, model_version,"
+                " backend, created_at, segments, timings) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job_key, patient_key, study_uid, source_series_uid, source_last_received,
+                 source_instances, task, model_name, model_version, backend, now, seg_json,
+                 json.dumps(timings)),
+            )
+            result_id = int(cur.lastrowid or 0)
+            conn.executemany(
+                "INSERT INTO ai_result_objects (result_id, kind, sop_class_uid,"
+                " sop_instance_uid, series_uid, transfer_syntax_uid, path) VALUES (?,?,?,?,?,?,?)",
+                [(result_id, *r) for r in rows],
+            )
+            superseded = conn.execute(
+                "UPDATE ai_results SET superseded_by = ? WHERE source_series_uid = ? AND task = ?"
+                " AND id <> ? AND superseded_by IS NULL",
+                (result_id, source_series_uid, task, result_id),
+            ).rowcount
+        if superseded:
+            LOG.info("result %d supersedes %d earlier result(s) of the same series", result_id,
+                     superseded)
+        result = self.get(result_id)
+        return result
+
+    # ------------------------------------------------------------------ reading
+    def _result(self, row: sqlite3.Row | dict[str, Any]) -> AIResult:
+        return _build(self.data_dir, self.db, dict(row))
+
+    def get(self, result_id: int) -> AIResult:
+        """One result by id.
+
+        Raises
+        ------
+        KeyError
+            If there is no such result.
+        """
+        with self._lock:
+            rows = _rows(self.db, "SELECT * FROM ai_results WHERE id = ?", (result_id,))
+            if not rows:
+                raise KeyError(f"no AI result {result_id}")
+            return _build(self.data_dir, self.db, rows[0])
+
+    def by_job_key(self, job_key: str) -> AIResult | None:
+        """The result recorded under ``job_key``, if any."""
+        with self._lock:
+            rows = _rows(self.db, "SELECT * FROM ai_results WHERE job_key = ?", (job_key,))
+            return _build(self.data_dir, self.db, rows[0]) if rows else None
+
+    def for_series(self, series_uid: str) -> list[AIResult]:
+        """Results made from one source series, oldest first."""
+        with self._lock:
+            return [_build(self.data_dir, self.db, r) for r in _rows(
+                self.db, "SELECT * FROM ai_results WHERE source_series_uid = ? ORDER BY id",
+                (series_uid,))]
+
+
+def _rows(db: sqlite_utils.Database, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    cur = db.execute(sql, params)
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def _build(data_dir: Path, db: sqlite_utils.Database, r: dict[str, Any]) -> AIResult:
+    objects = tuple(
+        ResultObject(kind=o["kind"], sop_class_uid=o["sop_class_uid"],
+                     sop_instance_uid=o["sop_instance_uid"], series_uid=o["series_uid"],
+                     transfer_syntax_uid=o["transfer_syntax_uid"], path=data_dir / o["path"])
+        for o in _rows(db, "SELECT * FROM ai_result_objects WHERE result_id = ? ORDER BY id",
+                       (r["id"],))
+    )
+    return AIResult(
+        id=r["id"], job_key=r["job_key"], patient_key=r["patient_key"], study_uid=r["study_uid"],
+        source_series_uid=r["source_series_uid"], source_last_received=r["source_last_received"],
+        source_instances=r["source_instances"], task=r["task"], model_name=r["model_name"],
+        model_version=r["model_version"], backend=r["backend"], created_at=r["created_at"],
+        segments=tuple(SegmentMeasure(name=s["name"], volume_ml=float(s["volume_ml"]))
+                       for s in json.loads(r["segments"])),
+        timings={k: float(v) for k, v in json.loads(r["timings"]).items()},
+        superseded_by=r["superseded_by"], objects=objects,
+    )
+
+
+def twin_results(db: sqlite_utils.Database, data_dir: Path, patient_key: str
+                 ) -> tuple[dict[str, Any], ...]:
+    """The results of one twin as dictionaries, oldest first (for ``TwinDetail.results``).
+
+    The caller serialises access to ``db`` (the archive holds its lock).
+    """
+    return tuple(_build(data_dir, db, r).to_dict() for r in _rows(
+        db, "SELECT * FROM ai_results WHERE patient_key = ? ORDER BY id", (patient_key,)))
