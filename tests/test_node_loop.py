@@ -1,0 +1,174 @@
+"""The loop's parts on real SQLite files and a real pynetdicom Storage SCP.
+
+Job queue: durable, runs once, bounded retries then failed with its reason. Send queue:
+kept while the destination is down, delivered when it is up, only the needed
+presentation contexts proposed. Results: recorded once per job, later ones supersede.
+Settings: destinations and the quiet period validated per key.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from dicom_node.errors import ConfigError
+from dicom_node.jobs import JobQueue, JobState
+from dicom_node.sender import Sender, SendState
+from dicom_node.settings import Destination, load_settings, parse_destination
+from node_harness import free_port, small_ct
+from twin_archive import Archive
+from twin_archive.results import ResultStore, SegmentMeasure
+
+
+def _job(queue: JobQueue, uid: str = "1.2.3", last: str = "t1"):
+    return queue.enqueue(series_uid=uid, study_uid="1.2", patient_key="k", task="spleen-ct",
+                         series_last_received=last, instances=3)
+
+
+def test_job_is_unique_per_series_state_and_survives_a_restart(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path)
+    assert _job(queue) is not None and _job(queue) is None
+    assert _job(queue, last="t2") is not None  # re-opened series: a new job
+    claimed = queue.claim()
+    assert claimed is not None and claimed.state is JobState.RUNNING
+    queue.close()  # the process dies here, mid-job
+    again = JobQueue(tmp_path)
+    assert again.recover() == 1
+    states = sorted(j.state.value for j in again.list())
+    assert states == ["queued", "queued"]
+    first = again.claim()
+    assert first is not None and first.id == claimed.id and first.attempts == 2
+
+
+def test_failures_are_retried_a_bounded_number_of_times_then_visible(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path, max_attempts=3, retry_delay_s=0.0)
+    job = _job(queue)
+    assert job is not None
+    for attempt in range(1, 4):
+        claimed = queue.claim()
+        assert claimed is not None and claimed.attempts == attempt
+        state = queue.fail(claimed.id, f"boom {attempt}")
+    assert state is JobState.FAILED and queue.claim() is None
+    failed = queue.get(job.id)
+    assert failed.state is JobState.FAILED and failed.error == "boom 3"
+    refused = _job(queue, uid="9.9")
+    assert refused is not None
+    claimed = queue.claim()
+    assert claimed is not None
+    assert queue.fail(claimed.id, "geometry refused", permanent=True) is JobState.FAILED
+
+
+def _result(tmp_path: Path, job_key: str = "job-1", series: str = "1.2.3"):
+    with Archive(tmp_path) as archive:  # creates and migrates the index; a twin "k"
+        archive.db.execute("INSERT OR IGNORE INTO twins (patient_key, patient_id, donate)"
+                           " VALUES ('k', 'PAT-1', 0)")
+        archive.db.conn.commit()
+    store = ResultStore(tmp_path)
+    ds = small_ct()
+    result = store.record(
+        job_key=job_key, patient_key="k", study_uid=str(ds.StudyInstanceUID),
+        source_series_uid=series, source_last_received="t", source_instances=1,
+        task="spleen-ct", model_name="m", model_version="1", backend="torch-cpu",
+        segments=(SegmentMeasure(name="spleen", volume_ml=12.5),), timings={"x_s": 1.0},
+        objects=[("overlay", ds)])
+    return store, result
+
+
+def test_results_are_recorded_once_per_job_and_later_ones_supersede(tmp_path: Path) -> None:
+    store, first = _result(tmp_path)
+    assert store.record(job_key="job-1", patient_key="k", study_uid=first.study_uid,
+                        source_series_uid="1.2.3", source_last_received="t", source_instances=1,
+                        task="spleen-ct", model_name="m", model_version="1", backend="b",
+                        segments=(), timings={}, objects=[]).id == first.id
+    ds = small_ct()
+    second = store.record(job_key="job-2", patient_key="k", study_uid=first.study_uid,
+                          source_series_uid="1.2.3", source_last_received="t2", source_instances=2,
+                          task="spleen-ct", model_name="m", model_version="1", backend="b",
+                          segments=(), timings={}, objects=[("overlay", ds)])
+    assert store.get(first.id).superseded_by == second.id
+    assert second.objects[0].path.is_file() and second.objects[0].series_uid != \
+        first.objects[0].series_uid
+    store.close()
+
+
+class _Scp:
+    """A real Storage SCP that records the contexts proposed and the instances stored."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stored: list[str] = []
+        self.proposed: list[str] = []
+        self.server = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    def _on_request(self, event: evt.Event) -> None:
+        self.proposed = [str(cx.abstract_syntax) for cx in event.assoc.requestor.requested_contexts]
+
+    def start(self) -> None:
+        ae = AE(ae_title="PACS")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._on_store), (evt.EVT_ACSE_RECV, self._on_request)])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def test_sends_are_kept_while_the_destination_is_down_and_delivered_once_it_is_up(
+        tmp_path: Path) -> None:
+    store, result = _result(tmp_path)
+    port = free_port()
+    dest = Destination(ae_title="PACS", host="127.0.0.1", port=port, send=("overlay",))
+    sender = Sender(tmp_path, ae_title="NODE", backoff_initial_s=0.2, backoff_max_s=0.4,
+                    network_timeout_s=5)
+    assert sender.enqueue(result, [dest]) == 1
+    assert sender.enqueue(result, [dest]) == 0  # a re-run job queues nothing twice
+    assert sender.send_due() == 0
+    [row] = sender.list()
+    assert row.state is SendState.QUEUED and row.attempts == 1 and row.last_error
+    sender.close()
+    sender = Sender(tmp_path, ae_title="NODE", backoff_initial_s=0.2, backoff_max_s=0.4)
+    scp = _Scp(port)
+    scp.start()
+    try:
+        time.sleep(0.5)
+        assert sender.send_due() == 1
+    finally:
+        scp.stop()
+    assert scp.stored == [result.objects[0].sop_instance_uid]
+    assert scp.proposed == [result.objects[0].sop_class_uid]  # only what is sent
+    assert [s.state for s in sender.list()] == [SendState.SENT]
+    sender.close()
+    store.close()
+
+
+def test_destinations_and_quiet_period_are_validated_per_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('stable_after = 2.5\n[[destinations]]\nae_title = "PACS"\nhost = "10.0.0.5"\n'
+                   'port = 104\nsend = ["seg", "sr"]\n')
+    settings = load_settings(cfg, env={})
+    assert settings.stable_after == 2.5
+    assert settings.destinations == (Destination(ae_title="PACS", host="10.0.0.5", port=104,
+                                                 send=("seg", "sr")),)
+    assert parse_destination("ARCHIVE@pacs.local:11112").send == ("seg", "sr", "overlay")
+    for text, key in (('[[destinations]]\nae_title = "P"\nhost = "h"\nport = 0\n', "destinations[0].port"),
+                      ('[[destinations]]\nae_title = "P"\nhost = "h"\nport = 1\nsend = ["pdf"]\n',
+                       "destinations[0].send"),
+                      ('[[destinations]]\nhost = "h"\nport = 1\n', "destinations[0].ae_title"),
+                      ('[[destinations]]\nae_title = "P"\nhost = "h"\nport = 1\nfoo = 1\n',
+                       "destinations[0].foo"),
+                      ("stable_after = -1\n", "stable_after")):
+        cfg.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_settings(cfg, env={})
+        assert info.value.key == key and info.value.source == str(cfg)
+    with pytest.raises(ConfigError) as info:
+        parse_destination("PACS:104")
+    assert info.value.key == "--destination"
