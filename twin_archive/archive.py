@@ -9,14 +9,18 @@ import os
 import shutil
 import sqlite3
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from twin_archive.durable import clean_tmp, write_durably
@@ -54,6 +58,71 @@ def utc_now() -> str:
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     return "" if value is None else str(value).strip()
+
+
+# Every attribute the store path reads (identification, validation, index columns),
+# read once per instance by :func:`_fields`.
+_FIELD_KEYWORDS = (
+    "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPInstanceUID", "SOPClassUID", "PatientName", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "StudyDescription", "AccessionNumber", "Modality",
+    "BodyPartExamined", "SeriesDescription", "SeriesNumber", "Manufacturer",
+    "ManufacturerModelName", "FrameOfReferenceUID", "InstanceNumber",
+)
+_FIELD_TAGS = tuple((kw, int(Tag(kw))) for kw in _FIELD_KEYWORDS)
+_PIXEL_TAGS = frozenset(int(Tag(kw)) for kw in _PIXEL_KEYWORDS)
+_ROWS, _COLUMNS = int(Tag("Rows")), int(Tag("Columns"))
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_SEQ_DELIM = {True: b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", False: b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"}
+
+
+def _ascii_text(raw: bytes) -> str | None:
+    """The value of a raw single-valued text element, as ``_text`` would give it.
+
+    Only for the plain case: 7-bit ASCII, no backslash (value multiplicity > 1), no
+    escape (ISO 2022 code extensions), no NUL but one trailing pad byte. Anything else
+    returns ``None`` and goes through pydicom, which applies the Specific Character
+    Set and the VR's own rules.
+    """
+    if raw.endswith(b"\x00"):
+        raw = raw[:-1]
+    if not raw.isascii() or b"\\" in raw or b"\x1b" in raw or b"\x00" in raw:
+        return None
+    return raw.decode("ascii").strip()
+
+
+def _fields(ds: Dataset) -> dict[str, str]:
+    """Read every attribute the store path needs, in one pass over the data set.
+
+    Equivalent to ``_text(ds, keyword)`` for each keyword (a test compares them), but
+    plain ASCII values are taken from the raw bytes without building pydicom elements.
+    """
+    out: dict[str, str] = {}
+    elements = ds._dict  # noqa: SLF001 - raw elements, before pydicom converts them
+    for keyword, tag in _FIELD_TAGS:
+        elem = elements.get(tag)  # type: ignore[call-overload]
+        if elem is None:
+            out[keyword] = ""
+            continue
+        if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH:
+            if not elem.value:
+                text: str | None = ""
+            else:
+                text = _ascii_text(bytes(elem.value))
+            if text is not None:
+                out[keyword] = text
+                continue
+        out[keyword] = _text(ds, keyword)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What the store path learns from a data set before writing it."""
+
+    fields: dict[str, str]
+    has_pixels: bool
+    has_rows_columns: bool
 
 
 class Archive:
@@ -121,8 +190,8 @@ class Archive:
         OutOfResourcesError
             Disk full, below the free-space reserve, or the index cannot commit.
         """
-        ds = self._parse(incoming)
-        ident = self._identify(ds, incoming)
+        parsed = self._parse(incoming)
+        ident = self._identify(parsed, incoming)
         sha = hashlib.sha256(incoming.dataset).hexdigest()
         key = patient_key(self._secret, ident["patient_id"], ident["issuer"])
         rel = instance_relpath(
@@ -154,7 +223,7 @@ class Archive:
             raise OutOfResourcesError(f"cannot write {rel.name}: {exc}") from exc
 
         try:
-            outcome, version = self._index(ds, ident, key, sha, str(rel), size, incoming)
+            outcome, version = self._index(parsed.fields, ident, key, sha, str(rel), size, incoming)
         except sqlite3.Error as exc:
             self._discard_unindexed(final, str(rel))
             raise OutOfResourcesError(f"archive index cannot commit: {exc}") from exc
@@ -170,26 +239,87 @@ class Archive:
             patient_key=key, version=version, path=str(rel), sha256=sha,
         )
 
-    def _parse(self, incoming: IncomingInstance) -> Dataset:
+    def _parse(self, incoming: IncomingInstance) -> _Parsed:
+        parsed = self._parse_fast(incoming)
+        if parsed is not None:
+            return parsed
+        ds = self._parse_full(incoming)
+        try:
+            fields = {kw: _text(ds, kw) for kw in _FIELD_KEYWORDS}
+        except Exception as exc:  # a malformed value deep in the data set
+            raise InvalidInstanceError("DataSet", f"cannot be decoded ({exc})") from exc
+        return _Parsed(
+            fields=fields,
+            has_pixels=any(k in ds for k in _PIXEL_KEYWORDS),
+            has_rows_columns="Rows" in ds and "Columns" in ds,
+        )
+
+    @staticmethod
+    def _parse_full(incoming: IncomingInstance) -> Dataset:
         try:
             return pydicom.dcmread(BytesIO(incoming.file_meta + incoming.dataset))
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
             raise InvalidInstanceError("DataSet", f"cannot be parsed ({exc})") from exc
 
-    def _identify(self, ds: Dataset, incoming: IncomingInstance) -> dict[str, str]:
+    @staticmethod
+    def _parse_fast(incoming: IncomingInstance) -> _Parsed | None:
+        """Read the data set up to its pixel data, without copying or decoding pixels.
+
+        Returns ``None`` whenever the result might differ from a full parse (deflated
+        or unknown transfer syntax, anything unusual at or after the pixel data, any
+        parse or decode error); the caller then takes the full, slow path, which gives
+        the same answers and the same error messages as before.
+        """
         try:
-            sop_class = _text(ds, "SOPClassUID")
-            sop_uid = _text(ds, "SOPInstanceUID")
-            ident = {
-                "patient_id": _text(ds, "PatientID"),
-                "issuer": _text(ds, "IssuerOfPatientID"),
-                "study_uid": _text(ds, "StudyInstanceUID"),
-                "series_uid": _text(ds, "SeriesInstanceUID"),
-                "sop_uid": sop_uid,
-                "sop_class": sop_class,
-            }
-        except Exception as exc:  # a malformed value deep in the data set
-            raise InvalidInstanceError("DataSet", f"cannot be decoded ({exc})") from exc
+            ts = UID(incoming.transfer_syntax_uid)
+            if ts.is_deflated or not ts.is_transfer_syntax:
+                return None
+            implicit, little = ts.is_implicit_VR, ts.is_little_endian
+        except (ValueError, AttributeError):
+            return None
+        data = incoming.dataset
+        fp = BytesIO(data)
+        stop: list[tuple[int, int]] = []
+
+        def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+            if tag in _PIXEL_TAGS:
+                stop.append((fp.tell(), length))  # positioned at the value
+                return True
+            return False
+
+        try:
+            ds = read_dataset(fp, implicit, little, stop_when=at_pixels)
+            if stop:
+                value_at, length = stop[0]
+                if length == _UNDEFINED_LENGTH:
+                    if not data.endswith(_SEQ_DELIM[little]):
+                        return None
+                elif value_at + length != len(data):
+                    return None  # trailing elements or truncated pixel data
+            elif fp.tell() != len(data):
+                return None
+            fields = _fields(ds)
+        except Exception:  # noqa: BLE001 - the full parse reports it properly
+            return None
+        elements = ds._dict  # noqa: SLF001
+        return _Parsed(
+            fields=fields,
+            has_pixels=bool(stop),
+            has_rows_columns=_ROWS in elements and _COLUMNS in elements,
+        )
+
+    def _identify(self, parsed: _Parsed, incoming: IncomingInstance) -> dict[str, str]:
+        f = parsed.fields
+        sop_class = f["SOPClassUID"]
+        sop_uid = f["SOPInstanceUID"]
+        ident = {
+            "patient_id": f["PatientID"],
+            "issuer": f["IssuerOfPatientID"],
+            "study_uid": f["StudyInstanceUID"],
+            "series_uid": f["SeriesInstanceUID"],
+            "sop_uid": sop_uid,
+            "sop_class": sop_class,
+        }
         if not ident["patient_id"]:
             raise InvalidInstanceError("PatientID", "missing or empty: the instance cannot be filed into a twin")
         if len(ident["patient_id"]) > 64:
@@ -212,9 +342,9 @@ class Archive:
                 sop_uid, f"data set's SOP Instance UID differs from the request's ({incoming.sop_instance_uid})"
             )
         if UID(sop_class).name.endswith("Image Storage") and "Multi-frame" not in UID(sop_class).name:
-            if not any(k in ds for k in _PIXEL_KEYWORDS):
+            if not parsed.has_pixels:
                 raise SopClassMismatchError(sop_uid, f"{UID(sop_class).name} without Pixel Data")
-            if "Rows" not in ds or "Columns" not in ds:
+            if not parsed.has_rows_columns:
                 raise SopClassMismatchError(sop_uid, f"{UID(sop_class).name} without Rows/Columns")
         return ident
 
@@ -229,7 +359,7 @@ class Archive:
             )
 
     def _index(
-        self, ds: Dataset, ident: dict[str, str], key: str, sha: str, rel: str,
+        self, fields: dict[str, str], ident: dict[str, str], key: str, sha: str, rel: str,
         size: int, incoming: IncomingInstance,
     ) -> tuple[StoreOutcome, int]:
         now = utc_now()
@@ -239,25 +369,25 @@ class Archive:
                 " birth_date, sex, donate, created_at, updated_at) VALUES (?,?,?,?,?,?,0,?,?)"
                 " ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,"
                 " birth_date=excluded.birth_date, sex=excluded.sex, updated_at=excluded.updated_at",
-                (key, ident["patient_id"], ident["issuer"], _text(ds, "PatientName"),
-                 _text(ds, "PatientBirthDate"), _text(ds, "PatientSex"), now, now),
+                (key, ident["patient_id"], ident["issuer"], fields["PatientName"],
+                 fields["PatientBirthDate"], fields["PatientSex"], now, now),
             )
             conn.execute(
                 "INSERT INTO studies (study_uid, patient_key, study_date, study_time, description,"
                 " accession_number, first_received, last_received) VALUES (?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received",
-                (ident["study_uid"], key, _text(ds, "StudyDate"), _text(ds, "StudyTime"),
-                 _text(ds, "StudyDescription"), _text(ds, "AccessionNumber"), now, now),
+                (ident["study_uid"], key, fields["StudyDate"], fields["StudyTime"],
+                 fields["StudyDescription"], fields["AccessionNumber"], now, now),
             )
             conn.execute(
                 "INSERT INTO series (series_uid, study_uid, modality, body_part, description,"
                 " series_number, manufacturer, model_name, frame_of_reference_uid,"
                 " first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
-                (ident["series_uid"], ident["study_uid"], _text(ds, "Modality"),
-                 _text(ds, "BodyPartExamined"), _text(ds, "SeriesDescription"),
-                 _text(ds, "SeriesNumber"), _text(ds, "Manufacturer"),
-                 _text(ds, "ManufacturerModelName"), _text(ds, "FrameOfReferenceUID"), now, now),
+                (ident["series_uid"], ident["study_uid"], fields["Modality"],
+                 fields["BodyPartExamined"], fields["SeriesDescription"],
+                 fields["SeriesNumber"], fields["Manufacturer"],
+                 fields["ManufacturerModelName"], fields["FrameOfReferenceUID"], now, now),
             )
             previous = conn.execute(
                 "SELECT COALESCE(MAX(version), 0) FROM instances WHERE sop_instance_uid = ?",
@@ -269,7 +399,7 @@ class Archive:
                 " path, calling_ae, received_at, version, current)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
                 (ident["sop_uid"], ident["sop_class"], ident["series_uid"], ident["study_uid"],
-                 key, _text(ds, "InstanceNumber"), incoming.transfer_syntax_uid, size, sha, rel,
+                 key, fields["InstanceNumber"], incoming.transfer_syntax_uid, size, sha, rel,
                  incoming.calling_ae, now, previous + 1),
             )
             if cur.rowcount == 0:  # the same content committed by a concurrent association
