@@ -4,7 +4,7 @@ For viewers that cannot display SEG. One image per source slice that contains an
 segment: the CT in a grey window, a 1-2 pixel contour per segment in the segment's
 display colour (the SEG's colour), a legend, and the banner
 :data:`~pipelines.types.OVERLAY_BANNER` on a strip added above the image (so it hides
-no anatomy). Burned In Annotation is YES.
+no anatomy) and a legend strip below it. Burned In Annotation is YES.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ LOG = logging.getLogger(__name__)
 
 _BANNER_RGB = (200, 0, 0)
 _TEXT_RGB = (255, 255, 255)
+_LEGEND_RGB = (32, 32, 32)
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
@@ -120,13 +121,15 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
             accession_number=_get(first, "AccessionNumber"), study_id=_get(first, "StudyID"),
             study_date=_get(first, "StudyDate") or None, study_time=_get(first, "StudyTime") or None,
             referring_physician_name=_get(first, "ReferringPhysicianName"),
-            pixel_spacing=pixel_spacing, patient_orientation=orientation,
+            pixel_spacing=pixel_spacing,
+            patient_orientation=(orientation[0][0], orientation[1][0]),  # highdicom: one letter
             contributing_equipment=equipment, series_description=description,
             manufacturer_model_name=NODE_MODEL_NAME, software_versions=NODE_SOFTWARE_VERSION)
         if first.get("BodyPartExamined"):
             sc.BodyPartExamined = first.BodyPartExamined
         else:  # type 2C: dciodvfy wants it present when it cannot tell the body part
             sc.Laterality = None
+        sc.PatientOrientation = list(orientation)  # oblique: up to 3 letters (PS3.3 C.7.6.1.1.1)
         sc.BurnedInAnnotation = "YES"
         sc.RecognizableVisualFeatures = "NO"
         sc.DerivationDescription = f"CT W{opts.window_width:g}/L{opts.window_center:g} with AI " \
@@ -166,18 +169,26 @@ def _font(width: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int
 
 def _decorate(rgb: np.ndarray, banner_h: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
               names: list[tuple[str, tuple[int, int, int]]], model_text: str) -> np.ndarray:
-    """Add the banner strip above the image and a legend (label names in their colours)."""
+    """Add the banner strip above the image and a legend strip below it.
+
+    Neither strip covers the image: the banner is the warning, the legend lists the
+    label names in their contour colours and the model.
+    """
     h, w = rgb.shape[:2]
-    canvas = Image.new("RGB", (w, h + banner_h), _BANNER_RGB)
-    canvas.paste(Image.fromarray(rgb, "RGB"), (0, banner_h))
+    left, top, right, bottom = font.getbbox(OVERLAY_BANNER)
+    line_h = bottom - top + 4
+    lines = [*names, (model_text, _TEXT_RGB)]
+    legend_h = 4 + line_h * len(lines)
+    canvas = Image.new("RGB", (w, banner_h + h + legend_h), _LEGEND_RGB)
     draw = ImageDraw.Draw(canvas)
-    left, top, right, bottom = draw.textbbox((0, 0), OVERLAY_BANNER, font=font)
+    draw.rectangle((0, 0, w - 1, banner_h - 1), fill=_BANNER_RGB)
     draw.text(((w - (right - left)) // 2 - left, (banner_h - (bottom - top)) // 2 - top),
               OVERLAY_BANNER, fill=_TEXT_RGB, font=font)
-    y = banner_h + 4
-    for text, colour in [*names, (model_text, (255, 255, 255))]:
-        draw.text((4, y), text, fill=colour, font=font)
-        y += bottom - top + 4
+    canvas.paste(Image.fromarray(rgb, "RGB"), (0, banner_h))
+    y = banner_h + h + 4
+    for text, colour in lines:
+        draw.text((4, y - top), text, fill=colour, font=font)
+        y += line_h
     return np.asarray(canvas, dtype=np.uint8)
 
 
