@@ -27,7 +27,6 @@ from dicom_node.sender import Sender
 from dicom_node.settings import Destination
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
 from pipelines.inference import LoadedModel, load_model
-from pipelines.run import run_series
 from pipelines.selection import SelectionRules
 from pipelines.types import WriterOptions
 from registry.store import Registry
@@ -44,6 +43,25 @@ DEFAULT_PIPELINES = (
         exclude_series_description_patterns=(r"\bscout\b", r"\blocali[sz]er\b", r"dose\s*report"),
         min_slices=16)),
 )
+
+
+class WorkerStartupError(PipelineError, RuntimeError):
+    """The worker cannot start: the pipeline runner is not installed."""
+
+
+def _pipeline_runner() -> Any:
+    """``pipelines.run.run_series``, imported when the worker is built (start-up, not call time).
+
+    Raises
+    ------
+    WorkerStartupError
+        If :mod:`pipelines.run` cannot be imported.
+    """
+    try:
+        from pipelines.run import run_series
+    except ImportError as exc:
+        raise WorkerStartupError(f"inference is unavailable: cannot import pipelines.run ({exc})") from exc
+    return run_series
 
 
 class JobRefused(PipelineError):
@@ -91,6 +109,7 @@ class Worker:
         self.destinations = tuple(destinations)
         self.pipelines = {p.task: p for p in pipelines}
         self.name = name
+        self._run_series = _pipeline_runner()
         self._models: dict[str, LoadedModel] = {}
         self._registry: Registry | None = None
         self._stop = threading.Event()
@@ -133,7 +152,7 @@ class Worker:
         overlay = any("overlay" in d.send for d in self.destinations) or not self.destinations
         t_load = time.perf_counter()
         try:
-            outcome = run_series(files, loaded, rules=spec.rules,
+            outcome = self._run_series(files, loaded, rules=spec.rules,
                                  options=WriterOptions(write_overlay=overlay))
         except EmptyResultError as exc:
             return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,

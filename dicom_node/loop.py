@@ -1,0 +1,87 @@
+"""The node's loop beside the DICOM listener: stability monitor, inference worker, sender.
+
+Started and stopped together by ``dicom-node serve`` and ``dicom-node demo``. On stop the
+monitor stops first, then the worker (a job still running after a short grace goes back
+to the queue) and the sender; queued jobs and sends stay in ``queue.sqlite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from dicom_node.jobs import JobQueue
+from dicom_node.monitor import StabilityMonitor
+from dicom_node.sender import Sender
+from dicom_node.settings import Settings, parse_destination
+from dicom_node.worker import DEFAULT_PIPELINES, Worker
+from twin_archive import Archive
+from twin_archive.results import ResultStore
+
+LOG = logging.getLogger(__name__)
+
+
+def apply_flags(args: argparse.Namespace, settings: Settings) -> Settings:
+    """Settings with ``--stable-after`` and ``--destination`` applied (validated).
+
+    Raises
+    ------
+    ConfigError
+        If a flag's value is invalid.
+    """
+    changes: dict[str, Any] = {}
+    if getattr(args, "stable_after", None) is not None:
+        changes["stable_after"] = args.stable_after
+    extra = tuple(parse_destination(text) for text in getattr(args, "destination", []) or [])
+    if extra:
+        changes["destinations"] = settings.destinations + extra
+    return settings.replace(**changes) if changes else settings
+
+
+class Loop:
+    """The monitor, the worker and the sender of one node, started and stopped together.
+
+    Raises
+    ------
+    WorkerStartupError
+        If the pipeline runner cannot be imported (at construction, i.e. start-up).
+    """
+
+    def __init__(self, settings: Settings, archive: Archive) -> None:
+        self.jobs = JobQueue(settings.data_dir)
+        self.results = ResultStore(settings.data_dir)
+        self.sender = Sender(settings.data_dir, ae_title=settings.ae_title,
+                             backoff_initial_s=settings.send_backoff_initial_s,
+                             backoff_max_s=settings.send_backoff_max_s,
+                             network_timeout_s=settings.network_timeout_s)
+        self.monitor = StabilityMonitor(archive, self.jobs, DEFAULT_PIPELINES,
+                                        stable_after_s=settings.stable_after)
+        self.worker = Worker(archive=archive, jobs=self.jobs, results=self.results,
+                             sender=self.sender, destinations=settings.destinations,
+                             pipelines=DEFAULT_PIPELINES)
+        if not settings.destinations:
+            LOG.warning("no destinations configured: results are kept in the twins only "
+                        "(add [[destinations]] or --destination AET@HOST:PORT)")
+        else:
+            LOG.info("results go to: %s", ", ".join(
+                f"{d.key} ({'/'.join(d.send)})" for d in settings.destinations))
+
+    def start(self) -> None:
+        """Recover interrupted jobs, then start the sender, the worker and the monitor."""
+        self.jobs.recover()
+        self.sender.start()
+        self.worker.start()
+        self.monitor.start()
+
+    def stop(self) -> None:
+        """Stop all three; what is not done stays queued for the next start."""
+        self.monitor.stop()
+        self.worker.stop()
+        self.sender.stop()
+        counts = self.jobs.counts()
+        LOG.info("left for the next start: %d job(s) queued, %d object(s) to send",
+                 counts.get("queued", 0), self.sender.pending())
+        self.jobs.close()
+        self.sender.close()
+        self.results.close()

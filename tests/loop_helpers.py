@@ -1,0 +1,116 @@
+"""Helpers of the node-loop tests: generated studies, the served model, waiting on Orthanc.
+
+Nothing here is a mock: the node runs as a subprocess, Orthanc is a real Orthanc.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from pipelines import phantom as ph
+from registry.store import Registry
+
+SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_SOPS = ("1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
+           "1.2.840.10008.5.1.4.1.1.88.34")
+SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def install_model(data_dir: Path) -> str:
+    """Make the shipped demo model the active ``spleen-ct`` model of ``data_dir``."""
+    from pipelines.demo_model import ensure_demo_model
+
+    with Registry(data_dir) as reg:
+        mv = ensure_demo_model(reg)
+        return str(mv.version)
+
+
+def small_study(patient_id: str, *, slices: int = 40, size: int = 128, seed: int = 5,
+                modality: str = "CT") -> list[Dataset]:
+    """A generated abdominal series (``size`` x ``size`` x ``slices``), its own study."""
+    spacing = 0.78 * 512 / size
+    geometry = ph.SliceGeometry(rows=size, columns=size, slices=slices,
+                                pixel_spacing=(spacing, spacing), slice_spacing=5.0)
+    info = ph.StudyInfo(patient_id=patient_id, patient_name="Loop^Test", modality=modality)
+    datasets = ph.ct_series(ph.Anatomy.random(seed), geometry, info)
+    if modality != "CT":
+        from pydicom.uid import MRImageStorage
+
+        for ds in datasets:
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+            for kw in ("RescaleIntercept", "RescaleSlope", "RescaleType", "KVP"):
+                delattr(ds, kw)
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "SE", "NONE", ""
+            ds.MRAcquisitionType, ds.EchoTime, ds.RepetitionTime = "2D", "10", "500"
+    return datasets
+
+
+def write_files(datasets: list[Dataset], folder: Path) -> list[Path]:
+    """Save data sets as Part 10 files; returns the paths in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        p = folder / f"{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def storescu(port: int, paths: list[Path], called: str = "DICOM_NODE") -> None:
+    """Send files with dcmtk's storescu (TCP_NODELAY=1)."""
+    import os
+
+    exe = shutil.which("storescu")
+    assert exe, "dcmtk storescu is required"
+    subprocess.run([exe, "-aet", "TEST_SCU", "-aec", called, "127.0.0.1", str(port),
+                    *map(str, paths)], check=True, env=dict(os.environ, TCP_NODELAY="1"),
+                   capture_output=True, timeout=120)
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float, poll: float = 0.5) -> Any:
+    """Poll ``check`` until it returns something truthy; raise with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(poll)
+
+
+def results_in_orthanc(orthanc: Any, study_uid: str) -> dict[str, list[str]]:
+    """Orthanc instance ids of SEG, SR and overlay (secondary capture) in one study."""
+    found: dict[str, list[str]] = {"seg": [], "sr": [], "overlay": [], "other": []}
+    hits = orthanc.post_json("/tools/find", {"Level": "Instance", "Expand": True,
+                                             "Query": {"StudyInstanceUID": study_uid}})
+    for inst in hits or []:
+        sop = orthanc.instance_tags(inst["ID"]).get("SOPClassUID", "")
+        kind = ("seg" if sop == SEG_SOP else "sr" if sop in SR_SOPS else
+                "overlay" if sop.startswith(SC_PREFIX) else "other")
+        found[kind].append(inst["ID"])
+    return found
+
+
+def series_of(orthanc: Any, instance_ids: list[str]) -> set[str]:
+    """SeriesInstanceUIDs of Orthanc instances."""
+    return {orthanc.instance_tags(i)["SeriesInstanceUID"] for i in instance_ids}
+
+
+def node_json(node: Any, *args: str) -> Any:
+    """Run ``dicom-node ARGS --json`` against the node's data directory."""
+    return json.loads(node.cli(*args, "--json").stdout)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Lines of ``dciodvfy`` output that report an error."""
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
