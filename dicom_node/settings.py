@@ -22,7 +22,7 @@ from dicom_node.errors import ConfigError
 DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENV_PREFIX = "DICOM_NODE_"
-ENV_KEYS = ("data_dir", "port", "ae_title", "log_level", "stable_after")
+ENV_KEYS = ("data_dir", "port", "ae_title", "log_level", "stable_after", "metrics_port")
 #: What a destination may receive: the SEG, the SR and the overlay series.
 RESULT_KINDS = ("seg", "sr", "overlay")
 
@@ -52,12 +52,16 @@ class Destination:
         Its DICOM port (1-65535).
     send : tuple of str
         Which results it wants, any of ``seg``, ``sr``, ``overlay`` (default all three).
+    tls : bool
+        Send over DICOM TLS (PS3.15 B.1), with the node's ``tls_cert``/``tls_key`` as
+        client certificate and ``tls_ca`` to verify the destination (default false).
     """
 
     ae_title: str
     host: str
     port: int
     send: tuple[str, ...] = RESULT_KINDS
+    tls: bool = False
 
     def __post_init__(self) -> None:
         self.check("destinations", "")
@@ -79,6 +83,8 @@ class Destination:
                 or not all(k in RESULT_KINDS for k in self.send) or len(set(self.send)) != len(self.send)):
             raise ConfigError(f"{key}.send", 'a non-empty list of "seg", "sr", "overlay"',
                               list(self.send) if isinstance(self.send, tuple) else self.send, source)
+        if not isinstance(self.tls, bool):
+            raise ConfigError(f"{key}.tls", "true or false", self.tls, source)
 
     @property
     def key(self) -> str:
@@ -102,7 +108,7 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
         raise ConfigError("--destination", "AET@HOST:PORT, e.g. PACS@10.0.0.5:104", text, source) from None
     dest = Destination.__new__(Destination)
     for name, value in (("ae_title", aet.strip()), ("host", host), ("port", port_number),
-                        ("send", RESULT_KINDS)):
+                        ("send", RESULT_KINDS), ("tls", False)):
         object.__setattr__(dest, name, value)
     dest.check("--destination", source)
     return dest
@@ -111,7 +117,7 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
 def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
     if not isinstance(v, list):
         raise ConfigError("destinations", "an array of tables ([[destinations]])", v, source)
-    known = ("ae_title", "host", "port", "send")
+    known = ("ae_title", "host", "port", "send", "tls")
     out = []
     for i, table in enumerate(v):
         key = f"destinations[{i}]"
@@ -129,7 +135,8 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
             raise ConfigError(f"{key}.send", 'a list of "seg", "sr", "overlay"', send, source)
         dest = Destination.__new__(Destination)
         for name, value in (("ae_title", table["ae_title"]), ("host", table["host"]),
-                            ("port", table["port"]), ("send", tuple(send))):
+                            ("port", table["port"]), ("send", tuple(send)),
+                            ("tls", table.get("tls", False))):
             object.__setattr__(dest, name, value)
         dest.check(key, source)
         if isinstance(dest.ae_title, str):
@@ -178,6 +185,20 @@ class Settings:
     send_backoff_initial_s, send_backoff_max_s : float
         First delay before re-sending to a destination that cannot be reached, and the
         cap of its doubling, seconds.
+    stop_grace_s : float
+        On SIGTERM, seconds the associations in progress get to finish before they are
+        aborted (an instance not yet answered is not acknowledged, so nothing
+        acknowledged is lost). Keep it below the unit's ``TimeoutStopSec``.
+    metrics_port : int
+        Port of the HTTP endpoint with ``/healthz`` and Prometheus ``/metrics``; 0 (the
+        default) turns it off.
+    metrics_bind : str
+        Address of that endpoint (default 127.0.0.1, i.e. this machine only).
+    tls_cert, tls_key, tls_ca : pathlib.Path or None
+        PEM certificate and private key of the node and the CA bundle it trusts. When
+        set (all three or none) the DICOM listener speaks TLS only and refuses a
+        client without a certificate signed by ``tls_ca``; destinations with
+        ``tls = true`` are sent to over TLS with the same certificate.
     """
 
     ae_title: str = "DICOM_NODE"
@@ -196,6 +217,12 @@ class Settings:
     destinations: tuple[Destination, ...] = ()
     send_backoff_initial_s: float = 2.0
     send_backoff_max_s: float = 300.0
+    stop_grace_s: float = 20.0
+    metrics_port: int = 0
+    metrics_bind: str = "127.0.0.1"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""
@@ -235,6 +262,28 @@ class Settings:
         if self.send_backoff_initial_s > self.send_backoff_max_s:
             raise ConfigError("send_backoff_initial_s", "at most send_backoff_max_s",
                               self.send_backoff_initial_s, src)
+        if isinstance(self.stop_grace_s, bool) or not isinstance(self.stop_grace_s, int | float) \
+                or not 0 <= self.stop_grace_s <= 3600:
+            raise ConfigError("stop_grace_s", "a number of seconds from 0 to 3600",
+                              self.stop_grace_s, src)
+        if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) \
+                or not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port", "an integer from 0 (off) to 65535", self.metrics_port, src)
+        try:
+            ipaddress.ip_address(self.metrics_bind)
+        except ValueError:
+            raise ConfigError("metrics_bind", "an IP address such as 127.0.0.1",
+                              self.metrics_bind, src) from None
+        tls = {k: getattr(self, k) for k in ("tls_cert", "tls_key", "tls_ca")}
+        if any(v is not None for v in tls.values()) and not all(v is not None for v in tls.values()):
+            missing = next(k for k, v in tls.items() if v is None)
+            raise ConfigError(missing, "a PEM file path (tls_cert, tls_key and tls_ca go together)",
+                              None, src)
+        for i, dest in enumerate(self.destinations):
+            if dest.tls and self.tls_cert is None:
+                raise ConfigError(f"destinations[{i}].tls",
+                                  "tls_cert, tls_key and tls_ca set (TLS needs the node's certificate)",
+                                  True, src)
 
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied (and validated)."""
@@ -301,6 +350,12 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "stable_after": ("a number of seconds", _to_float),
     "send_backoff_initial_s": ("a number of seconds", _to_float),
     "send_backoff_max_s": ("a number of seconds", _to_float),
+    "stop_grace_s": ("a number of seconds", _to_float),
+    "metrics_port": ("an integer", _to_int),
+    "metrics_bind": ("a string", _to_str),
+    "tls_cert": ("a PEM file path (string)", _to_path),
+    "tls_key": ("a PEM file path (string)", _to_path),
+    "tls_ca": ("a PEM file path (string)", _to_path),
     "destinations": ("an array of tables ([[destinations]])", None),
 }
 
