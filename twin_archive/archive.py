@@ -514,12 +514,16 @@ class Archive:
                 "SELECT * FROM consent_events WHERE patient_key = ? ORDER BY id", (key,)
             )
         )
-        from twin_archive.results import twin_results  # kept local: one hunk in this file
+        from twin_archive.labels import twin_labels  # kept local: one hunk in this file
+        from twin_archive.results import twin_results
+        from twin_archive.training_use import twin_model_versions
 
         with self._lock:
             results = twin_results(self.db, self.data_dir, key)
+            labels = twin_labels(self.db, self.data_dir, key)
+            trained = twin_model_versions(self.db, key)
         return TwinDetail(twin=summary, studies=tuple(studies), consent_history=history,
-                          results=results)
+                          results=results, labels=labels, trained_model_versions=trained)
 
     def set_consent(
         self, patient_id: str, *, donate: bool, by: str, reason: str = "",

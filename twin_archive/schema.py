@@ -166,7 +166,34 @@ def _m2_ai_results(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX ai_result_objects_result ON ai_result_objects (result_id)")
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_m1_initial, _m2_ai_results)
+def _m3_labels_and_training_use(db: sqlite_utils.Database) -> None:
+    """Radiologist labels (:mod:`twin_archive.labels`) and which model versions were
+    trained with which series (:mod:`twin_archive.training_use`)."""
+    db.execute(
+        "CREATE TABLE labels (id INTEGER PRIMARY KEY,"
+        " patient_key TEXT NOT NULL REFERENCES twins(patient_key),"
+        " study_uid TEXT NOT NULL, series_uid TEXT NOT NULL REFERENCES series(series_uid),"
+        " source TEXT NOT NULL, segments TEXT NOT NULL, path TEXT NOT NULL,"
+        " sha256 TEXT NOT NULL, seg_sop_instance_uid TEXT NOT NULL DEFAULT '',"
+        " seg_series_uid TEXT NOT NULL DEFAULT '', calling_ae TEXT NOT NULL DEFAULT '',"
+        " content_creator TEXT NOT NULL DEFAULT '', content_time TEXT NOT NULL DEFAULT '',"
+        " recorded_at TEXT NOT NULL, current INTEGER NOT NULL DEFAULT 0,"
+        " UNIQUE (series_uid, sha256, seg_sop_instance_uid))"
+    )
+    db.execute("CREATE INDEX labels_series ON labels (series_uid, current)")
+    db.execute("CREATE INDEX labels_patient ON labels (patient_key)")
+    db.execute(
+        "CREATE TABLE training_use (id INTEGER PRIMARY KEY, model_version TEXT NOT NULL,"
+        " task TEXT NOT NULL, patient_key TEXT NOT NULL REFERENCES twins(patient_key),"
+        " study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, label_id INTEGER,"
+        " split TEXT NOT NULL, recorded_at TEXT NOT NULL,"
+        " UNIQUE (model_version, series_uid))"
+    )
+    db.execute("CREATE INDEX training_use_patient ON training_use (patient_key)")
+
+
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
+    _m1_initial, _m2_ai_results, _m3_labels_and_training_use)
 
 
 def migrate(db: sqlite_utils.Database) -> int:

@@ -1,0 +1,379 @@
+"""Radiologist labels of archived series: which mask, from whom, when; the newest is current.
+
+A label is a reference segmentation of one archived *source series*, from one of two
+places:
+
+* ``dicom-seg``: a DICOM Segmentation that arrived over C-STORE, was not produced by
+  this node, and references a series in the archive. The SEG instance itself stays
+  where the store path put it (``archive/...``); the label row points at that file and
+  its SHA-256. Provenance: the calling AE of the association that delivered it, the
+  SEG's Content Creator's Name, its content date/time, its SOP Instance and Series
+  Instance UIDs.
+* ``nifti-import``: a mask file from an annotation tool (``dicom-node labels import``),
+  checked against the series' geometry by the caller and written durably under
+  ``<data_dir>/labels/<patient key>/<series uid>/<sha256>.nii.gz``.
+
+Several labels of one series are all kept; the one recorded last is *current* (the
+column ``current`` is moved in the same transaction that adds the new row). Recording
+the same content twice (a SEG re-sent identically, a file imported twice) adds nothing.
+
+This module decides nothing about DICOM content (whether an object is the node's own
+output, what a SEG references): the application shell does, and calls
+:meth:`LabelStore.add_seg` or :meth:`LabelStore.add_file`. Table ``labels``
+(migration 3 in :mod:`twin_archive.schema`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from twin_archive.durable import write_durably
+from twin_archive.errors import ArchiveError
+from twin_archive.layout import INDEX_NAME
+from twin_archive.schema import connect, write_transaction
+from twin_archive.uids import uid_problem
+
+LOG = logging.getLogger(__name__)
+
+LABELS_DIR = "labels"
+SOURCE_SEG = "dicom-seg"
+SOURCE_IMPORT = "nifti-import"
+LABEL_SOURCES = (SOURCE_SEG, SOURCE_IMPORT)
+
+
+def utc_now() -> str:
+    """Current time as ISO 8601 in UTC with microseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+class LabelRefusedError(ArchiveError, ValueError):
+    """A label cannot be recorded for that series (the message says why).
+
+    Parameters
+    ----------
+    series_uid : str
+        The series the label was meant for.
+    problem : str
+        What is wrong, in words (no patient data).
+    """
+
+    def __init__(self, series_uid: str, problem: str) -> None:
+        self.series_uid = series_uid
+        self.problem = problem
+        super().__init__(f"label for series {series_uid} refused: {problem}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Label:
+    """One recorded label of a source series.
+
+    Parameters
+    ----------
+    id : int
+        Row id; a later label has a larger id.
+    patient_key, study_uid, series_uid : str
+        The labelled source series and its twin.
+    source : str
+        ``dicom-seg`` or ``nifti-import``.
+    segments : tuple of str
+        Names of the labelled structures (SEG Segment Labels, or ``--label``), in
+        segment / label-value order (value 1 is the first).
+    path : pathlib.Path
+        Absolute path of the mask file (the SEG instance, or the NIfTI file).
+    sha256 : str
+        Hex SHA-256 of the mask file's content (for a SEG: of its data set as archived).
+    seg_sop_instance_uid, seg_series_uid : str
+        Identity of the SEG ('' for an import).
+    calling_ae : str
+        AE title that sent the SEG ('' for an import).
+    content_creator : str
+        Who made it: the SEG's Content Creator's Name, or the importing user.
+    content_time : str
+        When it was made, as the SEG says (``YYYYMMDDHHMMSS``), '' when unknown.
+    recorded_at : str
+        When the node recorded it (ISO 8601, UTC).
+    current : bool
+        Whether it is the series' current label (the newest recorded).
+    """
+
+    id: int
+    patient_key: str
+    study_uid: str
+    series_uid: str
+    source: str
+    segments: tuple[str, ...]
+    path: Path
+    sha256: str
+    seg_sop_instance_uid: str
+    seg_series_uid: str
+    calling_ae: str
+    content_creator: str
+    content_time: str
+    recorded_at: str
+    current: bool
+
+    def __post_init__(self) -> None:
+        if self.source not in LABEL_SOURCES:
+            raise ValueError(f"source must be one of {LABEL_SOURCES}, got {self.source!r}")
+        if not self.segments:
+            raise ValueError("segments must name at least one structure")
+
+    @property
+    def version(self) -> str:
+        """A short, stable identity of this label version (``label-<id>-<sha256[:12]>``)."""
+        return f"label-{self.id}-{self.sha256[:12]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (``labels list --json``, ``twin show``)."""
+        return {
+            "id": self.id, "version": self.version, "study_uid": self.study_uid,
+            "series_uid": self.series_uid, "source": self.source,
+            "segments": list(self.segments), "sha256": self.sha256,
+            "seg_sop_instance_uid": self.seg_sop_instance_uid,
+            "seg_series_uid": self.seg_series_uid, "calling_ae": self.calling_ae,
+            "content_creator": self.content_creator, "content_time": self.content_time,
+            "recorded_at": self.recorded_at, "current": self.current,
+        }
+
+
+def _check_segments(series_uid: str, segments: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(" ".join(str(s).split()) for s in segments)
+    if not names or not all(names):
+        raise LabelRefusedError(series_uid, "the label names no structure (segments are empty)")
+    return names
+
+
+class LabelStore:
+    """Records and reads labels; its own connection to the archive index.
+
+    Parameters
+    ----------
+    data_dir : pathlib.Path or str
+        The archive's data directory (the index must exist and be migrated: open an
+        :class:`~twin_archive.Archive` on it first).
+
+    Raises
+    ------
+    RuntimeError
+        If the index lacks the ``labels`` table (not migrated).
+    """
+
+    def __init__(self, data_dir: Path | str) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.tmp_dir = self.data_dir / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.db = connect(str(self.data_dir / INDEX_NAME))
+        self._lock = threading.Lock()
+        if "labels" not in self.db.table_names():
+            raise RuntimeError(f"archive index in {self.data_dir} lacks the labels table; "
+                               "open the Archive first (it migrates the index)")
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self.db.conn.close()
+
+    def __enter__(self) -> LabelStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+    def _series_row(self, series_uid: str) -> dict[str, Any]:
+        problem = uid_problem(series_uid)
+        if problem:
+            raise ValueError(f"series_uid: {problem}")
+        rows = _rows(self.db, "SELECT se.series_uid, se.study_uid, st.patient_key, se.modality"
+                     " FROM series se JOIN studies st ON st.study_uid = se.study_uid"
+                     " WHERE se.series_uid = ?", (series_uid,))
+        if not rows:
+            raise LabelRefusedError(series_uid, "no such series in the archive")
+        return rows[0]
+
+    def add_seg(self, *, seg_sop_instance_uid: str, source_series_uid: str,
+                segments: Sequence[str], content_creator: str = "",
+                content_time: str = "") -> tuple[Label, bool]:
+        """Record an archived DICOM SEG instance as a label of ``source_series_uid``.
+
+        The SEG must already be archived (its current instance row gives the file, the
+        SHA-256 and the calling AE). The caller has checked that it is not the node's
+        own output and that it references ``source_series_uid``.
+
+        Returns
+        -------
+        (Label, bool)
+            The label, and whether it was new (``False``: this exact SEG content was
+            already recorded, nothing changed).
+
+        Raises
+        ------
+        LabelRefusedError
+            If the source series is not archived, the SEG instance is not archived,
+            or the SEG belongs to another patient than the series.
+        ValueError
+            If a UID is invalid.
+        """
+        problem = uid_problem(seg_sop_instance_uid)
+        if problem:
+            raise ValueError(f"seg_sop_instance_uid: {problem}")
+        segs = _check_segments(source_series_uid, segments)
+        with self._lock:
+            src = self._series_row(source_series_uid)
+            inst = _rows(self.db, "SELECT * FROM instances WHERE sop_instance_uid = ? AND current = 1",
+                         (seg_sop_instance_uid,))
+            if not inst:
+                raise LabelRefusedError(source_series_uid,
+                                        f"SEG instance {seg_sop_instance_uid} is not archived")
+            seg = inst[0]
+            if seg["patient_key"] != src["patient_key"]:
+                raise LabelRefusedError(source_series_uid, "the SEG belongs to another patient "
+                                        "than the series it references")
+            return self._insert(
+                patient_key=src["patient_key"], study_uid=src["study_uid"],
+                series_uid=source_series_uid, source=SOURCE_SEG, segments=segs,
+                path=seg["path"], sha256=seg["sha256"], seg_sop=seg_sop_instance_uid,
+                seg_series=seg["series_uid"], calling_ae=seg["calling_ae"] or "",
+                creator=content_creator, content_time=content_time)
+
+    def add_file(self, *, series_uid: str, data: bytes, segments: Sequence[str], by: str,
+                 suffix: str = ".nii.gz") -> tuple[Label, bool]:
+        """Record a mask file (already checked against the series' geometry) as a label.
+
+        The bytes are written durably under ``labels/<patient key>/<series uid>/`` and
+        indexed in one transaction.
+
+        Returns
+        -------
+        (Label, bool)
+            The label, and whether it was new.
+
+        Raises
+        ------
+        LabelRefusedError
+            If the series is not archived.
+        ValueError
+            If ``by`` is empty or ``suffix`` is not a plain file suffix.
+        """
+        if not by.strip():
+            raise ValueError("by: the person importing the label must be named")
+        if suffix not in (".nii", ".nii.gz"):
+            raise ValueError(f"suffix must be '.nii' or '.nii.gz', got {suffix!r}")
+        segs = _check_segments(series_uid, segments)
+        sha = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            src = self._series_row(series_uid)
+        rel = Path(LABELS_DIR) / src["patient_key"] / series_uid / f"{sha}{suffix}"
+        final = self.data_dir / rel
+        if not final.exists():
+            write_durably(final, (data,), self.tmp_dir)
+        with self._lock:
+            return self._insert(
+                patient_key=src["patient_key"], study_uid=src["study_uid"], series_uid=series_uid,
+                source=SOURCE_IMPORT, segments=segs, path=str(rel), sha256=sha, seg_sop="",
+                seg_series="", calling_ae="", creator=by,
+                content_time=datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))
+
+    def _insert(self, *, patient_key: str, study_uid: str, series_uid: str, source: str,
+                segments: tuple[str, ...], path: str, sha256: str, seg_sop: str,
+                seg_series: str, calling_ae: str, creator: str, content_time: str
+                ) -> tuple[Label, bool]:
+        """Insert a label row and make it current, in one transaction (lock held)."""
+        with write_transaction(self.db) as conn:
+            same = conn.execute(
+                "SELECT id FROM labels WHERE series_uid = ? AND sha256 = ? AND seg_sop_instance_uid = ?",
+                (series_uid, sha256, seg_sop)).fetchone()
+            if same is not None:
+                label_id, new = int(same[0]), False
+            else:
+                cur = conn.execute(
+                    "INSERT INTO labels (patient_key, study_uid, series_uid, source, segments,"
+                    " path, sha256, seg_sop_instance_uid, seg_series_uid, calling_ae,"
+                    " content_creator, content_time, recorded_at, current)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
+                    (patient_key, study_uid, series_uid, source, json.dumps(list(segments)),
+                     path, sha256, seg_sop, seg_series, calling_ae, creator, content_time,
+                     utc_now()))
+                label_id, new = int(cur.lastrowid or 0), True
+                conn.execute("UPDATE labels SET current = (id = ?) WHERE series_uid = ?",
+                             (label_id, series_uid))
+        label = _build(self.data_dir, _rows(self.db, "SELECT * FROM labels WHERE id = ?",
+                                            (label_id,))[0])
+        if new:
+            LOG.info("label %d recorded for series %s (%s, %s; from %s)", label.id, series_uid,
+                     source, ", ".join(segments), calling_ae or "import")
+        return label, new
+
+    # ------------------------------------------------------------------ reading
+    def get(self, label_id: int) -> Label:
+        """One label by id.
+
+        Raises
+        ------
+        KeyError
+            If there is no such label.
+        """
+        with self._lock:
+            rows = _rows(self.db, "SELECT * FROM labels WHERE id = ?", (label_id,))
+        if not rows:
+            raise KeyError(f"no label {label_id}")
+        return _build(self.data_dir, rows[0])
+
+    def current(self, series_uid: str) -> Label | None:
+        """The current label of a series, if it has one."""
+        with self._lock:
+            rows = _rows(self.db, "SELECT * FROM labels WHERE series_uid = ? AND current = 1",
+                         (series_uid,))
+        return _build(self.data_dir, rows[0]) if rows else None
+
+    def for_series(self, series_uid: str) -> list[Label]:
+        """Every label of a series, oldest first."""
+        with self._lock:
+            rows = _rows(self.db, "SELECT * FROM labels WHERE series_uid = ? ORDER BY id",
+                         (series_uid,))
+        return [_build(self.data_dir, r) for r in rows]
+
+    def list(self, *, current_only: bool = False) -> list[Label]:
+        """All labels, oldest first (only the current ones with ``current_only``)."""
+        sql = "SELECT * FROM labels" + (" WHERE current = 1" if current_only else "") + " ORDER BY id"
+        with self._lock:
+            rows = _rows(self.db, sql, ())
+        return [_build(self.data_dir, r) for r in rows]
+
+
+def _rows(db: sqlite_utils.Database, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    cur = db.execute(sql, params)
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def _build(data_dir: Path, r: dict[str, Any]) -> Label:
+    return Label(
+        id=int(r["id"]), patient_key=r["patient_key"], study_uid=r["study_uid"],
+        series_uid=r["series_uid"], source=r["source"], segments=tuple(json.loads(r["segments"])),
+        path=data_dir / r["path"], sha256=r["sha256"],
+        seg_sop_instance_uid=r["seg_sop_instance_uid"] or "",
+        seg_series_uid=r["seg_series_uid"] or "", calling_ae=r["calling_ae"] or "",
+        content_creator=r["content_creator"] or "", content_time=r["content_time"] or "",
+        recorded_at=r["recorded_at"], current=bool(r["current"]),
+    )
+
+
+def twin_labels(db: sqlite_utils.Database, data_dir: Path, patient_key: str
+                ) -> tuple[dict[str, Any], ...]:
+    """The labels of one twin as dictionaries, oldest first (for ``TwinDetail.labels``).
+
+    The caller serialises access to ``db`` (the archive holds its lock).
+    """
+    rows = _rows(db, "SELECT * FROM labels WHERE patient_key = ? ORDER BY id", (patient_key,))
+    return tuple(_build(data_dir, r).to_dict() for r in rows)
