@@ -8,15 +8,18 @@ to the queue) and the sender; queued jobs and sends stay in ``queue.sqlite``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from typing import Any
 
 from dicom_node.jobs import JobQueue
+from dicom_node.label_intake import intake_seg_series
 from dicom_node.monitor import StabilityMonitor
 from dicom_node.sender import Sender
 from dicom_node.settings import Settings, parse_destination
 from dicom_node.worker import DEFAULT_PIPELINES, Worker
 from twin_archive import Archive
+from twin_archive.labels import LabelStore
 from twin_archive.results import ResultStore
 
 LOG = logging.getLogger(__name__)
@@ -55,8 +58,10 @@ class Loop:
                              backoff_initial_s=settings.send_backoff_initial_s,
                              backoff_max_s=settings.send_backoff_max_s,
                              network_timeout_s=settings.network_timeout_s)
-        self.monitor = StabilityMonitor(archive, self.jobs, DEFAULT_PIPELINES,
-                                        stable_after_s=settings.stable_after)
+        self.labels = LabelStore(settings.data_dir)
+        self.monitor = StabilityMonitor(
+            archive, self.jobs, DEFAULT_PIPELINES, stable_after_s=settings.stable_after,
+            label_intake=functools.partial(intake_seg_series, labels=self.labels))
         self.worker = Worker(archive=archive, jobs=self.jobs, results=self.results,
                              sender=self.sender, destinations=settings.destinations,
                              pipelines=DEFAULT_PIPELINES)
@@ -85,3 +90,4 @@ class Loop:
         self.jobs.close()
         self.sender.close()
         self.results.close()
+        self.labels.close()

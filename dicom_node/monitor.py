@@ -12,7 +12,9 @@ Decisions, each logged once per series state:
 * ``ignored``: the series is a result or document object (SEG, SR, KO, PR,
   secondary capture...) from anywhere, or the node's own output (DESIGN decision 4);
 * ``no-pipeline``: no pipeline's selection rules match (e.g. an MR): stored, left alone;
-* ``queued``: one job per matching pipeline.
+* ``queued``: one job per matching pipeline;
+* ``label``: a radiologist's SEG (not ours) referencing an archived series became that
+  series' label (:mod:`dicom_node.label_intake`); SEGs never become jobs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +31,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.jobs import JobQueue, iso, utc_now, write_transaction
+from dicom_node.label_intake import IntakeDecision
 from pipelines.selection import (
     NON_IMAGE_MODALITIES,
     SECONDARY_CAPTURE_PREFIX,
@@ -87,10 +90,16 @@ class StabilityMonitor:
         Quiet period, seconds (> 0).
     poll_s : float, optional
         How often the index is looked at; default ``min(1, stable_after_s / 4)``.
+    label_intake : callable, optional
+        Called with the files of a complete SEG series; returns its
+        :class:`~dicom_node.label_intake.IntakeDecision` (``label`` or ``ignored``)
+        (:func:`dicom_node.label_intake.intake_seg_series`). Without it SEG series are
+        ignored like other result objects. Never makes a job of a SEG.
     """
 
     def __init__(self, archive: Archive, jobs: JobQueue, pipelines: Sequence[PipelineSpec], *,
-                 stable_after_s: float, poll_s: float | None = None) -> None:
+                 stable_after_s: float, poll_s: float | None = None,
+                 label_intake: Callable[[Sequence[Path]], IntakeDecision] | None = None) -> None:
         if not stable_after_s > 0:
             raise ValueError(f"stable_after_s must be > 0 seconds, got {stable_after_s}")
         self.archive = archive
@@ -98,6 +107,7 @@ class StabilityMonitor:
         self.pipelines = tuple(pipelines)
         self.stable_after_s = float(stable_after_s)
         self.poll_s = poll_s if poll_s is not None else min(1.0, self.stable_after_s / 4)
+        self.label_intake = label_intake
         # Own connection: queue.sqlite with the archive index attached, read only.
         self._conn = sqlite3.connect(str(Path(archive.data_dir) / "queue.sqlite"), timeout=30.0,
                                      check_same_thread=False, isolation_level=None)
@@ -137,7 +147,10 @@ class StabilityMonitor:
         modality = (row["modality"] or "").upper()
         files = self.archive.series_files(uid)
         job_ids: list[int] = []
-        if modality in NON_IMAGE_MODALITIES:
+        if modality == "SEG" and files and self.label_intake is not None:
+            intake = self.label_intake(files)  # never a job: a label, or left alone
+            decision, reason = intake.decision, intake.reason
+        elif modality in NON_IMAGE_MODALITIES:
             decision, reason = "ignored", f"{modality} is a result/document object; never inferred on"
         elif not files:
             decision, reason = "ignored", "no current instances"
@@ -173,6 +186,9 @@ class StabilityMonitor:
                      uid, self.stable_after_s, len(files),
                      " (re-opened by later instances; the new result will supersede the old)"
                      if reopened else "", ", ".join(map(str, job_ids)) or "-")
+        elif decision == "label":
+            LOG.info("series %s (SEG, %d instance(s)) taken as label(s): %s", uid, len(files),
+                     reason)
         else:
             LOG.info("series %s (%s, %d instance(s)) left alone: %s", uid, modality or "?",
                      len(files), reason)

@@ -315,6 +315,14 @@ class LabelStore:
         return label, new
 
     # ------------------------------------------------------------------ reading
+    def frame_of_reference(self, series_uid: str) -> str | None:
+        """Frame of Reference UID of an archived series ('' if it has none), ``None``
+        when the series is not archived."""
+        with self._lock:
+            row = self.db.execute("SELECT frame_of_reference_uid FROM series WHERE series_uid = ?",
+                                  (series_uid,)).fetchone()
+        return None if row is None else str(row[0] or "")
+
     def get(self, label_id: int) -> Label:
         """One label by id.
 
