@@ -77,7 +77,7 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID),
                                                           identifier=str(item.TrackingID)),
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, number),
+            referenced_segment=_referenced_segment(seg, number),
             finding_type=coding.type, finding_category=coding.category,
             algorithm_id=algorithm, measurements=[measurement]))
     report = hd.sr.MeasurementReport(
@@ -95,3 +95,29 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     sr.SoftwareVersions = seg.SoftwareVersions
     LOG.info("SR for series %s: %d volume measurement(s)", volume.series_instance_uid, len(groups))
     return sr
+
+def _referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
+    """Segment ``number`` of ``seg`` and the source images its frames were derived from.
+
+    highdicom writes the Segment Identification of a SEG with a single segment once,
+    in the Shared Functional Groups, but its ``ReferencedSegment.from_segmentation``
+    (0.28) reads it from every per-frame item; such a SEG is referenced here directly.
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "SegmentIdentificationSequence" not in shared:
+        return hd.sr.ReferencedSegment.from_segmentation(seg, number)
+    only = int(shared.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    if only != number:
+        raise ValueError(f"seg holds segment {only} only, not {number}")
+    sources: dict[str, hd.sr.SourceImageForSegmentation] = {}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in frame.get("DerivationImageSequence", []):
+            for src in derivation.get("SourceImageSequence", []):
+                uid = str(src.ReferencedSOPInstanceUID)
+                if uid not in sources:
+                    sources[uid] = hd.sr.SourceImageForSegmentation(
+                        referenced_sop_class_uid=str(src.ReferencedSOPClassUID),
+                        referenced_sop_instance_uid=uid)
+    return hd.sr.ReferencedSegment(sop_class_uid=str(seg.SOPClassUID),
+                                   sop_instance_uid=str(seg.SOPInstanceUID),
+                                   segment_number=number, source_images=list(sources.values()))
