@@ -574,6 +574,14 @@ class Archive:
             )
         ]
 
+    def series_digest(self, series_uid: str) -> tuple[str, int]:
+        """SHA-256 over the sorted SHA-256s of a series' current instances, and their number
+        (the identity of the series' content, for dataset manifests)."""
+        rows = self._rows("SELECT sha256 FROM instances WHERE series_uid = ? AND current = 1"
+                          " ORDER BY sha256", (series_uid,))
+        text = "\n".join(r["sha256"] for r in rows)
+        return hashlib.sha256(text.encode()).hexdigest(), len(rows)
+
     def instance_count(self) -> int:
         """Number of instance rows (all versions)."""
         return int(self._rows("SELECT COUNT(*) AS n FROM instances")[0]["n"])

@@ -351,6 +351,25 @@ class LabelStore:
                          (series_uid,))
         return [_build(self.data_dir, r) for r in rows]
 
+    def donated_current(self) -> list[Label]:
+        """Current labels of series whose patient donates *now* (consent read at call time)."""
+        with self._lock:
+            rows = _rows(self.db, "SELECT l.* FROM labels l JOIN twins t ON t.patient_key ="
+                         " l.patient_key WHERE l.current = 1 AND t.donate = 1 ORDER BY l.id", ())
+        return [_build(self.data_dir, r) for r in rows]
+
+    def donated_unlabelled_series(self) -> list[dict[str, str]]:
+        """Series of donating patients without any label: ``patient_key``, ``study_uid``,
+        ``series_uid``, ``modality``, ``description``, ``last_received``; oldest first.
+        Result and document modalities (SEG, SR, ...) are for the caller to filter."""
+        with self._lock:
+            return _rows(self.db, "SELECT st.patient_key, se.study_uid, se.series_uid,"
+                         " se.modality, se.description, se.last_received FROM series se"
+                         " JOIN studies st ON st.study_uid = se.study_uid"
+                         " JOIN twins t ON t.patient_key = st.patient_key"
+                         " WHERE t.donate = 1 AND NOT EXISTS (SELECT 1 FROM labels l"
+                         " WHERE l.series_uid = se.series_uid) ORDER BY se.first_received", ())
+
     def list(self, *, current_only: bool = False) -> list[Label]:
         """All labels, oldest first (only the current ones with ``current_only``)."""
         sql = "SELECT * FROM labels" + (" WHERE current = 1" if current_only else "") + " ORDER BY id"
