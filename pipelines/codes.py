@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
 
 LOG = logging.getLogger(__name__)
 
@@ -30,6 +31,44 @@ ABNORMAL_STRUCTURE = CodedConcept("49755003", "SCT", "Morphologically Altered St
 VOLUME = CodedConcept("118565006", "SCT", "Volume")
 #: UCUM millilitre, the unit of every volume in the SR.
 MILLILITER = CodedConcept("mL", "UCUM", "milliliter")
+
+#: Purpose of Reference of the algorithm's Contributing Equipment item (IHE Radiology
+#: AI Results, AIR: "Processing Algorithm", coding scheme 99IHE).
+PROCESSING_ALGORITHM = CodedConcept("Newcode1", "99IHE", "Processing Algorithm")
+
+#: Imaging procedures the SR reports (TID 1500 "Procedure Reported", DCID 100
+#: "Quantitative Diagnostic Imaging Procedures"), by the source's Modality. PixelMed's
+#: validator holds the value to CID 100 (an error otherwise), and CID 100 has no
+#: procedure by body region such as "CT of abdomen"; the region stays in the source
+#: images the SR references (their Body Part Examined).
+_PROCEDURES_BY_MODALITY: dict[str, CodedConcept] = {
+    "CT": CodedConcept("25045-6", "LN", "CT unspecified body region"),
+    "MR": CodedConcept("25056-3", "LN", "MRI unspecified body region"),
+    "PT": CodedConcept("44136-0", "LN", "PET unspecified body region"),
+    "NM": CodedConcept("49118-3", "LN", "NM unspecified body region"),
+    "CR": CodedConcept("43468-8", "LN", "XR unspecified body region"),
+    "DX": CodedConcept("43468-8", "LN", "XR unspecified body region"),
+}
+#: Any imaging procedure (CID 100), when the modality tells no more.
+IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
+#: Body Part Examined (CID 4031 code strings) of unpaired regions -> SNOMED CT region.
+UNPAIRED_BODY_REGIONS: dict[str, CodedConcept] = {
+    "ABDOMEN": CodedConcept("818981001", "SCT", "Abdomen"),
+    "CHEST": CodedConcept("51185008", "SCT", "Chest"),
+    "PELVIS": CodedConcept("816092008", "SCT", "Pelvis"),
+    "HEAD": CodedConcept("69536005", "SCT", "Head"),
+    "NECK": CodedConcept("45048000", "SCT", "Neck"),
+    "ABDOMENPELVIS": CodedConcept("818982008", "SCT", "Abdomen and Pelvis"),
+    "CHESTABDOMEN": CodedConcept("416550000", "SCT", "Chest and Abdomen"),
+}
+#: Every code of CID 100 (DICOM 2024), to accept a source's own Procedure Code.
+CID_100 = frozenset({
+    ("126020", "DCM"), ("126022", "DCM"), ("77343006", "SCT"), ("433139009", "SCT"),
+    ("446315002", "SCT"), ("363679005", "SCT"), ("258177008", "SCT"), ("719178004", "SCT"),
+    ("443271005", "SCT"), ("764704008", "SCT"), ("RPID5427", "RADLEX"), ("39142-5", "LN"),
+    ("25045-6", "LN"), ("25056-3", "LN"), ("49118-3", "LN"), ("44136-0", "LN"),
+    ("44139-4", "LN"), ("39632-5", "LN"), ("43468-8", "LN"),
+})
 
 # (code value, meaning, category, display colour RGB: saturated, to stand out on grey CT)
 _KNOWN: dict[str, tuple[str, str, CodedConcept, tuple[int, int, int]]] = {
@@ -141,3 +180,30 @@ def local_code(key: str) -> str:
     if len(slug) <= 16:
         return slug
     return f"{slug[:10]}-{hashlib.sha1(key.encode()).hexdigest()[:5].upper()}"
+
+
+def procedure_reported(source: Dataset) -> CodedConcept:
+    """The imaging procedure of a source image, for the SR's "Procedure Reported".
+
+    The source's own Procedure Code Sequence (0008,1032) when it holds a code of
+    CID 100; otherwise the CID 100 procedure of the source's Modality (``CT`` ->
+    LOINC 25045-6 "CT unspecified body region"), else "Imaging procedure". Never the
+    algorithm: the algorithm is named in the observation context and the
+    measurements.
+
+    Parameters
+    ----------
+    source : pydicom.dataset.Dataset
+        A header of the source series.
+
+    Returns
+    -------
+    highdicom.sr.CodedConcept
+    """
+    for item in source.get("ProcedureCodeSequence", []) or []:
+        value, scheme, meaning = (str(item.get(k, "") or "").strip() for k in
+                                  ("CodeValue", "CodingSchemeDesignator", "CodeMeaning"))
+        if (value, scheme) in CID_100 and meaning:
+            return CodedConcept(value, scheme, meaning)
+    modality = str(source.get("Modality", "") or "").strip().upper()
+    return _PROCEDURES_BY_MODALITY.get(modality, IMAGING_PROCEDURE)

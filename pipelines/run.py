@@ -283,7 +283,8 @@ def select_series(datasets: Sequence[Dataset], rules: SelectionRules | None) -> 
 
 def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedModel, *,
                rules: SelectionRules | None = None, options: WriterOptions | None = None,
-               largest_component: bool = True) -> PipelineOutcome:
+               largest_component: bool = True,
+               predecessors: Sequence[Dataset] = ()) -> PipelineOutcome:
     """Run one model on one series and build its SEG, SR and overlay.
 
     Parameters
@@ -299,6 +300,8 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
         Series numbers, descriptions, whether to write the overlay.
     largest_component : bool
         Keep only the largest connected component (face connectivity) of each label.
+    predecessors : sequence of pydicom.dataset.Dataset, optional
+        SR(s) of the result this one supersedes (referenced by the new SR).
 
     Returns
     -------
@@ -338,9 +341,10 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
 
     mv = model.version
     info = ModelInfo(name=_lo64(mv.bundle_name or mv.task), version=mv.version,
-                     backend=result.backend.value, source="dicom-node registry")
+                     backend=result.backend.value, source="dicom-node registry",
+                     task=_lo64(mv.task), device_uid=result.device_uid)
     t2 = time.perf_counter()
-    results = write_results(volume, segments, info, options=options)
+    results = write_results(volume, segments, info, options=options, predecessors=predecessors)
     t_write = time.perf_counter() - t2
 
     timings = PipelineTimings(load_s=t_load, preprocess_s=result.timings.preprocess_s,

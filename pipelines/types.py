@@ -16,7 +16,7 @@ from importlib import metadata
 import numpy as np
 from pydicom.dataset import Dataset
 
-from pipelines.uids import is_valid_uid
+from pipelines.uids import is_valid_uid, stable_uid
 
 LOG = logging.getLogger(__name__)
 
@@ -172,18 +172,46 @@ class ModelInfo:
         recorded as an algorithm parameter (DESIGN decision 9).
     source : str, optional
         Where the model comes from (e.g. ``MONAI Model Zoo``), at most 64 characters.
+    task : str, optional
+        The task the model serves (``spleen-ct``); written as Manufacturer's Model Name
+        of the algorithm in the Contributing Equipment Sequence (IHE AIR). Defaults to
+        ``name``.
+    device_uid : str, optional
+        Device UID of this model version, from the registry (a new version has a new
+        one); written into the Contributing Equipment Sequence and as the SR's device
+        observer UID. When empty, a UID derived from ``name`` and ``version`` is used.
+
+    Raises
+    ------
+    ValueError
+        If a value does not fit its DICOM element or ``device_uid`` is not a UID.
     """
 
     name: str
     version: str
     backend: str = ""
     source: str = ""
+    task: str = ""
+    device_uid: str = ""
 
     def __post_init__(self) -> None:
         _lo("name", self.name)
         _lo("version", self.version)
         _lo("backend", self.backend, required=False)
         _lo("source", self.source, required=False)
+        _lo("task", self.task, required=False)
+        if self.device_uid and not is_valid_uid(self.device_uid):
+            raise ValueError(f"device_uid must be a DICOM UID, got {self.device_uid!r}")
+
+    @property
+    def model_name(self) -> str:
+        """Manufacturer's Model Name of the algorithm: the task, else the model name."""
+        return self.task or self.name
+
+    @property
+    def algorithm_device_uid(self) -> str:
+        """The registry's Device UID, or one derived from name and version."""
+        return self.device_uid or str(stable_uid("model-version", self.name, self.version))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -241,9 +269,10 @@ class WriterOptions:
         Series Number of each new result series (1 .. 2**31-1).
     series_description_prefix : str
         Prefix of each result's Series Description (``AI`` -> ``AI SEG spleen_ct``).
-    procedure_code : tuple of str
-        (code value, coding scheme designator, code meaning) of the procedure reported
-        in the SR; default SNOMED CT 169070004 "CT of abdomen".
+    procedure_code : tuple of str or None
+        (code value, coding scheme designator, code meaning) of the imaging procedure
+        reported in the SR; ``None`` (default) derives it from the source images
+        (:func:`pipelines.codes.procedure_reported`).
     window_center, window_width : float
         Grey window of the overlay images, HU.
     contour_width_px : int
@@ -259,7 +288,7 @@ class WriterOptions:
     sr_series_number: int = 9002
     overlay_series_number: int = 9003
     series_description_prefix: str = "AI"
-    procedure_code: tuple[str, str, str] = ("169070004", "SCT", "CT of abdomen")
+    procedure_code: tuple[str, str, str] | None = None
     window_center: float = 40.0
     window_width: float = 400.0
     contour_width_px: int = 1
@@ -271,7 +300,8 @@ class WriterOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or not 1 <= v <= 2**31 - 1:
                 raise ValueError(f"{name} must be an int in 1..2**31-1, got {v!r}")
-        if len(self.procedure_code) != 3 or not all(isinstance(p, str) and p for p in self.procedure_code):
+        if self.procedure_code is not None and (len(self.procedure_code) != 3 or not all(
+                isinstance(p, str) and p for p in self.procedure_code)):
             raise ValueError("procedure_code must be (value, scheme designator, meaning), all non-empty")
         if not self.window_width > 0:
             raise ValueError(f"window_width must be > 0 HU, got {self.window_width}")

@@ -104,9 +104,10 @@ def test_seg_reads_back_with_the_written_masks_on_the_source_images(written) -> 
     assert seg.FrameOfReferenceUID == vol.frame_of_reference_uid
     assert seg.SeriesInstanceUID != vol.series_instance_uid
     # highdicom lists the source's acquisition equipment, then ours as processing equipment
-    equipment = {str(e.Manufacturer): e.PurposeOfReferenceCodeSequence[0].CodeValue
-                 for e in seg.ContributingEquipmentSequence}
-    assert equipment[NODE_MANUFACTURER] == codes.DCM.ProcessingEquipment.value
+    # and the algorithm (IHE AIR "Processing Algorithm"; tests/test_ai_results_conformance.py)
+    purposes = [e.PurposeOfReferenceCodeSequence[0].CodeValue
+                for e in seg.ContributingEquipmentSequence if e.Manufacturer == NODE_MANUFACTURER]
+    assert purposes == [codes.DCM.ProcessingEquipment.value, "Newcode1"]
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["spleen", "liver", "kidney", "spine"]
     for number, s in enumerate(segments, start=1):
         desc = seg.get_segment_description(number)
@@ -165,7 +166,7 @@ def test_sr_reads_back_volumes_units_and_references(written) -> None:
         assert m.unit == MILLILITER and m.unit.scheme_designator == "UCUM"
         assert m.value == pytest.approx(s.volume_ml, abs=1e-3)
         assert s.volume_ml == pytest.approx(int(s.mask.sum()) * vol.voxel_volume_ml)
-    # observer is the device (the model), the procedure is a CT of the abdomen
+    # observer is the device (the model), the procedure is the source's CT (CID 100)
     (observer,) = content.get_observer_contexts(observer_type=codes.DCM.Device)
     attributes = {str(i.ConceptNameCodeSequence[0].CodeMeaning): i.value
                   for i in observer.observer_identifying_attributes}
@@ -173,7 +174,7 @@ def test_sr_reads_back_volumes_units_and_references(written) -> None:
     assert attributes["Device Observer Manufacturer"] == NODE_MANUFACTURER
     assert attributes["Device Observer Model Name"] == f"{MODEL.name} {MODEL.version}"
     procedure = content[0].ContentSequence.find(codes.DCM.ProcedureReported)
-    assert procedure[0].value == hd.sr.CodedConcept("169070004", "SCT", "CT of abdomen")
+    assert procedure[0].value == hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region")
     texts = {str(e.value) for e in sr.iterall() if e.keyword == "TextValue"}
     assert {"backend=torch-cpu", MODEL.name, MODEL.version} <= texts  # algorithm identification
     evidence = {str(i.ReferencedSOPInstanceUID)

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from pipelines.types import ModelInfo, ResultDatasets, SegmentResult, Volume, WriterOptions
 from pipelines.uids import is_valid_uid
 from pipelines.writers.overlay import build_overlay
@@ -26,7 +28,8 @@ __all__ = ["build_overlay", "build_seg", "build_sr", "save_results", "write_resu
 
 
 def write_results(volume: Volume, segments: Sequence[SegmentResult], model: ModelInfo, *,
-                  options: WriterOptions | None = None) -> ResultDatasets:
+                  options: WriterOptions | None = None,
+                  predecessors: Sequence[Dataset] = ()) -> ResultDatasets:
     """Build the SEG, the SR that measures it, and (optionally) the overlay series.
 
     Parameters
@@ -39,6 +42,9 @@ def write_results(volume: Volume, segments: Sequence[SegmentResult], model: Mode
         The model that produced the segments.
     options : WriterOptions, optional
         Series numbers, descriptions, window, whether to write the overlay.
+    predecessors : sequence of pydicom.dataset.Dataset, optional
+        The SR(s) of the result this one supersedes; referenced from the new SR's
+        Predecessor Documents Sequence.
 
     Returns
     -------
@@ -54,7 +60,7 @@ def write_results(volume: Volume, segments: Sequence[SegmentResult], model: Mode
     """
     opts = options or WriterOptions()
     seg = build_seg(volume, segments, model, options=opts)
-    sr = build_sr(volume, seg, segments, model, options=opts)
+    sr = build_sr(volume, seg, segments, model, options=opts, predecessors=predecessors)
     overlay = build_overlay(volume, segments, model, options=opts) if opts.write_overlay else ()
     return ResultDatasets(seg=seg, sr=sr, overlay=overlay)
 

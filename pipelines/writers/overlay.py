@@ -83,7 +83,7 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
     orientation = _patient_orientation(volume)
     series_uid = new_uid()
     description = f"{opts.series_description_prefix} OVERLAY {model.name}".strip()[:64]
-    equipment = [contributing_equipment("AI overlay")]
+    equipment = contributing_equipment("AI overlay", model)
     lo, hi = opts.window_center - opts.window_width / 2, opts.window_center + opts.window_width / 2
     # which segments touch which grid slice, without scanning every mask per slice
     present = np.stack([s.mask.any(axis=(1, 2)) for s in kept], axis=1)  # (grid slices, segments)

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from pipelines.codes import segment_coding
+from pipelines.codes import PROCESSING_ALGORITHM, UNPAIRED_BODY_REGIONS, segment_coding
 from pipelines.errors import EmptyResultError
 from pipelines.types import (
     NODE_DEVICE_SERIAL,
@@ -70,12 +70,30 @@ def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequ
         source=model.source or None, parameters=params)
 
 
-def contributing_equipment(description: str) -> hd.ContributingEquipment:
-    """Our node as Processing Equipment: the marker :func:`is_node_output` recognises."""
-    return hd.ContributingEquipment(
+def contributing_equipment(description: str, model: ModelInfo | None = None
+                           ) -> list[hd.ContributingEquipment]:
+    """Contributing Equipment items of a result object.
+
+    The node as Processing Equipment (the marker :func:`is_node_output` recognises),
+    then, when ``model`` is given, the algorithm as IHE AIR wants it: Purpose of
+    Reference (Newcode1, 99IHE, "Processing Algorithm"), Manufacturer, Manufacturer's
+    Model Name (the task), Software Versions (the model version) and the model
+    version's Device UID (0018,1002).
+    """
+    items = [hd.ContributingEquipment(
         manufacturer=NODE_MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=NODE_MODEL_NAME, software_versions=NODE_SOFTWARE_VERSION,
-        contribution_description=description[:64])
+        contribution_description=description[:64])]
+    if model is not None:
+        algorithm = hd.ContributingEquipment(
+            manufacturer=NODE_MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=model.model_name, software_versions=model.version,
+            contribution_description=f"{model.name} {model.version}"[:64])
+        # highdicom accepts only CID 7005 purposes; IHE AIR's code is set afterwards
+        algorithm.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
+        algorithm.DeviceUID = model.algorithm_device_uid
+        items.append(algorithm)
+    return items
 
 
 def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInfo, *,
@@ -131,11 +149,34 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
         software_versions=NODE_SOFTWARE_VERSION, device_serial_number=NODE_DEVICE_SERIAL,
         content_label="AI_SEGMENTATION", content_description=f"{model.name} {model.version}"[:64],
         content_creator_name=None, omit_empty_frames=True,
-        contributing_equipment=[contributing_equipment("AI segmentation")],
+        contributing_equipment=contributing_equipment("AI segmentation", model),
         series_description=description)
+    _laterality(seg, volume.source_images[0])
     LOG.info("SEG for series %s: %d segment(s), %d frame(s)", volume.series_instance_uid,
              len(kept), int(seg.NumberOfFrames))
     return seg
+
+
+def _laterality(seg: Dataset, source: Dataset) -> None:
+    """Say which side the SEG covers, in a way both dciodvfy and PixelMed accept.
+
+    General Series Laterality (type 2C) is copied when the source has one. For an
+    unpaired region (Body Part Examined ABDOMEN, CHEST, ...), dciodvfy forbids
+    Laterality while PixelMed (2022) requires it unless a Frame Laterality is present;
+    the region is therefore stated as a shared Frame Anatomy item (region code, Frame
+    Laterality ``U`` = unpaired), which dciodvfy reports as a standard extension
+    (warning) and PixelMed accepts. Otherwise nothing is written.
+    """
+    if source.get("Laterality"):
+        seg.Laterality = source.Laterality
+        return
+    region = UNPAIRED_BODY_REGIONS.get(str(source.get("BodyPartExamined", "") or "").strip().upper())
+    if region is None:
+        return
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = [region]
+    anatomy.FrameLaterality = "U"
+    seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
 
 
 def _pixel_array(volume: Volume, kept: Sequence[SegmentResult]) -> np.ndarray:

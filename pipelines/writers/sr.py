@@ -1,8 +1,11 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) of a SEG: one volume per segment.
 
-Each measurement group references its SEG segment (and through it the source images),
-shares the segment's Tracking UID / Tracking ID, names the finding with the segment's
-property type and records the model as algorithm and as device observer.
+Each measurement group (TID 1411 Volumetric ROI Measurements) references its SEG
+segment (and through it the source images), shares the segment's Tracking UID /
+Tracking ID, names the finding with the segment's property type and records the model
+as algorithm and as device observer (UID: the model version's Device UID). The
+Procedure Reported is the imaging procedure of the source study, not the algorithm.
+A report that supersedes an earlier one lists it in the Predecessor Documents Sequence.
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from pipelines.codes import MILLILITER, VOLUME, segment_coding
+from pipelines.codes import MILLILITER, VOLUME, procedure_reported, segment_coding
 from pipelines.types import NODE_MANUFACTURER, ModelInfo, SegmentResult, Volume, WriterOptions
-from pipelines.uids import new_uid, stable_uid
+from pipelines.uids import new_uid
 from pipelines.writers.seg import contributing_equipment, written_segments
 
 LOG = logging.getLogger(__name__)
 
 
 def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], model: ModelInfo, *,
-             options: WriterOptions | None = None) -> Dataset:
+             options: WriterOptions | None = None, predecessors: Sequence[Dataset] = ()
+             ) -> Dataset:
     """Write the segments' volumes as a TID 1500 Comprehensive 3D SR.
 
     Parameters
@@ -37,7 +41,11 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     model : ModelInfo
         Device observer and algorithm of every measurement.
     options : WriterOptions, optional
-        Series number, description prefix and the procedure reported.
+        Series number, description prefix and the procedure reported (default: the
+        source's imaging procedure, :func:`pipelines.codes.procedure_reported`).
+    predecessors : sequence of pydicom.dataset.Dataset, optional
+        Earlier SRs of the same series and task that this one supersedes; each goes
+        into the Predecessor Documents Sequence (0040,A360).
 
     Returns
     -------
@@ -48,7 +56,8 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     ------
     ValueError
         If ``seg`` does not hold exactly the non-empty ``segments`` (by label name)
-        or is not of the same Frame of Reference.
+        or is not of the same Frame of Reference, or a predecessor is not an SR of
+        the same study.
     """
     opts = options or WriterOptions()
     kept = written_segments(volume, segments)
@@ -58,10 +67,14 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
                          f"{[str(i.SegmentLabel) for i in items]} vs {[s.name for s in kept]}")
     if str(seg.FrameOfReferenceUID) != volume.frame_of_reference_uid:
         raise ValueError("seg and volume have different Frames of Reference")
+    for old in predecessors:
+        if str(old.get("Modality", "")) != "SR" or \
+                str(old.get("StudyInstanceUID", "")) != volume.study_instance_uid:
+            raise ValueError("predecessors must be SR documents of the source study")
 
     version_text = f"{model.name} {model.version}"[:64]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=stable_uid("device-observer", model.name, model.version),
+        uid=model.algorithm_device_uid,
         name=model.name, manufacturer_name=NODE_MANUFACTURER, model_name=version_text)
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=codes.DCM.Device, observer_identifying_attributes=device))
@@ -82,19 +95,22 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
             algorithm_id=algorithm, measurements=[measurement]))
     report = hd.sr.MeasurementReport(
         observation_context=context,
-        procedure_reported=hd.sr.CodedConcept(*opts.procedure_code),
+        procedure_reported=(hd.sr.CodedConcept(*opts.procedure_code) if opts.procedure_code
+                            else procedure_reported(volume.source_images[0])),
         imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*volume.source_images, seg], content=report,
         series_instance_uid=new_uid(), series_number=opts.sr_series_number,
         sop_instance_uid=new_uid(), instance_number=1, manufacturer=NODE_MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,
-        contributing_equipment=[contributing_equipment("AI measurement report")],
+        previous_versions=list(predecessors) or None,
+        contributing_equipment=contributing_equipment("AI measurement report", model),
         series_description=f"{opts.series_description_prefix} SR {model.name}".strip()[:64])
     sr.ManufacturerModelName = seg.ManufacturerModelName
     sr.SoftwareVersions = seg.SoftwareVersions
     LOG.info("SR for series %s: %d volume measurement(s)", volume.series_instance_uid, len(groups))
     return sr
+
 
 def _referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
     """Segment ``number`` of ``seg`` and the source images its frames were derived from.
