@@ -114,3 +114,49 @@ def dciodvfy_errors(path: Path) -> list[str]:
     """Lines of ``dciodvfy`` output that report an error."""
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def _pixel_centres(ipp: Any, iop: Any, spacing: Any, rows: int, columns: int) -> Any:
+    """LPS mm of every pixel centre of one image plane, (rows, columns, 3)."""
+    import numpy as np
+
+    o = np.asarray([float(v) for v in ipp])
+    r, c = np.asarray([float(v) for v in iop[:3]]), np.asarray([float(v) for v in iop[3:]])
+    i = np.arange(rows)[:, None, None] * float(spacing[0])
+    j = np.arange(columns)[None, :, None] * float(spacing[1])
+    return o + j * r + i * c
+
+
+def seg_dice_against_truth(seg_path: Path, sources: list[Dataset], anatomy: Any,
+                           label: str = "spleen") -> float:
+    """Dice of a SEG segment against a phantom organ, in patient coordinates.
+
+    Every voxel the SEG marks is placed at its centre in LPS from the SEG's own
+    Plane Position / Plane Orientation / Pixel Measures, and looked up in the
+    phantom's truth (:func:`pipelines.phantom.truth_at`); the truth's size is counted
+    on the source images' pixel centres. Nothing about the pipeline's volume is used.
+    """
+    import numpy as np
+    import pydicom
+
+    value = {v: k for k, v in ph.LABELS.items()}[label]
+    seg = pydicom.dcmread(seg_path)
+    [number] = [int(s.SegmentNumber) for s in seg.SegmentSequence if s.SegmentLabel == label]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    spacing = shared.PixelMeasuresSequence[0].PixelSpacing
+    frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), seg.Rows, seg.Columns)
+    marked = hits = 0
+    for k, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        ident = item.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+        if int(ident[0].ReferencedSegmentNumber) != number:
+            continue
+        mask = frames[k] > 0
+        points = _pixel_centres(item.PlanePositionSequence[0].ImagePositionPatient, iop, spacing,
+                                seg.Rows, seg.Columns)[mask]
+        marked += int(mask.sum())
+        hits += int((ph.truth_at(anatomy, points) == value).sum())
+    truth = sum(int((ph.truth_at(anatomy, _pixel_centres(
+        ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, ds.Rows,
+        ds.Columns)) == value).sum()) for ds in sources)
+    return 2 * hits / (marked + truth) if marked + truth else 1.0
