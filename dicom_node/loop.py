@@ -16,9 +16,11 @@ from dicom_node.jobs import JobQueue
 from dicom_node.label_intake import intake_seg_series
 from dicom_node.monitor import StabilityMonitor
 from dicom_node.sender import Sender
-from dicom_node.settings import Settings, parse_destination
+from dicom_node.server import client_tls_context
+from dicom_node.settings import Destination, Settings, parse_destination
 from dicom_node.worker import DEFAULT_PIPELINES, Worker
 from twin_archive import Archive
+from twin_archive.audit import AuditLog
 from twin_archive.labels import LabelStore
 from twin_archive.results import ResultStore
 
@@ -51,13 +53,16 @@ class Loop:
         If the pipeline runner cannot be imported (at construction, i.e. start-up).
     """
 
-    def __init__(self, settings: Settings, archive: Archive) -> None:
+    def __init__(self, settings: Settings, archive: Archive, audit: AuditLog | None = None) -> None:
         self.jobs = JobQueue(settings.data_dir)
         self.results = ResultStore(settings.data_dir)
         self.sender = Sender(settings.data_dir, ae_title=settings.ae_title,
                              backoff_initial_s=settings.send_backoff_initial_s,
                              backoff_max_s=settings.send_backoff_max_s,
-                             network_timeout_s=settings.network_timeout_s)
+                             network_timeout_s=settings.network_timeout_s,
+                             tls_context=client_tls_context(settings),
+                             tls_destinations=frozenset(d.key for d in settings.destinations if d.tls),
+                             audit=audit)
         self.labels = LabelStore(settings.data_dir)
         self.monitor = StabilityMonitor(
             archive, self.jobs, DEFAULT_PIPELINES, stable_after_s=settings.stable_after,
@@ -71,6 +76,16 @@ class Loop:
         else:
             LOG.info("results go to: %s", ", ".join(
                 f"{d.key} ({'/'.join(d.send)})" for d in settings.destinations))
+
+    def set_destinations(self, destinations: tuple[Destination, ...]) -> None:
+        """Send future results to ``destinations`` (SIGHUP reload; queued sends keep theirs)."""
+        self.worker.destinations = tuple(destinations)
+        self.sender.tls_destinations = frozenset(d.key for d in destinations if d.tls)
+
+    def healthy(self) -> bool:
+        """True while the worker and the sender threads run."""
+        threads = (self.worker._thread, self.sender._thread)
+        return all(t is not None and t.is_alive() for t in threads)
 
     def start(self) -> None:
         """Recover interrupted jobs, then start the sender, the worker and the monitor."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import ssl
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from pynetdicom import AE, build_context
 from dicom_node.jobs import connect_queue, iso, utc_now, write_transaction
 from dicom_node.settings import Destination
 from dicom_node.statuses import SUCCESS
+from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
 from twin_archive.results import AIResult
 
 LOG = logging.getLogger(__name__)
@@ -83,10 +85,19 @@ class Sender:
         First retry delay and its cap, seconds.
     network_timeout_s : float
         Connection, ACSE and DIMSE timeout, seconds.
+    tls_context : ssl.SSLContext, optional
+        Client TLS context for the destinations in ``tls_destinations``.
+    tls_destinations : iterable of str
+        Keys (``AET@HOST:PORT``) of the destinations sent to over TLS.
+    audit : twin_archive.audit.AuditLog, optional
+        Where one ``results-sent`` event per association with objects delivered goes.
     """
 
     def __init__(self, data_dir: Path | str, *, ae_title: str, backoff_initial_s: float = 2.0,
-                 backoff_max_s: float = 300.0, network_timeout_s: float = 30.0) -> None:
+                 backoff_max_s: float = 300.0, network_timeout_s: float = 30.0,
+                 tls_context: ssl.SSLContext | None = None,
+                 tls_destinations: Sequence[str] | frozenset[str] = frozenset(),
+                 audit: AuditLog | None = None) -> None:
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError("backoff_initial_s must be > 0 and <= backoff_max_s, got "
                              f"{backoff_initial_s} and {backoff_max_s}")
@@ -95,6 +106,11 @@ class Sender:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.network_timeout_s = network_timeout_s
+        self.tls_context = tls_context
+        self.tls_destinations = frozenset(tls_destinations)
+        if self.tls_destinations and tls_context is None:
+            raise ValueError("tls_destinations need a tls_context")
+        self.audit = audit
         self.conn = connect_queue(self.data_dir)
         self._lock = threading.Lock()
         self.wakeup = threading.Event()
@@ -213,8 +229,10 @@ class Sender:
         for r in rows:
             syntaxes[str(r["sop_class_uid"])].add(str(r["transfer_syntax_uid"]))
         contexts = [build_context(sop, sorted(ts)) for sop, ts in sorted(syntaxes.items())]
+        tls_args = ((self.tls_context, str(first["host"]))
+                    if self.tls_context is not None and dest in self.tls_destinations else None)
         assoc = ae.associate(str(first["host"]), int(str(first["port"])),
-                             ae_title=str(first["ae_title"]), contexts=contexts)
+                             ae_title=str(first["ae_title"]), contexts=contexts, tls_args=tls_args)
         if not assoc.is_established:
             why = ("association rejected" if assoc.is_rejected else
                    "association aborted" if assoc.is_aborted else "cannot connect")
@@ -250,7 +268,19 @@ class Sender:
                 assoc.release()
         if delivered:
             LOG.info("send to %s: %d object(s) delivered", dest, delivered)
+            self._audit_sent(dest, rows, delivered, tls_args is not None)
         return delivered
+
+    def _audit_sent(self, dest: str, rows: list[dict[str, object]], delivered: int, tls: bool) -> None:
+        """One ``results-sent`` audit event per association that delivered objects."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.record(AuditEvent.RESULTS_SENT, AuditOutcome.SUCCESS, self.ae_title, dest,
+                              {"objects": delivered, "tls": tls,
+                               "results": sorted({int(str(r["result_id"])) for r in rows})})
+        except Exception:
+            LOG.exception("send to %s: could not write the audit event", dest)
 
     # ----------------------------------------------------------------- thread
     def start(self) -> None:

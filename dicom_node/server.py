@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from pydicom import uid as tsuid
@@ -12,16 +15,22 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.handlers.association import (
+    StudyLedger,
+    audit_safely,
     handle_aborted,
     handle_accepted,
+    handle_closed,
     handle_rejected,
     handle_released,
 )
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
+from dicom_node import speedups
+from dicom_node.errors import DicomNodeError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.settings import Settings
 from twin_archive import Archive
+from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
 
 LOG = logging.getLogger(__name__)
 
@@ -59,12 +68,24 @@ class DicomServer:
         Where C-STOREd instances are filed.
     metrics : NodeMetrics, optional
         Counters (a new set when omitted).
+    audit : twin_archive.audit.AuditLog, optional
+        Where associations and received studies are audited (not audited when omitted).
+
+    Raises
+    ------
+    TlsSetupError
+        If TLS is configured and the certificate, key or CA cannot be loaded.
     """
 
-    def __init__(self, settings: Settings, archive: Archive, metrics: NodeMetrics | None = None) -> None:
+    def __init__(self, settings: Settings, archive: Archive, metrics: NodeMetrics | None = None,
+                 audit: AuditLog | None = None) -> None:
         self.settings = settings
         self.archive = archive
         self.metrics = metrics or NodeMetrics()
+        self.audit = audit
+        self.ledger = StudyLedger(audit)
+        self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
+        speedups.install()  # pynetdicom's loops wake on work; see dicom_node/speedups.py
         self.ae = self._build_ae()
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
@@ -87,12 +108,20 @@ class DicomServer:
     def _handlers(self) -> list[Any]:
         return [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.archive, self.metrics]),
-            (evt.EVT_ACCEPTED, handle_accepted, [self.metrics]),
-            (evt.EVT_REJECTED, handle_rejected, [self.metrics]),
+            (evt.EVT_C_STORE, handle_store, [self.archive, self.metrics, self.ledger]),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.metrics, self.audit]),
+            (evt.EVT_REJECTED, handle_rejected, [self.metrics, self.audit]),
             (evt.EVT_ABORTED, handle_aborted, [self.metrics]),
             (evt.EVT_RELEASED, handle_released),
+            (evt.EVT_CONN_CLOSE, handle_closed, [self.ledger]),
         ]
+
+    def _tls_refused(self, peer: str, reason: str) -> None:
+        self.metrics.association("rejected")
+        LOG.warning("TLS connection REFUSED from %s: %s", peer, reason)
+        audit_safely(self.audit, AuditEvent.ASSOCIATION_REFUSED, AuditOutcome.MINOR_FAILURE,
+                     f"?@{peer.rsplit(':', 1)[0]}", self.settings.ae_title,
+                     {"reason": f"TLS handshake failed: {reason}"})
 
     @property
     def port(self) -> int:
@@ -112,20 +141,142 @@ class DicomServer:
         else:
             LOG.info("accepting associations only from: %s", ", ".join(s.allowed_calling_aes))
         self._server = self.ae.start_server(
-            (s.bind_address, s.port), block=False, evt_handlers=self._handlers()
+            (s.bind_address, s.port), block=False, evt_handlers=self._handlers(),
+            ssl_context=self.ssl_context,
         )
-        LOG.info("ready: listening as AE %s on %s:%d (%d storage SOP classes, %d transfer syntaxes)",
-                 s.ae_title, s.bind_address, self.port, len(AllStoragePresentationContexts),
-                 len(TRANSFER_SYNTAXES))
+        LOG.info("ready: listening as AE %s on %s:%d%s (%d storage SOP classes, %d transfer syntaxes)",
+                 s.ae_title, s.bind_address, self.port,
+                 " with TLS, client certificate required" if self.ssl_context else "",
+                 len(AllStoragePresentationContexts), len(TRANSFER_SYNTAXES))
+
+    @property
+    def listening(self) -> bool:
+        """True while the listener thread serves."""
+        server = self._server
+        thread = getattr(server, "_thread", None) if server is not None else None
+        return server is not None and (thread is None or thread.is_alive())
+
+    def active_associations(self) -> int:
+        """Associations in progress."""
+        server = self._server
+        return len(server.active_associations) if server is not None else 0
 
     def set_allowed_calling_aes(self, titles: tuple[str, ...]) -> None:
         """Replace the calling AE allow-list (safe while serving)."""
         self.ae.require_calling_aet = list(titles)
 
-    def stop(self) -> None:
-        """Stop accepting associations and wait for those in progress to end."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting associations; let those in progress finish, then abort the rest.
+
+        The listening socket is closed first (new connections are refused). Associations
+        in progress get ``grace_s`` seconds (default ``settings.stop_grace_s``) to end;
+        then they are aborted. A C-STORE being written when the abort comes completes
+        its durable write first (the handler runs to its end), but is not acknowledged,
+        so nothing acknowledged is ever lost. Returns when no association thread runs.
+        """
+        grace = self.settings.stop_grace_s if grace_s is None else grace_s
         with self._lock:
-            if self._server is not None:
-                self._server.shutdown()
-                self._server = None
-                LOG.info("listener stopped")
+            server = self._server
+            if server is None:
+                return
+            server.shutdown()
+            LOG.info("listener stopped: no new associations")
+            deadline = time.monotonic() + grace
+            active = server.active_associations
+            if active:
+                LOG.info("waiting up to %.0f s for %d association(s) in progress", grace, len(active))
+            while active and time.monotonic() < deadline:
+                time.sleep(0.05)
+                active = server.active_associations
+            for assoc in active:
+                LOG.warning("aborting association with %s after %.0f s grace: the sender "
+                            "re-sends what was not acknowledged",
+                            (assoc.requestor.ae_title or "?").strip(), grace)
+                assoc.abort()
+            for assoc in active:
+                assoc.join(30.0)
+            self._server = None
+
+
+class TlsSetupError(DicomNodeError, OSError):
+    """The TLS certificate, key or CA of the configuration cannot be loaded."""
+
+    def __init__(self, what: str, path: object, why: object) -> None:
+        super().__init__(f"TLS: cannot load {what} {path}: {why}")
+
+
+class _RefusingContext(ssl.SSLContext):
+    """Server context that reports failed handshakes (untrusted or missing client certificate).
+
+    pynetdicom wraps each accepted socket in its accept loop; the handshake gets a
+    timeout so that a peer that connects and says nothing cannot hold the listener.
+    """
+
+    on_refused: Callable[[str, str], None]
+    handshake_timeout_s: float
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        try:
+            peer = "%s:%s" % sock.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        sock.settimeout(self.handshake_timeout_s)
+        try:
+            wrapped = super().wrap_socket(sock, *args, **kwargs)
+        except (ssl.SSLError, OSError) as exc:
+            self.on_refused(peer, getattr(exc, "reason", None) or str(exc))
+            sock.close()
+            raise
+        wrapped.settimeout(None)
+        return wrapped
+
+
+def _load_chain(ctx: ssl.SSLContext, settings: Settings) -> None:
+    try:
+        ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError("certificate/key", f"{settings.tls_cert} / {settings.tls_key}",
+                            getattr(exc, "strerror", None) or exc) from exc
+    try:
+        ctx.load_verify_locations(cafile=str(settings.tls_ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError("CA", settings.tls_ca, getattr(exc, "strerror", None) or exc) from exc
+
+
+def server_tls_context(settings: Settings,
+                       on_refused: Callable[[str, str], None] | None = None) -> ssl.SSLContext | None:
+    """The listener's TLS context (TLS 1.2+, client certificate required), or None.
+
+    Raises
+    ------
+    TlsSetupError
+        If a file cannot be loaded.
+    """
+    if settings.tls_cert is None:
+        return None
+    ctx = _RefusingContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.on_refused = on_refused or (lambda peer, why: None)
+    ctx.handshake_timeout_s = min(10.0, settings.network_timeout_s)
+    _load_chain(ctx, settings)
+    return ctx
+
+
+def client_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The sender's TLS context (verifies the destination against ``tls_ca``; presents
+    the node's certificate), or None when TLS is not configured.
+
+    Raises
+    ------
+    TlsSetupError
+        If a file cannot be loaded.
+    """
+    if settings.tls_cert is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    _load_chain(ctx, settings)
+    return ctx

@@ -14,6 +14,7 @@ import numpy as np
 
 from registry.records import ModelVersion
 from registry.store import Registry
+from twin_archive import audit
 
 LOG = logging.getLogger(__name__)
 
@@ -213,10 +214,18 @@ def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+def _audit_promotion(settings: Any, mv: ModelVersion, by: str, how: str, reason: str) -> None:
+    """The node's audit log gets the change too (the registry keeps its own trail)."""
+    audit.record(settings.data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
+                 by, mv.version, {"task": mv.task, "scope": str(mv.scope), "how": how,
+                                  "reason": reason})
+
+
 def cmd_promote(args: argparse.Namespace, settings: Any) -> int:
     """``models promote VERSION``."""
     with _registry(settings) as reg:
         mv = reg.promote(args.version, _by(args), args.reason or "promoted by hand")
+    _audit_promotion(settings, mv, _by(args), "promote", args.reason or "promoted by hand")
     print(f"{mv.version} is now active for {mv.task} ({mv.scope})")
     return 0
 
@@ -226,6 +235,7 @@ def cmd_rollback(args: argparse.Namespace, settings: Any) -> int:
     with _registry(settings) as reg:
         mv = reg.rollback(args.task, _by(args), args.reason or "rolled back by hand",
                           manufacturer=args.manufacturer, scanner_model=args.scanner_model)
+    _audit_promotion(settings, mv, _by(args), "rollback", args.reason or "rolled back by hand")
     print(f"rolled back: {mv.version} is active again for {mv.task} ({mv.scope})")
     return 0
 

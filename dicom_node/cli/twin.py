@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from dicom_node.settings import Settings
-from twin_archive import Archive
+from twin_archive import Archive, audit
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -93,6 +93,11 @@ def cmd_consent(args: argparse.Namespace, settings: Settings) -> int:
     with _archive(settings) as archive:
         event = archive.set_consent(args.patient_id, donate=bool(args.donate), by=by,
                                     reason=args.reason, issuer=args.issuer)
+        keys = archive.find_twin_keys(args.patient_id, args.issuer)
+    # The audit log names the twin by its key, never by Patient ID.
+    audit.record(settings.data_dir, audit.AuditEvent.CONSENT_CHANGED, audit.AuditOutcome.SUCCESS,
+                 by, keys[0] if keys else "?",
+                 {"donate": event.donate, "previous": event.previous, "reason": event.reason})
     state = "donates" if event.donate else "does not donate"
     print(f"recorded: patient {args.patient_id} {state} (was: "
           f"{'donating' if event.previous else 'not donating'}), by {event.by} at {event.at[:19]}")

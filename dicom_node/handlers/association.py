@@ -1,12 +1,21 @@
-"""Association notifications: who connected, who was refused, who aborted."""
+"""Association notifications: who connected, who was refused, who aborted; their audit.
+
+Audit events are written here, once per association (accepted or refused) and once per
+study received on it (when the connection closes), never per instance: the C-STORE
+handler only adds to a :class:`StudyLedger` in memory.
+"""
 
 from __future__ import annotations
 
 import logging
+import ssl
+import threading
+from typing import Any
 
 from pynetdicom.events import Event
 
 from dicom_node.metrics import NodeMetrics
+from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
 
 LOG = logging.getLogger(__name__)
 
@@ -16,18 +25,89 @@ def _who(event: Event) -> str:
     return f"{(req.ae_title or '').strip() or '?'} at {req.address}:{req.port}"
 
 
-def handle_accepted(event: Event, metrics: NodeMetrics) -> None:
-    """Log and count an accepted association."""
+def peer_name(event: Event) -> str:
+    """The peer as the audit log names it: ``AE@address``."""
+    req = event.assoc.requestor
+    return f"{(req.ae_title or '').strip() or '?'}@{req.address}"
+
+
+def _uses_tls(event: Event) -> bool:
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    return isinstance(sock, ssl.SSLSocket)
+
+
+def audit_safely(audit: AuditLog | None, *args: Any, **kwargs: Any) -> None:
+    """Record an audit event; a failing audit write is logged, never raised into pynetdicom."""
+    if audit is None:
+        return
+    try:
+        audit.record(*args, **kwargs)
+    except Exception:
+        LOG.exception("could not write the audit event %s", args[0] if args else "?")
+
+
+class StudyLedger:
+    """Studies received on each open association; written to the audit log when it closes.
+
+    Parameters
+    ----------
+    audit : twin_archive.audit.AuditLog or None
+        Where ``study-received`` events go (nothing is recorded when ``None``).
+    """
+
+    def __init__(self, audit: AuditLog | None) -> None:
+        self.audit = audit
+        self._lock = threading.Lock()
+        self._open: dict[object, tuple[str, dict[str, list[int]]]] = {}
+
+    def add(self, event: Event, study_uid: str, size: int) -> None:
+        """Count one stored instance of ``study_uid`` on the event's association (cheap)."""
+        assoc = event.assoc
+        with self._lock:
+            entry = self._open.get(assoc)
+            if entry is None:
+                entry = self._open[assoc] = (peer_name(event), {})
+            counts = entry[1].setdefault(study_uid, [0, 0])
+            counts[0] += 1
+            counts[1] += size
+
+    def flush(self, event: Event, ended: str) -> int:
+        """Record one ``study-received`` event per study of the association; return how many."""
+        with self._lock:
+            entry = self._open.pop(event.assoc, None)
+        if entry is None:
+            return 0
+        who, studies = entry
+        for study_uid, (instances, size) in studies.items():
+            audit_safely(self.audit, AuditEvent.STUDY_RECEIVED, AuditOutcome.SUCCESS, who,
+                         study_uid, {"instances": instances, "bytes": size, "association": ended})
+        return len(studies)
+
+    def open_associations(self) -> int:
+        """Associations with instances not yet recorded."""
+        with self._lock:
+            return len(self._open)
+
+
+def handle_accepted(event: Event, metrics: NodeMetrics, audit: AuditLog | None = None) -> None:
+    """Log, count and audit an accepted association."""
     metrics.association("accepted")
     LOG.info("association accepted from %s", _who(event))
+    audit_safely(audit, AuditEvent.ASSOCIATION_ACCEPTED, AuditOutcome.SUCCESS, peer_name(event),
+                 (event.assoc.acceptor.ae_title or "").strip(),
+                 {"port": event.assoc.requestor.port, "tls": _uses_tls(event)})
 
 
-def handle_rejected(event: Event, metrics: NodeMetrics) -> None:
-    """Log and count a rejected association, with the peer's address."""
+def handle_rejected(event: Event, metrics: NodeMetrics, audit: AuditLog | None = None) -> None:
+    """Log, count and audit a rejected association, with the peer's address."""
     metrics.association("rejected")
     called = (event.assoc.acceptor.ae_title or "").strip()
     LOG.warning("association REJECTED from %s (called AE %s): not allowed by configuration",
                 _who(event), called)
+    audit_safely(audit, AuditEvent.ASSOCIATION_REFUSED, AuditOutcome.MINOR_FAILURE,
+                 peer_name(event), called,
+                 {"reason": "calling or called AE title not allowed by configuration",
+                  "port": event.assoc.requestor.port})
 
 
 def handle_aborted(event: Event, metrics: NodeMetrics) -> None:
@@ -39,3 +119,9 @@ def handle_aborted(event: Event, metrics: NodeMetrics) -> None:
 def handle_released(event: Event) -> None:
     """Log a normal release."""
     LOG.info("association released by %s", _who(event))
+
+
+def handle_closed(event: Event, ledger: StudyLedger) -> None:
+    """Connection closed (after release or abort): audit the studies received on it."""
+    ended = "aborted" if event.assoc.is_aborted else "released"
+    ledger.flush(event, ended)

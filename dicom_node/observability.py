@@ -1,0 +1,350 @@
+"""What the node reports about itself: Prometheus ``/metrics``, ``/healthz``, ``status``.
+
+Two kinds of figures:
+
+* counted by the running process (:class:`~dicom_node.metrics.NodeMetrics`): instances
+  and bytes received, associations accepted/rejected/aborted, C-STORE failures;
+* read from the data directory's SQLite files at each scrape (:func:`read_state`):
+  queue depths, send failures, job stage durations, active model versions, index and
+  audit totals. ``dicom-node status`` reads the same, so it works whether or not the
+  node runs.
+
+The HTTP endpoint is off unless ``metrics_port`` is set, and binds ``metrics_bind``
+(127.0.0.1 by default): it has no authentication, so expose it only to the local
+Prometheus (or a reverse proxy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from dicom_node import __version__
+from dicom_node.metrics import NodeMetrics
+
+LOG = logging.getLogger(__name__)
+
+#: Upper bounds (seconds) of the job stage duration histogram.
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ActiveModel:
+    """A model version in service."""
+
+    task: str
+    version: str
+    scope: str  # "any scanner" or "MANUFACTURER/MODEL"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StageDurations:
+    """Cumulative histogram of one pipeline stage over all recorded results."""
+
+    count: int
+    total_s: float
+    buckets: tuple[int, ...]  # cumulative counts per STAGE_BUCKETS bound
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NodeState:
+    """What the data directory says, read without the node's help."""
+
+    twins: int = 0
+    studies: int = 0
+    instances: int = 0
+    archived_bytes: int = 0
+    jobs: dict[str, int] = field(default_factory=dict)
+    sends: dict[str, int] = field(default_factory=dict)
+    send_failed_attempts: int = 0
+    results: int = 0
+    stages: dict[str, StageDurations] = field(default_factory=dict)
+    active_models: tuple[ActiveModel, ...] = ()
+    audit_events: int = 0
+    last_audit_at: str = ""
+    free_bytes: int = 0
+
+
+def _ro(path: Path) -> sqlite3.Connection | None:
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def _table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                        (name,)).fetchone() is not None
+
+
+class _StageAggregator:
+    """Folds new ``ai_results.timings`` rows into histograms (each row is read once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last_id = 0
+        self.results = 0
+        self.stages: dict[str, list[float]] = {}  # stage -> [count, sum, *bucket counts]
+
+    def update(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            for row_id, timings in conn.execute(
+                    "SELECT id, timings FROM ai_results WHERE id > ? ORDER BY id", (self.last_id,)):
+                self.last_id = row_id
+                self.results += 1
+                try:
+                    items = json.loads(timings).items()
+                except (ValueError, AttributeError):
+                    continue
+                for key, seconds in items:
+                    if not isinstance(seconds, int | float):
+                        continue
+                    stage = key[:-2] if key.endswith("_s") else key
+                    acc = self.stages.setdefault(stage, [0.0, 0.0] + [0.0] * len(STAGE_BUCKETS))
+                    acc[0] += 1
+                    acc[1] += float(seconds)
+                    for i, bound in enumerate(STAGE_BUCKETS):
+                        if seconds <= bound:
+                            acc[2 + i] += 1
+
+    def snapshot(self) -> tuple[int, dict[str, StageDurations]]:
+        with self._lock:
+            return self.results, {
+                stage: StageDurations(count=int(a[0]), total_s=a[1],
+                                      buckets=tuple(int(x) for x in a[2:]))
+                for stage, a in sorted(self.stages.items())}
+
+
+def read_state(data_dir: Path | str, stages: _StageAggregator | None = None) -> NodeState:
+    """Read the node's state from the SQLite files of ``data_dir`` (read-only).
+
+    Missing files count as empty; the node need not run.
+    """
+    data_dir = Path(data_dir)
+    values: dict[str, Any] = {}
+    stages = stages or _StageAggregator()
+    conn = _ro(data_dir / "index.sqlite")
+    if conn is not None:
+        with closing(conn):
+            if _table(conn, "instances"):
+                values["twins"] = conn.execute("SELECT COUNT(*) FROM twins").fetchone()[0]
+                values["studies"] = conn.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
+                n, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances"
+                                       " WHERE current = 1").fetchone()
+                values["instances"], values["archived_bytes"] = int(n), int(size)
+            if _table(conn, "ai_results"):
+                stages.update(conn)
+    values["results"], values["stages"] = stages.snapshot()
+    conn = _ro(data_dir / "queue.sqlite")
+    if conn is not None:
+        with closing(conn):
+            if _table(conn, "jobs"):
+                values["jobs"] = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+            if _table(conn, "sends"):
+                values["sends"] = dict(conn.execute("SELECT state, COUNT(*) FROM sends GROUP BY state"))
+                # attempts count every try; the one that delivered a sent row is no failure
+                values["send_failed_attempts"] = int(conn.execute(
+                    "SELECT COALESCE(SUM(attempts), 0) - COALESCE(SUM(state = 'sent'), 0)"
+                    " FROM sends").fetchone()[0])
+    conn = _ro(data_dir / "registry.sqlite")
+    if conn is not None:
+        with closing(conn):
+            if _table(conn, "model_versions"):
+                values["active_models"] = tuple(
+                    ActiveModel(task=t, version=v, scope=f"{m}/{s}" if m or s else "any scanner")
+                    for t, v, m, s in conn.execute(
+                        "SELECT task, version, manufacturer, scanner_model FROM model_versions"
+                        " WHERE status = 'active' ORDER BY task, version"))
+    conn = _ro(data_dir / "audit.sqlite")
+    if conn is not None:
+        with closing(conn):
+            if _table(conn, "audit_events"):
+                n, last = conn.execute("SELECT COUNT(*), MAX(at) FROM audit_events").fetchone()
+                values["audit_events"], values["last_audit_at"] = int(n), last or ""
+    if data_dir.exists():
+        values["free_bytes"] = shutil.disk_usage(data_dir).free
+    return NodeState(**values)
+
+
+class NodeCollector(Collector):
+    """Prometheus collector: the process's counters plus :func:`read_state` at each scrape.
+
+    Parameters
+    ----------
+    metrics : NodeMetrics
+        The running node's counters.
+    data_dir : pathlib.Path
+        The node's data directory.
+    healthy : callable, optional
+        Returns True while the node is healthy (``dicom_node_up``).
+    """
+
+    def __init__(self, metrics: NodeMetrics, data_dir: Path,
+                 healthy: Callable[[], bool] | None = None) -> None:
+        self.metrics = metrics
+        self.data_dir = Path(data_dir)
+        self.healthy = healthy
+        self.started = time.time()
+        self._stages = _StageAggregator()
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.metrics.snapshot()
+        up = GaugeMetricFamily("dicom_node_up", "1 while the node is healthy")
+        up.add_metric([], 1.0 if self.healthy is None or self.healthy() else 0.0)
+        yield up
+        info = GaugeMetricFamily("dicom_node_info", "Version of the running node", labels=["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
+        start = GaugeMetricFamily("dicom_node_start_time_seconds", "Start time, Unix seconds")
+        start.add_metric([], self.started)
+        yield start
+
+        received = CounterMetricFamily("dicom_node_instances_received",
+                                       "C-STORE instances answered Success, by archive outcome",
+                                       labels=["outcome"])
+        for outcome in ("stored", "duplicate", "new_version"):
+            received.add_metric([outcome], counts.get(f"instances_{outcome}", 0))
+        yield received
+        size = CounterMetricFamily("dicom_node_received_bytes", "Bytes of instances received")
+        size.add_metric([], counts.get("bytes_received", 0))
+        yield size
+        failed = CounterMetricFamily("dicom_node_store_failures", "C-STORE requests refused",
+                                     labels=["reason"])
+        for reason in ("cannot_understand", "sop_class_mismatch", "out_of_resources"):
+            failed.add_metric([reason], counts.get(f"store_failed_{reason}", 0))
+        yield failed
+        assocs = CounterMetricFamily("dicom_node_associations",
+                                     "Associations by what became of them", labels=["result"])
+        for what in ("accepted", "rejected", "aborted"):
+            assocs.add_metric([what], counts.get(f"associations_{what}", 0))
+        yield assocs
+
+        state = read_state(self.data_dir, self._stages)
+        jobs = GaugeMetricFamily("dicom_node_jobs", "Inference jobs by state", labels=["state"])
+        for s in ("queued", "running", "done", "failed"):
+            jobs.add_metric([s], state.jobs.get(s, 0))
+        yield jobs
+        sends = GaugeMetricFamily("dicom_node_sends", "Outbound objects by state", labels=["state"])
+        for s in ("queued", "sent", "failed"):
+            sends.add_metric([s], state.sends.get(s, 0))
+        yield sends
+        sf = CounterMetricFamily("dicom_node_send_failures",
+                                 "Failed send attempts (unreachable, aborted or refused)")
+        sf.add_metric([], state.send_failed_attempts)
+        yield sf
+        hist = HistogramMetricFamily("dicom_node_job_stage_seconds",
+                                     "Duration of each pipeline stage of finished jobs",
+                                     labels=["stage"])
+        for stage, d in state.stages.items():
+            buckets = [(str(b), float(c)) for b, c in zip(STAGE_BUCKETS, d.buckets, strict=True)]
+            buckets.append(("+Inf", float(d.count)))
+            hist.add_metric([stage], buckets, d.total_s)
+        yield hist
+        models = GaugeMetricFamily("dicom_node_model_active", "Model versions in service (1)",
+                                   labels=["task", "version", "scope"])
+        for m in state.active_models:
+            models.add_metric([m.task, m.version, m.scope], 1.0)
+        yield models
+        archive = GaugeMetricFamily("dicom_node_archive_instances", "Current instances in the archive")
+        archive.add_metric([], state.instances)
+        yield archive
+        archived = GaugeMetricFamily("dicom_node_archive_bytes", "Bytes of current archived instances")
+        archived.add_metric([], state.archived_bytes)
+        yield archived
+        free = GaugeMetricFamily("dicom_node_data_dir_free_bytes", "Free space on the data directory")
+        free.add_metric([], state.free_bytes)
+        yield free
+        audit = CounterMetricFamily("dicom_node_audit_events", "Events in the audit log")
+        audit.add_metric([], state.audit_events)
+        yield audit
+
+
+def build_registry(collector: NodeCollector) -> CollectorRegistry:
+    """A registry of its own (never prometheus_client's global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+class MetricsServer:
+    """``GET /metrics`` (Prometheus text format) and ``GET /healthz`` on a local port.
+
+    Parameters
+    ----------
+    bind, port : str, int
+        Where to listen (port 0 picks a free one).
+    registry : prometheus_client.CollectorRegistry
+        What ``/metrics`` exports.
+    health : callable
+        Returns ``(healthy, {check: detail})``; ``/healthz`` answers 200 or 503 with it
+        as JSON.
+    """
+
+    def __init__(self, bind: str, port: int, registry: CollectorRegistry,
+                 health: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    body, ctype, code = generate_latest(outer.registry), CONTENT_TYPE_LATEST, 200
+                elif path == "/healthz":
+                    ok, checks = outer.health()
+                    body = json.dumps({"healthy": ok, "checks": checks}).encode()
+                    ctype, code = "application/json", 200 if ok else 503
+                else:
+                    body, ctype, code = b"not found: /metrics or /healthz\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                LOG.debug("metrics endpoint: " + format, *args)
+
+        self.registry = registry
+        self.health = health
+        self.httpd = ThreadingHTTPServer((bind, port), Handler)
+        self.httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return int(self.httpd.server_address[1])
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http",
+                                        daemon=True)
+        self._thread.start()
+        LOG.info("metrics: http://%s:%d/metrics and /healthz", self.httpd.server_address[0],
+                 self.port)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
