@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import ConfigError
+from dicom_node.profiles import DEFAULT_TRANSFER_SYNTAXES, check_transfer_syntaxes
 
 DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -55,6 +56,12 @@ class Destination:
     tls : bool
         Send over DICOM TLS (PS3.15 B.1), with the node's ``tls_cert``/``tls_key`` as
         client certificate and ``tls_ca`` to verify the destination (default false).
+    name : str
+        Its name in ``dicom-node destinations test NAME`` (default: the AE title).
+    transfer_syntaxes : tuple of str
+        Transfer syntaxes it accepts, most preferred first, as aliases or UIDs (see
+        :mod:`dicom_node.profiles`); stored as UIDs. At least one uncompressed
+        (default: explicit, then implicit VR little endian).
     """
 
     ae_title: str
@@ -62,8 +69,12 @@ class Destination:
     port: int
     send: tuple[str, ...] = RESULT_KINDS
     tls: bool = False
+    name: str = ""
+    transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
 
     def __post_init__(self) -> None:
+        if not self.name and isinstance(self.ae_title, str):
+            object.__setattr__(self, "name", self.ae_title.strip())
         self.check("destinations", "")
 
     def check(self, key: str, source: str) -> None:
@@ -85,6 +96,16 @@ class Destination:
                               list(self.send) if isinstance(self.send, tuple) else self.send, source)
         if not isinstance(self.tls, bool):
             raise ConfigError(f"{key}.tls", "true or false", self.tls, source)
+        if not isinstance(self.name, str) or not 1 <= len(self.name) <= 64 or not all(
+                c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"{key}.name", "1-64 letters, digits, '-', '_' or '.'", self.name, source)
+        try:
+            syntaxes = check_transfer_syntaxes(self.transfer_syntaxes if isinstance(
+                self.transfer_syntaxes, tuple | list) else [self.transfer_syntaxes])
+        except ValueError as exc:
+            raise ConfigError(f"{key}.transfer_syntaxes", f"a list of transfer syntaxes ({exc})",
+                              self.transfer_syntaxes, source) from None
+        object.__setattr__(self, "transfer_syntaxes", syntaxes)
 
     @property
     def key(self) -> str:
@@ -108,7 +129,8 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
         raise ConfigError("--destination", "AET@HOST:PORT, e.g. PACS@10.0.0.5:104", text, source) from None
     dest = Destination.__new__(Destination)
     for name, value in (("ae_title", aet.strip()), ("host", host), ("port", port_number),
-                        ("send", RESULT_KINDS), ("tls", False)):
+                        ("send", RESULT_KINDS), ("tls", False), ("name", aet.strip()),
+                        ("transfer_syntaxes", DEFAULT_TRANSFER_SYNTAXES)):
         object.__setattr__(dest, name, value)
     dest.check("--destination", source)
     return dest
@@ -117,7 +139,7 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
 def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
     if not isinstance(v, list):
         raise ConfigError("destinations", "an array of tables ([[destinations]])", v, source)
-    known = ("ae_title", "host", "port", "send", "tls")
+    known = ("name", "ae_title", "host", "port", "send", "tls", "transfer_syntaxes")
     out = []
     for i, table in enumerate(v):
         key = f"destinations[{i}]"
@@ -133,14 +155,23 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
         send = table.get("send", list(RESULT_KINDS))
         if not isinstance(send, list):
             raise ConfigError(f"{key}.send", 'a list of "seg", "sr", "overlay"', send, source)
+        syntaxes = table.get("transfer_syntaxes", list(DEFAULT_TRANSFER_SYNTAXES))
+        if not isinstance(syntaxes, list):
+            raise ConfigError(f"{key}.transfer_syntaxes", "a list of transfer syntaxes", syntaxes, source)
         dest = Destination.__new__(Destination)
+        aet = table["ae_title"]
         for name, value in (("ae_title", table["ae_title"]), ("host", table["host"]),
                             ("port", table["port"]), ("send", tuple(send)),
-                            ("tls", table.get("tls", False))):
+                            ("tls", table.get("tls", False)),
+                            ("name", table.get("name", aet.strip() if isinstance(aet, str) else aet)),
+                            ("transfer_syntaxes", tuple(syntaxes))):
             object.__setattr__(dest, name, value)
         dest.check(key, source)
         if isinstance(dest.ae_title, str):
             object.__setattr__(dest, "ae_title", dest.ae_title.strip())
+        if any(d.name == dest.name for d in out):
+            raise ConfigError(f"{key}.name", "a name no other destination has (defaults to the "
+                              "AE title)", dest.name, source)
         out.append(dest)
     return tuple(out)
 
