@@ -78,7 +78,13 @@ def _q1(conn: sqlite3.Connection) -> None:
     )
 
 
-QUEUE_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_q1,)
+def _q2(conn: sqlite3.Connection) -> None:
+    # The destination's transfer syntaxes (UIDs, most preferred first) at enqueue time;
+    # '' for rows queued before: they are sent in the syntax they are stored in.
+    conn.execute("ALTER TABLE sends ADD COLUMN accept_syntaxes TEXT NOT NULL DEFAULT ''")
+
+
+QUEUE_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_q1, _q2)
 
 
 def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite3.Connection:

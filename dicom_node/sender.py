@@ -7,7 +7,14 @@ objects need (their SOP classes, each with the transfer syntax it is stored in) 
 sends them. A destination that cannot be reached, or an association that breaks, keeps
 the rows queued with exponential back-off (``send_backoff_initial_s`` doubling up to
 ``send_backoff_max_s``) for as long as it takes: nothing is dropped, and the rows with
-their attempts and last error are listed by ``dicom-node sends``. A PACS that answers a
+their attempts and last error are listed by ``dicom-node sends``.
+
+Per-destination profiles (:mod:`dicom_node.profiles`): each row carries the transfer
+syntaxes its destination accepts; the association proposes one context per SOP class
+and fitting syntax of the objects about to be sent, and each object goes in the most
+preferred syntax the peer accepted, falling back to an uncompressed one when the
+compressed context is refused or a compressed C-STORE fails. An object that failed
+validation is queued ``held`` with the reason and is never sent. A PACS that answers a
 C-STORE with a failure status gets :data:`MAX_REFUSALS` tries, then the row is left
 ``failed`` with that status as its reason.
 """
@@ -19,15 +26,19 @@ import logging
 import ssl
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE, build_context
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 
 from dicom_node.jobs import connect_queue, iso, utc_now, write_transaction
+from dicom_node.profiles import UNCOMPRESSED, ObjectShape, alias, choose, contexts_for, encode_as
 from dicom_node.settings import Destination
 from dicom_node.statuses import SUCCESS
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
@@ -47,6 +58,7 @@ class SendState(str, enum.Enum):
     QUEUED = "queued"
     SENT = "sent"
     FAILED = "failed"
+    HELD = "held"  # failed validation before sending; never sent (last_error says why)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,6 +82,66 @@ class Send:
 def _is_success(status: int) -> bool:
     # PS3.7 C.1.1 success, PS3.4 B.2.3 warnings (0001, Bxxx): the object is stored.
     return status == SUCCESS or status == 0x0001 or (status & 0xF000) == 0xB000
+
+
+#: Bits Allocated of each result kind's pixel data (0: none), to choose syntaxes
+#: without reading the files before the association.
+_KIND_BITS = {"seg": 1, "sr": 0, "overlay": 8}
+
+
+def _preferred(row: Mapping[str, object]) -> list[str]:
+    """The row's destination syntaxes, best first, then the syntax the file is stored in."""
+    listed = [s for s in str(row.get("accept_syntaxes", "") or "").split(",") if s]
+    stored = str(row["transfer_syntax_uid"])
+    return listed + ([stored] if stored not in listed else [])
+
+
+def _contexts(rows: Sequence[Mapping[str, object]]) -> list[PresentationContext]:
+    """Presentation contexts for exactly the objects in ``rows`` (their SOP classes)."""
+    by_syntaxes: dict[tuple[str, ...], list[ObjectShape]] = defaultdict(list)
+    for r in rows:
+        by_syntaxes[tuple(_preferred(r))].append(ObjectShape(
+            sop_class_uid=str(r["sop_class_uid"]), bits_allocated=_KIND_BITS.get(str(r["kind"]), 0)))
+    seen: set[tuple[str, str]] = set()
+    contexts = []
+    for syntaxes, shapes in by_syntaxes.items():
+        for cx in contexts_for(shapes, syntaxes):
+            key = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+            if key not in seen:
+                seen.add(key)
+                contexts.append(cx)
+    return contexts
+
+
+def _syntaxes_for(assoc: Association, row: Mapping[str, object], ds: Dataset) -> list[str]:
+    """Accepted syntaxes to send ``ds`` in, best first (uncompressed ones last)."""
+    sop = str(ds.SOPClassUID)
+    accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+                if str(cx.abstract_syntax) == sop}
+    return choose(ObjectShape.of(ds), _preferred(row), accepted)
+
+
+def _store(assoc: Association, ds: Dataset, tries: Sequence[str], dest: str) -> Dataset:
+    """C-STORE ``ds`` in the first of ``tries`` that works; fall back on refusal.
+
+    A compressed attempt that cannot be encoded or that the peer answers with a
+    failure status is followed by the next syntax (finally an uncompressed one).
+    """
+    status = Dataset()
+    for i, ts in enumerate(tries):
+        try:
+            encoded = encode_as(ds, ts)
+        except Exception as exc:  # a codec that cannot write this object: next syntax
+            LOG.warning("send to %s: cannot encode %s as %s (%s); trying the next syntax",
+                        dest, ds.SOPInstanceUID, alias(ts), exc)
+            continue
+        status = assoc.send_c_store(encoded)
+        code = int(status.Status) if "Status" in status else None
+        if code is None or _is_success(code) or ts in UNCOMPRESSED or i == len(tries) - 1:
+            return status
+        LOG.warning("send to %s: %s refused in %s with status 0x%04X; sending it uncompressed",
+                    dest, ds.SOPInstanceUID, alias(ts), code)
+    return status
 
 
 class Sender:
@@ -123,27 +195,39 @@ class Sender:
             self.conn.close()
 
     # ----------------------------------------------------------------- queueing
-    def enqueue(self, result: AIResult, destinations: Sequence[Destination]) -> int:
+    def enqueue(self, result: AIResult, destinations: Sequence[Destination],
+                held: Mapping[str, str] | None = None) -> int:
         """Queue every object of ``result`` each destination wants, in one transaction.
+
+        Parameters
+        ----------
+        held : mapping, optional
+            ``{SOP Instance UID: reason}`` of objects that failed validation: their
+            rows are ``held`` with the reason as last error and are never sent.
 
         Returns the number of new rows (rows already queued for the same object and
         destination are kept as they are, so a re-run job queues nothing twice).
         """
         now = iso(utc_now())
+        held = dict(held or {})
         rows = []
         for dest in destinations:
             for obj in result.objects:
                 if obj.kind in dest.send:
+                    reason = held.get(obj.sop_instance_uid)
+                    state = SendState.HELD if reason is not None else SendState.QUEUED
                     rows.append((result.id, obj.kind, dest.key, dest.ae_title, dest.host,
                                  dest.port, str(obj.path.relative_to(self.data_dir.resolve())),
                                  obj.sop_class_uid, obj.sop_instance_uid, obj.transfer_syntax_uid,
-                                 SendState.QUEUED.value, now, now))
+                                 state.value, now, now, ",".join(dest.transfer_syntaxes),
+                                 f"not sent, invalid: {reason}" if reason is not None else ""))
         with self._lock, write_transaction(self.conn) as conn:
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO sends (result_id, kind, destination, ae_title, host, port,"
                 " path, sop_class_uid, sop_instance_uid, transfer_syntax_uid, state, enqueued_at,"
-                " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                " next_attempt_at, accept_syntaxes, last_error)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             added = conn.total_changes - before
         if added:
             LOG.info("result %d: %d object(s) queued for %s", result.id, added,
@@ -225,10 +309,7 @@ class Sender:
         ae.acse_timeout = self.network_timeout_s
         ae.dimse_timeout = self.network_timeout_s
         ae.network_timeout = self.network_timeout_s
-        syntaxes: dict[str, set[str]] = defaultdict(set)
-        for r in rows:
-            syntaxes[str(r["sop_class_uid"])].add(str(r["transfer_syntax_uid"]))
-        contexts = [build_context(sop, sorted(ts)) for sop, ts in sorted(syntaxes.items())]
+        contexts = _contexts(rows)
         tls_args = ((self.tls_context, str(first["host"]))
                     if self.tls_context is not None and dest in self.tls_destinations else None)
         assoc = ae.associate(str(first["host"]), int(str(first["port"])),
@@ -247,7 +328,14 @@ class Sender:
                     break
                 send_id = int(str(r["id"]))
                 ds = dcmread(self.data_dir / str(r["path"]))
-                status = assoc.send_c_store(ds)
+                tries = _syntaxes_for(assoc, r, ds)
+                if not tries:
+                    why = (f"the peer accepted no presentation context for SOP class "
+                           f"{r['sop_class_uid']} in {', '.join(map(alias, _preferred(r)))}")
+                    self._mark_retry([send_id], why, refused=True)
+                    LOG.error("send to %s: %s object %s: %s", dest, r["kind"], r["sop_instance_uid"], why)
+                    continue
+                status = _store(assoc, ds, tries, dest)
                 code = int(status.Status) if "Status" in status else None
                 if code is not None and _is_success(code):
                     self._mark_sent(send_id)

@@ -1,0 +1,495 @@
+"""The training job of one task: dataset -> candidate -> evaluation -> promotion decision.
+
+:func:`run_training` does one run in this process:
+
+1. build the task's dataset from the archive as it is now (:mod:`trainer.dataset`:
+   donating patients, current labels, selection rules, split by patient);
+2. train a candidate with :func:`trainer.train.train` (the one training loop of the
+   project): fine-tuned from the active version's weights at ``finetune_lr`` (1e-4)
+   or, when the task has no active version, from scratch at ``scratch_lr`` (1e-3) with
+   the configuration of the task's latest registered bundle (or the shipped demo
+   bundle of ``spleen-ct``); within a time budget, resumable from its checkpoint;
+3. register it as a candidate with its dataset manifest and parent (registry), and
+   record in the twins which series it was trained with;
+4. evaluate the candidate and the active version on the *same* validation patients,
+   in the served pipeline (:meth:`pipelines.inference.LoadedModel.segment` on the
+   source grid), as mean Dice per label; record both in the registry;
+5. promote the candidate only if its mean Dice beats the active's by ``margin``;
+   otherwise it stays a candidate with its metrics recorded.
+
+:func:`run_in_subprocess` runs the same in a child process (``python -m
+trainer.nightly``) at a lower CPU priority (``os.nice``), so that the node keeps
+serving studies while it trains (STYLE rule 15); the outcome comes back as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.inference import load_model
+from pipelines.selection import SelectionRules
+from registry.records import Metrics, ModelVersion
+from registry.store import Registry
+from trainer.dataset import DatasetItem, LoadedCase, TrainingSet, build_dataset, load_case
+from trainer.errors import TrainingError
+from trainer.train import TrainingConfig, TrainingResult, VolumeItem, train
+from twin_archive import Archive
+from twin_archive.labels import LabelStore
+from twin_archive.training_use import record_training_use
+
+LOG = logging.getLogger(__name__)
+
+TRAINING_DIR = "training"
+OUTCOMES = ("promoted", "candidate", "skipped")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NightlyConfig:
+    """How one training run of a task is done.
+
+    Parameters
+    ----------
+    finetune_lr, scratch_lr : float
+        Learning rate when fine-tuning the active version / training from scratch.
+    max_epochs : int
+    time_budget_s : float
+        Wall-clock budget of the training itself, seconds.
+    margin : float
+        The candidate's mean Dice must exceed the active's by more than this (>= 0).
+    validation_fraction : float
+        Share of patients held out for validation, in (0, 1).
+    patch_size : int
+        Edge of the cubic training patch, voxels (>= 8).
+    samples_per_volume : int
+        Patches drawn from a volume per visit.
+    device : str
+        ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
+    min_series : int
+        Fewest labelled series (train + validation) to train at all (>= 2).
+    seed : int
+
+    Raises
+    ------
+    ValueError
+        A value out of range, naming the parameter.
+    """
+
+    finetune_lr: float = 1e-4
+    scratch_lr: float = 1e-3
+    max_epochs: int = 100
+    time_budget_s: float = 7200.0
+    margin: float = 0.01
+    validation_fraction: float = 0.2
+    patch_size: int = 96
+    samples_per_volume: int = 4
+    device: str = "auto"
+    min_series: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("finetune_lr", "scratch_lr"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {self.max_epochs}")
+        if not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if self.patch_size < 8:
+            raise ValueError(f"patch_size must be >= 8 voxels, got {self.patch_size}")
+        if self.samples_per_volume < 1:
+            raise ValueError(f"samples_per_volume must be >= 1, got {self.samples_per_volume}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.min_series < 2:
+            raise ValueError(f"min_series must be >= 2, got {self.min_series}")
+
+    def resolved_device(self) -> str:
+        """``auto`` resolved: ``cuda`` when a GPU is visible, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainingOutcome:
+    """What one training run of a task ended with.
+
+    Parameters
+    ----------
+    task : str
+    outcome : str
+        ``promoted``, ``candidate`` (registered, not better) or ``skipped`` (not enough
+        data; nothing registered).
+    reason : str
+        In words.
+    candidate : str or None
+        The registered candidate version.
+    parent : str or None
+        The version it was fine-tuned from (``None``: from scratch).
+    active_before : str or None
+        The active version when the run started.
+    candidate_dice, active_dice : dict of str to float
+        Mean Dice per label on the validation patients.
+    validation_set : str
+    train_series, validation_series, patients : int
+    epochs : int
+    train_seconds : float
+    samples_per_s : float
+    stopped_by : str
+    """
+
+    task: str
+    outcome: str
+    reason: str
+    candidate: str | None = None
+    parent: str | None = None
+    active_before: str | None = None
+    candidate_dice: dict[str, float] = dataclasses.field(default_factory=dict)
+    active_dice: dict[str, float] = dataclasses.field(default_factory=dict)
+    validation_set: str = ""
+    train_series: int = 0
+    validation_series: int = 0
+    patients: int = 0
+    epochs: int = 0
+    train_seconds: float = 0.0
+    samples_per_s: float = 0.0
+    stopped_by: str = ""
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {self.outcome!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> TrainingOutcome:
+        """Inverse of :meth:`to_dict`."""
+        return TrainingOutcome(**dict(d))
+
+    def summary(self) -> str:
+        """One line for the log and the CLI."""
+        def mean(d: dict[str, float]) -> str:
+            return f"{np.mean(list(d.values())):.4f}" if d else "-"
+        if self.outcome == "skipped":
+            return f"{self.task}: nothing trained: {self.reason}"
+        return (f"{self.task}: {self.candidate} {self.outcome} ({self.reason}); mean Dice "
+                f"{mean(self.candidate_dice)} vs {mean(self.active_dice)} of "
+                f"{self.active_before or 'no active version'} on {self.validation_set}; "
+                f"{self.train_series} train / {self.validation_series} validation series of "
+                f"{self.patients} patients; {self.epochs} epochs in {self.train_seconds:.0f} s "
+                f"({self.samples_per_s:.2f} samples/s, stopped by {self.stopped_by})")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class ArchiveItem:
+    """A dataset item as the training core's :class:`~trainer.train.ItemSource`."""
+
+    archive: Archive
+    item: DatasetItem
+    model_labels: Mapping[int, str]
+    name: str
+
+    def load(self) -> VolumeItem:
+        """Read the series and its label from the archive."""
+        case = load_case(self.archive, self.item, self.model_labels)
+        return VolumeItem(name=self.name, image=case.image, label=case.label, affine=case.affine)
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray, labels: Mapping[int, str]) -> dict[str, float]:
+    out = {}
+    for value, name in labels.items():
+        p, t = pred == value, truth == value
+        denom = int(p.sum()) + int(t.sum())
+        out[name] = 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
+    return out
+
+
+def evaluate(version: ModelVersion, cases: Sequence[LoadedCase], registry: Registry | None = None,
+             *, backend: str | None = None) -> dict[str, float]:
+    """Mean Dice per label of a registered version on labelled cases, in the served pipeline.
+
+    Raises
+    ------
+    TrainingError
+        If there are no cases.
+    """
+    if not cases:
+        raise TrainingError(f"no validation cases to evaluate {version.version} on")
+    loaded = load_model(version, registry=registry, backend=backend)
+    per_case = []
+    for case in cases:
+        labels = loaded.segment(case.image, case.affine).labels
+        per_case.append(_dice(labels, case.label, version.label_names))
+    return {name: float(np.mean([d[name] for d in per_case])) for name in per_case[0]}
+
+
+def _base_bundle(reg: Registry, task: str) -> tuple[ModelVersion | None, Path]:
+    """The version to fine-tune (the active general one) and the bundle to copy."""
+    active = reg.active(task)
+    if active is not None:
+        return active, active.path
+    versions = reg.list(task)
+    if versions:
+        return None, versions[-1].path
+    from pipelines.demo_model import DEMO_BUNDLE, DEMO_TASK
+
+    if task == DEMO_TASK and (DEMO_BUNDLE / "configs").is_dir():
+        return None, DEMO_BUNDLE
+    raise TrainingError(f"task {task!r} has no registered model whose configuration could be "
+                        "trained; import a bundle first (dicom-node models import)")
+
+
+def _prepare_bundle(src: Path, dest: Path, *, parent: str | None, run_id: str,
+                    dataset: TrainingSet) -> None:
+    """Copy the configs (not the weights) and note the run in metadata.json's changelog."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src / "configs", dest / "configs")
+    for extra in ("docs", "LICENSE", "README.md"):
+        if (src / extra).exists():
+            (shutil.copytree if (src / extra).is_dir() else shutil.copy2)(src / extra, dest / extra)
+    (dest / "models").mkdir(parents=True)
+    meta_path = dest / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    base = str(meta.get("version", "0.0.0")).split("+")[0]
+    meta["version"] = f"{base}+{run_id}"
+    how = f"fine-tuned from {parent}" if parent else "trained from scratch"
+    changelog = dict(meta.get("changelog") or {})
+    meta["changelog"] = {meta["version"]: f"{how} on {len(dataset.train)} series of donating "
+                         f"patients (dicom-node nightly training)", **changelog}
+    meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config: NightlyConfig,
+                 *, by: str = "trainer") -> TrainingOutcome:
+    """One training run of ``task`` in this process (see the module docstring).
+
+    Raises
+    ------
+    TrainingError
+        If the task has no trainable bundle, or training fails.
+    """
+    data_dir = Path(data_dir)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    archive = Archive(data_dir)
+    labels = LabelStore(data_dir)
+    reg = Registry(data_dir)
+    try:
+        dataset = build_dataset(archive, labels, task, rules,
+                                validation_fraction=config.validation_fraction)
+        if len(dataset.items) < config.min_series or not dataset.train or not dataset.validation:
+            reason = (f"{len(dataset.items)} labelled series of {len(dataset.patients)} donating "
+                      f"patient(s) ({len(dataset.train)} train, {len(dataset.validation)} "
+                      f"validation); at least {config.min_series} series of two patients needed")
+            LOG.info("training %s skipped: %s", task, reason)
+            return TrainingOutcome(task=task, outcome="skipped", reason=reason,
+                                   patients=len(dataset.patients))
+        parent, src = _base_bundle(reg, task)
+        work = data_dir / TRAINING_DIR / task / run_id
+        bundle = work / "bundle"
+        _prepare_bundle(src, bundle, parent=parent.version if parent else None, run_id=run_id,
+                        dataset=dataset)
+        from trainer.train import TrainableBundle
+
+        model_labels = dict(enumerate(TrainableBundle(bundle).label_names, start=1))
+        make = lambda items: [ArchiveItem(archive=archive, item=i, model_labels=model_labels,  # noqa: E731
+                                          name=i.case_id) for i in items]
+        device = config.resolved_device()
+        tc = TrainingConfig(
+            learning_rate=config.finetune_lr if parent else config.scratch_lr,
+            max_epochs=config.max_epochs, time_budget_s=config.time_budget_s, seed=config.seed,
+            device=device, patch_size=(config.patch_size,) * 3,
+            samples_per_volume=config.samples_per_volume)
+        LOG.info("training %s: %s, lr %.0e, %d train / %d validation series, device %s, budget "
+                 "%.0f s, up to %d epochs", task,
+                 f"fine-tuning {parent.version}" if parent else "from scratch", tc.learning_rate,
+                 len(dataset.train), len(dataset.validation), device, config.time_budget_s,
+                 config.max_epochs)
+        result: TrainingResult = train(
+            bundle, make(dataset.train), make(dataset.validation), tc,
+            weights_out=bundle / "models" / "model.pt", checkpoint=work / "checkpoint.pt",
+            init_weights=(parent.path / "models" / "model.pt") if parent else None)
+        candidate = reg.register_candidate(
+            bundle, task=task, parent_version=parent.version if parent else None,
+            dataset_manifest=dataset.manifest_json(), by=by,
+            reason=f"nightly training run {run_id}: {len(dataset.train)} train, "
+                   f"{len(dataset.validation)} validation series")
+        record_training_use(data_dir, model_version=candidate.version, task=task,
+                            uses=dataset.uses())
+        cases = [load_case(archive, i, model_labels) for i in dataset.validation]
+        cand_dice = evaluate(candidate, cases, reg, backend=_torch_backend(device))
+        reg.record_metrics(candidate.version, Metrics(dice=cand_dice,
+                                                      validation_set=dataset.validation_set_id),
+                           by=by)
+        active = reg.active(task)
+        active_dice: dict[str, float] = {}
+        if active is not None:
+            active_dice = evaluate(active, cases, reg, backend=_torch_backend(device))
+            reg.record_metrics(active.version, Metrics(
+                dice=active_dice, validation_set=dataset.validation_set_id), by=by)
+        cand_mean = float(np.mean(list(cand_dice.values())))
+        act_mean = float(np.mean(list(active_dice.values()))) if active_dice else None
+        if act_mean is None or cand_mean > act_mean + config.margin:
+            reason = (f"mean Dice {cand_mean:.4f} vs {act_mean:.4f} of {active.version}"
+                      if active is not None and act_mean is not None
+                      else f"mean Dice {cand_mean:.4f}; no active version")
+            reason += f" on {dataset.validation_set_id} (margin {config.margin})"
+            reg.promote(candidate.version, by=by, reason=reason)
+            outcome = "promoted"
+        else:
+            reason = (f"not better by the margin {config.margin}: mean Dice {cand_mean:.4f} vs "
+                      f"{act_mean:.4f} of {active.version if active else '-'}")
+            outcome = "candidate"
+        out = TrainingOutcome(
+            task=task, outcome=outcome, reason=reason, candidate=candidate.version,
+            parent=parent.version if parent else None,
+            active_before=active.version if active else None, candidate_dice=cand_dice,
+            active_dice=active_dice, validation_set=dataset.validation_set_id,
+            train_series=len(dataset.train), validation_series=len(dataset.validation),
+            patients=len(dataset.patients), epochs=result.epochs,
+            train_seconds=round(result.seconds, 3), samples_per_s=round(result.samples_per_s, 3),
+            stopped_by=result.stopped_by)
+        (work / "outcome.json").write_text(json.dumps(out.to_dict(), indent=2))
+        (work / "checkpoint.pt").unlink(missing_ok=True)
+        LOG.info("training %s", out.summary())
+        return out
+    finally:
+        reg.close()
+        labels.close()
+        archive.close()
+
+
+def _torch_backend(device: str) -> str:
+    return "pytorch-cuda" if device.startswith("cuda") else "pytorch-cpu"
+
+
+def last_trained_series(reg: Registry, task: str) -> set[tuple[str, str]]:
+    """(series UID, label SHA-256) pairs of the newest version of ``task`` with a manifest."""
+    for mv in reversed(reg.list(task)):
+        manifest = mv.manifest()
+        if isinstance(manifest, dict) and "series" in manifest:
+            return {(s["series_uid"], s["label"]["sha256"]) for s in manifest["series"]}
+    return set()
+
+
+def new_labelled_series(data_dir: Path | str, task: str, rules: SelectionRules) -> int:
+    """How many labelled, donated, matching series (or newer label versions) the task
+    has gained since its last trained version (all of them when never trained)."""
+    archive = Archive(data_dir)
+    labels = LabelStore(data_dir)
+    reg = Registry(data_dir)
+    try:
+        dataset = build_dataset(archive, labels, task, rules)
+        seen = last_trained_series(reg, task)
+        return sum(1 for i in dataset.items if (i.series_uid, i.label.sha256) not in seen)
+    finally:
+        reg.close()
+        labels.close()
+        archive.close()
+
+
+# --------------------------------------------------------------------- subprocess
+def run_in_subprocess(data_dir: Path | str, task: str, rules: SelectionRules,
+                      config: NightlyConfig, *, nice: int = 10, by: str = "trainer",
+                      timeout_s: float | None = None) -> TrainingOutcome:
+    """Run :func:`run_training` in a child process at lower priority; return its outcome.
+
+    The child inherits stdout/stderr (its log lines go where the node's go).
+
+    Parameters
+    ----------
+    nice : int
+        Niceness added to the child (0..19).
+    timeout_s : float, optional
+        Kill the child after this many seconds (default: the time budget plus 10 min
+        for caching, evaluation and registration).
+
+    Raises
+    ------
+    TrainingError
+        If the child fails or times out (its exit status and last error in the message).
+    ValueError
+        If ``nice`` is out of range.
+    """
+    if not 0 <= nice <= 19:
+        raise ValueError(f"nice must be in 0..19, got {nice}")
+    data_dir = Path(data_dir)
+    req_dir = data_dir / TRAINING_DIR / task
+    req_dir.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
+    request = req_dir / f"request-{stamp}.json"
+    result = req_dir / f"result-{stamp}.json"
+    request.write_text(json.dumps({
+        "data_dir": str(data_dir), "task": task, "rules": dataclasses.asdict(rules),
+        "config": dataclasses.asdict(config), "by": by, "result": str(result)}))
+    cmd = [sys.executable, "-m", "trainer.nightly", str(request)]
+    timeout = timeout_s if timeout_s is not None else config.time_budget_s + 600
+    LOG.info("training %s in a subprocess (nice +%d, timeout %.0f s)", task, nice, timeout)
+
+    def lower_priority() -> None:  # runs in the child before exec
+        os.nice(nice)
+
+    try:
+        proc = subprocess.run(cmd, preexec_fn=lower_priority, timeout=timeout,
+                              cwd=str(Path(__file__).resolve().parents[1]))
+    except subprocess.TimeoutExpired as exc:
+        raise TrainingError(f"training {task} did not finish within {timeout:.0f} s") from exc
+    finally:
+        request.unlink(missing_ok=True)
+    if proc.returncode != 0 or not result.is_file():
+        detail = result.read_text() if result.is_file() else "no result written"
+        result.unlink(missing_ok=True)
+        raise TrainingError(f"training {task} failed (exit status {proc.returncode}): {detail}")
+    data = json.loads(result.read_text())
+    result.unlink(missing_ok=True)
+    if "error" in data:
+        raise TrainingError(f"training {task} failed: {data['error']}")
+    return TrainingOutcome.from_dict(data)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Child entry point: ``python -m trainer.nightly REQUEST.json``."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.nightly")
+    parser.add_argument("request", type=Path)
+    args = parser.parse_args(argv)
+    req = json.loads(args.request.read_text())
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s [trainer %(process)d] %(name)s: %(message)s")
+    result = Path(req["result"])
+    try:
+        rules = SelectionRules.from_dict(req["rules"])
+        config = NightlyConfig(**req["config"])
+        outcome = run_training(req["data_dir"], req["task"], rules, config, by=req["by"])
+    except Exception as exc:  # reported to the parent, which raises TrainingError
+        LOG.exception("training %s failed", req.get("task"))
+        result.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    result.write_text(json.dumps(outcome.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
