@@ -230,6 +230,31 @@ class Settings:
         set (all three or none) the DICOM listener speaks TLS only and refuses a
         client without a certificate signed by ``tls_ca``; destinations with
         ``tls = true`` are sent to over TLS with the same certificate.
+    train_enabled : bool
+        Whether ``serve`` schedules the nightly training (default true).
+    train_at : str
+        Local time of the nightly training, ``HH:MM`` or ``HH:MM:SS`` (default 02:00).
+    train_min_new_series : int
+        A task is trained only when it gained at least this many labelled series of
+        donating patients since its last training (default 5).
+    train_promote_margin : float
+        A candidate is promoted only when its mean validation Dice exceeds the active
+        version's by more than this (default 0.01).
+    train_time_budget_min : float
+        Wall-clock budget of one task's training, minutes (default 120).
+    train_max_epochs : int
+        Upper bound of epochs of one training (default 100).
+    train_finetune_lr, train_scratch_lr : float
+        Learning rate when fine-tuning the active version (1e-4) or training from
+        scratch (1e-3).
+    train_patch_size : int
+        Edge of the cubic training patch on the model grid, voxels (default 96).
+    train_validation_fraction : float
+        Share of patients held out for validation (default 0.2).
+    train_device : str
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    train_nice : int
+        Niceness of the training subprocess, 0-19 (default 10).
     """
 
     ae_title: str = "DICOM_NODE"
@@ -254,6 +279,18 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    train_enabled: bool = True
+    train_at: str = "02:00"
+    train_min_new_series: int = 5
+    train_promote_margin: float = 0.01
+    train_time_budget_min: float = 120.0
+    train_max_epochs: int = 100
+    train_finetune_lr: float = 1e-4
+    train_scratch_lr: float = 1e-3
+    train_patch_size: int = 96
+    train_validation_fraction: float = 0.2
+    train_device: str = "auto"
+    train_nice: int = 10
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""
@@ -316,9 +353,50 @@ class Settings:
                                   "tls_cert, tls_key and tls_ca set (TLS needs the node's certificate)",
                                   True, src)
 
+        self._check_training(src)
+
+    def _check_training(self, src: str) -> None:
+        """Validate the ``train_*`` keys (nightly learning)."""
+        def number(key: str, lo: float, hi: float, what: str, integer: bool = False) -> None:
+            v = getattr(self, key)
+            kinds = (int,) if integer else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kinds) or not lo <= v <= hi:
+                raise ConfigError(key, what, v, src)
+
+        if not isinstance(self.train_enabled, bool):
+            raise ConfigError("train_enabled", "true or false", self.train_enabled, src)
+        if parse_time_of_day(self.train_at) is None:
+            raise ConfigError("train_at", "a local time HH:MM or HH:MM:SS (24 h)", self.train_at, src)
+        number("train_min_new_series", 1, 100000, "an integer >= 1", integer=True)
+        number("train_promote_margin", 0, 0.999, "a Dice difference from 0 to 0.999")
+        number("train_time_budget_min", 0.01, 10080, "minutes > 0 (at most a week)")
+        number("train_max_epochs", 1, 100000, "an integer >= 1", integer=True)
+        number("train_finetune_lr", 1e-9, 0.999, "a learning rate in (0, 1)")
+        number("train_scratch_lr", 1e-9, 0.999, "a learning rate in (0, 1)")
+        number("train_patch_size", 8, 1024, "an integer number of voxels from 8 to 1024",
+               integer=True)
+        number("train_validation_fraction", 0.01, 0.99, "a fraction from 0.01 to 0.99")
+        number("train_nice", 0, 19, "an integer from 0 to 19", integer=True)
+        if not isinstance(self.train_device, str) or not (
+                self.train_device in ("auto", "cpu") or self.train_device.startswith("cuda")):
+            raise ConfigError("train_device", "auto, cpu or cuda[:N]", self.train_device, src)
+
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+
+def parse_time_of_day(text: object) -> tuple[int, int, int] | None:
+    """``HH:MM`` or ``HH:MM:SS`` as (hour, minute, second); ``None`` if it is not one."""
+    if not isinstance(text, str):
+        return None
+    parts = text.strip().split(":")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and len(p) == 2 for p in parts):
+        return None
+    h, m, sec = (int(p) for p in (*parts, "00")[:3])
+    if h > 23 or m > 59 or sec > 59:
+        return None
+    return h, m, sec
 
 
 # How each key is read from TOML or the environment: (expected, converter).
@@ -388,6 +466,18 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "tls_key": ("a PEM file path (string)", _to_path),
     "tls_ca": ("a PEM file path (string)", _to_path),
     "destinations": ("an array of tables ([[destinations]])", None),
+    "train_enabled": ("true or false", _to_bool),
+    "train_at": ("a local time HH:MM or HH:MM:SS", _to_str),
+    "train_min_new_series": ("an integer", _to_int),
+    "train_promote_margin": ("a number", _to_float),
+    "train_time_budget_min": ("a number of minutes", _to_float),
+    "train_max_epochs": ("an integer", _to_int),
+    "train_finetune_lr": ("a number", _to_float),
+    "train_scratch_lr": ("a number", _to_float),
+    "train_patch_size": ("an integer", _to_int),
+    "train_validation_fraction": ("a number", _to_float),
+    "train_device": ("a string", _to_str),
+    "train_nice": ("an integer", _to_int),
 }
 
 
