@@ -29,6 +29,7 @@ from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryErro
 from pipelines.inference import LoadedModel, load_model
 from pipelines.selection import SelectionRules
 from pipelines.types import WriterOptions
+from pipelines.validation import invalid, validate_results
 from registry.store import Registry
 from twin_archive import Archive
 from twin_archive.results import AIResult, ResultStore, SegmentMeasure
@@ -150,10 +151,12 @@ class Worker:
         manufacturer, model_name = _scanner(files[0])
         loaded = self._model(job.task, manufacturer, model_name)
         overlay = any("overlay" in d.send for d in self.destinations) or not self.destinations
+        predecessors = self._predecessor_srs(job)
         t_load = time.perf_counter()
         try:
             outcome = self._run_series(files, loaded, rules=spec.rules,
-                                 options=WriterOptions(write_overlay=overlay))
+                                 options=WriterOptions(write_overlay=overlay),
+                                 predecessors=predecessors)
         except EmptyResultError as exc:
             return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
                               note=f"nothing found, nothing sent ({exc})")
@@ -163,6 +166,9 @@ class Worker:
         datasets = outcome.results
         objects: list[tuple[str, Any]] = [("seg", datasets.seg), ("sr", datasets.sr)]
         objects += [("overlay", ds) for ds in datasets.overlay]
+        # every object is checked before it may be sent; an invalid one is kept in the
+        # twin but held back from every destination, with the reason
+        held = invalid(validate_results(datasets))
         timings = _timings(outcome)
         timings["model_load_s"] = t_load - t0
         timings["pipeline_s"] = t_run - t_load
@@ -177,7 +183,10 @@ class Worker:
         )
         result_timings = dict(result.timings)
         result_timings["store_s"] = time.perf_counter() - t_run
-        self.sender.enqueue(result, self.destinations)
+        self.sender.enqueue(result, self.destinations, held=held)
+        if held:
+            LOG.error("job %d: %d object(s) failed validation and are held back, not sent: %s",
+                      job.id, len(held), "; ".join(sorted(set(held.values())))[:500])
         seconds = time.perf_counter() - t0
         LOG.info("job %d: series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline %.1f s, "
                  "storing %.2f s)", job.id, job.series_uid, result.id, result.model_name,
@@ -185,6 +194,23 @@ class Worker:
                  ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in result.segments) or "no segment",
                  seconds, t_run - t_load, result_timings["store_s"])
         return JobOutcome(job_id=job.id, result=result, note="", seconds=seconds)
+
+    def _predecessor_srs(self, job: Job) -> list[Any]:
+        """The SR(s) of the current result of this series and task, which the new one supersedes."""
+        import pydicom
+
+        out = []
+        for earlier in self.results.for_series(job.series_uid):
+            if earlier.task != job.task or earlier.superseded_by is not None:
+                continue
+            for obj in earlier.objects:
+                if obj.kind == "sr":
+                    try:
+                        out.append(pydicom.dcmread(obj.path, stop_before_pixels=True))
+                    except (OSError, ValueError) as exc:
+                        LOG.warning("job %d: earlier SR %s cannot be read (%s); not referenced",
+                                    job.id, obj.sop_instance_uid, exc)
+        return out
 
     def run_one(self) -> JobOutcome | None:
         """Claim and run the next due job, recording its end in the queue; ``None`` if none."""
