@@ -28,7 +28,7 @@ def _common() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface."""
-    from dicom_node.cli import demo, infer, models, ops, queues, serve, twin
+    from dicom_node.cli import demo, destinations, infer, models, ops, queues, serve, twin
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, twin, models, infer, demo, queues, ops):
+    for module in (serve, twin, models, infer, demo, queues, ops, destinations):
         module.register(sub, [common])
     return parser
 
