@@ -18,6 +18,7 @@ from dicom_node.monitor import StabilityMonitor
 from dicom_node.sender import Sender
 from dicom_node.server import client_tls_context
 from dicom_node.settings import Destination, Settings, parse_destination
+from dicom_node.training import NightlyScheduler
 from dicom_node.worker import DEFAULT_PIPELINES, Worker
 from twin_archive import Archive
 from twin_archive.audit import AuditLog
@@ -70,6 +71,8 @@ class Loop:
         self.worker = Worker(archive=archive, jobs=self.jobs, results=self.results,
                              sender=self.sender, destinations=settings.destinations,
                              pipelines=DEFAULT_PIPELINES)
+        # The node's one scheduler (STYLE rule 15): nightly training, when enabled.
+        self.scheduler = NightlyScheduler(settings) if settings.train_enabled else None
         if not settings.destinations:
             LOG.warning("no destinations configured: results are kept in the twins only "
                         "(add [[destinations]] or --destination AET@HOST:PORT)")
@@ -93,9 +96,15 @@ class Loop:
         self.sender.start()
         self.worker.start()
         self.monitor.start()
+        if self.scheduler is not None:
+            self.scheduler.start()
+        else:
+            LOG.info("nightly training is disabled (train_enabled = false)")
 
     def stop(self) -> None:
         """Stop all three; what is not done stays queued for the next start."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
         self.monitor.stop()
         self.worker.stop()
         self.sender.stop()

@@ -151,6 +151,13 @@ class TrainingSet:
             "excluded": [{"series_uid": s, "reason": r} for s, r in self.excluded],
         }
 
+    def manifest_key(self) -> str:
+        """SHA-256 over the items (series, label version, image content, split): equal for
+        datasets that would train the same model."""
+        text = "\n".join(sorted(f"{i.series_uid}:{i.label.sha256}:{i.image_sha256}:{i.split}"
+                                 for i in self.items))
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def manifest_json(self) -> str:
         """The manifest as canonical JSON text."""
         return json.dumps(self.manifest(), sort_keys=True)

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -308,7 +310,11 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
             return TrainingOutcome(task=task, outcome="skipped", reason=reason,
                                    patients=len(dataset.patients))
         parent, src = _base_bundle(reg, task)
-        work = data_dir / TRAINING_DIR / task / run_id
+        # One work folder per dataset and parent: a run interrupted (node stopped, budget
+        # of the night spent) resumes from its checkpoint when the dataset is unchanged.
+        key = hashlib.sha256(f"{parent.version if parent else '-'}\n{dataset.manifest_key()}"
+                             .encode()).hexdigest()[:16]
+        work = data_dir / TRAINING_DIR / task / f"run-{key}"
         bundle = work / "bundle"
         _prepare_bundle(src, bundle, parent=parent.version if parent else None, run_id=run_id,
                         dataset=dataset)
@@ -373,7 +379,7 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
             train_seconds=round(result.seconds, 3), samples_per_s=round(result.samples_per_s, 3),
             stopped_by=result.stopped_by)
         (work / "outcome.json").write_text(json.dumps(out.to_dict(), indent=2))
-        (work / "checkpoint.pt").unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)  # the bundle is copied into the registry
         LOG.info("training %s", out.summary())
         return out
     finally:
@@ -414,7 +420,8 @@ def new_labelled_series(data_dir: Path | str, task: str, rules: SelectionRules) 
 # --------------------------------------------------------------------- subprocess
 def run_in_subprocess(data_dir: Path | str, task: str, rules: SelectionRules,
                       config: NightlyConfig, *, nice: int = 10, by: str = "trainer",
-                      timeout_s: float | None = None) -> TrainingOutcome:
+                      timeout_s: float | None = None,
+                      cancel: threading.Event | None = None) -> TrainingOutcome:
     """Run :func:`run_training` in a child process at lower priority; return its outcome.
 
     The child inherits stdout/stderr (its log lines go where the node's go).
@@ -426,6 +433,9 @@ def run_in_subprocess(data_dir: Path | str, task: str, rules: SelectionRules,
     timeout_s : float, optional
         Kill the child after this many seconds (default: the time budget plus 10 min
         for caching, evaluation and registration).
+    cancel : threading.Event, optional
+        When set (the node stops), the child is terminated; a later run on the same
+        dataset resumes from its checkpoint.
 
     Raises
     ------
@@ -452,12 +462,28 @@ def run_in_subprocess(data_dir: Path | str, task: str, rules: SelectionRules,
     def lower_priority() -> None:  # runs in the child before exec
         os.nice(nice)
 
+    proc = subprocess.Popen(cmd, preexec_fn=lower_priority,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    deadline = time.monotonic() + timeout
     try:
-        proc = subprocess.run(cmd, preexec_fn=lower_priority, timeout=timeout,
-                              cwd=str(Path(__file__).resolve().parents[1]))
-    except subprocess.TimeoutExpired as exc:
-        raise TrainingError(f"training {task} did not finish within {timeout:.0f} s") from exc
+        while proc.poll() is None:
+            if cancel is not None and cancel.is_set():
+                raise TrainingError(f"training {task} cancelled (the node is stopping); the next "
+                                    "run on the same dataset resumes from the checkpoint")
+            if time.monotonic() > deadline:
+                raise TrainingError(f"training {task} did not finish within {timeout:.0f} s")
+            try:
+                proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
     finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         request.unlink(missing_ok=True)
     if proc.returncode != 0 or not result.is_file():
         detail = result.read_text() if result.is_file() else "no result written"
