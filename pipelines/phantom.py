@@ -9,6 +9,7 @@ Nothing here is downloaded.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,66 +18,226 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 # Label values of the phantom's truth map.
 LABELS: dict[int, str] = {1: "spleen", 2: "liver", 3: "kidney", 4: "spine"}
-_HU = {"air": -1000.0, "fat": -100.0, "soft": 40.0, "spleen": 105.0, "liver": 60.0,
-       "kidney": 150.0, "bone": 700.0}
+_HU = {"air": -1000.0, "fat": -100.0, "soft": 40.0, "muscle": 50.0, "spleen": 105.0,
+       "liver": 60.0, "kidney": 150.0, "bone": 700.0}
+#: Number of shape coefficients of a deformed ellipsoid: 9 for the monomials of degree
+#: 1 and 2 of the unit direction, 1 for the depth of the concave dent (hilum).
+SHAPE_TERMS = 10
+_FIB_N = 8192
+
+
+@functools.lru_cache(maxsize=1)
+def _sphere_points() -> np.ndarray:
+    """Fibonacci points on the unit sphere (quadrature nodes of equal weight)."""
+    i = np.arange(_FIB_N, dtype=np.float64) + 0.5
+    z = 1.0 - 2.0 * i / _FIB_N
+    phi = np.pi * (1.0 + 5.0 ** 0.5) * i
+    r = np.sqrt(1.0 - z * z)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=-1)
+
+
+def _radial(shape: tuple[float, ...], u: np.ndarray) -> np.ndarray:
+    """Unscaled radial factor of a deformed unit sphere in directions ``u`` (..., 3)."""
+    x, y, z = u[..., 0], u[..., 1], u[..., 2]
+    monomials = (x, y, z, x * x - 1 / 3, y * y - 1 / 3, z * z - 1 / 3, x * y, x * z, y * z)
+    g = np.ones(u.shape[:-1], dtype=u.dtype)
+    for c, m in zip(shape[:9], monomials):
+        if c:
+            g = g + np.asarray(c, dtype=u.dtype) * m
+    if shape[9]:
+        g = g - np.asarray(shape[9], dtype=u.dtype) * np.clip(-x, 0.0, None) ** 3
+    return np.maximum(g, np.asarray(0.35, dtype=u.dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _volume_scale(shape: tuple[float, ...]) -> float:
+    """Factor that gives a deformed unit sphere the volume of the unit sphere."""
+    return float(np.mean(_radial(shape, _sphere_points()) ** 3) ** (-1.0 / 3.0))
+
+
+def _rotation(angles_deg: tuple[float, float, float]) -> np.ndarray:
+    """Rotation matrix of intrinsic z-y-x Euler angles (degrees)."""
+    a, b, c = np.deg2rad(angles_deg)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(c), -np.sin(c)], [0, np.sin(c), np.cos(c)]])
+    return rz @ ry @ rx
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Ellipsoid:
-    """An organ approximated by an ellipsoid: centre (LPS, mm) and semi-axes (mm)."""
+    """An organ: an ellipsoid, optionally rotated and smoothly deformed.
+
+    Parameters
+    ----------
+    name : str
+        Organ name (``body`` or a value of :data:`LABELS`).
+    centre : (float, float, float)
+        Centre, LPS mm.
+    radii : (float, float, float)
+        Semi-axes along the organ's own axes, mm. A deformed organ has exactly the
+        volume ``4/3 pi prod(radii)`` (see :attr:`volume_ml`).
+    hu : float
+        Attenuation, HU.
+    rotation_deg : (float, float, float)
+        Intrinsic z-y-x Euler angles (degrees) of the organ's axes in LPS.
+    shape : tuple of float
+        Empty (a plain ellipsoid) or :data:`SHAPE_TERMS` coefficients: a smooth,
+        low-frequency radial deformation (degree-1 and -2 terms of the direction)
+        and the depth of a concave dent on the organ's local -x side (a hilum, for
+        crescent-like shapes). The surface is ``|d| = s * g(d/|d|)`` in coordinates
+        ``d`` normalised by the radii, with ``s`` chosen to keep the volume.
+
+    Raises
+    ------
+    ValueError
+        Non-positive radii, or ``shape`` of the wrong length or not finite.
+    """
 
     name: str
     centre: tuple[float, float, float]
     radii: tuple[float, float, float]
     hu: float
+    rotation_deg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    shape: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if any(r <= 0 for r in self.radii):
             raise ValueError(f"radii must be positive, got {self.radii}")
+        shape = tuple(float(v) for v in self.shape)
+        if len(shape) not in (0, SHAPE_TERMS) or not all(np.isfinite(shape)):
+            raise ValueError(f"shape must be empty or {SHAPE_TERMS} finite coefficients, "
+                             f"got {self.shape}")
+        object.__setattr__(self, "shape", shape)
+        rot = tuple(float(v) for v in self.rotation_deg)
+        if len(rot) != 3 or not all(np.isfinite(rot)):
+            raise ValueError(f"rotation_deg must be 3 finite angles, got {self.rotation_deg}")
+        object.__setattr__(self, "rotation_deg", rot)
+
+    @property
+    def volume_ml(self) -> float:
+        """Exact volume of the organ (before other organs overlap it), mL."""
+        return float(4.0 / 3.0 * np.pi * np.prod(self.radii) / 1000.0)
+
+    @property
+    def extent_mm(self) -> float:
+        """An upper bound of the distance from the centre to the surface, mm."""
+        bound = 1.0
+        if self.shape:
+            bound = _volume_scale(self.shape) * (1.0 + sum(abs(c) for c in self.shape[:9]))
+        return float(max(self.radii) * bound)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Anatomy:
-    """The organs of one synthetic patient, in patient coordinates (LPS, mm)."""
+    """The organs of one synthetic patient, in patient coordinates (LPS, mm).
+
+    Parameters
+    ----------
+    body : Ellipsoid
+        The body outline; a subcutaneous fat layer, a muscle wall and the abdominal
+        cavity lie inside it.
+    organs : tuple of Ellipsoid
+        Painted in order (later ones cover earlier ones); the spleen is last.
+    noise_hu : float
+        Standard deviation of the white image noise, HU.
+    seed : int
+        Seed of the image noise (and of :meth:`random`).
+    texture : tuple of tuples of 5 floats
+        Smooth fat/soft-tissue variation of the abdominal cavity: terms
+        ``(amplitude HU, kx, ky, kz (rad/mm), phase)`` summed as cosines and added to
+        ``body.hu``; empty for a uniform cavity.
+    """
 
     body: Ellipsoid
     organs: tuple[Ellipsoid, ...]
     noise_hu: float = 12.0
     seed: int = 0
+    texture: tuple[tuple[float, float, float, float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.noise_hu >= 0:
+            raise ValueError(f"noise_hu must be >= 0, got {self.noise_hu}")
+        if any(len(t) != 5 for t in self.texture):
+            raise ValueError("texture terms must be (amplitude, kx, ky, kz, phase)")
 
     @staticmethod
     def random(seed: int) -> Anatomy:
-        """A plausible abdomen with the spleen's size, position and contrast varied."""
+        """A plausible abdomen; the spleen's shape, size, position and contrast vary.
+
+        The contrast phase varies from late-arterial-like to portal-venous-like
+        (spleen about 75-150 HU against a -110..45 HU cavity, liver and kidneys enhance with it); the spleen is a
+        rotated ellipsoid with a smooth random deformation and a hilar dent, of
+        about 130-500 mL; image noise is 8-25 HU.
+        """
         rng = np.random.default_rng(seed)
         j = lambda s: float(rng.uniform(-s, s))  # noqa: E731 - tiny jitter helper
-        body = Ellipsoid(name="body", centre=(0.0, 0.0, 0.0),
-                         radii=(165 + j(15), 115 + j(12), 400.0), hu=_HU["soft"])
+        phase = float(rng.uniform(0.3, 1.0))  # 0 native .. 1 portal venous
+        body = Ellipsoid(name="body", centre=(j(5), j(5), 0.0),
+                         radii=(165 + j(20), 115 + j(15), 400.0), hu=_HU["soft"] - 30 + j(15))
         # LPS: +x is patient left, +y is posterior, +z is superior.
-        spleen = Ellipsoid(name="spleen", centre=(95 + j(10), 35 + j(10), 40 + j(15)),
-                           radii=(30 + j(8), 45 + j(10), 50 + j(12)),
-                           hu=_HU["spleen"] + j(20))
+        size = float(rng.uniform(0.8, 1.25))
+        spleen_shape = tuple([j(0.15) for _ in range(3)] + [j(0.25) for _ in range(6)]
+                             + [float(rng.uniform(0.0, 0.6))])
+        spleen = Ellipsoid(name="spleen", centre=(95 + j(12), 35 + j(12), 40 + j(18)),
+                           radii=(28 * size * (1 + j(0.15)), 42 * size * (1 + j(0.15)),
+                                  48 * size * (1 + j(0.15))),
+                           hu=60 + 80 * phase + j(10),
+                           rotation_deg=(-30 + j(25), j(15), j(15)), shape=spleen_shape)
         liver = Ellipsoid(name="liver", centre=(-70 + j(8), 0 + j(8), 45 + j(10)),
-                          radii=(75 + j(8), 70 + j(8), 70 + j(10)), hu=_HU["liver"] + j(10))
+                          radii=(75 + j(8), 70 + j(8), 70 + j(10)),
+                          hu=50 + 60 * phase + j(10), rotation_deg=(j(10), j(8), j(8)),
+                          shape=tuple([j(0.08) for _ in range(9)] + [0.0]))
+        kidney_hu = 35 + 150 * phase
         kidney_l = Ellipsoid(name="kidney", centre=(70 + j(5), 55 + j(5), -35 + j(8)),
-                             radii=(25.0, 28.0, 50 + j(5)), hu=_HU["kidney"] + j(15))
+                             radii=(25.0, 28.0, 50 + j(5)), hu=kidney_hu + j(15),
+                             rotation_deg=(j(15), j(10), 0.0))
         kidney_r = Ellipsoid(name="kidney", centre=(-70 + j(5), 55 + j(5), -45 + j(8)),
-                             radii=(25.0, 28.0, 50 + j(5)), hu=_HU["kidney"] + j(15))
+                             radii=(25.0, 28.0, 50 + j(5)), hu=kidney_hu + j(15),
+                             rotation_deg=(j(15), j(10), 0.0))
         spine = Ellipsoid(name="spine", centre=(0.0, 75 + j(5), 0.0),
-                          radii=(20.0, 20.0, 400.0), hu=_HU["bone"])
+                          radii=(20.0, 20.0, 400.0), hu=_HU["bone"] + j(150))
+        texture = tuple((float(rng.uniform(15, 35)), j(0.06), j(0.06), j(0.04), j(np.pi))
+                        for _ in range(4))
         return Anatomy(body=body, organs=(liver, kidney_l, kidney_r, spine, spleen),
-                       noise_hu=10 + j(4), seed=seed)
+                       noise_hu=float(rng.uniform(8.0, 25.0)), seed=seed, texture=texture)
 
     def sample(self, points: np.ndarray, rng: np.random.Generator | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        """HU values and label values at ``points`` (..., 3) in LPS mm."""
-        hu = np.full(points.shape[:-1], _HU["air"], dtype=np.float32)
-        labels = np.zeros(points.shape[:-1], dtype=np.uint8)
-        inside_body = _inside(self.body, points)
+        """HU values and label values at ``points`` (..., 3) in LPS mm.
+
+        Parameters
+        ----------
+        points : numpy.ndarray
+            (..., 3) LPS coordinates, mm.
+        rng : numpy.random.Generator, optional
+            Source of the image noise; without it the HU values are noise-free.
+
+        Returns
+        -------
+        hu : numpy.ndarray
+            float32 HU, shape ``points.shape[:-1]``.
+        labels : numpy.ndarray
+            uint8 values of :data:`LABELS` (0 = background), the exact truth.
+        """
+        pts = np.asarray(points, dtype=np.float32)
+        hu = np.full(pts.shape[:-1], _HU["air"], dtype=np.float32)
+        labels = np.zeros(pts.shape[:-1], dtype=np.uint8)
+        inside_body = _inside(self.body, pts)
         hu[inside_body] = _HU["fat"]
-        hu[_inside(self.body, points, scale=0.9)] = self.body.hu
+        hu[_inside(self.body, pts, scale=0.93)] = _HU["muscle"]
+        cavity = _inside(self.body, pts, scale=0.88)
+        if self.texture:
+            q = pts[cavity].astype(np.float64)
+            field = np.full(q.shape[:-1], self.body.hu)
+            for amp, kx, ky, kz, ph in self.texture:
+                field += amp * np.cos(q @ np.array([kx, ky, kz]) + ph)
+            hu[cavity] = np.clip(field, -110.0, 45.0).astype(np.float32)
+        else:
+            hu[cavity] = self.body.hu
         label_of = {v: k for k, v in LABELS.items()}
         for organ in self.organs:
-            m = _inside(organ, points) & inside_body
+            m = _inside(organ, pts) & inside_body
             hu[m] = organ.hu
             labels[m] = label_of[organ.name]
         if rng is not None and self.noise_hu > 0:
@@ -85,8 +246,25 @@ class Anatomy:
 
 
 def _inside(e: Ellipsoid, points: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    d = (points - np.asarray(e.centre, dtype=np.float32)) / (np.asarray(e.radii, np.float32) * scale)
-    return np.einsum("...i,...i->...", d, d) <= 1.0
+    """Whether ``points`` (..., 3, LPS mm) lie inside ``e`` (its shape scaled by ``scale``)."""
+    rel = points - np.asarray(e.centre, dtype=np.float32)
+    if e.rotation_deg != (0.0, 0.0, 0.0):
+        rel = rel @ _rotation(e.rotation_deg).astype(np.float32)  # into the organ's frame
+    d = rel / (np.asarray(e.radii, np.float32) * scale)
+    rho2 = np.einsum("...i,...i->...", d, d)
+    if not e.shape:
+        return rho2 <= 1.0
+    s = _volume_scale(e.shape)
+    bound = s * (1.0 + sum(abs(c) for c in e.shape[:9]))
+    out = np.zeros(rho2.shape, dtype=bool)
+    near = rho2 <= bound * bound  # the only candidates; the rest is outside
+    if not near.any():
+        return out
+    dn = d[near]
+    rho = np.sqrt(rho2[near])
+    u = dn / np.maximum(rho, 1e-12)[..., None]
+    out[near] = rho <= s * _radial(e.shape, u.astype(np.float64))
+    return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -125,6 +303,16 @@ class SliceGeometry:
     @property
     def normal(self) -> np.ndarray:
         return np.cross(self.row_direction, self.column_direction)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4x4 matrix from index (k, i, j) (slice, row, column) to LPS mm."""
+        a = np.eye(4)
+        a[:3, 0] = self.normal * self.slice_spacing
+        a[:3, 1] = np.asarray(self.column_direction) * self.pixel_spacing[0]
+        a[:3, 2] = np.asarray(self.row_direction) * self.pixel_spacing[1]
+        a[:3, 3] = self.position(0)
+        return a
 
     def position(self, k: int) -> np.ndarray:
         """Image Position (Patient) of slice ``k`` (centre of its first pixel), LPS mm."""
