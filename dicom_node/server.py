@@ -25,6 +25,7 @@ from dicom_node.handlers.association import (
 )
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
+from dicom_node import speedups
 from dicom_node.errors import DicomNodeError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.settings import Settings
@@ -84,6 +85,7 @@ class DicomServer:
         self.audit = audit
         self.ledger = StudyLedger(audit)
         self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
+        speedups.install()  # pynetdicom's loops wake on work; see dicom_node/speedups.py
         self.ae = self._build_ae()
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()

@@ -1,0 +1,236 @@
+"""Two cuts in pynetdicom's per-message overhead on the receive path.
+
+**Wake-ups.** 
+pynetdicom 3.0 runs two polling threads per association. The DUL thread sleeps
+``_run_loop_delay`` (1 ms) whenever the socket is quiet and nothing is queued to send;
+the association thread sleeps 1 ms before each look at the queue of assembled DIMSE
+messages. A C-STORE waits for both: the request waits up to 1 ms to be noticed
+after its last PDU, the response up to 1 ms to be sent, and the next request's
+first PDU up to 1 ms to be read (pynetdicom's own ``TODO: try and make this event
+based``; PR #139 and issue #120 are about the same cost). On loopback that was
+about 1 ms of a 5.8 ms store.
+
+:func:`install` keeps every loop and every timeout as it is and only changes what a
+tick waits on, so the worst case is still 1 ms and idle CPU is unchanged:
+
+* the DUL thread's idle sleep becomes ``select()`` on its socket and an ``eventfd``
+  that a put on its outbound queue (``to_provider_queue``) writes to: it wakes when
+  the peer sends or when a response is ready to go;
+* the acceptor's 1 ms sleep becomes a wait on its DIMSE message queue's condition:
+  it wakes when a message is complete.
+
+It replaces the ``time`` name inside ``pynetdicom.dul`` and ``pynetdicom.association``
+with a stand-in whose ``sleep`` does that on those two threads and is
+:func:`time.sleep` everywhere else. It checks the attributes it relies on and
+installs nothing (logging why) when they are not there, so a pynetdicom upgrade
+costs speed, never correctness.
+
+**Reads.** ``AssociationSocket.recv`` reads a PDU 4096 bytes per ``recv()`` call
+(about 130 calls, each with a ``bytes`` object and a ``bytearray`` extend, for one
+0.5 MB CT slice). :func:`install` replaces it with the same loop reading up to
+1 MiB per call: as many calls as the kernel has data ready, no more. The chunk is
+bounded, so a peer announcing a huge PDU length still makes the node allocate only
+what it actually sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import ssl
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pynetdicom
+from pynetdicom import association as _association
+from pynetdicom import dul as _dul
+from pynetdicom import transport as _transport
+
+LOG = logging.getLogger(__name__)
+
+#: The acceptor reactor's tick in pynetdicom 3.0 (``Association._run_reactor``).
+_ASSOC_TICK_S = 0.001
+
+_install_lock = threading.Lock()
+_installed = False
+
+
+class _Clock:
+    """Stands in for the ``time`` module inside one pynetdicom module."""
+
+    def __init__(self, sleep: Callable[[float], None]) -> None:
+        self.sleep = sleep
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+class _Wake:
+    """An eventfd that a put on a DUL's outbound queue writes to; closed exactly once.
+
+    The lock keeps a write from reaching a closed (and possibly reused) descriptor.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def notify(self) -> None:
+        with self._lock:
+            if not self.closed:
+                os.eventfd_write(self.fd, 1)
+
+    def drain(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
+
+
+class _ThreadEnd:
+    """Lives in a DUL thread's local storage; collected when that thread ends."""
+
+
+_thread_state = threading.local()
+
+
+def _wake_of(dul: Any) -> _Wake | None:
+    """The DUL's wake-up, created on first use (None once closed or when unavailable)."""
+    wake = dul.__dict__.get("_dicom_node_wake")
+    if wake is not None:
+        return None if wake.closed else wake
+    try:
+        wake = _Wake(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+    except (AttributeError, OSError):
+        return None
+    dul._dicom_node_wake = wake
+    # Given back when the DUL thread ends: its thread-local storage, and the sentinel
+    # in it, is released then (CPython frees it at once); the DUL object itself may
+    # live on in a reference cycle until the garbage collector runs.
+    sentinel = _ThreadEnd()
+    _thread_state.sentinel = sentinel
+    weakref.finalize(sentinel, wake.close)
+    weakref.finalize(dul, wake.close)
+    q: queue.Queue[Any] = dul.to_provider_queue
+    put = q.put
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        wake.notify()
+
+    q.put = put_and_wake  # type: ignore[method-assign]
+    return wake
+
+
+def _dul_sleep(seconds: float) -> None:
+    dul = threading.current_thread()
+    if not isinstance(dul, _dul.DULServiceProvider):
+        time.sleep(seconds)
+        return
+    sock = getattr(dul.socket, "socket", None)
+    if sock is None or dul._kill_thread:
+        wake = dul.__dict__.get("_dicom_node_wake")
+        if wake is not None:
+            wake.close()  # the loop is ending: give the descriptor back now
+        time.sleep(seconds)
+        return
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return  # decrypted bytes already buffered: select() cannot see them
+    wake = _wake_of(dul)
+    if wake is None:
+        time.sleep(seconds)
+        return
+    try:
+        ready, _, _ = select.select([sock, wake.fd], [], [], seconds)
+    except (OSError, ValueError):  # socket closed under us: the DUL notices next
+        time.sleep(seconds)
+        return
+    if wake.fd in ready:
+        wake.drain()
+
+
+def _assoc_sleep(seconds: float) -> None:
+    assoc = threading.current_thread()
+    if seconds != _ASSOC_TICK_S or not isinstance(assoc, _association.Association):
+        time.sleep(seconds)
+        return
+    msg_queue = assoc.dimse.msg_queue
+    with msg_queue.not_empty:
+        if not msg_queue._qsize():  # noqa: SLF001 - the condition's own predicate
+            msg_queue.not_empty.wait(seconds)
+
+
+#: Largest single ``recv()`` of :func:`_recv`.
+_RECV_CHUNK = 1 << 20
+
+
+def _recv(self: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` with up to 1 MiB per ``recv()`` instead of 4096 bytes.
+
+    Same contract: blocks until ``nr_bytes`` are read, returns fewer only when the
+    peer closed the connection; socket errors propagate as before.
+    """
+    sock = self.socket
+    bytestream = bytearray()
+    nr_read = 0
+    while nr_read < nr_bytes:
+        bytes_read = sock.recv(min(nr_bytes - nr_read, _RECV_CHUNK))
+        if not bytes_read:
+            return bytestream
+        bytestream += bytes_read
+        nr_read += len(bytes_read)
+    return bytestream
+
+
+def _compatible() -> str | None:
+    """Why :func:`install` cannot apply to this pynetdicom, or None when it can."""
+    if not pynetdicom.__version__.startswith("3."):
+        return f"pynetdicom {pynetdicom.__version__} (written for 3.x)"
+    if getattr(_dul, "time", None) is not time or getattr(_association, "time", None) is not time:
+        return "pynetdicom.dul/association no longer use the time module as expected"
+    if not hasattr(os, "eventfd"):
+        return "no os.eventfd on this platform"
+    probe = _dul.DULServiceProvider.__init__
+    if "_run_loop_delay" not in probe.__code__.co_names:
+        return "DULServiceProvider has no _run_loop_delay"
+    recv = getattr(_transport.AssociationSocket, "recv", None)
+    if recv is None or "bufsize" not in recv.__code__.co_varnames:
+        return "AssociationSocket.recv has changed"
+    return None
+
+
+def install() -> bool:
+    """Make pynetdicom's loops wake on work and read in large chunks (idempotent).
+
+    Returns
+    -------
+    bool
+        True when installed (now or before), False when this pynetdicom does not fit
+        (logged once at WARNING; the node then runs with pynetdicom's polling as is).
+    """
+    global _installed
+    with _install_lock:
+        if _installed:
+            return True
+        problem = _compatible()
+        if problem is not None:
+            LOG.warning("pynetdicom speed-ups not installed (%s): polling and reads as shipped", problem)
+            return False
+        _dul.time = _Clock(_dul_sleep)  # type: ignore[assignment]
+        _association.time = _Clock(_assoc_sleep)  # type: ignore[assignment]
+        _transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
+        _installed = True
+        LOG.debug("pynetdicom speed-ups installed: loops wake on work, reads up to 1 MiB")
+        return True

@@ -1,0 +1,110 @@
+"""The C-STORE fast paths give the same bytes as the slow ones and leak nothing.
+
+* the hand-built File Meta Information equals pydicom's, byte for byte;
+* the pynetdicom speed-ups (:mod:`dicom_node.speedups`) are installed by the server,
+  store instances byte-exact over several associations at once, and give back the
+  wake-up descriptor of every association that ended;
+* a new patient/study/series directory is created with its parents (durably).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pydicom
+import pytest
+from pynetdicom import transport
+from pynetdicom.dsutils import create_file_meta
+
+from dicom_client import send
+from dicom_node import speedups
+from dicom_node.handlers.store import _file_meta_bytes, encode_file_meta
+from dicom_node.server import DicomServer
+from dicom_node.settings import Settings
+from node_harness import small_ct
+from twin_archive import Archive
+from twin_archive.durable import write_durably
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.mark.parametrize(
+    ("sop_instance_uid", "transfer_syntax", "calling_ae"),
+    [
+        ("1.2.3.4.5", "1.2.840.10008.1.2.1", "BENCHSCU"),  # even lengths
+        ("1.2.3.4", "1.2.840.10008.1.2", "ODD"),  # odd UID and AE: padded
+        ("1.2.3.45", "1.2.840.10008.1.2.4.50", ""),  # no calling AE: no (0002,0016)
+        ("1." + "2" * 62, "1.2.840.10008.1.2.1.99", "SIXTEEN_CHARS_AE"),  # 64-char UID
+    ],
+)
+def test_file_meta_by_hand_equals_pydicom(sop_instance_uid: str, transfer_syntax: str,
+                                          calling_ae: str) -> None:
+    event = SimpleNamespace(file_meta=create_file_meta(
+        sop_class_uid=CT, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax))
+    expected = _file_meta_bytes(event, calling_ae)  # type: ignore[arg-type]
+    assert encode_file_meta(CT, sop_instance_uid, transfer_syntax, calling_ae) == expected
+
+
+def test_file_meta_by_hand_declines_what_it_cannot_encode() -> None:
+    assert encode_file_meta(CT, "1.2.3", "1.2.840.10008.1.2.1", "ÄRZTE") is None
+    assert encode_file_meta(CT, "1." + "2" * 70, "1.2.840.10008.1.2.1", "") is None
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_speedups_store_byte_exact_over_parallel_associations_without_leaks(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    archive = Archive(data)
+    server = DicomServer(Settings(data_dir=data, port=0, bind_address="127.0.0.1",
+                                  ae_title="DICOM_NODE"), archive)
+    assert transport.AssociationSocket.recv is speedups._recv  # installed by the server
+    server.start()
+    try:
+        baseline = _open_fds()
+        study = pydicom.uid.generate_uid()
+        batches = [[small_ct(patient_id=f"P{a}", study_uid=study, instance=i, size=64, seed=a)
+                    for i in range(1, 11)] for a in range(4)]
+        results: list[list[int]] = [[] for _ in batches]
+
+        def run(k: int) -> None:
+            results[k] = send(server.port, batches[k])
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(batches))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == [[0] * 10] * 4
+        sent = {ds.SOPInstanceUID: ds for batch in batches for ds in batch}
+        files = sorted((data / "archive").rglob("*.dcm"))
+        assert len(files) == 40 == archive.instance_count()
+        for path in files:
+            got = pydicom.dcmread(path)
+            want = sent[got.SOPInstanceUID]
+            assert got.PixelData == want.PixelData
+            assert got.file_meta.SourceApplicationEntityTitle == "TEST_SCU"
+        # Every association's wake-up descriptor is given back once it has ended.
+        deadline = time.monotonic() + 10
+        while _open_fds() > baseline and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _open_fds() <= baseline
+    finally:
+        server.stop()
+        archive.close()
+
+
+def test_write_durably_creates_missing_directories(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    final = tmp_path / "archive" / "p" / "study" / "series" / "x.dcm"
+    write_durably(final, (b"abc", b"def"), tmp)
+    write_durably(final.with_name("y.dcm"), (b"g",), tmp)
+    assert final.read_bytes() == b"abcdef"
+    assert final.with_name("y.dcm").read_bytes() == b"g"
+    assert not list(tmp.iterdir())
