@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (serve, twin, models, infer, demo, queues, ops, destinations):
         module.register(sub, [common])
+    from dicom_node.cli import labels, training  # nightly learning: labels, train, queue, dataset
+
+    for module in (labels, training):
+        module.register(sub, [common])
     return parser
 
 

@@ -85,6 +85,13 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
               f"  by {ev.by}  {ev.reason}")
     print(f"  AI results: {len(detail.results)}   labels: {len(detail.labels)}   "
           f"model versions trained with this patient's data: {len(detail.trained_model_versions)}")
+    for lab in detail.labels:
+        print(f"    label {lab['id']}{' (current)' if lab['current'] else ''}: "
+              f"{', '.join(lab['segments'])} of series {lab['series_uid']}  {lab['source']}"
+              f" from {lab['calling_ae'] or 'import'} by {lab['content_creator'] or '?'}"
+              f" at {lab['recorded_at'][:19]}")
+    if detail.trained_model_versions:
+        print("    trained with this patient's data: " + ", ".join(detail.trained_model_versions))
     return 0
 
 
