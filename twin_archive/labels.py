@@ -323,6 +323,14 @@ class LabelStore:
                                   (series_uid,)).fetchone()
         return None if row is None else str(row[0] or "")
 
+    def series_owner(self, series_uid: str) -> str | None:
+        """Patient key of an archived series, ``None`` when the series is not archived."""
+        with self._lock:
+            row = self.db.execute("SELECT st.patient_key FROM series se JOIN studies st"
+                                  " ON st.study_uid = se.study_uid WHERE se.series_uid = ?",
+                                  (series_uid,)).fetchone()
+        return None if row is None else str(row[0])
+
     def get(self, label_id: int) -> Label:
         """One label by id.
 
