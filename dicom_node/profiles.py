@@ -172,7 +172,7 @@ def encode_as(ds: Dataset, syntax: str) -> Dataset:
     out = ds.copy()
     out.file_meta = ds.file_meta.copy()
     if syntax in PIXEL_CODECS:
-        out.compress(UID(syntax))
+        out.compress(UID(syntax), generate_instance_uid=False)  # lossless: the same instance
     else:
         out.file_meta.TransferSyntaxUID = UID(syntax)
     return out
