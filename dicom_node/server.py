@@ -192,6 +192,7 @@ class DicomServer:
                 LOG.warning("aborting association with %s after %.0f s grace: the sender "
                             "re-sends what was not acknowledged",
                             (assoc.requestor.ae_title or "?").strip(), grace)
+                self.ledger.mark(assoc, "aborted at stop")
                 assoc.abort()
             for assoc in active:
                 assoc.join(30.0)

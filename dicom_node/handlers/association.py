@@ -59,6 +59,13 @@ class StudyLedger:
         self.audit = audit
         self._lock = threading.Lock()
         self._open: dict[object, tuple[str, dict[str, list[int]]]] = {}
+        self._ended: dict[object, str] = {}
+
+    def mark(self, assoc: object, how: str) -> None:
+        """Say how an association ends (e.g. aborted by the node's stop) before it closes."""
+        with self._lock:
+            if assoc in self._open:
+                self._ended[assoc] = how
 
     def add(self, event: Event, study_uid: str, size: int) -> None:
         """Count one stored instance of ``study_uid`` on the event's association (cheap)."""
@@ -75,6 +82,7 @@ class StudyLedger:
         """Record one ``study-received`` event per study of the association; return how many."""
         with self._lock:
             entry = self._open.pop(event.assoc, None)
+            ended = self._ended.pop(event.assoc, ended)
         if entry is None:
             return 0
         who, studies = entry
