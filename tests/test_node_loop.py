@@ -143,7 +143,8 @@ def test_sends_are_kept_while_the_destination_is_down_and_delivered_once_it_is_u
     finally:
         scp.stop()
     assert scp.stored == [result.objects[0].sop_instance_uid]
-    assert scp.proposed == [result.objects[0].sop_class_uid]  # only what is sent
+    # only what is sent: its SOP class, one context per syntax the destination accepts
+    assert set(scp.proposed) == {result.objects[0].sop_class_uid} and len(scp.proposed) == 2
     assert [s.state for s in sender.list()] == [SendState.SENT]
     sender.close()
     store.close()
