@@ -1,8 +1,16 @@
-"""``dicom-node demo``: the main job on embedded defaults, end to end on this machine.
+"""``dicom-node demo``: the main job end to end on this machine, with a real Orthanc as PACS.
 
-Starts the node on a free loopback port, generates a synthetic abdominal CT study,
-sends it with dcmtk ``storescu`` (pynetdicom when dcmtk is absent) and shows what the
-node filed into the patient's twin.
+1. starts Orthanc on free loopback ports (``orthanc/server.py``), its data under
+   ``<data-dir>/orthanc``;
+2. makes the shipped demo model the active ``spleen-ct`` model;
+3. starts the node (listener, stability monitor, worker, sender) with Orthanc as its
+   destination and a short quiet period;
+4. generates an abdominal CT study (``pipelines.phantom``), stores it in Orthanc (as the
+   scanner would in the PACS) and sends it to the node, with dcmtk ``storescu``
+   (``TCP_NODELAY=1``; pynetdicom when dcmtk is absent);
+5. waits for the SEG, the SR and the overlay series to be acknowledged by Orthanc and
+   shows what landed there, the measured spleen volume and the time it took;
+6. stops everything.
 """
 
 from __future__ import annotations
@@ -14,37 +22,63 @@ import shutil
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from dicom_node.logconfig import configure_logging
-from dicom_node.server import DicomServer
-from dicom_node.settings import Settings
+from dicom_node.settings import Destination, Settings
 
 LOG = logging.getLogger(__name__)
+
+SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
+SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", parents=parents,
-                       help="run the node end to end on a generated CT study")
+                       help="run the main job end to end: Orthanc as PACS, a generated CT, "
+                            "SEG/SR/overlay back in Orthanc")
     p.add_argument("--slices", type=int, default=80, help="slices of the generated CT (512x512)")
     p.add_argument("--patient-id", default="DEMO-0001")
+    p.add_argument("--seed", type=int, default=7, help="seed of the generated anatomy (default 7)")
+    p.add_argument("--stable-after", type=float, default=2.0, metavar="SECONDS",
+                   help="quiet period before a series counts as complete (default 2 s)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="give up waiting for the results after this long")
     p.set_defaults(func=cmd_demo)
 
 
-def _write_study(out: Path, slices: int, patient_id: str) -> list[Path]:
-    from pipelines.phantom import Anatomy, SliceGeometry, StudyInfo, ct_series
+def _write_study(out: Path, slices: int, patient_id: str, seed: int) -> tuple[list[Path], float]:
+    """Generate and save the demo CT; returns the files and the phantom's true spleen
+    volume on this grid (mL: spleen voxels of the truth map times the voxel volume)."""
+    import numpy as np
 
+    from pipelines.phantom import LABELS, Anatomy, SliceGeometry, StudyInfo, ct_series, truth_labels
+
+    anatomy = Anatomy.random(seed)
+    geometry = SliceGeometry(slices=slices)
     info = StudyInfo(patient_id=patient_id, patient_name="Demo^Patient")
     paths = []
-    for i, ds in enumerate(ct_series(Anatomy.random(7), SliceGeometry(slices=slices), info)):
+    for i, ds in enumerate(ct_series(anatomy, geometry, info)):
         path = out / f"ct{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
-    return paths
+    spleen = {v: k for k, v in LABELS.items()}["spleen"]
+    voxel_ml = geometry.pixel_spacing[0] * geometry.pixel_spacing[1] * geometry.slice_spacing / 1000
+    true_ml = float(np.count_nonzero(truth_labels(anatomy, geometry) == spleen)) * voxel_ml
+    return paths, true_ml
 
 
-def _send(paths: list[Path], port: int, called: str) -> None:
+def send_files(paths: list[Path], port: int, called: str) -> None:
+    """Send files to ``127.0.0.1:port`` (AE ``called``): dcmtk storescu if installed, else
+    pynetdicom.
+
+    Raises
+    ------
+    RuntimeError
+        If the association is refused or an instance is not stored.
+    """
     storescu = shutil.which("storescu")
     if storescu:
         env = dict(os.environ, TCP_NODELAY="1")
@@ -69,34 +103,142 @@ def _send(paths: list[Path], port: int, called: str) -> None:
         assoc.release()
 
 
+def orthanc_results(orthanc: Any, study_uid: str) -> dict[str, list[dict[str, Any]]]:
+    """What Orthanc holds in one study, by kind (seg, sr, overlay, source): the series'
+    main tags, once per instance (the SOP Class is read from one instance per series)."""
+    out: dict[str, list[dict[str, Any]]] = {"seg": [], "sr": [], "overlay": [], "source": []}
+    for series in orthanc.post_json("/tools/find", {"Level": "Series", "Expand": True,
+                                                    "Query": {"StudyInstanceUID": study_uid}}) or []:
+        instances = list(series.get("Instances", []))
+        if not instances:
+            continue
+        tags = orthanc.instance_tags(instances[0])
+        sop = tags.get("SOPClassUID", "")
+        kind = ("seg" if sop == SEG_SOP else "sr" if tags.get("Modality") == "SR" else
+                "overlay" if sop.startswith(SC_PREFIX) else "source")
+        out[kind] += [tags] * len(instances)
+    return out
+
+
+def wait_for_sends(data_dir: Path, study_uid: str, timeout: float, kinds: tuple[str, ...]
+                   ) -> dict[str, datetime]:
+    """Wait until the node's send queue shows each of ``kinds`` of the study acknowledged.
+
+    Returns the acknowledgement time of the last object of each kind.
+
+    Raises
+    ------
+    TimeoutError
+        If not all of them are acknowledged within ``timeout`` s.
+    """
+    from dicom_node.jobs import connect_queue
+
+    conn = connect_queue(data_dir)
+    index = str(Path(data_dir) / "index.sqlite")
+    conn.execute("ATTACH DATABASE ? AS idx", (index,))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            rows = conn.execute(
+                "SELECT s.kind, s.state, s.sent_at FROM sends s JOIN idx.ai_results r"
+                " ON r.id = s.result_id WHERE r.study_uid = ? AND r.superseded_by IS NULL",
+                (study_uid,)).fetchall()
+            done: dict[str, datetime] = {}
+            pending = False
+            for r in rows:
+                if r["state"] != "sent":
+                    pending = True
+                    continue
+                t = datetime.fromisoformat(r["sent_at"])
+                done[r["kind"]] = max(done.get(r["kind"], t), t)
+            if rows and not pending and all(k in done for k in kinds):
+                return done
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"results of study {study_uid} not acknowledged after "
+                                   f"{timeout:.0f} s; see `dicom-node jobs` and `dicom-node sends`")
+            time.sleep(0.05)
+    finally:
+        conn.close()
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_level)
-    from dicom_node.cli.serve import open_archive
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    import pydicom
 
-    data_dir = settings.data_dir if getattr(args, "data_dir", None) else Path("demo-data").resolve()
-    settings = settings.replace(data_dir=data_dir, port=0, bind_address="127.0.0.1", min_free_mb=64)
-    archive = open_archive(settings)
-    server = DicomServer(settings, archive)
-    server.start()
-    try:
-        with tempfile.TemporaryDirectory(prefix="dicom-node-demo-") as tmp:
-            LOG.info("demo: generating a %d-slice 512x512 abdominal CT", args.slices)
-            paths = _write_study(Path(tmp), args.slices, args.patient_id)
-            LOG.info("demo: sending %d instances to %s at 127.0.0.1:%d", len(paths),
-                     settings.ae_title, server.port)
-            t0 = time.perf_counter()
-            _send(paths, server.port, settings.ae_title)
-            dt = time.perf_counter() - t0
-        detail = archive.twin(args.patient_id)
-    finally:
-        server.stop()
-        archive.close()
+    from dicom_node.cli.serve import Node
+    from dicom_node.jobs import utc_now
+    from orthanc.server import OrthancServer
+    from pipelines.demo_model import ensure_demo_model
+    from registry.store import Registry
+    from twin_archive.results import ResultStore
+
+    data_dir = Path(settings.data_dir if getattr(args, "data_dir", None) else "demo-data").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with Registry(data_dir) as reg:
+        model = ensure_demo_model(reg)
+    LOG.info("demo: serving model %s for task spleen-ct", model.version)
+    t_start = time.perf_counter()
+    with OrthancServer(data_dir / "orthanc") as orthanc:
+        LOG.info("demo: Orthanc (the PACS) is AE %s at 127.0.0.1:%d, web UI %s", orthanc.aet,
+                 orthanc.dicom_port, orthanc.url)
+        settings = settings.replace(
+            data_dir=data_dir, port=0, bind_address="127.0.0.1", min_free_mb=64,
+            stable_after=args.stable_after, send_backoff_initial_s=0.5, send_backoff_max_s=5.0,
+            metrics_port=0, train_enabled=False, allowed_calling_aes=(), tls_cert=None,
+            tls_key=None, tls_ca=None,
+            destinations=(Destination(ae_title=orthanc.aet, host="127.0.0.1",
+                                      port=orthanc.dicom_port),))
+        node = Node(settings)
+        node.start()
+        try:
+            with tempfile.TemporaryDirectory(prefix="dicom-node-demo-") as tmp:
+                LOG.info("demo: generating a %d-slice 512x512 abdominal CT", args.slices)
+                paths, true_ml = _write_study(Path(tmp), args.slices, args.patient_id, args.seed)
+                study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+                LOG.info("demo: storing the study in Orthanc, as the scanner would in the PACS")
+                send_files(paths, orthanc.dicom_port, orthanc.aet)
+                LOG.info("demo: sending %d instances to the node", len(paths))
+                t_send = time.perf_counter()
+                send_files(paths, node.server.port, settings.ae_title)
+                acked = utc_now()
+                sent_s = time.perf_counter() - t_send
+            done = wait_for_sends(data_dir, study_uid, args.timeout, ("seg", "sr", "overlay"))
+            detail = node.archive.twin(args.patient_id)
+            store = ResultStore(data_dir)
+            try:
+                timings = {r["id"]: store.get(int(r["id"])).timings for r in detail.results
+                           if r["study_uid"] == study_uid}
+            finally:
+                store.close()
+            landed = orthanc_results(orthanc, study_uid)
+        finally:
+            node.stop()
+    to_seg_sr = (max(done["seg"], done["sr"]) - acked).total_seconds()
+    to_all = (max(done.values()) - acked).total_seconds()
+    current = [r for r in detail.results if r["study_uid"] == study_uid and not r["superseded_by"]]
     print()
-    print(f"demo: {len(paths)} instances sent and archived in {dt:.2f} s "
-          f"({len(paths) / dt:.0f} instances/s) under {data_dir}")
-    for st in detail.studies:
-        for se in st.series:
-            print(f"demo: twin of {args.patient_id}: series {se.series_number} {se.modality} "
-                  f"{se.description!r}: {se.instances} instances")
-    print(f"demo: inspect with: dicom-node --data-dir {data_dir} twin show {args.patient_id}")
+    print(f"demo: {len(paths)} CT instances (512x512) sent to the node in {sent_s:.1f} s")
+    print(f"demo: in Orthanc, study {study_uid}:")
+    for kind, label in (("source", "CT images"), ("seg", "DICOM SEG"), ("sr", "DICOM SR (TID 1500)"),
+                        ("overlay", "overlay images (secondary capture)")):
+        items = landed[kind]
+        descr = sorted({str(t.get("SeriesDescription", "")) for t in items})
+        print(f"  {len(items):>4} {label:<36} {', '.join(d for d in descr if d)}")
+    for r in current:
+        print(f"demo: model {r['model']} {r['model_version']} on {r['backend']}")
+        for seg in r["segments"]:
+            err = (seg["volume_ml"] - true_ml) / true_ml * 100 if true_ml else float("nan")
+            print(f"demo: measured {seg['name']} volume {seg['volume_ml']:.1f} mL; the phantom's "
+                  f"true spleen volume {true_ml:.1f} mL ({err:+.1f} %)")
+        stages = timings.get(r["id"], {})
+        if stages:
+            print("demo: the node's stages: " + ", ".join(
+                f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f} s" for k, v in stages.items()))
+    print(f"demo: from the last instance acknowledged to SEG and SR acknowledged by Orthanc: "
+          f"{to_seg_sr:.1f} s ({to_all:.1f} s with the overlay), of which {args.stable_after:.1f} s "
+          "is the quiet period that marks the series complete")
+    print(f"demo: Orthanc and the node are stopped ({time.perf_counter() - t_start:.0f} s in all); "
+          f"the data stays under {data_dir}")
+    print(f"demo: look again with: dicom-node --data-dir {data_dir} twin show {args.patient_id}")
     return 0
