@@ -47,7 +47,7 @@ stable_after = 1.0
 train_enabled = false
 train_finetune_lr = 0.001
 train_patch_size = 32
-train_max_epochs = 6
+train_max_epochs = 5
 train_time_budget_min = 10
 train_promote_margin = 0.01
 train_device = "cpu"
@@ -87,8 +87,12 @@ def test_whole_loop_over_dicom_labels_consent_training_promotion_and_serving(tmp
         for pid in donors:
             node.cli("twin", "consent", pid, "--donate", "--by", "test", "--reason", "form 12")
 
-        rows = wait_until("five labels", lambda: (lambda r: r if len(r) == 5 else None)(
-            node_json(node, "labels", "list")), timeout=90)
+        def labels_now() -> int:
+            with LabelStore(data) as store:
+                return len(store.list())
+
+        wait_until("five labels", lambda: labels_now() == 5, timeout=90)
+        rows = node_json(node, "labels", "list")
         by_series = {r["series_uid"]: r for r in rows}
         for pid in labelled:
             lab = by_series[str(studies[pid][0][0].SeriesInstanceUID)]
@@ -134,8 +138,11 @@ def test_whole_loop_over_dicom_labels_consent_training_promotion_and_serving(tmp
         # the next study is served by the new version, and its SR says so
         nxt, _ = phantom_study("LRN-9", seed=99)
         assert set(send(node.port, nxt, calling_ae="CT_SCANNER")) == {0}
-        results = wait_until("a result for the next study", lambda: node_json(
-            node, "twin", "show", "LRN-9").get("results"), timeout=120)
+        def results_now() -> tuple[dict, ...]:
+            with Archive(data) as archive:
+                return archive.twin("LRN-9").results
+
+        results = wait_until("a result for the next study", results_now, timeout=120)
         assert results[0]["model_version"] == v2
         sr_files = list((data / "results").rglob("sr-*.dcm"))
         texts = []

@@ -502,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("request", type=Path)
     args = parser.parse_args(argv)
     req = json.loads(args.request.read_text())
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [trainer %(process)d] %(name)s: %(message)s")
     result = Path(req["result"])
     try:
