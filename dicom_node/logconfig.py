@@ -7,13 +7,31 @@ import os
 import sys
 
 
+class JournalFormatter(logging.Formatter):
+    """Prefixes each line with its syslog priority (``<3>`` error ... ``<7>`` debug).
+
+    journald reads that prefix on a service's stdout (``SyslogLevelPrefix=yes``, the
+    default), so ``journalctl -u dicom-node -p warning`` shows warnings and errors only.
+    """
+
+    PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+                logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITY.get(record.levelno, 6)
+        text = super().format(record)
+        # One journal entry per line: a traceback keeps its priority on every line.
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
 def configure_logging(level: str = "INFO") -> None:
     """Send log lines to stdout; journald adds its own timestamps under systemd."""
     under_journald = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_journald else (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(fmt))
+    if under_journald:
+        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

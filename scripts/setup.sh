@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in orthanc dcmtk dicom3tools libpixelmed-java default-jre-headless; do
+for pkg in orthanc dcmtk dicom3tools libpixelmed-java default-jre-headless systemd openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

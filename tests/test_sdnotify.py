@@ -115,3 +115,30 @@ def test_serve_notifies_ready_watchdog_and_stopping(
         assert any("STOPPING=1" in m for m in _messages(sock, "STOPPING=1", timeout=5.0))
     finally:
         node.kill()
+
+
+def test_log_lines_carry_journald_priorities_under_systemd(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from dicom_node.logconfig import configure_logging
+
+    monkeypatch.setenv("JOURNAL_STREAM", "8:12345")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        log = logging.getLogger("dicom_node.test")
+        log.warning("association REJECTED from X")
+        log.info("ready")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+        out = capsys.readouterr().out.splitlines()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert out[0] == "<4>WARNING dicom_node.test: association REJECTED from X"
+    assert out[1] == "<6>INFO dicom_node.test: ready"
+    assert out[2] == "<3>ERROR dicom_node.test: failed" and all(x.startswith("<3>") for x in out[2:])
