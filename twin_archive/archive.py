@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from io import BytesIO
@@ -23,7 +24,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from twin_archive.durable import clean_tmp, write_durably
+from twin_archive.durable import clean_tmp, fsync_dir, write_durably
 from twin_archive.errors import (
     InvalidInstanceError,
     OutOfResourcesError,
@@ -125,6 +126,67 @@ class _Parsed:
     has_rows_columns: bool
 
 
+@dataclass(slots=True, kw_only=True)
+class _Pending:
+    """One instance written and renamed into place, waiting for its group commit."""
+
+    fields: dict[str, str]
+    ident: dict[str, str]
+    key: str
+    sha: str
+    rel: str
+    size: int
+    incoming: IncomingInstance
+    final: Path
+    result: tuple[StoreOutcome, int] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class _GroupCommit:
+    """Leader/follower group commit of the directory fsyncs and index rows.
+
+    A storing thread hands in its instance; if no flush is running it becomes the
+    leader and flushes everything handed in so far (its own instance included) with
+    ``flush``, otherwise it waits for a leader to flush it. Alone (one association)
+    a thread leads a batch of one at once, so nothing waits; with several
+    associations the instances that arrive during a flush share the next one: one
+    ``fsync`` per directory and one SQLite commit for all of them, instead of one
+    each.
+    """
+
+    def __init__(self, flush: Callable[[list[_Pending]], None]) -> None:
+        self._flush = flush
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._leading = False
+
+    def commit(self, item: _Pending) -> None:
+        """Return when ``item`` is flushed (``item.result`` or ``item.error`` set)."""
+        with self._cond:
+            self._queue.append(item)
+            while not item.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._leading = True
+                batch, self._queue = self._queue, []
+                self._cond.release()
+                try:
+                    self._flush(batch)
+                except BaseException as exc:
+                    for p in batch:
+                        if p.result is None and p.error is None:
+                            p.error = exc
+                    raise
+                finally:
+                    self._cond.acquire()
+                    for p in batch:
+                        p.done = True
+                    self._leading = False
+                    self._cond.notify_all()
+
+
 class Archive:
     """The twin archive under one data directory.
 
@@ -153,6 +215,7 @@ class Archive:
         self._secret = load_or_create_key(self.data_dir)
         self.db = connect(str(self.data_dir / INDEX_NAME))
         self._lock = threading.Lock()
+        self._group = _GroupCommit(self._flush)
         migrate(self.db)
 
     def close(self) -> None:
@@ -216,17 +279,29 @@ class Archive:
         self._check_free_space(size)
         final = self.data_dir / rel
         try:
-            write_durably(final, (incoming.file_meta, incoming.dataset), self.tmp_dir)
+            # The directory is fsynced by the group commit, before the index row.
+            write_durably(final, (incoming.file_meta, incoming.dataset), self.tmp_dir,
+                          sync_dir=False)
         except OSError as exc:
             if exc.errno in _NO_SPACE_ERRNOS:
                 raise OutOfResourcesError(f"disk full writing {rel.name}: {exc.strerror}") from exc
             raise OutOfResourcesError(f"cannot write {rel.name}: {exc}") from exc
 
-        try:
-            outcome, version = self._index(parsed.fields, ident, key, sha, str(rel), size, incoming)
-        except sqlite3.Error as exc:
+        pending = _Pending(fields=parsed.fields, ident=ident, key=key, sha=sha, rel=str(rel),
+                           size=size, incoming=incoming, final=final)
+        self._group.commit(pending)
+        if isinstance(pending.error, OSError):
+            final.unlink(missing_ok=True)
+            raise OutOfResourcesError(
+                f"cannot make {rel.name} durable (directory fsync): {pending.error}"
+            ) from pending.error
+        if pending.error is not None:
             self._discard_unindexed(final, str(rel))
-            raise OutOfResourcesError(f"archive index cannot commit: {exc}") from exc
+            raise OutOfResourcesError(
+                f"archive index cannot commit: {pending.error}"
+            ) from pending.error
+        assert pending.result is not None
+        outcome, version = pending.result
         if outcome is StoreOutcome.NEW_VERSION:
             LOG.warning(
                 "archive: instance %s resent with different content from %s; kept as "
@@ -358,59 +433,92 @@ class Archive:
                 f"reserve of {self.min_free_bytes // (1 << 20)} MiB (min_free_mb)"
             )
 
-    def _index(
-        self, fields: dict[str, str], ident: dict[str, str], key: str, sha: str, rel: str,
-        size: int, incoming: IncomingInstance,
-    ) -> tuple[StoreOutcome, int]:
+    def _flush(self, batch: list[_Pending]) -> None:
+        """Make a batch durable: each directory fsynced once, then one index transaction.
+
+        Runs in whichever storing thread leads the group commit. Order matters: a
+        directory is fsynced (the renames into it survive a power cut) before the
+        transaction that indexes its files commits, so the index never names a file
+        that might not be there. Each row has its own savepoint: one row that fails
+        fails alone.
+        """
+        for directory in dict.fromkeys(p.final.parent for p in batch):
+            try:
+                fsync_dir(directory)
+            except OSError as exc:
+                for p in batch:
+                    if p.final.parent == directory:
+                        p.error = exc
+        todo = [p for p in batch if p.error is None]
+        if not todo:
+            return
+        try:
+            with self._lock, write_transaction(self.db) as conn:
+                for p in todo:
+                    conn.execute("SAVEPOINT instance")
+                    try:
+                        p.result = self._index_rows(conn, p)
+                    except sqlite3.Error as exc:
+                        conn.execute("ROLLBACK TO instance")
+                        p.error = exc
+                    conn.execute("RELEASE instance")
+        except sqlite3.Error as exc:  # BEGIN or COMMIT failed: nothing of the batch is in
+            for p in todo:
+                p.result = None
+                p.error = exc
+
+    def _index_rows(self, conn: sqlite3.Connection, p: _Pending) -> tuple[StoreOutcome, int]:
+        """Write one instance's rows (twin, study, series, instance) in the open transaction."""
+        fields, ident, key, sha, rel, size, incoming = (
+            p.fields, p.ident, p.key, p.sha, p.rel, p.size, p.incoming)
         now = utc_now()
-        with self._lock, write_transaction(self.db) as conn:
+        conn.execute(
+            "INSERT INTO twins (patient_key, patient_id, issuer_of_patient_id, patient_name,"
+            " birth_date, sex, donate, created_at, updated_at) VALUES (?,?,?,?,?,?,0,?,?)"
+            " ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,"
+            " birth_date=excluded.birth_date, sex=excluded.sex, updated_at=excluded.updated_at",
+            (key, ident["patient_id"], ident["issuer"], fields["PatientName"],
+             fields["PatientBirthDate"], fields["PatientSex"], now, now),
+        )
+        conn.execute(
+            "INSERT INTO studies (study_uid, patient_key, study_date, study_time, description,"
+            " accession_number, first_received, last_received) VALUES (?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received",
+            (ident["study_uid"], key, fields["StudyDate"], fields["StudyTime"],
+             fields["StudyDescription"], fields["AccessionNumber"], now, now),
+        )
+        conn.execute(
+            "INSERT INTO series (series_uid, study_uid, modality, body_part, description,"
+            " series_number, manufacturer, model_name, frame_of_reference_uid,"
+            " first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
+            (ident["series_uid"], ident["study_uid"], fields["Modality"],
+             fields["BodyPartExamined"], fields["SeriesDescription"],
+             fields["SeriesNumber"], fields["Manufacturer"],
+             fields["ManufacturerModelName"], fields["FrameOfReferenceUID"], now, now),
+        )
+        previous = conn.execute(
+            "SELECT COALESCE(MAX(version), 0) FROM instances WHERE sop_instance_uid = ?",
+            (ident["sop_uid"],),
+        ).fetchone()[0]
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, series_uid,"
+            " study_uid, patient_key, instance_number, transfer_syntax_uid, size, sha256,"
+            " path, calling_ae, received_at, version, current)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
+            (ident["sop_uid"], ident["sop_class"], ident["series_uid"], ident["study_uid"],
+             key, fields["InstanceNumber"], incoming.transfer_syntax_uid, size, sha, rel,
+             incoming.calling_ae, now, previous + 1),
+        )
+        if cur.rowcount == 0:  # the same content committed by a concurrent association
+            return StoreOutcome.DUPLICATE, previous
+        if previous:
             conn.execute(
-                "INSERT INTO twins (patient_key, patient_id, issuer_of_patient_id, patient_name,"
-                " birth_date, sex, donate, created_at, updated_at) VALUES (?,?,?,?,?,?,0,?,?)"
-                " ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,"
-                " birth_date=excluded.birth_date, sex=excluded.sex, updated_at=excluded.updated_at",
-                (key, ident["patient_id"], ident["issuer"], fields["PatientName"],
-                 fields["PatientBirthDate"], fields["PatientSex"], now, now),
+                "UPDATE instances SET current = 0 WHERE sop_instance_uid = ? AND version <= ?",
+                (ident["sop_uid"], previous),
             )
-            conn.execute(
-                "INSERT INTO studies (study_uid, patient_key, study_date, study_time, description,"
-                " accession_number, first_received, last_received) VALUES (?,?,?,?,?,?,?,?)"
-                " ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received",
-                (ident["study_uid"], key, fields["StudyDate"], fields["StudyTime"],
-                 fields["StudyDescription"], fields["AccessionNumber"], now, now),
-            )
-            conn.execute(
-                "INSERT INTO series (series_uid, study_uid, modality, body_part, description,"
-                " series_number, manufacturer, model_name, frame_of_reference_uid,"
-                " first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
-                (ident["series_uid"], ident["study_uid"], fields["Modality"],
-                 fields["BodyPartExamined"], fields["SeriesDescription"],
-                 fields["SeriesNumber"], fields["Manufacturer"],
-                 fields["ManufacturerModelName"], fields["FrameOfReferenceUID"], now, now),
-            )
-            previous = conn.execute(
-                "SELECT COALESCE(MAX(version), 0) FROM instances WHERE sop_instance_uid = ?",
-                (ident["sop_uid"],),
-            ).fetchone()[0]
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, series_uid,"
-                " study_uid, patient_key, instance_number, transfer_syntax_uid, size, sha256,"
-                " path, calling_ae, received_at, version, current)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
-                (ident["sop_uid"], ident["sop_class"], ident["series_uid"], ident["study_uid"],
-                 key, fields["InstanceNumber"], incoming.transfer_syntax_uid, size, sha, rel,
-                 incoming.calling_ae, now, previous + 1),
-            )
-            if cur.rowcount == 0:  # the same content committed by a concurrent association
-                return StoreOutcome.DUPLICATE, previous
-            if previous:
-                conn.execute(
-                    "UPDATE instances SET current = 0 WHERE sop_instance_uid = ? AND version <= ?",
-                    (ident["sop_uid"], previous),
-                )
-                return StoreOutcome.NEW_VERSION, previous + 1
-            return StoreOutcome.STORED, 1
+            return StoreOutcome.NEW_VERSION, previous + 1
+        return StoreOutcome.STORED, 1
 
     def _discard_unindexed(self, final: Path, rel: str) -> None:
         """Remove a written file whose index row could not be committed."""

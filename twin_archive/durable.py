@@ -31,7 +31,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(final: Path, chunks: Iterable[bytes], tmp_dir: Path) -> None:
+def write_durably(final: Path, chunks: Iterable[bytes], tmp_dir: Path, *,
+                  sync_dir: bool = True) -> None:
     """Write ``chunks`` to ``final`` so that a crash leaves either nothing or the whole file.
 
     Parameters
@@ -43,6 +44,10 @@ def write_durably(final: Path, chunks: Iterable[bytes], tmp_dir: Path) -> None:
         The content, written in order.
     tmp_dir : pathlib.Path
         Directory for the temporary file; must be on the same file system as ``final``.
+    sync_dir : bool
+        Fsync ``final``'s directory before returning (default). With False the caller
+        must call :func:`fsync_dir` on it before relying on the new name (the archive
+        does, once for all the files a group commit renamed into one directory).
 
     Raises
     ------
@@ -69,7 +74,8 @@ def write_durably(final: Path, chunks: Iterable[bytes], tmp_dir: Path) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(final.parent)
+    if sync_dir:
+        fsync_dir(final.parent)
 
 
 def _makedirs_durably(path: Path) -> None:
