@@ -199,6 +199,12 @@ class Settings:
         Associations served at once.
     max_pdu_size : int
         Largest PDU the node accepts, bytes (0 = no limit).
+    listener_processes : int
+        Processes that accept DICOM associations on the one port (``SO_REUSEPORT``; the
+        kernel spreads new connections over them), 1-16, default 1. More than one lets
+        parallel associations use more than one CPU core (one Python process stores on
+        one core at a time); the extra ones are lean (no inference) and are started
+        and stopped with the node. See ``benchmarks/README.md``.
     network_timeout_s : float
         Seconds of silence after which an association is aborted.
     min_free_mb : int
@@ -265,6 +271,7 @@ class Settings:
     require_called_ae: bool = False
     max_associations: int = 16
     max_pdu_size: int = 0
+    listener_processes: int = 1
     network_timeout_s: float = 60.0
     min_free_mb: int = 1024
     log_level: str = "INFO"
@@ -308,6 +315,10 @@ class Settings:
             raise ConfigError("max_associations", "an integer from 1 to 1000", self.max_associations, src)
         if not isinstance(self.max_pdu_size, int) or self.max_pdu_size < 0:
             raise ConfigError("max_pdu_size", "an integer >= 0 (0 = no limit)", self.max_pdu_size, src)
+        if isinstance(self.listener_processes, bool) or not isinstance(self.listener_processes, int) \
+                or not 1 <= self.listener_processes <= 16:
+            raise ConfigError("listener_processes", "an integer from 1 to 16",
+                              self.listener_processes, src)
         if not isinstance(self.network_timeout_s, int | float) or self.network_timeout_s <= 0:
             raise ConfigError("network_timeout_s", "a number of seconds > 0", self.network_timeout_s, src)
         if not isinstance(self.min_free_mb, int) or self.min_free_mb < 0:
@@ -453,6 +464,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "require_called_ae": ("true or false", _to_bool),
     "max_associations": ("an integer", _to_int),
     "max_pdu_size": ("an integer", _to_int),
+    "listener_processes": ("an integer", _to_int),
     "network_timeout_s": ("a number of seconds", _to_float),
     "min_free_mb": ("an integer", _to_int),
     "log_level": ("a string", lambda v: _to_str(v).upper()),
