@@ -69,6 +69,7 @@ def _cli(data_dir: Path, *args: str, config: Path | None = None, check: bool = T
                           capture_output=True, text=True, cwd=REPO, check=check, timeout=600)
 
 
+@pytest.mark.slow
 def test_whole_loop_over_dicom_labels_consent_training_promotion_and_serving(tmp_path: Path) -> None:
     data = tmp_path / "data"
     v1 = _install_tiny_active(data, tmp_path)
