@@ -46,8 +46,8 @@ class IntakeDecision:
 
 
 def referenced_series(ds: Dataset) -> tuple[str, ...]:
-    """Series Instance UIDs a SEG references (Referenced Series Sequence, then the
-    Source Image / Derivation references' series when the SEG names them)."""
+    """Series Instance UIDs a SEG references (its Referenced Series Sequence, which the
+    Common Instance Reference module makes mandatory for a SEG)."""
     out = [str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence", [])]
     return tuple(dict.fromkeys(u for u in out if u))
 

@@ -103,11 +103,6 @@ class NightlyScheduler:
         ``train_at``, ``train_min_new_series`` and the training settings.
     pipelines : sequence of PipelineSpec
         The tasks served.
-
-    Raises
-    ------
-    ConfigError
-        Never here: ``train_at`` is validated by :class:`Settings`.
     """
 
     def __init__(self, settings: Settings,
