@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -26,6 +27,7 @@ from dicom_node.handlers.association import (
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
 from dicom_node import speedups
+from dicom_node.acceptor import AcceptorPool
 from dicom_node.errors import DicomNodeError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.settings import Settings
@@ -70,6 +72,11 @@ class DicomServer:
         Counters (a new set when omitted).
     audit : twin_archive.audit.AuditLog, optional
         Where associations and received studies are audited (not audited when omitted).
+    acceptor : bool
+        True inside an extra acceptor process (:mod:`dicom_node.acceptor`): bind with
+        ``SO_REUSEPORT`` beside the node and start no acceptors of its own. With
+        ``settings.listener_processes`` > 1 the node's own server binds the same way
+        and starts the others.
 
     Raises
     ------
@@ -78,8 +85,10 @@ class DicomServer:
     """
 
     def __init__(self, settings: Settings, archive: Archive, metrics: NodeMetrics | None = None,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, *, acceptor: bool = False) -> None:
         self.settings = settings
+        self._in_acceptor = acceptor
+        self._pool: AcceptorPool | None = None
         self.archive = archive
         self.metrics = metrics or NodeMetrics()
         self.audit = audit
@@ -140,10 +149,21 @@ class DicomServer:
             )
         else:
             LOG.info("accepting associations only from: %s", ", ".join(s.allowed_calling_aes))
-        self._server = self.ae.start_server(
-            (s.bind_address, s.port), block=False, evt_handlers=self._handlers(),
-            ssl_context=self.ssl_context,
-        )
+        if s.listener_processes > 1 or self._in_acceptor:
+            self._server = self._start_shared((s.bind_address, s.port))
+        else:
+            self._server = self.ae.start_server(
+                (s.bind_address, s.port), block=False, evt_handlers=self._handlers(),
+                ssl_context=self.ssl_context,
+            )
+        if s.listener_processes > 1 and not self._in_acceptor:
+            self._pool = AcceptorPool(s, s.listener_processes - 1, self.metrics)
+            try:
+                self._pool.start(self.port)
+            except OSError:
+                self._pool = None
+                self.stop(0.0)
+                raise
         LOG.info("ready: listening as AE %s on %s:%d%s (%d storage SOP classes, %d transfer syntaxes)",
                  s.ae_title, s.bind_address, self.port,
                  " with TLS, client certificate required" if self.ssl_context else "",
@@ -161,9 +181,23 @@ class DicomServer:
         server = self._server
         return len(server.active_associations) if server is not None else 0
 
+    def _start_shared(self, address: tuple[str, int]) -> ThreadedAssociationServer:
+        """``AE.start_server(block=False)``, bound with ``SO_REUSEPORT`` to share the port."""
+        server = self.ae.make_server(address, evt_handlers=self._handlers(),
+                                     ssl_context=self.ssl_context,
+                                     server_class=_SharedPortServer)
+        thread = threading.Thread(target=server.serve_forever, daemon=True,
+                                  name=f"AcceptorServer@{address[1]}")
+        thread.start()
+        server._thread = thread  # noqa: SLF001 - what ``listening`` looks at
+        self.ae._servers.append(server)  # noqa: SLF001 - as start_server; shutdown() removes it
+        return server
+
     def set_allowed_calling_aes(self, titles: tuple[str, ...]) -> None:
-        """Replace the calling AE allow-list (safe while serving)."""
+        """Replace the calling AE allow-list (safe while serving; acceptors too)."""
         self.ae.require_calling_aet = list(titles)
+        if self._pool is not None:
+            self._pool.set_allowed_calling_aes(titles)
 
     def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting associations; let those in progress finish, then abort the rest.
@@ -175,9 +209,16 @@ class DicomServer:
         so nothing acknowledged is ever lost. Returns when no association thread runs.
         """
         grace = self.settings.stop_grace_s if grace_s is None else grace_s
+        pool, self._pool = self._pool, None
+        pool_stop = None
+        if pool is not None:  # the acceptors drain at the same time as this listener
+            pool_stop = threading.Thread(target=pool.stop, args=(grace,), name="acceptors-stop")
+            pool_stop.start()
         with self._lock:
             server = self._server
             if server is None:
+                if pool_stop is not None:
+                    pool_stop.join()
                 return
             server.shutdown()
             LOG.info("listener stopped: no new associations")
@@ -197,6 +238,16 @@ class DicomServer:
             for assoc in active:
                 assoc.join(30.0)
             self._server = None
+        if pool_stop is not None:
+            pool_stop.join()
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with ``SO_REUSEPORT`` (Linux: same user only)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class TlsSetupError(DicomNodeError, OSError):
