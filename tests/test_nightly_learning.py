@@ -313,3 +313,33 @@ def test_annotation_queue_export_and_deidentified_decathlon_export(tmp_path: Pat
         assert all(bytes(hdr[f]).strip(b"\x00 ") == b"" for f in ("descrip", "aux_file", "db_name"))
     lab = nib.load(export / "labelsTr" / "case_0001.nii.gz")
     assert set(np.unique(np.asarray(lab.dataobj)).tolist()) == {0, 1}
+
+
+def test_patient_split_is_deterministic_stable_and_never_empty() -> None:
+    from trainer.dataset import split_patients
+
+    keys = [f"{i:032x}" for i in range(50)]
+    split = split_patients(keys, validation_fraction=0.2, salt=TASK)
+    assert split == split_patients(list(reversed(keys)), validation_fraction=0.2, salt=TASK)
+    share = sum(v == "validation" for v in split.values()) / len(keys)
+    assert 0.08 <= share <= 0.35
+    grown = split_patients(keys + [f"{i:032x}" for i in range(50, 60)], validation_fraction=0.2,
+                           salt=TASK)
+    assert all(grown[k] == split[k] for k in keys)  # a patient never changes side
+    two = split_patients(keys[:2], validation_fraction=0.2, salt=TASK)
+    assert sorted(two.values()) == ["train", "validation"]
+
+
+def test_training_settings_are_validated_per_key(tmp_path: Path) -> None:
+    from dicom_node.errors import ConfigError
+    from dicom_node.settings import load_settings
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('train_at = "03:15"\ntrain_min_new_series = 2\ntrain_enabled = false\n')
+    s = load_settings(cfg, env={})
+    assert (s.train_at, s.train_min_new_series, s.train_enabled) == ("03:15", 2, False)
+    for key, value in (("train_at", "25:00"), ("train_at", "2am"), ("train_nice", 40),
+                       ("train_promote_margin", -0.1), ("train_device", "tpu"),
+                       ("train_min_new_series", 0)):
+        with pytest.raises(ConfigError, match=key):
+            Settings(**{key: value})
