@@ -7,10 +7,11 @@ A series is in a task's dataset when, *at the moment the dataset is built*,
 * it has a current label (the newest recorded, :mod:`twin_archive.labels`),
 * it matches the task's selection rules (:func:`pipelines.selection.matches`).
 
-The split is by patient, never by image (DESIGN decision 7), and deterministic: a
-patient is in validation when ``sha256(salt:patient_key)`` mapped to [0, 1) is below
-the validation fraction (80/20 by default), so a patient stays on the same side as
-the dataset grows. With at least two patients each side gets at least one.
+The split is by patient, never by image (DESIGN decision 7), and deterministic: the
+patients are ordered by ``sha256(salt:patient_key)`` and the first
+``round(fraction x patients)`` are the validation patients (80/20 by default); with at
+least two patients each side gets at least one. The same patients give the same
+split, whatever order the archive lists them in.
 
 The manifest (:meth:`TrainingSet.manifest`) names every study, series and label
 version with their SHA-256 hashes; it is stored with the model version it trained
@@ -142,7 +143,8 @@ class TrainingSet:
         """JSON-ready manifest: studies, series, label versions, hashes, split."""
         return {
             "task": self.task, "built_at": self.built_at,
-            "split": {"by": "patient", "method": "sha256(salt:patient_key) < fraction",
+            "split": {"by": "patient",
+                      "method": "lowest round(fraction * n) of sha256(salt:patient_key)",
                       "validation_fraction": self.validation_fraction, "salt": self.salt},
             "validation_set": self.validation_set_id,
             "patients": len(self.patients),
@@ -186,15 +188,11 @@ def split_patients(patient_keys: Sequence[str], *, validation_fraction: float, s
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    keys = sorted(set(patient_keys))
-    pos = {k: patient_fraction(salt, k) for k in keys}
-    out = {k: SPLIT_VALIDATION if pos[k] < validation_fraction else SPLIT_TRAIN for k in keys}
+    keys = sorted(set(patient_keys), key=lambda k: (patient_fraction(salt, k), k))
+    n_val = round(validation_fraction * len(keys))
     if len(keys) >= 2:
-        if SPLIT_VALIDATION not in out.values():
-            out[min(keys, key=lambda k: pos[k])] = SPLIT_VALIDATION
-        if SPLIT_TRAIN not in out.values():
-            out[max(keys, key=lambda k: pos[k])] = SPLIT_TRAIN
-    return out
+        n_val = min(max(n_val, 1), len(keys) - 1)
+    return {k: SPLIT_VALIDATION if i < n_val else SPLIT_TRAIN for i, k in enumerate(keys)}
 
 
 def case_id(salt: str, series_uid: str) -> str:
