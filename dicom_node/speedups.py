@@ -17,7 +17,11 @@ tick waits on, so the worst case is still 1 ms and idle CPU is unchanged:
   that a put on its outbound queue (``to_provider_queue``) writes to: it wakes when
   the peer sends or when a response is ready to go;
 * the acceptor's 1 ms sleep becomes a wait on its DIMSE message queue's condition:
-  it wakes when a message is complete.
+  it wakes when a message is complete (and hands the queue's wake-up on, so that a
+  ``get(block=True)`` waiting on the same queue is never starved of it).
+
+Only associations the node accepts are changed; those it requests (the sender)
+run as shipped.
 
 It replaces the ``time`` name inside ``pynetdicom.dul`` and ``pynetdicom.association``
 with a stand-in whose ``sleep`` does that on those two threads and is
@@ -136,8 +140,8 @@ def _wake_of(dul: Any) -> _Wake | None:
 
 def _dul_sleep(seconds: float) -> None:
     dul = threading.current_thread()
-    if not isinstance(dul, _dul.DULServiceProvider):
-        time.sleep(seconds)
+    if not isinstance(dul, _dul.DULServiceProvider) or not dul.assoc.is_acceptor:
+        time.sleep(seconds)  # requestors (the node's sender, test clients): as shipped
         return
     sock = getattr(dul.socket, "socket", None)
     if sock is None or dul._kill_thread:
@@ -163,13 +167,18 @@ def _dul_sleep(seconds: float) -> None:
 
 def _assoc_sleep(seconds: float) -> None:
     assoc = threading.current_thread()
-    if seconds != _ASSOC_TICK_S or not isinstance(assoc, _association.Association):
+    if (seconds != _ASSOC_TICK_S or not isinstance(assoc, _association.Association)
+            or not assoc.is_acceptor):
         time.sleep(seconds)
         return
     msg_queue = assoc.dimse.msg_queue
     with msg_queue.not_empty:
         if not msg_queue._qsize():  # noqa: SLF001 - the condition's own predicate
             msg_queue.not_empty.wait(seconds)
+        if msg_queue._qsize():  # noqa: SLF001
+            # Queue.put wakes one waiter: if that was us, pass it on, in case a
+            # get(block=True) waits too (a send_c_* on this association).
+            msg_queue.not_empty.notify()
 
 
 #: Largest single ``recv()`` of :func:`_recv`.
