@@ -327,7 +327,8 @@ def build_demo_model(out: Path, *, seed: int = 0, train_cases: int = 32, val_cas
                  for i in range(val_cases)]
     config = TrainingConfig(learning_rate=learning_rate, lr_decay=0.95, max_epochs=epochs,
                             time_budget_s=time_budget_s, seed=seed, device=device,
-                            patch_size=(64, 64, 64), samples_per_volume=4, volumes_per_batch=1)
+                            patch_size=(64, 64, 64), samples_per_volume=4, volumes_per_batch=1,
+                            validate_every=5)
     t0 = time.perf_counter()
     result = train(out, train_items, val_items, config, weights_out=out / "models" / "model.pt",
                    checkpoint=checkpoint)

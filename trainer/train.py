@@ -11,10 +11,14 @@ i.e. orientation, spacing, intensity scaling) and its label map is resampled ont
 the same model grid (nearest neighbour) and cached (``CacheDataset``); every epoch
 draws random patches centred on foreground and background in equal numbers
 (``RandCropByPosNegLabeld``) with a mild random intensity scale and shift; Adam,
-Dice + cross-entropy loss, exponential learning-rate decay per epoch. After every
-epoch the whole validation volumes are segmented with the bundle's inferer and the
-Dice of each label is computed on the model grid; the best weights (mean Dice over
-labels) are kept. A checkpoint after every epoch allows a run to be resumed.
+Dice + cross-entropy loss, exponential learning-rate decay per epoch. Every
+``validate_every`` epochs and after the last one, the whole validation volumes are
+segmented with the bundle's inferer and the Dice of each label is computed on the
+model grid; the best weights (mean Dice over labels) are kept. A checkpoint after
+every epoch allows a run to be resumed (the schedule, counters and best weights carry
+on; the patch sampling is reseeded with ``seed + epoch``, so a resumed run is not
+bitwise identical to an uninterrupted one). A run with a fixed number of epochs and
+no time budget is deterministic on a given machine and library versions.
 
 Geometry of the inputs is the pipelines' convention: arrays in (slices, rows,
 columns) order with a 4x4 affine from index (k, i, j) to LPS mm.
@@ -485,6 +489,7 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
     best_dice: tuple[float, ...] = ()
     best_epoch = 0
     best_state: dict[str, torch.Tensor] | None = None
+    validated_epoch = 0
     if ckpt_path is not None and ckpt_path.is_file():
         try:
             ck = torch.load(str(ckpt_path), map_location=device, weights_only=True)
@@ -496,6 +501,7 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
             best_dice = tuple(float(v) for v in ck["best_dice"])
             best_epoch = int(ck["best_epoch"])
             best_state = ck["best_state"]
+            validated_epoch = int(ck["validated_epoch"])
             generator.manual_seed(config.seed + epoch)
             train_compose.set_random_state(seed=config.seed + epoch)
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
@@ -533,17 +539,16 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
         fit_s = time.perf_counter() - t_epoch
         train_seconds += fit_s
         dice_text = "no validation"
-        if val_ds and (epoch % config.validate_every == 0 or epoch == config.max_epochs):
+        if val_ds and epoch % config.validate_every == 0:
             dice = _validate(net, inferer, val_ds, bundle.num_classes - 1, device)
+            validated_epoch = epoch
             dice_text = ", ".join(f"{n} {d:.4f}" for n, d in zip(bundle.label_names, dice))
             if not best_dice or np.mean(dice) > np.mean(best_dice):
                 best_dice, best_epoch = tuple(dice), epoch
-                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                best_state = _cpu_state(net)
                 _save_atomic(best_state, weights_out)
         elif not val_ds:
-            best_epoch = epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            _save_atomic(best_state, weights_out)
+            best_epoch, best_state = epoch, _cpu_state(net)
         last_epoch_s = time.perf_counter() - t_epoch
         wall = wall_before + time.perf_counter() - start
         left = (f"{max(0.0, config.time_budget_s - wall):.0f} s left"
@@ -558,12 +563,20 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
                           "scheduler": scheduler.state_dict(), "epoch": epoch,
                           "samples": samples, "train_seconds": train_seconds,
                           "wall_seconds": wall, "best_dice": list(best_dice),
-                          "best_epoch": best_epoch, "best_state": best_state}, ckpt_path)
+                          "best_epoch": best_epoch, "best_state": best_state,
+                          "validated_epoch": validated_epoch}, ckpt_path)
+    if val_ds and 0 < epoch != validated_epoch:
+        # the last epoch is always validated, however the run ended (epochs or time),
+        # so that a run of a fixed number of epochs reproduces a time-limited one
+        dice = _validate(net, inferer, val_ds, bundle.num_classes - 1, device)
+        LOG.info("epoch %d (last): val Dice %s", epoch,
+                 ", ".join(f"{n} {d:.4f}" for n, d in zip(bundle.label_names, dice)))
+        if not best_dice or np.mean(dice) > np.mean(best_dice):
+            best_dice, best_epoch, best_state = tuple(dice), epoch, _cpu_state(net)
     if best_state is None:
         raise TrainingError(f"no epoch completed within the time budget of "
                             f"{config.time_budget_s} s")
-    if not weights_out.is_file():
-        _save_atomic(best_state, weights_out)
+    _save_atomic(best_state, weights_out)
     result = TrainingResult(label_names=bundle.label_names, best_dice=best_dice,
                             best_epoch=best_epoch, epochs=epoch,
                             seconds=wall_before + time.perf_counter() - start, samples=samples,
@@ -573,6 +586,11 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
              "epoch %d -> %s", stopped_by, result.epochs, result.seconds, result.samples_per_s,
              result.dice_by_label(), best_epoch, weights_out)
     return result
+
+
+def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the network's state dict."""
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
 def _validate(net: torch.nn.Module, inferer: Any, val_ds: CacheDataset, n_labels: int,
