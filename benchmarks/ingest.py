@@ -195,6 +195,32 @@ class Receiver:
     count: Callable[[], int]
     pid: int
     log: Path
+    helpers: Callable[[], list[int]] = lambda: []  # more receiving processes (node acceptors)
+
+
+def child_pids(pid: int, marker: bytes) -> list[int]:
+    """Live children of ``pid`` whose command line contains ``marker``."""
+    out = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            kids = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                if marker in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    out.append(int(kid))
+            except OSError:
+                continue
+    return out
+
+
+#: ``listener_processes`` of the node under test (``--node-processes``).
+NODE_PROCESSES = [min(os.cpu_count() or 1, 4)]
 
 
 @contextmanager
@@ -202,9 +228,11 @@ def node_receiver(workdir: Path) -> Iterator[Receiver]:
     data = workdir / "node-data"
     (port,) = free_ports(1)
     log = workdir / "node.log"
+    config = workdir / "node.toml"
+    config.write_text(f"listener_processes = {NODE_PROCESSES[0]}\n")
     with open(log, "ab") as out:
-        proc = _spawn([str(NODE_BIN), "serve", "--data-dir", str(data), "--port", str(port),
-                       "--ae-title", NODE_AET, "--bind", "127.0.0.1"],
+        proc = _spawn([str(NODE_BIN), "--config", str(config), "serve", "--data-dir", str(data),
+                       "--port", str(port), "--ae-title", NODE_AET, "--bind", "127.0.0.1"],
                       cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
                       env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
     try:
@@ -216,8 +244,14 @@ def node_receiver(workdir: Path) -> Iterator[Receiver]:
                 raise TimeoutError(f"node not ready after 60 s:\n{log.read_text()[-2000:]}")
             time.sleep(0.05)
         _wait_port(port, proc)
+        deadline = time.monotonic() + 60
+        while len(child_pids(proc.pid, b"dicom_node.acceptor")) < NODE_PROCESSES[0] - 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node acceptors not started:\n{log.read_text()[-2000:]}")
+            time.sleep(0.05)
         yield Receiver(port=port, aet=NODE_AET, pid=proc.pid, log=log,
-                       count=lambda: count_files(data / "archive", "*.dcm"))
+                       count=lambda: count_files(data / "archive", "*.dcm"),
+                       helpers=lambda: child_pids(proc.pid, b"dicom_node.acceptor"))
     finally:
         _stop(proc)
 
@@ -267,6 +301,8 @@ class RoundResult:
     peak_rss_mib: float | None
     cpu_s: float | None = None
     error: str = ""
+    peak_rss_main_mib: float | None = None
+    processes: int = 1
 
 
 @dataclass
@@ -288,12 +324,15 @@ def run_round(target: str, parallel: int, rnd: int, files: list[Path], scratch: 
     workdir = Path(tempfile.mkdtemp(prefix=f"{target}-p{parallel}-r{rnd}-", dir=scratch))
     try:
         with RECEIVERS[target](workdir) as rx:
-            cpu0 = cpu_seconds(rx.pid)
+            pids = [rx.pid, *rx.helpers()]
+            cpu0 = [cpu_seconds(p) for p in pids]
             wall, codes, err = send(rx.port, rx.aet, files, parallel, timeout)
-            cpu1 = cpu_seconds(rx.pid)
+            cpu1 = [cpu_seconds(p) for p in pids]
             # The last C-STORE response precedes storescu's exit; count what landed.
             received = rx.count()
-            rss = vm_hwm_kib(rx.pid)
+            hwm = [vm_hwm_kib(p) for p in pids]
+            rss = sum(h for h in hwm if h) if hwm[0] else None
+            rss_main = hwm[0]
         ok = received == len(files) and all(c == 0 for c in codes)
         error = "" if ok else (f"received {received}/{len(files)}, storescu exit codes {codes}; "
                                f"{err[-800:]}")
@@ -302,7 +341,11 @@ def run_round(target: str, parallel: int, rnd: int, files: list[Path], scratch: 
                            instances_per_s=round(len(files) / wall, 2) if ok else None,
                            received=received, expected=len(files), ok=ok,
                            peak_rss_mib=round(rss / 1024, 1) if rss else None,
-                           cpu_s=round(cpu1 - cpu0, 2) if cpu0 is not None and cpu1 is not None else None,
+                           peak_rss_main_mib=round(rss_main / 1024, 1) if rss_main else None,
+                           processes=len(pids),
+                           cpu_s=round(sum(b - a for a, b in zip(cpu0, cpu1)
+                                           if a is not None and b is not None), 2)
+                           if cpu0[0] is not None and cpu1[0] is not None else None,
                            error=error)
     except Exception as exc:  # noqa: BLE001 - reported as a failed round, the rest goes on
         return RoundResult(target=target, parallel=parallel, round=rnd, seconds=None,
@@ -354,6 +397,8 @@ def conditions(files: list[Path], scratch: Path, args: argparse.Namespace) -> di
         "storescu": version(["storescu", "--version"]).strip("$ ").replace("dcmtk: ", "dcmtk "),
         "scratch": str(scratch), "scratch_fs": fs, "git": git,
         "tcp_nodelay": True, "transfer_syntax": "Explicit VR Little Endian (as written)",
+        "node_listener_processes": NODE_PROCESSES[0],
+        "load_average_at_start": os.getloadavg(),
     }
 
 
@@ -367,9 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scratch", default=None,
                         help="folder for series and destinations (default: a temp dir, removed)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per send (default 600)")
+    parser.add_argument("--node-processes", type=int, default=NODE_PROCESSES[0],
+                        help="the node's listener_processes (default: CPUs, at most 4)")
     args = parser.parse_args(argv)
     if args.slices < 4 or args.rounds < 1:
         parser.error("--slices must be >= 4 and --rounds >= 1")
+    if not 1 <= args.node_processes <= 16:
+        parser.error("--node-processes must be from 1 to 16")
+    NODE_PROCESSES[0] = args.node_processes
     targets = tuple(t for t in args.targets.split(",") if t)
     unknown = set(targets) - set(TARGETS)
     if unknown:
@@ -403,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(r)
                     shown = (f"{r.seconds:7.2f} s {r.instances_per_s:8.1f} inst/s" if r.ok
                              else f"FAILED: {r.error}")
-                    extra = (f"  (receiver CPU {r.cpu_s} s, peak RSS {r.peak_rss_mib} MiB)"
+                    procs = f" in {r.processes} processes" if r.processes > 1 else ""
+                    extra = (f"  (receiver CPU {r.cpu_s} s, peak RSS {r.peak_rss_mib} MiB{procs})"
                              if r.ok else "")
                     print(f"  {target:8s} x{parallel} round {rnd}: {shown}{extra}", flush=True)
         summary = summarise(results, int(cond["bytes_total"]), len(files))  # type: ignore[call-overload]
@@ -435,7 +486,10 @@ def print_table(summary: list[Summary], cond: dict[str, object]) -> None:
     print()
     print(f"{cond['slices']} slices 512x512 ({cond['bytes_total']} bytes), {cond['rounds']} rounds, "
           f"{cond['cpus']} CPUs, Orthanc {cond['orthanc']}, {cond['storescu']}, "
-          f"scratch {cond['scratch_fs']}")
+          f"scratch {cond['scratch_fs']}, node listener_processes "
+          f"{cond['node_listener_processes']}, load average at start "
+          f"{'/'.join(f'{x:.2f}' for x in cond['load_average_at_start'])}, at end "
+          f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'target':9s} {'assocs':>6s} {'ok':>3s} {'median s':>9s} {'inst/s':>8s} {'best':>8s} "
           f"{'MiB/s':>7s} {'CPU s':>6s} {'peak RSS MiB':>13s}")
     for s in summary:
