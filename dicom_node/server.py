@@ -156,6 +156,7 @@ class DicomServer:
                 (s.bind_address, s.port), block=False, evt_handlers=self._handlers(),
                 ssl_context=self.ssl_context,
             )
+        speedups.quiet_standard_handlers(self._server)
         if s.listener_processes > 1 and not self._in_acceptor:
             self._pool = AcceptorPool(s, s.listener_processes - 1, self.metrics)
             try:

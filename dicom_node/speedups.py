@@ -203,6 +203,36 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
     return bytestream
 
 
+def quiet_standard_handlers(server: Any) -> int:
+    """Unbind pynetdicom's DIMSE/PDU logging handlers from ``server`` when nobody reads them.
+
+    pynetdicom binds ``standard_dimse_recv_handler`` and its three siblings to every
+    server; per C-STORE they format the request's and the PDUs' details into log
+    lines for ``pynetdicom``'s INFO/DEBUG level, whether or not that level is
+    enabled. The node keeps the ``pynetdicom`` logger at WARNING, so this is work for
+    nothing: they are unbound (with the public ``unbind``) unless INFO is enabled.
+
+    Returns
+    -------
+    int
+        How many handlers were unbound.
+    """
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        return 0
+    from pynetdicom import _handlers, evt
+
+    pairs = ((evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
+             (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler),
+             (evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
+             (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler))
+    removed = 0
+    for event, handler in pairs:
+        if any(bound is handler for bound, _ in server.get_handlers(event)):
+            server.unbind(event, handler)
+            removed += 1
+    return removed
+
+
 def _compatible() -> str | None:
     """Why :func:`install` cannot apply to this pynetdicom, or None when it can."""
     if not pynetdicom.__version__.startswith("3."):

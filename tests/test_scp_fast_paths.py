@@ -3,7 +3,8 @@
 * the hand-built File Meta Information equals pydicom's, byte for byte;
 * the pynetdicom speed-ups (:mod:`dicom_node.speedups`) are installed by the server,
   store instances byte-exact over several associations at once, and give back the
-  wake-up descriptor of every association that ended;
+  wake-up descriptor of every association that ended; pynetdicom's log-formatting
+  handlers are unbound while its logger is at WARNING;
 * a new patient/study/series directory is created with its parents (durably).
 """
 
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 
 import pydicom
 import pytest
-from pynetdicom import transport
+from pynetdicom import evt, transport
 from pynetdicom.dsutils import create_file_meta
 
 from dicom_client import send
@@ -66,6 +67,9 @@ def test_speedups_store_byte_exact_over_parallel_associations_without_leaks(tmp_
     assert transport.AssociationSocket.recv is speedups._recv  # installed by the server
     server.start()
     try:
+        # pynetdicom's DIMSE/PDU log formatting is unbound (its logger is at WARNING).
+        for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
+            assert server._server.get_handlers(event) == []  # type: ignore[union-attr]
         baseline = _open_fds()
         study = pydicom.uid.generate_uid()
         batches = [[small_ct(patient_id=f"P{a}", study_uid=study, instance=i, size=64, seed=a)
