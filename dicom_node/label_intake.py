@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
 
 from pipelines.selection import is_node_output
+from twin_archive import audit
 from twin_archive.labels import LabelRefusedError, LabelStore
 
 LOG = logging.getLogger(__name__)
@@ -105,6 +106,10 @@ def intake_seg_series(files: Sequence[Path], labels: LabelStore) -> IntakeDecisi
                 reasons.append(f"{sop}: {exc.problem}")
                 continue
             recorded.append(label.id)
+            if new:
+                audit.record(labels.data_dir, audit.AuditEvent.LABEL_IMPORTED,
+                             audit.AuditOutcome.SUCCESS, creator or "unknown creator", series_uid,
+                             {"label_id": label.id, "via": "C-STORE", "seg_sop_instance_uid": sop})
             reasons.append(f"{sop}: label {label.id} of series {series_uid}"
                            f"{'' if new else ' (already recorded)'}")
     if recorded:

@@ -39,6 +39,7 @@ from trainer.dataset import build_dataset
 from trainer.labelmaps import to_nifti
 from trainer.nightly import NightlyConfig, run_in_subprocess
 from twin_archive import Archive
+from twin_archive.audit import AuditEvent, AuditLog
 from twin_archive.labels import LabelStore
 
 TASK = "spleen-ct"
@@ -128,6 +129,11 @@ def test_whole_loop_over_dicom_labels_consent_training_promotion_and_serving(tmp
             assert old.metrics is not None and old.metrics.validation_set == outcome["validation_set"]
             manifest = new.manifest()
         in_manifest = {s["series_uid"] for s in manifest["series"]}
+        with AuditLog(data) as log:
+            promoted = [e for e in log.entries(event_type=AuditEvent.MODEL_PROMOTED) if e.what == v2]
+            labelled = log.entries(event_type=AuditEvent.LABEL_IMPORTED)
+        assert len(promoted) == 1 and promoted[0].who != ""
+        assert {e.what for e in labelled} >= {str(studies[pid][0][0].SeriesInstanceUID) for pid in segs}
         assert in_manifest == {str(studies[p][0][0].SeriesInstanceUID) for p in
                                ("LRN-0", "LRN-1", "LRN-2", "LRN-3")}  # labelled donors only
         for s in manifest["series"]:
@@ -233,6 +239,10 @@ def test_label_import_checks_geometry_and_the_newest_label_is_current(tmp_path: 
     ok = _cli(data, "labels", "import", "IMP-1", series, str(tmp_path / "good.nii.gz"),
               "--label", "spleen", "--by", "annotator-7")
     assert "recorded" in ok.stdout
+    with AuditLog(data) as log:
+        imported = log.entries(event_type=AuditEvent.LABEL_IMPORTED)
+    assert [(e.who, e.what) for e in imported if e.detail["via"] == "labels import"] == [
+        ("annotator-7", series)]
     # a radiologist's SEG arrives later: it becomes current, the import is kept
     seg = radiologist_seg(datasets, truth, creator="Rad^Later")
     with Archive(data) as archive, LabelStore(data) as labels:
@@ -300,6 +310,9 @@ def test_annotation_queue_export_and_deidentified_decathlon_export(tmp_path: Pat
     assert names == sorted(p.name for p in (export / "labelsTr").iterdir()) == \
         ["case_0001.nii.gz", "case_0002.nii.gz"]
     text = (export / "dataset.json").read_text()
+    with AuditLog(data) as log:
+        exports = log.entries(event_type=AuditEvent.DATASET_EXPORTED)
+    assert [(e.what, e.detail["cases"]) for e in exports] == [(TASK, 2)]
     for pid in pids:
         assert pid not in text
     with Archive(data) as archive:

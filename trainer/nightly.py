@@ -51,6 +51,7 @@ from trainer.dataset import DatasetItem, LoadedCase, TrainingSet, build_dataset,
 from trainer.errors import TrainingError
 from trainer.train import TrainingConfig, TrainingResult, VolumeItem, train
 from twin_archive import Archive
+from twin_archive import audit
 from twin_archive.labels import LabelStore
 from twin_archive.training_use import record_training_use
 
@@ -364,6 +365,9 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
                       else f"mean Dice {cand_mean:.4f}; no active version")
             reason += f" on {dataset.validation_set_id} (margin {config.margin})"
             reg.promote(candidate.version, by=by, reason=reason)
+            audit.record(data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
+                         by, candidate.version, {"task": task, "reason": reason,
+                                                 "previous": active.version if active else None})
             outcome = "promoted"
         else:
             reason = (f"not better by the margin {config.margin}: mean Dice {cand_mean:.4f} vs "

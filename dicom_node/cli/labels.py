@@ -18,6 +18,7 @@ import numpy as np
 from dicom_node.settings import Settings
 from pipelines.volume import load_series
 from trainer.labelmaps import LabelContentError, mask_from_nifti
+from twin_archive import audit
 from twin_archive.labels import LabelRefusedError, LabelStore
 
 
@@ -87,6 +88,10 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
                                         suffix=suffix)
         finally:
             store.close()
+    if new:
+        audit.record(settings.data_dir, audit.AuditEvent.LABEL_IMPORTED, audit.AuditOutcome.SUCCESS,
+                     args.by or getpass.getuser(), label.series_uid, {"label_id": label.id, "via": "labels import",
+                                        "segments": list(args.label)})
     voxels = ", ".join(f"{args.label[v - 1]} {int((mask == v).sum())} voxels" for v in values)
     print(f"{'recorded' if new else 'already recorded'}: label {label.id} ({label.version}) of "
           f"series {label.series_uid}, current; {voxels}")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from dicom_node.settings import Settings
 from dicom_node.training import task_rules, train_task
 from registry.store import Registry
 from trainer.export import annotation_queue, export_annotation_queue, export_decathlon
+from twin_archive import audit
 from twin_archive.labels import LabelStore
 
 
@@ -117,6 +119,10 @@ def cmd_dataset_export(args: argparse.Namespace, settings: Settings) -> int:
                                 args.out_dir, model_labels=mv.label_names,
                                 modality=mv.modality or rules.modality,
                                 validation_fraction=settings.train_validation_fraction)
+    audit.record(settings.data_dir, audit.AuditEvent.DATASET_EXPORTED, audit.AuditOutcome.SUCCESS,
+                 getpass.getuser(), args.task,
+                 {"cases": desc["numTraining"], "validation": len(desc["validation"]),
+                  "out_dir": str(args.out_dir), "layout": "Decathlon, de-identified"})
     print(f"dataset {args.task}: {desc['numTraining']} case(s) ({len(desc['validation'])} "
           f"validation) written to {args.out_dir} (Decathlon layout, de-identified)")
     return 0
