@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,8 +171,16 @@ class LoadedModel:
 
     def to_source_grid(self, probs: torch.Tensor, img: MetaTensor, shape: tuple[int, ...],
                        affine: np.ndarray) -> np.ndarray:
-        """Invert the preprocessing's spatial transforms on per-channel probabilities
-        (C, X, Y, Z) on the model grid of ``img``, and take the argmax.
+        """Carry per-channel probabilities (C, X, Y, Z) on the model grid of ``img`` back
+        to the source grid by (tri)linear interpolation, and take the argmax there.
+
+        The model grid is known by its affine (``img.affine``, RAS), which MONAI keeps
+        up to date through every spatial transform of the preprocessing; the source
+        voxel centres are mapped into model-grid index space and interpolated, with
+        border values outside (as MONAI's ``Spacingd`` inverse, padding "border").
+        This gives the labels MONAI's inverse would, up to float rounding, without its
+        dense sampling grid (3 floats per source voxel) or full-resolution channels:
+        see :func:`labels_on_source_grid`.
 
         Returns
         -------
@@ -181,27 +190,19 @@ class LoadedModel:
         Raises
         ------
         PipelineError
-            If the result does not land on the source grid (shape or affine).
+            If the model grid's affine is not invertible or the shapes do not fit.
         """
-        # Two channels: argmax is "channel 1 above channel 0", and resampling is linear, so
-        # resampling the one difference map and thresholding it at 0 gives the same labels
-        # as resampling both channels and taking the argmax, at half the cost.
-        two = probs.shape[0] == 2
-        data = probs[1:2] - probs[0:1] if two else probs
-        pred = MetaTensor(data, affine=img.affine, meta=dict(img.meta),
-                          applied_operations=list(img.applied_operations))
-        inv = torch.as_tensor(self._pre.inverse({self._key: pred})[self._key])
-        labels = (inv[0] > 0).numpy().astype(np.uint8) if two else _argmax0(inv)
-        mv = self.version
-        if labels.shape != tuple(shape):
-            raise PipelineError(f"model {mv.version}: inverted result has shape {labels.shape}, "
-                                f"the source grid is {tuple(shape)}; the bundle's "
-                                "preprocessing is not invertible")
-        inv_affine = np.asarray(inv.affine, dtype=np.float64)
-        if not np.allclose(LPS_TO_RAS @ inv_affine, np.asarray(affine, np.float64), atol=1e-3):
-            raise PipelineError(f"model {mv.version}: inverted result's affine differs from the "
-                                "source grid's")
-        return labels
+        model_affine = np.asarray(img.affine, dtype=np.float64)
+        if probs.ndim != 4 or tuple(probs.shape[1:]) != tuple(img.shape[1:]):
+            raise PipelineError(f"model {self.version.version}: probabilities of shape "
+                                f"{tuple(probs.shape)} do not fit the model grid "
+                                f"{tuple(img.shape[1:])}")
+        if model_affine.shape != (4, 4) or abs(np.linalg.det(model_affine[:3, :3])) < 1e-9:
+            raise PipelineError(f"model {self.version.version}: the model grid's affine is not "
+                                "invertible; the bundle's preprocessing cannot be inverted")
+        source_ras = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+        return labels_on_source_grid(probs.numpy(), np.linalg.inv(model_affine) @ source_ras,
+                                     tuple(shape))
 
     def segment(self, array: np.ndarray, affine: np.ndarray, *, modality: str | None = None
                 ) -> InferenceResult:
@@ -258,19 +259,135 @@ class LoadedModel:
                                model_grid_shape=tuple(img.shape[1:]), timings=timings)
 
 
-def _argmax0(t: torch.Tensor) -> np.ndarray:
-    """Argmax over the first axis as uint8 (first maximum wins, as ``torch.argmax``).
+#: Source slices resampled at a time (bounds the post-processing memory: a chunk of
+#: 16 x 512 x 512 float32 is 16 MiB per intermediate).
+RESAMPLE_CHUNK = 16
 
-    One pass per channel: ``torch.argmax(dim=0)`` on the inverted, non-contiguous
-    probabilities took seconds per 100 slices on a CPU.
+
+def labels_on_source_grid(probs: np.ndarray, index_map: np.ndarray, shape: tuple[int, ...],
+                          *, chunk: int = RESAMPLE_CHUNK) -> np.ndarray:
+    """Argmax label map on a source grid of per-channel maps on a model grid.
+
+    Parameters
+    ----------
+    probs : numpy.ndarray
+        (C, X, Y, Z) per-channel probabilities (or logits) on the model grid. Not modified.
+    index_map : numpy.ndarray
+        4x4 affine taking a source index (k, i, j) to a model-grid index (x, y, z)
+        (voxel centres at integers).
+    shape : tuple of int
+        Source grid shape (slices, rows, columns).
+    chunk : int
+        Source slices done at a time (memory is O(chunk x rows x columns)).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 labels, ``shape``; ties go to the lower channel (as ``torch.argmax``).
+
+    Notes
+    -----
+    Linear interpolation commutes with differences, so with two channels the one map
+    ``p1 - p0`` is resampled and thresholded at 0 (the argmax); with more, each channel
+    is resampled and a running maximum kept. Outside the model grid the border value
+    is used. When the grids are axis-aligned (any permutation and flips: the index
+    map's 3x3 part has one non-zero per row), trilinear interpolation is separable and
+    done one axis at a time on slabs of source slices; otherwise (oblique) the model
+    grid is sampled at each slab's mapped coordinates with
+    :func:`scipy.ndimage.map_coordinates` (order 1).
     """
-    best = t[0].clone()
-    labels = torch.zeros(best.shape, dtype=torch.uint8)
-    for c in range(1, t.shape[0]):
-        better = t[c] > best
-        labels[better] = c
-        best = torch.maximum(best, t[c])
-    return labels.numpy()
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 4 or len(shape) != 3:
+        raise ValueError(f"probs must be (C, X, Y, Z) and shape 3-D, got {probs.shape}, {shape}")
+    if probs.shape[0] == 2:
+        maps = [probs[1] - probs[0]]
+    else:
+        maps = [probs[c] for c in range(probs.shape[0])]
+    rot = np.asarray(index_map, dtype=np.float64)[:3, :3]
+    nonzero = np.abs(rot) > 1e-6 * np.abs(rot).max()
+    aligned = bool(np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1))
+    sample = _separable_sampler(maps, index_map, shape) if aligned \
+        else _oblique_sampler(maps, index_map, shape)
+    labels = np.empty(shape, dtype=np.uint8)
+    for k0 in range(0, shape[0], chunk):
+        k1 = min(shape[0], k0 + chunk)
+        values = sample(k0, k1)
+        if len(maps) == 1:
+            np.greater(values[0], 0, out=labels[k0:k1], casting="unsafe")
+            continue
+        best = values[0]
+        out = np.zeros(best.shape, dtype=np.uint8)
+        for c in range(1, len(values)):
+            better = values[c] > best
+            out[better] = c
+            np.maximum(best, values[c], out=best)
+        labels[k0:k1] = out
+    return labels
+
+
+def _linear_weights(coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower/upper neighbour indices and upper weight for 1-D linear interpolation at
+    ``coords`` on ``size`` samples, clamped to the border."""
+    c = np.clip(coords, 0.0, size - 1.0)
+    lo = np.minimum(np.floor(c).astype(np.intp), max(size - 2, 0))
+    hi = np.minimum(lo + 1, size - 1)
+    return lo, hi, (c - lo).astype(np.float32)
+
+
+def _lerp(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> np.ndarray:
+    shape = [1] * a.ndim
+    shape[axis] = w.size
+    wb = w.reshape(shape)
+    low = np.take(a, lo, axis=axis)
+    out = np.take(a, hi, axis=axis)
+    out -= low
+    out *= wb
+    out += low
+    return out
+
+
+def _separable_sampler(maps: list[np.ndarray], index_map: np.ndarray, shape: tuple[int, ...]
+                       ) -> Any:
+    m = np.asarray(index_map, dtype=np.float64)
+    # model axis a is driven by source axis src_of[a]
+    src_of = [int(np.argmax(np.abs(m[a, :3]))) for a in range(3)]
+    model_of = [src_of.index(s) for s in range(3)]
+    # the maps with their axes in source order (views, no copy)
+    views = [np.transpose(x, model_of) for x in maps]
+    weights = []
+    for s in range(3):
+        a = model_of[s]
+        t = np.arange(shape[s], dtype=np.float64)
+        weights.append(_linear_weights(m[a, s] * t + m[a, 3], maps[0].shape[a]))
+
+    def sample(k0: int, k1: int) -> list[np.ndarray]:
+        lo, hi, w = (x[k0:k1] for x in weights[0])
+        out = []
+        for v in views:
+            part = _lerp(v, 0, lo, hi, w)
+            part = _lerp(part, 1, *weights[1])
+            out.append(_lerp(part, 2, *weights[2]))
+        return out
+
+    return sample
+
+
+def _oblique_sampler(maps: list[np.ndarray], index_map: np.ndarray, shape: tuple[int, ...]
+                     ) -> Any:
+    from scipy.ndimage import map_coordinates
+
+    m = np.asarray(index_map, dtype=np.float64)
+    ii, jj = np.meshgrid(np.arange(shape[1], dtype=np.float64),
+                         np.arange(shape[2], dtype=np.float64), indexing="ij")
+    plane = [m[a, 1] * ii + m[a, 2] * jj + m[a, 3] for a in range(3)]
+
+    def sample(k0: int, k1: int) -> list[np.ndarray]:
+        k = np.arange(k0, k1, dtype=np.float64)[:, None, None]
+        coords = np.stack([(plane[a][None] + m[a, 0] * k).astype(np.float32) for a in range(3)])
+        return [map_coordinates(x, coords, order=1, mode="nearest", prefilter=False)
+                for x in maps]
+
+    return sample
 
 
 def choose_backend(version: ModelVersion, registry: Registry | None) -> tuple[Backend, str]:
