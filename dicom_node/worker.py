@@ -2,10 +2,13 @@
 
 A :class:`Worker` thread claims jobs from the :class:`~dicom_node.jobs.JobQueue`, runs
 the pipeline of the job's task on the current instances of the series
-(:func:`pipelines.run.run_series`), records the SEG, SR and overlay in the twin
+(:func:`pipelines.run.run_series`), records the SEG and SR in the twin
 (:class:`~twin_archive.results.ResultStore`, under the job's key, so a job re-run after
 a crash records nothing twice) and queues them for every destination
-(:class:`~dicom_node.sender.Sender`).
+(:class:`~dicom_node.sender.Sender`); only then does it build, check, record and queue
+the overlay series (one image per slice with a segment), so the SEG and SR do not wait
+for it. A node stopped between the two gets the overlay on the job's re-run, when the
+pipeline finds the same segments again.
 
 Failures: a series the pipeline refuses (geometry, empty result) fails at once with the
 reason; anything else (no model, an unexpected error) is retried by the queue a
@@ -29,7 +32,8 @@ from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryErro
 from pipelines.inference import LoadedModel, load_model
 from pipelines.selection import SelectionRules
 from pipelines.types import WriterOptions
-from pipelines.validation import invalid, validate_results
+from pipelines.writers import build_overlay
+from pipelines.validation import invalid, validate_results, validate_series
 from registry.store import Registry
 from twin_archive import Archive
 from twin_archive.results import AIResult, ResultStore, SegmentMeasure
@@ -137,9 +141,12 @@ class Worker:
             Anything else; the queue retries the job.
         """
         t0 = time.perf_counter()
+        overlay = any("overlay" in d.send for d in self.destinations) or not self.destinations
         done = self.results.by_job_key(job.key)
         if done is not None:  # a re-run after a crash between recording and completing
             self.sender.enqueue(done, self.destinations)
+            if overlay and not done.series_uids("overlay"):
+                done = self._recover_overlay(job, done)
             return JobOutcome(job_id=job.id, result=done, note="already recorded",
                               seconds=time.perf_counter() - t0)
         spec = self.pipelines.get(job.task)
@@ -150,13 +157,13 @@ class Worker:
             raise JobRefused("the series has no current instances")
         manufacturer, model_name = _scanner(files[0])
         loaded = self._model(job.task, manufacturer, model_name)
-        overlay = any("overlay" in d.send for d in self.destinations) or not self.destinations
         predecessors = self._predecessor_srs(job)
         t_load = time.perf_counter()
         try:
+            # the overlay is built after the SEG and SR are on their way (below)
             outcome = self._run_series(files, loaded, rules=spec.rules,
-                                 options=WriterOptions(write_overlay=overlay),
-                                 predecessors=predecessors)
+                                       options=WriterOptions(write_overlay=False),
+                                       predecessors=predecessors)
         except EmptyResultError as exc:
             return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
                               note=f"nothing found, nothing sent ({exc})")
@@ -165,7 +172,6 @@ class Worker:
         t_run = time.perf_counter()
         datasets = outcome.results
         objects: list[tuple[str, Any]] = [("seg", datasets.seg), ("sr", datasets.sr)]
-        objects += [("overlay", ds) for ds in datasets.overlay]
         # every object is checked before it may be sent; an invalid one is kept in the
         # twin but held back from every destination, with the reason
         held = invalid(validate_results(datasets))
@@ -181,19 +187,73 @@ class Worker:
                            for s in outcome.segments),
             timings=timings, objects=objects,
         )
-        result_timings = dict(result.timings)
-        result_timings["store_s"] = time.perf_counter() - t_run
         self.sender.enqueue(result, self.destinations, held=held)
+        t_seg_sr = time.perf_counter()
+        self._log_held(job, held)
+        if overlay:
+            result = self._add_overlay(job, result, outcome,
+                                       {"seg_sr_store_s": t_seg_sr - t_run})
+        seconds = time.perf_counter() - t0
+        LOG.info("job %d: series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline %.1f s, "
+                 "SEG+SR stored and queued %.2f s, overlay %.2f s)", job.id, job.series_uid,
+                 result.id, result.model_name, result.model_version, result.backend,
+                 ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in result.segments) or "no segment",
+                 seconds, t_run - t_load, t_seg_sr - t_run, time.perf_counter() - t_seg_sr)
+        return JobOutcome(job_id=job.id, result=result, note="", seconds=seconds)
+
+    def _add_overlay(self, job: Job, result: AIResult, outcome: Any,
+                     timings: dict[str, float]) -> AIResult:
+        """Build, check, store and queue the overlay series of a recorded result.
+
+        Runs after the SEG and SR are queued, so that they do not wait for it. Its
+        instances are checked with :func:`~pipelines.validation.validate_series`
+        (Python checks on each, ``dciodvfy`` on the first); an invalid one is held.
+        """
+        t0 = time.perf_counter()
+        try:
+            images = build_overlay(outcome.volume, outcome.segments, outcome.model,
+                                   options=WriterOptions(write_overlay=True))
+        except EmptyResultError:
+            return result
+        t1 = time.perf_counter()
+        held = invalid(validate_series(images, "overlay"))
+        t2 = time.perf_counter()
+        timings = {**timings, "overlay_write_s": t1 - t0, "overlay_validate_s": t2 - t1}
+        result = self.results.add_objects(result.id, [("overlay", ds) for ds in images],
+                                          timings=timings)
+        self.sender.enqueue(result, self.destinations, held=held)
+        self._log_held(job, held)
+        LOG.info("job %d: overlay of %d image(s): built %.2f s, checked %.2f s, stored and "
+                 "queued %.2f s", job.id, len(images), t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return result
+
+    def _recover_overlay(self, job: Job, done: AIResult) -> AIResult:
+        """The node stopped after the SEG and SR of ``done`` were recorded but before its
+        overlay was: run the pipeline again and add the overlay, if (and only if) it
+        finds the same segments (names and volumes) as the recorded result."""
+        spec = self.pipelines.get(job.task)
+        files = self.archive.series_files(job.series_uid)
+        if spec is None or not files:
+            return done
+        loaded = self._model(job.task, *_scanner(files[0]))
+        try:
+            outcome = self._run_series(files, loaded, rules=spec.rules,
+                                       options=WriterOptions(write_overlay=False))
+        except PipelineError as exc:
+            LOG.warning("job %d: overlay of result %d not recovered (%s)", job.id, done.id, exc)
+            return done
+        again = tuple((s.name, round(float(s.volume_ml), 3)) for s in outcome.segments)
+        if again != tuple((s.name, s.volume_ml) for s in done.segments):
+            LOG.warning("job %d: overlay of result %d not recovered: the pipeline now finds "
+                        "other segments than the recorded SEG", job.id, done.id)
+            return done
+        return self._add_overlay(job, done, outcome, {})
+
+    @staticmethod
+    def _log_held(job: Job, held: dict[str, str]) -> None:
         if held:
             LOG.error("job %d: %d object(s) failed validation and are held back, not sent: %s",
                       job.id, len(held), "; ".join(sorted(set(held.values())))[:500])
-        seconds = time.perf_counter() - t0
-        LOG.info("job %d: series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline %.1f s, "
-                 "storing %.2f s)", job.id, job.series_uid, result.id, result.model_name,
-                 result.model_version, result.backend,
-                 ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in result.segments) or "no segment",
-                 seconds, t_run - t_load, result_timings["store_s"])
-        return JobOutcome(job_id=job.id, result=result, note="", seconds=seconds)
 
     def _predecessor_srs(self, job: Job) -> list[Any]:
         """The SR(s) of the current result of this series and task, which the new one supersedes."""

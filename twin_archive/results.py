@@ -30,7 +30,7 @@ import pydicom
 import sqlite_utils
 from pydicom.dataset import Dataset
 
-from twin_archive.durable import write_durably
+from twin_archive.durable import fsync_dir, write_durably
 from twin_archive.layout import INDEX_NAME
 from twin_archive.schema import connect, write_transaction
 from twin_archive.uids import uid_problem
@@ -163,21 +163,7 @@ class ResultStore:
             return existing
         if uid_problem(study_uid):
             raise ValueError(f"study_uid: {uid_problem(study_uid)}")
-        rows = []
-        folder = self.data_dir / RESULTS_DIR / patient_key / study_uid
-        for kind, ds in objects:
-            if kind not in RESULT_KINDS:
-                raise ValueError(f"objects: kind must be one of {RESULT_KINDS}, got {kind!r}")
-            sop_uid = str(ds.SOPInstanceUID)
-            problem = uid_problem(sop_uid)
-            if problem:
-                raise ValueError(f"objects: SOP Instance UID {problem}")
-            data = _encode(ds)
-            final = folder / f"{kind}-{sop_uid}.dcm"
-            write_durably(final, (data,), self.tmp_dir)
-            rows.append((kind, str(ds.SOPClassUID), sop_uid, str(ds.SeriesInstanceUID),
-                         str(ds.file_meta.TransferSyntaxUID),
-                         str(final.relative_to(self.data_dir))))
+        rows = self._store_files(self.data_dir / RESULTS_DIR / patient_key / study_uid, objects)
         now = utc_now()
         seg_json = json.dumps([{"name": s.name, "volume_ml": s.volume_ml} for s in segments])
         with self._lock, write_transaction(self.db) as conn:
@@ -205,6 +191,67 @@ class ResultStore:
                      superseded)
         result = self.get(result_id)
         return result
+
+    def _store_files(self, folder: Path, objects: Sequence[tuple[str, Dataset]]
+                     ) -> list[tuple[str, str, str, str, str, str]]:
+        """Write each object durably; its index row (without the result id).
+
+        Each file is written to a temporary name, fdatasynced and renamed into place;
+        the directory is fsynced once after all the renames (not once per file), before
+        any row naming the files is committed.
+        """
+        rows = []
+        for kind, ds in objects:
+            if kind not in RESULT_KINDS:
+                raise ValueError(f"objects: kind must be one of {RESULT_KINDS}, got {kind!r}")
+            problem = uid_problem(str(ds.SOPInstanceUID))
+            if problem:
+                raise ValueError(f"objects: SOP Instance UID {problem}")
+        for kind, ds in objects:
+            sop_uid = str(ds.SOPInstanceUID)
+            final = folder / f"{kind}-{sop_uid}.dcm"
+            write_durably(final, (_encode(ds),), self.tmp_dir, sync_dir=False)
+            rows.append((kind, str(ds.SOPClassUID), sop_uid, str(ds.SeriesInstanceUID),
+                         str(ds.file_meta.TransferSyntaxUID),
+                         str(final.relative_to(self.data_dir))))
+        if rows:
+            fsync_dir(folder)
+        return rows
+
+    def add_objects(self, result_id: int, objects: Sequence[tuple[str, Dataset]], *,
+                    timings: dict[str, float] | None = None) -> AIResult:
+        """Store more objects of a recorded result (the overlay, written after the SEG
+        and SR went out) durably, and index them in one transaction.
+
+        Parameters
+        ----------
+        result_id : int
+        objects : sequence of (kind, Dataset)
+        timings : dict, optional
+            Merged into the result's recorded timings (seconds).
+
+        Raises
+        ------
+        KeyError
+            If there is no such result.
+        ValueError
+            If a kind or an object's UID is invalid.
+        OSError
+            If a file cannot be written (the index is then left untouched).
+        """
+        result = self.get(result_id)
+        rows = self._store_files(self.data_dir / RESULTS_DIR / result.patient_key
+                                 / result.study_uid, objects)
+        merged = {**result.timings, **(timings or {})}
+        with self._lock, write_transaction(self.db) as conn:
+            conn.executemany(
+                "INSERT INTO ai_result_objects (result_id, kind, sop_class_uid,"
+                " sop_instance_uid, series_uid, transfer_syntax_uid, path) VALUES (?,?,?,?,?,?,?)",
+                [(result_id, *r) for r in rows],
+            )
+            conn.execute("UPDATE ai_results SET timings = ? WHERE id = ?",
+                         (json.dumps(merged), result_id))
+        return self.get(result_id)
 
     # ------------------------------------------------------------------ reading
     def _result(self, row: sqlite3.Row | dict[str, Any]) -> AIResult:
