@@ -12,8 +12,9 @@ The quiet period (``--stable-after``) is part of the wall time but is reported a
 "from job queued" excludes it (the job is queued when the series has been quiet for
 ``stable_after`` seconds). The node's own records give the breakdown: job rows
 (queued, started, finished), the result's stage timings (model load, load,
-preprocess, inference, post-process, SEG/SR/overlay writing), the time to record the
-result and queue its sends, and the sends' acknowledgement times. Peak memory is the
+preprocess, inference, post-process, SEG/SR writing), the time to check and record
+the SEG and SR and queue their sends, the sends' queue and acknowledgement times,
+and the overlay's stages, which the worker runs after the SEG and SR are queued. Peak memory is the
 node process' ``VmHWM`` (``/proc/<pid>/status``) read after the results are sent.
 
 Usage::
@@ -110,7 +111,7 @@ def wait_results(data: Path, study_uid: str, timeout: float) -> dict[str, Any]:
             if job is not None and job["state"] == "failed":
                 raise RuntimeError(f"job failed: {job['error']}")
             if job is not None and job["state"] == "done" and job["result_id"]:
-                sends = conn.execute("SELECT kind, state, sent_at FROM sends WHERE result_id = ?",
+                sends = conn.execute("SELECT kind, state, enqueued_at, sent_at FROM sends WHERE result_id = ?",
                                      (job["result_id"],)).fetchall()
                 if sends and all(s["state"] == "sent" for s in sends):
                     return {"job": dict(job), "sends": [dict(s) for s in sends]}
@@ -180,13 +181,21 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     pipeline = float(t.get("pipeline_s", sum(t.get(k, 0.0) for k in STAGES)))
     model_load = float(t.get("model_load_s", 0.0))
     worker = (finished - started).total_seconds()
+    queued_seg_sr = max(_ts(s["enqueued_at"]) for s in sends if s["kind"] in ("seg", "sr"))
+    # the worker queues the SEG and SR first, then builds and queues the overlay
+    seg_sr_store = float(t.get("seg_sr_store_s", max(0.0, worker - model_load - pipeline)))
+    overlay = {k: float(t.get(k, 0.0)) for k in ("overlay_write_s", "overlay_validate_s")}
+    overlay_store = max(0.0, worker - model_load - pipeline - seg_sr_store - sum(overlay.values()))
     breakdown = {
         "quiet period + monitor (last ack -> job queued)": (queued - acked).total_seconds(),
         "queue wait (job queued -> started)": (started - queued).total_seconds(),
         "model load + scanner lookup (first job)": model_load,
         **{f"{k.removesuffix('_s')}": float(t.get(k, 0.0)) for k in STAGES},
-        "record result + queue sends": max(0.0, worker - model_load - pipeline),
-        "send SEG+SR (job finished -> acknowledged)": (seg_sr - finished).total_seconds(),
+        "check + record SEG/SR + queue their sends": seg_sr_store,
+        "send SEG+SR (queued -> acknowledged)": (seg_sr - queued_seg_sr).total_seconds(),
+        "after SEG/SR: overlay build": overlay["overlay_write_s"],
+        "after SEG/SR: overlay check": overlay["overlay_validate_s"],
+        "after SEG/SR: overlay record + queue": overlay_store if "seg_sr_store_s" in t else 0.0,
     }
     out = {
         "slices": args.slices, "instances": len(paths), "stable_after_s": args.stable_after,
@@ -224,7 +233,7 @@ def report(r: dict[str, Any]) -> None:
           f"(overlay too: {r['queued_to_all_s']:.1f} s)")
     print("  breakdown:")
     for k, v in r["breakdown_s"].items():
-        print(f"    {k:<48} {v:7.2f} s")
+        print(f"    {k:<50} {v:7.2f} s")
     peak = r["node_peak_rss_mib"]
     print(f"  node peak RSS (VmHWM): {peak:.0f} MiB" if peak else "  node peak RSS: unknown")
     c = r["conditions"]
