@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.tag import Tag
 
 from pipelines.errors import (
@@ -300,10 +300,13 @@ def _matrix(datasets: list[Dataset], series_uid: str, tol: GeometryTolerances
 
 
 def _read_pixels(datasets: list[Dataset], rows: int, cols: int, series_uid: str) -> np.ndarray:
+    # decoded with pydicom.pixels.pixel_array, not ds.pixel_array: the latter caches
+    # the decoded array on each data set (another 2 bytes per voxel held by the
+    # caller's data sets for as long as they live), and modifies them
     out = np.empty((len(datasets), rows, cols), dtype=np.float32)
     for k, ds in enumerate(datasets):
         try:
-            stored = ds.pixel_array
+            stored = pixel_array(ds)
         except Exception as exc:  # decoder missing or corrupt data: say which instance
             raise UnsupportedImageError(series_uid, str(ds.SOPInstanceUID),
                                         f"pixel data cannot be decoded "
