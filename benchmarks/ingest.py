@@ -130,6 +130,33 @@ def cpu_seconds(pid: int) -> float | None:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def flush_ms(folder: Path, n: int = 20) -> float:
+    """Median milliseconds of one device flush on ``folder``'s file system.
+
+    Measured as ``fsync`` of a new 4 KiB file's directory after ``fdatasync`` of the
+    file: the node pays about three of these per instance (file, directory, index),
+    Orthanc one, storescp none. Shared disks vary a lot; this puts a figure on it.
+    """
+    times = []
+    for i in range(n):
+        path = folder / f".flush-probe-{i}"
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        times.append((time.perf_counter() - t0) / 2)
+        path.unlink()
+    return round(statistics.median(times) * 1000, 3)
+
+
 def count_files(root: Path, pattern: str = "*") -> int:
     return sum(1 for p in root.rglob(pattern) if p.is_file())
 
@@ -399,6 +426,7 @@ def conditions(files: list[Path], scratch: Path, args: argparse.Namespace) -> di
         "tcp_nodelay": True, "transfer_syntax": "Explicit VR Little Endian (as written)",
         "node_listener_processes": NODE_PROCESSES[0],
         "load_average_at_start": os.getloadavg(),
+        "flush_ms_at_start": flush_ms(scratch),
     }
 
 
@@ -457,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                     extra = (f"  (receiver CPU {r.cpu_s} s, peak RSS {r.peak_rss_mib} MiB{procs})"
                              if r.ok else "")
                     print(f"  {target:8s} x{parallel} round {rnd}: {shown}{extra}", flush=True)
+        cond["flush_ms_at_end"] = flush_ms(scratch)
+        cond["load_average_at_end"] = os.getloadavg()
         summary = summarise(results, int(cond["bytes_total"]), len(files))  # type: ignore[call-overload]
         print_table(summary, cond)
         if args.json:
@@ -489,7 +519,8 @@ def print_table(summary: list[Summary], cond: dict[str, object]) -> None:
           f"scratch {cond['scratch_fs']}, node listener_processes "
           f"{cond['node_listener_processes']}, load average at start "
           f"{'/'.join(f'{x:.2f}' for x in cond['load_average_at_start'])}, at end "
-          f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())}; one device flush "
+          f"{cond['flush_ms_at_start']} ms at start, {cond['flush_ms_at_end']} ms at end")
     print(f"{'target':9s} {'assocs':>6s} {'ok':>3s} {'median s':>9s} {'inst/s':>8s} {'best':>8s} "
           f"{'MiB/s':>7s} {'CPU s':>6s} {'peak RSS MiB':>13s}")
     for s in summary:
