@@ -9,6 +9,7 @@ type: ``dciodvfy`` (dicom3tools) and PixelMed (``DicomSRValidator`` for the SR,
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipelines import phantom as ph
 from pipelines.codes import MILLILITER, PROCESSING_ALGORITHM, VOLUME
 from pipelines.postprocess import split_labels
 from pipelines.types import NODE_MANUFACTURER, ModelInfo
-from pipelines.validation import validate_dataset, validate_results
+from pipelines.validation import validate_dataset, validate_results, validate_series
 from pipelines.volume import load_series
 from pipelines.writers import save_results, write_results
 from registry.store import Registry
@@ -169,3 +170,25 @@ def test_a_new_model_version_gets_a_new_device_uid_in_its_outputs(written, tmp_p
         assert found == {mv.device_uid}
         uids.append(mv.device_uid)
     assert uids[0] != uids[1]
+
+
+def test_overlay_series_check_runs_dciodvfy_on_the_first_image_and_python_on_each(written) -> None:
+    _, _, first, *_ = written
+    images = list(first.overlay)
+    reports = validate_series(images, "overlay")
+    assert [r.sop_instance_uid for r in reports] == [str(ds.SOPInstanceUID) for ds in images]
+    assert all(r.ok for r in reports)
+    assert reports[0].checked_with == ("python", "dciodvfy")
+    assert all(r.checked_with == ("python", "dciodvfy (first instance)") for r in reports[1:])
+    # a structural error dciodvfy finds in the first image holds every image back
+    broken = [copy.deepcopy(ds) for ds in images]  # the fixture is shared
+    del broken[0].StudyDate
+    reports = validate_series(broken, "overlay")
+    assert not any(r.ok for r in reports)
+    assert all(any(e.startswith("dciodvfy:") and "<StudyDate>" in e for e in r.errors)
+               for r in reports)
+    # a Python-check error in a later image holds that image back
+    broken = [copy.deepcopy(ds) for ds in images]  # the fixture is shared
+    broken[-1].BurnedInAnnotation = "NO"
+    reports = validate_series(broken, "overlay")
+    assert [r.ok for r in reports] == [True] * (len(images) - 1) + [False]

@@ -94,6 +94,22 @@ def test_results_are_recorded_once_per_job_and_later_ones_supersede(tmp_path: Pa
     store.close()
 
 
+def test_objects_added_to_a_result_are_stored_indexed_and_timed(tmp_path: Path) -> None:
+    store, result = _result(tmp_path)
+    ds = small_ct()
+    more = store.add_objects(result.id, [("overlay", ds)], timings={"overlay_write_s": 0.5})
+    assert [o.sop_instance_uid for o in more.objects] == \
+        [result.objects[0].sop_instance_uid, str(ds.SOPInstanceUID)]
+    assert more.objects[1].path.is_file()
+    assert more.timings == {"x_s": 1.0, "overlay_write_s": 0.5}
+    assert store.by_job_key("job-1") == more
+    with pytest.raises(ValueError, match="kind must be one of"):
+        store.add_objects(result.id, [("nifti", ds)])
+    with pytest.raises(KeyError):
+        store.add_objects(result.id + 99, [("overlay", small_ct())])
+    store.close()
+
+
 class _Scp:
     """A real Storage SCP that records the contexts proposed and the instances stored."""
 
