@@ -5,9 +5,11 @@ backend: the fastest *verified* one available on this host (PyTorch CPU/CUDA, ON
 Runtime CPU/CUDA, TensorRT), by the timings :func:`registry.export.optimize`
 recorded; the choice is logged. :meth:`LoadedModel.segment` applies the bundle's own
 preprocessing (every transform after ``LoadImaged``/``EnsureChannelFirstd``) to a
-MONAI ``MetaTensor`` built from the volume, runs the bundle's sliding-window inferer,
-inverts the spatial transforms (``Orientationd``, ``Spacingd``) on the class
-probabilities and returns the argmax label map on the SOURCE grid.
+MONAI ``MetaTensor`` built from the volume (``Spacingd`` resampling in float32), runs
+the bundle's sliding-window inferer, carries the class probabilities back onto the
+SOURCE grid by linear interpolation through the two grids' affines (what MONAI's
+inverse of ``Orientationd``/``Spacingd`` does, without its dense sampling grid; see
+:func:`labels_on_source_grid`) and returns the argmax label map there.
 
 Geometry: the volume is a float32 HU array in (slices, rows, columns) order with a
 4x4 affine mapping index (k, i, j) to LPS mm. MONAI (like NIfTI) reads affines as
@@ -72,7 +74,7 @@ class StageTimings:
     inference_s : float
         Sliding-window inference.
     postprocess_s : float
-        Activation, inversion of the spatial transforms, argmax.
+        Activation, resampling onto the source grid, argmax.
     """
 
     preprocess_s: float
