@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,8 +38,7 @@ import sqlite_utils
 
 from twin_archive.durable import write_durably
 from twin_archive.errors import ArchiveError
-from twin_archive.layout import INDEX_NAME
-from twin_archive.schema import connect, write_transaction
+from twin_archive.schema import IndexStore, write_transaction
 from twin_archive.uids import uid_problem
 
 LOG = logging.getLogger(__name__)
@@ -153,7 +151,7 @@ def _check_segments(series_uid: str, segments: Sequence[str]) -> tuple[str, ...]
     return names
 
 
-class LabelStore:
+class LabelStore(IndexStore):
     """Records and reads labels; its own connection to the archive index.
 
     Parameters
@@ -168,20 +166,7 @@ class LabelStore:
         If the index lacks the ``labels`` table (not migrated).
     """
 
-    def __init__(self, data_dir: Path | str) -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self.tmp_dir = self.data_dir / "tmp"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.db = connect(str(self.data_dir / INDEX_NAME))
-        self._lock = threading.Lock()
-        if "labels" not in self.db.table_names():
-            raise RuntimeError(f"archive index in {self.data_dir} lacks the labels table; "
-                               "open the Archive first (it migrates the index)")
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self.db.conn.close()
+    REQUIRED_TABLE = "labels"
 
     def __enter__(self) -> LabelStore:
         return self

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import threading
 from datetime import datetime, timezone
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +30,7 @@ import sqlite_utils
 from pydicom.dataset import Dataset
 
 from twin_archive.durable import fsync_dir, write_durably
-from twin_archive.layout import INDEX_NAME
-from twin_archive.schema import connect, write_transaction
+from twin_archive.schema import IndexStore, write_transaction
 from twin_archive.uids import uid_problem
 
 LOG = logging.getLogger(__name__)
@@ -114,7 +112,7 @@ def _encode(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-class ResultStore:
+class ResultStore(IndexStore):
     """Records and reads AI results; its own connection to the archive index.
 
     Parameters
@@ -124,20 +122,7 @@ class ResultStore:
         :class:`~twin_archive.Archive` on it first).
     """
 
-    def __init__(self, data_dir: Path | str) -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self.tmp_dir = self.data_dir / "tmp"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.db = connect(str(self.data_dir / INDEX_NAME))
-        self._lock = threading.Lock()
-        if "ai_results" not in self.db.table_names():
-            raise RuntimeError(f"archive index in {self.data_dir} lacks the results tables; "
-                               "open the Archive first (it migrates the index)")
-
-    def close(self) -> None:
-        """Close the connection."""
-        with self._lock:
-            self.db.conn.close()
+    REQUIRED_TABLE = "ai_results"
 
     def record(self, *, job_key: str, patient_key: str, study_uid: str, source_series_uid: str,
                source_last_received: str, source_instances: int, task: str, model_name: str,

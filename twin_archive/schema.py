@@ -9,10 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import sqlite_utils
+
+from twin_archive.layout import INDEX_NAME
 
 LOG = logging.getLogger(__name__)
 
@@ -219,3 +223,41 @@ def migrate(db: sqlite_utils.Database) -> int:
             )
         LOG.info("archive index: applied migration %d (%s)", number, migration.__name__)
     return len(MIGRATIONS)
+
+
+class IndexStore:
+    """Base of the stores that keep their rows in the archive's index (results, labels).
+
+    Opens ``<data_dir>/index.sqlite`` with :func:`connect`, keeps a ``tmp/`` folder for
+    durable writes, and serialises use of the connection with a lock.
+
+    Parameters
+    ----------
+    data_dir : pathlib.Path or str
+        The archive's data directory (the index must exist and be migrated: open an
+        :class:`~twin_archive.Archive` on it first).
+
+    Raises
+    ------
+    RuntimeError
+        If the index lacks :attr:`REQUIRED_TABLE` (not migrated).
+    """
+
+    #: A table this store needs; set by each subclass.
+    REQUIRED_TABLE = ""
+
+    def __init__(self, data_dir: Path | str) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.tmp_dir = self.data_dir / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.db = connect(str(self.data_dir / INDEX_NAME))
+        self._lock = threading.Lock()
+        if self.REQUIRED_TABLE not in self.db.table_names():
+            self.db.conn.close()
+            raise RuntimeError(f"archive index in {self.data_dir} lacks the {self.REQUIRED_TABLE} "
+                               "table; open the Archive first (it migrates the index)")
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self.db.conn.close()
