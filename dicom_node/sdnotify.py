@@ -25,6 +25,9 @@ from collections.abc import Callable, Mapping
 LOG = logging.getLogger(__name__)
 
 
+#: The longest a notification may wait for room in the manager's socket queue, seconds.
+SEND_TIMEOUT_S = 1.0
+
 class Notifier:
     """Sends notifications to systemd; does nothing when not started by systemd.
 
@@ -70,6 +73,10 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # A receiver that stops reading fills the datagram queue (net.unix.
+                # max_dgram_qlen, 10 by default) and sendto would block for ever: the
+                # watchdog thread, and the STOPPING=1 of a node shutting down, with it.
+                self._sock.settimeout(SEND_TIMEOUT_S)
             self._sock.sendto(message, self.address)
             return True
         except OSError as exc:

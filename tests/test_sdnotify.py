@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,8 +112,14 @@ def test_serve_notifies_ready_watchdog_and_stopping(
         assert f"MAINPID={node.proc.pid}" in ready
         assert any(f.startswith("STATUS=serving DICOM_NODE on port") for f in ready)
         _messages(sock, "WATCHDOG=1", timeout=5.0)
+        # keep reading while the node stops, as systemd does (pings go on until then)
+        stopping: list[list[str]] = []
+        reader = threading.Thread(target=lambda: stopping.append(
+            _messages(sock, "STOPPING=1", timeout=40.0)), daemon=True)
+        reader.start()
         assert node.stop() == 0
-        assert any("STOPPING=1" in m for m in _messages(sock, "STOPPING=1", timeout=5.0))
+        reader.join(45.0)
+        assert stopping and any("STOPPING=1" in m for m in stopping[0])
     finally:
         node.kill()
 
@@ -142,3 +149,19 @@ def test_log_lines_carry_journald_priorities_under_systemd(monkeypatch: pytest.M
     assert out[0] == "<4>WARNING dicom_node.test: association REJECTED from X"
     assert out[1] == "<6>INFO dicom_node.test: ready"
     assert out[2] == "<3>ERROR dicom_node.test: failed" and all(x.startswith("<3>") for x in out[2:])
+
+
+def test_a_manager_that_stops_reading_never_blocks_the_node(
+        notify_socket: tuple[str, socket.socket]) -> None:
+    """A full datagram queue makes notify() give up after its timeout, not hang."""
+    from dicom_node.sdnotify import SEND_TIMEOUT_S
+
+    path, _ = notify_socket
+    n = Notifier({"NOTIFY_SOCKET": path})
+    qlen = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    t0 = time.monotonic()
+    results = [n.notify(STATUS=f"message {i}") for i in range(qlen + 2)]
+    elapsed = time.monotonic() - t0
+    n.close()
+    assert results[0] is True and results[-1] is False
+    assert elapsed < (2 + 1) * SEND_TIMEOUT_S + 2.0
