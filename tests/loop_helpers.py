@@ -136,7 +136,6 @@ def seg_dice_against_truth(seg_path: Path, sources: list[Dataset], anatomy: Any,
     phantom's truth (:func:`pipelines.phantom.truth_at`); the truth's size is counted
     on the source images' pixel centres. Nothing about the pipeline's volume is used.
     """
-    import numpy as np
     import pydicom
 
     value = {v: k for k, v in ph.LABELS.items()}[label]

@@ -3,7 +3,6 @@ the geometry of the round trip source grid -> model grid -> source grid."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.filereader import read_preamble
 
 from dicom_client import archive_files, echo, iter_pixel_test_files, send, stored_rows

@@ -5,13 +5,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import os
 import shutil
 import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -42,18 +40,13 @@ from twin_archive.records import (
     TwinDetail,
     TwinSummary,
 )
-from twin_archive.schema import connect, migrate, write_transaction
+from twin_archive.schema import connect, migrate, utc_now, write_transaction
 from twin_archive.uids import uid_problem
 
 LOG = logging.getLogger(__name__)
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-def utc_now() -> str:
-    """Current time as ISO 8601 in UTC with microseconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def _text(ds: Dataset, keyword: str) -> str:

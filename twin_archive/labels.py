@@ -38,7 +38,7 @@ import sqlite_utils
 
 from twin_archive.durable import write_durably
 from twin_archive.errors import ArchiveError
-from twin_archive.schema import IndexStore, write_transaction
+from twin_archive.schema import IndexStore, fetch_dicts, utc_now, write_transaction
 from twin_archive.uids import uid_problem
 
 LOG = logging.getLogger(__name__)
@@ -47,11 +47,6 @@ LABELS_DIR = "labels"
 SOURCE_SEG = "dicom-seg"
 SOURCE_IMPORT = "nifti-import"
 LABEL_SOURCES = (SOURCE_SEG, SOURCE_IMPORT)
-
-
-def utc_now() -> str:
-    """Current time as ISO 8601 in UTC with microseconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 class LabelRefusedError(ArchiveError, ValueError):
@@ -179,7 +174,7 @@ class LabelStore(IndexStore):
         problem = uid_problem(series_uid)
         if problem:
             raise ValueError(f"series_uid: {problem}")
-        rows = _rows(self.db, "SELECT se.series_uid, se.study_uid, st.patient_key, se.modality"
+        rows = fetch_dicts(self.db, "SELECT se.series_uid, se.study_uid, st.patient_key, se.modality"
                      " FROM series se JOIN studies st ON st.study_uid = se.study_uid"
                      " WHERE se.series_uid = ?", (series_uid,))
         if not rows:
@@ -215,7 +210,7 @@ class LabelStore(IndexStore):
         segs = _check_segments(source_series_uid, segments)
         with self._lock:
             src = self._series_row(source_series_uid)
-            inst = _rows(self.db, "SELECT * FROM instances WHERE sop_instance_uid = ? AND current = 1",
+            inst = fetch_dicts(self.db, "SELECT * FROM instances WHERE sop_instance_uid = ? AND current = 1",
                          (seg_sop_instance_uid,))
             if not inst:
                 raise LabelRefusedError(source_series_uid,
@@ -292,7 +287,7 @@ class LabelStore(IndexStore):
                 label_id, new = int(cur.lastrowid or 0), True
                 conn.execute("UPDATE labels SET current = (id = ?) WHERE series_uid = ?",
                              (label_id, series_uid))
-        label = _build(self.data_dir, _rows(self.db, "SELECT * FROM labels WHERE id = ?",
+        label = _build(self.data_dir, fetch_dicts(self.db, "SELECT * FROM labels WHERE id = ?",
                                             (label_id,))[0])
         if new:
             LOG.info("label %d recorded for series %s (%s, %s; from %s)", label.id, series_uid,
@@ -325,7 +320,7 @@ class LabelStore(IndexStore):
             If there is no such label.
         """
         with self._lock:
-            rows = _rows(self.db, "SELECT * FROM labels WHERE id = ?", (label_id,))
+            rows = fetch_dicts(self.db, "SELECT * FROM labels WHERE id = ?", (label_id,))
         if not rows:
             raise KeyError(f"no label {label_id}")
         return _build(self.data_dir, rows[0])
@@ -333,21 +328,21 @@ class LabelStore(IndexStore):
     def current(self, series_uid: str) -> Label | None:
         """The current label of a series, if it has one."""
         with self._lock:
-            rows = _rows(self.db, "SELECT * FROM labels WHERE series_uid = ? AND current = 1",
+            rows = fetch_dicts(self.db, "SELECT * FROM labels WHERE series_uid = ? AND current = 1",
                          (series_uid,))
         return _build(self.data_dir, rows[0]) if rows else None
 
     def for_series(self, series_uid: str) -> list[Label]:
         """Every label of a series, oldest first."""
         with self._lock:
-            rows = _rows(self.db, "SELECT * FROM labels WHERE series_uid = ? ORDER BY id",
+            rows = fetch_dicts(self.db, "SELECT * FROM labels WHERE series_uid = ? ORDER BY id",
                          (series_uid,))
         return [_build(self.data_dir, r) for r in rows]
 
     def donated_current(self) -> list[Label]:
         """Current labels of series whose patient donates *now* (consent read at call time)."""
         with self._lock:
-            rows = _rows(self.db, "SELECT l.* FROM labels l JOIN twins t ON t.patient_key ="
+            rows = fetch_dicts(self.db, "SELECT l.* FROM labels l JOIN twins t ON t.patient_key ="
                          " l.patient_key WHERE l.current = 1 AND t.donate = 1 ORDER BY l.id", ())
         return [_build(self.data_dir, r) for r in rows]
 
@@ -356,7 +351,7 @@ class LabelStore(IndexStore):
         ``series_uid``, ``modality``, ``description``, ``last_received``; oldest first.
         Result and document modalities (SEG, SR, ...) are for the caller to filter."""
         with self._lock:
-            return _rows(self.db, "SELECT st.patient_key, se.study_uid, se.series_uid,"
+            return fetch_dicts(self.db, "SELECT st.patient_key, se.study_uid, se.series_uid,"
                          " se.modality, se.description, se.last_received FROM series se"
                          " JOIN studies st ON st.study_uid = se.study_uid"
                          " JOIN twins t ON t.patient_key = st.patient_key"
@@ -367,14 +362,8 @@ class LabelStore(IndexStore):
         """All labels, oldest first (only the current ones with ``current_only``)."""
         sql = "SELECT * FROM labels" + (" WHERE current = 1" if current_only else "") + " ORDER BY id"
         with self._lock:
-            rows = _rows(self.db, sql, ())
+            rows = fetch_dicts(self.db, sql, ())
         return [_build(self.data_dir, r) for r in rows]
-
-
-def _rows(db: sqlite_utils.Database, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-    cur = db.execute(sql, params)
-    cols = [c[0] for c in cur.description]
-    return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
 def _build(data_dir: Path, r: dict[str, Any]) -> Label:
@@ -395,5 +384,5 @@ def twin_labels(db: sqlite_utils.Database, data_dir: Path, patient_key: str
 
     The caller serialises access to ``db`` (the archive holds its lock).
     """
-    rows = _rows(db, "SELECT * FROM labels WHERE patient_key = ? ORDER BY id", (patient_key,))
+    rows = fetch_dicts(db, "SELECT * FROM labels WHERE patient_key = ? ORDER BY id", (patient_key,))
     return tuple(_build(data_dir, r).to_dict() for r in rows)

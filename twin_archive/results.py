@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from datetime import datetime, timezone
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -30,18 +29,13 @@ import sqlite_utils
 from pydicom.dataset import Dataset
 
 from twin_archive.durable import fsync_dir, write_durably
-from twin_archive.schema import IndexStore, write_transaction
+from twin_archive.schema import IndexStore, fetch_dicts, utc_now, write_transaction
 from twin_archive.uids import uid_problem
 
 LOG = logging.getLogger(__name__)
 
 RESULT_KINDS = ("seg", "sr", "overlay")
 RESULTS_DIR = "results"
-
-
-def utc_now() -> str:
-    """Current time as ISO 8601 in UTC with microseconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -251,7 +245,7 @@ class ResultStore(IndexStore):
             If there is no such result.
         """
         with self._lock:
-            rows = _rows(self.db, "SELECT * FROM ai_results WHERE id = ?", (result_id,))
+            rows = fetch_dicts(self.db, "SELECT * FROM ai_results WHERE id = ?", (result_id,))
             if not rows:
                 raise KeyError(f"no AI result {result_id}")
             return _build(self.data_dir, self.db, rows[0])
@@ -259,21 +253,15 @@ class ResultStore(IndexStore):
     def by_job_key(self, job_key: str) -> AIResult | None:
         """The result recorded under ``job_key``, if any."""
         with self._lock:
-            rows = _rows(self.db, "SELECT * FROM ai_results WHERE job_key = ?", (job_key,))
+            rows = fetch_dicts(self.db, "SELECT * FROM ai_results WHERE job_key = ?", (job_key,))
             return _build(self.data_dir, self.db, rows[0]) if rows else None
 
     def for_series(self, series_uid: str) -> list[AIResult]:
         """Results made from one source series, oldest first."""
         with self._lock:
-            return [_build(self.data_dir, self.db, r) for r in _rows(
+            return [_build(self.data_dir, self.db, r) for r in fetch_dicts(
                 self.db, "SELECT * FROM ai_results WHERE source_series_uid = ? ORDER BY id",
                 (series_uid,))]
-
-
-def _rows(db: sqlite_utils.Database, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
-    cur = db.execute(sql, params)
-    cols = [c[0] for c in cur.description]
-    return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
 def _build(data_dir: Path, db: sqlite_utils.Database, r: dict[str, Any]) -> AIResult:
@@ -281,7 +269,7 @@ def _build(data_dir: Path, db: sqlite_utils.Database, r: dict[str, Any]) -> AIRe
         ResultObject(kind=o["kind"], sop_class_uid=o["sop_class_uid"],
                      sop_instance_uid=o["sop_instance_uid"], series_uid=o["series_uid"],
                      transfer_syntax_uid=o["transfer_syntax_uid"], path=data_dir / o["path"])
-        for o in _rows(db, "SELECT * FROM ai_result_objects WHERE result_id = ? ORDER BY id",
+        for o in fetch_dicts(db, "SELECT * FROM ai_result_objects WHERE result_id = ? ORDER BY id",
                        (r["id"],))
     )
     return AIResult(
@@ -302,5 +290,5 @@ def twin_results(db: sqlite_utils.Database, data_dir: Path, patient_key: str
 
     The caller serialises access to ``db`` (the archive holds its lock).
     """
-    return tuple(_build(data_dir, db, r).to_dict() for r in _rows(
+    return tuple(_build(data_dir, db, r).to_dict() for r in fetch_dicts(
         db, "SELECT * FROM ai_results WHERE patient_key = ? ORDER BY id", (patient_key,)))

@@ -13,12 +13,25 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 
 from twin_archive.layout import INDEX_NAME
 
 LOG = logging.getLogger(__name__)
+
+
+def utc_now() -> str:
+    """Current time as ISO 8601 in UTC with microseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def fetch_dicts(db: sqlite_utils.Database, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """Rows of a query as dicts keyed by column name."""
+    cur = db.execute(sql, params)
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
 def _m1_initial(db: sqlite_utils.Database) -> None:
