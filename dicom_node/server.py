@@ -26,7 +26,7 @@ from dicom_node.handlers.association import (
 )
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
-from dicom_node import speedups
+from dicom_node import speedups, spooling
 from dicom_node.acceptor import AcceptorPool
 from dicom_node.errors import DicomNodeError
 from dicom_node.metrics import NodeMetrics
@@ -96,6 +96,8 @@ class DicomServer:
         self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
         speedups.install()  # pynetdicom's loops wake on work; see dicom_node/speedups.py
         self.ae = self._build_ae()
+        # C-STORE data sets are written to the archive's tmp folder as they arrive.
+        spooling.install(self.ae, archive.tmp_dir)
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
 
@@ -123,6 +125,7 @@ class DicomServer:
             (evt.EVT_ABORTED, handle_aborted, [self.metrics]),
             (evt.EVT_RELEASED, handle_released),
             (evt.EVT_CONN_CLOSE, handle_closed, [self.ledger]),
+            (evt.EVT_CONN_CLOSE, spooling.discard_unclaimed),
         ]
 
     def _tls_refused(self, peer: str, reason: str) -> None:
@@ -149,6 +152,7 @@ class DicomServer:
             )
         else:
             LOG.info("accepting associations only from: %s", ", ".join(s.allowed_calling_aes))
+        speedups.quiet_standard_handlers()  # before any server or association exists
         if s.listener_processes > 1 or self._in_acceptor:
             self._server = self._start_shared((s.bind_address, s.port))
         else:
@@ -156,7 +160,6 @@ class DicomServer:
                 (s.bind_address, s.port), block=False, evt_handlers=self._handlers(),
                 ssl_context=self.ssl_context,
             )
-        speedups.quiet_standard_handlers(self._server)
         if s.listener_processes > 1 and not self._in_acceptor:
             self._pool = AcceptorPool(s, s.listener_processes - 1, self.metrics)
             try:

@@ -39,6 +39,9 @@ associations starting together queue behind it. :func:`install` makes that copy
 nothing the association does to its copy reaches the server's), sharing the UIDs,
 which are immutable strings.
 
+**Responses.** C-STORE Success responses are encoded by hand
+(:mod:`dicom_node.store_response`).
+
 **Reads.** ``AssociationSocket.recv`` reads a PDU 4096 bytes per ``recv()`` call
 (about 130 calls, each with a ``bytes`` object and a ``bytearray`` extend, for one
 0.5 MB CT slice). :func:`install` replaces it with the same loop reading up to
@@ -66,6 +69,8 @@ from pynetdicom import association as _association
 from pynetdicom import dul as _dul
 from pynetdicom import transport as _transport
 from pynetdicom.presentation import PresentationContext
+
+from dicom_node import store_response
 
 LOG = logging.getLogger(__name__)
 
@@ -231,34 +236,29 @@ def copy_contexts(value: Any, memo: dict[int, Any] | None = None) -> Any:
     return out
 
 
-def quiet_standard_handlers(server: Any) -> int:
-    """Unbind pynetdicom's DIMSE/PDU logging handlers from ``server`` when nobody reads them.
+def quiet_standard_handlers() -> bool:
+    """Stop pynetdicom binding its DIMSE/PDU logging handlers when nobody reads them.
 
     pynetdicom binds ``standard_dimse_recv_handler`` and its three siblings to every
-    server; per C-STORE they format the request's and the PDUs' details into log
-    lines for ``pynetdicom``'s INFO/DEBUG level, whether or not that level is
-    enabled. The node keeps the ``pynetdicom`` logger at WARNING, so this is work for
-    nothing: they are unbound (with the public ``unbind``) unless INFO is enabled.
+    server and to every association it creates; per C-STORE they format the
+    request's and the PDUs' details into log lines for ``pynetdicom``'s INFO/DEBUG
+    level, whether or not that level is enabled. The node keeps the ``pynetdicom``
+    logger at WARNING, so this is work for nothing: unless INFO is enabled, this sets
+    pynetdicom's documented switch ``_config.LOG_HANDLER_LEVEL`` to ``"none"`` (call
+    it before the server starts). It also lets :mod:`dicom_node.store_response` take
+    its fast path, which needs no ``EVT_DIMSE_SENT`` handler to be bound.
 
     Returns
     -------
-    int
-        How many handlers were unbound.
+    bool
+        True when the handlers are off.
     """
     if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-        return 0
-    from pynetdicom import _handlers, evt
+        return False
+    from pynetdicom import _config
 
-    pairs = ((evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
-             (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler),
-             (evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
-             (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler))
-    removed = 0
-    for event, handler in pairs:
-        if any(bound is handler for bound, _ in server.get_handlers(event)):
-            server.unbind(event, handler)
-            removed += 1
-    return removed
+    _config.LOG_HANDLER_LEVEL = "none"
+    return True
 
 
 def _compatible() -> str | None:
@@ -308,6 +308,7 @@ def install() -> bool:
         _association.time = _Clock(_assoc_sleep)  # type: ignore[assignment]
         _transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
         _transport.deepcopy = copy_contexts  # type: ignore[attr-defined]
+        store_response.install()
         _installed = True
         LOG.debug("pynetdicom speed-ups installed: loops wake on work, reads up to 1 MiB")
         return True

@@ -4,7 +4,8 @@
 * the pynetdicom speed-ups (:mod:`dicom_node.speedups`) are installed by the server,
   store instances byte-exact over several associations at once, and give back the
   wake-up descriptor of every association that ended; pynetdicom's log-formatting
-  handlers are unbound while its logger is at WARNING;
+  handlers are not bound while its logger is at WARNING, and C-STORE Success
+  responses are encoded by hand;
 * a new patient/study/series directory is created with its parents (durably).
 """
 
@@ -14,16 +15,16 @@ import os
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pydicom
+import pynetdicom._config
 import pytest
 from pynetdicom import evt, transport
-from pynetdicom.dsutils import create_file_meta
+from pynetdicom.dimse import DIMSEServiceProvider
 
 from dicom_client import send
-from dicom_node import speedups
-from dicom_node.handlers.store import _file_meta_bytes, encode_file_meta
+from dicom_node import speedups, store_response
+from dicom_node.spooling import encode_file_meta, pydicom_file_meta
 from dicom_node.server import DicomServer
 from dicom_node.settings import Settings
 from node_harness import small_ct
@@ -44,9 +45,7 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 )
 def test_file_meta_by_hand_equals_pydicom(sop_instance_uid: str, transfer_syntax: str,
                                           calling_ae: str) -> None:
-    event = SimpleNamespace(file_meta=create_file_meta(
-        sop_class_uid=CT, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax))
-    expected = _file_meta_bytes(event, calling_ae)  # type: ignore[arg-type]
+    expected = pydicom_file_meta(CT, sop_instance_uid, transfer_syntax, calling_ae)
     assert encode_file_meta(CT, sop_instance_uid, transfer_syntax, calling_ae) == expected
 
 
@@ -70,6 +69,10 @@ def test_speedups_store_byte_exact_over_parallel_associations_without_leaks(tmp_
         # pynetdicom's DIMSE/PDU log formatting is unbound (its logger is at WARNING).
         for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
             assert server._server.get_handlers(event) == []  # type: ignore[union-attr]
+        # ... nor to the associations (pynetdicom's LOG_HANDLER_LEVEL), so C-STORE
+        # Success responses take the hand-encoded path of dicom_node/store_response.py.
+        assert pynetdicom._config.LOG_HANDLER_LEVEL == "none"
+        assert DIMSEServiceProvider.send_msg is store_response._send_msg
         baseline = _open_fds()
         study = pydicom.uid.generate_uid()
         batches = [[small_ct(patient_id=f"P{a}", study_uid=study, instance=i, size=64, seed=a)

@@ -246,9 +246,26 @@ class Archive:
         OutOfResourcesError
             Disk full, below the free-space reserve, or the index cannot commit.
         """
+        spool = incoming.spool
+        if spool is None:
+            return self._store(incoming)
+        try:
+            spool.claim()
+        except OSError as exc:
+            if exc.errno in _NO_SPACE_ERRNOS:
+                raise OutOfResourcesError(f"disk full receiving {incoming.sop_instance_uid}: "
+                                          f"{exc.strerror}") from exc
+            raise OutOfResourcesError(f"cannot spool {incoming.sop_instance_uid}: {exc}") from exc
+        try:
+            return self._store(incoming)
+        finally:
+            spool.discard(force=True)  # no-op once committed
+
+    def _store(self, incoming: IncomingInstance) -> StoreResult:
+        spool = incoming.spool
         parsed = self._parse(incoming)
         ident = self._identify(parsed, incoming)
-        sha = hashlib.sha256(incoming.dataset).hexdigest()
+        sha = spool.sha256 if spool is not None else hashlib.sha256(incoming.dataset).hexdigest()
         key = patient_key(self._secret, ident["patient_id"], ident["issuer"])
         rel = instance_relpath(
             key, ident["study_uid"], ident["series_uid"], ident["sop_uid"], sha
@@ -268,13 +285,18 @@ class Archive:
                 patient_key=key, version=row[0], path=str(rel), sha256=sha,
             )
 
-        size = len(incoming.file_meta) + len(incoming.dataset)
-        self._check_free_space(size)
         final = self.data_dir / rel
         try:
             # The directory is fsynced by the group commit, before the index row.
-            write_durably(final, (incoming.file_meta, incoming.dataset), self.tmp_dir,
-                          sync_dir=False)
+            if spool is not None:
+                size = spool.total_size
+                self._check_free_space(0)  # already written, in the temporary folder
+                spool.commit(final)
+            else:
+                size = len(incoming.file_meta) + len(incoming.dataset)
+                self._check_free_space(size)
+                write_durably(final, (incoming.file_meta, incoming.dataset), self.tmp_dir,
+                              sync_dir=False)
         except OSError as exc:
             if exc.errno in _NO_SPACE_ERRNOS:
                 raise OutOfResourcesError(f"disk full writing {rel.name}: {exc.strerror}") from exc
@@ -325,6 +347,8 @@ class Archive:
     @staticmethod
     def _parse_full(incoming: IncomingInstance) -> Dataset:
         try:
+            if incoming.spool is not None:
+                return pydicom.dcmread(incoming.spool.path)
             return pydicom.dcmread(BytesIO(incoming.file_meta + incoming.dataset))
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
             raise InvalidInstanceError("DataSet", f"cannot be parsed ({exc})") from exc
@@ -345,26 +369,34 @@ class Archive:
             implicit, little = ts.is_implicit_VR, ts.is_little_endian
         except (ValueError, AttributeError):
             return None
-        data = incoming.dataset
-        fp = BytesIO(data)
+        spool = incoming.spool
+        if spool is not None:
+            fp, start, size = spool.open_dataset(), spool.meta_length, spool.size
+        else:
+            fp, start, size = BytesIO(incoming.dataset), 0, len(incoming.dataset)
         stop: list[tuple[int, int]] = []
 
         def at_pixels(tag: int, vr: str | None, length: int) -> bool:
             if tag in _PIXEL_TAGS:
-                stop.append((fp.tell(), length))  # positioned at the value
+                stop.append((fp.tell() - start, length))  # positioned at the value
                 return True
             return False
 
         try:
-            ds = read_dataset(fp, implicit, little, stop_when=at_pixels)
+            with fp:
+                ds = read_dataset(fp, implicit, little, stop_when=at_pixels)
+                end = fp.tell() - start
             if stop:
                 value_at, length = stop[0]
                 if length == _UNDEFINED_LENGTH:
-                    if not data.endswith(_SEQ_DELIM[little]):
+                    delimiter = _SEQ_DELIM[little]
+                    tail = (spool.tail(len(delimiter)) if spool is not None
+                            else incoming.dataset[-len(delimiter):])
+                    if tail != delimiter:
                         return None
-                elif value_at + length != len(data):
+                elif value_at + length != size:
                     return None  # trailing elements or truncated pixel data
-            elif fp.tell() != len(data):
+            elif end != size:
                 return None
             fields = _fields(ds)
         except Exception:  # noqa: BLE001 - the full parse reports it properly

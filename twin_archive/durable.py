@@ -55,7 +55,7 @@ def write_durably(final: Path, chunks: Iterable[bytes], tmp_dir: Path, *,
         On any write failure (``ENOSPC`` when the disk is full); the temporary file is
         removed and ``final`` is untouched.
     """
-    _makedirs_durably(final.parent)
+    makedirs_durably(final.parent)
     fd, tmp_name = _mkstemp(tmp_dir)
     try:
         try:
@@ -78,7 +78,7 @@ def write_durably(final: Path, chunks: Iterable[bytes], tmp_dir: Path, *,
         fsync_dir(final.parent)
 
 
-def _makedirs_durably(path: Path) -> None:
+def makedirs_durably(path: Path) -> None:
     """Create ``path`` and missing parents; fsync the parent of each one created."""
     if path.is_dir():
         return

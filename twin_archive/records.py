@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from twin_archive.spool import Spool
 
 
 class StoreOutcome(str, enum.Enum):
@@ -24,7 +27,8 @@ class IncomingInstance:
     file_meta : bytes
         Preamble, ``DICM`` prefix and encoded File Meta Information group.
     dataset : bytes
-        The encoded data set exactly as received (its transfer syntax unchanged).
+        The encoded data set exactly as received (its transfer syntax unchanged);
+        empty when ``spool`` holds it.
     transfer_syntax_uid : str
         Transfer syntax of ``dataset`` (from the presentation context).
     sop_class_uid : str
@@ -33,6 +37,9 @@ class IncomingInstance:
         Affected SOP Instance UID of the request.
     calling_ae : str
         AE title of the sender.
+    spool : twin_archive.spool.Spool, optional
+        The data set (and File Meta Information) already written to a temporary
+        file as it arrived; :meth:`twin_archive.Archive.store` consumes it.
     """
 
     file_meta: bytes
@@ -41,12 +48,15 @@ class IncomingInstance:
     sop_class_uid: str
     sop_instance_uid: str
     calling_ae: str = ""
+    spool: Spool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.file_meta, bytes | bytearray | memoryview):
             raise TypeError("file_meta must be bytes")
         if not isinstance(self.dataset, bytes | bytearray | memoryview):
             raise TypeError("dataset must be bytes")
+        if self.spool is not None and self.dataset:
+            raise ValueError("give the data set either as bytes or as a spool, not both")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

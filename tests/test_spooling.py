@@ -1,0 +1,92 @@
+"""Received data sets spooled to the archive's tmp folder; the C-STORE response by hand."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from pynetdicom import StoragePresentationContexts
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+
+from dicom_node import speedups
+from dicom_node.store_response import encode_store_success
+from twin_archive.spool import Spool, SpoolError
+
+
+def test_spool_commits_meta_and_data_set_with_its_hash(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    spool = Spool(tmp)
+    fragments = [os.urandom(131_066), os.urandom(70_000), b"\x00" * 11]
+    spool.write_meta(b"M" * 200)
+    for fragment in fragments:
+        spool.write(fragment)
+    assert spool.pending and spool.path.parent == tmp and spool.path.suffix == ".part"
+    assert spool.tail(11) == b"\x00" * 11
+    spool.claim()
+    assert not spool.pending
+    assert spool.discard() is False  # claimed: only the archive may drop it now
+    final = tmp_path / "archive" / "a" / "b.dcm"
+    spool.commit(final)
+    data = b"".join(fragments)
+    assert final.read_bytes() == b"M" * 200 + data
+    assert spool.sha256 == hashlib.sha256(data).hexdigest()
+    assert spool.total_size == 200 + len(data) and spool.meta_length == 200
+    assert list(tmp.iterdir()) == []
+    with pytest.raises(SpoolError):
+        spool.claim()
+
+
+def test_spool_discarded_before_claim_is_gone_and_cannot_be_claimed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.write_meta(b"M" * 132)
+    spool.write(b"x" * 1000)
+    assert spool.discard() is True
+    assert list(tmp_path.iterdir()) == []
+    assert spool.discard() is False
+    with pytest.raises(SpoolError):
+        spool.claim()
+
+
+def test_spool_keeps_a_write_error_for_claim(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    os.close(spool._fd)  # noqa: SLF001 - a write that fails (EBADF), as ENOSPC would
+    spool._fd = os.open(os.devnull, os.O_RDONLY)  # noqa: SLF001
+    spool.write(b"x" * 10)  # does not raise: it runs in the network thread
+    assert isinstance(spool.error, OSError)
+    with pytest.raises(OSError):
+        spool.claim()
+    assert not spool.path.exists()
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3.4", "1.2.3.45", "1." + "2" * 62])
+@pytest.mark.parametrize("message_id", [1, 7, 65535])
+def test_store_success_by_hand_equals_pynetdicom(sop_instance_uid: str, message_id: int) -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rsp.AffectedSOPInstanceUID = sop_instance_uid
+    rsp.Status = 0x0000
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    expected = encode(msg.command_set, True, True)
+    assert encode_store_success("1.2.840.10008.5.1.4.1.1.2", sop_instance_uid, message_id) == expected
+
+
+def test_presentation_contexts_copied_cheaply_and_independently() -> None:
+    original = [copy.deepcopy(cx) for cx in StoragePresentationContexts[:20]]
+    clones = speedups.copy_contexts(original)
+    assert [c.abstract_syntax for c in clones] == [c.abstract_syntax for c in original]
+    assert [c.transfer_syntax for c in clones] == [c.transfer_syntax for c in original]
+    assert all(a is not b and a._transfer_syntax is not b._transfer_syntax  # noqa: SLF001
+               for a, b in zip(clones, original))
+    clones[0].context_id = 5
+    clones[0].add_transfer_syntax("1.2.840.10008.1.2.4.50")
+    assert original[0].context_id is None
+    assert "1.2.840.10008.1.2.4.50" not in original[0].transfer_syntax
+    assert speedups.copy_contexts({"a": [1]}) == {"a": [1]}  # anything else: copy.deepcopy
