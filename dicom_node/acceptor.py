@@ -4,8 +4,8 @@ One Python process stores on one CPU core at a time (the GIL): with four paralle
 associations the node was CPU-bound on one core while the other idled. With
 ``listener_processes = N`` the node's listener and N-1 lean acceptor processes
 (this module: DICOM listener and archive only, no inference, about 60 MiB each)
-bind the same port with ``SO_REUSEPORT`` and the kernel spreads new connections
-over them. Each process stores into the same archive (SQLite WAL and ``BEGIN
+accept on the node's listening socket, which they inherit; the least busy process
+takes each new association (see ``_SharedSocketServer`` in :mod:`dicom_node.server`). Each process stores into the same archive (SQLite WAL and ``BEGIN
 IMMEDIATE`` keep writers apart, as for the CLI) and writes its own association
 audit events (the audit log takes writers from several processes).
 
@@ -93,8 +93,8 @@ class AcceptorPool:
         self._children: list[_Child] = []
         self._stopping = False
 
-    def start(self, port: int, timeout_s: float = 60.0) -> None:
-        """Start the acceptors on ``port`` and wait until each listens.
+    def start(self, port: int, listen_fd: int, timeout_s: float = 60.0) -> None:
+        """Start the acceptors on the node's listening socket and wait until each serves.
 
         Raises
         ------
@@ -106,8 +106,9 @@ class AcceptorPool:
         for _ in range(self.count):
             ours, theirs = socket.socketpair()
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dicom_node.acceptor", str(theirs.fileno()), str(os.getpid())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "dicom_node.acceptor", str(theirs.fileno()), str(os.getpid()),
+                 str(listen_fd)],
+                pass_fds=(theirs.fileno(), listen_fd), stdin=subprocess.DEVNULL,
             )
             theirs.close()
             child = _Child(proc, ours)
@@ -197,7 +198,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _serve(sock: socket.socket, settings: Settings, buf: bytes) -> int:
+def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf: bytes) -> int:
     from dicom_node.logconfig import configure_logging
     from dicom_node.server import DicomServer
     from twin_archive import Archive
@@ -207,7 +208,7 @@ def _serve(sock: socket.socket, settings: Settings, buf: bytes) -> int:
     archive = Archive(settings.data_dir, min_free_bytes=settings.min_free_mb << 20)
     audit = AuditLog(settings.data_dir)
     metrics = NodeMetrics()
-    server = DicomServer(settings, archive, metrics, audit, acceptor=True)
+    server = DicomServer(settings, archive, metrics, audit, listen_socket=listener)
     lock = threading.Lock()
     server.start()
     _send(sock, lock, {"op": "ready", "pid": os.getpid()})
@@ -266,9 +267,9 @@ def _serve(sock: socket.socket, settings: Settings, buf: bytes) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of an acceptor process: ``python -m dicom_node.acceptor FD PARENT_PID``."""
+    """Entry point of an acceptor process: ``python -m dicom_node.acceptor FD PARENT_PID LISTEN_FD``."""
     args = sys.argv[1:] if argv is None else argv
-    fd, parent_pid = int(args[0]), int(args[1])
+    fd, parent_pid, listen_fd = int(args[0]), int(args[1]), int(args[2])
     _die_with_parent(parent_pid)
     sock = socket.socket(fileno=fd)
     buf = b""
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     line, rest = buf.split(b"\n", 1)
     message = json.loads(line)
     settings = pickle.loads(base64.b64decode(message["blob"]))  # noqa: S301 - from our parent
-    return _serve(sock, settings, rest)
+    return _serve(sock, socket.socket(fileno=listen_fd), settings, rest)
 
 
 if __name__ == "__main__":

@@ -72,11 +72,11 @@ class DicomServer:
         Counters (a new set when omitted).
     audit : twin_archive.audit.AuditLog, optional
         Where associations and received studies are audited (not audited when omitted).
-    acceptor : bool
-        True inside an extra acceptor process (:mod:`dicom_node.acceptor`): bind with
-        ``SO_REUSEPORT`` beside the node and start no acceptors of its own. With
-        ``settings.listener_processes`` > 1 the node's own server binds the same way
-        and starts the others.
+    listen_socket : socket.socket, optional
+        Given inside an extra acceptor process (:mod:`dicom_node.acceptor`): the node's
+        listening socket, inherited, to accept on beside the node; no acceptors of its
+        own are started. With ``settings.listener_processes`` > 1 the node's own server
+        listens the same way (non-blocking, shared) and starts the others.
 
     Raises
     ------
@@ -85,9 +85,11 @@ class DicomServer:
     """
 
     def __init__(self, settings: Settings, archive: Archive, metrics: NodeMetrics | None = None,
-                 audit: AuditLog | None = None, *, acceptor: bool = False) -> None:
+                 audit: AuditLog | None = None, *,
+                 listen_socket: socket.socket | None = None) -> None:
         self.settings = settings
-        self._in_acceptor = acceptor
+        self._in_acceptor = listen_socket is not None
+        self._listen_socket = listen_socket
         self._pool: AcceptorPool | None = None
         self.archive = archive
         self.metrics = metrics or NodeMetrics()
@@ -154,7 +156,7 @@ class DicomServer:
             LOG.info("accepting associations only from: %s", ", ".join(s.allowed_calling_aes))
         speedups.quiet_standard_handlers()  # before any server or association exists
         if s.listener_processes > 1 or self._in_acceptor:
-            self._server = self._start_shared((s.bind_address, s.port))
+            self._server = self._start_shared((s.bind_address, s.port), self._listen_socket)
         else:
             self._server = self.ae.start_server(
                 (s.bind_address, s.port), block=False, evt_handlers=self._handlers(),
@@ -163,7 +165,7 @@ class DicomServer:
         if s.listener_processes > 1 and not self._in_acceptor:
             self._pool = AcceptorPool(s, s.listener_processes - 1, self.metrics)
             try:
-                self._pool.start(self.port)
+                self._pool.start(self.port, self._server.socket.fileno())
             except OSError:
                 self._pool = None
                 self.stop(0.0)
@@ -185,11 +187,12 @@ class DicomServer:
         server = self._server
         return len(server.active_associations) if server is not None else 0
 
-    def _start_shared(self, address: tuple[str, int]) -> ThreadedAssociationServer:
-        """``AE.start_server(block=False)``, bound with ``SO_REUSEPORT`` to share the port."""
+    def _start_shared(self, address: tuple[str, int],
+                      inherited: socket.socket | None) -> ThreadedAssociationServer:
+        """``AE.start_server(block=False)`` on a listening socket shared with other processes."""
+        server_class = type("SharedSocketServer", (_SharedSocketServer,), {"inherited": inherited})
         server = self.ae.make_server(address, evt_handlers=self._handlers(),
-                                     ssl_context=self.ssl_context,
-                                     server_class=_SharedPortServer)
+                                     ssl_context=self.ssl_context, server_class=server_class)
         thread = threading.Thread(target=server.serve_forever, daemon=True,
                                   name=f"AcceptorServer@{address[1]}")
         thread.start()
@@ -246,12 +249,33 @@ class DicomServer:
             pool_stop.join()
 
 
-class _SharedPortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, bound with ``SO_REUSEPORT`` (Linux: same user only)."""
+class _SharedSocketServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on one listening socket that several processes accept on.
+
+    The node binds and listens; each acceptor process inherits the descriptor
+    (``inherited``) instead of binding. All of them poll the socket and the first to
+    ``accept()`` serves the new association: a process whose threads are busy storing
+    gets there later than an idle one, so associations go to the least busy process
+    (with ``SO_REUSEPORT`` the kernel hashed each connection to a process whatever its
+    load, and four associations often landed three on one of two processes). The
+    socket is non-blocking, so a process that loses the race goes back to polling
+    instead of waiting in ``accept()``.
+    """
+
+    inherited: socket.socket | None = None
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self.inherited is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self.inherited
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.inherited is None:
+            super().server_activate()
+        self.socket.setblocking(False)
 
 
 class TlsSetupError(DicomNodeError, OSError):

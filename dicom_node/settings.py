@@ -200,8 +200,8 @@ class Settings:
     max_pdu_size : int
         Largest PDU the node accepts, bytes (0 = no limit).
     listener_processes : int
-        Processes that accept DICOM associations on the one port (``SO_REUSEPORT``; the
-        kernel spreads new connections over them), 1-16, default 1. More than one lets
+        Processes that accept DICOM associations on the one listening socket (the
+        least busy takes each new association), 1-16, default 1. More than one lets
         parallel associations use more than one CPU core (one Python process stores on
         one core at a time); the extra ones are lean (no inference) and are started
         and stopped with the node. See ``benchmarks/README.md``.
