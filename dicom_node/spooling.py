@@ -56,6 +56,8 @@ _install_lock = threading.Lock()
 _installed = False
 #: The spool folder of each AE that spools (the node's; weak: AEs come and go in tests).
 _spool_dirs: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
+#: pynetdicom's ``NamedTemporaryFile``, kept for everything that is not the node's.
+_messages_named_temporary_file: Any = None
 
 
 def _short_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
@@ -217,8 +219,6 @@ def _compatible() -> str | None:
             return f"pynetdicom.dimse_messages has no {name}"
     return None
 
-
-_messages_named_temporary_file: Any = None
 
 
 def install(ae: Any, spool_dir: Path) -> bool:

@@ -32,6 +32,14 @@ def _acceptors(pid: int) -> set[int]:
             if b"dicom_node.acceptor" in Path(f"/proc/{c}/cmdline").read_bytes()}
 
 
+def _written(pid: int) -> int:
+    """Bytes the process has written (``wchar``: files, sockets and pipes)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no wchar in /proc/{pid}/io")
+
+
 def _gone(pids: set[int], timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -51,6 +59,7 @@ def test_acceptor_processes_share_the_port_and_stop_with_the_node(tmp_path: Path
         batches = [[small_ct(patient_id=f"P{a}", study_uid=study, instance=i, seed=a)
                     for i in range(1, 26)] for a in range(6)]
         results: list[list[int]] = [[] for _ in batches]
+        written_before = {pid: _written(pid) for pid in acceptors}
 
         def run(k: int) -> None:
             results[k] = send(node.port, batches[k])
@@ -66,6 +75,9 @@ def test_acceptor_processes_share_the_port_and_stop_with_the_node(tmp_path: Path
         sent = {ds.SOPInstanceUID for batch in batches for ds in batch}
         assert sorted(r[0] for r in rows) == sorted(sent)
         assert len(list((tmp_path / "data" / "archive").rglob("*.dcm"))) == 150
+        # The acceptors took part: they wrote at least one association's instances.
+        one_batch = sum(len(ds.PixelData) for ds in batches[0])
+        assert sum(_written(pid) - written_before[pid] for pid in acceptors) >= one_batch
         assert node.stop() == 0
         assert _gone(acceptors)
     finally:

@@ -128,7 +128,6 @@ class _Pending:
     key: str
     sha: str
     rel: str
-    size: int
     incoming: IncomingInstance
     final: Path
     result: tuple[StoreOutcome, int] | None = None
@@ -289,12 +288,10 @@ class Archive:
         try:
             # The directory is fsynced by the group commit, before the index row.
             if spool is not None:
-                size = spool.total_size
                 self._check_free_space(0)  # already written, in the temporary folder
                 spool.commit(final)
             else:
-                size = len(incoming.file_meta) + len(incoming.dataset)
-                self._check_free_space(size)
+                self._check_free_space(incoming.size)
                 write_durably(final, (incoming.file_meta, incoming.dataset), self.tmp_dir,
                               sync_dir=False)
         except OSError as exc:
@@ -303,7 +300,7 @@ class Archive:
             raise OutOfResourcesError(f"cannot write {rel.name}: {exc}") from exc
 
         pending = _Pending(fields=parsed.fields, ident=ident, key=key, sha=sha, rel=str(rel),
-                           size=size, incoming=incoming, final=final)
+                           incoming=incoming, final=final)
         self._group.commit(pending)
         if isinstance(pending.error, OSError):
             final.unlink(missing_ok=True)
@@ -494,8 +491,9 @@ class Archive:
 
     def _index_rows(self, conn: sqlite3.Connection, p: _Pending) -> tuple[StoreOutcome, int]:
         """Write one instance's rows (twin, study, series, instance) in the open transaction."""
-        fields, ident, key, sha, rel, size, incoming = (
-            p.fields, p.ident, p.key, p.sha, p.rel, p.size, p.incoming)
+        fields, ident, key, sha, rel, incoming = (
+            p.fields, p.ident, p.key, p.sha, p.rel, p.incoming)
+        size = incoming.size
         now = utc_now()
         conn.execute(
             "INSERT INTO twins (patient_key, patient_id, issuer_of_patient_id, patient_name,"

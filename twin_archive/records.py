@@ -58,6 +58,13 @@ class IncomingInstance:
         if self.spool is not None and self.dataset:
             raise ValueError("give the data set either as bytes or as a spool, not both")
 
+    @property
+    def size(self) -> int:
+        """Bytes of the Part 10 file: File Meta Information and data set."""
+        if self.spool is not None:
+            return self.spool.total_size
+        return len(self.file_meta) + len(self.dataset)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StoreResult:

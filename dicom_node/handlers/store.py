@@ -81,9 +81,8 @@ def handle_store(event: Event, archive: Archive, metrics: NodeMetrics,
         LOG.error("C-STORE from %s (%s) refused, out of resources: %s", calling_ae, peer, exc)
         metrics.store_failed("out_of_resources")
         return statuses.OUT_OF_RESOURCES
-    size = spool.total_size if spool is not None else len(file_meta) + len(dataset)
-    metrics.stored(size, result.outcome.value)
+    metrics.stored(incoming.size, result.outcome.value)
     if ledger is not None:
-        ledger.add(event, result.study_uid, size)
+        ledger.add(event, result.study_uid, incoming.size)
     LOG.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling_ae, result.outcome.value)
     return statuses.SUCCESS
