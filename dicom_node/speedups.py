@@ -1,4 +1,4 @@
-"""Three cuts in pynetdicom's overhead on the receive path.
+"""Cuts in pynetdicom's overhead on the receive path.
 
 **Wake-ups.** 
 pynetdicom 3.0 runs two polling threads per association. The DUL thread sleeps

@@ -18,6 +18,7 @@ What each flush is for (Linux, ext4/xfs; DESIGN decision 1):
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def write_durably(final: Path, chunks: Iterable[bytes], tmp_dir: Path, *,
         removed and ``final`` is untouched.
     """
     makedirs_durably(final.parent)
-    fd, tmp_name = _mkstemp(tmp_dir)
+    fd, tmp_name = mkstemp_part(tmp_dir)
     try:
         try:
             for chunk in chunks:
@@ -95,9 +96,8 @@ def makedirs_durably(path: Path) -> None:
         fsync_dir(directory.parent)
 
 
-def _mkstemp(tmp_dir: Path) -> tuple[int, str]:
-    import tempfile
-
+def mkstemp_part(tmp_dir: Path) -> tuple[int, str]:
+    """A new temporary ``*.part`` file in ``tmp_dir`` (what :func:`clean_tmp` removes)."""
     return tempfile.mkstemp(dir=tmp_dir, suffix=".part")
 
 

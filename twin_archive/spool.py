@@ -28,12 +28,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from twin_archive.durable import makedirs_durably
+from twin_archive.durable import makedirs_durably, mkstemp_part
 
 #: ``SYNC_FILE_RANGE_WRITE``: start write-back of dirty pages in the range, do not wait.
 _SYNC_FILE_RANGE_WRITE = 2
@@ -79,7 +78,7 @@ class Spool:
     """
 
     def __init__(self, tmp_dir: Path) -> None:
-        fd, name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
+        fd, name = mkstemp_part(tmp_dir)
         self._fd: int | None = fd
         self.path = Path(name)
         self.meta_length = 0
