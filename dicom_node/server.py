@@ -26,7 +26,7 @@ from dicom_node.handlers.association import (
 )
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
-from dicom_node import speedups, spooling
+from dicom_node import speedups, spooling, store_lane
 from dicom_node.acceptor import AcceptorPool
 from dicom_node.errors import DicomNodeError
 from dicom_node.metrics import NodeMetrics
@@ -100,6 +100,8 @@ class DicomServer:
         self.ae = self._build_ae()
         # C-STORE data sets are written to the archive's tmp folder as they arrive.
         spooling.install(self.ae, archive.tmp_dir)
+        # ... and C-STOREs on plain TCP associations are received in one thread.
+        store_lane.install(self.ae)
         self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
 

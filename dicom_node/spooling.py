@@ -120,14 +120,33 @@ class _MetaRequest:
         self.values = (str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
 
 
+def spools_for(ae: Any) -> Path | None:
+    """The spool folder of ``ae`` when its accepted associations spool, else None."""
+    return _spool_dirs.get(ae)
+
+
+def spool_dir(assoc: Any) -> Path | None:
+    """The spool folder when ``assoc`` is one the node accepted, else None."""
+    return _spool_dirs.get(assoc.ae) if assoc.is_acceptor else None
+
+
 def _spooling_association() -> tuple[Any, Path] | None:
     """The association (and spool folder) when the current thread receives for the node."""
     dul = threading.current_thread()
     if not isinstance(dul, _dul.DULServiceProvider):
         return None
     assoc = dul.assoc
-    folder = _spool_dirs.get(assoc.ae) if assoc.is_acceptor else None
+    folder = spool_dir(assoc)
     return (assoc, folder) if folder is not None else None
+
+
+def open_spool(assoc: Any, folder: Path) -> SpoolFile:
+    """A new spool for a data set arriving on ``assoc``, discarded if it is never handled."""
+    spool = Spool(folder)
+    spools = assoc.__dict__.setdefault("_dicom_node_spools", [])
+    spools[:] = [s for s in spools if s.pending]  # forget the ones already handled
+    spools.append(spool)
+    return SpoolFile(spool, (assoc.requestor.ae_title or "").strip())
 
 
 class SpoolFile:
@@ -147,6 +166,23 @@ class SpoolFile:
     def write_meta(self, meta: bytes) -> None:
         self.spool.write_meta(meta)
         self._meta_written = True
+
+    def write_file_meta(self, sop_class_uid: str, sop_instance_uid: str,
+                        transfer_syntax_uid: str) -> None:
+        """Write preamble and File Meta Information (by hand; pydicom for odd values).
+
+        A value neither can encode is kept as the spool's error (answered when the
+        request is handled), not raised: this runs in the network thread.
+        """
+        values = (sop_class_uid, sop_instance_uid, transfer_syntax_uid, self.calling_ae)
+        encoded = encode_file_meta(*values)
+        if encoded is None:
+            try:
+                encoded = pydicom_file_meta(*values)
+            except Exception as exc:  # noqa: BLE001 - kept, answered later
+                self.spool.error = InvalidInstanceError("File Meta Information",
+                                                        f"cannot be encoded ({exc})")
+        self.write_meta(encoded or b"")
 
     def write(self, data: bytes) -> int:
         if not self._meta_written:
@@ -169,12 +205,7 @@ def _temporary_file(*args: Any, **kwargs: Any) -> Any:
     found = _spooling_association()
     if found is None:
         return _messages_named_temporary_file(*args, **kwargs)
-    assoc, folder = found
-    spool = Spool(folder)
-    spools = assoc.__dict__.setdefault("_dicom_node_spools", [])
-    spools[:] = [s for s in spools if s.pending]  # forget the ones already handled
-    spools.append(spool)
-    return SpoolFile(spool, (assoc.requestor.ae_title or "").strip())
+    return open_spool(*found)
 
 
 def _create_file_meta(**kwargs: Any) -> Any:
@@ -187,13 +218,7 @@ def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None
     if not (isinstance(fp, SpoolFile) and isinstance(meta, _MetaRequest)):
         _pydicom_write_file_meta_info(fp, meta, *args, **kwargs)
         return
-    encoded = encode_file_meta(*meta.values, fp.calling_ae)
-    if encoded is None:
-        try:
-            encoded = pydicom_file_meta(*meta.values, fp.calling_ae)
-        except Exception as exc:  # noqa: BLE001 - runs in the network thread: kept, answered later
-            fp.spool.error = InvalidInstanceError("File Meta Information", f"cannot be encoded ({exc})")
-    fp.write_meta(encoded or b"")
+    fp.write_file_meta(*meta.values)
 
 
 def discard_unclaimed(event: Any) -> int:

@@ -37,17 +37,23 @@ def _ui(element: int, value: str) -> bytes:
     return struct.pack("<HHL", 0x0000, element, len(raw)) + raw
 
 
-def encode_store_success(sop_class_uid: str, sop_instance_uid: str, message_id: int) -> bytes:
-    """The command set of a C-STORE-RSP with status Success (Implicit VR Little Endian)."""
+def encode_store_response(sop_class_uid: str, sop_instance_uid: str, message_id: int,
+                          status: int) -> bytes:
+    """The command set of a C-STORE-RSP with ``status`` and no optional element."""
     body = b"".join((
         _ui(0x0002, sop_class_uid),
         _US.pack(0x0000, 0x0100, 2, 0x8001),  # Command Field: C-STORE-RSP
         _US.pack(0x0000, 0x0120, 2, message_id),  # Message ID Being Responded To
         _US.pack(0x0000, 0x0800, 2, 0x0101),  # Command Data Set Type: no data set
-        _US.pack(0x0000, 0x0900, 2, 0x0000),  # Status: Success
+        _US.pack(0x0000, 0x0900, 2, status),
         _ui(0x1000, sop_instance_uid),
     ))
     return _UL.pack(0x0000, 0x0000, 4, len(body)) + body
+
+
+def encode_store_success(sop_class_uid: str, sop_instance_uid: str, message_id: int) -> bytes:
+    """The command set of a C-STORE-RSP with status Success (Implicit VR Little Endian)."""
+    return encode_store_response(sop_class_uid, sop_instance_uid, message_id, 0x0000)
 
 
 def _fast_command(dimse: Any, primitive: Any) -> bytes | None:
