@@ -116,3 +116,40 @@ def test_reopening_applies_no_migration_twice_and_cleans_tmp(tmp_path: Path) -> 
         assert archive.recover() == 1
         versions = [r[0] for r in archive.db.execute("SELECT version FROM schema_migrations")]
         assert versions == sorted(set(versions))
+
+
+def test_write_lock_taken_after_another_process_releases_it(tmp_path: Path) -> None:
+    """begin_immediate waits for a held write lock in short steps, then gives up cleanly."""
+    import sqlite3
+    import time
+
+    from twin_archive.schema import begin_immediate, connect
+
+    path = str(tmp_path / "x.sqlite")
+    holder = connect(path, timeout_s=5).conn
+    holder.execute("CREATE TABLE t (v INTEGER)")
+    waiter = connect(path, timeout_s=5).conn
+    holder.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release_soon() -> None:
+        time.sleep(0.05)
+        holder.execute("INSERT INTO t VALUES (1)")
+        holder.execute("COMMIT")
+        released.set()
+
+    threading.Thread(target=release_soon).start()
+    begin_immediate(waiter)  # waits for the holder, then has the lock
+    assert released.is_set()
+    waiter.execute("INSERT INTO t VALUES (2)")
+    waiter.execute("COMMIT")
+    assert waiter.execute("PRAGMA busy_timeout").fetchone()[0] == 5000  # set back
+
+    holder.execute("BEGIN IMMEDIATE")
+    waiter.execute("PRAGMA busy_timeout=100")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        begin_immediate(waiter)
+    assert waiter.execute("PRAGMA busy_timeout").fetchone()[0] == 100
+    assert not waiter.in_transaction
+    holder.execute("ROLLBACK")
+    assert [r[0] for r in waiter.execute("SELECT v FROM t ORDER BY v")] == [1, 2]

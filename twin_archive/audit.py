@@ -45,6 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from twin_archive.schema import begin_immediate
+
 LOG = logging.getLogger(__name__)
 
 AUDIT_DB_NAME = "audit.sqlite"
@@ -188,7 +190,7 @@ class AuditLog:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            begin_immediate(self.conn)
             try:
                 yield self.conn
             except BaseException:

@@ -7,9 +7,11 @@ Each migration runs in one transaction together with the row that records it in
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,7 +138,7 @@ def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]
     nothing does (sqlite-utils #121).
     """
     conn = db.conn
-    conn.execute("BEGIN IMMEDIATE")
+    begin_immediate(conn)
     try:
         yield conn
     except BaseException:
@@ -145,6 +147,51 @@ def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]
         raise
     else:
         conn.execute("COMMIT")
+
+
+#: Waits between attempts to take the write lock (then the last, repeated).
+_LOCK_POLL_S = (0.00005, 0.0001, 0.0002, 0.0005, 0.001)
+
+
+def begin_immediate(conn: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``, waiting for another process's write lock in short steps.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10... ms between attempts. A write
+    transaction of the archive holds the lock for well under a millisecond (the WAL
+    write and its fsync), so with two processes storing, about a fifth of the
+    transactions found it taken and then slept 1-4 ms: on average more than the
+    transaction itself (measured: 575 commits of 4 associations, p90 wait 1.5 ms).
+    Here the lock is tried again after 50 us, 100 us, 200 us, 0.5 ms, then every
+    1 ms, for as long as the connection's ``busy_timeout``; the busy timeout is set
+    back for everything else.
+
+    Raises
+    ------
+    sqlite3.OperationalError
+        The lock could not be had within the busy timeout ("database is locked"), or
+        any other error of ``BEGIN``.
+    """
+    timeout_ms = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + timeout_ms / 1000
+        for attempt in itertools.count():
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(_LOCK_POLL_S[min(attempt, len(_LOCK_POLL_S) - 1)])
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return "locked" in str(exc)
+    return code & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def connect(path: str, *, timeout_s: float = 30.0) -> sqlite_utils.Database:
