@@ -199,6 +199,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf: bytes) -> int:
+    from dicom_node import speedups
     from dicom_node.logconfig import configure_logging
     from dicom_node.server import DicomServer
     from twin_archive import Archive
@@ -210,6 +211,7 @@ def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf
     metrics = NodeMetrics()
     server = DicomServer(settings, archive, metrics, audit, listen_socket=listener)
     lock = threading.Lock()
+    speedups.freeze_heap()  # after set-up, before serving
     server.start()
     _send(sock, lock, {"op": "ready", "pid": os.getpid()})
 

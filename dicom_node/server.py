@@ -251,6 +251,12 @@ class DicomServer:
             pool_stop.join()
 
 
+#: How long a process waits per association it serves before accepting another.
+_ACCEPT_DELAY_S = 0.002
+_ACCEPT_DELAY_MAX_S = 0.01
+_serving_lock = threading.Lock()
+
+
 class _SharedSocketServer(ThreadedAssociationServer):
     """pynetdicom's threaded server on one listening socket that several processes accept on.
 
@@ -262,9 +268,43 @@ class _SharedSocketServer(ThreadedAssociationServer):
     load, and four associations often landed three on one of two processes). The
     socket is non-blocking, so a process that loses the race goes back to polling
     instead of waiting in ``accept()``.
+
+    Polling alone is not fair when connections arrive together: four ``storescu`` started
+    at once went 3+1 to two processes about half the time, because the first process
+    to wake accepted again before the other had woken. So a process that is already
+    serving associations waits :data:`_ACCEPT_DELAY_S` per association in progress (at
+    most :data:`_ACCEPT_DELAY_MAX_S`) before it accepts, which lets a less busy process
+    take the connection first; an idle process accepts at once.
     """
 
     inherited: socket.socket | None = None
+    #: Associations this process is serving (counted from accept to the end of the thread).
+    serving = 0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        busy = self.serving
+        if busy:
+            time.sleep(min(_ACCEPT_DELAY_S * busy, _ACCEPT_DELAY_MAX_S))
+        return super().get_request()  # BlockingIOError when another process was first
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with _serving_lock:
+            self.serving += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._done_serving()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done_serving()
+
+    def _done_serving(self) -> None:
+        with _serving_lock:
+            self.serving -= 1
 
     def server_bind(self) -> None:
         if self.inherited is None:

@@ -115,3 +115,35 @@ def test_write_durably_creates_missing_directories(tmp_path: Path) -> None:
     assert final.read_bytes() == b"abcdef"
     assert final.with_name("y.dcm").read_bytes() == b"g"
     assert not list(tmp.iterdir())
+
+
+def test_cached_set_uid_answers_as_pynetdicom_and_never_caches_a_bad_value(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from pynetdicom import utils
+
+    assert speedups.install()
+    shipped = speedups._shipped_set_uid  # noqa: SLF001
+    assert shipped is utils.set_uid
+    for value in ("1.2.840.10008.1.2.1", b"1.2.840.10008.1.2.4.50", "1.2.3"):
+        first = speedups.cached_set_uid(value, "X")
+        assert first == shipped(value, "X") and type(first) is type(shipped(value, "X"))
+        assert speedups.cached_set_uid(value, "X") is first  # from the cache
+    with pytest.raises(ValueError):
+        speedups.cached_set_uid("", "X", allow_empty=False)
+    caplog.set_level("WARNING", logger="pynetdicom")
+    for _ in range(2):  # non-conformant: pynetdicom's warning every time, never cached
+        assert speedups.cached_set_uid("1.02.3", "Y") == "1.02.3"
+    assert sum("Non-conformant 'Y'" in r.getMessage() for r in caplog.records) == 2
+    assert ("1.02.3", True, True) not in speedups._uid_cache  # noqa: SLF001
+    assert speedups.cached_set_uid(None, "Z") is None
+
+
+def test_freeze_heap_exempts_what_exists_from_full_collections() -> None:
+    import subprocess
+    import sys
+
+    code = ("import gc, time; from dicom_node import speedups; import pynetdicom, pydicom\n"
+            "n = speedups.freeze_heap(); assert n > 10000, n\n"
+            "assert gc.get_freeze_count() == n\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

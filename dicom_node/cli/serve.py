@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dicom_node import speedups
 from dicom_node.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging
 from dicom_node.loop import Loop, apply_flags
@@ -153,6 +154,8 @@ class Node:
             If the DICOM or the metrics port cannot be bound.
         """
         s = self.settings
+        frozen = speedups.freeze_heap()  # after set-up, before serving
+        LOG.debug("%d objects exempted from full garbage collections", frozen)
         try:
             self.server.start()
         except OSError as exc:
