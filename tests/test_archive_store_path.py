@@ -135,3 +135,40 @@ def test_deflated_takes_the_full_parse(tmp_path: Path) -> None:
     inc = _incoming(pydicom.dcmread(name))
     assert Archive._parse_fast(inc) is None
     assert Archive(tmp_path)._parse(inc).has_pixels
+
+
+def _spooled(inc: IncomingInstance, tmp_path: Path, fragment: int = 16384) -> IncomingInstance:
+    """The same instance as the network layer hands it over: in a spool, in fragments."""
+    from twin_archive.spool import Spool
+
+    spool = Spool(tmp_path)
+    spool.write_meta(inc.file_meta)
+    for at in range(0, len(inc.dataset), fragment):
+        spool.write(inc.dataset[at:at + fragment])
+    return IncomingInstance(file_meta=b"", dataset=b"", transfer_syntax_uid=inc.transfer_syntax_uid,
+                            sop_class_uid=inc.sop_class_uid, sop_instance_uid=inc.sop_instance_uid,
+                            calling_ae="T", spool=spool)
+
+
+@pytest.mark.parametrize("name", _pydicom_files()[::3], ids=lambda p: Path(p).name)
+def test_fast_parse_of_a_spool_matches_full_parse(name: str, tmp_path: Path) -> None:
+    inc = _incoming(pydicom.dcmread(name))
+    fast = Archive._parse_fast(_spooled(inc, tmp_path))
+    if fast is not None:
+        assert (fast.fields, fast.has_pixels, fast.has_rows_columns) == _full(inc)
+
+
+def test_header_longer_than_the_spools_head_is_read_from_the_file(tmp_path: Path) -> None:
+    from twin_archive.spool import HEAD_BYTES
+
+    ds = _ds(ExplicitVRLittleEndian, PatientID="LONG", Rows=1, Columns=1, BitsAllocated=16,
+             BitsStored=16, HighBit=15, PixelRepresentation=0, SamplesPerPixel=1,
+             PhotometricInterpretation="MONOCHROME2", PixelData=b"\0\0")
+    ds.add_new(0x00091010, "LO", "DICOM_NODE TEST")  # private creator
+    ds.add_new(0x00091011, "OB", b"\x01" * (HEAD_BYTES + 1000))  # before Pixel Data
+    inc = _incoming(ds)
+    spooled = _spooled(inc, tmp_path)
+    assert len(spooled.spool.head) == HEAD_BYTES < spooled.spool.size
+    fast = Archive._parse_fast(spooled)
+    assert fast is not None and fast.fields["PatientID"] == "LONG" and fast.has_pixels
+    assert (fast.fields, fast.has_pixels, fast.has_rows_columns) == _full(inc)
