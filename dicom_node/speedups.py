@@ -29,6 +29,10 @@ with a stand-in whose ``sleep`` does that on those two threads and is
 installs nothing (logging why) when they are not there, so a pynetdicom upgrade
 costs speed, never correctness.
 
+While an association transfers data (Sta6) both loops wait up to 20 ms instead of
+1 ms when idle (:func:`_tick`): what they poll for then all wakes them, release and
+abort indications included.
+
 **Association set-up.** For each association the acceptor deep-copies the server's
 supported presentation contexts (``transport.RequestHandler._create_association``):
 every Storage SOP class times every accepted transfer syntax, about 2,000 UIDs, each
@@ -38,6 +42,13 @@ associations starting together queue behind it. :func:`install` makes that copy
 :func:`copy_contexts`: new context objects with their own transfer syntax lists (so
 nothing the association does to its copy reaches the server's), sharing the UIDs,
 which are immutable strings.
+
+pynetdicom also validates every UID of the request three times with regular
+expressions; :func:`cached_set_uid` remembers the valid ones (15 -> 9 ms of CPU per
+association with both changes).
+
+**Heap.** :func:`freeze_heap` keeps pynetdicom's periodic ``gc.collect()`` from
+scanning the 340,000 objects torch and MONAI leave at start (95 ms with the GIL held).
 
 **Responses.** C-STORE Success responses are encoded by hand
 (:mod:`dicom_node.store_response`).
