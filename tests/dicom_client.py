@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification
 
 
@@ -99,3 +104,17 @@ def iter_pixel_test_files() -> Iterable[Path]:
             continue
         if "PixelData" in ds and "TransferSyntaxUID" in ds.file_meta and "SOPClassUID" in ds:
             yield Path(name)
+
+
+def store_pdus(assoc: Any, ds: Dataset, max_pdu: int = 16384, message_id: int = 1) -> list[Any]:
+    """The P-DATA primitives of a C-STORE request for ``ds`` (Explicit VR Little Endian),
+    on the association's first accepted context: for tests that send part of a message."""
+    req = C_STORE()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = ds.SOPClassUID
+    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    req.Priority = 2
+    req.DataSet = BytesIO(encode(ds, False, True))
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    return list(msg.encode_msg(assoc.accepted_contexts[0].context_id, max_pdu))

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode
 
-from dicom_client import archive_files, echo, send, stored_rows
+from dicom_client import archive_files, echo, send, store_pdus, stored_rows
 from node_harness import NodeProcess, small_ct
 
 
@@ -24,16 +20,7 @@ def test_association_aborted_mid_transfer_leaves_no_row_and_no_file(node: NodePr
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
     assert assoc.is_established
-    req = C_STORE()
-    req.MessageID = 1
-    req.AffectedSOPClassUID = ds.SOPClassUID
-    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    req.Priority = 2
-    req.DataSet = BytesIO(encode(ds, False, True))
-    msg = C_STORE_RQ()
-    msg.primitive_to_message(req)
-    context_id = assoc.accepted_contexts[0].context_id
-    pdus = list(msg.encode_msg(context_id, 16384))
+    pdus = store_pdus(assoc, ds, 16384)
     assert len(pdus) > 10
     for pdu in pdus[: len(pdus) // 2]:  # the command and half of the data set
         assoc.dul.send_pdu(pdu)

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import threading
 import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node import spooling, store_lane
+from dicom_client import store_pdus
 from dicom_node.spooling import encode_file_meta
 from node_harness import small_ct
 
@@ -212,18 +210,6 @@ def test_watched_associations_do_not_use_the_lane(scp: Any) -> None:
     assert seen  # the watcher saw every PDU
 
 
-def _store_pdus(assoc: Any, ds: Dataset, max_pdu: int) -> list[P_DATA]:
-    req = C_STORE()
-    req.MessageID = 7
-    req.AffectedSOPClassUID = ds.SOPClassUID
-    req.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    req.Priority = 2
-    req.DataSet = BytesIO(encode(ds, False, True))
-    msg = C_STORE_RQ()
-    msg.primitive_to_message(req)
-    return list(msg.encode_msg(assoc.accepted_contexts[0].context_id, max_pdu))
-
-
 def _wait(predicate: Any, timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -236,7 +222,7 @@ def _wait(predicate: Any, timeout: float = 5.0) -> bool:
 def test_data_fragment_on_another_context_aborts_and_keeps_nothing(scp: Any) -> None:
     server = scp()
     assoc = _associate(server.port)
-    pdus = _store_pdus(assoc, small_ct(size=256, instance=1), 16_384)
+    pdus = store_pdus(assoc, small_ct(size=256, instance=1), 16_384, message_id=7)
     assert len(pdus) > 4
     for pdu in pdus[:2]:  # command, first data fragment: the lane has the message
         assoc.dul.send_pdu(pdu)
@@ -252,7 +238,7 @@ def test_data_fragment_on_another_context_aborts_and_keeps_nothing(scp: Any) -> 
 def test_release_in_the_middle_of_a_data_set_keeps_nothing(scp: Any) -> None:
     server = scp()
     assoc = _associate(server.port)
-    pdus = _store_pdus(assoc, small_ct(size=256, instance=1), 16_384)
+    pdus = store_pdus(assoc, small_ct(size=256, instance=1), 16_384, message_id=7)
     for pdu in pdus[:3]:
         assoc.dul.send_pdu(pdu)
     assert _wait(lambda: len(list(server.tmp.iterdir())) == 1)  # spooling
