@@ -127,7 +127,7 @@ def spools_for(ae: Any) -> Path | None:
 
 def spool_dir(assoc: Any) -> Path | None:
     """The spool folder when ``assoc`` is one the node accepted, else None."""
-    return _spool_dirs.get(assoc.ae) if assoc.is_acceptor else None
+    return spools_for(assoc.ae) if assoc.is_acceptor else None
 
 
 def _spooling_association() -> tuple[Any, Path] | None:

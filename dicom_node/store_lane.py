@@ -170,15 +170,14 @@ def _us(value: bytes) -> int:
     return int.from_bytes(value, "little")
 
 
+@dataclass(frozen=True, slots=True)
 class _Message:
     """A C-STORE the lane has taken: its request primitive, context and spool."""
 
-    def __init__(self, context_id: int, command: StoreCommand, request: C_STORE,
-                 spool_file: spooling.SpoolFile) -> None:
-        self.context_id = context_id
-        self.command = command
-        self.request = request
-        self.spool_file = spool_file
+    context_id: int
+    command: StoreCommand
+    request: C_STORE
+    spool_file: spooling.SpoolFile
 
 
 class _Lane:
