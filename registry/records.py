@@ -47,11 +47,14 @@ class Backend(str, enum.Enum):
     ORT_CPU = "onnxruntime-cpu"
     ORT_CUDA = "onnxruntime-cuda"
     TENSORRT = "tensorrt"
+    #: A Triton Inference Server (``backend = "triton"``): the sliding-window batches go
+    #: to it over gRPC; its model is the version's ONNX export (models export-triton).
+    TRITON = "triton"
 
     @property
     def artifact(self) -> ArtifactKind:
         """The artifact kind this backend runs (PyTorch covers TorchScript too)."""
-        if self in (Backend.ORT_CPU, Backend.ORT_CUDA):
+        if self in (Backend.ORT_CPU, Backend.ORT_CUDA, Backend.TRITON):
             return ArtifactKind.ONNX
         if self is Backend.TENSORRT:
             return ArtifactKind.TENSORRT
