@@ -266,6 +266,28 @@ class JobQueue:
                 )
         return state
 
+    def postpone(self, job_id: int, reason: str, *, delay_s: float) -> None:
+        """Give a claimed job back to wait ``delay_s`` seconds for something outside it
+        (the Triton server, its model); the attempt is not counted. ``reason`` stays on
+        the job (``dicom-node status`` shows it) until it runs again."""
+        if delay_s < 0:
+            raise ValueError(f"delay_s must be >= 0, got {delay_s}")
+        with self._lock, write_transaction(self.conn) as conn:
+            conn.execute(
+                "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), not_before = ?,"
+                " error = ? WHERE id = ? AND state = ?",
+                (JobState.QUEUED.value, iso(utc_now() + timedelta(seconds=delay_s)), reason,
+                 job_id, JobState.RUNNING.value),
+            )
+
+    def waiting(self) -> list[Job]:
+        """Queued jobs that wait for something outside them (see :meth:`postpone`)."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT * FROM jobs WHERE state = ? AND error LIKE 'waiting for %' ORDER BY id",
+                (JobState.QUEUED.value,)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
     def recover(self) -> int:
         """Put jobs left ``running`` by a crash back in the queue; return how many."""
         with self._lock, write_transaction(self.conn) as conn:

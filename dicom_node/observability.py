@@ -83,6 +83,8 @@ class NodeState:
     audit_events: int = 0
     last_audit_at: str = ""
     free_bytes: int = 0
+    #: Queued jobs waiting for something outside them: "job N: <reason>; next try <time>".
+    waiting: tuple[str, ...] = ()
 
 
 def _ro(path: Path) -> sqlite3.Connection | None:
@@ -161,6 +163,10 @@ def read_state(data_dir: Path | str, stages: _StageAggregator | None = None) -> 
         with closing(conn):
             if _table(conn, "jobs"):
                 values["jobs"] = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+                values["waiting"] = tuple(
+                    f"job {i}: {reason}; next try {nb[:19]}" for i, reason, nb in conn.execute(
+                        "SELECT id, error, not_before FROM jobs WHERE state = 'queued'"
+                        " AND error LIKE 'waiting for %' ORDER BY id"))
             if _table(conn, "sends"):
                 values["sends"] = dict(conn.execute("SELECT state, COUNT(*) FROM sends GROUP BY state"))
                 # attempts count every try; the one that delivered a sent row is no failure

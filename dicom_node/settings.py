@@ -26,6 +26,9 @@ ENV_PREFIX = "DICOM_NODE_"
 ENV_KEYS = ("data_dir", "port", "ae_title", "log_level", "stable_after", "metrics_port")
 #: What a destination may receive: the SEG, the SR and the overlay series.
 RESULT_KINDS = ("seg", "sr", "overlay")
+#: Where the model runs: here, or on a Triton Inference Server.
+BACKENDS = ("local", "triton")
+TRITON_VARIANTS = ("onnx", "python")
 
 
 def _check_ae_title(key: str, value: object, source: str) -> str:
@@ -261,6 +264,23 @@ class Settings:
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     train_nice : int
         Niceness of the training subprocess, 0-19 (default 10).
+    backend : str
+        ``local`` (default: the fastest verified backend of this machine) or
+        ``triton``: the sliding-window batches go to the Triton Inference Server at
+        ``triton_url``; pre- and post-processing stay in the node.
+    triton_url : str
+        Triton's gRPC address ``HOST:PORT`` (its default port is 8001); needed with
+        ``backend = "triton"``.
+    triton_variant : str
+        Which model of ``models export-triton`` Triton serves: ``onnx`` (``<version>``,
+        ONNX Runtime backend, TensorRT on GPUs; default) or ``python``
+        (``<version>-python``, Python backend with ONNX Runtime).
+    triton_timeout_s : float
+        Deadline of one request to Triton, seconds (default 60).
+    triton_backoff_max_s : float
+        Triton down or the model missing: the job waits 2 s, then twice as long each
+        time, up to this many seconds between tries (default 60); waiting never counts
+        as a failed attempt.
     """
 
     ae_title: str = "DICOM_NODE"
@@ -298,6 +318,11 @@ class Settings:
     train_validation_fraction: float = 0.2
     train_device: str = "auto"
     train_nice: int = 10
+    backend: str = "local"
+    triton_url: str = ""
+    triton_variant: str = "onnx"
+    triton_timeout_s: float = 60.0
+    triton_backoff_max_s: float = 60.0
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""
@@ -365,6 +390,25 @@ class Settings:
                                   True, src)
 
         self._check_training(src)
+        self._check_backend(src)
+
+    def _check_backend(self, src: str) -> None:
+        """Validate ``backend`` and the ``triton_*`` keys."""
+        if self.backend not in BACKENDS:
+            raise ConfigError("backend", " or ".join(f'"{b}"' for b in BACKENDS), self.backend, src)
+        url = self.triton_url
+        if not isinstance(url, str) or (url and (":" not in url or any(c.isspace() for c in url))):
+            raise ConfigError("triton_url", "HOST:PORT of Triton's gRPC endpoint, e.g. "
+                              "127.0.0.1:8001", url, src)
+        if self.backend == "triton" and not url:
+            raise ConfigError("triton_url", 'HOST:PORT (backend = "triton" needs it)', url, src)
+        if self.triton_variant not in TRITON_VARIANTS:
+            raise ConfigError("triton_variant", " or ".join(f'"{v}"' for v in TRITON_VARIANTS),
+                              self.triton_variant, src)
+        for key in ("triton_timeout_s", "triton_backoff_max_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
+                raise ConfigError(key, "a number of seconds > 0 (at most 86400)", value, src)
 
     def _check_training(self, src: str) -> None:
         """Validate the ``train_*`` keys (nightly learning)."""
@@ -490,6 +534,11 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "train_validation_fraction": ("a number", _to_float),
     "train_device": ("a string", _to_str),
     "train_nice": ("an integer", _to_int),
+    "backend": ("a string", _to_str),
+    "triton_url": ("a string", _to_str),
+    "triton_variant": ("a string", _to_str),
+    "triton_timeout_s": ("a number of seconds", _to_float),
+    "triton_backoff_max_s": ("a number of seconds", _to_float),
 }
 
 

@@ -13,6 +13,13 @@ pipeline finds the same segments again.
 Failures: a series the pipeline refuses (geometry, empty result) fails at once with the
 reason; anything else (no model, an unexpected error) is retried by the queue a
 bounded number of times, then left failed with its reason.
+
+With ``backend = "triton"`` the model runs on a Triton Inference Server
+(:mod:`pipelines.triton`). Triton down or the model not loaded there is not a failure
+of the job: it goes back to the queue to wait (its attempt not counted, the reason
+``waiting for Triton at ...`` on the job, which ``dicom-node status`` shows), 2 s
+the first time and twice as long each further time up to ``triton_backoff_max_s``,
+until Triton answers; it never falls back to local inference silently.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from typing import Any
 from dicom_node.jobs import Job, JobQueue
 from dicom_node.monitor import PipelineSpec
 from dicom_node.sender import Sender
-from dicom_node.settings import Destination
+from dicom_node.settings import Destination, Settings
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
 from pipelines.inference import LoadedModel, load_model
 from pipelines.selection import SelectionRules
+from pipelines.triton import TritonTarget, TritonUnavailableError, load_triton_model
 from pipelines.types import WriterOptions
 from pipelines.writers import build_overlay
 from pipelines.validation import invalid, validate_results, validate_series
@@ -102,11 +110,19 @@ class Worker:
         Tasks served and their selection rules.
     name : str
         Thread name (``worker-1``).
+    triton : TritonTarget, optional
+        Run the models on this Triton server instead of here.
+    wait_backoff_max_s : float
+        Longest wait of a job for Triton between two tries, seconds.
     """
+
+    #: First wait of a job for Triton, seconds (doubled each further time).
+    WAIT_BACKOFF_INITIAL_S = 2.0
 
     def __init__(self, *, archive: Archive, jobs: JobQueue, results: ResultStore, sender: Sender,
                  destinations: Sequence[Destination], pipelines: Sequence[PipelineSpec] = DEFAULT_PIPELINES,
-                 name: str = "worker-1") -> None:
+                 name: str = "worker-1", triton: TritonTarget | None = None,
+                 wait_backoff_max_s: float = 60.0) -> None:
         self.archive = archive
         self.jobs = jobs
         self.results = results
@@ -120,6 +136,9 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.current: Job | None = None
+        self.triton = triton
+        self.wait_backoff_max_s = wait_backoff_max_s
+        self._waits = 0  # consecutive times a job had to wait for Triton
 
     # ----------------------------------------------------------------- one job
     def _model(self, task: str, manufacturer: str, model_name: str) -> LoadedModel:
@@ -127,7 +146,9 @@ class Worker:
             self._registry = Registry(self.archive.data_dir)
         version = self._registry.resolve(task, manufacturer, model_name)  # NoActiveModelError
         if version.version not in self._models:
-            self._models[version.version] = load_model(version, registry=self._registry)
+            self._models[version.version] = (
+                load_model(version, registry=self._registry) if self.triton is None
+                else load_triton_model(version, self.triton))
         return self._models[version.version]
 
     def run(self, job: Job) -> JobOutcome:
@@ -286,6 +307,12 @@ class Worker:
             self.jobs.fail(job.id, str(exc), permanent=True)
             LOG.error("job %d failed, not retried: %s", job.id, exc)
             return None
+        except TritonUnavailableError as exc:
+            delay = min(self.wait_backoff_max_s, self.WAIT_BACKOFF_INITIAL_S * 2 ** self._waits)
+            self._waits += 1
+            self.jobs.postpone(job.id, str(exc), delay_s=delay)
+            LOG.warning("job %d waits %.0f s, not counted as an attempt: %s", job.id, delay, exc)
+            return None
         except Exception as exc:
             state = self.jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
             LOG.exception("job %d attempt %d failed (%s)", job.id, job.attempts,
@@ -293,6 +320,7 @@ class Worker:
             return None
         finally:
             self.current = None
+        self._waits = 0
         self.jobs.complete(job.id, result_id=outcome.result.id if outcome.result else None,
                            note=outcome.note)
         if outcome.result is None:
@@ -330,6 +358,14 @@ class Worker:
             self.jobs.requeue_running(job.id)
             LOG.info("%s: job %d interrupted by the stop; it stays queued and runs after the "
                      "restart", self.name, job.id)
+
+
+def triton_target(settings: Settings) -> TritonTarget | None:
+    """Where the models run: ``None`` (here) or the Triton server the settings name."""
+    if settings.backend != "triton":
+        return None
+    return TritonTarget(url=settings.triton_url, variant=settings.triton_variant,
+                        timeout_s=settings.triton_timeout_s)
 
 
 def _scanner(path: Any) -> tuple[str, str]:

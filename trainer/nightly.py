@@ -347,37 +347,13 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
         record_training_use(data_dir, model_version=candidate.version, task=task,
                             uses=dataset.uses())
         cases = [load_case(archive, i, model_labels) for i in dataset.validation]
-        cand_dice = evaluate(candidate, cases, reg, backend=_torch_backend(device))
-        reg.record_metrics(candidate.version, Metrics(dice=cand_dice,
-                                                      validation_set=dataset.validation_set_id),
-                           by=by)
-        active = reg.active(task)
-        active_dice: dict[str, float] = {}
-        if active is not None:
-            active_dice = evaluate(active, cases, reg, backend=_torch_backend(device))
-            reg.record_metrics(active.version, Metrics(
-                dice=active_dice, validation_set=dataset.validation_set_id), by=by)
-        cand_mean = float(np.mean(list(cand_dice.values())))
-        act_mean = float(np.mean(list(active_dice.values()))) if active_dice else None
-        if act_mean is None or cand_mean > act_mean + config.margin:
-            reason = (f"mean Dice {cand_mean:.4f} vs {act_mean:.4f} of {active.version}"
-                      if active is not None and act_mean is not None
-                      else f"mean Dice {cand_mean:.4f}; no active version")
-            reason += f" on {dataset.validation_set_id} (margin {config.margin})"
-            reg.promote(candidate.version, by=by, reason=reason)
-            audit.record(data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
-                         by, candidate.version, {"task": task, "reason": reason,
-                                                 "previous": active.version if active else None})
-            outcome = "promoted"
-        else:
-            reason = (f"not better by the margin {config.margin}: mean Dice {cand_mean:.4f} vs "
-                      f"{act_mean:.4f} of {active.version if active else '-'}")
-            outcome = "candidate"
+        j = judge_candidate(data_dir, reg, task, candidate, cases, dataset.validation_set_id,
+                            config=config, device=device, by=by)
         out = TrainingOutcome(
-            task=task, outcome=outcome, reason=reason, candidate=candidate.version,
+            task=task, outcome=j.outcome, reason=j.reason, candidate=candidate.version,
             parent=parent.version if parent else None,
-            active_before=active.version if active else None, candidate_dice=cand_dice,
-            active_dice=active_dice, validation_set=dataset.validation_set_id,
+            active_before=j.active_before, candidate_dice=j.candidate_dice,
+            active_dice=j.active_dice, validation_set=dataset.validation_set_id,
             train_series=len(dataset.train), validation_series=len(dataset.validation),
             patients=len(dataset.patients), epochs=result.epochs,
             train_seconds=round(result.seconds, 3), samples_per_s=round(result.samples_per_s, 3),
@@ -390,6 +366,70 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
         reg.close()
         labels.close()
         archive.close()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Judgement:
+    """The promotion decision on a candidate (:func:`judge_candidate`).
+
+    Parameters
+    ----------
+    outcome : str
+        ``promoted`` or ``candidate``.
+    reason : str
+    candidate_dice, active_dice : dict of str to float
+        Mean Dice per label on the validation cases (``active_dice`` empty without an
+        active version).
+    active_before : str or None
+        The version active when the decision was taken.
+    """
+
+    outcome: str
+    reason: str
+    candidate_dice: dict[str, float]
+    active_dice: dict[str, float]
+    active_before: str | None
+
+
+def judge_candidate(data_dir: Path | str, reg: Registry, task: str, candidate: ModelVersion,
+                    cases: Sequence[LoadedCase], validation_set: str, *, config: NightlyConfig,
+                    device: str, by: str) -> Judgement:
+    """Evaluate a registered candidate and the task's active version on the same
+    validation cases, record both metrics, and promote the candidate only when it is
+    better (the nightly job's decision; ``models import --candidate-of`` uses it too).
+
+    Raises
+    ------
+    TrainingError
+        If there are no cases.
+    """
+    cand_dice = evaluate(candidate, cases, reg, backend=_torch_backend(device))
+    reg.record_metrics(candidate.version, Metrics(dice=cand_dice, validation_set=validation_set),
+                       by=by)
+    active = reg.active(task)
+    active_dice: dict[str, float] = {}
+    if active is not None:
+        active_dice = evaluate(active, cases, reg, backend=_torch_backend(device))
+        reg.record_metrics(active.version, Metrics(dice=active_dice, validation_set=validation_set),
+                           by=by)
+    cand_mean = float(np.mean(list(cand_dice.values())))
+    act_mean = float(np.mean(list(active_dice.values()))) if active_dice else None
+    if act_mean is None or cand_mean > act_mean + config.margin:
+        reason = (f"mean Dice {cand_mean:.4f} vs {act_mean:.4f} of {active.version}"
+                  if active is not None and act_mean is not None
+                  else f"mean Dice {cand_mean:.4f}; no active version")
+        reason += f" on {validation_set} (margin {config.margin})"
+        reg.promote(candidate.version, by=by, reason=reason)
+        audit.record(data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
+                     by, candidate.version, {"task": task, "reason": reason,
+                                             "previous": active.version if active else None})
+        outcome = "promoted"
+    else:
+        reason = (f"not better by the margin {config.margin}: mean Dice {cand_mean:.4f} vs "
+                  f"{act_mean:.4f} of {active.version if active else '-'}")
+        outcome = "candidate"
+    return Judgement(outcome=outcome, reason=reason, candidate_dice=cand_dice,
+                     active_dice=active_dice, active_before=active.version if active else None)
 
 
 def _torch_backend(device: str) -> str:

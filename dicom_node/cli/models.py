@@ -1,5 +1,10 @@
 """``dicom-node models``: the knowledge bank - list, show, import, promote, roll back,
-retire, optimise and benchmark model versions."""
+retire, optimise, benchmark and export for Triton model versions.
+
+``models import BUNDLE --task T --candidate-of VERSION`` brings back a bundle trained
+outside the node (``train T --export-only``): evaluated with the active version on the
+node's validation patients and promoted only when better, as the nightly job does
+(:func:`trainer.external.import_candidate`)."""
 
 from __future__ import annotations
 
@@ -43,6 +48,9 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     p.add_argument("--manufacturer", default="", help="only for series of this Manufacturer")
     p.add_argument("--scanner-model", default="",
                    help="only for series of this Manufacturer's Model Name")
+    p.add_argument("--candidate-of", default=None, metavar="VERSION",
+                   help="trained outside the node from VERSION: evaluate it with the active "
+                        "version on the validation patients, promote it only when better")
     _who(p)
     p.set_defaults(func=cmd_import)
 
@@ -70,6 +78,18 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     p.add_argument("version", metavar="VERSION")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per backend (default 3)")
     p.set_defaults(func=cmd_optimize)
+
+    p = msub.add_parser("export-triton", parents=parents,
+                        help="write a model repository for NVIDIA Triton Inference Server")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("out_dir", metavar="DIR", help="the model repository folder")
+    p.add_argument("--max-batch-size", type=int, default=None, metavar="N",
+                   help="largest batch Triton forms (default twice the bundle's sw_batch_size)")
+    p.add_argument("--instances", type=int, default=1, metavar="N",
+                   help="model instances per GPU (default 1)")
+    p.add_argument("--cpu", action="store_true",
+                   help="CPU instances, no TensorRT accelerator (a server without a GPU)")
+    p.set_defaults(func=cmd_export_triton)
 
     p = msub.add_parser("benchmark", parents=parents,
                         help="time sliding-window inference with each available backend")
@@ -203,7 +223,9 @@ def cmd_show(args: argparse.Namespace, settings: Any) -> int:
 
 
 def cmd_import(args: argparse.Namespace, settings: Any) -> int:
-    """``models import BUNDLE_DIR --task T``."""
+    """``models import BUNDLE_DIR --task T [--candidate-of VERSION]``."""
+    if args.candidate_of:
+        return _import_candidate(args, settings)
     with _registry(settings) as reg:
         mv = reg.import_bundle(args.bundle_dir, task=args.task, activate=args.activate,
                                manufacturer=args.manufacturer, scanner_model=args.scanner_model,
@@ -211,6 +233,42 @@ def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     print(f"imported {mv.version} ({mv.status.value}, scope {mv.scope}): {mv.bundle_name} "
           f"{mv.bundle_version}, labels {', '.join(lab.name for lab in mv.labels)}; "
           f"device UID {mv.device_uid}")
+    return 0
+
+
+def _import_candidate(args: argparse.Namespace, settings: Any) -> int:
+    from dicom_node.training import nightly_config, task_rules
+    from trainer.external import import_candidate
+
+    if args.activate or args.manufacturer or args.scanner_model:
+        raise ValueError("--candidate-of: the candidate is promoted only when it validates "
+                         "better, in its parent's scope; leave out --activate, --manufacturer "
+                         "and --scanner-model")
+    rules = task_rules(args.task)
+    outcome = import_candidate(settings.data_dir, args.bundle_dir, args.task, rules,
+                               nightly_config(settings), candidate_of=args.candidate_of,
+                               by=_by(args))
+    print(outcome.summary())
+    return 0
+
+
+def cmd_export_triton(args: argparse.Namespace, settings: Any) -> int:
+    """``models export-triton VERSION DIR``: a Triton model repository."""
+    from registry.triton import export_triton
+
+    with _registry(settings) as reg:
+        ex = export_triton(reg, args.version, args.out_dir, max_batch_size=args.max_batch_size,
+                           instances=args.instances, cpu=args.cpu)
+    accel = "" if args.cpu else ", TensorRT FP16 as GPU execution accelerator"
+    print(f"{ex.version}: Triton model repository {ex.repository}")
+    print(f"  {ex.onnx_model:<28} ONNX Runtime backend{accel}")
+    print(f"  {ex.python_model:<28} Python backend running the same ONNX file with ONNX Runtime")
+    print(f"  input image {list(ex.input_dims)} -> output pred {list(ex.output_dims)} (FP32), "
+          f"max batch {ex.max_batch_size}, {ex.instances} instance(s) {ex.kind}; ONNX sha256 "
+          f"{ex.onnx_sha256[:16]}")
+    print(f"serve it: tritonserver --model-repository={ex.repository}; then in the node's "
+          'configuration: backend = "triton", triton_url = "HOST:8001"'
+          + ('' if not args.cpu else ', triton_variant = "onnx" or "python"'))
     return 0
 
 

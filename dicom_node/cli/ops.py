@@ -117,6 +117,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                "state": {
                    "twins": state.twins, "studies": state.studies, "instances": state.instances,
                    "archived_bytes": state.archived_bytes, "jobs": state.jobs, "sends": state.sends,
+                   "jobs_waiting": list(state.waiting),
                    "send_failed_attempts": state.send_failed_attempts, "results": state.results,
                    "stages": {k: {"count": v.count, "total_s": v.total_s}
                               for k, v in state.stages.items()},
@@ -146,6 +147,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(f"archive:   {state.twins} twin(s), {state.studies} study(ies), {state.instances} "
           f"instance(s), {state.archived_bytes >> 20} MiB")
     print("jobs:      " + (", ".join(f"{n} {s}" for s, n in sorted(state.jobs.items())) or "none"))
+    for line in state.waiting:
+        print(f"waiting:   {line}")
     print("sends:     " + (", ".join(f"{n} {s}" for s, n in sorted(state.sends.items())) or "none")
           + (f"; {state.send_failed_attempts} failed attempt(s)" if state.send_failed_attempts else ""))
     if state.stages:

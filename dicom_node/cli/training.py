@@ -3,6 +3,10 @@
 * ``train TASK --now [--epochs N]`` runs the nightly job of one task at once (in a
   subprocess at lower priority, like the scheduler does), whatever the number of new
   labels;
+* ``train TASK --export-only [--out DIR]`` trains elsewhere: writes the task's dataset
+  (as ``dataset export``) and the active version's bundle, and prints the ``torchrun``
+  command for a GPU node or cluster and the ``models import --candidate-of`` command
+  that brings the result back;
 * ``queue list TASK`` / ``queue export TASK OUT_DIR``: the annotation queue (donated,
   unlabelled, matching series; NIfTI with the current model's pre-segmentation);
 * ``dataset export TASK OUT_DIR``: the task's dataset, de-identified, in the Medical
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +39,17 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                                    "evaluate candidate and active on the same validation "
                                    "patients and promote the candidate only if better.")
     p.add_argument("task", metavar="TASK")
-    p.add_argument("--now", action="store_true", required=True,
-                   help="run at once (the nightly schedule runs by itself inside serve)")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--now", action="store_true",
+                      help="run at once (the nightly schedule runs by itself inside serve)")
+    when.add_argument("--export-only", action="store_true",
+                      help="train elsewhere: write the dataset and the bundle, print the "
+                           "torchrun command line")
     p.add_argument("--epochs", type=int, default=None, help="at most this many epochs")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="with --export-only: a new folder (default <data-dir>/exports/TASK-TIME)")
+    p.add_argument("--nproc-per-node", type=int, default=4, metavar="N",
+                   help="with --export-only: GPUs of the training node (default 4)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_train)
 
@@ -71,6 +85,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     task_rules(args.task)  # ValueError naming the task before anything starts
     with _archive(settings):  # migrates the index when the node never ran
         pass
+    if args.export_only:
+        return _train_export_only(args, settings)
     outcome = train_task(settings, args.task, epochs=args.epochs, by="dicom-node train")
     if args.json:
         print(json.dumps(outcome.to_dict(), indent=2))
@@ -107,22 +123,54 @@ def cmd_queue_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_dataset_export(args: argparse.Namespace, settings: Settings) -> int:
-    rules = task_rules(args.task)
+def _train_export_only(args: argparse.Namespace, settings: Settings) -> int:
+    """``train TASK --export-only``: dataset + bundle in a new folder, and the commands."""
+    from trainer.external import torchrun_command
+
+    out: Path = args.out or (Path(settings.data_dir) / "exports" / (
+        f"{args.task}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"))
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out: {out} exists and is not empty; give a new folder")
+    desc, mv = _export_dataset(settings, args.task, out / "dataset")
+    shutil.copytree(mv.path, out / "bundle", ignore=shutil.ignore_patterns("onnx", "tensorrt"))
+    command = torchrun_command("bundle", "dataset", nproc_per_node=args.nproc_per_node)
+    print(f"dataset {args.task}: {desc['numTraining']} case(s) ({len(desc['validation'])} "
+          f"validation) written to {out / 'dataset'} (Decathlon layout, de-identified); "
+          f"bundle of {mv.version} in {out / 'bundle'}")
+    if not (out / "bundle" / "configs" / "train.json").is_file():
+        print(f"note: the bundle of {mv.version} has no configs/train.json; copy the training "
+              "config of the Model Zoo bundle it was made from into bundle/configs/ first")
+    print("on the GPU node, in a copy of that folder:")
+    print(f"  {command}")
+    print("back on the node:")
+    print(f"  dicom-node models import {out / 'bundle'} --task {args.task} "
+          f"--candidate-of {mv.version}")
+    return 0
+
+
+def _export_dataset(settings: Settings, task: str, out_dir: Path) -> tuple[dict[str, Any], Any]:
+    """Write ``task``'s de-identified Decathlon dataset (audited); the dataset.json and
+    the version that names its labels."""
+    rules = task_rules(task)
     with Registry(settings.data_dir) as reg:
-        versions = reg.list(args.task)
+        versions = reg.list(task)
         if not versions:
-            raise ValueError(f"task: {args.task!r} has no registered model to name its labels")
-        mv = reg.active(args.task) or versions[-1]
+            raise ValueError(f"task: {task!r} has no registered model to name its labels")
+        mv = reg.active(task) or versions[-1]
     with _archive(settings) as archive, LabelStore(settings.data_dir) as labels:
-        desc = export_decathlon(archive, labels, Path(settings.data_dir), args.task, rules,
-                                args.out_dir, model_labels=mv.label_names,
+        desc = export_decathlon(archive, labels, Path(settings.data_dir), task, rules,
+                                out_dir, model_labels=mv.label_names,
                                 modality=mv.modality or rules.modality,
                                 validation_fraction=settings.train_validation_fraction)
     audit.record(settings.data_dir, audit.AuditEvent.DATASET_EXPORTED, audit.AuditOutcome.SUCCESS,
-                 getpass.getuser(), args.task,
+                 getpass.getuser(), task,
                  {"cases": desc["numTraining"], "validation": len(desc["validation"]),
-                  "out_dir": str(args.out_dir), "layout": "Decathlon, de-identified"})
+                  "out_dir": str(out_dir), "layout": "Decathlon, de-identified"})
+    return desc, mv
+
+
+def cmd_dataset_export(args: argparse.Namespace, settings: Settings) -> int:
+    desc, _ = _export_dataset(settings, args.task, args.out_dir)
     print(f"dataset {args.task}: {desc['numTraining']} case(s) ({len(desc['validation'])} "
           f"validation) written to {args.out_dir} (Decathlon layout, de-identified)")
     return 0
