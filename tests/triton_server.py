@@ -108,7 +108,8 @@ class TritonServer:
                     raise AssertionError(f"tritonserver exited with {self.proc.returncode}:\n"
                                          + self.log.read_text(errors="replace")[-4000:])
                 try:
-                    if all(client.is_model_ready(m) for m in self.models):
+                    if client.is_server_ready() and all(client.is_model_ready(m)
+                                                        for m in self.models):
                         return
                 except Exception:  # noqa: BLE001 - not up yet
                     pass
