@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in orthanc dcmtk dicom3tools libpixelmed-java default-jre-headless systemd openssl; do
+for pkg in orthanc dcmtk dicom3tools libpixelmed-java default-jre-headless systemd openssl \
+    python3.11-venv libpython3.11; do  # the last two: the test tritonserver (below)
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -32,4 +33,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   touch "$stamp"
 fi
+# The test Triton Inference Server (tests/triton_server.py): PyPI nvidia-pytriton ships
+# tritonserver 2.51 with the Python backend. Its Python-backend stub is linked against
+# libpython3.11.so.1.0 and runs in the interpreter of its own virtual environment; it
+# works with Debian's /usr/bin/python3.11 (and fails with pyenv's 3.11.7), so the server
+# gets .venv-triton made from that interpreter.
+TRITON_PY=${TRITON_PYTHON:-/usr/bin/python3.11}
+if [ ! -x .venv-triton/bin/python ] && [ -x "$TRITON_PY" ]; then
+  echo "setup: creating .venv-triton (tritonserver for the tests) from $TRITON_PY"
+  "$TRITON_PY" -m venv .venv-triton
+fi
+if [ -x .venv-triton/bin/python ] && [ ! -f .venv-triton/.installed ]; then
+  .venv-triton/bin/python -m pip install -q "nvidia-pytriton==0.7.0" "onnxruntime==1.32.0" "numpy==1.26.4"
+  touch .venv-triton/.installed
+fi
+[ -x .venv-triton/bin/python ] || echo "setup: WARNING no $TRITON_PY: the Triton tests cannot start a tritonserver (apt-get install python3.11 python3.11-venv)"
 echo "setup: ready (.venv/bin/dicom-node)"
