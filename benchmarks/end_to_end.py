@@ -144,7 +144,14 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
     data = scratch / "data"
     with Registry(data) as reg:
-        model = ensure_demo_model(reg).version
+        bundle = getattr(args, "bundle", None)  # benchmarks/gpu.py: the whole-body bundle
+        model = (reg.import_bundle(bundle, task="spleen-ct", activate=True, by="benchmark",
+                                   reason="end-to-end benchmark").version if bundle
+                 else ensure_demo_model(reg).version)
+        if getattr(args, "optimize", False):  # ONNX / TensorRT checked, so serving may pick them
+            from registry.export import optimize
+
+            optimize(reg, model, repeats=1)
     with OrthancServer(scratch / "orthanc") as orthanc:
         config = scratch / "node.toml"
         config.write_text("send_backoff_initial_s = 0.5\nsend_backoff_max_s = 5.0\n"
@@ -250,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="give up after S seconds")
     ap.add_argument("--scratch", type=Path, default=None, help="work here (kept) instead of a temp dir")
     ap.add_argument("--json", type=Path, default=None, help="write the figures to this file")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="serve this MONAI bundle instead of the demo model")
+    ap.add_argument("--optimize", action="store_true",
+                    help="run `models optimize` first (the node serves the fastest verified backend)")
     args = ap.parse_args(argv)
     if not shutil.which("storescu"):
         print("end_to_end: dcmtk storescu is required (scripts/setup.sh installs it)", file=sys.stderr)
