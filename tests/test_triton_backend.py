@@ -20,10 +20,12 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from dicom_node.errors import ConfigError
 from dicom_node.jobs import JobQueue, JobState
 from dicom_node.monitor import StabilityMonitor
 from dicom_node.observability import read_state
 from dicom_node.sender import Sender
+from dicom_node.settings import Settings
 from dicom_node.worker import DEFAULT_PIPELINES, Worker
 from learning_helpers import store_all
 from loop_helpers import install_model, small_study, wait_until
@@ -107,6 +109,24 @@ def test_export_writes_a_model_repository_triton_reads(exported: tuple[Path, Pat
     assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
     assert _config(gpu.repository / PYTHON_MODEL / "config.pbtxt").instance_group[0].kind == \
         model_config_pb2.ModelInstanceGroup.KIND_GPU
+    # the node's model list says where the models run
+    cfg_file = tmp_path / "node.toml"
+    cfg_file.write_text('backend = "triton"\ntriton_url = "127.0.0.1:8001"\n')
+    listed = subprocess.run([*DICOM_NODE, "--config", str(cfg_file), "--data-dir", str(data),
+                             "models", "list"], capture_output=True, text=True, cwd=REPO,
+                            timeout=300, check=True)
+    assert "triton@127.0.0.1:8001" in listed.stdout
+
+
+def test_backend_settings_are_validated_per_key() -> None:
+    assert Settings(backend="triton", triton_url="10.0.0.9:8001").backend == "triton"
+    for kwargs, key in (({"backend": "gpu"}, "backend"), ({"backend": "triton"}, "triton_url"),
+                        ({"triton_url": "no port"}, "triton_url"),
+                        ({"triton_variant": "tensorrt"}, "triton_variant"),
+                        ({"triton_timeout_s": 0}, "triton_timeout_s"),
+                        ({"triton_backoff_max_s": -1}, "triton_backoff_max_s")):
+        with pytest.raises(ConfigError, match=rf"^configuration: {key}: "):
+            Settings(**kwargs)
 
 
 def test_triton_gives_the_labels_of_the_local_backend(exported: tuple[Path, Path],

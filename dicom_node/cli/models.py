@@ -116,13 +116,16 @@ def _registry(settings: Any) -> Registry:
     return Registry(settings.data_dir)
 
 
-def _serving(reg: Registry, mv: ModelVersion) -> str:
+def _serving(reg: Registry, mv: ModelVersion, settings: Any = None) -> str:
     from pipelines.inference import choose_backend
 
+    if settings is not None and getattr(settings, "backend", "local") == "triton":
+        return f"triton@{settings.triton_url}"
     return choose_backend(mv, reg)[0].value
 
 
-def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False) -> dict[str, Any]:
+def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False,
+                  settings: Any = None) -> dict[str, Any]:
     d: dict[str, Any] = {
         "version": mv.version, "task": mv.task, "status": mv.status.value,
         "scope": {"manufacturer": mv.scope.manufacturer, "model_name": mv.scope.model_name},
@@ -141,7 +144,7 @@ def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False) -> dict[s
         "metrics": None if mv.metrics is None else {
             "dice": dict(mv.metrics.dice), "mean_dice": mv.metrics.mean_dice,
             "validation_set": mv.metrics.validation_set},
-        "serving_backend": _serving(reg, mv), "path": str(mv.path),
+        "serving_backend": _serving(reg, mv, settings), "path": str(mv.path),
     }
     if full:
         d["dataset_manifest"] = mv.manifest()
@@ -164,7 +167,8 @@ def cmd_list(args: argparse.Namespace, settings: Any) -> int:
     with _registry(settings) as reg:
         versions = reg.list()
         if args.json:
-            print(json.dumps([_version_dict(reg, mv) for mv in versions], indent=2))
+            print(json.dumps([_version_dict(reg, mv, settings=settings) for mv in versions],
+                             indent=2))
             return 0
         if not versions:
             print(f"no model versions in {settings.data_dir}; import one with "
@@ -176,7 +180,7 @@ def cmd_list(args: argparse.Namespace, settings: Any) -> int:
             dice = f"{mv.metrics.mean_dice:.4f}" if mv.metrics else "-"
             labels = ",".join(lab.name for lab in mv.labels)
             print(f"{mv.version:<22} {mv.status.value:<9} {str(mv.scope)[:28]:<28} "
-                  f"{labels[:24]:<24} {dice:>9}  {_serving(reg, mv):<16} "
+                  f"{labels[:24]:<24} {dice:>9}  {_serving(reg, mv, settings):<16} "
                   f"{mv.created_at.isoformat(timespec='seconds')}")
     return 0
 
@@ -184,7 +188,7 @@ def cmd_list(args: argparse.Namespace, settings: Any) -> int:
 def cmd_show(args: argparse.Namespace, settings: Any) -> int:
     """``models show VERSION``: everything recorded about one version."""
     with _registry(settings) as reg:
-        d = _version_dict(reg, reg.get(args.version), full=True)
+        d = _version_dict(reg, reg.get(args.version), full=True, settings=settings)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
