@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def server(exported: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
-           ) -> TritonServer:
+           ) -> Iterator[TritonServer]:
     srv = TritonServer(exported[1], [PYTHON_MODEL], tmp_path_factory.mktemp("tritonserver"))
     srv.start()
     yield srv
