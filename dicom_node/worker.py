@@ -308,7 +308,8 @@ class Worker:
             LOG.error("job %d failed, not retried: %s", job.id, exc)
             return None
         except TritonUnavailableError as exc:
-            delay = min(self.wait_backoff_max_s, self.WAIT_BACKOFF_INITIAL_S * 2 ** self._waits)
+            delay = min(self.wait_backoff_max_s,
+                        self.WAIT_BACKOFF_INITIAL_S * 2 ** min(self._waits, 30))
             self._waits += 1
             self.jobs.postpone(job.id, str(exc), delay_s=delay)
             LOG.warning("job %d waits %.0f s, not counted as an attempt: %s", job.id, delay, exc)
