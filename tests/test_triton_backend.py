@@ -29,8 +29,9 @@ from dicom_node.sender import Sender
 from dicom_node.settings import Settings
 from dicom_node.worker import DEFAULT_PIPELINES, Worker
 from learning_helpers import store_all
-from loop_helpers import install_model, small_study, wait_until
-from node_harness import DICOM_NODE, REPO
+from dicom_client import send
+from loop_helpers import install_model, node_json, small_study, wait_until
+from node_harness import DICOM_NODE, REPO, NodeProcess
 from pipelines import phantom as ph
 from pipelines.inference import load_model
 from pipelines.triton import TritonTarget, TritonUnavailableError, load_triton_model
@@ -246,3 +247,45 @@ def test_job_waits_while_triton_is_down_or_killed_and_completes_once_it_is_back(
     assert read_state(data).waiting == ()
     for closeable in (jobs, results, sender, archive):
         closeable.close()
+
+
+def test_a_serving_node_with_backend_triton_waits_for_it_and_then_serves(
+        exported: tuple[Path, Path], tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+        ) -> None:
+    """``serve`` with ``backend = "triton"``: a study arrives while Triton is down; the
+    node says so in ``status`` and never runs the model itself; once Triton is up, the
+    result is recorded with the backend ``triton``."""
+    _, repo = exported
+    data = tmp_path / "data"
+    install_model(data)
+    srv = TritonServer(repo, [PYTHON_MODEL], tmp_path_factory.mktemp("tritonserver-node"))
+    node = NodeProcess(data, config=(
+        'stable_after = 1.0\ntrain_enabled = false\nbackend = "triton"\n'
+        f'triton_url = "{srv.url}"\ntriton_variant = "python"\ntriton_backoff_max_s = 2\n'))
+    node.start()
+    try:
+        assert f"inference on Triton at {srv.url} (python models)" in node.log()
+        study = small_study("TRITON-NODE", slices=24, size=128, seed=9)
+        assert set(send(node.port, study)) == {0}
+        status = wait_until("status names the wait for Triton", lambda: (
+            lambda text: text if "waiting for Triton" in text else None)(
+                node.cli("status").stdout), timeout=120)
+        assert f"waiting:   job 1: waiting for Triton at {srv.url} (model {PYTHON_MODEL})" in status
+        # more waits than the job has attempts (3): none is counted, the job never fails
+        wait_until("four waits", lambda: node.log().count("not counted as an attempt") >= 4,
+                   timeout=120)
+        (job,) = node_json(node, "jobs")
+        assert job["state"] in ("queued", "running") and job["attempts"] <= 1
+        assert "serving with pytorch" not in node.log()  # no silent local fallback
+        srv.start()
+        done = wait_until("the job is done", lambda: [j for j in node_json(node, "jobs")
+                                                       if j["state"] == "done"], timeout=300)
+        assert len(done) == 1 and done[0]["attempts"] == 1
+    finally:
+        node.stop()
+        srv.stop()
+    results = ResultStore(data)
+    (result,) = results.for_series(str(study[0].SeriesInstanceUID))
+    results.close()
+    assert result.backend == "triton" and [s.name for s in result.segments] == ["spleen"]
+    assert f"model {VERSION}: serving with Triton at {srv.url}" in node.log()
