@@ -68,7 +68,7 @@ def _archive(settings: Settings) -> Any:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    task_rules(args.task)  # ValueError naming the task before anything starts
+    task_rules(args.task, settings.tasks)  # ValueError naming the task before anything starts
     with _archive(settings):  # migrates the index when the node never ran
         pass
     outcome = train_task(settings, args.task, epochs=args.epochs, by="dicom-node train")
@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_list(args: argparse.Namespace, settings: Settings) -> int:
-    rules = task_rules(args.task)
+    rules = task_rules(args.task, settings.tasks)
     with _archive(settings) as archive, LabelStore(settings.data_dir) as labels:
         items = annotation_queue(archive, labels, args.task, rules)
     if args.json:
@@ -97,7 +97,7 @@ def cmd_queue_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_export(args: argparse.Namespace, settings: Settings) -> int:
-    rules = task_rules(args.task)
+    rules = task_rules(args.task, settings.tasks)
     with _archive(settings) as archive, LabelStore(settings.data_dir) as labels, \
             Registry(settings.data_dir) as reg:
         cases = export_annotation_queue(archive, labels, reg, args.task, rules, args.out_dir)
@@ -108,7 +108,7 @@ def cmd_queue_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dataset_export(args: argparse.Namespace, settings: Settings) -> int:
-    rules = task_rules(args.task)
+    rules = task_rules(args.task, settings.tasks)
     with Registry(settings.data_dir) as reg:
         versions = reg.list(args.task)
         if not versions:
