@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import CTImageStorage, MRImageStorage, PositronEmissionTomographyImageStorage
+
 from dicom_node.errors import ConfigError
 from pipelines.errors import SelectionRulesError
 from pipelines.selection import SelectionRules
@@ -40,6 +42,10 @@ TASK_KEYS = ("name", "modality", "body_parts", "accept_missing_body_part",
              "exclude_series_descriptions", "min_slices", "max_slice_thickness_mm",
              "manufacturers", "outputs", "enabled")
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # as registry.records.check_task
+#: The image storage SOP class a task of each modality accepts (single-frame images,
+#: which the pipeline stacks into a volume).
+IMAGE_SOP_CLASSES = {"CT": (str(CTImageStorage),), "MR": (str(MRImageStorage),),
+                     "PT": (str(PositronEmissionTomographyImageStorage),)}
 #: SelectionRules field -> the task key that sets it (to name the key in an error).
 _RULE_KEYS = {"modality": "modality", "body_part_patterns": "body_parts",
               "accept_missing_body_part": "accept_missing_body_part",
@@ -58,7 +64,8 @@ class Task:
         The registry task whose active model serves it (``wholebody-ct``): lower-case
         letters, digits, ``.``, ``_``, ``-``; at most 63 characters.
     modality : str
-        Required Modality (``CT``, ``MR``...), upper case after coercion.
+        Required Modality: ``CT``, ``MR`` or ``PT`` (upper case after coercion); the
+        series' SOP class must be that modality's image storage class.
     body_parts : tuple of str
         Shell-style patterns on Body Part Examined, case-insensitive; empty or ``*``
         with ``accept_missing_body_part``: any.
@@ -112,6 +119,9 @@ class Task:
         if not isinstance(self.modality, str):
             raise bad("modality", "a DICOM modality such as \"CT\"", self.modality)
         object.__setattr__(self, "modality", self.modality.strip().upper())
+        if self.modality not in IMAGE_SOP_CLASSES:
+            raise bad("modality", f"one of {', '.join(IMAGE_SOP_CLASSES)} (the image modalities "
+                      "the pipeline reads)", self.modality)
         for key in ("body_parts", "exclude_series_descriptions", "manufacturers", "outputs"):
             value = getattr(self, key)
             if isinstance(value, list):
@@ -146,7 +156,8 @@ class Task:
             object.__setattr__(self, "max_slice_thickness_mm", float(thick))
         try:
             rules = SelectionRules(
-                name=self.name, modality=self.modality, body_part_patterns=self.body_parts,
+                name=self.name, modality=self.modality, sop_class_uids=IMAGE_SOP_CLASSES[self.modality],
+                body_part_patterns=self.body_parts,
                 accept_missing_body_part=self.accept_missing_body_part,
                 exclude_series_description_patterns=self.exclude_series_descriptions,
                 min_slices=self.min_slices, max_slice_thickness_mm=self.max_slice_thickness_mm,
