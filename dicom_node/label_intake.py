@@ -135,7 +135,7 @@ class TaskLabelIntake:
         known = self.task_labels()
 
         def tasks_for(names: Sequence[str], codes: Sequence[str | None]) -> tuple[str, ...]:
-            return tuple(t for t, specs in known.items() if label_matches(names, codes, specs))
+            return tuple(sorted(t for t, specs in known.items() if label_matches(names, codes, specs)))
 
         def none_matches(names: Sequence[str]) -> str:
             have = "; ".join(f"{t}: {', '.join(s.name for s in specs) or 'no model registered'}"

@@ -14,8 +14,6 @@ import subprocess
 from datetime import timedelta
 from pathlib import Path
 
-import highdicom as hd
-import numpy as np
 import pytest
 from pydicom.sr.codedict import codes
 
@@ -24,7 +22,7 @@ from dicom_node.jobs import JobQueue, JobState, iso, utc_now
 from dicom_node.label_intake import TaskLabelIntake
 from dicom_node.settings import Settings, load_settings
 from dicom_node.tasks import Task, default_tasks, parse_tasks
-from learning_helpers import phantom_study, store_all
+from learning_helpers import organ_seg, phantom_study, store_all
 from loop_helpers import small_study, write_files
 from node_harness import DICOM_NODE, REPO
 from pipelines import phantom as ph
@@ -223,25 +221,6 @@ def test_a_job_waits_for_a_model_then_is_released_or_expires(tmp_path: Path) -> 
     again.close()
 
 
-def _two_organ_seg(datasets: list, anatomy: ph.Anatomy, g: ph.SliceGeometry,
-                   organs: tuple[tuple[str, object], ...]) -> object:
-    truth = ph.truth_labels(anatomy, g)
-    value = {n: v for v, n in ph.LABELS.items()}
-    masks = np.stack([(truth == value[name]).astype(np.uint8) for name, _ in organs], axis=-1)
-    return hd.seg.Segmentation(
-        source_images=list(datasets), pixel_array=masks,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[hd.seg.SegmentDescription(
-            segment_number=i, segment_label=label, segmented_property_category=codes.SCT.Organ,
-            segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
-            for i, (label, code) in enumerate(
-                ((n.title() if n != "liver" else "Hepar", c) for n, c in organs), start=1)],
-        series_instance_uid=hd.UID(), series_number=301, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="Viewer Vendor", manufacturer_model_name="Reading Room",
-        software_versions="7.1", device_serial_number="42",
-        content_creator_name="Radiologist^Rita", omit_empty_frames=True)
-
-
 def test_a_radiologist_seg_of_two_organs_is_a_label_of_both_tasks(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tasks = parse_tasks([{"name": "spleen-ct", "modality": "CT", "min_slices": 16},
@@ -257,10 +236,10 @@ def test_a_radiologist_seg_of_two_organs_is_a_label_of_both_tasks(tmp_path: Path
                          slice_spacing=float(datasets[0].SliceThickness))
     anatomy = ph.Anatomy.random(4)
     # spleen by its name, liver only by its SNOMED CT code (label "Hepar")
-    both = _two_organ_seg(datasets, anatomy, g, (("spleen", codes.SCT.Spleen),
+    both = organ_seg(datasets, anatomy, g, (("spleen", codes.SCT.Spleen),
                                                   ("liver", codes.SCT.Liver)))
-    spleen_only = _two_organ_seg(datasets, anatomy, g, (("spleen", codes.SCT.Spleen),))
-    kidney_only = _two_organ_seg(datasets, anatomy, g, (("kidney", codes.SCT.Kidney),))
+    spleen_only = organ_seg(datasets, anatomy, g, (("spleen", codes.SCT.Spleen),))
+    kidney_only = organ_seg(datasets, anatomy, g, (("kidney", codes.SCT.Kidney),))
     with Archive(data) as archive:
         store_all(archive, datasets)
         archive.set_consent("LAB-1", donate=True, by="test")
