@@ -74,7 +74,9 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
             print("  model: no active model (its series wait for one: `dicom-node models import "
                   f"BUNDLE_DIR --task {t.name} --activate`)")
         for m in models:
-            print(f"  model: {m['version']} for {m['scope']} (labels: {m['labels']})")
+            names = m["labels"].split(", ")
+            shown = ", ".join(names[:8]) + (f", ... ({len(names)} labels)" if len(names) > 8 else "")
+            print(f"  model: {m['version']} for {m['scope']} (labels: {shown})")
     return 0
 
 
