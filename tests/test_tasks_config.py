@@ -269,3 +269,30 @@ def test_a_radiologist_seg_of_two_organs_is_a_label_of_both_tasks(tmp_path: Path
             assert [q.series_uid for q in annotation_queue(archive, labels, "heart-ct",
                                                            tasks[2].rules)] == [series_uid]
             assert annotation_queue(archive, labels, "liver-ct", tasks[1].rules) == []
+
+
+def test_a_new_result_supersedes_only_its_own_tasks_earlier_result(tmp_path: Path) -> None:
+    from node_harness import small_ct
+    from twin_archive.results import ResultStore, SegmentMeasure
+
+    with Archive(tmp_path) as archive:  # creates and migrates the index; a twin "k"
+        archive.db.execute("INSERT OR IGNORE INTO twins (patient_key, patient_id, donate)"
+                           " VALUES ('k', 'PAT-1', 0)")
+        archive.db.conn.commit()
+    store = ResultStore(tmp_path)
+
+    def record(task: str, last: str) -> int:
+        ds = small_ct()
+        return store.record(
+            job_key=f"1.2.3@{last}/{task}", patient_key="k", study_uid=str(ds.StudyInstanceUID),
+            source_series_uid="1.2.3", source_last_received=last, source_instances=1, task=task,
+            model_name="m", model_version=f"{task}-v1", backend="torch-cpu",
+            segments=(SegmentMeasure(name="x", volume_ml=1.0),), timings={},
+            objects=[("overlay", ds)]).id
+
+    spleen, liver = record("spleen-ct", "t1"), record("liver-ct", "t1")
+    assert store.get(spleen).superseded_by is None and store.get(liver).superseded_by is None
+    spleen2 = record("spleen-ct", "t2")  # the series re-opened: spleen-ct's new result
+    assert store.get(spleen).superseded_by == spleen2
+    assert store.get(liver).superseded_by is None
+    store.close()
