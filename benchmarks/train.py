@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dicom_node.label_intake import intake_seg_series  # noqa: E402
+from dicom_node.tasks import default_tasks  # noqa: E402
 from dicom_node.training import task_rules  # noqa: E402
 from learning_helpers import radiologist_seg, store_all  # noqa: E402
 from pipelines import phantom as ph  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> int:
         config = NightlyConfig(max_epochs=args.epochs, patch_size=args.patch, device=args.device,
                                time_budget_s=6 * 3600)
         t1 = time.perf_counter()
-        outcome = run_training(data, DEMO_TASK, task_rules(DEMO_TASK), config, by="benchmark")
+        outcome = run_training(data, DEMO_TASK, task_rules(DEMO_TASK, default_tasks()), config, by="benchmark")
         total = time.perf_counter() - t1
         per_epoch = outcome.train_seconds / max(outcome.epochs, 1)
         row = {

@@ -6,6 +6,11 @@ SQLite, so they survive a restart; a job is claimed by one worker at a time
 (``BEGIN IMMEDIATE``), runs once, is retried a bounded number of times with a delay
 after a failure and then stays visible as ``failed`` with its reason.
 
+A job whose task has no active model for the series' scanner is not a failure: it is
+``waiting`` (its scanner recorded, the attempt not counted) until a model becomes
+active for it (:meth:`JobQueue.release_waiting`) or the series is older than
+``waiting_for_model_max_age_h`` (:meth:`JobQueue.expire_waiting`).
+
 A job found ``running`` when the node starts was interrupted by a crash (SIGKILL, power
 loss); :meth:`JobQueue.recover` puts it back in the queue. The worker makes a re-run
 harmless: a result is recorded under the job's key once (see
@@ -84,7 +89,14 @@ def _q2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE sends ADD COLUMN accept_syntaxes TEXT NOT NULL DEFAULT ''")
 
 
-QUEUE_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_q1, _q2)
+def _q3(conn: sqlite3.Connection) -> None:
+    # Jobs waiting for a model: the scanner of the series (to ask the registry whether a
+    # model now serves it without reading the files again); '' for rows before.
+    conn.execute("ALTER TABLE jobs ADD COLUMN manufacturer TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE jobs ADD COLUMN scanner_model TEXT NOT NULL DEFAULT ''")
+
+
+QUEUE_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_q1, _q2, _q3)
 
 
 def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite3.Connection:
@@ -129,6 +141,7 @@ class JobState(str, enum.Enum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    WAITING = "waiting"  # for an active model of its task (not a failure)
     DONE = "done"
     FAILED = "failed"
 
@@ -152,6 +165,8 @@ class Job:
     finished_at: str
     error: str
     result_id: int | None
+    manufacturer: str = ""
+    scanner_model: str = ""
 
     @property
     def key(self) -> str:
@@ -167,6 +182,7 @@ class Job:
             state=JobState(r["state"]), attempts=r["attempts"], max_attempts=r["max_attempts"],
             enqueued_at=r["enqueued_at"], started_at=r["started_at"] or "",
             finished_at=r["finished_at"] or "", error=r["error"] or "", result_id=r["result_id"],
+            manufacturer=r["manufacturer"], scanner_model=r["scanner_model"],
         )
 
 
@@ -286,6 +302,78 @@ class JobQueue:
             rows = self.conn.execute(
                 "SELECT * FROM jobs WHERE state = ? AND error LIKE 'waiting for %' ORDER BY id",
                 (JobState.QUEUED.value,)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def wait_for_model(self, job_id: int, reason: str, *, manufacturer: str,
+                       scanner_model: str) -> None:
+        """Park a claimed job until a model serves its task for that scanner.
+
+        The attempt is not counted (nothing failed); ``reason`` says what to do.
+        """
+        with self._lock, write_transaction(self.conn) as conn:
+            conn.execute(
+                "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), error = ?,"
+                " manufacturer = ?, scanner_model = ? WHERE id = ?",
+                (JobState.WAITING.value, reason, manufacturer, scanner_model, job_id),
+            )
+
+    def waiting_scanners(self) -> list[tuple[str, str, str]]:
+        """Distinct (task, manufacturer, scanner model) of the jobs waiting for a model."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT DISTINCT task, manufacturer, scanner_model FROM jobs WHERE state = ?"
+                " ORDER BY task, manufacturer, scanner_model", (JobState.WAITING.value,)).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def release_waiting(self, task: str, manufacturer: str, scanner_model: str, *,
+                        received_after: datetime) -> list[Job]:
+        """Queue the jobs of ``task`` waiting for a model for that scanner whose series
+        was received after ``received_after`` (older ones stay for :meth:`expire_waiting`).
+
+        Returns the jobs queued again.
+        """
+        now = iso(utc_now())
+        with self._lock, write_transaction(self.conn) as conn:
+            rows = conn.execute(
+                "SELECT id FROM jobs WHERE state = ? AND task = ? AND manufacturer = ?"
+                " AND scanner_model = ? AND series_last_received >= ? ORDER BY id",
+                (JobState.WAITING.value, task, manufacturer, scanner_model,
+                 iso(received_after))).fetchall()
+            ids = [r[0] for r in rows]
+            conn.executemany(
+                "UPDATE jobs SET state = ?, not_before = ?, error = 'a model became active'"
+                " WHERE id = ?", [(JobState.QUEUED.value, now, i) for i in ids])
+            jobs = [Job.from_row(r) for r in conn.execute(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id",
+                ids).fetchall()] if ids else []
+        if jobs:
+            self.wakeup.set()
+        return jobs
+
+    def expire_waiting(self, *, received_before: datetime, max_age_h: float) -> list[Job]:
+        """Leave failed the jobs still waiting for a model whose series was received
+        before ``received_before`` (``max_age_h`` is named in the reason)."""
+        with self._lock, write_transaction(self.conn) as conn:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state = ? AND series_last_received < ? ORDER BY id",
+                (JobState.WAITING.value, iso(received_before))).fetchall()
+            now = iso(utc_now())
+            conn.executemany(
+                "UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                [(JobState.FAILED.value, now,
+                  f"no model for task {r['task']!r} became active within {max_age_h:g} h of the "
+                  f"series' arrival (waiting_for_model_max_age_h); not run: {r['error']}", r["id"])
+                 for r in rows])
+        return [Job.from_row(r) for r in rows]
+
+    def for_series(self, series_uids: list[str] | tuple[str, ...]) -> list[Job]:
+        """The jobs of these series, newest first."""
+        if not series_uids:
+            return []
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT * FROM jobs WHERE series_uid IN ({','.join('?' * len(series_uids))})"
+                " ORDER BY id DESC", tuple(series_uids)).fetchall()
         return [Job.from_row(r) for r in rows]
 
     def recover(self) -> int:

@@ -16,13 +16,21 @@ A SEG becomes a label when
 * it references a series that is in the archive (Referenced Series Sequence), of the
   same patient and in the same Frame of Reference.
 
+* and, when tasks are configured (:class:`TaskLabelIntake`), its segments name a label
+  of at least one configured task: by name (case, ``_`` and ``-`` ignored) or by the
+  SNOMED CT code of its Segmented Property Type. The label is recorded for each such
+  task (a SEG of spleen and liver is a label of ``spleen-ct`` and of ``liver-ct``). A
+  task's label names are those of its active model versions, or of its newest
+  registered version when none is active.
+
 Otherwise the series is left alone with the reason logged.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +38,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import SegmentationStorage
 
+from dicom_node.tasks import Task
 from pipelines.selection import is_node_output
+from registry.records import LabelSpec, code_for_label
+from registry.store import Registry
 from twin_archive import audit
 from twin_archive.labels import LabelRefusedError, LabelStore
 
@@ -60,7 +71,84 @@ def segment_names(ds: Dataset) -> tuple[str, ...]:
                  for it in items)
 
 
-def intake_seg_series(files: Sequence[Path], labels: LabelStore) -> IntakeDecision:
+def segment_codes(ds: Dataset) -> tuple[str | None, ...]:
+    """Code Value of each segment's Segmented Property Type, in segment-number order."""
+    items = sorted(ds.get("SegmentSequence", []), key=lambda it: int(it.get("SegmentNumber", 0)))
+    out: list[str | None] = []
+    for it in items:
+        prop = it.get("SegmentedPropertyTypeCodeSequence")
+        out.append(str(prop[0].get("CodeValue", "")) or None if prop else None)
+    return tuple(out)
+
+
+def _key(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def label_matches(names: Sequence[str], codes: Sequence[str | None],
+                  specs: Sequence[LabelSpec]) -> bool:
+    """Whether a segment (by name or SNOMED CT code) names one of the model labels ``specs``."""
+    by_name = {_key(s.name) for s in specs}
+    by_code = {c.value for c in ((s.code or code_for_label(s.name)) for s in specs) if c}
+    return any(_key(n) in by_name for n in names) or any(c in by_code for c in codes if c)
+
+
+class TaskLabelIntake:
+    """Label intake for the configured tasks: a SEG is a label of each task it names.
+
+    Callable as the stability monitor's ``label_intake`` (runs in its thread).
+
+    Parameters
+    ----------
+    data_dir : pathlib.Path
+        The node's data directory (its registry gives each task's label names).
+    labels : LabelStore
+        Where labels are recorded.
+    tasks : sequence of Task
+        The configured tasks (:meth:`set_tasks` on SIGHUP).
+    """
+
+    def __init__(self, data_dir: Path | str, labels: LabelStore, tasks: Sequence[Task]) -> None:
+        self.data_dir = Path(data_dir)
+        self.labels = labels
+        self.tasks = tuple(tasks)
+        self._lock = threading.Lock()
+
+    def set_tasks(self, tasks: Sequence[Task]) -> None:
+        """Match SEGs against ``tasks`` from now on."""
+        self.tasks = tuple(tasks)
+
+    def task_labels(self) -> dict[str, tuple[LabelSpec, ...]]:
+        """Each configured task's model labels (empty when no version is registered)."""
+        out: dict[str, tuple[LabelSpec, ...]] = {}
+        with self._lock, Registry(self.data_dir) as reg:
+            for task in self.tasks:
+                versions = reg.list(task.name)
+                active = [v for v in versions if v.status.value == "active"]
+                specs: list[LabelSpec] = []
+                for mv in active or versions[-1:]:
+                    specs.extend(s for s in mv.labels if s not in specs)
+                out[task.name] = tuple(specs)
+        return out
+
+    def __call__(self, files: Sequence[Path]) -> IntakeDecision:
+        known = self.task_labels()
+
+        def tasks_for(names: Sequence[str], codes: Sequence[str | None]) -> tuple[str, ...]:
+            return tuple(sorted(t for t, specs in known.items() if label_matches(names, codes, specs)))
+
+        def none_matches(names: Sequence[str]) -> str:
+            have = "; ".join(f"{t}: {', '.join(s.name for s in specs) or 'no model registered'}"
+                             for t, specs in known.items()) or "no task configured"
+            return f"its segments {list(names)} name no label of a configured task ({have})"
+
+        return intake_seg_series(files, self.labels, tasks_for=tasks_for, none_matches=none_matches)
+
+
+def intake_seg_series(files: Sequence[Path], labels: LabelStore, *,
+                      tasks_for: Callable[[Sequence[str], Sequence[str | None]], tuple[str, ...]]
+                      | None = None,
+                      none_matches: Callable[[Sequence[str]], str] | None = None) -> IntakeDecision:
     """Record each SEG instance of a quiet series as a label, or say why not.
 
     Parameters
@@ -69,6 +157,11 @@ def intake_seg_series(files: Sequence[Path], labels: LabelStore) -> IntakeDecisi
         The current instance files of one series whose Modality is SEG.
     labels : LabelStore
         Where labels are recorded.
+    tasks_for : callable, optional
+        ``(segment names, segment codes) -> task names`` the SEG is a label of; a SEG
+        naming none is not recorded. Without it, the label is for any task.
+    none_matches : callable, optional
+        ``(segment names) -> reason`` when ``tasks_for`` names no task.
 
     Returns
     -------
@@ -90,6 +183,13 @@ def intake_seg_series(files: Sequence[Path], labels: LabelStore) -> IntakeDecisi
             reasons.append(f"{sop}: references no series (Referenced Series Sequence empty)")
             continue
         names = segment_names(ds)
+        tasks: tuple[str, ...] = ()
+        if tasks_for is not None:
+            tasks = tasks_for(names, segment_codes(ds))
+            if not tasks:
+                reasons.append(f"{sop}: " + (none_matches(names) if none_matches else
+                                             f"its segments {list(names)} name no task's label"))
+                continue
         creator = str(ds.get("ContentCreatorName", "") or "")
         when = f"{ds.get('ContentDate', '') or ''}{str(ds.get('ContentTime', '') or '').split('.')[0]}"
         for series_uid in refs:
@@ -101,7 +201,7 @@ def intake_seg_series(files: Sequence[Path], labels: LabelStore) -> IntakeDecisi
             try:
                 label, new = labels.add_seg(seg_sop_instance_uid=sop, source_series_uid=series_uid,
                                             segments=names, content_creator=creator,
-                                            content_time=when)
+                                            content_time=when, tasks=tasks)
             except LabelRefusedError as exc:
                 reasons.append(f"{sop}: {exc.problem}")
                 continue
@@ -109,8 +209,10 @@ def intake_seg_series(files: Sequence[Path], labels: LabelStore) -> IntakeDecisi
             if new:
                 audit.record(labels.data_dir, audit.AuditEvent.LABEL_IMPORTED,
                              audit.AuditOutcome.SUCCESS, creator or "unknown creator", series_uid,
-                             {"label_id": label.id, "via": "C-STORE", "seg_sop_instance_uid": sop})
+                             {"label_id": label.id, "via": "C-STORE", "seg_sop_instance_uid": sop,
+                              "tasks": list(tasks)})
             reasons.append(f"{sop}: label {label.id} of series {series_uid}"
+                           f" for {', '.join(tasks) or 'any task'}"
                            f"{'' if new else ' (already recorded)'}")
     if recorded:
         return IntakeDecision(decision="label", reason="; ".join(reasons),

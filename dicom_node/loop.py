@@ -8,24 +8,30 @@ to the queue) and the sender; queued jobs and sends stay in ``queue.sqlite``.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from dicom_node.jobs import JobQueue
-from dicom_node.label_intake import intake_seg_series
+from dicom_node.label_intake import TaskLabelIntake
 from dicom_node.monitor import StabilityMonitor
 from dicom_node.sender import Sender
 from dicom_node.server import client_tls_context
 from dicom_node.settings import Destination, Settings, parse_destination
+from dicom_node.tasks import Task
 from dicom_node.training import NightlyScheduler
-from dicom_node.worker import DEFAULT_PIPELINES, Worker, triton_target
+from dicom_node.worker import Worker, triton_target
 from twin_archive import Archive
 from twin_archive.audit import AuditLog
 from twin_archive.labels import LabelStore
 from twin_archive.results import ResultStore
 
 LOG = logging.getLogger(__name__)
+
+
+def describe_tasks(tasks: Sequence[Task]) -> str:
+    """``spleen-ct, wholebody-ct (disabled)`` or ``none``."""
+    return ", ".join(t.name + ("" if t.enabled else " (disabled)") for t in tasks) or "none"
 
 
 def apply_flags(args: argparse.Namespace, settings: Settings) -> Settings:
@@ -65,18 +71,22 @@ class Loop:
                              tls_destinations=frozenset(d.key for d in settings.destinations if d.tls),
                              audit=audit)
         self.labels = LabelStore(settings.data_dir)
+        self.intake = TaskLabelIntake(settings.data_dir, self.labels, settings.tasks)
         self.monitor = StabilityMonitor(
-            archive, self.jobs, DEFAULT_PIPELINES, stable_after_s=settings.stable_after,
-            label_intake=functools.partial(intake_seg_series, labels=self.labels))
+            archive, self.jobs, settings.tasks, stable_after_s=settings.stable_after,
+            label_intake=self.intake)
         self.worker = Worker(archive=archive, jobs=self.jobs, results=self.results,
                              sender=self.sender, destinations=settings.destinations,
-                             pipelines=DEFAULT_PIPELINES, triton=triton_target(settings),
+                             tasks=settings.tasks,
+                             waiting_max_age_h=settings.waiting_for_model_max_age_h,
+                             triton=triton_target(settings),
                              wait_backoff_max_s=settings.triton_backoff_max_s)
         if self.worker.triton is not None:
             LOG.info("inference on Triton at %s (%s models); pre- and post-processing here",
                      self.worker.triton.url, settings.triton_variant)
         # The node's one scheduler (STYLE rule 15): nightly training, when enabled.
         self.scheduler = NightlyScheduler(settings) if settings.train_enabled else None
+        LOG.info("tasks: %s", describe_tasks(settings.tasks))
         if not settings.destinations:
             LOG.warning("no destinations configured: results are kept in the twins only "
                         "(add [[destinations]] or --destination AET@HOST:PORT)")
@@ -88,6 +98,15 @@ class Loop:
         """Send future results to ``destinations`` (SIGHUP reload; queued sends keep theirs)."""
         self.worker.destinations = tuple(destinations)
         self.sender.tls_destinations = frozenset(d.key for d in destinations if d.tls)
+
+    def set_tasks(self, tasks: tuple[Task, ...]) -> None:
+        """Serve ``tasks`` from now on (SIGHUP reload): new series get jobs of these
+        tasks; queued jobs of a removed task fail with that reason when they come up."""
+        self.monitor.set_tasks(tasks)
+        self.worker.set_tasks(tasks)
+        self.intake.set_tasks(tasks)
+        if self.scheduler is not None:
+            self.scheduler.set_tasks(tasks)
 
     def healthy(self) -> bool:
         """True while the worker and the sender threads run."""

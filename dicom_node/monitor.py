@@ -11,8 +11,10 @@ Decisions, each logged once per series state:
 
 * ``ignored``: the series is a result or document object (SEG, SR, KO, PR,
   secondary capture...) from anywhere, or the node's own output (DESIGN decision 4);
-* ``no-pipeline``: no pipeline's selection rules match (e.g. an MR): stored, left alone;
-* ``queued``: one job per matching pipeline;
+* ``no-pipeline``: no enabled task's selection rules match (e.g. an MR): stored, left
+  alone;
+* ``queued``: one job per enabled task whose rules match (``[[tasks]]``,
+  :mod:`dicom_node.tasks`), so one CT may get a job of several tasks;
 * ``label``: a radiologist's SEG (not ours) referencing an archived series became that
   series' label (:mod:`dicom_node.label_intake`); SEGs never become jobs.
 """
@@ -32,10 +34,10 @@ from pydicom.dataset import Dataset
 
 from dicom_node.jobs import JobQueue, iso, utc_now, write_transaction
 from dicom_node.label_intake import IntakeDecision
+from dicom_node.tasks import Task
 from pipelines.selection import (
     NON_IMAGE_MODALITIES,
     SECONDARY_CAPTURE_PREFIX,
-    SelectionRules,
     is_node_output,
     matches,
 )
@@ -43,20 +45,6 @@ from twin_archive import Archive
 from twin_archive.layout import INDEX_NAME
 
 LOG = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class PipelineSpec:
-    """A pipeline as the node serves it: a task (registry model) and its selection rules."""
-
-    task: str
-    rules: SelectionRules
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.task, str) or not self.task.strip():
-            raise ValueError(f"task must be a non-empty string, got {self.task!r}")
-        if not isinstance(self.rules, SelectionRules):
-            raise TypeError("rules must be a SelectionRules")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,8 +72,9 @@ class StabilityMonitor:
         The node's archive (its files are read for the series headers).
     jobs : JobQueue
         Where jobs go.
-    pipelines : sequence of PipelineSpec
-        The pipelines served, tried in order; every matching one gets a job.
+    tasks : sequence of Task
+        The tasks served, tried in order; every enabled, matching one gets a job
+        (:meth:`set_tasks` replaces them, on SIGHUP).
     stable_after_s : float
         Quiet period, seconds (> 0).
     poll_s : float, optional
@@ -97,14 +86,14 @@ class StabilityMonitor:
         ignored like other result objects. Never makes a job of a SEG.
     """
 
-    def __init__(self, archive: Archive, jobs: JobQueue, pipelines: Sequence[PipelineSpec], *,
+    def __init__(self, archive: Archive, jobs: JobQueue, tasks: Sequence[Task], *,
                  stable_after_s: float, poll_s: float | None = None,
                  label_intake: Callable[[Sequence[Path]], IntakeDecision] | None = None) -> None:
         if not stable_after_s > 0:
             raise ValueError(f"stable_after_s must be > 0 seconds, got {stable_after_s}")
         self.archive = archive
         self.jobs = jobs
-        self.pipelines = tuple(pipelines)
+        self.tasks = tuple(tasks)
         self.stable_after_s = float(stable_after_s)
         self.poll_s = poll_s if poll_s is not None else min(1.0, self.stable_after_s / 4)
         self.label_intake = label_intake
@@ -163,7 +152,9 @@ class StabilityMonitor:
                 decision, reason = "ignored", "secondary capture; never inferred on"
             else:
                 reasons = []
-                for spec in self.pipelines:
+                for spec in self.tasks:  # one tuple, replaced whole by set_tasks
+                    if not spec.enabled:
+                        continue
                     verdict = matches(spec.rules, headers)
                     if not verdict.matched:
                         reasons.append(verdict.reason)
@@ -179,7 +170,7 @@ class StabilityMonitor:
                 elif any("matched" in r for r in reasons):
                     decision, reason = "queued", "job already queued"
                 else:
-                    decision, reason = "no-pipeline", "; ".join(reasons) or "no pipeline configured"
+                    decision, reason = "no-pipeline", "; ".join(reasons) or "no task enabled"
         reopened = self._record(uid, last, decision, reason)
         if decision == "queued":
             LOG.info("series %s quiet for %.0f s with %d instance(s)%s: job(s) %s queued",
@@ -209,14 +200,19 @@ class StabilityMonitor:
             )
         return before is not None
 
+    def set_tasks(self, tasks: Sequence[Task]) -> None:
+        """Serve ``tasks`` from the next series decided on (SIGHUP reload)."""
+        self.tasks = tuple(tasks)
+
     # ----------------------------------------------------------------- thread
     def start(self) -> None:
         """Poll in a background thread until :meth:`stop`."""
         self._thread = threading.Thread(target=self._run, name="stability-monitor", daemon=True)
         self._thread.start()
         LOG.info("stability monitor: a series is complete after %.1f s without new instances; "
-                 "pipelines: %s", self.stable_after_s,
-                 ", ".join(p.task for p in self.pipelines) or "none")
+                 "tasks: %s", self.stable_after_s,
+                 ", ".join(t.name + ("" if t.enabled else " (disabled)") for t in self.tasks)
+                 or "none")
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -13,12 +13,13 @@ import dataclasses
 import ipaddress
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import ConfigError
 from dicom_node.profiles import DEFAULT_TRANSFER_SYNTAXES, check_transfer_syntaxes
+from dicom_node.tasks import Task, default_tasks, parse_tasks
 
 DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -281,6 +282,13 @@ class Settings:
         Triton down or the model missing: the job waits 2 s, then twice as long each
         time, up to this many seconds between tries (default 60); waiting never counts
         as a failed attempt.
+    tasks : tuple of Task
+        The tasks served (``[[tasks]]`` tables, :mod:`dicom_node.tasks`); without any,
+        those of the shipped ``default_tasks.toml`` (``spleen-ct``). Reloaded on SIGHUP.
+    waiting_for_model_max_age_h : float
+        A job whose task has no active model for the series' scanner waits for one;
+        when a model becomes active, series received within this many hours run, older
+        ones are left failed (default 24).
     """
 
     ae_title: str = "DICOM_NODE"
@@ -323,6 +331,8 @@ class Settings:
     triton_variant: str = "onnx"
     triton_timeout_s: float = 60.0
     triton_backoff_max_s: float = 60.0
+    tasks: tuple[Task, ...] = field(default_factory=default_tasks)
+    waiting_for_model_max_age_h: float = 24.0
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""
@@ -391,6 +401,18 @@ class Settings:
 
         self._check_training(src)
         self._check_backend(src)
+        self._check_tasks(src)
+
+    def _check_tasks(self, src: str) -> None:
+        """Validate ``tasks`` and ``waiting_for_model_max_age_h``."""
+        if not isinstance(self.tasks, tuple) or not all(isinstance(t, Task) for t in self.tasks):
+            raise ConfigError("tasks", "task tables ([[tasks]])", self.tasks, src)
+        if len({t.name for t in self.tasks}) != len(self.tasks):
+            raise ConfigError("tasks", "task names that differ", [t.name for t in self.tasks], src)
+        age = self.waiting_for_model_max_age_h
+        if isinstance(age, bool) or not isinstance(age, int | float) or not 0 < age <= 8760:
+            raise ConfigError("waiting_for_model_max_age_h", "a number of hours > 0 (at most 8760)",
+                              age, src)
 
     def _check_backend(self, src: str) -> None:
         """Validate ``backend`` and the ``triton_*`` keys."""
@@ -539,6 +561,8 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "triton_variant": ("a string", _to_str),
     "triton_timeout_s": ("a number of seconds", _to_float),
     "triton_backoff_max_s": ("a number of seconds", _to_float),
+    "tasks": ("an array of tables ([[tasks]])", None),
+    "waiting_for_model_max_age_h": ("a number of hours", _to_float),
 }
 
 
@@ -546,6 +570,8 @@ def _convert(key: str, value: Any, source: str) -> Any:
     expected, conv = _KEYS[key]
     if key == "destinations":
         return _to_destinations(value, source)
+    if key == "tasks":
+        return parse_tasks(value, source)
     try:
         return conv(value)
     except (TypeError, ValueError):

@@ -1,13 +1,13 @@
 """Nightly learning in the application shell: which tasks, with what settings, and when.
 
-* :func:`task_rules` - the selection rules of a served task (the worker's pipelines);
+* :func:`task_rules` - the selection rules of a configured task (``[[tasks]]``);
 * :func:`nightly_config` - the trainer's :class:`~trainer.nightly.NightlyConfig` from
   the node's settings;
 * :func:`train_task` - one task's training in a subprocess at lower priority
   (``dicom-node train TASK --now`` and the nightly job);
 * :class:`NightlyScheduler` - the one APScheduler 3.x ``BackgroundScheduler`` of the
   node (STYLE rule 15), started by ``dicom-node serve`` when ``train_enabled``: a
-  cron job at ``train_at`` local time that trains each task which gained at least
+  cron job at ``train_at`` local time that trains each configured task which gained at least
   ``train_min_new_series`` labelled series of donating patients since its last
   training. The job never runs twice at once (``max_instances=1``) and a missed run
   is done once (``coalesce``) when the node was down at that time, within an hour.
@@ -24,9 +24,8 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecution
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from dicom_node.monitor import PipelineSpec
 from dicom_node.settings import Settings, parse_time_of_day
-from dicom_node.worker import DEFAULT_PIPELINES
+from dicom_node.tasks import Task, find_task
 from pipelines.selection import SelectionRules
 from trainer.errors import TrainingError
 from trainer.nightly import NightlyConfig, TrainingOutcome, new_labelled_series, run_in_subprocess
@@ -36,19 +35,15 @@ LOG = logging.getLogger(__name__)
 JOB_ID = "nightly-training"
 
 
-def task_rules(task: str, pipelines: Sequence[PipelineSpec] = DEFAULT_PIPELINES) -> SelectionRules:
-    """The selection rules of a served task.
+def task_rules(task: str, tasks: Sequence[Task]) -> SelectionRules:
+    """The selection rules of a configured task.
 
     Raises
     ------
     ValueError
-        If the node does not serve ``task``.
+        If no ``[[tasks]]`` table names ``task``.
     """
-    for spec in pipelines:
-        if spec.task == task:
-            return spec.rules
-    raise ValueError(f"task: {task!r} is not served by this node (served: "
-                     f"{', '.join(p.task for p in pipelines) or 'none'})")
+    return find_task(tasks, task).rules
 
 
 def nightly_config(settings: Settings, *, epochs: int | None = None) -> NightlyConfig:
@@ -77,11 +72,11 @@ def train_task(settings: Settings, task: str, *, epochs: int | None = None,
     Raises
     ------
     ValueError
-        If the task is not served.
+        If the task is not configured.
     TrainingError
         If the training subprocess fails.
     """
-    rules = task_rules(task)
+    rules = task_rules(task, settings.tasks)
     return run_in_subprocess(settings.data_dir, task, rules, nightly_config(settings, epochs=epochs),
                              nice=settings.train_nice, by=by)
 
@@ -100,15 +95,13 @@ class NightlyScheduler:
     Parameters
     ----------
     settings : Settings
-        ``train_at``, ``train_min_new_series`` and the training settings.
-    pipelines : sequence of PipelineSpec
-        The tasks served.
+        ``train_at``, ``train_min_new_series``, the training settings and the
+        configured tasks (every one is considered; :meth:`set_tasks` on SIGHUP).
     """
 
-    def __init__(self, settings: Settings,
-                 pipelines: Sequence[PipelineSpec] = DEFAULT_PIPELINES) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pipelines = tuple(pipelines)
+        self.tasks = tuple(settings.tasks)
         hms = parse_time_of_day(settings.train_at)
         assert hms is not None  # validated by Settings
         self.trigger = CronTrigger(hour=hms[0], minute=hms[1], second=hms[2])
@@ -118,6 +111,10 @@ class NightlyScheduler:
         self.runs: list[NightlyRun] = []
         self._lock = threading.Lock()
         self._cancel = threading.Event()
+
+    def set_tasks(self, tasks: Sequence[Task]) -> None:
+        """Train ``tasks`` from the next firing on."""
+        self.tasks = tuple(tasks)
 
     def start(self) -> None:
         """Start the scheduler thread with the nightly job."""
@@ -138,12 +135,12 @@ class NightlyScheduler:
             self.scheduler.shutdown(wait=True)
 
     def run_nightly(self) -> NightlyRun:
-        """Train every served task that gained enough new labelled series (the job)."""
+        """Train every configured task that gained enough new labelled series (the job)."""
         import time
 
         started = time.time()
         results = []
-        for spec in self.pipelines:
+        for spec in self.tasks:
             try:
                 new = new_labelled_series(self.settings.data_dir, spec.task, spec.rules)
             except Exception as exc:  # one task's failure does not stop the others

@@ -10,9 +10,19 @@ the overlay series (one image per slice with a segment), so the SEG and SR do no
 for it. A node stopped between the two gets the overlay on the job's re-run, when the
 pipeline finds the same segments again.
 
+What a job produces is its task's (:class:`~dicom_node.tasks.Task`, from ``[[tasks]]``):
+its selection rules, and its ``outputs`` narrowing what each destination gets.
+
+A task with no active model for the series' scanner does not fail the job: the job
+*waits* (state ``waiting``, the reason says which model to import; logged once per task
+and scanner, no traceback). Every :data:`WAITING_CHECK_S` seconds the worker asks the
+registry whether a model now serves the waiting jobs (``models import --activate``,
+``promote``, ``rollback`` in another process) and queues those whose series was received
+within ``waiting_for_model_max_age_h``; older ones are left failed with the reason.
+
 Failures: a series the pipeline refuses (geometry, empty result) fails at once with the
-reason; anything else (no model, an unexpected error) is retried by the queue a
-bounded number of times, then left failed with its reason.
+reason; anything else (an unexpected error) is retried by the queue a bounded number of
+times, then left failed with its reason.
 
 With ``backend = "triton"`` the model runs on a Triton Inference Server
 (:mod:`pipelines.triton`). Triton down or the model not loaded there is not a failure
@@ -28,34 +38,29 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
-from dicom_node.jobs import Job, JobQueue
-from dicom_node.monitor import PipelineSpec
+from dicom_node.jobs import Job, JobQueue, utc_now
 from dicom_node.sender import Sender
 from dicom_node.settings import Destination, Settings
+from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
 from pipelines.inference import LoadedModel, load_model
-from pipelines.selection import SelectionRules
 from pipelines.triton import TritonTarget, TritonUnavailableError, load_triton_model
 from pipelines.types import WriterOptions
 from pipelines.writers import build_overlay
 from pipelines.validation import invalid, validate_results, validate_series
+from registry.errors import NoActiveModelError
 from registry.store import Registry
 from twin_archive import Archive
 from twin_archive.results import AIResult, ResultStore, SegmentMeasure
 
 LOG = logging.getLogger(__name__)
 
-#: The pipeline served by default: the demo task on abdominal CT.
-DEFAULT_PIPELINES = (
-    PipelineSpec(task="spleen-ct", rules=SelectionRules(
-        name="spleen-ct", modality="CT", body_part_patterns=("ABDOMEN*", "CHEST*", "*ABD*"),
-        accept_missing_body_part=True,
-        exclude_series_description_patterns=(r"\bscout\b", r"\blocali[sz]er\b", r"dose\s*report"),
-        min_slices=16)),
-)
+#: Seconds between two looks at the registry for models that jobs wait for.
+WAITING_CHECK_S = 2.0
 
 
 class WorkerStartupError(PipelineError, RuntimeError):
@@ -79,6 +84,26 @@ def _pipeline_runner() -> Any:
 
 class JobRefused(PipelineError):
     """The job cannot succeed however often it is tried (the message says why)."""
+
+
+class JobWaitsForModel(PipelineError, LookupError):
+    """The job's task has no active model for the series' scanner: the job waits.
+
+    Parameters
+    ----------
+    task : str
+    manufacturer, scanner_model : str
+        The series' scanner ('' when not recorded).
+    """
+
+    def __init__(self, task: str, manufacturer: str, scanner_model: str) -> None:
+        self.task = task
+        self.manufacturer = manufacturer
+        self.scanner_model = scanner_model
+        scanner = " / ".join(s for s in (manufacturer, scanner_model) if s) or "any scanner"
+        super().__init__(f"waiting for a model: task {task!r} has no active model for {scanner}; "
+                         f"import one with `dicom-node models import BUNDLE_DIR --task {task} "
+                         "--activate` or promote a candidate, and the series runs")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -106,8 +131,11 @@ class Worker:
         Where results are queued for sending.
     destinations : sequence of Destination
         Who gets results.
-    pipelines : sequence of PipelineSpec
-        Tasks served and their selection rules.
+    tasks : sequence of Task
+        Tasks served: their selection rules and outputs (:meth:`set_tasks` on SIGHUP).
+    waiting_max_age_h : float
+        Jobs waiting for a model run when one becomes active only if their series was
+        received within this many hours; older ones are left failed.
     name : str
         Thread name (``worker-1``).
     triton : TritonTarget, optional
@@ -120,15 +148,20 @@ class Worker:
     WAIT_BACKOFF_INITIAL_S = 2.0
 
     def __init__(self, *, archive: Archive, jobs: JobQueue, results: ResultStore, sender: Sender,
-                 destinations: Sequence[Destination], pipelines: Sequence[PipelineSpec] = DEFAULT_PIPELINES,
-                 name: str = "worker-1", triton: TritonTarget | None = None,
-                 wait_backoff_max_s: float = 60.0) -> None:
+                 destinations: Sequence[Destination], tasks: Sequence[Task],
+                 waiting_max_age_h: float = 24.0, name: str = "worker-1",
+                 triton: TritonTarget | None = None, wait_backoff_max_s: float = 60.0) -> None:
+        if not waiting_max_age_h > 0:
+            raise ValueError(f"waiting_max_age_h must be > 0 hours, got {waiting_max_age_h}")
         self.archive = archive
         self.jobs = jobs
         self.results = results
         self.sender = sender
         self.destinations = tuple(destinations)
-        self.pipelines = {p.task: p for p in pipelines}
+        self.tasks: dict[str, Task] = {t.name: t for t in tasks}
+        self.waiting_max_age_h = float(waiting_max_age_h)
+        self._waiting_told: set[tuple[str, str, str]] = set()
+        self._next_waiting_check = 0.0
         self.name = name
         self._run_series = _pipeline_runner()
         self._models: dict[str, LoadedModel] = {}
@@ -140,11 +173,30 @@ class Worker:
         self.wait_backoff_max_s = wait_backoff_max_s
         self._waits = 0  # consecutive times a job had to wait for Triton
 
+    def set_tasks(self, tasks: Sequence[Task]) -> None:
+        """Serve ``tasks`` from the next job on (SIGHUP reload)."""
+        self.tasks = {t.name: t for t in tasks}
+
+    def _destinations(self, task: Task) -> tuple[Destination, ...]:
+        """The destinations, each narrowed to what the task outputs (and it accepts)."""
+        out = []
+        for d in self.destinations:
+            send = tuple(k for k in d.send if k in task.outputs)
+            if send:
+                out.append(d if send == d.send else replace(d, send=send))
+        return tuple(out)
+
     # ----------------------------------------------------------------- one job
-    def _model(self, task: str, manufacturer: str, model_name: str) -> LoadedModel:
+    def _registry_here(self) -> Registry:
         if self._registry is None:  # one connection per thread (registry.store.Registry)
             self._registry = Registry(self.archive.data_dir)
-        version = self._registry.resolve(task, manufacturer, model_name)  # NoActiveModelError
+        return self._registry
+
+    def _model(self, task: str, manufacturer: str, model_name: str) -> LoadedModel:
+        try:
+            version = self._registry_here().resolve(task, manufacturer, model_name)
+        except NoActiveModelError:
+            raise JobWaitsForModel(task, manufacturer, model_name) from None
         if version.version not in self._models:
             self._models[version.version] = (
                 load_model(version, registry=self._registry) if self.triton is None
@@ -157,22 +209,28 @@ class Worker:
         Raises
         ------
         JobRefused
-            The pipeline refuses the series (retrying cannot help).
+            The pipeline refuses the series, or its task is no longer configured
+            (retrying cannot help).
+        JobWaitsForModel
+            The task has no active model for the series' scanner.
         Exception
             Anything else; the queue retries the job.
         """
         t0 = time.perf_counter()
-        overlay = any("overlay" in d.send for d in self.destinations) or not self.destinations
+        spec = self.tasks.get(job.task)
+        if spec is None:
+            raise JobRefused(f"task {job.task!r} is not configured any more (no [[tasks]] table "
+                             "names it)")
+        destinations = self._destinations(spec)
+        overlay = "overlay" in spec.outputs and (
+            any("overlay" in d.send for d in destinations) or not self.destinations)
         done = self.results.by_job_key(job.key)
         if done is not None:  # a re-run after a crash between recording and completing
-            self.sender.enqueue(done, self.destinations)
+            self.sender.enqueue(done, destinations)
             if overlay and not done.series_uids("overlay"):
-                done = self._recover_overlay(job, done)
+                done = self._recover_overlay(job, done, destinations)
             return JobOutcome(job_id=job.id, result=done, note="already recorded",
                               seconds=time.perf_counter() - t0)
-        spec = self.pipelines.get(job.task)
-        if spec is None:
-            raise JobRefused(f"task {job.task!r} is not served by this node")
         files = self.archive.series_files(job.series_uid)
         if not files:
             raise JobRefused("the series has no current instances")
@@ -208,22 +266,22 @@ class Worker:
                            for s in outcome.segments),
             timings=timings, objects=objects,
         )
-        self.sender.enqueue(result, self.destinations, held=held)
+        self.sender.enqueue(result, destinations, held=held)
         t_seg_sr = time.perf_counter()
         self._log_held(job, held)
         if overlay:
             result = self._add_overlay(job, result, outcome,
-                                       {"seg_sr_store_s": t_seg_sr - t_run})
+                                       {"seg_sr_store_s": t_seg_sr - t_run}, destinations)
         seconds = time.perf_counter() - t0
-        LOG.info("job %d: series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline %.1f s, "
-                 "SEG+SR stored and queued %.2f s, overlay %.2f s)", job.id, job.series_uid,
-                 result.id, result.model_name, result.model_version, result.backend,
+        LOG.info("job %d (%s): series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline "
+                 "%.1f s, SEG+SR stored and queued %.2f s, overlay %.2f s)", job.id, job.task,
+                 job.series_uid, result.id, result.model_name, result.model_version, result.backend,
                  ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in result.segments) or "no segment",
                  seconds, t_run - t_load, t_seg_sr - t_run, time.perf_counter() - t_seg_sr)
         return JobOutcome(job_id=job.id, result=result, note="", seconds=seconds)
 
     def _add_overlay(self, job: Job, result: AIResult, outcome: Any,
-                     timings: dict[str, float]) -> AIResult:
+                     timings: dict[str, float], destinations: Sequence[Destination]) -> AIResult:
         """Build, check, store and queue the overlay series of a recorded result.
 
         Runs after the SEG and SR are queued, so that they do not wait for it. Its
@@ -242,21 +300,26 @@ class Worker:
         timings = {**timings, "overlay_write_s": t1 - t0, "overlay_validate_s": t2 - t1}
         result = self.results.add_objects(result.id, [("overlay", ds) for ds in images],
                                           timings=timings)
-        self.sender.enqueue(result, self.destinations, held=held)
+        self.sender.enqueue(result, destinations, held=held)
         self._log_held(job, held)
         LOG.info("job %d: overlay of %d image(s): built %.2f s, checked %.2f s, stored and "
                  "queued %.2f s", job.id, len(images), t1 - t0, t2 - t1, time.perf_counter() - t2)
         return result
 
-    def _recover_overlay(self, job: Job, done: AIResult) -> AIResult:
+    def _recover_overlay(self, job: Job, done: AIResult,
+                         destinations: Sequence[Destination]) -> AIResult:
         """The node stopped after the SEG and SR of ``done`` were recorded but before its
         overlay was: run the pipeline again and add the overlay, if (and only if) it
         finds the same segments (names and volumes) as the recorded result."""
-        spec = self.pipelines.get(job.task)
+        spec = self.tasks.get(job.task)
         files = self.archive.series_files(job.series_uid)
         if spec is None or not files:
             return done
-        loaded = self._model(job.task, *_scanner(files[0]))
+        try:
+            loaded = self._model(job.task, *_scanner(files[0]))
+        except JobWaitsForModel as exc:
+            LOG.warning("job %d: overlay of result %d not recovered (%s)", job.id, done.id, exc)
+            return done
         try:
             outcome = self._run_series(files, loaded, rules=spec.rules,
                                        options=WriterOptions(write_overlay=False))
@@ -268,7 +331,7 @@ class Worker:
             LOG.warning("job %d: overlay of result %d not recovered: the pipeline now finds "
                         "other segments than the recorded SEG", job.id, done.id)
             return done
-        return self._add_overlay(job, done, outcome, {})
+        return self._add_overlay(job, done, outcome, {}, destinations)
 
     @staticmethod
     def _log_held(job: Job, held: dict[str, str]) -> None:
@@ -314,6 +377,17 @@ class Worker:
             self.jobs.postpone(job.id, str(exc), delay_s=delay)
             LOG.warning("job %d waits %.0f s, not counted as an attempt: %s", job.id, delay, exc)
             return None
+        except JobWaitsForModel as exc:
+            self.jobs.wait_for_model(job.id, str(exc), manufacturer=exc.manufacturer,
+                                     scanner_model=exc.scanner_model)
+            told = (exc.task, exc.manufacturer, exc.scanner_model)
+            if told not in self._waiting_told:  # once per task and scanner, no traceback
+                self._waiting_told.add(told)
+                LOG.warning("job %d on series %s %s", job.id, job.series_uid, exc)
+            else:
+                LOG.debug("job %d on series %s also waits for a model of %s", job.id,
+                          job.series_uid, exc.task)
+            return None
         except Exception as exc:
             state = self.jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
             LOG.exception("job %d attempt %d failed (%s)", job.id, job.attempts,
@@ -328,6 +402,34 @@ class Worker:
             LOG.info("job %d done: %s", job.id, outcome.note)
         return outcome
 
+    # ----------------------------------------------------------------- waiting jobs
+    def check_waiting(self) -> int:
+        """Queue the waiting jobs a model now serves; fail those waiting too long.
+
+        Returns the number of jobs queued again.
+        """
+        cutoff = utc_now() - timedelta(hours=self.waiting_max_age_h)
+        for job in self.jobs.expire_waiting(received_before=cutoff,
+                                            max_age_h=self.waiting_max_age_h):
+            LOG.warning("job %d (%s) on series %s no longer waits: no model became active within "
+                        "%g h of the series' arrival", job.id, job.task, job.series_uid,
+                        self.waiting_max_age_h)
+        released = 0
+        for task, manufacturer, scanner_model in self.jobs.waiting_scanners():
+            try:
+                version = self._registry_here().resolve(task, manufacturer, scanner_model)
+            except NoActiveModelError:
+                continue
+            jobs = self.jobs.release_waiting(task, manufacturer, scanner_model,
+                                             received_after=cutoff)
+            self._waiting_told.discard((task, manufacturer, scanner_model))
+            if jobs:
+                released += len(jobs)
+                LOG.info("model %s now serves task %s (%s): %d waiting job(s) queued: %s",
+                         version.version, task, version.scope, len(jobs),
+                         ", ".join(str(j.id) for j in jobs))
+        return released
+
     # ----------------------------------------------------------------- thread
     def start(self) -> None:
         """Work in a background thread until :meth:`stop`."""
@@ -336,6 +438,12 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if time.monotonic() >= self._next_waiting_check:
+                self._next_waiting_check = time.monotonic() + WAITING_CHECK_S
+                try:
+                    self.check_waiting()
+                except Exception:
+                    LOG.exception("%s: could not look for models that jobs wait for", self.name)
             try:
                 outcome = self.run_one()
             except Exception:

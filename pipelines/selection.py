@@ -72,6 +72,12 @@ class SelectionRules:
         Least number of distinct instances (>= 1).
     single_orientation : bool
         All instances must share one Image Orientation (Patient).
+    max_slice_thickness_mm : float or None
+        Largest Slice Thickness (mm) accepted; where an instance has none, the spacing
+        between its neighbours along the slice normal is taken. ``None``: any thickness.
+    manufacturers : tuple of str
+        Shell-style patterns, case-insensitive, one of which must match Manufacturer.
+        Empty: any manufacturer.
 
     Raises
     ------
@@ -90,6 +96,8 @@ class SelectionRules:
     exclude_image_types: tuple[str, ...] = ("LOCALIZER",)
     min_slices: int = 1
     single_orientation: bool = True
+    max_slice_thickness_mm: float | None = None
+    manufacturers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -102,7 +110,8 @@ class SelectionRules:
                                       f"{sorted(NON_IMAGE_MODALITIES)} are never inferred on)",
                                       self.modality)
         for key in ("sop_class_uids", "body_part_patterns", "series_description_patterns",
-                    "exclude_series_description_patterns", "exclude_image_types"):
+                    "exclude_series_description_patterns", "exclude_image_types",
+                    "manufacturers"):
             value = getattr(self, key)
             if not isinstance(value, tuple) or not all(isinstance(v, str) and v for v in value):
                 raise SelectionRulesError(key, "a list of non-empty strings", value)
@@ -124,6 +133,11 @@ class SelectionRules:
         if isinstance(self.min_slices, bool) or not isinstance(self.min_slices, int) \
                 or self.min_slices < 1:
             raise SelectionRulesError("min_slices", "an integer >= 1", self.min_slices)
+        thick = self.max_slice_thickness_mm
+        if thick is not None and (isinstance(thick, bool) or not isinstance(thick, int | float)
+                                  or not 0 < thick <= 1000):
+            raise SelectionRulesError("max_slice_thickness_mm", "a number of mm > 0 (at most 1000)",
+                                      thick)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> SelectionRules:
@@ -223,6 +237,13 @@ def matches(rules: SelectionRules, series: Iterable[Dataset]) -> SelectionDecisi
             elif not any(fnmatch.fnmatchcase(part, p.upper()) for p in rules.body_part_patterns):
                 return no(f"Body Part Examined {part!r} matches none of {list(rules.body_part_patterns)}")
 
+    if rules.manufacturers:
+        makers = {str(ds.get("Manufacturer", "") or "").strip() for ds in items}
+        for maker in makers:
+            if not any(fnmatch.fnmatchcase(maker.upper(), p.upper()) for p in rules.manufacturers):
+                return no(f"Manufacturer {maker or '(missing)'!r} matches none of "
+                          f"{list(rules.manufacturers)}")
+
     descriptions = {str(ds.get("SeriesDescription", "") or "") for ds in items}
     for text in descriptions:
         if rules.series_description_patterns and not any(
@@ -245,7 +266,33 @@ def matches(rules: SelectionRules, series: Iterable[Dataset]) -> SelectionDecisi
     count = len({str(ds.get("SOPInstanceUID", "")) for ds in items})
     if count < rules.min_slices:
         return no(f"{count} instance(s), at least {rules.min_slices} required")
+    if rules.max_slice_thickness_mm is not None:
+        thickness = slice_thickness_mm(items)
+        if thickness is None:
+            return no("slice thickness unknown (no Slice Thickness, no Image Position (Patient))")
+        if thickness > rules.max_slice_thickness_mm + 1e-6:
+            return no(f"slice thickness {thickness:g} mm is above {rules.max_slice_thickness_mm:g} mm")
     return SelectionDecision(matched=True, reason=f"rules {rules.name!r}: matched ({count} instances)")
+
+
+def slice_thickness_mm(items: list[Dataset]) -> float | None:
+    """The thickest slice of a series, mm: Slice Thickness where every instance has it,
+    otherwise the largest spacing between neighbouring Image Positions along the normal."""
+    values = [ds.get("SliceThickness") for ds in items]
+    if values and all(v not in (None, "") for v in values):
+        try:
+            return max(float(v) for v in values)
+        except (TypeError, ValueError):
+            pass
+    try:
+        iop = [float(x) for x in items[0].ImageOrientationPatient]
+        normal = np.cross(iop[:3], iop[3:])
+        pos = sorted(float(np.dot(normal, [float(x) for x in ds.ImagePositionPatient]))
+                     for ds in items)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    gaps = np.diff(pos)
+    return float(gaps.max()) if gaps.size else None
 
 
 def _values(value: object) -> list[object]:

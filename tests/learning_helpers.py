@@ -109,3 +109,25 @@ def store_all(archive: Archive, datasets: list[Dataset], calling_ae: str = "TEST
     """Store data sets through the archive's own store path (as C-STORE does)."""
     for ds in datasets:
         archive.store(incoming(ds, calling_ae))
+
+
+def organ_seg(datasets: list, anatomy: ph.Anatomy, g: ph.SliceGeometry,
+              organs: tuple[tuple[str, object], ...]) -> Dataset:
+    """A manual SEG with one segment per ``(organ, SNOMED code)`` from the phantom's exact
+    truth; segments are labelled with the organ's name in title case, except the liver,
+    labelled "Hepar" (so that only its code names it)."""
+    truth = ph.truth_labels(anatomy, g)
+    value = {n: v for v, n in ph.LABELS.items()}
+    masks = np.stack([(truth == value[name]).astype(np.uint8) for name, _ in organs], axis=-1)
+    return hd.seg.Segmentation(
+        source_images=list(datasets), pixel_array=masks,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=i, segment_label=label, segmented_property_category=codes.SCT.Organ,
+            segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+            for i, (label, code) in enumerate(
+                ((n.title() if n != "liver" else "Hepar", c) for n, c in organs), start=1)],
+        series_instance_uid=hd.UID(), series_number=301, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="Viewer Vendor", manufacturer_model_name="Reading Room",
+        software_versions="7.1", device_serial_number="42",
+        content_creator_name="Radiologist^Rita", omit_empty_frames=True)

@@ -55,3 +55,18 @@ def phantom_volume(g: ph.SliceGeometry, seed: int = 3) -> tuple[np.ndarray, np.n
     rng = np.random.default_rng(seed)
     hu = np.stack([ph.render(anatomy, g, k, rng)[0] for k in range(g.slices)]).astype(np.float32)
     return hu, affine_of(g), anatomy
+
+
+
+def organ_bundle(dest: Path, organ: str = "liver", *, seed: int = 0) -> Path:
+    """A second task's bundle: the real Model Zoo spleen configs made tiny
+    (:func:`learning_helpers.tiny_bundle`: 3-level UNet, 6 x 6 x 5 mm grid, seeded
+    random weights) whose one output channel is named ``organ`` in ``channel_def``.
+    With seed 0 its random weights mark about 2.6 L of a small phantom CT (checked by
+    the tests that use it: a model that finds nothing writes nothing)."""
+    from learning_helpers import tiny_bundle
+
+    tiny_bundle(dest, seed=seed)
+    edit_config(dest, "metadata.json", lambda m: m["network_data_format"]["outputs"]["pred"]
+                .__setitem__("channel_def", {"0": "background", "1": organ}))
+    return dest

@@ -38,7 +38,7 @@ from loop_helpers import (
     wait_until,
     write_files,
 )
-from dicom_node.worker import DEFAULT_PIPELINES
+from dicom_node.tasks import default_tasks
 from node_harness import NodeProcess
 from orthanc.server import OrthancServer
 from pipelines import phantom as ph
@@ -112,7 +112,7 @@ def test_study_leads_to_valid_seg_sr_overlay_in_the_same_study(
     # ... and its mask is the pipeline's: the same files through the same model here.
     with Registry(node.data_dir) as reg:
         model = load_model(reg.get(result["model_version"]), registry=reg)
-        outcome = run_series(paths, model, rules=DEFAULT_PIPELINES[0].rules)
+        outcome = run_series(paths, model, rules=default_tasks()[0].rules)
     assert outcome.volume.is_source_grid
     mask = seg.get_pixels_by_source_instance(
         list(outcome.volume.sop_instance_uids), combine_segments=True,

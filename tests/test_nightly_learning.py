@@ -29,6 +29,7 @@ import pytest
 from dicom_client import send
 from dicom_node.label_intake import intake_seg_series
 from dicom_node.settings import Settings
+from dicom_node.tasks import default_tasks
 from dicom_node.training import NightlyScheduler, task_rules
 from learning_helpers import phantom_study, radiologist_seg, store_all, tiny_bundle
 from loop_helpers import node_json, wait_until
@@ -181,7 +182,7 @@ def _prepared(tmp_path: Path, donors: int = 3, others: int = 1) -> tuple[Path, l
 
 def test_revocation_before_training_and_a_candidate_that_is_not_better(tmp_path: Path) -> None:
     data, pids = _prepared(tmp_path, donors=4)
-    rules = task_rules(TASK)
+    rules = task_rules(TASK, default_tasks())
     with Archive(data) as archive, LabelStore(data) as labels:
         before = build_dataset(archive, labels, TASK, rules)
         archive.set_consent("IN-3", donate=False, by="test", reason="withdrawn")

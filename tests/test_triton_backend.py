@@ -27,7 +27,8 @@ from dicom_node.monitor import StabilityMonitor
 from dicom_node.observability import read_state
 from dicom_node.sender import Sender
 from dicom_node.settings import Settings
-from dicom_node.worker import DEFAULT_PIPELINES, Worker
+from dicom_node.tasks import default_tasks
+from dicom_node.worker import Worker
 from learning_helpers import store_all
 from dicom_client import send
 from loop_helpers import install_model, node_json, small_study, wait_until
@@ -176,12 +177,12 @@ def test_job_waits_while_triton_is_down_or_killed_and_completes_once_it_is_back(
     results = ResultStore(data)
     sender = Sender(data, ae_title="DICOM_NODE")
     archive = Archive(data)
-    monitor = StabilityMonitor(archive, jobs, DEFAULT_PIPELINES, stable_after_s=0.01)
+    monitor = StabilityMonitor(archive, jobs, default_tasks(), stable_after_s=0.01)
     time.sleep(0.05)
     (decision,) = [d for d in monitor.poll() if d.series_uid == str(study[0].SeriesInstanceUID)]
     (job_id,) = decision.job_ids
     worker = Worker(archive=archive, jobs=jobs, results=results, sender=sender, destinations=(),
-                    triton=TritonTarget(url=server.url, variant="python", retry_s=1.0),
+                    tasks=default_tasks(), triton=TritonTarget(url=server.url, variant="python", retry_s=1.0),
                     wait_backoff_max_s=1.0)
     try:
         # 1. Triton down: the job waits, the attempt is not counted, status says why
@@ -209,7 +210,7 @@ def test_job_waits_while_triton_is_down_or_killed_and_completes_once_it_is_back(
         server.models = [PYTHON_MODEL]
         server.start()
         worker = Worker(archive=archive, jobs=jobs, results=results, sender=sender,
-                        destinations=(), triton=TritonTarget(url=server.url, variant="python",
+                        destinations=(), tasks=default_tasks(), triton=TritonTarget(url=server.url, variant="python",
                                                              retry_s=1.0),
                         wait_backoff_max_s=1.0)  # in its thread (a registry per thread)
         worker.start()

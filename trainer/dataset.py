@@ -4,7 +4,8 @@ A series is in a task's dataset when, *at the moment the dataset is built*,
 
 * its patient donates (consent is read now: a revocation before this moment removes
   the patient, whatever was trained before),
-* it has a current label (the newest recorded, :mod:`twin_archive.labels`),
+* it has a current label for the task (the newest recorded for it,
+  :mod:`twin_archive.labels`: a SEG is a label of the tasks whose labels it names),
 * it matches the task's selection rules (:func:`pipelines.selection.matches`).
 
 The split is by patient, never by image (DESIGN decision 7), and deterministic: the
@@ -231,7 +232,7 @@ def build_dataset(archive: Archive, labels: LabelStore, task: str, rules: Select
     salt = salt or task
     chosen: list[tuple[Label, str, int]] = []
     excluded: list[tuple[str, str]] = []
-    for label in labels.donated_current():
+    for label in labels.donated_current(task):
         files = archive.series_files(label.series_uid)
         if not files:
             excluded.append((label.series_uid, "no current instances"))

@@ -66,10 +66,10 @@ class QueueItem:
 
 def annotation_queue(archive: Archive, labels: LabelStore, task: str,
                      rules: SelectionRules) -> list[QueueItem]:
-    """Donated, unlabelled series that match the task's rules, oldest first."""
+    """Donated series without a label for ``task`` that match its rules, oldest first."""
     ids = {t.patient_key: t.patient_id for t in archive.list_twins()}
     out = []
-    for row in labels.donated_unlabelled_series():
+    for row in labels.donated_unlabelled_series(task):
         if (row["modality"] or "").upper() in NON_IMAGE_MODALITIES:
             continue
         files = archive.series_files(row["series_uid"])

@@ -14,7 +14,13 @@ places:
   ``<data_dir>/labels/<patient key>/<series uid>/<sha256>.nii.gz``.
 
 Several labels of one series are all kept; the one recorded last is *current* (the
-column ``current`` is moved in the same transaction that adds the new row). Recording
+column ``current`` is moved in the same transaction that adds the new row).
+
+A label may name the *tasks* it is for (the shell decides which: the tasks whose model
+labels its segments name); per task, the current label of a series is the newest one
+for that task (:meth:`LabelStore.donated_current` with ``task``), so a spleen SEG and a
+later liver SEG of the same series are both kept in use. A label naming no task (from
+before tasks were recorded, or an import without one) is for any task. Recording
 the same content twice (a SEG re-sent identically, a file imported twice) adds nothing.
 
 This module decides nothing about DICOM content (whether an object is the node's own
@@ -97,6 +103,8 @@ class Label:
         When the node recorded it (ISO 8601, UTC).
     current : bool
         Whether it is the series' current label (the newest recorded).
+    tasks : tuple of str
+        The tasks it is a label for; empty: any task.
     """
 
     id: int
@@ -114,6 +122,11 @@ class Label:
     content_time: str
     recorded_at: str
     current: bool
+    tasks: tuple[str, ...] = ()
+
+    def applies_to(self, task: str) -> bool:
+        """Whether this label is a label of ``task`` (one naming no task is for any)."""
+        return not self.tasks or task in self.tasks
 
     def __post_init__(self) -> None:
         if self.source not in LABEL_SOURCES:
@@ -136,6 +149,7 @@ class Label:
             "seg_series_uid": self.seg_series_uid, "calling_ae": self.calling_ae,
             "content_creator": self.content_creator, "content_time": self.content_time,
             "recorded_at": self.recorded_at, "current": self.current,
+            "tasks": list(self.tasks),
         }
 
 
@@ -183,12 +197,14 @@ class LabelStore(IndexStore):
 
     def add_seg(self, *, seg_sop_instance_uid: str, source_series_uid: str,
                 segments: Sequence[str], content_creator: str = "",
-                content_time: str = "") -> tuple[Label, bool]:
+                content_time: str = "", tasks: Sequence[str] = ()) -> tuple[Label, bool]:
         """Record an archived DICOM SEG instance as a label of ``source_series_uid``.
 
         The SEG must already be archived (its current instance row gives the file, the
         SHA-256 and the calling AE). The caller has checked that it is not the node's
-        own output and that it references ``source_series_uid``.
+        own output and that it references ``source_series_uid``. ``tasks`` names the
+        tasks it is a label for (empty: any task); re-recording the same SEG with other
+        tasks updates them.
 
         Returns
         -------
@@ -224,7 +240,7 @@ class LabelStore(IndexStore):
                 series_uid=source_series_uid, source=SOURCE_SEG, segments=segs,
                 path=seg["path"], sha256=seg["sha256"], seg_sop=seg_sop_instance_uid,
                 seg_series=seg["series_uid"], calling_ae=seg["calling_ae"] or "",
-                creator=content_creator, content_time=content_time)
+                creator=content_creator, content_time=content_time, tasks=tuple(tasks))
 
     def add_file(self, *, series_uid: str, data: bytes, segments: Sequence[str], by: str,
                  suffix: str = ".nii.gz") -> tuple[Label, bool]:
@@ -266,32 +282,36 @@ class LabelStore(IndexStore):
 
     def _insert(self, *, patient_key: str, study_uid: str, series_uid: str, source: str,
                 segments: tuple[str, ...], path: str, sha256: str, seg_sop: str,
-                seg_series: str, calling_ae: str, creator: str, content_time: str
-                ) -> tuple[Label, bool]:
+                seg_series: str, calling_ae: str, creator: str, content_time: str,
+                tasks: tuple[str, ...] = ()) -> tuple[Label, bool]:
         """Insert a label row and make it current, in one transaction (lock held)."""
+        tasks_text = json.dumps(sorted(set(tasks))) if tasks else ""
         with write_transaction(self.db) as conn:
             same = conn.execute(
-                "SELECT id FROM labels WHERE series_uid = ? AND sha256 = ? AND seg_sop_instance_uid = ?",
-                (series_uid, sha256, seg_sop)).fetchone()
+                "SELECT id, tasks FROM labels WHERE series_uid = ? AND sha256 = ?"
+                " AND seg_sop_instance_uid = ?", (series_uid, sha256, seg_sop)).fetchone()
             if same is not None:
                 label_id, new = int(same[0]), False
+                if same[1] != tasks_text:
+                    conn.execute("UPDATE labels SET tasks = ? WHERE id = ?", (tasks_text, label_id))
             else:
                 cur = conn.execute(
                     "INSERT INTO labels (patient_key, study_uid, series_uid, source, segments,"
                     " path, sha256, seg_sop_instance_uid, seg_series_uid, calling_ae,"
-                    " content_creator, content_time, recorded_at, current)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0)",
+                    " content_creator, content_time, recorded_at, current, tasks)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,?)",
                     (patient_key, study_uid, series_uid, source, json.dumps(list(segments)),
                      path, sha256, seg_sop, seg_series, calling_ae, creator, content_time,
-                     utc_now()))
+                     utc_now(), tasks_text))
                 label_id, new = int(cur.lastrowid or 0), True
                 conn.execute("UPDATE labels SET current = (id = ?) WHERE series_uid = ?",
                              (label_id, series_uid))
         label = _build(self.data_dir, fetch_dicts(self.db, "SELECT * FROM labels WHERE id = ?",
                                             (label_id,))[0])
         if new:
-            LOG.info("label %d recorded for series %s (%s, %s; from %s)", label.id, series_uid,
-                     source, ", ".join(segments), calling_ae or "import")
+            LOG.info("label %d recorded for series %s (%s, %s; from %s; for %s)", label.id,
+                     series_uid, source, ", ".join(segments), calling_ae or "import",
+                     ", ".join(tasks) or "any task")
         return label, new
 
     # ------------------------------------------------------------------ reading
@@ -339,24 +359,38 @@ class LabelStore(IndexStore):
                          (series_uid,))
         return [_build(self.data_dir, r) for r in rows]
 
-    def donated_current(self) -> list[Label]:
-        """Current labels of series whose patient donates *now* (consent read at call time)."""
+    def donated_current(self, task: str | None = None) -> list[Label]:
+        """Current labels of series whose patient donates *now* (consent read at call time).
+
+        With ``task``: per series, the newest label for that task (or for any task).
+        """
+        if task is None:
+            sql, args = ("SELECT l.* FROM labels l JOIN twins t ON t.patient_key = l.patient_key"
+                         " WHERE l.current = 1 AND t.donate = 1 ORDER BY l.id", ())
+        else:
+            sql, args = ("SELECT l.* FROM labels l JOIN twins t ON t.patient_key = l.patient_key"
+                         " WHERE t.donate = 1 AND l.id = (SELECT MAX(l2.id) FROM labels l2"
+                         f" WHERE l2.series_uid = l.series_uid AND {_FOR_TASK.format('l2')})"
+                         " ORDER BY l.id", (_task_token(task),))
         with self._lock:
-            rows = fetch_dicts(self.db, "SELECT l.* FROM labels l JOIN twins t ON t.patient_key ="
-                         " l.patient_key WHERE l.current = 1 AND t.donate = 1 ORDER BY l.id", ())
+            rows = fetch_dicts(self.db, sql, args)
         return [_build(self.data_dir, r) for r in rows]
 
-    def donated_unlabelled_series(self) -> list[dict[str, str]]:
-        """Series of donating patients without any label: ``patient_key``, ``study_uid``,
-        ``series_uid``, ``modality``, ``description``, ``last_received``; oldest first.
-        Result and document modalities (SEG, SR, ...) are for the caller to filter."""
+    def donated_unlabelled_series(self, task: str | None = None) -> list[dict[str, str]]:
+        """Series of donating patients without any label (with ``task``: without a label
+        for that task): ``patient_key``, ``study_uid``, ``series_uid``, ``modality``,
+        ``description``, ``last_received``; oldest first. Result and document modalities
+        (SEG, SR, ...) are for the caller to filter."""
+        which, args = ("", ()) if task is None else (f" AND {_FOR_TASK.format('l')}",
+                                                      (_task_token(task),))
         with self._lock:
             return fetch_dicts(self.db, "SELECT st.patient_key, se.study_uid, se.series_uid,"
                          " se.modality, se.description, se.last_received FROM series se"
                          " JOIN studies st ON st.study_uid = se.study_uid"
                          " JOIN twins t ON t.patient_key = st.patient_key"
                          " WHERE t.donate = 1 AND NOT EXISTS (SELECT 1 FROM labels l"
-                         " WHERE l.series_uid = se.series_uid) ORDER BY se.first_received", ())
+                         f" WHERE l.series_uid = se.series_uid{which})"
+                         " ORDER BY se.first_received", args)
 
     def list(self, *, current_only: bool = False) -> list[Label]:
         """All labels, oldest first (only the current ones with ``current_only``)."""
@@ -364,6 +398,15 @@ class LabelStore(IndexStore):
         with self._lock:
             rows = fetch_dicts(self.db, sql, ())
         return [_build(self.data_dir, r) for r in rows]
+
+
+#: SQL condition "label {0} is for the task given as parameter" (``tasks`` is a JSON list
+#: of task names, which hold no quote; '' means any task).
+_FOR_TASK = "({0}.tasks = '' OR instr({0}.tasks, ?) > 0)"
+
+
+def _task_token(task: str) -> str:
+    return json.dumps(task)  # "spleen-ct", quotes included: no prefix matches
 
 
 def _build(data_dir: Path, r: dict[str, Any]) -> Label:
@@ -375,6 +418,7 @@ def _build(data_dir: Path, r: dict[str, Any]) -> Label:
         seg_series_uid=r["seg_series_uid"] or "", calling_ae=r["calling_ae"] or "",
         content_creator=r["content_creator"] or "", content_time=r["content_time"] or "",
         recorded_at=r["recorded_at"], current=bool(r["current"]),
+        tasks=tuple(json.loads(r["tasks"])) if r.get("tasks") else (),
     )
 
 

@@ -256,8 +256,14 @@ def _m3_labels_and_training_use(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX training_use_patient ON training_use (patient_key)")
 
 
+def _m4_label_tasks(db: sqlite_utils.Database) -> None:
+    """The tasks a label is for (JSON list of task names); '' = any task (labels
+    recorded before tasks were, and imports that name none)."""
+    db.execute("ALTER TABLE labels ADD COLUMN tasks TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
-    _m1_initial, _m2_ai_results, _m3_labels_and_training_use)
+    _m1_initial, _m2_ai_results, _m3_labels_and_training_use, _m4_label_tasks)
 
 
 def migrate(db: sqlite_utils.Database) -> int:

@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (serve, twin, models, infer, demo, queues, ops, destinations):
         module.register(sub, [common])
-    from dicom_node.cli import labels, training  # nightly learning: labels, train, queue, dataset
+    from dicom_node.cli import labels, tasks, training  # nightly learning: labels, train, queue, dataset
 
-    for module in (labels, training):
+    for module in (labels, training, tasks):
         module.register(sub, [common])
     return parser
 

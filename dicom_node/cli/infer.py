@@ -1,8 +1,8 @@
 """``dicom-node infer INPUT_DIR --out OUT_DIR``: a model on a folder of DICOM files, no PACS.
 
 The files are grouped by series (:func:`pipelines.run.group_series`); each series goes
-to the first served pipeline whose selection rules match it (the node's own
-:data:`dicom_node.worker.DEFAULT_PIPELINES`, or only ``--task``), with the model the
+to the first enabled configured task whose selection rules match it (``[[tasks]]``,
+:mod:`dicom_node.tasks`; or only ``--task``), with the model the
 registry would serve for that series' scanner (or ``--version``), through the same
 :func:`pipelines.run.run_series` the node's worker uses. The SEG, SR and overlay are
 written to ``OUT_DIR`` (:func:`pipelines.writers.save_results`).
@@ -27,9 +27,8 @@ from typing import Any
 import pydicom
 
 from dicom_node.logconfig import configure_logging
-from dicom_node.monitor import PipelineSpec
 from dicom_node.settings import Settings
-from dicom_node.worker import DEFAULT_PIPELINES
+from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError
 from pipelines.inference import LoadedModel, load_model
 from pipelines.run import SeriesFiles, SeriesNotSelected, group_series, run_series, select_series
@@ -58,8 +57,8 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("input_dir", metavar="INPUT_DIR", help="folder of DICOM files (or one file)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="where the results are written")
     p.add_argument("--task", default=None,
-                   help="only this task's pipeline (default: every pipeline the node serves: "
-                        f"{', '.join(s.task for s in DEFAULT_PIPELINES)})")
+                   help="only this task (default: every enabled task of the configuration; "
+                        "see `dicom-node tasks list`)")
     p.add_argument("--version", dest="model_version", default=None, metavar="V",
                    help="this registered model version instead of the active one")
     p.add_argument("--no-overlay", action="store_true", help="write the SEG and SR only")
@@ -105,18 +104,19 @@ def _input_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def _specs(task: str | None, model_version: ModelVersion | None) -> tuple[PipelineSpec | None, ...]:
-    """The pipelines to try; ``None`` stands for a task the node has no selection rules for
+def _specs(task: str | None, model_version: ModelVersion | None,
+           tasks: Sequence[Task]) -> tuple[Task | None, ...]:
+    """The tasks to try; ``None`` stands for a task the node has no selection rules for
     (only the node's own output and result objects are refused then)."""
     task = task or (model_version.task if model_version else None)
     if task is None:
-        return tuple(DEFAULT_PIPELINES)
-    served = [s for s in DEFAULT_PIPELINES if s.task == task]
+        return tuple(t for t in tasks if t.enabled)
+    served = [t for t in tasks if t.name == task]
     return tuple(served) if served else (None,)
 
 
-def _select(series: SeriesFiles, specs: Sequence[PipelineSpec | None], task: str | None
-            ) -> tuple[PipelineSpec | None, str, SelectionRules | None]:
+def _select(series: SeriesFiles, specs: Sequence[Task | None], task: str | None
+            ) -> tuple[Task | None, str, SelectionRules | None]:
     """The first pipeline that accepts the series: (spec, task, rules).
 
     Raises
@@ -143,10 +143,10 @@ def _scanner(path: Path) -> tuple[str, str]:
     return str(ds.get("Manufacturer", "") or ""), str(ds.get("ManufacturerModelName", "") or "")
 
 
-def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, task: str | None = None,
-                 model_version: str | None = None, write_overlay: bool = True
-                 ) -> list[SeriesReport]:
-    """Run the served pipelines on every series of ``input_dir``; results to ``out_dir``.
+def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequence[Task],
+                 task: str | None = None, model_version: str | None = None,
+                 write_overlay: bool = True) -> list[SeriesReport]:
+    """Run the configured ``tasks`` on every series of ``input_dir``; results to ``out_dir``.
 
     Raises
     ------
@@ -169,7 +169,7 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, task: str | N
     if not series:
         raise _Nothing(f"no DICOM files in {input_dir} ({len(files)} file(s) looked at, "
                        f"{len(unreadable)} not DICOM or without a Series Instance UID)")
-    specs = _specs(task, fixed)
+    specs = _specs(task, fixed, tasks)
     models: dict[str, LoadedModel] = {}
     reports: list[SeriesReport] = []
     options = WriterOptions(write_overlay=write_overlay)
@@ -238,7 +238,7 @@ def cmd_infer(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with Registry(settings.data_dir) as reg:
             registered = bool(reg.list())
-            reports = infer_folder(input_dir, out_dir, reg, task=args.task,
+            reports = infer_folder(input_dir, out_dir, reg, tasks=settings.tasks, task=args.task,
                                    model_version=args.model_version,
                                    write_overlay=not args.no_overlay)
     except (_Nothing, NoActiveModelError, VersionNotFoundError) as exc:

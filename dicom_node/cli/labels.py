@@ -117,4 +117,5 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{lab.id:>4}  {'*' if lab.current else '':<3} {lab.source:<12} "
               f"{','.join(lab.segments)[:18]:<18} {lab.calling_ae or '-':<16} "
               f"{lab.content_creator[:20]:<20} {lab.recorded_at[:19]:<19}  {lab.series_uid}")
+        print(f"{'':>6}for tasks: {', '.join(lab.tasks) or 'any'}")
     return 0

@@ -248,7 +248,7 @@ def _import_candidate(args: argparse.Namespace, settings: Any) -> int:
         raise ValueError("--candidate-of: the candidate is promoted only when it validates "
                          "better, in its parent's scope; leave out --activate, --manufacturer "
                          "and --scanner-model")
-    rules = task_rules(args.task)
+    rules = task_rules(args.task, settings.tasks)
     outcome = import_candidate(settings.data_dir, args.bundle_dir, args.task, rules,
                                nightly_config(settings), candidate_of=args.candidate_of,
                                by=_by(args))

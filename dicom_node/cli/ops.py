@@ -99,6 +99,18 @@ def _live_counters(metrics_url: str) -> dict[str, float]:
     return out
 
 
+def _waiting_for_models(data_dir: Path) -> list[tuple[str, str]]:
+    """(task, scanner in words) of the jobs waiting for a model."""
+    from dicom_node.jobs import JobQueue
+
+    queue = JobQueue(data_dir)
+    try:
+        return [(task, " / ".join(x for x in (m, n) if x) or "any scanner")
+                for task, m, n in queue.waiting_scanners()]
+    finally:
+        queue.close()
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(settings.data_dir)
     state = read_state(data_dir)
@@ -123,6 +135,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                               for k, v in state.stages.items()},
                    "active_models": [{"task": m.task, "version": m.version, "scope": m.scope}
                                      for m in state.active_models],
+                   "waiting_for_models": [{"task": t, "scanner": sc} for t, sc in
+                                          (_waiting_for_models(data_dir)
+                                           if state.jobs.get("waiting") else [])],
                    "audit_events": state.audit_events, "last_audit_at": state.last_audit_at,
                    "free_bytes": state.free_bytes}}
         print(json.dumps(out, indent=2))
@@ -149,6 +164,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print("jobs:      " + (", ".join(f"{n} {s}" for s, n in sorted(state.jobs.items())) or "none"))
     for line in state.waiting:
         print(f"waiting:   {line}")
+    for task, scanner in _waiting_for_models(data_dir) if state.jobs.get("waiting") else ():
+        print(f"waiting:   task {task} has no active model for {scanner}: import one with "
+              f"`dicom-node models import BUNDLE_DIR --task {task} --activate`")
     print("sends:     " + (", ".join(f"{n} {s}" for s, n in sorted(state.sends.items())) or "none")
           + (f"; {state.send_failed_attempts} failed attempt(s)" if state.send_failed_attempts else ""))
     if state.stages:

@@ -52,7 +52,8 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{j.id:>5}  {j.state.value:<8} {j.task:<12} {j.attempts:>2}/{j.max_attempts:<2}  "
               f"{j.enqueued_at[:19]:<19}  {j.result_id if j.result_id else '-':>6}  {j.series_uid}")
         if j.error:
-            print(f"{'':>7}{'reason' if j.state is JobState.FAILED else 'note'}: {j.error}")
+            what = {JobState.FAILED: "reason", JobState.WAITING: "waiting"}.get(j.state, "note")
+            print(f"{'':>7}{what}: {j.error}")
     return 0
 
 

@@ -14,9 +14,11 @@ Lifecycle, as systemd (``Type=notify``) sees it:
   goes back to the queue) and the sender stop; queued jobs and sends stay in
   ``queue.sqlite`` for the next start. Exit status 0.
 * SIGHUP: the configuration file is read again. Applied at once: the calling AE
-  allow-list, the destinations, the log level, and the TLS certificate/key/CA files
-  (re-read, for certificate renewal). Anything else that changed is logged as needing
-  a restart. An invalid file is logged and the running configuration kept.
+  allow-list, the destinations, the log level, the ``[[tasks]]`` (new series get jobs
+  of the new list) and the TLS certificate/key/CA files (re-read, for certificate
+  renewal). Anything else that changed is logged as needing a restart. An invalid file
+  (a task table with a mistake included) is logged in one line and the running
+  configuration kept.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 from dicom_node import speedups
 from dicom_node.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging
-from dicom_node.loop import Loop, apply_flags
+from dicom_node.loop import Loop, apply_flags, describe_tasks
 from dicom_node.metrics import NodeMetrics
 from dicom_node.observability import MetricsServer, NodeCollector, build_registry
 from dicom_node.sdnotify import Notifier
@@ -49,7 +51,8 @@ from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
 #: Written in the data directory while the node serves (read by ``dicom-node status``).
 STATE_FILE = "serve.json"
 #: Settings applied on SIGHUP without a restart.
-RELOADABLE = ("allowed_calling_aes", "destinations", "log_level", "tls_cert", "tls_key", "tls_ca")
+RELOADABLE = ("allowed_calling_aes", "destinations", "log_level", "tls_cert", "tls_key", "tls_ca",
+              "tasks")
 
 LOG = logging.getLogger(__name__)
 
@@ -203,6 +206,13 @@ class Node:
         if "log_level" in changed:
             configure_logging(new.log_level)
             applied.append("log_level")
+        if "tasks" in changed:
+            self.loop.set_tasks(new.tasks)
+            applied.append("tasks")
+            before, after = {t.name for t in old.tasks}, {t.name for t in new.tasks}
+            LOG.info("tasks reloaded: now %s (added: %s; removed: %s)", describe_tasks(new.tasks),
+                     ", ".join(sorted(after - before)) or "none",
+                     ", ".join(sorted(before - after)) or "none")
         tls_keys = [k for k in ("tls_cert", "tls_key", "tls_ca") if k in changed]
         if (old.tls_cert is None) != (new.tls_cert is None):
             restart.append("tls_cert/tls_key/tls_ca (turning TLS on or off)")

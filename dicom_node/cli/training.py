@@ -82,7 +82,7 @@ def _archive(settings: Settings) -> Any:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    task_rules(args.task)  # ValueError naming the task before anything starts
+    task_rules(args.task, settings.tasks)  # ValueError naming the task before anything starts
     with _archive(settings):  # migrates the index when the node never ran
         pass
     if args.export_only:
@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_list(args: argparse.Namespace, settings: Settings) -> int:
-    rules = task_rules(args.task)
+    rules = task_rules(args.task, settings.tasks)
     with _archive(settings) as archive, LabelStore(settings.data_dir) as labels:
         items = annotation_queue(archive, labels, args.task, rules)
     if args.json:
@@ -113,7 +113,7 @@ def cmd_queue_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_export(args: argparse.Namespace, settings: Settings) -> int:
-    rules = task_rules(args.task)
+    rules = task_rules(args.task, settings.tasks)
     with _archive(settings) as archive, LabelStore(settings.data_dir) as labels, \
             Registry(settings.data_dir) as reg:
         cases = export_annotation_queue(archive, labels, reg, args.task, rules, args.out_dir)
@@ -151,7 +151,7 @@ def _train_export_only(args: argparse.Namespace, settings: Settings) -> int:
 def _export_dataset(settings: Settings, task: str, out_dir: Path) -> tuple[dict[str, Any], Any]:
     """Write ``task``'s de-identified Decathlon dataset (audited); the dataset.json and
     the version that names its labels."""
-    rules = task_rules(task)
+    rules = task_rules(task, settings.tasks)
     with Registry(settings.data_dir) as reg:
         versions = reg.list(task)
         if not versions:

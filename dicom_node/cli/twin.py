@@ -65,11 +65,26 @@ def _summary_dict(t: Any) -> dict[str, Any]:
     return asdict(t)
 
 
+def _jobs_of(settings: Settings, detail: Any) -> list[Any]:
+    """The inference jobs of the twin's series (newest first)."""
+    from dicom_node.jobs import JobQueue
+
+    uids = [se.series_uid for st in detail.studies for se in st.series]
+    queue = JobQueue(settings.data_dir)
+    try:
+        return queue.for_series(uids)
+    finally:
+        queue.close()
+
+
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     with _archive(settings) as archive:
         detail = archive.twin(args.patient_id, args.issuer)
+    jobs = _jobs_of(settings, detail)
     if args.json:
-        print(json.dumps(detail.to_dict(), indent=2))
+        print(json.dumps({**detail.to_dict(), "jobs": [
+            {"id": j.id, "task": j.task, "series_uid": j.series_uid, "state": j.state.value,
+             "reason": j.error, "result_id": j.result_id} for j in jobs]}, indent=2))
         return 0
     t = detail.twin
     print(f"Patient {t.patient_id} ({t.patient_name})  twin {t.patient_key}")
@@ -92,6 +107,10 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
               f" at {lab['recorded_at'][:19]}")
     if detail.trained_model_versions:
         print("    trained with this patient's data: " + ", ".join(detail.trained_model_versions))
+    for j in jobs:
+        if j.state.value in ("queued", "running", "waiting"):
+            print(f"  job {j.id} ({j.task}) on series {j.series_uid}: {j.state.value}"
+                  + (f": {j.error}" if j.state.value == "waiting" else ""))
     return 0
 
 

@@ -1,0 +1,254 @@
+"""Tasks as configuration: which series each registry task serves (``[[tasks]]`` tables).
+
+A *task* names a registry task (whose active model serves it, per scanner scope) and
+the selection rules a series must pass to be sent to it. Tasks are data, read from the
+configuration file; the code holds no list of them (DESIGN: "the code has no list of
+either"). A configuration without ``[[tasks]]`` serves the tasks of the shipped file
+:data:`DEFAULT_TASKS_FILE` (the demo task ``spleen-ct`` with the rules it always had);
+when any ``[[tasks]]`` table is present, the tables are the whole list.
+
+Each table becomes a frozen :class:`Task`, validated in its constructor: every mistake is
+one :class:`~dicom_node.errors.ConfigError` line naming the task and the key
+(``tasks.wholebody-ct.min_slices: expected an integer >= 1, got 0``).
+
+The rules are applied by :func:`pipelines.selection.matches` (the same code for
+``serve``, ``infer``, ``tasks explain``, datasets and the annotation queue).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import CTImageStorage, MRImageStorage, PositronEmissionTomographyImageStorage
+
+from dicom_node.errors import ConfigError
+from pipelines.errors import SelectionRulesError
+from pipelines.selection import SelectionRules
+
+#: The tasks served when the configuration has no ``[[tasks]]`` table (shipped data).
+DEFAULT_TASKS_FILE = Path(__file__).resolve().parent / "default_tasks.toml"
+#: What a task may produce (destination profiles still apply).
+OUTPUT_KINDS = ("seg", "sr", "overlay")
+#: Series descriptions refused unless a task says otherwise (regular expressions).
+DEFAULT_EXCLUDED_DESCRIPTIONS = (r"\bscout\b", r"locali[sz]er", r"dose\s*report")
+#: The keys of a ``[[tasks]]`` table.
+TASK_KEYS = ("name", "modality", "body_parts", "accept_missing_body_part",
+             "exclude_series_descriptions", "min_slices", "max_slice_thickness_mm",
+             "manufacturers", "outputs", "enabled")
+_TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # as registry.records.check_task
+#: The image storage SOP class a task of each modality accepts (single-frame images,
+#: which the pipeline stacks into a volume).
+IMAGE_SOP_CLASSES = {"CT": (str(CTImageStorage),), "MR": (str(MRImageStorage),),
+                     "PT": (str(PositronEmissionTomographyImageStorage),)}
+#: SelectionRules field -> the task key that sets it (to name the key in an error).
+_RULE_KEYS = {"modality": "modality", "body_part_patterns": "body_parts",
+              "accept_missing_body_part": "accept_missing_body_part",
+              "exclude_series_description_patterns": "exclude_series_descriptions",
+              "min_slices": "min_slices", "max_slice_thickness_mm": "max_slice_thickness_mm",
+              "manufacturers": "manufacturers", "name": "name"}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Task:
+    """One served task: the registry task and the series it accepts.
+
+    Parameters
+    ----------
+    name : str
+        The registry task whose active model serves it (``wholebody-ct``): lower-case
+        letters, digits, ``.``, ``_``, ``-``; at most 63 characters.
+    modality : str
+        Required Modality: ``CT``, ``MR`` or ``PT`` (upper case after coercion); the
+        series' SOP class must be that modality's image storage class.
+    body_parts : tuple of str
+        Shell-style patterns on Body Part Examined, case-insensitive; empty or ``*``
+        with ``accept_missing_body_part``: any.
+    accept_missing_body_part : bool
+        Whether a series without Body Part Examined passes ``body_parts``.
+    exclude_series_descriptions : tuple of str
+        Regular expressions (searched, case-insensitive) that refuse a series by its
+        Series Description (default: scouts, localizers, dose reports).
+    min_slices : int
+        Least number of instances (>= 1, default 16).
+    max_slice_thickness_mm : float or None
+        Thickest slice accepted, mm (``None``: any).
+    manufacturers : tuple of str
+        Shell-style patterns on Manufacturer; empty: any scanner.
+    outputs : tuple of str
+        What the task produces, any of ``seg``, ``sr``, ``overlay`` (default all three);
+        each destination's ``send`` still applies.
+    enabled : bool
+        A disabled task is listed and explained but gets no jobs.
+    source : str
+        Where the task was read from (for error messages); not compared.
+
+    Raises
+    ------
+    ConfigError
+        On the first invalid key, naming the task and the key.
+    """
+
+    name: str
+    modality: str
+    body_parts: tuple[str, ...] = ()
+    accept_missing_body_part: bool = False
+    exclude_series_descriptions: tuple[str, ...] = DEFAULT_EXCLUDED_DESCRIPTIONS
+    min_slices: int = 16
+    max_slice_thickness_mm: float | None = None
+    manufacturers: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = OUTPUT_KINDS
+    enabled: bool = True
+    source: str = field(default="", compare=False)
+    rules: SelectionRules = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        src = self.source
+        if not isinstance(self.name, str) or not _TASK_NAME.match(self.name):
+            raise ConfigError("tasks.name", "a task name: 1-63 lower-case letters, digits, '.', "
+                              "'_' or '-' (the registry task, e.g. \"wholebody-ct\")", self.name, src)
+
+        def bad(key: str, expected: str, got: object) -> ConfigError:
+            return ConfigError(f"tasks.{self.name}.{key}", expected, got, src)
+
+        if not isinstance(self.modality, str):
+            raise bad("modality", "a DICOM modality such as \"CT\"", self.modality)
+        object.__setattr__(self, "modality", self.modality.strip().upper())
+        if self.modality not in IMAGE_SOP_CLASSES:
+            raise bad("modality", f"one of {', '.join(IMAGE_SOP_CLASSES)} (the image modalities "
+                      "the pipeline reads)", self.modality)
+        for key in ("body_parts", "exclude_series_descriptions", "manufacturers", "outputs"):
+            value = getattr(self, key)
+            if isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, key, value)
+            if not isinstance(value, tuple) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise bad(key, "a list of non-empty strings", value)
+        for pattern in self.exclude_series_descriptions:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise bad("exclude_series_descriptions",
+                          f"regular expressions ({exc}; in TOML write them in single quotes)",
+                          pattern) from None
+        if not self.outputs or any(o not in OUTPUT_KINDS for o in self.outputs) \
+                or len(set(self.outputs)) != len(self.outputs):
+            raise bad("outputs", 'a non-empty list of "seg", "sr", "overlay"', list(self.outputs))
+        if "seg" not in self.outputs and "sr" not in self.outputs:
+            raise bad("outputs", 'a list with "seg" or "sr" (the overlay goes with them)',
+                      list(self.outputs))
+        for key in ("accept_missing_body_part", "enabled"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "true or false", getattr(self, key))
+        if isinstance(self.min_slices, bool) or not isinstance(self.min_slices, int) \
+                or self.min_slices < 1:
+            raise bad("min_slices", "an integer >= 1", self.min_slices)
+        thick = self.max_slice_thickness_mm
+        if thick is not None:
+            if isinstance(thick, bool) or not isinstance(thick, int | float) \
+                    or not math.isfinite(thick) or not 0 < thick <= 1000:
+                raise bad("max_slice_thickness_mm", "a number of mm > 0 (at most 1000)", thick)
+            object.__setattr__(self, "max_slice_thickness_mm", float(thick))
+        try:
+            rules = SelectionRules(
+                name=self.name, modality=self.modality, sop_class_uids=IMAGE_SOP_CLASSES[self.modality],
+                body_part_patterns=self.body_parts,
+                accept_missing_body_part=self.accept_missing_body_part,
+                exclude_series_description_patterns=self.exclude_series_descriptions,
+                min_slices=self.min_slices, max_slice_thickness_mm=self.max_slice_thickness_mm,
+                manufacturers=self.manufacturers)
+        except SelectionRulesError as exc:
+            raise bad(_RULE_KEYS.get(exc.key, exc.key), exc.expected, exc.got) from None
+        object.__setattr__(self, "rules", rules)
+
+    @property
+    def task(self) -> str:
+        """The registry task (same as :attr:`name`)."""
+        return self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task as its ``[[tasks]]`` table (``tasks list --json``)."""
+        return {"name": self.name, "modality": self.modality, "body_parts": list(self.body_parts),
+                "accept_missing_body_part": self.accept_missing_body_part,
+                "exclude_series_descriptions": list(self.exclude_series_descriptions),
+                "min_slices": self.min_slices,
+                "max_slice_thickness_mm": self.max_slice_thickness_mm,
+                "manufacturers": list(self.manufacturers), "outputs": list(self.outputs),
+                "enabled": self.enabled}
+
+    def describe_rules(self) -> str:
+        """The rules in one line of words."""
+        parts = [f"modality {self.modality}",
+                 "body part " + (" / ".join(self.body_parts) if self.body_parts else "any")
+                 + (" (or missing)" if self.accept_missing_body_part and self.body_parts else ""),
+                 f"at least {self.min_slices} slices"]
+        if self.max_slice_thickness_mm is not None:
+            parts.append(f"slices at most {self.max_slice_thickness_mm:g} mm thick")
+        if self.manufacturers:
+            parts.append("manufacturer " + " / ".join(self.manufacturers))
+        if self.exclude_series_descriptions:
+            parts.append("description not " + " | ".join(self.exclude_series_descriptions))
+        return "; ".join(parts)
+
+
+def parse_tasks(value: object, source: str = "") -> tuple[Task, ...]:
+    """``[[tasks]]`` tables (a list of TOML tables) as :class:`Task` objects.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the task (or its position, before its name is known) and the key:
+        an unknown key, a missing ``name``/``modality``, an invalid value, a name twice.
+    """
+    if not isinstance(value, list):
+        raise ConfigError("tasks", "an array of tables ([[tasks]])", value, source)
+    out: list[Task] = []
+    for i, table in enumerate(value):
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"tasks[{i}]", "a table ([[tasks]] with name, modality...)", table,
+                              source)
+        name = table.get("name")
+        label = f"tasks.{name}" if isinstance(name, str) and _TASK_NAME.match(name) else f"tasks[{i}]"
+        for key in table:
+            if key not in TASK_KEYS:
+                raise ConfigError(f"{label}.{key}", f"no such key (task keys: {', '.join(TASK_KEYS)})",
+                                  source=source)
+        for key in ("name", "modality"):
+            if key not in table:
+                raise ConfigError(f"{label}.{key}", "a value (the key is required)", source=source)
+        if not isinstance(name, str) or not _TASK_NAME.match(name):
+            raise ConfigError(f"tasks[{i}].name", "a task name: 1-63 lower-case letters, digits, "
+                              "'.', '_' or '-' (the registry task, e.g. \"wholebody-ct\")", name,
+                              source)
+        if any(t.name == name for t in out):
+            raise ConfigError(f"{label}.name", "a name no other [[tasks]] table has", name, source)
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in table.items()}
+        out.append(Task(**kwargs, source=source))
+    return tuple(out)
+
+
+def default_tasks() -> tuple[Task, ...]:
+    """The tasks of :data:`DEFAULT_TASKS_FILE` (served when no ``[[tasks]]`` is configured)."""
+    with DEFAULT_TASKS_FILE.open("rb") as fh:
+        data = tomllib.load(fh)
+    return parse_tasks(data.get("tasks", []), str(DEFAULT_TASKS_FILE))
+
+
+def find_task(tasks: Sequence[Task], name: str) -> Task:
+    """The configured task called ``name``.
+
+    Raises
+    ------
+    ValueError
+        If no configured task has that name (the message lists those that do).
+    """
+    for task in tasks:
+        if task.name == name:
+            return task
+    raise ValueError(f"task: {name!r} is not configured (configured: "
+                     f"{', '.join(t.name for t in tasks) or 'none'}; add a [[tasks]] table)")
