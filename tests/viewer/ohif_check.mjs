@@ -48,8 +48,11 @@ async function openSeries(page, modality, description) {
   throw new Error(`no ${modality} series "${description}" in the study browser`);
 }
 
-// the rendered image of the active viewport is settled when two renders agree
-async function settle(page, ms = 1500) { await sleep(ms); }
+// after a wait on the state that matters, a short pause for the canvas to be drawn
+async function settle(page, ms = 1500) {
+  await page.evaluate(() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r))));
+  await sleep(ms);
+}
 
 const browser = await puppeteer.launch({
   executablePath: args.chromium, headless: true,
@@ -124,7 +127,14 @@ try {
     }
     vp.render();
   }, nav.viewportId, args.slicePosition);
-  await settle(page, 2500);
+  await waitFor(page, 'the slice to be shown', ([vid, target]) => {
+    const cs = window.cornerstone;
+    const vp = cs.getEnabledElements().find(e => e.viewport.id === vid).viewport;
+    const id = vp.getCurrentImageId?.();
+    const p = id && cs.metaData.get('imagePlaneModule', id)?.imagePositionPatient;
+    return p && Math.hypot(p[0] - target[0], p[1] - target[1], p[2] - target[2]) < 0.5;
+  }, [nav.viewportId, args.slicePosition]);
+  await settle(page, 2000);
   const geo = await page.evaluate((vid, pts) => {
     const vp = window.cornerstone.getEnabledElements().find(e => e.viewport.id === vid).viewport;
     const rect = vp.canvas.getBoundingClientRect();
@@ -142,7 +152,13 @@ try {
   // ---- overlay series
   phase = 'overlay';
   out.overlay_item = await openSeries(page, 'OT', args.overlayDescription);
-  await settle(page, 3000);
+  await waitFor(page, 'the overlay series in the viewport', () =>
+    window.cornerstone.getEnabledElements().some(e => {
+      const id = e.viewport.getCurrentImageId?.();
+      const m = id && window.cornerstone.metaData.get('generalSeriesModule', id);
+      return m && m.modality === 'OT' && !!e.viewport.getImageData?.();
+    }));
+  await settle(page, 1500);
   out.overlay_rect = await page.evaluate(() => {
     const ee = window.cornerstone.getEnabledElements();
     return ee.map(e => { const r = e.viewport.canvas.getBoundingClientRect();
@@ -154,7 +170,13 @@ try {
   // ---- SR
   phase = 'sr';
   out.sr_item = await openSeries(page, 'SR', args.srDescription);
-  await settle(page, 4000);
+  await waitFor(page, 'the SR measurement on screen', () => {
+    if (/Volume: [\d.]+ mL/.test(document.body.innerText)) return true;
+    // annotations are drawn on a render; ask for one while waiting
+    window.cornerstone.getEnabledElements().forEach(e => e.viewport.render());
+    return false;
+  }, null, 90000).catch(e => { out.sr_wait = String(e); });
+  await settle(page, 1500);
   // a measurement-tracking question may come first; the SR is read-only either way
   out.sr_buttons = await page.$$eval('button', els => els.map(e => e.innerText.trim()).filter(Boolean));
   out.sr_text = await page.evaluate(() => document.body.innerText);
