@@ -180,6 +180,7 @@ class LegendText:
 
 
 _GAP = 12  # pixels between legend entries on one line
+_MIN_LEGEND_PX = 11  # smallest legend type when many labels would make the strip tall
 _MARGIN = 4
 
 
@@ -258,21 +259,28 @@ def _decorate(rgb: np.ndarray, banner_h: int, font: ImageFont.ImageFont | ImageF
 
     Neither strip covers the image: the banner is the warning, the legend lists the
     label names in their contour colours and the model (:func:`legend_layout`: it
-    grows downwards as needed, never cut).
+    grows downwards as needed, never cut; when it would be taller than half the image,
+    as with 104 labels, its type shrinks down to 11 px first).
     """
     h, w = rgb.shape[:2]
     left, top, right, bottom = font.getbbox(OVERLAY_BANNER)
-    pieces, legend_h = legend_layout(names, model_text, font, w)
+    legend_font = font
+    pieces, legend_h = legend_layout(names, model_text, legend_font, w)
+    size = int(getattr(font, "size", 0))
+    while legend_h > h // 2 and size > _MIN_LEGEND_PX:  # many labels: smaller type, still whole
+        size -= 1
+        legend_font = ImageFont.load_default(size=size)
+        pieces, legend_h = legend_layout(names, model_text, legend_font, w)
     canvas = Image.new("RGB", (w, banner_h + h + legend_h), _LEGEND_RGB)
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((0, 0, w - 1, banner_h - 1), fill=_BANNER_RGB)
     draw.text(((w - (right - left)) // 2 - left, (banner_h - (bottom - top)) // 2 - top),
               OVERLAY_BANNER, fill=_TEXT_RGB, font=font)
     canvas.paste(Image.fromarray(rgb, "RGB"), (0, banner_h))
-    _, glyph_top, _, _ = font.getbbox("Ag")
+    _, glyph_top, _, _ = legend_font.getbbox("Ag")
     for piece in pieces:
         draw.text((piece.x, banner_h + h + piece.y - glyph_top), piece.text, fill=piece.colour,
-                  font=font)
+                  font=legend_font)
     return np.asarray(canvas, dtype=np.uint8)
 
 
