@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 for pkg in orthanc orthanc-dicomweb dcmtk dicom3tools libpixelmed-java default-jre-headless systemd openssl \
-           chromium nodejs npm; do
+           chromium; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
+# npm fetches the web viewer; a Node.js that brings its own npm (NodeSource) is kept as it is
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
