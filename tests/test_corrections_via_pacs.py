@@ -1,7 +1,8 @@
 """Corrections back through the PACS: a SEG stored into Orthanc with DICOMweb STOW-RS (as
 OHIF's segmentation export does) is forwarded to the node by the harness's Lua
 ``OnStoredInstance`` and becomes a label with its creator's name; the node's own SEGs
-stored into Orthanc are not forwarded.
+stored into Orthanc (by Manufacturer, or by Contributing Equipment after a PACS
+re-wrote them) are not forwarded.
 
 Real parts: Orthanc 1.10 with the Debian DICOMweb plugin, the node as a subprocess,
 highdicom SEGs on a generated series the node holds.
@@ -17,6 +18,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from loop_helpers import node_json, small_study, storescu, wait_until, write_files
@@ -70,9 +72,13 @@ def test_seg_stowed_into_orthanc_becomes_a_label_with_its_creator(tmp_path: Path
                            known_modalities={"node": (node.ae_title, "127.0.0.1", node.port)},
                            forward_corrections_to="node") as orthanc:
             ours = _seg(source, "DICOM-NODE AI")  # the node's own SEG, echoed into the PACS
+            rewritten = _seg(source, "PACS VENDOR")  # ours, re-written by a PACS that kept
+            item = Dataset()  # the node in the Contributing Equipment Sequence
+            item.Manufacturer = "DICOM-NODE AI"
+            rewritten.ContributingEquipmentSequence = [item]
             corrected = _seg(source, "OHIF")
-            answer = orthanc.stow([_bytes(ours), _bytes(corrected)])
-            assert len(answer["00081199"]["Value"]) == 2  # Referenced SOP Sequence: both stored
+            answer = orthanc.stow([_bytes(ours), _bytes(rewritten), _bytes(corrected)])
+            assert len(answer["00081199"]["Value"]) == 3  # Referenced SOP Sequence: all stored
 
             def label() -> dict | None:
                 found = [lab for lab in node_json(node, "labels", "list")
@@ -86,7 +92,8 @@ def test_seg_stowed_into_orthanc_becomes_a_label_with_its_creator(tmp_path: Path
             listing = node.cli("labels", "list").stdout
             assert CREATOR in listing and str(source[0].SeriesInstanceUID) in listing
             forwarded = re.findall(r"forwarding SEG (\S+)", orthanc.log_tail(400))
-            assert len(forwarded) == 1  # the node's own SEG stayed in the PACS
+            assert len(forwarded) == 1  # the node's own SEGs stayed in the PACS
         assert str(ours.SeriesInstanceUID) not in node.log()
+        assert str(rewritten.SeriesInstanceUID) not in node.log()
     finally:
         node.stop()
