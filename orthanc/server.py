@@ -18,6 +18,20 @@ Out of Resources", PS3.4 Annex B.2.3) on 1.10, where a Lua error raised in
 ``ReceivedInstanceFilter`` is what makes the Store SCP fail (returning false there
 drops the instance silently with status Success, which is not a refusal).
 
+DICOMweb (``dicomweb=True``): the Debian ``orthanc-dicomweb`` plugin
+(:data:`DICOMWEB_PLUGIN`) under ``/dicom-web/`` (QIDO-RS, WADO-RS, STOW-RS) and WADO-URI
+under ``/wado``: what a web viewer (OHIF) reads and what its segmentation export
+writes with.
+
+Corrections back to the node (``forward_corrections_to=NAME``): a Lua
+``OnStoredInstance`` (:func:`lua_forward_corrections`) sends every Segmentation
+instance stored in Orthanc that the node did not create (Manufacturer, or a
+Contributing Equipment item's Manufacturer, is not ``DICOM-NODE AI``) to the
+registered modality ``NAME`` with C-STORE, whatever way it arrived (STOW-RS from a
+viewer, C-STORE, REST upload). The node then takes it as a label of its source series.
+A forward that fails (node down) is logged by Orthanc and not retried: resend it with
+``POST /modalities/NAME/store`` with the instance (see the README).
+
 Command line (for the demo)::
 
     python -m orthanc.server start --workdir D [--dicom-port P] [--http-port P]
@@ -57,6 +71,12 @@ STATE_FILE = "orthanc.json"
 CONFIG_FILE = "orthanc-config.json"
 LOG_FILE = "orthanc.log"
 LUA_FILE = "refuse-sop-classes.lua"
+FORWARD_LUA_FILE = "forward-corrections.lua"
+#: The Debian orthanc-dicomweb plugin ($ORTHANC_DICOMWEB_PLUGIN overrides).
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+#: Segmentation Storage; the node's own objects carry this Manufacturer.
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+NODE_MANUFACTURER = "DICOM-NODE AI"  # pipelines.types.NODE_MANUFACTURER (no import: layering)
 
 # PS3.4 Annex B.2.3: Refused: Out of Resources (A7xx).
 STATUS_REFUSED_OUT_OF_RESOURCES = 0xA700
@@ -199,6 +219,58 @@ def _lua_refuse(uids: list[str], status: int, version: tuple[int, ...]) -> str:
         "end\n")
 
 
+def dicomweb_plugin() -> str:
+    """Path of the DICOMweb plugin.
+
+    Raises
+    ------
+    OrthancError
+        When it is not installed (``apt-get install orthanc-dicomweb``).
+    """
+    path = os.environ.get("ORTHANC_DICOMWEB_PLUGIN", DICOMWEB_PLUGIN)
+    if not Path(path).is_file():
+        raise OrthancError(f"Orthanc DICOMweb plugin not found at {path} "
+                           "(apt-get install orthanc-dicomweb, or set ORTHANC_DICOMWEB_PLUGIN)")
+    return path
+
+
+def lua_forward_corrections(modality: str) -> str:
+    """Lua that C-STOREs every SEG instance not made by the node to ``modality``.
+
+    ``tags`` of ``OnStoredInstance`` are the instance's simplified tags (sequences as
+    lists of tables), so the node's marker is looked for in Manufacturer and in the
+    Contributing Equipment Sequence, as :func:`pipelines.selection.is_node_output` does.
+    """
+    if not modality or not all(c.isalnum() or c in "-_" for c in modality):
+        raise ValueError(f"forward_corrections_to must be a modality name, got {modality!r}")
+    return f"""-- Written by orthanc/server.py: corrections (SEGs not made by the node) go to the node.
+local TARGET = "{modality}"
+local SEG = "{SEG_SOP_CLASS}"
+local NODE = "{NODE_MANUFACTURER}"
+
+local function trim(s)
+  return (tostring(s or ""):gsub("^%s+", ""):gsub("%s+$", ""))
+end
+
+local function made_by_node(tags)
+  if trim(tags["Manufacturer"]) == NODE then return true end
+  local equipment = tags["ContributingEquipmentSequence"]
+  if type(equipment) == "table" then
+    for _, item in ipairs(equipment) do
+      if type(item) == "table" and trim(item["Manufacturer"]) == NODE then return true end
+    end
+  end
+  return false
+end
+
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  if tags["SOPClassUID"] ~= SEG or made_by_node(tags) then return end
+  print("forwarding SEG " .. instanceId .. " (not made by the node) to " .. TARGET)
+  SendToModality(instanceId, TARGET)
+end
+"""
+
+
 class OrthancServer:
     """A real Orthanc on loopback, configured and run inside ``workdir``.
 
@@ -220,6 +292,11 @@ class OrthancServer:
         DIMSE status for refused instances (non-zero), default 0xA700.
     accepted_transfer_syntaxes
         Written as ``AcceptedTransferSyntaxes`` (wildcards allowed) when given.
+    dicomweb
+        Load the DICOMweb plugin (``/dicom-web/``, ``/wado``).
+    forward_corrections_to
+        Name of a ``known_modalities`` entry (the node) that receives every SEG
+        instance stored here that the node did not create (:func:`lua_forward_corrections`).
     extra_config
         Further configuration keys, written last (override everything).
     start_timeout
@@ -245,6 +322,8 @@ class OrthancServer:
         accepted_transfer_syntaxes: Iterable[str] | None = None,
         extra_config: Mapping[str, Any] | None = None,
         start_timeout: float = 30.0,
+        dicomweb: bool = False,
+        forward_corrections_to: str | None = None,
     ) -> None:
         if not aet or len(aet) > 16 or not aet.isascii() or "\\" in aet or aet != aet.strip():
             raise ValueError(f"aet must be 1-16 ASCII characters without backslash, got {aet!r}")
@@ -266,6 +345,13 @@ class OrthancServer:
         self._lua: str | None = None
         if self.refuse_sop_classes:
             self._lua = _lua_refuse(list(self.refuse_sop_classes), refuse_status, orthanc_version())
+        self.dicomweb = dicomweb
+        self._forward_lua: str | None = None
+        if forward_corrections_to is not None:
+            if forward_corrections_to not in self.known_modalities:
+                raise ValueError(f"forward_corrections_to={forward_corrections_to!r} is not one of "
+                                 f"known_modalities {sorted(self.known_modalities)}")
+            self._forward_lua = lua_forward_corrections(forward_corrections_to)
         self.accepted_transfer_syntaxes = (
             list(accepted_transfer_syntaxes) if accepted_transfer_syntaxes is not None else None)
         self.extra_config = dict(extra_config or {})
@@ -321,8 +407,13 @@ class OrthancServer:
             name: {"AET": aet, "Host": host, "Port": port}
             for name, (aet, host, port) in self.known_modalities.items()
         }
-        if self._lua:
-            config["LuaScripts"] = [str(self.workdir / LUA_FILE)]
+        config["LuaScripts"] = [str(self.workdir / name) for name, text in
+                                ((LUA_FILE, self._lua), (FORWARD_LUA_FILE, self._forward_lua)) if text]
+        if self.dicomweb:
+            config["Plugins"] = [dicomweb_plugin()]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                                  "WadoRoot": "/wado", "Ssl": False, "StudiesMetadata": "Full",
+                                  "SeriesMetadata": "Full"}
         if self.accepted_transfer_syntaxes is not None:
             config["AcceptedTransferSyntaxes"] = self.accepted_transfer_syntaxes
         config.update(self.extra_config)
@@ -334,6 +425,8 @@ class OrthancServer:
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         if self._lua:
             (self.workdir / LUA_FILE).write_text(self._lua)
+        if self._forward_lua:
+            (self.workdir / FORWARD_LUA_FILE).write_text(self._forward_lua)
         self.config_path.write_text(json.dumps(self.build_config(), indent=2))
         return self.config_path
 
@@ -533,6 +626,26 @@ class OrthancServer:
             raise TimeoutError(f"Orthanc holds {n} instances after {timeout} s, expected {count}")
         return n
 
+    def stow(self, files: Iterable[bytes], timeout: float = 60.0) -> dict[str, Any]:
+        """Store Part 10 files with DICOMweb STOW-RS (``POST /dicom-web/studies``, one
+        multipart/related request), as a web viewer's export does; the plugin's answer.
+
+        Raises
+        ------
+        OrthancError
+            On an HTTP error, or when an instance is in the answer's Failed SOP Sequence.
+        """
+        boundary = "dicom-node-" + os.urandom(8).hex()
+        body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                        + data + b"\r\n" for data in files) + b"--" + boundary.encode() + b"--\r\n"
+        answer = self._request("POST", "/dicom-web/studies", body,
+                               f'multipart/related; type="application/dicom"; boundary={boundary}',
+                               timeout=timeout)
+        result = dict(json.loads(answer)) if answer.strip() else {}
+        if result.get("00081198", {}).get("Value"):  # Failed SOP Sequence
+            raise OrthancError(f"STOW-RS: instances failed: {result['00081198']}")
+        return result
+
     def echo_modality(self, name: str) -> bool:
         """C-ECHO from Orthanc to a registered modality."""
         try:
@@ -572,7 +685,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
             print(f"Orthanc already running in {workdir} (pid {pid})", file=sys.stderr)
             return 1
     server = OrthancServer(workdir, dicom_port=args.dicom_port, http_port=args.http_port,
-                           aet=args.aet, known_modalities=dict(args.modality or []))
+                           aet=args.aet, known_modalities=dict(args.modality or []),
+                           dicomweb=args.dicomweb, forward_corrections_to=args.forward_corrections)
     server.start(detach=True)
     pid_file.write_text(f"{server.pid}\n")
     (workdir / STATE_FILE).write_text(json.dumps(server.state(), indent=2))
@@ -621,6 +735,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aet", default="ORTHANC")
     p.add_argument("--modality", type=_parse_modality, action="append", metavar="NAME=AET@HOST:PORT",
                    help="register a DICOM modality (repeatable), e.g. node=DICOM_NODE@127.0.0.1:11112")
+    p.add_argument("--dicomweb", action="store_true",
+                   help="load the DICOMweb plugin (/dicom-web/, /wado) for web viewers")
+    p.add_argument("--forward-corrections", metavar="NAME",
+                   help="send every SEG not made by the node to the registered modality NAME")
     p.set_defaults(func=_cmd_start)
     p = sub.add_parser("stop", help="stop the Orthanc started in --workdir")
     p.add_argument("--workdir", required=True)

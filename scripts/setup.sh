@@ -5,10 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in orthanc dcmtk dicom3tools libpixelmed-java default-jre-headless systemd openssl \
-    python3.11-venv libpython3.11; do  # the last two: the test tritonserver (below)
+for pkg in orthanc orthanc-dicomweb dcmtk dicom3tools libpixelmed-java default-jre-headless systemd openssl \
+           chromium python3.11-venv libpython3.11; do  # the last two: the test tritonserver (below)
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
+# npm fetches the web viewer; a Node.js that brings its own npm (NodeSource) is kept as it is
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -48,4 +50,26 @@ if [ -x .venv-triton/bin/python ] && [ ! -f .venv-triton/.installed ]; then
   touch .venv-triton/.installed
 fi
 [ -x .venv-triton/bin/python ] || echo "setup: WARNING no $TRITON_PY: the Triton tests cannot start a tritonserver (apt-get install python3.11 python3.11-venv)"
+# The web viewer (`dicom-node demo --viewer`, the `viewer` tests): OHIF's built viewer
+# (package/dist of the npm package @ohif/app) and puppeteer-core (drives Debian's
+# chromium; no browser download), both from the npm registry into viewer-assets/
+# (gitignored). Nothing is fetched at run time.
+OHIF_VERSION=3.13.2
+PUPPETEER_VERSION=24.43.1
+assets=viewer-assets
+if [ ! -f "$assets/ohif/index.html" ] || [ "$(cat "$assets/ohif/.version" 2>/dev/null)" != "$OHIF_VERSION" ]; then
+  echo "setup: fetching the OHIF viewer $OHIF_VERSION (npm pack @ohif/app)"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null && tar xzf ohif-app-*.tgz)
+  rm -rf "$assets/ohif"; mkdir -p "$assets"
+  mv "$tmp/package/dist" "$assets/ohif"
+  echo "$OHIF_VERSION" > "$assets/ohif/.version"
+  rm -rf "$tmp"
+fi
+if [ ! -f "$assets/node_modules/puppeteer-core/package.json" ] || \
+   ! grep -q "\"version\": \"$PUPPETEER_VERSION\"" "$assets/node_modules/puppeteer-core/package.json"; then
+  echo "setup: installing puppeteer-core $PUPPETEER_VERSION (npm) for the browser tests"
+  PUPPETEER_SKIP_DOWNLOAD=1 npm install --silent --no-audit --no-fund --prefix "$assets" \
+    "puppeteer-core@$PUPPETEER_VERSION" >/dev/null
+fi
 echo "setup: ready (.venv/bin/dicom-node)"

@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.sr.codedict import codes
+from scipy import ndimage
 
 from pipelines import phantom as ph
 from pipelines.codes import MILLILITER, PROCESSING_ALGORITHM, VOLUME
@@ -192,3 +193,49 @@ def test_overlay_series_check_runs_dciodvfy_on_the_first_image_and_python_on_eac
     broken[-1].BurnedInAnnotation = "NO"
     reports = validate_series(broken, "overlay")
     assert [r.ok for r in reports] == [True] * (len(images) - 1) + [False]
+
+
+def test_sr_outlines_each_organ_on_its_largest_slice_for_viewers_that_draw(written) -> None:
+    """OHIF draws SR measurements from SCOORDs only; each segment has a TID 1410 group with
+    its Tracking UID, outlining the organ where it is largest, on that source image."""
+    vol, segments, first, paths, *_ = written
+    sr = hd.sr.srread(paths[1])
+    volumetric = sr.content.get_volumetric_roi_measurement_groups()
+    planar = sr.content.get_planar_roi_measurement_groups()
+    kept = [s for s in segments if not s.is_empty]
+    assert len(planar) == len(volumetric) == len(kept)
+    by_uid = {str(g.tracking_uid): g for g in planar}
+    uids = {str(vol.source_images[n].SOPInstanceUID): n for n in range(len(vol.source_images))}
+    for group, s in zip(volumetric, kept, strict=True):
+        outline = by_uid[str(group.tracking_uid)]
+        region = outline.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        n = uids[region.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                 if "ReferencedSOPSequence" in region else
+                 region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID]
+        sizes = s.mask.reshape(s.mask.shape[0], -1).sum(axis=1)
+        assert sizes[n] == sizes.max()  # the slice where the organ is largest
+        pts = region.value
+        assert np.allclose(pts[0], pts[-1]) and len(pts) >= 4
+        drawn = _inside(pts, vol.shape[1], vol.shape[2])
+        labels, _ = ndimage.label(s.mask[n])
+        truth = labels == 1 + np.argmax(np.bincount(labels.ravel())[1:])
+        # pixel centres inside the outline: exactly the organ's (largest region's) pixels
+        assert np.array_equal(drawn, ndimage.binary_fill_holes(truth))
+        (area,) = outline.get_measurements(name=codes.SCT.Area)
+        spacing = vol.spacing_mm[1] * vol.spacing_mm[2]
+        assert float(area.value) == pytest.approx(truth.sum() * spacing, rel=0.2)
+        assert area.unit == codes.UCUM.SquareMillimeter
+
+
+def _inside(poly: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Even-odd test of every pixel centre (column + 0.5, row + 0.5) against ``poly``."""
+    y, x = np.mgrid[0:rows, 0:cols] + 0.5
+    inside = np.zeros((rows, cols), dtype=bool)
+    for (x0, y0), (x1, y1) in zip(poly[:-1], poly[1:], strict=True):
+        if y0 == y1:
+            continue
+        crosses = (y0 > y) != (y1 > y)
+        xc = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= crosses & (x < xc)
+    return inside

@@ -10,7 +10,10 @@
    (``TCP_NODELAY=1``; pynetdicom when dcmtk is absent);
 5. waits for the SEG, the SR and the overlay series to be acknowledged by Orthanc and
    shows what landed there, the measured spleen volume and the time it took;
-6. stops everything.
+6. stops everything; or, with ``--viewer``, keeps Orthanc (with its DICOMweb plugin)
+   and the node running and serves the OHIF web viewer (``orthanc/viewer.py``) at a
+   printed URL until Ctrl-C: the SEG, the overlay and the SR in a browser, and a SEG
+   exported from OHIF (STOW-RS into Orthanc) is forwarded to the node as a label.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="quiet period before a series counts as complete (default 2 s)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="give up waiting for the results after this long")
+    p.add_argument("--viewer", action="store_true",
+                   help="after the demo, keep Orthanc and the node and serve the OHIF web viewer "
+                        "on the study until Ctrl-C")
+    p.add_argument("--viewer-port", type=int, default=0, metavar="PORT",
+                   help="port of the web viewer (default: a free one, printed)")
+    p.add_argument("--viewer-bind", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the web viewer listens on (default 127.0.0.1)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -168,7 +178,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     from dicom_node.cli.serve import Node
     from dicom_node.jobs import utc_now
-    from orthanc.server import OrthancServer
+    from orthanc.server import OrthancServer, free_ports
     from pipelines.demo_model import ensure_demo_model
     from registry.store import Registry
     from twin_archive.results import ResultStore
@@ -179,11 +189,21 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         model = ensure_demo_model(reg)
     LOG.info("demo: serving model %s for task spleen-ct", model.version)
     t_start = time.perf_counter()
-    with OrthancServer(data_dir / "orthanc") as orthanc:
+    viewer = getattr(args, "viewer", False)
+    node_port = free_ports(1)[0] if viewer else 0
+    if viewer:
+        from orthanc.viewer import ohif_dir
+
+        ohif_dir()  # fail now, not after the demo, when OHIF is not installed
+    pacs = OrthancServer(data_dir / "orthanc", dicomweb=viewer,
+                         known_modalities={"node": (settings.ae_title, "127.0.0.1", node_port)}
+                         if viewer else None,
+                         forward_corrections_to="node" if viewer else None)
+    with pacs as orthanc:
         LOG.info("demo: Orthanc (the PACS) is AE %s at 127.0.0.1:%d, web UI %s", orthanc.aet,
                  orthanc.dicom_port, orthanc.url)
         settings = settings.replace(
-            data_dir=data_dir, port=0, bind_address="127.0.0.1", min_free_mb=64,
+            data_dir=data_dir, port=node_port, bind_address="127.0.0.1", min_free_mb=64,
             stable_after=args.stable_after, send_backoff_initial_s=0.5, send_backoff_max_s=5.0,
             metrics_port=0, train_enabled=False, allowed_calling_aes=(), tls_cert=None,
             tls_key=None, tls_ca=None,
@@ -212,8 +232,44 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             finally:
                 store.close()
             landed = orthanc_results(orthanc, study_uid)
+            _print_summary(args, paths, sent_s, study_uid, landed, detail, timings, true_ml,
+                           done, acked)
+            if viewer:
+                _serve_viewer(args, orthanc, study_uid)
         finally:
             node.stop()
+    print(f"demo: Orthanc and the node are stopped ({time.perf_counter() - t_start:.0f} s in all); "
+          f"the data stays under {data_dir}")
+    print(f"demo: look again with: dicom-node --data-dir {data_dir} twin show {args.patient_id}")
+    return 0
+
+
+def _serve_viewer(args: argparse.Namespace, orthanc: Any, study_uid: str) -> None:
+    """Serve OHIF on the study until SIGINT (Ctrl-C) or SIGTERM."""
+    import signal
+    import threading
+
+    from orthanc.viewer import ViewerServer
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ViewerServer(orthanc.url, host=args.viewer_bind, port=args.viewer_port) as web:
+            print(f"demo: the OHIF web viewer on this study: {web.study_url(study_uid)}", flush=True)
+            print("demo: double-click the SEG thumbnail (then Yes) to lay the segmentation on the "
+                  "CT; the overlay and the SR are series of the same study. A SEG exported from "
+                  "OHIF goes to Orthanc and on to the node as a label. Ctrl-C to stop.", flush=True)
+            stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _print_summary(args: argparse.Namespace, paths: list[Path], sent_s: float, study_uid: str,
+                   landed: dict[str, list[dict[str, Any]]], detail: Any,
+                   timings: dict[int, dict[str, float]], true_ml: float,
+                   done: dict[str, datetime], acked: datetime) -> None:
     to_seg_sr = (max(done["seg"], done["sr"]) - acked).total_seconds()
     to_all = (max(done.values()) - acked).total_seconds()
     current = [r for r in detail.results if r["study_uid"] == study_uid and not r["superseded_by"]]
@@ -237,8 +293,4 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                 f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f} s" for k, v in stages.items()))
     print(f"demo: from the last instance acknowledged to SEG and SR acknowledged by Orthanc: "
           f"{to_seg_sr:.1f} s ({to_all:.1f} s with the overlay), of which {args.stable_after:.1f} s "
-          "is the quiet period that marks the series complete")
-    print(f"demo: Orthanc and the node are stopped ({time.perf_counter() - t_start:.0f} s in all); "
-          f"the data stays under {data_dir}")
-    print(f"demo: look again with: dicom-node --data-dir {data_dir} twin show {args.patient_id}")
-    return 0
+          "is the quiet period that marks the series complete", flush=True)

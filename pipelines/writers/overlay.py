@@ -4,13 +4,15 @@ For viewers that cannot display SEG. One image per source slice that contains an
 segment: the CT in a grey window, a 1-2 pixel contour per segment in the segment's
 display colour (the SEG's colour), a legend, and the banner
 :data:`~pipelines.types.OVERLAY_BANNER` on a strip added above the image (so it hides
-no anatomy) and a legend strip below it. Burned In Annotation is YES.
+no anatomy) and a legend strip below it that grows to hold every label name and the
+model (wrapped, never cut; :func:`legend_layout`). Burned In Annotation is YES.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -167,28 +169,118 @@ def _font(width: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int
         size -= 1
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LegendText:
+    """One piece of legend text and where it is drawn (top-left of its box, pixels)."""
+
+    text: str
+    colour: tuple[int, int, int]
+    x: int
+    y: int
+
+
+_GAP = 12  # pixels between legend entries on one line
+_MIN_LEGEND_PX = 11  # smallest legend type when many labels would make the strip tall
+_MARGIN = 4
+
+
+def legend_layout(names: Sequence[tuple[str, tuple[int, int, int]]], model_text: str,
+                  font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int
+                  ) -> tuple[tuple[LegendText, ...], int]:
+    """Lay out the legend so that every character fits ``width``: nothing is cut.
+
+    Label names flow left to right in their colours and wrap to the next line when the
+    line is full (104 labels take a few lines, not 104); a name or the model text
+    wider than the strip wraps at spaces, and a word wider than the strip at characters.
+    The model text starts on its own line.
+
+    Returns
+    -------
+    tuple
+        The pieces of text with their positions, and the strip's height in pixels.
+    """
+    _, top, _, bottom = font.getbbox("Ag")
+    line_h = bottom - top + 4
+    room = max(1, width - 2 * _MARGIN)
+    out: list[LegendText] = []
+    x, y = _MARGIN, _MARGIN
+    for text, colour in names:
+        pieces = _wrap(text, font, room)
+        w = _text_width(font, pieces[0])
+        if len(pieces) == 1 and x > _MARGIN and x + w > _MARGIN + room:
+            x, y = _MARGIN, y + line_h  # no room left on this line: next line
+        elif len(pieces) > 1 and x > _MARGIN:
+            x, y = _MARGIN, y + line_h
+        for i, piece in enumerate(pieces):
+            if i:
+                x, y = _MARGIN, y + line_h
+            out.append(LegendText(text=piece, colour=colour, x=x, y=y))
+        x += _text_width(font, pieces[-1]) + _GAP
+    if out:
+        y += line_h
+    for piece in _wrap(model_text, font, room):
+        out.append(LegendText(text=piece, colour=_TEXT_RGB, x=_MARGIN, y=y))
+        y += line_h
+    return tuple(out), y + _MARGIN
+
+
+def _text_width(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(right - min(left, 0))
+
+
+def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, room: int) -> list[str]:
+    """``text`` in lines no wider than ``room`` pixels: at spaces, else at characters."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if _text_width(font, candidate) <= room:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        current = ""
+        while _text_width(font, word) > room and len(word) > 1:  # a word wider than the strip
+            cut = len(word) - 1
+            while cut > 1 and _text_width(font, word[:cut]) > room:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current or not lines:
+        lines.append(current)
+    return lines
+
+
 def _decorate(rgb: np.ndarray, banner_h: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
               names: list[tuple[str, tuple[int, int, int]]], model_text: str) -> np.ndarray:
     """Add the banner strip above the image and a legend strip below it.
 
     Neither strip covers the image: the banner is the warning, the legend lists the
-    label names in their contour colours and the model.
+    label names in their contour colours and the model (:func:`legend_layout`: it
+    grows downwards as needed, never cut; when it would be taller than half the image,
+    as with 104 labels, its type shrinks down to 11 px first).
     """
     h, w = rgb.shape[:2]
     left, top, right, bottom = font.getbbox(OVERLAY_BANNER)
-    line_h = bottom - top + 4
-    lines = [*names, (model_text, _TEXT_RGB)]
-    legend_h = 4 + line_h * len(lines)
+    legend_font = font
+    pieces, legend_h = legend_layout(names, model_text, legend_font, w)
+    size = int(getattr(font, "size", 0))
+    while legend_h > h // 2 and size > _MIN_LEGEND_PX:  # many labels: smaller type, still whole
+        size -= 1
+        legend_font = ImageFont.load_default(size=size)
+        pieces, legend_h = legend_layout(names, model_text, legend_font, w)
     canvas = Image.new("RGB", (w, banner_h + h + legend_h), _LEGEND_RGB)
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((0, 0, w - 1, banner_h - 1), fill=_BANNER_RGB)
     draw.text(((w - (right - left)) // 2 - left, (banner_h - (bottom - top)) // 2 - top),
               OVERLAY_BANNER, fill=_TEXT_RGB, font=font)
     canvas.paste(Image.fromarray(rgb, "RGB"), (0, banner_h))
-    y = banner_h + h + 4
-    for text, colour in lines:
-        draw.text((4, y - top), text, fill=colour, font=font)
-        y += line_h
+    _, glyph_top, _, _ = legend_font.getbbox("Ag")
+    for piece in pieces:
+        draw.text((piece.x, banner_h + h + piece.y - glyph_top), piece.text, fill=piece.colour,
+                  font=legend_font)
     return np.asarray(canvas, dtype=np.uint8)
 
 

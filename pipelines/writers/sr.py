@@ -6,18 +6,33 @@ Tracking ID, names the finding with the segment's property type and records the 
 as algorithm and as device observer (UID: the model version's Device UID). The
 Procedure Reported is the imaging procedure of the source study, not the algorithm.
 A report that supersedes an earlier one lists it in the Predecessor Documents Sequence.
+
+For viewers that draw measurements rather than follow segment references (OHIF 3.x:
+its SR viewport needs a SCOORD or SCOORD3D in each measurement, and with none it
+blanks the viewport), every segment also gets a TID 1410 Planar ROI group with the
+same Tracking UID: an Image Region (closed SCOORD POLYLINE) outlining the organ on the
+source image where it is largest, referencing that image, and the area inside the
+outline. OHIF merges groups by Tracking UID, so it shows the outline with the volume.
+The outline is traced with contourpy (marching squares at 0.5 on the filled largest
+connected region of that slice; vertices on pixel edges, PS3.3 C.18.6.1.1 pixel
+coordinates with (0, 0) at the top-left corner of the top-left pixel).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import contourpy
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from pipelines.codes import MILLILITER, VOLUME, procedure_reported, segment_coding
+from pipelines.codes import MILLILITER, VOLUME, SegmentCoding, procedure_reported, segment_coding
+from scipy import ndimage
+
 from pipelines.types import NODE_MANUFACTURER, ModelInfo, SegmentResult, Volume, WriterOptions
 from pipelines.uids import new_uid
 from pipelines.writers.seg import contributing_equipment, written_segments
@@ -93,6 +108,9 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
             referenced_segment=_referenced_segment(seg, number),
             finding_type=coding.type, finding_category=coding.category,
             algorithm_id=algorithm, measurements=[measurement]))
+        outline = largest_outline(volume, s.mask)
+        if outline is not None:
+            groups.append(_planar_group(outline, item, coding, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=(hd.sr.CodedConcept(*opts.procedure_code) if opts.procedure_code
@@ -108,7 +126,8 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
         series_description=f"{opts.series_description_prefix} SR {model.name}".strip()[:64])
     sr.ManufacturerModelName = seg.ManufacturerModelName
     sr.SoftwareVersions = seg.SoftwareVersions
-    LOG.info("SR for series %s: %d volume measurement(s)", volume.series_instance_uid, len(groups))
+    LOG.info("SR for series %s: %d volume measurement(s) with outlines",
+             volume.series_instance_uid, len(kept))
     return sr
 
 
@@ -137,3 +156,65 @@ def _referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
     return hd.sr.ReferencedSegment(sop_class_uid=str(seg.SOPClassUID),
                                    sop_instance_uid=str(seg.SOPInstanceUID),
                                    segment_number=number, source_images=list(sources.values()))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Outline:
+    """A segment's outline on the source image where it is largest.
+
+    ``points`` are (column, row) pixel coordinates of a closed polygon (first point
+    repeated last); ``area_mm2`` is the area of the region the outline encloses.
+    """
+
+    source_image: Dataset
+    points: np.ndarray
+    area_mm2: float
+
+
+def largest_outline(volume: Volume, mask: np.ndarray) -> Outline | None:
+    """Outline of ``mask`` (on ``volume``'s grid) on the source image where it is largest.
+
+    The source image is the one whose grid slice holds the most mask pixels (the first
+    of equals); the outline is that of its largest connected region, holes filled.
+    None when the mask is empty on every source image's slice.
+    """
+    grid_index = np.clip(np.rint(np.asarray(volume.source_grid_positions)), 0,
+                         volume.shape[0] - 1).astype(np.intp)
+    counts = mask.reshape(mask.shape[0], -1).sum(axis=1)[grid_index]
+    n = int(np.argmax(counts))
+    if counts[n] == 0:
+        return None
+    labels, found = ndimage.label(mask[grid_index[n]])
+    sizes = np.bincount(labels.ravel())[1:]
+    region = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+    padded = np.pad(region.astype(np.float64), 1)
+    lines = contourpy.contour_generator(z=padded, line_type="Separate").lines(0.5)
+    line = max(lines, key=lambda a: abs(_shoelace(a)))
+    points = line - 1.0 + 0.5  # padded index -> pixel index -> pixel-centre coordinate
+    if not np.allclose(points[0], points[-1]):
+        points = np.vstack([points, points[:1]])
+    src = volume.source_images[n]
+    dy, dx = (float(v) for v in src.PixelSpacing)
+    return Outline(source_image=src, points=points.astype(np.float32),
+                   area_mm2=float(region.sum()) * dx * dy)
+
+
+def _shoelace(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def _planar_group(outline: Outline, item: Dataset, coding: SegmentCoding,
+                  algorithm: hd.sr.AlgorithmIdentification
+                  ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group: the outline as an Image Region and its area, tracked as the segment."""
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline.points,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(outline.source_image))
+    area = hd.sr.Measurement(name=codes.SCT.Area, value=round(outline.area_mm2, 1),
+                             unit=codes.UCUM.SquareMillimeter, algorithm_id=algorithm)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID),
+                                                      identifier=str(item.TrackingID)),
+        referenced_region=region, finding_type=coding.type, finding_category=coding.category,
+        algorithm_id=algorithm, measurements=[area])

@@ -1,0 +1,191 @@
+// Drives OHIF in headless Chromium (puppeteer-core, Debian's chromium with SwiftShader
+// WebGL) as a radiologist would, for tests/test_viewer_ohif.py:
+//   1. open the study; 2. double-click the SEG, answer "Yes", go to the slice at
+//   `slicePosition` and screenshot it, with where three patient points land on screen;
+//   3. open the overlay series and screenshot it; 4. open the SR and screenshot it, with
+//   the page's text and every console error.
+// Usage: node ohif_check.mjs '<json: {url, outDir, puppeteer, chromium, slicePosition, points}>'
+// Prints one JSON line (the findings); the pixel checks are made in Python.
+const args = JSON.parse(process.argv[2]);
+const { default: puppeteer } = await import(args.puppeteer);
+const sleep = ms => new Promise(r => setTimeout(r, ms));
+const errors = [];
+let phase = 'open';
+const out = { phases: {} };
+const t0 = Date.now();
+const mark = name => { out.phases[name] = (Date.now() - t0) / 1000; };
+
+async function waitFor(page, what, fn, arg, timeoutMs = 60000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let ok = false;
+    try { ok = await page.evaluate(fn, arg); } catch (e) { ok = false; }
+    if (ok) return ok;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(250);
+  }
+}
+
+async function clickText(page, text) {
+  return page.evaluate(t => {
+    const el = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === t);
+    if (el) { el.click(); return true; }
+    return false;
+  }, text);
+}
+
+async function openSeries(page, modality, description) {
+  // thumbnails with an image (CT, OT) and list items without (SEG, SR)
+  const items = await page.$$('[data-cy="study-browser-thumbnail"], [data-cy="study-browser-thumbnail-no-image"]');
+  for (const it of items) {
+    const text = await it.evaluate(e => e.innerText);
+    if (text.includes(modality) && text.includes(description)) {
+      const box = await it.boundingBox();
+      await page.mouse.click(box.x + box.width / 2, box.y + box.height / 2, { clickCount: 2 });
+      return text.replace(/\n/g, ' | ');
+    }
+  }
+  throw new Error(`no ${modality} series "${description}" in the study browser`);
+}
+
+// after a wait on the state that matters, a short pause for the canvas to be drawn
+async function settle(page, ms = 1500) {
+  await page.evaluate(() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r))));
+  await sleep(ms);
+}
+
+const browser = await puppeteer.launch({
+  executablePath: args.chromium, headless: true,
+  args: ['--no-sandbox', '--use-angle=swiftshader', '--enable-unsafe-swiftshader',
+         '--window-size=1400,900', '--disable-dev-shm-usage'],
+});
+try {
+  const page = await browser.newPage();
+  await page.setViewport({ width: 1400, height: 900, deviceScaleFactor: 1 });
+  page.on('console', m => { if (m.type() === 'error') errors.push({ phase, text: m.text().slice(0, 500) }); });
+  page.on('pageerror', e => errors.push({ phase, text: 'page error: ' + e.message.slice(0, 500) }));
+
+  await page.goto(args.url, { waitUntil: 'networkidle0', timeout: 120000 });
+  await clickText(page, 'Skip all');  // the first-visit tour
+  await waitFor(page, 'the CT in the viewport', () => {
+    const ee = window.cornerstone?.getEnabledElements?.() || [];
+    return ee.length > 0 && !!ee[0].viewport.getImageData?.();
+  });
+  mark('study_open');
+
+  // ---- SEG
+  phase = 'seg';
+  out.seg_item = await openSeries(page, 'SEG', args.segDescription);
+  await waitFor(page, 'the "load the segmentation?" question', () =>
+    [...document.querySelectorAll('button')].some(b => b.innerText.trim() === 'Yes'), null, 30000);
+  await clickText(page, 'Yes');
+  await waitFor(page, 'the segmentation in the viewport', () => {
+    const s = window.services.segmentationService;
+    const segs = s.getSegmentations();
+    if (!segs.length) return false;
+    const ee = window.cornerstone.getEnabledElements();
+    return ee.some(e => s.getSegmentationRepresentations(e.viewport.id).length > 0);
+  });
+  out.segments = await page.evaluate(() => window.services.segmentationService.getSegmentations()
+    .flatMap(s => Object.values(s.segments || {}).filter(Boolean).map(x => ({ label: x.label, color: x.color }))));
+  const nav = await page.evaluate(target => {
+    const cs = window.cornerstone;
+    const s = window.services.segmentationService;
+    const ee = cs.getEnabledElements().find(e => s.getSegmentationRepresentations(e.viewport.id).length > 0);
+    const vp = ee.viewport;
+    const ids = vp.getImageIds();
+    let best = -1, dist = Infinity;
+    ids.forEach((id, i) => {
+      const p = cs.metaData.get('imagePlaneModule', id)?.imagePositionPatient;
+      if (!p) return;
+      const d = Math.hypot(p[0] - target[0], p[1] - target[1], p[2] - target[2]);
+      if (d < dist) { dist = d; best = i; }
+    });
+    return { viewportId: vp.id, type: vp.type, best, dist, n: ids.length };
+  }, args.slicePosition);
+  out.navigation = nav;
+  // jump: the slice through the target position, whatever the viewport type
+  await page.evaluate(async (vid, target) => {
+    const cs = window.cornerstone;
+    const vp = cs.getEnabledElements().find(e => e.viewport.id === vid).viewport;
+    if (typeof vp.setImageIdIndex === 'function' && vp.type === 'stack') {
+      const ids = vp.getImageIds();
+      let best = 0, dist = Infinity;
+      ids.forEach((id, i) => {
+        const p = cs.metaData.get('imagePlaneModule', id).imagePositionPatient;
+        const d = Math.hypot(p[0] - target[0], p[1] - target[1], p[2] - target[2]);
+        if (d < dist) { dist = d; best = i; }
+      });
+      await vp.setImageIdIndex(best);
+    } else {
+      const cam = vp.getCamera();
+      const n = cam.viewPlaneNormal, f = cam.focalPoint;
+      const d = (target[0] - f[0]) * n[0] + (target[1] - f[1]) * n[1] + (target[2] - f[2]) * n[2];
+      const shift = [n[0] * d, n[1] * d, n[2] * d];
+      vp.setCamera({ focalPoint: [f[0] + shift[0], f[1] + shift[1], f[2] + shift[2]],
+                     position: cam.position.map((v, i) => v + shift[i]) });
+    }
+    vp.render();
+  }, nav.viewportId, args.slicePosition);
+  await waitFor(page, 'the slice to be shown', ([vid, target]) => {
+    const cs = window.cornerstone;
+    const vp = cs.getEnabledElements().find(e => e.viewport.id === vid).viewport;
+    const id = vp.getCurrentImageId?.();
+    const p = id && cs.metaData.get('imagePlaneModule', id)?.imagePositionPatient;
+    return p && Math.hypot(p[0] - target[0], p[1] - target[1], p[2] - target[2]) < 0.5;
+  }, [nav.viewportId, args.slicePosition]);
+  await settle(page, 2000);
+  const geo = await page.evaluate((vid, pts) => {
+    const vp = window.cornerstone.getEnabledElements().find(e => e.viewport.id === vid).viewport;
+    const rect = vp.canvas.getBoundingClientRect();
+    return {
+      rect: { x: rect.x, y: rect.y, width: rect.width, height: rect.height },
+      canvas: pts.map(p => vp.worldToCanvas(p)),
+      imageId: vp.getCurrentImageId?.() || null,
+      focal: vp.getCamera().focalPoint,
+    };
+  }, nav.viewportId, args.points);
+  out.seg_view = geo;
+  await page.screenshot({ path: `${args.outDir}/ohif-seg.png` });
+  mark('seg_loaded');
+
+  // ---- overlay series
+  phase = 'overlay';
+  out.overlay_item = await openSeries(page, 'OT', args.overlayDescription);
+  await waitFor(page, 'the overlay series in the viewport', () =>
+    window.cornerstone.getEnabledElements().some(e => {
+      const id = e.viewport.getCurrentImageId?.();
+      const m = id && window.cornerstone.metaData.get('generalSeriesModule', id);
+      return m && m.modality === 'OT' && !!e.viewport.getImageData?.();
+    }));
+  await settle(page, 1500);
+  out.overlay_rect = await page.evaluate(() => {
+    const ee = window.cornerstone.getEnabledElements();
+    return ee.map(e => { const r = e.viewport.canvas.getBoundingClientRect();
+      return { x: r.x, y: r.y, width: r.width, height: r.height, modality: e.viewport.getImageIds?.()[0] || '' }; });
+  });
+  await page.screenshot({ path: `${args.outDir}/ohif-overlay.png` });
+  mark('overlay_shown');
+
+  // ---- SR
+  phase = 'sr';
+  out.sr_item = await openSeries(page, 'SR', args.srDescription);
+  await waitFor(page, 'the SR measurement on screen', () => {
+    if (/Volume: [\d.]+ mL/.test(document.body.innerText)) return true;
+    // annotations are drawn on a render; ask for one while waiting
+    window.cornerstone.getEnabledElements().forEach(e => e.viewport.render());
+    return false;
+  }, null, 90000).catch(e => { out.sr_wait = String(e); });
+  await settle(page, 1500);
+  // a measurement-tracking question may come first; the SR is read-only either way
+  out.sr_buttons = await page.$$eval('button', els => els.map(e => e.innerText.trim()).filter(Boolean));
+  out.sr_text = await page.evaluate(() => document.body.innerText);
+  await page.screenshot({ path: `${args.outDir}/ohif-sr.png` });
+  mark('sr_shown');
+} catch (e) {
+  out.failure = String(e && e.stack || e);
+} finally {
+  out.errors = errors;
+  console.log(JSON.stringify(out));
+  await browser.close();
+}
