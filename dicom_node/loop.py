@@ -1,8 +1,10 @@
-"""The node's loop beside the DICOM listener: stability monitor, inference worker, sender.
+"""The node's loop beside the DICOM listener: stability monitor, inference workers, sender.
 
-Started and stopped together by ``dicom-node serve`` and ``dicom-node demo``. On stop the
-monitor stops first, then the worker (a job still running after a short grace goes back
-to the queue) and the sender; queued jobs and sends stay in ``queue.sqlite``.
+Started and stopped together by ``dicom-node serve`` and ``dicom-node demo``. The
+inference workers are processes of their own (:mod:`dicom_node.supervisor`); nothing
+here imports torch. On stop the monitor stops first, then the workers (a job still
+running after a short grace goes back to the queue) and the sender; queued jobs and
+sends stay in ``queue.sqlite``.
 """
 
 from __future__ import annotations
@@ -10,20 +12,20 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from dicom_node.jobs import JobQueue
 from dicom_node.label_intake import intake_seg_series
-from dicom_node.monitor import StabilityMonitor
+from dicom_node.monitor import DEFAULT_PIPELINES, StabilityMonitor
 from dicom_node.sender import Sender
 from dicom_node.server import client_tls_context
 from dicom_node.settings import Destination, Settings, parse_destination
+from dicom_node.supervisor import WorkerPool
 from dicom_node.training import NightlyScheduler
-from dicom_node.worker import DEFAULT_PIPELINES, Worker
 from twin_archive import Archive
 from twin_archive.audit import AuditLog
 from twin_archive.labels import LabelStore
-from twin_archive.results import ResultStore
 
 LOG = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ def apply_flags(args: argparse.Namespace, settings: Settings) -> Settings:
     changes: dict[str, Any] = {}
     if getattr(args, "stable_after", None) is not None:
         changes["stable_after"] = args.stable_after
+    if getattr(args, "workers", None) is not None:
+        changes["workers"] = args.workers
     extra = tuple(parse_destination(text) for text in getattr(args, "destination", []) or [])
     if extra:
         changes["destinations"] = settings.destinations + extra
@@ -46,17 +50,17 @@ def apply_flags(args: argparse.Namespace, settings: Settings) -> Settings:
 
 
 class Loop:
-    """The monitor, the worker and the sender of one node, started and stopped together.
+    """The monitor, the worker processes and the sender of one node, started and stopped together.
 
-    Raises
-    ------
-    WorkerStartupError
-        If the pipeline runner cannot be imported (at construction, i.e. start-up).
+    Parameters
+    ----------
+    on_workers_change : callable, optional
+        Called when a worker process started, became ready, took a job, died or restarted.
     """
 
-    def __init__(self, settings: Settings, archive: Archive, audit: AuditLog | None = None) -> None:
+    def __init__(self, settings: Settings, archive: Archive, audit: AuditLog | None = None,
+                 on_workers_change: Callable[[], None] | None = None) -> None:
         self.jobs = JobQueue(settings.data_dir)
-        self.results = ResultStore(settings.data_dir)
         self.sender = Sender(settings.data_dir, ae_title=settings.ae_title,
                              backoff_initial_s=settings.send_backoff_initial_s,
                              backoff_max_s=settings.send_backoff_max_s,
@@ -68,9 +72,8 @@ class Loop:
         self.monitor = StabilityMonitor(
             archive, self.jobs, DEFAULT_PIPELINES, stable_after_s=settings.stable_after,
             label_intake=functools.partial(intake_seg_series, labels=self.labels))
-        self.worker = Worker(archive=archive, jobs=self.jobs, results=self.results,
-                             sender=self.sender, destinations=settings.destinations,
-                             pipelines=DEFAULT_PIPELINES)
+        self.workers = WorkerPool(settings, self.jobs, on_queued=self.sender.wakeup.set,
+                                  on_change=on_workers_change)
         # The node's one scheduler (STYLE rule 15): nightly training, when enabled.
         self.scheduler = NightlyScheduler(settings) if settings.train_enabled else None
         if not settings.destinations:
@@ -82,19 +85,22 @@ class Loop:
 
     def set_destinations(self, destinations: tuple[Destination, ...]) -> None:
         """Send future results to ``destinations`` (SIGHUP reload; queued sends keep theirs)."""
-        self.worker.destinations = tuple(destinations)
+        self.workers.set_destinations(destinations)
         self.sender.tls_destinations = frozenset(d.key for d in destinations if d.tls)
 
     def healthy(self) -> bool:
-        """True while the worker and the sender threads run."""
-        threads = (self.worker._thread, self.sender._thread)
-        return all(t is not None and t.is_alive() for t in threads)
+        """True while the sender thread and the workers' supervisor run.
+
+        Not whether each worker process lives: a dead worker is restarted by the
+        supervisor (and shown in ``status``), never by stopping the listener."""
+        sender = self.sender._thread  # noqa: SLF001 - the sender's own thread
+        return sender is not None and sender.is_alive() and self.workers.supervising()
 
     def start(self) -> None:
-        """Recover interrupted jobs, then start the sender, the worker and the monitor."""
+        """Recover interrupted jobs, then start the sender, the workers and the monitor."""
         self.jobs.recover()
         self.sender.start()
-        self.worker.start()
+        self.workers.start()
         self.monitor.start()
         if self.scheduler is not None:
             self.scheduler.start()
@@ -106,12 +112,11 @@ class Loop:
         if self.scheduler is not None:
             self.scheduler.stop()
         self.monitor.stop()
-        self.worker.stop()
+        self.workers.stop()
         self.sender.stop()
         counts = self.jobs.counts()
         LOG.info("left for the next start: %d job(s) queued, %d object(s) to send",
                  counts.get("queued", 0), self.sender.pending())
         self.jobs.close()
         self.sender.close()
-        self.results.close()
         self.labels.close()

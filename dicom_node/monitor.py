@@ -59,6 +59,16 @@ class PipelineSpec:
             raise TypeError("rules must be a SelectionRules")
 
 
+#: The pipeline served by default: the demo task on abdominal CT.
+DEFAULT_PIPELINES = (
+    PipelineSpec(task="spleen-ct", rules=SelectionRules(
+        name="spleen-ct", modality="CT", body_part_patterns=("ABDOMEN*", "CHEST*", "*ABD*"),
+        accept_missing_body_part=True,
+        exclude_series_description_patterns=(r"\bscout\b", r"\blocali[sz]er\b", r"dose\s*report"),
+        min_slices=16)),
+)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SeriesDecision:
     """What the monitor decided for a series that went quiet."""

@@ -24,9 +24,8 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecution
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from dicom_node.monitor import PipelineSpec
+from dicom_node.monitor import DEFAULT_PIPELINES, PipelineSpec
 from dicom_node.settings import Settings, parse_time_of_day
-from dicom_node.worker import DEFAULT_PIPELINES
 from pipelines.selection import SelectionRules
 from trainer.errors import TrainingError
 from trainer.nightly import NightlyConfig, TrainingOutcome, new_labelled_series, run_in_subprocess

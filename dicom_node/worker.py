@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicom_node.jobs import Job, JobQueue
-from dicom_node.monitor import PipelineSpec
+# DEFAULT_PIPELINES lives beside PipelineSpec, so that the listener need not import this
+# module (torch); re-exported here for the callers that name it from the worker.
+from dicom_node.monitor import DEFAULT_PIPELINES, PipelineSpec  # noqa: F401
 from dicom_node.sender import Sender
 from dicom_node.settings import Destination
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
 from pipelines.inference import LoadedModel, load_model
-from pipelines.selection import SelectionRules
 from pipelines.types import WriterOptions
 from pipelines.writers import build_overlay
 from pipelines.validation import invalid, validate_results, validate_series
@@ -40,14 +41,6 @@ from twin_archive.results import AIResult, ResultStore, SegmentMeasure
 
 LOG = logging.getLogger(__name__)
 
-#: The pipeline served by default: the demo task on abdominal CT.
-DEFAULT_PIPELINES = (
-    PipelineSpec(task="spleen-ct", rules=SelectionRules(
-        name="spleen-ct", modality="CT", body_part_patterns=("ABDOMEN*", "CHEST*", "*ABD*"),
-        accept_missing_body_part=True,
-        exclude_series_description_patterns=(r"\bscout\b", r"\blocali[sz]er\b", r"dose\s*report"),
-        min_slices=16)),
-)
 
 
 class WorkerStartupError(PipelineError, RuntimeError):

@@ -166,7 +166,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     import pydicom
 
-    from dicom_node.cli.serve import Node
+    from dicom_node.node import Node
     from dicom_node.jobs import utc_now
     from orthanc.server import OrthancServer
     from pipelines.demo_model import ensure_demo_model
