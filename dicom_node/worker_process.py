@@ -10,7 +10,9 @@ module wraps it:
 * its :class:`~dicom_node.jobs.JobQueue` records this process with every claim
   (``worker-2 pid 4242``), so the supervisor can give back what a dead worker held;
 * its :class:`~dicom_node.sender.Sender` only queues (the listener's sender sends) and
-  tells the listener when it queued something, so results leave at once.
+  tells the listener when it queued something, so results leave at once;
+* torch gets this worker's share of the CPUs (CPUs // ``workers``, at least one
+  thread), so that N workers do not oversubscribe the cores.
 
 The listener talks to it over a socket pair, one JSON object a line (the same protocol
 as the acceptor processes of :mod:`dicom_node.acceptor`):
@@ -154,9 +156,16 @@ def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Set
           name: str, t0: float) -> int:
     from dicom_node.monitor import DEFAULT_PIPELINES
     from dicom_node.server import client_tls_context
+    import torch
+
     from dicom_node.worker import Worker  # torch and MONAI: in this process only
     from twin_archive import Archive
     from twin_archive.results import ResultStore
+
+    # N workers share the CPUs: each gets its share of torch's threads instead of all of
+    # them (N x all oversubscribes the cores and every job slows down).
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, settings.workers))
+    torch.set_num_threads(threads)
 
     lock = threading.Lock()
 
@@ -173,7 +182,8 @@ def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Set
     worker = Worker(archive=archive, jobs=jobs, results=results, sender=sender,
                     destinations=settings.destinations, pipelines=DEFAULT_PIPELINES, name=name)
     worker.start()
-    LOG.info("%s ready for jobs (started in %.1f s)", me, time.perf_counter() - t0)
+    LOG.info("%s ready for jobs (started in %.1f s; torch uses %d CPU thread(s))", me,
+             time.perf_counter() - t0, threads)
     report({"op": "ready"})
     stop_grace: float | None = None
     for message in messages:
