@@ -90,7 +90,9 @@ def start_node(data: Path, config: Path, port: int, stable_after: float, log: Pa
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=set_pdeathsig)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if "ready: listening" in log.read_text(errors="replace"):
+        text = log.read_text(errors="replace")
+        # the listener, then its inference worker (loading torch): start-up is not measured
+        if "ready: listening" in text and "ready for jobs" in text:
             return proc
         if proc.poll() is not None:
             raise RuntimeError(f"node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")

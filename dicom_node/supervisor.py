@@ -157,6 +157,15 @@ class WorkerPool:
         """Worker processes alive now."""
         return sum(1 for s in self._slots if s.state in ("starting", "ready"))
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until every worker has loaded its pipeline runner; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while any(s.state != "ready" for s in self._slots):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
     def describe(self) -> list[WorkerInfo]:
         """Each worker: pid, state, the job it runs, restarts, what ended the last one."""
         return [WorkerInfo(name=s.name, pid=s.proc.pid if s.proc and s.state != "restarting" else None,

@@ -192,6 +192,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         node = Node(settings)
         node.start()
         try:
+            if not node.loop.workers.wait_ready(300):  # so the figures below hold no start-up
+                LOG.warning("demo: the inference worker is not ready after 300 s; going on")
             with tempfile.TemporaryDirectory(prefix="dicom-node-demo-") as tmp:
                 LOG.info("demo: generating a %d-slice 512x512 abdominal CT", args.slices)
                 paths, true_ml = _write_study(Path(tmp), args.slices, args.patient_id, args.seed)
