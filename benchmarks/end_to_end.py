@@ -166,6 +166,8 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             send_s = time.perf_counter() - t0
             done = wait_results(data, study_uid, args.timeout)
             peak_mib = vm_hwm_mib(node.pid)
+            worker_peaks = [vm_hwm_mib(int(w["pid"])) for w in json.loads(
+                (data / "serve.json").read_text()).get("workers", []) if w.get("pid")]
             in_orthanc = orthanc.count_instances()
         finally:
             node.send_signal(signal.SIGTERM)
@@ -210,6 +212,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "breakdown_s": breakdown, "timings_recorded": t,
         "objects_sent": {k: sum(1 for s in sends if s["kind"] == k) for k in sent},
         "orthanc_instances": in_orthanc, "node_peak_rss_mib": peak_mib,
+        "worker_peak_rss_mib": worker_peaks,
         "conditions": {"cpus": os.cpu_count(), "machine": platform.machine(),
                        "kernel": platform.release(), "python": platform.python_version(),
                        "torch_threads": _torch_threads(), "loadavg": os.getloadavg()},
@@ -237,7 +240,8 @@ def report(r: dict[str, Any]) -> None:
     for k, v in r["breakdown_s"].items():
         print(f"    {k:<50} {v:7.2f} s")
     peak = r["node_peak_rss_mib"]
-    print(f"  node peak RSS (VmHWM): {peak:.0f} MiB" if peak else "  node peak RSS: unknown")
+    print(f"  node peak RSS (VmHWM): listener {peak:.0f} MiB" if peak else "  node peak RSS: unknown",
+          "; inference worker(s) " + ", ".join(f"{w:.0f} MiB" for w in r["worker_peak_rss_mib"] if w))
     c = r["conditions"]
     print(f"  conditions: {c['cpus']} CPU(s), torch threads {c['torch_threads']}, "
           f"load average {c['loadavg'][0]:.1f}, stable_after {r['stable_after_s']} s")
