@@ -198,6 +198,7 @@ class Node:
             applied.append("destinations")
         if "log_level" in changed:
             configure_logging(new.log_level)
+            self.loop.workers.set_log_level(new.log_level)
             applied.append("log_level")
         tls_keys = [k for k in ("tls_cert", "tls_key", "tls_ca") if k in changed]
         if (old.tls_cert is None) != (new.tls_cert is None):

@@ -179,6 +179,12 @@ class WorkerPool:
         for slot in self._slots:
             slot.tell({"op": "destinations", "blob": blob})
 
+    def set_log_level(self, level: str) -> None:
+        """Give a reloaded log level to every worker."""
+        self.settings = self.settings.replace(log_level=level)
+        for slot in self._slots:
+            slot.tell({"op": "log_level", "level": level})
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop every worker: a job still running after ``grace_s`` goes back to the queue
         (its attempt not counted); a worker that does not exit is killed."""

@@ -19,7 +19,8 @@ as the acceptor processes of :mod:`dicom_node.acceptor`):
 
 * listener -> worker: ``{"op": "settings", "blob": ...}`` first (the node's settings,
   pickled), then ``{"op": "wake"}`` (a job was queued), ``{"op": "destinations",
-  "blob": ...}`` (SIGHUP reload), ``{"op": "stop", "grace_s": 5}`` (a job still
+  "blob": ...}`` and ``{"op": "log_level", "level": "DEBUG"}`` (SIGHUP reload),
+  ``{"op": "stop", "grace_s": 5}`` (a job still
   running after the grace goes back to the queue, its attempt not counted);
 * worker -> listener: ``{"op": "ready"}`` once the pipeline runner is loaded,
   ``{"op": "job", "id": N}`` / ``{"op": "idle"}`` around each job, ``{"op":
@@ -154,6 +155,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Settings,
           name: str, t0: float) -> int:
+    from dicom_node.logconfig import configure_logging
     from dicom_node.monitor import DEFAULT_PIPELINES
     from dicom_node.server import client_tls_context
     import torch
@@ -192,6 +194,8 @@ def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Set
             jobs.wakeup.set()
         elif op == "destinations":
             worker.destinations = tuple(unpack(message["blob"]))
+        elif op == "log_level":
+            configure_logging(str(message["level"]))
         elif op == "stop":
             stop_grace = float(message.get("grace_s", 5.0))
             break
