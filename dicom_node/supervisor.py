@@ -16,7 +16,7 @@ were queued for sending), and watches them:
   the journal; :meth:`WorkerPool.describe` is what ``dicom-node status`` shows.
 * The DICOM port is not touched by any of this: C-STOREs are answered throughout.
 
-Written by hand (about 200 lines) rather than with ``multiprocessing`` or a process
+Written by hand rather than with ``multiprocessing`` or a process
 manager: the node's acceptor processes already use this pattern (socket pair, one JSON
 object a line, ``python -m`` children that show what they are in ``systemctl status``),
 ``multiprocessing``'s spawn adds a resource-tracker process and names every child

@@ -236,3 +236,26 @@ def test_worker_killed_mid_job_while_a_study_arrives(tmp_path: Path) -> None:
             assert len(node_json(node, "twin", "show", "KILL-A")["results"]) == 1
         finally:
             assert node.stop() == 0
+
+
+@pytest.mark.orthanc
+def test_destinations_reloaded_by_sighup_reach_the_workers(tmp_path: Path) -> None:
+    with OrthancServer(tmp_path / "orthanc") as orthanc:
+        data = tmp_path / "data"
+        data.mkdir()
+        install_model(data)
+        node = NodeProcess(data, config="workers = 1\n", extra_args=["--stable-after", "1.5"]).start()
+        try:
+            wait_until("the worker ready", lambda: _ready(node, 1), 240, poll=0.2)
+            (tmp_path / "data-config.toml").write_text(
+                "workers = 1\nsend_backoff_initial_s = 0.5\n[[destinations]]\n"
+                f'ae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n')
+            node.proc.send_signal(signal.SIGHUP)
+            wait_until("the reload", lambda: "applied destinations" in node.log(), 30, poll=0.1)
+            datasets = small_study("RELOAD-1")
+            storescu(node.port, write_files(datasets, tmp_path / "s"), node.ae_title)
+            # the worker queues the results for the destination it learnt from the reload
+            wait_until("results in Orthanc",
+                       lambda: _complete(orthanc, str(datasets[0].StudyInstanceUID)), RESULT_TIMEOUT)
+        finally:
+            assert node.stop() == 0
