@@ -42,7 +42,6 @@ from twin_archive.results import AIResult, ResultStore, SegmentMeasure
 LOG = logging.getLogger(__name__)
 
 
-
 class WorkerStartupError(PipelineError, RuntimeError):
     """The worker cannot start: the pipeline runner is not installed."""
 
