@@ -162,7 +162,8 @@ class Node:
         if s.metrics_port:
             try:
                 self.http = MetricsServer(s.metrics_bind, s.metrics_port, build_registry(
-                    NodeCollector(self.metrics, s.data_dir, healthy=self.alive)), self.health)
+                    NodeCollector(self.metrics, s.data_dir, healthy=self.alive, workers=lambda: [
+                        (w.state, w.restarts) for w in self.loop.workers.describe()])), self.health)
             except OSError as exc:
                 self.server.stop(0)
                 self.loop.stop()

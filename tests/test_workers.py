@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from loop_helpers import (
     wait_until,
     write_files,
 )
-from node_harness import REPO, NodeProcess
+from node_harness import REPO, NodeProcess, free_port
 from orthanc.server import OrthancServer
 
 RESULT_TIMEOUT = 240.0  # two workers loading torch and running on 2 shared cores
@@ -52,11 +53,11 @@ def _ready(node: NodeProcess, n: int) -> bool:
     return len(workers) == n and all(w["state"] == "ready" for w in workers)
 
 
-def _node(tmp: Path, orthanc: OrthancServer, workers: int) -> NodeProcess:
+def _node(tmp: Path, orthanc: OrthancServer, workers: int, metrics_port: int = 0) -> NodeProcess:
     data = tmp / "data"
     data.mkdir(parents=True)
     install_model(data)
-    config = (f"workers = {workers}\nsend_backoff_initial_s = 0.5\n"
+    config = (f"workers = {workers}\nsend_backoff_initial_s = 0.5\nmetrics_port = {metrics_port}\n"
               "[[destinations]]\n"
               f'ae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n')
     return NodeProcess(data, config=config, extra_args=["--stable-after", "1.5"])
@@ -188,7 +189,8 @@ def test_two_workers_run_two_studies_at_once_each_job_once(tmp_path: Path) -> No
 @pytest.mark.orthanc
 def test_worker_killed_mid_job_while_a_study_arrives(tmp_path: Path) -> None:
     with OrthancServer(tmp_path / "orthanc") as orthanc:
-        node = _node(tmp_path, orthanc, workers=1).start()
+        mport = free_port()
+        node = _node(tmp_path, orthanc, workers=1, metrics_port=mport).start()
         try:
             wait_until("the worker ready", lambda: _ready(node, 1), 240, poll=0.2)
             datasets = small_study("KILL-A")
@@ -227,6 +229,10 @@ def test_worker_killed_mid_job_while_a_study_arrives(tmp_path: Path) -> None:
             assert worker["last_exit"].startswith(f"killed by SIGKILL during job {busy['job']}")
             status = node.cli("status").stdout
             assert "workers:   1 of 1 running" in status and "restarted 1 time(s)" in status
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as rsp:
+                metrics = rsp.read().decode()
+            assert "dicom_node_worker_restarts_total 1.0" in metrics
+            assert 'dicom_node_workers{state="ready"} 1.0' in metrics
             job_a = next(j for j in node_json(node, "jobs") if j["study_uid"] == study_a)
             assert job_a["state"] == "done" and job_a["attempts"] == 2
             assert job_a["worker"] == f"worker-1 pid {worker['pid']}"
