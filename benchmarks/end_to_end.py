@@ -90,7 +90,9 @@ def start_node(data: Path, config: Path, port: int, stable_after: float, log: Pa
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=set_pdeathsig)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if "ready: listening" in log.read_text(errors="replace"):
+        text = log.read_text(errors="replace")
+        # the listener, then its inference worker (loading torch): start-up is not measured
+        if "ready: listening" in text and "ready for jobs" in text:
             return proc
         if proc.poll() is not None:
             raise RuntimeError(f"node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -171,6 +173,8 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             send_s = time.perf_counter() - t0
             done = wait_results(data, study_uid, args.timeout)
             peak_mib = vm_hwm_mib(node.pid)
+            worker_peaks = [vm_hwm_mib(int(w["pid"])) for w in json.loads(
+                (data / "serve.json").read_text()).get("workers", []) if w.get("pid")]
             in_orthanc = orthanc.count_instances()
         finally:
             node.send_signal(signal.SIGTERM)
@@ -215,6 +219,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "breakdown_s": breakdown, "timings_recorded": t,
         "objects_sent": {k: sum(1 for s in sends if s["kind"] == k) for k in sent},
         "orthanc_instances": in_orthanc, "node_peak_rss_mib": peak_mib,
+        "worker_peak_rss_mib": worker_peaks,
         "conditions": {"cpus": os.cpu_count(), "machine": platform.machine(),
                        "kernel": platform.release(), "python": platform.python_version(),
                        "torch_threads": _torch_threads(), "loadavg": os.getloadavg()},
@@ -242,7 +247,8 @@ def report(r: dict[str, Any]) -> None:
     for k, v in r["breakdown_s"].items():
         print(f"    {k:<50} {v:7.2f} s")
     peak = r["node_peak_rss_mib"]
-    print(f"  node peak RSS (VmHWM): {peak:.0f} MiB" if peak else "  node peak RSS: unknown")
+    print(f"  node peak RSS (VmHWM): listener {peak:.0f} MiB" if peak else "  node peak RSS: unknown",
+          "; inference worker(s) " + ", ".join(f"{w:.0f} MiB" for w in r["worker_peak_rss_mib"] if w))
     c = r["conditions"]
     print(f"  conditions: {c['cpus']} CPU(s), torch threads {c['torch_threads']}, "
           f"load average {c['loadavg'][0]:.1f}, stable_after {r['stable_after_s']} s")

@@ -11,8 +11,12 @@ A job whose task has no active model for the series' scanner is not a failure: i
 active for it (:meth:`JobQueue.release_waiting`) or the series is older than
 ``waiting_for_model_max_age_h`` (:meth:`JobQueue.expire_waiting`).
 
-A job found ``running`` when the node starts was interrupted by a crash (SIGKILL, power
-loss); :meth:`JobQueue.recover` puts it back in the queue. The worker makes a re-run
+Jobs are run by worker processes (:mod:`dicom_node.supervisor`). A claim records which
+worker took the job (``jobs.worker``, e.g. ``worker-2 pid 4242``), in the same
+transaction that marks it running, so two workers never run one job. A worker that dies
+mid-job gives its job back (:meth:`JobQueue.give_back`, called by the supervisor that
+saw it die); a job found ``running`` when the node starts was interrupted by a crash
+(SIGKILL, power loss) and :meth:`JobQueue.recover` puts it back in the queue. The worker makes a re-run
 harmless: a result is recorded under the job's key once (see
 :mod:`twin_archive.results`).
 
@@ -94,6 +98,8 @@ def _q3(conn: sqlite3.Connection) -> None:
     # model now serves it without reading the files again); '' for rows before.
     conn.execute("ALTER TABLE jobs ADD COLUMN manufacturer TEXT NOT NULL DEFAULT ''")
     conn.execute("ALTER TABLE jobs ADD COLUMN scanner_model TEXT NOT NULL DEFAULT ''")
+    # Who claimed the job (the worker process, "worker-2 pid 4242"); '' before.
+    conn.execute("ALTER TABLE jobs ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
 
 
 QUEUE_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_q1, _q2, _q3)
@@ -167,6 +173,7 @@ class Job:
     result_id: int | None
     manufacturer: str = ""
     scanner_model: str = ""
+    worker: str = ""
 
     @property
     def key(self) -> str:
@@ -183,6 +190,7 @@ class Job:
             enqueued_at=r["enqueued_at"], started_at=r["started_at"] or "",
             finished_at=r["finished_at"] or "", error=r["error"] or "", result_id=r["result_id"],
             manufacturer=r["manufacturer"], scanner_model=r["scanner_model"],
+            worker=r["worker"],
         )
 
 
@@ -199,10 +207,13 @@ class JobQueue:
         Attempts of a job before it is left failed (>= 1).
     retry_delay_s : float
         Delay before the second attempt, seconds; doubled for each further attempt.
+    worker : str
+        The worker process that claims through this queue (recorded with each claim;
+        ``''`` where nothing is claimed, e.g. in the listener).
     """
 
     def __init__(self, data_dir: Path | str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 retry_delay_s: float = RETRY_DELAY_S) -> None:
+                 retry_delay_s: float = RETRY_DELAY_S, worker: str = "") -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         if retry_delay_s < 0:
@@ -210,6 +221,7 @@ class JobQueue:
         self.conn = connect_queue(data_dir)
         self.max_attempts = max_attempts
         self.retry_delay_s = retry_delay_s
+        self.worker = worker
         self._lock = threading.Lock()
         self.wakeup = threading.Event()
 
@@ -247,8 +259,8 @@ class JobQueue:
             if row is None:
                 return None
             conn.execute(
-                "UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
-                (JobState.RUNNING.value, now, row["id"]),
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ?, worker = ?"
+                " WHERE id = ?", (JobState.RUNNING.value, now, self.worker, row["id"]),
             )
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
         return Job.from_row(row)
@@ -386,6 +398,34 @@ class JobQueue:
         if n:
             LOG.warning("job queue: %d job(s) interrupted by the last stop are queued again", n)
         return n
+
+    def give_back(self, worker: str, reason: str, *, count_attempt: bool = True) -> list[Job]:
+        """Put the jobs ``worker`` was running back in the queue (the worker died); return them.
+
+        As :meth:`recover` does, the interrupted attempt counts (``count_attempt``), so a
+        job that kills its worker every time is left ``failed`` after its last attempt
+        instead of taking workers down for ever; without it (the node stopped the
+        worker) the attempt is not counted. One transaction.
+        """
+        with self._lock, write_transaction(self.conn) as conn:
+            rows = conn.execute("SELECT id, attempts, max_attempts FROM jobs WHERE state = ?"
+                                " AND worker = ?", (JobState.RUNNING.value, worker)).fetchall()
+            for row in rows:
+                if count_attempt and row["attempts"] >= row["max_attempts"]:
+                    conn.execute("UPDATE jobs SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                                 (JobState.FAILED.value, iso(utc_now()),
+                                  f"{reason} during each of its {row['attempts']} attempt(s)",
+                                  row["id"]))
+                else:
+                    conn.execute("UPDATE jobs SET state = ?, error = ?, attempts = attempts - ?"
+                                  " WHERE id = ?", (JobState.QUEUED.value, reason,
+                                                    0 if count_attempt else 1, row["id"]))
+            given = [Job.from_row(r) for r in conn.execute(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(rows))})",
+                [r["id"] for r in rows])] if rows else []
+        if given:
+            self.wakeup.set()
+        return given
 
     def requeue_running(self, job_id: int) -> None:
         """Give a claimed job back untouched (the node is stopping); its attempt is not counted."""

@@ -1,15 +1,17 @@
-"""The node's loop beside the DICOM listener: stability monitor, inference worker, sender.
+"""The node's loop beside the DICOM listener: stability monitor, inference workers, sender.
 
-Started and stopped together by ``dicom-node serve`` and ``dicom-node demo``. On stop the
-monitor stops first, then the worker (a job still running after a short grace goes back
-to the queue) and the sender; queued jobs and sends stay in ``queue.sqlite``.
+Started and stopped together by ``dicom-node serve`` and ``dicom-node demo``. The
+inference workers are processes of their own (:mod:`dicom_node.supervisor`); nothing
+here imports torch. On stop the monitor stops first, then the workers (a job still
+running after a short grace goes back to the queue) and the sender; queued jobs and
+sends stay in ``queue.sqlite``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dicom_node.jobs import JobQueue
@@ -18,13 +20,12 @@ from dicom_node.monitor import StabilityMonitor
 from dicom_node.sender import Sender
 from dicom_node.server import client_tls_context
 from dicom_node.settings import Destination, Settings, parse_destination
+from dicom_node.supervisor import WorkerPool
 from dicom_node.tasks import Task
 from dicom_node.training import NightlyScheduler
-from dicom_node.worker import Worker, triton_target
 from twin_archive import Archive
 from twin_archive.audit import AuditLog
 from twin_archive.labels import LabelStore
-from twin_archive.results import ResultStore
 
 LOG = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def apply_flags(args: argparse.Namespace, settings: Settings) -> Settings:
     changes: dict[str, Any] = {}
     if getattr(args, "stable_after", None) is not None:
         changes["stable_after"] = args.stable_after
+    if getattr(args, "workers", None) is not None:
+        changes["workers"] = args.workers
     extra = tuple(parse_destination(text) for text in getattr(args, "destination", []) or [])
     if extra:
         changes["destinations"] = settings.destinations + extra
@@ -52,17 +55,17 @@ def apply_flags(args: argparse.Namespace, settings: Settings) -> Settings:
 
 
 class Loop:
-    """The monitor, the worker and the sender of one node, started and stopped together.
+    """The monitor, the worker processes and the sender of one node, started and stopped together.
 
-    Raises
-    ------
-    WorkerStartupError
-        If the pipeline runner cannot be imported (at construction, i.e. start-up).
+    Parameters
+    ----------
+    on_workers_change : callable, optional
+        Called when a worker process started, became ready, took a job, died or restarted.
     """
 
-    def __init__(self, settings: Settings, archive: Archive, audit: AuditLog | None = None) -> None:
+    def __init__(self, settings: Settings, archive: Archive, audit: AuditLog | None = None,
+                 on_workers_change: Callable[[], None] | None = None) -> None:
         self.jobs = JobQueue(settings.data_dir)
-        self.results = ResultStore(settings.data_dir)
         self.sender = Sender(settings.data_dir, ae_title=settings.ae_title,
                              backoff_initial_s=settings.send_backoff_initial_s,
                              backoff_max_s=settings.send_backoff_max_s,
@@ -75,15 +78,11 @@ class Loop:
         self.monitor = StabilityMonitor(
             archive, self.jobs, settings.tasks, stable_after_s=settings.stable_after,
             label_intake=self.intake)
-        self.worker = Worker(archive=archive, jobs=self.jobs, results=self.results,
-                             sender=self.sender, destinations=settings.destinations,
-                             tasks=settings.tasks,
-                             waiting_max_age_h=settings.waiting_for_model_max_age_h,
-                             triton=triton_target(settings),
-                             wait_backoff_max_s=settings.triton_backoff_max_s)
-        if self.worker.triton is not None:
-            LOG.info("inference on Triton at %s (%s models); pre- and post-processing here",
-                     self.worker.triton.url, settings.triton_variant)
+        self.workers = WorkerPool(settings, self.jobs, on_queued=self.sender.wakeup.set,
+                                  on_change=on_workers_change)
+        if settings.backend == "triton":
+            LOG.info("inference on Triton at %s (%s models); pre- and post-processing in "
+                     "the workers", settings.triton_url, settings.triton_variant)
         # The node's one scheduler (STYLE rule 15): nightly training, when enabled.
         self.scheduler = NightlyScheduler(settings) if settings.train_enabled else None
         LOG.info("tasks: %s", describe_tasks(settings.tasks))
@@ -96,28 +95,31 @@ class Loop:
 
     def set_destinations(self, destinations: tuple[Destination, ...]) -> None:
         """Send future results to ``destinations`` (SIGHUP reload; queued sends keep theirs)."""
-        self.worker.destinations = tuple(destinations)
+        self.workers.set_destinations(destinations)
         self.sender.tls_destinations = frozenset(d.key for d in destinations if d.tls)
 
     def set_tasks(self, tasks: tuple[Task, ...]) -> None:
         """Serve ``tasks`` from now on (SIGHUP reload): new series get jobs of these
         tasks; queued jobs of a removed task fail with that reason when they come up."""
         self.monitor.set_tasks(tasks)
-        self.worker.set_tasks(tasks)
+        self.workers.set_tasks(tasks)
         self.intake.set_tasks(tasks)
         if self.scheduler is not None:
             self.scheduler.set_tasks(tasks)
 
     def healthy(self) -> bool:
-        """True while the worker and the sender threads run."""
-        threads = (self.worker._thread, self.sender._thread)
-        return all(t is not None and t.is_alive() for t in threads)
+        """True while the sender thread and the workers' supervisor run.
+
+        Not whether each worker process lives: a dead worker is restarted by the
+        supervisor (and shown in ``status``), never by stopping the listener."""
+        sender = self.sender._thread  # noqa: SLF001 - the sender's own thread
+        return sender is not None and sender.is_alive() and self.workers.supervising()
 
     def start(self) -> None:
-        """Recover interrupted jobs, then start the sender, the worker and the monitor."""
+        """Recover interrupted jobs, then start the sender, the workers and the monitor."""
         self.jobs.recover()
         self.sender.start()
-        self.worker.start()
+        self.workers.start()
         self.monitor.start()
         if self.scheduler is not None:
             self.scheduler.start()
@@ -129,12 +131,11 @@ class Loop:
         if self.scheduler is not None:
             self.scheduler.stop()
         self.monitor.stop()
-        self.worker.stop()
+        self.workers.stop()
         self.sender.stop()
         counts = self.jobs.counts()
         LOG.info("left for the next start: %d job(s) queued, %d object(s) to send",
                  counts.get("queued", 0), self.sender.pending())
         self.jobs.close()
         self.sender.close()
-        self.results.close()
         self.labels.close()

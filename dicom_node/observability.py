@@ -204,13 +204,18 @@ class NodeCollector(Collector):
         The node's data directory.
     healthy : callable, optional
         Returns True while the node is healthy (``dicom_node_up``).
+    workers : callable, optional
+        Returns the inference workers' ``(state, restarts)`` pairs
+        (``dicom_node_workers``, ``dicom_node_worker_restarts_total``).
     """
 
     def __init__(self, metrics: NodeMetrics, data_dir: Path,
-                 healthy: Callable[[], bool] | None = None) -> None:
+                 healthy: Callable[[], bool] | None = None,
+                 workers: Callable[[], list[tuple[str, int]]] | None = None) -> None:
         self.metrics = metrics
         self.data_dir = Path(data_dir)
         self.healthy = healthy
+        self.workers = workers
         self.started = time.time()
         self._stages = _StageAggregator()
 
@@ -245,6 +250,17 @@ class NodeCollector(Collector):
         for what in ("accepted", "rejected", "aborted"):
             assocs.add_metric([what], counts.get(f"associations_{what}", 0))
         yield assocs
+        if self.workers is not None:
+            now = self.workers()
+            by_state = GaugeMetricFamily("dicom_node_workers", "Inference worker processes by state",
+                                         labels=["state"])
+            for w in ("starting", "ready", "restarting", "stopped"):
+                by_state.add_metric([w], sum(1 for s, _ in now if s == w))
+            yield by_state
+            restarts = CounterMetricFamily("dicom_node_worker_restarts",
+                                           "Inference worker processes started again after dying")
+            restarts.add_metric([], sum(n for _, n in now))
+            yield restarts
 
         state = read_state(self.data_dir, self._stages)
         jobs = GaugeMetricFamily("dicom_node_jobs", "Inference jobs by state", labels=["state"])

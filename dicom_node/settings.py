@@ -209,6 +209,12 @@ class Settings:
         parallel associations use more than one CPU core (one Python process stores on
         one core at a time); the extra ones are lean (no inference) and are started
         and stopped with the node. See ``benchmarks/README.md``.
+    workers : int
+        Inference worker processes, 0-32, default 1. Each claims jobs from the queue
+        and runs them (torch and the model live in the workers, never in the DICOM
+        listener); a worker that dies gives its job back and is restarted with
+        back-off. 0: no inference here (jobs stay queued). Each worker holds its own
+        copy of the models in memory.
     network_timeout_s : float
         Seconds of silence after which an association is aborted.
     min_free_mb : int
@@ -300,6 +306,7 @@ class Settings:
     max_associations: int = 16
     max_pdu_size: int = 0
     listener_processes: int = 1
+    workers: int = 1
     network_timeout_s: float = 60.0
     min_free_mb: int = 1024
     log_level: str = "INFO"
@@ -354,6 +361,9 @@ class Settings:
                 or not 1 <= self.listener_processes <= 16:
             raise ConfigError("listener_processes", "an integer from 1 to 16",
                               self.listener_processes, src)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) \
+                or not 0 <= self.workers <= 32:
+            raise ConfigError("workers", "an integer from 0 to 32", self.workers, src)
         if not isinstance(self.network_timeout_s, int | float) or self.network_timeout_s <= 0:
             raise ConfigError("network_timeout_s", "a number of seconds > 0", self.network_timeout_s, src)
         if not isinstance(self.min_free_mb, int) or self.min_free_mb < 0:
@@ -531,6 +541,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "max_associations": ("an integer", _to_int),
     "max_pdu_size": ("an integer", _to_int),
     "listener_processes": ("an integer", _to_int),
+    "workers": ("an integer", _to_int),
     "network_timeout_s": ("a number of seconds", _to_float),
     "min_free_mb": ("an integer", _to_int),
     "log_level": ("a string", lambda v: _to_str(v).upper()),

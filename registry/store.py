@@ -29,7 +29,6 @@ from typing import Any
 import sqlite_utils
 from pydicom.uid import generate_uid
 
-from registry.bundle import open_bundle
 from registry.errors import NoActiveModelError, RegistryError, StatusError, VersionNotFoundError
 from registry.records import (
     Artifact,
@@ -393,6 +392,10 @@ class Registry:
     def _add(self, bundle_dir: Path | str, *, task: str, scope: ScannerScope, parent: str | None,
              manifest: str | None, metrics: Metrics | None, activate: bool, by: str, reason: str,
              action: AuditAction) -> ModelVersion:
+        # Parsing a bundle loads torch and MONAI: imported here, when a model is added,
+        # so that reading the register (the DICOM listener, `status`) does not load them.
+        from registry.bundle import open_bundle
+
         check_task(task)
         src = Path(bundle_dir).resolve()
         open_bundle(src)  # refuse a broken bundle before copying anything

@@ -10,7 +10,6 @@ highdicom SEGs on a generated series the node holds.
 
 from __future__ import annotations
 
-import copy
 import io
 import re
 from pathlib import Path

@@ -50,7 +50,10 @@ def test_unit_essentials() -> None:
                  "StateDirectory=dicom-node", "ConfigurationDirectory=dicom-node",
                  "AmbientCapabilities=CAP_NET_BIND_SERVICE",
                  "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "NoNewPrivileges=yes",
-                 "ExecReload=/bin/kill -HUP $MAINPID", "MemoryDenyWriteExecute=no"):
+                 "ExecReload=/bin/kill -HUP $MAINPID", "MemoryDenyWriteExecute=no",
+                 # the node supervises its worker processes; systemd signals the node only
+                 # and SIGKILLs what is left of the cgroup at the stop timeout
+                 "KillMode=mixed", "NotifyAccess=main"):
         assert line in text, line
     caps = [ln for ln in text.splitlines() if ln.startswith(("AmbientCapabilities=",
                                                              "CapabilityBoundingSet="))]
@@ -100,3 +103,4 @@ def test_example_configuration_loads() -> None:
 
     s = load_settings(ROOT / "systemd" / "config.toml.example", env={})
     assert s.port == 104 and s.metrics_bind == "127.0.0.1" and s.destinations
+    assert s.workers == 1

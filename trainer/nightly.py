@@ -39,21 +39,26 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.inference import load_model
 from pipelines.selection import SelectionRules
 from registry.records import Metrics, ModelVersion
 from registry.store import Registry
 from trainer.dataset import DatasetItem, LoadedCase, TrainingSet, build_dataset, load_case
 from trainer.errors import TrainingError
-from trainer.train import TrainingConfig, TrainingResult, VolumeItem, train
 from twin_archive import Archive
 from twin_archive import audit
 from twin_archive.labels import LabelStore
 from twin_archive.training_use import record_training_use
+
+if TYPE_CHECKING:
+    from trainer.train import VolumeItem
+
+# torch and MONAI (pipelines.inference, trainer.train) are imported where a model is run
+# or trained, i.e. in the training subprocess: the node's listener imports this module
+# for its scheduler (new_labelled_series, run_in_subprocess) and never loads torch.
 
 LOG = logging.getLogger(__name__)
 
@@ -217,6 +222,8 @@ class ArchiveItem:
 
     def load(self) -> VolumeItem:
         """Read the series and its label from the archive."""
+        from trainer.train import VolumeItem
+
         case = load_case(self.archive, self.item, self.model_labels)
         return VolumeItem(name=self.name, image=case.image, label=case.label, affine=case.affine)
 
@@ -241,6 +248,8 @@ def evaluate(version: ModelVersion, cases: Sequence[LoadedCase], registry: Regis
     """
     if not cases:
         raise TrainingError(f"no validation cases to evaluate {version.version} on")
+    from pipelines.inference import load_model
+
     loaded = load_model(version, registry=registry, backend=backend)
     per_case = []
     for case in cases:
@@ -319,7 +328,7 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
         bundle = work / "bundle"
         _prepare_bundle(src, bundle, parent=parent.version if parent else None, run_id=run_id,
                         dataset=dataset)
-        from trainer.train import TrainableBundle
+        from trainer.train import TrainableBundle, TrainingConfig, TrainingResult, train
 
         model_labels = dict(enumerate(TrainableBundle(bundle).label_names, start=1))
         make = lambda items: [ArchiveItem(archive=archive, item=i, model_labels=model_labels,  # noqa: E731

@@ -176,7 +176,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     import pydicom
 
-    from dicom_node.cli.serve import Node
+    from dicom_node.node import Node
     from dicom_node.jobs import utc_now
     from orthanc.server import OrthancServer, free_ports
     from pipelines.demo_model import ensure_demo_model
@@ -212,6 +212,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         node = Node(settings)
         node.start()
         try:
+            if not node.loop.workers.wait_ready(300):  # so the figures below hold no start-up
+                LOG.warning("demo: the inference worker is not ready after 300 s; going on")
             with tempfile.TemporaryDirectory(prefix="dicom-node-demo-") as tmp:
                 LOG.info("demo: generating a %d-slice 512x512 abdominal CT", args.slices)
                 paths, true_ml = _write_study(Path(tmp), args.slices, args.patient_id, args.seed)

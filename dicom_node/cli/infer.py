@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 
@@ -30,14 +30,19 @@ from dicom_node.logconfig import configure_logging
 from dicom_node.settings import Settings
 from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError
-from pipelines.inference import LoadedModel, load_model
-from pipelines.run import SeriesFiles, SeriesNotSelected, group_series, run_series, select_series
 from pipelines.selection import SelectionRules
 from pipelines.types import WriterOptions
-from pipelines.writers import save_results
 from registry.errors import NoActiveModelError, VersionNotFoundError
 from registry.records import ModelVersion
 from registry.store import Registry
+
+if TYPE_CHECKING:
+    from pipelines.inference import LoadedModel
+    from pipelines.run import SeriesFiles
+
+# torch and MONAI (pipelines.inference, pipelines.run) are imported when the command
+# runs: every command's parser is built at each start of `dicom-node`, `serve` too,
+# and the DICOM listener never loads torch (DESIGN decision 10).
 
 LOG = logging.getLogger(__name__)
 
@@ -124,6 +129,8 @@ def _select(series: SeriesFiles, specs: Sequence[Task | None], task: str | None
     SeriesNotSelected
         If none does; the reason names each pipeline's refusal.
     """
+    from pipelines.run import SeriesNotSelected, select_series
+
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in series.paths]
     reasons = []
     for spec in specs:
@@ -157,6 +164,10 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
     NoActiveModelError
         No active model serves a selected series' task and scanner.
     """
+    from pipelines.inference import load_model
+    from pipelines.run import SeriesNotSelected, group_series, run_series
+    from pipelines.writers import save_results
+
     fixed = reg.get(model_version) if model_version else None  # VersionNotFoundError
     if fixed is not None and task is not None and fixed.task != task:
         raise ValueError(f"--version {fixed.version} is a {fixed.task!r} model, not {task!r}")

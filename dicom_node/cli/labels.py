@@ -50,7 +50,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _archive(settings: Settings) -> Any:
-    from dicom_node.cli.serve import open_archive
+    from dicom_node.node import open_archive
 
     return open_archive(settings)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node.cli.serve import STATE_FILE
+from dicom_node.node import STATE_FILE
 from dicom_node.observability import read_state
 from dicom_node.settings import Settings
 from twin_archive.audit import AuditEvent, AuditLog, AuditLogTamperedError
@@ -109,6 +109,20 @@ def _waiting_for_models(data_dir: Path) -> list[tuple[str, str]]:
                 for task, m, n in queue.waiting_scanners()]
     finally:
         queue.close()
+def describe_workers(workers: list[dict[str, Any]]) -> str:
+    """One line: how many run, what each does, restarts and what ended the last one."""
+    if not workers:
+        return "none (workers = 0: jobs stay queued)"
+    alive = [w for w in workers if w.get("state") in ("starting", "ready")]
+    parts = []
+    for w in workers:
+        what = {"starting": "starting", "ready": f"job {w['job']}" if w.get("job") else "idle",
+                "restarting": "restarting", "stopped": "stopped"}.get(w.get("state"), "?")
+        text = f"{w['name']} " + (f"pid {w['pid']}: " if w.get("pid") else "") + what
+        if w.get("restarts") or w.get("last_exit"):
+            text += f", restarted {w.get('restarts', 0)} time(s), last end: {w.get('last_exit')}"
+        parts.append(text)
+    return f"{len(alive)} of {len(workers)} running (" + "; ".join(parts) + ")"
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -146,6 +160,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         how = f"pid {running['pid']}, AE {running['ae_title']} on {running['bind_address']}:" \
               f"{running['port']}{' (TLS)' if running.get('tls') else ''}, since {running['started_at']}"
         print(f"node:      RUNNING ({how})")
+        if "workers" in running:
+            print("workers:   " + describe_workers(running["workers"]))
     else:
         print("node:      not running")
     if health is not None:

@@ -26,7 +26,6 @@ from typing import Any
 from dicom_node.settings import Settings
 from dicom_node.training import task_rules, train_task
 from registry.store import Registry
-from trainer.export import annotation_queue, export_annotation_queue, export_decathlon
 from twin_archive import audit
 from twin_archive.labels import LabelStore
 
@@ -76,7 +75,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _archive(settings: Settings) -> Any:
-    from dicom_node.cli.serve import open_archive
+    from dicom_node.node import open_archive
 
     return open_archive(settings)
 
@@ -96,6 +95,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_list(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.export import annotation_queue  # torch: loaded by the command, not by `serve`
+
     rules = task_rules(args.task, settings.tasks)
     with _archive(settings) as archive, LabelStore(settings.data_dir) as labels:
         items = annotation_queue(archive, labels, args.task, rules)
@@ -113,6 +114,8 @@ def cmd_queue_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queue_export(args: argparse.Namespace, settings: Settings) -> int:
+    from trainer.export import export_annotation_queue  # torch: loaded by the command, not by `serve`
+
     rules = task_rules(args.task, settings.tasks)
     with _archive(settings) as archive, LabelStore(settings.data_dir) as labels, \
             Registry(settings.data_dir) as reg:
@@ -151,6 +154,8 @@ def _train_export_only(args: argparse.Namespace, settings: Settings) -> int:
 def _export_dataset(settings: Settings, task: str, out_dir: Path) -> tuple[dict[str, Any], Any]:
     """Write ``task``'s de-identified Decathlon dataset (audited); the dataset.json and
     the version that names its labels."""
+    from trainer.export import export_decathlon  # torch: loaded by the command, not by `serve`
+
     rules = task_rules(task, settings.tasks)
     with Registry(settings.data_dir) as reg:
         versions = reg.list(task)

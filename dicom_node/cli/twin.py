@@ -38,7 +38,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _archive(settings: Settings) -> Archive:
-    from dicom_node.cli.serve import open_archive
+    from dicom_node.node import open_archive
 
     return open_archive(settings)
 
