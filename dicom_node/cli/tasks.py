@@ -22,7 +22,6 @@ import pydicom
 
 from dicom_node.settings import Settings
 from dicom_node.tasks import Task
-from pipelines.run import group_series
 from pipelines.selection import matches
 from registry.records import ModelStatus
 from registry.store import Registry
@@ -92,6 +91,8 @@ def explain(series_dir: Path, tasks: Sequence[Task]) -> list[dict[str, Any]]:
         raise ValueError(f"SERIES_DIR: {series_dir} does not exist")
     files = [series_dir] if series_dir.is_file() else sorted(
         p for p in series_dir.rglob("*") if p.is_file())
+    from pipelines.run import group_series  # torch: loaded by the command, not by `serve`
+
     series, _unreadable = group_series(files)
     if not series:
         raise ValueError(f"SERIES_DIR: no DICOM series in {series_dir} ({len(files)} file(s))")
