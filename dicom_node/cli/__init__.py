@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except DicomNodeError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
-        return 1
+        return int(getattr(exc, "exit_status", 1))
     except ValueError as exc:  # a bad argument, named by the raiser
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2

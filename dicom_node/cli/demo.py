@@ -167,6 +167,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     import pydicom
 
     from dicom_node.cli.serve import Node
+    from dicom_node.datadir_lock import DataDirLock
     from dicom_node.jobs import utc_now
     from orthanc.server import OrthancServer
     from pipelines.demo_model import ensure_demo_model
@@ -175,6 +176,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     data_dir = Path(settings.data_dir if getattr(args, "data_dir", None) else "demo-data").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock = DataDirLock(data_dir)  # one node per data directory, before anything is touched
     with Registry(data_dir) as reg:
         model = ensure_demo_model(reg)
     LOG.info("demo: serving model %s for task spleen-ct", model.version)
@@ -189,7 +191,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             tls_key=None, tls_ca=None,
             destinations=(Destination(ae_title=orthanc.aet, host="127.0.0.1",
                                       port=orthanc.dicom_port),))
-        node = Node(settings)
+        node = Node(settings, lock=lock)
         node.start()
         try:
             with tempfile.TemporaryDirectory(prefix="dicom-node-demo-") as tmp:
