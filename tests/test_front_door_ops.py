@@ -222,4 +222,4 @@ def test_index_deleted_then_rebuilt_with_twins_studies_and_consent_equal(tmp_pat
         assert after[what] == before[what], what
     assert node.cli("archive", "verify", "--deep").returncode == 0
     shown = json.loads(node.cli("twin", "show", "REB-A", "--json").stdout)
-    assert shown["twin"]["donate"] is True and len(shown["studies"]) == 3
+    assert shown["twin"]["donate"] is True and len(shown["studies"]) == 4  # 3 own + 1 merged

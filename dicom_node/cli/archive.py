@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.datadir_lock import DataDirLock
+from dicom_node.datadir_lock import DataDirInUseError, DataDirLock
 from dicom_node.settings import Settings
 from twin_archive import Archive, StoreOutcome, StoreResult, audit
 from twin_archive.layout import INDEX_NAME, QUARANTINE_DIR
@@ -99,15 +99,22 @@ def check_databases(data_dir: Path) -> list[str]:
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(settings.data_dir).resolve()
-    lock = DataDirLock(data_dir) if args.repair else None  # repair: no node may serve
     try:
-        return _verify(data_dir, settings, deep=args.deep, repair=args.repair)
+        lock: DataDirLock | None = DataDirLock(data_dir)
+    except DataDirInUseError:
+        if args.repair:  # repair changes files and rows: no node may serve meanwhile
+            raise
+        lock = None  # a node serves: verify beside it, leaving files in flight alone
+    try:
+        return _verify(data_dir, settings, deep=args.deep, repair=args.repair,
+                       in_flight_s=0.0 if lock is not None else IN_FLIGHT_S)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _verify(data_dir: Path, settings: Settings, *, deep: bool, repair: bool) -> int:
+def _verify(data_dir: Path, settings: Settings, *, deep: bool, repair: bool,
+            in_flight_s: float) -> int:
     t0 = time.perf_counter()
     found = Findings()
     db_problems = check_databases(data_dir)
@@ -121,8 +128,7 @@ def _verify(data_dir: Path, settings: Settings, *, deep: bool, repair: bool) -> 
 
     repaired: dict[str, int] = {}
     with open_archive(settings) as archive:
-        skip = 0.0 if repair else IN_FLIGHT_S
-        strays = archive.stray_files(skip_recent_s=skip)
+        strays = archive.stray_files(skip_recent_s=in_flight_s)
         rows = archive.instance_files()
         gone, damaged = [], []
         for row in rows:
@@ -165,7 +171,7 @@ def _verify(data_dir: Path, settings: Settings, *, deep: bool, repair: bool) -> 
                      getpass.getuser(), str(data_dir), repaired)
         print("repaired: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in repaired.items())
               + f" (quarantine: {data_dir / QUARANTINE_DIR}); checking again:")
-        return _verify(data_dir, settings, deep=deep, repair=False)
+        return _verify(data_dir, settings, deep=deep, repair=False, in_flight_s=in_flight_s)
     return 1 if found.problems else 0
 
 
