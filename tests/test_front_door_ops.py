@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import time
 from contextlib import closing
 from pathlib import Path
 
 from pydicom.uid import generate_uid
 
 from dicom_client import echo, send, stored_rows
+from loop_helpers import install_model, small_study, storescu, wait_until, write_files
 from node_harness import DICOM_NODE, REPO, NodeProcess, small_ct
 from test_archive import incoming
+from test_scp_store import _mount_tmpfs
 from twin_archive import Archive
 from twin_archive.audit import AuditLog
 
@@ -223,3 +226,69 @@ def test_index_deleted_then_rebuilt_with_twins_studies_and_consent_equal(tmp_pat
     assert node.cli("archive", "verify", "--deep").returncode == 0
     shown = json.loads(node.cli("twin", "show", "REB-A", "--json").stdout)
     assert shown["twin"]["donate"] is True and len(shown["studies"]) == 4  # 3 own + 1 merged
+
+
+def _fill(path: Path) -> int:
+    """Write zeros to ``path`` until the file system is full; return the bytes written."""
+    written = 0
+    chunk = b"\0" * (256 << 10)
+    with path.open("wb") as fh:
+        try:
+            while True:
+                fh.write(chunk)
+                fh.flush()
+                written += len(chunk)
+        except OSError:
+            pass
+    try:
+        with path.open("ab") as fh:  # the last partial chunk
+            while True:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+    except OSError:
+        pass
+    return written
+
+
+def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path: Path) -> None:
+    """A real full disk (tmpfs, as root) while a job runs: it waits (no failed attempt),
+    the loop logs one line per change of state, ``status`` answers, and once space is
+    freed the results arrive with no intervention."""
+    mnt = tmp_path / "small"
+    assert _mount_tmpfs(mnt, "64m"), "this test needs root to mount a tmpfs"
+    node = None
+    try:
+        data = mnt / "data"
+        data.mkdir()
+        install_model(data)
+        node = NodeProcess(data, config="min_free_mb = 0\n", extra_args=["--stable-after", "1"])
+        node.log_path = tmp_path / "node.log"
+        node.start()
+        paths = write_files(small_study("FULL-1", slices=24, size=96), tmp_path / "study")
+        storescu(node.port, paths)
+        wait_until("the job to start", lambda: "spleen-ct on series" in node.log(), 120, 0.05)
+        filler = mnt / "filler"
+        _fill(filler)
+        wait_until("the job to wait for space", lambda: "waits for disk space" in node.log(),
+                   180, 0.2)
+        status = node.cli("status", check=False)
+        assert status.returncode == 0 and "RUNNING" in status.stdout, status.stderr
+        time.sleep(6)  # several passes of monitor, worker and sender on a full disk
+        full_log = node.log()
+        assert "Traceback" not in full_log
+        assert full_log.count("disk full") <= 6, full_log[-3000:]
+        jobs = json.loads(node.cli("jobs", "--json", check=False).stdout or "[]")
+        assert jobs and all(j["state"] != "failed" for j in jobs), jobs
+        filler.unlink()
+        wait_until("the job done", lambda: [j for j in json.loads(
+            node.cli("jobs", "--json").stdout) if j["state"] == "done"], 240, 1.0)
+        [job] = json.loads(node.cli("jobs", "--json").stdout)
+        assert job["attempts"] == 1, job  # waiting for space is no failed attempt
+        [result] = json.loads(node.cli("twin", "show", "FULL-1", "--json").stdout)["results"]
+        assert result["seg_series_uid"] and result["sr_series_uid"] and result["overlay_series_uid"]
+        assert "working again" in node.log()
+        assert node.cli("archive", "verify", "--deep").returncode == 0  # nothing stray left
+    finally:
+        if node is not None:
+            node.stop()
+        subprocess.run(["umount", str(mnt)], check=False)
