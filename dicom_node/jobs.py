@@ -16,8 +16,12 @@ worker took the job (``jobs.worker``, e.g. ``worker-2 pid 4242``), in the same
 transaction that marks it running, so two workers never run one job. A worker that dies
 mid-job gives its job back (:meth:`JobQueue.give_back`, called by the supervisor that
 saw it die); a job found ``running`` when the node starts was interrupted by a crash
-(SIGKILL, power loss) and :meth:`JobQueue.recover` puts it back in the queue. The worker makes a re-run
-harmless: a result is recorded under the job's key once (see
+(SIGKILL, power loss): :meth:`JobQueue.recover` puts it back in the queue, and that
+attempt does not count as a failed one (the job did not fail; the process was stopped).
+A job that fails for lack of disk space is not failed either: :meth:`JobQueue.wait_for_space`
+queues it again after :data:`SPACE_RETRY_S`, without counting the attempt, for as
+long as the disk stays full, so it resumes by itself once space is freed. The worker
+makes a re-run harmless: a result is recorded under the job's key once (see
 :mod:`twin_archive.results`).
 
 The same database file holds the send queue (:mod:`dicom_node.sender`) and the
@@ -44,6 +48,10 @@ QUEUE_DB_NAME = "queue.sqlite"
 DEFAULT_MAX_ATTEMPTS = 3
 #: Delay before a failed job is tried again, seconds (doubled per attempt).
 RETRY_DELAY_S = 5.0
+#: Delay before a job that found the disk full is tried again, seconds (not an attempt).
+SPACE_RETRY_S = 10.0
+#: ``error`` of a job waiting for disk space starts with this.
+WAITING_FOR_SPACE = "waiting for disk space"
 
 
 def utc_now() -> datetime:
@@ -388,11 +396,27 @@ class JobQueue:
                 " ORDER BY id DESC", tuple(series_uids)).fetchall()
         return [Job.from_row(r) for r in rows]
 
+    def wait_for_space(self, job_id: int, reason: str, *,
+                       delay_s: float = SPACE_RETRY_S) -> None:
+        """The job failed for lack of disk space: queue it again after ``delay_s``
+        without counting the attempt (it waits for space, it never fails for it)."""
+        with self._lock, write_transaction(self.conn) as conn:
+            conn.execute(
+                "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), not_before = ?,"
+                " error = ? WHERE id = ? AND state = ?",
+                (JobState.QUEUED.value, iso(utc_now() + timedelta(seconds=delay_s)),
+                 f"{WAITING_FOR_SPACE}: {reason}", job_id, JobState.RUNNING.value),
+            )
+
     def recover(self) -> int:
-        """Put jobs left ``running`` by a crash back in the queue; return how many."""
+        """Put jobs left ``running`` by a crash back in the queue; return how many.
+
+        The interrupted attempt is not counted: a killed process is not a failed job.
+        """
         with self._lock, write_transaction(self.conn) as conn:
             n = conn.execute(
-                "UPDATE jobs SET state = ?, error = 'interrupted (node stopped during the job)'"
+                "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0),"
+                " error = 'interrupted (node stopped during the job)'"
                 " WHERE state = ?", (JobState.QUEUED.value, JobState.RUNNING.value),
             ).rowcount
         if n:

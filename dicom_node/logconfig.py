@@ -6,6 +6,25 @@ import logging
 import os
 import sys
 
+from twin_archive.text import printable
+
+
+class EscapeControlCharacters(logging.Filter):
+    """Escapes control characters in every message (issue 13): identifiers from the
+    wire (Patient IDs, UIDs, AE titles) may hold NUL, ESC or newlines; they are kept as
+    received but never reach the terminal or the journal raw, so no value can forge a
+    log line. Tracebacks (formatted separately) keep their line breaks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - let the handler report the bad format as usual
+            return True
+        safe = printable(message)
+        if safe != message:
+            record.msg, record.args = safe, None
+        return True
+
 
 class JournalFormatter(logging.Formatter):
     """Prefixes each line with its syslog priority (``<3>`` error ... ``<7>`` debug).
@@ -32,6 +51,7 @@ def configure_logging(level: str = "INFO") -> None:
         handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(EscapeControlCharacters())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -32,6 +32,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.faults import StateLog
 from dicom_node.jobs import JobQueue, iso, utc_now, write_transaction
 from dicom_node.label_intake import IntakeDecision
 from dicom_node.tasks import Task
@@ -215,11 +216,13 @@ class StabilityMonitor:
                  or "none")
 
     def _run(self) -> None:
+        state = StateLog(LOG, "stability monitor")  # one line per change, not per pass
         while not self._stop.wait(self.poll_s):
             try:
                 self.poll()
-            except Exception:  # keep watching; the next pass retries
-                LOG.exception("stability monitor: pass failed")
+                state.ok()
+            except Exception as exc:  # keep watching; the next pass retries
+                state.failed(exc, "pass failed")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop polling and close the connection."""

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node import speedups
+from dicom_node.datadir_lock import DataDirLock
 from dicom_node.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging
 from dicom_node.loop import Loop, describe_tasks
@@ -79,18 +80,31 @@ class Node:
         The configuration (flags applied).
     notifier : Notifier, optional
         systemd notifications (a disabled one outside systemd).
+    lock : DataDirLock, optional
+        The data directory's lock, already taken; by default the node takes it.
+        Either way the node releases it when it closes.
 
     Raises
     ------
+    DataDirInUseError
+        If another node holds the data directory (exit status 2).
     StartupError
         If the data directory or the port cannot be used.
     """
 
-    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None, *,
+                 lock: DataDirLock | None = None) -> None:
         self.settings = settings
         self.notifier = notifier or Notifier()
-        self.archive = open_archive(settings)
-        self.archive.recover()
+        # One node per data directory: locked before recovery touches anything in it
+        # (``demo`` takes it earlier, before its Orthanc, and hands it in).
+        self.lock = lock if lock is not None else DataDirLock(settings.data_dir)
+        try:
+            self.archive = open_archive(settings)
+            self.archive.recover()
+        except BaseException:
+            self.lock.release()
+            raise
         self.audit = AuditLog(settings.data_dir)
         self.metrics = NodeMetrics()
         self.state_path = Path(settings.data_dir) / STATE_FILE
@@ -243,6 +257,17 @@ class Node:
         self.notifier.close()
         with self._state_lock:
             self._state = None
-        self.state_path.unlink(missing_ok=True)
+        remove_state_file(self.state_path)
         self.audit.close()
         self.archive.close()
+        self.lock.release()
+
+
+def remove_state_file(path: Path) -> None:
+    """Remove ``serve.json`` only when this process wrote it (never another node's)."""
+    try:
+        if int(json.loads(path.read_text()).get("pid", -1)) != os.getpid():
+            return
+    except (OSError, ValueError, TypeError, AttributeError):
+        return
+    path.unlink(missing_ok=True)

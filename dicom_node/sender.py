@@ -37,6 +37,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
+from dicom_node.faults import StateLog
 from dicom_node.jobs import connect_queue, iso, utc_now, write_transaction
 from dicom_node.profiles import UNCOMPRESSED, ObjectShape, alias, choose, contexts_for, encode_as
 from dicom_node.settings import Destination
@@ -391,12 +392,14 @@ class Sender:
         return max(0.05, min(5.0, wait))
 
     def _run(self) -> None:
+        state = StateLog(LOG, "sender")  # one line per change (a full disk), not per pass
         while not self._stop.is_set():
             try:
                 self.send_due()
                 wait = self._next_due_in()
-            except Exception:
-                LOG.exception("sender: pass failed; trying again shortly")
+                state.ok()
+            except Exception as exc:
+                state.failed(exc, "pass failed")
                 wait = 5.0
             self.wakeup.wait(wait)
             self.wakeup.clear()

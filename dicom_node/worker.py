@@ -34,7 +34,9 @@ until Triton answers; it never falls back to local inference silently.
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +44,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
+from dicom_node.faults import StateLog, is_out_of_space
 from dicom_node.jobs import Job, JobQueue, utc_now
 from dicom_node.sender import Sender
 from dicom_node.settings import Destination, Settings
@@ -172,6 +175,9 @@ class Worker:
         self.triton = triton
         self.wait_backoff_max_s = wait_backoff_max_s
         self._waits = 0  # consecutive times a job had to wait for Triton
+        self._space = StateLog(LOG, name)  # disk full: one line per change of state
+        self._stalled: Job | None = None  # found the disk full; not yet back in the queue
+        self._loop_state = StateLog(LOG, name)
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
         """Serve ``tasks`` from the next job on (SIGHUP reload)."""
@@ -362,8 +368,9 @@ class Worker:
         if job is None:
             return None
         self.current = job
-        LOG.info("job %d: %s on series %s (%d instance(s)), attempt %d of %d", job.id, job.task,
-                 job.series_uid, job.instances, job.attempts, job.max_attempts)
+        LOG.log(logging.DEBUG if self._space.failing else logging.INFO,
+                "job %d: %s on series %s (%d instance(s)), attempt %d of %d", job.id, job.task,
+                job.series_uid, job.instances, job.attempts, job.max_attempts)
         try:
             outcome = self.run(job)
         except JobRefused as exc:
@@ -389,6 +396,12 @@ class Worker:
                           job.series_uid, exc.task)
             return None
         except Exception as exc:
+            if is_out_of_space(exc):  # not a failure of the job: it waits for space
+                self._space.failed(exc, f"job {job.id} waits for disk space (not counted as "
+                                        "a failed attempt)")
+                self._stalled = job
+                self._requeue_stalled()
+                return None
             state = self.jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
             LOG.exception("job %d attempt %d failed (%s)", job.id, job.attempts,
                           "will be retried" if state.value == "queued" else "no attempts left")
@@ -398,6 +411,7 @@ class Worker:
         self._waits = 0
         self.jobs.complete(job.id, result_id=outcome.result.id if outcome.result else None,
                            note=outcome.note)
+        self._space.ok()
         if outcome.result is None:
             LOG.info("job %d done: %s", job.id, outcome.note)
         return outcome
@@ -445,15 +459,50 @@ class Worker:
                 except Exception:
                     LOG.exception("%s: could not look for models that jobs wait for", self.name)
             try:
-                outcome = self.run_one()
-            except Exception:
-                LOG.exception("%s: could not take a job; trying again shortly", self.name)
+                ready = self._requeue_stalled() and not self._below_reserve()
+                outcome = self.run_one() if ready else None
+                self._loop_state.ok()
+            except Exception as exc:
+                self._loop_state.failed(exc, "could not take a job")
                 outcome = None
             if outcome is None and not self._stop.is_set():
                 self.jobs.wakeup.wait(1.0)
                 self.jobs.wakeup.clear()
         if self._registry is not None:
             self._registry.close()
+
+    def _requeue_stalled(self) -> bool:
+        """Give the job that found the disk full back to the queue (not as a failed
+        attempt); the queue's own file may be full too, so this is retried before each
+        claim until it works. True when no job is left stalled."""
+        job = self._stalled
+        if job is None:
+            return True
+        try:
+            self.jobs.wait_for_space(job.id, "no space left on the data directory's disk")
+        except Exception as exc:  # noqa: BLE001 - the queue cannot be written either
+            if not is_out_of_space(exc):
+                raise
+            return False
+        self._stalled = None
+        return True
+
+    def _below_reserve(self) -> bool:
+        """True (and said once) while free space is below the archive's reserve: no job
+        is taken then, so none runs only to find the disk full."""
+        reserve = self.archive.min_free_bytes
+        if not reserve:
+            return False
+        try:
+            free = shutil.disk_usage(self.archive.data_dir).free
+        except OSError:
+            return False
+        if free >= reserve:
+            return False
+        self._space.failed(OSError(errno.ENOSPC, f"{free >> 20} MiB free, below the reserve "
+                                   f"of {reserve >> 20} MiB (min_free_mb)"),
+                           "jobs wait for disk space")
+        return True
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking jobs; a job still running after ``grace_s`` goes back to the queue."""

@@ -137,6 +137,10 @@ class ReportingQueue(JobQueue):
         super().postpone(job_id, reason, delay_s=delay_s)
         self._report({"op": "idle"})
 
+    def wait_for_space(self, job_id: int, reason: str, **kwargs: Any) -> None:
+        super().wait_for_space(job_id, reason, **kwargs)
+        self._report({"op": "idle"})
+
 
 class QueueingSender(Sender):
     """A sender that only queues: the listener's sender sends, woken by a report."""

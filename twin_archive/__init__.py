@@ -19,13 +19,15 @@ from twin_archive.records import (
     StoreResult,
     StudyRecord,
     TwinDetail,
+    TwinMerge,
     TwinSummary,
 )
-from twin_archive.uids import is_valid_uid, uid_problem
+from twin_archive.text import printable
+from twin_archive.uids import is_valid_uid, path_component, uid_problem
 
 __all__ = [
     "Archive", "ArchiveError", "ConsentEvent", "IncomingInstance", "InvalidInstanceError",
     "OutOfResourcesError", "SeriesRecord", "SopClassMismatchError", "StoreOutcome",
-    "StoreResult", "StudyRecord", "TwinDetail", "TwinNotFoundError", "TwinSummary",
-    "is_valid_uid", "uid_problem",
+    "StoreResult", "StudyRecord", "TwinDetail", "TwinMerge", "TwinNotFoundError", "TwinSummary",
+    "is_valid_uid", "path_component", "printable", "uid_problem",
 ]

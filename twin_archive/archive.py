@@ -8,8 +8,10 @@ import logging
 import shutil
 import sqlite3
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,18 +20,27 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from twin_archive.durable import clean_tmp, fsync_dir, write_durably
+from twin_archive import reconcile
 from twin_archive.errors import (
+    ArchiveError,
     InvalidInstanceError,
     OutOfResourcesError,
     SopClassMismatchError,
     TwinNotFoundError,
 )
-from twin_archive.layout import INDEX_NAME, instance_relpath, load_or_create_key, patient_key
+from twin_archive.layout import (
+    INDEX_NAME,
+    QUARANTINE_DIR,
+    instance_relpath,
+    load_or_create_key,
+    patient_key,
+    unidentified_key,
+)
 from twin_archive.records import (
     ConsentEvent,
     IncomingInstance,
@@ -38,9 +49,11 @@ from twin_archive.records import (
     StoreResult,
     StudyRecord,
     TwinDetail,
+    TwinMerge,
     TwinSummary,
 )
 from twin_archive.schema import connect, migrate, utc_now, write_transaction
+from twin_archive.text import printable
 from twin_archive.uids import uid_problem
 
 LOG = logging.getLogger(__name__)
@@ -173,6 +186,7 @@ class _Pending:
     rel: str
     incoming: IncomingInstance
     final: Path
+    received_at: str | None = None  # set when re-indexing a file (its mtime); else now
     result: tuple[StoreOutcome, int] | None = None
     error: BaseException | None = None
     done: bool = False
@@ -265,11 +279,150 @@ class Archive:
         self.close()
 
     def recover(self) -> int:
-        """Remove temporary files of writes interrupted by a crash; return how many."""
+        """Start-up recovery (under the data directory's lock): remove temporary files
+        of writes interrupted by a crash, then reconcile files and rows
+        (:meth:`reconcile`). Returns how many temporary files were removed."""
         removed = clean_tmp(self.tmp_dir)
         if removed:
             LOG.warning("archive: removed %d unfinished temporary file(s) after restart", removed)
+        self.reconcile()
         return removed
+
+    # ------------------------------------------------------------ reconciliation
+    def indexed_paths(self) -> set[str]:
+        """Every file path (relative to the data directory) a row of the index names."""
+        with self._lock:
+            paths = {r[0] for r in self.db.execute("SELECT path FROM instances")}
+            paths.update(r[0] for r in self.db.execute("SELECT path FROM ai_result_objects"))
+            paths.update(r[0] for r in self.db.execute("SELECT path FROM labels"))
+        return paths
+
+    def stray_files(self, *, skip_recent_s: float = 0.0) -> list[tuple[str, Path]]:
+        """``(kind, path)`` of the files no row names (``instance`` or ``result``).
+
+        Files changed in the last ``skip_recent_s`` seconds are left out (a node that
+        serves may be between the rename and the commit of one).
+        """
+        known = self.indexed_paths()
+        out = []
+        for kind, path in reconcile.data_files(self.data_dir):
+            if str(path.relative_to(self.data_dir)) in known:
+                continue
+            if skip_recent_s and reconcile.recently_written(path, skip_recent_s):
+                continue
+            out.append((kind, path))
+        return out
+
+    def reconcile(self, *, skip_recent_s: float = 0.0) -> tuple[int, int]:
+        """Index the intact instance files no row names; quarantine the other strays.
+
+        Returns ``(indexed, quarantined)``; each quarantined file is logged with why.
+        """
+        t0 = time.perf_counter()
+        strays = self.stray_files(skip_recent_s=skip_recent_s)
+        indexed = quarantined = 0
+        instances = sorted((p for kind, p in strays if kind == "instance"),
+                           key=lambda p: p.stat().st_mtime)
+        for path, outcome in self.index_files(instances):
+            if isinstance(outcome, StoreResult) and outcome.outcome is not StoreOutcome.DUPLICATE:
+                indexed += 1
+                LOG.warning("archive: %s had no index row (a crash before its commit); "
+                            "intact, indexed now", path.relative_to(self.data_dir))
+            else:
+                why = ("the same content is indexed under another file" if
+                       isinstance(outcome, StoreResult) else f"not intact ({outcome})")
+                reconcile.quarantine(self.data_dir, path, why)
+                quarantined += 1
+        for kind, path in strays:
+            if kind == "result":
+                reconcile.quarantine(self.data_dir, path, "result or label file without its "
+                                     "row (a result set is recorded whole or not at all)")
+                quarantined += 1
+        if indexed or quarantined:
+            LOG.warning("archive: reconciled files and index in %.1f s: %d file(s) indexed, %d "
+                        "moved to %s", time.perf_counter() - t0, indexed, quarantined,
+                        self.data_dir / QUARANTINE_DIR)
+        return indexed, quarantined
+
+    def index_files(self, paths: Sequence[Path], *, batch: int = 256
+                    ) -> list[tuple[Path, StoreResult | Exception]]:
+        """Index instance files already in the archive (reconciliation, rebuild).
+
+        Each file is checked first: a Part 10 file whose data set has the SHA-256 its
+        name carries and parses to its end, with Study, Series and SOP Instance UIDs.
+        Rows are committed ``batch`` at a time (one transaction each). Returns, per
+        file, its :class:`StoreResult` or the exception that says why it is not intact.
+        """
+        out: list[tuple[Path, StoreResult | Exception]] = []
+        pending: list[tuple[Path, _Pending]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            self._flush([p for _, p in pending])
+            for path, p in pending:
+                if p.error is not None or p.result is None:
+                    out.append((path, OutOfResourcesError(f"index cannot commit: {p.error}")))
+                    continue
+                outcome, version = p.result
+                out.append((path, StoreResult(
+                    outcome=outcome, sop_instance_uid=p.ident["sop_uid"],
+                    series_uid=p.ident["series_uid"], study_uid=p.ident["study_uid"],
+                    patient_key=p.key, version=version, path=p.rel, sha256=p.sha)))
+            pending.clear()
+
+        for path in paths:
+            try:
+                pending.append((path, self._pending_for_file(path)))
+            except (ArchiveError, OSError, ValueError) as exc:
+                out.append((path, exc))
+            if len(pending) >= batch:
+                flush()
+        flush()
+        return out
+
+    def _pending_for_file(self, path: Path) -> _Pending:
+        data = path.read_bytes()
+        fh = BytesIO(data)
+        try:
+            read_preamble(fh, False)
+            meta = _read_file_meta_info(fh)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds
+            raise InvalidInstanceError("file", f"not a DICOM Part 10 file ({exc})") from exc
+        offset = fh.tell()
+        sha = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+        expected = reconcile.name_hash(path)
+        if expected is not None and expected != sha[:12]:
+            raise InvalidInstanceError("file", "content does not match the hash in its name "
+                                       "(damaged or cut short)")
+        ts = str(meta.get("TransferSyntaxUID", "") or "")
+        probe = IncomingInstance(file_meta=data[:offset], dataset=data[offset:],
+                                 transfer_syntax_uid=ts, sop_class_uid="", sop_instance_uid="")
+        parsed = self._parse(probe)
+        incoming = IncomingInstance(
+            file_meta=data[:offset], dataset=data[offset:], transfer_syntax_uid=ts,
+            sop_class_uid=parsed.fields["SOPClassUID"],
+            sop_instance_uid=parsed.fields["SOPInstanceUID"],
+            calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip())
+        ident = self._identify(parsed, incoming)
+        received = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+        return _Pending(fields=parsed.fields, ident=ident, key=self._twin_key(ident), sha=sha,
+                        rel=str(path.relative_to(self.data_dir)), incoming=incoming,
+                        final=path, received_at=received.isoformat(timespec="microseconds"))
+
+    def instance_files(self) -> list[dict[str, Any]]:
+        """``id``, ``path``, ``sha256``, ``missing_at`` of every instance row."""
+        return self._rows("SELECT id, path, sha256, missing_at FROM instances ORDER BY id")
+
+    def mark_missing(self, row_ids: Sequence[int]) -> int:
+        """Mark instance rows whose file is gone (one transaction); return how many."""
+        at = utc_now()
+        with self._lock, write_transaction(self.db) as conn:
+            n = 0
+            for row_id in row_ids:
+                n += conn.execute("UPDATE instances SET missing_at = ? WHERE id = ?"
+                                  " AND missing_at IS NULL", (at, row_id)).rowcount
+        return n
 
     # ------------------------------------------------------------------ storing
     def store(self, incoming: IncomingInstance) -> StoreResult:
@@ -308,7 +461,7 @@ class Archive:
         parsed = self._parse(incoming)
         ident = self._identify(parsed, incoming)
         sha = spool.sha256 if spool is not None else hashlib.sha256(incoming.dataset).hexdigest()
-        key = patient_key(self._secret, ident["patient_id"], ident["issuer"])
+        key = self._twin_key(ident)
         rel = instance_relpath(
             key, ident["study_uid"], ident["series_uid"], ident["sop_uid"], sha
         )
@@ -320,7 +473,7 @@ class Archive:
             ).fetchone()
         if row is not None:
             LOG.info("archive: instance %s already archived (identical), not written again",
-                     ident["sop_uid"])
+                     printable(ident["sop_uid"]))
             return StoreResult(
                 outcome=StoreOutcome.DUPLICATE, sop_instance_uid=ident["sop_uid"],
                 series_uid=ident["series_uid"], study_uid=ident["study_uid"],
@@ -361,7 +514,7 @@ class Archive:
             LOG.warning(
                 "archive: instance %s resent with different content from %s; kept as "
                 "version %d beside the earlier one(s), the newer is current",
-                ident["sop_uid"], incoming.calling_ae or "?", version,
+                printable(ident["sop_uid"]), printable(incoming.calling_ae or "?"), version,
             )
         return StoreResult(
             outcome=outcome, sop_instance_uid=ident["sop_uid"],
@@ -423,6 +576,13 @@ class Archive:
                      spool.tail, need_pixels=False)
 
     def _identify(self, parsed: _Parsed, incoming: IncomingInstance) -> dict[str, str]:
+        """The instance's identifiers; refuses only what cannot be grouped at all.
+
+        Kept as a PACS keeps them (issue 13): an empty or missing Patient ID files the
+        instance into the unidentified twin of its study; a Study, Series or SOP
+        Instance UID that is not conformant is flagged (``uid_flags``) and never used
+        as a path. Refused: a missing or empty Study, Series or SOP Instance UID.
+        """
         f = parsed.fields
         sop_class = f["SOPClassUID"]
         sop_uid = f["SOPInstanceUID"]
@@ -434,33 +594,43 @@ class Archive:
             "sop_uid": sop_uid,
             "sop_class": sop_class,
         }
-        if not ident["patient_id"]:
-            raise InvalidInstanceError("PatientID", "missing or empty: the instance cannot be filed into a twin")
-        if len(ident["patient_id"]) > 64:
-            raise InvalidInstanceError("PatientID", "longer than 64 characters (LO)")
+        flags = []
         for keyword, name in (
             ("SOPInstanceUID", "sop_uid"),
             ("StudyInstanceUID", "study_uid"),
             ("SeriesInstanceUID", "series_uid"),
-            ("SOPClassUID", "sop_class"),
         ):
-            problem = uid_problem(ident[name] or None)
-            if problem:
-                raise InvalidInstanceError(keyword, problem)
+            if not ident[name]:
+                raise InvalidInstanceError(keyword, "missing or empty: the instance cannot be "
+                                           "grouped into a study and series")
+            if uid_problem(ident[name]):
+                flags.append(keyword)
+        ident["uid_flags"] = ",".join(flags)
+        ident["unidentified"] = "" if ident["patient_id"] else "1"
+        problem = uid_problem(sop_class or None)
+        if problem:
+            raise InvalidInstanceError("SOPClassUID", problem)
         if sop_class != incoming.sop_class_uid:
             raise SopClassMismatchError(
                 sop_uid, f"data set has SOP Class {sop_class} but was sent as {incoming.sop_class_uid}"
             )
         if sop_uid != incoming.sop_instance_uid:
-            raise SopClassMismatchError(
-                sop_uid, f"data set's SOP Instance UID differs from the request's ({incoming.sop_instance_uid})"
-            )
+            # Kept, as a PACS keeps it (issue 13), under the data set's own UID: that is
+            # what every reader of the file sees.
+            LOG.warning("archive: instance %s sent as %s (the request's Affected SOP Instance "
+                        "UID differs from the data set's); kept under the data set's",
+                        printable(sop_uid), printable(incoming.sop_instance_uid))
         if UID(sop_class).name.endswith("Image Storage") and "Multi-frame" not in UID(sop_class).name:
             if not parsed.has_pixels:
                 raise SopClassMismatchError(sop_uid, f"{UID(sop_class).name} without Pixel Data")
             if not parsed.has_rows_columns:
                 raise SopClassMismatchError(sop_uid, f"{UID(sop_class).name} without Rows/Columns")
         return ident
+
+    def _twin_key(self, ident: dict[str, str]) -> str:
+        if ident["unidentified"]:
+            return unidentified_key(self._secret, ident["study_uid"], ident["issuer"])
+        return patient_key(self._secret, ident["patient_id"], ident["issuer"])
 
     def _check_free_space(self, incoming_bytes: int) -> None:
         if not self.min_free_bytes:
@@ -511,15 +681,21 @@ class Archive:
         fields, ident, key, sha, rel, incoming = (
             p.fields, p.ident, p.key, p.sha, p.rel, p.incoming)
         size = incoming.size
-        now = utc_now()
+        now = utc_now() if p.received_at is None else p.received_at
         conn.execute(
             "INSERT INTO twins (patient_key, patient_id, issuer_of_patient_id, patient_name,"
-            " birth_date, sex, donate, created_at, updated_at) VALUES (?,?,?,?,?,?,0,?,?)"
+            " birth_date, sex, donate, created_at, updated_at, unidentified)"
+            " VALUES (?,?,?,?,?,?,0,?,?,?)"
             " ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,"
             " birth_date=excluded.birth_date, sex=excluded.sex, updated_at=excluded.updated_at",
             (key, ident["patient_id"], ident["issuer"], fields["PatientName"],
-             fields["PatientBirthDate"], fields["PatientSex"], now, now),
+             fields["PatientBirthDate"], fields["PatientSex"], now, now,
+             int(bool(ident["unidentified"]))),
         )
+        merged = conn.execute("SELECT merged_into FROM twins WHERE patient_key = ?",
+                              (key,)).fetchone()
+        if merged is not None and merged[0]:  # an unidentified twin attached to a patient
+            key = merged[0]
         conn.execute(
             "INSERT INTO studies (study_uid, patient_key, study_date, study_time, description,"
             " accession_number, first_received, last_received) VALUES (?,?,?,?,?,?,?,?)"
@@ -544,11 +720,11 @@ class Archive:
         cur = conn.execute(
             "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, series_uid,"
             " study_uid, patient_key, instance_number, transfer_syntax_uid, size, sha256,"
-            " path, calling_ae, received_at, version, current)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
+            " path, calling_ae, received_at, version, current, uid_flags)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1,?)",
             (ident["sop_uid"], ident["sop_class"], ident["series_uid"], ident["study_uid"],
              key, fields["InstanceNumber"], incoming.transfer_syntax_uid, size, sha, rel,
-             incoming.calling_ae, now, previous + 1),
+             incoming.calling_ae, now, previous + 1, ident["uid_flags"]),
         )
         if cur.rowcount == 0:  # the same content committed by a concurrent association
             return StoreOutcome.DUPLICATE, previous
@@ -587,7 +763,7 @@ class Archive:
             "   WHERE s.patient_key = t.patient_key) AS n_series,"
             " (SELECT COUNT(*) FROM instances i WHERE i.patient_key = t.patient_key AND i.current = 1) AS n_instances,"
             " (SELECT MAX(received_at) FROM instances i WHERE i.patient_key = t.patient_key) AS last"
-            " FROM twins t ORDER BY t.updated_at DESC"
+            " FROM twins t WHERE t.merged_into IS NULL ORDER BY t.updated_at DESC"
         )
         return [self._summary(r) for r in rows]
 
@@ -598,7 +774,8 @@ class Archive:
             issuer_of_patient_id=r["issuer_of_patient_id"] or "",
             patient_name=r["patient_name"] or "", donate=bool(r["donate"]),
             studies=r["n_studies"], series=r["n_series"], instances=r["n_instances"],
-            last_received=r["last"] or "",
+            last_received=r["last"] or "", unidentified=bool(r["unidentified"]),
+            merged_into=r["merged_into"] or "",
         )
 
     def find_twin_keys(self, patient_id: str, issuer: str | None = None) -> list[str]:
@@ -609,12 +786,15 @@ class Archive:
         TwinNotFoundError
             If no twin has that Patient ID.
         """
-        sql = "SELECT patient_key FROM twins WHERE patient_id = ?"
+        sql = "SELECT patient_key FROM twins WHERE patient_id = ? AND patient_id <> ''"
         params: tuple[Any, ...] = (patient_id,)
         if issuer is not None:
             sql += " AND issuer_of_patient_id = ?"
             params += (issuer,)
         keys = [r["patient_key"] for r in self._rows(sql, params)]
+        if not keys and issuer is None:  # a twin key (how unidentified twins are named)
+            keys = [r["patient_key"] for r in self._rows(
+                "SELECT patient_key FROM twins WHERE patient_key = ?", (patient_id.lower(),))]
         if not keys:
             raise TwinNotFoundError(patient_id)
         return keys
@@ -628,7 +808,13 @@ class Archive:
             If no twin has that Patient ID.
         """
         key = self.find_twin_keys(patient_id, issuer)[0]
-        summary = next(t for t in self.list_twins() if t.patient_key == key)
+        summary = self._summary(self._rows(
+            "SELECT t.*, (SELECT COUNT(*) FROM studies s WHERE s.patient_key = t.patient_key) AS n_studies,"
+            " (SELECT COUNT(*) FROM series se JOIN studies s ON se.study_uid = s.study_uid"
+            "   WHERE s.patient_key = t.patient_key) AS n_series,"
+            " (SELECT COUNT(*) FROM instances i WHERE i.patient_key = t.patient_key AND i.current = 1) AS n_instances,"
+            " (SELECT MAX(received_at) FROM instances i WHERE i.patient_key = t.patient_key) AS last"
+            " FROM twins t WHERE t.patient_key = ?", (key,))[0])
         studies = []
         for st in self._rows(
             "SELECT * FROM studies WHERE patient_key = ? ORDER BY study_date, study_time", (key,)
@@ -641,11 +827,16 @@ class Archive:
                     model_name=se["model_name"] or "",
                     frame_of_reference_uid=se["frame_of_reference_uid"] or "",
                     instances=se["n"], first_received=se["first_received"],
-                    last_received=se["last_received"],
+                    last_received=se["last_received"], nonconformant_uids=se["n_flagged"],
+                    missing=se["n_missing"],
                 )
                 for se in self._rows(
                     "SELECT se.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid = se.series_uid"
-                    " AND i.current = 1) AS n FROM series se WHERE se.study_uid = ?"
+                    " AND i.current = 1) AS n, (SELECT COUNT(*) FROM instances i WHERE"
+                    " i.series_uid = se.series_uid AND i.current = 1 AND i.uid_flags <> '') AS n_flagged,"
+                    " (SELECT COUNT(*) FROM instances i WHERE i.series_uid = se.series_uid"
+                    " AND i.current = 1 AND i.missing_at IS NOT NULL) AS n_missing"
+                    " FROM series se WHERE se.study_uid = ?"
                     " ORDER BY CAST(se.series_number AS INTEGER), se.first_received",
                     (st["study_uid"],),
                 )
@@ -670,12 +861,91 @@ class Archive:
             results = twin_results(self.db, self.data_dir, key)
             labels = twin_labels(self.db, self.data_dir, key)
             trained = twin_model_versions(self.db, key)
+        merges = tuple(
+            TwinMerge(source_key=r["source_key"], target_key=r["target_key"], at=r["at"],
+                      by=r["by"], reason=r["reason"], studies=r["studies"])
+            for r in self._rows("SELECT * FROM twin_merges WHERE target_key = ? OR source_key = ?"
+                                " ORDER BY id", (key, key)))
         return TwinDetail(twin=summary, studies=tuple(studies), consent_history=history,
-                          results=results, labels=labels, trained_model_versions=trained)
+                          results=results, labels=labels, trained_model_versions=trained,
+                          merges=merges)
+
+    def merge_twins(self, source: str, target: str, *, by: str, reason: str,
+                    at: str | None = None) -> TwinMerge:
+        """Attach an unidentified twin to a patient's twin, in one transaction.
+
+        Its studies, series, instances, AI results, labels and training records move to
+        ``target``; the files stay where they are (paths are not identity). The source
+        twin is kept, marked ``merged_into``, so that instances of the same study that
+        arrive later without a Patient ID go to ``target`` too. The caller records the
+        audit event (:meth:`twin_archive.audit.AuditLog.record`, ``twin-merged``).
+
+        Parameters
+        ----------
+        source : str
+            The unidentified twin, by its key (``twin list`` shows it).
+        target : str
+            The patient's twin, by Patient ID or key.
+        by : str
+            Who decides (required).
+        reason : str
+            Why (required): e.g. the order or the PACS reconciliation it follows.
+        at : str, optional
+            Time of the decision (ISO 8601, UTC); now by default (``rebuild-index``
+            gives the recorded one).
+
+        Raises
+        ------
+        TwinNotFoundError
+            If either twin is unknown.
+        ValueError
+            Naming ``by``/``reason`` when empty, ``source`` when it is not an
+            unidentified twin or already merged, ``target`` when it is unidentified or
+            ambiguous, or the same twin.
+        """
+        if not by.strip():
+            raise ValueError("by: the person attaching the twin must be named")
+        if not reason.strip():
+            raise ValueError("reason: say why the twin is attached to that patient")
+        [src] = self.find_twin_keys(source)[:1]
+        dst_keys = self.find_twin_keys(target)
+        if len(dst_keys) > 1:
+            raise ValueError(f"target: {len(dst_keys)} twins share Patient ID {printable(target)!r}"
+                             " under different issuers; give the twin key")
+        dst = dst_keys[0]
+        if src == dst:
+            raise ValueError("target: the source and the target are the same twin")
+        at = at or utc_now()
+        with self._lock, write_transaction(self.db) as conn:
+            s_row = conn.execute("SELECT unidentified, merged_into FROM twins WHERE patient_key = ?",
+                                 (src,)).fetchone()
+            d_row = conn.execute("SELECT unidentified, merged_into FROM twins WHERE patient_key = ?",
+                                 (dst,)).fetchone()
+            if not s_row[0]:
+                raise ValueError("source: only an unidentified twin (no Patient ID) can be "
+                                 "attached to a patient; correct identified patients in the PACS")
+            if s_row[1]:
+                raise ValueError(f"source: already merged into twin {s_row[1]}")
+            if d_row[0] or d_row[1]:
+                raise ValueError("target: must be an identified patient's twin")
+            studies = conn.execute("SELECT COUNT(*) FROM studies WHERE patient_key = ?",
+                                   (src,)).fetchone()[0]
+            for table in ("studies", "instances", "ai_results", "labels", "training_use"):
+                conn.execute(f"UPDATE {table} SET patient_key = ? WHERE patient_key = ?",  # noqa: S608
+                             (dst, src))
+            conn.execute("UPDATE twins SET merged_into = ?, updated_at = ? WHERE patient_key = ?",
+                         (dst, at, src))
+            conn.execute("UPDATE twins SET updated_at = ? WHERE patient_key = ?", (at, dst))
+            conn.execute("INSERT INTO twin_merges (source_key, target_key, at, by, reason, studies)"
+                         " VALUES (?,?,?,?,?,?)", (src, dst, at, by, reason, studies))
+        LOG.info("twin %s (unidentified, %d study(ies)) attached to twin %s by %s", src, studies,
+                 dst, printable(by))
+        return TwinMerge(source_key=src, target_key=dst, at=at, by=by, reason=reason,
+                         studies=studies)
 
     def set_consent(
         self, patient_id: str, *, donate: bool, by: str, reason: str = "",
-        issuer: str | None = None,
+        issuer: str | None = None, at: str | None = None,
     ) -> ConsentEvent:
         """Record a donation decision and its audit entry in one transaction.
 
@@ -694,7 +964,7 @@ class Archive:
                 f"patient_id: {len(keys)} twins share Patient ID {patient_id!r} under different "
                 "issuers; name the issuer"
             )
-        at = utc_now()
+        at = at or utc_now()  # given when replayed from the audit log (rebuild-index)
         with self._lock, write_transaction(self.db) as conn:
             previous = bool(conn.execute(
                 "SELECT donate FROM twins WHERE patient_key = ?", (keys[0],)

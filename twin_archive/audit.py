@@ -66,6 +66,8 @@ class AuditEvent(str, enum.Enum):
     LABEL_IMPORTED = "label-imported"
     DATASET_EXPORTED = "dataset-exported"
     MODEL_PROMOTED = "model-promoted"
+    TWIN_MERGED = "twin-merged"
+    ARCHIVE_REPAIRED = "archive-repaired"
 
 
 #: DICOM Event ID (code, meaning) of each event type; DCM coding scheme (PS3.16 CID 400).
@@ -80,6 +82,8 @@ EVENT_IDS: dict[AuditEvent, tuple[str, str]] = {
     AuditEvent.LABEL_IMPORTED: ("110107", "Import"),
     AuditEvent.DATASET_EXPORTED: ("110106", "Export"),
     AuditEvent.MODEL_PROMOTED: ("110113", "Security Alert"),  # type 110131 Software Configuration
+    AuditEvent.TWIN_MERGED: ("110110", "Patient Record"),
+    AuditEvent.ARCHIVE_REPAIRED: ("110113", "Security Alert"),  # the archive was changed by hand
 }
 
 

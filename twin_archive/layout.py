@@ -7,11 +7,16 @@
       archive.key             per-installation secret for patient folder names (0600)
       tmp/                    temporary files of writes in progress (cleaned at start)
       archive/<kk>/<patient-key>/<study-uid>/<series-uid>/<sop-uid>.<sha12>.dcm
+      quarantine/             files start-up or ``archive verify --repair`` set aside
 
 ``patient-key`` is an HMAC-SHA256 of the Issuer of Patient ID and the Patient ID with
 the installation's secret, so no PHI appears in a path and the folder name cannot be
-reversed by hashing a list of medical record numbers. The content hash in the file
-name lets a resent instance with different content sit beside the first version.
+reversed by hashing a list of medical record numbers. An instance without a Patient ID
+goes to an *unidentified* twin keyed by its Issuer and Study Instance UID (another key
+derived from the same secret, so it never meets a real patient's key). The content
+hash in the file name lets a resent instance with different content sit beside the
+first version. A UID that is not conformant is never a path component: its folder or
+file is named by a hash of it (:func:`twin_archive.uids.path_component`).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import secrets
 from pathlib import Path
 
 from twin_archive.errors import InvalidInstanceError
-from twin_archive.uids import uid_problem
+from twin_archive.uids import path_component
 
 INDEX_NAME = "index.sqlite"
 KEY_NAME = "archive.key"
+ARCHIVE_DIR = "archive"
+QUARANTINE_DIR = "quarantine"
 
 
 def load_or_create_key(data_dir: Path) -> bytes:
@@ -50,7 +57,20 @@ def load_or_create_key(data_dir: Path) -> bytes:
 
 def patient_key(secret: bytes, patient_id: str, issuer: str = "") -> str:
     """Return the 32-hex-digit folder name of a patient (no PHI)."""
-    mac = hmac.new(secret, f"{issuer}\x00{patient_id}".encode(), hashlib.sha256)
+    mac = hmac.new(secret, f"{issuer}\x00{patient_id}".encode("utf-8", "surrogateescape"),
+                   hashlib.sha256)
+    return mac.hexdigest()[:32]
+
+
+def unidentified_key(secret: bytes, study_uid: str, issuer: str = "") -> str:
+    """The 32-hex-digit key of the unidentified twin of one study (no Patient ID sent).
+
+    Derived with a key of its own (HMAC of the secret), so it cannot equal the key of
+    any Patient ID, whatever characters that ID holds.
+    """
+    derived = hmac.new(secret, b"dicom-node unidentified twin", hashlib.sha256).digest()
+    mac = hmac.new(derived, f"{issuer}\x00{study_uid}".encode("utf-8", "surrogateescape"),
+                   hashlib.sha256)
     return mac.hexdigest()[:32]
 
 
@@ -59,19 +79,26 @@ def instance_relpath(
 ) -> Path:
     """Return the path of an instance file relative to the data directory.
 
+    A conformant UID names its folder or file as it is; any other is replaced by a
+    hash of it (:func:`~twin_archive.uids.path_component`), so nothing from the wire
+    can climb out of the archive or hide a control character in a path.
+
     Raises
     ------
     InvalidInstanceError
-        If any UID is not a valid UID (so it cannot climb out of the archive).
+        If a UID is empty.
+    ValueError
+        If ``key`` is not 32 hex digits.
     """
+    parts = []
     for keyword, value in (
         ("StudyInstanceUID", study_uid),
         ("SeriesInstanceUID", series_uid),
         ("SOPInstanceUID", sop_uid),
     ):
-        problem = uid_problem(value)
-        if problem:
-            raise InvalidInstanceError(keyword, problem)
+        if not value:
+            raise InvalidInstanceError(keyword, "missing or empty")
+        parts.append(path_component(value))
     if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
         raise ValueError(f"key: expected 32 hex digits, got {key!r}")
-    return Path("archive", key[:2], key, study_uid, series_uid, f"{sop_uid}.{sha256[:12]}.dcm")
+    return Path(ARCHIVE_DIR, key[:2], key, parts[0], parts[1], f"{parts[2]}.{sha256[:12]}.dcm")

@@ -106,6 +106,10 @@ class SeriesRecord:
     instances: int
     first_received: str
     last_received: str
+    #: Current instances with a UID that is not conformant (stored under a hashed name).
+    nonconformant_uids: int = 0
+    #: Current instances whose file ``archive verify --repair`` found missing.
+    missing: int = 0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,6 +142,22 @@ class TwinSummary:
     series: int
     instances: int
     last_received: str
+    #: Filed without a Patient ID: the twin of one study (Issuer + Study Instance UID).
+    unidentified: bool = False
+    #: Key of the twin this one was merged into (``twin merge``), or ''.
+    merged_into: str = ""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TwinMerge:
+    """An unidentified twin attached to a patient (``twin merge``)."""
+
+    source_key: str
+    target_key: str
+    at: str  # ISO 8601, UTC
+    by: str
+    reason: str
+    studies: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -152,6 +172,7 @@ class TwinDetail:
     results: tuple[dict[str, Any], ...] = field(default=())
     labels: tuple[dict[str, Any], ...] = field(default=())
     trained_model_versions: tuple[str, ...] = field(default=())
+    merges: tuple[TwinMerge, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dictionary."""

@@ -15,10 +15,11 @@ returns the result already stored (a job re-run after a crash adds nothing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -30,7 +31,7 @@ from pydicom.dataset import Dataset
 
 from twin_archive.durable import fsync_dir, write_durably
 from twin_archive.schema import IndexStore, fetch_dicts, utc_now, write_transaction
-from twin_archive.uids import uid_problem
+from twin_archive.uids import path_component, uid_problem
 
 LOG = logging.getLogger(__name__)
 
@@ -140,12 +141,13 @@ class ResultStore(IndexStore):
             LOG.info("result for job %s already recorded (result %d); not stored again",
                      job_key, existing.id)
             return existing
-        if uid_problem(study_uid):
-            raise ValueError(f"study_uid: {uid_problem(study_uid)}")
-        rows = self._store_files(self.data_dir / RESULTS_DIR / patient_key / study_uid, objects)
+        if not study_uid:
+            raise ValueError("study_uid: empty")
+        rows, created = self._store_files(self.data_dir / RESULTS_DIR / patient_key
+                                          / path_component(study_uid), objects)
         now = utc_now()
         seg_json = json.dumps([{"name": s.name, "volume_ml": s.volume_ml} for s in segments])
-        with self._lock, write_transaction(self.db) as conn:
+        with self._all_or_nothing(created), self._lock, write_transaction(self.db) as conn:
             cur = conn.execute(
                 "INSERT INTO ai_results (job_key, patient_key, study_uid, source_series_uid,"
                 " source_last_received, source_instances, task, model_name, model_version,"
@@ -172,30 +174,51 @@ class ResultStore(IndexStore):
         return result
 
     def _store_files(self, folder: Path, objects: Sequence[tuple[str, Dataset]]
-                     ) -> list[tuple[str, str, str, str, str, str]]:
-        """Write each object durably; its index row (without the result id).
+                     ) -> tuple[list[tuple[str, str, str, str, str, str]], list[Path]]:
+        """Write each object durably; its index row (without the result id), and the
+        files this call created (for :meth:`_discard` when the set cannot be recorded).
 
         Each file is written to a temporary name, fdatasynced and renamed into place;
         the directory is fsynced once after all the renames (not once per file), before
-        any row naming the files is committed.
+        any row naming the files is committed. On a failure (a full disk) the files
+        written so far are removed before the error goes on: all or nothing.
         """
-        rows = []
+        rows: list[tuple[str, str, str, str, str, str]] = []
+        created: list[Path] = []
         for kind, ds in objects:
             if kind not in RESULT_KINDS:
                 raise ValueError(f"objects: kind must be one of {RESULT_KINDS}, got {kind!r}")
             problem = uid_problem(str(ds.SOPInstanceUID))
             if problem:
                 raise ValueError(f"objects: SOP Instance UID {problem}")
-        for kind, ds in objects:
-            sop_uid = str(ds.SOPInstanceUID)
-            final = folder / f"{kind}-{sop_uid}.dcm"
-            write_durably(final, (_encode(ds),), self.tmp_dir, sync_dir=False)
-            rows.append((kind, str(ds.SOPClassUID), sop_uid, str(ds.SeriesInstanceUID),
-                         str(ds.file_meta.TransferSyntaxUID),
-                         str(final.relative_to(self.data_dir))))
-        if rows:
-            fsync_dir(folder)
-        return rows
+        try:
+            for kind, ds in objects:
+                sop_uid = str(ds.SOPInstanceUID)
+                final = folder / f"{kind}-{sop_uid}.dcm"
+                existed = final.exists()
+                write_durably(final, (_encode(ds),), self.tmp_dir, sync_dir=False)
+                if not existed:
+                    created.append(final)
+                rows.append((kind, str(ds.SOPClassUID), sop_uid, str(ds.SeriesInstanceUID),
+                             str(ds.file_meta.TransferSyntaxUID),
+                             str(final.relative_to(self.data_dir))))
+            if rows:
+                fsync_dir(folder)
+        except BaseException:
+            self._discard(created)
+            raise
+        return rows, created
+
+    @staticmethod
+    def _discard(created: Sequence[Path]) -> None:
+        """Remove the files written for a result set that could not be recorded whole
+        (a result is recorded all or nothing: no file without its row)."""
+        for path in created:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                LOG.warning("result file %s could not be removed after a failed recording; "
+                            "start-up reconciliation will quarantine it", path.name)
 
     def add_objects(self, result_id: int, objects: Sequence[tuple[str, Dataset]], *,
                     timings: dict[str, float] | None = None) -> AIResult:
@@ -219,10 +242,10 @@ class ResultStore(IndexStore):
             If a file cannot be written (the index is then left untouched).
         """
         result = self.get(result_id)
-        rows = self._store_files(self.data_dir / RESULTS_DIR / result.patient_key
-                                 / result.study_uid, objects)
+        rows, created = self._store_files(self.data_dir / RESULTS_DIR / result.patient_key
+                                          / path_component(result.study_uid), objects)
         merged = {**result.timings, **(timings or {})}
-        with self._lock, write_transaction(self.db) as conn:
+        with self._all_or_nothing(created), self._lock, write_transaction(self.db) as conn:
             conn.executemany(
                 "INSERT INTO ai_result_objects (result_id, kind, sop_class_uid,"
                 " sop_instance_uid, series_uid, transfer_syntax_uid, path) VALUES (?,?,?,?,?,?,?)",
@@ -231,6 +254,15 @@ class ResultStore(IndexStore):
             conn.execute("UPDATE ai_results SET timings = ? WHERE id = ?",
                          (json.dumps(merged), result_id))
         return self.get(result_id)
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self, created: Sequence[Path]) -> Iterator[None]:
+        """The index rows of a result set: if they cannot commit, its new files go too."""
+        try:
+            yield
+        except BaseException:
+            self._discard(created)
+            raise
 
     # ------------------------------------------------------------------ reading
     def _result(self, row: sqlite3.Row | dict[str, Any]) -> AIResult:

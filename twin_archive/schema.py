@@ -262,8 +262,26 @@ def _m4_label_tasks(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE labels ADD COLUMN tasks TEXT NOT NULL DEFAULT ''")
 
 
+def _m5_liberal_acceptance_and_repair(db: sqlite_utils.Database) -> None:
+    """Issue 13: unidentified twins and their merges, non-conformant UIDs flagged per
+    instance, instances found missing by ``archive verify --repair``."""
+    db.execute("ALTER TABLE twins ADD COLUMN unidentified INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE twins ADD COLUMN merged_into TEXT")
+    # Comma-separated keywords of the instance's UIDs that are not conformant
+    # (stored under hashed names): 'SOPInstanceUID,SeriesInstanceUID', or ''.
+    db.execute("ALTER TABLE instances ADD COLUMN uid_flags TEXT NOT NULL DEFAULT ''")
+    # When ``archive verify --repair`` found the file gone (NULL: present).
+    db.execute("ALTER TABLE instances ADD COLUMN missing_at TEXT")
+    db.execute(
+        "CREATE TABLE twin_merges (id INTEGER PRIMARY KEY, source_key TEXT NOT NULL,"
+        " target_key TEXT NOT NULL REFERENCES twins(patient_key), at TEXT NOT NULL,"
+        " by TEXT NOT NULL, reason TEXT NOT NULL, studies INTEGER NOT NULL)")
+    db.execute("CREATE INDEX twin_merges_target ON twin_merges (target_key)")
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
-    _m1_initial, _m2_ai_results, _m3_labels_and_training_use, _m4_label_tasks)
+    _m1_initial, _m2_ai_results, _m3_labels_and_training_use, _m4_label_tasks,
+    _m5_liberal_acceptance_and_repair)
 
 
 def migrate(db: sqlite_utils.Database) -> int:

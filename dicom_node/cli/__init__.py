@@ -7,7 +7,9 @@ Each subcommand module has ``register(subparsers, parents)``; handlers are
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from dicom_node import __version__
@@ -44,7 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in (labels, training, tasks):
         module.register(sub, [common])
+    from dicom_node.cli import archive  # issue 13: archive verify / rebuild-index
+
+    archive.register(sub, [common])
     return parser
+
+
+def damaged_database_line(data_dir: Path | str, exc: BaseException) -> str:
+    """One line naming the damaged database of ``data_dir`` and what to run."""
+    from dicom_node.cli.archive import check_databases
+
+    found = [p for p in check_databases(Path(data_dir)) if "damaged" in p or "missing" in p]
+    what = found[0] if found else f"database error in {data_dir} ({exc})"
+    return (f"{what}; check and repair with 'dicom-node archive verify --repair', or rebuild "
+            "the index with 'dicom-node archive rebuild-index' (stop the node first)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,15 +73,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ae_title": getattr(args, "ae_title", None),
         "bind_address": getattr(args, "bind", None),
     }
+    settings = None
     try:
         settings = load_settings(getattr(args, "config", None), overrides=overrides)
         return int(args.func(args, settings) or 0)
     except ConfigError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
+    except sqlite3.DatabaseError as exc:  # a damaged database: one line, no traceback
+        where = settings.data_dir if settings is not None else "."
+        print(f"dicom-node: {damaged_database_line(where, exc)}", file=sys.stderr)
+        return 1
     except DicomNodeError as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
-        return 1
+        return int(getattr(exc, "exit_status", 1))
     except ValueError as exc:  # a bad argument, named by the raiser
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2

@@ -176,6 +176,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     import pydicom
 
+    from dicom_node.datadir_lock import DataDirLock
     from dicom_node.node import Node
     from dicom_node.jobs import utc_now
     from orthanc.server import OrthancServer, free_ports
@@ -185,6 +186,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     data_dir = Path(settings.data_dir if getattr(args, "data_dir", None) else "demo-data").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock = DataDirLock(data_dir)  # one node per data directory, before anything is touched
     with Registry(data_dir) as reg:
         model = ensure_demo_model(reg)
     LOG.info("demo: serving model %s for task spleen-ct", model.version)
@@ -209,7 +211,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             tls_key=None, tls_ca=None,
             destinations=(Destination(ae_title=orthanc.aet, host="127.0.0.1",
                                       port=orthanc.dicom_port),))
-        node = Node(settings)
+        node = Node(settings, lock=lock)
         node.start()
         try:
             if not node.loop.workers.wait_ready(300):  # so the figures below hold no start-up

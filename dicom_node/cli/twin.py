@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from dicom_node.settings import Settings
-from twin_archive import Archive, audit
+from twin_archive import Archive, audit, printable
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -36,6 +36,18 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--issuer", default=None, help="Issuer of Patient ID, when several share the ID")
     p.set_defaults(func=cmd_consent)
 
+    p = tsub.add_parser("merge", parents=parents,
+                        help="attach an unidentified twin (no Patient ID) to the right patient",
+                        description="Attach the unidentified twin SOURCE (its key, from 'twin "
+                                    "list') to the patient TARGET (Patient ID or twin key): its "
+                                    "studies, results and labels move, in one transaction, "
+                                    "recorded in the audit log.")
+    p.add_argument("source", metavar="SOURCE", help="key of the unidentified twin")
+    p.add_argument("target", metavar="TARGET", help="Patient ID (or twin key) of the patient")
+    p.add_argument("--by", required=True, help="who decides (recorded in the audit log)")
+    p.add_argument("--reason", required=True, help="why: the order, the reconciliation...")
+    p.set_defaults(func=cmd_merge)
+
 
 def _archive(settings: Settings) -> Archive:
     from dicom_node.node import open_archive
@@ -54,9 +66,16 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     print(f"{'PATIENT ID':<20} {'NAME':<24} {'STUDIES':>7} {'SERIES':>6} {'INSTANCES':>9}  DONATES  LAST RECEIVED")
     for t in twins:
-        print(f"{t.patient_id:<20} {t.patient_name[:24]:<24} {t.studies:>7} {t.series:>6} "
+        print(f"{_patient(t):<20} {printable(t.patient_name)[:24]:<24} {t.studies:>7} {t.series:>6} "
               f"{t.instances:>9}  {'yes' if t.donate else 'no':<7}  {t.last_received[:19]}")
     return 0
+
+
+def _patient(t: Any) -> str:
+    """The Patient ID as printed: escaped, or the unidentified twin's key."""
+    if t.unidentified:
+        return f"(unidentified) {t.patient_key}"
+    return printable(t.patient_id)
 
 
 def _summary_dict(t: Any) -> dict[str, Any]:
@@ -87,13 +106,36 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
              "reason": j.error, "result_id": j.result_id} for j in jobs]}, indent=2))
         return 0
     t = detail.twin
-    print(f"Patient {t.patient_id} ({t.patient_name})  twin {t.patient_key}")
+    if t.unidentified:
+        print(f"UNIDENTIFIED twin {t.patient_key} (received without a Patient ID; filed by "
+              f"Issuer {printable(t.issuer_of_patient_id)!r} and Study Instance UID)  "
+              f"name {printable(t.patient_name)!r}")
+        if not t.merged_into:
+            print(f"  attach it to the right patient: dicom-node twin merge {t.patient_key} "
+                  "PATIENT_ID --by NAME --reason TEXT")
+    else:
+        print(f"Patient {printable(t.patient_id)} ({printable(t.patient_name)})  twin {t.patient_key}")
+    if t.merged_into:
+        print(f"  MERGED into twin {t.merged_into}: its studies are shown there")
     print(f"  donation: {'DONATES' if t.donate else 'does not donate'}")
+    for m in detail.merges:
+        if m.target_key == t.patient_key:
+            print(f"  merged in: unidentified twin {m.source_key} ({m.studies} study(ies)) at "
+                  f"{m.at[:19]} by {printable(m.by)}: {printable(m.reason)}")
     for st in detail.studies:
-        print(f"  study {st.study_uid}  {st.study_date} {st.description!r}  accession {st.accession_number}")
+        print(f"  study {printable(st.study_uid)}  {st.study_date} {printable(st.description)!r}"
+              f"  accession {printable(st.accession_number)}")
         for se in st.series:
-            print(f"    series {se.series_number:>4} {se.modality:<3} {se.description!r:<30} "
-                  f"{se.instances:>5} instances  {se.manufacturer} {se.model_name}  ({se.series_uid})")
+            notes = []
+            if se.nonconformant_uids:
+                notes.append(f"{se.nonconformant_uids} with non-conformant UIDs, stored under "
+                             "hashed file names")
+            if se.missing:
+                notes.append(f"{se.missing} MISSING (file gone; found by archive verify)")
+            print(f"    series {printable(se.series_number):>4} {printable(se.modality):<3} "
+                  f"{printable(se.description)!r:<30} {se.instances:>5} instances  "
+                  f"{printable(se.manufacturer)} {printable(se.model_name)}  "
+                  f"({printable(se.series_uid)})" + (f"  [{'; '.join(notes)}]" if notes else ""))
     print("  consent history:" if detail.consent_history else "  consent history: none (default: not donated)")
     for ev in detail.consent_history:
         print(f"    {ev.at[:19]}  {'donate' if ev.previous else 'no'} -> {'donate' if ev.donate else 'no'}"
@@ -123,8 +165,23 @@ def cmd_consent(args: argparse.Namespace, settings: Settings) -> int:
     # The audit log names the twin by its key, never by Patient ID.
     audit.record(settings.data_dir, audit.AuditEvent.CONSENT_CHANGED, audit.AuditOutcome.SUCCESS,
                  by, keys[0] if keys else "?",
-                 {"donate": event.donate, "previous": event.previous, "reason": event.reason})
+                 {"donate": event.donate, "previous": event.previous, "reason": event.reason,
+                  "at": event.at})
     state = "donates" if event.donate else "does not donate"
-    print(f"recorded: patient {args.patient_id} {state} (was: "
+    print(f"recorded: patient {printable(args.patient_id)} {state} (was: "
           f"{'donating' if event.previous else 'not donating'}), by {event.by} at {event.at[:19]}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
+    with _archive(settings) as archive:
+        merge = archive.merge_twins(args.source, args.target, by=args.by, reason=args.reason)
+    # Named by twin keys only (rebuild-index replays it from here).
+    audit.record(settings.data_dir, audit.AuditEvent.TWIN_MERGED, audit.AuditOutcome.SUCCESS,
+                 merge.by, merge.source_key,
+                 {"into": merge.target_key, "reason": merge.reason, "studies": merge.studies,
+                  "at": merge.at})
+    print(f"merged: unidentified twin {merge.source_key} ({merge.studies} study(ies)) is now "
+          f"part of twin {merge.target_key} (patient {printable(args.target)}), by "
+          f"{printable(merge.by)} at {merge.at[:19]}")
     return 0
