@@ -127,7 +127,13 @@ def _client(node: NodeProcess, calling_ae: str = "HOSTILE") -> Any:
 
 
 def _send_raw(assoc: Any, data: bytes) -> None:
-    assoc.dul.socket.socket.sendall(data)
+    sock = assoc.dul.socket.socket
+    if sock is None:
+        return  # the node has already ended the association
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
 
 
 def _pdata(context_id: int, control: int, payload: bytes) -> bytes:
@@ -146,9 +152,17 @@ def _store_raw(assoc: Any, dataset: bytes, sop_instance_uid: str, message_id: in
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
     context_id = assoc.accepted_contexts[0].context_id
-    for pdu in msg.encode_msg(context_id, 16_384):
-        assoc.dul.send_pdu(pdu)
-    _, rsp = assoc.dimse.get_msg(block=True)
+    # Pause the requestor's reactor (as pynetdicom's release() does) so that it does not
+    # take the response as an unexpected message before get_msg() sees it.
+    assoc._reactor_checkpoint.clear()  # noqa: SLF001
+    while not assoc._is_paused:  # noqa: SLF001
+        time.sleep(0.001)
+    try:
+        for pdu in msg.encode_msg(context_id, 16_384):
+            assoc.dul.send_pdu(pdu)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()  # noqa: SLF001
     assert rsp is not None, "no response"
     return int(rsp.Status)
 

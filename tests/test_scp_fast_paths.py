@@ -23,8 +23,8 @@ from pynetdicom import evt, transport
 from pynetdicom.dimse import DIMSEServiceProvider
 
 from dicom_client import send
-from dicom_node import speedups, store_response
-from dicom_node.spooling import encode_file_meta, pydicom_file_meta
+from dicom_node.fast_receive import speedups, store_response
+from dicom_node.fast_receive.spooling import encode_file_meta, pydicom_file_meta
 from dicom_node.server import DicomServer
 from dicom_node.settings import Settings
 from node_harness import small_ct
@@ -142,7 +142,7 @@ def test_freeze_heap_exempts_what_exists_from_full_collections() -> None:
     import subprocess
     import sys
 
-    code = ("import gc, time; from dicom_node import speedups; import pynetdicom, pydicom\n"
+    code = ("import gc, time; from dicom_node.fast_receive import speedups; import pynetdicom, pydicom\n"
             "n = speedups.freeze_heap(); assert n > 10000, n\n"
             "assert gc.get_freeze_count() == n\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ import logging
 import shutil
 import sqlite3
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -22,6 +23,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from twin_archive.dataset_walk import Walked, walk
 from twin_archive.durable import clean_tmp, fsync_dir, write_durably
 from twin_archive.errors import (
     InvalidInstanceError,
@@ -372,7 +374,12 @@ class Archive:
     def _parse(self, incoming: IncomingInstance) -> _Parsed:
         parsed = self._parse_fast(incoming)
         if parsed is not None:
+            if UID(incoming.transfer_syntax_uid).is_compressed:
+                self._walk(incoming)  # fragments of encapsulated pixel data, to the end
             return parsed
+        # Anything else is first followed to its end (bounded memory, no recursion;
+        # twin_archive/dataset_walk.py), then its header read up to the pixel data.
+        walked = self._walk(incoming)
         ds = self._parse_full(incoming)
         try:
             fields = {kw: _text(ds, kw) for kw in _FIELD_KEYWORDS}
@@ -380,17 +387,42 @@ class Archive:
             raise InvalidInstanceError("DataSet", f"cannot be decoded ({exc})") from exc
         return _Parsed(
             fields=fields,
-            has_pixels=any(k in ds for k in _PIXEL_KEYWORDS),
+            has_pixels=walked.has_pixels,
             has_rows_columns="Rows" in ds and "Columns" in ds,
         )
 
     @staticmethod
+    def _walk(incoming: IncomingInstance) -> Walked:
+        """Check that the data set parses to its end (raises InvalidInstanceError)."""
+        try:
+            ts = UID(incoming.transfer_syntax_uid)
+            implicit, little = ts.is_implicit_VR, ts.is_little_endian
+        except (ValueError, AttributeError) as exc:
+            raise InvalidInstanceError("TransferSyntaxUID", f"unknown ({exc})") from exc
+        spool = incoming.spool
+        if ts.is_deflated:  # inflated in memory (rare; its header is read the same way)
+            raw = spool.path.read_bytes()[spool.meta_length:] if spool is not None else incoming.dataset
+            try:
+                data = zlib.decompress(raw, -zlib.MAX_WBITS)
+            except zlib.error as exc:
+                raise InvalidInstanceError("DataSet", f"cannot be inflated ({exc})") from exc
+            return walk(lambda at, n: data[at:at + n], len(data), implicit=False, little=True)
+        if spool is not None:
+            return walk(spool.read_at, spool.size, implicit=implicit, little=little)
+        data = incoming.dataset
+        return walk(lambda at, n: data[at:at + n], len(data), implicit=implicit, little=little)
+
+    @staticmethod
     def _parse_full(incoming: IncomingInstance) -> Dataset:
+        """The header up to the pixel data (values over 1 MiB left on disk)."""
         try:
             if incoming.spool is not None:
-                return pydicom.dcmread(incoming.spool.path)
-            return pydicom.dcmread(BytesIO(incoming.file_meta + incoming.dataset))
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+                return pydicom.dcmread(incoming.spool.path, stop_before_pixels=True,
+                                       defer_size="1 MiB")
+            return pydicom.dcmread(BytesIO(incoming.file_meta + incoming.dataset),
+                                   stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
+                RecursionError) as exc:
             raise InvalidInstanceError("DataSet", f"cannot be parsed ({exc})") from exc
 
     @staticmethod
@@ -415,12 +447,10 @@ class Archive:
                          lambda n: incoming.dataset[-n:], need_pixels=False)
         # Most headers end well inside the first bytes the spool keeps in memory: read
         # them there (a file read through pydicom costs about 60 system calls).
-        parsed = _scan(BytesIO(spool.head), 0, spool.size, implicit, little, spool.tail,
-                       need_pixels=True)
-        if parsed is not None:
-            return parsed
-        return _scan(spool.open_dataset(), spool.meta_length, spool.size, implicit, little,
-                     spool.tail, need_pixels=False)
+        # Anything else (a longer header, elements after the pixel data) is walked to
+        # its end first (see _parse).
+        return _scan(BytesIO(spool.head), 0, spool.size, implicit, little, spool.tail,
+                     need_pixels=True)
 
     def _identify(self, parsed: _Parsed, incoming: IncomingInstance) -> dict[str, str]:
         f = parsed.fields

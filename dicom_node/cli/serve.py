@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dicom_node import speedups
+from dicom_node.fast_receive import speedups
 from dicom_node.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging
 from dicom_node.loop import Loop, apply_flags
