@@ -25,7 +25,7 @@ def test_association_aborted_mid_transfer_leaves_no_row_and_no_file(node: NodePr
     for pdu in pdus[: len(pdus) // 2]:  # the command and half of the data set
         assoc.dul.send_pdu(pdu)
     time.sleep(0.5)
-    # The half data set is being spooled into the archive's tmp folder (dicom_node/spooling.py).
+    # The half data set is being spooled into the archive's tmp folder (dicom_node/fast_receive/spooling.py).
     assert len(list((node.data_dir / "tmp").glob("*.part"))) == 1
     assoc.abort()
     time.sleep(0.5)

@@ -70,7 +70,7 @@ def test_speedups_store_byte_exact_over_parallel_associations_without_leaks(tmp_
         for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
             assert server._server.get_handlers(event) == []  # type: ignore[union-attr]
         # ... nor to the associations (pynetdicom's LOG_HANDLER_LEVEL), so C-STORE
-        # Success responses take the hand-encoded path of dicom_node/store_response.py.
+        # Success responses take the hand-encoded path of dicom_node/fast_receive/store_response.py.
         assert pynetdicom._config.LOG_HANDLER_LEVEL == "none"
         assert DIMSEServiceProvider.send_msg is store_response._send_msg
         baseline = _open_fds()

@@ -1,4 +1,4 @@
-"""The C-STORE lane (dicom_node/store_lane.py) against pynetdicom's own receive path.
+"""The C-STORE lane (dicom_node/fast_receive/store_lane.py) against pynetdicom's own receive path.
 
 An in-process pynetdicom SCP with the node's spooling and lane installed, and a
 handler that keeps what it was given, is driven by real clients (pynetdicom and dcmtk

@@ -478,7 +478,7 @@ class _Lane:
         """Give up a data set in progress: never acknowledged, and the association ends.
 
         Its spool stays registered with the association, so
-        :func:`dicom_node.spooling.discard_unclaimed` removes it (and says so) when the
+        :func:`dicom_node.fast_receive.spooling.discard_unclaimed` removes it (and says so) when the
         connection closes, as for a data set pynetdicom was receiving.
         """
         message, self.message = self.message, None
@@ -567,7 +567,7 @@ def _compatible() -> str | None:
 def install(ae: Any) -> bool:
     """Let the associations ``ae`` accepts receive C-STOREs in the lane (idempotent).
 
-    Needs :func:`dicom_node.spooling.install` for the same AE (the lane writes into its
+    Needs :func:`dicom_node.fast_receive.spooling.install` for the same AE (the lane writes into its
     spools).
 
     Returns
