@@ -12,6 +12,7 @@ from typing import Any
 
 from pydicom import uid as tsuid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -24,6 +25,7 @@ from dicom_node.handlers.association import (
     handle_closed,
     handle_rejected,
     handle_released,
+    handle_requested,
 )
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
@@ -129,6 +131,7 @@ class DicomServer:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.archive, self.metrics, self.ledger]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.metrics, self.audit]),
+            (evt.EVT_REQUESTED, handle_requested, [self.metrics, self.audit]),
             (evt.EVT_REJECTED, handle_rejected, [self.metrics, self.audit]),
             (evt.EVT_ABORTED, handle_aborted, [self.metrics]),
             (evt.EVT_RELEASED, handle_released),
@@ -348,7 +351,7 @@ _ONE_LINE = _OneLineErrors()
 
 
 def _receive_thread_failed(args: threading.ExceptHookArgs) -> None:
-    """``threading.excepthook``: a receive (DUL) thread of an accepted association died.
+    """``threading.excepthook``: a thread of an accepted association died (DUL or reactor).
 
     pynetdicom's state machine re-raises what its receive thread met in a peer's
     message (a command set without Command Data Set Type, for one): the thread ended
@@ -356,11 +359,18 @@ def _receive_thread_failed(args: threading.ExceptHookArgs) -> None:
     Here the node logs one line, sends the A-ABORT, closes the connection and ends
     the association; :meth:`DicomServer.reap` then releases what it left.
     """
-    dul = args.thread
-    if not isinstance(dul, DULServiceProvider) or not dul.assoc.is_acceptor:
+    thread = args.thread
+    if isinstance(thread, DULServiceProvider):
+        assoc = thread.assoc
+    elif isinstance(thread, Association):
+        assoc = thread
+    else:
         _previous_excepthook(args)
         return
-    assoc = dul.assoc
+    if not assoc.is_acceptor:
+        _previous_excepthook(args)
+        return
+    dul = assoc.dul
     LOG.warning("association with %s aborted: the node could not read what it sent (%s: %.200s)",
                 (assoc.requestor.ae_title or "?").strip(), args.exc_type.__name__, args.exc_value)
     sock = getattr(dul.socket, "socket", None)
@@ -373,6 +383,8 @@ def _receive_thread_failed(args: threading.ExceptHookArgs) -> None:
     assoc.is_aborted = True
     assoc.is_established = False
     assoc.kill()
+    if isinstance(thread, Association):
+        dul.kill_dul()
 
 
 _previous_excepthook = threading.excepthook

@@ -62,6 +62,7 @@ def _setup_association() -> Callable[[bytes], None]:
     from pynetdicom.pdu import A_ASSOCIATE_RQ
     from pynetdicom.presentation import build_context, negotiate_as_acceptor
 
+    from dicom_node.handlers.association import request_problem
     from dicom_node.server import TRANSFER_SYNTAXES
 
     supported = [build_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
@@ -77,6 +78,8 @@ def _setup_association() -> Callable[[bytes], None]:
             primitive = pdu.to_primitive()
         except Exception:  # noqa: BLE001 - since issue 13: the node's excepthook aborts
             return
+        if request_problem(primitive) is not None:
+            return  # the node aborts it (EVT_REQUESTED)
         negotiate_as_acceptor(primitive.presentation_context_definition_list, supported, {})
 
     return run

@@ -417,3 +417,20 @@ def test_malformed_association_request_logs_one_line(hostile: NodeProcess, tmp_p
     assert "malformed" in log
     watch.assert_clean()
     watch.assert_still_serves(tmp_path)
+
+
+def test_association_request_pynetdicom_cannot_negotiate_is_aborted(
+        hostile: NodeProcess, tmp_path: Path) -> None:
+    """Found by fuzzing: a presentation context without an abstract syntax killed
+    pynetdicom's association thread and left the connection (and its slot) open."""
+    watch = _Watch(hostile)
+    rq = (Path(__file__).parent / "fuzz_regressions" / "association"
+          / "context-without-abstract-syntax").read_bytes()
+    rq = rq[:2] + struct.pack(">L", len(rq) - 6) + rq[6:]  # the fuzzer's length field was off
+    sock = _connect(hostile)
+    sock.sendall(rq)
+    assert _ended_by_node(sock, ACSE_TIMEOUT_S + SLACK_S) is not None
+    sock.close()
+    assert "malformed" in watch.log()
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)

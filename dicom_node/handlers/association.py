@@ -127,6 +127,35 @@ def rejection_reason(event: Event) -> str:
     return _REJECTIONS.get(key, "rejected (source %s, reason %s)" % key)  # type: ignore[arg-type]
 
 
+def request_problem(primitive: Any) -> str | None:
+    """What in an A-ASSOCIATE-RQ pynetdicom cannot negotiate, or None.
+
+    pynetdicom's negotiation raises (in the association thread, which then dies with
+    the connection left open) on a presentation context without an abstract syntax
+    or without a transfer syntax; found by fuzzing (``tests/fuzz_regressions``).
+    """
+    for cx in primitive.presentation_context_definition_list or []:
+        if cx.abstract_syntax is None:
+            return f"presentation context {cx.context_id} has no abstract syntax"
+        if not cx.transfer_syntax:
+            return f"presentation context {cx.context_id} has no transfer syntax"
+    return None
+
+
+def handle_requested(event: Event, metrics: NodeMetrics, audit: AuditLog | None = None) -> None:
+    """``EVT_REQUESTED``: abort an association request pynetdicom cannot negotiate."""
+    problem = request_problem(event.assoc.requestor.primitive)
+    if problem is None:
+        return
+    metrics.association("rejected")
+    LOG.warning("association request from %s malformed (%s): aborted", _who(event), problem)
+    audit_safely(audit, AuditEvent.ASSOCIATION_REFUSED, AuditOutcome.MINOR_FAILURE,
+                 peer_name(event), (event.assoc.acceptor.ae_title or "").strip(),
+                 {"reason": f"malformed association request: {problem}",
+                  "port": event.assoc.requestor.port})
+    event.assoc.abort()
+
+
 def handle_rejected(event: Event, metrics: NodeMetrics, audit: AuditLog | None = None) -> None:
     """Log, count and audit a rejected association, with the peer's address and the reason."""
     metrics.association("rejected")
