@@ -55,6 +55,10 @@ def test_every_pydicom_pixel_file_is_stored_unchanged_or_refused_with_reason(nod
                 or ds.file_meta.MediaStorageSOPClassUID != ds.SOPClassUID):
             assert status == DOES_NOT_MATCH, path.name  # the request says one thing, the data another
             continue
+        if "truncated" in path.name:  # a value runs past the end: never acknowledged (issue 13)
+            assert status == CANNOT_UNDERSTAND, path.name
+            assert "cannot be parsed to its end" in node.log()
+            continue
         if not str(ds.get("PatientID", "")).strip():
             assert status == CANNOT_UNDERSTAND, path.name
             assert "PatientID: missing or empty" in node.log()
