@@ -434,3 +434,57 @@ def test_association_request_pynetdicom_cannot_negotiate_is_aborted(
     assert "malformed" in watch.log()
     watch.assert_clean()
     watch.assert_still_serves(tmp_path)
+
+
+def test_large_instance_with_an_element_after_pixel_data_is_parsed_in_bounded_memory(
+        hostile: NodeProcess, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """256 MiB of pixel data and one element after it: the data set is walked to its end
+    from the spool file, never read whole (it cost +246 MB resident before issue 13).
+    Fast path only: plain pynetdicom assembles every data set in memory."""
+    if "plain" in request.node.callspec.id:
+        pytest.skip("plain pynetdicom holds the data set in memory by design")
+    watch = _Watch(hostile)
+    ds = small_ct(patient_id="LARGE")
+    size = 256 << 20
+    dataset = (_header(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, size) + bytes(size)
+               + struct.pack("<HH2sHL", 0xFFFA, 0xFFFA, b"SQ", 0, 0))
+    rss0, hwm0 = _status(watch.pid, "VmRSS"), _status(watch.pid, "VmHWM")
+    top = [rss0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            top.append(_status(watch.pid, "VmRSS"))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    assoc = _client(hostile)
+    try:
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = CTImageStorage
+        req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        req.Priority = 2
+        req.DataSet = BytesIO(dataset)
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        del dataset
+        assoc._reactor_checkpoint.clear()  # noqa: SLF001
+        while not assoc._is_paused:  # noqa: SLF001
+            time.sleep(0.001)
+        try:
+            for pdu in msg.encode_msg(assoc.accepted_contexts[0].context_id, MAX_PDU):
+                assoc.dul.send_pdu(pdu)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()  # noqa: SLF001
+        assert rsp is not None and rsp.Status == 0
+    finally:
+        assoc.release()
+        stop.set()
+        sampler.join()
+    grew = max(_status(watch.pid, "VmHWM") - hwm0, max(top) - rss0)
+    assert grew < 100 << 20, f"resident memory rose by {grew >> 20} MiB"
+    assert any(r["sop_instance_uid"] == ds.SOPInstanceUID for r in stored_rows(hostile.data_dir))
+    watch.assert_clean()
