@@ -113,12 +113,15 @@ def _fields(ds: Dataset) -> dict[str, str]:
 
 
 def _scan(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool,
-          tail: Callable[[int], bytes], *, need_pixels: bool) -> _Parsed | None:
+          tail: Callable[[int], bytes], *, need_pixels: bool, walked: bool = False) -> _Parsed | None:
     """Read a data set from ``fp`` (at ``start``, ``size`` bytes) up to its pixel data.
 
     With ``need_pixels`` (``fp`` holds only the first part of the data set), a result
     is given only when the pixel data element was reached inside it. None whenever the
-    result might differ from a full parse (see :meth:`Archive._parse_fast`).
+    result might differ from a full parse (see :meth:`Archive._parse_fast`). With
+    ``walked`` the data set is known to parse to its end (:mod:`twin_archive.dataset_walk`):
+    what follows the pixel data is not looked at, and values over 1 MiB before it are
+    skipped, not read.
     """
     stop: list[tuple[int, int]] = []
 
@@ -130,11 +133,14 @@ def _scan(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool,
 
     try:
         with fp:
-            ds = read_dataset(fp, implicit, little, stop_when=at_pixels)
+            ds = read_dataset(fp, implicit, little, stop_when=at_pixels,
+                              defer_size=(1 << 20) if walked else None)
             end = fp.tell() - start
         if not stop and need_pixels:
             return None
-        if stop:
+        if walked:
+            pass
+        elif stop:
             value_at, length = stop[0]
             if length == _UNDEFINED_LENGTH:
                 delimiter = _SEQ_DELIM[little]
@@ -447,10 +453,15 @@ class Archive:
                          lambda n: incoming.dataset[-n:], need_pixels=False)
         # Most headers end well inside the first bytes the spool keeps in memory: read
         # them there (a file read through pydicom costs about 60 system calls).
-        # Anything else (a longer header, elements after the pixel data) is walked to
-        # its end first (see _parse).
-        return _scan(BytesIO(spool.head), 0, spool.size, implicit, little, spool.tail,
-                     need_pixels=True)
+        parsed = _scan(BytesIO(spool.head), 0, spool.size, implicit, little, spool.tail,
+                       need_pixels=True)
+        if parsed is not None:
+            return parsed
+        # A longer header, or elements after the pixel data: walked to its end (bounded
+        # memory), then read from the file up to the pixel data.
+        Archive._walk(incoming)
+        return _scan(spool.open_dataset(), spool.meta_length, spool.size, implicit, little,
+                     spool.tail, need_pixels=False, walked=True)
 
     def _identify(self, parsed: _Parsed, incoming: IncomingInstance) -> dict[str, str]:
         f = parsed.fields
