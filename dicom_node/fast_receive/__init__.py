@@ -21,7 +21,7 @@ docstring names the internals it uses and why no documented hook does):
   ``NamedTemporaryFile``, ``create_file_meta``, ``write_file_meta_info``);
 * :mod:`.store_lane` - C-STOREs received and answered in the DUL thread
   (``DULServiceProvider._read_pdu_data``, ``_decode_pdu``, ``_recv_pdu``,
-  ``event_queue``, ``to_provider_queue``, ``Association._accepted_cx``,
+  ``event_queue``, ``to_provider_queue``, ``_idle_timer``, ``Association._accepted_cx``,
   ``_sent_release``, ``C_STORE._dataset_file``/``_dataset_path``);
 * :mod:`.store_response` - C-STORE responses encoded by hand
   (``DIMSEServiceProvider.send_msg``).

@@ -365,6 +365,10 @@ class _Lane:
 
     def _consume_pdu(self) -> None:
         """Read one P-DATA-TF PDU of the current message."""
+        # Data is flowing: pynetdicom's idle timer (network_timeout_s) restarts per PDU,
+        # as its own loop does, or a transfer longer than the timeout read in one go
+        # (a 256 MiB instance) was aborted as idle.
+        self.dul._idle_timer.restart()  # noqa: SLF001
         pdu_type, _, pdu_length = _PDU_HEADER.unpack(self._read(6))
         if pdu_type != _P_DATA_TF:
             raise _ProtocolError(f"PDU type 0x{pdu_type:02X} where data was expected")
@@ -556,7 +560,7 @@ def _compatible() -> str | None:
     if read is None:
         return "DULServiceProvider has no _read_pdu_data"
     probe = _dul.DULServiceProvider.__init__.__code__.co_names
-    for name in ("_recv_pdu", "event_queue", "to_provider_queue", "state_machine"):
+    for name in ("_recv_pdu", "event_queue", "to_provider_queue", "state_machine", "_idle_timer"):
         if name not in probe:
             return f"DULServiceProvider has no {name}"
     if not hasattr(C_STORE(), "_dataset_file"):

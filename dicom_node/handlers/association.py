@@ -148,7 +148,10 @@ def handle_requested(event: Event, metrics: NodeMetrics, audit: AuditLog | None 
     if problem is None:
         return
     metrics.association("rejected")
-    LOG.warning("association request from %s malformed (%s): aborted", _who(event), problem)
+    req = event.assoc.requestor
+    calling = (getattr(req.primitive, "calling_ae_title", None) or "?").strip() or "?"
+    LOG.warning("association request from %s at %s:%s malformed (%s): aborted",
+                calling, req.address, req.port, problem)
     audit_safely(audit, AuditEvent.ASSOCIATION_REFUSED, AuditOutcome.MINOR_FAILURE,
                  peer_name(event), (event.assoc.acceptor.ae_title or "").strip(),
                  {"reason": f"malformed association request: {problem}",
