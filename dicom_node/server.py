@@ -155,7 +155,9 @@ class DicomServer:
         associations it released.
         """
         with self._opened_lock:
-            ended = [a for a in self._opened if not a.is_alive() and not a.dul.is_alive()]
+            # Started and ended: EVT_CONN_OPEN comes before the association's thread starts.
+            ended = [a for a in self._opened
+                     if a.ident is not None and not a.is_alive() and not a.dul.is_alive()]
             self._opened.difference_update(ended)
         for assoc in ended:
             fast_receive.release_ended(assoc)
