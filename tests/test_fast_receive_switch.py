@@ -29,6 +29,7 @@ def test_installed_pynetdicom_is_inside_the_pinned_range() -> None:
 
 def test_changed_internals_fall_back_to_plain_pynetdicom_with_one_warning(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(fast_receive.store_lane, "_installed", False)  # as in a fresh process
     monkeypatch.delattr(pynetdicom_dul.DULServiceProvider, "_read_pdu_data")
     assert "_read_pdu_data" in (fast_receive.self_check() or "")
     caplog.set_level(logging.WARNING, logger="dicom_node.fast_receive")

@@ -71,6 +71,8 @@ def self_check() -> str | None:
     if not version.startswith(TESTED_VERSIONS):
         return f"pynetdicom {version} is not a tested version ({', '.join(TESTED_VERSIONS)}x)"
     for part in (speedups, spooling, store_lane):
+        if part._installed:  # noqa: SLF001 - checked before its install (it changes what it checks)
+            continue
         problem = part._compatible()  # noqa: SLF001 - each part's own check
         if problem is not None:
             return problem
