@@ -54,7 +54,7 @@ NODE_BIN = REPO / ".venv" / "bin" / "dicom-node"
 NODE_AET = "DICOM_NODE"
 CALLING_AET = "BENCHSCU"
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")  # dcmtk waits on Nagle's algorithm otherwise
-TARGETS = ("node", "orthanc", "storescp")
+TARGETS = ("node", "node-plain", "orthanc", "storescp")
 MODES = (1, 4)  # associations in parallel
 
 _CHILDREN: list[subprocess.Popen[bytes]] = []
@@ -251,17 +251,21 @@ NODE_PROCESSES = [min(os.cpu_count() or 1, 4)]
 
 
 @contextmanager
-def node_receiver(workdir: Path) -> Iterator[Receiver]:
+def node_receiver(workdir: Path, *, fast_receive: bool = True) -> Iterator[Receiver]:
     data = workdir / "node-data"
     (port,) = free_ports(1)
     log = workdir / "node.log"
     config = workdir / "node.toml"
-    config.write_text(f"listener_processes = {NODE_PROCESSES[0]}\n")
+    config.write_text(f"listener_processes = {NODE_PROCESSES[0]}\n"
+                      f"fast_receive = {'true' if fast_receive else 'false'}\n")
     with open(log, "ab") as out:
-        proc = _spawn([str(NODE_BIN), "--config", str(config), "serve", "--data-dir", str(data),
+        # This checkout's code (``python -m dicom_node``), whichever environment runs it.
+        proc = _spawn([sys.executable, "-m", "dicom_node", "--config", str(config), "serve",
+                       "--data-dir", str(data),
                        "--port", str(port), "--ae-title", NODE_AET, "--bind", "127.0.0.1"],
                       cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-                      env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+                      env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO)),
+                      start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while "ready" not in log.read_text(errors="replace"):
@@ -311,7 +315,15 @@ def storescp_receiver(workdir: Path) -> Iterator[Receiver]:
         time.sleep(0.1)
 
 
-RECEIVERS = {"node": node_receiver, "orthanc": orthanc_receiver, "storescp": storescp_receiver}
+@contextmanager
+def node_plain_receiver(workdir: Path) -> Iterator[Receiver]:
+    """The node with ``fast_receive = false`` (plain pynetdicom receive path)."""
+    with node_receiver(workdir, fast_receive=False) as receiver:
+        yield receiver
+
+
+RECEIVERS = {"node": node_receiver, "node-plain": node_plain_receiver,
+             "orthanc": orthanc_receiver, "storescp": storescp_receiver}
 
 
 # --------------------------------------------------------------------- the benchmark
@@ -436,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per target and mode (default 3)")
     parser.add_argument("--json", metavar="OUT", help="write all results and conditions as JSON")
     parser.add_argument("--targets", default=",".join(TARGETS),
-                        help="comma-separated subset of node,orthanc,storescp")
+                        help="comma-separated subset of node,node-plain,orthanc,storescp")
     parser.add_argument("--scratch", default=None,
                         help="folder for series and destinations (default: a temp dir, removed)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per send (default 600)")
@@ -455,8 +467,6 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("storescu", "storescp"):
         if not shutil.which(tool):
             parser.error(f"{tool} not found (apt-get install dcmtk)")
-    if "node" in targets and not NODE_BIN.exists():
-        parser.error(f"{NODE_BIN} not found (pip install -e . in the venv)")
 
     atexit.register(_kill_children)
     signal.signal(signal.SIGTERM, _on_signal)
@@ -505,10 +515,11 @@ def ratios(summary: list[Summary]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     by = {(s.target, s.parallel): s.median_instances_per_s for s in summary}
     for parallel in MODES:
-        node = by.get(("node", parallel))
-        for other in ("orthanc", "storescp"):
-            ref = by.get((other, parallel))
-            out[f"node/{other} x{parallel}"] = round(node / ref, 3) if node and ref else None
+        for name in ("node", "node-plain"):
+            node = by.get((name, parallel))
+            for other in ("orthanc", "storescp") + (("node",) if name == "node-plain" else ()):
+                ref = by.get((other, parallel))
+                out[f"{name}/{other} x{parallel}"] = round(node / ref, 3) if node and ref else None
     return out
 
 

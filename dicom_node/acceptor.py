@@ -199,7 +199,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf: bytes) -> int:
-    from dicom_node import speedups
+    from dicom_node.fast_receive import speedups
     from dicom_node.logconfig import configure_logging
     from dicom_node.server import DicomServer
     from twin_archive import Archive

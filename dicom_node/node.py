@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dicom_node import speedups
+from dicom_node.fast_receive import speedups
 from dicom_node.datadir_lock import DataDirLock
 from dicom_node.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging

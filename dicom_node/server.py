@@ -12,6 +12,8 @@ from typing import Any
 
 from pydicom import uid as tsuid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -23,10 +25,11 @@ from dicom_node.handlers.association import (
     handle_closed,
     handle_rejected,
     handle_released,
+    handle_requested,
 )
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
-from dicom_node import speedups, spooling, store_lane
+from dicom_node import bounded_wire, fast_receive
 from dicom_node.acceptor import AcceptorPool
 from dicom_node.errors import DicomNodeError
 from dicom_node.metrics import NodeMetrics
@@ -96,14 +99,17 @@ class DicomServer:
         self.audit = audit
         self.ledger = StudyLedger(audit)
         self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
-        speedups.install()  # pynetdicom's loops wake on work; see dicom_node/speedups.py
         self.ae = self._build_ae()
-        # C-STORE data sets are written to the archive's tmp folder as they arrive.
-        spooling.install(self.ae, archive.tmp_dir)
-        # ... and C-STOREs on plain TCP associations are received in one thread.
-        store_lane.install(self.ae)
+        # The one switch for everything that reaches into pynetdicom (dicom_node/fast_receive).
+        self.fast_receive = settings.fast_receive and fast_receive.install(self.ae, archive.tmp_dir)
         self._server: ThreadedAssociationServer | None = None
+        self._server_thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Every association accepted, until the reaper has seen its threads end.
+        self._opened: set[Any] = set()
+        self._opened_lock = threading.Lock()
+        self._reaper_stop = threading.Event()
+        self._reaper: threading.Thread | None = None
 
     def _build_ae(self) -> AE:
         s = self.settings
@@ -114,7 +120,7 @@ class DicomServer:
         ae.maximum_associations = s.max_associations
         ae.maximum_pdu_size = s.max_pdu_size
         ae.network_timeout = s.network_timeout_s
-        ae.acse_timeout = min(30.0, s.network_timeout_s)
+        ae.acse_timeout = s.acse_timeout_s  # a connection that says nothing is closed after it
         ae.dimse_timeout = s.network_timeout_s
         ae.require_called_aet = s.require_called_ae
         ae.require_calling_aet = list(s.allowed_calling_aes)
@@ -125,12 +131,44 @@ class DicomServer:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.archive, self.metrics, self.ledger]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.metrics, self.audit]),
+            (evt.EVT_REQUESTED, handle_requested, [self.metrics, self.audit]),
             (evt.EVT_REJECTED, handle_rejected, [self.metrics, self.audit]),
             (evt.EVT_ABORTED, handle_aborted, [self.metrics]),
             (evt.EVT_RELEASED, handle_released),
             (evt.EVT_CONN_CLOSE, handle_closed, [self.ledger]),
-            (evt.EVT_CONN_CLOSE, spooling.discard_unclaimed),
+            (evt.EVT_CONN_CLOSE, fast_receive.discard_unclaimed),
+            (evt.EVT_CONN_OPEN, self._connection_opened),
         ]
+
+    def _connection_opened(self, event: Any) -> None:
+        with self._opened_lock:
+            self._opened.add(event.assoc)
+
+    def reap(self) -> int:
+        """Release what ended associations left: spools not handled, open sockets.
+
+        pynetdicom ends an association whose receive thread met an exception (a
+        command set without its UIDs, a data set on a context never accepted) by
+        sending an A-ABORT and stopping its threads, without closing the connection
+        the usual way: ``EVT_CONN_CLOSE`` never comes, so its spool file and
+        descriptors stayed. Run every 0.5 s (and at stop); returns how many
+        associations it released.
+        """
+        with self._opened_lock:
+            # Started and ended: EVT_CONN_OPEN comes before the association's thread starts.
+            ended = [a for a in self._opened
+                     if a.ident is not None and not a.is_alive() and not a.dul.is_alive()]
+            self._opened.difference_update(ended)
+        for assoc in ended:
+            fast_receive.release_ended(assoc)
+        return len(ended)
+
+    def _reap_forever(self) -> None:
+        while not self._reaper_stop.wait(0.5):
+            try:
+                self.reap()
+            except Exception:  # noqa: BLE001 - the reaper must outlive one bad association
+                LOG.exception("releasing an ended association failed")
 
     def _tls_refused(self, peer: str, reason: str) -> None:
         self.metrics.association("rejected")
@@ -156,14 +194,13 @@ class DicomServer:
             )
         else:
             LOG.info("accepting associations only from: %s", ", ".join(s.allowed_calling_aes))
-        speedups.quiet_standard_handlers()  # before any server or association exists
-        if s.listener_processes > 1 or self._in_acceptor:
-            self._server = self._start_shared((s.bind_address, s.port), self._listen_socket)
-        else:
-            self._server = self.ae.start_server(
-                (s.bind_address, s.port), block=False, evt_handlers=self._handlers(),
-                ssl_context=self.ssl_context,
-            )
+        fast_receive.quiet_standard_handlers()  # before any server or association exists
+        one_line_pynetdicom_errors()
+        self._server = self._start_server((s.bind_address, s.port), self._listen_socket,
+                                          shared=s.listener_processes > 1 or self._in_acceptor)
+        self._reaper = threading.Thread(target=self._reap_forever, name="association-reaper",
+                                        daemon=True)
+        self._reaper.start()
         if s.listener_processes > 1 and not self._in_acceptor:
             self._pool = AcceptorPool(s, s.listener_processes - 1, self.metrics)
             try:
@@ -172,16 +209,17 @@ class DicomServer:
                 self._pool = None
                 self.stop(0.0)
                 raise
-        LOG.info("ready: listening as AE %s on %s:%d%s (%d storage SOP classes, %d transfer syntaxes)",
-                 s.ae_title, s.bind_address, self.port,
+        LOG.info("ready: listening as AE %s on %s:%d%s (%d storage SOP classes, %d transfer "
+                 "syntaxes, %s)", s.ae_title, s.bind_address, self.port,
                  " with TLS, client certificate required" if self.ssl_context else "",
-                 len(AllStoragePresentationContexts), len(TRANSFER_SYNTAXES))
+                 len(AllStoragePresentationContexts), len(TRANSFER_SYNTAXES),
+                 "fast receive path" if self.fast_receive else "plain pynetdicom receive path")
 
     @property
     def listening(self) -> bool:
         """True while the listener thread serves."""
         server = self._server
-        thread = getattr(server, "_thread", None) if server is not None else None
+        thread = self._server_thread
         return server is not None and (thread is None or thread.is_alive())
 
     def active_associations(self) -> int:
@@ -189,17 +227,21 @@ class DicomServer:
         server = self._server
         return len(server.active_associations) if server is not None else 0
 
-    def _start_shared(self, address: tuple[str, int],
-                      inherited: socket.socket | None) -> ThreadedAssociationServer:
-        """``AE.start_server(block=False)`` on a listening socket shared with other processes."""
-        server_class = type("SharedSocketServer", (_SharedSocketServer,), {"inherited": inherited})
+    def _start_server(self, address: tuple[str, int], inherited: socket.socket | None,
+                      *, shared: bool) -> ThreadedAssociationServer:
+        """``AE.start_server(block=False)`` with bounded reads on every accepted socket,
+        on a listening socket of its own or (``shared``) one shared with other processes."""
+        s = self.settings
+        base = _SharedSocketServer if shared else _GuardedServer
+        server_class = type(base.__name__, (base,), {
+            "inherited": inherited, "max_pdu": s.max_pdu_size, "read_timeout_s": s.network_timeout_s})
         server = self.ae.make_server(address, evt_handlers=self._handlers(),
                                      ssl_context=self.ssl_context, server_class=server_class)
         thread = threading.Thread(target=server.serve_forever, daemon=True,
                                   name=f"AcceptorServer@{address[1]}")
         thread.start()
-        server._thread = thread  # noqa: SLF001 - what ``listening`` looks at
-        self.ae._servers.append(server)  # noqa: SLF001 - as start_server; shutdown() removes it
+        self._server_thread = thread  # what ``listening`` looks at
+        fast_receive.register_server(self.ae, server)
         return server
 
     def set_allowed_calling_aes(self, titles: tuple[str, ...]) -> None:
@@ -247,6 +289,8 @@ class DicomServer:
             for assoc in active:
                 assoc.join(30.0)
             self._server = None
+            self._reaper_stop.set()
+            self.reap()
         if pool_stop is not None:
             pool_stop.join()
 
@@ -257,7 +301,113 @@ _ACCEPT_DELAY_MAX_S = 0.01
 _serving_lock = threading.Lock()
 
 
-class _SharedSocketServer(ThreadedAssociationServer):
+class _GuardedServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server whose accepted sockets have bounded reads
+    (:mod:`dicom_node.bounded_wire`; ``socketserver``'s ``get_request`` hook)."""
+
+    inherited: socket.socket | None = None
+    max_pdu = 0
+    read_timeout_s = 60.0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        try:
+            return bounded_wire.guard(sock, max_pdu=self.max_pdu,
+                                      timeout_s=self.read_timeout_s), address
+        except OSError:
+            sock.close()
+            raise
+
+
+class _OneLineErrors(logging.Filter):
+    """pynetdicom's error records in one line: no traceback, at most 300 characters.
+
+    pynetdicom logs a peer's malformed PDU or a broken connection with
+    ``LOGGER.exception``: a traceback per connection, once 330 KB for one request.
+    The node's log says what happened in one line (the reason is the exception's text).
+    """
+
+    #: pynetdicom's words for a peer's bytes it could not read, in the node's.
+    REWORDED = {
+        "Unable to decode the received PDU data":
+            "malformed PDU received (cannot be decoded); the association is aborted",
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_info = None
+            record.exc_text = None
+        if isinstance(record.msg, BaseException):  # LOGGER.exception(exc) after its message
+            if not str(record.msg).strip():
+                return False  # nothing to add to the line before it
+            record.msg, record.args = f"reason: {type(record.msg).__name__}: {record.msg}", None
+        elif record.msg in self.REWORDED:
+            record.msg = self.REWORDED[record.msg]
+        text = record.getMessage()
+        if len(text) > 300 or "\n" in text:
+            record.msg, record.args = text.replace("\n", " ")[:300], None
+        return True
+
+
+_ONE_LINE = _OneLineErrors()
+
+
+def _receive_thread_failed(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: a thread of an accepted association died (DUL or reactor).
+
+    pynetdicom's state machine re-raises what its receive thread met in a peer's
+    message (a command set without Command Data Set Type, for one): the thread ended
+    with a traceback on stderr, no A-ABORT was sent and the connection stayed open.
+    Here the node logs one line, sends the A-ABORT, closes the connection and ends
+    the association; :meth:`DicomServer.reap` then releases what it left.
+    """
+    thread = args.thread
+    if isinstance(thread, DULServiceProvider):
+        assoc = thread.assoc
+    elif isinstance(thread, Association):
+        assoc = thread
+    else:
+        _previous_excepthook(args)
+        return
+    if not assoc.is_acceptor:
+        _previous_excepthook(args)
+        return
+    dul = assoc.dul
+    LOG.warning("association with %s aborted: the node could not read what it sent (%s: %.200s)",
+                (assoc.requestor.ae_title or "?").strip(), args.exc_type.__name__, args.exc_value)
+    sock = getattr(dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(bounded_wire.A_ABORT_INVALID_PARAMETER)
+        except OSError:
+            pass
+    assoc.is_aborted = True
+    assoc.is_established = False
+    assoc.kill()
+    if isinstance(thread, Association):
+        dul.kill_dul()
+
+
+_previous_excepthook = threading.excepthook
+
+
+def one_line_pynetdicom_errors() -> None:
+    """Keep pynetdicom's own error records to one line each (idempotent).
+
+    A logger's filters apply to the records logged on it, not on its children, so the
+    filter goes on each of pynetdicom's module loggers (all exist once it is imported).
+    """
+    names = [n for n in list(logging.Logger.manager.loggerDict)
+             if n == "pynetdicom" or n.startswith("pynetdicom.")]
+    for name in names:
+        pn_logger = logging.getLogger(name)
+        if _ONE_LINE not in pn_logger.filters:
+            pn_logger.addFilter(_ONE_LINE)
+    threading.excepthook = _receive_thread_failed
+
+
+class _SharedSocketServer(_GuardedServer):
     """pynetdicom's threaded server on one listening socket that several processes accept on.
 
     The node binds and listens; each acceptor process inherits the descriptor
@@ -277,7 +427,6 @@ class _SharedSocketServer(ThreadedAssociationServer):
     take the connection first; an idle process accepts at once.
     """
 
-    inherited: socket.socket | None = None
     #: Associations this process is serving (counted from accept to the end of the thread).
     serving = 0
 
@@ -336,6 +485,7 @@ class _RefusingContext(ssl.SSLContext):
 
     on_refused: Callable[[str, str], None]
     handshake_timeout_s: float
+    sslsocket_class = bounded_wire.GuardedSSLSocket  # reads bounded once accepted
 
     def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         try:

@@ -216,7 +216,15 @@ class Settings:
         back-off. 0: no inference here (jobs stay queued). Each worker holds its own
         copy of the models in memory.
     network_timeout_s : float
-        Seconds of silence after which an association is aborted.
+        Seconds of silence after which an association is aborted; also the longest a
+        PDU (or an A-ASSOCIATE-RQ) may take to arrive once it has begun.
+    acse_timeout_s : float
+        Seconds a new connection has to send its association request (default 10);
+        a connection that sends nothing is closed after it.
+    fast_receive : bool
+        Receive C-STOREs on the node's fast path (:mod:`dicom_node.fast_receive`,
+        which reaches into pynetdicom's internals; default true) or on plain pynetdicom.
+        A pynetdicom whose internals changed is detected at start and served plainly.
     min_free_mb : int
         Free space (MiB) kept in reserve on the data directory; below it C-STOREs are
         refused with A700 (out of resources).
@@ -308,6 +316,8 @@ class Settings:
     listener_processes: int = 1
     workers: int = 1
     network_timeout_s: float = 60.0
+    acse_timeout_s: float = 10.0
+    fast_receive: bool = True
     min_free_mb: int = 1024
     log_level: str = "INFO"
     config_path: Path | None = None
@@ -366,6 +376,11 @@ class Settings:
             raise ConfigError("workers", "an integer from 0 to 32", self.workers, src)
         if not isinstance(self.network_timeout_s, int | float) or self.network_timeout_s <= 0:
             raise ConfigError("network_timeout_s", "a number of seconds > 0", self.network_timeout_s, src)
+        if isinstance(self.acse_timeout_s, bool) or not isinstance(self.acse_timeout_s, int | float) \
+                or self.acse_timeout_s <= 0:
+            raise ConfigError("acse_timeout_s", "a number of seconds > 0", self.acse_timeout_s, src)
+        if not isinstance(self.fast_receive, bool):
+            raise ConfigError("fast_receive", "true or false", self.fast_receive, src)
         if not isinstance(self.min_free_mb, int) or self.min_free_mb < 0:
             raise ConfigError("min_free_mb", "an integer number of MiB >= 0", self.min_free_mb, src)
         if self.log_level not in LOG_LEVELS:
@@ -543,6 +558,8 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "listener_processes": ("an integer", _to_int),
     "workers": ("an integer", _to_int),
     "network_timeout_s": ("a number of seconds", _to_float),
+    "acse_timeout_s": ("a number of seconds", _to_float),
+    "fast_receive": ("true or false", _to_bool),
     "min_free_mb": ("an integer", _to_int),
     "log_level": ("a string", lambda v: _to_str(v).upper()),
     "stable_after": ("a number of seconds", _to_float),

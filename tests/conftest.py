@@ -14,9 +14,21 @@ from node_harness import NodeProcess
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The SCP tests (``test_scp_*``) run in both receive modes: ``fast_receive`` true/false."""
+    if "fast_receive" in metafunc.fixturenames and metafunc.module.__name__.startswith("test_scp_"):
+        metafunc.parametrize("fast_receive", [True, False], ids=["fast", "plain"])
+
+
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[NodeProcess]:
+def fast_receive() -> bool:
+    """The receive mode of the test's node (both, in the SCP modules; else the default)."""
+    return True
+
+
+@pytest.fixture
+def node(tmp_path: Path, fast_receive: bool) -> Iterator[NodeProcess]:
     """A running node with an empty data directory; stopped after the test."""
-    proc = NodeProcess(tmp_path / "data").start()
+    proc = NodeProcess(tmp_path / "data", fast_receive=fast_receive).start()
     yield proc
     proc.stop()

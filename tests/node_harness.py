@@ -39,13 +39,18 @@ class NodeProcess:
         TOML text written to a file passed with ``--config``.
     extra_args : list of str
         More flags for ``serve``.
+    fast_receive : bool, optional
+        The receive mode (``fast_receive`` setting); the default when omitted.
     """
 
     def __init__(self, data_dir: Path, *, config: str | None = None, ae_title: str = "DICOM_NODE",
-                 extra_args: list[str] | None = None, preexec_fn=None) -> None:
+                 extra_args: list[str] | None = None, preexec_fn=None,
+                 fast_receive: bool | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.ae_title = ae_title
         self.port = free_port()
+        if fast_receive is not None:  # the receive mode (dicom_node/fast_receive)
+            config = (config or "") + f"fast_receive = {'true' if fast_receive else 'false'}\n"
         self.config = config
         self.extra_args = extra_args or []
         self.preexec_fn = preexec_fn

@@ -14,7 +14,8 @@ from dicom_client import archive_files, echo, send, store_pdus, stored_rows
 from node_harness import NodeProcess, small_ct
 
 
-def test_association_aborted_mid_transfer_leaves_no_row_and_no_file(node: NodeProcess) -> None:
+def test_association_aborted_mid_transfer_leaves_no_row_and_no_file(node: NodeProcess,
+                                                                    fast_receive: bool) -> None:
     ds = small_ct(size=512, patient_id="ABORT")
     ae = AE(ae_title="TEST_SCU")
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
@@ -25,15 +26,17 @@ def test_association_aborted_mid_transfer_leaves_no_row_and_no_file(node: NodePr
     for pdu in pdus[: len(pdus) // 2]:  # the command and half of the data set
         assoc.dul.send_pdu(pdu)
     time.sleep(0.5)
-    # The half data set is being spooled into the archive's tmp folder (dicom_node/spooling.py).
-    assert len(list((node.data_dir / "tmp").glob("*.part"))) == 1
+    if fast_receive:  # plain pynetdicom receives the data set in memory
+        # The half data set is being spooled into the archive's tmp folder (dicom_node/fast_receive/spooling.py).
+        assert len(list((node.data_dir / "tmp").glob("*.part"))) == 1
     assoc.abort()
     time.sleep(0.5)
     assert stored_rows(node.data_dir) == []
     assert archive_files(node.data_dir) == []
     assert list((node.data_dir / "tmp").iterdir()) == []
     assert "association aborted" in node.log()
-    assert "1 unfinished data set(s) removed, none was acknowledged" in node.log()
+    if fast_receive:
+        assert "1 unfinished data set(s) removed, none was acknowledged" in node.log()
     assert echo(node.port) == 0
 
 

@@ -10,8 +10,9 @@ from dicom_client import echo, send, stored_rows
 from node_harness import NodeProcess, small_ct
 
 
-def test_unknown_calling_ae_is_rejected_and_logged_with_address(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data", config='allowed_calling_aes = ["PACS_A", "CT_SCANNER"]\n').start()
+def test_unknown_calling_ae_is_rejected_and_logged_with_address(tmp_path: Path, fast_receive: bool) -> None:
+    node = NodeProcess(tmp_path / "data", config='allowed_calling_aes = ["PACS_A", "CT_SCANNER"]\n',
+                       fast_receive=fast_receive).start()
     try:
         with pytest.raises(ConnectionRefusedError):
             send(node.port, [small_ct()], calling_ae="INTRUDER")
@@ -31,8 +32,9 @@ def test_without_allow_list_all_are_accepted_with_a_warning(node: NodeProcess) -
     assert "allowed_calling_aes is empty: associations from ANY calling AE title are accepted" in node.log()
 
 
-def test_called_ae_title_is_checked_when_required(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data", config="require_called_ae = true\n").start()
+def test_called_ae_title_is_checked_when_required(tmp_path: Path, fast_receive: bool) -> None:
+    node = NodeProcess(tmp_path / "data", config="require_called_ae = true\n",
+                       fast_receive=fast_receive).start()
     try:
         assert echo(node.port, called_ae="SOMEONE_ELSE") == -1
         assert echo(node.port, called_ae="DICOM_NODE") == 0

@@ -54,6 +54,10 @@ def test_every_pydicom_pixel_file_is_stored_unchanged_or_refused_with_reason(nod
         if ds.file_meta.MediaStorageSOPClassUID != ds.SOPClassUID:
             assert status == DOES_NOT_MATCH, path.name  # the request says one class, the data another
             continue
+        if "truncated" in path.name:  # a value runs past the end: never acknowledged (issue 13)
+            assert status == CANNOT_UNDERSTAND, path.name
+            assert "cannot be parsed to its end" in node.log()
+            continue
         if not all(str(ds.get(k, "") or "").strip() for k in ("StudyInstanceUID", "SeriesInstanceUID")):
             assert status == CANNOT_UNDERSTAND, path.name  # cannot be grouped at all
             continue

@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from twin_archive.dataset_walk import Walked, walk
 from twin_archive.durable import clean_tmp, fsync_dir, write_durably
 from twin_archive import reconcile
 from twin_archive.errors import (
@@ -124,12 +126,15 @@ def _fields(ds: Dataset) -> dict[str, str]:
 
 
 def _scan(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool,
-          tail: Callable[[int], bytes], *, need_pixels: bool) -> _Parsed | None:
+          tail: Callable[[int], bytes], *, need_pixels: bool, walked: bool = False) -> _Parsed | None:
     """Read a data set from ``fp`` (at ``start``, ``size`` bytes) up to its pixel data.
 
     With ``need_pixels`` (``fp`` holds only the first part of the data set), a result
     is given only when the pixel data element was reached inside it. None whenever the
-    result might differ from a full parse (see :meth:`Archive._parse_fast`).
+    result might differ from a full parse (see :meth:`Archive._parse_fast`). With
+    ``walked`` the data set is known to parse to its end (:mod:`twin_archive.dataset_walk`):
+    what follows the pixel data is not looked at, and values over 1 MiB before it are
+    skipped, not read.
     """
     stop: list[tuple[int, int]] = []
 
@@ -141,11 +146,14 @@ def _scan(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool,
 
     try:
         with fp:
-            ds = read_dataset(fp, implicit, little, stop_when=at_pixels)
+            ds = read_dataset(fp, implicit, little, stop_when=at_pixels,
+                              defer_size=(1 << 20) if walked else None)
             end = fp.tell() - start
         if not stop and need_pixels:
             return None
-        if stop:
+        if walked:
+            pass
+        elif stop:
             value_at, length = stop[0]
             if length == _UNDEFINED_LENGTH:
                 delimiter = _SEQ_DELIM[little]
@@ -525,7 +533,12 @@ class Archive:
     def _parse(self, incoming: IncomingInstance) -> _Parsed:
         parsed = self._parse_fast(incoming)
         if parsed is not None:
+            if UID(incoming.transfer_syntax_uid).is_compressed:
+                self._walk(incoming)  # fragments of encapsulated pixel data, to the end
             return parsed
+        # Anything else is first followed to its end (bounded memory, no recursion;
+        # twin_archive/dataset_walk.py), then its header read up to the pixel data.
+        walked = self._walk(incoming)
         ds = self._parse_full(incoming)
         try:
             fields = {kw: _text(ds, kw) for kw in _FIELD_KEYWORDS}
@@ -533,17 +546,42 @@ class Archive:
             raise InvalidInstanceError("DataSet", f"cannot be decoded ({exc})") from exc
         return _Parsed(
             fields=fields,
-            has_pixels=any(k in ds for k in _PIXEL_KEYWORDS),
+            has_pixels=walked.has_pixels,
             has_rows_columns="Rows" in ds and "Columns" in ds,
         )
 
     @staticmethod
+    def _walk(incoming: IncomingInstance) -> Walked:
+        """Check that the data set parses to its end (raises InvalidInstanceError)."""
+        try:
+            ts = UID(incoming.transfer_syntax_uid)
+            implicit, little = ts.is_implicit_VR, ts.is_little_endian
+        except (ValueError, AttributeError) as exc:
+            raise InvalidInstanceError("TransferSyntaxUID", f"unknown ({exc})") from exc
+        spool = incoming.spool
+        if ts.is_deflated:  # inflated in memory (rare; its header is read the same way)
+            raw = spool.path.read_bytes()[spool.meta_length:] if spool is not None else incoming.dataset
+            try:
+                data = zlib.decompress(raw, -zlib.MAX_WBITS)
+            except zlib.error as exc:
+                raise InvalidInstanceError("DataSet", f"cannot be inflated ({exc})") from exc
+            return walk(lambda at, n: data[at:at + n], len(data), implicit=False, little=True)
+        if spool is not None:
+            return walk(spool.read_at, spool.size, implicit=implicit, little=little)
+        data = incoming.dataset
+        return walk(lambda at, n: data[at:at + n], len(data), implicit=implicit, little=little)
+
+    @staticmethod
     def _parse_full(incoming: IncomingInstance) -> Dataset:
+        """The header up to the pixel data (values over 1 MiB left on disk)."""
         try:
             if incoming.spool is not None:
-                return pydicom.dcmread(incoming.spool.path)
-            return pydicom.dcmread(BytesIO(incoming.file_meta + incoming.dataset))
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+                return pydicom.dcmread(incoming.spool.path, stop_before_pixels=True,
+                                       defer_size="1 MiB")
+            return pydicom.dcmread(BytesIO(incoming.file_meta + incoming.dataset),
+                                   stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError,
+                RecursionError) as exc:
             raise InvalidInstanceError("DataSet", f"cannot be parsed ({exc})") from exc
 
     @staticmethod
@@ -572,8 +610,11 @@ class Archive:
                        need_pixels=True)
         if parsed is not None:
             return parsed
+        # A longer header, or elements after the pixel data: walked to its end (bounded
+        # memory), then read from the file up to the pixel data.
+        Archive._walk(incoming)
         return _scan(spool.open_dataset(), spool.meta_length, spool.size, implicit, little,
-                     spool.tail, need_pixels=False)
+                     spool.tail, need_pixels=False, walked=True)
 
     def _identify(self, parsed: _Parsed, incoming: IncomingInstance) -> dict[str, str]:
         """The instance's identifiers; refuses only what cannot be grouped at all.

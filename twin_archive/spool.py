@@ -181,6 +181,18 @@ class Spool:
         fh.seek(self.meta_length)
         return fh
 
+    def read_at(self, offset: int, n: int) -> bytes:
+        """``n`` bytes of the data set at ``offset`` (fewer at its end): from the head in
+        memory, else from the file."""
+        n = max(0, min(n, self.size - offset))
+        if offset + n <= len(self._head):
+            return bytes(self._head[offset:offset + n])
+        if self._fd is not None:
+            return os.pread(self._fd, n, self.meta_length + offset)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.meta_length + offset)
+            return fh.read(n)
+
     def tail(self, n: int) -> bytes:
         """The last ``n`` bytes of the data set (fewer if it is shorter)."""
         n = min(n, self.size)

@@ -106,16 +106,68 @@ def handle_accepted(event: Event, metrics: NodeMetrics, audit: AuditLog | None =
                  {"port": event.assoc.requestor.port, "tls": _uses_tls(event)})
 
 
+#: Why pynetdicom rejected an association, by (source, diagnostic) of its A-ASSOCIATE-RJ
+#: (PS3.8 9.3.4): what the log and the audit say.
+_REJECTIONS = {
+    (0x01, 0x01): "no reason given",
+    (0x01, 0x02): "application context not supported",
+    (0x01, 0x03): "calling AE title not allowed by configuration",
+    (0x01, 0x07): "called AE title is not this node's",
+    (0x02, 0x01): "user identity not accepted",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "too many associations in progress (max_associations)",
+}
+
+
+def rejection_reason(event: Event) -> str:
+    """Why the association of ``event`` was rejected, in words."""
+    primitive = event.assoc.acceptor.primitive
+    key = (getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
+    return _REJECTIONS.get(key, "rejected (source %s, reason %s)" % key)  # type: ignore[arg-type]
+
+
+def request_problem(primitive: Any) -> str | None:
+    """What in an A-ASSOCIATE-RQ pynetdicom cannot negotiate, or None.
+
+    pynetdicom's negotiation raises (in the association thread, which then dies with
+    the connection left open) on a presentation context without an abstract syntax
+    or without a transfer syntax; found by fuzzing (``tests/fuzz_regressions``).
+    """
+    for cx in primitive.presentation_context_definition_list or []:
+        if cx.abstract_syntax is None:
+            return f"presentation context {cx.context_id} has no abstract syntax"
+        if not cx.transfer_syntax:
+            return f"presentation context {cx.context_id} has no transfer syntax"
+    return None
+
+
+def handle_requested(event: Event, metrics: NodeMetrics, audit: AuditLog | None = None) -> None:
+    """``EVT_REQUESTED``: abort an association request pynetdicom cannot negotiate."""
+    problem = request_problem(event.assoc.requestor.primitive)
+    if problem is None:
+        return
+    metrics.association("rejected")
+    req = event.assoc.requestor
+    calling = (getattr(req.primitive, "calling_ae_title", None) or "?").strip() or "?"
+    LOG.warning("association request from %s at %s:%s malformed (%s): aborted",
+                calling, req.address, req.port, problem)
+    audit_safely(audit, AuditEvent.ASSOCIATION_REFUSED, AuditOutcome.MINOR_FAILURE,
+                 peer_name(event), (event.assoc.acceptor.ae_title or "").strip(),
+                 {"reason": f"malformed association request: {problem}",
+                  "port": event.assoc.requestor.port})
+    event.assoc.abort()
+
+
 def handle_rejected(event: Event, metrics: NodeMetrics, audit: AuditLog | None = None) -> None:
-    """Log, count and audit a rejected association, with the peer's address."""
+    """Log, count and audit a rejected association, with the peer's address and the reason."""
     metrics.association("rejected")
     called = (event.assoc.acceptor.ae_title or "").strip()
-    LOG.warning("association REJECTED from %s (called AE %s): not allowed by configuration",
-                _who(event), called)
+    reason = rejection_reason(event)
+    LOG.warning("association REJECTED from %s (called AE %s): %s", _who(event), called, reason)
     audit_safely(audit, AuditEvent.ASSOCIATION_REFUSED, AuditOutcome.MINOR_FAILURE,
                  peer_name(event), called,
-                 {"reason": "calling or called AE title not allowed by configuration",
-                  "port": event.assoc.requestor.port})
+                 {"reason": reason, "port": event.assoc.requestor.port})
 
 
 def handle_aborted(event: Event, metrics: NodeMetrics) -> None:

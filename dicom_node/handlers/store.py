@@ -11,7 +11,7 @@ import logging
 from pynetdicom.events import Event
 
 from dicom_node import statuses
-from dicom_node.spooling import SpoolFile, encode_file_meta, pydicom_file_meta
+from dicom_node.fast_receive import encode_file_meta, pydicom_file_meta, spool_of
 from dicom_node.handlers.association import StudyLedger
 from dicom_node.metrics import NodeMetrics
 from twin_archive import (
@@ -48,10 +48,10 @@ def handle_store(event: Event, archive: Archive, metrics: NodeMetrics,
     transfer_syntax = str(event.context.transfer_syntax)
     sop_class_uid = str(request.AffectedSOPClassUID)
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
-    spooled = getattr(request, "_dataset_file", None)
-    if isinstance(spooled, SpoolFile):
-        # Written to the archive's temporary folder while it arrived (dicom_node/spooling.py).
-        file_meta, dataset, spool = b"", b"", spooled.spool
+    spool = spool_of(request)
+    if spool is not None:
+        # Written to the archive's temporary folder while it arrived (dicom_node/fast_receive).
+        file_meta, dataset = b"", b""
     else:
         # The data set as it came off the wire (never decoded here): no pydicom Dataset.
         dataset, spool = event.encoded_dataset(include_meta=False), None

@@ -14,7 +14,7 @@ The lane does the same work for the one message that dominates a DICOM node's tr
 a C-STORE request with a data set on a plain TCP association, in the DUL thread. It
 reads each PDU once, into one reusable buffer, and writes each data fragment straight
 into the data set's :class:`twin_archive.spool.Spool` (the same spool as
-:mod:`dicom_node.spooling`). It decodes the command set's few fixed elements by hand.
+:mod:`dicom_node.fast_receive.spooling`). It decodes the command set's few fixed elements by hand.
 It calls the handler bound to ``EVT_C_STORE`` through pynetdicom's own
 ``evt.trigger``, with the request primitive and the event that pynetdicom would have
 built. It sends the response as soon as the handler returns.
@@ -42,7 +42,7 @@ The state machine is not involved: a P-DATA-TF PDU received in Sta6 leads to
 Sta6 (action DT-2), and so does a P-DATA sent in Sta6 (DT-1). A malformed PDU in a
 message the lane has taken is answered as pynetdicom answers one (``Evt19``: A-ABORT).
 The partly received data set is never acknowledged; its spool is removed when the
-connection closes (:func:`dicom_node.spooling.discard_unclaimed`, which the node binds).
+connection closes (:func:`dicom_node.fast_receive.spooling.discard_unclaimed`, which the node binds).
 
 If pynetdicom no longer has the names this relies on, nothing is installed (logged
 once at WARNING) and every PDU takes pynetdicom's path.
@@ -68,7 +68,8 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
-from dicom_node import spooling, store_response
+from dicom_node.fast_receive import spooling, store_response
+from dicom_node.bounded_wire import GuardedSocket
 
 LOG = logging.getLogger(__name__)
 
@@ -162,6 +163,34 @@ def decode_store_command(raw: bytes | memoryview) -> StoreCommand | None:
         )
     except (KeyError, ValueError, struct.error):
         return None
+
+
+def command_problem(raw: bytes | memoryview, context_id: int, accepted: Any) -> str | None:
+    """Why a whole command set cannot be served, or None to let pynetdicom decode it.
+
+    pynetdicom meets a message on a presentation context it never accepted, or a
+    C-STORE-RQ without Affected SOP Class/Instance UID or Command Data Set Type, with
+    an exception in its receive thread; the lane refuses them first (A-ABORT).
+    """
+    if context_id not in accepted:
+        return f"a message on presentation context {context_id}, which was not accepted"
+    values: dict[int, bytes] = {}
+    at, end = 0, len(raw)
+    while at + 8 <= end:
+        group, element, length = _ELEMENT.unpack_from(raw, at)
+        at += 8
+        if group != 0 or at + length > end:
+            return None
+        values[element] = bytes(raw[at:at + length])
+        at += length
+    if values.get(0x0100) != b"\x01\x00":
+        return None  # not a C-STORE-RQ: pynetdicom's
+    for element, name in ((0x0002, "Affected SOP Class UID"),
+                          (0x1000, "Affected SOP Instance UID"),
+                          (0x0800, "Command Data Set Type")):
+        if not values.get(element, b"").strip(b"\x00 "):
+            return f"a C-STORE request without {name}"
+    return None
 
 
 def _us(value: bytes) -> int:
@@ -277,6 +306,10 @@ class _Lane:
         raw = bytes(self._read(command_length))
         message = self._take(context_id, raw)
         if message is None:
+            problem = command_problem(raw, context_id, self.assoc._accepted_cx)  # noqa: SLF001
+            if problem is not None:
+                self.left = pdu_length - 6 - command_length
+                raise _ProtocolError(problem)
             self._hand_over(prefix + raw, pdu_length - 6 - command_length)
             return False
         self.message = message
@@ -295,8 +328,9 @@ class _Lane:
                 return
         try:
             pdu, event = dul._decode_pdu(bytestream)  # noqa: SLF001 - the DUL's own decoder
-        except Exception:  # noqa: BLE001 - as pynetdicom: an undecodable PDU aborts
-            LOG.exception("Unable to decode the received PDU data")
+        except Exception as exc:  # noqa: BLE001 - as pynetdicom: an undecodable PDU aborts
+            LOG.warning("association with %s: malformed PDU, aborted (%s: %.200s)",
+                        self.assoc.requestor.ae_title, type(exc).__name__, exc)
             dul.event_queue.put("Evt19")
             return
         dul.event_queue.put(event)
@@ -331,6 +365,10 @@ class _Lane:
 
     def _consume_pdu(self) -> None:
         """Read one P-DATA-TF PDU of the current message."""
+        # Data is flowing: pynetdicom's idle timer (network_timeout_s) restarts per PDU,
+        # as its own loop does, or a transfer longer than the timeout read in one go
+        # (a 256 MiB instance) was aborted as idle.
+        self.dul._idle_timer.restart()  # noqa: SLF001
         pdu_type, _, pdu_length = _PDU_HEADER.unpack(self._read(6))
         if pdu_type != _P_DATA_TF:
             raise _ProtocolError(f"PDU type 0x{pdu_type:02X} where data was expected")
@@ -394,8 +432,10 @@ class _Lane:
         self.assoc.dimse.receive_primitive(primitive)
 
     def _read_large(self, n: int) -> bytes:
-        out = bytearray(n)
-        self._read_into(memoryview(out))
+        """``n`` bytes, the buffer growing with what arrives (never sized from ``n``)."""
+        out = bytearray()
+        while len(out) < n:
+            out += self._read(min(n - len(out), _BUFFER))
         return bytes(out)
 
     # ---------------------------------------------------------------- answering
@@ -442,7 +482,7 @@ class _Lane:
         """Give up a data set in progress: never acknowledged, and the association ends.
 
         Its spool stays registered with the association, so
-        :func:`dicom_node.spooling.discard_unclaimed` removes it (and says so) when the
+        :func:`dicom_node.fast_receive.spooling.discard_unclaimed` removes it (and says so) when the
         connection closes, as for a data set pynetdicom was receiving.
         """
         message, self.message = self.message, None
@@ -489,7 +529,7 @@ def _lane_of(dul: Any) -> _Lane | None:
     usable = (
         assoc.is_acceptor
         and assoc.ae in _lane_aes
-        and type(sock) is socket.socket  # not TLS: MSG_PEEK and select see raw bytes
+        and type(sock) in (socket.socket, GuardedSocket)  # not TLS: MSG_PEEK, select see raw bytes
         and not any(assoc.get_handlers(event) for event in _WATCHING)
         and assoc.get_handlers(evt.EVT_C_STORE)[0] is not None
     )
@@ -520,7 +560,7 @@ def _compatible() -> str | None:
     if read is None:
         return "DULServiceProvider has no _read_pdu_data"
     probe = _dul.DULServiceProvider.__init__.__code__.co_names
-    for name in ("_recv_pdu", "event_queue", "to_provider_queue", "state_machine"):
+    for name in ("_recv_pdu", "event_queue", "to_provider_queue", "state_machine", "_idle_timer"):
         if name not in probe:
             return f"DULServiceProvider has no {name}"
     if not hasattr(C_STORE(), "_dataset_file"):
@@ -531,7 +571,7 @@ def _compatible() -> str | None:
 def install(ae: Any) -> bool:
     """Let the associations ``ae`` accepts receive C-STOREs in the lane (idempotent).
 
-    Needs :func:`dicom_node.spooling.install` for the same AE (the lane writes into its
+    Needs :func:`dicom_node.fast_receive.spooling.install` for the same AE (the lane writes into its
     spools).
 
     Returns

@@ -84,7 +84,7 @@ from pynetdicom import transport as _transport
 from pynetdicom import utils as _utils
 from pynetdicom.presentation import PresentationContext
 
-from dicom_node import store_response
+from dicom_node.fast_receive import store_response
 
 LOG = logging.getLogger(__name__)
 

@@ -236,6 +236,27 @@ def discard_unclaimed(event: Any) -> int:
     return removed
 
 
+def release_ended(assoc: Any) -> int:
+    """After ``assoc``'s threads ended: discard its unhandled spools, close its socket.
+
+    Returns
+    -------
+    int
+        Spools removed.
+    """
+    removed = sum(s.discard() for s in assoc.__dict__.pop("_dicom_node_spools", []))
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None and sock.fileno() != -1:
+        try:
+            sock.close()
+        except OSError:
+            pass
+    if removed:
+        LOG.info("association with %s ended abnormally: %d unfinished data set(s) removed, "
+                 "none was acknowledged", (assoc.requestor.ae_title or "?").strip(), removed)
+    return removed
+
+
 def _compatible() -> str | None:
     if not hasattr(_config, "STORE_RECV_CHUNKED_DATASET"):
         return "no _config.STORE_RECV_CHUNKED_DATASET"

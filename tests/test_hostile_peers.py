@@ -1,0 +1,490 @@
+"""Hostile and broken peers against the real node (issue 13, "Hostile or broken peers").
+
+One test per attack. Each asserts the outcome (a status, or the connection ended by the
+node within ``network_timeout_s`` / ``acse_timeout_s``), that nothing was archived that
+should not be, that no descriptor and no ``tmp/*.part`` file is left behind, and that
+the node still serves a normal dcmtk ``storescu`` afterwards. The node runs as a
+subprocess (``python -m dicom_node serve``) with short timeouts, once with the fast
+receive path (``fast_receive = true``) and once with plain pynetdicom.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import Verification
+
+from dicom_client import stored_rows
+from node_harness import NodeProcess, small_ct
+
+NETWORK_TIMEOUT_S = 3.0
+ACSE_TIMEOUT_S = 2.0
+MAX_PDU = 262_144
+MAX_ASSOCIATIONS = 3
+#: Slack on every deadline: a 2-core machine shared with other test runs.
+SLACK_S = 4.0
+
+
+def _config(fast: bool) -> str:
+    return (f"network_timeout_s = {NETWORK_TIMEOUT_S}\nacse_timeout_s = {ACSE_TIMEOUT_S}\n"
+            f"max_pdu_size = {MAX_PDU}\nmax_associations = {MAX_ASSOCIATIONS}\n"
+            f"fast_receive = {'true' if fast else 'false'}\n")
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["fast_receive", "plain"])
+def hostile(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
+    """One node per mode for the whole module: each attack must leave it serving."""
+    root = tmp_path_factory.mktemp("hostile-fast" if request.param else "hostile-plain")
+    node = NodeProcess(root / "data", config=_config(request.param)).start()
+    yield node
+    node.stop()
+
+
+# ----------------------------------------------------------------- observing the node
+def _status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _parts(node: NodeProcess) -> list[Path]:
+    tmp = node.data_dir / "tmp"
+    return sorted(tmp.glob("*.part")) if tmp.exists() else []
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+class _Watch:
+    """The node's descriptors and log before an attack; checks that nothing leaked."""
+
+    def __init__(self, node: NodeProcess) -> None:
+        self.node = node
+        assert node.proc is not None
+        self.pid = node.proc.pid
+        self.fds = _fds(self.pid)
+        self.log_offset = node.log_path.stat().st_size
+
+    def log(self) -> str:
+        return self.node.log_path.read_bytes()[self.log_offset:].decode(errors="replace")
+
+    def assert_clean(self) -> None:
+        assert _wait(lambda: _fds(self.pid) <= self.fds, 10.0), (
+            f"descriptors {self.fds} -> {_fds(self.pid)}")
+        assert _wait(lambda: not _parts(self.node), 10.0), _parts(self.node)
+        assert "Traceback" not in self.log(), self.log()[-3000:]
+
+    def assert_still_serves(self, tmp: Path) -> None:
+        """A normal dcmtk storescu is answered Success and its instance archived."""
+        ds = small_ct(patient_id="AFTER-ATTACK", size=32)
+        path = tmp / f"after-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        env = dict(os.environ, TCP_NODELAY="1")
+        done = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "DICOM_NODE", "127.0.0.1",
+                               str(self.node.port), str(path)], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert any(r["sop_instance_uid"] == ds.SOPInstanceUID for r in stored_rows(self.node.data_dir))
+
+
+# ------------------------------------------------------------------- talking to it
+def _client(node: NodeProcess, calling_ae: str = "HOSTILE") -> Any:
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 30
+    ae.acse_timeout = 10
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    return assoc
+
+
+def _send_raw(assoc: Any, data: bytes) -> None:
+    sock = assoc.dul.socket.socket
+    if sock is None:
+        return  # the node has already ended the association
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def _pdata(context_id: int, control: int, payload: bytes) -> bytes:
+    item = struct.pack(">LBB", len(payload) + 2, context_id, control) + payload
+    return struct.pack(">BBL", 0x04, 0, len(item)) + item
+
+
+def _store_raw(assoc: Any, dataset: bytes, sop_instance_uid: str, message_id: int = 1) -> int:
+    """Send a C-STORE whose data set is ``dataset`` as it is; return the status."""
+    req = C_STORE()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = sop_instance_uid
+    req.Priority = 2
+    req.DataSet = BytesIO(dataset)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    context_id = assoc.accepted_contexts[0].context_id
+    # Pause the requestor's reactor (as pynetdicom's release() does) so that it does not
+    # take the response as an unexpected message before get_msg() sees it.
+    assoc._reactor_checkpoint.clear()  # noqa: SLF001
+    while not assoc._is_paused:  # noqa: SLF001
+        time.sleep(0.001)
+    try:
+        for pdu in msg.encode_msg(context_id, 16_384):
+            assoc.dul.send_pdu(pdu)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()  # noqa: SLF001
+    assert rsp is not None, "no response"
+    return int(rsp.Status)
+
+
+def _ended_by_node(sock: socket.socket, within: float) -> float | None:
+    """Seconds until the node closed ``sock`` (None if it did not within ``within``)."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - start < within:
+        try:
+            if not sock.recv(65536):
+                return time.monotonic() - start
+        except TimeoutError:
+            continue
+        except OSError:
+            return time.monotonic() - start
+    return None
+
+
+def _association_request(called: str = "DICOM_NODE") -> bytes:
+    """The bytes of a real A-ASSOCIATE-RQ from pynetdicom, captured on a loopback socket."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        ae = AE(ae_title="HOSTILE")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.acse_timeout = 2
+        t = threading.Thread(target=ae.associate, args=("127.0.0.1", port), kwargs={"ae_title": called})
+        t.start()
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        data = b""
+        while len(data) < 6 or len(data) < 6 + struct.unpack(">L", data[2:6])[0]:
+            data += conn.recv(65536)
+        conn.close()
+        t.join()
+    return data
+
+
+def _connect(node: NodeProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", node.port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _header(ds: Dataset) -> bytes:
+    """``ds`` without its pixel data, encoded Explicit VR Little Endian."""
+    ds = ds.copy()
+    del ds.PixelData
+    return encode(ds, False, True)
+
+
+def _command_set(*, sop_class: bool = True, sop_instance: bool = True, data_set_type: bool = True) -> bytes:
+    """A C-STORE-RQ command set (Implicit VR Little Endian), optionally missing elements."""
+    def ui(element: int, value: str) -> bytes:
+        raw = value.encode() + (b"\x00" if len(value) % 2 else b"")
+        return struct.pack("<HHL", 0, element, len(raw)) + raw
+
+    def us(element: int, value: int) -> bytes:
+        return struct.pack("<HHLH", 0, element, 2, value)
+
+    body = b"".join([
+        ui(0x0002, CTImageStorage) if sop_class else b"",
+        us(0x0100, 0x0001),
+        us(0x0110, 1),
+        us(0x0700, 0),
+        us(0x0800, 0x0000) if data_set_type else b"",
+        ui(0x1000, "1.2.826.0.1.3680043.8.498.1") if sop_instance else b"",
+    ])
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+# --------------------------------------------------------------------------- attacks
+@pytest.mark.parametrize("declared", [1 << 30, (1 << 32) - 1], ids=["1GiB", "4GiB"])
+def test_pdu_header_declaring_gigabytes_after_a_store_is_aborted_in_bounded_memory(
+        hostile: NodeProcess, tmp_path: Path, declared: int) -> None:
+    watch = _Watch(hostile)
+    rss0, peak0 = _status(watch.pid, "VmRSS"), _status(watch.pid, "VmPeak")
+    assoc = _client(hostile)
+    assert assoc.send_c_store(small_ct(patient_id="HOSTILE-1")).Status == 0
+    # ~600 bytes: a P-DATA-TF header declaring `declared` bytes, a PDV header, a little data.
+    _send_raw(assoc, struct.pack(">BBL", 0x04, 0, declared) + struct.pack(">LBB", declared - 4, 1, 0x00)
+              + b"\x00" * 588)
+    top = [rss0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            top.append(_status(watch.pid, "VmRSS"))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert _wait(lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S)
+    finally:
+        stop.set()
+        sampler.join()
+    assert max(top) - rss0 < 100 << 20, f"resident memory rose by {(max(top) - rss0) >> 20} MiB"
+    assert _status(watch.pid, "VmPeak") - peak0 < 512 << 20, "a buffer was sized from the header"
+    assert "maximum" in watch.log()  # the reason: larger than the PDU size the node advertised
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_half_sent_pdu_is_aborted_and_its_slot_freed(hostile: NodeProcess, tmp_path: Path) -> None:
+    watch = _Watch(hostile)
+    assoc = _client(hostile)
+    # A P-DATA-TF declaring 4 KiB, of which 100 bytes arrive; then the peer stays silent.
+    _send_raw(assoc, struct.pack(">BBL", 0x04, 0, 4096) + b"\x00" * 100)
+    start = time.monotonic()
+    assert _wait(lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S)
+    assert time.monotonic() - start <= NETWORK_TIMEOUT_S + SLACK_S
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_half_sent_association_requests_are_dropped_and_every_slot_freed(
+        hostile: NodeProcess, tmp_path: Path) -> None:
+    watch = _Watch(hostile)
+    rq = _association_request()
+    socks = [_connect(hostile) for _ in range(MAX_ASSOCIATIONS + 2)]
+    for sock in socks:
+        sock.sendall(rq[:len(rq) // 2])
+    ended = [_ended_by_node(sock, NETWORK_TIMEOUT_S + SLACK_S) for sock in socks]
+    for sock in socks:
+        sock.close()
+    assert all(e is not None for e in ended), ended
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_connection_that_sends_nothing_is_closed_within_the_acse_timeout(
+        hostile: NodeProcess, tmp_path: Path) -> None:
+    watch = _Watch(hostile)
+    socks = [_connect(hostile) for _ in range(MAX_ASSOCIATIONS + 2)]
+    ended = [_ended_by_node(sock, ACSE_TIMEOUT_S + SLACK_S) for sock in socks]
+    for sock in socks:
+        sock.close()
+    assert all(e is not None for e in ended), ended
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_data_set_truncated_inside_pixel_data_is_refused_and_not_archived(
+        hostile: NodeProcess, tmp_path: Path) -> None:
+    watch = _Watch(hostile)
+    ds = small_ct(patient_id="TRUNCATED")
+    # Pixel Data declared 2 GiB, 512 bytes present.
+    dataset = _header(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, 1 << 31) + b"\x01" * 512
+    assoc = _client(hostile)
+    try:
+        assert _store_raw(assoc, dataset, ds.SOPInstanceUID) == 0xC000
+    finally:
+        assoc.release()
+    assert not any(r["sop_instance_uid"] == ds.SOPInstanceUID for r in stored_rows(hostile.data_dir))
+    assert "cannot understand" in watch.log()
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+@pytest.mark.parametrize("broken", ["no_sop_instance", "no_sop_class", "no_data_set_type",
+                                    "unaccepted_context"])
+def test_broken_command_set_is_aborted_without_leaks(hostile: NodeProcess, tmp_path: Path,
+                                                     broken: str) -> None:
+    watch = _Watch(hostile)
+    assoc = _client(hostile)
+    context_id = assoc.accepted_contexts[0].context_id
+    command = _command_set(sop_instance=broken != "no_sop_instance",
+                           sop_class=broken != "no_sop_class",
+                           data_set_type=broken != "no_data_set_type")
+    if broken == "unaccepted_context":
+        context_id = 201  # never proposed
+    _send_raw(assoc, _pdata(context_id, 0x03, command))
+    _send_raw(assoc, _pdata(context_id, 0x02, _header(small_ct(patient_id="BROKEN"))))
+    assert _wait(lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S)
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def _nested(depth: int) -> bytes:
+    """A Digital Signatures Sequence nested ``depth`` levels deep (undefined lengths)."""
+    open_sq = struct.pack("<HH2sHL", 0xFFFA, 0xFFFA, b"SQ", 0, 0xFFFFFFFF)
+    inner_sq = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item_end = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    seq_end = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return open_sq + item + (inner_sq + item) * (depth - 1) + (item_end + seq_end) * depth
+
+
+def test_ten_thousand_nested_sequences_are_refused_cannot_understand(
+        hostile: NodeProcess, tmp_path: Path) -> None:
+    watch = _Watch(hostile)
+    ds = small_ct(patient_id="NESTED")
+    dataset = encode(ds, False, True) + _nested(10_000)
+    assoc = _client(hostile)
+    try:
+        assert _store_raw(assoc, dataset, ds.SOPInstanceUID) == 0xC000
+    finally:
+        assoc.release()
+    assert "nest" in watch.log()
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_pdu_larger_than_the_maximum_is_aborted_with_the_reason(
+        hostile: NodeProcess, tmp_path: Path) -> None:
+    watch = _Watch(hostile)
+    assoc = _client(hostile)
+    ds = small_ct(patient_id="BIGPDU", size=512)
+    payload = _header(ds)
+    big = _pdata(assoc.accepted_contexts[0].context_id, 0x03, _command_set()) \
+        + _pdata(assoc.accepted_contexts[0].context_id, 0x02, payload + b"\x00" * (MAX_PDU + 1000))
+    _send_raw(assoc, big)
+    assert _wait(lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S)
+    assert "maximum" in watch.log()
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_too_many_associations_is_refused_as_such(hostile: NodeProcess, tmp_path: Path) -> None:
+    watch = _Watch(hostile)
+    held = [_client(hostile) for _ in range(MAX_ASSOCIATIONS)]
+    try:
+        ae = AE(ae_title="ONE_TOO_MANY")
+        ae.add_requested_context(Verification)
+        extra = ae.associate("127.0.0.1", hostile.port, ae_title="DICOM_NODE")
+        assert extra.is_rejected
+    finally:
+        for assoc in held:
+            assoc.release()
+    log = watch.log()
+    assert "too many associations" in log and "not allowed" not in log, log
+    audit = hostile.cli("audit", "--since", "1h", "--json", "--type", "association-refused").stdout
+    assert "too many associations" in audit and "ONE_TOO_MANY" in audit
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_malformed_association_request_logs_one_line(hostile: NodeProcess, tmp_path: Path) -> None:
+    watch = _Watch(hostile)
+    rq = bytearray(_association_request())
+    # An item length running past the PDU: the first variable item's length is garbage.
+    struct.pack_into(">H", rq, 74 + 2, 0xFFF0)
+    sock = _connect(hostile)
+    sock.sendall(bytes(rq))
+    assert _ended_by_node(sock, NETWORK_TIMEOUT_S + SLACK_S) is not None
+    sock.close()
+    log = watch.log()
+    assert len(log) < 2000 and log.count("\n") <= 3, log[:3000]
+    assert "malformed" in log
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_association_request_pynetdicom_cannot_negotiate_is_aborted(
+        hostile: NodeProcess, tmp_path: Path) -> None:
+    """Found by fuzzing: a presentation context without an abstract syntax killed
+    pynetdicom's association thread and left the connection (and its slot) open."""
+    watch = _Watch(hostile)
+    rq = (Path(__file__).parent / "fuzz_regressions" / "association"
+          / "context-without-abstract-syntax").read_bytes()
+    rq = rq[:2] + struct.pack(">L", len(rq) - 6) + rq[6:]  # the fuzzer's length field was off
+    sock = _connect(hostile)
+    sock.sendall(rq)
+    assert _ended_by_node(sock, ACSE_TIMEOUT_S + SLACK_S) is not None
+    sock.close()
+    assert "malformed" in watch.log()
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_large_instance_with_an_element_after_pixel_data_is_parsed_in_bounded_memory(
+        hostile: NodeProcess, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """256 MiB of pixel data and one element after it: the data set is walked to its end
+    from the spool file, never read whole (it cost +246 MB resident before issue 13).
+    Fast path only: plain pynetdicom assembles every data set in memory."""
+    if "plain" in request.node.callspec.id:
+        pytest.skip("plain pynetdicom holds the data set in memory by design")
+    watch = _Watch(hostile)
+    ds = small_ct(patient_id="LARGE")
+    size = 256 << 20
+    dataset = (_header(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, size) + bytes(size)
+               + struct.pack("<HH2sHL", 0xFFFA, 0xFFFA, b"SQ", 0, 0))
+    rss0, hwm0 = _status(watch.pid, "VmRSS"), _status(watch.pid, "VmHWM")
+    top = [rss0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            top.append(_status(watch.pid, "VmRSS"))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    assoc = _client(hostile)
+    try:
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = CTImageStorage
+        req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        req.Priority = 2
+        req.DataSet = BytesIO(dataset)
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        del dataset
+        assoc._reactor_checkpoint.clear()  # noqa: SLF001
+        while not assoc._is_paused:  # noqa: SLF001
+            time.sleep(0.001)
+        try:
+            for pdu in msg.encode_msg(assoc.accepted_contexts[0].context_id, MAX_PDU):
+                assoc.dul.send_pdu(pdu)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()  # noqa: SLF001
+        assert rsp is not None and rsp.Status == 0
+    finally:
+        assoc.release()
+        stop.set()
+        sampler.join()
+    grew = max(_status(watch.pid, "VmHWM") - hwm0, max(top) - rss0)
+    assert grew < 100 << 20, f"resident memory rose by {grew >> 20} MiB"
+    assert any(r["sop_instance_uid"] == ds.SOPInstanceUID for r in stored_rows(hostile.data_dir))
+    watch.assert_clean()
