@@ -440,9 +440,9 @@ def test_large_instance_with_an_element_after_pixel_data_is_parsed_in_bounded_me
         hostile: NodeProcess, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """256 MiB of pixel data and one element after it: the data set is walked to its end
     from the spool file, never read whole (it cost +246 MB resident before issue 13).
-    Fast path only: plain pynetdicom assembles every data set in memory."""
-    if "plain" in request.node.callspec.id:
-        pytest.skip("plain pynetdicom holds the data set in memory by design")
+    Plain pynetdicom assembles every data set in memory by design, so there the instance
+    must be walked to its end and kept; the memory bound is the fast path's."""
+    plain = "plain" in request.node.callspec.id
     watch = _Watch(hostile)
     ds = small_ct(patient_id="LARGE")
     size = 256 << 20
@@ -485,6 +485,7 @@ def test_large_instance_with_an_element_after_pixel_data_is_parsed_in_bounded_me
         stop.set()
         sampler.join()
     grew = max(_status(watch.pid, "VmHWM") - hwm0, max(top) - rss0)
-    assert grew < 100 << 20, f"resident memory rose by {grew >> 20} MiB"
+    if not plain:
+        assert grew < 100 << 20, f"resident memory rose by {grew >> 20} MiB"
     assert any(r["sop_instance_uid"] == ds.SOPInstanceUID for r in stored_rows(hostile.data_dir))
     watch.assert_clean()
