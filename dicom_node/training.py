@@ -51,27 +51,37 @@ def task_rules(task: str, pipelines: Sequence[PipelineSpec] = DEFAULT_PIPELINES)
                      f"{', '.join(p.task for p in pipelines) or 'none'})")
 
 
-def nightly_config(settings: Settings, *, epochs: int | None = None) -> NightlyConfig:
+def nightly_config(settings: Settings, *, epochs: int | None = None,
+                   min_dice: float | None = None) -> NightlyConfig:
     """The trainer's configuration from the settings (``epochs`` overrides the maximum).
+
+    Parameters
+    ----------
+    min_dice : float, optional
+        The task's own quality floor (a ``[[tasks]]`` table's ``min_dice``); default
+        ``settings.train_min_dice``.
 
     Raises
     ------
     ValueError
-        If ``epochs`` is < 1.
+        If ``epochs`` is < 1 or ``min_dice`` is outside [0, 1].
     """
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if min_dice is not None and not 0 <= min_dice <= 1:
+        raise ValueError(f"min_dice must be in [0, 1], got {min_dice}")
     return NightlyConfig(
         finetune_lr=settings.train_finetune_lr, scratch_lr=settings.train_scratch_lr,
         max_epochs=epochs or settings.train_max_epochs,
         time_budget_s=settings.train_time_budget_min * 60.0,
         margin=settings.train_promote_margin,
+        min_dice=settings.train_min_dice if min_dice is None else min_dice,
         validation_fraction=settings.train_validation_fraction,
         patch_size=settings.train_patch_size, device=settings.train_device)
 
 
 def train_task(settings: Settings, task: str, *, epochs: int | None = None,
-               by: str = "trainer") -> TrainingOutcome:
+               by: str = "trainer", min_dice: float | None = None) -> TrainingOutcome:
     """Train ``task`` now, in a subprocess at ``train_nice``; return the outcome.
 
     Raises
@@ -82,7 +92,8 @@ def train_task(settings: Settings, task: str, *, epochs: int | None = None,
         If the training subprocess fails.
     """
     rules = task_rules(task)
-    return run_in_subprocess(settings.data_dir, task, rules, nightly_config(settings, epochs=epochs),
+    return run_in_subprocess(settings.data_dir, task, rules,
+                             nightly_config(settings, epochs=epochs, min_dice=min_dice),
                              nice=settings.train_nice, by=by)
 
 

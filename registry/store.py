@@ -53,6 +53,9 @@ LOG = logging.getLogger(__name__)
 
 DB_NAME = "registry.sqlite"
 
+#: Audit actions that note something about a version without changing its standing.
+_NOTES = (AuditAction.METRICS, AuditAction.HOLD, AuditAction.SHADOW)
+
 # Recorded migrations: (number, SQL). Applied in order, each in one transaction.
 _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, """
@@ -511,6 +514,30 @@ class Registry:
                 "detail": v.detail})
         return v
 
+    def hold(self, version: str, *, by: str, reason: str) -> ModelVersion:
+        """Record why a candidate was not promoted (audit ``hold``); its status is unchanged.
+
+        Raises
+        ------
+        VersionNotFoundError
+        ValueError
+            If ``reason`` is empty.
+        """
+        if not reason.strip():
+            raise ValueError("reason must say why the candidate was not promoted")
+        mv = self.get(version)
+        with self._tx():
+            self._audit(AuditAction.HOLD, mv.task, version, mv.scope, by, reason)
+        return mv
+
+    def held_because(self, version: str) -> str | None:
+        """The reason of the latest ``hold`` of ``version`` when it is still a candidate."""
+        mv = self.get(version)
+        if mv.status is not ModelStatus.CANDIDATE:
+            return None
+        holds = [e for e in self.audit(version=version) if e.action is AuditAction.HOLD]
+        return holds[-1].reason if holds else None
+
     # -- status changes ---------------------------------------------------------------
 
     def promote(self, version: str, by: str, reason: str) -> ModelVersion:
@@ -600,7 +627,7 @@ class Registry:
         mv = self.get(version)
         with self._tx() as conn:
             standing = [e.action for e in self.audit(task=mv.task) if e.version == version
-                        and e.action is not AuditAction.METRICS]
+                        and e.action not in _NOTES]
             if standing and standing[-1] is AuditAction.RETIRE:
                 raise StatusError(version, "retire", "it is already retired")
             conn.execute("UPDATE model_versions SET status = 'retired' WHERE version = ?", [version])

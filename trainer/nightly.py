@@ -14,8 +14,10 @@
 4. evaluate the candidate and the active version on the *same* validation patients,
    in the served pipeline (:meth:`pipelines.inference.LoadedModel.segment` on the
    source grid), as mean Dice per label; record both in the registry;
-5. promote the candidate only if its mean Dice beats the active's by ``margin``;
-   otherwise it stays a candidate with its metrics recorded.
+5. promote the candidate only if its mean Dice reaches the task's floor ``min_dice``
+   and beats the active's by ``margin`` (no active version: the floor alone decides;
+   :mod:`trainer.promotion`); otherwise it stays a candidate with its metrics and
+   the reason recorded (registry audit ``hold``, the journal, ``models show``).
 
 :func:`run_in_subprocess` runs the same in a child process (``python -m
 trainer.nightly``) at a lower CPU priority (``os.nice``), so that the node keeps
@@ -49,6 +51,7 @@ from registry.records import Metrics, ModelVersion
 from registry.store import Registry
 from trainer.dataset import DatasetItem, LoadedCase, TrainingSet, build_dataset, load_case
 from trainer.errors import TrainingError
+from trainer.promotion import DEFAULT_MIN_DICE, decide
 from trainer.train import TrainingConfig, TrainingResult, VolumeItem, train
 from twin_archive import Archive
 from twin_archive import audit
@@ -74,6 +77,10 @@ class NightlyConfig:
         Wall-clock budget of the training itself, seconds.
     margin : float
         The candidate's mean Dice must exceed the active's by more than this (>= 0).
+    min_dice : float
+        The quality floor of the task: a candidate whose mean validation Dice is below
+        it is never promoted, active version or not (default 0.7; see
+        :mod:`trainer.promotion`).
     validation_fraction : float
         Share of patients held out for validation, in (0, 1).
     patch_size : int
@@ -97,6 +104,7 @@ class NightlyConfig:
     max_epochs: int = 100
     time_budget_s: float = 7200.0
     margin: float = 0.01
+    min_dice: float = DEFAULT_MIN_DICE
     validation_fraction: float = 0.2
     patch_size: int = 96
     samples_per_volume: int = 4
@@ -114,6 +122,8 @@ class NightlyConfig:
             raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if not 0 <= self.min_dice <= 1:
+            raise ValueError(f"min_dice must be in [0, 1], got {self.min_dice}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.patch_size < 8:
@@ -198,7 +208,8 @@ class TrainingOutcome:
             return f"{np.mean(list(d.values())):.4f}" if d else "-"
         if self.outcome == "skipped":
             return f"{self.task}: nothing trained: {self.reason}"
-        return (f"{self.task}: {self.candidate} {self.outcome} ({self.reason}); mean Dice "
+        how = "stays a candidate" if self.outcome == "candidate" else self.outcome
+        return (f"{self.task}: {self.candidate} {how} ({self.reason}); mean Dice "
                 f"{mean(self.candidate_dice)} vs {mean(self.active_dice)} of "
                 f"{self.active_before or 'no active version'} on {self.validation_set}; "
                 f"{self.train_series} train / {self.validation_series} validation series of "
@@ -357,21 +368,21 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
             active_dice = evaluate(active, cases, reg, backend=_torch_backend(device))
             reg.record_metrics(active.version, Metrics(
                 dice=active_dice, validation_set=dataset.validation_set_id), by=by)
-        cand_mean = float(np.mean(list(cand_dice.values())))
-        act_mean = float(np.mean(list(active_dice.values()))) if active_dice else None
-        if act_mean is None or cand_mean > act_mean + config.margin:
-            reason = (f"mean Dice {cand_mean:.4f} vs {act_mean:.4f} of {active.version}"
-                      if active is not None and act_mean is not None
-                      else f"mean Dice {cand_mean:.4f}; no active version")
-            reason += f" on {dataset.validation_set_id} (margin {config.margin})"
+        decision = decide(cand_dice, active_dice or None, margin=config.margin,
+                          min_dice=config.min_dice,
+                          active_version=active.version if active else None,
+                          validation_set=dataset.validation_set_id)
+        reason = decision.reason
+        if decision.promote:
             reg.promote(candidate.version, by=by, reason=reason)
             audit.record(data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
                          by, candidate.version, {"task": task, "reason": reason,
                                                  "previous": active.version if active else None})
             outcome = "promoted"
         else:
-            reason = (f"not better by the margin {config.margin}: mean Dice {cand_mean:.4f} vs "
-                      f"{act_mean:.4f} of {active.version if active else '-'}")
+            reg.hold(candidate.version, by=by, reason=reason)
+            LOG.warning("training %s: %s stays a candidate, not served: %s", task,
+                        candidate.version, reason)
             outcome = "candidate"
         out = TrainingOutcome(
             task=task, outcome=outcome, reason=reason, candidate=candidate.version,

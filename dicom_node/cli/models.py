@@ -18,6 +18,9 @@ from twin_archive import audit
 
 LOG = logging.getLogger(__name__)
 
+#: Said (and kept in the audit trail) when a bundle is activated on import.
+NO_METRICS = "activated on import with no recorded validation metrics (operator's explicit choice)"
+
 
 def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Add the ``models`` subcommand and its actions to ``sub``."""
@@ -124,6 +127,7 @@ def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False) -> dict[s
         "serving_backend": _serving(reg, mv), "path": str(mv.path),
     }
     if full:
+        d["held_because"] = reg.held_because(mv.version)
         d["dataset_manifest"] = mv.manifest()
         d["artifacts"] = [{"kind": a.kind.value, "path": str(a.path), "sha256": a.sha256,
                            "created_at": a.created_at.isoformat(), "detail": a.detail, "key": a.key}
@@ -170,6 +174,8 @@ def cmd_show(args: argparse.Namespace, settings: Any) -> int:
         return 0
     print(f"{d['version']}  ({d['status']}, task {d['task']}, scope "
           f"{d['scope']['manufacturer'] or '*'} / {d['scope']['model_name'] or '*'})")
+    if d["held_because"]:
+        print(f"  not promoted  {d['held_because']}")
     print(f"  bundle        {d['bundle']['name']} {d['bundle']['version']}")
     print(f"  architecture  {d['architecture']}")
     for lab in d["labels"]:
@@ -187,6 +193,8 @@ def cmd_show(args: argparse.Namespace, settings: Any) -> int:
     if d["metrics"]:
         m = d["metrics"]
         print(f"  metrics       mean Dice {m['mean_dice']:.4f} {m['dice']} on {m['validation_set']}")
+    else:
+        print("  metrics       none recorded (never validated on this site's patients)")
     print(f"  manifest      {'-' if d['dataset_manifest'] is None else json.dumps(d['dataset_manifest'])[:100]}")
     print(f"  serving with  {d['serving_backend']}")
     print(f"  path          {d['path']}")
@@ -204,13 +212,21 @@ def cmd_show(args: argparse.Namespace, settings: Any) -> int:
 
 def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     """``models import BUNDLE_DIR --task T``."""
+    reason = args.reason
+    if args.activate:  # an imported bundle has no metrics on this site's patients
+        reason = "; ".join(r for r in (reason, NO_METRICS) if r)
     with _registry(settings) as reg:
         mv = reg.import_bundle(args.bundle_dir, task=args.task, activate=args.activate,
                                manufacturer=args.manufacturer, scanner_model=args.scanner_model,
-                               by=_by(args), reason=args.reason)
+                               by=_by(args), reason=reason)
     print(f"imported {mv.version} ({mv.status.value}, scope {mv.scope}): {mv.bundle_name} "
           f"{mv.bundle_version}, labels {', '.join(lab.name for lab in mv.labels)}; "
           f"device UID {mv.device_uid}")
+    if args.activate and mv.metrics is None:
+        LOG.warning("%s activated with no recorded validation metrics (the quality floor was "
+                    "not checked): the operator's explicit choice", mv.version)
+        print(f"note: {mv.version} has no recorded validation metrics; it serves on your "
+              "explicit choice (--activate), the quality floor min_dice was not checked")
     return 0
 
 
