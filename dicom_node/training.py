@@ -76,6 +76,7 @@ def nightly_config(settings: Settings, *, epochs: int | None = None,
         time_budget_s=settings.train_time_budget_min * 60.0,
         margin=settings.train_promote_margin,
         min_dice=settings.train_min_dice if min_dice is None else min_dice,
+        promote_after_shadow=settings.train_promote_after_shadow,
         validation_fraction=settings.train_validation_fraction,
         patch_size=settings.train_patch_size, device=settings.train_device)
 
@@ -154,6 +155,18 @@ class NightlyScheduler:
 
         started = time.time()
         results = []
+        if self.settings.train_promote_after_shadow:
+            from dicom_node.shadow import promote_after_shadow
+
+            try:
+                for line in promote_after_shadow(
+                        self.settings.data_dir, series=self.settings.train_promote_after_shadow,
+                        min_agreement=self.settings.train_shadow_min_agreement):
+                    LOG.info("nightly: %s", line)
+                    results.append(("shadow", line))
+            except Exception as exc:  # the training of the tasks still runs
+                LOG.exception("nightly: shadow promotions failed")
+                results.append(("shadow", f"failed: {exc}"))
         for spec in self.pipelines:
             try:
                 new = new_labelled_series(self.settings.data_dir, spec.task, spec.rules)

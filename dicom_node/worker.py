@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicom_node.jobs import Job, JobQueue
+from dicom_node.live_learning import LiveLearning
 from dicom_node.monitor import PipelineSpec
 from dicom_node.sender import Sender
 from dicom_node.settings import Destination
@@ -106,7 +107,7 @@ class Worker:
 
     def __init__(self, *, archive: Archive, jobs: JobQueue, results: ResultStore, sender: Sender,
                  destinations: Sequence[Destination], pipelines: Sequence[PipelineSpec] = DEFAULT_PIPELINES,
-                 name: str = "worker-1") -> None:
+                 name: str = "worker-1", live: LiveLearning | None = None) -> None:
         self.archive = archive
         self.jobs = jobs
         self.results = results
@@ -120,6 +121,8 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.current: Job | None = None
+        # drift figures and shadow runs of served series (dicom_node.live_learning)
+        self.live = live or LiveLearning(archive.data_dir, run_series=self._run_series)
 
     # ----------------------------------------------------------------- one job
     def _model(self, task: str, manufacturer: str, model_name: str) -> LoadedModel:
@@ -165,6 +168,8 @@ class Worker:
                                        options=WriterOptions(write_overlay=False),
                                        predecessors=predecessors)
         except EmptyResultError as exc:
+            self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=None,
+                             result=None)
             return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
                               note=f"nothing found, nothing sent ({exc})")
         except SeriesGeometryError as exc:
@@ -193,6 +198,8 @@ class Worker:
         if overlay:
             result = self._add_overlay(job, result, outcome,
                                        {"seg_sr_store_s": t_seg_sr - t_run})
+        self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=outcome,
+                         result=result)
         seconds = time.perf_counter() - t0
         LOG.info("job %d: series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline %.1f s, "
                  "SEG+SR stored and queued %.2f s, overlay %.2f s)", job.id, job.series_uid,
@@ -317,6 +324,7 @@ class Worker:
                 self.jobs.wakeup.clear()
         if self._registry is not None:
             self._registry.close()
+        self.live.close()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop taking jobs; a job still running after ``grace_s`` goes back to the queue."""

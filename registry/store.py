@@ -538,6 +538,40 @@ class Registry:
         holds = [e for e in self.audit(version=version) if e.action is AuditAction.HOLD]
         return holds[-1].reason if holds else None
 
+    def set_shadow(self, version: str, *, on: bool, by: str, reason: str = "") -> ModelVersion:
+        """Start (``on``) or stop shadow mode of a candidate (audit ``shadow``).
+
+        In shadow, the candidate also runs on the live series of its task; its results
+        are kept, never sent (``dicom-node models shadow``).
+
+        Raises
+        ------
+        VersionNotFoundError
+        StatusError
+            If ``on`` and the version is not a candidate.
+        """
+        mv = self.get(version)
+        if on and mv.status is not ModelStatus.CANDIDATE:
+            raise StatusError(version, "shadow", f"it is {mv.status.value}; only a candidate "
+                              "runs in shadow")
+        word = "start" if on else "stop"
+        with self._tx():
+            self._audit(AuditAction.SHADOW, mv.task, version, mv.scope, by,
+                        f"{word}: {reason}" if reason else word)
+        return mv
+
+    def in_shadow(self, version: str) -> bool:
+        """Whether ``version`` is a candidate whose shadow mode is on."""
+        mv = self.get(version)
+        if mv.status is not ModelStatus.CANDIDATE:
+            return False
+        marks = [e.reason for e in self.audit(version=version) if e.action is AuditAction.SHADOW]
+        return bool(marks) and marks[-1].startswith("start")
+
+    def shadowing(self, task: str) -> list[ModelVersion]:
+        """The candidates of ``task`` in shadow mode, oldest first."""
+        return [mv for mv in self.list(task, ModelStatus.CANDIDATE) if self.in_shadow(mv.version)]
+
     # -- status changes ---------------------------------------------------------------
 
     def promote(self, version: str, by: str, reason: str) -> ModelVersion:

@@ -51,7 +51,7 @@ from registry.records import Metrics, ModelVersion
 from registry.store import Registry
 from trainer.dataset import DatasetItem, LoadedCase, TrainingSet, build_dataset, load_case
 from trainer.errors import TrainingError
-from trainer.promotion import DEFAULT_MIN_DICE, decide
+from trainer.promotion import AWAITING_SHADOW, DEFAULT_MIN_DICE, decide
 from trainer.train import TrainingConfig, TrainingResult, VolumeItem, train
 from twin_archive import Archive
 from twin_archive import audit
@@ -105,6 +105,7 @@ class NightlyConfig:
     time_budget_s: float = 7200.0
     margin: float = 0.01
     min_dice: float = DEFAULT_MIN_DICE
+    promote_after_shadow: int = 0
     validation_fraction: float = 0.2
     patch_size: int = 96
     samples_per_volume: int = 4
@@ -124,6 +125,8 @@ class NightlyConfig:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
         if not 0 <= self.min_dice <= 1:
             raise ValueError(f"min_dice must be in [0, 1], got {self.min_dice}")
+        if self.promote_after_shadow < 0:
+            raise ValueError(f"promote_after_shadow must be >= 0, got {self.promote_after_shadow}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.patch_size < 8:
@@ -373,7 +376,14 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
                           active_version=active.version if active else None,
                           validation_set=dataset.validation_set_id)
         reason = decision.reason
-        if decision.promote:
+        if decision.promote and config.promote_after_shadow > 0:
+            reason = (f"{AWAITING_SHADOW}: promoted after {config.promote_after_shadow} live "
+                      f"series in shadow without a disagreement; {decision.reason}")
+            reg.set_shadow(candidate.version, on=True, by=by, reason="train_promote_after_shadow")
+            reg.hold(candidate.version, by=by, reason=reason)
+            LOG.info("training %s: %s goes into shadow mode: %s", task, candidate.version, reason)
+            outcome = "candidate"
+        elif decision.promote:
             reg.promote(candidate.version, by=by, reason=reason)
             audit.record(data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
                          by, candidate.version, {"task": task, "reason": reason,

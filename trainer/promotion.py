@@ -19,6 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+#: The start of the hold reason of a candidate that passed the floor and the margin
+#: and waits for its shadow series (``train_promote_after_shadow``).
+AWAITING_SHADOW = "awaiting shadow series"
 #: The default quality floor: mean validation Dice a candidate must reach to serve.
 DEFAULT_MIN_DICE = 0.7
 

@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (serve, twin, models, infer, demo, queues, ops, destinations):
         module.register(sub, [common])
     from dicom_node.cli import labels, training  # nightly learning: labels, train, queue, dataset
+    from dicom_node.cli import drift  # live learning: drift per scanner
 
-    for module in (labels, training):
+    for module in (labels, training, drift):
         module.register(sub, [common])
     return parser
 

@@ -49,6 +49,13 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     _who(p)
     p.set_defaults(func=cmd_import)
 
+    p = msub.add_parser("shadow", parents=parents,
+                        help="run a candidate in shadow on live series (results kept, never sent)")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--stop", action="store_true", help="stop its shadow mode")
+    _who(p)
+    p.set_defaults(func=cmd_shadow)
+
     p = msub.add_parser("promote", parents=parents, help="make a version active in its scope")
     p.add_argument("version", metavar="VERSION")
     _who(p)
@@ -105,7 +112,8 @@ def _serving(reg: Registry, mv: ModelVersion) -> str:
     return choose_backend(mv, reg)[0].value
 
 
-def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False) -> dict[str, Any]:
+def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False,
+                  min_agreement: float = 0.8) -> dict[str, Any]:
     d: dict[str, Any] = {
         "version": mv.version, "task": mv.task, "status": mv.status.value,
         "scope": {"manufacturer": mv.scope.manufacturer, "model_name": mv.scope.model_name},
@@ -127,7 +135,11 @@ def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False) -> dict[s
         "serving_backend": _serving(reg, mv), "path": str(mv.path),
     }
     if full:
+        from dicom_node.shadow import shadow_summary
+
         d["held_because"] = reg.held_because(mv.version)
+        d["shadow"] = shadow_summary(reg.data_dir, reg, mv.version,
+                                     min_agreement=min_agreement).to_dict()
         d["dataset_manifest"] = mv.manifest()
         d["artifacts"] = [{"kind": a.kind.value, "path": str(a.path), "sha256": a.sha256,
                            "created_at": a.created_at.isoformat(), "detail": a.detail, "key": a.key}
@@ -168,7 +180,8 @@ def cmd_list(args: argparse.Namespace, settings: Any) -> int:
 def cmd_show(args: argparse.Namespace, settings: Any) -> int:
     """``models show VERSION``: everything recorded about one version."""
     with _registry(settings) as reg:
-        d = _version_dict(reg, reg.get(args.version), full=True)
+        d = _version_dict(reg, reg.get(args.version), full=True,
+                          min_agreement=settings.train_shadow_min_agreement)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -196,6 +209,15 @@ def cmd_show(args: argparse.Namespace, settings: Any) -> int:
     else:
         print("  metrics       none recorded (never validated on this site's patients)")
     print(f"  manifest      {'-' if d['dataset_manifest'] is None else json.dumps(d['dataset_manifest'])[:100]}")
+    sh = d["shadow"]
+    if sh["in_shadow"] or sh["series"]:
+        print(f"  shadow        {'on' if sh['in_shadow'] else 'off'}: {sh['series']} series, "
+              f"{sh['disagreements']} disagreement(s) (a label's Dice < {sh['min_agreement']:g})")
+        for s in sh["by_scanner"]:
+            labels = ", ".join(f"{n} Dice {v:.3f} ({s['mean_volume_diff_ml'][n]:+.1f} mL)"
+                               for n, v in s["mean_dice"].items())
+            print(f"    {s['scanner']}: {s['series']} series, agreement {labels}, "
+                  f"lowest {s['min_dice']:.3f}")
     print(f"  serving with  {d['serving_backend']}")
     print(f"  path          {d['path']}")
     for a in d["artifacts"]:
@@ -235,6 +257,19 @@ def _audit_promotion(settings: Any, mv: ModelVersion, by: str, how: str, reason:
     audit.record(settings.data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
                  by, mv.version, {"task": mv.task, "scope": str(mv.scope), "how": how,
                                   "reason": reason})
+
+
+def cmd_shadow(args: argparse.Namespace, settings: Any) -> int:
+    """``models shadow VERSION [--stop]``."""
+    with _registry(settings) as reg:
+        mv = reg.set_shadow(args.version, on=not args.stop, by=_by(args), reason=args.reason)
+    if args.stop:
+        print(f"{mv.version}: shadow mode stopped")
+    else:
+        print(f"{mv.version}: in shadow mode for {mv.task}: it also runs on every live series "
+              "of the task; its results are kept in the twin, never sent, and compared with "
+              "the active version's (see `dicom-node models show`)")
+    return 0
 
 
 def cmd_promote(args: argparse.Namespace, settings: Any) -> int:

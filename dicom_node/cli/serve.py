@@ -74,6 +74,13 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def drift_config(settings: Settings) -> Any:
+    """The ``drift_*`` settings for ``/metrics`` (:mod:`dicom_node.drift`)."""
+    from dicom_node.cli.drift import config_of
+
+    return config_of(settings)
+
+
 def open_archive(settings: Settings) -> Archive:
     """Open the archive under the configured data directory, with a clear error."""
     try:
@@ -168,7 +175,8 @@ class Node:
         if s.metrics_port:
             try:
                 self.http = MetricsServer(s.metrics_bind, s.metrics_port, build_registry(
-                    NodeCollector(self.metrics, s.data_dir, healthy=self.alive)), self.health)
+                    NodeCollector(self.metrics, s.data_dir, healthy=self.alive,
+                                  drift=drift_config(s))), self.health)
             except OSError as exc:
                 self.server.stop(0)
                 self.loop.stop()
