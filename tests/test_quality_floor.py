@@ -51,7 +51,7 @@ def test_the_decision_floor_then_margin() -> None:
         decide({"spleen": 0.9}, None, margin=0.01, min_dice=1.5)
 
 
-def test_min_dice_setting_and_the_per_task_override() -> None:
+def test_min_dice_setting_and_the_per_task_override(tmp_path: Path) -> None:
     s = Settings()
     assert s.train_min_dice == 0.7 and nightly_config(s).min_dice == 0.7
     assert nightly_config(s.replace(train_min_dice=0.5)).min_dice == 0.5
@@ -60,8 +60,20 @@ def test_min_dice_setting_and_the_per_task_override() -> None:
         nightly_config(s, min_dice=2.0)
     from dicom_node.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train_min_dice"):
-        Settings(train_min_dice=1.2)
+    for key, value in (("train_min_dice", 1.2), ("train_promote_after_shadow", -1),
+                       ("train_shadow_min_agreement", 2.0), ("drift_baseline_series", 1),
+                       ("drift_window_series", 0), ("drift_psi_threshold", 0.0)):
+        with pytest.raises(ConfigError, match=key):
+            Settings(**{key: value})
+    from dicom_node.settings import load_settings
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("train_min_dice = 0.8\ntrain_promote_after_shadow = 3\n"
+                   "drift_psi_threshold = 0.2\n")
+    loaded = load_settings(cfg, env={})
+    assert (loaded.train_min_dice, loaded.train_promote_after_shadow,
+            loaded.drift_psi_threshold) == (0.8, 3, 0.2)
+    assert nightly_config(loaded).promote_after_shadow == 3
 
 
 def test_scratch_candidate_below_the_floor_stays_a_candidate_and_nothing_serves(
