@@ -44,6 +44,9 @@ def test_the_decision_floor_then_margin() -> None:
     low = decide({"spleen": 0.5}, {"spleen": 0.1}, margin=0.01, min_dice=0.7,
                  active_version="spleen-ct-v1")
     assert not low.promote and low.below_floor and "spleen-ct-v1 0.1000" in low.reason
+    assert "not better" not in low.reason
+    both = decide({"spleen": 0.5}, {"spleen": 0.6}, margin=0.01, min_dice=0.7)
+    assert both.below_floor and "also not better by the margin" in both.reason
     same = decide({"spleen": 0.80}, {"spleen": 0.795}, margin=0.01, min_dice=0.7)
     assert not same.promote and not same.below_floor and "not better" in same.reason
     assert decide({"spleen": 0.9}, {"spleen": 0.8}, margin=0.01, min_dice=0.7).promote

@@ -84,6 +84,8 @@ def decide(candidate_dice: Mapping[str, float], active_dice: Mapping[str, float]
     on = f" on {validation_set}" if validation_set else ""
     if cand < min_dice:
         versus = f"; active {active_version} {act:.4f}" if act is not None else "; no active version"
+        if act is not None and not cand > act + margin:
+            versus += f"; also not better by the margin {margin}"
         return PromotionDecision(
             promote=False, below_floor=True,
             reason=f"below the quality floor: mean Dice {cand:.4f} < min_dice {min_dice:g}"
