@@ -35,6 +35,7 @@ from typing import Any
 
 from dicom_node.fast_receive import speedups
 from dicom_node.datadir_lock import DataDirLock
+from dicom_node.drift import config_of
 from dicom_node.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging
 from dicom_node.loop import Loop, describe_tasks
@@ -178,7 +179,8 @@ class Node:
             try:
                 self.http = MetricsServer(s.metrics_bind, s.metrics_port, build_registry(
                     NodeCollector(self.metrics, s.data_dir, healthy=self.alive, workers=lambda: [
-                        (w.state, w.restarts) for w in self.loop.workers.describe()])), self.health)
+                        (w.state, w.restarts) for w in self.loop.workers.describe()],
+                        drift=config_of(s))), self.health)
             except OSError as exc:
                 self.server.stop(0)
                 self.loop.stop()

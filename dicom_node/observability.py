@@ -40,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from dicom_node import __version__
+from dicom_node.drift import DriftConfig, drift_gauges
 from dicom_node.metrics import NodeMetrics
 
 LOG = logging.getLogger(__name__)
@@ -211,8 +212,10 @@ class NodeCollector(Collector):
 
     def __init__(self, metrics: NodeMetrics, data_dir: Path,
                  healthy: Callable[[], bool] | None = None,
-                 workers: Callable[[], list[tuple[str, int]]] | None = None) -> None:
+                 workers: Callable[[], list[tuple[str, int]]] | None = None,
+                 drift: DriftConfig | None = None) -> None:
         self.metrics = metrics
+        self.drift = drift or DriftConfig()
         self.data_dir = Path(data_dir)
         self.healthy = healthy
         self.workers = workers
@@ -300,6 +303,25 @@ class NodeCollector(Collector):
         audit = CounterMetricFamily("dicom_node_audit_events", "Events in the audit log")
         audit.add_metric([], state.audit_events)
         yield audit
+        yield from drift_families(self.data_dir, self.drift)
+
+
+def drift_families(data_dir: Path, config: DriftConfig) -> Iterator[Metric]:
+    """Drift per scanner (:mod:`dicom_node.drift`) as gauges."""
+    help_ = {"series": "Served series recorded per task and scanner",
+             "moved": "1 when a scanner's recent series moved from its baseline (PSI above "
+                      "drift_psi_threshold)",
+             "psi": "Population stability index of a figure: latest series vs baseline"}
+    fams = {"series": GaugeMetricFamily("dicom_node_drift_series", help_["series"],
+                                        labels=["task", "scanner"]),
+            "moved": GaugeMetricFamily("dicom_node_drift_moved", help_["moved"],
+                                       labels=["task", "scanner"]),
+            "psi": GaugeMetricFamily("dicom_node_drift_psi", help_["psi"],
+                                     labels=["task", "scanner", "figure"])}
+    for g in drift_gauges(data_dir, config):
+        keys = ["task", "scanner", "figure"] if g.name == "psi" else ["task", "scanner"]
+        fams[g.name].add_metric([g.labels[k] for k in keys], g.value)
+    yield from fams.values()
 
 
 def build_registry(collector: NodeCollector) -> CollectorRegistry:

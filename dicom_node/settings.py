@@ -303,6 +303,25 @@ class Settings:
         A job whose task has no active model for the series' scanner waits for one;
         when a model becomes active, series received within this many hours run, older
         ones are left failed (default 24).
+    train_min_dice : float
+        Quality floor: a trained candidate whose mean validation Dice is below it is
+        never promoted, even when the task has no active version (default 0.7). A
+        task's own ``min_dice`` overrides it (:func:`dicom_node.training.nightly_config`).
+    train_promote_after_shadow : int
+        When > 0, the nightly job promotes a candidate only after it has shadowed this
+        many live series (``models shadow``) with no disagreement beyond
+        ``train_shadow_min_agreement``; 0 (default) turns the requirement off.
+    train_shadow_min_agreement : float
+        Dice between the shadow's and the active version's masks (per label) below
+        which a shadow series counts as a disagreement (default 0.8).
+    drift_baseline_series : int
+        Served series per scanner and task that form its baseline (the first ones;
+        default 20).
+    drift_window_series : int
+        Latest series per scanner and task compared with the baseline (default 20).
+    drift_psi_threshold : float
+        Population stability index above which a figure counts as moved (default 0.25,
+        the customary "significant shift").
     """
 
     ae_title: str = "DICOM_NODE"
@@ -350,6 +369,12 @@ class Settings:
     triton_backoff_max_s: float = 60.0
     tasks: tuple[Task, ...] = field(default_factory=default_tasks)
     waiting_for_model_max_age_h: float = 24.0
+    train_min_dice: float = 0.7
+    train_promote_after_shadow: int = 0
+    train_shadow_min_agreement: float = 0.8
+    drift_baseline_series: int = 20
+    drift_window_series: int = 20
+    drift_psi_threshold: float = 0.25
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""
@@ -479,6 +504,12 @@ class Settings:
                integer=True)
         number("train_validation_fraction", 0.01, 0.99, "a fraction from 0.01 to 0.99")
         number("train_nice", 0, 19, "an integer from 0 to 19", integer=True)
+        number("train_min_dice", 0, 1, "a mean Dice from 0 to 1")
+        number("train_promote_after_shadow", 0, 100000, "an integer >= 0 (0 = off)", integer=True)
+        number("train_shadow_min_agreement", 0, 1, "a Dice from 0 to 1")
+        number("drift_baseline_series", 2, 100000, "an integer >= 2", integer=True)
+        number("drift_window_series", 2, 100000, "an integer >= 2", integer=True)
+        number("drift_psi_threshold", 0.001, 100, "a population stability index > 0")
         if not isinstance(self.train_device, str) or not (
                 self.train_device in ("auto", "cpu") or self.train_device.startswith("cuda")):
             raise ConfigError("train_device", "auto, cpu or cuda[:N]", self.train_device, src)
@@ -591,6 +622,12 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "triton_backoff_max_s": ("a number of seconds", _to_float),
     "tasks": ("an array of tables ([[tasks]])", None),
     "waiting_for_model_max_age_h": ("a number of hours", _to_float),
+    "train_min_dice": ("a number", _to_float),
+    "train_promote_after_shadow": ("an integer", _to_int),
+    "train_shadow_min_agreement": ("a number", _to_float),
+    "drift_baseline_series": ("an integer", _to_int),
+    "drift_window_series": ("an integer", _to_int),
+    "drift_psi_threshold": ("a number", _to_float),
 }
 
 

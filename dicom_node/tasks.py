@@ -40,7 +40,7 @@ DEFAULT_EXCLUDED_DESCRIPTIONS = (r"\bscout\b", r"locali[sz]er", r"dose\s*report"
 #: The keys of a ``[[tasks]]`` table.
 TASK_KEYS = ("name", "modality", "body_parts", "accept_missing_body_part",
              "exclude_series_descriptions", "min_slices", "max_slice_thickness_mm",
-             "manufacturers", "outputs", "enabled")
+             "manufacturers", "outputs", "enabled", "min_dice")
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # as registry.records.check_task
 #: The image storage SOP class a task of each modality accepts (single-frame images,
 #: which the pipeline stacks into a volume).
@@ -85,6 +85,9 @@ class Task:
         each destination's ``send`` still applies.
     enabled : bool
         A disabled task is listed and explained but gets no jobs.
+    min_dice : float or None
+        The task's quality floor for promotion, mean validation Dice in [0, 1]
+        (``None``: the global ``train_min_dice``, default 0.7).
     source : str
         Where the task was read from (for error messages); not compared.
 
@@ -104,6 +107,7 @@ class Task:
     manufacturers: tuple[str, ...] = ()
     outputs: tuple[str, ...] = OUTPUT_KINDS
     enabled: bool = True
+    min_dice: float | None = None
     source: str = field(default="", compare=False)
     rules: SelectionRules = field(init=False, compare=False, repr=False)
 
@@ -148,6 +152,12 @@ class Task:
         if isinstance(self.min_slices, bool) or not isinstance(self.min_slices, int) \
                 or self.min_slices < 1:
             raise bad("min_slices", "an integer >= 1", self.min_slices)
+        floor = self.min_dice
+        if floor is not None:
+            if isinstance(floor, bool) or not isinstance(floor, int | float) \
+                    or not 0 <= floor <= 1:
+                raise bad("min_dice", "a mean Dice in [0, 1]", floor)
+            object.__setattr__(self, "min_dice", float(floor))
         thick = self.max_slice_thickness_mm
         if thick is not None:
             if isinstance(thick, bool) or not isinstance(thick, int | float) \
@@ -179,7 +189,7 @@ class Task:
                 "min_slices": self.min_slices,
                 "max_slice_thickness_mm": self.max_slice_thickness_mm,
                 "manufacturers": list(self.manufacturers), "outputs": list(self.outputs),
-                "enabled": self.enabled}
+                "enabled": self.enabled, "min_dice": self.min_dice}
 
     def describe_rules(self) -> str:
         """The rules in one line of words."""

@@ -46,27 +46,38 @@ def task_rules(task: str, tasks: Sequence[Task]) -> SelectionRules:
     return find_task(tasks, task).rules
 
 
-def nightly_config(settings: Settings, *, epochs: int | None = None) -> NightlyConfig:
+def nightly_config(settings: Settings, *, epochs: int | None = None,
+                   min_dice: float | None = None) -> NightlyConfig:
     """The trainer's configuration from the settings (``epochs`` overrides the maximum).
+
+    Parameters
+    ----------
+    min_dice : float, optional
+        The task's own quality floor (a ``[[tasks]]`` table's ``min_dice``); default
+        ``settings.train_min_dice``.
 
     Raises
     ------
     ValueError
-        If ``epochs`` is < 1.
+        If ``epochs`` is < 1 or ``min_dice`` is outside [0, 1].
     """
     if epochs is not None and epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if min_dice is not None and not 0 <= min_dice <= 1:
+        raise ValueError(f"min_dice must be in [0, 1], got {min_dice}")
     return NightlyConfig(
         finetune_lr=settings.train_finetune_lr, scratch_lr=settings.train_scratch_lr,
         max_epochs=epochs or settings.train_max_epochs,
         time_budget_s=settings.train_time_budget_min * 60.0,
         margin=settings.train_promote_margin,
+        min_dice=settings.train_min_dice if min_dice is None else min_dice,
+        promote_after_shadow=settings.train_promote_after_shadow,
         validation_fraction=settings.train_validation_fraction,
         patch_size=settings.train_patch_size, device=settings.train_device)
 
 
 def train_task(settings: Settings, task: str, *, epochs: int | None = None,
-               by: str = "trainer") -> TrainingOutcome:
+               by: str = "trainer", min_dice: float | None = None) -> TrainingOutcome:
     """Train ``task`` now, in a subprocess at ``train_nice``; return the outcome.
 
     Raises
@@ -77,7 +88,10 @@ def train_task(settings: Settings, task: str, *, epochs: int | None = None,
         If the training subprocess fails.
     """
     rules = task_rules(task, settings.tasks)
-    return run_in_subprocess(settings.data_dir, task, rules, nightly_config(settings, epochs=epochs),
+    if min_dice is None:  # the task's own floor, else train_min_dice
+        min_dice = find_task(settings.tasks, task).min_dice
+    return run_in_subprocess(settings.data_dir, task, rules,
+                             nightly_config(settings, epochs=epochs, min_dice=min_dice),
                              nice=settings.train_nice, by=by)
 
 
@@ -140,6 +154,18 @@ class NightlyScheduler:
 
         started = time.time()
         results = []
+        if self.settings.train_promote_after_shadow:
+            from dicom_node.shadow import promote_after_shadow
+
+            try:
+                for line in promote_after_shadow(
+                        self.settings.data_dir, series=self.settings.train_promote_after_shadow,
+                        min_agreement=self.settings.train_shadow_min_agreement):
+                    LOG.info("nightly: %s", line)
+                    results.append(("shadow", line))
+            except Exception as exc:  # the training of the tasks still runs
+                LOG.exception("nightly: shadow promotions failed")
+                results.append(("shadow", f"failed: {exc}"))
         for spec in self.tasks:
             try:
                 new = new_labelled_series(self.settings.data_dir, spec.task, spec.rules)
@@ -157,7 +183,7 @@ class NightlyScheduler:
             LOG.info("nightly training of %s: %d new labelled series", spec.task, new)
             try:
                 outcome = run_in_subprocess(self.settings.data_dir, spec.task, spec.rules,
-                                            nightly_config(self.settings),
+                                            nightly_config(self.settings, min_dice=spec.min_dice),
                                             nice=self.settings.train_nice, by="nightly",
                                             cancel=self._cancel)
             except TrainingError as exc:

@@ -46,6 +46,7 @@ from typing import Any
 
 from dicom_node.faults import StateLog, is_out_of_space
 from dicom_node.jobs import Job, JobQueue, utc_now
+from dicom_node.live_learning import LiveLearning
 from dicom_node.sender import Sender
 from dicom_node.settings import Destination, Settings
 from dicom_node.tasks import Task
@@ -153,7 +154,8 @@ class Worker:
     def __init__(self, *, archive: Archive, jobs: JobQueue, results: ResultStore, sender: Sender,
                  destinations: Sequence[Destination], tasks: Sequence[Task],
                  waiting_max_age_h: float = 24.0, name: str = "worker-1",
-                 triton: TritonTarget | None = None, wait_backoff_max_s: float = 60.0) -> None:
+                 triton: TritonTarget | None = None, wait_backoff_max_s: float = 60.0,
+                 live: LiveLearning | None = None) -> None:
         if not waiting_max_age_h > 0:
             raise ValueError(f"waiting_max_age_h must be > 0 hours, got {waiting_max_age_h}")
         self.archive = archive
@@ -178,6 +180,9 @@ class Worker:
         self._space = StateLog(LOG, name)  # disk full: one line per change of state
         self._stalled: Job | None = None  # found the disk full; not yet back in the queue
         self._loop_state = StateLog(LOG, name)
+
+        # drift figures and shadow runs of served series (dicom_node.live_learning)
+        self.live = live or LiveLearning(archive.data_dir, run_series=self._run_series)
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
         """Serve ``tasks`` from the next job on (SIGHUP reload)."""
@@ -250,6 +255,8 @@ class Worker:
                                        options=WriterOptions(write_overlay=False),
                                        predecessors=predecessors)
         except EmptyResultError as exc:
+            self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=None,
+                             result=None)
             return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
                               note=f"nothing found, nothing sent ({exc})")
         except SeriesGeometryError as exc:
@@ -278,6 +285,8 @@ class Worker:
         if overlay:
             result = self._add_overlay(job, result, outcome,
                                        {"seg_sr_store_s": t_seg_sr - t_run}, destinations)
+        self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=outcome,
+                         result=result)
         seconds = time.perf_counter() - t0
         LOG.info("job %d (%s): series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline "
                  "%.1f s, SEG+SR stored and queued %.2f s, overlay %.2f s)", job.id, job.task,
@@ -470,6 +479,7 @@ class Worker:
                 self.jobs.wakeup.clear()
         if self._registry is not None:
             self._registry.close()
+        self.live.close()
 
     def _requeue_stalled(self) -> bool:
         """Give the job that found the disk full back to the queue (not as a failed

@@ -162,27 +162,37 @@ class Anatomy:
             raise ValueError("texture terms must be (amplitude, kx, ky, kz, phase)")
 
     @staticmethod
-    def random(seed: int) -> Anatomy:
+    def random(seed: int, style: SiteStyle | None = None) -> Anatomy:
         """A plausible abdomen; the spleen's shape, size, position and contrast vary.
+
+        ``style`` (default :data:`SITE_A`, the style the shipped model was trained on)
+        moves the ranges of contrast phase, organ size, noise and body size: a second
+        site's scanners and patients (:data:`SITE_B`). With the default style the
+        result is exactly that of earlier releases (same seeds, same phantoms).
 
         The contrast phase varies from late-arterial-like to portal-venous-like
         (spleen about 75-150 HU against a -110..45 HU cavity, liver and kidneys enhance with it); the spleen is a
         rotated ellipsoid with a smooth random deformation and a hilar dent, of
         about 130-500 mL; image noise is 8-25 HU.
         """
+        st = style or SITE_A
         rng = np.random.default_rng(seed)
         j = lambda s: float(rng.uniform(-s, s))  # noqa: E731 - tiny jitter helper
-        phase = float(rng.uniform(0.3, 1.0))  # 0 native .. 1 portal venous
-        body = Ellipsoid(name="body", centre=(j(5), j(5), 0.0),
-                         radii=(165 + j(20), 115 + j(15), 400.0), hu=_HU["soft"] - 30 + j(15))
+        phase = _remap(float(rng.uniform(0.3, 1.0)), (0.3, 1.0), st.phase)  # 0 native .. 1 portal
+        centre = (j(5), j(5), 0.0)
+        bx, by = 165 + j(20), 115 + j(15)
+        if st.body_scale != 1.0:
+            bx, by = bx * st.body_scale, by * st.body_scale
+        body = Ellipsoid(name="body", centre=centre, radii=(bx, by, 400.0),
+                         hu=_HU["soft"] - 30 + j(15))
         # LPS: +x is patient left, +y is posterior, +z is superior.
-        size = float(rng.uniform(0.8, 1.25))
+        size = _remap(float(rng.uniform(0.8, 1.25)), (0.8, 1.25), st.organ_scale)
         spleen_shape = tuple([j(0.15) for _ in range(3)] + [j(0.25) for _ in range(6)]
                              + [float(rng.uniform(0.0, 0.6))])
         spleen = Ellipsoid(name="spleen", centre=(95 + j(12), 35 + j(12), 40 + j(18)),
                            radii=(28 * size * (1 + j(0.15)), 42 * size * (1 + j(0.15)),
                                   48 * size * (1 + j(0.15))),
-                           hu=60 + 80 * phase + j(10),
+                           hu=60 + 80 * phase + j(10) + st.spleen_hu_offset,
                            rotation_deg=(-30 + j(25), j(15), j(15)), shape=spleen_shape)
         liver = Ellipsoid(name="liver", centre=(-70 + j(8), 0 + j(8), 45 + j(10)),
                           radii=(75 + j(8), 70 + j(8), 70 + j(10)),
@@ -200,7 +210,8 @@ class Anatomy:
         texture = tuple((float(rng.uniform(15, 35)), j(0.06), j(0.06), j(0.04), j(np.pi))
                         for _ in range(4))
         return Anatomy(body=body, organs=(liver, kidney_l, kidney_r, spine, spleen),
-                       noise_hu=float(rng.uniform(8.0, 25.0)), seed=seed, texture=texture)
+                       noise_hu=_remap(float(rng.uniform(8.0, 25.0)), (8.0, 25.0), st.noise_hu),
+                       seed=seed, texture=texture)
 
     def sample(self, points: np.ndarray, rng: np.random.Generator | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -243,6 +254,88 @@ class Anatomy:
         if rng is not None and self.noise_hu > 0:
             hu += rng.normal(0.0, self.noise_hu, size=hu.shape).astype(np.float32)
         return hu, labels
+
+
+def _remap(x: float, src: tuple[float, float], dest: tuple[float, float]) -> float:
+    """``x`` drawn uniformly from ``src`` moved linearly onto ``dest`` (``x`` itself when equal)."""
+    if tuple(dest) == tuple(src):
+        return x
+    return dest[0] + (x - src[0]) / (src[1] - src[0]) * (dest[1] - dest[0])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SiteStyle:
+    """How one site's CT differs: field of view, spacing, noise, contrast, organ size.
+
+    The shipped demo model was trained on :data:`SITE_A`; :data:`SITE_B` is a site
+    it never saw (``benchmarks/transfer.py``).
+
+    Parameters
+    ----------
+    name : str
+    fov_mm : float
+        Reconstruction field of view (edge of the square image), mm; the pixel spacing
+        is ``fov_mm / rows`` (:meth:`geometry`).
+    slice_spacing_mm : float
+        Distance between slices, mm.
+    body_scale : float
+        Factor on the body outline's size (larger or smaller patients in that field of
+        view).
+    noise_hu : (float, float)
+        Range of the image noise (standard deviation), HU.
+    phase : (float, float)
+        Range of the contrast phase, 0 (native) to 1 (portal venous); organ
+        attenuation follows it.
+    spleen_hu_offset : float
+        Added to the spleen's attenuation, HU (contrast against its neighbours).
+    organ_scale : (float, float)
+        Range of the spleen's size factor.
+    kvp : str
+        Peak kilovoltage written to the series (KVP).
+
+    Raises
+    ------
+    ValueError
+        A range that is not (low, high) with low <= high, or non-positive sizes.
+    """
+
+    name: str = "A"
+    fov_mm: float = 400.0
+    slice_spacing_mm: float = 5.0
+    body_scale: float = 1.0
+    noise_hu: tuple[float, float] = (8.0, 25.0)
+    phase: tuple[float, float] = (0.3, 1.0)
+    spleen_hu_offset: float = 0.0
+    organ_scale: tuple[float, float] = (0.8, 1.25)
+    kvp: str = "120"
+
+    def __post_init__(self) -> None:
+        for key in ("noise_hu", "phase", "organ_scale"):
+            lo, hi = (float(v) for v in getattr(self, key))
+            if not lo <= hi:
+                raise ValueError(f"{key} must be (low, high) with low <= high, got {(lo, hi)}")
+            object.__setattr__(self, key, (lo, hi))
+        for key in ("fov_mm", "slice_spacing_mm", "body_scale"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.noise_hu[0] < 0 or self.organ_scale[0] <= 0:
+            raise ValueError("noise_hu must be >= 0 and organ_scale > 0")
+
+    def geometry(self, rows: int, slices: int) -> SliceGeometry:
+        """A square axial stack of this site: ``rows`` x ``rows`` pixels over ``fov_mm``."""
+        spacing = self.fov_mm / rows
+        return SliceGeometry(rows=rows, columns=rows, slices=slices,
+                             pixel_spacing=(spacing, spacing), slice_spacing=self.slice_spacing_mm)
+
+
+#: The style of the phantoms the shipped model was trained on (the default).
+SITE_A = SiteStyle()
+#: A site the shipped model never saw: wider field of view, thinner slices, larger
+#: patients, noisier images, (almost) native contrast with a spleen close to its
+#: neighbours, smaller spleens, 100 kVp.
+SITE_B = SiteStyle(name="B", fov_mm=480.0, slice_spacing_mm=3.0, body_scale=1.12,
+                   noise_hu=(28.0, 40.0), phase=(0.0, 0.15), spleen_hu_offset=-10.0,
+                   organ_scale=(0.6, 0.85), kvp="100")
 
 
 def _inside(e: Ellipsoid, points: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -348,6 +441,8 @@ class StudyInfo:
     model_name: str = "Synthetic CT"
     series_number: int = 2
     modality: str = "CT"
+    kvp: str = "120"
+    station_name: str = ""
 
 
 def render(anatomy: Anatomy, geometry: SliceGeometry, k: int, rng: np.random.Generator | None = None
@@ -400,7 +495,9 @@ def _ct_dataset(pixels: np.ndarray, g: SliceGeometry, k: int, info: StudyInfo,
     ds.PatientSex = "O"
     ds.BodyPartExamined = info.body_part
     ds.SliceThickness = f"{g.slice_spacing:.3f}"
-    ds.KVP = "120"
+    ds.KVP = info.kvp
+    if info.station_name:
+        ds.StationName = info.station_name
     ds.StudyInstanceUID = info.study_uid
     ds.SeriesInstanceUID = info.series_uid
     ds.StudyID = "1"

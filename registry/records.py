@@ -76,6 +76,8 @@ class AuditAction(str, enum.Enum):
     ROLLBACK = "rollback"      # the active version was replaced by the one before it
     RETIRE = "retire"          # a version was taken out of service on purpose
     METRICS = "metrics"        # metrics were recorded
+    HOLD = "hold"              # the trainer kept a candidate out of service (the reason says why)
+    SHADOW = "shadow"          # shadow mode started or stopped (the reason says which)
 
 
 def _coerce(enum_type: type[enum.Enum], value: Any, name: str) -> Any:

@@ -52,6 +52,9 @@ LOG = logging.getLogger(__name__)
 
 DB_NAME = "registry.sqlite"
 
+#: Audit actions that note something about a version without changing its standing.
+_NOTES = (AuditAction.METRICS, AuditAction.HOLD, AuditAction.SHADOW)
+
 # Recorded migrations: (number, SQL). Applied in order, each in one transaction.
 _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, """
@@ -514,6 +517,64 @@ class Registry:
                 "detail": v.detail})
         return v
 
+    def hold(self, version: str, *, by: str, reason: str) -> ModelVersion:
+        """Record why a candidate was not promoted (audit ``hold``); its status is unchanged.
+
+        Raises
+        ------
+        VersionNotFoundError
+        ValueError
+            If ``reason`` is empty.
+        """
+        if not reason.strip():
+            raise ValueError("reason must say why the candidate was not promoted")
+        mv = self.get(version)
+        with self._tx():
+            self._audit(AuditAction.HOLD, mv.task, version, mv.scope, by, reason)
+        return mv
+
+    def held_because(self, version: str) -> str | None:
+        """The reason of the latest ``hold`` of ``version`` when it is still a candidate."""
+        mv = self.get(version)
+        if mv.status is not ModelStatus.CANDIDATE:
+            return None
+        holds = [e for e in self.audit(version=version) if e.action is AuditAction.HOLD]
+        return holds[-1].reason if holds else None
+
+    def set_shadow(self, version: str, *, on: bool, by: str, reason: str = "") -> ModelVersion:
+        """Start (``on``) or stop shadow mode of a candidate (audit ``shadow``).
+
+        In shadow, the candidate also runs on the live series of its task; its results
+        are kept, never sent (``dicom-node models shadow``).
+
+        Raises
+        ------
+        VersionNotFoundError
+        StatusError
+            If ``on`` and the version is not a candidate.
+        """
+        mv = self.get(version)
+        if on and mv.status is not ModelStatus.CANDIDATE:
+            raise StatusError(version, "shadow", f"it is {mv.status.value}; only a candidate "
+                              "runs in shadow")
+        word = "start" if on else "stop"
+        with self._tx():
+            self._audit(AuditAction.SHADOW, mv.task, version, mv.scope, by,
+                        f"{word}: {reason}" if reason else word)
+        return mv
+
+    def in_shadow(self, version: str) -> bool:
+        """Whether ``version`` is a candidate whose shadow mode is on."""
+        mv = self.get(version)
+        if mv.status is not ModelStatus.CANDIDATE:
+            return False
+        marks = [e.reason for e in self.audit(version=version) if e.action is AuditAction.SHADOW]
+        return bool(marks) and marks[-1].startswith("start")
+
+    def shadowing(self, task: str) -> list[ModelVersion]:
+        """The candidates of ``task`` in shadow mode, oldest first."""
+        return [mv for mv in self.list(task, ModelStatus.CANDIDATE) if self.in_shadow(mv.version)]
+
     # -- status changes ---------------------------------------------------------------
 
     def promote(self, version: str, by: str, reason: str) -> ModelVersion:
@@ -603,7 +664,7 @@ class Registry:
         mv = self.get(version)
         with self._tx() as conn:
             standing = [e.action for e in self.audit(task=mv.task) if e.version == version
-                        and e.action is not AuditAction.METRICS]
+                        and e.action not in _NOTES]
             if standing and standing[-1] is AuditAction.RETIRE:
                 raise StatusError(version, "retire", "it is already retired")
             conn.execute("UPDATE model_versions SET status = 'retired' WHERE version = ?", [version])

@@ -14,8 +14,10 @@
 4. evaluate the candidate and the active version on the *same* validation patients,
    in the served pipeline (:meth:`pipelines.inference.LoadedModel.segment` on the
    source grid), as mean Dice per label; record both in the registry;
-5. promote the candidate only if its mean Dice beats the active's by ``margin``;
-   otherwise it stays a candidate with its metrics recorded.
+5. promote the candidate only if its mean Dice reaches the task's floor ``min_dice``
+   and beats the active's by ``margin`` (no active version: the floor alone decides;
+   :mod:`trainer.promotion`); otherwise it stays a candidate with its metrics and
+   the reason recorded (registry audit ``hold``, the journal, ``models show``).
 
 :func:`run_in_subprocess` runs the same in a child process (``python -m
 trainer.nightly``) at a lower CPU priority (``os.nice``), so that the node keeps
@@ -48,6 +50,7 @@ from registry.records import Metrics, ModelVersion
 from registry.store import Registry
 from trainer.dataset import DatasetItem, LoadedCase, TrainingSet, build_dataset, load_case
 from trainer.errors import TrainingError
+from trainer.promotion import AWAITING_SHADOW, DEFAULT_MIN_DICE, decide
 from twin_archive import Archive
 from twin_archive import audit
 from twin_archive.labels import LabelStore
@@ -79,6 +82,10 @@ class NightlyConfig:
         Wall-clock budget of the training itself, seconds.
     margin : float
         The candidate's mean Dice must exceed the active's by more than this (>= 0).
+    min_dice : float
+        The quality floor of the task: a candidate whose mean validation Dice is below
+        it is never promoted, active version or not (default 0.7; see
+        :mod:`trainer.promotion`).
     validation_fraction : float
         Share of patients held out for validation, in (0, 1).
     patch_size : int
@@ -102,6 +109,8 @@ class NightlyConfig:
     max_epochs: int = 100
     time_budget_s: float = 7200.0
     margin: float = 0.01
+    min_dice: float = DEFAULT_MIN_DICE
+    promote_after_shadow: int = 0
     validation_fraction: float = 0.2
     patch_size: int = 96
     samples_per_volume: int = 4
@@ -119,6 +128,10 @@ class NightlyConfig:
             raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin must be in [0, 1), got {self.margin}")
+        if not 0 <= self.min_dice <= 1:
+            raise ValueError(f"min_dice must be in [0, 1], got {self.min_dice}")
+        if self.promote_after_shadow < 0:
+            raise ValueError(f"promote_after_shadow must be >= 0, got {self.promote_after_shadow}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.patch_size < 8:
@@ -203,7 +216,8 @@ class TrainingOutcome:
             return f"{np.mean(list(d.values())):.4f}" if d else "-"
         if self.outcome == "skipped":
             return f"{self.task}: nothing trained: {self.reason}"
-        return (f"{self.task}: {self.candidate} {self.outcome} ({self.reason}); mean Dice "
+        how = "stays a candidate" if self.outcome == "candidate" else self.outcome
+        return (f"{self.task}: {self.candidate} {how} ({self.reason}); mean Dice "
                 f"{mean(self.candidate_dice)} vs {mean(self.active_dice)} of "
                 f"{self.active_before or 'no active version'} on {self.validation_set}; "
                 f"{self.train_series} train / {self.validation_series} validation series of "
@@ -404,8 +418,11 @@ def judge_candidate(data_dir: Path | str, reg: Registry, task: str, candidate: M
                     cases: Sequence[LoadedCase], validation_set: str, *, config: NightlyConfig,
                     device: str, by: str) -> Judgement:
     """Evaluate a registered candidate and the task's active version on the same
-    validation cases, record both metrics, and promote the candidate only when it is
-    better (the nightly job's decision; ``models import --candidate-of`` uses it too).
+    validation cases, record both metrics, and promote the candidate only when it reaches
+    the quality floor (``config.min_dice``) and is better than the active one by the
+    margin (:func:`trainer.promotion.decide`); with ``promote_after_shadow`` it goes into
+    shadow mode instead (the nightly job's decision; ``models import --candidate-of``
+    uses it too).
 
     Raises
     ------
@@ -421,21 +438,28 @@ def judge_candidate(data_dir: Path | str, reg: Registry, task: str, candidate: M
         active_dice = evaluate(active, cases, reg, backend=_torch_backend(device))
         reg.record_metrics(active.version, Metrics(dice=active_dice, validation_set=validation_set),
                            by=by)
-    cand_mean = float(np.mean(list(cand_dice.values())))
-    act_mean = float(np.mean(list(active_dice.values()))) if active_dice else None
-    if act_mean is None or cand_mean > act_mean + config.margin:
-        reason = (f"mean Dice {cand_mean:.4f} vs {act_mean:.4f} of {active.version}"
-                  if active is not None and act_mean is not None
-                  else f"mean Dice {cand_mean:.4f}; no active version")
-        reason += f" on {validation_set} (margin {config.margin})"
+    decision = decide(cand_dice, active_dice or None, margin=config.margin,
+                      min_dice=config.min_dice,
+                      active_version=active.version if active else None,
+                      validation_set=validation_set)
+    reason = decision.reason
+    if decision.promote and config.promote_after_shadow > 0:
+        reason = (f"{AWAITING_SHADOW}: promoted after {config.promote_after_shadow} live "
+                  f"series in shadow without a disagreement; {decision.reason}")
+        reg.set_shadow(candidate.version, on=True, by=by, reason="train_promote_after_shadow")
+        reg.hold(candidate.version, by=by, reason=reason)
+        LOG.info("training %s: %s goes into shadow mode: %s", task, candidate.version, reason)
+        outcome = "candidate"
+    elif decision.promote:
         reg.promote(candidate.version, by=by, reason=reason)
         audit.record(data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
                      by, candidate.version, {"task": task, "reason": reason,
                                              "previous": active.version if active else None})
         outcome = "promoted"
     else:
-        reason = (f"not better by the margin {config.margin}: mean Dice {cand_mean:.4f} vs "
-                  f"{act_mean:.4f} of {active.version if active else '-'}")
+        reg.hold(candidate.version, by=by, reason=reason)
+        LOG.warning("training %s: %s stays a candidate, not served: %s", task,
+                    candidate.version, reason)
         outcome = "candidate"
     return Judgement(outcome=outcome, reason=reason, candidate_dice=cand_dice,
                      active_dice=active_dice, active_before=active.version if active else None)

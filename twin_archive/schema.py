@@ -279,9 +279,39 @@ def _m5_liberal_acceptance_and_repair(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX twin_merges_target ON twin_merges (target_key)")
 
 
+def _m6_live_learning(db: sqlite_utils.Database) -> None:
+    """What the node learns from live traffic (:mod:`twin_archive.learning`): shadow
+    results of candidate models, figures of every served series keyed by scanner, and
+    the scanners already named as drifted."""
+    db.execute(
+        "CREATE TABLE shadow_results (id INTEGER PRIMARY KEY, job_key TEXT NOT NULL,"
+        " patient_key TEXT NOT NULL REFERENCES twins(patient_key), study_uid TEXT NOT NULL,"
+        " source_series_uid TEXT NOT NULL, task TEXT NOT NULL, shadow_version TEXT NOT NULL,"
+        " active_version TEXT NOT NULL, active_result_id INTEGER REFERENCES ai_results(id),"
+        " manufacturer TEXT NOT NULL DEFAULT '', model_name TEXT NOT NULL DEFAULT '',"
+        " station TEXT NOT NULL DEFAULT '', created_at TEXT NOT NULL, agreement TEXT NOT NULL,"
+        " min_dice REAL NOT NULL, objects TEXT NOT NULL, UNIQUE (job_key, shadow_version))"
+    )
+    db.execute("CREATE INDEX shadow_results_version ON shadow_results (shadow_version)")
+    db.execute(
+        "CREATE TABLE series_figures (id INTEGER PRIMARY KEY, job_key TEXT NOT NULL UNIQUE,"
+        " task TEXT NOT NULL, manufacturer TEXT NOT NULL DEFAULT '',"
+        " model_name TEXT NOT NULL DEFAULT '', station TEXT NOT NULL DEFAULT '',"
+        " model_version TEXT NOT NULL DEFAULT '', recorded_at TEXT NOT NULL,"
+        " figures TEXT NOT NULL, histogram TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX series_figures_scanner ON series_figures"
+               " (task, manufacturer, model_name, station, id)")
+    db.execute(
+        "CREATE TABLE drift_named (task TEXT NOT NULL, manufacturer TEXT NOT NULL,"
+        " model_name TEXT NOT NULL, station TEXT NOT NULL, named_at TEXT NOT NULL,"
+        " detail TEXT NOT NULL, PRIMARY KEY (task, manufacturer, model_name, station))"
+    )
+
+
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
     _m1_initial, _m2_ai_results, _m3_labels_and_training_use, _m4_label_tasks,
-    _m5_liberal_acceptance_and_repair)
+    _m5_liberal_acceptance_and_repair, _m6_live_learning)
 
 
 def migrate(db: sqlite_utils.Database) -> int:

@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (serve, twin, models, infer, demo, queues, ops, destinations):
         module.register(sub, [common])
     from dicom_node.cli import labels, tasks, training  # nightly learning: labels, train, queue, dataset
+    from dicom_node.cli import drift  # live learning: drift per scanner
 
-    for module in (labels, training, tasks):
+    for module in (labels, training, tasks, drift):
         module.register(sub, [common])
     from dicom_node.cli import archive  # issue 13: archive verify / rebuild-index
 

@@ -23,6 +23,9 @@ from twin_archive import audit
 
 LOG = logging.getLogger(__name__)
 
+#: Said (and kept in the audit trail) when a bundle is activated on import.
+NO_METRICS = "activated on import with no recorded validation metrics (operator's explicit choice)"
+
 
 def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Add the ``models`` subcommand and its actions to ``sub``."""
@@ -53,6 +56,13 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
                         "version on the validation patients, promote it only when better")
     _who(p)
     p.set_defaults(func=cmd_import)
+
+    p = msub.add_parser("shadow", parents=parents,
+                        help="run a candidate in shadow on live series (results kept, never sent)")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--stop", action="store_true", help="stop its shadow mode")
+    _who(p)
+    p.set_defaults(func=cmd_shadow)
 
     p = msub.add_parser("promote", parents=parents, help="make a version active in its scope")
     p.add_argument("version", metavar="VERSION")
@@ -125,7 +135,7 @@ def _serving(reg: Registry, mv: ModelVersion, settings: Any = None) -> str:
 
 
 def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False,
-                  settings: Any = None) -> dict[str, Any]:
+                  settings: Any = None, min_agreement: float = 0.8) -> dict[str, Any]:
     d: dict[str, Any] = {
         "version": mv.version, "task": mv.task, "status": mv.status.value,
         "scope": {"manufacturer": mv.scope.manufacturer, "model_name": mv.scope.model_name},
@@ -147,6 +157,11 @@ def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False,
         "serving_backend": _serving(reg, mv, settings), "path": str(mv.path),
     }
     if full:
+        from dicom_node.shadow import shadow_summary
+
+        d["held_because"] = reg.held_because(mv.version)
+        d["shadow"] = shadow_summary(reg.data_dir, reg, mv.version,
+                                     min_agreement=min_agreement).to_dict()
         d["dataset_manifest"] = mv.manifest()
         d["artifacts"] = [{"kind": a.kind.value, "path": str(a.path), "sha256": a.sha256,
                            "created_at": a.created_at.isoformat(), "detail": a.detail, "key": a.key}
@@ -188,12 +203,15 @@ def cmd_list(args: argparse.Namespace, settings: Any) -> int:
 def cmd_show(args: argparse.Namespace, settings: Any) -> int:
     """``models show VERSION``: everything recorded about one version."""
     with _registry(settings) as reg:
-        d = _version_dict(reg, reg.get(args.version), full=True, settings=settings)
+        d = _version_dict(reg, reg.get(args.version), full=True, settings=settings,
+                          min_agreement=settings.train_shadow_min_agreement)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     print(f"{d['version']}  ({d['status']}, task {d['task']}, scope "
           f"{d['scope']['manufacturer'] or '*'} / {d['scope']['model_name'] or '*'})")
+    if d["held_because"]:
+        print(f"  not promoted  {d['held_because']}")
     print(f"  bundle        {d['bundle']['name']} {d['bundle']['version']}")
     print(f"  architecture  {d['architecture']}")
     for lab in d["labels"]:
@@ -211,7 +229,18 @@ def cmd_show(args: argparse.Namespace, settings: Any) -> int:
     if d["metrics"]:
         m = d["metrics"]
         print(f"  metrics       mean Dice {m['mean_dice']:.4f} {m['dice']} on {m['validation_set']}")
+    else:
+        print("  metrics       none recorded (never validated on this site's patients)")
     print(f"  manifest      {'-' if d['dataset_manifest'] is None else json.dumps(d['dataset_manifest'])[:100]}")
+    sh = d["shadow"]
+    if sh["in_shadow"] or sh["series"]:
+        print(f"  shadow        {'on' if sh['in_shadow'] else 'off'}: {sh['series']} series, "
+              f"{sh['disagreements']} disagreement(s) (a label's Dice < {sh['min_agreement']:g})")
+        for s in sh["by_scanner"]:
+            labels = ", ".join(f"{n} Dice {v:.3f} ({s['mean_volume_diff_ml'][n]:+.1f} mL)"
+                               for n, v in s["mean_dice"].items())
+            print(f"    {s['scanner']}: {s['series']} series, agreement {labels}, "
+                  f"lowest {s['min_dice']:.3f}")
     print(f"  serving with  {d['serving_backend']}")
     print(f"  path          {d['path']}")
     for a in d["artifacts"]:
@@ -230,13 +259,21 @@ def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     """``models import BUNDLE_DIR --task T [--candidate-of VERSION]``."""
     if args.candidate_of:
         return _import_candidate(args, settings)
+    reason = args.reason
+    if args.activate:  # an imported bundle has no metrics on this site's patients
+        reason = "; ".join(r for r in (reason, NO_METRICS) if r)
     with _registry(settings) as reg:
         mv = reg.import_bundle(args.bundle_dir, task=args.task, activate=args.activate,
                                manufacturer=args.manufacturer, scanner_model=args.scanner_model,
-                               by=_by(args), reason=args.reason)
+                               by=_by(args), reason=reason)
     print(f"imported {mv.version} ({mv.status.value}, scope {mv.scope}): {mv.bundle_name} "
           f"{mv.bundle_version}, labels {', '.join(lab.name for lab in mv.labels)}; "
           f"device UID {mv.device_uid}")
+    if args.activate and mv.metrics is None:
+        LOG.warning("%s activated with no recorded validation metrics (the quality floor was "
+                    "not checked): the operator's explicit choice", mv.version)
+        print(f"note: {mv.version} has no recorded validation metrics; it serves on your "
+              "explicit choice (--activate), the quality floor min_dice was not checked")
     return 0
 
 
@@ -281,6 +318,19 @@ def _audit_promotion(settings: Any, mv: ModelVersion, by: str, how: str, reason:
     audit.record(settings.data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
                  by, mv.version, {"task": mv.task, "scope": str(mv.scope), "how": how,
                                   "reason": reason})
+
+
+def cmd_shadow(args: argparse.Namespace, settings: Any) -> int:
+    """``models shadow VERSION [--stop]``."""
+    with _registry(settings) as reg:
+        mv = reg.set_shadow(args.version, on=not args.stop, by=_by(args), reason=args.reason)
+    if args.stop:
+        print(f"{mv.version}: shadow mode stopped")
+    else:
+        print(f"{mv.version}: in shadow mode for {mv.task}: it also runs on every live series "
+              "of the task; its results are kept in the twin, never sent, and compared with "
+              "the active version's (see `dicom-node models show`)")
+    return 0
 
 
 def cmd_promote(args: argparse.Namespace, settings: Any) -> int:

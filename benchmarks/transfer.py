@@ -1,0 +1,179 @@
+"""Seed 001's transfer-learning result, reproduced on phantoms: fine-tuning vs de novo.
+
+The shipped demo model was trained on phantoms of one style (``pipelines.phantom.SITE_A``).
+A second site (``SITE_B``: wider field of view, thinner slices, larger patients, noisier
+images, almost native contrast, smaller spleens, 100 kVp) gives N = 2, 5, 10, 20
+labelled studies. For each N, two candidates are trained with the project's one
+training loop (:func:`trainer.train.train`), with the same epochs, the same time
+budget, the same seed and the same patches:
+
+* **fine-tuned**: from the shipped model's weights at 1e-4 (the nightly job's rule);
+* **de novo**: from random weights at 1e-3 (the nightly job's rule without an active
+  version).
+
+Both are scored, like the nightly job scores a candidate, as the Dice of the spleen in
+the served pipeline (:func:`trainer.nightly.evaluate`: preprocessing, sliding window,
+back on the source grid) on held-out site-B patients that neither saw; the shipped
+model itself is scored on them too. A fixed set of site-B validation patients (not
+the held-out ones) chooses each run's kept epoch.
+
+    .venv/bin/python benchmarks/transfer.py                     # N = 2 5 10 20
+    .venv/bin/python benchmarks/transfer.py --ns 2 5 --epochs 10 --budget 60 --json out.json
+
+The paper (seed 001) reports, with 30 cases, fine-tuned Dice 0.8925 vs de novo 0.6359.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines import phantom as ph  # noqa: E402
+from pipelines.demo_model import DEMO_BUNDLE, DEMO_TASK  # noqa: E402
+from registry.store import Registry  # noqa: E402
+from trainer.nightly import evaluate  # noqa: E402
+from trainer.train import LoadedItem, TrainableBundle, TrainingConfig, VolumeItem, train  # noqa: E402
+
+PAPER = {"cases": 30, "fine_tuned": 0.8925, "de_novo": 0.6359}
+SPLEEN = next(v for v, n in ph.LABELS.items() if n == "spleen")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Case:
+    """A site-B study in memory: HU (slices, rows, columns), spleen mask, affine."""
+
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+
+
+def site_b_case(seed: int, rows: int, slices: int) -> Case:
+    """Render one site-B patient (its own seed) with its exact spleen mask."""
+    anatomy = ph.Anatomy.random(seed, ph.SITE_B)
+    g = ph.SITE_B.geometry(rows, slices)
+    rng = np.random.default_rng(seed + 1)
+    image = np.stack([ph.render(anatomy, g, k, rng)[0] for k in range(g.slices)])
+    image = np.clip(np.rint(image), -1024, 3071).astype(np.float32)  # as stored (int16 HU)
+    label = (ph.truth_labels(anatomy, g) == SPLEEN).astype(np.uint8)
+    return Case(image=image, label=label, affine=g.affine)
+
+
+def _items(cases: list[Case], prefix: str) -> list[LoadedItem]:
+    return [LoadedItem(item=VolumeItem(name=f"{prefix}-{i}", image=c.image, label=c.label,
+                                       affine=c.affine)) for i, c in enumerate(cases)]
+
+
+def _bundle(dest: Path, weights: Path | None) -> Path:
+    shutil.copytree(DEMO_BUNDLE / "configs", dest / "configs")
+    (dest / "models").mkdir()
+    if weights is not None:
+        shutil.copy2(weights, dest / "models" / "model.pt")
+    return dest
+
+
+def _score(reg: Registry, bundle: Path, cases: list[Case]) -> float:
+    mv = reg.import_bundle(bundle, task=DEMO_TASK, by="benchmark")
+    return float(evaluate(mv, cases, reg, backend="pytorch-cpu")["spleen"])  # type: ignore[arg-type]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ns", type=int, nargs="+", default=[2, 5, 10, 20],
+                    help="labelled site-B studies per run (default 2 5 10 20)")
+    ap.add_argument("--test", type=int, default=6, help="held-out site-B patients (default 6)")
+    ap.add_argument("--val", type=int, default=2, help="site-B patients choosing the kept epoch")
+    ap.add_argument("--rows", type=int, default=128, help="rows = columns of a study (default 128)")
+    ap.add_argument("--slices", type=int, default=64, help="slices of a study (default 64)")
+    ap.add_argument("--epochs", type=int, default=20, help="epochs of every run (default 20)")
+    ap.add_argument("--budget", type=float, default=120.0,
+                    help="time budget of every run's training, s (default 120)")
+    ap.add_argument("--patch", type=int, default=64, help="training patch edge (default 64)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)8.0f %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="bench-transfer-"))
+    shipped = DEMO_BUNDLE / "models" / "model.pt"
+    try:
+        # site-B seeds: 300000.. (the shipped model's own seeds are 100000.. and 200000..)
+        t0 = time.perf_counter()
+        n_max = max(args.ns)
+        pool = [site_b_case(300000 + i, args.rows, args.slices) for i in range(n_max)]
+        val = [site_b_case(310000 + i, args.rows, args.slices) for i in range(args.val)]
+        test = [site_b_case(320000 + i, args.rows, args.slices) for i in range(args.test)]
+        t_data = time.perf_counter() - t0
+        print(f"site B: {n_max} + {args.val} + {args.test} studies of {args.rows}x{args.rows}x"
+              f"{args.slices} ({ph.SITE_B.fov_mm / args.rows:.2f} x {ph.SITE_B.fov_mm / args.rows:.2f}"
+              f" x {ph.SITE_B.slice_spacing_mm} mm) rendered in {t_data:.0f} s", flush=True)
+        rows = []
+        with Registry(work / "data") as reg:
+            baseline = _score(reg, _bundle(work / "shipped", shipped), test)
+            print(f"shipped model (site A only) on held-out site B: Dice {baseline:.4f}", flush=True)
+            for n in args.ns:
+                row: dict[str, object] = {"n": n}
+                for arm, lr, init in (("fine_tuned", 1e-4, shipped), ("de_novo", 1e-3, None)):
+                    out = _bundle(work / f"{arm}-{n}", None)
+                    torch.manual_seed(0)
+                    if init is None:  # random weights, seeded
+                        torch.save(TrainableBundle(out).network().state_dict(),
+                                   out / "models" / "init.pt")
+                    cfg = TrainingConfig(learning_rate=lr, max_epochs=args.epochs,
+                                         time_budget_s=args.budget, seed=0, device="cpu",
+                                         patch_size=(args.patch,) * 3)
+                    t1 = time.perf_counter()
+                    res = train(out, _items(pool[:n], "b"), _items(val, "v"), cfg,
+                                weights_out=out / "models" / "model.pt",
+                                init_weights=init or out / "models" / "init.pt")
+                    (out / "models" / "init.pt").unlink(missing_ok=True)
+                    dice = _score(reg, out, test)
+                    row[arm] = round(dice, 4)
+                    row[f"{arm}_epochs"] = res.epochs
+                    row[f"{arm}_stopped_by"] = res.stopped_by
+                    row[f"{arm}_train_s"] = round(res.seconds, 1)
+                    print(f"N={n:>2} {arm:<10} lr {lr:.0e}: held-out Dice {dice:.4f} "
+                          f"({res.epochs} epochs, stopped by {res.stopped_by}, "
+                          f"{res.seconds:.0f} s training, {time.perf_counter() - t1:.0f} s with "
+                          "caching and scoring)", flush=True)
+                rows.append(row)
+        total = time.perf_counter() - t_start
+        report = {
+            "site_b": {k: getattr(ph.SITE_B, k) for k in ph.SiteStyle.__dataclass_fields__},
+            "grid": [args.rows, args.rows, args.slices], "test_patients": args.test,
+            "val_patients": args.val, "epochs": args.epochs, "budget_s": args.budget,
+            "patch": args.patch, "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
+            "shipped_on_site_b": round(baseline, 4), "rows": rows, "paper": PAPER,
+            "run_seconds": round(total, 1)}
+        print("\n| N site-B studies | fine-tuned (1e-4) | de novo (1e-3) |")
+        print("|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['n']} | {r['fine_tuned']:.4f} | {r['de_novo']:.4f} |")
+        print(f"| paper, {PAPER['cases']} cases | {PAPER['fine_tuned']} | {PAPER['de_novo']} |")
+        print(f"\nshipped model on site B: {baseline:.4f}; whole run {total:.0f} s "
+              f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
