@@ -152,8 +152,8 @@ class PipelineOutcome:
         if not self.segments:
             raise ValueError("segments must not be empty")
         for s in self.segments:
-            if s.mask.shape != self.volume.shape:
-                raise ValueError(f"segment {s.name!r} has shape {s.mask.shape}, the volume "
+            if s.shape != self.volume.shape:
+                raise ValueError(f"segment {s.name!r} has shape {s.shape}, the volume "
                                  f"{self.volume.shape}")
 
     def segment(self, name: str) -> SegmentResult:

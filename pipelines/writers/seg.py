@@ -49,8 +49,8 @@ def written_segments(volume: Volume, segments: Sequence[SegmentResult]) -> tuple
     if len(set(labels)) != len(labels):
         raise ValueError(f"segments must have distinct labels, got {labels}")
     for s in segments:
-        if s.mask.shape != volume.shape:
-            raise ValueError(f"segment {s.name!r}: mask shape {s.mask.shape} differs from the "
+        if s.shape != volume.shape:
+            raise ValueError(f"segment {s.name!r}: mask shape {s.shape} differs from the "
                              f"volume's {volume.shape}")
     kept = tuple(sorted((s for s in segments if not s.is_empty), key=lambda s: s.label))
     for s in segments:
