@@ -34,6 +34,9 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree that is not installed
     NODE_SOFTWARE_VERSION = "0+unknown"
 
+#: Segmentation types the SEG writer offers (``WriterOptions.seg_type``).
+SEG_TYPES = ("binary", "labelmap")
+
 #: Warning burned into every overlay image.
 OVERLAY_BANNER = "AI RESULT - NOT FOR DIAGNOSIS"
 
@@ -342,6 +345,10 @@ class WriterOptions:
         the banner stays legible.
     write_overlay : bool
         Whether to create the overlay series (configurable per destination).
+    seg_type : str
+        ``binary`` (default: Segmentation Storage, every PACS and viewer takes it) or
+        ``labelmap`` (Label Map Segmentation Storage: one frame per slice, much
+        smaller with many labels; only for destinations that accept that SOP class).
     """
 
     seg_series_number: int = 9001
@@ -354,8 +361,11 @@ class WriterOptions:
     contour_width_px: int = 1
     min_overlay_width_px: int = 256
     write_overlay: bool = True
+    seg_type: str = "binary"
 
     def __post_init__(self) -> None:
+        if self.seg_type not in SEG_TYPES:
+            raise ValueError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {self.seg_type!r}")
         for name in ("seg_series_number", "sr_series_number", "overlay_series_number"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 1 <= v <= 2**31 - 1:
