@@ -141,12 +141,16 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
     descriptions = []
     for number, s in enumerate(kept, start=1):
         coding = segment_coding(s.name, number - 1)
-        descriptions.append(hd.seg.SegmentDescription(
+        description = hd.seg.SegmentDescription(
             segment_number=number, segment_label=s.name,
             segmented_property_category=coding.category, segmented_property_type=coding.type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=alg, tracking_uid=new_uid(), tracking_id=s.name,
-            display_color=hd.color.CIELabColor.from_rgb(*coding.rgb)))
+            display_color=hd.color.CIELabColor.from_rgb(*coding.rgb))
+        if coding.laterality is not None:  # PS3.3 C.8.20.2: inside the property type item
+            description.SegmentedPropertyTypeCodeSequence[0] \
+                .SegmentedPropertyTypeModifierCodeSequence = [coding.laterality]
+        descriptions.append(description)
     pixels = _pixel_array(volume, kept)
     seg_type = hd.seg.SegmentationTypeValues.BINARY
     if opts.seg_type == "labelmap":

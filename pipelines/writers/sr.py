@@ -62,7 +62,8 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     """
     opts = options or WriterOptions()
     kept = written_segments(volume, segments)
-    items = list(seg.SegmentSequence)
+    # a LABELMAP SEG also describes its background as segment 0 (highdicom adds it)
+    items = [i for i in seg.SegmentSequence if int(i.SegmentNumber) != 0]
     if [str(i.SegmentLabel) for i in items] != [s.name for s in kept]:
         raise ValueError("seg does not hold the non-empty segments: "
                          f"{[str(i.SegmentLabel) for i in items]} vs {[s.name for s in kept]}")
@@ -124,8 +125,8 @@ def _referenced_segment(seg: Dataset, number: int, volume: Volume, segment: Segm
     (104 segments x thousands of frames), and cannot work for a LABELMAP SEG, whose
     frames do not name a segment.
     """
-    if str(seg.SegmentSequence[number - 1].SegmentNumber) != str(number):
-        raise ValueError(f"seg has no segment {number} at position {number}")
+    if not any(int(i.SegmentNumber) == number for i in seg.SegmentSequence):
+        raise ValueError(f"seg has no segment {number}")
     grid_index = np.clip(np.rint(np.asarray(volume.source_grid_positions)), 0,
                          volume.shape[0] - 1).astype(np.intp)
     present = segment.present_slices()[grid_index]
