@@ -20,6 +20,7 @@ from dicom_node.server import client_tls_context
 from dicom_node.settings import Destination, Settings, parse_destination
 from dicom_node.training import NightlyScheduler
 from dicom_node.worker import DEFAULT_PIPELINES, Worker
+from pipelines.memory import budget_bytes
 from twin_archive import Archive
 from twin_archive.audit import AuditLog
 from twin_archive.labels import LabelStore
@@ -70,7 +71,8 @@ class Loop:
             label_intake=functools.partial(intake_seg_series, labels=self.labels))
         self.worker = Worker(archive=archive, jobs=self.jobs, results=self.results,
                              sender=self.sender, destinations=settings.destinations,
-                             pipelines=DEFAULT_PIPELINES)
+                             pipelines=DEFAULT_PIPELINES,
+                             max_memory_bytes=budget_bytes(settings.max_memory_gb))
         # The node's one scheduler (STYLE rule 15): nightly training, when enabled.
         self.scheduler = NightlyScheduler(settings) if settings.train_enabled else None
         if not settings.destinations:

@@ -261,6 +261,11 @@ class Settings:
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     train_nice : int
         Niceness of the training subprocess, 0-19 (default 10).
+    max_memory_gb : float
+        Memory one inference may use, GB (10^9 bytes). A series the pipeline predicts
+        will not fit (from its headers and the model, before any pixel is read) is
+        refused with one line and not retried. 0 (the default) derives it from the
+        machine: 80 % of its memory, or of the cgroup's limit when lower.
     """
 
     ae_title: str = "DICOM_NODE"
@@ -298,6 +303,7 @@ class Settings:
     train_validation_fraction: float = 0.2
     train_device: str = "auto"
     train_nice: int = 10
+    max_memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""
@@ -363,6 +369,11 @@ class Settings:
                 raise ConfigError(f"destinations[{i}].tls",
                                   "tls_cert, tls_key and tls_ca set (TLS needs the node's certificate)",
                                   True, src)
+
+        if isinstance(self.max_memory_gb, bool) or not isinstance(self.max_memory_gb, int | float) \
+                or not 0 <= self.max_memory_gb <= 100000:
+            raise ConfigError("max_memory_gb", "a number of GB >= 0 (0 = derived from the machine)",
+                              self.max_memory_gb, src)
 
         self._check_training(src)
 
@@ -490,6 +501,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "train_validation_fraction": ("a number", _to_float),
     "train_device": ("a string", _to_str),
     "train_nice": ("an integer", _to_int),
+    "max_memory_gb": ("a number of GB", _to_float),
 }
 
 

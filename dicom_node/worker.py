@@ -10,8 +10,8 @@ the overlay series (one image per slice with a segment), so the SEG and SR do no
 for it. A node stopped between the two gets the overlay on the job's re-run, when the
 pipeline finds the same segments again.
 
-Failures: a series the pipeline refuses (geometry, empty result) fails at once with the
-reason; anything else (no model, an unexpected error) is retried by the queue a
+Failures: a series the pipeline refuses (geometry, empty result, a predicted memory need
+over ``max_memory_gb``) fails at once with the reason, not retried; anything else (no model, an unexpected error) is retried by the queue a
 bounded number of times, then left failed with its reason.
 """
 
@@ -30,6 +30,7 @@ from dicom_node.sender import Sender
 from dicom_node.settings import Destination
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
 from pipelines.inference import LoadedModel, load_model
+from pipelines.memory import MemoryBudgetError
 from pipelines.selection import SelectionRules
 from pipelines.types import WriterOptions
 from pipelines.writers import build_overlay
@@ -102,11 +103,14 @@ class Worker:
         Tasks served and their selection rules.
     name : str
         Thread name (``worker-1``).
+    max_memory_bytes : int
+        Memory budget of one inference, bytes (0: none): a series predicted over it
+        is refused before it starts, once, with one line (``max_memory_gb``).
     """
 
     def __init__(self, *, archive: Archive, jobs: JobQueue, results: ResultStore, sender: Sender,
                  destinations: Sequence[Destination], pipelines: Sequence[PipelineSpec] = DEFAULT_PIPELINES,
-                 name: str = "worker-1") -> None:
+                 name: str = "worker-1", max_memory_bytes: int = 0) -> None:
         self.archive = archive
         self.jobs = jobs
         self.results = results
@@ -114,6 +118,7 @@ class Worker:
         self.destinations = tuple(destinations)
         self.pipelines = {p.task: p for p in pipelines}
         self.name = name
+        self.max_memory_bytes = int(max_memory_bytes)
         self._run_series = _pipeline_runner()
         self._models: dict[str, LoadedModel] = {}
         self._registry: Registry | None = None
@@ -163,7 +168,10 @@ class Worker:
             # the overlay is built after the SEG and SR are on their way (below)
             outcome = self._run_series(files, loaded, rules=spec.rules,
                                        options=WriterOptions(write_overlay=False),
-                                       predecessors=predecessors)
+                                       predecessors=predecessors,
+                                       max_memory_bytes=self.max_memory_bytes)
+        except MemoryBudgetError as exc:  # retrying would hit the same wall
+            raise JobRefused(str(exc)) from exc
         except EmptyResultError as exc:
             return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
                               note=f"nothing found, nothing sent ({exc})")

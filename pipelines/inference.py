@@ -30,6 +30,7 @@ import torch
 from monai.data import MetaTensor
 
 from pipelines.errors import PipelineError
+from pipelines.memory import MemoryEstimate, activation_bytes, estimate_memory
 from pipelines.stitching import WindowSettings, stream_sliding_window
 from registry.bundle import OpenBundle, open_bundle
 from registry.export import OnnxRunner, available_backends, device_name
@@ -149,6 +150,32 @@ class LoadedModel:
         self._pre = _float32_resampling(bundle.preprocessing())
         self._inferer = bundle.inferer()
         self._key = bundle.image_key
+        self._activation: int | None = None
+
+    def memory_estimate(self, shape: tuple[int, ...], affine: np.ndarray, *,
+                        baseline_bytes: int | None = None) -> MemoryEstimate:
+        """Predicted peak memory of segmenting a volume of ``shape`` (slices, rows,
+        columns) with index -> LPS ``affine``; see :mod:`pipelines.memory`.
+
+        The network's activations are measured once per loaded model (one forward
+        pass on half a window) and kept.
+        """
+        info = self.bundle.info
+        if self._activation is None:
+            import torch.nn as nn
+
+            net = self.network if isinstance(self.network, nn.Module) else self.bundle.network("cpu")
+            self._activation = activation_bytes(net, info.roi_size, info.in_channels,
+                                                device=self.device if net is self.network else "cpu")
+        try:
+            window = WindowSettings.from_inferer(self._inferer)
+            roi, batch = window.roi_size, window.sw_batch_size
+        except ValueError:
+            roi, batch = info.roi_size, info.sw_batch_size
+        return estimate_memory(source_shape=shape, source_affine=affine,
+                               model_spacing_mm=info.input_spacing, roi_size=roi,
+                               sw_batch_size=batch, channels=len(self.version.labels) + 1,
+                               activation=self._activation, baseline_bytes=baseline_bytes)
 
     def preprocess(self, array: np.ndarray, affine: np.ndarray) -> MetaTensor:
         """The bundle's preprocessing of a volume: a channel-first MetaTensor on the
