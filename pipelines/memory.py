@@ -278,7 +278,7 @@ def estimate_memory(*, source_shape: Sequence[int], source_affine: Any,
     roi_vox = math.prod(int(r) for r in roi_size)
     padded = [max(g, 1) for g in grid]
     band, _ = band_bytes(channels, padded, roi_size)
-    window = 2 * sw_batch_size * channels * roi_vox * 4
+    window = 3 * sw_batch_size * channels * roi_vox * 2  # the output, and its float16 cast into the band
     grid_map = m * (4 if channels == 2 else 1)
     stages = (
         ("preprocess", 8 * s + 12 * m),
