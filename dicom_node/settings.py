@@ -322,6 +322,11 @@ class Settings:
     drift_psi_threshold : float
         Population stability index above which a figure counts as moved (default 0.25,
         the customary "significant shift").
+    max_memory_gb : float
+        Memory one inference may use, GB (10^9 bytes). A series the pipeline predicts
+        will not fit (from its headers and the model, before any pixel is read) is
+        refused with one line and not retried. 0 (the default) derives it from the
+        machine: 80 % of its memory, or of the cgroup's limit when lower.
     """
 
     ae_title: str = "DICOM_NODE"
@@ -375,6 +380,7 @@ class Settings:
     drift_baseline_series: int = 20
     drift_window_series: int = 20
     drift_psi_threshold: float = 0.25
+    max_memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""
@@ -448,6 +454,11 @@ class Settings:
                 raise ConfigError(f"destinations[{i}].tls",
                                   "tls_cert, tls_key and tls_ca set (TLS needs the node's certificate)",
                                   True, src)
+
+        if isinstance(self.max_memory_gb, bool) or not isinstance(self.max_memory_gb, int | float) \
+                or not 0 <= self.max_memory_gb <= 100000:
+            raise ConfigError("max_memory_gb", "a number of GB >= 0 (0 = derived from the machine)",
+                              self.max_memory_gb, src)
 
         self._check_training(src)
         self._check_backend(src)
@@ -628,6 +639,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "drift_baseline_series": ("an integer", _to_int),
     "drift_window_series": ("an integer", _to_int),
     "drift_psi_threshold": ("a number", _to_float),
+    "max_memory_gb": ("a number of GB", _to_float),
 }
 
 

@@ -20,8 +20,9 @@ registry whether a model now serves the waiting jobs (``models import --activate
 ``promote``, ``rollback`` in another process) and queues those whose series was received
 within ``waiting_for_model_max_age_h``; older ones are left failed with the reason.
 
-Failures: a series the pipeline refuses (geometry, empty result) fails at once with the
-reason; anything else (an unexpected error) is retried by the queue a bounded number of
+Failures: a series the pipeline refuses (geometry, empty result, a predicted memory need
+over ``max_memory_gb``) fails at once with the reason, not retried; anything else (an
+unexpected error) is retried by the queue a bounded number of
 times, then left failed with its reason.
 
 With ``backend = "triton"`` the model runs on a Triton Inference Server
@@ -52,6 +53,7 @@ from dicom_node.settings import Destination, Settings
 from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
 from pipelines.inference import LoadedModel, load_model
+from pipelines.memory import MemoryBudgetError
 from pipelines.triton import TritonTarget, TritonUnavailableError, load_triton_model
 from pipelines.types import WriterOptions
 from pipelines.writers import build_overlay
@@ -146,6 +148,9 @@ class Worker:
         Run the models on this Triton server instead of here.
     wait_backoff_max_s : float
         Longest wait of a job for Triton between two tries, seconds.
+    max_memory_bytes : int
+        Memory budget of one inference, bytes (0: none): a series predicted over it
+        is refused before it starts, once, with one line (``max_memory_gb``).
     """
 
     #: First wait of a job for Triton, seconds (doubled each further time).
@@ -155,7 +160,7 @@ class Worker:
                  destinations: Sequence[Destination], tasks: Sequence[Task],
                  waiting_max_age_h: float = 24.0, name: str = "worker-1",
                  triton: TritonTarget | None = None, wait_backoff_max_s: float = 60.0,
-                 live: LiveLearning | None = None) -> None:
+                 live: LiveLearning | None = None, max_memory_bytes: int = 0) -> None:
         if not waiting_max_age_h > 0:
             raise ValueError(f"waiting_max_age_h must be > 0 hours, got {waiting_max_age_h}")
         self.archive = archive
@@ -168,6 +173,7 @@ class Worker:
         self._waiting_told: set[tuple[str, str, str]] = set()
         self._next_waiting_check = 0.0
         self.name = name
+        self.max_memory_bytes = int(max_memory_bytes)
         self._run_series = _pipeline_runner()
         self._models: dict[str, LoadedModel] = {}
         self._registry: Registry | None = None
@@ -253,7 +259,10 @@ class Worker:
             # the overlay is built after the SEG and SR are on their way (below)
             outcome = self._run_series(files, loaded, rules=spec.rules,
                                        options=WriterOptions(write_overlay=False),
-                                       predecessors=predecessors)
+                                       predecessors=predecessors,
+                                       max_memory_bytes=self.max_memory_bytes)
+        except MemoryBudgetError as exc:  # retrying would hit the same wall
+            raise JobRefused(str(exc)) from exc
         except EmptyResultError as exc:
             self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=None,
                              result=None)

@@ -1,11 +1,14 @@
-"""Coded concepts for segments: label name -> SNOMED CT property category and type.
+"""Coded concepts for segments: label name -> SNOMED CT property category, type, laterality.
 
-Codes follow DICOM CID 7150 (Segmentation Property Categories) and CID 7151
-(Segmentation Property Types); the values were checked against pydicom's code
-dictionary where it has them (``tests/test_pipelines_writers.py`` does so). A label name
-without a known code gets the generic category "Tissue" and a code from the local
-coding scheme :data:`LOCAL_SCHEME`, with a warning, so that a new model still produces
-a valid SEG.
+The codes come from the registry's one anatomy table (:mod:`registry.anatomy`,
+``registry/data/anatomy_codes.csv``): every label of the MONAI Model Zoo whole-body CT
+bundle (104 TotalSegmentator names) with the SNOMED CT type and laterality
+TotalSegmentator publishes, category per DICOM CID 7150; values present in pydicom's
+code dictionary are checked against it in the tests. Laterality is written as a
+Segmented Property Type Modifier (SCT 7771000 Left / 24028007 Right). A label name
+without a code gets the generic category "Tissue" and a code from the local coding
+scheme :data:`LOCAL_SCHEME`, with a warning, so that a new model still
+produces a valid SEG.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from dataclasses import dataclass
 
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
+
+from registry.anatomy import anatomy_for_label
+from registry.anatomy import normalise as _normalise
 
 LOG = logging.getLogger(__name__)
 
@@ -70,34 +76,15 @@ CID_100 = frozenset({
     ("44139-4", "LN"), ("39632-5", "LN"), ("43468-8", "LN"),
 })
 
-# (code value, meaning, category, display colour RGB: saturated, to stand out on grey CT)
-_KNOWN: dict[str, tuple[str, str, CodedConcept, tuple[int, int, int]]] = {
-    "spleen": ("78961009", "Spleen", ANATOMICAL_STRUCTURE, (0, 255, 0)),
-    "liver": ("10200004", "Liver", ANATOMICAL_STRUCTURE, (255, 150, 0)),
-    "kidney": ("64033007", "Kidney", ANATOMICAL_STRUCTURE, (0, 200, 255)),
-    "left kidney": ("18639004", "Left kidney", ANATOMICAL_STRUCTURE, (0, 200, 255)),
-    "right kidney": ("9846003", "Right kidney", ANATOMICAL_STRUCTURE, (0, 120, 255)),
-    "spine": ("421060004", "Spine", ANATOMICAL_STRUCTURE, (255, 255, 0)),
-    "pancreas": ("15776009", "Pancreas", ANATOMICAL_STRUCTURE, (255, 0, 255)),
-    "gallbladder": ("28231008", "Gallbladder", ANATOMICAL_STRUCTURE, (128, 255, 0)),
-    "stomach": ("69695003", "Stomach", ANATOMICAL_STRUCTURE, (255, 90, 160)),
-    "aorta": ("15825003", "Aorta", ANATOMICAL_STRUCTURE, (255, 40, 40)),
-    "inferior vena cava": ("64131007", "Inferior vena cava", ANATOMICAL_STRUCTURE, (60, 60, 255)),
-    "esophagus": ("32849002", "Esophagus", ANATOMICAL_STRUCTURE, (200, 120, 255)),
-    "adrenal gland": ("23451007", "Adrenal gland", ANATOMICAL_STRUCTURE, (220, 245, 20)),
-    "duodenum": ("38848004", "Duodenum", ANATOMICAL_STRUCTURE, (255, 200, 120)),
-    "urinary bladder": ("89837001", "Urinary bladder", ANATOMICAL_STRUCTURE, (255, 255, 140)),
-    "lung": ("39607008", "Lung", ANATOMICAL_STRUCTURE, (120, 255, 255)),
-    "heart": ("80891009", "Heart", ANATOMICAL_STRUCTURE, (255, 60, 120)),
-    "bone": ("272673000", "Bone", TISSUE, (255, 255, 0)),
-    "neoplasm": ("108369006", "Neoplasm", ABNORMAL_STRUCTURE, (255, 0, 0)),
-}
-_ALIASES = {
-    "vertebral column": "spine", "vertebrae": "spine", "spinal column": "spine",
-    "kidney left": "left kidney", "kidney right": "right kidney",
-    "gall bladder": "gallbladder", "oesophagus": "esophagus", "ivc": "inferior vena cava",
-    "postcava": "inferior vena cava", "bladder": "urinary bladder", "tumor": "neoplasm",
-    "tumour": "neoplasm",
+# Fixed display colours (RGB, saturated to stand out on grey CT) of common structures;
+# other labels take a colour of _PALETTE by their position in the model's label list.
+_COLOURS: dict[str, tuple[int, int, int]] = {
+    "spleen": (0, 255, 0), "liver": (255, 150, 0), "kidney": (0, 200, 255),
+    "left kidney": (0, 200, 255), "right kidney": (0, 120, 255), "spine": (255, 255, 0),
+    "pancreas": (255, 0, 255), "gallbladder": (128, 255, 0), "stomach": (255, 90, 160),
+    "aorta": (255, 40, 40), "inferior vena cava": (60, 60, 255), "esophagus": (200, 120, 255),
+    "adrenal gland": (220, 245, 20), "duodenum": (255, 200, 120), "urinary bladder": (255, 255, 140),
+    "lung": (120, 255, 255), "heart": (255, 60, 120), "bone": (255, 255, 0), "neoplasm": (255, 0, 0),
 }
 # Distinct colours for label names without a fixed one (RGB).
 _PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -121,12 +108,15 @@ class SegmentCoding:
         Value and the overlay contours so that both look alike.
     standard : bool
         ``False`` when ``type`` is a local code.
+    laterality : CodedConcept or None
+        Segmented Property Type Modifier (Left / Right), when the label is lateral.
     """
 
     category: CodedConcept
     type: CodedConcept
     rgb: tuple[int, int, int]
     standard: bool
+    laterality: CodedConcept | None = None
 
     def __post_init__(self) -> None:
         if len(self.rgb) != 3 or not all(0 <= c <= 255 for c in self.rgb):
@@ -135,7 +125,7 @@ class SegmentCoding:
 
 def normalise(name: str) -> str:
     """Lower-case, ``_``/``-``/``.`` to spaces, single spaces (``Left_Kidney`` -> ``left kidney``)."""
-    return re.sub(r"\s+", " ", re.sub(r"[_\-.]", " ", name.strip().lower())).strip()
+    return _normalise(name)
 
 
 def segment_coding(name: str, index: int = 0) -> SegmentCoding:
@@ -146,14 +136,14 @@ def segment_coding(name: str, index: int = 0) -> SegmentCoding:
     name : str
         Label name as the model's configuration spells it.
     index : int, optional
-        Position of the label in the model's label list; picks the colour of an
-        unknown name.
+        Position of the label in the model's label list; picks the colour of a
+        name without a fixed one.
 
     Returns
     -------
     SegmentCoding
-        SNOMED CT codes for known names, otherwise category "Tissue" and a local code
-        (``99DCMNODE``) whose meaning is the name itself.
+        SNOMED CT codes (and laterality) for names in the anatomy table, otherwise
+        category "Tissue" and a local code (``99DCMNODE``) whose meaning is the name.
 
     Raises
     ------
@@ -163,12 +153,21 @@ def segment_coding(name: str, index: int = 0) -> SegmentCoding:
     key = normalise(name)
     if not key:
         raise ValueError("name must not be empty")
-    key = _ALIASES.get(key, key)
-    if key in _KNOWN:
-        value, meaning, category, rgb = _KNOWN[key]
-        return SegmentCoding(category=category, type=CodedConcept(value, "SCT", meaning),
-                             rgb=rgb, standard=True)
-    LOG.warning("label %r has no SNOMED CT code in pipelines.codes; coding it as Tissue with "
+    return _coding(key, name, index)
+
+
+def _coding(key: str, name: str, index: int) -> SegmentCoding:
+    anatomy = anatomy_for_label(key)
+    if anatomy is not None:
+        lat = anatomy.laterality_code
+        base = _normalise(anatomy.type_meaning)
+        rgb = _COLOURS.get(key) or _COLOURS.get(base) or _PALETTE[index % len(_PALETTE)]
+        return SegmentCoding(category=CodedConcept(anatomy.category_code, "SCT",
+                                                   anatomy.category_meaning),
+                             type=CodedConcept(anatomy.type_code, "SCT", anatomy.type_meaning),
+                             rgb=rgb, standard=True,
+                             laterality=CodedConcept(lat[0], "SCT", lat[1]) if lat else None)
+    LOG.warning("label %r has no SNOMED CT code in the anatomy table; coding it as Tissue with "
                 "local code scheme %s", name, LOCAL_SCHEME)
     return SegmentCoding(category=TISSUE, type=CodedConcept(local_code(key), LOCAL_SCHEME, name[:64]),
                          rgb=_PALETTE[index % len(_PALETTE)], standard=False)

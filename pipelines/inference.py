@@ -30,6 +30,8 @@ import torch
 from monai.data import MetaTensor
 
 from pipelines.errors import PipelineError
+from pipelines.memory import MemoryEstimate, activation_bytes, estimate_memory
+from pipelines.stitching import WindowSettings, stream_sliding_window
 from registry.bundle import OpenBundle, open_bundle
 from registry.export import OnnxRunner, available_backends, device_name
 from registry.records import ArtifactKind, Backend, LabelSpec, ModelVersion
@@ -126,7 +128,7 @@ class InferenceResult:
     timings: StageTimings
 
     def __post_init__(self) -> None:
-        if not isinstance(self.labels, np.ndarray) or self.labels.dtype != np.uint8 \
+        if not isinstance(self.labels, np.ndarray) or self.labels.dtype not in (np.uint8, np.uint16) \
                 or self.labels.ndim != 3:
             raise TypeError("labels must be a 3-D uint8 numpy array")
         object.__setattr__(self, "backend", Backend(self.backend))
@@ -148,6 +150,32 @@ class LoadedModel:
         self._pre = _float32_resampling(bundle.preprocessing())
         self._inferer = bundle.inferer()
         self._key = bundle.image_key
+        self._activation: int | None = None
+
+    def memory_estimate(self, shape: tuple[int, ...], affine: np.ndarray, *,
+                        baseline_bytes: int | None = None) -> MemoryEstimate:
+        """Predicted peak memory of segmenting a volume of ``shape`` (slices, rows,
+        columns) with index -> LPS ``affine``; see :mod:`pipelines.memory`.
+
+        The network's activations are measured once per loaded model (one forward
+        pass on half a window) and kept.
+        """
+        info = self.bundle.info
+        if self._activation is None:
+            import torch.nn as nn
+
+            net = self.network if isinstance(self.network, nn.Module) else self.bundle.network("cpu")
+            self._activation = activation_bytes(net, info.roi_size, info.in_channels,
+                                                device=self.device if net is self.network else "cpu")
+        try:
+            window = WindowSettings.from_inferer(self._inferer)
+            roi, batch = window.roi_size, window.sw_batch_size
+        except ValueError:
+            roi, batch = info.roi_size, info.sw_batch_size
+        return estimate_memory(source_shape=shape, source_affine=affine,
+                               model_spacing_mm=info.input_spacing, roi_size=roi,
+                               sw_batch_size=batch, channels=len(self.version.labels) + 1,
+                               activation=self._activation, baseline_bytes=baseline_bytes)
 
     def preprocess(self, array: np.ndarray, affine: np.ndarray) -> MetaTensor:
         """The bundle's preprocessing of a volume: a channel-first MetaTensor on the
@@ -237,19 +265,20 @@ class LoadedModel:
         t0 = time.perf_counter()
         img = self.preprocess(array, affine)
         t1 = time.perf_counter()
-        with torch.inference_mode():
-            logits = self._inferer(img[None].as_tensor().to(self.device), self.network)
-            if isinstance(logits, (tuple, list)):
-                logits = logits[0]
-            logits = logits[0].float().cpu()
-        t2 = time.perf_counter()
-        if self.bundle.activation == "softmax":
-            probs = torch.softmax(logits, dim=0)
-        elif self.bundle.activation == "sigmoid":
-            probs = torch.sigmoid(logits)
-        else:
-            probs = logits
-        labels = self.to_source_grid(probs, img, np.shape(array), affine)
+        try:
+            window = WindowSettings.from_inferer(self._inferer)
+        except ValueError:
+            window = None
+        if window is not None and len(window.roi_size) == img.ndim - 1:
+            labels, t2 = self._segment_streamed(img, window, np.shape(array), affine)
+        else:  # not a sliding-window inferer: MONAI's whole-image output, as before
+            with torch.inference_mode():
+                logits = self._inferer(img[None].as_tensor().to(self.device), self.network)
+                if isinstance(logits, (tuple, list)):
+                    logits = logits[0]
+                logits = logits[0].float().cpu()
+            t2 = time.perf_counter()
+            labels = self.to_source_grid(self._activate(logits), img, np.shape(array), affine)
         t3 = time.perf_counter()
         timings = StageTimings(preprocess_s=t1 - t0, inference_s=t2 - t1, postprocess_s=t3 - t2)
         LOG.info("%s on %s: input %s -> model grid %s -> %s; %.2f s pre, %.2f s infer, %.2f s post",
@@ -259,6 +288,67 @@ class LoadedModel:
                                label_specs=mv.labels, version=mv.version,
                                device_uid=mv.device_uid, backend=self.backend,
                                model_grid_shape=tuple(img.shape[1:]), timings=timings)
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.bundle.activation == "softmax":
+            return torch.softmax(logits, dim=0)
+        if self.bundle.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return logits
+
+    def _segment_streamed(self, img: MetaTensor, window: WindowSettings, shape: tuple[int, ...],
+                          affine: np.ndarray) -> tuple[np.ndarray, float]:
+        """Sliding-window inference stitched band by band (:mod:`pipelines.stitching`),
+        each finished slab reduced at once to what the return to the source grid needs:
+
+        * two channels: the map ``p1 - p0`` of the activated output (float32, one value
+          per model-grid voxel), carried back by linear interpolation and thresholded
+          at 0, as before (exactly the argmax of the interpolated probabilities);
+        * more: the argmax label map (uint8, uint16 beyond 255 labels), carried back by
+          nearest neighbour in slabs - what the bundle's own post-processing does
+          (``AsDiscreted(argmax)`` then ``Invertd(nearest_interp=True)``).
+
+        Memory: one band of the stitcher plus one model-grid map, never channels x
+        voxels. Returns the source-grid labels and the time inference ended.
+        """
+        grid = tuple(int(s) for s in img.shape[1:])
+        state: dict[str, np.ndarray] = {}
+        expected = len(self.version.labels) + 1
+
+        def emit(start: int, stop: int, values: torch.Tensor) -> None:
+            channels = int(values.shape[0])
+            if channels != expected:
+                raise PipelineError(f"model {self.version.version}: the network gives {channels} "
+                                    f"channels, its labels need {expected}")
+            idx = [slice(None)] * 3
+            idx[axis_of[0]] = slice(start, stop)
+            if channels == 2:
+                probs = self._activate(values)
+                out = state.setdefault("score", np.empty(grid, dtype=np.float32))
+                out[tuple(idx)] = (probs[1] - probs[0]).numpy()
+            else:
+                dtype = np.uint8 if channels <= 256 else np.uint16
+                out = state.setdefault("labels", np.empty(grid, dtype=dtype))
+                out[tuple(idx)] = torch.argmax(values, dim=0).numpy().astype(dtype, copy=False)
+
+        from pipelines.stitching import band_axis
+
+        padded = [max(g, r) for g, r in zip(grid, window.roi_size, strict=True)]
+        axis_of = [band_axis(padded)]
+        with torch.inference_mode():
+            x = img[None].as_tensor()
+            stream_sliding_window(x, self.network, window, emit, device=self.device)  # type: ignore[arg-type]
+        t2 = time.perf_counter()
+        model_affine = np.asarray(img.affine, dtype=np.float64)
+        if model_affine.shape != (4, 4) or abs(np.linalg.det(model_affine[:3, :3])) < 1e-9:
+            raise PipelineError(f"model {self.version.version}: the model grid's affine is not "
+                                "invertible; the bundle's preprocessing cannot be inverted")
+        index_map = np.linalg.inv(model_affine) @ LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+        if "score" in state:
+            labels = _resample_argmax([state.pop("score")], index_map, tuple(shape))
+        else:
+            labels = nearest_labels_on_source_grid(state.pop("labels"), index_map, tuple(shape))
+        return labels, t2
 
 
 def _float32_resampling(pre: Any) -> Any:
@@ -321,10 +411,20 @@ def labels_on_source_grid(probs: np.ndarray, index_map: np.ndarray, shape: tuple
         maps = [probs[1] - probs[0]]
     else:
         maps = [probs[c] for c in range(probs.shape[0])]
+    return _resample_argmax(maps, index_map, shape, chunk=chunk)
+
+
+def _is_axis_aligned(index_map: np.ndarray) -> bool:
     rot = np.asarray(index_map, dtype=np.float64)[:3, :3]
     nonzero = np.abs(rot) > 1e-6 * np.abs(rot).max()
-    aligned = bool(np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1))
-    sample = _separable_sampler(maps, index_map, shape) if aligned \
+    return bool(np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1))
+
+
+def _resample_argmax(maps: list[np.ndarray], index_map: np.ndarray, shape: tuple[int, ...], *,
+                     chunk: int = RESAMPLE_CHUNK) -> np.ndarray:
+    """Linear resampling of per-channel maps onto the source grid, argmax there (one map:
+    thresholded at 0). See :func:`labels_on_source_grid`."""
+    sample = _separable_sampler(maps, index_map, shape) if _is_axis_aligned(index_map) \
         else _oblique_sampler(maps, index_map, shape)
     labels = np.empty(shape, dtype=np.uint8)
     for k0 in range(0, shape[0], chunk):
@@ -341,6 +441,64 @@ def labels_on_source_grid(probs: np.ndarray, index_map: np.ndarray, shape: tuple
             np.maximum(best, values[c], out=best)
         labels[k0:k1] = out
     return labels
+
+
+def nearest_labels_on_source_grid(labels: np.ndarray, index_map: np.ndarray,
+                                  shape: tuple[int, ...], *, chunk: int = RESAMPLE_CHUNK
+                                  ) -> np.ndarray:
+    """A model-grid label map carried onto the source grid by nearest neighbour.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (X, Y, Z) integer labels on the model grid. Not modified.
+    index_map : numpy.ndarray
+        4x4 affine from a source index (k, i, j) to a model-grid index (x, y, z).
+    shape : tuple of int
+        Source grid shape (slices, rows, columns).
+    chunk : int
+        Source slices done at a time (oblique grids only; aligned ones are one gather).
+
+    Returns
+    -------
+    numpy.ndarray
+        Labels on the source grid, the dtype of ``labels``; outside the model grid
+        the nearest border voxel's label.
+
+    Notes
+    -----
+    Axis-aligned grids (any permutation and flips) take one index per source
+    axis, so the result is ``labels`` gathered with three 1-D index arrays (no
+    coordinate array at all); oblique ones sample each slab's rounded coordinates.
+    """
+    m = np.asarray(index_map, dtype=np.float64)
+    lab = np.asarray(labels)
+    if lab.ndim != 3 or len(shape) != 3:
+        raise ValueError(f"labels must be 3-D and shape 3-D, got {lab.shape}, {shape}")
+    out = np.empty(shape, dtype=lab.dtype)
+    if _is_axis_aligned(m):
+        src_of = [int(np.argmax(np.abs(m[a, :3]))) for a in range(3)]
+        model_of = [src_of.index(s) for s in range(3)]
+        view = np.transpose(lab, model_of)  # source axis order (a view)
+        idx = []
+        for s in range(3):
+            a = model_of[s]
+            t = np.arange(shape[s], dtype=np.float64)
+            idx.append(np.clip(np.rint(m[a, s] * t + m[a, 3]), 0, lab.shape[a] - 1).astype(np.intp))
+        for k0 in range(0, shape[0], chunk):
+            k1 = min(shape[0], k0 + chunk)
+            out[k0:k1] = view[np.ix_(idx[0][k0:k1], idx[1], idx[2])]
+        return out
+    ii, jj = np.meshgrid(np.arange(shape[1], dtype=np.float64),
+                         np.arange(shape[2], dtype=np.float64), indexing="ij")
+    plane = [m[a, 1] * ii + m[a, 2] * jj + m[a, 3] for a in range(3)]
+    for k0 in range(0, shape[0], chunk):
+        k1 = min(shape[0], k0 + chunk)
+        k = np.arange(k0, k1, dtype=np.float64)[:, None, None]
+        coords = [np.clip(np.rint(plane[a][None] + m[a, 0] * k), 0, lab.shape[a] - 1)
+                  .astype(np.intp) for a in range(3)]
+        out[k0:k1] = lab[coords[0], coords[1], coords[2]]
+    return out
 
 
 def _linear_weights(coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,4 +1,10 @@
-"""Label map -> one mask per label, connected-component clean-up, volumes in mL."""
+"""Label map -> one mask per label, connected-component clean-up, volumes in mL.
+
+Each mask is cut to its bounding box (:class:`~pipelines.types.SegmentResult` holds a
+crop): the boxes of all labels come from one pass over the label map
+(:func:`scipy.ndimage.find_objects`), so 104 labels cost one scan plus their boxes,
+never 104 whole-volume masks.
+"""
 
 from __future__ import annotations
 
@@ -55,15 +61,38 @@ def split_labels(label_map: np.ndarray, volume: Volume, labels: Mapping[int, str
         raise ValueError(f"keep_components names labels that are not in labels: {sorted(unknown)}")
     if any(n < 1 for n in keep.values()):
         raise ValueError("keep_components values must be >= 1")
+    boxes = ndimage.find_objects(_as_label_image(label_map), max_label=max(labels, default=0))
     out = []
     for value in sorted(labels):
         name = labels[value]
-        mask = label_map == value
+        box = boxes[value - 1] if value - 1 < len(boxes) else None
+        if box is None:
+            out.append(SegmentResult(label=int(value), name=name, volume_ml=0.0,
+                                     crop=np.zeros((0, 0, 0), dtype=bool), origin=(0, 0, 0),
+                                     grid_shape=volume.shape))
+            continue
+        crop = label_map[box] == value
         if name in keep:
-            mask = largest_components(mask, keep[name])
-        out.append(SegmentResult(label=int(value), name=name, mask=mask,
-                                 volume_ml=mask_volume_ml(mask, volume)))
+            crop = largest_components(crop, keep[name])
+            if not crop.any():  # cannot happen (the box holds the label), kept for clarity
+                continue
+            tight = _bounding_box(crop)
+            crop = crop[tight]
+            box = tuple(slice(b.start + t.start, b.start + t.stop) for b, t in zip(box, tight))
+        out.append(SegmentResult(label=int(value), name=name, crop=crop,
+                                 origin=tuple(b.start for b in box), grid_shape=volume.shape,
+                                 volume_ml=float(np.count_nonzero(crop)) * volume.voxel_volume_ml))
     return tuple(out)
+
+
+def _as_label_image(label_map: np.ndarray) -> np.ndarray:
+    """The label map as an integer type :func:`scipy.ndimage.find_objects` takes (no copy
+    for the usual uint8/uint16/int32 maps)."""
+    if label_map.dtype == np.bool_:
+        return label_map.view(np.uint8)
+    if label_map.dtype.kind == "i" and label_map.size and int(label_map.min()) < 0:
+        return np.where(label_map < 0, 0, label_map)
+    return label_map
 
 
 def largest_components(mask: np.ndarray, count: int = 1) -> np.ndarray:

@@ -24,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 
 from pipelines.errors import PipelineError
 from pipelines.inference import LoadedModel
+from pipelines.memory import MemoryEstimate, check_budget, series_geometry
 from pipelines.postprocess import split_labels
 from pipelines.selection import SelectionDecision, SelectionRules, is_node_output, matches
 from pipelines.types import ModelInfo, ResultDatasets, SegmentResult, Volume, WriterOptions
@@ -152,8 +153,8 @@ class PipelineOutcome:
         if not self.segments:
             raise ValueError("segments must not be empty")
         for s in self.segments:
-            if s.mask.shape != self.volume.shape:
-                raise ValueError(f"segment {s.name!r} has shape {s.mask.shape}, the volume "
+            if s.shape != self.volume.shape:
+                raise ValueError(f"segment {s.name!r} has shape {s.shape}, the volume "
                                  f"{self.volume.shape}")
 
     def segment(self, name: str) -> SegmentResult:
@@ -284,7 +285,8 @@ def select_series(datasets: Sequence[Dataset], rules: SelectionRules | None) -> 
 def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedModel, *,
                rules: SelectionRules | None = None, options: WriterOptions | None = None,
                largest_component: bool = True,
-               predecessors: Sequence[Dataset] = ()) -> PipelineOutcome:
+               predecessors: Sequence[Dataset] = (),
+               max_memory_bytes: int = 0) -> PipelineOutcome:
     """Run one model on one series and build its SEG, SR and overlay.
 
     Parameters
@@ -302,6 +304,10 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
         Keep only the largest connected component (face connectivity) of each label.
     predecessors : sequence of pydicom.dataset.Dataset, optional
         SR(s) of the result this one supersedes (referenced by the new SR).
+    max_memory_bytes : int, optional
+        Memory budget of the process, bytes (0: none). A series whose predicted peak
+        (:meth:`LoadedModel.memory_estimate`, from the headers) exceeds it is refused
+        with :class:`~pipelines.memory.MemoryBudgetError` before its pixels are read.
 
     Returns
     -------
@@ -313,6 +319,8 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
     ------
     SeriesNotSelected
         The rules refuse the series (or the node produced it).
+    MemoryBudgetError
+        The series is predicted not to fit ``max_memory_bytes``.
     SeriesGeometryError
         The series cannot be made into a volume without risking misalignment.
     InferenceInputError
@@ -327,6 +335,8 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
     t0 = time.perf_counter()
     datasets = [it if isinstance(it, Dataset) else pydicom.dcmread(os.fspath(it)) for it in items]
     decision = select_series(datasets, rules)
+    if max_memory_bytes:
+        check_series_budget(datasets, model, max_memory_bytes)
     volume = load_series(datasets)
     modality = str(volume.source_images[0].get("Modality", "") or "") or None
     t_load = time.perf_counter() - t0
@@ -358,6 +368,29 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
                               selection=decision, timings=timings)
     LOG.info("series %s: %s", volume.series_instance_uid, outcome.summary())
     return outcome
+
+
+def check_series_budget(datasets: Sequence[Dataset], model: LoadedModel, max_memory_bytes: int
+                        ) -> MemoryEstimate:
+    """Predict a series' peak memory with ``model`` from its headers and refuse it when
+    over ``max_memory_bytes``.
+
+    Raises
+    ------
+    MemoryBudgetError
+        With the one line saying what was refused, the estimate and the budget.
+    """
+    uid = str(datasets[0].get("SeriesInstanceUID", "")) if datasets else ""
+    try:
+        shape, affine = series_geometry(datasets)
+    except ValueError:
+        LOG.debug("series %s: no geometry in the headers; memory checked after loading", uid)
+        return MemoryEstimate(peak_bytes=0, baseline_bytes=0, stages=(("none", 0),),
+                              source_bytes=0, model_grid=(0, 0, 0), channels=0)
+    estimate = model.memory_estimate(shape, affine)
+    check_budget(estimate, max_memory_bytes, series_uid=uid, version=model.version.version)
+    LOG.info("series %s: %s; budget %.1f GB", uid, estimate.summary(), max_memory_bytes / 1e9)
+    return estimate
 
 
 def _lo64(text: str) -> str:

@@ -34,6 +34,9 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree that is not installed
     NODE_SOFTWARE_VERSION = "0+unknown"
 
+#: Segmentation types the SEG writer offers (``WriterOptions.seg_type``).
+SEG_TYPES = ("binary", "labelmap")
+
 #: Warning burned into every overlay image.
 OVERLAY_BANNER = "AI RESULT - NOT FOR DIAGNOSIS"
 
@@ -214,9 +217,13 @@ class ModelInfo:
         return self.device_uid or str(stable_uid("model-version", self.name, self.version))
 
 
-@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False, init=False)
 class SegmentResult:
-    """One segmented structure on a volume's grid.
+    """One segmented structure on a volume's grid, held as a bounding-box crop.
+
+    Memory is proportional to the structure's bounding box, not to the volume: 104
+    whole-volume masks of a 512 x 512 x 300 CT would be 8 GB of bool, their crops
+    are a few hundred MB at most (they are disjoint when they come from a label map).
 
     Parameters
     ----------
@@ -224,39 +231,95 @@ class SegmentResult:
         Label value in the model's output (1 .. 65535); becomes the segment's identity.
     name : str
         Label name (``spleen``); mapped to SNOMED CT by :mod:`pipelines.codes`.
-    mask : numpy.ndarray
-        bool array, shape (slices, rows, columns) of the volume's grid.
+    mask : numpy.ndarray, optional
+        bool array of the whole grid, shape (slices, rows, columns). Kept as it is
+        (no copy); give either ``mask`` or ``crop`` with ``origin`` and ``grid_shape``.
+    crop : numpy.ndarray, optional
+        bool array of the bounding box whose first voxel is ``origin``.
+    origin : tuple of int, optional
+        Grid index (k, i, j) of ``crop[0, 0, 0]``.
+    grid_shape : tuple of int, optional
+        Shape of the whole grid, (slices, rows, columns).
     volume_ml : float
         Volume of the mask, mL.
 
     Raises
     ------
     TypeError
-        If ``mask`` is not a boolean 3-D array.
+        If the mask or crop is not a boolean 3-D array.
     ValueError
-        If ``label`` or ``volume_ml`` is out of range or ``name`` is empty.
+        If ``label`` or ``volume_ml`` is out of range, ``name`` is empty, or the crop
+        does not lie inside the grid.
     """
 
     label: int
     name: str
-    mask: np.ndarray
+    crop: np.ndarray
+    origin: tuple[int, int, int]
+    grid_shape: tuple[int, int, int]
     volume_ml: float
 
-    def __post_init__(self) -> None:
-        if isinstance(self.label, bool) or not isinstance(self.label, (int, np.integer)):
-            raise TypeError(f"label must be an int, got {type(self.label).__name__}")
-        if not 1 <= int(self.label) <= 65535:
-            raise ValueError(f"label must be in 1..65535, got {self.label}")
-        _lo("name", self.name)
-        if not isinstance(self.mask, np.ndarray) or self.mask.dtype != np.bool_ or self.mask.ndim != 3:
+    def __init__(self, *, label: int, name: str, volume_ml: float, mask: np.ndarray | None = None,
+                 crop: np.ndarray | None = None, origin: tuple[int, int, int] | None = None,
+                 grid_shape: tuple[int, int, int] | None = None) -> None:
+        if (mask is None) == (crop is None):
+            raise ValueError("give either mask (the whole grid) or crop with origin and grid_shape")
+        if mask is not None:
+            crop, origin, grid_shape = mask, (0, 0, 0), tuple(np.shape(mask))  # type: ignore[assignment]
+        elif origin is None or grid_shape is None:
+            raise ValueError("crop needs origin and grid_shape")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise TypeError(f"label must be an int, got {type(label).__name__}")
+        if not 1 <= int(label) <= 65535:
+            raise ValueError(f"label must be in 1..65535, got {label}")
+        _lo("name", name)
+        if not isinstance(crop, np.ndarray) or crop.dtype != np.bool_ or crop.ndim != 3:
             raise TypeError("mask must be a 3-D numpy array of dtype bool")
-        if not math.isfinite(self.volume_ml) or self.volume_ml < 0:
-            raise ValueError(f"volume_ml must be finite and >= 0, got {self.volume_ml}")
+        origin = tuple(int(o) for o in origin)  # type: ignore[assignment]
+        grid_shape = tuple(int(g) for g in grid_shape)  # type: ignore[assignment]
+        if len(origin) != 3 or len(grid_shape) != 3 or any(
+                o < 0 or o + c > g for o, c, g in zip(origin, crop.shape, grid_shape, strict=True)):
+            raise ValueError(f"crop {crop.shape} at {origin} does not lie inside the grid {grid_shape}")
+        if not math.isfinite(volume_ml) or volume_ml < 0:
+            raise ValueError(f"volume_ml must be finite and >= 0, got {volume_ml}")
+        for key, value in (("label", int(label)), ("name", name), ("crop", crop), ("origin", origin),
+                           ("grid_shape", grid_shape), ("volume_ml", volume_ml)):
+            object.__setattr__(self, key, value)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of the whole grid (slices, rows, columns)."""
+        return self.grid_shape
+
+    @property
+    def box(self) -> tuple[slice, slice, slice]:
+        """Where the crop lies on the grid (index slices along k, i, j)."""
+        o, c = self.origin, self.crop.shape
+        return (slice(o[0], o[0] + c[0]), slice(o[1], o[1] + c[1]), slice(o[2], o[2] + c[2]))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The mask on the whole grid (bool, ``grid_shape``).
+
+        Allocates a whole-grid array unless the crop is the whole grid; the writers
+        use :attr:`crop` and :attr:`box` instead.
+        """
+        if self.crop.shape == self.grid_shape:
+            return self.crop
+        full = np.zeros(self.grid_shape, dtype=bool)
+        full[self.box] = self.crop
+        return full
 
     @property
     def is_empty(self) -> bool:
         """``True`` when no voxel is set."""
-        return not bool(self.mask.any())
+        return not bool(self.crop.any())
+
+    def present_slices(self) -> np.ndarray:
+        """bool per grid slice (``grid_shape[0]``): whether the segment has a voxel there."""
+        out = np.zeros(self.grid_shape[0], dtype=bool)
+        out[self.box[0]] = self.crop.any(axis=(1, 2))
+        return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -282,6 +345,10 @@ class WriterOptions:
         the banner stays legible.
     write_overlay : bool
         Whether to create the overlay series (configurable per destination).
+    seg_type : str
+        ``binary`` (default: Segmentation Storage, every PACS and viewer takes it) or
+        ``labelmap`` (Label Map Segmentation Storage: one frame per slice, much
+        smaller with many labels; only for destinations that accept that SOP class).
     """
 
     seg_series_number: int = 9001
@@ -294,8 +361,11 @@ class WriterOptions:
     contour_width_px: int = 1
     min_overlay_width_px: int = 256
     write_overlay: bool = True
+    seg_type: str = "binary"
 
     def __post_init__(self) -> None:
+        if self.seg_type not in SEG_TYPES:
+            raise ValueError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {self.seg_type!r}")
         for name in ("seg_series_number", "sr_series_number", "overlay_series_number"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 1 <= v <= 2**31 - 1:

@@ -369,11 +369,14 @@ def _labels(meta: dict, meta_file: Path, config_file: Path, network: torch.nn.Mo
         if name.lower() in seen:
             raise BundleError(meta_file, f"label name {name!r} is used twice", remedy)
         seen.add(name.lower())
-        code = code_for_label(name)
-        if code is None:
-            LOG.warning("label %r of %s has no known SNOMED CT code; it will be written "
-                        "uncoded", name, meta_file)
-        labels.append(LabelSpec(value=value, name=name, code=code))
+        labels.append(LabelSpec(value=value, name=name, code=code_for_label(name)))
+    unmapped = [lab.name for lab in labels if lab.code is None]
+    if unmapped:
+        LOG.warning("%d of %d labels of %s have no SNOMED CT code in the anatomy table "
+                    "(registry/data/anatomy_codes.csv); they will be written with local codes: %s",
+                    len(unmapped), len(labels), meta_file, ", ".join(unmapped))
+    else:
+        LOG.info("all %d labels of %s have SNOMED CT codes", len(labels), meta_file)
     return tuple(labels)
 
 

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from registry.anatomy import anatomy_for_label
+from registry.anatomy import table as anatomy_table
+
 _TASK_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _VERSION_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}-v[0-9]{1,6}$")
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -158,35 +161,23 @@ class CodedConcept:
                 raise ValueError(f"{name} must be a non-empty str, got {v!r}")
 
 
-# SNOMED CT codes of anatomical structures segmentation bundles commonly label.
-# (DICOM PS3.16 uses these in CID 7710 / CID 4031.) Keys are lower-case label names.
+# SNOMED CT codes of label names, from the one anatomy table (registry/anatomy.py,
+# registry/data/anatomy_codes.csv: the whole-body CT bundle's 104 labels and more).
+# Keys are normalised label names ("kidney left"); laterality is in anatomy_for_label.
 KNOWN_LABEL_CODES: Mapping[str, CodedConcept] = {
-    "spleen": CodedConcept(value="78961009", meaning="Spleen"),
-    "liver": CodedConcept(value="10200004", meaning="Liver"),
-    "kidney": CodedConcept(value="64033007", meaning="Kidney"),
-    "left kidney": CodedConcept(value="18639004", meaning="Left kidney"),
-    "right kidney": CodedConcept(value="9846003", meaning="Right kidney"),
-    "pancreas": CodedConcept(value="15776009", meaning="Pancreas"),
-    "aorta": CodedConcept(value="15825003", meaning="Aorta"),
-    "inferior vena cava": CodedConcept(value="64131007", meaning="Inferior vena cava"),
-    "stomach": CodedConcept(value="69695003", meaning="Stomach"),
-    "gallbladder": CodedConcept(value="28231008", meaning="Gallbladder"),
-    "esophagus": CodedConcept(value="32849002", meaning="Esophagus"),
-    "duodenum": CodedConcept(value="38848004", meaning="Duodenum"),
-    "urinary bladder": CodedConcept(value="89837001", meaning="Urinary bladder"),
-    "heart": CodedConcept(value="80891009", meaning="Heart"),
-    "lung": CodedConcept(value="39607008", meaning="Lung"),
-    "spine": CodedConcept(value="421060004", meaning="Spine"),
+    key: CodedConcept(value=a.type_code, meaning=a.type_meaning) for key, a in anatomy_table().items()
 }
 
 
 def code_for_label(name: str) -> CodedConcept | None:
-    """The SNOMED CT code of a label name, or ``None`` when it is not known.
+    """The SNOMED CT code (Segmented Property Type) of a label name, or ``None`` when
+    it is not known.
 
-    ``_`` and ``-`` count as spaces and case is ignored (``left_kidney`` -> Left kidney).
+    ``_`` and ``-`` count as spaces and case is ignored (``kidney_left`` -> Kidney;
+    its laterality, Left, is given by :func:`registry.anatomy.anatomy_for_label`).
     """
-    key = " ".join(name.replace("_", " ").replace("-", " ").lower().split())
-    return KNOWN_LABEL_CODES.get(key)
+    a = anatomy_for_label(name)
+    return None if a is None else CodedConcept(value=a.type_code, meaning=a.type_meaning)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

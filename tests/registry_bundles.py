@@ -70,3 +70,35 @@ def organ_bundle(dest: Path, organ: str = "liver", *, seed: int = 0) -> Path:
     edit_config(dest, "metadata.json", lambda m: m["network_data_format"]["outputs"]["pred"]
                 .__setitem__("channel_def", {"0": "background", "1": organ}))
     return dest
+
+
+WHOLEBODY = REFERENCE.parent / "wholeBody_ct_segmentation"
+
+
+def wholebody_bundle(dest: Path, seed: int = 0, *, small: bool = False) -> Path:
+    """The real Model Zoo whole-body CT bundle configs (SegResNet, 105 output channels,
+    the 104 TotalSegmentator label names) with seeded random weights.
+
+    ``small``: the same bundle shape (105 channels, its label names, its preprocessing
+    and Gaussian sliding window) with a small network (init_filters 8, two levels),
+    a 64^3 window and the bundle's own low-resolution switch (3 mm,
+    ``displayable_configs.highres = false``), so that tests run in seconds.
+    """
+    from monai.networks.nets import SegResNet
+
+    shutil.copytree(WHOLEBODY, dest, ignore=shutil.ignore_patterns("*train*", "*evaluate*",
+                                                                    "*trt*", "logging.conf"))
+    if small:
+        def edit(cfg: dict) -> None:
+            cfg["displayable_configs"]["highres"] = False
+            cfg["network_def"].update(init_filters=8, blocks_down=[1, 1], blocks_up=[1])
+            cfg["inferer"]["roi_size"] = [64, 64, 64]
+            cfg["modelname"] = "model.pt"
+        edit_config(dest, "inference.json", edit)
+    cfg = json.loads((dest / "configs" / "inference.json").read_text())
+    args = {k: v for k, v in cfg["network_def"].items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    net = SegResNet(**args)
+    (dest / "models").mkdir()
+    torch.save(net.state_dict(), dest / "models" / "model.pt")
+    return dest

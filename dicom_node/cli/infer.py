@@ -9,7 +9,8 @@ written to ``OUT_DIR`` (:func:`pipelines.writers.save_results`).
 
 Exit status: 0 when every selected series ran (a series in which the model found
 nothing writes nothing and says so); 1 when a selected series was refused by the
-pipeline (its geometry, its modality); 2 when there is nothing to run: no DICOM files,
+pipeline (its geometry, its modality, a predicted memory need over ``max_memory_gb``);
+2 when there is nothing to run: no DICOM files,
 no series selected, no model for the task, an unknown version.
 """
 
@@ -30,8 +31,9 @@ from dicom_node.logconfig import configure_logging
 from dicom_node.settings import Settings
 from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError
+from pipelines.memory import budget_bytes
 from pipelines.selection import SelectionRules
-from pipelines.types import WriterOptions
+from pipelines.types import SEG_TYPES, WriterOptions
 from registry.errors import NoActiveModelError, VersionNotFoundError
 from registry.records import ModelVersion
 from registry.store import Registry
@@ -67,6 +69,12 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--version", dest="model_version", default=None, metavar="V",
                    help="this registered model version instead of the active one")
     p.add_argument("--no-overlay", action="store_true", help="write the SEG and SR only")
+    p.add_argument("--seg-type", choices=SEG_TYPES, default="binary",
+                   help="binary (default: every PACS takes it) or labelmap (Label Map "
+                        "Segmentation: one frame per slice, much smaller with many labels)")
+    p.add_argument("--max-memory-gb", type=float, default=None, metavar="GB",
+                   help="refuse a series predicted to need more memory (default: the "
+                        "max_memory_gb setting; 0 = derived from the machine)")
     p.add_argument("--json", action="store_true", help="machine-readable output, one object per series")
     p.set_defaults(func=cmd_infer)
 
@@ -152,7 +160,8 @@ def _scanner(path: Path) -> tuple[str, str]:
 
 def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequence[Task],
                  task: str | None = None, model_version: str | None = None,
-                 write_overlay: bool = True) -> list[SeriesReport]:
+                 write_overlay: bool = True, seg_type: str = "binary",
+                 max_memory_bytes: int = 0) -> list[SeriesReport]:
     """Run the configured ``tasks`` on every series of ``input_dir``; results to ``out_dir``.
 
     Raises
@@ -183,7 +192,7 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
     specs = _specs(task, fixed, tasks)
     models: dict[str, LoadedModel] = {}
     reports: list[SeriesReport] = []
-    options = WriterOptions(write_overlay=write_overlay)
+    options = WriterOptions(write_overlay=write_overlay, seg_type=seg_type)
     for s in series:
         base = {"series_uid": s.series_uid, "modality": s.modality,
                 "series_description": s.series_description, "instances": len(s.paths)}
@@ -199,7 +208,8 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
         model_fields = {"task": chosen_task, "model_version": mv.version,
                         "backend": loaded.backend.value}
         try:
-            outcome = run_series(list(s.paths), loaded, rules=rules, options=options)
+            outcome = run_series(list(s.paths), loaded, rules=rules, options=options,
+                                 max_memory_bytes=max_memory_bytes)
         except EmptyResultError as exc:
             reports.append(SeriesReport(**base, **model_fields, status="nothing-found",
                                         reason=f"no segment found, nothing written ({exc})"))
@@ -251,7 +261,11 @@ def cmd_infer(args: argparse.Namespace, settings: Settings) -> int:
             registered = bool(reg.list())
             reports = infer_folder(input_dir, out_dir, reg, tasks=settings.tasks, task=args.task,
                                    model_version=args.model_version,
-                                   write_overlay=not args.no_overlay)
+                                   write_overlay=not args.no_overlay,
+                                   seg_type=args.seg_type,
+                                   max_memory_bytes=budget_bytes(
+                                       settings.max_memory_gb if args.max_memory_gb is None
+                                       else args.max_memory_gb))
     except (_Nothing, NoActiveModelError, VersionNotFoundError) as exc:
         print(f"dicom-node infer: {exc}", file=sys.stderr)
         if isinstance(exc, NoActiveModelError) and not registered:

@@ -1,8 +1,17 @@
-"""DICOM Segmentation (BINARY) of a result, built with highdicom.
+"""DICOM Segmentation (BINARY or LABELMAP) of a result, built with highdicom.
 
 One segment per non-empty label, frames only where a segment is present, frame ``n``
 on source image ``n`` (so any orientation, flipped or oblique, is written on the
 source's own grid), same study and Frame of Reference as the source, new series.
+
+Many segments: the segments (bounding-box crops, :class:`~pipelines.types.SegmentResult`)
+are pasted into ONE label map on the source slices (uint8, uint16 beyond 255
+segments) and highdicom is given that label map, never a stack of one whole-volume
+mask per segment. ``WriterOptions(seg_type="labelmap")`` writes highdicom's LABELMAP
+type (Label Map Segmentation Storage, 1.2.840.10008.5.1.4.1.1.66.7: one frame per
+source slice whatever the number of segments), for destinations that take it;
+overlapping segments (only possible when a caller builds them by hand) are written
+as BINARY whatever was asked, since a label map cannot hold them.
 """
 
 from __future__ import annotations
@@ -49,8 +58,8 @@ def written_segments(volume: Volume, segments: Sequence[SegmentResult]) -> tuple
     if len(set(labels)) != len(labels):
         raise ValueError(f"segments must have distinct labels, got {labels}")
     for s in segments:
-        if s.mask.shape != volume.shape:
-            raise ValueError(f"segment {s.name!r}: mask shape {s.mask.shape} differs from the "
+        if s.shape != volume.shape:
+            raise ValueError(f"segment {s.name!r}: mask shape {s.shape} differs from the "
                              f"volume's {volume.shape}")
     kept = tuple(sorted((s for s in segments if not s.is_empty), key=lambda s: s.label))
     for s in segments:
@@ -132,17 +141,28 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
     descriptions = []
     for number, s in enumerate(kept, start=1):
         coding = segment_coding(s.name, number - 1)
-        descriptions.append(hd.seg.SegmentDescription(
+        description = hd.seg.SegmentDescription(
             segment_number=number, segment_label=s.name,
             segmented_property_category=coding.category, segmented_property_type=coding.type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=alg, tracking_uid=new_uid(), tracking_id=s.name,
-            display_color=hd.color.CIELabColor.from_rgb(*coding.rgb)))
+            display_color=hd.color.CIELabColor.from_rgb(*coding.rgb))
+        if coding.laterality is not None:  # PS3.3 C.8.20.2: inside the property type item
+            description.SegmentedPropertyTypeCodeSequence[0] \
+                .SegmentedPropertyTypeModifierCodeSequence = [coding.laterality]
+        descriptions.append(description)
     pixels = _pixel_array(volume, kept)
+    seg_type = hd.seg.SegmentationTypeValues.BINARY
+    if opts.seg_type == "labelmap":
+        if pixels.ndim == 3:
+            seg_type = hd.seg.SegmentationTypeValues.LABELMAP
+        else:
+            LOG.warning("series %s: segments overlap; a LABELMAP SEG cannot hold them, writing "
+                        "BINARY", volume.series_instance_uid)
     description = f"{opts.series_description_prefix} SEG {model.name}".strip()[:64]
     seg = hd.seg.Segmentation(
         source_images=list(volume.source_images), pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=seg_type,
         segment_descriptions=descriptions, series_instance_uid=new_uid(),
         series_number=opts.seg_series_number, sop_instance_uid=new_uid(), instance_number=1,
         manufacturer=NODE_MANUFACTURER, manufacturer_model_name=NODE_MODEL_NAME,
@@ -152,8 +172,8 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
         contributing_equipment=contributing_equipment("AI segmentation", model),
         series_description=description)
     _laterality(seg, volume.source_images[0])
-    LOG.info("SEG for series %s: %d segment(s), %d frame(s)", volume.series_instance_uid,
-             len(kept), int(seg.NumberOfFrames))
+    LOG.info("SEG (%s) for series %s: %d segment(s), %d frame(s)", seg_type.value,
+             volume.series_instance_uid, len(kept), int(seg.NumberOfFrames))
     return seg
 
 
@@ -180,19 +200,25 @@ def _laterality(seg: Dataset, source: Dataset) -> None:
 
 
 def _pixel_array(volume: Volume, kept: Sequence[SegmentResult]) -> np.ndarray:
-    """Segments on the source slices: a label map when disjoint, else a stack of masks."""
+    """Segments on the source slices: a label map when disjoint, else a stack of masks.
+
+    The label map is built from each segment's crop (memory: one uint8/uint16 map
+    of the source slices); the stack (n_src x rows x columns x segments of bool) only
+    when two segments share a voxel.
+    """
     n_src = len(volume.source_images)
     shape = (n_src, *volume.shape[1:])
     dtype = np.uint8 if len(kept) < 256 else np.uint16
-    labelmap = np.zeros(shape, dtype=dtype)
+    grid = np.zeros(volume.shape, dtype=dtype)
     overlap = False
     for number, s in enumerate(kept, start=1):
-        m = to_source_slices(volume, s.mask)
-        if not overlap and np.any(labelmap[m]):
+        region = grid[s.box]
+        if not overlap and np.any(region[s.crop]):
             overlap = True
-        labelmap[m] = number
+        region[s.crop] = number
     if not overlap:
-        return labelmap
+        return to_source_slices(volume, grid)
+    del grid
     stack = np.zeros((*shape, len(kept)), dtype=bool)
     for number, s in enumerate(kept, start=1):
         stack[..., number - 1] = to_source_slices(volume, s.mask)

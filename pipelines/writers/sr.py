@@ -76,7 +76,8 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     """
     opts = options or WriterOptions()
     kept = written_segments(volume, segments)
-    items = list(seg.SegmentSequence)
+    # a LABELMAP SEG also describes its background as segment 0 (highdicom adds it)
+    items = [i for i in seg.SegmentSequence if int(i.SegmentNumber) != 0]
     if [str(i.SegmentLabel) for i in items] != [s.name for s in kept]:
         raise ValueError("seg does not hold the non-empty segments: "
                          f"{[str(i.SegmentLabel) for i in items]} vs {[s.name for s in kept]}")
@@ -105,7 +106,7 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID),
                                                           identifier=str(item.TrackingID)),
-            referenced_segment=_referenced_segment(seg, number),
+            referenced_segment=_referenced_segment(seg, number, volume, s),
             finding_type=coding.type, finding_category=coding.category,
             algorithm_id=algorithm, measurements=[measurement]))
         outline = largest_outline(volume, s.mask)
@@ -131,31 +132,29 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     return sr
 
 
-def _referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
+def _referenced_segment(seg: Dataset, number: int, volume: Volume, segment: SegmentResult
+                        ) -> hd.sr.ReferencedSegment:
     """Segment ``number`` of ``seg`` and the source images its frames were derived from.
 
-    highdicom writes the Segment Identification of a SEG with a single segment once,
-    in the Shared Functional Groups, but its ``ReferencedSegment.from_segmentation``
-    (0.28) reads it from every per-frame item; such a SEG is referenced here directly.
+    The source images are those of the slices where the segment is present, read
+    from the segment's crop: the SEG's frames are derived from exactly those
+    images, and reading them back from the SEG's per-frame items (highdicom's
+    ``ReferencedSegment.from_segmentation``) scans every frame once per segment
+    (104 segments x thousands of frames), and cannot work for a LABELMAP SEG, whose
+    frames do not name a segment.
     """
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    if "SegmentIdentificationSequence" not in shared:
-        return hd.sr.ReferencedSegment.from_segmentation(seg, number)
-    only = int(shared.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-    if only != number:
-        raise ValueError(f"seg holds segment {only} only, not {number}")
-    sources: dict[str, hd.sr.SourceImageForSegmentation] = {}
-    for frame in seg.PerFrameFunctionalGroupsSequence:
-        for derivation in frame.get("DerivationImageSequence", []):
-            for src in derivation.get("SourceImageSequence", []):
-                uid = str(src.ReferencedSOPInstanceUID)
-                if uid not in sources:
-                    sources[uid] = hd.sr.SourceImageForSegmentation(
-                        referenced_sop_class_uid=str(src.ReferencedSOPClassUID),
-                        referenced_sop_instance_uid=uid)
+    if not any(int(i.SegmentNumber) == number for i in seg.SegmentSequence):
+        raise ValueError(f"seg has no segment {number}")
+    grid_index = np.clip(np.rint(np.asarray(volume.source_grid_positions)), 0,
+                         volume.shape[0] - 1).astype(np.intp)
+    present = segment.present_slices()[grid_index]
+    sources = [hd.sr.SourceImageForSegmentation(
+        referenced_sop_class_uid=str(src.SOPClassUID),
+        referenced_sop_instance_uid=str(src.SOPInstanceUID))
+        for src, here in zip(volume.source_images, present, strict=True) if here]
     return hd.sr.ReferencedSegment(sop_class_uid=str(seg.SOPClassUID),
                                    sop_instance_uid=str(seg.SOPInstanceUID),
-                                   segment_number=number, source_images=list(sources.values()))
+                                   segment_number=number, source_images=sources)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
