@@ -46,6 +46,8 @@ from pipelines.run import run_series
 from registry.store import Registry
 from waiting import wait_until
 
+pytestmark = pytest.mark.orthanc  # every test here starts a real Orthanc
+
 STABLE_AFTER = "1.5"
 RESULT_TIMEOUT = 120.0
 
