@@ -468,8 +468,7 @@ def test_large_instance_with_an_element_after_pixel_data_is_parsed_in_bounded_me
         msg.primitive_to_message(req)
         del dataset
         assoc._reactor_checkpoint.clear()  # noqa: SLF001
-        while not assoc._is_paused:  # noqa: SLF001
-            time.sleep(0.001)
+        wait_until("the reactor paused", lambda: assoc._is_paused, 10.0, poll=0.001)  # noqa: SLF001
         try:
             for pdu in msg.encode_msg(assoc.accepted_contexts[0].context_id, MAX_PDU):
                 assoc.dul.send_pdu(pdu)
