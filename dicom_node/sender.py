@@ -41,7 +41,7 @@ from dicom_node.faults import StateLog
 from dicom_node.jobs import connect_queue, iso, utc_now, write_transaction
 from dicom_node.profiles import UNCOMPRESSED, ObjectShape, alias, choose, contexts_for, encode_as
 from dicom_node.settings import Destination
-from dicom_node.statuses import SUCCESS
+from dicom_node.statuses import SUCCESS, is_warning
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
 from twin_archive.results import AIResult
 
@@ -82,7 +82,7 @@ class Send:
 
 def _is_success(status: int) -> bool:
     # PS3.7 C.1.1 success, PS3.4 B.2.3 warnings (0001, Bxxx): the object is stored.
-    return status == SUCCESS or status == 0x0001 or (status & 0xF000) == 0xB000
+    return status == SUCCESS or is_warning(status)
 
 
 #: Bits Allocated of each result kind's pixel data (0: none), to choose syntaxes

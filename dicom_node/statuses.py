@@ -9,6 +9,8 @@ from __future__ import annotations
 
 # PS3.7 Annex C.1.1: the operation completed successfully.
 SUCCESS = 0x0000
+# PS3.7 Annex C.1.2: the Warning class is 0001 or Bxxx (the operation was performed).
+WARNING = 0x0001
 
 # PS3.4 Annex B.2.3 (Storage Service Class, C-STORE statuses).
 # Refused: Out of Resources (A700-A7FF). Used for disk full and index unavailable.
@@ -24,3 +26,12 @@ COERCION_OF_DATA_ELEMENTS = 0xB000
 # PS3.7 Annex C.5.x: refused because the node is shutting down (used by SIGTERM handling).
 # Refused: SOP Class not supported is 0x0122 (PS3.7 C.4.2); pynetdicom answers it itself.
 REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+# pynetdicom's answer when a C-STORE handler raises (a Cxxx "Cannot understand" value);
+# the fast store lane answers the same (dicom_node/fast_receive/store_lane.py).
+HANDLER_FAILED = 0xC211
+
+
+def is_warning(status: int) -> bool:
+    """A Warning status (PS3.7 C.1.2: 0001 or Bxxx): the object was stored."""
+    return status == WARNING or (status & 0xF000) == COERCION_OF_DATA_ELEMENTS

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +71,6 @@ def storescu(port: int, paths: list[Path], called: str = "DICOM_NODE") -> None:
     subprocess.run([exe, "-aet", "TEST_SCU", "-aec", called, "127.0.0.1", str(port),
                     *map(str, paths)], check=True, env=dict(os.environ, TCP_NODELAY="1"),
                    capture_output=True, timeout=120)
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, poll: float = 0.5) -> Any:
-    """Poll ``check`` until it returns something truthy; raise with ``what`` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
 
 
 def results_in_orthanc(orthanc: Any, study_uid: str) -> dict[str, list[str]]:

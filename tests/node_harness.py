@@ -10,12 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DICOM_NODE = [sys.executable, "-m", "dicom_node"]
@@ -73,15 +74,18 @@ class NodeProcess:
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                      preexec_fn=self.preexec_fn)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
+            assert self.proc is not None
             text = self.log_path.read_bytes()[offset:].decode(errors="replace")
             if "ready: listening" in text:
-                return self
+                return True
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{text}")
-            time.sleep(0.05)
-        raise TimeoutError(f"node not ready after {timeout} s:\n{self.log()}")
+            return False
+
+        wait_until("the node ready", ready, timeout, poll=0.05, explain=lambda: "\n" + self.log())
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -121,26 +121,32 @@ def test_reopening_applies_no_migration_twice_and_cleans_tmp(tmp_path: Path) -> 
 def test_write_lock_taken_after_another_process_releases_it(tmp_path: Path) -> None:
     """begin_immediate waits for a held write lock in short steps, then gives up cleanly."""
     import sqlite3
-    import time
 
     from twin_archive.schema import begin_immediate, connect
+    from waiting import wait_until
 
     path = str(tmp_path / "x.sqlite")
     holder = connect(path, timeout_s=5).conn
     holder.execute("CREATE TABLE t (v INTEGER)")
     waiter = connect(path, timeout_s=5).conn
     holder.execute("BEGIN IMMEDIATE")
-    released = threading.Event()
+    attempts: list[str] = []  # the waiter's BEGIN IMMEDIATE statements, as SQLite runs them
+    waiter.set_trace_callback(lambda sql: attempts.append(sql) if "BEGIN IMMEDIATE" in sql else None)
+    releasing = threading.Event()
 
-    def release_soon() -> None:
-        time.sleep(0.05)
+    def release_once_the_waiter_retries() -> None:
+        wait_until("the waiter to find the lock taken and try again", lambda: len(attempts) >= 2,
+                   10.0, poll=0.001)
         holder.execute("INSERT INTO t VALUES (1)")
+        releasing.set()  # before COMMIT: the waiter may have the lock the instant COMMIT ends
         holder.execute("COMMIT")
-        released.set()
 
-    threading.Thread(target=release_soon).start()
+    releaser = threading.Thread(target=release_once_the_waiter_retries)
+    releaser.start()
     begin_immediate(waiter)  # waits for the holder, then has the lock
-    assert released.is_set()
+    waiter.set_trace_callback(None)
+    releaser.join(10)
+    assert releasing.is_set() and len(attempts) >= 2
     waiter.execute("INSERT INTO t VALUES (2)")
     waiter.execute("COMMIT")
     assert waiter.execute("PRAGMA busy_timeout").fetchone()[0] == 5000  # set back

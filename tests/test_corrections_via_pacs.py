@@ -20,9 +20,10 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from loop_helpers import node_json, small_study, storescu, wait_until, write_files
+from loop_helpers import node_json, small_study, storescu, write_files
 from node_harness import NodeProcess
 from orthanc.server import OrthancServer, lua_forward_corrections
+from waiting import wait_until
 
 pytestmark = pytest.mark.orthanc
 

@@ -163,6 +163,7 @@ def test_an_invalid_object_is_held_with_its_reason_and_never_sent(tmp_path: Path
     assert "invalid" in row["last_error"] and "StudyDate" in row["last_error"]
 
 
+@pytest.mark.orthanc
 def test_orthanc_refusing_seg_still_receives_the_sr_and_the_overlay(tmp_path: Path) -> None:
     results, result = _record(tmp_path / "node")
     with OrthancServer(tmp_path / "orthanc", refuse_sop_classes=[SEG]) as orthanc:

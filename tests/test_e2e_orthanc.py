@@ -35,7 +35,6 @@ from loop_helpers import (
     series_of,
     small_study,
     storescu,
-    wait_until,
     write_files,
 )
 from dicom_node.tasks import default_tasks
@@ -45,6 +44,9 @@ from pipelines import phantom as ph
 from pipelines.inference import load_model
 from pipelines.run import run_series
 from registry.store import Registry
+from waiting import wait_until
+
+pytestmark = pytest.mark.orthanc  # every test here starts a real Orthanc
 
 STABLE_AFTER = "1.5"
 RESULT_TIMEOUT = 120.0

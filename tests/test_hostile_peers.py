@@ -16,7 +16,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_client import stored_rows
 from node_harness import NodeProcess, small_ct
+from waiting import wait_until
 
 NETWORK_TIMEOUT_S = 3.0
 ACSE_TIMEOUT_S = 2.0
@@ -73,15 +74,6 @@ def _parts(node: NodeProcess) -> list[Path]:
     return sorted(tmp.glob("*.part")) if tmp.exists() else []
 
 
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 class _Watch:
     """The node's descriptors and log before an attack; checks that nothing leaked."""
 
@@ -96,9 +88,11 @@ class _Watch:
         return self.node.log_path.read_bytes()[self.log_offset:].decode(errors="replace")
 
     def assert_clean(self) -> None:
-        assert _wait(lambda: _fds(self.pid) <= self.fds, 10.0), (
-            f"descriptors {self.fds} -> {_fds(self.pid)}")
-        assert _wait(lambda: not _parts(self.node), 10.0), _parts(self.node)
+        wait_until(f"the node's descriptors back to {self.fds}",
+                   lambda: _fds(self.pid) <= self.fds, 10.0, poll=0.05,
+                   explain=lambda: _fds(self.pid))
+        wait_until("no partial file left", lambda: not _parts(self.node), 10.0, poll=0.05,
+                   explain=lambda: _parts(self.node))
         assert "Traceback" not in self.log(), self.log()[-3000:]
 
     def assert_still_serves(self, tmp: Path) -> None:
@@ -155,8 +149,7 @@ def _store_raw(assoc: Any, dataset: bytes, sop_instance_uid: str, message_id: in
     # Pause the requestor's reactor (as pynetdicom's release() does) so that it does not
     # take the response as an unexpected message before get_msg() sees it.
     assoc._reactor_checkpoint.clear()  # noqa: SLF001
-    while not assoc._is_paused:  # noqa: SLF001
-        time.sleep(0.001)
+    wait_until("the reactor paused", lambda: assoc._is_paused, 10.0, poll=0.001)  # noqa: SLF001
     try:
         for pdu in msg.encode_msg(context_id, 16_384):
             assoc.dul.send_pdu(pdu)
@@ -258,7 +251,8 @@ def test_pdu_header_declaring_gigabytes_after_a_store_is_aborted_in_bounded_memo
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        assert _wait(lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S)
+        wait_until("the node to end the association",
+                   lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S, poll=0.05)
     finally:
         stop.set()
         sampler.join()
@@ -275,7 +269,8 @@ def test_half_sent_pdu_is_aborted_and_its_slot_freed(hostile: NodeProcess, tmp_p
     # A P-DATA-TF declaring 4 KiB, of which 100 bytes arrive; then the peer stays silent.
     _send_raw(assoc, struct.pack(">BBL", 0x04, 0, 4096) + b"\x00" * 100)
     start = time.monotonic()
-    assert _wait(lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S)
+    wait_until("the node to end the association",
+               lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S, poll=0.05)
     assert time.monotonic() - start <= NETWORK_TIMEOUT_S + SLACK_S
     watch.assert_clean()
     watch.assert_still_serves(tmp_path)
@@ -339,7 +334,8 @@ def test_broken_command_set_is_aborted_without_leaks(hostile: NodeProcess, tmp_p
         context_id = 201  # never proposed
     _send_raw(assoc, _pdata(context_id, 0x03, command))
     _send_raw(assoc, _pdata(context_id, 0x02, _header(small_ct(patient_id="BROKEN"))))
-    assert _wait(lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S)
+    wait_until("the node to end the association",
+               lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S, poll=0.05)
     watch.assert_clean()
     watch.assert_still_serves(tmp_path)
 
@@ -378,7 +374,8 @@ def test_pdu_larger_than_the_maximum_is_aborted_with_the_reason(
     big = _pdata(assoc.accepted_contexts[0].context_id, 0x03, _command_set()) \
         + _pdata(assoc.accepted_contexts[0].context_id, 0x02, payload + b"\x00" * (MAX_PDU + 1000))
     _send_raw(assoc, big)
-    assert _wait(lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S)
+    wait_until("the node to end the association",
+               lambda: assoc.is_aborted or not assoc.is_alive(), NETWORK_TIMEOUT_S + SLACK_S, poll=0.05)
     assert "maximum" in watch.log()
     watch.assert_clean()
     watch.assert_still_serves(tmp_path)
@@ -471,8 +468,7 @@ def test_large_instance_with_an_element_after_pixel_data_is_parsed_in_bounded_me
         msg.primitive_to_message(req)
         del dataset
         assoc._reactor_checkpoint.clear()  # noqa: SLF001
-        while not assoc._is_paused:  # noqa: SLF001
-            time.sleep(0.001)
+        wait_until("the reactor paused", lambda: assoc._is_paused, 10.0, poll=0.001)  # noqa: SLF001
         try:
             for pdu in msg.encode_msg(assoc.accepted_contexts[0].context_id, MAX_PDU):
                 assoc.dul.send_pdu(pdu)

@@ -32,7 +32,7 @@ from dicom_node.settings import Settings
 from dicom_node.tasks import default_tasks
 from dicom_node.training import NightlyScheduler, task_rules
 from learning_helpers import phantom_study, radiologist_seg, store_all, tiny_bundle
-from loop_helpers import node_json, wait_until
+from loop_helpers import node_json
 from node_harness import DICOM_NODE, REPO, NodeProcess
 from registry.store import Registry
 from trainer.dataset import build_dataset
@@ -41,6 +41,7 @@ from trainer.nightly import NightlyConfig, run_in_subprocess
 from twin_archive import Archive
 from twin_archive.audit import AuditEvent, AuditLog
 from twin_archive.labels import LabelStore
+from waiting import wait_until
 
 TASK = "spleen-ct"
 TINY = """

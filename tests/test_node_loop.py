@@ -8,19 +8,19 @@ Settings: destinations and the quiet period validated per key.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.errors import ConfigError
-from dicom_node.jobs import JobQueue, JobState
+from dicom_node.jobs import JobQueue, JobState, iso, utc_now
 from dicom_node.sender import Sender, SendState
 from dicom_node.settings import Destination, load_settings, parse_destination
 from node_harness import free_port, small_ct
 from twin_archive import Archive
 from twin_archive.results import ResultStore, SegmentMeasure
+from waiting import wait_until
 
 
 def _job(queue: JobQueue, uid: str = "1.2.3", last: str = "t1"):
@@ -154,7 +154,9 @@ def test_sends_are_kept_while_the_destination_is_down_and_delivered_once_it_is_u
     scp = _Scp(port)
     scp.start()
     try:
-        time.sleep(0.5)
+        # the same clock and text form as the sender's own "next_attempt_at <= now"
+        wait_until("the retry to be due", lambda: iso(utc_now()) >= row.next_attempt_at, 10.0,
+                   poll=0.02)
         assert sender.send_due() == 1
     finally:
         scp.stop()

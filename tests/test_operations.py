@@ -23,6 +23,7 @@ from pynetdicom import AE
 from dicom_client import send, stored_rows
 from node_harness import NodeProcess, free_port, small_ct
 from tls_pki import make_pki
+from waiting import wait_until
 
 
 def _audit(node: NodeProcess) -> list[dict]:
@@ -41,14 +42,6 @@ def _get(url: str) -> tuple[int, str]:
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def _wait_for(pred, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_metrics_healthz_status_and_audit_once_per_study(tmp_path: Path) -> None:
@@ -85,7 +78,8 @@ def test_metrics_healthz_status_and_audit_once_per_study(tmp_path: Path) -> None
         assert "2 study(ies), 10 instance(s)" in status
         assert "10 instance(s)" in status.split("since start:")[1]
 
-        _wait_for(lambda: sum(e["event_type"] == "study-received" for e in _audit(node)) == 2)
+        wait_until("two study-received events", lambda: sum(
+            e["event_type"] == "study-received" for e in _audit(node)) == 2, 10.0, poll=0.05)
         events = _audit(node)
         kinds = [e["event_type"] for e in events]
         assert kinds.count("application-start") == 1
@@ -154,10 +148,10 @@ def test_sigterm_during_a_200_instance_transfer_loses_nothing_acknowledged(tmp_p
 
     t = threading.Thread(target=client)
     t.start()
-    _wait_for(lambda: len(acknowledged) >= 50, timeout=60)
+    wait_until("50 acknowledged", lambda: len(acknowledged) >= 50, 60, poll=0.05)
     node.proc.send_signal(signal.SIGTERM)
     # New associations are refused at once while the one in progress finishes its grace.
-    _wait_for(lambda: "listener stopped" in node.log())
+    wait_until("the listener stopped", lambda: "listener stopped" in node.log(), 10.0, poll=0.05)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", node.port), timeout=2).close()
     assert node.proc.wait(60) == 0
@@ -210,14 +204,15 @@ def test_sighup_reloads_allow_list_and_names_what_needs_a_restart(tmp_path: Path
         cfg.write_text('allowed_calling_aes = ["CT_1", "CT_2"]\nmin_free_mb = 10\n'
                        '[[destinations]]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 4242\n')
         node.proc.send_signal(signal.SIGHUP)
-        _wait_for(lambda: "configuration reloaded" in node.log())
+        wait_until("the reload", lambda: "configuration reloaded" in node.log(), 10.0, poll=0.05)
         assert send(node.port, [small_ct()], calling_ae="CT_2") == [0]
         log = node.log()
         assert "applied allowed_calling_aes, destinations" in log
         assert "NOT applied until a restart: min_free_mb" in log
         cfg.write_text("port = [not valid\n")
         node.proc.send_signal(signal.SIGHUP)
-        _wait_for(lambda: "configuration NOT reloaded" in node.log())
+        wait_until("the refused reload",
+                   lambda: "configuration NOT reloaded" in node.log(), 10.0, poll=0.05)
         assert send(node.port, [small_ct()], calling_ae="CT_2") == [0]  # still serving
     finally:
         assert node.stop() == 0

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from orthanc.server import (  # noqa: E402
     free_ports,
 )
 from pipelines.phantom import Anatomy, SliceGeometry, StudyInfo, ct_series  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.orthanc
 
@@ -126,9 +126,7 @@ def test_known_modality_receives_cstore_from_orthanc(tmp_path: Path) -> None:
     scp = subprocess.Popen(["storescp", "-aet", "NODE_SCP", "-od", str(out), str(scp_port)],
                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 10
-        while _port_closed(scp_port) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until("storescp listening", lambda: not _port_closed(scp_port), 10.0, poll=0.05)
         modalities = {"node": ("NODE_SCP", "127.0.0.1", scp_port)}
         with OrthancServer(tmp_path / "orthanc", known_modalities=modalities) as server:
             assert "node" in server.get_json("/modalities")

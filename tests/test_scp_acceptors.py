@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from pathlib import Path
 
 import pydicom
 
 from dicom_client import send
 from node_harness import NodeProcess, small_ct
+from waiting import wait_until
 
 
 def _children(pid: int) -> set[int]:
@@ -41,12 +41,8 @@ def _written(pid: int) -> int:
 
 
 def _gone(pids: set[int], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(Path(f"/proc/{p}").exists() for p in pids):
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_until(f"acceptor processes {sorted(pids)} gone",
+                      lambda: not any(Path(f"/proc/{p}").exists() for p in pids), timeout, poll=0.05)
 
 
 def test_acceptor_processes_share_the_port_and_stop_with_the_node(tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
-import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import generate_uid
@@ -12,6 +14,30 @@ from pynetdicom import AE
 
 from dicom_client import archive_files, echo, send, store_pdus, stored_rows
 from node_harness import NodeProcess, small_ct
+from waiting import wait_until
+
+
+def _bytes_acked(sock: socket.socket) -> int:
+    """Bytes of this connection the peer's kernel has acknowledged (TCP_INFO tcpi_bytes_acked)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int(struct.unpack_from("<Q", info, 120)[0])  # after 8 u8, 24 u32, 2 u64 (linux/tcp.h)
+
+
+def _unread(local_port: int, remote_port: int) -> int | None:
+    """Bytes received on a loopback TCP socket that its process has not read yet (rx_queue)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (int(fields[1].split(":")[1], 16), int(fields[2].split(":")[1], 16)) == (
+                local_port, remote_port):
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def _wire_size(pdus: list[Any]) -> int:
+    """Bytes on the wire of P-DATA-TF PDUs: 6 per PDU, 5 per PDV, plus each PDV's value
+    (its message control header and fragment)."""
+    return sum(6 + sum(5 + len(data) for _, data in pdu.presentation_data_value_list)
+               for pdu in pdus)
 
 
 def test_association_aborted_mid_transfer_leaves_no_row_and_no_file(node: NodeProcess,
@@ -23,14 +49,29 @@ def test_association_aborted_mid_transfer_leaves_no_row_and_no_file(node: NodePr
     assert assoc.is_established
     pdus = store_pdus(assoc, ds, 16384)
     assert len(pdus) > 10
-    for pdu in pdus[: len(pdus) // 2]:  # the command and half of the data set
+    sock = assoc.dul.socket.socket
+    client_port = sock.getsockname()[1]
+    acked_before = _bytes_acked(sock)
+    half = pdus[: len(pdus) // 2]  # the command and half of the data set
+    for pdu in half:
         assoc.dul.send_pdu(pdu)
-    time.sleep(0.5)
+    # The half data set has reached the node's kernel and the node has read all of it.
+    wait_until("the node to read the half data set", lambda: (
+        _bytes_acked(sock) - acked_before >= _wire_size(half)
+        and _unread(node.port, client_port) == 0), 30.0, poll=0.02, explain=lambda: (
+        f"{_bytes_acked(sock) - acked_before} of {_wire_size(half)} bytes acknowledged, "
+        f"{_unread(node.port, client_port)} unread"))
     if fast_receive:  # plain pynetdicom receives the data set in memory
         # The half data set is being spooled into the archive's tmp folder (dicom_node/fast_receive/spooling.py).
-        assert len(list((node.data_dir / "tmp").glob("*.part"))) == 1
+        wait_until("the half data set in the spool",
+                   lambda: len(list((node.data_dir / "tmp").glob("*.part"))) == 1, 30.0, poll=0.02)
     assoc.abort()
-    time.sleep(0.5)
+    wait_until("the abort in the node's log", lambda: "association aborted" in node.log(), 30.0,
+               poll=0.02)
+    if fast_receive:
+        wait_until("the spool file removed",
+                   lambda: "1 unfinished data set(s) removed, none was acknowledged" in node.log(),
+                   30.0, poll=0.02)
     assert stored_rows(node.data_dir) == []
     assert archive_files(node.data_dir) == []
     assert list((node.data_dir / "tmp").iterdir()) == []

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
 import pydicom
@@ -30,6 +29,7 @@ from dicom_node.settings import Settings
 from node_harness import small_ct
 from twin_archive import Archive
 from twin_archive.durable import write_durably
+from waiting import wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -97,10 +97,8 @@ def test_speedups_store_byte_exact_over_parallel_associations_without_leaks(tmp_
             assert got.PixelData == want.PixelData
             assert got.file_meta.SourceApplicationEntityTitle == "TEST_SCU"
         # Every association's wake-up descriptor is given back once it has ended.
-        deadline = time.monotonic() + 10
-        while _open_fds() > baseline and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _open_fds() <= baseline
+        wait_until(f"open descriptors back to {baseline}", lambda: _open_fds() <= baseline, 10.0,
+                   poll=0.05, explain=_open_fds)
     finally:
         server.stop()
         archive.close()
@@ -142,8 +140,18 @@ def test_freeze_heap_exempts_what_exists_from_full_collections() -> None:
     import subprocess
     import sys
 
-    code = ("import gc, time; from dicom_node.fast_receive import speedups; import pynetdicom, pydicom\n"
+    # A cycle made before freezing is exempt from full passes: made garbage afterwards, a
+    # full collection neither scans nor frees it. A cycle made after freezing is freed.
+    code = ("import gc, weakref; from dicom_node.fast_receive import speedups; import pynetdicom, pydicom\n"
+            "class Cell: pass\n"
+            "before = Cell(); before.me = before; seen_before = weakref.ref(before)\n"
             "n = speedups.freeze_heap(); assert n > 10000, n\n"
-            "assert gc.get_freeze_count() == n\n")
+            "del before\n"
+            "after = Cell(); after.me = after; seen_after = weakref.ref(after); del after\n"
+            "gc.collect()\n"
+            "assert seen_before() is not None, 'a frozen object was collected'\n"
+            "assert not any(o is seen_before() for o in gc.get_objects()), 'frozen yet scanned'\n"
+            "assert seen_after() is None, 'garbage made after freezing was not collected'\n"
+            "assert len(gc.get_objects()) < n, 'most objects are left to full passes'\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -189,18 +189,21 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+def _limit_file_size_to_2_mib() -> None:
+    """In the node's process (preexec): files over 2 MiB fail with EFBIG, no SIGXFSZ."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+
 def test_disk_full_answers_out_of_resources_and_the_node_goes_on(tmp_path: Path) -> None:
     """A real ENOSPC: the data directory on a 3 MiB tmpfs (as root), else a file-size limit."""
     mnt = tmp_path / "small"
     mounted = _mount_tmpfs(mnt, "3m")
-    preexec = None
-    if not mounted:  # not root: the kernel's per-process file size limit gives EFBIG instead
-        import resource
-        import signal
-
-        def preexec() -> None:  # noqa: F811 - only in this branch
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+    # not root: the kernel's per-process file size limit gives EFBIG instead
+    preexec = None if mounted else _limit_file_size_to_2_mib
     proc = NodeProcess(mnt / "data", config="min_free_mb = 0\n", preexec_fn=preexec)
     proc.log_path = tmp_path / "node.log"
     try:

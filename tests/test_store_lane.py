@@ -29,6 +29,7 @@ from dicom_node.fast_receive import spooling, store_lane
 from dicom_client import store_pdus
 from dicom_node.fast_receive.spooling import encode_file_meta
 from node_harness import small_ct
+from waiting import wait_until
 
 
 class _Scp:
@@ -210,15 +211,6 @@ def test_watched_associations_do_not_use_the_lane(scp: Any) -> None:
     assert seen  # the watcher saw every PDU
 
 
-def _wait(predicate: Any, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def test_data_fragment_on_another_context_aborts_and_keeps_nothing(scp: Any) -> None:
     server = scp()
     assoc = _associate(server.port)
@@ -230,9 +222,9 @@ def test_data_fragment_on_another_context_aborts_and_keeps_nothing(scp: Any) -> 
     bad = P_DATA()
     bad.presentation_data_value_list.append((context_id + 2, data))
     assoc.dul.send_pdu(bad)
-    assert _wait(lambda: assoc.is_aborted)
+    wait_until("the lane to abort", lambda: assoc.is_aborted, 5.0, poll=0.02)
     assert server.received == []
-    assert _wait(lambda: list(server.tmp.iterdir()) == [])
+    wait_until("the spool emptied", lambda: list(server.tmp.iterdir()) == [], 5.0, poll=0.02)
 
 
 def test_release_in_the_middle_of_a_data_set_keeps_nothing(scp: Any) -> None:
@@ -241,7 +233,7 @@ def test_release_in_the_middle_of_a_data_set_keeps_nothing(scp: Any) -> None:
     pdus = store_pdus(assoc, small_ct(size=256, instance=1), 16_384, message_id=7)
     for pdu in pdus[:3]:
         assoc.dul.send_pdu(pdu)
-    assert _wait(lambda: len(list(server.tmp.iterdir())) == 1)  # spooling
+    wait_until("one spool file", lambda: len(list(server.tmp.iterdir())) == 1, 5.0, poll=0.02)
     assoc.release()
     assert server.received == []
-    assert _wait(lambda: list(server.tmp.iterdir()) == [])
+    wait_until("the spool emptied", lambda: list(server.tmp.iterdir()) == [], 5.0, poll=0.02)

@@ -34,7 +34,6 @@ from loop_helpers import (
     results_in_orthanc,
     small_study,
     storescu,
-    wait_until,
     write_files,
 )
 from node_harness import NodeProcess
@@ -42,6 +41,7 @@ from orthanc.server import OrthancServer
 from pipelines import phantom as ph
 from registry.store import Registry
 from registry_bundles import organ_bundle
+from waiting import wait_until
 
 pytestmark = pytest.mark.orthanc
 

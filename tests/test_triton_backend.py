@@ -31,7 +31,7 @@ from dicom_node.tasks import default_tasks
 from dicom_node.worker import Worker
 from learning_helpers import store_all
 from dicom_client import send
-from loop_helpers import install_model, node_json, small_study, wait_until
+from loop_helpers import install_model, node_json, small_study
 from node_harness import DICOM_NODE, REPO, NodeProcess
 from pipelines import phantom as ph
 from pipelines.inference import load_model
@@ -44,6 +44,7 @@ from registry_bundles import phantom_volume
 from triton_server import TritonServer
 from twin_archive import Archive
 from twin_archive.results import ResultStore
+from waiting import wait_until
 
 VERSION = "spleen-ct-v1"
 PYTHON_MODEL = f"{VERSION}-python"

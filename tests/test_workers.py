@@ -32,11 +32,11 @@ from loop_helpers import (
     series_of,
     small_study,
     storescu,
-    wait_until,
     write_files,
 )
 from node_harness import REPO, NodeProcess, free_port
 from orthanc.server import OrthancServer
+from waiting import wait_until
 
 RESULT_TIMEOUT = 240.0  # two workers loading torch and running on 2 shared cores
 

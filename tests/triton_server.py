@@ -21,10 +21,10 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 from node_harness import free_port
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB_PYTHON = "3.11"
@@ -99,25 +99,24 @@ class TritonServer:
         """Until every model is ready (generous: the Python backend starts a stub per model)."""
         import tritonclient.grpc as grpcclient
 
-        deadline = time.monotonic() + timeout
         client = grpcclient.InferenceServerClient(url=self.url)
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"tritonserver exited with {self.proc.returncode}:\n"
+                                     + self.log.read_text(errors="replace")[-4000:])
+            try:
+                return client.is_server_ready() and all(client.is_model_ready(m)
+                                                        for m in self.models)
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
         try:
-            while time.monotonic() < deadline:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"tritonserver exited with {self.proc.returncode}:\n"
-                                         + self.log.read_text(errors="replace")[-4000:])
-                try:
-                    if client.is_server_ready() and all(client.is_model_ready(m)
-                                                        for m in self.models):
-                        return
-                except Exception:  # noqa: BLE001 - not up yet
-                    pass
-                time.sleep(0.5)
+            wait_until("tritonserver and every model ready", ready, timeout, poll=0.5,
+                       explain=lambda: "\n" + self.log.read_text(errors="replace")[-4000:])
         finally:
             client.close()
-        raise AssertionError(f"tritonserver not ready in {timeout} s:\n"
-                             + self.log.read_text(errors="replace")[-4000:])
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
         """Stop the server (SIGKILL by default: Triton gone at once, as in a crash)."""

@@ -40,7 +40,7 @@ from typing import Any
 import pynetdicom
 from pynetdicom.dimse import DIMSEServiceProvider
 
-from dicom_node.fast_receive import speedups, spooling, store_lane, store_response
+from dicom_node.fast_receive import speedups, spooling, store_lane
 from dicom_node.fast_receive.spooling import (
     SpoolFile,
     discard_unclaimed,

@@ -1,5 +1,9 @@
 """Cuts in pynetdicom's overhead on the receive path.
 
+The measurements behind each part are in ``benchmarks/README.md`` ("What one instance
+costs the node", "The C-STORE lane and what followed", "Figures behind the receive-path
+speed-ups"); this docstring says what each part does and why, not how fast.
+
 **Wake-ups.** 
 pynetdicom 3.0 runs two polling threads per association. The DUL thread sleeps
 ``_run_loop_delay`` (1 ms) whenever the socket is quiet and nothing is queued to send;
@@ -7,8 +11,8 @@ the association thread sleeps 1 ms before each look at the queue of assembled DI
 messages. A C-STORE waits for both: the request waits up to 1 ms to be noticed
 after its last PDU, the response up to 1 ms to be sent, and the next request's
 first PDU up to 1 ms to be read (pynetdicom's own ``TODO: try and make this event
-based``; PR #139 and issue #120 are about the same cost). On loopback that was
-about 1 ms of a 5.8 ms store.
+based``; PR #139 and issue #120 are about the same cost). On loopback that was a
+sizeable share of a store.
 
 :func:`install` keeps every loop and every timeout as it is and only changes what a
 tick waits on, so the worst case is still 1 ms and idle CPU is unchanged:
@@ -36,19 +40,19 @@ abort indications included.
 **Association set-up.** For each association the acceptor deep-copies the server's
 supported presentation contexts (``transport.RequestHandler._create_association``):
 every Storage SOP class times every accepted transfer syntax, about 2,000 UIDs, each
-re-validated with a regular expression as pydicom rebuilds it. That was 56% of the
-node's CPU for an association of one instance (about 20 ms of 35 ms), and four
-associations starting together queue behind it. :func:`install` makes that copy
+re-validated with a regular expression as pydicom rebuilds it. That was over half of
+the node's CPU for an association of one instance, and four associations starting
+together queue behind it. :func:`install` makes that copy
 :func:`copy_contexts`: new context objects with their own transfer syntax lists (so
 nothing the association does to its copy reaches the server's), sharing the UIDs,
 which are immutable strings.
 
 pynetdicom also validates every UID of the request three times with regular
-expressions; :func:`cached_set_uid` remembers the valid ones (15 -> 9 ms of CPU per
-association with both changes).
+expressions; :func:`cached_set_uid` remembers the valid ones.
 
 **Heap.** :func:`freeze_heap` keeps pynetdicom's periodic ``gc.collect()`` from
-scanning the 340,000 objects torch and MONAI leave at start (95 ms with the GIL held).
+scanning the hundreds of thousands of objects torch and MONAI leave at start (each
+full pass held the GIL for tens of milliseconds).
 
 **Responses.** C-STORE Success responses are encoded by hand
 (:mod:`dicom_node.store_response`).
@@ -350,9 +354,10 @@ def freeze_heap() -> int:
     """Exempt everything allocated so far from the garbage collector's full passes.
 
     For a process about to serve: call it once, after imports and set-up. The node
-    imports torch and MONAI (about 340,000 objects), and pynetdicom's server calls
-    ``gc.collect()`` every 60 iterations of its accept loop; each full pass took about
-    95 ms, holding the GIL, so every association of the process stopped for it.
+    imports torch and MONAI (hundreds of thousands of objects), and pynetdicom's server
+    calls ``gc.collect()`` every 60 iterations of its accept loop; each full pass held
+    the GIL for tens of milliseconds (figures: ``benchmarks/README.md``), so every
+    association of the process stopped for it.
     :func:`gc.freeze` moves the objects that exist now to a generation the collector
     never scans (they live as long as the process anyway); a full pass then takes
     microseconds. Garbage made later is collected as before.

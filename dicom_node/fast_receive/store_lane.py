@@ -70,6 +70,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_node.fast_receive import spooling, store_response
 from dicom_node.bounded_wire import GuardedSocket
+from dicom_node.statuses import HANDLER_FAILED
 
 LOG = logging.getLogger(__name__)
 
@@ -448,7 +449,7 @@ class _Lane:
                                       {"request": request, "context": context.as_tuple})
         except Exception:  # noqa: BLE001 - pynetdicom answers a failing handler the same way
             LOG.exception("Exception in handler bound to 'evt.EVT_C_STORE'")
-            status = 0xC211
+            status = HANDLER_FAILED
         finally:
             message.spool_file.close()
             message.spool_file.spool.discard()  # nothing if the archive took it

@@ -24,6 +24,8 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicom_node.statuses import SUCCESS
+
 _UL = struct.Struct("<HHLL")
 _US = struct.Struct("<HHLH")
 #: The optional response elements; any of them set means the slow path.
@@ -53,14 +55,14 @@ def encode_store_response(sop_class_uid: str, sop_instance_uid: str, message_id:
 
 def encode_store_success(sop_class_uid: str, sop_instance_uid: str, message_id: int) -> bytes:
     """The command set of a C-STORE-RSP with status Success (Implicit VR Little Endian)."""
-    return encode_store_response(sop_class_uid, sop_instance_uid, message_id, 0x0000)
+    return encode_store_response(sop_class_uid, sop_instance_uid, message_id, SUCCESS)
 
 
 def _fast_command(dimse: Any, primitive: Any) -> bytes | None:
     """The encoded command set when ``primitive`` qualifies for the fast path, else None."""
     if type(primitive) is not C_STORE or primitive.MessageIDBeingRespondedTo is None:
         return None
-    if primitive.Status != 0x0000 or not dimse.assoc.is_acceptor:
+    if primitive.Status != SUCCESS or not dimse.assoc.is_acceptor:
         return None
     if any(getattr(primitive, name, None) is not None for name in _OPTIONAL):
         return None
