@@ -31,7 +31,8 @@ import pydicom
 import pytest
 import torch
 
-from loop_helpers import install_model, node_json, small_study, storescu, wait_until, write_files
+from waiting import wait_until
+from loop_helpers import install_model, node_json, small_study, storescu, write_files
 from node_harness import NodeProcess
 from pipelines import phantom as ph
 from pipelines.codes import segment_coding

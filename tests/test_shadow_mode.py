@@ -16,7 +16,8 @@ import pytest
 
 from dicom_node.shadow import agreement, promote_after_shadow, summarize
 from dicom_node.sender import Sender
-from loop_helpers import install_model, results_in_orthanc, small_study, storescu, wait_until, \
+from waiting import wait_until
+from loop_helpers import install_model, results_in_orthanc, small_study, storescu, \
     write_files
 from node_harness import NodeProcess
 from orthanc.server import OrthancServer
