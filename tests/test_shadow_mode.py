@@ -141,6 +141,9 @@ def test_candidate_in_shadow_stores_its_result_and_sends_nothing(tmp_path: Path)
                 assert not reg.in_shadow(v2)
         finally:
             node.stop()
+    # the shadow files are indexed: the start-up reconciliation leaves them where they are
+    with Archive(data) as archive:
+        assert archive.stray_files() == []
     # train_promote_after_shadow: a candidate waiting for 1 shadow series is promoted
     with Registry(data) as reg:
         reg.hold(v2, by="trainer", reason="awaiting shadow series: promoted after 1 live series "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import shutil
 import sqlite3
@@ -303,6 +304,9 @@ class Archive:
             paths = {r[0] for r in self.db.execute("SELECT path FROM instances")}
             paths.update(r[0] for r in self.db.execute("SELECT path FROM ai_result_objects"))
             paths.update(r[0] for r in self.db.execute("SELECT path FROM labels"))
+            # shadow results (twin_archive.learning): stored, indexed, never sent
+            paths.update(obj["path"] for r in self.db.execute("SELECT objects FROM shadow_results")
+                         for obj in json.loads(r[0]))
         return paths
 
     def stray_files(self, *, skip_recent_s: float = 0.0) -> list[tuple[str, Path]]:

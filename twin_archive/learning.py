@@ -111,12 +111,26 @@ class ShadowStore(ResultStore):
         if done:
             return done[0]
         # a folder of their own: never mistaken for served objects
-        rows = self._store_files(self.data_dir / "results" / patient_key / study_uid / "shadow",
-                                 objects)
+        rows, created = self._store_files(
+            self.data_dir / "results" / patient_key / study_uid / "shadow", objects)
         agree = [{"name": a.name, "dice": a.dice, "active_ml": a.active_ml,
                   "shadow_ml": a.shadow_ml} for a in agreement]
         objs = [{"kind": r[0], "sop_instance_uid": r[2], "series_uid": r[3], "path": r[5]}
                 for r in rows]
+        try:
+            self._insert_shadow(job_key, patient_key, study_uid, source_series_uid, task,
+                                shadow_version, active_version, active_result_id, scanner,
+                                agree, min(a.dice for a in agreement), objs)
+        except BaseException:
+            self._discard(created)  # recorded whole or not at all: no file without its row
+            raise
+        return self._shadow_rows("job_key = ? AND shadow_version = ?", (job_key, shadow_version))[0]
+
+    def _insert_shadow(self, job_key: str, patient_key: str, study_uid: str,
+                       source_series_uid: str, task: str, shadow_version: str,
+                       active_version: str, active_result_id: int | None, scanner: Scanner,
+                       agree: list[dict[str, Any]], min_dice: float,
+                       objs: list[dict[str, Any]]) -> None:
         with self._lock, write_transaction(self.db) as conn:
             conn.execute(
                 "INSERT INTO shadow_results (job_key, patient_key, study_uid, source_series_uid,"
@@ -125,9 +139,7 @@ class ShadowStore(ResultStore):
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job_key, patient_key, study_uid, source_series_uid, task, shadow_version,
                  active_version, active_result_id, scanner.manufacturer, scanner.model_name,
-                 scanner.station, utc_now(), json.dumps(agree),
-                 min(a.dice for a in agreement), json.dumps(objs)))
-        return self._shadow_rows("job_key = ? AND shadow_version = ?", (job_key, shadow_version))[0]
+                 scanner.station, utc_now(), json.dumps(agree), min_dice, json.dumps(objs)))
 
     def _shadow_rows(self, where: str, params: tuple[Any, ...]) -> list[ShadowResult]:
         with self._lock:
