@@ -23,6 +23,8 @@ from pydicom.uid import generate_uid
 from loop_helpers import node_json, small_study, storescu, write_files
 from node_harness import NodeProcess
 from orthanc.server import OrthancServer, lua_forward_corrections
+from pipelines.demo_model import DEMO_BUNDLE
+from registry.store import Registry
 from waiting import wait_until
 
 pytestmark = pytest.mark.orthanc
@@ -64,6 +66,10 @@ def test_lua_forwards_only_segs_and_rejects_a_bad_modality_name() -> None:
 def test_seg_stowed_into_orthanc_becomes_a_label_with_its_creator(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
+    # A SEG becomes a label of the configured tasks whose model labels its segments
+    # (issue 14): the demo spleen-ct model is registered (as a candidate: no inference).
+    with Registry(data) as reg:
+        reg.import_bundle(DEMO_BUNDLE, task="spleen-ct", by="test", reason="names the labels")
     node = NodeProcess(data, extra_args=["--stable-after", "1.0"]).start()
     try:
         source = small_study("CORR-0001", slices=20)
