@@ -57,10 +57,31 @@ class FuzzRun:
     tail: str = ""
 
 
+#: Memory a fuzzing process may grow by, MiB (libFuzzer's ``-rss_limit_mb`` above its start).
+RSS_LIMIT_MB = 1024
+
+
+def inherited_peak_rss_mb() -> int:
+    """The peak RSS this process already reports when it starts, MiB.
+
+    libFuzzer checks ``getrusage(RUSAGE_SELF).ru_maxrss``, and Linux carries the parent's
+    peak into a child across ``vfork``/``exec``: a fuzz run started from a test process that
+    once held 2.3 GB (e.g. after the big-model tests) was killed as "out of memory" before
+    its first input. The limit is therefore taken above what the process starts with.
+    """
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def _fuzz_in_this_process(target: str, libfuzzer_args: list[str]) -> None:
     import logging
 
     import atheris
+
+    base = inherited_peak_rss_mb()
+    libfuzzer_args = [f"-rss_limit_mb={base + RSS_LIMIT_MB}" if a.startswith("-rss_limit_mb=")
+                      else a for a in libfuzzer_args]
 
     logging.disable(logging.CRITICAL)  # refusals are logged; millions of lines say nothing here
     with atheris.instrument_imports(include=_INSTRUMENTED):
@@ -79,7 +100,7 @@ def run_target(target: str, seconds: float, corpus: Path | None = None) -> FuzzR
             (corpus_dir / f"seed-{i}").write_bytes(seed)
         artifacts = work / "artifacts"
         artifacts.mkdir()
-        args = [f"-max_total_time={int(seconds)}", "-timeout=10", "-rss_limit_mb=1024",
+        args = [f"-max_total_time={int(seconds)}", "-timeout=10", f"-rss_limit_mb={RSS_LIMIT_MB}",
                 "-print_final_stats=1", f"-artifact_prefix={artifacts}/", str(corpus_dir)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
         start = time.monotonic()

@@ -49,3 +49,22 @@ def test_every_seed_is_handled(target: str) -> None:
     run = fuzz_targets.setup(target)
     for seed in fuzz_targets.seeds(target):
         run(seed)
+
+
+def test_a_fuzz_run_from_a_process_that_once_held_much_memory_is_not_killed_as_oom() -> None:
+    """Linux carries a parent's peak RSS into its child across vfork/exec, and libFuzzer
+    compares that peak with ``-rss_limit_mb``: run from the test process after the
+    big-model tests (peak 2.3 GB), every fuzz target was "out of memory" before its first
+    input. The limit is now taken above what the fuzzing process starts with."""
+    import subprocess
+
+    code = ("import sys; sys.path[:0] = ['benchmarks', 'tests', '.']\n"
+            "big = bytearray(1536 << 20); big[::4096] = b'x' * len(big[::4096]); del big\n"
+            "import fuzz\n"
+            "r = fuzz.run_target('pdu', 3)\n"
+            "print(r.crashes, r.exit_code, r.executions)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    crashes, exit_code, executions = (int(v) for v in out.stdout.split()[-3:])
+    assert (crashes, exit_code) == (0, 0), out.stdout[-2000:] + out.stderr[-2000:]
+    assert executions > 100
