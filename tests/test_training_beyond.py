@@ -27,7 +27,10 @@ from twin_archive.audit import AuditEvent, AuditLog
 from twin_archive.labels import LabelStore
 
 TASK = "spleen-ct"
-CONFIG = 'train_device = "cpu"\ntrain_promote_margin = 0.01\n'
+# The demo model scores a mean Dice of about 0.5 on this test's small phantoms: the
+# quality floor (issue 16, tested in test_quality_floor.py) is set below it here, so that
+# this test is about "better than the active version on the same validation patients".
+CONFIG = 'train_device = "cpu"\ntrain_promote_margin = 0.01\ntrain_min_dice = 0.3\n'
 
 
 def _cli(data: Path, config: Path, *args: str, check: bool = True
