@@ -27,7 +27,6 @@ had not answered is re-sent by the peer.
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 import logging
 import os
@@ -42,22 +41,12 @@ import time
 from typing import Any
 
 from dicom_node.metrics import NodeMetrics
+from dicom_node.childproc import die_with_parent, send_message
 from dicom_node.settings import Settings
 
 LOG = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _REPORT_EVERY_S = 1.0
-
-
-def _send(sock: socket.socket, lock: threading.Lock, message: dict[str, Any]) -> bool:
-    data = (json.dumps(message) + "\n").encode()
-    with lock:
-        try:
-            sock.sendall(data)
-            return True
-        except OSError:
-            return False
 
 
 class _Child:
@@ -112,7 +101,7 @@ class AcceptorPool:
             )
             theirs.close()
             child = _Child(proc, ours)
-            _send(ours, child.lock, {"op": "settings", "blob": blob})
+            send_message(ours, child.lock, {"op": "settings", "blob": blob})
             child.reader = threading.Thread(target=self._read, args=(child,),
                                             name=f"acceptor-{proc.pid}", daemon=True)
             child.reader.start()
@@ -162,7 +151,7 @@ class AcceptorPool:
     def set_allowed_calling_aes(self, titles: tuple[str, ...]) -> None:
         """Pass a reloaded allow-list on to every acceptor."""
         for child in self._children:
-            _send(child.sock, child.lock, {"op": "allow", "titles": list(titles)})
+            send_message(child.sock, child.lock, {"op": "allow", "titles": list(titles)})
 
     def alive(self) -> int:
         """Acceptor processes running."""
@@ -172,7 +161,7 @@ class AcceptorPool:
         """Drain and stop every acceptor (in parallel); return when all have exited."""
         self._stopping = True
         for child in self._children:
-            _send(child.sock, child.lock, {"op": "stop", "grace_s": grace_s})
+            send_message(child.sock, child.lock, {"op": "stop", "grace_s": grace_s})
         deadline = time.monotonic() + grace_s + 30.0
         for child in self._children:
             try:
@@ -188,16 +177,6 @@ class AcceptorPool:
 
 
 # ---------------------------------------------------------------- the acceptor process
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the closed socket pair still stops us
-        pass
-    if os.getppid() != parent_pid:  # the node died before prctl took effect
-        os._exit(1)
-
-
 def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf: bytes) -> int:
     from dicom_node.fast_receive import speedups
     from dicom_node.logconfig import configure_logging
@@ -213,7 +192,7 @@ def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf
     lock = threading.Lock()
     speedups.freeze_heap()  # after set-up, before serving
     server.start()
-    _send(sock, lock, {"op": "ready", "pid": os.getpid()})
+    send_message(sock, lock, {"op": "ready", "pid": os.getpid()})
 
     stop_grace: list[float] = []
     wake_r, wake_w = os.pipe()
@@ -233,7 +212,7 @@ def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf
         size = now.pop("bytes_received", 0)
         delta = {k: v - reported.get(k, 0) for k, v in now.items() if v != reported.get(k, 0)}
         if delta or size != reported_bytes:
-            _send(sock, lock, {"op": "metrics", "counts": delta,
+            send_message(sock, lock, {"op": "metrics", "counts": delta,
                                "bytes_received": size - reported_bytes})
         reported, reported_bytes = now, size
 
@@ -272,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of an acceptor process: ``python -m dicom_node.acceptor FD PARENT_PID LISTEN_FD``."""
     args = sys.argv[1:] if argv is None else argv
     fd, parent_pid, listen_fd = int(args[0]), int(args[1]), int(args[2])
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     sock = socket.socket(fileno=fd)
     buf = b""
     while b"\n" not in buf:

@@ -42,7 +42,7 @@ from typing import Any
 from dicom_node.jobs import JobQueue
 from dicom_node.settings import Destination, Settings
 from dicom_node.tasks import Task
-from dicom_node.worker_process import pack, read_messages, send_message
+from dicom_node.childproc import pack, read_messages, send_message
 
 LOG = logging.getLogger(__name__)
 

@@ -36,12 +36,8 @@ waits for the listener's stop.
 
 from __future__ import annotations
 
-import base64
-import ctypes
-import json
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -50,58 +46,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from dicom_node.childproc import die_with_parent, read_messages, send_message, unpack
 from dicom_node.jobs import Job, JobQueue
 from dicom_node.sender import Sender
 from dicom_node.settings import Destination, Settings
 
 LOG = logging.getLogger("dicom_node.worker_process")  # also when run as __main__
 
-_PR_SET_PDEATHSIG = 1
-
 Report = Callable[[dict[str, Any]], bool]
-
-
-# ------------------------------------------------------------------ the line protocol
-def send_message(sock: socket.socket, lock: threading.Lock, message: dict[str, Any]) -> bool:
-    """Write one JSON line; False if the other end is gone."""
-    data = (json.dumps(message) + "\n").encode()
-    with lock:
-        try:
-            sock.sendall(data)
-            return True
-        except OSError:
-            return False
-
-
-def read_messages(sock: socket.socket) -> Iterator[dict[str, Any]]:
-    """The JSON objects the other end writes, one a line, until it closes its end."""
-    buf = b""
-    while True:
-        try:
-            data = sock.recv(65536)
-        except OSError:
-            return
-        if not data:
-            return
-        buf += data
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(message, dict):
-                yield message
-
-
-def pack(value: object) -> str:
-    """A value for a ``blob`` field (pickled: both ends run the same code)."""
-    return base64.b64encode(pickle.dumps(value)).decode()
-
-
-def unpack(blob: str) -> Any:
-    """The value of a ``blob`` field."""
-    return pickle.loads(base64.b64decode(blob))  # noqa: S301 - written by our parent
 
 
 # ------------------------------------------------------------------ wrapped collaborators
@@ -158,16 +110,6 @@ class QueueingSender(Sender):
 
 
 # ------------------------------------------------------------------ the process
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the closed socket pair still stops us
-        pass
-    if os.getppid() != parent_pid:  # the listener died before prctl took effect
-        os._exit(1)
-
-
 def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Settings,
           name: str, t0: float) -> int:
     from dicom_node.logconfig import configure_logging
@@ -239,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     args = sys.argv[1:] if argv is None else argv
     fd, parent_pid, name = int(args[0]), int(args[1]), args[2]
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the listener, which tells us
     sock = socket.socket(fileno=fd)
     messages = read_messages(sock)
