@@ -150,6 +150,52 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 # ----------------------------------------------------------------------- jobs
+def open_queue_readonly(data_dir: Path | str) -> sqlite3.Connection | None:
+    """A read-only connection to ``<data_dir>/queue.sqlite``, or None when there is none
+    or it has no queue tables yet (nothing is created)."""
+    path = Path(data_dir) / QUEUE_DB_NAME
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    conn.execute("PRAGMA busy_timeout=5000")
+    if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
+        conn.close()
+        return None
+    return conn
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WaitingJob:
+    """A queued job that waits for something outside it (a model, disk space)."""
+
+    id: int
+    reason: str
+    not_before: str  # ISO 8601 UTC: its next try
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobCounts:
+    """How many jobs are in each state, and which queued ones wait."""
+
+    by_state: dict[str, int]
+    waiting: tuple[WaitingJob, ...]
+
+
+def read_job_counts(data_dir: Path | str) -> JobCounts:
+    """The jobs of ``<data_dir>/queue.sqlite`` counted, read only (the node need not
+    run; no queue counts as empty)."""
+    conn = open_queue_readonly(data_dir)
+    if conn is None:
+        return JobCounts(by_state={}, waiting=())
+    with contextlib.closing(conn):
+        by_state = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+        waiting = tuple(WaitingJob(id=i, reason=reason, not_before=nb) for i, reason, nb in
+                        conn.execute("SELECT id, error, not_before FROM jobs WHERE state = ?"
+                                     " AND error LIKE 'waiting for %' ORDER BY id",
+                                     (JobState.QUEUED.value,)))
+    return JobCounts(by_state=by_state, waiting=waiting)
+
+
 class JobState(str, enum.Enum):
     """Where a job is in its life."""
 

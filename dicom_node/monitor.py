@@ -1,11 +1,18 @@
 """The stability monitor: a series quiet for ``stable_after`` seconds becomes a job.
 
 DICOM has no end-of-study message (DESIGN decision 3): a series is complete when no
-instance of it has arrived for ``stable_after`` seconds. The archive index keeps
-``series.last_received``; the monitor compares it with what it already decided for
-that series (table ``monitored_series`` in ``queue.sqlite``). A series whose
+instance of it has arrived for ``stable_after`` seconds. The archive says when each
+series' last instance arrived (:class:`twin_archive.arrivals.Arrivals`); the monitor
+compares that with what it already decided for the series (table ``monitored_series``
+in ``queue.sqlite``, also kept in memory: the monitor is its only writer). A series whose
 ``last_received`` changed since its decision (a late instance) is decided again, and
 its new job's result supersedes the earlier one.
+
+The first pass looks at every series of the archive; later passes only at those whose
+last instance arrived since :data:`LOOKBACK_S` before the previous pass's cutoff (an
+instance's arrival time is taken inside its index transaction, so it commits well
+within that), and at those the monitor could not read yet. A clock set back makes the
+next pass look at every series again.
 
 Decisions, each logged once per series state:
 
@@ -22,7 +29,6 @@ Decisions, each logged once per series state:
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +39,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.faults import StateLog
-from dicom_node.jobs import JobQueue, iso, utc_now, write_transaction
+from dicom_node.jobs import JobQueue, connect_queue, iso, utc_now, write_transaction
 from dicom_node.label_intake import IntakeDecision
 from dicom_node.tasks import Task
 from pipelines.selection import (
@@ -43,9 +49,12 @@ from pipelines.selection import (
     matches,
 )
 from twin_archive import Archive
-from twin_archive.layout import INDEX_NAME
+from twin_archive.arrivals import Arrivals, QuietSeries
 
 LOG = logging.getLogger(__name__)
+
+#: How far before the previous pass's cutoff a pass looks again, seconds.
+LOOKBACK_S = 300.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,43 +107,45 @@ class StabilityMonitor:
         self.stable_after_s = float(stable_after_s)
         self.poll_s = poll_s if poll_s is not None else min(1.0, self.stable_after_s / 4)
         self.label_intake = label_intake
-        # Own connection: queue.sqlite with the archive index attached, read only.
-        self._conn = sqlite3.connect(str(Path(archive.data_dir) / "queue.sqlite"), timeout=30.0,
-                                     check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA busy_timeout=30000")
-        self._conn.execute("ATTACH DATABASE ? AS idx", (str(Path(archive.data_dir) / INDEX_NAME),))
+        self._arrivals = Arrivals(archive.data_dir)
+        self._conn = connect_queue(archive.data_dir)  # its own: monitored_series
+        #: series UID -> the ``last_received`` last decided on (the table, in memory)
+        self._decided: dict[str, str] = dict(self._conn.execute(
+            "SELECT series_uid, last_received FROM monitored_series").fetchall())
+        self._cutoff: str | None = None  # of the previous pass
+        self._since: str | None = None  # where the next pass looks from (None: everything)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- one pass
-    def quiet_series(self) -> list[sqlite3.Row]:
-        """Series quiet for ``stable_after`` whose current state is not yet decided."""
-        cutoff = iso(utc_now() - timedelta(seconds=self.stable_after_s))
-        return self._conn.execute(
-            "SELECT se.series_uid, se.study_uid, se.modality, se.last_received, st.patient_key"
-            " FROM idx.series se JOIN idx.studies st ON st.study_uid = se.study_uid"
-            " LEFT JOIN main.monitored_series m ON m.series_uid = se.series_uid"
-            " WHERE se.last_received <= ?"
-            "   AND (m.series_uid IS NULL OR m.last_received <> se.last_received)"
-            " ORDER BY se.last_received",
-            (cutoff,),
-        ).fetchall()
+    def quiet_series(self, until: str, since: str | None = None) -> list[QuietSeries]:
+        """Series whose last instance arrived at or before ``until`` (and at or after
+        ``since``) and whose current state is not yet decided, oldest arrival first."""
+        decided = self._decided
+        return [s for s in self._arrivals.quiet(until, since=since)
+                if decided.get(s.series_uid) != s.last_received]
 
     def poll(self) -> list[SeriesDecision]:
         """Decide every series that went quiet since the last pass; return the decisions."""
-        out = []
-        for row in self.quiet_series():
+        now = utc_now()
+        cutoff = iso(now - timedelta(seconds=self.stable_after_s))
+        clock_back = self._cutoff is not None and cutoff < self._cutoff
+        out, unread = [], []
+        for row in self.quiet_series(cutoff, None if clock_back else self._since):
             try:
                 out.append(self._decide(row))
             except (OSError, pydicom.errors.InvalidDicomError) as exc:
+                unread.append(row.last_received)
                 LOG.error("series %s: cannot read its instances to decide on it (%s); "
-                          "will try again", row["series_uid"], exc)
+                          "will try again", row.series_uid, exc)
+        self._cutoff = cutoff
+        self._since = min([iso(now - timedelta(seconds=self.stable_after_s + LOOKBACK_S)),
+                           *unread])
         return out
 
-    def _decide(self, row: sqlite3.Row) -> SeriesDecision:
-        uid, last = row["series_uid"], row["last_received"]
-        modality = (row["modality"] or "").upper()
+    def _decide(self, row: QuietSeries) -> SeriesDecision:
+        uid, last = row.series_uid, row.last_received
+        modality = row.modality.upper()
         files = self.archive.series_files(uid)
         job_ids: list[int] = []
         if modality == "SEG" and files and self.label_intake is not None:
@@ -161,7 +172,7 @@ class StabilityMonitor:
                         reasons.append(verdict.reason)
                         continue
                     job = self.jobs.enqueue(
-                        series_uid=uid, study_uid=row["study_uid"], patient_key=row["patient_key"],
+                        series_uid=uid, study_uid=row.study_uid, patient_key=row.patient_key,
                         task=spec.task, series_last_received=last, instances=len(files))
                     if job is not None:
                         job_ids.append(job.id)
@@ -199,6 +210,7 @@ class StabilityMonitor:
                 " reason=excluded.reason, decided_at=excluded.decided_at",
                 (uid, last, decision, reason, iso(utc_now())),
             )
+        self._decided[uid] = last
         return before is not None
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
@@ -225,8 +237,9 @@ class StabilityMonitor:
                 state.failed(exc, "pass failed")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop polling and close the connection."""
+        """Stop polling and close the connections."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
         self._conn.close()
+        self._arrivals.close()

@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,7 +39,11 @@ from prometheus_client.registry import Collector
 
 from dicom_node import __version__
 from dicom_node.drift import DriftConfig, drift_gauges
+from dicom_node.jobs import read_job_counts
 from dicom_node.metrics import NodeMetrics
+from dicom_node.sender import read_send_counts
+from registry.in_service import active_versions
+from twin_archive.counts import archive_counts, audit_counts, result_timings
 
 LOG = logging.getLogger(__name__)
 
@@ -88,19 +90,6 @@ class NodeState:
     waiting: tuple[str, ...] = ()
 
 
-def _ro(path: Path) -> sqlite3.Connection | None:
-    if not path.exists():
-        return None
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    conn.execute("PRAGMA busy_timeout=5000")
-    return conn
-
-
-def _table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
-                        (name,)).fetchone() is not None
-
-
 class _StageAggregator:
     """Folds new ``ai_results.timings`` rows into histograms (each row is read once)."""
 
@@ -110,23 +99,16 @@ class _StageAggregator:
         self.results = 0
         self.stages: dict[str, list[float]] = {}  # stage -> [count, sum, *bucket counts]
 
-    def update(self, conn: sqlite3.Connection) -> None:
+    def update(self, data_dir: Path) -> None:
         with self._lock:
-            for row_id, timings in conn.execute(
-                    "SELECT id, timings FROM ai_results WHERE id > ? ORDER BY id", (self.last_id,)):
-                self.last_id = row_id
+            for row in result_timings(data_dir, after_id=self.last_id):
+                self.last_id = row.id
                 self.results += 1
-                try:
-                    items = json.loads(timings).items()
-                except (ValueError, AttributeError):
-                    continue
-                for key, seconds in items:
-                    if not isinstance(seconds, int | float):
-                        continue
+                for key, seconds in row.timings.items():
                     stage = key[:-2] if key.endswith("_s") else key
                     acc = self.stages.setdefault(stage, [0.0, 0.0] + [0.0] * len(STAGE_BUCKETS))
                     acc[0] += 1
-                    acc[1] += float(seconds)
+                    acc[1] += seconds
                     for i, bound in enumerate(STAGE_BUCKETS):
                         if seconds <= bound:
                             acc[2 + i] += 1
@@ -145,50 +127,26 @@ def read_state(data_dir: Path | str, stages: _StageAggregator | None = None) -> 
     Missing files count as empty; the node need not run.
     """
     data_dir = Path(data_dir)
-    values: dict[str, Any] = {}
     stages = stages or _StageAggregator()
-    conn = _ro(data_dir / "index.sqlite")
-    if conn is not None:
-        with closing(conn):
-            if _table(conn, "instances"):
-                values["twins"] = conn.execute("SELECT COUNT(*) FROM twins").fetchone()[0]
-                values["studies"] = conn.execute("SELECT COUNT(*) FROM studies").fetchone()[0]
-                n, size = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances"
-                                       " WHERE current = 1").fetchone()
-                values["instances"], values["archived_bytes"] = int(n), int(size)
-            if _table(conn, "ai_results"):
-                stages.update(conn)
+    stages.update(data_dir)
+    archive = archive_counts(data_dir)
+    jobs, sends = read_job_counts(data_dir), read_send_counts(data_dir)
+    audit = audit_counts(data_dir)
+    values: dict[str, Any] = {
+        "twins": archive.twins, "studies": archive.studies, "instances": archive.instances,
+        "archived_bytes": archive.archived_bytes,
+        "jobs": jobs.by_state,
+        "waiting": tuple(f"job {j.id}: {j.reason}; next try {j.not_before[:19]}"
+                         for j in jobs.waiting),
+        "sends": sends.by_state, "send_failed_attempts": sends.failed_attempts,
+        "active_models": tuple(
+            ActiveModel(task=m.task, version=m.version,
+                        scope=f"{m.manufacturer}/{m.model_name}"
+                        if m.manufacturer or m.model_name else "any scanner")
+            for m in active_versions(data_dir)),
+        "audit_events": audit.events, "last_audit_at": audit.last_at,
+    }
     values["results"], values["stages"] = stages.snapshot()
-    conn = _ro(data_dir / "queue.sqlite")
-    if conn is not None:
-        with closing(conn):
-            if _table(conn, "jobs"):
-                values["jobs"] = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
-                values["waiting"] = tuple(
-                    f"job {i}: {reason}; next try {nb[:19]}" for i, reason, nb in conn.execute(
-                        "SELECT id, error, not_before FROM jobs WHERE state = 'queued'"
-                        " AND error LIKE 'waiting for %' ORDER BY id"))
-            if _table(conn, "sends"):
-                values["sends"] = dict(conn.execute("SELECT state, COUNT(*) FROM sends GROUP BY state"))
-                # attempts count every try; the one that delivered a sent row is no failure
-                values["send_failed_attempts"] = int(conn.execute(
-                    "SELECT COALESCE(SUM(attempts), 0) - COALESCE(SUM(state = 'sent'), 0)"
-                    " FROM sends").fetchone()[0])
-    conn = _ro(data_dir / "registry.sqlite")
-    if conn is not None:
-        with closing(conn):
-            if _table(conn, "model_versions"):
-                values["active_models"] = tuple(
-                    ActiveModel(task=t, version=v, scope=f"{m}/{s}" if m or s else "any scanner")
-                    for t, v, m, s in conn.execute(
-                        "SELECT task, version, manufacturer, scanner_model FROM model_versions"
-                        " WHERE status = 'active' ORDER BY task, version"))
-    conn = _ro(data_dir / "audit.sqlite")
-    if conn is not None:
-        with closing(conn):
-            if _table(conn, "audit_events"):
-                n, last = conn.execute("SELECT COUNT(*), MAX(at) FROM audit_events").fetchone()
-                values["audit_events"], values["last_audit_at"] = int(n), last or ""
     if data_dir.exists():
         values["free_bytes"] = shutil.disk_usage(data_dir).free
     return NodeState(**values)

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import enum
 import logging
+import sqlite3
 import ssl
 import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,7 +40,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from dicom_node.faults import StateLog
-from dicom_node.jobs import connect_queue, iso, utc_now, write_transaction
+from dicom_node.jobs import connect_queue, iso, open_queue_readonly, utc_now, write_transaction
 from dicom_node.profiles import UNCOMPRESSED, ObjectShape, alias, choose, contexts_for, encode_as
 from dicom_node.settings import Destination
 from dicom_node.statuses import SUCCESS, is_warning
@@ -78,6 +80,55 @@ class Send:
     next_attempt_at: str
     sent_at: str
     last_error: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SendCounts:
+    """How many objects are in each state, and the failed attempts to send them."""
+
+    by_state: dict[str, int]
+    failed_attempts: int
+
+
+def read_send_counts(data_dir: Path | str) -> SendCounts:
+    """The send queue of ``<data_dir>/queue.sqlite`` counted, read only (the node need
+    not run; no queue counts as empty)."""
+    conn = open_queue_readonly(data_dir)
+    if conn is None:
+        return SendCounts(by_state={}, failed_attempts=0)
+    with closing(conn):
+        by_state = dict(conn.execute("SELECT state, COUNT(*) FROM sends GROUP BY state"))
+        # attempts count every try; the one that delivered a sent row is no failure
+        failed = conn.execute("SELECT COALESCE(SUM(attempts), 0) - COALESCE(SUM(state = ?), 0)"
+                              " FROM sends", (SendState.SENT.value,)).fetchone()[0]
+    return SendCounts(by_state=by_state, failed_attempts=int(failed))
+
+
+def _send(r: sqlite3.Row) -> Send:
+    return Send(id=r["id"], result_id=r["result_id"], kind=r["kind"],
+                destination=r["destination"], sop_class_uid=r["sop_class_uid"],
+                sop_instance_uid=r["sop_instance_uid"], state=SendState(r["state"]),
+                attempts=r["attempts"], enqueued_at=r["enqueued_at"],
+                next_attempt_at=r["next_attempt_at"], sent_at=r["sent_at"] or "",
+                last_error=r["last_error"])
+
+
+def sends_of_results(conn: sqlite3.Connection, result_ids: Sequence[int]) -> list[Send]:
+    """The objects queued for the results ``result_ids``, in the order they were queued.
+
+    Parameters
+    ----------
+    conn : sqlite3.Connection
+        A connection to the queue (:func:`~dicom_node.jobs.connect_queue`).
+    result_ids : sequence of int
+        Ids of AI results (:class:`~twin_archive.results.AIResult`).
+    """
+    ids = list(dict.fromkeys(int(i) for i in result_ids))
+    if not ids:
+        return []
+    rows = conn.execute(f"SELECT * FROM sends WHERE result_id IN ({','.join('?' * len(ids))})"
+                        " ORDER BY id", ids).fetchall()
+    return [_send(r) for r in rows]
 
 
 def _is_success(status: int) -> bool:
@@ -243,12 +294,7 @@ class Sender:
             sql, params = sql + " WHERE state = ?", (SendState(state).value,)
         with self._lock:
             rows = self.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
-        return [Send(id=r["id"], result_id=r["result_id"], kind=r["kind"],
-                     destination=r["destination"], sop_class_uid=r["sop_class_uid"],
-                     sop_instance_uid=r["sop_instance_uid"], state=SendState(r["state"]),
-                     attempts=r["attempts"], enqueued_at=r["enqueued_at"],
-                     next_attempt_at=r["next_attempt_at"], sent_at=r["sent_at"] or "",
-                     last_error=r["last_error"]) for r in rows]
+        return [_send(r) for r in rows]
 
     def pending(self) -> int:
         """Number of objects still queued."""

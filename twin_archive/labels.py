@@ -392,6 +392,13 @@ class LabelStore(IndexStore):
                          f" WHERE l.series_uid = se.series_uid{which})"
                          " ORDER BY se.first_received", args)
 
+    def missing_files(self) -> list[str]:
+        """Labels whose file is gone: their paths relative to the data directory, in
+        the order they were recorded."""
+        with self._lock:
+            paths = [r[0] for r in self.db.execute("SELECT path FROM labels ORDER BY id")]
+        return [p for p in paths if not (self.data_dir / p).is_file()]
+
     def list(self, *, current_only: bool = False) -> list[Label]:
         """All labels, oldest first (only the current ones with ``current_only``)."""
         sql = "SELECT * FROM labels" + (" WHERE current = 1" if current_only else "") + " ORDER BY id"

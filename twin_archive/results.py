@@ -288,6 +288,21 @@ class ResultStore(IndexStore):
             rows = fetch_dicts(self.db, "SELECT * FROM ai_results WHERE job_key = ?", (job_key,))
             return _build(self.data_dir, self.db, rows[0]) if rows else None
 
+    def current_for_study(self, study_uid: str) -> list[AIResult]:
+        """Results of one study not superseded by a later one, oldest first."""
+        with self._lock:
+            return [_build(self.data_dir, self.db, r) for r in fetch_dicts(
+                self.db, "SELECT * FROM ai_results WHERE study_uid = ?"
+                " AND superseded_by IS NULL ORDER BY id", (study_uid,))]
+
+    def missing_files(self) -> list[str]:
+        """Objects whose file is gone: their paths relative to the data directory, in
+        the order they were recorded."""
+        with self._lock:
+            paths = [r[0] for r in self.db.execute(
+                "SELECT path FROM ai_result_objects ORDER BY id")]
+        return [p for p in paths if not (self.data_dir / p).is_file()]
+
     def for_series(self, series_uid: str) -> list[AIResult]:
         """Results made from one source series, oldest first."""
         with self._lock:

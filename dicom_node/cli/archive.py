@@ -33,9 +33,11 @@ from typing import Any
 from dicom_node.datadir_lock import DataDirInUseError, DataDirLock
 from dicom_node.settings import Settings
 from twin_archive import Archive, StoreOutcome, StoreResult, audit
+from twin_archive.labels import LabelStore
 from twin_archive.layout import INDEX_NAME, QUARANTINE_DIR
 from twin_archive.rebuild import rebuild_index
 from twin_archive.reconcile import hash_instance_file, quarantine
+from twin_archive.results import ResultStore
 
 #: Every SQLite database of a data directory.
 DATABASES = ("index.sqlite", "queue.sqlite", "registry.sqlite", "audit.sqlite")
@@ -144,7 +146,7 @@ def _verify(data_dir: Path, settings: Settings, *, deep: bool, repair: bool,
                     ok = False
                 if not ok:
                     damaged.append(row)
-        results_gone = _result_rows_without_files(archive, data_dir)
+        results_gone = _result_rows_without_files(data_dir)
         marked = sum(1 for r in rows if r["missing_at"] is not None)
         if strays:
             found.problems.append(f"{len(strays)} file(s) without an index row: "
@@ -198,11 +200,9 @@ def _repair(archive: Archive, data_dir: Path, strays: list[tuple[str, Path]],
     return out
 
 
-def _result_rows_without_files(archive: Archive, data_dir: Path) -> list[str]:
-    with archive._lock:  # noqa: SLF001 - the archive's own connection
-        paths = [r[0] for r in archive.db.execute(
-            "SELECT path FROM ai_result_objects UNION ALL SELECT path FROM labels")]
-    return [p for p in paths if not (data_dir / p).is_file()]
+def _result_rows_without_files(data_dir: Path) -> list[str]:
+    with closing(ResultStore(data_dir)) as results, LabelStore(data_dir) as labels:
+        return results.missing_files() + labels.missing_files()
 
 
 def _sample(items: Any, n: int = 3) -> str:

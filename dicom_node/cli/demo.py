@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -142,33 +143,27 @@ def wait_for_sends(data_dir: Path, study_uid: str, timeout: float, kinds: tuple[
         If not all of them are acknowledged within ``timeout`` s.
     """
     from dicom_node.jobs import connect_queue
+    from dicom_node.sender import SendState, sends_of_results
+    from twin_archive.results import ResultStore
 
-    conn = connect_queue(data_dir)
-    index = str(Path(data_dir) / "index.sqlite")
-    conn.execute("ATTACH DATABASE ? AS idx", (index,))
     deadline = time.monotonic() + timeout
-    try:
+    with closing(connect_queue(data_dir)) as conn, closing(ResultStore(data_dir)) as results:
         while True:
-            rows = conn.execute(
-                "SELECT s.kind, s.state, s.sent_at FROM sends s JOIN idx.ai_results r"
-                " ON r.id = s.result_id WHERE r.study_uid = ? AND r.superseded_by IS NULL",
-                (study_uid,)).fetchall()
+            rows = sends_of_results(conn, [r.id for r in results.current_for_study(study_uid)])
             done: dict[str, datetime] = {}
             pending = False
             for r in rows:
-                if r["state"] != "sent":
+                if r.state is not SendState.SENT:
                     pending = True
                     continue
-                t = datetime.fromisoformat(r["sent_at"])
-                done[r["kind"]] = max(done.get(r["kind"], t), t)
+                t = datetime.fromisoformat(r.sent_at)
+                done[r.kind] = max(done.get(r.kind, t), t)
             if rows and not pending and all(k in done for k in kinds):
                 return done
             if time.monotonic() > deadline:
                 raise TimeoutError(f"results of study {study_uid} not acknowledged after "
                                    f"{timeout:.0f} s; see `dicom-node jobs` and `dicom-node sends`")
             time.sleep(0.05)
-    finally:
-        conn.close()
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

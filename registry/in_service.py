@@ -1,0 +1,43 @@
+"""Which model versions serve, read for ``dicom-node status`` and ``/metrics``.
+
+Read only: the node need not run, and nothing is created (a data directory without a
+registry has no version in service). :class:`registry.store.Registry` is the way to
+change what serves.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry.records import ModelStatus
+from registry.store import DB_NAME
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ActiveVersion:
+    """A model version in service, and the scanners it serves ('' = any)."""
+
+    task: str
+    version: str
+    manufacturer: str
+    model_name: str
+
+
+def active_versions(data_dir: Path | str) -> tuple[ActiveVersion, ...]:
+    """The active versions of ``<data_dir>``'s registry, by task and version."""
+    path = Path(data_dir) / DB_NAME
+    if not path.exists():
+        return ()
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as conn:
+        conn.execute("PRAGMA busy_timeout=5000")
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table'"
+                        " AND name='model_versions'").fetchone() is None:
+            return ()
+        rows = conn.execute("SELECT task, version, manufacturer, scanner_model FROM model_versions"
+                            " WHERE status = ? ORDER BY task, version",
+                            (ModelStatus.ACTIVE.value,)).fetchall()
+    return tuple(ActiveVersion(task=t, version=v, manufacturer=m, model_name=s)
+                 for t, v, m, s in rows)
