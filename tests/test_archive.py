@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,18 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import MRImageStorage
 
 from node_harness import small_ct
+from twin_archive import audit
+from twin_archive.arrivals import Arrivals
+from twin_archive.counts import (
+    ArchiveCounts,
+    AuditCounts,
+    ResultTimings,
+    archive_counts,
+    audit_counts,
+    result_timings,
+)
+from twin_archive.labels import LabelStore
+from twin_archive.results import ResultStore
 from twin_archive import (
     Archive,
     IncomingInstance,
@@ -159,3 +172,75 @@ def test_write_lock_taken_after_another_process_releases_it(tmp_path: Path) -> N
     assert not waiter.in_transaction
     holder.execute("ROLLBACK")
     assert [r[0] for r in waiter.execute("SELECT v FROM t ORDER BY v")] == [1, 2]
+
+
+def _series_of(ds, instance: int):
+    return small_ct(patient_id=str(ds.PatientID), study_uid=str(ds.StudyInstanceUID),
+                    series_uid=str(ds.SeriesInstanceUID), instance=instance)
+
+
+def test_arrivals_name_the_series_gone_quiet_oldest_first(tmp_path: Path) -> None:
+    first, second = small_ct(patient_id="P1"), small_ct(patient_id="P2")
+    with Archive(tmp_path) as archive:
+        archive.store(incoming(first))
+        archive.store(incoming(second))
+        archive.store(incoming(_series_of(second, 2)))
+        keys = archive.find_twin_keys("P1") + archive.find_twin_keys("P2")
+    with Arrivals(tmp_path) as arrivals:
+        a, b = everything = arrivals.quiet("9999")
+        assert [(s.series_uid, s.study_uid, s.patient_key, s.modality) for s in everything] == [
+            (str(first.SeriesInstanceUID), str(first.StudyInstanceUID), keys[0], "CT"),
+            (str(second.SeriesInstanceUID), str(second.StudyInstanceUID), keys[1], "CT")]
+        assert a.last_received < b.last_received
+        assert arrivals.quiet(a.last_received) == [a]  # until: inclusive
+        assert arrivals.quiet("9999", since=b.last_received) == [b]  # since: inclusive
+        assert arrivals.quiet(b.last_received, since=a.last_received) == [a, b]
+        assert arrivals.quiet("2000") == []
+
+
+def test_counts_for_status_are_read_only_and_zero_without_databases(tmp_path: Path) -> None:
+    assert archive_counts(tmp_path) == ArchiveCounts()
+    assert result_timings(tmp_path) == [] and audit_counts(tmp_path) == AuditCounts()
+    assert list(tmp_path.iterdir()) == []  # nothing created
+    with Archive(tmp_path) as archive:
+        one = small_ct(patient_id="P1")
+        for ds in (one, _series_of(one, 2), small_ct(patient_id="P2")):
+            archive.store(incoming(ds))
+        sizes = sum(p.stat().st_size for uid in {str(one.SeriesInstanceUID)}
+                    for p in archive.series_files(uid))
+        key = archive.find_twin_keys("P1")[0]
+    counts = archive_counts(tmp_path)
+    assert (counts.twins, counts.studies, counts.instances) == (2, 2, 3)
+    assert counts.archived_bytes > sizes > 0
+    with closing(ResultStore(tmp_path)) as results:
+        made = [results.record(job_key=f"job-{i}", patient_key=key,
+                               study_uid=str(one.StudyInstanceUID),
+                               source_series_uid=str(one.SeriesInstanceUID),
+                               source_last_received=f"t{i}", source_instances=2, task="spleen-ct",
+                               model_name="m", model_version="1", backend="torch-cpu",
+                               segments=(), timings=timings, objects=[])
+                for i, timings in enumerate(({"inference_s": 1.5, "load_s": 2}, {"write_s": 1.0}))]
+        results.db.execute("UPDATE ai_results SET timings = 'not json' WHERE id = ?", (made[1].id,))
+        results.db.conn.commit()
+    assert result_timings(tmp_path) == [
+        ResultTimings(id=made[0].id, timings={"inference_s": 1.5, "load_s": 2.0}),
+        ResultTimings(id=made[1].id, timings={})]  # counted, with no stage times
+    assert [r.id for r in result_timings(tmp_path, after_id=made[0].id)] == [made[1].id]
+    entry = audit.record(tmp_path, audit.AuditEvent.STUDY_RECEIVED, audit.AuditOutcome.SUCCESS,
+                         "UNIT", "a study")
+    assert audit_counts(tmp_path) == AuditCounts(events=1, last_at=entry.at)
+
+
+def test_labels_whose_file_is_gone_are_named(tmp_path: Path) -> None:
+    ds = small_ct()
+    with Archive(tmp_path) as archive:
+        archive.store(incoming(ds))
+    with LabelStore(tmp_path) as labels:
+        kept, _ = labels.add_file(series_uid=str(ds.SeriesInstanceUID), data=b"mask 1",
+                                  segments=("spleen",), by="annotator")
+        gone, _ = labels.add_file(series_uid=str(ds.SeriesInstanceUID), data=b"mask 2",
+                                  segments=("spleen",), by="annotator")
+        assert labels.missing_files() == []
+        gone.path.unlink()
+        assert labels.missing_files() == [str(gone.path.relative_to(tmp_path.resolve()))]
+        assert kept.path.is_file()
