@@ -5,6 +5,7 @@ Used by the tests and importable by benchmarks; nothing here is a mock.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -14,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from twin_archive import IncomingInstance
 from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,3 +151,17 @@ def small_ct(*, patient_id: str = "PAT-1", study_uid: str | None = None,
     rng = np.random.default_rng(seed + instance)
     ds.PixelData = rng.integers(-1000, 1000, size=(size, size), dtype=np.int16).tobytes()
     return ds
+
+
+def incoming(ds: Dataset, *, sop_class: str | None = None) -> IncomingInstance:
+    """A data set as the network layer hands it to the archive (calling AE ``UNIT``)."""
+    buf = DicomBytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, ds.file_meta)
+    whole = io.BytesIO()
+    ds.save_as(whole, enforce_file_format=True)
+    meta = buf.getvalue()
+    return IncomingInstance(file_meta=meta, dataset=whole.getvalue()[len(meta):],
+                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                            sop_class_uid=sop_class or str(ds.SOPClassUID),
+                            sop_instance_uid=str(ds.SOPInstanceUID), calling_ae="UNIT")

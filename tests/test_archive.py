@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import threading
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import MRImageStorage
 
-from node_harness import small_ct
+from node_harness import incoming, small_ct
 from twin_archive import audit
 from twin_archive.arrivals import Arrivals
 from twin_archive.counts import (
@@ -34,19 +31,6 @@ from twin_archive import (
     TwinNotFoundError,
     uid_problem,
 )
-
-
-def incoming(ds, *, sop_class: str | None = None) -> IncomingInstance:
-    buf = DicomBytesIO()
-    buf.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(buf, ds.file_meta)
-    whole = io.BytesIO()
-    ds.save_as(whole, enforce_file_format=True)
-    meta = buf.getvalue()
-    return IncomingInstance(file_meta=meta, dataset=whole.getvalue()[len(meta):],
-                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                            sop_class_uid=sop_class or str(ds.SOPClassUID),
-                            sop_instance_uid=str(ds.SOPInstanceUID), calling_ae="UNIT")
 
 
 @pytest.mark.parametrize("value, problem", [

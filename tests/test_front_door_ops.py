@@ -18,8 +18,7 @@ from pydicom.uid import generate_uid
 
 from dicom_client import echo, send, stored_rows
 from loop_helpers import install_model, small_study, storescu, write_files
-from node_harness import DICOM_NODE, REPO, NodeProcess, small_ct
-from test_archive import incoming
+from node_harness import DICOM_NODE, REPO, NodeProcess, incoming, small_ct
 from test_scp_store import _mount_tmpfs
 from twin_archive import Archive
 from twin_archive.audit import AuditLog

@@ -19,8 +19,7 @@ import pydicom.data
 import pytest
 
 from dicom_client import send, stored_rows
-from node_harness import NodeProcess, small_ct
-from test_archive import incoming
+from node_harness import NodeProcess, incoming, small_ct
 from twin_archive import Archive, InvalidInstanceError, printable
 from twin_archive.audit import AuditLog
 

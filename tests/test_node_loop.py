@@ -14,10 +14,22 @@ import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.errors import ConfigError
-from dicom_node.jobs import JobQueue, JobState, iso, utc_now
-from dicom_node.sender import Sender, SendState
+from dicom_node import monitor as monitor_module
+from dicom_node.jobs import (
+    JobCounts,
+    JobQueue,
+    JobState,
+    WaitingJob,
+    connect_queue,
+    iso,
+    read_job_counts,
+    utc_now,
+)
+from dicom_node.monitor import StabilityMonitor
+from dicom_node.sender import Sender, SendCounts, SendState, read_send_counts, sends_of_results
+from dicom_node.tasks import default_tasks
 from dicom_node.settings import Destination, load_settings, parse_destination
-from node_harness import free_port, small_ct
+from node_harness import free_port, incoming, small_ct
 from twin_archive import Archive
 from twin_archive.results import ResultStore, SegmentMeasure
 from waiting import wait_until
@@ -191,3 +203,113 @@ def test_destinations_and_quiet_period_are_validated_per_key(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as info:
         parse_destination("PACS:104")
     assert info.value.key == "--destination"
+
+
+def test_results_of_a_study_their_sends_and_their_files_gone(tmp_path: Path) -> None:
+    store, first = _result(tmp_path)
+    study = first.study_uid
+
+    def record(job_key: str, series: str, study_uid: str = study):
+        return store.record(job_key=job_key, patient_key="k", study_uid=study_uid,
+                            source_series_uid=series, source_last_received=job_key,
+                            source_instances=1, task="spleen-ct", model_name="m",
+                            model_version="1", backend="b", segments=(), timings={},
+                            objects=[("overlay", small_ct())])
+
+    second = record("job-2", "1.2.3")  # supersedes the first
+    other_series = record("job-3", "1.2.4")
+    record("job-4", "1.2.5", study_uid="1.2.999")  # another study
+    assert [r.id for r in store.current_for_study(study)] == [second.id, other_series.id]
+    assert store.current_for_study("1.2.0") == []
+
+    dest = Destination(ae_title="PACS", host="127.0.0.1", port=free_port(), send=("overlay",))
+    sender = Sender(tmp_path, ae_title="NODE")
+    for result in (first, second, other_series):
+        sender.enqueue(result, [dest])
+    sender.close()
+    conn = connect_queue(tmp_path)
+    sends = sends_of_results(conn, [other_series.id, second.id])
+    assert [(s.result_id, s.sop_instance_uid, s.state) for s in sends] == [
+        (second.id, second.objects[0].sop_instance_uid, SendState.QUEUED),
+        (other_series.id, other_series.objects[0].sop_instance_uid, SendState.QUEUED)]
+    assert sends_of_results(conn, []) == []
+    conn.close()
+
+    assert store.missing_files() == []
+    second.objects[0].path.unlink()
+    assert store.missing_files() == [str(second.objects[0].path.relative_to(tmp_path.resolve()))]
+    store.close()
+
+
+def test_job_and_send_counts_are_read_without_creating_the_queue(tmp_path: Path) -> None:
+    assert read_job_counts(tmp_path) == JobCounts(by_state={}, waiting=())
+    assert read_send_counts(tmp_path) == SendCounts(by_state={}, failed_attempts=0)
+    assert list(tmp_path.iterdir()) == []
+    queue = JobQueue(tmp_path)
+    _job(queue, last="t1")
+    _job(queue, last="t2")
+    claimed = queue.claim()
+    assert claimed is not None
+    queue.wait_for_space(claimed.id, "data directory full", delay_s=60)
+    [waiting] = queue.waiting()
+    counts = read_job_counts(tmp_path)
+    assert counts.by_state == {"queued": 2}
+    assert counts.waiting == (WaitingJob(id=claimed.id, reason=waiting.error,
+                                         not_before=counts.waiting[0].not_before),)
+    assert counts.waiting[0].reason.startswith("waiting for disk space")
+    assert counts.waiting[0].not_before > iso(utc_now())
+    queue.close()
+
+    store, result = _result(tmp_path)
+    dest = Destination(ae_title="PACS", host="127.0.0.1", port=free_port(), send=("overlay",))
+    sender = Sender(tmp_path, ae_title="NODE", network_timeout_s=5)
+    sender.enqueue(result, [dest])
+    assert sender.send_due() == 0  # nobody listens: one failed attempt
+    sender.close()
+    store.close()
+    assert read_send_counts(tmp_path) == SendCounts(by_state={"queued": 1}, failed_attempts=1)
+
+
+def test_the_monitor_decides_each_quiet_series_once_and_again_after_a_late_instance(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # look back no further than the previous pass: what is not read must still be retried
+    monkeypatch.setattr(monitor_module, "LOOKBACK_S", 0.0)
+    archive = Archive(tmp_path)
+    queue = JobQueue(tmp_path)
+    one, two = small_ct(patient_id="P1"), small_ct(patient_id="P2")
+    archive.store(incoming(two))  # the older one: tried in the pass that decides the first
+    archive.store(incoming(one))
+    unreadable = archive.series_files(str(two.SeriesInstanceUID))[0]
+    kept = unreadable.read_bytes()
+    unreadable.unlink()
+    monitor = StabilityMonitor(archive, queue, default_tasks(), stable_after_s=0.05)
+    decided: list[str] = []
+
+    def decided_on(uid: object) -> bool:
+        decided.extend(d.series_uid for d in monitor.poll())
+        return str(uid) in decided
+
+    wait_until("the first series decided", lambda: decided_on(one.SeriesInstanceUID), 10.0,
+               poll=0.02)
+    assert str(two.SeriesInstanceUID) not in decided  # its file cannot be read: not decided
+    assert monitor.poll() == []  # still unreadable; the window has moved past it since
+    unreadable.write_bytes(kept)
+    wait_until("the unreadable series decided once it can be read",
+               lambda: decided_on(two.SeriesInstanceUID), 10.0, poll=0.02)
+    assert sorted(decided) == sorted([str(one.SeriesInstanceUID), str(two.SeriesInstanceUID)])
+
+    late = small_ct(patient_id="P1", study_uid=str(one.StudyInstanceUID),
+                    series_uid=str(one.SeriesInstanceUID), instance=2)
+    archive.store(incoming(late))
+    wait_until("the series re-opened by a late instance decided again",
+               lambda: decided_on(one.SeriesInstanceUID)
+               and decided.count(str(one.SeriesInstanceUID)) == 2, 10.0, poll=0.02,
+               explain=lambda: decided)
+    assert sorted(decided) == sorted([str(one.SeriesInstanceUID)] * 2
+                                     + [str(two.SeriesInstanceUID)])
+    monitor.stop()
+    again = StabilityMonitor(archive, queue, default_tasks(), stable_after_s=0.05)
+    assert again.poll() == []  # a restarted monitor remembers what it decided
+    again.stop()
+    queue.close()
+    archive.close()
