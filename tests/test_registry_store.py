@@ -15,6 +15,7 @@ from registry.errors import (
     StatusError,
     VersionNotFoundError,
 )
+from registry.in_service import ActiveVersion, active_versions
 from registry.records import AuditAction, Metrics, ModelStatus
 from registry.store import Registry
 from registry_bundles import edit_config, spleen_bundle
@@ -117,6 +118,14 @@ def test_scanner_specific_routing_most_specific_wins(tmp_path: Path, bundle: Pat
     assert reg.resolve("spleen-ct", "GE MEDICAL SYSTEMS", "HiSpeed Dual").version == ge.version
     with pytest.raises(NoActiveModelError):
         reg.resolve("liver-ct", "GE MEDICAL SYSTEMS", "HiSpeed Dual")
+    # what status and /metrics read, read-only: the versions in service and their scopes
+    assert active_versions(tmp_path / "data") == (
+        ActiveVersion(task="spleen-ct", version=general.version, manufacturer="", model_name=""),
+        ActiveVersion(task="spleen-ct", version=ge.version, manufacturer="GE MEDICAL SYSTEMS",
+                      model_name=""),
+        ActiveVersion(task="spleen-ct", version=model_only.version, manufacturer="",
+                      model_name="SOMATOM Force"))
+    assert active_versions(tmp_path / "none") == () and not (tmp_path / "none").exists()
 
 
 def _active(reg: Registry) -> list[str]:
