@@ -4,9 +4,10 @@ Two kinds of figures:
 
 * counted by the running process (:class:`~dicom_node.metrics.NodeMetrics`): instances
   and bytes received, associations accepted/rejected/aborted, C-STORE failures;
-* read from the data directory's SQLite files at each scrape (:func:`read_state`):
-  queue depths, send failures, job stage durations, active model versions, index and
-  audit totals. ``dicom-node status`` reads the same, so it works whether or not the
+* asked of the stores and the queue at each scrape (:func:`read_state`), read-only:
+  queue depths, send failures (:mod:`dicom_node.jobs`, :mod:`dicom_node.sender`), job
+  stage durations, index and audit totals (:mod:`twin_archive.counts`), active model
+  versions (:mod:`registry.in_service`). ``dicom-node status`` reads the same, so it works whether or not the
   node runs.
 
 The HTTP endpoint is off unless ``metrics_port`` is set, and binds ``metrics_bind``
@@ -122,7 +123,7 @@ class _StageAggregator:
 
 
 def read_state(data_dir: Path | str, stages: _StageAggregator | None = None) -> NodeState:
-    """Read the node's state from the SQLite files of ``data_dir`` (read-only).
+    """Read the node's state from the stores of ``data_dir`` (read-only).
 
     Missing files count as empty; the node need not run.
     """

@@ -95,6 +95,16 @@ def test_only_the_stores_and_the_queue_name_their_tables_in_sql() -> None:
     assert sorted(found) == [], "a module outside the stores names a store's table in SQL"
 
 
+def test_no_module_attaches_another_database() -> None:
+    """Each room opens its own database; none attaches another's (STYLE rule 18)."""
+    import re
+
+    attach = re.compile(r"\bATTACH\s+(?:DATABASE\b|\?|[\"'])", re.IGNORECASE)
+    found = [p.relative_to(ROOT).as_posix() for p in _product_modules()
+             if any(attach.search(text) for text in _sql_texts(p))]
+    assert found == []
+
+
 def test_the_check_for_table_names_finds_them(tmp_path: Path) -> None:
     sample = tmp_path / "m.py"
     sample.write_text('q = ("SELECT COUNT(*) FROM idx.instances i JOIN series s ON 1"\n'
