@@ -4,7 +4,7 @@ DICOM has no end-of-study message (DESIGN decision 3): a series is complete when
 instance of it has arrived for ``stable_after`` seconds. The archive says when each
 series' last instance arrived (:class:`twin_archive.arrivals.Arrivals`); the monitor
 compares that with what it already decided for the series (table ``monitored_series``
-in ``queue.sqlite``, also kept in memory: the monitor is its only writer). A series whose
+in ``queue.sqlite``). A series whose
 ``last_received`` changed since its decision (a late instance) is decided again, and
 its new job's result supersedes the earlier one.
 
@@ -109,9 +109,6 @@ class StabilityMonitor:
         self.label_intake = label_intake
         self._arrivals = Arrivals(archive.data_dir)
         self._conn = connect_queue(archive.data_dir)  # its own: monitored_series
-        #: series UID -> the ``last_received`` last decided on (the table, in memory)
-        self._decided: dict[str, str] = dict(self._conn.execute(
-            "SELECT series_uid, last_received FROM monitored_series").fetchall())
         self._cutoff: str | None = None  # of the previous pass
         self._since: str | None = None  # where the next pass looks from (None: everything)
         self._stop = threading.Event()
@@ -121,9 +118,20 @@ class StabilityMonitor:
     def quiet_series(self, until: str, since: str | None = None) -> list[QuietSeries]:
         """Series whose last instance arrived at or before ``until`` (and at or after
         ``since``) and whose current state is not yet decided, oldest arrival first."""
-        decided = self._decided
-        return [s for s in self._arrivals.quiet(until, since=since)
-                if decided.get(s.series_uid) != s.last_received]
+        quiet = self._arrivals.quiet(until, since=since)
+        decided = self._decided([s.series_uid for s in quiet])
+        return [s for s in quiet if decided.get(s.series_uid) != s.last_received]
+
+    def _decided(self, uids: Sequence[str], chunk: int = 500) -> dict[str, str]:
+        """Series UID -> the ``last_received`` last decided on, for those of ``uids``
+        decided before."""
+        out: dict[str, str] = {}
+        for i in range(0, len(uids), chunk):
+            part = uids[i:i + chunk]
+            out.update(self._conn.execute(
+                "SELECT series_uid, last_received FROM monitored_series WHERE series_uid IN"
+                f" ({','.join('?' * len(part))})", part).fetchall())
+        return out
 
     def poll(self) -> list[SeriesDecision]:
         """Decide every series that went quiet since the last pass; return the decisions."""
@@ -210,7 +218,6 @@ class StabilityMonitor:
                 " reason=excluded.reason, decided_at=excluded.decided_at",
                 (uid, last, decision, reason, iso(utc_now())),
             )
-        self._decided[uid] = last
         return before is not None
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
