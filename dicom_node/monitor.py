@@ -11,8 +11,8 @@ its new job's result supersedes the earlier one.
 The first pass looks at every series of the archive; later passes only at those whose
 last instance arrived since :data:`LOOKBACK_S` before the previous pass's cutoff (an
 instance's arrival time is taken inside its index transaction, so it commits well
-within that), and at those the monitor could not read yet. A clock set back makes the
-next pass look at every series again.
+within that), and at those the monitor could not read yet. The window is set from the
+clock at each pass, so a clock set back costs at most one pass.
 
 Decisions, each logged once per series state:
 
@@ -109,7 +109,6 @@ class StabilityMonitor:
         self.label_intake = label_intake
         self._arrivals = Arrivals(archive.data_dir)
         self._conn = connect_queue(archive.data_dir)  # its own: monitored_series
-        self._cutoff: str | None = None  # of the previous pass
         self._since: str | None = None  # where the next pass looks from (None: everything)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,16 +136,14 @@ class StabilityMonitor:
         """Decide every series that went quiet since the last pass; return the decisions."""
         now = utc_now()
         cutoff = iso(now - timedelta(seconds=self.stable_after_s))
-        clock_back = self._cutoff is not None and cutoff < self._cutoff
         out, unread = [], []
-        for row in self.quiet_series(cutoff, None if clock_back else self._since):
+        for row in self.quiet_series(cutoff, self._since):
             try:
                 out.append(self._decide(row))
             except (OSError, pydicom.errors.InvalidDicomError) as exc:
                 unread.append(row.last_received)
                 LOG.error("series %s: cannot read its instances to decide on it (%s); "
                           "will try again", row.series_uid, exc)
-        self._cutoff = cutoff
         self._since = min([iso(now - timedelta(seconds=self.stable_after_s + LOOKBACK_S)),
                            *unread])
         return out
