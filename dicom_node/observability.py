@@ -7,8 +7,8 @@ Two kinds of figures:
 * asked of the stores and the queue at each scrape (:func:`read_state`), read-only:
   queue depths, send failures (:mod:`dicom_node.jobs`, :mod:`dicom_node.sender`), job
   stage durations, index and audit totals (:mod:`twin_archive.counts`), active model
-  versions (:mod:`registry.in_service`). ``dicom-node status`` reads the same, so it works whether or not the
-  node runs.
+  versions (:mod:`registry.in_service`). ``dicom-node status`` reads the same, so it
+  works whether or not the node runs.
 
 The HTTP endpoint is off unless ``metrics_port`` is set, and binds ``metrics_bind``
 (127.0.0.1 by default): it has no authentication, so expose it only to the local
