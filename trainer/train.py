@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from monai.transforms import (Compose, RandCropByPosNegLabeld, RandScaleIntensit
 from monai.transforms.transform import MapTransform
 from monai.utils import set_determinism
 
+from dicom_node.durable import open_durably
 from registry.bundle import LOADING_TRANSFORMS, find_config
 from trainer.errors import BundleConfigError, CheckpointError, TrainingError
 
@@ -380,12 +380,9 @@ def _dice_per_label(pred: torch.Tensor, truth: torch.Tensor, n_labels: int) -> l
 
 
 def _save_atomic(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """``torch.save`` through the node's durable write (a crash leaves the old file)."""
+    with open_durably(path) as fh:
+        torch.save(obj, fh)
 
 
 def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
