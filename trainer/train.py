@@ -444,6 +444,28 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
         run.resume(ckpt_path, config)
 
     start = time.perf_counter()
+    stopped_by = _run_epochs(run, config, weights_out, ckpt_path, start)
+    run.validate_last()
+    if run.best_state is None:
+        raise TrainingError(f"no epoch completed within the time budget of "
+                            f"{config.time_budget_s} s")
+    _save_atomic(run.best_state, weights_out)
+    result = TrainingResult(label_names=bundle.label_names, best_dice=run.best_dice,
+                            best_epoch=run.best_epoch, epochs=run.epoch,
+                            seconds=run.wall_before + time.perf_counter() - start,
+                            samples=run.samples, samples_per_s=run.samples / run.train_seconds
+                            if run.train_seconds else 0.0,
+                            stopped_by=stopped_by, weights=weights_out)
+    LOG.info("training done (%s): %d epochs, %.0f s, %.2f samples/s, best val Dice %s at "
+             "epoch %d -> %s", stopped_by, result.epochs, result.seconds, result.samples_per_s,
+             result.dice_by_label(), run.best_epoch, weights_out)
+    return result
+
+
+def _run_epochs(run: _Run, config: TrainingConfig, weights_out: Path, ckpt_path: Path | None,
+                start: float) -> str:
+    """Train epoch after epoch until ``max_epochs`` or the time budget (an epoch that
+    would overrun it is not started); returns what stopped it."""
     stopped_by = "epochs"
     last_epoch_s = 0.0
     while run.epoch < config.max_epochs:
@@ -467,21 +489,7 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
                  n_epoch / max(fit_s, 1e-9), left)
         if ckpt_path is not None:
             run.save_checkpoint(ckpt_path, wall)
-    run.validate_last()
-    if run.best_state is None:
-        raise TrainingError(f"no epoch completed within the time budget of "
-                            f"{config.time_budget_s} s")
-    _save_atomic(run.best_state, weights_out)
-    result = TrainingResult(label_names=bundle.label_names, best_dice=run.best_dice,
-                            best_epoch=run.best_epoch, epochs=run.epoch,
-                            seconds=run.wall_before + time.perf_counter() - start,
-                            samples=run.samples, samples_per_s=run.samples / run.train_seconds
-                            if run.train_seconds else 0.0,
-                            stopped_by=stopped_by, weights=weights_out)
-    LOG.info("training done (%s): %d epochs, %.0f s, %.2f samples/s, best val Dice %s at "
-             "epoch %d -> %s", stopped_by, result.epochs, result.seconds, result.samples_per_s,
-             result.dice_by_label(), run.best_epoch, weights_out)
-    return result
+    return stopped_by
 
 
 def _load_initial_weights(net: torch.nn.Module, path: Path, device: torch.device) -> None:
