@@ -5,8 +5,8 @@ and hands it each fragment of the data set as it comes off the wire. Each fragme
 is written, hashed (sha256) and its write-back to the disk started
 (``sync_file_range``, Linux) at once, so that when the last fragment arrives most of
 the bytes are already on their way to the disk: the ``fdatasync`` that makes the file
-durable then waits for the tail only (0.17 ms instead of 0.4-0.7 ms for a 0.5 MB CT
-slice on this machine's disk), and the data set is never assembled in memory.
+durable then waits for the tail only (figures in ``benchmarks/README.md``), and the
+data set is never assembled in memory.
 
 The durability contract is the one of :func:`dicom_node.durable.write_durably`
 (DESIGN decision 1): the spool *is* the temporary file; :meth:`Spool.commit` flushes it
