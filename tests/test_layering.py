@@ -207,7 +207,6 @@ HELD_PACKAGES = ("twin_archive", "registry", "pipelines", "trainer")
 KNOWN_LONG = {
     ("twin_archive/archive.py", "Archive._store"),
     ("twin_archive/archive.py", "Archive.twin"),
-    ("twin_archive/dataset_walk.py", "walk"),
     ("twin_archive/schema.py", "_m1_initial"),
     ("registry/export.py", "optimize"),
     ("registry/store.py", "Registry._add"),
