@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydicom.dataset import Dataset
 
 from dicom_node import durable
 from trainer.train import _save_atomic
@@ -76,3 +77,31 @@ def test_checkpoints_are_saved_through_the_helper(tmp_path: Path,
     assert torch.equal(torch.load(path)["w"], torch.ones(2))
     assert path.parent in synced_dirs
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+
+
+def _tiny(modality: str) -> Dataset:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4" if modality == "SEG" else \
+        "1.2.840.10008.5.1.4.1.1.88.34"
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_pipeline_results_are_saved_through_the_helper(tmp_path: Path,
+                                                       synced_dirs: list[Path]) -> None:
+    """The pipeline writers used to skip the directory fsync (issue 18): now one fsync
+    of the folder for all the files, after they are renamed into place."""
+    from pipelines.types import ResultDatasets
+    from pipelines.writers import save_results
+
+    results = ResultDatasets(seg=_tiny("SEG"), sr=_tiny("SR"))
+    paths = save_results(results, tmp_path / "out")
+    assert [p.name.split("_")[0] for p in paths] == ["SEG", "SR"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
+    assert synced_dirs.count(tmp_path / "out") == 1
