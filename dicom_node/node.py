@@ -36,6 +36,7 @@ from typing import Any
 from dicom_node.fast_receive import speedups
 from dicom_node.datadir_lock import DataDirLock
 from dicom_node.drift import config_of
+from dicom_node.durable import write_durably
 from dicom_node.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging
 from dicom_node.loop import Loop, describe_tasks
@@ -116,14 +117,12 @@ class Node:
         self.http: MetricsServer | None = None
 
     def _write_state(self) -> None:
-        """(Re)write ``serve.json`` with the workers as they are now (atomic replace)."""
+        """(Re)write ``serve.json`` with the workers as they are now (atomic, durable replace)."""
         with self._state_lock:
             if self._state is None:
                 return
             self._state["workers"] = [w.as_dict() for w in self.loop.workers.describe()]
-            tmp = self.state_path.with_name(STATE_FILE + ".tmp")
-            tmp.write_text(json.dumps(self._state))
-            os.replace(tmp, self.state_path)
+            write_durably(self.state_path, [json.dumps(self._state).encode()])
 
     def alive(self) -> bool:
         """The listener, the sender and the workers' supervisor run (what the watchdog

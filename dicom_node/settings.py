@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
+import textwrap
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,6 @@ from dicom_node.tasks import Task, default_tasks, parse_tasks
 DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENV_PREFIX = "DICOM_NODE_"
-ENV_KEYS = ("data_dir", "port", "ae_title", "log_level", "stable_after", "metrics_port")
 #: What a destination may receive: the SEG, the SR and the overlay series.
 RESULT_KINDS = ("seg", "sr", "overlay")
 #: Where the model runs: here, or on a Triton Inference Server.
@@ -180,270 +181,400 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
     return tuple(out)
 
 
+# ---------------------------------------------------------------- one declaration per key
 @dataclass(frozen=True, kw_only=True, slots=True)
-class Settings:
-    """Everything the node is configured with.
+class Check:
+    """What a setting's value must be, and the words an error uses for it.
 
     Parameters
     ----------
-    ae_title : str
-        The node's own AE title (1-16 characters).
-    port : int
-        TCP port of the DICOM listener (0 picks a free port; 104 needs a capability).
-    bind_address : str
-        Address the listener binds to.
-    data_dir : pathlib.Path
-        Root of the archive, the queues and the model registry.
-    allowed_calling_aes : tuple of str
-        Calling AE titles allowed to associate; empty accepts every caller (a warning
-        is logged at start).
-    require_called_ae : bool
-        Reject associations whose Called AE Title is not ``ae_title``.
-    max_associations : int
-        Associations served at once.
-    max_pdu_size : int
-        Largest PDU the node accepts, bytes (0 = no limit).
-    listener_processes : int
-        Processes that accept DICOM associations on the one listening socket (the
-        least busy takes each new association), 1-16, default 1. More than one lets
-        parallel associations use more than one CPU core (one Python process stores on
-        one core at a time); the extra ones are lean (no inference) and are started
-        and stopped with the node. See ``benchmarks/README.md``.
-    workers : int
-        Inference worker processes, 0-32, default 1. Each claims jobs from the queue
-        and runs them (torch and the model live in the workers, never in the DICOM
-        listener); a worker that dies gives its job back and is restarted with
-        back-off. 0: no inference here (jobs stay queued). Each worker holds its own
-        copy of the models in memory.
-    network_timeout_s : float
-        Seconds of silence after which an association is aborted; also the longest a
-        PDU (or an A-ASSOCIATE-RQ) may take to arrive once it has begun.
-    acse_timeout_s : float
-        Seconds a new connection has to send its association request (default 10);
-        a connection that sends nothing is closed after it.
-    fast_receive : bool
-        Receive C-STOREs on the node's fast path (:mod:`dicom_node.fast_receive`,
-        which reaches into pynetdicom's internals; default true) or on plain pynetdicom.
-        A pynetdicom whose internals changed is detected at start and served plainly.
-    min_free_mb : int
-        Free space (MiB) kept in reserve on the data directory; below it C-STOREs are
-        refused with A700 (out of resources).
-    log_level : str
-        One of DEBUG, INFO, WARNING, ERROR.
-    config_path : pathlib.Path or None
-        The file these settings were read from, if any.
-    stable_after : float
-        Seconds without a new instance after which a series is complete and its
-        inference job is queued.
-    destinations : tuple of Destination
-        Where results are sent (``[[destinations]]`` tables, ``--destination``).
-    send_backoff_initial_s, send_backoff_max_s : float
-        First delay before re-sending to a destination that cannot be reached, and the
-        cap of its doubling, seconds.
-    stop_grace_s : float
-        On SIGTERM, seconds the associations in progress get to finish before they are
-        aborted (an instance not yet answered is not acknowledged, so nothing
-        acknowledged is lost). Keep it below the unit's ``TimeoutStopSec``.
-    metrics_port : int
-        Port of the HTTP endpoint with ``/healthz`` and Prometheus ``/metrics``; 0 (the
-        default) turns it off.
-    metrics_bind : str
-        Address of that endpoint (default 127.0.0.1, i.e. this machine only).
-    tls_cert, tls_key, tls_ca : pathlib.Path or None
-        PEM certificate and private key of the node and the CA bundle it trusts. When
-        set (all three or none) the DICOM listener speaks TLS only and refuses a
-        client without a certificate signed by ``tls_ca``; destinations with
-        ``tls = true`` are sent to over TLS with the same certificate.
-    train_enabled : bool
-        Whether ``serve`` schedules the nightly training (default true).
-    train_at : str
-        Local time of the nightly training, ``HH:MM`` or ``HH:MM:SS`` (default 02:00).
-    train_min_new_series : int
-        A task is trained only when it gained at least this many labelled series of
-        donating patients since its last training (default 5).
-    train_promote_margin : float
-        A candidate is promoted only when its mean validation Dice exceeds the active
-        version's by more than this (default 0.01).
-    train_time_budget_min : float
-        Wall-clock budget of one task's training, minutes (default 120).
-    train_max_epochs : int
-        Upper bound of epochs of one training (default 100).
-    train_finetune_lr, train_scratch_lr : float
-        Learning rate when fine-tuning the active version (1e-4) or training from
-        scratch (1e-3).
-    train_patch_size : int
-        Edge of the cubic training patch on the model grid, voxels (default 96).
-    train_validation_fraction : float
-        Share of patients held out for validation (default 0.2).
-    train_device : str
-        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-    train_nice : int
-        Niceness of the training subprocess, 0-19 (default 10).
-    backend : str
-        ``local`` (default: the fastest verified backend of this machine) or
-        ``triton``: the sliding-window batches go to the Triton Inference Server at
-        ``triton_url``; pre- and post-processing stay in the node.
-    triton_url : str
-        Triton's gRPC address ``HOST:PORT`` (its default port is 8001); needed with
-        ``backend = "triton"``.
-    triton_variant : str
-        Which model of ``models export-triton`` Triton serves: ``onnx`` (``<version>``,
-        ONNX Runtime backend, TensorRT on GPUs; default) or ``python``
-        (``<version>-python``, Python backend with ONNX Runtime).
-    triton_timeout_s : float
-        Deadline of one request to Triton, seconds (default 60).
-    triton_backoff_max_s : float
-        Triton down or the model missing: the job waits 2 s, then twice as long each
-        time, up to this many seconds between tries (default 60); waiting never counts
-        as a failed attempt.
-    tasks : tuple of Task
-        The tasks served (``[[tasks]]`` tables, :mod:`dicom_node.tasks`); without any,
-        those of the shipped ``default_tasks.toml`` (``spleen-ct``). Reloaded on SIGHUP.
-    waiting_for_model_max_age_h : float
-        A job whose task has no active model for the series' scanner waits for one;
-        when a model becomes active, series received within this many hours run, older
-        ones are left failed (default 24).
-    train_min_dice : float
-        Quality floor: a trained candidate whose mean validation Dice is below it is
-        never promoted, even when the task has no active version (default 0.7). A
-        task's own ``min_dice`` overrides it (:func:`dicom_node.training.nightly_config`).
-    train_promote_after_shadow : int
-        When > 0, the nightly job promotes a candidate only after it has shadowed this
-        many live series (``models shadow``) with no disagreement beyond
-        ``train_shadow_min_agreement``; 0 (default) turns the requirement off.
-    train_shadow_min_agreement : float
-        Dice between the shadow's and the active version's masks (per label) below
-        which a shadow series counts as a disagreement (default 0.8).
-    drift_baseline_series : int
-        Served series per scanner and task that form its baseline (the first ones;
-        default 20).
-    drift_window_series : int
-        Latest series per scanner and task compared with the baseline (default 20).
-    drift_psi_threshold : float
-        Population stability index above which a figure counts as moved (default 0.25,
-        the customary "significant shift").
-    max_memory_gb : float
-        Memory one inference may use, GB (10^9 bytes). A series the pipeline predicts
-        will not fit (from its headers and the model, before any pixel is read) is
-        refused with one line and not retried. 0 (the default) derives it from the
-        machine: 80 % of its memory, or of the cgroup's limit when lower.
+    expected : str
+        What the key must hold, in the error message and the README's table.
+    test : callable, optional
+        ``value -> bool``; a false result raises ``ConfigError(key, expected, value)``.
+    custom : callable, optional
+        ``(key, value, source) -> None`` that raises its own :class:`ConfigError` (AE
+        titles, destinations, tasks: keys with several messages or indexed sub-keys).
     """
 
-    ae_title: str = "DICOM_NODE"
-    port: int = 11112
-    bind_address: str = "0.0.0.0"
-    data_dir: Path = DEFAULT_DATA_DIR
-    allowed_calling_aes: tuple[str, ...] = ()
-    require_called_ae: bool = False
-    max_associations: int = 16
-    max_pdu_size: int = 0
-    listener_processes: int = 1
-    workers: int = 1
-    network_timeout_s: float = 60.0
-    acse_timeout_s: float = 10.0
-    fast_receive: bool = True
-    min_free_mb: int = 1024
-    log_level: str = "INFO"
-    config_path: Path | None = None
-    stable_after: float = 30.0
-    destinations: tuple[Destination, ...] = ()
-    send_backoff_initial_s: float = 2.0
-    send_backoff_max_s: float = 300.0
-    stop_grace_s: float = 20.0
-    metrics_port: int = 0
-    metrics_bind: str = "127.0.0.1"
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    train_enabled: bool = True
-    train_at: str = "02:00"
-    train_min_new_series: int = 5
-    train_promote_margin: float = 0.01
-    train_time_budget_min: float = 120.0
-    train_max_epochs: int = 100
-    train_finetune_lr: float = 1e-4
-    train_scratch_lr: float = 1e-3
-    train_patch_size: int = 96
-    train_validation_fraction: float = 0.2
-    train_device: str = "auto"
-    train_nice: int = 10
-    backend: str = "local"
-    triton_url: str = ""
-    triton_variant: str = "onnx"
-    triton_timeout_s: float = 60.0
-    triton_backoff_max_s: float = 60.0
-    tasks: tuple[Task, ...] = field(default_factory=default_tasks)
-    waiting_for_model_max_age_h: float = 24.0
-    train_min_dice: float = 0.7
-    train_promote_after_shadow: int = 0
-    train_shadow_min_agreement: float = 0.8
-    drift_baseline_series: int = 20
-    drift_window_series: int = 20
-    drift_psi_threshold: float = 0.25
-    max_memory_gb: float = 0.0
+    expected: str
+    test: Callable[[Any], bool] | None = None
+    custom: Callable[[str, Any, str], None] | None = None
+
+    def __call__(self, key: str, value: Any, source: str) -> None:
+        """Raise :class:`ConfigError` naming ``key`` when ``value`` does not pass."""
+        if self.custom is not None:
+            self.custom(key, value, source)
+        elif self.test is not None and not self.test(value):
+            raise ConfigError(key, self.expected, value, source)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Key:
+    """The one declaration of a setting: how it is read, checked and documented.
+
+    Parameters
+    ----------
+    read : callable
+        ``(value, source) -> value``: a TOML or environment value as the field's type;
+        ``TypeError``/``ValueError`` become ``ConfigError(key, read_as, value)``.
+    read_as : str
+        What ``read`` expects, in words (``an integer``).
+    check : Check or None
+        What the value must be once read (also for ``Settings(...)`` in code).
+    doc : str
+        What the setting does (the class docstring and the README's table).
+    env : bool
+        Also read from ``DICOM_NODE_<KEY>``.
+    shown : str
+        The default as the README shows it (default: derived from the field).
+    """
+
+    read: Callable[[Any, str], Any]
+    read_as: str
+    check: Check | None
+    doc: str
+    env: bool = False
+    shown: str = ""
+
+
+def _setting(default: Any = dataclasses.MISSING, *, read: Callable[[Any, str], Any], read_as: str,
+             doc: str, check: Check | None = None, env: bool = False, shown: str = "",
+             default_factory: Any = dataclasses.MISSING) -> Any:
+    """A :class:`Settings` field carrying its :class:`Key` (its only declaration)."""
+    key = Key(read=read, read_as=read_as, check=check, doc=doc, env=env, shown=shown)
+    return field(default=default, default_factory=default_factory, metadata={"key": key})
+
+
+def _integer(lo: float, hi: float, expected: str) -> Check:
+    return Check(expected=expected, test=lambda v: not isinstance(v, bool)
+                 and isinstance(v, int) and lo <= v <= hi)
+
+
+def _number(lo: float, hi: float, expected: str, *, above: bool = False) -> Check:
+    """A number from ``lo`` (exclusive when ``above``) to ``hi``."""
+    return Check(expected=expected, test=lambda v: not isinstance(v, bool)
+                 and isinstance(v, int | float) and (lo < v if above else lo <= v) and v <= hi)
+
+
+def _one_of(options: Sequence[str], expected: str) -> Check:
+    return Check(expected=expected, test=lambda v: v in options)
+
+
+def _is_ip(value: object) -> bool:
+    try:
+        ipaddress.ip_address(value)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
+
+
+def _check_aet_list(key: str, value: Any, source: str) -> None:
+    for i, aet in enumerate(value):
+        _check_ae_title(f"{key}[{i}]", aet, source)
+
+
+def _check_destinations(key: str, value: Any, source: str) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(d, Destination) for d in value):
+        raise ConfigError(key, "destination tables", value, source)
+    for i, dest in enumerate(value):
+        dest.check(f"{key}[{i}]", source)
+
+
+def _check_tasks(key: str, value: Any, source: str) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(t, Task) for t in value):
+        raise ConfigError(key, "task tables ([[tasks]])", value, source)
+    if len({t.name for t in value}) != len(value):
+        raise ConfigError(key, "task names that differ", [t.name for t in value], source)
+
+
+def _triton_url_ok(url: object) -> bool:
+    return isinstance(url, str) and not (url and (":" not in url or any(c.isspace() for c in url)))
+
+
+def _train_device_ok(device: object) -> bool:
+    return isinstance(device, str) and (device in ("auto", "cpu") or device.startswith("cuda"))
+
+
+_FLAG = Check(expected="true or false", test=lambda v: isinstance(v, bool))
+_SECONDS_DAY = _number(0, 86400, "a number of seconds > 0 (at most 86400)", above=True)
+_AET = Check(expected="an AE title: 1-16 printable ASCII characters, no backslash",
+             custom=_check_ae_title)
+
+
+# How each key is read from TOML or the environment (the source names where a table was).
+def _to_path(v: Any, source: str = "") -> Path:
+    if not isinstance(v, str) or not v:
+        raise TypeError
+    return Path(v).expanduser()
+
+
+def _to_int(v: Any, source: str = "") -> int:
+    if isinstance(v, bool):
+        raise TypeError
+    if isinstance(v, str):
+        return int(v.strip())
+    if not isinstance(v, int):
+        raise TypeError
+    return v
+
+
+def _to_bool(v: Any, source: str = "") -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.lower() in ("true", "1", "yes")
+    raise TypeError
+
+
+def _to_float(v: Any, source: str = "") -> float:
+    if isinstance(v, bool):
+        raise TypeError
+    return float(v)
+
+
+def _to_str(v: Any, source: str = "") -> str:
+    if not isinstance(v, str):
+        raise TypeError
+    return v
+
+
+def _to_upper(v: Any, source: str = "") -> str:
+    return _to_str(v).upper()
+
+
+def _to_aet_list(v: Any, source: str = "") -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [p for p in v.split(",") if p.strip()]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError
+    return tuple(x.strip() for x in v)
+
+
+_INT = {"read": _to_int, "read_as": "an integer"}
+_SECONDS = {"read": _to_float, "read_as": "a number of seconds"}
+_NUMBER = {"read": _to_float, "read_as": "a number"}
+_STR = {"read": _to_str, "read_as": "a string"}
+_BOOL = {"read": _to_bool, "read_as": "true or false", "check": _FLAG}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    # The docstring is built from each field's Key (below the class): one declaration.
+    ae_title: str = _setting("DICOM_NODE", **_STR, check=_AET, env=True,
+                             doc="The node's own AE title (1-16 characters).")
+    port: int = _setting(
+        11112, **_INT, env=True, check=_integer(0, 65535, "an integer from 0 to 65535"),
+        doc="TCP port of the DICOM listener (0 picks a free port; 104 needs a capability).")
+    bind_address: str = _setting(
+        "0.0.0.0", **_STR, check=Check(expected="an IP address such as 0.0.0.0 or 127.0.0.1",
+                                       test=_is_ip),
+        doc="Address the listener binds to.")
+    data_dir: Path = _setting(DEFAULT_DATA_DIR, read=_to_path, read_as="a directory path (string)",
+                              env=True, doc="Root of the archive, the queues and the model registry.")
+    allowed_calling_aes: tuple[str, ...] = _setting(
+        (), read=_to_aet_list, read_as="a list of AE titles",
+        check=Check(expected="a list of AE titles (1-16 printable ASCII characters each)",
+                    custom=_check_aet_list),
+        doc="Calling AE titles allowed to associate; empty accepts every caller (a warning "
+            "is logged at start).")
+    require_called_ae: bool = _setting(
+        False, **_BOOL, doc="Reject associations whose Called AE Title is not ``ae_title``.")
+    max_associations: int = _setting(16, **_INT, check=_integer(1, 1000, "an integer from 1 to 1000"),
+                                     doc="Associations served at once.")
+    max_pdu_size: int = _setting(
+        0, **_INT, check=_integer(0, math.inf, "an integer >= 0 (0 = no limit)"),
+        doc="Largest PDU the node accepts, bytes (0 = no limit); a larger P-DATA PDU is "
+            "aborted at its header.")
+    listener_processes: int = _setting(
+        1, **_INT, check=_integer(1, 16, "an integer from 1 to 16"),
+        doc="Processes that accept DICOM associations on the one listening socket (the least "
+            "busy takes each new association), 1-16. More than one lets parallel associations "
+            "use more than one CPU core (one Python process stores on one core at a time); the "
+            "extra ones are lean (no inference) and are started and stopped with the node. See "
+            "``benchmarks/README.md``.")
+    workers: int = _setting(
+        1, **_INT, check=_integer(0, 32, "an integer from 0 to 32"),
+        doc="Inference worker processes, 0-32. Each claims jobs from the queue and runs them "
+            "(torch and the model live in the workers, never in the DICOM listener); a worker "
+            "that dies gives its job back and is restarted with back-off. 0: no inference here "
+            "(jobs stay queued). Each worker holds its own copy of the models in memory.")
+    network_timeout_s: float = _setting(
+        60.0, **_SECONDS, check=_number(0, math.inf, "a number of seconds > 0", above=True),
+        doc="Seconds of silence after which an association is aborted; also the longest a PDU "
+            "(or an A-ASSOCIATE-RQ) may take to arrive once it has begun.")
+    acse_timeout_s: float = _setting(
+        10.0, **_SECONDS, check=_number(0, math.inf, "a number of seconds > 0", above=True),
+        doc="Seconds a new connection has to send its association request; a connection that "
+            "sends nothing is closed after it.")
+    fast_receive: bool = _setting(
+        True, **_BOOL,
+        doc="Receive C-STOREs on the node's fast path (:mod:`dicom_node.fast_receive`, which "
+            "reaches into pynetdicom's internals) or, false, on plain pynetdicom. A pynetdicom "
+            "whose internals changed is detected at start and served plainly.")
+    min_free_mb: int = _setting(
+        1024, **_INT, check=_integer(0, math.inf, "an integer number of MiB >= 0"),
+        doc="Free space (MiB) kept in reserve on the data directory; below it C-STOREs are "
+            "refused with A700 (out of resources).")
+    log_level: str = _setting(
+        "INFO", read=_to_upper, read_as="a string", env=True,
+        check=_one_of(LOG_LEVELS, "one of " + ", ".join(LOG_LEVELS)),
+        doc="One of DEBUG, INFO, WARNING, ERROR.")
+    config_path: Path | None = None  # the file these settings were read from, if any
+    stable_after: float = _setting(
+        30.0, **_SECONDS, env=True, check=_SECONDS_DAY,
+        doc="Seconds without a new instance after which a series is complete and its "
+            "inference job is queued.")
+    destinations: tuple[Destination, ...] = _setting(
+        (), read=lambda v, source: _to_destinations(v, source),
+        read_as="an array of tables ([[destinations]])", shown="none",
+        check=Check(expected="destination tables", custom=_check_destinations),
+        doc="Where results are sent (``[[destinations]]`` tables with ``ae_title``, ``host``, "
+            "``port``, ``send``, ``tls``, ``name``, ``transfer_syntaxes``; ``--destination``).")
+    send_backoff_initial_s: float = _setting(
+        2.0, **_SECONDS, check=_SECONDS_DAY,
+        doc="First delay before re-sending to a destination that cannot be reached, seconds.")
+    send_backoff_max_s: float = _setting(
+        300.0, **_SECONDS, check=_SECONDS_DAY,
+        doc="Cap of the doubling of that delay, seconds.")
+    stop_grace_s: float = _setting(
+        20.0, **_SECONDS, check=_number(0, 3600, "a number of seconds from 0 to 3600"),
+        doc="On SIGTERM, seconds the associations in progress get to finish before they are "
+            "aborted (an instance not yet answered is not acknowledged, so nothing acknowledged "
+            "is lost). Keep it below the unit's ``TimeoutStopSec``.")
+    metrics_port: int = _setting(
+        0, **_INT, env=True, check=_integer(0, 65535, "an integer from 0 (off) to 65535"),
+        doc="Port of the HTTP endpoint with ``/healthz`` and Prometheus ``/metrics``; 0 turns "
+            "it off.")
+    metrics_bind: str = _setting(
+        "127.0.0.1", **_STR, check=Check(expected="an IP address such as 127.0.0.1", test=_is_ip),
+        doc="Address of that endpoint (127.0.0.1: this machine only).")
+    tls_cert: Path | None = _setting(
+        None, read=_to_path, read_as="a PEM file path (string)",
+        doc="PEM certificate of the node. When ``tls_cert``, ``tls_key`` and ``tls_ca`` are set "
+            "(all three or none) the DICOM listener speaks TLS only and refuses a client "
+            "without a certificate signed by ``tls_ca``; destinations with ``tls = true`` are "
+            "sent to over TLS with the same certificate.")
+    tls_key: Path | None = _setting(None, read=_to_path, read_as="a PEM file path (string)",
+                                    doc="PEM private key of the node (see ``tls_cert``).")
+    tls_ca: Path | None = _setting(None, read=_to_path, read_as="a PEM file path (string)",
+                                   doc="PEM bundle of the CAs the node trusts (see ``tls_cert``).")
+    train_enabled: bool = _setting(True, **_BOOL,
+                                   doc="Whether ``serve`` schedules the nightly training.")
+    train_at: str = _setting(
+        "02:00", read=_to_str, read_as="a local time HH:MM or HH:MM:SS",
+        check=Check(expected="a local time HH:MM or HH:MM:SS (24 h)",
+                    test=lambda v: parse_time_of_day(v) is not None),
+        doc="Local time of the nightly training, ``HH:MM`` or ``HH:MM:SS``.")
+    train_min_new_series: int = _setting(
+        5, **_INT, check=_integer(1, 100000, "an integer >= 1"),
+        doc="A task is trained only when it gained at least this many labelled series of "
+            "donating patients since its last training.")
+    train_promote_margin: float = _setting(
+        0.01, **_NUMBER, check=_number(0, 0.999, "a Dice difference from 0 to 0.999"),
+        doc="A candidate is promoted only when its mean validation Dice exceeds the active "
+            "version's by more than this.")
+    train_time_budget_min: float = _setting(
+        120.0, read=_to_float, read_as="a number of minutes",
+        check=_number(0.01, 10080, "minutes > 0 (at most a week)"),
+        doc="Wall-clock budget of one task's training, minutes.")
+    train_max_epochs: int = _setting(100, **_INT, check=_integer(1, 100000, "an integer >= 1"),
+                                     doc="Upper bound of epochs of one training.")
+    train_finetune_lr: float = _setting(
+        1e-4, **_NUMBER, check=_number(1e-9, 0.999, "a learning rate in (0, 1)"),
+        doc="Learning rate when fine-tuning the active version.")
+    train_scratch_lr: float = _setting(
+        1e-3, **_NUMBER, check=_number(1e-9, 0.999, "a learning rate in (0, 1)"),
+        doc="Learning rate when training from scratch.")
+    train_patch_size: int = _setting(
+        96, **_INT, check=_integer(8, 1024, "an integer number of voxels from 8 to 1024"),
+        doc="Edge of the cubic training patch on the model grid, voxels.")
+    train_validation_fraction: float = _setting(
+        0.2, **_NUMBER, check=_number(0.01, 0.99, "a fraction from 0.01 to 0.99"),
+        doc="Share of patients held out for validation.")
+    train_device: str = _setting(
+        "auto", **_STR, check=Check(expected="auto, cpu or cuda[:N]", test=_train_device_ok),
+        doc="``auto`` (CUDA when available), ``cpu`` or ``cuda``.")
+    train_nice: int = _setting(10, **_INT, check=_integer(0, 19, "an integer from 0 to 19"),
+                               doc="Niceness of the training subprocess, 0-19.")
+    backend: str = _setting(
+        "local", **_STR, check=_one_of(BACKENDS, " or ".join(f'"{b}"' for b in BACKENDS)),
+        doc="``local`` (the fastest verified backend of this machine) or ``triton``: the "
+            "sliding-window batches go to the Triton Inference Server at ``triton_url``; pre- "
+            "and post-processing stay in the node.")
+    triton_url: str = _setting(
+        "", **_STR, check=Check(expected="HOST:PORT of Triton's gRPC endpoint, e.g. "
+                                "127.0.0.1:8001", test=_triton_url_ok),
+        doc="Triton's gRPC address ``HOST:PORT`` (its default port is 8001); needed with "
+            "``backend = \"triton\"``.")
+    triton_variant: str = _setting(
+        "onnx", **_STR,
+        check=_one_of(TRITON_VARIANTS, " or ".join(f'"{v}"' for v in TRITON_VARIANTS)),
+        doc="Which model of ``models export-triton`` Triton serves: ``onnx`` (``<version>``, "
+            "ONNX Runtime backend, TensorRT on GPUs) or ``python`` (``<version>-python``, "
+            "Python backend with ONNX Runtime).")
+    triton_timeout_s: float = _setting(60.0, **_SECONDS, check=_SECONDS_DAY,
+                                       doc="Deadline of one request to Triton, seconds.")
+    triton_backoff_max_s: float = _setting(
+        60.0, **_SECONDS, check=_SECONDS_DAY,
+        doc="Triton down or the model missing: the job waits 2 s, then twice as long each time, "
+            "up to this many seconds between tries; waiting never counts as a failed attempt.")
+    tasks: tuple[Task, ...] = _setting(
+        default_factory=default_tasks, read=lambda v, source: parse_tasks(v, source),
+        read_as="an array of tables ([[tasks]])", shown="`default_tasks.toml`",
+        check=Check(expected="task tables ([[tasks]])", custom=_check_tasks),
+        doc="The tasks served (``[[tasks]]`` tables, :mod:`dicom_node.tasks`); without any, "
+            "those of the shipped ``default_tasks.toml`` (``spleen-ct``). Reloaded on SIGHUP.")
+    waiting_for_model_max_age_h: float = _setting(
+        24.0, read=_to_float, read_as="a number of hours",
+        check=_number(0, 8760, "a number of hours > 0 (at most 8760)", above=True),
+        doc="A job whose task has no active model for the series' scanner waits for one; when "
+            "a model becomes active, series received within this many hours run, older ones "
+            "are left failed.")
+    train_min_dice: float = _setting(
+        0.7, **_NUMBER, check=_number(0, 1, "a mean Dice from 0 to 1"),
+        doc="Quality floor: a trained candidate whose mean validation Dice is below it is "
+            "never promoted, even when the task has no active version. A task's own "
+            "``min_dice`` overrides it (:func:`dicom_node.training.nightly_config`).")
+    train_promote_after_shadow: int = _setting(
+        0, **_INT, check=_integer(0, 100000, "an integer >= 0 (0 = off)"),
+        doc="When > 0, the nightly job promotes a candidate only after it has shadowed this "
+            "many live series (``models shadow``) with no disagreement beyond "
+            "``train_shadow_min_agreement``; 0 turns the requirement off.")
+    train_shadow_min_agreement: float = _setting(
+        0.8, **_NUMBER, check=_number(0, 1, "a Dice from 0 to 1"),
+        doc="Dice between the shadow's and the active version's masks (per label) below which "
+            "a shadow series counts as a disagreement.")
+    drift_baseline_series: int = _setting(
+        20, **_INT, check=_integer(2, 100000, "an integer >= 2"),
+        doc="Served series per scanner and task that form its baseline (the first ones).")
+    drift_window_series: int = _setting(
+        20, **_INT, check=_integer(2, 100000, "an integer >= 2"),
+        doc="Latest series per scanner and task compared with the baseline.")
+    drift_psi_threshold: float = _setting(
+        0.25, **_NUMBER, check=_number(0.001, 100, "a population stability index > 0"),
+        doc="Population stability index above which a figure counts as moved (0.25: the "
+            "customary \"significant shift\").")
+    max_memory_gb: float = _setting(
+        0.0, read=_to_float, read_as="a number of GB",
+        check=_number(0, 100000, "a number of GB >= 0 (0 = derived from the machine)"),
+        doc="Memory one inference may use, GB (10^9 bytes). A series the pipeline predicts will "
+            "not fit (from its headers and the model, before any pixel is read) is refused with "
+            "one line and not retried. 0 derives it from the machine: 80 % of its memory, or of "
+            "the cgroup's limit when lower.")
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""
-        _check_ae_title("ae_title", self.ae_title, src)
-        for i, aet in enumerate(self.allowed_calling_aes):
-            _check_ae_title(f"allowed_calling_aes[{i}]", aet, src)
-        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
-            raise ConfigError("port", "an integer from 0 to 65535", self.port, src)
-        try:
-            ipaddress.ip_address(self.bind_address)
-        except ValueError:
-            raise ConfigError("bind_address", "an IP address such as 0.0.0.0 or 127.0.0.1",
-                              self.bind_address, src) from None
-        if not isinstance(self.max_associations, int) or not 1 <= self.max_associations <= 1000:
-            raise ConfigError("max_associations", "an integer from 1 to 1000", self.max_associations, src)
-        if not isinstance(self.max_pdu_size, int) or self.max_pdu_size < 0:
-            raise ConfigError("max_pdu_size", "an integer >= 0 (0 = no limit)", self.max_pdu_size, src)
-        if isinstance(self.listener_processes, bool) or not isinstance(self.listener_processes, int) \
-                or not 1 <= self.listener_processes <= 16:
-            raise ConfigError("listener_processes", "an integer from 1 to 16",
-                              self.listener_processes, src)
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) \
-                or not 0 <= self.workers <= 32:
-            raise ConfigError("workers", "an integer from 0 to 32", self.workers, src)
-        if not isinstance(self.network_timeout_s, int | float) or self.network_timeout_s <= 0:
-            raise ConfigError("network_timeout_s", "a number of seconds > 0", self.network_timeout_s, src)
-        if isinstance(self.acse_timeout_s, bool) or not isinstance(self.acse_timeout_s, int | float) \
-                or self.acse_timeout_s <= 0:
-            raise ConfigError("acse_timeout_s", "a number of seconds > 0", self.acse_timeout_s, src)
-        if not isinstance(self.fast_receive, bool):
-            raise ConfigError("fast_receive", "true or false", self.fast_receive, src)
-        if not isinstance(self.min_free_mb, int) or self.min_free_mb < 0:
-            raise ConfigError("min_free_mb", "an integer number of MiB >= 0", self.min_free_mb, src)
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError("log_level", "one of " + ", ".join(LOG_LEVELS), self.log_level, src)
-        if isinstance(self.stable_after, bool) or not isinstance(self.stable_after, int | float) \
-                or not 0 < self.stable_after <= 86400:
-            raise ConfigError("stable_after", "a number of seconds > 0 (at most 86400)",
-                              self.stable_after, src)
-        if not isinstance(self.destinations, tuple) or not all(
-                isinstance(d, Destination) for d in self.destinations):
-            raise ConfigError("destinations", "destination tables", self.destinations, src)
-        for i, dest in enumerate(self.destinations):
-            dest.check(f"destinations[{i}]", src)
-        for key in ("send_backoff_initial_s", "send_backoff_max_s"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
-                raise ConfigError(key, "a number of seconds > 0 (at most 86400)", value, src)
+        for name, key in KEYS.items():
+            if key.check is not None:
+                key.check(name, getattr(self, name), src)
+        self._check_together(src)
+
+    def _check_together(self, src: str) -> None:
+        """The checks that read more than one key."""
         if self.send_backoff_initial_s > self.send_backoff_max_s:
             raise ConfigError("send_backoff_initial_s", "at most send_backoff_max_s",
                               self.send_backoff_initial_s, src)
-        if isinstance(self.stop_grace_s, bool) or not isinstance(self.stop_grace_s, int | float) \
-                or not 0 <= self.stop_grace_s <= 3600:
-            raise ConfigError("stop_grace_s", "a number of seconds from 0 to 3600",
-                              self.stop_grace_s, src)
-        if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) \
-                or not 0 <= self.metrics_port <= 65535:
-            raise ConfigError("metrics_port", "an integer from 0 (off) to 65535", self.metrics_port, src)
-        try:
-            ipaddress.ip_address(self.metrics_bind)
-        except ValueError:
-            raise ConfigError("metrics_bind", "an IP address such as 127.0.0.1",
-                              self.metrics_bind, src) from None
         tls = {k: getattr(self, k) for k in ("tls_cert", "tls_key", "tls_ca")}
         if any(v is not None for v in tls.values()) and not all(v is not None for v in tls.values()):
             missing = next(k for k, v in tls.items() if v is None)
@@ -454,80 +585,67 @@ class Settings:
                 raise ConfigError(f"destinations[{i}].tls",
                                   "tls_cert, tls_key and tls_ca set (TLS needs the node's certificate)",
                                   True, src)
-
-        if isinstance(self.max_memory_gb, bool) or not isinstance(self.max_memory_gb, int | float) \
-                or not 0 <= self.max_memory_gb <= 100000:
-            raise ConfigError("max_memory_gb", "a number of GB >= 0 (0 = derived from the machine)",
-                              self.max_memory_gb, src)
-
-        self._check_training(src)
-        self._check_backend(src)
-        self._check_tasks(src)
-
-    def _check_tasks(self, src: str) -> None:
-        """Validate ``tasks`` and ``waiting_for_model_max_age_h``."""
-        if not isinstance(self.tasks, tuple) or not all(isinstance(t, Task) for t in self.tasks):
-            raise ConfigError("tasks", "task tables ([[tasks]])", self.tasks, src)
-        if len({t.name for t in self.tasks}) != len(self.tasks):
-            raise ConfigError("tasks", "task names that differ", [t.name for t in self.tasks], src)
-        age = self.waiting_for_model_max_age_h
-        if isinstance(age, bool) or not isinstance(age, int | float) or not 0 < age <= 8760:
-            raise ConfigError("waiting_for_model_max_age_h", "a number of hours > 0 (at most 8760)",
-                              age, src)
-
-    def _check_backend(self, src: str) -> None:
-        """Validate ``backend`` and the ``triton_*`` keys."""
-        if self.backend not in BACKENDS:
-            raise ConfigError("backend", " or ".join(f'"{b}"' for b in BACKENDS), self.backend, src)
-        url = self.triton_url
-        if not isinstance(url, str) or (url and (":" not in url or any(c.isspace() for c in url))):
-            raise ConfigError("triton_url", "HOST:PORT of Triton's gRPC endpoint, e.g. "
-                              "127.0.0.1:8001", url, src)
-        if self.backend == "triton" and not url:
-            raise ConfigError("triton_url", 'HOST:PORT (backend = "triton" needs it)', url, src)
-        if self.triton_variant not in TRITON_VARIANTS:
-            raise ConfigError("triton_variant", " or ".join(f'"{v}"' for v in TRITON_VARIANTS),
-                              self.triton_variant, src)
-        for key in ("triton_timeout_s", "triton_backoff_max_s"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
-                raise ConfigError(key, "a number of seconds > 0 (at most 86400)", value, src)
-
-    def _check_training(self, src: str) -> None:
-        """Validate the ``train_*`` keys (nightly learning)."""
-        def number(key: str, lo: float, hi: float, what: str, integer: bool = False) -> None:
-            v = getattr(self, key)
-            kinds = (int,) if integer else (int, float)
-            if isinstance(v, bool) or not isinstance(v, kinds) or not lo <= v <= hi:
-                raise ConfigError(key, what, v, src)
-
-        if not isinstance(self.train_enabled, bool):
-            raise ConfigError("train_enabled", "true or false", self.train_enabled, src)
-        if parse_time_of_day(self.train_at) is None:
-            raise ConfigError("train_at", "a local time HH:MM or HH:MM:SS (24 h)", self.train_at, src)
-        number("train_min_new_series", 1, 100000, "an integer >= 1", integer=True)
-        number("train_promote_margin", 0, 0.999, "a Dice difference from 0 to 0.999")
-        number("train_time_budget_min", 0.01, 10080, "minutes > 0 (at most a week)")
-        number("train_max_epochs", 1, 100000, "an integer >= 1", integer=True)
-        number("train_finetune_lr", 1e-9, 0.999, "a learning rate in (0, 1)")
-        number("train_scratch_lr", 1e-9, 0.999, "a learning rate in (0, 1)")
-        number("train_patch_size", 8, 1024, "an integer number of voxels from 8 to 1024",
-               integer=True)
-        number("train_validation_fraction", 0.01, 0.99, "a fraction from 0.01 to 0.99")
-        number("train_nice", 0, 19, "an integer from 0 to 19", integer=True)
-        number("train_min_dice", 0, 1, "a mean Dice from 0 to 1")
-        number("train_promote_after_shadow", 0, 100000, "an integer >= 0 (0 = off)", integer=True)
-        number("train_shadow_min_agreement", 0, 1, "a Dice from 0 to 1")
-        number("drift_baseline_series", 2, 100000, "an integer >= 2", integer=True)
-        number("drift_window_series", 2, 100000, "an integer >= 2", integer=True)
-        number("drift_psi_threshold", 0.001, 100, "a population stability index > 0")
-        if not isinstance(self.train_device, str) or not (
-                self.train_device in ("auto", "cpu") or self.train_device.startswith("cuda")):
-            raise ConfigError("train_device", "auto, cpu or cuda[:N]", self.train_device, src)
+        if self.backend == "triton" and not self.triton_url:
+            raise ConfigError("triton_url", 'HOST:PORT (backend = "triton" needs it)',
+                              self.triton_url, src)
 
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+
+#: Every configuration key (TOML, environment, flags) with its one declaration, in order.
+KEYS: dict[str, Key] = {f.name: f.metadata["key"] for f in dataclasses.fields(Settings)
+                        if "key" in f.metadata}
+#: The keys also read from ``DICOM_NODE_<KEY>`` environment variables.
+ENV_KEYS = tuple(name for name, key in KEYS.items() if key.env)
+
+
+def _shown_default(name: str) -> str:
+    """A key's default as the README's table shows it (TOML syntax)."""
+    key = KEYS[name]
+    if key.shown:
+        return key.shown
+    value = next(f.default for f in dataclasses.fields(Settings) if f.name == name)
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str | Path):
+        return f'`"{value}"`'
+    if isinstance(value, tuple):
+        return "`[]`" if not value else f"`{list(value)}`"
+    return f"`{value:g}`" if isinstance(value, float) else f"`{value}`"
+
+
+def settings_table() -> str:
+    """The README's table of configuration keys, derived from :data:`KEYS`.
+
+    ``tests/test_settings.py`` checks that the README holds it as printed by
+    ``python -c 'from dicom_node.settings import settings_table; print(settings_table())'``.
+    """
+    rows = ["| key | default | value | meaning |", "| --- | --- | --- | --- |"]
+    for name, key in KEYS.items():
+        env = f" Also `{ENV_PREFIX}{name.upper()}`." if key.env else ""
+        value = key.check.expected if key.check is not None else key.read_as
+        rows.append(f"| `{name}` | {_shown_default(name)} | {value} | "
+                    f"{key.doc.replace('``', '`')}{env} |")
+    return "\n".join(rows)
+
+
+def _docstring() -> str:
+    """:class:`Settings`' numpydoc docstring, built from :data:`KEYS`."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
+    lines = ["Everything the node is configured with (each key declared once, as a field",
+             "with its :class:`Key`).", "", "Parameters", "----------"]
+    for name, key in KEYS.items():
+        lines.append(f"{name} : {types[name]}")
+        lines.extend(textwrap.wrap(key.doc, 84, initial_indent="    ", subsequent_indent="    "))
+    lines += ["config_path : pathlib.Path or None", "    The file these settings were read from, if any."]
+    return "\n".join(lines)
+
+
+Settings.__doc__ = _docstring()
 
 
 def parse_time_of_day(text: object) -> tuple[int, int, int] | None:
@@ -543,116 +661,14 @@ def parse_time_of_day(text: object) -> tuple[int, int, int] | None:
     return h, m, sec
 
 
-# How each key is read from TOML or the environment: (expected, converter).
-def _to_path(v: Any) -> Path:
-    if not isinstance(v, str) or not v:
-        raise TypeError
-    return Path(v).expanduser()
-
-
-def _to_int(v: Any) -> int:
-    if isinstance(v, bool):
-        raise TypeError
-    if isinstance(v, str):
-        return int(v.strip())
-    if not isinstance(v, int):
-        raise TypeError
-    return v
-
-
-def _to_bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return v.lower() in ("true", "1", "yes")
-    raise TypeError
-
-
-def _to_float(v: Any) -> float:
-    if isinstance(v, bool):
-        raise TypeError
-    return float(v)
-
-
-def _to_str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError
-    return v
-
-
-def _to_aet_list(v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        v = [p for p in v.split(",") if p.strip()]
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise TypeError
-    return tuple(x.strip() for x in v)
-
-
-_KEYS: dict[str, tuple[str, Any]] = {
-    "ae_title": ("a string", _to_str),
-    "port": ("an integer", _to_int),
-    "bind_address": ("a string", _to_str),
-    "data_dir": ("a directory path (string)", _to_path),
-    "allowed_calling_aes": ("a list of AE titles", _to_aet_list),
-    "require_called_ae": ("true or false", _to_bool),
-    "max_associations": ("an integer", _to_int),
-    "max_pdu_size": ("an integer", _to_int),
-    "listener_processes": ("an integer", _to_int),
-    "workers": ("an integer", _to_int),
-    "network_timeout_s": ("a number of seconds", _to_float),
-    "acse_timeout_s": ("a number of seconds", _to_float),
-    "fast_receive": ("true or false", _to_bool),
-    "min_free_mb": ("an integer", _to_int),
-    "log_level": ("a string", lambda v: _to_str(v).upper()),
-    "stable_after": ("a number of seconds", _to_float),
-    "send_backoff_initial_s": ("a number of seconds", _to_float),
-    "send_backoff_max_s": ("a number of seconds", _to_float),
-    "stop_grace_s": ("a number of seconds", _to_float),
-    "metrics_port": ("an integer", _to_int),
-    "metrics_bind": ("a string", _to_str),
-    "tls_cert": ("a PEM file path (string)", _to_path),
-    "tls_key": ("a PEM file path (string)", _to_path),
-    "tls_ca": ("a PEM file path (string)", _to_path),
-    "destinations": ("an array of tables ([[destinations]])", None),
-    "train_enabled": ("true or false", _to_bool),
-    "train_at": ("a local time HH:MM or HH:MM:SS", _to_str),
-    "train_min_new_series": ("an integer", _to_int),
-    "train_promote_margin": ("a number", _to_float),
-    "train_time_budget_min": ("a number of minutes", _to_float),
-    "train_max_epochs": ("an integer", _to_int),
-    "train_finetune_lr": ("a number", _to_float),
-    "train_scratch_lr": ("a number", _to_float),
-    "train_patch_size": ("an integer", _to_int),
-    "train_validation_fraction": ("a number", _to_float),
-    "train_device": ("a string", _to_str),
-    "train_nice": ("an integer", _to_int),
-    "backend": ("a string", _to_str),
-    "triton_url": ("a string", _to_str),
-    "triton_variant": ("a string", _to_str),
-    "triton_timeout_s": ("a number of seconds", _to_float),
-    "triton_backoff_max_s": ("a number of seconds", _to_float),
-    "tasks": ("an array of tables ([[tasks]])", None),
-    "waiting_for_model_max_age_h": ("a number of hours", _to_float),
-    "train_min_dice": ("a number", _to_float),
-    "train_promote_after_shadow": ("an integer", _to_int),
-    "train_shadow_min_agreement": ("a number", _to_float),
-    "drift_baseline_series": ("an integer", _to_int),
-    "drift_window_series": ("an integer", _to_int),
-    "drift_psi_threshold": ("a number", _to_float),
-    "max_memory_gb": ("a number of GB", _to_float),
-}
-
-
 def _convert(key: str, value: Any, source: str) -> Any:
-    expected, conv = _KEYS[key]
-    if key == "destinations":
-        return _to_destinations(value, source)
-    if key == "tasks":
-        return parse_tasks(value, source)
+    declared = KEYS[key]
     try:
-        return conv(value)
+        return declared.read(value, source)
+    except ConfigError:  # a table's reader names the sub-key itself
+        raise
     except (TypeError, ValueError):
-        raise ConfigError(key, expected, value, source) from None
+        raise ConfigError(key, declared.read_as, value, source) from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -707,8 +723,8 @@ def load_settings(
         path = Path(config_path).expanduser()
         source = str(path)
         for key, value in read_toml(path).items():
-            if key not in _KEYS:
-                known = ", ".join(sorted(_KEYS))
+            if key not in KEYS:
+                known = ", ".join(sorted(KEYS))
                 raise ConfigError(key, f"no such key (known keys: {known})", source=source)
             values[key] = _convert(key, value, source)
         values["config_path"] = path
@@ -718,7 +734,7 @@ def load_settings(
             values[key] = _convert(key, env[name], f"environment variable {name}")
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[key] = _convert(key, value, "command line") if key in _KEYS else value
+            values[key] = _convert(key, value, "command line") if key in KEYS else value
     try:
         return Settings(**values)
     except ConfigError as exc:

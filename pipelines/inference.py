@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from pipelines.memory import MemoryEstimate, activation_bytes, estimate_memory
 from pipelines.stitching import WindowSettings, stream_sliding_window
 from registry.bundle import OpenBundle, open_bundle
 from registry.export import OnnxRunner, available_backends, device_name
-from registry.records import ArtifactKind, Backend, LabelSpec, ModelVersion
+from registry.records import Artifact, ArtifactKind, Backend, LabelSpec, ModelVersion
 from registry.store import Registry, sha256_file
 from registry.tensorrt import TensorRTRunner
 
@@ -719,8 +720,6 @@ def benchmark(model_version: ModelVersion, array: np.ndarray, affine: np.ndarray
     (tuple of int, tuple of BenchmarkRow)
         The model-grid shape (X, Y, Z) and one row per backend, eager first.
     """
-    from registry.export import time_batches
-
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     base = load_model(model_version, registry=registry, backend=Backend.TORCH_CPU)
@@ -729,74 +728,97 @@ def benchmark(model_version: ModelVersion, array: np.ndarray, affine: np.ndarray
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     dname = device_name(Backend.TORCH_CUDA if cuda else Backend.TORCH_CPU)
-    x = img[None].as_tensor().to(dev)
-    inferer = base.bundle.inferer()
-    rows: list[BenchmarkRow] = []
-    ref: np.ndarray | None = None
+    bench = _Bench(inferer=base.bundle.inferer(), x=img[None].as_tensor().to(dev), cuda=cuda,
+                   repeats=repeats, warmup=warmup)
+    eager = base.bundle.network(dev)
+    bench.run("pytorch-eager", eager, dname, "fp32")
+    if compile_:
+        bench.run("torch.compile", torch.compile(eager), dname,
+                  "fp32, first call compiles (warm-up)")
+        if cuda:
+            bench.run("torch.compile", torch.compile(eager), dname, "fp16 autocast",
+                      autocast=True)
+    artifacts = registry.artifacts(model_version.version) if registry else []
+    _bench_onnx(bench, model_version, artifacts)
+    _bench_tensorrt(bench, model_version, artifacts)
+    return grid, tuple(bench.rows)
 
-    def run_one(name: str, net: object, device: str, note: str = "",
-                autocast: bool = False, inp: torch.Tensor | None = None) -> None:
-        nonlocal ref
-        xin = x if inp is None else inp
+
+class _Bench:
+    """The rows of :func:`benchmark` so far; runs one backend on the model-grid tensor."""
+
+    def __init__(self, *, inferer: Any, x: torch.Tensor, cuda: bool, repeats: int,
+                 warmup: int) -> None:
+        self.inferer, self.x, self.cuda = inferer, x, cuda
+        self.repeats, self.warmup = repeats, warmup
+        self.rows: list[BenchmarkRow] = []
+        self.ref: np.ndarray | None = None  # the first backend's label map
+
+    def skip(self, name: str, device: str, note: str) -> None:
+        """A row for a backend that cannot run here."""
+        self.rows.append(BenchmarkRow(name=name, device=device, median_ms=None, note=note))
+
+    def run(self, name: str, net: object, device: str, note: str = "",
+            autocast: bool = False, inp: torch.Tensor | None = None) -> None:
+        """Time ``net`` under the bundle's inferer; a failure is a row, not an error."""
+        from registry.export import time_batches
+
+        xin = self.x if inp is None else inp
         out: list[torch.Tensor] = []
 
         def once() -> None:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16,
                                                         enabled=autocast):
-                y = inferer(xin, net)
+                y = self.inferer(xin, net)
             out[:] = [y]
         try:
-            ms = time_batches(once, repeats=repeats, warmup=warmup, cuda=cuda)
+            ms = time_batches(once, repeats=self.repeats, warmup=self.warmup, cuda=self.cuda)
         except Exception as exc:  # noqa: BLE001 - a backend failing is a benchmark result
             LOG.warning("benchmark %s failed: %s", name, exc)
-            rows.append(BenchmarkRow(name=name, device=device, median_ms=None,
-                                     note=f"failed: {str(exc).splitlines()[0][:120]}"))
+            self.skip(name, device, f"failed: {str(exc).splitlines()[0][:120]}")
             return
         lab = torch.argmax(out[0][0].float(), dim=0).cpu().numpy()
-        if ref is None:
-            ref = lab
-        rows.append(BenchmarkRow(name=name, device=device, median_ms=ms, runs=repeats,
-                                 argmax_agreement=float(np.mean(lab == ref)), note=note))
-        LOG.info("benchmark %s on %s: %.1f ms (median of %d)", name, device, ms, repeats)
+        if self.ref is None:
+            self.ref = lab
+        self.rows.append(BenchmarkRow(name=name, device=device, median_ms=ms, runs=self.repeats,
+                                      argmax_agreement=float(np.mean(lab == self.ref)),
+                                      note=note))
+        LOG.info("benchmark %s on %s: %.1f ms (median of %d)", name, device, ms, self.repeats)
 
-    eager = base.bundle.network(dev)
-    run_one("pytorch-eager", eager, dname, "fp32")
-    if compile_:
-        run_one("torch.compile", torch.compile(eager), dname, "fp32, first call compiles (warm-up)")
-        if cuda:
-            run_one("torch.compile", torch.compile(eager), dname, "fp16 autocast", autocast=True)
+
+def _bench_onnx(bench: _Bench, model_version: ModelVersion, artifacts: Sequence[Artifact]) -> None:
+    """ONNX Runtime on the CPU and on CUDA, with the version's ONNX artifact."""
     here = available_backends()
-    onnx_arts = [a for a in (registry.artifacts(model_version.version) if registry else [])
-                 if a.kind is ArtifactKind.ONNX and a.path.is_file()]
+    onnx_arts = [a for a in artifacts if a.kind is ArtifactKind.ONNX and a.path.is_file()]
     out_ch = len(model_version.labels) + 1
     for b in (Backend.ORT_CPU, Backend.ORT_CUDA):
         if b not in here:
-            rows.append(BenchmarkRow(name=b.value, device="-", median_ms=None,
-                                     note="not available on this host"))
+            bench.skip(b.value, "-", "not available on this host")
         elif not onnx_arts:
-            rows.append(BenchmarkRow(name=b.value, device=device_name(b), median_ms=None,
-                                     note=f"no ONNX artifact: run `dicom-node models optimize "
-                                          f"{model_version.version}`"))
+            bench.skip(b.value, device_name(b), f"no ONNX artifact: run `dicom-node models "
+                                                f"optimize {model_version.version}`")
         else:
             runner = OnnxRunner(onnx_arts[-1].path, cuda=b is Backend.ORT_CUDA, out_channels=out_ch)
-            run_one(b.value, runner, device_name(b), f"onnxruntime {_ort_version()}",
-                    inp=x.cpu() if b is Backend.ORT_CPU else x)
+            bench.run(b.value, runner, device_name(b), f"onnxruntime {_ort_version()}",
+                      inp=bench.x.cpu() if b is Backend.ORT_CPU else bench.x)
+
+
+def _bench_tensorrt(bench: _Bench, model_version: ModelVersion,
+                    artifacts: Sequence[Artifact]) -> None:
+    """TensorRT, with the version's engine built for this GPU."""
     from registry.tensorrt import tensorrt_status
 
     status = tensorrt_status()
-    trt_arts = [a for a in (registry.artifacts(model_version.version) if registry else [])
-                if a.kind is ArtifactKind.TENSORRT and a.path.is_file() and a.path.stem == a.key]
+    trt_arts = [a for a in artifacts if a.kind is ArtifactKind.TENSORRT and a.path.is_file()
+                and a.path.stem == a.key]
     if not status.available:
-        rows.append(BenchmarkRow(name=Backend.TENSORRT.value, device="-", median_ms=None,
-                                 note=f"TensorRT not available: {status.reason}"))
+        bench.skip(Backend.TENSORRT.value, "-", f"TensorRT not available: {status.reason}")
     elif not trt_arts:
-        rows.append(BenchmarkRow(name=Backend.TENSORRT.value, device=status.gpu_name,
-                                 median_ms=None, note="no engine: run `dicom-node models "
-                                 f"optimize {model_version.version}`"))
+        bench.skip(Backend.TENSORRT.value, status.gpu_name, "no engine: run `dicom-node models "
+                   f"optimize {model_version.version}`")
     else:
-        run_one(Backend.TENSORRT.value, TensorRTRunner(trt_arts[-1].path), status.gpu_name,
-                f"TensorRT {status.version} fp16")
-    return grid, tuple(rows)
+        bench.run(Backend.TENSORRT.value, TensorRTRunner(trt_arts[-1].path), status.gpu_name,
+                  f"TensorRT {status.version} fp16")
 
 
 def _ort_version() -> str:

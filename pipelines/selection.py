@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -185,6 +185,8 @@ def is_node_output(ds: Dataset) -> bool:
 def matches(rules: SelectionRules, series: Iterable[Dataset]) -> SelectionDecision:
     """Decide whether one series (its headers) is selected by ``rules``.
 
+    The checks of :data:`_CHECKS` run in order; the first that refuses decides.
+
     Parameters
     ----------
     rules : SelectionRules
@@ -198,81 +200,122 @@ def matches(rules: SelectionRules, series: Iterable[Dataset]) -> SelectionDecisi
         ``matched`` and the first reason that decided it.
     """
     items = list(series)
+    for check in _CHECKS:
+        reason = check(rules, items)
+        if reason is not None:
+            return SelectionDecision(matched=False, reason=f"rules {rules.name!r}: {reason}")
+    count = len({str(ds.get("SOPInstanceUID", "")) for ds in items})
+    return SelectionDecision(matched=True, reason=f"rules {rules.name!r}: matched ({count} instances)")
 
-    def no(reason: str) -> SelectionDecision:
-        return SelectionDecision(matched=False, reason=f"rules {rules.name!r}: {reason}")
 
+def _refuse_kind(rules: SelectionRules, items: list[Dataset]) -> str | None:
+    """Nothing, the node's own output, result objects, secondary captures."""
     if not items:
-        return no("no instances")
+        return "no instances"
     if any(is_node_output(ds) for ds in items):
-        return no(f"produced by this node (marker {NODE_MANUFACTURER!r}); never inferred on")
+        return f"produced by this node (marker {NODE_MANUFACTURER!r}); never inferred on"
     modalities = {str(ds.get("Modality", "")) for ds in items}
     if modalities & NON_IMAGE_MODALITIES:
-        return no(f"modality {sorted(modalities & NON_IMAGE_MODALITIES)} is a result/document object")
-    sop_classes = {str(ds.get("SOPClassUID", "")) for ds in items}
-    if any(u.startswith(SECONDARY_CAPTURE_PREFIX) for u in sop_classes):
-        return no("secondary capture images are never inferred on")
+        return f"modality {sorted(modalities & NON_IMAGE_MODALITIES)} is a result/document object"
+    if any(str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX) for ds in items):
+        return "secondary capture images are never inferred on"
+    return None
+
+
+def _refuse_modality(rules: SelectionRules, items: list[Dataset]) -> str | None:
+    """Modality, SOP class and one series."""
+    modalities = {str(ds.get("Modality", "")) for ds in items}
     if modalities != {rules.modality}:
-        return no(f"modality {sorted(modalities)} is not {rules.modality}")
+        return f"modality {sorted(modalities)} is not {rules.modality}"
+    sop_classes = {str(ds.get("SOPClassUID", "")) for ds in items}
     if not sop_classes <= set(rules.sop_class_uids):
-        return no(f"SOP class {sorted(sop_classes - set(rules.sop_class_uids))} not accepted")
+        return f"SOP class {sorted(sop_classes - set(rules.sop_class_uids))} not accepted"
     series_uids = {str(ds.get("SeriesInstanceUID", "")) for ds in items}
     if len(series_uids) != 1:
-        return no(f"instances of {len(series_uids)} series given, expected one")
+        return f"instances of {len(series_uids)} series given, expected one"
+    return None
 
+
+def _refuse_image_type(rules: SelectionRules, items: list[Dataset]) -> str | None:
     for ds in items:
         image_type = [str(v).upper() for v in _values(ds.get("ImageType"))]
         if rules.require_original and (not image_type or image_type[0] != "ORIGINAL"):
-            return no(f"Image Type {image_type or 'missing'} is not ORIGINAL")
+            return f"Image Type {image_type or 'missing'} is not ORIGINAL"
         excluded = set(image_type) & set(rules.exclude_image_types)
         if excluded:
-            return no(f"Image Type contains {sorted(excluded)}")
+            return f"Image Type contains {sorted(excluded)}"
+    return None
 
-    if rules.body_part_patterns:
-        parts = {str(ds.get("BodyPartExamined", "") or "").strip().upper() for ds in items}
-        for part in parts:
-            if not part:
-                if not rules.accept_missing_body_part:
-                    return no("Body Part Examined is missing")
-            elif not any(fnmatch.fnmatchcase(part, p.upper()) for p in rules.body_part_patterns):
-                return no(f"Body Part Examined {part!r} matches none of {list(rules.body_part_patterns)}")
 
-    if rules.manufacturers:
-        makers = {str(ds.get("Manufacturer", "") or "").strip() for ds in items}
-        for maker in makers:
-            if not any(fnmatch.fnmatchcase(maker.upper(), p.upper()) for p in rules.manufacturers):
-                return no(f"Manufacturer {maker or '(missing)'!r} matches none of "
-                          f"{list(rules.manufacturers)}")
+def _refuse_body_part(rules: SelectionRules, items: list[Dataset]) -> str | None:
+    if not rules.body_part_patterns:
+        return None
+    parts = {str(ds.get("BodyPartExamined", "") or "").strip().upper() for ds in items}
+    for part in parts:
+        if not part:
+            if not rules.accept_missing_body_part:
+                return "Body Part Examined is missing"
+        elif not any(fnmatch.fnmatchcase(part, p.upper()) for p in rules.body_part_patterns):
+            return f"Body Part Examined {part!r} matches none of {list(rules.body_part_patterns)}"
+    return None
 
+
+def _refuse_manufacturer(rules: SelectionRules, items: list[Dataset]) -> str | None:
+    if not rules.manufacturers:
+        return None
+    makers = {str(ds.get("Manufacturer", "") or "").strip() for ds in items}
+    for maker in makers:
+        if not any(fnmatch.fnmatchcase(maker.upper(), p.upper()) for p in rules.manufacturers):
+            return (f"Manufacturer {maker or '(missing)'!r} matches none of "
+                    f"{list(rules.manufacturers)}")
+    return None
+
+
+def _refuse_description(rules: SelectionRules, items: list[Dataset]) -> str | None:
     descriptions = {str(ds.get("SeriesDescription", "") or "") for ds in items}
     for text in descriptions:
         if rules.series_description_patterns and not any(
                 re.search(p, text, re.IGNORECASE) for p in rules.series_description_patterns):
-            return no(f"Series Description {text!r} matches none of "
-                      f"{list(rules.series_description_patterns)}")
+            return (f"Series Description {text!r} matches none of "
+                    f"{list(rules.series_description_patterns)}")
         hit = next((p for p in rules.exclude_series_description_patterns
                     if re.search(p, text, re.IGNORECASE)), None)
         if hit is not None:
-            return no(f"Series Description {text!r} matches excluded pattern {hit!r}")
+            return f"Series Description {text!r} matches excluded pattern {hit!r}"
+    return None
 
-    if rules.single_orientation:
-        iops = [ds.get("ImageOrientationPatient") for ds in items]
-        if any(v is None or len(v) != 6 for v in iops):
-            return no("Image Orientation (Patient) is missing")
-        arr = np.array([[float(x) for x in v] for v in iops])
-        if np.abs(arr - arr[0]).max() > _ORIENTATION_TOLERANCE:
-            return no("more than one Image Orientation (Patient) in the series")
 
+def _refuse_orientation(rules: SelectionRules, items: list[Dataset]) -> str | None:
+    if not rules.single_orientation:
+        return None
+    iops = [ds.get("ImageOrientationPatient") for ds in items]
+    if any(v is None or len(v) != 6 for v in iops):
+        return "Image Orientation (Patient) is missing"
+    arr = np.array([[float(x) for x in v] for v in iops])
+    if np.abs(arr - arr[0]).max() > _ORIENTATION_TOLERANCE:
+        return "more than one Image Orientation (Patient) in the series"
+    return None
+
+
+def _refuse_geometry(rules: SelectionRules, items: list[Dataset]) -> str | None:
+    """Number of instances and slice thickness."""
     count = len({str(ds.get("SOPInstanceUID", "")) for ds in items})
     if count < rules.min_slices:
-        return no(f"{count} instance(s), at least {rules.min_slices} required")
+        return f"{count} instance(s), at least {rules.min_slices} required"
     if rules.max_slice_thickness_mm is not None:
         thickness = slice_thickness_mm(items)
         if thickness is None:
-            return no("slice thickness unknown (no Slice Thickness, no Image Position (Patient))")
+            return "slice thickness unknown (no Slice Thickness, no Image Position (Patient))"
         if thickness > rules.max_slice_thickness_mm + 1e-6:
-            return no(f"slice thickness {thickness:g} mm is above {rules.max_slice_thickness_mm:g} mm")
-    return SelectionDecision(matched=True, reason=f"rules {rules.name!r}: matched ({count} instances)")
+            return f"slice thickness {thickness:g} mm is above {rules.max_slice_thickness_mm:g} mm"
+    return None
+
+
+#: The checks of :func:`matches`, in the order they decide: each returns why the series
+#: is refused, or None.
+_CHECKS: tuple[Callable[[SelectionRules, list[Dataset]], str | None], ...] = (
+    _refuse_kind, _refuse_modality, _refuse_image_type, _refuse_body_part,
+    _refuse_manufacturer, _refuse_description, _refuse_orientation, _refuse_geometry)
 
 
 def slice_thickness_mm(items: list[Dataset]) -> float | None:

@@ -177,6 +177,39 @@ def stream_sliding_window(image: torch.Tensor, predictor: Callable[[torch.Tensor
                          f"axes, got {tuple(image.shape)}")
     roi = tuple(int(r) for r in settings.roi_size)
     spatial = tuple(int(s) for s in image.shape[2:])
+    image, lead = _pad_to_window(image, roi, settings)
+    size = tuple(int(s) for s in image.shape[2:])
+    axis = band_axis(size)
+    windows = dense_patch_slices(size, roi, scan_interval(size, roi, settings.overlap))
+    windows = sorted(windows, key=lambda w: w[axis].start)  # stable: MONAI's order within a row
+    weight = compute_importance_map(roi, mode=settings.mode, sigma_scale=settings.sigma_scale,
+                                    device="cpu", dtype=torch.float32)
+    band = _Band(axis=axis, roi=roi, spatial=spatial, size=size, lead=lead, slab=slab,
+                 emit=emit, windows=len(windows))
+    batch = max(1, int(settings.sw_batch_size))
+    i = 0
+    while i < len(windows):
+        start = windows[i][axis].start
+        band.finish(start)
+        group = [w for w in windows[i:] if w[axis].start == start]
+        i += len(group)
+        for g in range(0, len(group), batch):
+            chunk = group[g:g + batch]
+            x = torch.cat([image[(slice(None), slice(None), *w)] for w in chunk]).to(device)
+            out = predictor(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            band.add(chunk, out.detach().to("cpu", torch.float32), weight)
+            del out, x
+    band.finish(size[axis])
+    return axis
+
+
+def _pad_to_window(image: torch.Tensor, roi: tuple[int, ...],
+                   settings: WindowSettings) -> tuple[torch.Tensor, list[int]]:
+    """Pad axes shorter than the window (as MONAI does); returns the image and the
+    padding before each spatial axis."""
+    spatial = tuple(int(s) for s in image.shape[2:])
     pad: list[int] = []  # F.pad order: last axis first
     for k in range(len(spatial) - 1, -1, -1):
         diff = max(roi[k] - spatial[k], 0)
@@ -186,81 +219,79 @@ def stream_sliding_window(image: torch.Tensor, predictor: Callable[[torch.Tensor
             settings.padding_mode, "constant")
         image = F.pad(image, pad=pad, mode=mode, value=settings.cval) if mode == "constant" \
             else F.pad(image, pad=pad, mode=mode)
-    lead = [pad[2 * (len(spatial) - 1 - k)] for k in range(len(spatial))]  # padding before, per axis
-    size = tuple(int(s) for s in image.shape[2:])
-    axis = band_axis(size)
-    windows = dense_patch_slices(size, roi, scan_interval(size, roi, settings.overlap))
-    windows = sorted(windows, key=lambda w: w[axis].start)  # stable: MONAI's order within a row
-    weight = compute_importance_map(roi, mode=settings.mode, sigma_scale=settings.sigma_scale,
-                                    device="cpu", dtype=torch.float32)
-    depth = roi[axis]
+    return image, [pad[2 * (len(spatial) - 1 - k)] for k in range(len(spatial))]
 
-    def along(t: torch.Tensor, start: int, stop: int, lead_dims: int) -> tuple[slice, ...]:
+
+class _Band:
+    """The accumulation band of :func:`stream_sliding_window`: one window deep along
+    ``axis``, weighted sums and weights, emitted in slabs once no window reaches them."""
+
+    def __init__(self, *, axis: int, roi: tuple[int, ...], spatial: tuple[int, ...],
+                 size: tuple[int, ...], lead: list[int], slab: int,
+                 emit: Callable[[int, int, torch.Tensor], None], windows: int) -> None:
+        self.axis, self.roi, self.spatial, self.size, self.lead = axis, roi, spatial, size, lead
+        self.slab, self.emit, self.windows = slab, emit, windows
+        self.depth = roi[axis]
+        self.acc: torch.Tensor | None = None  # made with the first output (its channels)
+        self.count = torch.zeros((1, *[self.depth if a == axis else size[a]
+                                       for a in range(len(size))]), dtype=torch.float32)
+        self.lo = 0  # band-axis index of acc's first plane
+        self.done = 0  # band-axis indices below this have been emitted
+
+    def _along(self, t: torch.Tensor, start: int, stop: int) -> tuple[slice, ...]:
         idx = [slice(None)] * t.ndim
-        idx[lead_dims + axis] = slice(start, stop)
+        idx[1 + self.axis] = slice(start, stop)
         return tuple(idx)
 
-    acc: torch.Tensor | None = None
-    count = torch.zeros((1, *[depth if a == axis else size[a] for a in range(len(size))]),
-                        dtype=torch.float32)
-    lo = 0  # band-axis index of acc's first plane
-    done = 0  # band-axis indices below this have been emitted
+    def add(self, chunk: list[tuple[slice, ...]], out: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add the weighted outputs (n, C_out, *roi) of the windows ``chunk``."""
+        if self.acc is None:
+            channels = int(out.shape[1])
+            _, itemsize = band_bytes(channels, self.spatial, self.roi)
+            dtype = torch.float32 if itemsize == 4 else torch.float16
+            self.acc = torch.zeros((channels, *self.count.shape[1:]), dtype=dtype)
+            LOG.debug("band of %s x %s %s (%.0f MB), %d windows", channels,
+                      tuple(self.count.shape[1:]), dtype, self.acc.numel() * itemsize / 1e6,
+                      self.windows)
+        for w, o in zip(chunk, out, strict=True):
+            o.mul_(weight)
+            local = list(w)
+            local[self.axis] = slice(w[self.axis].start - self.lo, w[self.axis].stop - self.lo)
+            self.acc[(slice(None), *local)] += o
+            self.count[(slice(None), *local)] += weight
 
-    def finish(upto: int) -> None:
+    def finish(self, upto: int) -> None:
         """Emit band-axis indices [done, upto) and move the band to start at ``upto``."""
-        nonlocal lo, done
-        if acc is None:
+        if self.acc is None:
             return
-        while done < upto:
-            stop = min(upto, done + slab)
-            a, b = done - lo, stop - lo
-            values = acc[along(acc, a, b, 1)].to(torch.float32)
-            values /= count[along(count, a, b, 1)]
-            crop = [slice(None)] + [slice(lead[k], lead[k] + spatial[k]) if k != axis
-                                    else slice(None) for k in range(len(size))]
-            # band-axis indices inside the unpadded image
-            s0, s1 = max(done, lead[axis]), min(stop, lead[axis] + spatial[axis])
-            if s1 > s0:
-                crop[1 + axis] = slice(s0 - done, s1 - done)
-                emit(s0 - lead[axis], s1 - lead[axis], values[tuple(crop)])
-            done = stop
-        shift = upto - lo
-        if shift > 0:
-            keep = depth - shift
-            if keep > 0:
-                acc[along(acc, 0, keep, 1)] = acc[along(acc, shift, depth, 1)].clone()
-                count[along(count, 0, keep, 1)] = count[along(count, shift, depth, 1)].clone()
-            acc[along(acc, max(keep, 0), depth, 1)] = 0
-            count[along(count, max(keep, 0), depth, 1)] = 0
-            lo = upto
+        self._emit_until(self.acc, upto)
+        self._move_to(self.acc, upto)
 
-    batch = max(1, int(settings.sw_batch_size))
-    i = 0
-    while i < len(windows):
-        start = windows[i][axis].start
-        finish(start)
-        group = [w for w in windows[i:] if w[axis].start == start]
-        i += len(group)
-        for g in range(0, len(group), batch):
-            chunk = group[g:g + batch]
-            x = torch.cat([image[(slice(None), slice(None), *w)] for w in chunk]).to(device)
-            out = predictor(x)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            out = out.detach().to("cpu", torch.float32)
-            if acc is None:
-                channels = int(out.shape[1])
-                _, itemsize = band_bytes(channels, spatial, roi)
-                dtype = torch.float32 if itemsize == 4 else torch.float16
-                acc = torch.zeros((channels, *count.shape[1:]), dtype=dtype)
-                LOG.debug("band of %s x %s %s (%.0f MB), %d windows", channels,
-                          tuple(count.shape[1:]), dtype, acc.numel() * itemsize / 1e6, len(windows))
-            for w, o in zip(chunk, out, strict=True):
-                o.mul_(weight)
-                local = list(w)
-                local[axis] = slice(w[axis].start - lo, w[axis].stop - lo)
-                acc[(slice(None), *local)] += o
-                count[(slice(None), *local)] += weight
-            del out, x
-    finish(size[axis])
-    return axis
+    def _emit_until(self, acc: torch.Tensor, upto: int) -> None:
+        axis, lead, spatial = self.axis, self.lead, self.spatial
+        while self.done < upto:
+            stop = min(upto, self.done + self.slab)
+            a, b = self.done - self.lo, stop - self.lo
+            values = acc[self._along(acc, a, b)].to(torch.float32)
+            values /= self.count[self._along(self.count, a, b)]
+            crop = [slice(None)] + [slice(lead[k], lead[k] + spatial[k]) if k != axis
+                                    else slice(None) for k in range(len(self.size))]
+            # band-axis indices inside the unpadded image
+            s0, s1 = max(self.done, lead[axis]), min(stop, lead[axis] + spatial[axis])
+            if s1 > s0:
+                crop[1 + axis] = slice(s0 - self.done, s1 - self.done)
+                self.emit(s0 - lead[axis], s1 - lead[axis], values[tuple(crop)])
+            self.done = stop
+
+    def _move_to(self, acc: torch.Tensor, upto: int) -> None:
+        shift = upto - self.lo
+        if shift <= 0:
+            return
+        depth, count, along = self.depth, self.count, self._along
+        keep = depth - shift
+        if keep > 0:
+            acc[along(acc, 0, keep)] = acc[along(acc, shift, depth)].clone()
+            count[along(count, 0, keep)] = count[along(count, shift, depth)].clone()
+        acc[along(acc, max(keep, 0), depth)] = 0
+        count[along(count, max(keep, 0), depth)] = 0
+        self.lo = upto

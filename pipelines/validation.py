@@ -153,9 +153,8 @@ def validate_series(datasets: Sequence[Dataset], kind: str, *, dciodvfy: str | N
     writer call with one template and differ only in pixel data, Instance Number,
     position and the referenced source image, which the Python checks read back on
     every instance (encoding, UIDs, references, pixel data, IHE AIR attributes).
-    ``dciodvfy`` checks the IOD's structure, identical across them; one subprocess per
-    instance cost about 7 ms each plus a file (200 images: 1.4 s of a 2-core CPU). An
-    instance that fails any check is still never sent.
+    ``dciodvfy`` checks the IOD's structure, identical across them, and costs a
+    subprocess and a file per instance (figures in ``benchmarks/README.md``). An instance that fails any check is still never sent.
 
     Returns
     -------

@@ -140,7 +140,35 @@ def load_series(items: Iterable[Dataset | str | os.PathLike[str]], *,
     order = np.argsort(offsets, kind="stable")
     datasets = [datasets[i] for i in order]
     positions, offsets = positions[order], offsets[order]
+    median = _check_stacking(datasets, positions, offsets, normal, spacing_rc, series_uid, tol)
 
+    hu = _read_pixels(datasets, rows, cols, series_uid)
+    hu, step, grid_positions = _regular_grid(hu, offsets, median, series_uid, tol)
+    affine = np.eye(4)
+    affine[:3, 0] = normal * step
+    affine[:3, 1] = col_dir * spacing_rc[0]
+    affine[:3, 2] = row_dir * spacing_rc[1]
+    affine[:3, 3] = positions[0]
+    hu.flags.writeable = False
+    first = datasets[0]
+    return Volume(array=hu, affine=affine,
+                  frame_of_reference_uid=str(first.FrameOfReferenceUID),
+                  study_instance_uid=str(first.StudyInstanceUID),
+                  series_instance_uid=series_uid,
+                  source_images=tuple(_header(ds) for ds in datasets),
+                  source_grid_positions=grid_positions)
+
+
+def _check_stacking(datasets: list[Dataset], positions: np.ndarray, offsets: np.ndarray,
+                    normal: np.ndarray, spacing_rc: tuple[float, float], series_uid: str,
+                    tol: GeometryTolerances) -> float:
+    """Refuse duplicate positions, a gantry tilt and missing slices (slices sorted along
+    the normal); returns the median slice spacing, mm.
+
+    Raises
+    ------
+    DuplicatePositionError, GantryTiltError, MissingSlicesError
+    """
     gaps = np.diff(offsets)
     dup = np.flatnonzero(gaps < tol.duplicate_mm)
     if dup.size:
@@ -159,32 +187,24 @@ def load_series(items: Iterable[Dataset | str | os.PathLike[str]], *,
     if big.size:
         k = int(big[0])
         raise MissingSlicesError(series_uid, float(offsets[k]), float(offsets[k + 1]), median)
+    return median
 
-    hu = _read_pixels(datasets, rows, cols, series_uid)
+
+def _regular_grid(hu: np.ndarray, offsets: np.ndarray, median: float, series_uid: str,
+                  tol: GeometryTolerances) -> tuple[np.ndarray, float, tuple[float, ...]]:
+    """The slices on a regular grid along the normal: as they are when their spacing is
+    even, else resampled; returns the array, its step (mm) and each source slice's
+    position on the grid."""
     mean = float(offsets[-1] - offsets[0]) / (len(offsets) - 1)
     deviation = float(np.abs(offsets - (offsets[0] + mean * np.arange(len(offsets)))).max())
     if deviation <= tol.uneven_fraction_of_spacing * mean:
-        step, grid_positions = mean, tuple(float(k) for k in range(len(offsets)))
-    else:
-        # a step close to the median that fits first to last slice exactly
-        step = float(offsets[-1] - offsets[0]) / max(1, round((offsets[-1] - offsets[0]) / median))
-        LOG.info("series %s: uneven slice spacing (up to %.3f mm off a regular grid); resampling "
-                 "onto %.3f mm along the normal", series_uid, deviation, step)
-        hu, grid_positions = _resample_along_normal(hu, offsets, step)
-
-    affine = np.eye(4)
-    affine[:3, 0] = normal * step
-    affine[:3, 1] = col_dir * spacing_rc[0]
-    affine[:3, 2] = row_dir * spacing_rc[1]
-    affine[:3, 3] = positions[0]
-    hu.flags.writeable = False
-    first = datasets[0]
-    return Volume(array=hu, affine=affine,
-                  frame_of_reference_uid=str(first.FrameOfReferenceUID),
-                  study_instance_uid=str(first.StudyInstanceUID),
-                  series_instance_uid=series_uid,
-                  source_images=tuple(_header(ds) for ds in datasets),
-                  source_grid_positions=grid_positions)
+        return hu, mean, tuple(float(k) for k in range(len(offsets)))
+    # a step close to the median that fits first to last slice exactly
+    step = float(offsets[-1] - offsets[0]) / max(1, round((offsets[-1] - offsets[0]) / median))
+    LOG.info("series %s: uneven slice spacing (up to %.3f mm off a regular grid); resampling "
+             "onto %.3f mm along the normal", series_uid, deviation, step)
+    hu, grid_positions = _resample_along_normal(hu, offsets, step)
+    return hu, step, grid_positions
 
 
 def to_source_slices(volume: Volume, mask: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from dicom_node.durable import replace_durably
 from registry.bundle import open_bundle
 from registry.errors import ExportError
 from registry.records import Artifact, ArtifactKind, Backend, Verification, utc_now
@@ -219,7 +220,7 @@ def export_onnx(network: torch.nn.Module, path: Path, *, example: torch.Tensor,
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds
         tmp.unlink(missing_ok=True)
         raise ExportError(path.parent.parent.name, "onnx", f"export failed ({exc})") from exc
-    tmp.replace(path)
+    replace_durably(tmp, path)
     return path
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import sqlite_utils
 from pydicom.uid import generate_uid
 
+from dicom_node.durable import replace_durably
 from registry.errors import NoActiveModelError, RegistryError, StatusError, VersionNotFoundError
 from registry.records import (
     Artifact,
@@ -419,7 +420,7 @@ class Registry:
                 final = task_dir / version
                 if final.exists():
                     raise RegistryError(f"{final} exists but is not registered; move it away")
-                incoming.rename(final)
+                replace_durably(incoming, final)
                 weights = final / info.weights_file.relative_to(incoming)
                 row = {
                     "version": version, "task": task, "number": n,

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from dicom_node.durable import write_durably
+
 LOG = logging.getLogger(__name__)
 
 try:  # optional dependency: import-guarded on purpose (DESIGN decision 9)
@@ -136,11 +138,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan_path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(plan))
-    tmp.replace(plan_path)
+    write_durably(plan_path, [memoryview(plan)])
     return plan_path
 
 

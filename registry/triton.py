@@ -22,11 +22,11 @@ it, and the few fields are plain. The tests parse each file back with the
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_node.durable import replace_durably
 from registry.bundle import open_bundle
 from registry.errors import ExportError
 from registry.records import ArtifactKind, Backend
@@ -276,7 +276,7 @@ def export_triton(registry: Registry, version: str, repository: Path | str, *,
         final = repo / name
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_durably(tmp, final)
     LOG.info("%s: Triton models %s and %s written to %s (%s, max batch %d, %d instance(s))",
              version, names["onnxruntime"], names["python"], repo, kind, batch, instances)
     return TritonExport(version=version, repository=repo, onnx_model=names["onnxruntime"],

@@ -22,13 +22,13 @@ from pynetdicom import evt, transport
 from pynetdicom.dimse import DIMSEServiceProvider
 
 from dicom_client import send
+from dicom_node.durable import write_durably
 from dicom_node.fast_receive import speedups, store_response
 from dicom_node.fast_receive.spooling import encode_file_meta, pydicom_file_meta
 from dicom_node.server import DicomServer
 from dicom_node.settings import Settings
 from node_harness import small_ct
 from twin_archive import Archive
-from twin_archive.durable import write_durably
 from waiting import wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
+from dicom_node.durable import write_durably
 from pipelines.inference import load_model
 from pipelines.selection import NON_IMAGE_MODALITIES, SelectionRules, matches
 from pipelines.volume import load_series
@@ -193,9 +194,9 @@ def export_decathlon(archive: Archive, labels: LabelStore, data_dir: Path, task:
     }
     (out_dir / "dataset.json").write_text(json.dumps(desc, indent=2))
     keep = data_dir / EXPORTS_DIR / f"{export_id}.json"
-    keep.parent.mkdir(parents=True, exist_ok=True)
-    keep.write_text(json.dumps({"export_id": export_id, "out_dir": str(out_dir),
-                                "manifest": dataset.manifest(), "cases": mapping}, indent=2))
+    write_durably(keep, [json.dumps({"export_id": export_id, "out_dir": str(out_dir),
+                                     "manifest": dataset.manifest(), "cases": mapping},
+                                    indent=2).encode()])
     LOG.info("exported %s: %d case(s) (%d validation) to %s; mapping kept in %s", task,
              len(order), len(validation), out_dir, keep)
     return desc

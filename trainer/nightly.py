@@ -57,7 +57,7 @@ from twin_archive.labels import LabelStore
 from twin_archive.training_use import record_training_use
 
 if TYPE_CHECKING:
-    from trainer.train import VolumeItem
+    from trainer.train import TrainingResult, VolumeItem
 
 # torch and MONAI (pipelines.inference, trainer.train) are imported where a model is run
 # or trained, i.e. in the training subprocess: the node's listener imports this module
@@ -339,31 +339,12 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
         key = hashlib.sha256(f"{parent.version if parent else '-'}\n{dataset.manifest_key()}"
                              .encode()).hexdigest()[:16]
         work = data_dir / TRAINING_DIR / task / f"run-{key}"
-        bundle = work / "bundle"
-        _prepare_bundle(src, bundle, parent=parent.version if parent else None, run_id=run_id,
-                        dataset=dataset)
-        from trainer.train import TrainableBundle, TrainingConfig, TrainingResult, train
-
-        model_labels = dict(enumerate(TrainableBundle(bundle).label_names, start=1))
-        make = lambda items: [ArchiveItem(archive=archive, item=i, model_labels=model_labels,  # noqa: E731
-                                          name=i.case_id) for i in items]
-        device = config.resolved_device()
-        tc = TrainingConfig(
-            learning_rate=config.finetune_lr if parent else config.scratch_lr,
-            max_epochs=config.max_epochs, time_budget_s=config.time_budget_s, seed=config.seed,
-            device=device, patch_size=(config.patch_size,) * 3,
-            samples_per_volume=config.samples_per_volume)
-        LOG.info("training %s: %s, lr %.0e, %d train / %d validation series, device %s, budget "
-                 "%.0f s, up to %d epochs", task,
-                 f"fine-tuning {parent.version}" if parent else "from scratch", tc.learning_rate,
-                 len(dataset.train), len(dataset.validation), device, config.time_budget_s,
-                 config.max_epochs)
-        result: TrainingResult = train(
-            bundle, make(dataset.train), make(dataset.validation), tc,
-            weights_out=bundle / "models" / "model.pt", checkpoint=work / "checkpoint.pt",
-            init_weights=(parent.path / "models" / "model.pt") if parent else None)
+        _prepare_bundle(src, work / "bundle", parent=parent.version if parent else None,
+                        run_id=run_id, dataset=dataset)
+        result, model_labels, device = _train_candidate(archive, task, work, dataset, parent,
+                                                        config)
         candidate = reg.register_candidate(
-            bundle, task=task, parent_version=parent.version if parent else None,
+            work / "bundle", task=task, parent_version=parent.version if parent else None,
             dataset_manifest=dataset.manifest_json(), by=by,
             reason=f"nightly training run {run_id}: {len(dataset.train)} train, "
                    f"{len(dataset.validation)} validation series")
@@ -389,6 +370,41 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
         reg.close()
         labels.close()
         archive.close()
+
+
+def _train_candidate(archive: Archive, task: str, work: Path, dataset: TrainingSet,
+                     parent: ModelVersion | None, config: NightlyConfig
+                     ) -> tuple[TrainingResult, dict[int, str], str]:
+    """Train the bundle prepared in ``work/bundle`` (resuming from ``work``'s checkpoint).
+
+    Returns the result, the bundle's labels by channel and the device it ran on.
+
+    Raises
+    ------
+    TrainingError
+        If training fails.
+    """
+    from trainer.train import TrainableBundle, TrainingConfig, train
+
+    bundle = work / "bundle"
+    model_labels = dict(enumerate(TrainableBundle(bundle).label_names, start=1))
+    make = lambda items: [ArchiveItem(archive=archive, item=i, model_labels=model_labels,  # noqa: E731
+                                      name=i.case_id) for i in items]
+    device = config.resolved_device()
+    tc = TrainingConfig(
+        learning_rate=config.finetune_lr if parent else config.scratch_lr,
+        max_epochs=config.max_epochs, time_budget_s=config.time_budget_s, seed=config.seed,
+        device=device, patch_size=(config.patch_size,) * 3,
+        samples_per_volume=config.samples_per_volume)
+    LOG.info("training %s: %s, lr %.0e, %d train / %d validation series, device %s, budget "
+             "%.0f s, up to %d epochs", task,
+             f"fine-tuning {parent.version}" if parent else "from scratch", tc.learning_rate,
+             len(dataset.train), len(dataset.validation), device, config.time_budget_s,
+             config.max_epochs)
+    result = train(bundle, make(dataset.train), make(dataset.validation), tc,
+                   weights_out=bundle / "models" / "model.pt", checkpoint=work / "checkpoint.pt",
+                   init_weights=(parent.path / "models" / "model.pt") if parent else None)
+    return result, model_labels, device
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -541,6 +557,22 @@ def run_in_subprocess(data_dir: Path | str, task: str, rules: SelectionRules,
 
     proc = subprocess.Popen(cmd, preexec_fn=lower_priority,
                             cwd=str(Path(__file__).resolve().parents[1]))
+    try:
+        _wait_for_child(proc, task, timeout, cancel)
+    finally:
+        request.unlink(missing_ok=True)
+    return _read_outcome(proc.returncode, result, task)
+
+
+def _wait_for_child(proc: subprocess.Popen[bytes], task: str, timeout: float,
+                    cancel: threading.Event | None) -> None:
+    """Wait for the training child; stop it (TERM, then KILL after 30 s) on the way out.
+
+    Raises
+    ------
+    TrainingError
+        If ``cancel`` is set or the child runs past ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None:
@@ -561,11 +593,20 @@ def run_in_subprocess(data_dir: Path | str, task: str, rules: SelectionRules,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        request.unlink(missing_ok=True)
-    if proc.returncode != 0 or not result.is_file():
+
+
+def _read_outcome(returncode: int | None, result: Path, task: str) -> TrainingOutcome:
+    """The outcome the child wrote to ``result`` (removed after reading).
+
+    Raises
+    ------
+    TrainingError
+        If the child failed or wrote an error.
+    """
+    if returncode != 0 or not result.is_file():
         detail = result.read_text() if result.is_file() else "no result written"
         result.unlink(missing_ok=True)
-        raise TrainingError(f"training {task} failed (exit status {proc.returncode}): {detail}")
+        raise TrainingError(f"training {task} failed (exit status {returncode}): {detail}")
     data = json.loads(result.read_text())
     result.unlink(missing_ok=True)
     if "error" in data:

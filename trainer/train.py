@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from monai.transforms import (Compose, RandCropByPosNegLabeld, RandScaleIntensit
 from monai.transforms.transform import MapTransform
 from monai.utils import set_determinism
 
+from dicom_node.durable import open_durably
 from registry.bundle import LOADING_TRANSFORMS, find_config
 from trainer.errors import BundleConfigError, CheckpointError, TrainingError
 
@@ -380,12 +380,9 @@ def _dice_per_label(pred: torch.Tensor, truth: torch.Tensor, n_labels: int) -> l
 
 
 def _save_atomic(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """``torch.save`` through the node's durable write (a crash leaves the old file)."""
+    with open_durably(path) as fh:
+        torch.save(obj, fh)
 
 
 def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
@@ -437,16 +434,102 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
     set_determinism(seed=config.seed)
     net = bundle.network().to(device)
     if init_weights is not None and not (ckpt_path and ckpt_path.is_file()):
-        try:
-            net.load_state_dict(torch.load(str(init_weights), map_location=device,
-                                           weights_only=True))
-        except Exception as exc:  # noqa: BLE001 - wrong file or wrong network
-            raise CheckpointError(Path(init_weights), f"does not fit the network ({exc})") from exc
-        LOG.info("starting from weights %s", init_weights)
+        _load_initial_weights(net, Path(init_weights), device)
+    data = _cache_volumes(bundle, train_items, val_items, config)
+    run = _Run(net=net, bundle=bundle, data=data, device=device, loss_fn=DiceCELoss(
+        to_onehot_y=True, softmax=True), inferer=bundle.inferer())
+    run.optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    run.scheduler = torch.optim.lr_scheduler.ExponentialLR(run.optimizer, gamma=config.lr_decay)
+    if ckpt_path is not None and ckpt_path.is_file():
+        run.resume(ckpt_path, config)
 
+    start = time.perf_counter()
+    stopped_by = _run_epochs(run, config, weights_out, ckpt_path, start)
+    run.validate_last()
+    if run.best_state is None:
+        raise TrainingError(f"no epoch completed within the time budget of "
+                            f"{config.time_budget_s} s")
+    _save_atomic(run.best_state, weights_out)
+    result = TrainingResult(label_names=bundle.label_names, best_dice=run.best_dice,
+                            best_epoch=run.best_epoch, epochs=run.epoch,
+                            seconds=run.wall_before + time.perf_counter() - start,
+                            samples=run.samples, samples_per_s=run.samples / run.train_seconds
+                            if run.train_seconds else 0.0,
+                            stopped_by=stopped_by, weights=weights_out)
+    LOG.info("training done (%s): %d epochs, %.0f s, %.2f samples/s, best val Dice %s at "
+             "epoch %d -> %s", stopped_by, result.epochs, result.seconds, result.samples_per_s,
+             result.dice_by_label(), run.best_epoch, weights_out)
+    return result
+
+
+def _run_epochs(run: _Run, config: TrainingConfig, weights_out: Path, ckpt_path: Path | None,
+                start: float) -> str:
+    """Train epoch after epoch until ``max_epochs`` or the time budget (an epoch that
+    would overrun it is not started); returns what stopped it."""
+    stopped_by = "epochs"
+    last_epoch_s = 0.0
+    while run.epoch < config.max_epochs:
+        elapsed = run.wall_before + time.perf_counter() - start
+        if config.time_budget_s is not None and elapsed + last_epoch_s > config.time_budget_s:
+            stopped_by = "time budget"
+            break
+        t_epoch = time.perf_counter()
+        loss, n_epoch = run.fit_epoch()
+        fit_s = time.perf_counter() - t_epoch
+        run.train_seconds += fit_s
+        dice_text = run.validate_epoch(config, weights_out)
+        last_epoch_s = time.perf_counter() - t_epoch
+        wall = run.wall_before + time.perf_counter() - start
+        left = (f"{max(0.0, config.time_budget_s - wall):.0f} s left"
+                if config.time_budget_s is not None else "no time budget")
+        LOG.info("epoch %d/%d: loss %.4f, val Dice %s (best %.4f at epoch %d), lr %.2e, "
+                 "%.1f s/epoch, %.2f samples/s, %s", run.epoch, config.max_epochs, loss,
+                 dice_text, float(np.mean(run.best_dice)) if run.best_dice else math.nan,
+                 run.best_epoch, run.scheduler.get_last_lr()[0], last_epoch_s,
+                 n_epoch / max(fit_s, 1e-9), left)
+        if ckpt_path is not None:
+            run.save_checkpoint(ckpt_path, wall)
+    return stopped_by
+
+
+def _load_initial_weights(net: torch.nn.Module, path: Path, device: torch.device) -> None:
+    """Start from a state dict (fine-tuning).
+
+    Raises
+    ------
+    CheckpointError
+        If the file is not a state dict of this network.
+    """
+    try:
+        net.load_state_dict(torch.load(str(path), map_location=device, weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - wrong file or wrong network
+        raise CheckpointError(path, f"does not fit the network ({exc})") from exc
+    LOG.info("starting from weights %s", path)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Volumes:
+    """The volumes cached on the model grid, and the seeded loader over the training ones."""
+
+    train_ds: CacheDataset
+    val_ds: CacheDataset
+    train_compose: Compose
+    generator: torch.Generator
+    loader: DataLoader
+
+
+def _cache_volumes(bundle: TrainableBundle, train_items: Sequence[ItemSource],
+                   val_items: Sequence[ItemSource], config: TrainingConfig) -> _Volumes:
+    """Load every item once onto the model grid; training ones get random patches.
+
+    Raises
+    ------
+    TrainingError
+        If a label map holds a value beyond the bundle's channels.
+    """
     t_cache = time.perf_counter()
-    pre = bundle.preprocessing()
-    pair = _PreprocessPair(list(train_items) + list(val_items), pre, bundle.image_key)
+    pair = _PreprocessPair(list(train_items) + list(val_items), bundle.preprocessing(),
+                           bundle.image_key)
     n_train = len(train_items)
     train_tf: list[Any] = [
         pair,
@@ -479,113 +562,130 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(train_ds, batch_size=config.volumes_per_batch, shuffle=True,
                         num_workers=0, generator=generator)
+    return _Volumes(train_ds=train_ds, val_ds=val_ds, train_compose=train_compose,
+                    generator=generator, loader=loader)
 
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
-    inferer = bundle.inferer()
 
-    epoch, samples, train_seconds, wall_before = 0, 0, 0.0, 0.0
+@dataclass(kw_only=True, slots=True)
+class _Run:
+    """One training run in progress: the network, its optimiser and the counters a
+    checkpoint keeps (mutable on purpose: it is the loop's state, private to :func:`train`)."""
+
+    net: torch.nn.Module
+    bundle: TrainableBundle
+    data: _Volumes
+    device: torch.device
+    loss_fn: Any
+    inferer: Any
+    optimizer: Any = None
+    scheduler: Any = None
+    epoch: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    wall_before: float = 0.0
     best_dice: tuple[float, ...] = ()
-    best_epoch = 0
+    best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
-    validated_epoch = 0
-    if ckpt_path is not None and ckpt_path.is_file():
+    validated_epoch: int = 0
+
+    def resume(self, ckpt_path: Path, config: TrainingConfig) -> None:
+        """Continue from a checkpoint (network, optimiser, scheduler, counters, best weights).
+
+        Raises
+        ------
+        CheckpointError
+            If the checkpoint does not fit this network or misses a counter.
+        """
         try:
-            ck = torch.load(str(ckpt_path), map_location=device, weights_only=True)
-            net.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            epoch, samples = int(ck["epoch"]), int(ck["samples"])
-            train_seconds, wall_before = float(ck["train_seconds"]), float(ck["wall_seconds"])
-            best_dice = tuple(float(v) for v in ck["best_dice"])
-            best_epoch = int(ck["best_epoch"])
-            best_state = ck["best_state"]
-            validated_epoch = int(ck["validated_epoch"])
-            generator.manual_seed(config.seed + epoch)
-            train_compose.set_random_state(seed=config.seed + epoch)
+            ck = torch.load(str(ckpt_path), map_location=self.device, weights_only=True)
+            self.net.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.epoch, self.samples = int(ck["epoch"]), int(ck["samples"])
+            self.train_seconds = float(ck["train_seconds"])
+            self.wall_before = float(ck["wall_seconds"])
+            self.best_dice = tuple(float(v) for v in ck["best_dice"])
+            self.best_epoch = int(ck["best_epoch"])
+            self.best_state = ck["best_state"]
+            self.validated_epoch = int(ck["validated_epoch"])
+            self.data.generator.manual_seed(config.seed + self.epoch)
+            self.data.train_compose.set_random_state(seed=config.seed + self.epoch)
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(ckpt_path, f"cannot be resumed ({exc})") from exc
         LOG.info("resumed from %s after epoch %d (best mean Dice %.4f at epoch %d)", ckpt_path,
-                 epoch, float(np.mean(best_dice)) if best_dice else math.nan, best_epoch)
+                 self.epoch, float(np.mean(self.best_dice)) if self.best_dice else math.nan,
+                 self.best_epoch)
 
-    start = time.perf_counter()
-    stopped_by = "epochs"
-    last_epoch_s = 0.0
-    while epoch < config.max_epochs:
-        elapsed = wall_before + time.perf_counter() - start
-        if config.time_budget_s is not None and elapsed + last_epoch_s > config.time_budget_s:
-            stopped_by = "time budget"
-            break
-        t_epoch = time.perf_counter()
-        net.train()
+    def save_checkpoint(self, ckpt_path: Path, wall: float) -> None:
+        """Write what :meth:`resume` reads (durably: a crash leaves the previous one)."""
+        _save_atomic({"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                      "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                      "samples": self.samples, "train_seconds": self.train_seconds,
+                      "wall_seconds": wall, "best_dice": list(self.best_dice),
+                      "best_epoch": self.best_epoch, "best_state": self.best_state,
+                      "validated_epoch": self.validated_epoch}, ckpt_path)
+
+    def fit_epoch(self) -> tuple[float, int]:
+        """One pass over the training patches; returns the mean loss and the patches seen.
+
+        Raises
+        ------
+        TrainingError
+            If the loss is not finite.
+        """
+        self.net.train()
         losses = []
         n_epoch = 0
-        for batch in loader:
-            x = batch[IMAGE].to(device)
-            y = batch[LABEL].to(device).long()
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), y)
+        for batch in self.data.loader:
+            x = batch[IMAGE].to(self.device)
+            y = batch[LABEL].to(self.device).long()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.net(x), y)
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss is not finite at epoch {epoch + 1}; lower the "
-                                    f"learning rate (now {scheduler.get_last_lr()[0]:.2e})")
+                raise TrainingError(f"loss is not finite at epoch {self.epoch + 1}; lower the "
+                                    f"learning rate (now {self.scheduler.get_last_lr()[0]:.2e})")
             loss.backward()
-            optimizer.step()
+            self.optimizer.step()
             losses.append(float(loss.detach()))
             n_epoch += int(x.shape[0])
-        scheduler.step()
-        epoch += 1
-        samples += n_epoch
-        fit_s = time.perf_counter() - t_epoch
-        train_seconds += fit_s
-        dice_text = "no validation"
-        if val_ds and epoch % config.validate_every == 0:
-            dice = _validate(net, inferer, val_ds, bundle.num_classes - 1, device)
-            validated_epoch = epoch
-            dice_text = ", ".join(f"{n} {d:.4f}" for n, d in zip(bundle.label_names, dice))
-            if not best_dice or np.mean(dice) > np.mean(best_dice):
-                best_dice, best_epoch = tuple(dice), epoch
-                best_state = _cpu_state(net)
-                _save_atomic(best_state, weights_out)
-        elif not val_ds:
-            best_epoch, best_state = epoch, _cpu_state(net)
-        last_epoch_s = time.perf_counter() - t_epoch
-        wall = wall_before + time.perf_counter() - start
-        left = (f"{max(0.0, config.time_budget_s - wall):.0f} s left"
-                if config.time_budget_s is not None else "no time budget")
-        LOG.info("epoch %d/%d: loss %.4f, val Dice %s (best %.4f at epoch %d), lr %.2e, "
-                 "%.1f s/epoch, %.2f samples/s, %s", epoch, config.max_epochs,
-                 float(np.mean(losses)) if losses else math.nan, dice_text,
-                 float(np.mean(best_dice)) if best_dice else math.nan, best_epoch,
-                 scheduler.get_last_lr()[0], last_epoch_s, n_epoch / max(fit_s, 1e-9), left)
-        if ckpt_path is not None:
-            _save_atomic({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "epoch": epoch,
-                          "samples": samples, "train_seconds": train_seconds,
-                          "wall_seconds": wall, "best_dice": list(best_dice),
-                          "best_epoch": best_epoch, "best_state": best_state,
-                          "validated_epoch": validated_epoch}, ckpt_path)
-    if val_ds and 0 < epoch != validated_epoch:
-        # the last epoch is always validated, however the run ended (epochs or time),
-        # so that a run of a fixed number of epochs reproduces a time-limited one
-        dice = _validate(net, inferer, val_ds, bundle.num_classes - 1, device)
-        LOG.info("epoch %d (last): val Dice %s", epoch,
-                 ", ".join(f"{n} {d:.4f}" for n, d in zip(bundle.label_names, dice)))
-        if not best_dice or np.mean(dice) > np.mean(best_dice):
-            best_dice, best_epoch, best_state = tuple(dice), epoch, _cpu_state(net)
-    if best_state is None:
-        raise TrainingError(f"no epoch completed within the time budget of "
-                            f"{config.time_budget_s} s")
-    _save_atomic(best_state, weights_out)
-    result = TrainingResult(label_names=bundle.label_names, best_dice=best_dice,
-                            best_epoch=best_epoch, epochs=epoch,
-                            seconds=wall_before + time.perf_counter() - start, samples=samples,
-                            samples_per_s=samples / train_seconds if train_seconds else 0.0,
-                            stopped_by=stopped_by, weights=weights_out)
-    LOG.info("training done (%s): %d epochs, %.0f s, %.2f samples/s, best val Dice %s at "
-             "epoch %d -> %s", stopped_by, result.epochs, result.seconds, result.samples_per_s,
-             result.dice_by_label(), best_epoch, weights_out)
-    return result
+        self.scheduler.step()
+        self.epoch += 1
+        self.samples += n_epoch
+        return (float(np.mean(losses)) if losses else math.nan), n_epoch
+
+    def validate_epoch(self, config: TrainingConfig, weights_out: Path) -> str:
+        """Validate when due; keep (and write) the weights when they improved.
+
+        Returns the per-label Dice as text for the log (``no validation`` otherwise).
+        """
+        val_ds = self.data.val_ds
+        if val_ds and self.epoch % config.validate_every == 0:
+            dice = self._dice()
+            self.validated_epoch = self.epoch
+            if not self.best_dice or np.mean(dice) > np.mean(self.best_dice):
+                self.best_dice, self.best_epoch = tuple(dice), self.epoch
+                self.best_state = _cpu_state(self.net)
+                _save_atomic(self.best_state, weights_out)
+            return ", ".join(f"{n} {d:.4f}" for n, d in zip(self.bundle.label_names, dice))
+        if not val_ds:
+            self.best_epoch, self.best_state = self.epoch, _cpu_state(self.net)
+        return "no validation"
+
+    def validate_last(self) -> None:
+        """Validate the last epoch if it was not, however the run ended (epochs or time),
+        so that a run of a fixed number of epochs reproduces a time-limited one."""
+        if not self.data.val_ds or not 0 < self.epoch != self.validated_epoch:
+            return
+        dice = self._dice()
+        LOG.info("epoch %d (last): val Dice %s", self.epoch,
+                 ", ".join(f"{n} {d:.4f}" for n, d in zip(self.bundle.label_names, dice)))
+        if not self.best_dice or np.mean(dice) > np.mean(self.best_dice):
+            self.best_dice, self.best_epoch = tuple(dice), self.epoch
+            self.best_state = _cpu_state(self.net)
+
+    def _dice(self) -> list[float]:
+        return _validate(self.net, self.inferer, self.data.val_ds, self.bundle.num_classes - 1,
+                         self.device)
 
 
 def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:

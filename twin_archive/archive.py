@@ -26,8 +26,8 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from dicom_node.durable import clean_tmp, fsync_dir, write_durably
 from twin_archive.dataset_walk import Walked, walk
-from twin_archive.durable import clean_tmp, fsync_dir, write_durably
 from twin_archive import reconcile
 from twin_archive.errors import (
     ArchiveError,

@@ -76,6 +76,12 @@ def walk(pread: Callable[[int, int], bytes], size: int, *, implicit: bool, littl
          max_depth: int = MAX_DEPTH) -> Walked:
     """Follow a data set of ``size`` bytes from its first element to its last.
 
+    Long because it is one state machine over an explicit stack (data set, items,
+    sequences, pixel fragments) whose states share the read position, the enclosing
+    limit and the stack, run once per element on the C-STORE path: split into
+    functions, each element would pay calls and the shared state would travel
+    through their arguments.
+
     Parameters
     ----------
     pread : callable

@@ -42,7 +42,7 @@ from typing import Any
 
 import sqlite_utils
 
-from twin_archive.durable import write_durably
+from dicom_node.durable import write_durably
 from twin_archive.errors import ArchiveError
 from twin_archive.schema import IndexStore, fetch_dicts, utc_now, write_transaction
 from twin_archive.uids import uid_problem

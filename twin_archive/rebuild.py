@@ -16,12 +16,12 @@ files stay where they are.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dicom_node.durable import replace_durably
 from twin_archive.archive import Archive
 from twin_archive.audit import AuditEvent, AuditLog, AuditLogTamperedError
 from twin_archive.errors import ArchiveError
@@ -57,7 +57,7 @@ def _set_aside(data_dir: Path) -> str:
     for suffix in ("", "-wal", "-shm"):
         src = data_dir / f"{INDEX_NAME}{suffix}"
         if src.exists():
-            os.replace(src, data_dir / f"{target.name}{suffix}")
+            replace_durably(src, data_dir / f"{target.name}{suffix}")
     return str(target)
 
 

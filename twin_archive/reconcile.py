@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
+from dicom_node.durable import replace_durably
 from twin_archive.layout import ARCHIVE_DIR, QUARANTINE_DIR
 
 LOG = logging.getLogger(__name__)
@@ -118,8 +119,7 @@ def quarantine(data_dir: Path, path: Path, why: str) -> Path:
     while target.exists():
         target = target.with_name(f"{rel.name}.{n}")
         n += 1
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(path, target)
+    replace_durably(path, target)
     LOG.warning("archive: %s moved to %s: %s", rel, target.relative_to(data_dir), why)
     return target
 

@@ -29,7 +29,7 @@ import pydicom
 import sqlite_utils
 from pydicom.dataset import Dataset
 
-from twin_archive.durable import fsync_dir, write_durably
+from dicom_node.durable import fsync_dir, write_durably
 from twin_archive.schema import IndexStore, fetch_dicts, utc_now, write_transaction
 from twin_archive.uids import path_component, uid_problem
 

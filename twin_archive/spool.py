@@ -5,10 +5,10 @@ and hands it each fragment of the data set as it comes off the wire. Each fragme
 is written, hashed (sha256) and its write-back to the disk started
 (``sync_file_range``, Linux) at once, so that when the last fragment arrives most of
 the bytes are already on their way to the disk: the ``fdatasync`` that makes the file
-durable then waits for the tail only (0.17 ms instead of 0.4-0.7 ms for a 0.5 MB CT
-slice on this machine's disk), and the data set is never assembled in memory.
+durable then waits for the tail only (figures in ``benchmarks/README.md``), and the
+data set is never assembled in memory.
 
-The durability contract is the one of :func:`twin_archive.durable.write_durably`
+The durability contract is the one of :func:`dicom_node.durable.write_durably`
 (DESIGN decision 1): the spool *is* the temporary file; :meth:`Spool.commit` flushes it
 (``fdatasync``), renames it into place, and leaves the directory ``fsync`` to the
 archive's group commit, which runs before the index row is committed.
@@ -16,7 +16,7 @@ archive's group commit, which runs before the index row is committed.
 A spool is consumed exactly once: :meth:`Spool.claim` by the archive (which then
 commits or discards it), or :meth:`Spool.discard` when the association ends before the
 request was handled (abort, connection lost). Anything left by a crash is a
-``*.part`` file that :func:`twin_archive.durable.clean_tmp` removes at the next start.
+``*.part`` file that :func:`dicom_node.durable.clean_tmp` removes at the next start.
 
 Write errors (``ENOSPC``) are kept, not raised: the fragment writer runs in the
 network thread, which must go on; :meth:`Spool.claim` raises them where the C-STORE
@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from twin_archive.durable import makedirs_durably, mkstemp_part
+from dicom_node.durable import mkstemp_part, replace_durably
 
 #: Bytes at the start of the data set kept in memory for reading its header (:attr:`Spool.head`).
 HEAD_BYTES = 64 * 1024
@@ -213,10 +213,9 @@ class Spool:
         if self._state != "claimed" or self._fd is None:
             raise SpoolError(f"spool {self.path.name} is {self._state}, not claimed")
         try:
-            makedirs_durably(final.parent)
             os.fdatasync(self._fd)
             self._close_fd()
-            os.replace(self.path, final)
+            replace_durably(self.path, final, synced=True, sync_dir=False)
         except BaseException:
             self.discard(force=True)
             raise

@@ -330,8 +330,8 @@ def cached_set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: 
     pynetdicom checks each UID of an association request three times with regular
     expressions (pydicom's ``UID``, its own validator, ``is_valid``) while it decodes
     the request, negotiates and encodes the answer: the same hundred or so SOP Class
-    and Transfer Syntax UIDs for every association, about a tenth of the 15 ms of CPU
-    an association's set-up cost. Here a string seen before, valid and conformant, is
+    and Transfer Syntax UIDs for every association, about a tenth of the CPU an
+    association's set-up cost (``benchmarks/README.md``). Here a string seen before, valid and conformant, is
     answered from a dictionary (cleared when it holds :data:`_UID_CACHE_SIZE`); anything
     else, and every invalid or non-conformant value (which pynetdicom logs), takes
     pynetdicom's path each time.

@@ -6,9 +6,9 @@ machine's event queue to the DIMSE layer. When the message is complete the DIMSE
 decodes the command set with pydicom and queues the message for the association
 thread. That thread wakes, builds the service class and the event, calls the
 handler, builds the response primitive and queues it back. The DUL thread wakes again
-and sends it. For a 0.5 MB CT slice in 128 KiB PDUs this costs about 1 ms of CPU and
-two thread hand-offs: a third of what the node spent per instance, and with four
-associations on two cores that was the limit.
+and sends it. For a 0.5 MB CT slice in 128 KiB PDUs that was a third of what the node
+spent per instance, and two thread hand-offs; with four associations on two cores it
+was the limit (figures in ``benchmarks/README.md``).
 
 The lane does the same work for the one message that dominates a DICOM node's traffic,
 a C-STORE request with a data set on a plain TCP association, in the DUL thread. It

@@ -2,8 +2,8 @@
 
 pynetdicom sends every DIMSE response by building a pydicom Dataset for the command
 set (each attribute set through pydicom's validation), encoding it with pydicom's
-writer, and cutting it into P-DATA fragments: 0.43 ms per C-STORE on this machine, a
-tenth of the node's time per 0.5 MB instance over one association. A Success response
+writer, and cutting it into P-DATA fragments: a tenth of the node's time per 0.5 MB
+instance over one association (figures in ``benchmarks/README.md``). A Success response
 to a C-STORE has seven fixed elements (PS3.7 9.3.1.2), always Implicit VR Little
 Endian (PS3.7 6.3.1), so :func:`encode_store_success` writes them directly (a test
 checks it byte for byte against pynetdicom's own encoding).

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from dicom_node.durable import fsync_dir, open_durably
 from pipelines.types import ModelInfo, ResultDatasets, SegmentResult, Volume, WriterOptions
 from pipelines.uids import is_valid_uid
 from pipelines.writers.overlay import build_overlay
@@ -89,16 +89,9 @@ def save_results(results: ResultDatasets, out_dir: str | os.PathLike[str]) -> tu
         if not is_valid_uid(uid):
             raise ValueError(f"SOP Instance UID {uid!r} is not a valid UID")
         final = folder / f"{ds.Modality}_{uid}.dcm"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".dcm")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with open_durably(final, sync_dir=False) as fh:
+            ds.save_as(fh, enforce_file_format=True)
         paths.append(final)
+    fsync_dir(folder)  # once for all the new names
     LOG.info("wrote %d result file(s) to %s", len(paths), folder)
     return tuple(paths)

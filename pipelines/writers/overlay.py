@@ -76,18 +76,14 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
     colours = [segment_coding(s.name, n).rgb for n, s in enumerate(kept)]
     grid_index = np.clip(np.rint(np.asarray(volume.source_grid_positions)), 0,
                          volume.shape[0] - 1).astype(np.intp)
-    rows, cols = volume.shape[1:]
-    factor = max(1, -(-opts.min_overlay_width_px // cols))
-    font, banner_h = _font(cols * factor)
-    spacing = volume.spacing_mm
-    pixel_spacing = (spacing[1] / factor, spacing[2] / factor)
-    first = volume.source_images[0]
-    orientation = _patient_orientation(volume)
-    series_uid = new_uid()
-    description = f"{opts.series_description_prefix} OVERLAY {model.name}".strip()[:64]
-    equipment = contributing_equipment("AI overlay", model)
-    lo, hi = opts.window_center - opts.window_width / 2, opts.window_center + opts.window_width / 2
-    # which segments touch which grid slice, without scanning every mask per slice
+    factor = max(1, -(-opts.min_overlay_width_px // volume.shape[2]))
+    font, banner_h = _font(volume.shape[2] * factor)
+    series = _OverlaySeries(
+        volume=volume, model=model, opts=opts, series_uid=new_uid(),
+        description=f"{opts.series_description_prefix} OVERLAY {model.name}".strip()[:64],
+        equipment=contributing_equipment("AI overlay", model),
+        pixel_spacing=(volume.spacing_mm[1] / factor, volume.spacing_mm[2] / factor),
+        orientation=_patient_orientation(volume))
     # which segments touch which grid slice, from each segment's crop
     present = np.stack([s.present_slices() for s in kept], axis=1)  # (grid slices, segments)
 
@@ -96,10 +92,7 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
         k = int(grid_index[n])
         if not present[k].any():
             continue
-        grey = np.clip((volume.array[k] - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
-        if factor > 1:
-            grey = np.repeat(np.repeat(grey, factor, axis=0), factor, axis=1)
-        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+        rgb = _grey_rgb(volume.array[k], opts, factor)
         names = []
         for s, colour, here in zip(kept, colours, present[k], strict=True):
             if not here:
@@ -107,36 +100,67 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
             _draw_contour(rgb, s, k, factor, opts.contour_width_px * factor, colour)
             names.append((s.name, colour))
         pixels = _decorate(rgb, banner_h, font, names, f"{model.name} {model.version}")
-        sc = hd.sc.SCImage(
-            pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
-            coordinate_system="PATIENT", study_instance_uid=volume.study_instance_uid,
-            series_instance_uid=series_uid, series_number=opts.overlay_series_number,
-            sop_instance_uid=new_uid(), instance_number=len(out) + 1,
-            manufacturer=NODE_MANUFACTURER, patient_id=_get(first, "PatientID"),
-            patient_name=_get(first, "PatientName"),
-            patient_birth_date=_get(first, "PatientBirthDate"),
-            patient_sex=_get(first, "PatientSex") or None,
-            accession_number=_get(first, "AccessionNumber"), study_id=_get(first, "StudyID"),
-            study_date=_get(first, "StudyDate") or None, study_time=_get(first, "StudyTime") or None,
-            referring_physician_name=_get(first, "ReferringPhysicianName"),
-            pixel_spacing=pixel_spacing,
-            patient_orientation=(orientation[0][0], orientation[1][0]),  # highdicom: one letter
-            contributing_equipment=equipment, series_description=description,
-            manufacturer_model_name=NODE_MODEL_NAME, software_versions=NODE_SOFTWARE_VERSION)
-        if first.get("BodyPartExamined"):
-            sc.BodyPartExamined = first.BodyPartExamined
-        else:  # type 2C: dciodvfy wants it present when it cannot tell the body part
-            sc.Laterality = None
-        sc.PatientOrientation = list(orientation)  # oblique: up to 3 letters (PS3.3 C.7.6.1.1.1)
-        sc.BurnedInAnnotation = "YES"
-        sc.RecognizableVisualFeatures = "NO"
-        sc.DerivationDescription = f"CT W{opts.window_width:g}/L{opts.window_center:g} with AI " \
-                                   f"contours ({model.name} {model.version})"[:1024]
-        sc.SourceImageSequence = DicomSequence([_reference(src)])
-        sc.ImageComments = OVERLAY_BANNER
-        out.append(sc)
+        out.append(_sc_image(series, pixels, src, len(out) + 1))
     LOG.info("overlay for series %s: %d image(s)", volume.series_instance_uid, len(out))
     return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _OverlaySeries:
+    """What every image of one overlay series shares."""
+
+    volume: Volume
+    model: ModelInfo
+    opts: WriterOptions
+    series_uid: str
+    description: str
+    equipment: list[hd.ContributingEquipment]
+    pixel_spacing: tuple[float, float]
+    orientation: tuple[str, str]
+
+
+def _grey_rgb(plane: np.ndarray, opts: WriterOptions, factor: int) -> np.ndarray:
+    """One slice in the grey window, enlarged ``factor`` times, as RGB."""
+    lo = opts.window_center - opts.window_width / 2
+    hi = opts.window_center + opts.window_width / 2
+    grey = np.clip((plane - lo) / (hi - lo) * 255.0, 0, 255).astype(np.uint8)
+    if factor > 1:
+        grey = np.repeat(np.repeat(grey, factor, axis=0), factor, axis=1)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+def _sc_image(series: _OverlaySeries, pixels: np.ndarray, src: Dataset, number: int) -> Dataset:
+    """The secondary capture of one rendered slice, referencing its source image."""
+    first, opts, model = series.volume.source_images[0], series.opts, series.model
+    orientation = series.orientation
+    sc = hd.sc.SCImage(
+        pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", study_instance_uid=series.volume.study_instance_uid,
+        series_instance_uid=series.series_uid, series_number=opts.overlay_series_number,
+        sop_instance_uid=new_uid(), instance_number=number,
+        manufacturer=NODE_MANUFACTURER, patient_id=_get(first, "PatientID"),
+        patient_name=_get(first, "PatientName"),
+        patient_birth_date=_get(first, "PatientBirthDate"),
+        patient_sex=_get(first, "PatientSex") or None,
+        accession_number=_get(first, "AccessionNumber"), study_id=_get(first, "StudyID"),
+        study_date=_get(first, "StudyDate") or None, study_time=_get(first, "StudyTime") or None,
+        referring_physician_name=_get(first, "ReferringPhysicianName"),
+        pixel_spacing=series.pixel_spacing,
+        patient_orientation=(orientation[0][0], orientation[1][0]),  # highdicom: one letter
+        contributing_equipment=series.equipment, series_description=series.description,
+        manufacturer_model_name=NODE_MODEL_NAME, software_versions=NODE_SOFTWARE_VERSION)
+    if first.get("BodyPartExamined"):
+        sc.BodyPartExamined = first.BodyPartExamined
+    else:  # type 2C: dciodvfy wants it present when it cannot tell the body part
+        sc.Laterality = None
+    sc.PatientOrientation = list(orientation)  # oblique: up to 3 letters (PS3.3 C.7.6.1.1.1)
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.DerivationDescription = f"CT W{opts.window_width:g}/L{opts.window_center:g} with AI " \
+                               f"contours ({model.name} {model.version})"[:1024]
+    sc.SourceImageSequence = DicomSequence([_reference(src)])
+    sc.ImageComments = OVERLAY_BANNER
+    return sc
 
 
 def _draw_contour(rgb: np.ndarray, segment: SegmentResult, k: int, factor: int, width: int,

@@ -38,6 +38,9 @@ from pipelines.uids import new_uid
 from pipelines.writers.seg import contributing_equipment, written_segments
 
 LOG = logging.getLogger(__name__)
+#: A measurement group of the report: a segment's volume or its outline.
+_Group = (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+          | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
 
 
 def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], model: ModelInfo, *,
@@ -76,18 +79,7 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     """
     opts = options or WriterOptions()
     kept = written_segments(volume, segments)
-    # a LABELMAP SEG also describes its background as segment 0 (highdicom adds it)
-    items = [i for i in seg.SegmentSequence if int(i.SegmentNumber) != 0]
-    if [str(i.SegmentLabel) for i in items] != [s.name for s in kept]:
-        raise ValueError("seg does not hold the non-empty segments: "
-                         f"{[str(i.SegmentLabel) for i in items]} vs {[s.name for s in kept]}")
-    if str(seg.FrameOfReferenceUID) != volume.frame_of_reference_uid:
-        raise ValueError("seg and volume have different Frames of Reference")
-    for old in predecessors:
-        if str(old.get("Modality", "")) != "SR" or \
-                str(old.get("StudyInstanceUID", "")) != volume.study_instance_uid:
-            raise ValueError("predecessors must be SR documents of the source study")
-
+    items = _check_inputs(volume, seg, kept, predecessors)
     version_text = f"{model.name} {model.version}"[:64]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=model.algorithm_device_uid,
@@ -97,21 +89,7 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     algorithm = hd.sr.AlgorithmIdentification(
         name=model.name, version=model.version,
         parameters=[f"backend={model.backend}"] if model.backend else None)
-
-    groups = []
-    for number, (item, s) in enumerate(zip(items, kept, strict=True), start=1):
-        coding = segment_coding(s.name, number - 1)
-        measurement = hd.sr.Measurement(name=VOLUME, value=round(s.volume_ml, 3), unit=MILLILITER,
-                                        algorithm_id=algorithm)
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID),
-                                                          identifier=str(item.TrackingID)),
-            referenced_segment=_referenced_segment(seg, number, volume, s),
-            finding_type=coding.type, finding_category=coding.category,
-            algorithm_id=algorithm, measurements=[measurement]))
-        outline = largest_outline(volume, s.mask)
-        if outline is not None:
-            groups.append(_planar_group(outline, item, coding, algorithm))
+    groups = _measurement_groups(volume, seg, items, kept, algorithm)
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=(hd.sr.CodedConcept(*opts.procedure_code) if opts.procedure_code
@@ -130,6 +108,50 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     LOG.info("SR for series %s: %d volume measurement(s) with outlines",
              volume.series_instance_uid, len(kept))
     return sr
+
+
+def _check_inputs(volume: Volume, seg: Dataset, kept: Sequence[SegmentResult],
+                  predecessors: Sequence[Dataset]) -> list[Dataset]:
+    """The SEG's segment items (background left out) after checking they are ``kept``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`build_sr` says.
+    """
+    # a LABELMAP SEG also describes its background as segment 0 (highdicom adds it)
+    items = [i for i in seg.SegmentSequence if int(i.SegmentNumber) != 0]
+    if [str(i.SegmentLabel) for i in items] != [s.name for s in kept]:
+        raise ValueError("seg does not hold the non-empty segments: "
+                         f"{[str(i.SegmentLabel) for i in items]} vs {[s.name for s in kept]}")
+    if str(seg.FrameOfReferenceUID) != volume.frame_of_reference_uid:
+        raise ValueError("seg and volume have different Frames of Reference")
+    for old in predecessors:
+        if str(old.get("Modality", "")) != "SR" or \
+                str(old.get("StudyInstanceUID", "")) != volume.study_instance_uid:
+            raise ValueError("predecessors must be SR documents of the source study")
+    return items
+
+
+def _measurement_groups(volume: Volume, seg: Dataset, items: Sequence[Dataset],
+                        kept: Sequence[SegmentResult],
+                        algorithm: hd.sr.AlgorithmIdentification) -> list[_Group]:
+    """Per segment: its volume (mL) on the SEG, then its largest outline if it has one."""
+    groups: list[_Group] = []
+    for number, (item, s) in enumerate(zip(items, kept, strict=True), start=1):
+        coding = segment_coding(s.name, number - 1)
+        measurement = hd.sr.Measurement(name=VOLUME, value=round(s.volume_ml, 3), unit=MILLILITER,
+                                        algorithm_id=algorithm)
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=str(item.TrackingUID),
+                                                          identifier=str(item.TrackingID)),
+            referenced_segment=_referenced_segment(seg, number, volume, s),
+            finding_type=coding.type, finding_category=coding.category,
+            algorithm_id=algorithm, measurements=[measurement]))
+        outline = largest_outline(volume, s.mask)
+        if outline is not None:
+            groups.append(_planar_group(outline, item, coding, algorithm))
+    return groups
 
 
 def _referenced_segment(seg: Dataset, number: int, volume: Volume, segment: SegmentResult
