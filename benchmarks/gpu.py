@@ -56,7 +56,7 @@ def environment() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    from registry.tensorrt import tensorrt_status
+    from pipelines.export.tensorrt import tensorrt_status
 
     cuda = torch.cuda.is_available()
     trt = tensorrt_status()
@@ -107,7 +107,7 @@ def backends(bundles: dict[str, Path | None], scratch: Path, *, repeats: int,
     from dicom_node.cli.models import phantom_volume
     from pipelines.demo_model import ensure_demo_model
     from pipelines.inference import benchmark
-    from registry.export import optimize
+    from pipelines.export.optimize import optimize
     from registry.store import Registry
 
     out = []

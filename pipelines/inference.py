@@ -2,7 +2,7 @@
 
 :func:`load_model` builds the network from the version's MONAI bundle and picks the
 backend: the fastest *verified* one available on this host (PyTorch CPU/CUDA, ONNX
-Runtime CPU/CUDA, TensorRT), by the timings :func:`registry.export.optimize`
+Runtime CPU/CUDA, TensorRT), by the timings :func:`pipelines.export.optimize.optimize`
 recorded; the choice is logged. :meth:`LoadedModel.segment` applies the bundle's own
 preprocessing (every transform after ``LoadImaged``/``EnsureChannelFirstd``) to a
 MONAI ``MetaTensor`` built from the volume (``Spacingd`` resampling in float32), runs
@@ -32,11 +32,12 @@ from monai.data import MetaTensor
 from pipelines.errors import PipelineError
 from pipelines.memory import MemoryEstimate, activation_bytes, estimate_memory
 from pipelines.stitching import WindowSettings, stream_sliding_window
+from pipelines.export.checks import available_backends, device_name
+from pipelines.export.onnx import OnnxRunner
+from pipelines.export.tensorrt import TensorRTRunner
 from registry.bundle import OpenBundle, open_bundle
-from registry.export import OnnxRunner, available_backends, device_name
 from registry.records import ArtifactKind, Backend, LabelSpec, ModelVersion
 from registry.store import Registry, sha256_file
-from registry.tensorrt import TensorRTRunner
 
 LOG = logging.getLogger(__name__)
 
@@ -719,7 +720,7 @@ def benchmark(model_version: ModelVersion, array: np.ndarray, affine: np.ndarray
     (tuple of int, tuple of BenchmarkRow)
         The model-grid shape (X, Y, Z) and one row per backend, eager first.
     """
-    from registry.export import time_batches
+    from pipelines.export.checks import time_batches
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
@@ -781,7 +782,7 @@ def benchmark(model_version: ModelVersion, array: np.ndarray, affine: np.ndarray
             runner = OnnxRunner(onnx_arts[-1].path, cuda=b is Backend.ORT_CUDA, out_channels=out_ch)
             run_one(b.value, runner, device_name(b), f"onnxruntime {_ort_version()}",
                     inp=x.cpu() if b is Backend.ORT_CPU else x)
-    from registry.tensorrt import tensorrt_status
+    from pipelines.export.tensorrt import tensorrt_status
 
     status = tensorrt_status()
     trt_arts = [a for a in (registry.artifacts(model_version.version) if registry else [])

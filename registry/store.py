@@ -22,7 +22,7 @@ import logging
 import secrets
 import shutil
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -502,6 +502,66 @@ class Registry:
                 "sha256": artifact.sha256, "created_at": _ts(artifact.created_at),
                 "detail": artifact.detail, "key": artifact.key})
         return artifact
+
+    def artifact_path(self, version: str, kind: ArtifactKind | str, key: str = "") -> Path:
+        """Where the file of an optimised artifact of ``version`` lives in its directory:
+        ``onnx/model.onnx``, ``tensorrt/<key>.plan``.
+
+        Raises
+        ------
+        VersionNotFoundError
+        ValueError
+            If ``kind`` is not an optimised artifact (the weights come with the bundle),
+            or a TensorRT engine has no ``key``.
+        """
+        mv = self.get(version)
+        kind = ArtifactKind(kind)
+        if kind is ArtifactKind.ONNX:
+            return mv.path / "onnx" / "model.onnx"
+        if kind is ArtifactKind.TENSORRT:
+            if not key:
+                raise ValueError("key must name the engine (see pipelines.export.tensorrt.engine_key)")
+            return mv.path / "tensorrt" / f"{key}.plan"
+        raise ValueError(f"kind must be onnx or tensorrt, got {kind.value}")
+
+    def write_artifact_file(self, version: str, kind: ArtifactKind | str,
+                            write: Callable[[Path], object], *, key: str = "") -> Path:
+        """Write the file of an optimised artifact into its place (:meth:`artifact_path`).
+
+        ``write(tmp)`` writes the file at a temporary path beside its place; one rename
+        then puts it in place, so a failed write never leaves a half file where the
+        registry looks. The file is registered by :meth:`record_artifact`.
+
+        Returns
+        -------
+        pathlib.Path
+            The file in its place.
+
+        Raises
+        ------
+        VersionNotFoundError, ValueError
+            As :meth:`artifact_path`.
+        Exception
+            Whatever ``write`` raises (the temporary file is removed).
+        """
+        final = self.artifact_path(version, kind, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.stem}.tmp{final.suffix}")
+        try:
+            write(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(final)
+        return final
+
+    def record_artifact(self, version: str, kind: ArtifactKind | str, path: Path, *,
+                        detail: str, key: str = "") -> Artifact:
+        """Register (or replace) the file at ``path`` as an artifact of ``version``, with
+        its SHA-256 as it is now (see :meth:`add_artifact`)."""
+        return self.add_artifact(Artifact(version=version, kind=ArtifactKind(kind), path=path,
+                                          sha256=sha256_file(path), created_at=utc_now(),
+                                          detail=detail, key=key))
 
     def record_verification(self, v: Verification) -> Verification:
         """Record (or replace) a backend check of a version on one device."""

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.export.checks import compare
+from pipelines.export.optimize import optimize
+from pipelines.export.tensorrt import tensorrt_status
 from pipelines.inference import choose_backend, load_model
-from registry.export import compare, optimize
 from registry.records import ArtifactKind, Backend
 from registry.store import Registry
-from registry.tensorrt import tensorrt_status
 from registry_bundles import phantom_volume, spleen_bundle
 from pipelines import phantom as ph
 

@@ -1,14 +1,14 @@
-"""TensorRT engines built from a version's ONNX artifact (import-guarded).
+"""TensorRT engines built from a version's ONNX export (import-guarded).
 
 TensorRT is optional (``pip install dicom-node[gpu]`` on a GPU host). Where the
 ``tensorrt`` package or a CUDA GPU is absent, :func:`tensorrt_status` says why, and
 callers keep the ONNX artifact: nothing here pretends to have built an engine.
 
 An engine is built with FP16 enabled and one optimisation profile covering the
-sliding-window batch (1 .. ``sw_batch_size`` patches of ``roi_size``). Engines are
-cached under ``<version-dir>/tensorrt/<key>.plan``, the key being a hash of the GPU
-name, the TensorRT version, the ONNX file's SHA-256 and the profile, so that a driver
-or GPU change never loads a stale plan.
+sliding-window batch (1 .. ``sw_batch_size`` patches of ``roi_size``). The registry
+keeps engines as artifacts of the version (``<version-dir>/tensorrt/<key>.plan``), the
+key (:func:`engine_key`) being a hash of the GPU name, the TensorRT version, the ONNX
+file's SHA-256 and the profile, so that a driver or GPU change never loads a stale plan.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from pipelines.export.onnx import INPUT_NAME, OUTPUT_NAME
+
 LOG = logging.getLogger(__name__)
 
 try:  # optional dependency: import-guarded on purpose (DESIGN decision 9)
@@ -29,9 +31,6 @@ try:  # optional dependency: import-guarded on purpose (DESIGN decision 9)
 except ImportError as _exc:  # pragma: no cover - depends on the host
     trt = None
     _IMPORT_ERROR = f"the tensorrt Python package is not installed ({_exc})"
-
-INPUT_NAME = "image"
-OUTPUT_NAME = "pred"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,7 +87,8 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     onnx_path : pathlib.Path
         ONNX model with input ``image`` (N, C, X, Y, Z) and output ``pred``.
     plan_path : pathlib.Path
-        Where to write the serialised engine (written atomically).
+        Where to write the serialised engine (the registry places it: see
+        :meth:`registry.store.Registry.write_artifact_file`).
     patch_shape : tuple of int
         (C, X, Y, Z) of one sliding-window patch.
     max_batch, opt_batch : int
@@ -136,11 +136,8 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan_path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
+    with open(plan_path, "wb") as f:
         f.write(memoryview(plan))
-    tmp.replace(plan_path)
     return plan_path
 
 
