@@ -35,9 +35,10 @@ from pipelines.stitching import WindowSettings, stream_sliding_window
 from pipelines.export.checks import available_backends, device_name
 from pipelines.export.onnx import OnnxRunner
 from pipelines.export.tensorrt import TensorRTRunner
+from registry.artifacts import sha256_file
 from registry.bundle import OpenBundle, open_bundle
 from registry.records import ArtifactKind, Backend, LabelSpec, ModelVersion
-from registry.store import Registry, sha256_file
+from registry.store import Registry
 
 LOG = logging.getLogger(__name__)
 

@@ -223,3 +223,15 @@ def test_artifact_files_go_where_the_registry_says_and_a_failed_write_leaves_not
     art = reg.record_artifact(mv.version, "onnx", path, detail="opset 17")
     assert reg.artifacts(mv.version)[-1] == art
     assert art.sha256 == hashlib.sha256(b"graph").hexdigest()
+
+
+def test_an_unregistered_version_directory_is_named_and_left_alone(tmp_path: Path, bundle: Path) -> None:
+    """The refusal says 'move it away': the import must not delete it itself."""
+    reg = Registry(tmp_path / "data")
+    stray = tmp_path / "data" / "models" / "spleen-ct" / "spleen-ct-v1"
+    stray.mkdir(parents=True)
+    (stray / "notes.txt").write_text("someone's files")
+    with pytest.raises(RegistryError, match="exists but is not registered; move it away"):
+        reg.import_bundle(bundle, task="spleen-ct", by="tester")
+    assert (stray / "notes.txt").read_text() == "someone's files"
+    assert reg.list() == [] and [p.name for p in stray.parent.iterdir()] == ["spleen-ct-v1"]

@@ -29,9 +29,10 @@ from pathlib import Path
 
 from pipelines.errors import ExportError
 from pipelines.export.onnx import INPUT_NAME, OUTPUT_NAME
+from registry.artifacts import sha256_file
 from registry.bundle import BundleInfo, open_bundle
 from registry.records import ArtifactKind, Backend, ModelVersion
-from registry.store import Registry, sha256_file
+from registry.store import Registry
 
 LOG = logging.getLogger(__name__)
 
