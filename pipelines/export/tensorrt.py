@@ -114,6 +114,29 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     opt_batch = opt_batch or max_batch
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    # the parser owns the network's weights: it lives until the engine is built
+    network, _parser = _parse_onnx(builder, logger, onnx_path)
+    config = _builder_config(builder, patch_shape=patch_shape, opt_batch=opt_batch,
+                             max_batch=max_batch, workspace_gib=workspace_gib)
+    LOG.info("building TensorRT %s engine from %s (batch 1..%d, opt %d, patch %s)",
+             trt.__version__, onnx_path, max_batch, opt_batch, patch_shape)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
+    with open(plan_path, "wb") as f:
+        f.write(memoryview(plan))
+    return plan_path
+
+
+def _parse_onnx(builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+    """A TensorRT network definition parsed from the ONNX file, and its parser.
+
+    Raises
+    ------
+    RuntimeError
+        If TensorRT cannot parse the file.
+    """
+    assert trt is not None
     major = int(str(trt.__version__).split(".")[0])
     flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
@@ -121,6 +144,14 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    return network, parser
+
+
+def _builder_config(builder: Any, *, patch_shape: tuple[int, ...], opt_batch: int,
+                    max_batch: int, workspace_gib: float) -> Any:
+    """The build configuration: workspace limit, FP16 where the GPU has it fast, and one
+    optimisation profile for batch 1 .. ``max_batch`` of ``patch_shape``."""
+    assert trt is not None
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if builder.platform_has_fast_fp16:
@@ -131,14 +162,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     profile.set_shape(INPUT_NAME, (1, *patch_shape), (opt_batch, *patch_shape),
                       (max_batch, *patch_shape))
     config.add_optimization_profile(profile)
-    LOG.info("building TensorRT %s engine from %s (batch 1..%d, opt %d, patch %s)",
-             trt.__version__, onnx_path, max_batch, opt_batch, patch_shape)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
-    with open(plan_path, "wb") as f:
-        f.write(memoryview(plan))
-    return plan_path
+    return config
 
 
 class TensorRTRunner:
