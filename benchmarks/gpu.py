@@ -106,8 +106,8 @@ def backends(bundles: dict[str, Path | None], scratch: Path, *, repeats: int,
     """Part 1: one table per bundle."""
     from dicom_node.cli.models import phantom_volume
     from pipelines.demo_model import ensure_demo_model
-    from pipelines.inference import benchmark
     from pipelines.export.optimize import optimize
+    from pipelines.inference import benchmark
     from registry.store import Registry
 
     out = []
