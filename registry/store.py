@@ -120,6 +120,14 @@ class Registry(VersionIntake, ArtifactRecords):
     One instance per thread (it holds one SQLite connection). Several processes may
     share a data directory: writes take SQLite's write lock up front
     (``BEGIN IMMEDIATE``) and wait up to 30 s for it.
+
+    Its methods come from one class per job, each in its own module:
+    :class:`~registry.versions.VersionQueries` (reading),
+    :class:`~registry.intake.VersionIntake` (adding versions),
+    :class:`~registry.lifecycle.VersionLifecycle` (status changes) and
+    :class:`~registry.artifacts.ArtifactRecords` (artifact files, backend checks). They
+    share this object's connection (``db``), paths and write transaction (``_tx``); one
+    object stays what callers hold, so none of them changed.
     """
 
     def __init__(self, data_dir: Path | str) -> None:
