@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                                    reason="end-to-end benchmark").version if bundle
                  else ensure_demo_model(reg).version)
         if getattr(args, "optimize", False):  # ONNX / TensorRT checked, so serving may pick them
-            from registry.export import optimize
+            from pipelines.export.optimize import optimize
 
             optimize(reg, model, repeats=1)
     with OrthancServer(scratch / "orthanc") as orthanc:

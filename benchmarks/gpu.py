@@ -56,7 +56,7 @@ def environment() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    from registry.tensorrt import tensorrt_status
+    from pipelines.export.tensorrt import tensorrt_status
 
     cuda = torch.cuda.is_available()
     trt = tensorrt_status()
@@ -106,8 +106,8 @@ def backends(bundles: dict[str, Path | None], scratch: Path, *, repeats: int,
     """Part 1: one table per bundle."""
     from dicom_node.cli.models import phantom_volume
     from pipelines.demo_model import ensure_demo_model
+    from pipelines.export.optimize import optimize
     from pipelines.inference import benchmark
-    from registry.export import optimize
     from registry.store import Registry
 
     out = []

@@ -179,3 +179,23 @@ class EmptyResultError(WriterError, ValueError):
         self.names = names
         super().__init__(f"series {series_uid}: all segments are empty ({', '.join(names) or 'none'}); "
                          "no SEG/SR/overlay is written - record the job as 'nothing found'")
+
+
+class ExportError(PipelineError, RuntimeError):
+    """An optimised artifact (ONNX, TensorRT) could not be built or does not agree
+    with PyTorch.
+
+    Parameters
+    ----------
+    version : str
+        The model version.
+    artifact : str
+        ``onnx``, ``tensorrt`` or ``triton``.
+    problem : str
+        What went wrong.
+    """
+
+    def __init__(self, version: str, artifact: str, problem: str) -> None:
+        self.version = version
+        self.artifact = artifact
+        super().__init__(f"{artifact} artifact of {version}: {problem}")

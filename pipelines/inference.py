@@ -2,7 +2,7 @@
 
 :func:`load_model` builds the network from the version's MONAI bundle and picks the
 backend: the fastest *verified* one available on this host (PyTorch CPU/CUDA, ONNX
-Runtime CPU/CUDA, TensorRT), by the timings :func:`registry.export.optimize`
+Runtime CPU/CUDA, TensorRT), by the timings :func:`pipelines.export.optimize.optimize`
 recorded; the choice is logged. :meth:`LoadedModel.segment` applies the bundle's own
 preprocessing (every transform after ``LoadImaged``/``EnsureChannelFirstd``) to a
 MONAI ``MetaTensor`` built from the volume (``Spacingd`` resampling in float32), runs
@@ -33,11 +33,13 @@ from monai.data import MetaTensor
 from pipelines.errors import PipelineError
 from pipelines.memory import MemoryEstimate, activation_bytes, estimate_memory
 from pipelines.stitching import WindowSettings, stream_sliding_window
+from pipelines.export.checks import available_backends, device_name
+from pipelines.export.onnx import OnnxRunner
+from pipelines.export.tensorrt import TensorRTRunner
+from registry.artifacts import sha256_file
 from registry.bundle import OpenBundle, open_bundle
-from registry.export import OnnxRunner, available_backends, device_name
 from registry.records import Artifact, ArtifactKind, Backend, LabelSpec, ModelVersion
-from registry.store import Registry, sha256_file
-from registry.tensorrt import TensorRTRunner
+from registry.store import Registry
 
 LOG = logging.getLogger(__name__)
 
@@ -761,7 +763,7 @@ class _Bench:
     def run(self, name: str, net: object, device: str, note: str = "",
             autocast: bool = False, inp: torch.Tensor | None = None) -> None:
         """Time ``net`` under the bundle's inferer; a failure is a row, not an error."""
-        from registry.export import time_batches
+        from pipelines.export.checks import time_batches
 
         xin = self.x if inp is None else inp
         out: list[torch.Tensor] = []
@@ -806,7 +808,7 @@ def _bench_onnx(bench: _Bench, model_version: ModelVersion, artifacts: Sequence[
 def _bench_tensorrt(bench: _Bench, model_version: ModelVersion,
                     artifacts: Sequence[Artifact]) -> None:
     """TensorRT, with the version's engine built for this GPU."""
-    from registry.tensorrt import tensorrt_status
+    from pipelines.export.tensorrt import tensorrt_status
 
     status = tensorrt_status()
     trt_arts = [a for a in artifacts if a.kind is ArtifactKind.TENSORRT and a.path.is_file()

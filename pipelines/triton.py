@@ -5,7 +5,7 @@ Pre- and post-processing stay in the node: :func:`load_triton_model` gives a
 the callable MONAI's sliding-window inferer hands each batch of windows to; the
 runner sends the batch to Triton over gRPC (PyPI ``tritonclient``) and returns the
 logits. The Triton model is the version's ONNX export, written by
-``dicom-node models export-triton`` (:mod:`registry.triton`): ``<version>`` (ONNX
+``dicom-node models export-triton`` (:mod:`pipelines.export.triton_repository`): ``<version>`` (ONNX
 Runtime backend, TensorRT on the GPU) or ``<version>-python`` (Python backend).
 
 Triton down, or the model not loaded there, is :class:`TritonUnavailableError`:
@@ -27,11 +27,11 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from pipelines.errors import PipelineError
+from pipelines.export.onnx import INPUT_NAME, OUTPUT_NAME
+from pipelines.export.triton_repository import triton_model_name
 from pipelines.inference import LoadedModel, ModelLoadError
 from registry.bundle import open_bundle
 from registry.records import Backend, ModelVersion
-from registry.tensorrt import INPUT_NAME, OUTPUT_NAME
-from registry.triton import triton_model_name
 
 LOG = logging.getLogger(__name__)
 

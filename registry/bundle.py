@@ -165,19 +165,67 @@ def open_bundle(root: Path | str) -> OpenBundle:
         what to do.
     """
     root = Path(root).resolve()
+    meta_file, config_file, weights_file = _bundle_files(root)
+    meta = _read_metadata(meta_file)
+    parser = _config_parser(root, meta_file, config_file)
+    image_key = _resolve(parser, "image_key", config_file, default="image")
+    modality, in_channels = _input_format(meta, image_key)
+    network, architecture = _build_network(parser, config_file, weights_file)
+    pre_targets, spacing, intensity = _preprocessing(parser, config_file, image_key)
+    roi, sw_batch = _sliding_window(parser, config_file)
+    labels = _labels(meta, meta_file, config_file, network, in_channels, roi, weights_file)
+    activation = _activation(parser)
+    info = BundleInfo(root=root, config_file=config_file, metadata_file=meta_file,
+                      weights_file=weights_file, name=str(meta.get("name", root.name)),
+                      version=str(meta.get("version", "")), modality=modality,
+                      in_channels=in_channels, labels=labels, architecture=architecture,
+                      input_spacing=spacing, intensity=intensity, roi_size=roi,
+                      sw_batch_size=sw_batch)
+    LOG.info("bundle %s %s: %s, labels %s, spacing %s mm, roi %s", info.name, info.version,
+             architecture, [lab.name for lab in labels], spacing, roi)
+    return OpenBundle(info, parser, network, image_key, pre_targets, activation)
+
+
+def _bundle_files(root: Path) -> tuple[Path, Path, Path]:
+    """The bundle's ``metadata.json``, inference config and weights.
+
+    Raises
+    ------
+    BundleError
+        If ``root`` is not a directory or one of them is missing.
+    """
     if not root.is_dir():
         raise BundleError(root, "not a directory", "give the path of a MONAI bundle directory")
     meta_file = root / "configs" / "metadata.json"
     if not meta_file.is_file():
         raise BundleError(meta_file, "missing", "a MONAI bundle needs configs/metadata.json "
                           "with version and network_data_format")
-    config_file = find_config(root)
-    weights_file = find_weights(root)
+    return meta_file, find_config(root), find_weights(root)
+
+
+def _read_metadata(meta_file: Path) -> dict[str, Any]:
+    """``metadata.json`` as a dict.
+
+    Raises
+    ------
+    BundleError
+        If it cannot be read as JSON.
+    """
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BundleError(meta_file, f"cannot be read as JSON ({exc})", "fix the JSON") from exc
+    return meta
 
+
+def _config_parser(root: Path, meta_file: Path, config_file: Path) -> ConfigParser:
+    """MONAI's parser of the bundle's configuration, rooted at ``root``, on the CPU.
+
+    Raises
+    ------
+    BundleError
+        If the metadata or the config cannot be parsed.
+    """
     parser = ConfigParser()
     try:
         with warnings.catch_warnings():
@@ -190,34 +238,34 @@ def open_bundle(root: Path | str) -> OpenBundle:
     parser["bundle_root"] = str(root)
     if "device" in parser:
         parser["device"] = "$torch.device('cpu')"
+    return parser
 
-    image_key = _resolve(parser, "image_key", config_file, default="image")
+
+def _input_format(meta: dict[str, Any], image_key: str) -> tuple[str, int]:
+    """The input's modality ('' when unsaid) and channels (1 when unsaid), from
+    ``network_data_format.inputs`` of ``metadata.json``."""
     in_fmt = (meta.get("network_data_format", {}).get("inputs", {}) or {})
     in_def = in_fmt.get(image_key) or (next(iter(in_fmt.values())) if in_fmt else {})
     modality = str(in_def.get("modality", "")) if isinstance(in_def, dict) else ""
     in_channels = int(in_def.get("num_channels", 1)) if isinstance(in_def, dict) else 1
+    return modality, in_channels
 
-    network, architecture = _build_network(parser, config_file, weights_file)
-    pre_targets, spacing, intensity = _preprocessing(parser, config_file, image_key)
+
+def _sliding_window(parser: ConfigParser, config_file: Path) -> tuple[tuple[int, ...], int]:
+    """The inferer's patch size (voxels) and batch size.
+
+    Raises
+    ------
+    BundleError
+        If there is no inferer, or it has no ``roi_size``.
+    """
     inferer = _build(parser, "inferer", config_file,
                      "add an 'inferer' (e.g. SlidingWindowInferer with roi_size) to the config")
     roi = tuple(int(r) for r in getattr(inferer, "roi_size", ()) or ())
     if not roi:
         raise BundleError(config_file, f"the inferer {type(inferer).__name__} has no roi_size",
                           "use a SlidingWindowInferer with roi_size, as Model Zoo bundles do")
-    sw_batch = int(getattr(inferer, "sw_batch_size", 1))
-
-    labels = _labels(meta, meta_file, config_file, network, in_channels, roi, weights_file)
-    activation = _activation(parser)
-    info = BundleInfo(root=root, config_file=config_file, metadata_file=meta_file,
-                      weights_file=weights_file, name=str(meta.get("name", root.name)),
-                      version=str(meta.get("version", "")), modality=modality,
-                      in_channels=in_channels, labels=labels, architecture=architecture,
-                      input_spacing=spacing, intensity=intensity, roi_size=roi,
-                      sw_batch_size=sw_batch)
-    LOG.info("bundle %s %s: %s, labels %s, spacing %s mm, roi %s", info.name, info.version,
-             architecture, [lab.name for lab in labels], spacing, roi)
-    return OpenBundle(info, parser, network, image_key, pre_targets, activation)
+    return roi, int(getattr(inferer, "sw_batch_size", 1))
 
 
 def _resolve(parser: ConfigParser, key: str, config_file: Path, default: Any = None) -> Any:

@@ -90,23 +90,3 @@ class BundleError(RegistryError, ValueError):
         self.problem = problem
         self.remedy = remedy
         super().__init__(f"{self.path}: {problem}; {remedy}")
-
-
-class ExportError(RegistryError, RuntimeError):
-    """An optimised artifact (ONNX, TensorRT) could not be built or does not agree
-    with PyTorch.
-
-    Parameters
-    ----------
-    version : str
-        The model version.
-    artifact : str
-        ``onnx`` or ``tensorrt``.
-    problem : str
-        What went wrong.
-    """
-
-    def __init__(self, version: str, artifact: str, problem: str) -> None:
-        self.version = version
-        self.artifact = artifact
-        super().__init__(f"{artifact} artifact of {version}: {problem}")

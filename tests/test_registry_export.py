@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.export.checks import compare, verdict
+from pipelines.export.optimize import optimize
+from pipelines.export.tensorrt import tensorrt_status
 from pipelines.inference import choose_backend, load_model
-from registry.export import compare, optimize
-from registry.records import ArtifactKind, Backend
+from registry.records import ArtifactKind, Backend, utc_now
 from registry.store import Registry
-from registry.tensorrt import tensorrt_status
 from registry_bundles import phantom_volume, spleen_bundle
 from pipelines import phantom as ph
 
@@ -100,3 +101,23 @@ def test_unverified_backend_is_not_served(tmp_path: Path) -> None:
                   verified=False, median_ms=0.001)
     reg.record_verification(bad)
     assert choose_backend(mv, reg)[0] is Backend.TORCH_CPU
+
+
+def test_verdict_holds_fp32_backends_tight_and_fp16_engines_looser() -> None:
+    ref = np.zeros((1, 2, 4, 4, 4), np.float32)
+    ref[:, 1] = 10.0  # logit range 10: FP32 within 0.01, FP16 within 0.5
+    off = ref + np.float32(0.2)
+    common = dict(version="spleen-ct-v1", shape=(1, 1, 4, 4, 4), median_ms=1.0,
+                  measured_at=utc_now())
+    fp32 = verdict(ref, off, backend=Backend.ORT_CPU, **common)
+    assert not fp32.verified and fp32.detail.startswith("max abs diff <= 0.01 and argmax")
+    assert fp32.max_abs_diff == pytest.approx(0.2) and fp32.argmax_agreement == 1.0
+    fp16 = verdict(ref, off, backend=Backend.TENSORRT, fp16=True, extra="engine", **common)
+    assert fp16.verified and fp16.detail.endswith("argmax agreement >= 0.99; engine")
+    close = ref.copy()
+    close[0, 0, 0, 0, 0] = 9.9  # a voxel where the two channels are close ...
+    flipped = close.copy()
+    flipped[0, 0, 0, 0, 0] = 10.2  # ... flips within the FP16 tolerance: 63 of 64 agree < 99%
+    v = verdict(close, flipped, backend=Backend.TENSORRT, fp16=True, **common)
+    assert v.max_abs_diff == pytest.approx(0.3) and v.argmax_agreement == pytest.approx(63 / 64)
+    assert not v.verified

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sqlite3
 from pathlib import Path
@@ -204,3 +205,42 @@ def test_register_candidate_and_metrics_for_the_trainer(tmp_path: Path, bundle: 
         Metrics(dice={"spleen": 1.5}, validation_set="x")
     with pytest.raises(ValueError, match="task must be"):
         reg.import_bundle(bundle, task="Spleen CT", by="t")
+
+
+def test_artifact_files_go_where_the_registry_says_and_a_failed_write_leaves_nothing(
+        tmp_path: Path, bundle: Path) -> None:
+    reg = Registry(tmp_path / "data")
+    mv = reg.import_bundle(bundle, task="spleen-ct", by="tester")
+    assert reg.artifact_path(mv.version, "onnx") == mv.path / "onnx" / "model.onnx"
+    assert reg.artifact_path(mv.version, "tensorrt", "ab12") == mv.path / "tensorrt" / "ab12.plan"
+    with pytest.raises(ValueError, match="key"):
+        reg.artifact_path(mv.version, "tensorrt")
+    with pytest.raises(ValueError, match="onnx or tensorrt"):
+        reg.artifact_path(mv.version, "pytorch")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_bytes(b"half an export")
+        raise RuntimeError("exporter crashed")
+
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        reg.write_artifact_file(mv.version, "onnx", half_then_fail)
+    assert list((mv.path / "onnx").iterdir()) == []  # no half file, no temporary left
+    assert [a.kind.value for a in reg.artifacts(mv.version)] == ["pytorch"]
+
+    path = reg.write_artifact_file(mv.version, "onnx", lambda tmp: tmp.write_bytes(b"graph"))
+    assert path.read_bytes() == b"graph" and list(path.parent.iterdir()) == [path]
+    art = reg.record_artifact(mv.version, "onnx", path, detail="opset 17")
+    assert reg.artifacts(mv.version)[-1] == art
+    assert art.sha256 == hashlib.sha256(b"graph").hexdigest()
+
+
+def test_an_unregistered_version_directory_is_named_and_left_alone(tmp_path: Path, bundle: Path) -> None:
+    """The refusal says 'move it away': the import must not delete it itself."""
+    reg = Registry(tmp_path / "data")
+    stray = tmp_path / "data" / "models" / "spleen-ct" / "spleen-ct-v1"
+    stray.mkdir(parents=True)
+    (stray / "notes.txt").write_text("someone's files")
+    with pytest.raises(RegistryError, match="exists but is not registered; move it away"):
+        reg.import_bundle(bundle, task="spleen-ct", by="tester")
+    assert (stray / "notes.txt").read_text() == "someone's files"
+    assert reg.list() == [] and [p.name for p in stray.parent.iterdir()] == ["spleen-ct-v1"]

@@ -34,12 +34,12 @@ from dicom_client import send
 from loop_helpers import install_model, node_json, small_study
 from node_harness import DICOM_NODE, REPO, NodeProcess
 from pipelines import phantom as ph
+from pipelines.export.checks import FP32_MIN_AGREEMENT
+from pipelines.export.triton_repository import export_triton
 from pipelines.inference import load_model
 from pipelines.triton import TritonTarget, TritonUnavailableError, load_triton_model
-from registry.export import FP32_MIN_AGREEMENT
 from registry.records import ArtifactKind, Backend
 from registry.store import Registry
-from registry.triton import export_triton
 from registry_bundles import phantom_volume
 from triton_server import TritonServer
 from twin_archive import Archive

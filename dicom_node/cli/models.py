@@ -295,7 +295,7 @@ def _import_candidate(args: argparse.Namespace, settings: Any) -> int:
 
 def cmd_export_triton(args: argparse.Namespace, settings: Any) -> int:
     """``models export-triton VERSION DIR``: a Triton model repository."""
-    from registry.triton import export_triton
+    from pipelines.export.triton_repository import export_triton
 
     with _registry(settings) as reg:
         ex = export_triton(reg, args.version, args.out_dir, max_batch_size=args.max_batch_size,
@@ -362,7 +362,7 @@ def cmd_retire(args: argparse.Namespace, settings: Any) -> int:
 
 def cmd_optimize(args: argparse.Namespace, settings: Any) -> int:
     """``models optimize VERSION``: ONNX (+ TensorRT) artifacts, checked against PyTorch."""
-    from registry.export import optimize
+    from pipelines.export.optimize import optimize
 
     with _registry(settings) as reg:
         report = optimize(reg, args.version, repeats=args.repeats)

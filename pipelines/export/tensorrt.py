@@ -1,14 +1,14 @@
-"""TensorRT engines built from a version's ONNX artifact (import-guarded).
+"""TensorRT engines built from a version's ONNX export (import-guarded).
 
 TensorRT is optional (``pip install dicom-node[gpu]`` on a GPU host). Where the
 ``tensorrt`` package or a CUDA GPU is absent, :func:`tensorrt_status` says why, and
 callers keep the ONNX artifact: nothing here pretends to have built an engine.
 
 An engine is built with FP16 enabled and one optimisation profile covering the
-sliding-window batch (1 .. ``sw_batch_size`` patches of ``roi_size``). Engines are
-cached under ``<version-dir>/tensorrt/<key>.plan``, the key being a hash of the GPU
-name, the TensorRT version, the ONNX file's SHA-256 and the profile, so that a driver
-or GPU change never loads a stale plan.
+sliding-window batch (1 .. ``sw_batch_size`` patches of ``roi_size``). The registry
+keeps engines as artifacts of the version (``<version-dir>/tensorrt/<key>.plan``), the
+key (:func:`engine_key`) being a hash of the GPU name, the TensorRT version, the ONNX
+file's SHA-256 and the profile, so that a driver or GPU change never loads a stale plan.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dicom_node.durable import write_durably
+from pipelines.export.onnx import INPUT_NAME, OUTPUT_NAME
 
 LOG = logging.getLogger(__name__)
 
@@ -31,9 +31,6 @@ try:  # optional dependency: import-guarded on purpose (DESIGN decision 9)
 except ImportError as _exc:  # pragma: no cover - depends on the host
     trt = None
     _IMPORT_ERROR = f"the tensorrt Python package is not installed ({_exc})"
-
-INPUT_NAME = "image"
-OUTPUT_NAME = "pred"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,7 +87,8 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     onnx_path : pathlib.Path
         ONNX model with input ``image`` (N, C, X, Y, Z) and output ``pred``.
     plan_path : pathlib.Path
-        Where to write the serialised engine (written atomically).
+        Where to write the serialised engine (the registry places it: see
+        :meth:`registry.store.Registry.write_artifact_file`).
     patch_shape : tuple of int
         (C, X, Y, Z) of one sliding-window patch.
     max_batch, opt_batch : int
@@ -116,6 +114,29 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     opt_batch = opt_batch or max_batch
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    # the parser owns the network's weights: it lives until the engine is built
+    network, _parser = _parse_onnx(builder, logger, onnx_path)
+    config = _builder_config(builder, patch_shape=patch_shape, opt_batch=opt_batch,
+                             max_batch=max_batch, workspace_gib=workspace_gib)
+    LOG.info("building TensorRT %s engine from %s (batch 1..%d, opt %d, patch %s)",
+             trt.__version__, onnx_path, max_batch, opt_batch, patch_shape)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
+    with open(plan_path, "wb") as f:
+        f.write(memoryview(plan))
+    return plan_path
+
+
+def _parse_onnx(builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+    """A TensorRT network definition parsed from the ONNX file, and its parser.
+
+    Raises
+    ------
+    RuntimeError
+        If TensorRT cannot parse the file.
+    """
+    assert trt is not None
     major = int(str(trt.__version__).split(".")[0])
     flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
@@ -123,6 +144,14 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    return network, parser
+
+
+def _builder_config(builder: Any, *, patch_shape: tuple[int, ...], opt_batch: int,
+                    max_batch: int, workspace_gib: float) -> Any:
+    """The build configuration: workspace limit, FP16 where the GPU has it fast, and one
+    optimisation profile for batch 1 .. ``max_batch`` of ``patch_shape``."""
+    assert trt is not None
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if builder.platform_has_fast_fp16:
@@ -133,13 +162,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, patch_shape: tuple[int, ..
     profile.set_shape(INPUT_NAME, (1, *patch_shape), (opt_batch, *patch_shape),
                       (max_batch, *patch_shape))
     config.add_optimization_profile(profile)
-    LOG.info("building TensorRT %s engine from %s (batch 1..%d, opt %d, patch %s)",
-             trt.__version__, onnx_path, max_batch, opt_batch, patch_shape)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log)")
-    write_durably(plan_path, [memoryview(plan)])
-    return plan_path
+    return config
 
 
 class TensorRTRunner:

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.durable import replace_durably
-from registry.bundle import open_bundle
-from registry.errors import ExportError
-from registry.records import ArtifactKind, Backend
-from registry.store import Registry, sha256_file
-from registry.tensorrt import INPUT_NAME, OUTPUT_NAME
+from pipelines.errors import ExportError
+from pipelines.export.onnx import INPUT_NAME, OUTPUT_NAME
+from registry.artifacts import sha256_file
+from registry.bundle import BundleInfo, open_bundle
+from registry.records import ArtifactKind, Backend, ModelVersion
+from registry.store import Registry
 
 LOG = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def model_config(*, name: str, backend: str, input_dims: tuple[int, ...],
 
 def verified_onnx(registry: Registry, version: str) -> Path:
     """The version's ONNX artifact, when ONNX Runtime's check against PyTorch passed and
-    the file is intact; otherwise :func:`registry.export.optimize` is run first.
+    the file is intact; otherwise :func:`pipelines.export.optimize.optimize` is run first.
 
     Raises
     ------
@@ -195,7 +196,7 @@ def verified_onnx(registry: Registry, version: str) -> Path:
 
     path = current()
     if path is None:
-        from registry.export import optimize
+        from pipelines.export.optimize import optimize
 
         LOG.info("%s: no verified ONNX export yet; running the optimisation check first", version)
         optimize(registry, version, repeats=1)
@@ -245,40 +246,65 @@ def export_triton(registry: Registry, version: str, repository: Path | str, *,
     mv = registry.get(version)
     info = open_bundle(mv.path).info
     onnx_path = verified_onnx(registry, version)
-    sha = sha256_file(onnx_path)
-    batch = max_batch_size or 2 * info.sw_batch_size
-    in_dims = (info.in_channels, *info.roi_size)
-    out_dims = (len(info.labels) + 1, *info.roi_size)
-    kind = "KIND_CPU" if cpu else "KIND_GPU"
-    repo = Path(repository)
-    repo.mkdir(parents=True, exist_ok=True)
-    header = (f"dicom-node model {version} ({mv.task}, labels "
-              f"{', '.join(l.name for l in info.labels)})\n"
-              f"ONNX sha256 {sha}; written by `dicom-node models export-triton`")
-    names = {"onnxruntime": triton_model_name(version, "onnx"),
-             "python": triton_model_name(version, "python")}
-    for backend, name in names.items():
-        tmp = repo / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / MODEL_VERSION_DIR).mkdir(parents=True)
-        shutil.copy2(onnx_path, tmp / MODEL_VERSION_DIR / "model.onnx")
-        if sha256_file(tmp / MODEL_VERSION_DIR / "model.onnx") != sha:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ExportError(version, "triton", "the ONNX file changed while it was copied")
-        if backend == "python":
-            (tmp / MODEL_VERSION_DIR / "model.py").write_text(_PYTHON_MODEL.format(
-                version=version, sha256=sha, input_name=INPUT_NAME, output_name=OUTPUT_NAME),
-                encoding="utf-8")
-        (tmp / "config.pbtxt").write_text(model_config(
-            name=name, backend=backend, input_dims=in_dims, output_dims=out_dims,
-            max_batch_size=batch, instances=instances, kind=kind,
-            tensorrt=backend == "onnxruntime" and not cpu, header=header), encoding="utf-8")
-        final = repo / name
-        if final.exists():
-            shutil.rmtree(final)
-        replace_durably(tmp, final)
+    ex = TritonExport(version=version, repository=Path(repository),
+                      onnx_model=triton_model_name(version, "onnx"),
+                      python_model=triton_model_name(version, "python"),
+                      input_dims=(info.in_channels, *info.roi_size),
+                      output_dims=(len(info.labels) + 1, *info.roi_size),
+                      max_batch_size=max_batch_size or 2 * info.sw_batch_size,
+                      instances=instances, kind="KIND_CPU" if cpu else "KIND_GPU",
+                      onnx_sha256=sha256_file(onnx_path))
+    ex.repository.mkdir(parents=True, exist_ok=True)
+    header = _header(mv, info, ex.onnx_sha256)
+    _write_model(ex, ex.onnx_model, onnx_path, model_py=None,
+                 config=_config(ex, ex.onnx_model, "onnxruntime", header, tensorrt=not cpu))
+    _write_model(ex, ex.python_model, onnx_path,
+                 model_py=_PYTHON_MODEL.format(version=version, sha256=ex.onnx_sha256,
+                                               input_name=INPUT_NAME, output_name=OUTPUT_NAME),
+                 config=_config(ex, ex.python_model, "python", header, tensorrt=False))
     LOG.info("%s: Triton models %s and %s written to %s (%s, max batch %d, %d instance(s))",
-             version, names["onnxruntime"], names["python"], repo, kind, batch, instances)
-    return TritonExport(version=version, repository=repo, onnx_model=names["onnxruntime"],
-                        python_model=names["python"], input_dims=in_dims, output_dims=out_dims,
-                        max_batch_size=batch, instances=instances, kind=kind, onnx_sha256=sha)
+             version, ex.onnx_model, ex.python_model, ex.repository, ex.kind, ex.max_batch_size,
+             instances)
+    return ex
+
+
+def _config(ex: TritonExport, name: str, backend: str, header: str, *, tensorrt: bool) -> str:
+    """``config.pbtxt`` of one of the export's models."""
+    return model_config(name=name, backend=backend, input_dims=ex.input_dims,
+                        output_dims=ex.output_dims, max_batch_size=ex.max_batch_size,
+                        instances=ex.instances, kind=ex.kind, tensorrt=tensorrt, header=header)
+
+
+def _header(mv: ModelVersion, info: BundleInfo, onnx_sha256: str) -> str:
+    """The comment at the top of each ``config.pbtxt``: the model, its labels, its ONNX."""
+    return (f"dicom-node model {mv.version} ({mv.task}, labels "
+            f"{', '.join(lab.name for lab in info.labels)})\n"
+            f"ONNX sha256 {onnx_sha256}; written by `dicom-node models export-triton`")
+
+
+def _write_model(ex: TritonExport, name: str, onnx_path: Path, *, config: str,
+                 model_py: str | None) -> Path:
+    """One Triton model folder (``config.pbtxt``, ``1/model.onnx``, for the Python backend
+    ``1/model.py``), built beside its place and renamed into it, replacing an older one.
+
+    Raises
+    ------
+    ExportError
+        If the ONNX file's copy does not have the export's SHA-256.
+    """
+    repo, version = ex.repository, ex.version
+    tmp = repo / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / MODEL_VERSION_DIR).mkdir(parents=True)
+    shutil.copy2(onnx_path, tmp / MODEL_VERSION_DIR / "model.onnx")
+    if sha256_file(tmp / MODEL_VERSION_DIR / "model.onnx") != ex.onnx_sha256:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(version, "triton", "the ONNX file changed while it was copied")
+    if model_py is not None:
+        (tmp / MODEL_VERSION_DIR / "model.py").write_text(model_py, encoding="utf-8")
+    (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
+    final = repo / name
+    if final.exists():
+        shutil.rmtree(final)
+    replace_durably(tmp, final)
+    return final
