@@ -32,8 +32,9 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.database import connect, iso, utc_now, write
 from dicom_node.faults import StateLog
-from dicom_node.jobs import JobQueue, iso, utc_now, write_transaction
+from dicom_node.jobs import QUEUE_DB_NAME, JobQueue
 from dicom_node.label_intake import IntakeDecision
 from dicom_node.tasks import Task
 from pipelines.selection import (
@@ -99,10 +100,8 @@ class StabilityMonitor:
         self.poll_s = poll_s if poll_s is not None else min(1.0, self.stable_after_s / 4)
         self.label_intake = label_intake
         # Own connection: queue.sqlite with the archive index attached, read only.
-        self._conn = sqlite3.connect(str(Path(archive.data_dir) / "queue.sqlite"), timeout=30.0,
-                                     check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._db = connect(Path(archive.data_dir) / QUEUE_DB_NAME, timeout_s=30.0)
+        self._conn = self._db.conn
         self._conn.execute("ATTACH DATABASE ? AS idx", (str(Path(archive.data_dir) / INDEX_NAME),))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -189,7 +188,7 @@ class StabilityMonitor:
 
     def _record(self, uid: str, last: str, decision: str, reason: str) -> bool:
         """Remember the decision; return whether the series had been decided before."""
-        with write_transaction(self._conn) as conn:
+        with write(self._db) as conn:
             before = conn.execute("SELECT 1 FROM monitored_series WHERE series_uid = ?",
                                   (uid,)).fetchone()
             conn.execute(

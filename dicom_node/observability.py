@@ -40,6 +40,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from dicom_node import __version__
+from dicom_node.database import connect
 from dicom_node.drift import DriftConfig, drift_gauges
 from dicom_node.metrics import NodeMetrics
 
@@ -91,9 +92,7 @@ class NodeState:
 def _ro(path: Path) -> sqlite3.Connection | None:
     if not path.exists():
         return None
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    conn.execute("PRAGMA busy_timeout=5000")
-    return conn
+    return connect(path, timeout_s=5.0, readonly=True).conn
 
 
 def _table(conn: sqlite3.Connection, name: str) -> bool:

@@ -23,9 +23,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from dicom_node.database import utc_now
 from registry.bundle import open_bundle
 from registry.errors import ExportError
-from registry.records import Artifact, ArtifactKind, Backend, Verification, utc_now
+from registry.records import Artifact, ArtifactKind, Backend, Verification
 from registry.store import Registry, sha256_file
 from registry.tensorrt import (
     INPUT_NAME,

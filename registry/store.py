@@ -22,13 +22,14 @@ import logging
 import secrets
 import shutil
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 from pydicom.uid import generate_uid
 
+from dicom_node.database import Migration, connect, migrate, utc_now, write
 from registry.errors import NoActiveModelError, RegistryError, StatusError, VersionNotFoundError
 from registry.records import (
     Artifact,
@@ -45,7 +46,6 @@ from registry.records import (
     Verification,
     check_task,
     check_version,
-    utc_now,
 )
 
 LOG = logging.getLogger(__name__)
@@ -55,9 +55,8 @@ DB_NAME = "registry.sqlite"
 #: Audit actions that note something about a version without changing its standing.
 _NOTES = (AuditAction.METRICS, AuditAction.HOLD, AuditAction.SHADOW)
 
-# Recorded migrations: (number, SQL). Applied in order, each in one transaction.
-_MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (1, """
+# The register's schema, migration 1 (dicom_node.database.migrate records it).
+_M1 = """
     CREATE TABLE model_versions (
         version TEXT PRIMARY KEY,
         task TEXT NOT NULL,
@@ -121,8 +120,16 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         previous_version TEXT
     );
     CREATE INDEX audit_task ON audit (task, id);
-    """),
-)
+"""
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    for statement in _M1.split(";"):
+        if statement.strip():
+            db.conn.execute(statement)
+
+
+_MIGRATIONS: tuple[Migration, ...] = (_m1_initial,)
 
 
 def sha256_file(path: Path) -> str:
@@ -163,12 +170,8 @@ class Registry:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.models_dir = self.data_dir / "models"
         self.db_path = self.data_dir / DB_NAME
-        conn = sqlite3.connect(str(self.db_path), timeout=30.0)
-        self.db = sqlite_utils.Database(conn)
-        self.db.enable_wal()
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA synchronous = FULL")
-        self._migrate()
+        self.db = connect(self.db_path, timeout_s=30.0)
+        migrate(self.db, _MIGRATIONS, name=f"registry {self.db_path}")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -182,34 +185,10 @@ class Registry:
 
     # -- transactions and schema ------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, write lock taken up front; nested calls join it."""
-        conn = self.db.conn
-        if conn.in_transaction:
-            yield conn
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
-
-    def _migrate(self) -> None:
-        with self._tx() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                         "(number INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-            done = {r[0] for r in conn.execute("SELECT number FROM schema_migrations")}
-            for number, sql in _MIGRATIONS:
-                if number in done:
-                    continue
-                for statement in sql.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (number, _ts(utc_now())))
-                LOG.info("registry %s: applied migration %d", self.db_path, number)
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction on the register (:func:`dicom_node.database.write`):
+        write lock taken up front, nested calls join it."""
+        return write(self.db)
 
     # -- reading ----------------------------------------------------------------------
 

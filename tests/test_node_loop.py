@@ -14,7 +14,8 @@ import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.errors import ConfigError
-from dicom_node.jobs import JobQueue, JobState, iso, utc_now
+from dicom_node.database import iso, utc_now
+from dicom_node.jobs import JobQueue, JobState
 from dicom_node.sender import Sender, SendState
 from dicom_node.settings import Destination, load_settings, parse_destination
 from node_harness import free_port, small_ct
