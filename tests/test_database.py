@@ -146,6 +146,41 @@ def test_migrate_applies_each_migration_once_and_records_it(tmp_path: Path) -> N
     assert not db.conn.in_transaction
 
 
+def test_two_openers_at_once_apply_each_migration_once(tmp_path: Path) -> None:
+    """Two processes (here two connections in threads) opening a new file together:
+    the record is re-read under the write lock, so no migration runs twice."""
+    import threading
+    import time
+
+    applied: list[str] = []
+
+    def slow_m1(db: sqlite_utils.Database) -> None:
+        applied.append(threading.current_thread().name)
+        time.sleep(0.05)  # hold the write lock while the other opener waits for it
+        _m1(db)
+
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def opener() -> None:
+        db = connect(tmp_path / "x.sqlite", timeout_s=10)
+        try:
+            barrier.wait(5)
+            migrate(db, (slow_m1, _m2), name="test")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=opener, name=f"opener-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == [] and len(applied) == 1
+    assert _records(connect(tmp_path / "x.sqlite", timeout_s=5)) == [(1, True), (2, True)]
+
+
 def test_a_failing_migration_leaves_no_trace(tmp_path: Path) -> None:
     def broken(db: sqlite_utils.Database) -> None:
         db.execute("CREATE TABLE b (x INTEGER)")
@@ -177,10 +212,11 @@ def test_migrate_adopts_the_registry_record(tmp_path: Path) -> None:
     db.execute("INSERT INTO schema_migrations VALUES (1, '2026-01-01T00:00:00+00:00')")
     assert migrate(db, (_m1, _m2), name="test") == 2
     assert _records(db) == [(1, True), (2, True)]
+    other = connect(tmp_path / "y.sqlite", timeout_s=5)
+    other.execute("CREATE TABLE schema_migrations (n INTEGER)")
     with pytest.raises(sqlite3.DatabaseError, match="unknown columns"):
-        other = connect(tmp_path / "y.sqlite", timeout_s=5)
-        other.execute("CREATE TABLE schema_migrations (n INTEGER)")
         migrate(other, (_m1,), name="test")
+    assert "a" not in other.table_names() and not other.conn.in_transaction
 
 
 # -------------------------------------------------- data directories written before
