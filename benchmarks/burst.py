@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.end_to_end import start_node  # noqa: E402
+from dicom_node.database import connect  # noqa: E402
 from orthanc.server import OrthancServer, free_ports  # noqa: E402
 from pipelines.demo_model import ensure_demo_model  # noqa: E402
 from pipelines.phantom import Anatomy, SliceGeometry, StudyInfo, ct_series  # noqa: E402
@@ -137,8 +137,7 @@ def _send_lanes(port: int, studies: list[list[Path]], lanes: int, timeout: float
 
 def _wait_all(data: Path, study_uids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
     """Poll the queue until every study's job is done and its SEG and SR are sent."""
-    conn = sqlite3.connect(f"file:{data / 'queue.sqlite'}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
+    conn = connect(data / "queue.sqlite", timeout_s=30, readonly=True).conn
     deadline = time.monotonic() + timeout
     done: dict[str, dict[str, Any]] = {}
     try:

@@ -32,7 +32,6 @@ import os
 import platform
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dicom_node.database import connect  # noqa: E402
 from orthanc.server import OrthancServer, free_ports, set_pdeathsig  # noqa: E402
 from pipelines.demo_model import ensure_demo_model  # noqa: E402
 from pipelines.phantom import Anatomy, SliceGeometry, StudyInfo, ct_series  # noqa: E402
@@ -103,8 +103,7 @@ def start_node(data: Path, config: Path, port: int, stable_after: float, log: Pa
 
 def wait_results(data: Path, study_uid: str, timeout: float) -> dict[str, Any]:
     """Poll the node's queue until the study's job is done and its sends are all sent."""
-    conn = sqlite3.connect(f"file:{data / 'queue.sqlite'}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
+    conn = connect(data / "queue.sqlite", timeout_s=30, readonly=True).conn
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -127,8 +126,7 @@ def wait_results(data: Path, study_uid: str, timeout: float) -> dict[str, Any]:
 
 
 def result_row(data: Path, result_id: int) -> dict[str, Any]:
-    conn = sqlite3.connect(f"file:{data / 'index.sqlite'}?mode=ro", uri=True, timeout=30)
-    conn.row_factory = sqlite3.Row
+    conn = connect(data / "index.sqlite", timeout_s=30, readonly=True).conn
     try:
         row = dict(conn.execute("SELECT * FROM ai_results WHERE id = ?", (result_id,)).fetchone())
     finally:

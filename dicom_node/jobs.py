@@ -36,10 +36,13 @@ import enum
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
+
+import sqlite_utils
+
+from dicom_node.database import Migration, connect, iso, migrate, utc_now, write
 
 LOG = logging.getLogger(__name__)
 
@@ -54,18 +57,9 @@ SPACE_RETRY_S = 10.0
 WAITING_FOR_SPACE = "waiting for disk space"
 
 
-def utc_now() -> datetime:
-    """The current time, UTC."""
-    return datetime.now(timezone.utc)
-
-
-def iso(t: datetime) -> str:
-    """ISO 8601 text of ``t`` (UTC, microseconds); sorts as time does."""
-    return t.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
 # ----------------------------------------------------------------------- database
-def _q1(conn: sqlite3.Connection) -> None:
+def _q1(db: sqlite_utils.Database) -> None:
+    conn = db.conn
     conn.execute(
         "CREATE TABLE jobs (id INTEGER PRIMARY KEY, series_uid TEXT NOT NULL,"
         " study_uid TEXT NOT NULL, patient_key TEXT NOT NULL, task TEXT NOT NULL,"
@@ -95,13 +89,14 @@ def _q1(conn: sqlite3.Connection) -> None:
     )
 
 
-def _q2(conn: sqlite3.Connection) -> None:
+def _q2(db: sqlite_utils.Database) -> None:
     # The destination's transfer syntaxes (UIDs, most preferred first) at enqueue time;
     # '' for rows queued before: they are sent in the syntax they are stored in.
-    conn.execute("ALTER TABLE sends ADD COLUMN accept_syntaxes TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE sends ADD COLUMN accept_syntaxes TEXT NOT NULL DEFAULT ''")
 
 
-def _q3(conn: sqlite3.Connection) -> None:
+def _q3(db: sqlite_utils.Database) -> None:
+    conn = db.conn
     # Jobs waiting for a model: the scanner of the series (to ask the registry whether a
     # model now serves it without reading the files again); '' for rows before.
     conn.execute("ALTER TABLE jobs ADD COLUMN manufacturer TEXT NOT NULL DEFAULT ''")
@@ -110,43 +105,19 @@ def _q3(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE jobs ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
 
 
-QUEUE_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_q1, _q2, _q3)
+QUEUE_MIGRATIONS: tuple[Migration, ...] = (_q1, _q2, _q3)
 
 
-def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite3.Connection:
-    """Open ``<data_dir>/queue.sqlite`` (WAL, synchronous FULL) and migrate it.
+def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_utils.Database:
+    """Open ``<data_dir>/queue.sqlite`` (:func:`dicom_node.database.connect`) and migrate it.
 
-    Returns a connection in autocommit mode: every write goes through
-    :func:`write_transaction`.
+    Every write goes through :func:`dicom_node.database.write`.
     """
     path = Path(data_dir) / QUEUE_DB_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=timeout_s, check_same_thread=False,
-                           isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-    with write_transaction(conn):
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        for number, migration in enumerate(QUEUE_MIGRATIONS, start=1):
-            if number > version:
-                migration(conn)
-                conn.execute(f"PRAGMA user_version={number}")
-                LOG.info("queue database: applied migration %d", number)
-    return conn
-
-
-@contextlib.contextmanager
-def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One ``BEGIN IMMEDIATE`` transaction: all of it commits or none of it does."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
+    db = connect(path, timeout_s=timeout_s)
+    migrate(db, QUEUE_MIGRATIONS, name="queue database")
+    return db
 
 
 # ----------------------------------------------------------------------- jobs
@@ -156,9 +127,9 @@ def open_queue_readonly(data_dir: Path | str) -> sqlite3.Connection | None:
     path = Path(data_dir) / QUEUE_DB_NAME
     if not path.exists():
         return None
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    conn.execute("PRAGMA busy_timeout=5000")
-    if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
+    conn = connect(path, timeout_s=5.0, readonly=True).conn
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+                    ).fetchone() is None:
         conn.close()
         return None
     return conn
@@ -272,7 +243,8 @@ class JobQueue:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         if retry_delay_s < 0:
             raise ValueError(f"retry_delay_s must be >= 0, got {retry_delay_s}")
-        self.conn = connect_queue(data_dir)
+        self.db = connect_queue(data_dir)
+        self.conn = self.db.conn
         self.max_attempts = max_attempts
         self.retry_delay_s = retry_delay_s
         self.worker = worker
@@ -288,7 +260,7 @@ class JobQueue:
                 series_last_received: str, instances: int) -> Job | None:
         """Queue a job for a series that went quiet; ``None`` if that job already exists."""
         now = iso(utc_now())
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO jobs (series_uid, study_uid, patient_key, task,"
                 " series_last_received, instances, state, max_attempts, enqueued_at, not_before)"
@@ -305,7 +277,7 @@ class JobQueue:
     def claim(self) -> Job | None:
         """Take the oldest due queued job for this worker (marks it running), or ``None``."""
         now = iso(utc_now())
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             row = conn.execute(
                 "SELECT * FROM jobs WHERE state = ? AND not_before <= ? ORDER BY id LIMIT 1",
                 (JobState.QUEUED.value, now),
@@ -321,7 +293,7 @@ class JobQueue:
 
     def complete(self, job_id: int, *, result_id: int | None, note: str = "") -> None:
         """Mark a job done (``result_id`` of what it produced, ``note`` why none)."""
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             conn.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, result_id = ?, error = ? WHERE id = ?",
                 (JobState.DONE.value, iso(utc_now()), result_id, note, job_id),
@@ -329,7 +301,7 @@ class JobQueue:
 
     def fail(self, job_id: int, reason: str, *, permanent: bool = False) -> JobState:
         """Record a failed attempt; re-queue with a delay or leave failed. Returns the new state."""
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             row = conn.execute("SELECT attempts, max_attempts FROM jobs WHERE id = ?",
                                (job_id,)).fetchone()
             attempts, limit = row["attempts"], row["max_attempts"]
@@ -354,7 +326,7 @@ class JobQueue:
         the job (``dicom-node status`` shows it) until it runs again."""
         if delay_s < 0:
             raise ValueError(f"delay_s must be >= 0, got {delay_s}")
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             conn.execute(
                 "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), not_before = ?,"
                 " error = ? WHERE id = ? AND state = ?",
@@ -376,7 +348,7 @@ class JobQueue:
 
         The attempt is not counted (nothing failed); ``reason`` says what to do.
         """
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             conn.execute(
                 "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), error = ?,"
                 " manufacturer = ?, scanner_model = ? WHERE id = ?",
@@ -399,7 +371,7 @@ class JobQueue:
         Returns the jobs queued again.
         """
         now = iso(utc_now())
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             rows = conn.execute(
                 "SELECT id FROM jobs WHERE state = ? AND task = ? AND manufacturer = ?"
                 " AND scanner_model = ? AND series_last_received >= ? ORDER BY id",
@@ -419,7 +391,7 @@ class JobQueue:
     def expire_waiting(self, *, received_before: datetime, max_age_h: float) -> list[Job]:
         """Leave failed the jobs still waiting for a model whose series was received
         before ``received_before`` (``max_age_h`` is named in the reason)."""
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             rows = conn.execute(
                 "SELECT * FROM jobs WHERE state = ? AND series_last_received < ? ORDER BY id",
                 (JobState.WAITING.value, iso(received_before))).fetchall()
@@ -446,7 +418,7 @@ class JobQueue:
                        delay_s: float = SPACE_RETRY_S) -> None:
         """The job failed for lack of disk space: queue it again after ``delay_s``
         without counting the attempt (it waits for space, it never fails for it)."""
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             conn.execute(
                 "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), not_before = ?,"
                 " error = ? WHERE id = ? AND state = ?",
@@ -459,7 +431,7 @@ class JobQueue:
 
         The interrupted attempt is not counted: a killed process is not a failed job.
         """
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             n = conn.execute(
                 "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0),"
                 " error = 'interrupted (node stopped during the job)'"
@@ -477,7 +449,7 @@ class JobQueue:
         instead of taking workers down for ever; without it (the node stopped the
         worker) the attempt is not counted. One transaction.
         """
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             rows = conn.execute("SELECT id, attempts, max_attempts FROM jobs WHERE state = ?"
                                 " AND worker = ?", (JobState.RUNNING.value, worker)).fetchall()
             for row in rows:
@@ -499,7 +471,7 @@ class JobQueue:
 
     def requeue_running(self, job_id: int) -> None:
         """Give a claimed job back untouched (the node is stopping); its attempt is not counted."""
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             conn.execute(
                 "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0) WHERE id = ? AND state = ?",
                 (JobState.QUEUED.value, job_id, JobState.RUNNING.value),

@@ -38,8 +38,9 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.database import iso, utc_now, write
 from dicom_node.faults import StateLog
-from dicom_node.jobs import JobQueue, connect_queue, iso, utc_now, write_transaction
+from dicom_node.jobs import JobQueue, connect_queue
 from dicom_node.label_intake import IntakeDecision
 from dicom_node.tasks import Task
 from pipelines.selection import (
@@ -108,7 +109,8 @@ class StabilityMonitor:
         self.poll_s = poll_s if poll_s is not None else min(1.0, self.stable_after_s / 4)
         self.label_intake = label_intake
         self._arrivals = Arrivals(archive.data_dir)
-        self._conn = connect_queue(archive.data_dir)  # its own: monitored_series
+        self._db = connect_queue(archive.data_dir)  # its own: monitored_series
+        self._conn = self._db.conn
         self._since: str | None = None  # where the next pass looks from (None: everything)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -205,7 +207,7 @@ class StabilityMonitor:
 
     def _record(self, uid: str, last: str, decision: str, reason: str) -> bool:
         """Remember the decision; return whether the series had been decided before."""
-        with write_transaction(self._conn) as conn:
+        with write(self._db) as conn:
             before = conn.execute("SELECT 1 FROM monitored_series WHERE series_uid = ?",
                                   (uid,)).fetchone()
             conn.execute(

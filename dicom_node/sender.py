@@ -39,8 +39,9 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
+from dicom_node.database import iso, utc_now, write
 from dicom_node.faults import StateLog
-from dicom_node.jobs import connect_queue, iso, open_queue_readonly, utc_now, write_transaction
+from dicom_node.jobs import connect_queue, open_queue_readonly
 from dicom_node.profiles import UNCOMPRESSED, ObjectShape, alias, choose, contexts_for, encode_as
 from dicom_node.settings import Destination
 from dicom_node.statuses import SUCCESS, is_warning
@@ -235,7 +236,8 @@ class Sender:
         if self.tls_destinations and tls_context is None:
             raise ValueError("tls_destinations need a tls_context")
         self.audit = audit
-        self.conn = connect_queue(self.data_dir)
+        self.db = connect_queue(self.data_dir)
+        self.conn = self.db.conn
         self._lock = threading.Lock()
         self.wakeup = threading.Event()
         self._stop = threading.Event()
@@ -273,7 +275,7 @@ class Sender:
                                  obj.sop_class_uid, obj.sop_instance_uid, obj.transfer_syntax_uid,
                                  state.value, now, now, ",".join(dest.transfer_syntaxes),
                                  f"not sent, invalid: {reason}" if reason is not None else ""))
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO sends (result_id, kind, destination, ae_title, host, port,"
@@ -317,7 +319,7 @@ class Sender:
         return float(min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(0, attempts - 1)))
 
     def _mark_sent(self, send_id: int) -> None:
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             conn.execute("UPDATE sends SET state = ?, sent_at = ?, attempts = attempts + 1,"
                          " last_error = '' WHERE id = ?",
                          (SendState.SENT.value, iso(utc_now()), send_id))
@@ -325,7 +327,7 @@ class Sender:
     def _mark_retry(self, ids: Sequence[int], error: str, *, refused: bool = False) -> float:
         """Count a failed attempt for ``ids``; returns the delay before the next one."""
         delay = 0.0
-        with self._lock, write_transaction(self.conn) as conn:
+        with self._lock, write(self.db) as conn:
             for send_id in ids:
                 attempts = conn.execute("SELECT attempts FROM sends WHERE id = ?",
                                         (send_id,)).fetchone()[0] + 1

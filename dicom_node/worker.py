@@ -45,8 +45,9 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
+from dicom_node.database import utc_now
 from dicom_node.faults import StateLog, is_out_of_space
-from dicom_node.jobs import Job, JobQueue, utc_now
+from dicom_node.jobs import Job, JobQueue
 from dicom_node.live_learning import LiveLearning
 from dicom_node.sender import Sender
 from dicom_node.settings import Destination, Settings

@@ -12,9 +12,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from dicom_node.database import iso, utc_now
 from dicom_node.durable import replace_durably
-from registry.records import Artifact, ArtifactKind, Verification, check_version, utc_now
-from registry.rows import parse_ts, ts
+from registry.records import Artifact, ArtifactKind, Verification, check_version
+from registry.rows import parse_ts
 from registry.versions import VersionQueries
 
 
@@ -70,7 +71,7 @@ class ArtifactRecords(VersionQueries):
                          [artifact.version, artifact.kind.value, artifact.key])
             self.db["artifacts"].insert({
                 "version": artifact.version, "kind": artifact.kind.value, "path": str(rel),
-                "sha256": artifact.sha256, "created_at": ts(artifact.created_at),
+                "sha256": artifact.sha256, "created_at": iso(artifact.created_at),
                 "detail": artifact.detail, "key": artifact.key})
         return artifact
 
@@ -144,6 +145,6 @@ class ArtifactRecords(VersionQueries):
                 "version": v.version, "backend": v.backend.value, "device_name": v.device_name,
                 "max_abs_diff": v.max_abs_diff, "argmax_agreement": v.argmax_agreement,
                 "median_ms": v.median_ms, "shape": json.dumps(list(v.shape)),
-                "verified": int(v.verified), "measured_at": ts(v.measured_at),
+                "verified": int(v.verified), "measured_at": iso(v.measured_at),
                 "detail": v.detail})
         return v

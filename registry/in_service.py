@@ -7,11 +7,11 @@ change what serves.
 
 from __future__ import annotations
 
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_node.database import connect
 from registry.records import ModelStatus
 from registry.store import DB_NAME
 
@@ -31,8 +31,7 @@ def active_versions(data_dir: Path | str) -> tuple[ActiveVersion, ...]:
     path = Path(data_dir) / DB_NAME
     if not path.exists():
         return ()
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as conn:
-        conn.execute("PRAGMA busy_timeout=5000")
+    with closing(connect(path, timeout_s=5.0, readonly=True).conn) as conn:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table'"
                         " AND name='model_versions'").fetchone() is None:
             return ()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import generate_uid
 
+from dicom_node.database import iso, utc_now
 from dicom_node.durable import replace_durably
 from registry.artifacts import sha256_file
 from registry.errors import RegistryError
@@ -29,9 +30,8 @@ from registry.records import (
     ModelVersion,
     ScannerScope,
     check_task,
-    utc_now,
 )
-from registry.rows import intensity_json, label_json, ts
+from registry.rows import intensity_json, label_json
 
 if TYPE_CHECKING:  # the bundle reader loads torch and MONAI; see _add
     from registry.bundle import BundleInfo
@@ -194,7 +194,7 @@ class VersionIntake(VersionLifecycle):
             "modality": info.modality,
             "input_spacing": json.dumps(info.input_spacing) if info.input_spacing else None,
             "intensity": json.dumps(intensity_json(info.intensity)) if info.intensity else None,
-            "created_at": ts(now), "status": ModelStatus.CANDIDATE.value,
+            "created_at": iso(now), "status": ModelStatus.CANDIDATE.value,
             "manufacturer": scope.manufacturer, "scanner_model": scope.model_name,
             "device_uid": generate_uid(),
             "path": str(final.relative_to(self.data_dir)),
@@ -210,5 +210,5 @@ class VersionIntake(VersionLifecycle):
         self.db["artifacts"].insert({
             "version": version, "kind": kind.value,
             "path": str(weights.relative_to(self.data_dir)),
-            "sha256": sha256_file(weights), "created_at": ts(now),
+            "sha256": sha256_file(weights), "created_at": iso(now),
             "detail": f"from {src}", "key": ""})

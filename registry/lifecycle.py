@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 
+from dicom_node.database import iso, utc_now
 from registry.errors import StatusError
-from registry.records import AuditAction, Metrics, ModelStatus, ModelVersion, ScannerScope, utc_now
-from registry.rows import ts
+from registry.records import AuditAction, Metrics, ModelStatus, ModelVersion, ScannerScope
 from registry.versions import VersionQueries
 
 LOG = logging.getLogger(__name__)
@@ -196,6 +196,6 @@ class VersionLifecycle(VersionQueries):
         if not by or not by.strip():
             raise ValueError("by must name who made the change")
         self.db["audit"].insert({
-            "at": ts(utc_now()), "action": action.value, "task": task, "version": version,
+            "at": iso(utc_now()), "action": action.value, "task": task, "version": version,
             "manufacturer": scope.manufacturer, "scanner_model": scope.model_name,
             "by": by.strip(), "reason": reason, "previous_version": previous})

@@ -93,11 +93,6 @@ def _coerce(enum_type: type[enum.Enum], value: Any, name: str) -> Any:
         raise ValueError(f"{name} must be one of {allowed}; got {value!r}") from None
 
 
-def utc_now() -> _dt.datetime:
-    """The current time, timezone-aware UTC, to the microsecond."""
-    return _dt.datetime.now(_dt.timezone.utc)
-
-
 def check_task(task: str) -> str:
     """Validate a task name (lower case letters, digits, ``.``, ``_``, ``-``; <= 63).
 

@@ -20,11 +20,6 @@ from registry.records import (
 )
 
 
-def ts(t: _dt.datetime) -> str:
-    """A timestamp as the register stores it: ISO 8601, UTC, microseconds."""
-    return t.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
-
-
 def parse_ts(s: str) -> _dt.datetime:
     """A stored timestamp back (timezone-aware)."""
     return _dt.datetime.fromisoformat(s)

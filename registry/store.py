@@ -22,23 +22,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import sqlite_utils
 
+from dicom_node.database import Migration, connect, migrate, write
 from registry.artifacts import ArtifactRecords
 from registry.intake import VersionIntake
-from registry.records import utc_now
-from registry.rows import ts
 
 LOG = logging.getLogger(__name__)
 
 DB_NAME = "registry.sqlite"
 
-# Recorded migrations: (number, SQL). Applied in order, each in one transaction.
-_MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (1, """
+# The register's schema, migration 1 (dicom_node.database.migrate records it).
+_M1 = """
     CREATE TABLE model_versions (
         version TEXT PRIMARY KEY,
         task TEXT NOT NULL,
@@ -102,8 +99,16 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         previous_version TEXT
     );
     CREATE INDEX audit_task ON audit (task, id);
-    """),
-)
+"""
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    for statement in _M1.split(";"):
+        if statement.strip():
+            db.conn.execute(statement)
+
+
+_MIGRATIONS: tuple[Migration, ...] = (_m1_initial,)
 
 
 class Registry(VersionIntake, ArtifactRecords):
@@ -135,12 +140,8 @@ class Registry(VersionIntake, ArtifactRecords):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.models_dir = self.data_dir / "models"
         self.db_path = self.data_dir / DB_NAME
-        conn = sqlite3.connect(str(self.db_path), timeout=30.0)
-        self.db = sqlite_utils.Database(conn)
-        self.db.enable_wal()
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA synchronous = FULL")
-        self._migrate()
+        self.db = connect(self.db_path, timeout_s=30.0)
+        migrate(self.db, _MIGRATIONS, name=f"registry {self.db_path}")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -154,34 +155,10 @@ class Registry(VersionIntake, ArtifactRecords):
 
     # -- transactions and schema ------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, write lock taken up front; nested calls join it."""
-        conn = self.db.conn
-        if conn.in_transaction:
-            yield conn
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.rollback()
-            raise
-        conn.commit()
-
-    def _migrate(self) -> None:
-        with self._tx() as conn:
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                         "(number INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-            done = {r[0] for r in conn.execute("SELECT number FROM schema_migrations")}
-            for number, sql in _MIGRATIONS:
-                if number in done:
-                    continue
-                for statement in sql.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (number, ts(utc_now())))
-                LOG.info("registry %s: applied migration %d", self.db_path, number)
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction on the register (:func:`dicom_node.database.write`):
+        write lock taken up front, nested calls join it."""
+        return write(self.db)
 
 
 __all__ = ["DB_NAME", "Registry"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ ALLOWED = {
     "pipelines": {"pipelines", "registry"},
     "trainer": {"trainer", "twin_archive", "registry", "pipelines"},
 }
-#: Leaf modules every room may import: the root exception, the durable file write.
-LEAVES = {"dicom_node.errors", "dicom_node.durable"}
+#: Leaf modules every room may import: the root exception, the durable file write,
+#: the one way to SQLite.
+LEAVES = {"dicom_node.errors", "dicom_node.durable", "dicom_node.database"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -59,8 +61,6 @@ def test_errors_module_is_a_leaf() -> None:
 
 def test_durable_module_is_a_leaf() -> None:
     """``dicom_node/durable.py`` imports only the standard library (every room uses it)."""
-    import sys
-
     tops = {n.split(".")[0] for n in imports_of(ROOT / "dicom_node" / "durable.py")}
     assert tops <= set(sys.stdlib_module_names) | {"__future__"}, tops
 
@@ -119,6 +119,94 @@ def test_the_check_for_renames_finds_them(tmp_path: Path) -> None:
                                               "5: .rename(...)", "6: .replace(...)"]
 
 
+def test_database_module_is_a_leaf() -> None:
+    """dicom_node.database: the standard library and sqlite-utils, nothing of ours."""
+    tops = {n.split(".")[0] for n in imports_of(ROOT / "dicom_node" / "database.py")}
+    assert tops - set(sys.stdlib_module_names) == {"sqlite_utils"}
+
+
+# ---------------------------------------------------------------- one way to SQLite
+def _calls_sqlite3_connect(path: Path) -> list[int]:
+    """Lines of ``sqlite3.connect`` (called or passed) and of ``from sqlite3 import connect``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Attribute) and node.attr == "connect"
+                and isinstance(node.value, ast.Name) and node.value.id == "sqlite3"):
+            found.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module == "sqlite3" and any(
+                a.name == "connect" for a in node.names):
+            found.append(node.lineno)
+    return sorted(found)
+
+
+def test_only_the_database_leaf_opens_sqlite() -> None:
+    """Every store, queue and reader opens SQLite through dicom_node.database.connect
+    (WAL, synchronous=FULL, busy timeout, read-only where asked). Tests may open the
+    files with plain sqlite3 to look at them from outside."""
+    paths = _product_modules() + sorted((ROOT / "benchmarks").rglob("*.py"))
+    bad = [f"{p.relative_to(ROOT)}:{line}" for p in paths for line in _calls_sqlite3_connect(p)
+           if p != ROOT / "dicom_node" / "database.py"]
+    assert bad == []
+
+
+def test_the_check_for_sqlite3_connect_finds_it(tmp_path: Path) -> None:
+    sample = tmp_path / "m.py"
+    sample.write_text("import sqlite3\nfrom sqlite3 import connect\n"
+                      "c = sqlite3.connect('x')\ntext = 'sqlite3.connect'\n")
+    assert _calls_sqlite3_connect(sample) == [2, 3]
+
+
+# ---------------------------------------------------------------- no copies in the stores
+#: The stores and the queue: no block of REPEAT_LINES code lines appears twice among them.
+STORE_MODULES = ("twin_archive/**/*.py", "registry/**/*.py", "dicom_node/jobs.py",
+                 "dicom_node/sender.py")
+REPEAT_LINES = 6
+
+
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text with whitespace collapsed) of the code lines of a module:
+    not blank, not a comment, not part of an import or a docstring."""
+    text = path.read_text()
+    skip: set[int] = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) or (
+                isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            skip.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    lines = ((i, " ".join(line.split())) for i, line in enumerate(text.splitlines(), start=1))
+    return [(i, line) for i, line in lines if line and not line.startswith("#") and i not in skip]
+
+
+def _repeated_blocks(paths: list[Path], size: int) -> list[str]:
+    """Each block of ``size`` code lines found more than once, with where it is."""
+    seen: dict[tuple[str, ...], list[str]] = {}
+    for path in paths:
+        lines = _code_lines(path)
+        for k in range(len(lines) - size + 1):
+            block = tuple(line for _, line in lines[k:k + size])
+            seen.setdefault(block, []).append(f"{path.name}:{lines[k][0]} ({path.parent.name})")
+    return [" and ".join(where) for where in seen.values() if len(where) > 1]
+
+
+def test_no_block_of_code_repeated_in_the_stores() -> None:
+    """Issue 18: one helper, not copies (a connection set-up, a transaction, a migration
+    loop, a row mapping), among the stores and the queue, within a module or across."""
+    paths = sorted({p for pattern in STORE_MODULES for p in ROOT.glob(pattern)})
+    assert len(paths) > 10
+    assert _repeated_blocks(paths, REPEAT_LINES) == []
+
+
+def test_the_check_for_repeated_blocks_finds_them(tmp_path: Path) -> None:
+    body = "".join(f"    x{i} = f({i})\n" for i in range(REPEAT_LINES))
+    (tmp_path / "a.py").write_text(f'"""Doc."""\n\nimport os\n\n\ndef a():\n{body}')
+    noted = body.replace("    x0", "    # a comment, then blank\n\n    x0")
+    (tmp_path / "b.py").write_text(f"def b():\n    '''Other doc.'''\n{noted}")
+    (tmp_path / "c.py").write_text("import os\n\n\ndef c():\n" + "".join(body.splitlines(True)[1:]))
+    found = _repeated_blocks(sorted(tmp_path.glob("*.py")), REPEAT_LINES)
+    assert len(found) == 1 and "a.py:7" in found[0] and "b.py:5" in found[0]
+    assert "c.py" not in found[0]  # five of the lines only
+
+
 # ---------------------------------------------------------------- who names the tables
 #: The stores' SQL tables and the queue's, each with the only places whose SQL may name it.
 STORE_TABLES = ("twins", "consent_events", "studies", "series", "instances", "ai_results",
@@ -164,6 +252,8 @@ def test_only_the_stores_and_the_queue_name_their_tables_in_sql() -> None:
         if rel.startswith(STORES):
             continue
         owned = QUEUE_TABLES if rel in QUEUE_MODULES else ()
+        if rel == "dicom_node/database.py":  # the record of every file's migrations
+            owned = ("schema_migrations",)
         for table in _tables_named(path, STORE_TABLES + QUEUE_TABLES):
             if table not in owned:
                 found.add((rel, table))
@@ -211,7 +301,6 @@ HELD_PACKAGES = ("twin_archive", "registry", "pipelines", "trainer")
 KNOWN_LONG = {
     ("twin_archive/archive.py", "Archive._store"),
     ("twin_archive/archive.py", "Archive.twin"),
-    ("twin_archive/schema.py", "_m1_initial"),
 }
 
 

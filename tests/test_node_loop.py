@@ -15,15 +15,14 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.errors import ConfigError
 from dicom_node import monitor as monitor_module
+from dicom_node.database import iso, utc_now
 from dicom_node.jobs import (
     JobCounts,
     JobQueue,
     JobState,
     WaitingJob,
     connect_queue,
-    iso,
     read_job_counts,
-    utc_now,
 )
 from dicom_node.monitor import StabilityMonitor
 from dicom_node.sender import Sender, SendCounts, SendState, read_send_counts, sends_of_results

@@ -12,7 +12,8 @@ from pipelines.export.checks import compare, verdict
 from pipelines.export.optimize import optimize
 from pipelines.export.tensorrt import tensorrt_status
 from pipelines.inference import choose_backend, load_model
-from registry.records import ArtifactKind, Backend, utc_now
+from dicom_node.database import utc_now
+from registry.records import ArtifactKind, Backend
 from registry.store import Registry
 from registry_bundles import phantom_volume, spleen_bundle
 from pipelines import phantom as ph

@@ -18,7 +18,8 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from dicom_node.errors import ConfigError
-from dicom_node.jobs import JobQueue, JobState, iso, utc_now
+from dicom_node.database import iso, utc_now
+from dicom_node.jobs import JobQueue, JobState
 from dicom_node.label_intake import TaskLabelIntake
 from dicom_node.settings import Settings, load_settings
 from dicom_node.tasks import Task, default_tasks, parse_tasks
@@ -217,7 +218,7 @@ def test_a_job_waits_for_a_model_then_is_released_or_expires(tmp_path: Path) -> 
     queue.close()
     # the columns were added by a migration: an older queue file is migrated in place
     again = JobQueue(tmp_path)
-    assert again.conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert [r[0] for r in again.conn.execute("SELECT version FROM schema_migrations")] == [1, 2, 3]
     again.close()
 
 

@@ -26,6 +26,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from dicom_node.database import connect, iso, migrate, utc_now, write
 from dicom_node.durable import clean_tmp, fsync_dir, write_durably
 from twin_archive.dataset_walk import Walked, walk
 from twin_archive import reconcile
@@ -55,7 +56,7 @@ from twin_archive.records import (
     TwinMerge,
     TwinSummary,
 )
-from twin_archive.schema import connect, migrate, utc_now, write_transaction
+from twin_archive.schema import MIGRATIONS
 from twin_archive.text import printable
 from twin_archive.uids import uid_problem
 
@@ -271,10 +272,10 @@ class Archive:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(exist_ok=True)
         self._secret = load_or_create_key(self.data_dir)
-        self.db = connect(str(self.data_dir / INDEX_NAME))
+        self.db = connect(self.data_dir / INDEX_NAME, timeout_s=30.0)
         self._lock = threading.Lock()
         self._group = _GroupCommit(self._flush)
-        migrate(self.db)
+        migrate(self.db, MIGRATIONS, name="archive index")
 
     def close(self) -> None:
         """Close the index connection."""
@@ -428,8 +429,8 @@ class Archive:
 
     def mark_missing(self, row_ids: Sequence[int]) -> int:
         """Mark instance rows whose file is gone (one transaction); return how many."""
-        at = utc_now()
-        with self._lock, write_transaction(self.db) as conn:
+        at = iso(utc_now())
+        with self._lock, write(self.db) as conn:
             n = 0
             for row_id in row_ids:
                 n += conn.execute("UPDATE instances SET missing_at = ? WHERE id = ?"
@@ -707,7 +708,7 @@ class Archive:
         if not todo:
             return
         try:
-            with self._lock, write_transaction(self.db) as conn:
+            with self._lock, write(self.db) as conn:
                 for p in todo:
                     conn.execute("SAVEPOINT instance")
                     try:
@@ -726,7 +727,7 @@ class Archive:
         fields, ident, key, sha, rel, incoming = (
             p.fields, p.ident, p.key, p.sha, p.rel, p.incoming)
         size = incoming.size
-        now = utc_now() if p.received_at is None else p.received_at
+        now = iso(utc_now()) if p.received_at is None else p.received_at
         conn.execute(
             "INSERT INTO twins (patient_key, patient_id, issuer_of_patient_id, patient_name,"
             " birth_date, sex, donate, created_at, updated_at, unidentified)"
@@ -960,8 +961,8 @@ class Archive:
         dst = dst_keys[0]
         if src == dst:
             raise ValueError("target: the source and the target are the same twin")
-        at = at or utc_now()
-        with self._lock, write_transaction(self.db) as conn:
+        at = at or iso(utc_now())
+        with self._lock, write(self.db) as conn:
             s_row = conn.execute("SELECT unidentified, merged_into FROM twins WHERE patient_key = ?",
                                  (src,)).fetchone()
             d_row = conn.execute("SELECT unidentified, merged_into FROM twins WHERE patient_key = ?",
@@ -1009,8 +1010,8 @@ class Archive:
                 f"patient_id: {len(keys)} twins share Patient ID {patient_id!r} under different "
                 "issuers; name the issuer"
             )
-        at = at or utc_now()  # given when replayed from the audit log (rebuild-index)
-        with self._lock, write_transaction(self.db) as conn:
+        at = at or iso(utc_now())  # given when replayed from the audit log (rebuild-index)
+        with self._lock, write(self.db) as conn:
             previous = bool(conn.execute(
                 "SELECT donate FROM twins WHERE patient_key = ?", (keys[0],)
             ).fetchone()[0])

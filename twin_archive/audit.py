@@ -36,16 +36,16 @@ import enum
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from twin_archive.schema import begin_immediate
+import sqlite_utils
+
+from dicom_node.database import Migration, connect, iso, migrate, utc_now, write
 
 LOG = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ class AuditLogTamperedError(RuntimeError):
         super().__init__(f"audit log tampered with at event {row_id}: {why}")
 
 
-def _m1(conn: sqlite3.Connection) -> None:
+def _m1(db: sqlite_utils.Database) -> None:
+    conn = db.conn
     conn.execute(
         "CREATE TABLE audit_events (id INTEGER PRIMARY KEY, at TEXT NOT NULL,"
         " event_type TEXT NOT NULL, event_id TEXT NOT NULL, outcome INTEGER NOT NULL,"
@@ -139,7 +140,7 @@ def _m1(conn: sqlite3.Connection) -> None:
                  " BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END")
 
 
-MIGRATIONS = (_m1,)
+MIGRATIONS: tuple[Migration, ...] = (_m1,)
 
 
 def _row_hash(prev_hash: str, at: str, event_type: str, event_id: str, outcome: int,
@@ -178,29 +179,9 @@ class AuditLog:
         self.path = Path(data_dir) / AUDIT_DB_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.conn = sqlite3.connect(str(self.path), timeout=timeout_s, check_same_thread=False,
-                                    isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-        with self._write() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, migration in enumerate(MIGRATIONS, start=1):
-                if number > version:
-                    migration(conn)
-                    conn.execute(f"PRAGMA user_version={number}")
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            begin_immediate(self.conn)
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
+        self.db = connect(self.path, timeout_s=timeout_s)
+        self.conn = self.db.conn
+        migrate(self.db, MIGRATIONS, name="audit log")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -248,9 +229,9 @@ class AuditLog:
             detail_text = json.dumps(dict(detail or {}), sort_keys=True, ensure_ascii=True)
         except TypeError as exc:
             raise ValueError(f"detail must be JSON-serialisable: {exc}") from None
-        at = datetime.now(UTC).isoformat(timespec="microseconds")
+        at = iso(utc_now())
         event_id = EVENT_IDS[ev][0]
-        with self._write() as conn:
+        with self._lock, write(self.db) as conn:
             row = conn.execute("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
             prev = row[0] if row else GENESIS
             digest = _row_hash(prev, at, ev.value, event_id, int(oc), who, what, detail_text)
@@ -281,7 +262,7 @@ class AuditLog:
             if since.tzinfo is None:
                 since = since.replace(tzinfo=UTC)
             sql += " AND at >= ?"
-            args.append(since.astimezone(UTC).isoformat(timespec="microseconds"))
+            args.append(iso(since))
         if event_type is not None:
             sql += " AND event_type = ?"
             args.append(AuditEvent(event_type).value)

@@ -13,6 +13,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_node.database import connect
 from twin_archive.audit import AUDIT_DB_NAME
 from twin_archive.layout import INDEX_NAME
 
@@ -48,8 +49,7 @@ def _open(path: Path, table: str) -> sqlite3.Connection | None:
     """``path`` opened read-only, or None if it or its ``table`` does not exist."""
     if not path.exists():
         return None
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    conn.execute("PRAGMA busy_timeout=5000")
+    conn = connect(path, timeout_s=5.0, readonly=True).conn
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
                     (table,)).fetchone() is None:
         conn.close()

@@ -36,15 +36,15 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from dicom_node.database import iso, utc_now, write
 from dicom_node.durable import write_durably
 from twin_archive.errors import ArchiveError
-from twin_archive.schema import IndexStore, fetch_dicts, utc_now, write_transaction
+from twin_archive.schema import IndexStore, fetch_dicts
 from twin_archive.uids import uid_problem
 
 LOG = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ class LabelStore(IndexStore):
                 patient_key=src["patient_key"], study_uid=src["study_uid"], series_uid=series_uid,
                 source=SOURCE_IMPORT, segments=segs, path=str(rel), sha256=sha, seg_sop="",
                 seg_series="", calling_ae="", creator=by,
-                content_time=datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S"))
+                content_time=utc_now().strftime("%Y%m%d%H%M%S"))
 
     def _insert(self, *, patient_key: str, study_uid: str, series_uid: str, source: str,
                 segments: tuple[str, ...], path: str, sha256: str, seg_sop: str,
@@ -286,7 +286,7 @@ class LabelStore(IndexStore):
                 tasks: tuple[str, ...] = ()) -> tuple[Label, bool]:
         """Insert a label row and make it current, in one transaction (lock held)."""
         tasks_text = json.dumps(sorted(set(tasks))) if tasks else ""
-        with write_transaction(self.db) as conn:
+        with write(self.db) as conn:
             same = conn.execute(
                 "SELECT id, tasks FROM labels WHERE series_uid = ? AND sha256 = ?"
                 " AND seg_sop_instance_uid = ?", (series_uid, sha256, seg_sop)).fetchone()
@@ -302,7 +302,7 @@ class LabelStore(IndexStore):
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,?)",
                     (patient_key, study_uid, series_uid, source, json.dumps(list(segments)),
                      path, sha256, seg_sop, seg_series, calling_ae, creator, content_time,
-                     utc_now(), tasks_text))
+                     iso(utc_now()), tasks_text))
                 label_id, new = int(cur.lastrowid or 0), True
                 conn.execute("UPDATE labels SET current = (id = ?) WHERE series_uid = ?",
                              (label_id, series_uid))

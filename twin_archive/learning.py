@@ -23,8 +23,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from dicom_node.database import iso, utc_now, write
 from twin_archive.results import ResultStore
-from twin_archive.schema import IndexStore, fetch_dicts, utc_now, write_transaction
+from twin_archive.schema import IndexStore, fetch_dicts
 
 LOG = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class ShadowStore(ResultStore):
                        active_version: str, active_result_id: int | None, scanner: Scanner,
                        agree: list[dict[str, Any]], min_dice: float,
                        objs: list[dict[str, Any]]) -> None:
-        with self._lock, write_transaction(self.db) as conn:
+        with self._lock, write(self.db) as conn:
             conn.execute(
                 "INSERT INTO shadow_results (job_key, patient_key, study_uid, source_series_uid,"
                 " task, shadow_version, active_version, active_result_id, manufacturer,"
@@ -139,7 +140,7 @@ class ShadowStore(ResultStore):
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job_key, patient_key, study_uid, source_series_uid, task, shadow_version,
                  active_version, active_result_id, scanner.manufacturer, scanner.model_name,
-                 scanner.station, utc_now(), json.dumps(agree), min_dice, json.dumps(objs)))
+                 scanner.station, iso(utc_now()), json.dumps(agree), min_dice, json.dumps(objs)))
 
     def _shadow_rows(self, where: str, params: tuple[Any, ...]) -> list[ShadowResult]:
         with self._lock:
@@ -182,13 +183,13 @@ class FigureStore(IndexStore):
     def record(self, *, job_key: str, task: str, scanner: Scanner, model_version: str,
                figures: Mapping[str, float], histogram: Sequence[float]) -> None:
         """Record one series' figures (once per job key)."""
-        with self._lock, write_transaction(self.db) as conn:
+        with self._lock, write(self.db) as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO series_figures (job_key, task, manufacturer, model_name,"
                 " station, model_version, recorded_at, figures, histogram)"
                 " VALUES (?,?,?,?,?,?,?,?,?)",
                 (job_key, task, scanner.manufacturer, scanner.model_name, scanner.station,
-                 model_version, utc_now(), json.dumps(dict(figures), sort_keys=True),
+                 model_version, iso(utc_now()), json.dumps(dict(figures), sort_keys=True),
                  json.dumps([float(v) for v in histogram])))
 
     def scanners(self, task: str | None = None) -> list[tuple[str, Scanner]]:
@@ -217,11 +218,11 @@ class FigureStore(IndexStore):
 
     def name_once(self, task: str, scanner: Scanner, detail: str) -> bool:
         """Remember that ``scanner`` was named as drifted; ``False`` if it already was."""
-        with self._lock, write_transaction(self.db) as conn:
+        with self._lock, write(self.db) as conn:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO drift_named (task, manufacturer, model_name, station,"
                 " named_at, detail) VALUES (?,?,?,?,?,?)",
-                (task, scanner.manufacturer, scanner.model_name, scanner.station, utc_now(),
+                (task, scanner.manufacturer, scanner.model_name, scanner.station, iso(utc_now()),
                  detail))
             return cur.rowcount == 1
 

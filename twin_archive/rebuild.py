@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
+from dicom_node.database import utc_now
 from dicom_node.durable import replace_durably
 from twin_archive.archive import Archive
 from twin_archive.audit import AuditEvent, AuditLog, AuditLogTamperedError
@@ -52,7 +52,7 @@ def _set_aside(data_dir: Path) -> str:
     index = data_dir / INDEX_NAME
     if not index.exists():
         return ""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_now().strftime("%Y%m%dT%H%M%SZ")
     target = data_dir / f"{INDEX_NAME}.old-{stamp}"
     for suffix in ("", "-wal", "-shm"):
         src = data_dir / f"{INDEX_NAME}{suffix}"

@@ -29,8 +29,9 @@ import pydicom
 import sqlite_utils
 from pydicom.dataset import Dataset
 
+from dicom_node.database import iso, utc_now, write
 from dicom_node.durable import fsync_dir, write_durably
-from twin_archive.schema import IndexStore, fetch_dicts, utc_now, write_transaction
+from twin_archive.schema import IndexStore, fetch_dicts
 from twin_archive.uids import path_component, uid_problem
 
 LOG = logging.getLogger(__name__)
@@ -145,9 +146,9 @@ class ResultStore(IndexStore):
             raise ValueError("study_uid: empty")
         rows, created = self._store_files(self.data_dir / RESULTS_DIR / patient_key
                                           / path_component(study_uid), objects)
-        now = utc_now()
+        now = iso(utc_now())
         seg_json = json.dumps([{"name": s.name, "volume_ml": s.volume_ml} for s in segments])
-        with self._all_or_nothing(created), self._lock, write_transaction(self.db) as conn:
+        with self._all_or_nothing(created), self._lock, write(self.db) as conn:
             cur = conn.execute(
                 "INSERT INTO ai_results (job_key, patient_key, study_uid, source_series_uid,"
                 " source_last_received, source_instances, task, model_name, model_version,"
@@ -245,7 +246,7 @@ class ResultStore(IndexStore):
         rows, created = self._store_files(self.data_dir / RESULTS_DIR / result.patient_key
                                           / path_component(result.study_uid), objects)
         merged = {**result.timings, **(timings or {})}
-        with self._all_or_nothing(created), self._lock, write_transaction(self.db) as conn:
+        with self._all_or_nothing(created), self._lock, write(self.db) as conn:
             conn.executemany(
                 "INSERT INTO ai_result_objects (result_id, kind, sop_class_uid,"
                 " sop_instance_uid, series_uid, transfer_syntax_uid, path) VALUES (?,?,?,?,?,?,?)",

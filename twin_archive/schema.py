@@ -1,32 +1,23 @@
 """The archive index schema, applied as numbered migrations.
 
 Each migration runs in one transaction together with the row that records it in
-``schema_migrations``; a migration is never edited once released: add a new one.
+``schema_migrations`` (:func:`dicom_node.database.migrate`); a migration is never
+edited once released: add a new one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
-import sqlite3
 import threading
-import time
-from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from dicom_node.database import Migration, connect
 from twin_archive.layout import INDEX_NAME
 
 LOG = logging.getLogger(__name__)
-
-
-def utc_now() -> str:
-    """Current time as ISO 8601 in UTC with microseconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 def fetch_dicts(db: sqlite_utils.Database, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
@@ -37,175 +28,46 @@ def fetch_dicts(db: sqlite_utils.Database, sql: str, params: tuple[Any, ...]) ->
 
 
 def _m1_initial(db: sqlite_utils.Database) -> None:
-    db["twins"].create(
-        {
-            "patient_key": str,
-            "patient_id": str,
-            "issuer_of_patient_id": str,
-            "patient_name": str,
-            "birth_date": str,
-            "sex": str,
-            "donate": int,
-            "created_at": str,
-            "updated_at": str,
-        },
-        pk="patient_key",
-        not_null={"patient_id", "donate"},
-        defaults={"donate": 0, "issuer_of_patient_id": ""},
-    )
-    db["twins"].create_index(["patient_id"])
-    db["consent_events"].create(
-        {
-            "id": int,
-            "patient_key": str,
-            "at": str,
-            "donate": int,
-            "previous": int,
-            "by": str,
-            "reason": str,
-        },
-        pk="id",
-        foreign_keys=[("patient_key", "twins", "patient_key")],
-    )
-    db["consent_events"].create_index(["patient_key"])
-    db["studies"].create(
-        {
-            "study_uid": str,
-            "patient_key": str,
-            "study_date": str,
-            "study_time": str,
-            "description": str,
-            "accession_number": str,
-            "first_received": str,
-            "last_received": str,
-        },
-        pk="study_uid",
-        foreign_keys=[("patient_key", "twins", "patient_key")],
-    )
-    db["studies"].create_index(["patient_key"])
-    db["series"].create(
-        {
-            "series_uid": str,
-            "study_uid": str,
-            "modality": str,
-            "body_part": str,
-            "description": str,
-            "series_number": str,
-            "manufacturer": str,
-            "model_name": str,
-            "frame_of_reference_uid": str,
-            "first_received": str,
-            "last_received": str,
-        },
-        pk="series_uid",
-        foreign_keys=[("study_uid", "studies", "study_uid")],
-    )
-    db["series"].create_index(["study_uid"])
-    db["series"].create_index(["last_received"])
-    db["instances"].create(
-        {
-            "id": int,
-            "sop_instance_uid": str,
-            "sop_class_uid": str,
-            "series_uid": str,
-            "study_uid": str,
-            "patient_key": str,
-            "instance_number": str,
-            "transfer_syntax_uid": str,
-            "size": int,
-            "sha256": str,
-            "path": str,
-            "calling_ae": str,
-            "received_at": str,
-            "version": int,
-            "current": int,
-        },
-        pk="id",
-        not_null={"sop_instance_uid", "sha256", "path", "version", "current"},
-        foreign_keys=[("series_uid", "series", "series_uid")],
-    )
-    db["instances"].create_index(["sop_instance_uid", "sha256"], unique=True)
-    db["instances"].create_index(["series_uid", "current"])
+    """Twins, their consent events, studies, series, instances.
 
-
-@contextlib.contextmanager
-def write_transaction(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
-    """One write transaction, ``BEGIN IMMEDIATE`` so that it takes the write lock first.
-
-    A deferred ``BEGIN`` that reads and then writes fails at once with ``SQLITE_BUSY``
-    in WAL mode when another process (the CLI, a second worker) wrote in between;
-    ``IMMEDIATE`` waits on the busy timeout instead. Everything inside commits or
-    nothing does (sqlite-utils #121).
+    Written first with sqlite-utils' ``Table.create``; this is the SQL it ran
+    (``sqlite_master`` of an index it made), so that the migration can never change
+    with the library's version.
     """
-    conn = db.conn
-    begin_immediate(conn)
-    try:
-        yield conn
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    else:
-        conn.execute("COMMIT")
-
-
-#: Waits between attempts to take the write lock (then the last, repeated).
-_LOCK_POLL_S = (0.00005, 0.0001, 0.0002, 0.0005, 0.001)
-
-
-def begin_immediate(conn: sqlite3.Connection) -> None:
-    """``BEGIN IMMEDIATE``, waiting for another process's write lock in short steps.
-
-    SQLite's own busy handler sleeps 1, 2, 5, 10... ms between attempts. A write
-    transaction of the archive holds the lock for well under a millisecond (the WAL
-    write and its fsync), so with two processes storing, about a fifth of the
-    transactions found it taken and then slept 1-4 ms: on average more than the
-    transaction itself (measured: 575 commits of 4 associations, p90 wait 1.5 ms).
-    Here the lock is tried again after 50 us, 100 us, 200 us, 0.5 ms, then every
-    1 ms, for as long as the connection's ``busy_timeout``; the busy timeout is set
-    back for everything else.
-
-    Raises
-    ------
-    sqlite3.OperationalError
-        The lock could not be had within the busy timeout ("database is locked"), or
-        any other error of ``BEGIN``.
-    """
-    timeout_ms = conn.execute("PRAGMA busy_timeout").fetchone()[0]
-    conn.execute("PRAGMA busy_timeout=0")
-    try:
-        deadline = time.monotonic() + timeout_ms / 1000
-        for attempt in itertools.count():
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(_LOCK_POLL_S[min(attempt, len(_LOCK_POLL_S) - 1)])
-    finally:
-        conn.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is None:
-        return "locked" in str(exc)
-    return code & 0xFF == sqlite3.SQLITE_BUSY
-
-
-def connect(path: str, *, timeout_s: float = 30.0) -> sqlite_utils.Database:
-    """Open the index in WAL mode with full durability and a busy timeout.
-
-    ``synchronous=FULL`` makes every commit durable before it returns, which the
-    C-STORE acknowledgement relies on.
-    """
-    conn = sqlite3.connect(path, timeout=timeout_s, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-    return sqlite_utils.Database(conn)
+    for sql in (
+        'CREATE TABLE "twins" (\n   "patient_key" TEXT PRIMARY KEY,\n   "patient_id" TEXT NOT NULL,\n'
+        '   "issuer_of_patient_id" TEXT DEFAULT \'\',\n   "patient_name" TEXT,\n   "birth_date" TEXT,\n'
+        '   "sex" TEXT,\n   "donate" INTEGER NOT NULL DEFAULT 0,\n   "created_at" TEXT,\n'
+        '   "updated_at" TEXT\n)',
+        'CREATE INDEX "idx_twins_patient_id"\n    ON "twins" ("patient_id")',
+        'CREATE TABLE "consent_events" (\n   "id" INTEGER PRIMARY KEY,\n'
+        '   "patient_key" TEXT REFERENCES "twins"("patient_key"),\n   "at" TEXT,\n'
+        '   "donate" INTEGER,\n   "previous" INTEGER,\n   "by" TEXT,\n   "reason" TEXT\n)',
+        'CREATE INDEX "idx_consent_events_patient_key"\n    ON "consent_events" ("patient_key")',
+        'CREATE TABLE "studies" (\n   "study_uid" TEXT PRIMARY KEY,\n'
+        '   "patient_key" TEXT REFERENCES "twins"("patient_key"),\n   "study_date" TEXT,\n'
+        '   "study_time" TEXT,\n   "description" TEXT,\n   "accession_number" TEXT,\n'
+        '   "first_received" TEXT,\n   "last_received" TEXT\n)',
+        'CREATE INDEX "idx_studies_patient_key"\n    ON "studies" ("patient_key")',
+        'CREATE TABLE "series" (\n   "series_uid" TEXT PRIMARY KEY,\n'
+        '   "study_uid" TEXT REFERENCES "studies"("study_uid"),\n   "modality" TEXT,\n'
+        '   "body_part" TEXT,\n   "description" TEXT,\n   "series_number" TEXT,\n'
+        '   "manufacturer" TEXT,\n   "model_name" TEXT,\n   "frame_of_reference_uid" TEXT,\n'
+        '   "first_received" TEXT,\n   "last_received" TEXT\n)',
+        'CREATE INDEX "idx_series_study_uid"\n    ON "series" ("study_uid")',
+        'CREATE INDEX "idx_series_last_received"\n    ON "series" ("last_received")',
+        'CREATE TABLE "instances" (\n   "id" INTEGER PRIMARY KEY,\n'
+        '   "sop_instance_uid" TEXT NOT NULL,\n   "sop_class_uid" TEXT,\n'
+        '   "series_uid" TEXT REFERENCES "series"("series_uid"),\n   "study_uid" TEXT,\n'
+        '   "patient_key" TEXT,\n   "instance_number" TEXT,\n   "transfer_syntax_uid" TEXT,\n'
+        '   "size" INTEGER,\n   "sha256" TEXT NOT NULL,\n   "path" TEXT NOT NULL,\n'
+        '   "calling_ae" TEXT,\n   "received_at" TEXT,\n   "version" INTEGER NOT NULL,\n'
+        '   "current" INTEGER NOT NULL\n)',
+        'CREATE UNIQUE INDEX "idx_instances_sop_instance_uid_sha256"\n'
+        '    ON "instances" ("sop_instance_uid", "sha256")',
+        'CREATE INDEX "idx_instances_series_uid_current"\n    ON "instances" ("series_uid", "current")',
+    ):
+        db.execute(sql)
 
 
 def _m2_ai_results(db: sqlite_utils.Database) -> None:
@@ -309,40 +171,15 @@ def _m6_live_learning(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
+MIGRATIONS: tuple[Migration, ...] = (
     _m1_initial, _m2_ai_results, _m3_labels_and_training_use, _m4_label_tasks,
     _m5_liberal_acceptance_and_repair, _m6_live_learning)
-
-
-def migrate(db: sqlite_utils.Database) -> int:
-    """Apply every migration not yet recorded; return the schema version now in force."""
-    conn = db.conn
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)"
-    )
-    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-    for number, migration in enumerate(MIGRATIONS, start=1):
-        if number in done:
-            continue
-        with write_transaction(db):
-            # Re-read under the write lock: another process may have just migrated.
-            if conn.execute(
-                "SELECT 1 FROM schema_migrations WHERE version = ?", (number,)
-            ).fetchone():
-                continue
-            migration(db)
-            conn.execute(
-                "INSERT INTO schema_migrations VALUES (?, ?)",
-                (number, datetime.now(timezone.utc).isoformat()),
-            )
-        LOG.info("archive index: applied migration %d (%s)", number, migration.__name__)
-    return len(MIGRATIONS)
 
 
 class IndexStore:
     """Base of the stores that keep their rows in the archive's index (results, labels).
 
-    Opens ``<data_dir>/index.sqlite`` with :func:`connect`, keeps a ``tmp/`` folder for
+    Opens ``<data_dir>/index.sqlite`` with :func:`~dicom_node.database.connect`, keeps a ``tmp/`` folder for
     durable writes, and serialises use of the connection with a lock.
 
     Parameters
@@ -364,7 +201,7 @@ class IndexStore:
         self.data_dir = Path(data_dir).resolve()
         self.tmp_dir = self.data_dir / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.db = connect(str(self.data_dir / INDEX_NAME))
+        self.db = connect(self.data_dir / INDEX_NAME, timeout_s=30.0)
         self._lock = threading.Lock()
         if self.REQUIRED_TABLE not in self.db.table_names():
             self.db.conn.close()

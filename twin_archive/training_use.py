@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlite_utils
 
+from dicom_node.database import connect, iso, utc_now, write
 from twin_archive.layout import INDEX_NAME
-from twin_archive.schema import connect, write_transaction
 
 SPLITS = ("train", "validation")
 
@@ -67,10 +66,10 @@ def record_training_use(data_dir: Path | str, *, model_version: str, task: str,
         raise ValueError("model_version must be non-empty")
     if not task.strip():
         raise ValueError("task must be non-empty")
-    db = connect(str(Path(data_dir) / INDEX_NAME))
-    now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    db = connect(Path(data_dir) / INDEX_NAME, timeout_s=30.0)
+    now = iso(utc_now())
     try:
-        with write_transaction(db) as conn:
+        with write(db) as conn:
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO training_use (model_version, task, patient_key, study_uid,"

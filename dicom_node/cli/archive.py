@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicom_node.database import connect
 from dicom_node.datadir_lock import DataDirInUseError, DataDirLock
 from dicom_node.settings import Settings
 from twin_archive import Archive, StoreOutcome, StoreResult, audit
@@ -83,8 +84,8 @@ def check_databases(data_dir: Path) -> list[str]:
                 problems.append(f"{path}: missing (rebuild it: dicom-node archive rebuild-index)")
             continue
         try:
-            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as conn:
-                rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+            with closing(connect(path, timeout_s=10, readonly=True)) as db:
+                rows = [r[0] for r in db.conn.execute("PRAGMA integrity_check")]
         except sqlite3.DatabaseError as exc:
             rows = [str(exc)]
         if rows != ["ok"]:

@@ -173,7 +173,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     from dicom_node.datadir_lock import DataDirLock
     from dicom_node.node import Node
-    from dicom_node.jobs import utc_now
+    from dicom_node.database import utc_now
     from orthanc.server import OrthancServer, free_ports
     from pipelines.demo_model import ensure_demo_model
     from registry.store import Registry

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from dicom_node.database import utc_now
 from pipelines.export.checks import check_input, time_batches, verdict
 from pipelines.export.onnx import ONNX_OPSET, OnnxRunner, export_onnx
 from pipelines.export.tensorrt import (
@@ -30,7 +31,7 @@ from pipelines.export.tensorrt import (
     tensorrt_status,
 )
 from registry.bundle import OpenBundle, open_bundle
-from registry.records import Artifact, ArtifactKind, Backend, Verification, utc_now
+from registry.records import Artifact, ArtifactKind, Backend, Verification
 from registry.store import Registry
 
 LOG = logging.getLogger(__name__)
