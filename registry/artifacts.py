@@ -15,7 +15,7 @@ from pathlib import Path
 from dicom_node.database import iso, utc_now
 from dicom_node.durable import replace_durably
 from registry.records import Artifact, ArtifactKind, Verification, check_version
-from registry.rows import parse_ts
+from registry.rows import insert_row, parse_ts
 from registry.versions import VersionQueries
 
 
@@ -37,7 +37,7 @@ class ArtifactRecords(VersionQueries):
         return [Artifact(version=r["version"], kind=r["kind"], path=self.data_dir / r["path"],
                          sha256=r["sha256"], created_at=parse_ts(r["created_at"]),
                          detail=r["detail"], key=r["key"])
-                for r in self.db.query("SELECT * FROM artifacts WHERE version = ? ORDER BY id",
+                for r in self.db.execute("SELECT * FROM artifacts WHERE version = ? ORDER BY id",
                                        [mv.version])]
 
     def verifications(self, version: str) -> list[Verification]:
@@ -47,7 +47,7 @@ class ArtifactRecords(VersionQueries):
                              argmax_agreement=r["argmax_agreement"], median_ms=r["median_ms"],
                              shape=tuple(json.loads(r["shape"])), verified=bool(r["verified"]),
                              measured_at=parse_ts(r["measured_at"]), detail=r["detail"])
-                for r in self.db.query("SELECT * FROM verifications WHERE version = ? "
+                for r in self.db.execute("SELECT * FROM verifications WHERE version = ? "
                                        "ORDER BY id", [check_version(version)])]
 
     def add_artifact(self, artifact: Artifact) -> Artifact:
@@ -69,7 +69,7 @@ class ArtifactRecords(VersionQueries):
         with self._tx() as conn:
             conn.execute("DELETE FROM artifacts WHERE version = ? AND kind = ? AND key = ?",
                          [artifact.version, artifact.kind.value, artifact.key])
-            self.db["artifacts"].insert({
+            insert_row(self.db.conn, "artifacts", {
                 "version": artifact.version, "kind": artifact.kind.value, "path": str(rel),
                 "sha256": artifact.sha256, "created_at": iso(artifact.created_at),
                 "detail": artifact.detail, "key": artifact.key})
@@ -141,7 +141,7 @@ class ArtifactRecords(VersionQueries):
         with self._tx() as conn:
             conn.execute("DELETE FROM verifications WHERE version = ? AND backend = ? "
                          "AND device_name = ?", [v.version, v.backend.value, v.device_name])
-            self.db["verifications"].insert({
+            insert_row(self.db.conn, "verifications", {
                 "version": v.version, "backend": v.backend.value, "device_name": v.device_name,
                 "max_abs_diff": v.max_abs_diff, "argmax_agreement": v.argmax_agreement,
                 "median_ms": v.median_ms, "shape": json.dumps(list(v.shape)),

@@ -31,7 +31,7 @@ from registry.records import (
     ScannerScope,
     check_task,
 )
-from registry.rows import intensity_json, label_json
+from registry.rows import insert_row, intensity_json, label_json
 
 if TYPE_CHECKING:  # the bundle reader loads torch and MONAI; see _add
     from registry.bundle import BundleInfo
@@ -187,7 +187,7 @@ class VersionIntake(VersionLifecycle):
                         scope: ScannerScope, parent: str | None, manifest: str | None,
                         metrics: Metrics | None, now: _dt.datetime) -> None:
         """The ``model_versions`` row of a new candidate."""
-        self.db["model_versions"].insert({
+        insert_row(self.db.conn, "model_versions", {
             "version": final.name, "task": task, "number": number,
             "architecture": info.architecture,
             "labels": json.dumps([label_json(lab) for lab in info.labels]),
@@ -207,7 +207,7 @@ class VersionIntake(VersionLifecycle):
                         now: _dt.datetime) -> None:
         """The ``artifacts`` row of the version's weights (state dict or TorchScript)."""
         kind = ArtifactKind.TORCHSCRIPT if weights.suffix == ".ts" else ArtifactKind.PYTORCH
-        self.db["artifacts"].insert({
+        insert_row(self.db.conn, "artifacts", {
             "version": version, "kind": kind.value,
             "path": str(weights.relative_to(self.data_dir)),
             "sha256": sha256_file(weights), "created_at": iso(now),

@@ -11,6 +11,7 @@ import logging
 from dicom_node.database import iso, utc_now
 from registry.errors import StatusError
 from registry.records import AuditAction, Metrics, ModelStatus, ModelVersion, ScannerScope
+from registry.rows import insert_row
 from registry.versions import VersionQueries
 
 LOG = logging.getLogger(__name__)
@@ -195,7 +196,7 @@ class VersionLifecycle(VersionQueries):
                reason: str, previous: str | None = None) -> None:
         if not by or not by.strip():
             raise ValueError("by must name who made the change")
-        self.db["audit"].insert({
+        insert_row(self.db.conn, "audit", {
             "at": iso(utc_now()), "action": action.value, "task": task, "version": version,
             "manufacturer": scope.manufacturer, "scanner_model": scope.model_name,
             "by": by.strip(), "reason": reason, "previous_version": previous})

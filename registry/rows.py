@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,15 @@ from registry.records import (
     ModelVersion,
     ScannerScope,
 )
+
+
+def insert_row(conn: sqlite3.Connection, table: str, row: Mapping[str, Any]) -> None:
+    """Insert ``row`` (column -> value) into the register's ``table`` (a name of ours,
+    never from outside) with one plain ``INSERT`` (``dicom_node.database`` says why not
+    sqlite-utils' ``Table.insert``); the caller holds the write transaction."""
+    placeholders = ", ".join("?" * len(row))
+    conn.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({placeholders})",
+                 tuple(row.values()))
 
 
 def parse_ts(s: str) -> _dt.datetime:

@@ -50,7 +50,7 @@ class VersionQueries:
             If ``version`` is not of the form ``<task>-v<n>``.
         """
         check_version(version)
-        rows = list(self.db.query("SELECT * FROM model_versions WHERE version = ?", [version]))
+        rows = list(self.db.execute("SELECT * FROM model_versions WHERE version = ?", [version]))
         if not rows:
             raise VersionNotFoundError(version)
         return self._to_version(rows[0])
@@ -66,12 +66,12 @@ class VersionQueries:
             sql += " AND status = ?"
             args.append(ModelStatus(status).value)
         sql += " ORDER BY task, number"
-        return [self._to_version(r) for r in self.db.query(sql, args)]
+        return [self._to_version(r) for r in self.db.execute(sql, args)]
 
     def active(self, task: str, scope: ScannerScope | None = None) -> ModelVersion | None:
         """The active version of ``task`` for exactly this scanner scope, if any."""
         scope = scope or ScannerScope()
-        rows = list(self.db.query(
+        rows = list(self.db.execute(
             "SELECT * FROM model_versions WHERE task = ? AND status = 'active' "
             "AND manufacturer = ? COLLATE NOCASE AND scanner_model = ? COLLATE NOCASE",
             [check_task(task), scope.manufacturer, scope.model_name]))
@@ -123,7 +123,7 @@ class VersionQueries:
                            scope=ScannerScope(manufacturer=r["manufacturer"],
                                               model_name=r["scanner_model"]),
                            by=r["by"], reason=r["reason"], previous_version=r["previous_version"])
-                for r in self.db.query(sql, args)]
+                for r in self.db.execute(sql, args)]
 
     def held_because(self, version: str) -> str | None:
         """The reason of the latest ``hold`` of ``version`` when it is still a candidate."""
