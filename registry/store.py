@@ -1,4 +1,4 @@
-"""The register of model versions: SQLite (opened by :mod:`dicom_node.database`) plus artifacts on disk.
+"""The register of model versions: SQLite (via :mod:`dicom_node.database`) and files on disk.
 
 Layout under the data directory::
 
