@@ -135,7 +135,7 @@ class StabilityMonitor:
     def _decide(self, row: sqlite3.Row) -> SeriesDecision:
         uid, last = row["series_uid"], row["last_received"]
         modality = (row["modality"] or "").upper()
-        files = self.archive.series_files(uid)
+        files = self.archive.twins.series_files(uid)
         job_ids: list[int] = []
         if modality == "SEG" and files and self.label_intake is not None:
             intake = self.label_intake(files)  # never a job: a label, or left alone

@@ -102,7 +102,7 @@ class Node:
         self.lock = lock if lock is not None else DataDirLock(settings.data_dir)
         try:
             self.archive = open_archive(settings)
-            self.archive.recover()
+            self.archive.ingest.recover()
         except BaseException:
             self.lock.release()
             raise
@@ -112,7 +112,7 @@ class Node:
         self._state: dict[str, Any] | None = None  # serve.json while serving
         self._state_lock = threading.Lock()
         self.loop = Loop(settings, self.archive, self.audit, on_workers_change=self._write_state)
-        self.server = DicomServer(settings, self.archive, self.metrics, self.audit)
+        self.server = DicomServer(settings, self.archive.ingest, self.metrics, self.audit)
         self.http: MetricsServer | None = None
 
     def _write_state(self) -> None:

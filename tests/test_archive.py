@@ -54,7 +54,7 @@ def test_paths_hold_no_phi_and_stay_inside(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
         ds = small_ct(patient_id="MRN-123456")
         ds.PatientName = "Doe^Jane"
-        result = archive.store(incoming(ds))
+        result = archive.ingest.store(incoming(ds))
         assert result.outcome is StoreOutcome.STORED
         path = (tmp_path / result.path).resolve()
         assert tmp_path.resolve() in path.parents
@@ -62,27 +62,27 @@ def test_paths_hold_no_phi_and_stay_inside(tmp_path: Path) -> None:
         assert (tmp_path / "archive.key").stat().st_mode & 0o777 == 0o600
     # The folder name is keyed by the installation secret: another install differs.
     with Archive(tmp_path / "other") as other:
-        assert other.store(incoming(ds)).patient_key != result.patient_key
+        assert other.ingest.store(incoming(ds)).patient_key != result.patient_key
 
 
 def test_sop_class_mismatch_is_refused(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
         with pytest.raises(SopClassMismatchError, match="but was sent as"):
-            archive.store(incoming(small_ct(), sop_class=MRImageStorage))
+            archive.ingest.store(incoming(small_ct(), sop_class=MRImageStorage))
         with pytest.raises(InvalidInstanceError):  # garbage: C000 with a reason
             good = incoming(small_ct())
-            archive.store(IncomingInstance(
+            archive.ingest.store(IncomingInstance(
                 file_meta=good.file_meta, dataset=good.dataset[:40] + b"\xff" * 9,
                 transfer_syntax_uid=good.transfer_syntax_uid, sop_class_uid=good.sop_class_uid,
                 sop_instance_uid=good.sop_instance_uid))
-        assert archive.instance_count() == 0
+        assert archive.twins.instance_count() == 0
 
 
 def test_concurrent_stores_of_the_same_instance_index_it_once(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
         item = incoming(small_ct())
         outcomes = []
-        threads = [threading.Thread(target=lambda: outcomes.append(archive.store(item).outcome))
+        threads = [threading.Thread(target=lambda: outcomes.append(archive.ingest.store(item).outcome))
                    for _ in range(8)]
         for t in threads:
             t.start()
@@ -90,30 +90,30 @@ def test_concurrent_stores_of_the_same_instance_index_it_once(tmp_path: Path) ->
             t.join()
         assert outcomes.count(StoreOutcome.STORED) == 1
         assert outcomes.count(StoreOutcome.DUPLICATE) == 7
-        assert archive.instance_count() == 1
+        assert archive.twins.instance_count() == 1
 
 
 def test_consent_defaults_off_and_every_change_is_audited(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
-        archive.store(incoming(small_ct(patient_id="P1")))
-        assert archive.twin("P1").twin.donate is False
-        archive.set_consent("P1", donate=True, by="dr.who", reason="form 42")
-        archive.set_consent("P1", donate=False, by="clerk", reason="patient called")
-        detail = archive.twin("P1")
+        archive.ingest.store(incoming(small_ct(patient_id="P1")))
+        assert archive.twins.twin("P1").twin.donate is False
+        archive.twins.set_consent("P1", donate=True, by="dr.who", reason="form 42")
+        archive.twins.set_consent("P1", donate=False, by="clerk", reason="patient called")
+        detail = archive.twins.twin("P1")
         assert detail.twin.donate is False
         assert [(e.previous, e.donate, e.by, e.reason) for e in detail.consent_history] == [
             (False, True, "dr.who", "form 42"), (True, False, "clerk", "patient called")]
         with pytest.raises(TwinNotFoundError, match="no twin with Patient ID 'NOPE'"):
-            archive.set_consent("NOPE", donate=True, by="x")
+            archive.twins.set_consent("NOPE", donate=True, by="x")
         with pytest.raises(ValueError, match="by:"):
-            archive.set_consent("P1", donate=True, by=" ")
+            archive.twins.set_consent("P1", donate=True, by=" ")
 
 
 def test_reopening_applies_no_migration_twice_and_cleans_tmp(tmp_path: Path) -> None:
     Archive(tmp_path).close()
     (tmp_path / "tmp" / "leftover.part").write_bytes(b"half a file")
     with Archive(tmp_path) as archive:
-        assert archive.recover() == 1
+        assert archive.ingest.recover() == 1
         versions = [r[0] for r in archive.db.execute("SELECT version FROM schema_migrations")]
         assert versions == sorted(set(versions))
 

@@ -1,7 +1,7 @@
 """Files and rows that disagree: found, re-indexed or set aside (issue 13 items 5 and 6).
 
 A crash between the rename of a file into place and the commit of its row leaves a
-file that no row names. At start (:meth:`twin_archive.Archive.recover`) and with
+file that no row names. At start (:meth:`twin_archive.ingest.Ingest.recover`) and with
 ``dicom-node archive verify --repair``:
 
 * an instance file under ``archive/`` that no row names is indexed when it is intact

@@ -124,12 +124,12 @@ def _verify(data_dir: Path, settings: Settings, *, deep: bool, repair: bool,
         print("the index cannot be checked against the files; rebuild it first: "
               "dicom-node archive rebuild-index")
         return 1
-    from dicom_node.cli.serve import open_archive
+    from dicom_node.node import open_archive
 
     repaired: dict[str, int] = {}
     with open_archive(settings) as archive:
-        strays = archive.stray_files(skip_recent_s=in_flight_s)
-        rows = archive.instance_files()
+        strays = archive.ingest.stray_files(skip_recent_s=in_flight_s)
+        rows = archive.ingest.instance_files()
         gone, damaged = [], []
         for row in rows:
             path = data_dir / row["path"]
@@ -182,7 +182,7 @@ def _repair(archive: Archive, data_dir: Path, strays: list[tuple[str, Path]],
         quarantine(data_dir, data_dir / row["path"], "content no longer matches its SHA-256")
         out["files_quarantined"] += 1
     instances = [p for kind, p in strays if kind == "instance"]
-    for path, outcome in archive.index_files(instances):
+    for path, outcome in archive.ingest.index_files(instances):
         if isinstance(outcome, StoreResult) and outcome.outcome is not StoreOutcome.DUPLICATE:
             out["files_indexed"] += 1
         else:
@@ -194,7 +194,7 @@ def _repair(archive: Archive, data_dir: Path, strays: list[tuple[str, Path]],
         if kind == "result":
             quarantine(data_dir, path, "result or label file without its row")
             out["files_quarantined"] += 1
-    out["instances_marked_missing"] = archive.mark_missing([r["id"] for r in gone + damaged])
+    out["instances_marked_missing"] = archive.ingest.mark_missing([r["id"] for r in gone + damaged])
     return out
 
 
