@@ -415,63 +415,11 @@ class Ingest:
 
     def _index_rows(self, conn: sqlite3.Connection, p: Pending) -> tuple[StoreOutcome, int]:
         """Write one instance's rows (twin, study, series, instance) in the open transaction."""
-        fields, ident, key, sha, rel, incoming = (
-            p.fields, p.ident, p.key, p.sha, p.rel, p.incoming)
-        size = incoming.size
         now = utc_now() if p.received_at is None else p.received_at
-        conn.execute(
-            "INSERT INTO twins (patient_key, patient_id, issuer_of_patient_id, patient_name,"
-            " birth_date, sex, donate, created_at, updated_at, unidentified)"
-            " VALUES (?,?,?,?,?,?,0,?,?,?)"
-            " ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,"
-            " birth_date=excluded.birth_date, sex=excluded.sex, updated_at=excluded.updated_at",
-            (key, ident["patient_id"], ident["issuer"], fields["PatientName"],
-             fields["PatientBirthDate"], fields["PatientSex"], now, now,
-             int(bool(ident["unidentified"]))),
-        )
-        merged = conn.execute("SELECT merged_into FROM twins WHERE patient_key = ?",
-                              (key,)).fetchone()
-        if merged is not None and merged[0]:  # an unidentified twin attached to a patient
-            key = merged[0]
-        conn.execute(
-            "INSERT INTO studies (study_uid, patient_key, study_date, study_time, description,"
-            " accession_number, first_received, last_received) VALUES (?,?,?,?,?,?,?,?)"
-            " ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received",
-            (ident["study_uid"], key, fields["StudyDate"], fields["StudyTime"],
-             fields["StudyDescription"], fields["AccessionNumber"], now, now),
-        )
-        conn.execute(
-            "INSERT INTO series (series_uid, study_uid, modality, body_part, description,"
-            " series_number, manufacturer, model_name, frame_of_reference_uid,"
-            " first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
-            (ident["series_uid"], ident["study_uid"], fields["Modality"],
-             fields["BodyPartExamined"], fields["SeriesDescription"],
-             fields["SeriesNumber"], fields["Manufacturer"],
-             fields["ManufacturerModelName"], fields["FrameOfReferenceUID"], now, now),
-        )
-        previous = conn.execute(
-            "SELECT COALESCE(MAX(version), 0) FROM instances WHERE sop_instance_uid = ?",
-            (ident["sop_uid"],),
-        ).fetchone()[0]
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, series_uid,"
-            " study_uid, patient_key, instance_number, transfer_syntax_uid, size, sha256,"
-            " path, calling_ae, received_at, version, current, uid_flags)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1,?)",
-            (ident["sop_uid"], ident["sop_class"], ident["series_uid"], ident["study_uid"],
-             key, fields["InstanceNumber"], incoming.transfer_syntax_uid, size, sha, rel,
-             incoming.calling_ae, now, previous + 1, ident["uid_flags"]),
-        )
-        if cur.rowcount == 0:  # the same content committed by a concurrent association
-            return StoreOutcome.DUPLICATE, previous
-        if previous:
-            conn.execute(
-                "UPDATE instances SET current = 0 WHERE sop_instance_uid = ? AND version <= ?",
-                (ident["sop_uid"], previous),
-            )
-            return StoreOutcome.NEW_VERSION, previous + 1
-        return StoreOutcome.STORED, 1
+        key = _upsert_twin(conn, p, now)
+        _upsert_study_and_series(conn, p, key, now)
+        return _insert_instance(conn, p, key, now)
+
 
     def _discard_unindexed(self, final: Path, rel: str) -> None:
         """Remove a written file whose index row could not be committed."""
@@ -494,3 +442,76 @@ def _result(outcome: StoreOutcome, ident: dict[str, str], key: str, version: int
         series_uid=ident["series_uid"], study_uid=ident["study_uid"],
         patient_key=key, version=version, path=str(rel), sha256=sha,
     )
+
+
+def _upsert_twin(conn: sqlite3.Connection, p: Pending, now: str) -> str:
+    """Insert or update the instance's twin; the key its rows go under (the patient's
+    twin when an unidentified twin was attached to one)."""
+    fields, ident, key = p.fields, p.ident, p.key
+    conn.execute(
+        "INSERT INTO twins (patient_key, patient_id, issuer_of_patient_id, patient_name,"
+        " birth_date, sex, donate, created_at, updated_at, unidentified)"
+        " VALUES (?,?,?,?,?,?,0,?,?,?)"
+        " ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,"
+        " birth_date=excluded.birth_date, sex=excluded.sex, updated_at=excluded.updated_at",
+        (key, ident["patient_id"], ident["issuer"], fields["PatientName"],
+         fields["PatientBirthDate"], fields["PatientSex"], now, now,
+         int(bool(ident["unidentified"]))),
+    )
+    merged = conn.execute("SELECT merged_into FROM twins WHERE patient_key = ?",
+                          (key,)).fetchone()
+    if merged is not None and merged[0]:  # an unidentified twin attached to a patient
+        return str(merged[0])
+    return key
+
+
+def _upsert_study_and_series(conn: sqlite3.Connection, p: Pending, key: str, now: str) -> None:
+    """Insert the instance's study and series, or move their ``last_received`` on."""
+    fields, ident = p.fields, p.ident
+    conn.execute(
+        "INSERT INTO studies (study_uid, patient_key, study_date, study_time, description,"
+        " accession_number, first_received, last_received) VALUES (?,?,?,?,?,?,?,?)"
+        " ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received",
+        (ident["study_uid"], key, fields["StudyDate"], fields["StudyTime"],
+         fields["StudyDescription"], fields["AccessionNumber"], now, now),
+    )
+    conn.execute(
+        "INSERT INTO series (series_uid, study_uid, modality, body_part, description,"
+        " series_number, manufacturer, model_name, frame_of_reference_uid,"
+        " first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT(series_uid) DO UPDATE SET last_received=excluded.last_received",
+        (ident["series_uid"], ident["study_uid"], fields["Modality"],
+         fields["BodyPartExamined"], fields["SeriesDescription"],
+         fields["SeriesNumber"], fields["Manufacturer"],
+         fields["ManufacturerModelName"], fields["FrameOfReferenceUID"], now, now),
+    )
+
+
+def _insert_instance(conn: sqlite3.Connection, p: Pending, key: str,
+                     now: str) -> tuple[StoreOutcome, int]:
+    """Insert the instance's row as its next version (the earlier ones no longer
+    current); its outcome and version (a duplicate when a concurrent association
+    committed the same content first)."""
+    fields, ident, incoming = p.fields, p.ident, p.incoming
+    previous = conn.execute(
+        "SELECT COALESCE(MAX(version), 0) FROM instances WHERE sop_instance_uid = ?",
+        (ident["sop_uid"],),
+    ).fetchone()[0]
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, series_uid,"
+        " study_uid, patient_key, instance_number, transfer_syntax_uid, size, sha256,"
+        " path, calling_ae, received_at, version, current, uid_flags)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1,?)",
+        (ident["sop_uid"], ident["sop_class"], ident["series_uid"], ident["study_uid"],
+         key, fields["InstanceNumber"], incoming.transfer_syntax_uid, incoming.size, p.sha,
+         p.rel, incoming.calling_ae, now, previous + 1, ident["uid_flags"]),
+    )
+    if cur.rowcount == 0:  # the same content committed by a concurrent association
+        return StoreOutcome.DUPLICATE, previous
+    if previous:
+        conn.execute(
+            "UPDATE instances SET current = 0 WHERE sop_instance_uid = ? AND version <= ?",
+            (ident["sop_uid"], previous),
+        )
+        return StoreOutcome.NEW_VERSION, previous + 1
+    return StoreOutcome.STORED, 1
