@@ -84,169 +84,6 @@ class Ingest:
         self._secret = secret
         self._group = GroupCommit(self._flush)
 
-    def recover(self) -> int:
-        """Start-up recovery (under the data directory's lock): remove temporary files
-        of writes interrupted by a crash, then reconcile files and rows
-        (:meth:`reconcile`). Returns how many temporary files were removed."""
-        removed = clean_tmp(self.tmp_dir)
-        if removed:
-            LOG.warning("archive: removed %d unfinished temporary file(s) after restart", removed)
-        self.reconcile()
-        return removed
-
-    # ------------------------------------------------------------ reconciliation
-    def indexed_paths(self) -> set[str]:
-        """Every file path (relative to the data directory) a row of the index names."""
-        with self._lock:
-            paths = {r[0] for r in self.db.execute("SELECT path FROM instances")}
-            paths.update(r[0] for r in self.db.execute("SELECT path FROM ai_result_objects"))
-            paths.update(r[0] for r in self.db.execute("SELECT path FROM labels"))
-            # shadow results (twin_archive.learning): stored, indexed, never sent
-            paths.update(obj["path"] for r in self.db.execute("SELECT objects FROM shadow_results")
-                         for obj in json.loads(r[0]))
-        return paths
-
-    def stray_files(self, *, skip_recent_s: float = 0.0) -> list[tuple[str, Path]]:
-        """``(kind, path)`` of the files no row names (``instance`` or ``result``).
-
-        Files changed in the last ``skip_recent_s`` seconds are left out (a node that
-        serves may be between the rename and the commit of one).
-        """
-        known = self.indexed_paths()
-        out = []
-        for kind, path in reconcile.data_files(self.data_dir):
-            if str(path.relative_to(self.data_dir)) in known:
-                continue
-            if skip_recent_s and reconcile.recently_written(path, skip_recent_s):
-                continue
-            out.append((kind, path))
-        return out
-
-    def reconcile(self, *, skip_recent_s: float = 0.0) -> tuple[int, int]:
-        """Index the intact instance files no row names; quarantine the other strays.
-
-        Returns ``(indexed, quarantined)``; each quarantined file is logged with why.
-        """
-        t0 = time.perf_counter()
-        strays = self.stray_files(skip_recent_s=skip_recent_s)
-        indexed = quarantined = 0
-        instances = sorted((p for kind, p in strays if kind == "instance"),
-                           key=lambda p: p.stat().st_mtime)
-        for path, outcome in self.index_files(instances):
-            if isinstance(outcome, StoreResult) and outcome.outcome is not StoreOutcome.DUPLICATE:
-                indexed += 1
-                LOG.warning("archive: %s had no index row (a crash before its commit); "
-                            "intact, indexed now", path.relative_to(self.data_dir))
-            else:
-                why = ("the same content is indexed under another file" if
-                       isinstance(outcome, StoreResult) else f"not intact ({outcome})")
-                reconcile.quarantine(self.data_dir, path, why)
-                quarantined += 1
-        for kind, path in strays:
-            if kind == "result":
-                reconcile.quarantine(self.data_dir, path, "result or label file without its "
-                                     "row (a result set is recorded whole or not at all)")
-                quarantined += 1
-        if indexed or quarantined:
-            LOG.warning("archive: reconciled files and index in %.1f s: %d file(s) indexed, %d "
-                        "moved to %s", time.perf_counter() - t0, indexed, quarantined,
-                        self.data_dir / QUARANTINE_DIR)
-        return indexed, quarantined
-
-    def index_files(self, paths: Sequence[Path], *, batch: int = 256
-                    ) -> list[tuple[Path, StoreResult | Exception]]:
-        """Index instance files already in the archive (reconciliation, rebuild).
-
-        Each file is checked first: a Part 10 file whose data set has the SHA-256 its
-        name carries and parses to its end, with Study, Series and SOP Instance UIDs.
-        Rows are committed ``batch`` at a time (one transaction each). Returns, per
-        file, its :class:`StoreResult` or the exception that says why it is not intact.
-        """
-        out: list[tuple[Path, StoreResult | Exception]] = []
-        pending: list[tuple[Path, Pending]] = []
-        for path in paths:
-            try:
-                pending.append((path, self._pending_for_file(path)))
-            except (ArchiveError, OSError, ValueError) as exc:
-                out.append((path, exc))
-            if len(pending) >= batch:
-                out.extend(self._index_batch(pending))
-                pending = []
-        out.extend(self._index_batch(pending))
-        return out
-
-    def _index_batch(self, pending: list[tuple[Path, Pending]]
-                     ) -> list[tuple[Path, StoreResult | Exception]]:
-        """Commit the rows of files checked by :meth:`_pending_for_file` (one transaction)."""
-        if not pending:
-            return []
-        self._flush([p for _, p in pending])
-        out: list[tuple[Path, StoreResult | Exception]] = []
-        for path, p in pending:
-            if p.error is not None or p.result is None:
-                out.append((path, OutOfResourcesError(f"index cannot commit: {p.error}")))
-                continue
-            outcome, version = p.result
-            out.append((path, StoreResult(
-                outcome=outcome, sop_instance_uid=p.ident["sop_uid"],
-                series_uid=p.ident["series_uid"], study_uid=p.ident["study_uid"],
-                patient_key=p.key, version=version, path=p.rel, sha256=p.sha)))
-        return out
-
-    def _pending_for_file(self, path: Path) -> Pending:
-        """Check an archived file (Part 10, its name's hash, parses, identifiable).
-
-        Raises
-        ------
-        InvalidInstanceError
-            The file is not intact or its instance cannot be grouped.
-        SopClassMismatchError
-            Its data set does not fit its SOP class.
-        """
-        data = path.read_bytes()
-        fh = BytesIO(data)
-        try:
-            read_preamble(fh, False)
-            meta = _read_file_meta_info(fh)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds
-            raise InvalidInstanceError("file", f"not a DICOM Part 10 file ({exc})") from exc
-        offset = fh.tell()
-        sha = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
-        expected = reconcile.name_hash(path)
-        if expected is not None and expected != sha[:12]:
-            raise InvalidInstanceError("file", "content does not match the hash in its name "
-                                       "(damaged or cut short)")
-        ts = str(meta.get("TransferSyntaxUID", "") or "")
-        probe = IncomingInstance(file_meta=data[:offset], dataset=data[offset:],
-                                 transfer_syntax_uid=ts, sop_class_uid="", sop_instance_uid="")
-        parsed = parse(probe)
-        incoming = IncomingInstance(
-            file_meta=data[:offset], dataset=data[offset:], transfer_syntax_uid=ts,
-            sop_class_uid=parsed.fields["SOPClassUID"],
-            sop_instance_uid=parsed.fields["SOPInstanceUID"],
-            calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip())
-        ident = identify(parsed, incoming)
-        received = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-        return Pending(fields=parsed.fields, ident=ident, key=self._twin_key(ident), sha=sha,
-                       rel=str(path.relative_to(self.data_dir)), incoming=incoming,
-                       final=path, received_at=received.isoformat(timespec="microseconds"))
-
-    def instance_files(self) -> list[dict[str, Any]]:
-        """``id``, ``path``, ``sha256``, ``missing_at`` of every instance row."""
-        with self._lock:
-            return fetch_dicts(self.db, "SELECT id, path, sha256, missing_at FROM instances"
-                               " ORDER BY id", ())
-
-    def mark_missing(self, row_ids: Sequence[int]) -> int:
-        """Mark instance rows whose file is gone (one transaction); return how many."""
-        at = utc_now()
-        with self._lock, write_transaction(self.db) as conn:
-            n = 0
-            for row_id in row_ids:
-                n += conn.execute("UPDATE instances SET missing_at = ? WHERE id = ?"
-                                  " AND missing_at IS NULL", (at, row_id)).rowcount
-        return n
-
     # ------------------------------------------------------------------ storing
     def store(self, incoming: IncomingInstance) -> StoreResult:
         """Validate, write durably and index one instance.
@@ -420,7 +257,6 @@ class Ingest:
         _upsert_study_and_series(conn, p, key, now)
         return _insert_instance(conn, p, key, now)
 
-
     def _discard_unindexed(self, final: Path, rel: str) -> None:
         """Remove a written file whose index row could not be committed."""
         try:
@@ -433,6 +269,168 @@ class Ingest:
         except (sqlite3.Error, OSError):
             LOG.exception("archive: could not clean up %s after an index failure", rel)
 
+    # ------------------------------------------------------- reconciliation
+    def recover(self) -> int:
+        """Start-up recovery (under the data directory's lock): remove temporary files
+        of writes interrupted by a crash, then reconcile files and rows
+        (:meth:`reconcile`). Returns how many temporary files were removed."""
+        removed = clean_tmp(self.tmp_dir)
+        if removed:
+            LOG.warning("archive: removed %d unfinished temporary file(s) after restart", removed)
+        self.reconcile()
+        return removed
+
+    def indexed_paths(self) -> set[str]:
+        """Every file path (relative to the data directory) a row of the index names."""
+        with self._lock:
+            paths = {r[0] for r in self.db.execute("SELECT path FROM instances")}
+            paths.update(r[0] for r in self.db.execute("SELECT path FROM ai_result_objects"))
+            paths.update(r[0] for r in self.db.execute("SELECT path FROM labels"))
+            # shadow results (twin_archive.learning): stored, indexed, never sent
+            paths.update(obj["path"] for r in self.db.execute("SELECT objects FROM shadow_results")
+                         for obj in json.loads(r[0]))
+        return paths
+
+    def stray_files(self, *, skip_recent_s: float = 0.0) -> list[tuple[str, Path]]:
+        """``(kind, path)`` of the files no row names (``instance`` or ``result``).
+
+        Files changed in the last ``skip_recent_s`` seconds are left out (a node that
+        serves may be between the rename and the commit of one).
+        """
+        known = self.indexed_paths()
+        out = []
+        for kind, path in reconcile.data_files(self.data_dir):
+            if str(path.relative_to(self.data_dir)) in known:
+                continue
+            if skip_recent_s and reconcile.recently_written(path, skip_recent_s):
+                continue
+            out.append((kind, path))
+        return out
+
+    def reconcile(self, *, skip_recent_s: float = 0.0) -> tuple[int, int]:
+        """Index the intact instance files no row names; quarantine the other strays.
+
+        Returns ``(indexed, quarantined)``; each quarantined file is logged with why.
+        """
+        t0 = time.perf_counter()
+        strays = self.stray_files(skip_recent_s=skip_recent_s)
+        indexed = quarantined = 0
+        instances = sorted((p for kind, p in strays if kind == "instance"),
+                           key=lambda p: p.stat().st_mtime)
+        for path, outcome in self.index_files(instances):
+            if isinstance(outcome, StoreResult) and outcome.outcome is not StoreOutcome.DUPLICATE:
+                indexed += 1
+                LOG.warning("archive: %s had no index row (a crash before its commit); "
+                            "intact, indexed now", path.relative_to(self.data_dir))
+            else:
+                why = ("the same content is indexed under another file" if
+                       isinstance(outcome, StoreResult) else f"not intact ({outcome})")
+                reconcile.quarantine(self.data_dir, path, why)
+                quarantined += 1
+        for kind, path in strays:
+            if kind == "result":
+                reconcile.quarantine(self.data_dir, path, "result or label file without its "
+                                     "row (a result set is recorded whole or not at all)")
+                quarantined += 1
+        if indexed or quarantined:
+            LOG.warning("archive: reconciled files and index in %.1f s: %d file(s) indexed, %d "
+                        "moved to %s", time.perf_counter() - t0, indexed, quarantined,
+                        self.data_dir / QUARANTINE_DIR)
+        return indexed, quarantined
+
+    def index_files(self, paths: Sequence[Path], *, batch: int = 256
+                    ) -> list[tuple[Path, StoreResult | Exception]]:
+        """Index instance files already in the archive (reconciliation, rebuild).
+
+        Each file is checked first: a Part 10 file whose data set has the SHA-256 its
+        name carries and parses to its end, with Study, Series and SOP Instance UIDs.
+        Rows are committed ``batch`` at a time (one transaction each). Returns, per
+        file, its :class:`StoreResult` or the exception that says why it is not intact.
+        """
+        out: list[tuple[Path, StoreResult | Exception]] = []
+        pending: list[tuple[Path, Pending]] = []
+        for path in paths:
+            try:
+                pending.append((path, self._pending_for_file(path)))
+            except (ArchiveError, OSError, ValueError) as exc:
+                out.append((path, exc))
+            if len(pending) >= batch:
+                out.extend(self._index_batch(pending))
+                pending = []
+        out.extend(self._index_batch(pending))
+        return out
+
+    def _index_batch(self, pending: list[tuple[Path, Pending]]
+                     ) -> list[tuple[Path, StoreResult | Exception]]:
+        """Commit the rows of files checked by :meth:`_pending_for_file` (one transaction)."""
+        if not pending:
+            return []
+        self._flush([p for _, p in pending])
+        out: list[tuple[Path, StoreResult | Exception]] = []
+        for path, p in pending:
+            if p.error is not None or p.result is None:
+                out.append((path, OutOfResourcesError(f"index cannot commit: {p.error}")))
+                continue
+            outcome, version = p.result
+            out.append((path, StoreResult(
+                outcome=outcome, sop_instance_uid=p.ident["sop_uid"],
+                series_uid=p.ident["series_uid"], study_uid=p.ident["study_uid"],
+                patient_key=p.key, version=version, path=p.rel, sha256=p.sha)))
+        return out
+
+    def _pending_for_file(self, path: Path) -> Pending:
+        """Check an archived file (Part 10, its name's hash, parses, identifiable).
+
+        Raises
+        ------
+        InvalidInstanceError
+            The file is not intact or its instance cannot be grouped.
+        SopClassMismatchError
+            Its data set does not fit its SOP class.
+        """
+        data = path.read_bytes()
+        fh = BytesIO(data)
+        try:
+            read_preamble(fh, False)
+            meta = _read_file_meta_info(fh)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds
+            raise InvalidInstanceError("file", f"not a DICOM Part 10 file ({exc})") from exc
+        offset = fh.tell()
+        sha = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+        expected = reconcile.name_hash(path)
+        if expected is not None and expected != sha[:12]:
+            raise InvalidInstanceError("file", "content does not match the hash in its name "
+                                       "(damaged or cut short)")
+        ts = str(meta.get("TransferSyntaxUID", "") or "")
+        probe = IncomingInstance(file_meta=data[:offset], dataset=data[offset:],
+                                 transfer_syntax_uid=ts, sop_class_uid="", sop_instance_uid="")
+        parsed = parse(probe)
+        incoming = IncomingInstance(
+            file_meta=data[:offset], dataset=data[offset:], transfer_syntax_uid=ts,
+            sop_class_uid=parsed.fields["SOPClassUID"],
+            sop_instance_uid=parsed.fields["SOPInstanceUID"],
+            calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip())
+        ident = identify(parsed, incoming)
+        received = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+        return Pending(fields=parsed.fields, ident=ident, key=self._twin_key(ident), sha=sha,
+                       rel=str(path.relative_to(self.data_dir)), incoming=incoming,
+                       final=path, received_at=received.isoformat(timespec="microseconds"))
+
+    def instance_files(self) -> list[dict[str, Any]]:
+        """``id``, ``path``, ``sha256``, ``missing_at`` of every instance row."""
+        with self._lock:
+            return fetch_dicts(self.db, "SELECT id, path, sha256, missing_at FROM instances"
+                               " ORDER BY id", ())
+
+    def mark_missing(self, row_ids: Sequence[int]) -> int:
+        """Mark instance rows whose file is gone (one transaction); return how many."""
+        at = utc_now()
+        with self._lock, write_transaction(self.db) as conn:
+            n = 0
+            for row_id in row_ids:
+                n += conn.execute("UPDATE instances SET missing_at = ? WHERE id = ?"
+                                  " AND missing_at IS NULL", (at, row_id)).rowcount
+        return n
 
 
 def _result(outcome: StoreOutcome, ident: dict[str, str], key: str, version: int, rel: Path,
