@@ -46,6 +46,7 @@ from dicom_node.server import DicomServer, _load_chain
 from dicom_node.settings import Settings
 from twin_archive import Archive
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
+from twin_archive.reconcile import recover
 
 #: Written in the data directory while the node serves (read by ``dicom-node status``).
 STATE_FILE = "serve.json"
@@ -102,7 +103,7 @@ class Node:
         self.lock = lock if lock is not None else DataDirLock(settings.data_dir)
         try:
             self.archive = open_archive(settings)
-            self.archive.ingest.recover()
+            recover(self.archive.ingest)
         except BaseException:
             self.lock.release()
             raise

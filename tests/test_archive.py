@@ -21,6 +21,7 @@ from twin_archive import (
     TwinNotFoundError,
     uid_problem,
 )
+from twin_archive.reconcile import recover
 
 
 def incoming(ds, *, sop_class: str | None = None) -> IncomingInstance:
@@ -113,7 +114,7 @@ def test_reopening_applies_no_migration_twice_and_cleans_tmp(tmp_path: Path) -> 
     Archive(tmp_path).close()
     (tmp_path / "tmp" / "leftover.part").write_bytes(b"half a file")
     with Archive(tmp_path) as archive:
-        assert archive.ingest.recover() == 1
+        assert recover(archive.ingest) == 1
         versions = [r[0] for r in archive.db.execute("SELECT version FROM schema_migrations")]
         assert versions == sorted(set(versions))
 

@@ -26,6 +26,7 @@ from pipelines.types import SegmentResult
 from registry.store import Registry
 from twin_archive import Archive
 from twin_archive.learning import LabelAgreement, Scanner, ShadowResult, ShadowStore
+from twin_archive.reconcile import stray_files
 
 
 def _seg(name: str, mask: np.ndarray) -> SegmentResult:
@@ -143,7 +144,7 @@ def test_candidate_in_shadow_stores_its_result_and_sends_nothing(tmp_path: Path)
             node.stop()
     # the shadow files are indexed: the start-up reconciliation leaves them where they are
     with Archive(data) as archive:
-        assert archive.ingest.stray_files() == []
+        assert stray_files(archive.ingest) == []
     # train_promote_after_shadow: a candidate waiting for 1 shadow series is promoted
     with Registry(data) as reg:
         reg.hold(v2, by="trainer", reason="awaiting shadow series: promoted after 1 live series "

@@ -5,7 +5,8 @@ SQLite index, migrated) and gives the two jobs done on it, which share its index
 connection and lock:
 
 * :attr:`Archive.ingest` (:class:`twin_archive.ingest.Ingest`): instances stored
-  durably and indexed (the C-STORE path), files and rows reconciled;
+  durably and indexed (the C-STORE path), files already in the archive indexed
+  (start-up reconciliation, :func:`twin_archive.reconcile.recover`, uses it);
 * :attr:`Archive.twins` (:class:`twin_archive.twins.Twins`): the twin read model
   (twins, studies, series, their files) and consent and twin merges.
 

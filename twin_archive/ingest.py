@@ -1,4 +1,4 @@
-"""The ingest path: an instance validated, written durably and indexed; files reconciled.
+"""The ingest path: an instance validated, written durably and indexed.
 
 :meth:`Ingest.store` is what a C-STORE waits for (DESIGN decision 1): the header is
 read and the identifiers checked (:mod:`twin_archive.header`), the bytes are written
@@ -6,7 +6,8 @@ to a temporary file (or the spool the front door wrote) and renamed into place, 
 the directory fsync and the index row are committed together with the other
 instances of that moment (:mod:`twin_archive.group_commit`). Files already in the
 archive are indexed the same way (:meth:`Ingest.index_files`: start-up
-reconciliation, ``archive verify --repair``, ``archive rebuild-index``).
+reconciliation in :mod:`twin_archive.reconcile`, ``archive verify --repair``,
+``archive rebuild-index``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import shutil
 import sqlite3
 import threading
-import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from io import BytesIO
@@ -29,12 +29,11 @@ import sqlite_utils
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from twin_archive import reconcile
-from twin_archive.durable import clean_tmp, fsync_dir, write_durably
+from twin_archive.durable import fsync_dir, write_durably
 from twin_archive.errors import ArchiveError, InvalidInstanceError, OutOfResourcesError
 from twin_archive.group_commit import GroupCommit, Pending
 from twin_archive.header import identify, parse
 from twin_archive.layout import (
-    QUARANTINE_DIR,
     instance_relpath,
     patient_key,
     unidentified_key,
@@ -270,16 +269,6 @@ class Ingest:
             LOG.exception("archive: could not clean up %s after an index failure", rel)
 
     # ------------------------------------------------------- reconciliation
-    def recover(self) -> int:
-        """Start-up recovery (under the data directory's lock): remove temporary files
-        of writes interrupted by a crash, then reconcile files and rows
-        (:meth:`reconcile`). Returns how many temporary files were removed."""
-        removed = clean_tmp(self.tmp_dir)
-        if removed:
-            LOG.warning("archive: removed %d unfinished temporary file(s) after restart", removed)
-        self.reconcile()
-        return removed
-
     def indexed_paths(self) -> set[str]:
         """Every file path (relative to the data directory) a row of the index names."""
         with self._lock:
@@ -290,53 +279,6 @@ class Ingest:
             paths.update(obj["path"] for r in self.db.execute("SELECT objects FROM shadow_results")
                          for obj in json.loads(r[0]))
         return paths
-
-    def stray_files(self, *, skip_recent_s: float = 0.0) -> list[tuple[str, Path]]:
-        """``(kind, path)`` of the files no row names (``instance`` or ``result``).
-
-        Files changed in the last ``skip_recent_s`` seconds are left out (a node that
-        serves may be between the rename and the commit of one).
-        """
-        known = self.indexed_paths()
-        out = []
-        for kind, path in reconcile.data_files(self.data_dir):
-            if str(path.relative_to(self.data_dir)) in known:
-                continue
-            if skip_recent_s and reconcile.recently_written(path, skip_recent_s):
-                continue
-            out.append((kind, path))
-        return out
-
-    def reconcile(self, *, skip_recent_s: float = 0.0) -> tuple[int, int]:
-        """Index the intact instance files no row names; quarantine the other strays.
-
-        Returns ``(indexed, quarantined)``; each quarantined file is logged with why.
-        """
-        t0 = time.perf_counter()
-        strays = self.stray_files(skip_recent_s=skip_recent_s)
-        indexed = quarantined = 0
-        instances = sorted((p for kind, p in strays if kind == "instance"),
-                           key=lambda p: p.stat().st_mtime)
-        for path, outcome in self.index_files(instances):
-            if isinstance(outcome, StoreResult) and outcome.outcome is not StoreOutcome.DUPLICATE:
-                indexed += 1
-                LOG.warning("archive: %s had no index row (a crash before its commit); "
-                            "intact, indexed now", path.relative_to(self.data_dir))
-            else:
-                why = ("the same content is indexed under another file" if
-                       isinstance(outcome, StoreResult) else f"not intact ({outcome})")
-                reconcile.quarantine(self.data_dir, path, why)
-                quarantined += 1
-        for kind, path in strays:
-            if kind == "result":
-                reconcile.quarantine(self.data_dir, path, "result or label file without its "
-                                     "row (a result set is recorded whole or not at all)")
-                quarantined += 1
-        if indexed or quarantined:
-            LOG.warning("archive: reconciled files and index in %.1f s: %d file(s) indexed, %d "
-                        "moved to %s", time.perf_counter() - t0, indexed, quarantined,
-                        self.data_dir / QUARANTINE_DIR)
-        return indexed, quarantined
 
     def index_files(self, paths: Sequence[Path], *, batch: int = 256
                     ) -> list[tuple[Path, StoreResult | Exception]]:

@@ -35,7 +35,7 @@ from dicom_node.settings import Settings
 from twin_archive import Archive, StoreOutcome, StoreResult, audit
 from twin_archive.layout import INDEX_NAME, QUARANTINE_DIR
 from twin_archive.rebuild import rebuild_index
-from twin_archive.reconcile import hash_instance_file, quarantine
+from twin_archive.reconcile import hash_instance_file, quarantine, stray_files
 
 #: Every SQLite database of a data directory.
 DATABASES = ("index.sqlite", "queue.sqlite", "registry.sqlite", "audit.sqlite")
@@ -128,7 +128,7 @@ def _verify(data_dir: Path, settings: Settings, *, deep: bool, repair: bool,
 
     repaired: dict[str, int] = {}
     with open_archive(settings) as archive:
-        strays = archive.ingest.stray_files(skip_recent_s=in_flight_s)
+        strays = stray_files(archive.ingest, skip_recent_s=in_flight_s)
         rows = archive.ingest.instance_files()
         gone, damaged = [], []
         for row in rows:
