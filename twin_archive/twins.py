@@ -108,7 +108,7 @@ class Twins:
         """
         key = self.find_twin_keys(patient_id, issuer)[0]
         summary = _summary(self._rows(_SUMMARY_SQL + " WHERE t.patient_key = ?", (key,))[0])
-        studies = tuple(self._studies(key))
+        studies = self._studies(key)
         history = self._consent_history(key)
         with self._lock:
             results = twin_results(self.db, self.data_dir, key)
@@ -118,9 +118,9 @@ class Twins:
                           results=results, labels=labels, trained_model_versions=trained,
                           merges=self._merges(key))
 
-    def _studies(self, key: str) -> list[StudyRecord]:
+    def _studies(self, key: str) -> tuple[StudyRecord, ...]:
         """A twin's studies, oldest first, each with its series."""
-        return [
+        return tuple(
             StudyRecord(
                 study_uid=st["study_uid"], study_date=st["study_date"] or "",
                 study_time=st["study_time"] or "", description=st["description"] or "",
@@ -129,7 +129,7 @@ class Twins:
             for st in self._rows(
                 "SELECT * FROM studies WHERE patient_key = ? ORDER BY study_date, study_time", (key,)
             )
-        ]
+        )
 
     def _series(self, study_uid: str) -> tuple[SeriesRecord, ...]:
         """A study's series in series-number order, with their instance counts."""
