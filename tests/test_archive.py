@@ -94,6 +94,48 @@ def test_concurrent_stores_of_the_same_instance_index_it_once(tmp_path: Path) ->
         assert archive.twins.instance_count() == 1
 
 
+def test_storing_and_reading_twins_at_once_share_the_index_safely(tmp_path: Path) -> None:
+    """The ingest path and the twin read model use one index connection (Archive wires
+    them with one lock): a store in one thread and reads and consent decisions in
+    another never meet inside each other's transaction."""
+    with Archive(tmp_path) as archive:
+        first = small_ct(patient_id="CONC-1")
+        archive.ingest.store(incoming(first))
+        errors: list[BaseException] = []
+        stored = threading.Event()
+
+        def store() -> None:
+            try:
+                for n in range(2, 32):
+                    archive.ingest.store(incoming(small_ct(
+                        patient_id="CONC-1", study_uid=str(first.StudyInstanceUID),
+                        series_uid=str(first.SeriesInstanceUID), instance=n)))
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+            finally:
+                stored.set()
+
+        def read_and_decide() -> None:
+            try:
+                donate = False
+                while not stored.is_set():
+                    archive.twins.twin("CONC-1")
+                    archive.twins.series_files(str(first.SeriesInstanceUID))
+                    donate = not donate
+                    archive.twins.set_consent("CONC-1", donate=donate, by="test")
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=store), threading.Thread(target=read_and_decide)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        [study] = archive.twins.twin("CONC-1").studies
+        assert study.series[0].instances == 31
+
+
 def test_consent_defaults_off_and_every_change_is_audited(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
         archive.ingest.store(incoming(small_ct(patient_id="P1")))
