@@ -6,7 +6,7 @@
 
 Targets (``tests/fuzz_targets.py``): ``pdu`` (PDU stream watch, command-set decoder,
 P-DATA-TF decoder), ``association`` (A-ASSOCIATE-RQ decoder, primitive, context
-negotiation), ``store`` (data set walk and ``Archive.store``). Each runs in its own
+negotiation), ``store`` (data set walk and ``Ingest.store``). Each runs in its own
 process with coverage instrumentation of ``dicom_node``, ``twin_archive`` and
 ``pynetdicom``, starting from valid inputs (plus ``--corpus DIR/<target>`` when given,
 which then keeps what the run found), with a per-input time limit of 10 s and a

@@ -88,8 +88,8 @@ def main() -> int:
                 store_all(archive, datasets)
                 seg = radiologist_seg(datasets, truth)
                 store_all(archive, [seg], "READING_ROOM")
-                intake_seg_series(archive.series_files(str(seg.SeriesInstanceUID)), labels)
-                archive.set_consent(pid, donate=True, by="benchmark")
+                intake_seg_series(archive.twins.series_files(str(seg.SeriesInstanceUID)), labels)
+                archive.twins.set_consent(pid, donate=True, by="benchmark")
         t_data = time.perf_counter() - t0
         bundle, weights = _bundle(work / "bundle")
         with Registry(data) as reg:

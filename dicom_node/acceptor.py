@@ -188,7 +188,7 @@ def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf
     archive = Archive(settings.data_dir, min_free_bytes=settings.min_free_mb << 20)
     audit = AuditLog(settings.data_dir)
     metrics = NodeMetrics()
-    server = DicomServer(settings, archive, metrics, audit, listen_socket=listener)
+    server = DicomServer(settings, archive.ingest, metrics, audit, listen_socket=listener)
     lock = threading.Lock()
     speedups.freeze_heap()  # after set-up, before serving
     server.start()

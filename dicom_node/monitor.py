@@ -153,7 +153,7 @@ class StabilityMonitor:
     def _decide(self, row: QuietSeries) -> SeriesDecision:
         uid, last = row.series_uid, row.last_received
         modality = row.modality.upper()
-        files = self.archive.series_files(uid)
+        files = self.archive.twins.series_files(uid)
         job_ids: list[int] = []
         if modality == "SEG" and files and self.label_intake is not None:
             intake = self.label_intake(files)  # never a job: a label, or left alone

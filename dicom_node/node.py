@@ -47,6 +47,7 @@ from dicom_node.server import DicomServer, _load_chain
 from dicom_node.settings import Settings
 from twin_archive import Archive
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
+from twin_archive.reconcile import recover
 
 #: Written in the data directory while the node serves (read by ``dicom-node status``).
 STATE_FILE = "serve.json"
@@ -103,7 +104,7 @@ class Node:
         self.lock = lock if lock is not None else DataDirLock(settings.data_dir)
         try:
             self.archive = open_archive(settings)
-            self.archive.recover()
+            recover(self.archive.ingest)
         except BaseException:
             self.lock.release()
             raise
@@ -113,7 +114,7 @@ class Node:
         self._state: dict[str, Any] | None = None  # serve.json while serving
         self._state_lock = threading.Lock()
         self.loop = Loop(settings, self.archive, self.audit, on_workers_change=self._write_state)
-        self.server = DicomServer(settings, self.archive, self.metrics, self.audit)
+        self.server = DicomServer(settings, self.archive.ingest, self.metrics, self.audit)
         self.http: MetricsServer | None = None
 
     def _write_state(self) -> None:

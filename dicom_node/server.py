@@ -34,8 +34,8 @@ from dicom_node.acceptor import AcceptorPool
 from dicom_node.errors import DicomNodeError
 from dicom_node.metrics import NodeMetrics
 from dicom_node.settings import Settings
-from twin_archive import Archive
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
+from twin_archive.ingest import Ingest
 
 LOG = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ class DicomServer:
     ----------
     settings : Settings
         AE title, address, port, allow-list, limits.
-    archive : twin_archive.Archive
-        Where C-STOREd instances are filed.
+    ingest : twin_archive.ingest.Ingest
+        The archive's ingest path, where C-STOREd instances are filed
+        (:attr:`twin_archive.Archive.ingest`).
     metrics : NodeMetrics, optional
         Counters (a new set when omitted).
     audit : twin_archive.audit.AuditLog, optional
@@ -87,21 +88,21 @@ class DicomServer:
         If TLS is configured and the certificate, key or CA cannot be loaded.
     """
 
-    def __init__(self, settings: Settings, archive: Archive, metrics: NodeMetrics | None = None,
+    def __init__(self, settings: Settings, ingest: Ingest, metrics: NodeMetrics | None = None,
                  audit: AuditLog | None = None, *,
                  listen_socket: socket.socket | None = None) -> None:
         self.settings = settings
         self._in_acceptor = listen_socket is not None
         self._listen_socket = listen_socket
         self._pool: AcceptorPool | None = None
-        self.archive = archive
+        self.ingest = ingest
         self.metrics = metrics or NodeMetrics()
         self.audit = audit
         self.ledger = StudyLedger(audit)
         self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
         self.ae = self._build_ae()
         # The one switch for everything that reaches into pynetdicom (dicom_node/fast_receive).
-        self.fast_receive = settings.fast_receive and fast_receive.install(self.ae, archive.tmp_dir)
+        self.fast_receive = settings.fast_receive and fast_receive.install(self.ae, ingest.tmp_dir)
         self._server: ThreadedAssociationServer | None = None
         self._server_thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -129,7 +130,7 @@ class DicomServer:
     def _handlers(self) -> list[Any]:
         return [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_C_STORE, handle_store, [self.archive, self.metrics, self.ledger]),
+            (evt.EVT_C_STORE, handle_store, [self.ingest, self.metrics, self.ledger]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.metrics, self.audit]),
             (evt.EVT_REQUESTED, handle_requested, [self.metrics, self.audit]),
             (evt.EVT_REJECTED, handle_rejected, [self.metrics, self.audit]),

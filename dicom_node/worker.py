@@ -249,7 +249,7 @@ class Worker:
                 done = self._recover_overlay(job, done, destinations)
             return JobOutcome(job_id=job.id, result=done, note="already recorded",
                               seconds=time.perf_counter() - t0)
-        files = self.archive.series_files(job.series_uid)
+        files = self.archive.twins.series_files(job.series_uid)
         if not files:
             raise JobRefused("the series has no current instances")
         manufacturer, model_name = _scanner(files[0])
@@ -337,7 +337,7 @@ class Worker:
         overlay was: run the pipeline again and add the overlay, if (and only if) it
         finds the same segments (names and volumes) as the recorded result."""
         spec = self.tasks.get(job.task)
-        files = self.archive.series_files(job.series_uid)
+        files = self.archive.twins.series_files(job.series_uid)
         if spec is None or not files:
             return done
         try:

@@ -12,7 +12,7 @@ crash:
   answers with an A-ABORT), then what runs in the node's threads after it: the
   primitive, and the presentation context negotiation against the node's contexts;
 * ``store`` - a data set as received: the walk to its end
-  (:mod:`twin_archive.dataset_walk`) and ``Archive.store`` (header parse, validation,
+  (:mod:`twin_archive.dataset_walk`) and ``Ingest.store`` (header parse, validation,
   durable write, index), which may only refuse with its own errors.
 
 Used by ``tests/test_fuzz.py`` (a bounded run and the regression inputs) and by
@@ -114,7 +114,7 @@ def _setup_store() -> Callable[[bytes], None]:
             file_meta=b"", dataset=data, transfer_syntax_uid=ExplicitVRLittleEndian,
             sop_class_uid=CTImageStorage, sop_instance_uid=sop_uid, calling_ae="FUZZ", spool=None)
         try:
-            archive.store(incoming)
+            archive.ingest.store(incoming)
         except (InvalidInstanceError, SopClassMismatchError, OutOfResourcesError):
             pass
 

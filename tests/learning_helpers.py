@@ -108,7 +108,7 @@ def incoming(ds: Dataset, calling_ae: str = "TEST_SCU") -> IncomingInstance:
 def store_all(archive: Archive, datasets: list[Dataset], calling_ae: str = "TEST_SCU") -> None:
     """Store data sets through the archive's own store path (as C-STORE does)."""
     for ds in datasets:
-        archive.store(incoming(ds, calling_ae))
+        archive.ingest.store(incoming(ds, calling_ae))
 
 
 def organ_seg(datasets: list, anatomy: ph.Anatomy, g: ph.SliceGeometry,

@@ -31,6 +31,7 @@ from twin_archive import (
     TwinNotFoundError,
     uid_problem,
 )
+from twin_archive.reconcile import recover
 
 
 @pytest.mark.parametrize("value, problem", [
@@ -51,7 +52,7 @@ def test_paths_hold_no_phi_and_stay_inside(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
         ds = small_ct(patient_id="MRN-123456")
         ds.PatientName = "Doe^Jane"
-        result = archive.store(incoming(ds))
+        result = archive.ingest.store(incoming(ds))
         assert result.outcome is StoreOutcome.STORED
         path = (tmp_path / result.path).resolve()
         assert tmp_path.resolve() in path.parents
@@ -59,27 +60,27 @@ def test_paths_hold_no_phi_and_stay_inside(tmp_path: Path) -> None:
         assert (tmp_path / "archive.key").stat().st_mode & 0o777 == 0o600
     # The folder name is keyed by the installation secret: another install differs.
     with Archive(tmp_path / "other") as other:
-        assert other.store(incoming(ds)).patient_key != result.patient_key
+        assert other.ingest.store(incoming(ds)).patient_key != result.patient_key
 
 
 def test_sop_class_mismatch_is_refused(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
         with pytest.raises(SopClassMismatchError, match="but was sent as"):
-            archive.store(incoming(small_ct(), sop_class=MRImageStorage))
+            archive.ingest.store(incoming(small_ct(), sop_class=MRImageStorage))
         with pytest.raises(InvalidInstanceError):  # garbage: C000 with a reason
             good = incoming(small_ct())
-            archive.store(IncomingInstance(
+            archive.ingest.store(IncomingInstance(
                 file_meta=good.file_meta, dataset=good.dataset[:40] + b"\xff" * 9,
                 transfer_syntax_uid=good.transfer_syntax_uid, sop_class_uid=good.sop_class_uid,
                 sop_instance_uid=good.sop_instance_uid))
-        assert archive.instance_count() == 0
+        assert archive.twins.instance_count() == 0
 
 
 def test_concurrent_stores_of_the_same_instance_index_it_once(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
         item = incoming(small_ct())
         outcomes = []
-        threads = [threading.Thread(target=lambda: outcomes.append(archive.store(item).outcome))
+        threads = [threading.Thread(target=lambda: outcomes.append(archive.ingest.store(item).outcome))
                    for _ in range(8)]
         for t in threads:
             t.start()
@@ -87,30 +88,72 @@ def test_concurrent_stores_of_the_same_instance_index_it_once(tmp_path: Path) ->
             t.join()
         assert outcomes.count(StoreOutcome.STORED) == 1
         assert outcomes.count(StoreOutcome.DUPLICATE) == 7
-        assert archive.instance_count() == 1
+        assert archive.twins.instance_count() == 1
+
+
+def test_storing_and_reading_twins_at_once_share_the_index_safely(tmp_path: Path) -> None:
+    """The ingest path and the twin read model use one index connection (Archive wires
+    them with one lock): a store in one thread and reads and consent decisions in
+    another never meet inside each other's transaction."""
+    with Archive(tmp_path) as archive:
+        first = small_ct(patient_id="CONC-1")
+        archive.ingest.store(incoming(first))
+        errors: list[BaseException] = []
+        stored = threading.Event()
+
+        def store() -> None:
+            try:
+                for n in range(2, 32):
+                    archive.ingest.store(incoming(small_ct(
+                        patient_id="CONC-1", study_uid=str(first.StudyInstanceUID),
+                        series_uid=str(first.SeriesInstanceUID), instance=n)))
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+            finally:
+                stored.set()
+
+        def read_and_decide() -> None:
+            try:
+                donate = False
+                while not stored.is_set():
+                    archive.twins.twin("CONC-1")
+                    archive.twins.series_files(str(first.SeriesInstanceUID))
+                    donate = not donate
+                    archive.twins.set_consent("CONC-1", donate=donate, by="test")
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=store), threading.Thread(target=read_and_decide)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        [study] = archive.twins.twin("CONC-1").studies
+        assert study.series[0].instances == 31
 
 
 def test_consent_defaults_off_and_every_change_is_audited(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
-        archive.store(incoming(small_ct(patient_id="P1")))
-        assert archive.twin("P1").twin.donate is False
-        archive.set_consent("P1", donate=True, by="dr.who", reason="form 42")
-        archive.set_consent("P1", donate=False, by="clerk", reason="patient called")
-        detail = archive.twin("P1")
+        archive.ingest.store(incoming(small_ct(patient_id="P1")))
+        assert archive.twins.twin("P1").twin.donate is False
+        archive.twins.set_consent("P1", donate=True, by="dr.who", reason="form 42")
+        archive.twins.set_consent("P1", donate=False, by="clerk", reason="patient called")
+        detail = archive.twins.twin("P1")
         assert detail.twin.donate is False
         assert [(e.previous, e.donate, e.by, e.reason) for e in detail.consent_history] == [
             (False, True, "dr.who", "form 42"), (True, False, "clerk", "patient called")]
         with pytest.raises(TwinNotFoundError, match="no twin with Patient ID 'NOPE'"):
-            archive.set_consent("NOPE", donate=True, by="x")
+            archive.twins.set_consent("NOPE", donate=True, by="x")
         with pytest.raises(ValueError, match="by:"):
-            archive.set_consent("P1", donate=True, by=" ")
+            archive.twins.set_consent("P1", donate=True, by=" ")
 
 
 def test_reopening_applies_no_migration_twice_and_cleans_tmp(tmp_path: Path) -> None:
     Archive(tmp_path).close()
     (tmp_path / "tmp" / "leftover.part").write_bytes(b"half a file")
     with Archive(tmp_path) as archive:
-        assert archive.recover() == 1
+        assert recover(archive.ingest) == 1
         versions = [r[0] for r in archive.db.execute("SELECT version FROM schema_migrations")]
         assert versions == sorted(set(versions))
 
@@ -166,10 +209,10 @@ def _series_of(ds, instance: int):
 def test_arrivals_name_the_series_gone_quiet_oldest_first(tmp_path: Path) -> None:
     first, second = small_ct(patient_id="P1"), small_ct(patient_id="P2")
     with Archive(tmp_path) as archive:
-        archive.store(incoming(first))
-        archive.store(incoming(second))
-        archive.store(incoming(_series_of(second, 2)))
-        keys = archive.find_twin_keys("P1") + archive.find_twin_keys("P2")
+        archive.ingest.store(incoming(first))
+        archive.ingest.store(incoming(second))
+        archive.ingest.store(incoming(_series_of(second, 2)))
+        keys = archive.twins.find_twin_keys("P1") + archive.twins.find_twin_keys("P2")
     with Arrivals(tmp_path) as arrivals:
         a, b = everything = arrivals.quiet("9999")
         assert [(s.series_uid, s.study_uid, s.patient_key, s.modality) for s in everything] == [
@@ -189,10 +232,10 @@ def test_counts_for_status_are_read_only_and_zero_without_databases(tmp_path: Pa
     with Archive(tmp_path) as archive:
         one = small_ct(patient_id="P1")
         for ds in (one, _series_of(one, 2), small_ct(patient_id="P2")):
-            archive.store(incoming(ds))
+            archive.ingest.store(incoming(ds))
         sizes = sum(p.stat().st_size for uid in {str(one.SeriesInstanceUID)}
-                    for p in archive.series_files(uid))
-        key = archive.find_twin_keys("P1")[0]
+                    for p in archive.twins.series_files(uid))
+        key = archive.twins.find_twin_keys("P1")[0]
     counts = archive_counts(tmp_path)
     assert (counts.twins, counts.studies, counts.instances) == (2, 2, 3)
     assert counts.archived_bytes > sizes > 0
@@ -218,7 +261,7 @@ def test_counts_for_status_are_read_only_and_zero_without_databases(tmp_path: Pa
 def test_labels_whose_file_is_gone_are_named(tmp_path: Path) -> None:
     ds = small_ct()
     with Archive(tmp_path) as archive:
-        archive.store(incoming(ds))
+        archive.ingest.store(incoming(ds))
     with LabelStore(tmp_path) as labels:
         kept, _ = labels.add_file(series_uid=str(ds.SeriesInstanceUID), data=b"mask 1",
                                   segments=("spleen",), by="annotator")

@@ -13,8 +13,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from twin_archive import Archive, IncomingInstance
-from twin_archive.archive import _FIELD_KEYWORDS, _text
+from twin_archive import IncomingInstance
+from twin_archive.header import _FIELD_KEYWORDS, _text, parse, parse_fast
 
 
 def _incoming(ds: Dataset) -> IncomingInstance:
@@ -62,7 +62,7 @@ def _pydicom_files() -> list[str]:
 @pytest.mark.parametrize("name", _pydicom_files(), ids=lambda p: Path(p).name)
 def test_fast_parse_matches_full_parse(name: str) -> None:
     inc = _incoming(pydicom.dcmread(name))
-    fast = Archive._parse_fast(inc)
+    fast = parse_fast(inc)
     fields, has_pixels, has_rc = _full(inc)
     if fast is not None:  # None means the full parse is used, trivially the same
         assert fast.fields == fields
@@ -98,7 +98,7 @@ def test_fast_parse_matches_full_parse_on_text(ts: str, values: dict[str, object
              PixelRepresentation=0, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
              PixelData=b"\0\1\2\3", **values)
     inc = _incoming(ds)
-    fast = Archive._parse_fast(inc)
+    fast = parse_fast(inc)
     assert fast is not None
     fields, has_pixels, has_rc = _full(inc)
     assert (fast.fields, fast.has_pixels, fast.has_rows_columns) == (fields, has_pixels, has_rc)
@@ -114,27 +114,27 @@ def test_fast_parse_defers_when_something_follows_pixel_data() -> None:
         transfer_syntax_uid=inc.transfer_syntax_uid, sop_class_uid=inc.sop_class_uid,
         sop_instance_uid=inc.sop_instance_uid,
     )
-    assert Archive._parse_fast(padded) is None
+    assert parse_fast(padded) is None
     truncated = IncomingInstance(
         file_meta=inc.file_meta, dataset=inc.dataset[:-1],
         transfer_syntax_uid=inc.transfer_syntax_uid, sop_class_uid=inc.sop_class_uid,
         sop_instance_uid=inc.sop_instance_uid,
     )
-    assert Archive._parse_fast(truncated) is None
+    assert parse_fast(truncated) is None
 
 
 def test_fast_parse_without_pixel_data_reports_it(tmp_path: Path) -> None:
     inc = _incoming(_ds(ExplicitVRLittleEndian, PatientID="P", StudyInstanceUID=generate_uid(),
                         SeriesInstanceUID=generate_uid()))
-    fast = Archive._parse_fast(inc)
+    fast = parse_fast(inc)
     assert fast is not None and not fast.has_pixels and not fast.has_rows_columns
 
 
-def test_deflated_takes_the_full_parse(tmp_path: Path) -> None:
+def test_deflated_takes_the_full_parse() -> None:
     name = str(_TEST_FILES / "image_dfl.dcm")
     inc = _incoming(pydicom.dcmread(name))
-    assert Archive._parse_fast(inc) is None
-    assert Archive(tmp_path)._parse(inc).has_pixels
+    assert parse_fast(inc) is None
+    assert parse(inc).has_pixels
 
 
 def _spooled(inc: IncomingInstance, tmp_path: Path, fragment: int = 16384) -> IncomingInstance:
@@ -153,7 +153,7 @@ def _spooled(inc: IncomingInstance, tmp_path: Path, fragment: int = 16384) -> In
 @pytest.mark.parametrize("name", _pydicom_files()[::3], ids=lambda p: Path(p).name)
 def test_fast_parse_of_a_spool_matches_full_parse(name: str, tmp_path: Path) -> None:
     inc = _incoming(pydicom.dcmread(name))
-    fast = Archive._parse_fast(_spooled(inc, tmp_path))
+    fast = parse_fast(_spooled(inc, tmp_path))
     if fast is not None:
         assert (fast.fields, fast.has_pixels, fast.has_rows_columns) == _full(inc)
 
@@ -169,6 +169,6 @@ def test_header_longer_than_the_spools_head_is_read_from_the_file(tmp_path: Path
     inc = _incoming(ds)
     spooled = _spooled(inc, tmp_path)
     assert len(spooled.spool.head) == HEAD_BYTES < spooled.spool.size
-    fast = Archive._parse_fast(spooled)
+    fast = parse_fast(spooled)
     assert fast is not None and fast.fields["PatientID"] == "LONG" and fast.has_pixels
     assert (fast.fields, fast.has_pixels, fast.has_rows_columns) == _full(inc)

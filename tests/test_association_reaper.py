@@ -19,7 +19,7 @@ def test_reaper_leaves_an_association_whose_thread_has_not_started(tmp_path: Pat
     listener processes: storescu got 'Peer aborted Association')."""
     settings = Settings(data_dir=tmp_path, port=0, bind_address="127.0.0.1")
     with Archive(tmp_path) as archive:
-        server = DicomServer(settings, archive)
+        server = DicomServer(settings, archive.ingest)
         ours, theirs = socket.socketpair()
         try:
             assoc = Association(server.ae, "acceptor")

@@ -47,6 +47,6 @@ def test_untested_pynetdicom_version_falls_back(monkeypatch: pytest.MonkeyPatch)
 def test_the_setting_decides_the_mode(tmp_path: Path, enabled: bool) -> None:
     settings = Settings(data_dir=tmp_path, port=0, bind_address="127.0.0.1", fast_receive=enabled)
     with Archive(tmp_path) as archive:
-        server = DicomServer(settings, archive)
+        server = DicomServer(settings, archive.ingest)
         assert server.fast_receive is enabled
         assert (fast_receive.spooling.spools_for(server.ae) is not None) is enabled

@@ -75,7 +75,7 @@ def _orphan(data_dir: Path, patient_id: str) -> Path:
     """An instance file renamed into place whose index commit never happened (a crash):
     stored through the archive, then its rows removed behind its back."""
     with Archive(data_dir) as archive:
-        result = archive.store(incoming(small_ct(patient_id=patient_id)))
+        result = archive.ingest.store(incoming(small_ct(patient_id=patient_id)))
     with closing(_index(data_dir)) as conn, conn:
         conn.execute("DELETE FROM instances WHERE path = ?", (result.path,))
         conn.execute("DELETE FROM series WHERE series_uid = ?", (result.series_uid,))

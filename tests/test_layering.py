@@ -296,12 +296,6 @@ def test_pyflakes_clean() -> None:
 LONG_FUNCTION_LINES = 60
 #: Where the rule holds: the stores, the pipelines and the trainer (issue 18).
 HELD_PACKAGES = ("twin_archive", "registry", "pipelines", "trainer")
-#: Functions over the limit as found when the check was written, each to be split by the
-#: branch that owns it (the list only shrinks: a fixed one fails the test until removed).
-KNOWN_LONG = {
-    ("twin_archive/archive.py", "Archive._store"),
-    ("twin_archive/archive.py", "Archive.twin"),
-}
 
 
 def _long_functions(path: Path, limit: int = LONG_FUNCTION_LINES) -> set[str]:
@@ -338,8 +332,7 @@ def test_no_function_longer_than_a_reader_can_hold() -> None:
         for path in sorted((ROOT / package).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             found |= {(rel, name) for name in _long_functions(path)}
-    assert sorted(found - KNOWN_LONG) == [], "split it into named steps, or say why in its docstring"
-    assert sorted(KNOWN_LONG - found) == [], "fixed: remove it from KNOWN_LONG"
+    assert sorted(found) == [], "split it into named steps, or say why in its docstring"
 
 
 def test_the_check_for_long_functions_finds_them(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_odd_uids_are_kept_under_hashed_names_and_flagged(tmp_path: Path) -> Non
             setattr(ds, keyword, value)
             if keyword == "SOPInstanceUID":
                 ds.file_meta.MediaStorageSOPInstanceUID = value
-            results.append(archive.store(incoming(ds)))
+            results.append(archive.ingest.store(incoming(ds)))
         for r in results:
             path = (tmp_path / r.path).resolve()
             assert tmp_path.resolve() in path.parents and path.is_file()
@@ -55,7 +55,7 @@ def test_odd_uids_are_kept_under_hashed_names_and_flagged(tmp_path: Path) -> Non
         assert rows[ODD_UIDS["SOPInstanceUID"]]["uid_flags"] == "SOPInstanceUID"
         assert rows[ODD_UIDS["SOPInstanceUID"]]["path"].split("/")[-1].startswith("nc-")
         assert rows["1.2/3\x00\x1b"]["uid_flags"] == "SOPInstanceUID"  # kept as received
-        detail = archive.twin("ODD-1")
+        detail = archive.twins.twin("ODD-1")
         flagged = sum(se.nonconformant_uids for st in detail.studies for se in st.series)
         assert flagged == 5
         # Refused: no Study/Series/SOP Instance UID at all.
@@ -63,7 +63,7 @@ def test_odd_uids_are_kept_under_hashed_names_and_flagged(tmp_path: Path) -> Non
             ds = small_ct()
             delattr(ds, keyword)
             with pytest.raises(InvalidInstanceError, match=f"{keyword}: missing or empty"):
-                archive.store(incoming(ds))
+                archive.ingest.store(incoming(ds))
 
 
 def test_missing_patient_id_makes_an_unidentified_twin_that_merge_attaches(tmp_path: Path) -> None:

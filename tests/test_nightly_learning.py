@@ -153,7 +153,7 @@ def test_whole_loop_over_dicom_labels_consent_training_promotion_and_serving(tmp
         assert set(send(node.port, nxt, calling_ae="CT_SCANNER")) == {0}
         def results_now() -> tuple[dict, ...]:
             with Archive(data) as archive:
-                return archive.twin("LRN-9").results
+                return archive.twins.twin("LRN-9").results
 
         results = wait_until("a result for the next study", results_now, timeout=120)
         assert results[0]["model_version"] == v2
@@ -178,10 +178,10 @@ def _prepared(tmp_path: Path, donors: int = 3, others: int = 1) -> tuple[Path, l
             store_all(archive, datasets, "CT_SCANNER")
             seg = radiologist_seg(datasets, truth)
             store_all(archive, [seg], "READING_ROOM")
-            decision = intake_seg_series(archive.series_files(str(seg.SeriesInstanceUID)), labels)
+            decision = intake_seg_series(archive.twins.series_files(str(seg.SeriesInstanceUID)), labels)
             assert decision.decision == "label", decision.reason
             if i < donors:
-                archive.set_consent(pid, donate=True, by="test")
+                archive.twins.set_consent(pid, donate=True, by="test")
     _install_tiny_active(data, tmp_path)
     return data, pids
 
@@ -191,9 +191,9 @@ def test_revocation_before_training_and_a_candidate_that_is_not_better(tmp_path:
     rules = task_rules(TASK, default_tasks())
     with Archive(data) as archive, LabelStore(data) as labels:
         before = build_dataset(archive, labels, TASK, rules)
-        archive.set_consent("IN-3", donate=False, by="test", reason="withdrawn")
+        archive.twins.set_consent("IN-3", donate=False, by="test", reason="withdrawn")
         after = build_dataset(archive, labels, TASK, rules)
-        revoked_key = archive.find_twin_keys("IN-3")[0]
+        revoked_key = archive.twins.find_twin_keys("IN-3")[0]
     assert revoked_key in before.patients and revoked_key not in after.patients
     assert len(after.items) == 3 and len(after.validation) >= 1
     # a margin no model can meet: the candidate stays a candidate, with its metrics
@@ -209,8 +209,8 @@ def test_revocation_before_training_and_a_candidate_that_is_not_better(tmp_path:
         keys = {s["patient_key"] for s in cand.manifest()["series"]}
     assert revoked_key not in keys and len(keys) == 3
     with Archive(data) as archive:
-        assert archive.twin("IN-3").trained_model_versions == ()
-        assert archive.twin("IN-0").trained_model_versions == (cand.version,)
+        assert archive.twins.twin("IN-3").trained_model_versions == ()
+        assert archive.twins.twin("IN-0").trained_model_versions == (cand.version,)
 
 
 def test_label_import_checks_geometry_and_the_newest_label_is_current(tmp_path: Path) -> None:
@@ -253,7 +253,7 @@ def test_label_import_checks_geometry_and_the_newest_label_is_current(tmp_path: 
     seg = radiologist_seg(datasets, truth, creator="Rad^Later")
     with Archive(data) as archive, LabelStore(data) as labels:
         store_all(archive, [seg], "READING_ROOM")
-        intake_seg_series(archive.series_files(str(seg.SeriesInstanceUID)), labels)
+        intake_seg_series(archive.twins.series_files(str(seg.SeriesInstanceUID)), labels)
         history = labels.for_series(series)
     assert [(h.source, h.current) for h in history] == [("nifti-import", False), ("dicom-seg", True)]
     assert history[0].content_creator == "annotator-7"
@@ -264,7 +264,7 @@ def test_label_import_checks_geometry_and_the_newest_label_is_current(tmp_path: 
     ours.Manufacturer = NODE_MANUFACTURER
     with Archive(data) as archive, LabelStore(data) as labels:
         store_all(archive, [ours], "PACS")
-        decision = intake_seg_series(archive.series_files(str(ours.SeriesInstanceUID)), labels)
+        decision = intake_seg_series(archive.twins.series_files(str(ours.SeriesInstanceUID)), labels)
     assert decision.decision == "ignored" and "produced by this node" in decision.reason
 
 
@@ -297,7 +297,7 @@ def test_annotation_queue_export_and_deidentified_decathlon_export(tmp_path: Pat
     unlabelled, _ = phantom_study("Q-1", seed=61)
     with Archive(data) as archive:
         store_all(archive, unlabelled)
-        archive.set_consent("Q-1", donate=True, by="test")
+        archive.twins.set_consent("Q-1", donate=True, by="test")
     out = _cli(data, "queue", "export", TASK, str(tmp_path / "queue"))
     assert "1 case(s)" in out.stdout and "1 with a pre-segmentation" in out.stdout
     queue = json.loads((tmp_path / "queue" / "queue.json").read_text())
@@ -322,9 +322,9 @@ def test_annotation_queue_export_and_deidentified_decathlon_export(tmp_path: Pat
     for pid in pids:
         assert pid not in text
     with Archive(data) as archive:
-        for t in archive.list_twins():
+        for t in archive.twins.list_twins():
             assert t.patient_id not in text and t.patient_key not in text
-            for st in archive.twin(t.patient_id).studies:
+            for st in archive.twins.twin(t.patient_id).studies:
                 assert st.study_uid not in text and st.study_date not in text
                 assert all(se.series_uid not in text for se in st.series)
     for path in list((export / "imagesTr").iterdir()) + list((export / "labelsTr").iterdir()):

@@ -276,9 +276,9 @@ def test_the_monitor_decides_each_quiet_series_once_and_again_after_a_late_insta
     archive = Archive(tmp_path)
     queue = JobQueue(tmp_path)
     one, two = small_ct(patient_id="P1"), small_ct(patient_id="P2")
-    archive.store(incoming(two))  # the older one: tried in the pass that decides the first
-    archive.store(incoming(one))
-    unreadable = archive.series_files(str(two.SeriesInstanceUID))[0]
+    archive.ingest.store(incoming(two))  # the older one: tried in the pass that decides the first
+    archive.ingest.store(incoming(one))
+    unreadable = archive.twins.series_files(str(two.SeriesInstanceUID))[0]
     kept = unreadable.read_bytes()
     unreadable.unlink()
     monitor = StabilityMonitor(archive, queue, default_tasks(), stable_after_s=0.05)
@@ -299,7 +299,7 @@ def test_the_monitor_decides_each_quiet_series_once_and_again_after_a_late_insta
 
     late = small_ct(patient_id="P1", study_uid=str(one.StudyInstanceUID),
                     series_uid=str(one.SeriesInstanceUID), instance=2)
-    archive.store(incoming(late))
+    archive.ingest.store(incoming(late))
     wait_until("the series re-opened by a late instance decided again",
                lambda: decided_on(one.SeriesInstanceUID)
                and decided.count(str(one.SeriesInstanceUID)) == 2, 10.0, poll=0.02,
@@ -309,7 +309,7 @@ def test_the_monitor_decides_each_quiet_series_once_and_again_after_a_late_insta
     # the previous pass ran with the clock far ahead, then it was set back: one pass later
     # the window follows the clock again
     third = small_ct(patient_id="P3")
-    archive.store(incoming(third))
+    archive.ingest.store(incoming(third))
     monitor._since = "9999"  # noqa: SLF001 - as that pass left it
     wait_until("a series decided after the clock was set back",
                lambda: decided_on(third.SeriesInstanceUID), 10.0, poll=0.02)

@@ -89,9 +89,9 @@ def test_scratch_candidate_below_the_floor_stays_a_candidate_and_nothing_serves(
             store_all(archive, datasets, "CT_SCANNER")
             seg = radiologist_seg(datasets, truth)
             store_all(archive, [seg], "READING_ROOM")
-            decision = intake_seg_series(archive.series_files(str(seg.SeriesInstanceUID)), labels)
+            decision = intake_seg_series(archive.twins.series_files(str(seg.SeriesInstanceUID)), labels)
             assert decision.decision == "label", decision.reason
-            archive.set_consent(pid, donate=True, by="test")
+            archive.twins.set_consent(pid, donate=True, by="test")
     # a registered (not active) tiny bundle gives the configuration to train from scratch
     with Registry(data) as reg:
         v1 = reg.import_bundle(tiny_bundle(tmp_path / "tiny"), task=TASK, by="test").version

@@ -62,7 +62,7 @@ def test_speedups_store_byte_exact_over_parallel_associations_without_leaks(tmp_
     data = tmp_path / "data"
     archive = Archive(data)
     server = DicomServer(Settings(data_dir=data, port=0, bind_address="127.0.0.1",
-                                  ae_title="DICOM_NODE"), archive)
+                                  ae_title="DICOM_NODE"), archive.ingest)
     assert transport.AssociationSocket.recv is speedups._recv  # installed by the server
     server.start()
     try:
@@ -90,7 +90,7 @@ def test_speedups_store_byte_exact_over_parallel_associations_without_leaks(tmp_
         assert results == [[0] * 10] * 4
         sent = {ds.SOPInstanceUID: ds for batch in batches for ds in batch}
         files = sorted((data / "archive").rglob("*.dcm"))
-        assert len(files) == 40 == archive.instance_count()
+        assert len(files) == 40 == archive.twins.instance_count()
         for path in files:
             got = pydicom.dcmread(path)
             want = sent[got.SOPInstanceUID]

@@ -26,6 +26,7 @@ from pipelines.types import SegmentResult
 from registry.store import Registry
 from twin_archive import Archive
 from twin_archive.learning import LabelAgreement, Scanner, ShadowResult, ShadowStore
+from twin_archive.reconcile import stray_files
 
 
 def _seg(name: str, mask: np.ndarray) -> SegmentResult:
@@ -105,7 +106,7 @@ def test_candidate_in_shadow_stores_its_result_and_sends_nothing(tmp_path: Path)
                        lambda: all(x.state.value == "sent" for x in sends()), 60)
             found = results_in_orthanc(orthanc, study_uid)
             with Archive(data) as archive:
-                [result] = archive.twin("SH-1").results
+                [result] = archive.twins.twin("SH-1").results
             assert result["model_version"] == v1
             assert stored.active_result_id == result["id"] and stored.active_version == v1
             # Orthanc holds the active model's SEG and SR only
@@ -143,7 +144,7 @@ def test_candidate_in_shadow_stores_its_result_and_sends_nothing(tmp_path: Path)
             node.stop()
     # the shadow files are indexed: the start-up reconciliation leaves them where they are
     with Archive(data) as archive:
-        assert archive.stray_files() == []
+        assert stray_files(archive.ingest) == []
     # train_promote_after_shadow: a candidate waiting for 1 shadow series is promoted
     with Registry(data) as reg:
         reg.hold(v2, by="trainer", reason="awaiting shadow series: promoted after 1 live series "

@@ -243,12 +243,12 @@ def test_a_radiologist_seg_of_two_organs_is_a_label_of_both_tasks(tmp_path: Path
     kidney_only = organ_seg(datasets, anatomy, g, (("kidney", codes.SCT.Kidney),))
     with Archive(data) as archive:
         store_all(archive, datasets)
-        archive.set_consent("LAB-1", donate=True, by="test")
+        archive.twins.set_consent("LAB-1", donate=True, by="test")
         for seg in (both, kidney_only, spleen_only):
             store_all(archive, [seg], calling_ae="VIEWER")
         with LabelStore(data) as labels:
             intake = TaskLabelIntake(data, labels, tasks)
-            files = {str(s.SeriesInstanceUID): archive.series_files(str(s.SeriesInstanceUID))
+            files = {str(s.SeriesInstanceUID): archive.twins.series_files(str(s.SeriesInstanceUID))
                      for s in (both, kidney_only, spleen_only)}
             first = intake(files[str(both.SeriesInstanceUID)])
             assert first.decision == "label", first.reason

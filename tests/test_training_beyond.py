@@ -49,9 +49,9 @@ def _prepared(tmp_path: Path, donors: int = 3) -> tuple[Path, Path, str]:
             store_all(archive, datasets, "CT_SCANNER")
             seg = radiologist_seg(datasets, truth)
             store_all(archive, [seg], "READING_ROOM")
-            decision = intake_seg_series(archive.series_files(str(seg.SeriesInstanceUID)), labels)
+            decision = intake_seg_series(archive.twins.series_files(str(seg.SeriesInstanceUID)), labels)
             assert decision.decision == "label", decision.reason
-            archive.set_consent(pid, donate=True, by="test")
+            archive.twins.set_consent(pid, donate=True, by="test")
     with Registry(data) as reg:
         mv = reg.import_bundle(tiny_bundle(tmp_path / "tiny"), task=TASK, activate=True,
                                by="test", reason="random weights: the one to beat")
@@ -134,7 +134,7 @@ def test_import_candidate_of_promotes_only_when_better_on_the_validation_patient
     assert [e.what for e in promoted] == [now.version]
     # the twins know which versions their series trained
     with Archive(data) as archive:
-        assert set(archive.twin("EXT-0").trained_model_versions) == {first.version, now.version}
+        assert set(archive.twins.twin("EXT-0").trained_model_versions) == {first.version, now.version}
     # a version of another task is refused
     wrong = _cli(data, config, "models", "import", str(better), "--task", "liver-ct",
                  "--candidate-of", active, check=False)

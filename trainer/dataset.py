@@ -233,7 +233,7 @@ def build_dataset(archive: Archive, labels: LabelStore, task: str, rules: Select
     chosen: list[tuple[Label, str, int]] = []
     excluded: list[tuple[str, str]] = []
     for label in labels.donated_current(task):
-        files = archive.series_files(label.series_uid)
+        files = archive.twins.series_files(label.series_uid)
         if not files:
             excluded.append((label.series_uid, "no current instances"))
             continue
@@ -242,7 +242,7 @@ def build_dataset(archive: Archive, labels: LabelStore, task: str, rules: Select
         if not verdict.matched:
             excluded.append((label.series_uid, verdict.reason))
             continue
-        sha, n = archive.series_digest(label.series_uid)
+        sha, n = archive.twins.series_digest(label.series_uid)
         chosen.append((label, sha, n))
     split = split_patients([lab.patient_key for lab, _, _ in chosen],
                            validation_fraction=validation_fraction, salt=salt)
@@ -280,7 +280,7 @@ def load_case(archive: Archive, item: DatasetItem, model_labels: Mapping[int, st
     LabelGeometryError, LabelContentError
         If the label does not fit the series or names none of the model's labels.
     """
-    volume = load_series(archive.series_files(item.series_uid))
+    volume = load_series(archive.twins.series_files(item.series_uid))
     if item.label.source == SOURCE_SEG:
         mask = mask_from_seg(item.label.path, volume, model_labels)
     else:

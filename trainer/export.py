@@ -68,12 +68,12 @@ class QueueItem:
 def annotation_queue(archive: Archive, labels: LabelStore, task: str,
                      rules: SelectionRules) -> list[QueueItem]:
     """Donated series without a label for ``task`` that match its rules, oldest first."""
-    ids = {t.patient_key: t.patient_id for t in archive.list_twins()}
+    ids = {t.patient_key: t.patient_id for t in archive.twins.list_twins()}
     out = []
     for row in labels.donated_unlabelled_series(task):
         if (row["modality"] or "").upper() in NON_IMAGE_MODALITIES:
             continue
-        files = archive.series_files(row["series_uid"])
+        files = archive.twins.series_files(row["series_uid"])
         if not files:
             continue
         verdict = matches(rules, [pydicom.dcmread(p, stop_before_pixels=True) for p in files])
@@ -102,7 +102,7 @@ def export_annotation_queue(archive: Archive, labels: LabelStore, registry: Regi
     loaded: dict[str, Any] = {}
     cases = []
     for item in items:
-        files = archive.series_files(item.series_uid)
+        files = archive.twins.series_files(item.series_uid)
         volume = load_series(files)
         head = pydicom.dcmread(files[0], stop_before_pixels=True)
         image_name = f"{item.case_id}_image.nii.gz"

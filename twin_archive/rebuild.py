@@ -74,7 +74,7 @@ def rebuild_index(data_dir: Path | str) -> RebuildReport:
     problem = ""
     with Archive(data_dir) as archive:
         files = sorted(walk_files(data_dir / ARCHIVE_DIR), key=lambda p: p.stat().st_mtime)
-        for path, outcome in archive.index_files(files):
+        for path, outcome in archive.ingest.index_files(files):
             if not isinstance(outcome, StoreResult):
                 quarantine(data_dir, path, f"not intact ({outcome})")
                 quarantined += 1
@@ -89,12 +89,12 @@ def rebuild_index(data_dir: Path | str) -> RebuildReport:
                     break
                 try:
                     if event.event_type is AuditEvent.CONSENT_CHANGED:
-                        archive.set_consent(event.what, donate=bool(event.detail["donate"]),
+                        archive.twins.set_consent(event.what, donate=bool(event.detail["donate"]),
                                             by=event.who, reason=event.detail.get("reason", ""),
                                             at=event.detail.get("at") or event.at)
                         consent += 1
                     elif event.event_type is AuditEvent.TWIN_MERGED:
-                        archive.merge_twins(event.what, event.detail["into"], by=event.who,
+                        archive.twins.merge_twins(event.what, event.detail["into"], by=event.who,
                                             reason=event.detail.get("reason", "") or "-",
                                             at=event.detail.get("at") or event.at)
                         merges += 1
@@ -102,9 +102,9 @@ def rebuild_index(data_dir: Path | str) -> RebuildReport:
                     skipped += 1  # its twin has no file left, or the event is malformed
                     LOG.warning("rebuild: audit event %d (%s) not replayed: %s", event.id,
                                 event.event_type.value, exc)
-        twins = len(archive.list_twins())
+        twins = len(archive.twins.list_twins())
         studies = int(archive.db.execute("SELECT COUNT(*) FROM studies").fetchone()[0])
-        instances = archive.instance_count()
+        instances = archive.twins.instance_count()
     return RebuildReport(instances=instances, twins=twins, studies=studies,
                          consent_events=consent, merges=merges, skipped_events=skipped,
                          quarantined=quarantined, set_aside=set_aside, audit_problem=problem,

@@ -1,7 +1,7 @@
 """Files and rows that disagree: found, re-indexed or set aside (issue 13 items 5 and 6).
 
 A crash between the rename of a file into place and the commit of its row leaves a
-file that no row names. At start (:meth:`twin_archive.Archive.recover`) and with
+file that no row names. At start (:func:`recover`) and with
 ``dicom-node archive verify --repair``:
 
 * an instance file under ``archive/`` that no row names is indexed when it is intact
@@ -29,11 +29,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
-from dicom_node.durable import replace_durably
+from dicom_node.durable import clean_tmp, replace_durably
 from twin_archive.layout import ARCHIVE_DIR, QUARANTINE_DIR
+from twin_archive.records import StoreOutcome, StoreResult
+
+if TYPE_CHECKING:
+    from twin_archive.ingest import Ingest
 
 LOG = logging.getLogger(__name__)
 
@@ -130,3 +135,63 @@ def recently_written(path: Path, seconds: float) -> bool:
         return time.time() - path.stat().st_mtime < seconds
     except FileNotFoundError:
         return False
+
+
+def recover(ingest: Ingest) -> int:
+    """Start-up recovery (under the data directory's lock): remove temporary files
+    of writes interrupted by a crash, then reconcile files and rows
+    (:func:`reconcile`). Returns how many temporary files were removed."""
+    removed = clean_tmp(ingest.tmp_dir)
+    if removed:
+        LOG.warning("archive: removed %d unfinished temporary file(s) after restart", removed)
+    reconcile(ingest)
+    return removed
+
+
+def stray_files(ingest: Ingest, *, skip_recent_s: float = 0.0) -> list[tuple[str, Path]]:
+    """``(kind, path)`` of the files no row names (``instance`` or ``result``).
+
+    Files changed in the last ``skip_recent_s`` seconds are left out (a node that
+    serves may be between the rename and the commit of one).
+    """
+    known = ingest.indexed_paths()
+    out = []
+    for kind, path in data_files(ingest.data_dir):
+        if str(path.relative_to(ingest.data_dir)) in known:
+            continue
+        if skip_recent_s and recently_written(path, skip_recent_s):
+            continue
+        out.append((kind, path))
+    return out
+
+
+def reconcile(ingest: Ingest, *, skip_recent_s: float = 0.0) -> tuple[int, int]:
+    """Index the intact instance files no row names; quarantine the other strays.
+
+    Returns ``(indexed, quarantined)``; each quarantined file is logged with why.
+    """
+    t0 = time.perf_counter()
+    strays = stray_files(ingest, skip_recent_s=skip_recent_s)
+    indexed = quarantined = 0
+    instances = sorted((p for kind, p in strays if kind == "instance"),
+                       key=lambda p: p.stat().st_mtime)
+    for path, outcome in ingest.index_files(instances):
+        if isinstance(outcome, StoreResult) and outcome.outcome is not StoreOutcome.DUPLICATE:
+            indexed += 1
+            LOG.warning("archive: %s had no index row (a crash before its commit); "
+                        "intact, indexed now", path.relative_to(ingest.data_dir))
+        else:
+            why = ("the same content is indexed under another file" if
+                   isinstance(outcome, StoreResult) else f"not intact ({outcome})")
+            quarantine(ingest.data_dir, path, why)
+            quarantined += 1
+    for kind, path in strays:
+        if kind == "result":
+            quarantine(ingest.data_dir, path, "result or label file without its row (a "
+                       "result set is recorded whole or not at all)")
+            quarantined += 1
+    if indexed or quarantined:
+        LOG.warning("archive: reconciled files and index in %.1f s: %d file(s) indexed, %d "
+                    "moved to %s", time.perf_counter() - t0, indexed, quarantined,
+                    ingest.data_dir / QUARANTINE_DIR)
+    return indexed, quarantined

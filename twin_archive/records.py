@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 class StoreOutcome(str, enum.Enum):
-    """What :meth:`twin_archive.Archive.store` did with an instance."""
+    """What :meth:`twin_archive.ingest.Ingest.store` did with an instance."""
 
     STORED = "stored"  # first time this SOP Instance UID was seen
     DUPLICATE = "duplicate"  # identical content already archived: nothing written
@@ -39,7 +39,7 @@ class IncomingInstance:
         AE title of the sender.
     spool : twin_archive.spool.Spool, optional
         The data set (and File Meta Information) already written to a temporary
-        file as it arrived; :meth:`twin_archive.Archive.store` consumes it.
+        file as it arrived; :meth:`twin_archive.ingest.Ingest.store` consumes it.
     """
 
     file_meta: bytes

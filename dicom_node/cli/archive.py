@@ -37,7 +37,7 @@ from twin_archive import Archive, StoreOutcome, StoreResult, audit
 from twin_archive.labels import LabelStore
 from twin_archive.layout import INDEX_NAME, QUARANTINE_DIR
 from twin_archive.rebuild import rebuild_index
-from twin_archive.reconcile import hash_instance_file, quarantine
+from twin_archive.reconcile import hash_instance_file, quarantine, stray_files
 from twin_archive.results import ResultStore
 
 #: Every SQLite database of a data directory.
@@ -127,12 +127,12 @@ def _verify(data_dir: Path, settings: Settings, *, deep: bool, repair: bool,
         print("the index cannot be checked against the files; rebuild it first: "
               "dicom-node archive rebuild-index")
         return 1
-    from dicom_node.cli.serve import open_archive
+    from dicom_node.node import open_archive
 
     repaired: dict[str, int] = {}
     with open_archive(settings) as archive:
-        strays = archive.stray_files(skip_recent_s=in_flight_s)
-        rows = archive.instance_files()
+        strays = stray_files(archive.ingest, skip_recent_s=in_flight_s)
+        rows = archive.ingest.instance_files()
         gone, damaged = [], []
         for row in rows:
             path = data_dir / row["path"]
@@ -185,7 +185,7 @@ def _repair(archive: Archive, data_dir: Path, strays: list[tuple[str, Path]],
         quarantine(data_dir, data_dir / row["path"], "content no longer matches its SHA-256")
         out["files_quarantined"] += 1
     instances = [p for kind, p in strays if kind == "instance"]
-    for path, outcome in archive.index_files(instances):
+    for path, outcome in archive.ingest.index_files(instances):
         if isinstance(outcome, StoreResult) and outcome.outcome is not StoreOutcome.DUPLICATE:
             out["files_indexed"] += 1
         else:
@@ -197,7 +197,7 @@ def _repair(archive: Archive, data_dir: Path, strays: list[tuple[str, Path]],
         if kind == "result":
             quarantine(data_dir, path, "result or label file without its row")
             out["files_quarantined"] += 1
-    out["instances_marked_missing"] = archive.mark_missing([r["id"] for r in gone + damaged])
+    out["instances_marked_missing"] = archive.ingest.mark_missing([r["id"] for r in gone + damaged])
     return out
 
 

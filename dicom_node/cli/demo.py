@@ -223,7 +223,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                 acked = utc_now()
                 sent_s = time.perf_counter() - t_send
             done = wait_for_sends(data_dir, study_uid, args.timeout, ("seg", "sr", "overlay"))
-            detail = node.archive.twin(args.patient_id)
+            detail = node.archive.twins.twin(args.patient_id)
             store = ResultStore(data_dir)
             try:
                 timings = {r["id"]: store.get(int(r["id"])).timings for r in detail.results

@@ -29,7 +29,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def cmd_drift(args: argparse.Namespace, settings: Any) -> int:
-    from dicom_node.cli.serve import open_archive
+    from dicom_node.node import open_archive
 
     config = config_of(settings)
     with open_archive(settings):  # migrates the index when the node never ran

@@ -57,8 +57,8 @@ def _archive(settings: Settings) -> Any:
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     with _archive(settings) as archive:
-        keys = archive.find_twin_keys(args.patient_id, args.issuer)  # TwinNotFoundError
-        files = archive.series_files(args.series_uid)
+        keys = archive.twins.find_twin_keys(args.patient_id, args.issuer)  # TwinNotFoundError
+        files = archive.twins.series_files(args.series_uid)
         store = LabelStore(settings.data_dir)
         try:
             owner = store.series_owner(args.series_uid)

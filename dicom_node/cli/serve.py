@@ -19,11 +19,10 @@ from typing import Any
 from dicom_node.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging
 from dicom_node.loop import apply_flags
-# Node and friends moved to dicom_node.node; named here too for the callers of before.
-from dicom_node.node import STATE_FILE, Node, StartupError, open_archive
+from dicom_node.node import Node
 from dicom_node.settings import Settings, load_settings
 
-__all__ = ["STATE_FILE", "Node", "StartupError", "cmd_serve", "open_archive", "register"]
+__all__ = ["cmd_serve", "register"]
 
 LOG = logging.getLogger(__name__)
 

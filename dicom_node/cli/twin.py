@@ -57,7 +57,7 @@ def _archive(settings: Settings) -> Archive:
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     with _archive(settings) as archive:
-        twins = archive.list_twins()
+        twins = archive.twins.list_twins()
     if args.json:
         print(json.dumps([_summary_dict(t) for t in twins], indent=2))
         return 0
@@ -98,7 +98,7 @@ def _jobs_of(settings: Settings, detail: Any) -> list[Any]:
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     with _archive(settings) as archive:
-        detail = archive.twin(args.patient_id, args.issuer)
+        detail = archive.twins.twin(args.patient_id, args.issuer)
     jobs = _jobs_of(settings, detail)
     if args.json:
         print(json.dumps({**detail.to_dict(), "jobs": [
@@ -159,9 +159,9 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_consent(args: argparse.Namespace, settings: Settings) -> int:
     by = args.by or getpass.getuser()
     with _archive(settings) as archive:
-        event = archive.set_consent(args.patient_id, donate=bool(args.donate), by=by,
+        event = archive.twins.set_consent(args.patient_id, donate=bool(args.donate), by=by,
                                     reason=args.reason, issuer=args.issuer)
-        keys = archive.find_twin_keys(args.patient_id, args.issuer)
+        keys = archive.twins.find_twin_keys(args.patient_id, args.issuer)
     # The audit log names the twin by its key, never by Patient ID.
     audit.record(settings.data_dir, audit.AuditEvent.CONSENT_CHANGED, audit.AuditOutcome.SUCCESS,
                  by, keys[0] if keys else "?",
@@ -175,7 +175,7 @@ def cmd_consent(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
     with _archive(settings) as archive:
-        merge = archive.merge_twins(args.source, args.target, by=args.by, reason=args.reason)
+        merge = archive.twins.merge_twins(args.source, args.target, by=args.by, reason=args.reason)
     # Named by twin keys only (rebuild-index replays it from here).
     audit.record(settings.data_dir, audit.AuditEvent.TWIN_MERGED, audit.AuditOutcome.SUCCESS,
                  merge.by, merge.source_key,

@@ -15,17 +15,17 @@ from dicom_node.fast_receive import encode_file_meta, pydicom_file_meta, spool_o
 from dicom_node.handlers.association import StudyLedger
 from dicom_node.metrics import NodeMetrics
 from twin_archive import (
-    Archive,
     IncomingInstance,
     InvalidInstanceError,
     OutOfResourcesError,
     SopClassMismatchError,
 )
+from twin_archive.ingest import Ingest
 
 LOG = logging.getLogger(__name__)
 
 
-def handle_store(event: Event, archive: Archive, metrics: NodeMetrics,
+def handle_store(event: Event, ingest: Ingest, metrics: NodeMetrics,
                  ledger: StudyLedger | None = None) -> int:
     """Store one instance in the twin archive and return the C-STORE status.
 
@@ -33,8 +33,8 @@ def handle_store(event: Event, archive: Archive, metrics: NodeMetrics,
     ----------
     event : pynetdicom.events.Event
         The ``EVT_C_STORE`` event.
-    archive : twin_archive.Archive
-        Where the instance is filed.
+    ingest : twin_archive.ingest.Ingest
+        The archive's ingest path, where the instance is filed.
     metrics : NodeMetrics
         Counters updated on each outcome.
     ledger : StudyLedger, optional
@@ -67,7 +67,7 @@ def handle_store(event: Event, archive: Archive, metrics: NodeMetrics,
         spool=spool,
     )
     try:
-        result = archive.store(incoming)
+        result = ingest.store(incoming)
     except InvalidInstanceError as exc:
         LOG.warning("C-STORE from %s (%s) refused, cannot understand: %s", calling_ae, peer, exc)
         metrics.store_failed("cannot_understand")
