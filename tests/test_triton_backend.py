@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,8 +178,8 @@ def test_job_waits_while_triton_is_down_or_killed_and_completes_once_it_is_back(
     sender = Sender(data, ae_title="DICOM_NODE")
     archive = Archive(data)
     monitor = StabilityMonitor(archive, jobs, default_tasks(), stable_after_s=0.01)
-    time.sleep(0.05)
-    (decision,) = [d for d in monitor.poll() if d.series_uid == str(study[0].SeriesInstanceUID)]
+    (decision,) = wait_until("the series to go quiet", lambda: [
+        d for d in monitor.poll() if d.series_uid == str(study[0].SeriesInstanceUID)], 30, poll=0.01)
     (job_id,) = decision.job_ids
     worker = Worker(archive=archive, jobs=jobs, results=results, sender=sender, destinations=(),
                     tasks=default_tasks(), triton=TritonTarget(url=server.url, variant="python", retry_s=1.0),
