@@ -28,7 +28,8 @@ def fast_receive() -> bool:
 
 @pytest.fixture
 def node(tmp_path: Path, fast_receive: bool) -> Iterator[NodeProcess]:
-    """A running node with an empty data directory; stopped after the test."""
-    proc = NodeProcess(tmp_path / "data", fast_receive=fast_receive).start()
+    """A running node with an empty data directory that receives and stores (no inference
+    worker: ``workers = 0``); stopped after the test."""
+    proc = NodeProcess(tmp_path / "data", fast_receive=fast_receive, workers=0).start()
     yield proc
     proc.stop()

@@ -29,7 +29,7 @@ SUCCESS = 0x0000
 
 
 def test_second_node_on_a_data_directory_is_refused_and_the_first_goes_on(tmp_path: Path) -> None:
-    first = NodeProcess(tmp_path / "data").start()
+    first = NodeProcess(tmp_path / "data", workers=0).start()
     try:
         assert send(first.port, [small_ct(patient_id="LOCK-1")]) == [SUCCESS]
         in_flight = first.data_dir / "tmp" / "in-flight.part"  # a write of the first node
@@ -57,9 +57,9 @@ def test_second_node_on_a_data_directory_is_refused_and_the_first_goes_on(tmp_pa
         assert first.stop() == 0
     assert not (first.data_dir / "serve.json").exists()
     # Once the first is gone (even killed: the kernel drops the lock) a node starts again.
-    again = NodeProcess(first.data_dir).start()
+    again = NodeProcess(first.data_dir, workers=0).start()
     again.kill()
-    third = NodeProcess(first.data_dir).start()
+    third = NodeProcess(first.data_dir, workers=0).start()
     try:
         assert len(stored_rows(third.data_dir)) == 2
     finally:
@@ -94,7 +94,7 @@ def _damaged_orphan(data_dir: Path) -> Path:
 
 
 def test_start_up_indexes_intact_orphans_and_quarantines_the_rest(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data").start()
+    node = NodeProcess(tmp_path / "data", workers=0).start()
     assert send(node.port, [small_ct(patient_id="KEEP-1")]) == [SUCCESS]
     node.stop()
     orphan = _orphan(node.data_dir, "ORPHAN-1")
@@ -120,7 +120,7 @@ def test_start_up_indexes_intact_orphans_and_quarantines_the_rest(tmp_path: Path
 
 
 def test_archive_verify_finds_and_repair_fixes_orphans_missing_and_damaged(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data").start()
+    node = NodeProcess(tmp_path / "data", workers=0).start()
     study, series = generate_uid(), generate_uid()
     cts = [small_ct(patient_id="VER-1", study_uid=study, series_uid=series, instance=i)
            for i in range(1, 5)]
@@ -157,7 +157,7 @@ def test_archive_verify_finds_and_repair_fixes_orphans_missing_and_damaged(tmp_p
 
 
 def test_a_damaged_index_is_one_line_naming_it_and_the_command(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data").start()
+    node = NodeProcess(tmp_path / "data", workers=0).start()
     assert send(node.port, [small_ct(patient_id="DMG-1")]) == [SUCCESS]
     node.stop()
     index = node.data_dir / "index.sqlite"
@@ -194,7 +194,7 @@ def _snapshot(data_dir: Path) -> dict[str, object]:
 
 
 def test_index_deleted_then_rebuilt_with_twins_studies_and_consent_equal(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data").start()
+    node = NodeProcess(tmp_path / "data", workers=0).start()
     try:
         a = [small_ct(patient_id="REB-A", instance=i) for i in (1, 2)]
         b = small_ct(patient_id="REB-B")

@@ -69,7 +69,7 @@ def test_odd_uids_are_kept_under_hashed_names_and_flagged(tmp_path: Path) -> Non
 
 
 def test_missing_patient_id_makes_an_unidentified_twin_that_merge_attaches(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data").start()
+    node = NodeProcess(tmp_path / "data", workers=0).start()
     try:
         anon = [small_ct(patient_id=""), small_ct(patient_id="")]
         del anon[1].PatientID

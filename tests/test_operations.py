@@ -120,7 +120,8 @@ def test_sigterm_during_a_200_instance_transfer_loses_nothing_acknowledged(tmp_p
     data = tmp_path / "data"
     data.mkdir()
     _seed_queued_send(data)
-    node = NodeProcess(data, config="stop_grace_s = 1.0\nstable_after = 3600\n").start()
+    node = NodeProcess(data, config="stop_grace_s = 1.0\nstable_after = 3600\n",
+                       workers=0).start()
     study, series_uid = generate_uid(), generate_uid()
     datasets = [small_ct(study_uid=study, series_uid=series_uid, instance=i) for i in range(1, 201)]
     acknowledged: list[str] = []
@@ -196,7 +197,7 @@ def test_sigterm_during_a_200_instance_transfer_loses_nothing_acknowledged(tmp_p
 
 
 def test_sighup_reloads_allow_list_and_names_what_needs_a_restart(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data", config='allowed_calling_aes = ["CT_1"]\n').start()
+    node = NodeProcess(tmp_path / "data", config='allowed_calling_aes = ["CT_1"]\n', workers=0).start()
     try:
         with pytest.raises(ConnectionRefusedError):
             send(node.port, [small_ct()], calling_ae="CT_2")
@@ -239,7 +240,8 @@ def _tls_send(port: int, cert: Path | None, key: Path | None, ca: Path) -> list[
 def test_tls_trusted_client_stores_untrusted_is_refused_and_sender_uses_tls(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     node = NodeProcess(tmp_path / "data", config=(
-        f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\ntls_ca = "{pki.ca}"\n')).start()
+        f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\ntls_ca = "{pki.ca}"\n'),
+        workers=0).start()
     try:
         assert "with TLS, client certificate required" in node.log()
         assert _tls_send(node.port, pki.client_cert, pki.client_key, pki.ca) == [0]
