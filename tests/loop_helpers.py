@@ -8,13 +8,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
+from dicom_node.jobs import Job, JobQueue
+from dicom_node.sender import Send, Sender, SendState
+from orthanc.server import OrthancServer
 from pipelines import phantom as ph
 from registry.store import Registry
+from twin_archive.labels import Label, LabelStore
 
 SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_SOPS = ("1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
@@ -73,6 +79,23 @@ def storescu(port: int, paths: list[Path], called: str = "DICOM_NODE") -> None:
                    capture_output=True, timeout=120)
 
 
+@contextmanager
+def pacs(workdir: Path, **kwargs: Any) -> Iterator[OrthancServer]:
+    """A real Orthanc as the PACS of a test (or a module), killed at the end.
+
+    Its storage is thrown away with the test's folder, so it is SIGKILLed rather than
+    stopped: Orthanc's orderly stop waits about 3.5 s for its HTTP and DICOM threads.
+    Tests of stopping Orthanc (and restarting it) call ``stop`` themselves.
+    """
+    server = OrthancServer(workdir, **kwargs).start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(30)
+
+
 def results_in_orthanc(orthanc: Any, study_uid: str) -> dict[str, list[str]]:
     """Orthanc instance ids of SEG, SR and overlay (secondary capture) in one study."""
     found: dict[str, list[str]] = {"seg": [], "sr": [], "overlay": [], "other": []}
@@ -94,6 +117,33 @@ def series_of(orthanc: Any, instance_ids: list[str]) -> set[str]:
 def node_json(node: Any, *args: str) -> Any:
     """Run ``dicom-node ARGS --json`` against the node's data directory."""
     return json.loads(node.cli(*args, "--json").stdout)
+
+
+# Read in process, for waits: polling the CLI would start a Python (about 1 s of a core)
+# at every poll, taken from the node the test waits for. The tests still assert on the
+# CLI's output once the wait is over.
+def jobs_now(data_dir: Path) -> list[Job]:
+    """Every job of the node's queue, newest first."""
+    queue = JobQueue(data_dir)
+    try:
+        return queue.list(limit=10_000)
+    finally:
+        queue.close()
+
+
+def queued_sends(data_dir: Path) -> list[Send]:
+    """The result objects still queued for a destination."""
+    sender = Sender(data_dir, ae_title="TEST")
+    try:
+        return sender.list(SendState.QUEUED, limit=10_000)
+    finally:
+        sender.close()
+
+
+def labels_now(data_dir: Path, *, current_only: bool = False) -> list[Label]:
+    """The node's labels (only the current ones with ``current_only``), oldest first."""
+    with LabelStore(data_dir) as store:
+        return store.list(current_only=current_only)
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

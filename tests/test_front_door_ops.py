@@ -17,7 +17,7 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 
 from dicom_client import echo, send, stored_rows
-from loop_helpers import install_model, small_study, storescu, write_files
+from loop_helpers import install_model, jobs_now, small_study, storescu, write_files
 from node_harness import DICOM_NODE, REPO, NodeProcess, small_ct
 from test_archive import incoming
 from test_scp_store import _mount_tmpfs
@@ -281,8 +281,8 @@ def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path
         jobs = json.loads(node.cli("jobs", "--json", check=False).stdout or "[]")
         assert jobs and all(j["state"] != "failed" for j in jobs), jobs
         filler.unlink()
-        wait_until("the job done", lambda: [j for j in json.loads(
-            node.cli("jobs", "--json").stdout) if j["state"] == "done"], 240, 1.0)
+        wait_until("the job done", lambda: [j for j in jobs_now(data) if j.state.value == "done"],
+                   240, 0.2)
         [job] = json.loads(node.cli("jobs", "--json").stdout)
         assert job["attempts"] == 1, job  # waiting for space is no failed attempt
         [result] = json.loads(node.cli("twin", "show", "FULL-1", "--json").stdout)["results"]
