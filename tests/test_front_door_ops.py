@@ -14,6 +14,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+import pytest
 from pydicom.uid import generate_uid
 
 from dicom_client import echo, send, stored_rows
@@ -251,6 +252,7 @@ def _fill(path: Path) -> int:
     return written
 
 
+@pytest.mark.slow
 def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path: Path) -> None:
     """A real full disk (tmpfs, as root) while a job runs: it waits (no failed attempt),
     the loop logs one line per change of state, ``status`` answers, and once space is
