@@ -197,7 +197,7 @@ def test_sigterm_during_a_200_instance_transfer_loses_nothing_acknowledged(tmp_p
 
 
 def test_sighup_reloads_allow_list_and_names_what_needs_a_restart(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data", config='allowed_calling_aes = ["CT_1"]\n', workers=0).start()
+    node = NodeProcess(tmp_path / "data", config='allowed_calling_aes = ["CT_1"]\n').start()
     try:
         with pytest.raises(ConnectionRefusedError):
             send(node.port, [small_ct()], calling_ae="CT_2")
