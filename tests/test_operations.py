@@ -47,7 +47,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_metrics_healthz_status_and_audit_once_per_study(tmp_path: Path) -> None:
     mport = free_port()
     node = NodeProcess(tmp_path / "data", config=f'metrics_port = {mport}\n'
-                       'allowed_calling_aes = ["CT_1"]\n').start()
+                       'allowed_calling_aes = ["CT_1"]\n', workers=0).start()
     try:
         study_a, study_b = generate_uid(), generate_uid()
         series = [small_ct(study_uid=study_a, instance=i) for i in range(1, 7)]
