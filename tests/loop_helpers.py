@@ -5,9 +5,11 @@ Nothing here is a mock: the node runs as a subprocess, Orthanc is a real Orthanc
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +31,35 @@ SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def install_model(data_dir: Path) -> str:
-    """Make the shipped demo model the active ``spleen-ct`` model of ``data_dir``."""
+    """Make the shipped demo model the active ``spleen-ct`` model of ``data_dir``.
+
+    The import (it builds the network and runs it once to count its outputs: about 3 s
+    of a core) is done once per test process, into a template data directory; a data
+    directory without a registry gets a copy of the template's (its paths are relative
+    to the data directory).
+    """
     from pipelines.demo_model import ensure_demo_model
 
+    data_dir = Path(data_dir)
+    if not (data_dir / "registry.sqlite").exists() and not (data_dir / "models").exists():
+        if "data" not in _DEMO_REGISTRY:
+            template = Path(tempfile.mkdtemp(prefix="demo-registry-"))
+            atexit.register(shutil.rmtree, template, ignore_errors=True)
+            with Registry(template / "data") as reg:
+                ensure_demo_model(reg)
+            _DEMO_REGISTRY["data"] = template / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for item in _DEMO_REGISTRY["data"].iterdir():
+            if item.is_dir():
+                shutil.copytree(item, data_dir / item.name)
+            else:
+                shutil.copy2(item, data_dir / item.name)
     with Registry(data_dir) as reg:
         mv = ensure_demo_model(reg)
         return str(mv.version)
+
+
+_DEMO_REGISTRY: dict[str, Path] = {}  # the template of install_model, once per process
 
 
 def small_study(patient_id: str, *, slices: int = 40, size: int = 128, seed: int = 5,
