@@ -1,4 +1,4 @@
-"""Shared fixtures: a real node on a free loopback port."""
+"""Shared fixtures (a real node on a free loopback port) and the order modules run in."""
 
 from __future__ import annotations
 
