@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the whole test suite; prints how long the tests took.
+#
+# The tests run in TEST_WORKERS pytest-xdist processes (default 3; 0 runs them in this
+# process), one test module per process at a time (--dist loadfile: a module's shared
+# node, Orthanc or model is started once). More processes than the 2 cores of the
+# reference machine pay: most tests spend most of their time waiting for a node, an
+# Orthanc or a timeout. Extra arguments go to pytest (e.g. -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+workers=${TEST_WORKERS:-3}
+parallel=()
+[ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadfile)
 start=$SECONDS
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+.venv/bin/python -m pytest "${parallel[@]}" "$@" || status=$?
 elapsed=$((SECONDS - start))
-printf 'test suite: %dm%02ds wall time (pytest exit status %d)\n' $((elapsed / 60)) $((elapsed % 60)) "$status"
+printf 'test suite: %dm%02ds wall time with %s worker process(es) (pytest exit status %d)\n' \
+  $((elapsed / 60)) $((elapsed % 60)) "$workers" "$status"
 exit "$status"

@@ -5,16 +5,24 @@ Nothing here is a mock: the node runs as a subprocess, Orthanc is a real Orthanc
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
+from dicom_node.jobs import Job, JobQueue
+from dicom_node.sender import Send, Sender, SendState
+from orthanc.server import OrthancServer
 from pipelines import phantom as ph
 from registry.store import Registry
+from twin_archive.labels import Label, LabelStore
 
 SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_SOPS = ("1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
@@ -23,12 +31,35 @@ SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def install_model(data_dir: Path) -> str:
-    """Make the shipped demo model the active ``spleen-ct`` model of ``data_dir``."""
+    """Make the shipped demo model the active ``spleen-ct`` model of ``data_dir``.
+
+    The import (it builds the network and runs it once to count its outputs: about 3 s
+    of a core) is done once per test process, into a template data directory; a data
+    directory without a registry gets a copy of the template's (its paths are relative
+    to the data directory).
+    """
     from pipelines.demo_model import ensure_demo_model
 
+    data_dir = Path(data_dir)
+    if not (data_dir / "registry.sqlite").exists() and not (data_dir / "models").exists():
+        if "data" not in _DEMO_REGISTRY:
+            template = Path(tempfile.mkdtemp(prefix="demo-registry-"))
+            atexit.register(shutil.rmtree, template, ignore_errors=True)
+            with Registry(template / "data") as reg:
+                ensure_demo_model(reg)
+            _DEMO_REGISTRY["data"] = template / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        for item in _DEMO_REGISTRY["data"].iterdir():
+            if item.is_dir():
+                shutil.copytree(item, data_dir / item.name)
+            else:
+                shutil.copy2(item, data_dir / item.name)
     with Registry(data_dir) as reg:
         mv = ensure_demo_model(reg)
         return str(mv.version)
+
+
+_DEMO_REGISTRY: dict[str, Path] = {}  # the template of install_model, once per process
 
 
 def small_study(patient_id: str, *, slices: int = 40, size: int = 128, seed: int = 5,
@@ -73,6 +104,23 @@ def storescu(port: int, paths: list[Path], called: str = "DICOM_NODE") -> None:
                    capture_output=True, timeout=120)
 
 
+@contextmanager
+def pacs(workdir: Path, **kwargs: Any) -> Iterator[OrthancServer]:
+    """A real Orthanc as the PACS of a test (or a module), killed at the end.
+
+    Its storage is thrown away with the test's folder, so it is SIGKILLed rather than
+    stopped: Orthanc's orderly stop waits about 3.5 s for its HTTP and DICOM threads.
+    Tests of stopping Orthanc (and restarting it) call ``stop`` themselves.
+    """
+    server = OrthancServer(workdir, **kwargs).start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(30)
+
+
 def results_in_orthanc(orthanc: Any, study_uid: str) -> dict[str, list[str]]:
     """Orthanc instance ids of SEG, SR and overlay (secondary capture) in one study."""
     found: dict[str, list[str]] = {"seg": [], "sr": [], "overlay": [], "other": []}
@@ -94,6 +142,33 @@ def series_of(orthanc: Any, instance_ids: list[str]) -> set[str]:
 def node_json(node: Any, *args: str) -> Any:
     """Run ``dicom-node ARGS --json`` against the node's data directory."""
     return json.loads(node.cli(*args, "--json").stdout)
+
+
+# Read in process, for waits: polling the CLI would start a Python (about 1 s of a core)
+# at every poll, taken from the node the test waits for. The tests still assert on the
+# CLI's output once the wait is over.
+def jobs_now(data_dir: Path) -> list[Job]:
+    """Every job of the node's queue, newest first."""
+    queue = JobQueue(data_dir)
+    try:
+        return queue.list(limit=10_000)
+    finally:
+        queue.close()
+
+
+def queued_sends(data_dir: Path) -> list[Send]:
+    """The result objects still queued for a destination."""
+    sender = Sender(data_dir, ae_title="TEST")
+    try:
+        return sender.list(SendState.QUEUED, limit=10_000)
+    finally:
+        sender.close()
+
+
+def labels_now(data_dir: Path, *, current_only: bool = False) -> list[Label]:
+    """The node's labels (only the current ones with ``current_only``), oldest first."""
+    with LabelStore(data_dir) as store:
+        return store.list(current_only=current_only)
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -46,19 +46,32 @@ class NodeProcess:
         More flags for ``serve``.
     fast_receive : bool, optional
         The receive mode (``fast_receive`` setting); the default when omitted.
+    env : dict of str to str, optional
+        More environment variables for the node process.
+    workers : int, optional
+        Inference worker processes (``workers`` setting); the default (1) when omitted.
+        A test that only receives, stores and answers passes 0: each worker imports
+        torch at start-up, about 5 s of a core that such a test would only wait for.
     """
 
     def __init__(self, data_dir: Path, *, config: str | None = None, ae_title: str = "DICOM_NODE",
                  extra_args: list[str] | None = None, preexec_fn=None,
-                 fast_receive: bool | None = None) -> None:
+                 fast_receive: bool | None = None, env: dict[str, str] | None = None,
+                 workers: int | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.ae_title = ae_title
         self.port = free_port()
+        top = ""  # top-level keys go first: the given TOML may end in a table
         if fast_receive is not None:  # the receive mode (dicom_node/fast_receive)
-            config = (config or "") + f"fast_receive = {'true' if fast_receive else 'false'}\n"
+            top += f"fast_receive = {'true' if fast_receive else 'false'}\n"
+        if workers is not None:
+            top += f"workers = {workers}\n"
+        if top:
+            config = top + (config or "")
         self.config = config
         self.extra_args = extra_args or []
         self.preexec_fn = preexec_fn
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-node.log"
@@ -74,7 +87,7 @@ class NodeProcess:
         self.starts += 1
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
                                      preexec_fn=self.preexec_fn)
         log.close()

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from waiting import wait_until
-from loop_helpers import install_model, node_json, small_study, storescu, write_files
+from loop_helpers import install_model, jobs_now, node_json, small_study, storescu, write_files
 from node_harness import NodeProcess
 from pipelines import phantom as ph
 from pipelines.codes import segment_coding
@@ -269,10 +269,12 @@ def test_node_refuses_a_study_over_the_budget_once_and_keeps_serving(tmp_path: P
         storescu(node.port, write_files(datasets, tmp_path / "study"), node.ae_title)
         study_uid = str(datasets[0].StudyInstanceUID)
 
-        def failed() -> dict | None:
-            jobs = [j for j in node_json(node, "jobs") if j["study_uid"] == study_uid]
-            return jobs[0] if jobs and jobs[0]["state"] == "failed" else None
-        job = wait_until("the job refused", failed, 120)
+        def newest_state() -> str:
+            jobs = [j for j in jobs_now(node.data_dir) if j.study_uid == study_uid]
+            return jobs[0].state.value if jobs else ""
+        wait_until("the job refused", lambda: newest_state() == "failed", 120)
+        job = [j for j in node_json(node, "jobs") if j["study_uid"] == study_uid][0]
+        assert job["state"] == "failed"
         assert job["attempts"] == 1
         assert "refused before inference" in job["error"]
         refusals = [line for line in node.log().splitlines() if "refused before inference" in line]

@@ -20,9 +20,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from loop_helpers import node_json, small_study, storescu, write_files
+from loop_helpers import labels_now, node_json, pacs, small_study, storescu, write_files
 from node_harness import NodeProcess
-from orthanc.server import OrthancServer, lua_forward_corrections
+from orthanc.server import lua_forward_corrections
 from pipelines.demo_model import DEMO_BUNDLE
 from registry.store import Registry
 from waiting import wait_until
@@ -74,7 +74,7 @@ def test_seg_stowed_into_orthanc_becomes_a_label_with_its_creator(tmp_path: Path
     try:
         source = small_study("CORR-0001", slices=20)
         storescu(node.port, write_files(source, tmp_path / "source"), node.ae_title)
-        with OrthancServer(tmp_path / "orthanc", dicomweb=True,
+        with pacs(tmp_path / "orthanc", dicomweb=True,
                            known_modalities={"node": (node.ae_title, "127.0.0.1", node.port)},
                            forward_corrections_to="node") as orthanc:
             ours = _seg(source, "DICOM-NODE AI")  # the node's own SEG, echoed into the PACS
@@ -86,12 +86,11 @@ def test_seg_stowed_into_orthanc_becomes_a_label_with_its_creator(tmp_path: Path
             answer = orthanc.stow([_bytes(ours), _bytes(rewritten), _bytes(corrected)])
             assert len(answer["00081199"]["Value"]) == 3  # Referenced SOP Sequence: all stored
 
-            def label() -> dict | None:
-                found = [lab for lab in node_json(node, "labels", "list")
-                         if lab["seg_sop_instance_uid"] == corrected.SOPInstanceUID]
-                return found[0] if found else None
-
-            got = wait_until("the corrected SEG as a label", label, 60)
+            wait_until("the corrected SEG as a label", lambda: any(
+                lab.seg_sop_instance_uid == corrected.SOPInstanceUID
+                for lab in labels_now(node.data_dir, current_only=True)), 60)
+            [got] = [lab for lab in node_json(node, "labels", "list")
+                     if lab["seg_sop_instance_uid"] == corrected.SOPInstanceUID]
             assert got["content_creator"] == CREATOR
             assert got["series_uid"] == str(source[0].SeriesInstanceUID)
             assert got["segments"] == ["spleen"]

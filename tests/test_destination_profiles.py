@@ -20,7 +20,8 @@ from dicom_node.errors import ConfigError
 from dicom_node.profiles import KIND_SOP_CLASSES
 from dicom_node.sender import Sender, SendState
 from dicom_node.settings import Destination, load_settings
-from orthanc.server import OrthancServer, free_ports
+from loop_helpers import pacs
+from orthanc.server import free_ports
 from pipelines import phantom as ph
 from pipelines.postprocess import split_labels
 from pipelines.types import ModelInfo
@@ -166,7 +167,7 @@ def test_an_invalid_object_is_held_with_its_reason_and_never_sent(tmp_path: Path
 @pytest.mark.orthanc
 def test_orthanc_refusing_seg_still_receives_the_sr_and_the_overlay(tmp_path: Path) -> None:
     results, result = _record(tmp_path / "node")
-    with OrthancServer(tmp_path / "orthanc", refuse_sop_classes=[SEG]) as orthanc:
+    with pacs(tmp_path / "orthanc", refuse_sop_classes=[SEG]) as orthanc:
         dest = Destination(name="orthanc", ae_title=orthanc.aet, host="127.0.0.1",
                            port=orthanc.dicom_port)
         sender = Sender(tmp_path / "node", ae_title="NODE", network_timeout_s=20)

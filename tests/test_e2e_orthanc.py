@@ -30,6 +30,8 @@ from loop_helpers import (
     dciodvfy_errors,
     install_model,
     node_json,
+    pacs,
+    queued_sends,
     results_in_orthanc,
     seg_dice_against_truth,
     series_of,
@@ -70,7 +72,7 @@ def _node(tmp: Path, orthanc: OrthancServer, backoff_max: float = 300.0) -> Node
 @pytest.fixture(scope="module")
 def pacs_and_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancServer, NodeProcess]]:
     tmp = tmp_path_factory.mktemp("e2e")
-    with OrthancServer(tmp / "orthanc") as orthanc:
+    with pacs(tmp / "orthanc") as orthanc:
         node = _node(tmp, orthanc).start()
         try:
             yield orthanc, node
@@ -96,7 +98,8 @@ def test_study_leads_to_valid_seg_sr_overlay_in_the_same_study(
     study_uid, paths = _send_study(node, tmp_path, "E2E-1")
     wait_until("SEG, SR and overlay in Orthanc", lambda: _complete(orthanc, study_uid),
                RESULT_TIMEOUT)
-    wait_until("every send delivered", lambda: not node_json(node, "sends", "--state", "queued"), 60)
+    wait_until("every send delivered", lambda: not queued_sends(node.data_dir), 60)
+    assert node_json(node, "sends", "--state", "queued") == []
     found = results_in_orthanc(orthanc, study_uid)
     assert len(found["seg"]) == 1 and len(found["sr"]) == 1
     for kind in ("seg", "sr", "overlay"):
@@ -238,14 +241,14 @@ def test_results_arrive_after_orthanc_comes_back(tmp_path: Path) -> None:
         assert queued and all(s["attempts"] >= 1 and s["last_error"] for s in queued)
         with OrthancServer(tmp_path / "orthanc", dicom_port=ports[0], http_port=ports[1]) as back:
             wait_until("results in the restarted Orthanc", lambda: _complete(back, study_uid), 60)
-            wait_until("no send left queued",
-                       lambda: not node_json(node, "sends", "--state", "queued"), 30)
+            wait_until("no send left queued", lambda: not queued_sends(node.data_dir), 30)
+            assert node_json(node, "sends", "--state", "queued") == []
     finally:
         node.stop()
 
 
 def test_node_killed_mid_job_completes_the_job_once_after_restart(tmp_path: Path) -> None:
-    with OrthancServer(tmp_path / "orthanc") as orthanc:
+    with pacs(tmp_path / "orthanc") as orthanc:
         node = _node(tmp_path, orthanc).start()
         try:
             study_uid, _ = _send_study(node, tmp_path, "E2E-KILL")
@@ -257,8 +260,8 @@ def test_node_killed_mid_job_completes_the_job_once_after_restart(tmp_path: Path
                                RESULT_TIMEOUT)
             [job] = node_json(node, "jobs")
             assert job["state"] == "done"
-            wait_until("no send left queued", lambda: not node_json(node, "sends", "--state", "queued"),
-                       30)
+            wait_until("no send left queued", lambda: not queued_sends(node.data_dir), 30)
+            assert node_json(node, "sends", "--state", "queued") == []
             # Exactly once: one result, one SEG, one SR, one overlay series in the PACS.
             found = results_in_orthanc(orthanc, study_uid)
             assert len(found["seg"]) == 1 and len(found["sr"]) == 1

@@ -20,6 +20,7 @@ import pytest
 
 from dicom_client import send, stored_rows
 from node_harness import NodeProcess, incoming, small_ct
+from waiting import wait_until
 from twin_archive import Archive, InvalidInstanceError, printable
 from twin_archive.audit import AuditLog
 
@@ -67,7 +68,7 @@ def test_odd_uids_are_kept_under_hashed_names_and_flagged(tmp_path: Path) -> Non
 
 
 def test_missing_patient_id_makes_an_unidentified_twin_that_merge_attaches(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data").start()
+    node = NodeProcess(tmp_path / "data", workers=0).start()
     try:
         anon = [small_ct(patient_id=""), small_ct(patient_id="")]
         del anon[1].PatientID
@@ -124,8 +125,9 @@ def test_control_characters_are_kept_but_escaped_in_output_and_log(node: NodePro
     assert twin["patient_id"] == evil  # as received
     shown = node.cli("twin", "show", twin["patient_key"]).stdout  # (a NUL cannot be an argument)
     assert "\x1b" not in shown and "\x07" not in shown and "Bad\\x1b]0;owned\\x07^Name" in shown
-    log = node.log()
-    assert "9.9\\x0aFAKE LOG LINE" in log  # the duplicate's log line, escaped
+    # the duplicate's log line, escaped (the log may be written after the response)
+    log = wait_until("the duplicate's log line", lambda: (lambda text: text if "9.9\\x0aFAKE LOG LINE"
+                                                          in text else None)(node.log()), 10)
     assert not any(line.startswith("FAKE LOG LINE") for line in log.splitlines())
 
 

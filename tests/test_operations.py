@@ -47,7 +47,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_metrics_healthz_status_and_audit_once_per_study(tmp_path: Path) -> None:
     mport = free_port()
     node = NodeProcess(tmp_path / "data", config=f'metrics_port = {mport}\n'
-                       'allowed_calling_aes = ["CT_1"]\n').start()
+                       'allowed_calling_aes = ["CT_1"]\n', workers=0).start()
     try:
         study_a, study_b = generate_uid(), generate_uid()
         series = [small_ct(study_uid=study_a, instance=i) for i in range(1, 7)]
@@ -121,7 +121,8 @@ def test_sigterm_during_a_200_instance_transfer_loses_nothing_acknowledged(tmp_p
     data = tmp_path / "data"
     data.mkdir()
     _seed_queued_send(data)
-    node = NodeProcess(data, config="stop_grace_s = 1.0\nstable_after = 3600\n").start()
+    node = NodeProcess(data, config="stop_grace_s = 1.0\nstable_after = 3600\n",
+                       workers=0).start()
     study, series_uid = generate_uid(), generate_uid()
     datasets = [small_ct(study_uid=study, series_uid=series_uid, instance=i) for i in range(1, 201)]
     acknowledged: list[str] = []
@@ -240,7 +241,8 @@ def _tls_send(port: int, cert: Path | None, key: Path | None, ca: Path) -> list[
 def test_tls_trusted_client_stores_untrusted_is_refused_and_sender_uses_tls(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     node = NodeProcess(tmp_path / "data", config=(
-        f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\ntls_ca = "{pki.ca}"\n')).start()
+        f'tls_cert = "{pki.server_cert}"\ntls_key = "{pki.server_key}"\ntls_ca = "{pki.ca}"\n'),
+        workers=0).start()
     try:
         assert "with TLS, client certificate required" in node.log()
         assert _tls_send(node.port, pki.client_cert, pki.client_key, pki.ca) == [0]

@@ -79,6 +79,7 @@ def test_min_dice_setting_and_the_per_task_override(tmp_path: Path) -> None:
     assert nightly_config(loaded).promote_after_shadow == 3
 
 
+@pytest.mark.slow
 def test_scratch_candidate_below_the_floor_stays_a_candidate_and_nothing_serves(
         tmp_path: Path) -> None:
     data = tmp_path / "data"

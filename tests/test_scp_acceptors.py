@@ -46,7 +46,7 @@ def _gone(pids: set[int], timeout: float = 15.0) -> bool:
 
 
 def test_acceptor_processes_share_the_port_and_stop_with_the_node(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data", config="listener_processes = 3\n").start()
+    node = NodeProcess(tmp_path / "data", config="listener_processes = 3\n", workers=0).start()
     try:
         assert node.proc is not None
         acceptors = _acceptors(node.proc.pid)
@@ -81,7 +81,7 @@ def test_acceptor_processes_share_the_port_and_stop_with_the_node(tmp_path: Path
 
 
 def test_acceptors_die_with_a_killed_node(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data", config="listener_processes = 2\n").start()
+    node = NodeProcess(tmp_path / "data", config="listener_processes = 2\n", workers=0).start()
     assert node.proc is not None
     acceptors = _acceptors(node.proc.pid)
     assert len(acceptors) == 1

@@ -111,7 +111,7 @@ def test_four_concurrent_associations_of_200_instances_each_are_indexed_once(nod
 
 
 def test_sigkill_mid_study_keeps_every_acknowledged_instance(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path / "data").start()
+    node = NodeProcess(tmp_path / "data", workers=0).start()
     study, series = generate_uid(), generate_uid()
     datasets = [small_ct(patient_id="KILL", study_uid=study, series_uid=series, instance=i, size=128)
                 for i in range(1, 401)]

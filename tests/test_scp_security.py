@@ -12,7 +12,7 @@ from node_harness import NodeProcess, small_ct
 
 def test_unknown_calling_ae_is_rejected_and_logged_with_address(tmp_path: Path, fast_receive: bool) -> None:
     node = NodeProcess(tmp_path / "data", config='allowed_calling_aes = ["PACS_A", "CT_SCANNER"]\n',
-                       fast_receive=fast_receive).start()
+                       fast_receive=fast_receive, workers=0).start()
     try:
         with pytest.raises(ConnectionRefusedError):
             send(node.port, [small_ct()], calling_ae="INTRUDER")
@@ -34,7 +34,7 @@ def test_without_allow_list_all_are_accepted_with_a_warning(node: NodeProcess) -
 
 def test_called_ae_title_is_checked_when_required(tmp_path: Path, fast_receive: bool) -> None:
     node = NodeProcess(tmp_path / "data", config="require_called_ae = true\n",
-                       fast_receive=fast_receive).start()
+                       fast_receive=fast_receive, workers=0).start()
     try:
         assert echo(node.port, called_ae="SOMEONE_ELSE") == -1
         assert echo(node.port, called_ae="DICOM_NODE") == 0

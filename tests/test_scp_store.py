@@ -204,7 +204,7 @@ def test_disk_full_answers_out_of_resources_and_the_node_goes_on(tmp_path: Path)
     mounted = _mount_tmpfs(mnt, "3m")
     # not root: the kernel's per-process file size limit gives EFBIG instead
     preexec = None if mounted else _limit_file_size_to_2_mib
-    proc = NodeProcess(mnt / "data", config="min_free_mb = 0\n", preexec_fn=preexec)
+    proc = NodeProcess(mnt / "data", config="min_free_mb = 0\n", preexec_fn=preexec, workers=0)
     proc.log_path = tmp_path / "node.log"
     try:
         proc.start()
@@ -229,7 +229,7 @@ def test_disk_full_answers_out_of_resources_and_the_node_goes_on(tmp_path: Path)
 
 
 def test_free_space_reserve_refuses_with_out_of_resources(tmp_path: Path) -> None:
-    proc = NodeProcess(tmp_path / "data", config="min_free_mb = 100000000\n").start()
+    proc = NodeProcess(tmp_path / "data", config="min_free_mb = 100000000\n", workers=0).start()
     try:
         assert send(proc.port, [small_ct()]) == [OUT_OF_RESOURCES]
         assert "below the reserve" in proc.log()

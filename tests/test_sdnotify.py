@@ -105,7 +105,7 @@ def test_serve_notifies_ready_watchdog_and_stopping(
     path, sock = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # ping every 0.5 s
-    node = NodeProcess(tmp_path / "data").start()
+    node = NodeProcess(tmp_path / "data", workers=0).start()
     try:
         got = _messages(sock, "READY=1")
         ready = got[-1].split("\n")

@@ -17,10 +17,9 @@ import pytest
 from dicom_node.shadow import agreement, promote_after_shadow, summarize
 from dicom_node.sender import Sender
 from waiting import wait_until
-from loop_helpers import install_model, results_in_orthanc, small_study, storescu, \
+from loop_helpers import install_model, pacs, results_in_orthanc, small_study, storescu, \
     write_files
 from node_harness import NodeProcess
-from orthanc.server import OrthancServer
 from pipelines.demo_model import DEMO_BUNDLE
 from pipelines.types import SegmentResult
 from registry.store import Registry
@@ -68,7 +67,7 @@ def test_candidate_in_shadow_stores_its_result_and_sends_nothing(tmp_path: Path)
     with Registry(data) as reg:
         v2 = reg.import_bundle(DEMO_BUNDLE, task="spleen-ct", by="test",
                                reason="a candidate to try in shadow").version
-    with OrthancServer(tmp_path / "orthanc") as orthanc:
+    with pacs(tmp_path / "orthanc") as orthanc:
         config = ("send_backoff_initial_s = 0.5\ntrain_enabled = false\n[[destinations]]\n"
                   f'ae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
                   'send = ["seg", "sr"]\n')

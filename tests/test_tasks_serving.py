@@ -30,7 +30,10 @@ from dicom_client import send
 from learning_helpers import organ_seg
 from loop_helpers import (
     install_model,
+    jobs_now,
+    labels_now,
     node_json,
+    pacs,
     results_in_orthanc,
     small_study,
     storescu,
@@ -99,7 +102,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with Registry(data) as reg:
         reg.import_bundle(organ_bundle(tmp / "liver-bundle", "liver"), task="liver-ct",
                           activate=True, by="test")
-    with OrthancServer(tmp / "orthanc") as orthanc:
+    with pacs(tmp / "orthanc") as orthanc:
         node = NodeProcess(data, config=_config(orthanc, SPLEEN + LIVER),
                            extra_args=["--stable-after", "1.5"]).start()
         try:
@@ -156,9 +159,10 @@ def test_a_radiologist_seg_of_two_organs_becomes_a_label_of_both_tasks(served: S
     seg = organ_seg(datasets, ph.Anatomy.random(5), g,
                     (("spleen", codes.SCT.Spleen), ("liver", codes.SCT.Liver)))
     assert send(node.port, [seg], calling_ae="VIEWER") == [0]
-    label = wait_until("the SEG taken as a label", lambda: next(
-        (lab for lab in node_json(node, "labels", "list", "--all")
-         if lab["seg_sop_instance_uid"] == str(seg.SOPInstanceUID)), None), 60)
+    wait_until("the SEG taken as a label", lambda: any(
+        lab.seg_sop_instance_uid == str(seg.SOPInstanceUID) for lab in labels_now(node.data_dir)), 60)
+    [label] = [lab for lab in node_json(node, "labels", "list", "--all")
+               if lab["seg_sop_instance_uid"] == str(seg.SOPInstanceUID)]
     assert label["tasks"] == ["liver-ct", "spleen-ct"] and label["segments"] == ["Spleen", "Hepar"]
     assert "for liver-ct, spleen-ct" in node.log()
 
@@ -177,9 +181,12 @@ def test_a_task_added_by_sighup_without_a_model_waits_and_runs_after_promote(
     waiting = []
     for pid in ("TASKS-2", "TASKS-3"):
         study_uid = served.send_ct(pid)
-        jobs = wait_until(f"{pid}: spleen done, kidney waiting", lambda: (lambda js: js if sorted(
-            (j["task"], j["state"]) for j in js) == [("kidney-ct", "waiting"), ("spleen-ct", "done")]
-            else None)(served.jobs_of(study_uid)), RESULT_TIMEOUT)
+        wait_until(f"{pid}: spleen done, kidney waiting", lambda: sorted(
+            (j.task, j.state.value) for j in jobs_now(node.data_dir) if j.study_uid == study_uid)
+            == [("kidney-ct", "waiting"), ("spleen-ct", "done")], RESULT_TIMEOUT)
+        jobs = served.jobs_of(study_uid)
+        assert sorted((j["task"], j["state"]) for j in jobs) == [("kidney-ct", "waiting"),
+                                                                  ("spleen-ct", "done")]
         waiting += [j for j in jobs if j["task"] == "kidney-ct"]
     assert all(j["attempts"] == 0 and "waiting for a model: task 'kidney-ct'" in j["error"]
                for j in waiting)
@@ -212,6 +219,8 @@ def test_sighup_removes_tasks_and_a_broken_file_keeps_the_running_ones(served: S
                   "configuration NOT reloaded, the running one is kept: configuration in ")
     assert "tasks.kidney-ct.min_slices: expected an integer >= 1, got 0" in node.log()
     study_uid = served.send_ct("TASKS-4")
-    jobs = wait_until("TASKS-4's jobs", lambda: served.jobs_of(study_uid), 60)
+    wait_until("TASKS-4's jobs", lambda: [j for j in jobs_now(node.data_dir)
+                                          if j.study_uid == study_uid], 60)
+    jobs = served.jobs_of(study_uid)
     assert [j["task"] for j in jobs] == ["spleen-ct"]
     assert node.proc is not None and node.proc.poll() is None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from dicom_node.tasks import default_tasks
 from dicom_node.worker import Worker
 from learning_helpers import store_all
 from dicom_client import send
-from loop_helpers import install_model, node_json, small_study
+from loop_helpers import install_model, jobs_now, node_json, small_study
 from node_harness import DICOM_NODE, REPO, NodeProcess
 from pipelines import phantom as ph
 from pipelines.export.checks import FP32_MIN_AGREEMENT
@@ -179,8 +178,8 @@ def test_job_waits_while_triton_is_down_or_killed_and_completes_once_it_is_back(
     sender = Sender(data, ae_title="DICOM_NODE")
     archive = Archive(data)
     monitor = StabilityMonitor(archive, jobs, default_tasks(), stable_after_s=0.01)
-    time.sleep(0.05)
-    (decision,) = [d for d in monitor.poll() if d.series_uid == str(study[0].SeriesInstanceUID)]
+    (decision,) = wait_until("the series to go quiet", lambda: [
+        d for d in monitor.poll() if d.series_uid == str(study[0].SeriesInstanceUID)], 30, poll=0.01)
     (job_id,) = decision.job_ids
     worker = Worker(archive=archive, jobs=jobs, results=results, sender=sender, destinations=(),
                     tasks=default_tasks(), triton=TritonTarget(url=server.url, variant="python", retry_s=1.0),
@@ -269,9 +268,11 @@ def test_a_serving_node_with_backend_triton_waits_for_it_and_then_serves(
         assert f"inference on Triton at {srv.url} (python models)" in node.log()
         study = small_study("TRITON-NODE", slices=24, size=128, seed=9)
         assert set(send(node.port, study)) == {0}
-        status = wait_until("status names the wait for Triton", lambda: (
+        wait_until("the node's state names the wait for Triton", lambda: any(
+            "waiting for Triton" in line for line in read_state(data).waiting), timeout=120)
+        status = wait_until("status names the wait for Triton", lambda: (  # (a retry between)
             lambda text: text if "waiting for Triton" in text else None)(
-                node.cli("status").stdout), timeout=120)
+                node.cli("status").stdout), timeout=60)
         assert f"waiting:   job 1: waiting for Triton at {srv.url} (model {PYTHON_MODEL})" in status
         # more waits than the job has attempts (3): none is counted, the job never fails
         wait_until("four waits", lambda: node.log().count("not counted as an attempt") >= 4,
@@ -280,8 +281,9 @@ def test_a_serving_node_with_backend_triton_waits_for_it_and_then_serves(
         assert job["state"] in ("queued", "running") and job["attempts"] <= 1
         assert "serving with pytorch" not in node.log()  # no silent local fallback
         srv.start()
-        done = wait_until("the job is done", lambda: [j for j in node_json(node, "jobs")
-                                                       if j["state"] == "done"], timeout=300)
+        wait_until("the job is done", lambda: [j for j in jobs_now(data)
+                                               if j.state.value == "done"], timeout=300)
+        done = [j for j in node_json(node, "jobs") if j["state"] == "done"]
         assert len(done) == 1 and done[0]["attempts"] == 1
     finally:
         node.stop()

@@ -116,6 +116,7 @@ def _tinted(rgb: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
     return (along > 12.0) & (along > 0.85 * np.linalg.norm(chroma, axis=-1))
 
 
+@pytest.mark.slow
 def test_demo_results_show_in_ohif(tmp_path: Path) -> None:
     chromium = shutil.which("chromium")
     assert chromium, "Debian chromium is required (scripts/setup.sh installs it)"

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from dicom_node.jobs import JobQueue, JobState
 from loop_helpers import (
     install_model,
     node_json,
+    pacs,
+    queued_sends,
     results_in_orthanc,
     series_of,
     small_study,
@@ -151,117 +154,124 @@ def test_a_dead_workers_jobs_are_given_back_and_a_job_that_kills_every_worker_fa
 
 
 # ---------------------------------------------------------------- with Orthanc
-@pytest.mark.orthanc
-def test_two_workers_run_two_studies_at_once_each_job_once(tmp_path: Path) -> None:
-    with OrthancServer(tmp_path / "orthanc") as orthanc:
-        node = _node(tmp_path, orthanc, workers=2).start()
-        try:
-            wait_until("two workers ready", lambda: _ready(node, 2), 240, poll=0.2)
-            studies: dict[str, list[Path]] = {}
-            for pid, seed in (("W2-A", 5), ("W2-B", 6)):
-                datasets = small_study(pid, seed=seed)
-                studies[str(datasets[0].StudyInstanceUID)] = write_files(datasets, tmp_path / pid)
-            senders = [threading.Thread(target=storescu, args=(node.port, paths, node.ae_title))
-                       for paths in studies.values()]
-            for t in senders:
-                t.start()
-            for t in senders:
-                t.join()
-            for study_uid in studies:
-                wait_until(f"results of {study_uid} in Orthanc",
-                           lambda s=study_uid: _complete(orthanc, s), RESULT_TIMEOUT)
-            jobs = node_json(node, "jobs")
-            assert sorted(j["study_uid"] for j in jobs) == sorted(studies)
-            assert all(j["state"] == "done" and j["attempts"] == 1 for j in jobs), jobs
-            # both workers took one each, and the two jobs ran at the same time
-            assert {j["worker"].split(" pid ")[0] for j in jobs} == {"worker-1", "worker-2"}
-            (s1, f1), (s2, f2) = ((datetime.fromisoformat(j["started_at"]),
-                                   datetime.fromisoformat(j["finished_at"])) for j in jobs)
-            assert s1 < f2 and s2 < f1, jobs
-            wait_until("no send left queued",
-                       lambda: not node_json(node, "sends", "--state", "queued"), 60)
-            for study_uid in studies:
-                _exactly_once(orthanc, study_uid)
-        finally:
-            assert node.stop() == 0
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """One Orthanc for the module's tests: each looks only at its own studies in it."""
+    with pacs(tmp_path_factory.mktemp("workers") / "orthanc") as server:
+        yield server
 
 
 @pytest.mark.orthanc
-def test_worker_killed_mid_job_while_a_study_arrives(tmp_path: Path) -> None:
-    with OrthancServer(tmp_path / "orthanc") as orthanc:
-        mport = free_port()
-        node = _node(tmp_path, orthanc, workers=1, metrics_port=mport).start()
-        try:
-            wait_until("the worker ready", lambda: _ready(node, 1), 240, poll=0.2)
-            datasets = small_study("KILL-A")
-            study_a = str(datasets[0].StudyInstanceUID)
-            storescu(node.port, write_files(datasets, tmp_path / "a"), node.ae_title)
-            # the worker has claimed the job of study A (it is in serve.json) ...
-            [busy] = wait_until("the job to start",
-                                lambda: [w for w in _workers(node) if w.get("job")], 120, poll=0.05)
-            # ... while study B is being received, one instance at a time
-            study_b = small_study("KILL-B", slices=60, seed=7)
-            statuses: list[int] = []
-            answered_at: list[float] = []
-
-            def receive_b() -> None:
-                for ds in study_b:
-                    statuses.extend(send(node.port, [ds]))
-                    answered_at.append(time.monotonic())
-
-            receiver = threading.Thread(target=receive_b)
-            receiver.start()
-            wait_until("study B under way", lambda: len(statuses) >= 10, 60, poll=0.02)
-            os.kill(busy["pid"], signal.SIGKILL)
-            killed_at = time.monotonic()
-            receiver.join(120)
-            assert statuses == [0] * len(study_b)  # every C-STORE answered Success
-            assert answered_at[0] < killed_at < answered_at[-1]  # ... before and after the kill
-            wait_until("the restart in the journal",
-                       lambda: f"worker-1 (pid {busy['pid']}) died: killed by SIGKILL during "
-                               f"job {busy['job']}" in node.log(), 30, poll=0.1)
-            assert f"job {busy['job']} is back in the queue (attempt 1 of 3 used)" in node.log()
-            for study_uid in (study_a, str(study_b[0].StudyInstanceUID)):
-                wait_until(f"results of {study_uid} in Orthanc",
-                           lambda s=study_uid: _complete(orthanc, s), RESULT_TIMEOUT)
-            [worker] = _workers(node)
-            assert worker["pid"] != busy["pid"] and worker["restarts"] == 1
-            assert worker["last_exit"].startswith(f"killed by SIGKILL during job {busy['job']}")
-            status = node.cli("status").stdout
-            assert "workers:   1 of 1 running" in status and "restarted 1 time(s)" in status
-            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as rsp:
-                metrics = rsp.read().decode()
-            assert "dicom_node_worker_restarts_total 1.0" in metrics
-            assert 'dicom_node_workers{state="ready"} 1.0' in metrics
-            job_a = next(j for j in node_json(node, "jobs") if j["study_uid"] == study_a)
-            assert job_a["state"] == "done" and job_a["attempts"] == 2
-            assert job_a["worker"] == f"worker-1 pid {worker['pid']}"
-            wait_until("no send left queued",
-                       lambda: not node_json(node, "sends", "--state", "queued"), 60)
-            _exactly_once(orthanc, study_a)
-            assert len(node_json(node, "twin", "show", "KILL-A")["results"]) == 1
-        finally:
-            assert node.stop() == 0
+def test_two_workers_run_two_studies_at_once_each_job_once(
+        tmp_path: Path, orthanc: OrthancServer) -> None:
+    node = _node(tmp_path, orthanc, workers=2).start()
+    try:
+        wait_until("two workers ready", lambda: _ready(node, 2), 240, poll=0.2)
+        studies: dict[str, list[Path]] = {}
+        for pid, seed in (("W2-A", 5), ("W2-B", 6)):
+            datasets = small_study(pid, seed=seed)
+            studies[str(datasets[0].StudyInstanceUID)] = write_files(datasets, tmp_path / pid)
+        senders = [threading.Thread(target=storescu, args=(node.port, paths, node.ae_title))
+                   for paths in studies.values()]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join()
+        for study_uid in studies:
+            wait_until(f"results of {study_uid} in Orthanc",
+                       lambda s=study_uid: _complete(orthanc, s), RESULT_TIMEOUT)
+        jobs = node_json(node, "jobs")
+        assert sorted(j["study_uid"] for j in jobs) == sorted(studies)
+        assert all(j["state"] == "done" and j["attempts"] == 1 for j in jobs), jobs
+        # both workers took one each, and the two jobs ran at the same time
+        assert {j["worker"].split(" pid ")[0] for j in jobs} == {"worker-1", "worker-2"}
+        (s1, f1), (s2, f2) = ((datetime.fromisoformat(j["started_at"]),
+                               datetime.fromisoformat(j["finished_at"])) for j in jobs)
+        assert s1 < f2 and s2 < f1, jobs
+        wait_until("no send left queued", lambda: not queued_sends(node.data_dir), 60)
+        assert node_json(node, "sends", "--state", "queued") == []
+        for study_uid in studies:
+            _exactly_once(orthanc, study_uid)
+    finally:
+        assert node.stop() == 0
 
 
 @pytest.mark.orthanc
-def test_destinations_reloaded_by_sighup_reach_the_workers(tmp_path: Path) -> None:
-    with OrthancServer(tmp_path / "orthanc") as orthanc:
-        data = tmp_path / "data"
-        data.mkdir()
-        install_model(data)
-        node = NodeProcess(data, config="workers = 1\n", extra_args=["--stable-after", "1.5"]).start()
-        try:
-            wait_until("the worker ready", lambda: _ready(node, 1), 240, poll=0.2)
-            (tmp_path / "data-config.toml").write_text(
-                "workers = 1\nsend_backoff_initial_s = 0.5\n[[destinations]]\n"
-                f'ae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n')
-            node.proc.send_signal(signal.SIGHUP)
-            wait_until("the reload", lambda: "applied destinations" in node.log(), 30, poll=0.1)
-            datasets = small_study("RELOAD-1")
-            storescu(node.port, write_files(datasets, tmp_path / "s"), node.ae_title)
-            # the worker queues the results for the destination it learnt from the reload
-            wait_until("results in Orthanc",
-                       lambda: _complete(orthanc, str(datasets[0].StudyInstanceUID)), RESULT_TIMEOUT)
-        finally:
-            assert node.stop() == 0
+def test_worker_killed_mid_job_while_a_study_arrives(
+        tmp_path: Path, orthanc: OrthancServer) -> None:
+    mport = free_port()
+    node = _node(tmp_path, orthanc, workers=1, metrics_port=mport).start()
+    try:
+        wait_until("the worker ready", lambda: _ready(node, 1), 240, poll=0.2)
+        datasets = small_study("KILL-A")
+        study_a = str(datasets[0].StudyInstanceUID)
+        storescu(node.port, write_files(datasets, tmp_path / "a"), node.ae_title)
+        # the worker has claimed the job of study A (it is in serve.json) ...
+        [busy] = wait_until("the job to start",
+                            lambda: [w for w in _workers(node) if w.get("job")], 120, poll=0.05)
+        # ... while study B is being received, one instance at a time
+        study_b = small_study("KILL-B", slices=60, seed=7)
+        statuses: list[int] = []
+        answered_at: list[float] = []
+
+        def receive_b() -> None:
+            for ds in study_b:
+                statuses.extend(send(node.port, [ds]))
+                answered_at.append(time.monotonic())
+
+        receiver = threading.Thread(target=receive_b)
+        receiver.start()
+        wait_until("study B under way", lambda: len(statuses) >= 10, 60, poll=0.02)
+        os.kill(busy["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        receiver.join(120)
+        assert statuses == [0] * len(study_b)  # every C-STORE answered Success
+        assert answered_at[0] < killed_at < answered_at[-1]  # ... before and after the kill
+        wait_until("the restart in the journal",
+                   lambda: f"worker-1 (pid {busy['pid']}) died: killed by SIGKILL during "
+                           f"job {busy['job']}" in node.log(), 30, poll=0.1)
+        assert f"job {busy['job']} is back in the queue (attempt 1 of 3 used)" in node.log()
+        for study_uid in (study_a, str(study_b[0].StudyInstanceUID)):
+            wait_until(f"results of {study_uid} in Orthanc",
+                       lambda s=study_uid: _complete(orthanc, s), RESULT_TIMEOUT)
+        [worker] = _workers(node)
+        assert worker["pid"] != busy["pid"] and worker["restarts"] == 1
+        assert worker["last_exit"].startswith(f"killed by SIGKILL during job {busy['job']}")
+        status = node.cli("status").stdout
+        assert "workers:   1 of 1 running" in status and "restarted 1 time(s)" in status
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as rsp:
+            metrics = rsp.read().decode()
+        assert "dicom_node_worker_restarts_total 1.0" in metrics
+        assert 'dicom_node_workers{state="ready"} 1.0' in metrics
+        job_a = next(j for j in node_json(node, "jobs") if j["study_uid"] == study_a)
+        assert job_a["state"] == "done" and job_a["attempts"] == 2
+        assert job_a["worker"] == f"worker-1 pid {worker['pid']}"
+        wait_until("no send left queued", lambda: not queued_sends(node.data_dir), 60)
+        assert node_json(node, "sends", "--state", "queued") == []
+        _exactly_once(orthanc, study_a)
+        assert len(node_json(node, "twin", "show", "KILL-A")["results"]) == 1
+    finally:
+        assert node.stop() == 0
+
+
+@pytest.mark.orthanc
+def test_destinations_reloaded_by_sighup_reach_the_workers(
+        tmp_path: Path, orthanc: OrthancServer) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    install_model(data)
+    node = NodeProcess(data, config="workers = 1\n", extra_args=["--stable-after", "1.5"]).start()
+    try:
+        wait_until("the worker ready", lambda: _ready(node, 1), 240, poll=0.2)
+        (tmp_path / "data-config.toml").write_text(
+            "workers = 1\nsend_backoff_initial_s = 0.5\n[[destinations]]\n"
+            f'ae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n')
+        node.proc.send_signal(signal.SIGHUP)
+        wait_until("the reload", lambda: "applied destinations" in node.log(), 30, poll=0.1)
+        datasets = small_study("RELOAD-1")
+        storescu(node.port, write_files(datasets, tmp_path / "s"), node.ae_title)
+        # the worker queues the results for the destination it learnt from the reload
+        wait_until("results in Orthanc",
+                   lambda: _complete(orthanc, str(datasets[0].StudyInstanceUID)), RESULT_TIMEOUT)
+    finally:
+        assert node.stop() == 0
