@@ -15,15 +15,21 @@ from trainer.train import _save_atomic
 
 @pytest.fixture
 def synced_dirs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The directories the helper fsyncs (the real fsync still runs)."""
+    """The directories fsynced during the test (the real fsync still runs).
+
+    Spies on ``os.fsync`` itself, so it sees every caller however it imported the
+    helper (a module that did ``from dicom_node.durable import fsync_dir`` before the
+    test keeps the real function)."""
     seen: list[Path] = []
-    real = durable.fsync_dir
+    real = os.fsync
 
-    def spy(path: Path) -> None:
-        seen.append(Path(path))
-        real(path)
+    def spy(fd: int) -> None:
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if target.is_dir():
+            seen.append(target)
+        real(fd)
 
-    monkeypatch.setattr(durable, "fsync_dir", spy)
+    monkeypatch.setattr(os, "fsync", spy)
     return seen
 
 
