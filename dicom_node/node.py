@@ -29,10 +29,10 @@ import logging
 import os
 import shutil
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dicom_node.database import utc_now
 from dicom_node.fast_receive import speedups
 from dicom_node.datadir_lock import DataDirLock
 from dicom_node.drift import config_of
@@ -190,7 +190,7 @@ class Node:
             self.http.start()
         with self._state_lock:
             self._state = {
-                "pid": os.getpid(), "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "pid": os.getpid(), "started_at": utc_now().isoformat(timespec="seconds"),
                 "ae_title": s.ae_title, "bind_address": s.bind_address, "port": self.server.port,
                 "tls": s.tls_cert is not None,
                 "metrics": f"http://{s.metrics_bind}:{self.http.port}" if self.http else ""}

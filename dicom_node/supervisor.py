@@ -36,9 +36,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from dicom_node.database import utc_now
 from dicom_node.jobs import JobQueue
 from dicom_node.settings import Destination, Settings
 from dicom_node.tasks import Task
@@ -312,7 +312,7 @@ class WorkerPool:
             if slot.sock is not None:
                 slot.sock.close()
                 slot.sock = None
-            when = datetime.now(UTC).isoformat(timespec="seconds")
+            when = utc_now().isoformat(timespec="seconds")
             if self._stopping.is_set():
                 self.jobs.give_back(owner, f"interrupted ({slot.name} stopped with the node)",
                                     count_attempt=False)

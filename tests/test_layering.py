@@ -345,3 +345,29 @@ def test_the_check_for_long_functions_finds_them(tmp_path: Path) -> None:
                       f"class K:\n    def method(self):\n        def inner():\n"
                       + "".join(f"            z{i} = {i}\n" for i in range(61)))
     assert _long_functions(sample) == {"long", "K.method", "K.method.inner"}
+
+
+# ---------------------------------------------------------------- one clock
+def _clock_reads(path: Path) -> list[int]:
+    """Lines that read the wall clock as a datetime (``datetime.now``/``utcnow``/``today``)."""
+    return sorted(node.lineno for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, ast.Attribute) and node.attr in {"now", "utcnow", "today"}
+                  and isinstance(node.value, ast.Attribute | ast.Name)
+                  and (node.value.attr if isinstance(node.value, ast.Attribute)
+                       else node.value.id) in {"datetime", "date"})
+
+
+def test_one_clock() -> None:
+    """Every timestamp the node records comes from ``dicom_node.database.utc_now`` (issue 18:
+    there were three clocks with different return types)."""
+    bad = [f"{p.relative_to(ROOT)}:{line}" for p in _product_modules() for line in _clock_reads(p)
+           if p != ROOT / "dicom_node" / "database.py"]
+    assert bad == []
+
+
+def test_the_check_for_clock_reads_finds_them(tmp_path: Path) -> None:
+    sample = tmp_path / "m.py"
+    sample.write_text("import datetime as _dt\nfrom datetime import datetime\n"
+                      "a = datetime.now(UTC)\nb = _dt.datetime.now()\nc = _dt.date.today()\n"
+                      "d = utc_now()\ne = now()\n")
+    assert _clock_reads(sample) == [3, 4, 5]

@@ -27,12 +27,12 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 import pydicom
 
+from dicom_node.database import utc_now
 from pipelines.selection import SelectionRules, matches
 from pipelines.volume import load_series
 from trainer.labelmaps import mask_from_file, mask_from_seg
@@ -251,7 +251,7 @@ def build_dataset(archive: Archive, labels: LabelStore, task: str, rules: Select
                     series_uid=lab.series_uid, case_id=case_id(salt, lab.series_uid),
                     split=split[lab.patient_key], label=lab, image_sha256=sha, instances=n)
         for lab, sha, n in chosen)
-    ts = TrainingSet(task=task, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    ts = TrainingSet(task=task, built_at=utc_now().isoformat(timespec="seconds"),
                      items=items, validation_fraction=validation_fraction, salt=salt,
                      excluded=tuple(excluded))
     LOG.info("dataset %s: %d series of %d donating patient(s) (%d train, %d validation); "

@@ -39,12 +39,12 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dicom_node.database import utc_now
 from pipelines.selection import SelectionRules
 from registry.records import Metrics, ModelVersion
 from registry.store import Registry
@@ -319,7 +319,7 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
         If the task has no trainable bundle, or training fails.
     """
     data_dir = Path(data_dir)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_id = utc_now().strftime("%Y%m%dT%H%M%SZ")
     archive = Archive(data_dir)
     labels = LabelStore(data_dir)
     reg = Registry(data_dir)

@@ -18,6 +18,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from dicom_node.database import utc_now
 from dicom_node.node import STATE_FILE
 from dicom_node.observability import read_state
 from dicom_node.settings import Settings
@@ -57,7 +58,7 @@ def parse_since(text: str) -> datetime:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     t = text.strip()
     if t[:-1].isdigit() and t[-1:] in units:
-        return datetime.now(UTC) - timedelta(seconds=int(t[:-1]) * units[t[-1]])
+        return utc_now() - timedelta(seconds=int(t[:-1]) * units[t[-1]])
     try:
         when = datetime.fromisoformat(t)
     except ValueError:

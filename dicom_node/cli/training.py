@@ -19,10 +19,10 @@ import argparse
 import getpass
 import json
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dicom_node.database import utc_now
 from dicom_node.settings import Settings
 from dicom_node.training import task_rules, train_task
 from registry.store import Registry
@@ -131,7 +131,7 @@ def _train_export_only(args: argparse.Namespace, settings: Settings) -> int:
     from trainer.external import torchrun_command
 
     out: Path = args.out or (Path(settings.data_dir) / "exports" / (
-        f"{args.task}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"))
+        f"{args.task}-{utc_now().strftime('%Y%m%dT%H%M%SZ')}"))
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out: {out} exists and is not empty; give a new folder")
     desc, mv = _export_dataset(settings, args.task, out / "dataset")
