@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from pipelines.backends import choose_backend
 from pipelines.errors import PipelineError
 from pipelines.memory import MemoryEstimate, activation_bytes, estimate_memory
 from pipelines.stitching import WindowSettings, stream_sliding_window
 from pipelines.export.checks import available_backends, device_name
 from pipelines.export.onnx import OnnxRunner
 from pipelines.export.tensorrt import TensorRTRunner
-from registry.artifacts import sha256_file
 from registry.bundle import OpenBundle, open_bundle
 from registry.records import Artifact, ArtifactKind, Backend, LabelSpec, ModelVersion
 from registry.store import Registry
@@ -45,9 +45,6 @@ LOG = logging.getLogger(__name__)
 
 #: LPS <-> RAS: flip x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-#: Preference when no timings were recorded (fastest first, by kind of hardware).
-STATIC_PREFERENCE = (Backend.TENSORRT, Backend.ORT_CUDA, Backend.TORCH_CUDA, Backend.ORT_CPU,
-                     Backend.TORCH_CPU)
 
 
 class ModelLoadError(PipelineError, RuntimeError):
@@ -568,41 +565,6 @@ def _oblique_sampler(maps: list[np.ndarray], index_map: np.ndarray, shape: tuple
                 for x in maps]
 
     return sample
-
-
-def choose_backend(version: ModelVersion, registry: Registry | None) -> tuple[Backend, str]:
-    """The fastest verified backend available here, and why it was chosen.
-
-    PyTorch is the reference and always counts as verified; other backends count
-    only with a passing check recorded for this device and their artifact file intact
-    (SHA-256 as registered). Recorded median times decide; without any, the static
-    order TensorRT > ONNX Runtime CUDA > PyTorch CUDA > ONNX Runtime CPU > PyTorch CPU.
-    """
-    here = available_backends()
-    usable: dict[Backend, float | None] = {b: None for b in here
-                                           if b in (Backend.TORCH_CPU, Backend.TORCH_CUDA)}
-    if registry is not None:
-        intact = {a.kind: a for a in registry.artifacts(version.version)
-                  if a.path.is_file() and (a.kind is not ArtifactKind.TENSORRT
-                                           or a.path.stem == a.key)}
-        for v in registry.verifications(version.version):
-            if v.backend not in here or v.device_name != device_name(v.backend):
-                continue
-            if not v.verified:
-                continue  # PyTorch stays usable (it is the reference); others are not added
-            art = intact.get(v.backend.artifact)
-            if v.backend.artifact is not ArtifactKind.PYTORCH:
-                if art is None or sha256_file(art.path) != art.sha256:
-                    continue
-            usable[v.backend] = v.median_ms
-    timed = {b: ms for b, ms in usable.items() if ms is not None}
-    if timed:
-        best = min(timed, key=lambda b: timed[b])
-        others = ", ".join(f"{b.value} {ms:.0f} ms" for b, ms in sorted(timed.items(),
-                                                                         key=lambda kv: kv[1]))
-        return best, f"fastest verified on {device_name(best)} ({others} per batch)"
-    best = next(b for b in STATIC_PREFERENCE if b in usable)
-    return best, "no timings recorded; static preference among verified backends"
 
 
 def load_model(model_version: ModelVersion, *, registry: Registry | None = None,

@@ -11,7 +11,8 @@ import pytest
 from pipelines.export.checks import compare, verdict
 from pipelines.export.optimize import optimize
 from pipelines.export.tensorrt import tensorrt_status
-from pipelines.inference import choose_backend, load_model
+from pipelines.backends import choose_backend
+from pipelines.inference import load_model
 from dicom_node.database import utc_now
 from registry.records import ArtifactKind, Backend
 from registry.store import Registry

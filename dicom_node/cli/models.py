@@ -127,7 +127,7 @@ def _registry(settings: Any) -> Registry:
 
 
 def _serving(reg: Registry, mv: ModelVersion, settings: Any = None) -> str:
-    from pipelines.inference import choose_backend
+    from pipelines.backends import choose_backend
 
     if settings is not None and getattr(settings, "backend", "local") == "triton":
         return f"triton@{settings.triton_url}"

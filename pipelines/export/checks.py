@@ -4,7 +4,7 @@ backends this host can run at all.
 A backend is *verified* when its logits on the same batch stay within a tolerance of
 PyTorch CPU's (relative to the logit range) and it picks the same argmax channel for
 nearly every voxel; serving picks the fastest verified one
-(:func:`pipelines.inference.choose_backend`).
+(:func:`pipelines.backends.choose_backend`).
 """
 
 from __future__ import annotations
