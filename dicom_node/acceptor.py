@@ -41,7 +41,7 @@ import time
 from typing import Any
 
 from dicom_node.metrics import NodeMetrics
-from dicom_node.childproc import die_with_parent, send_message
+from dicom_node.childproc import die_with_parent, read_messages, send_message
 from dicom_node.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -116,25 +116,11 @@ class AcceptorPool:
                  ", ".join(str(c.proc.pid) for c in self._children))
 
     def _read(self, child: _Child) -> None:
-        buf = b""
-        while True:
-            try:
-                data = child.sock.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                try:
-                    message = json.loads(line)
-                except ValueError:
-                    continue
-                if message.get("op") == "ready":
-                    child.ready.set()
-                elif message.get("op") == "metrics":
-                    self._add(message)
+        for message in read_messages(child.sock):
+            if message.get("op") == "ready":
+                child.ready.set()
+            elif message.get("op") == "metrics":
+                self._add(message)
         code = child.proc.wait()
         if not self._stopping:
             LOG.error("acceptor process %d ended unexpectedly (exit code %s); the node goes on "

@@ -141,6 +141,21 @@ def connect(path: Path | str, *, timeout_s: float, readonly: bool = False
 
 
 # --------------------------------------------------------------------- transaction
+def open_existing(path: Path | str, table: str, *, timeout_s: float = 5.0
+                  ) -> sqlite3.Connection | None:
+    """A read-only connection to ``path`` for readers that must not create it (``status``,
+    ``/metrics``), or None when the file or its ``table`` does not exist yet; the caller
+    closes it."""
+    if not Path(path).exists():
+        return None
+    conn = connect(path, timeout_s=timeout_s, readonly=True).conn
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                    (table,)).fetchone() is None:
+        conn.close()
+        return None
+    return conn
+
+
 @contextlib.contextmanager
 def write(db: sqlite_utils.Database) -> Iterator[sqlite3.Connection]:
     """One write transaction: ``BEGIN IMMEDIATE``, then ``COMMIT``, or ``ROLLBACK`` on any exception.

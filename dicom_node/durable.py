@@ -71,27 +71,12 @@ def write_durably(final: Path, chunks: Iterable[bytes], tmp_dir: Path | None = N
         On any write failure (``ENOSPC`` when the disk is full); the temporary file is
         removed and ``final`` is untouched.
     """
-    makedirs_durably(final.parent)
-    fd, tmp_name = mkstemp_part(final.parent if tmp_dir is None else tmp_dir)
-    try:
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp_name, final)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    if sync_dir:
-        fsync_dir(final.parent)
+    with _into_place(final, tmp_dir, sync_dir) as fd:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
 
 
 @contextmanager
@@ -119,13 +104,24 @@ def open_durably(final: Path, tmp_dir: Path | None = None, *,
     OSError
         On any write failure.
     """
+    with _into_place(final, tmp_dir, sync_dir) as fd, os.fdopen(fd, "wb", closefd=False) as fh:
+        yield fh
+
+
+@contextmanager
+def _into_place(final: Path, tmp_dir: Path | None, sync_dir: bool) -> Iterator[int]:
+    """The descriptor of a new ``.part`` file that becomes ``final`` when the block ends
+    without error (``fdatasync``, close, atomic rename, directory fsync unless
+    ``sync_dir`` is False); on an exception it is closed and removed, ``final`` untouched.
+    The one body of :func:`write_durably` and :func:`open_durably`."""
     makedirs_durably(final.parent)
     fd, tmp_name = mkstemp_part(final.parent if tmp_dir is None else tmp_dir)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fdatasync(fh.fileno())
+        try:
+            yield fd
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_name, final)
     except BaseException:
         try:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from dicom_node.database import Migration, connect, iso, migrate, utc_now, write
+from dicom_node.database import Migration, connect, iso, migrate, open_existing, utc_now, write
 
 LOG = logging.getLogger(__name__)
 
@@ -124,15 +124,7 @@ def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_ut
 def open_queue_readonly(data_dir: Path | str) -> sqlite3.Connection | None:
     """A read-only connection to ``<data_dir>/queue.sqlite``, or None when there is none
     or it has no queue tables yet (nothing is created)."""
-    path = Path(data_dir) / QUEUE_DB_NAME
-    if not path.exists():
-        return None
-    conn = connect(path, timeout_s=5.0, readonly=True).conn
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
-                    ).fetchone() is None:
-        conn.close()
-        return None
-    return conn
+    return open_existing(Path(data_dir) / QUEUE_DB_NAME, "jobs")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -11,7 +11,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.database import connect
+from dicom_node.database import open_existing
 from registry.records import ModelStatus
 from registry.store import DB_NAME
 
@@ -28,13 +28,10 @@ class ActiveVersion:
 
 def active_versions(data_dir: Path | str) -> tuple[ActiveVersion, ...]:
     """The active versions of ``<data_dir>``'s registry, by task and version."""
-    path = Path(data_dir) / DB_NAME
-    if not path.exists():
+    conn = open_existing(Path(data_dir) / DB_NAME, "model_versions")
+    if conn is None:
         return ()
-    with closing(connect(path, timeout_s=5.0, readonly=True).conn) as conn:
-        if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table'"
-                        " AND name='model_versions'").fetchone() is None:
-            return ()
+    with closing(conn):
         rows = conn.execute("SELECT task, version, manufacturer, scanner_model FROM model_versions"
                             " WHERE status = ? ORDER BY task, version",
                             (ModelStatus.ACTIVE.value,)).fetchall()

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import json
 import shutil
-from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 import torch
 from monai.networks.nets import UNet
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipelines import phantom as ph
-from twin_archive import Archive, IncomingInstance
+from dicom_node.label_intake import intake_seg_series
+from node_harness import incoming
+from twin_archive import Archive
+from twin_archive.labels import LabelStore
 
 REFERENCE = Path("/work/shared/reference/monai-bundles/spleen_ct_segmentation")
 _local = Path(__file__).resolve().parents[2] / "shared" / "reference" / "monai-bundles" / \
@@ -91,24 +92,26 @@ def radiologist_seg(datasets: list[Dataset], mask: np.ndarray, *,
         omit_empty_frames=True, series_description="Spleen corrected")
 
 
-def incoming(ds: Dataset, calling_ae: str = "TEST_SCU") -> IncomingInstance:
-    """A data set as the network layer would hand it to the archive."""
-    buf = BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    raw = buf.getvalue()
-    meta = BytesIO()
-    pydicom.filewriter.write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
-    head = b"\x00" * 128 + b"DICM" + meta.getvalue()
-    return IncomingInstance(file_meta=head, dataset=raw[len(head):],
-                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                            sop_class_uid=str(ds.SOPClassUID),
-                            sop_instance_uid=str(ds.SOPInstanceUID), calling_ae=calling_ae)
-
-
 def store_all(archive: Archive, datasets: list[Dataset], calling_ae: str = "TEST_SCU") -> None:
     """Store data sets through the archive's own store path (as C-STORE does)."""
     for ds in datasets:
-        archive.ingest.store(incoming(ds, calling_ae))
+        archive.ingest.store(incoming(ds, calling_ae=calling_ae))
+
+
+def labelled_patients(archive: Archive, labels: LabelStore, pids: list[str], *, seed: int,
+                      donors: int | None = None) -> None:
+    """For each patient: a phantom study stored from ``CT_SCANNER``, the radiologist's SEG
+    of its truth stored from ``READING_ROOM`` and taken as a label; the first ``donors``
+    patients (all by default) donate."""
+    for i, pid in enumerate(pids):
+        datasets, truth = phantom_study(pid, seed=seed + i)
+        store_all(archive, datasets, "CT_SCANNER")
+        seg = radiologist_seg(datasets, truth)
+        store_all(archive, [seg], "READING_ROOM")
+        decision = intake_seg_series(archive.twins.series_files(str(seg.SeriesInstanceUID)), labels)
+        assert decision.decision == "label", decision.reason
+        if donors is None or i < donors:
+            archive.twins.set_consent(pid, donate=True, by="test")
 
 
 def organ_seg(datasets: list, anatomy: ph.Anatomy, g: ph.SliceGeometry,

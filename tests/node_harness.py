@@ -166,8 +166,9 @@ def small_ct(*, patient_id: str = "PAT-1", study_uid: str | None = None,
     return ds
 
 
-def incoming(ds: Dataset, *, sop_class: str | None = None) -> IncomingInstance:
-    """A data set as the network layer hands it to the archive (calling AE ``UNIT``)."""
+def incoming(ds: Dataset, *, sop_class: str | None = None, calling_ae: str = "UNIT"
+             ) -> IncomingInstance:
+    """A data set as the network layer hands it to the archive."""
     buf = DicomBytesIO()
     buf.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(buf, ds.file_meta)
@@ -177,4 +178,4 @@ def incoming(ds: Dataset, *, sop_class: str | None = None) -> IncomingInstance:
     return IncomingInstance(file_meta=meta, dataset=whole.getvalue()[len(meta):],
                             transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
                             sop_class_uid=sop_class or str(ds.SOPClassUID),
-                            sop_instance_uid=str(ds.SOPInstanceUID), calling_ae="UNIT")
+                            sop_instance_uid=str(ds.SOPInstanceUID), calling_ae=calling_ae)

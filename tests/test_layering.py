@@ -371,3 +371,35 @@ def test_the_check_for_clock_reads_finds_them(tmp_path: Path) -> None:
                       "a = datetime.now(UTC)\nb = _dt.datetime.now()\nc = _dt.date.today()\n"
                       "d = utc_now()\ne = now()\n")
     assert _clock_reads(sample) == [3, 4, 5]
+
+
+# ---------------------------------------------------------------- dependencies' private names
+#: Modules that may import a private name of pydicom, pynetdicom or MONAI, and why.
+PRIVATE_ALLOWED = {
+    "dicom_node/fast_receive/": "the one adapter behind the fast_receive switch",
+    "twin_archive/reconcile.py": "read_part10_meta: pydicom's public meta reader takes only a path",
+}
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``module.name`` of every private name imported from pydicom, pynetdicom or MONAI."""
+    return [f"{node.module}.{a.name}" for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module
+            and node.module.split(".")[0] in {"pydicom", "pynetdicom", "monai"}
+            for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+
+
+def test_private_names_of_dependencies_in_the_allowed_modules_only() -> None:
+    bad = {}
+    for path in _product_modules():
+        rel = path.relative_to(ROOT).as_posix()
+        if not rel.startswith(tuple(PRIVATE_ALLOWED)) and _private_imports(path):
+            bad[rel] = _private_imports(path)
+    assert bad == {}
+
+
+def test_the_check_for_private_imports_finds_them(tmp_path: Path) -> None:
+    sample = tmp_path / "m.py"
+    sample.write_text("from pydicom.filereader import _read_file_meta_info, read_preamble\n"
+                      "from pynetdicom.dul import __doc__\nfrom mine import _x\n")
+    assert _private_imports(sample) == ["pydicom.filereader._read_file_meta_info"]

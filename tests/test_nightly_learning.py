@@ -31,7 +31,7 @@ from dicom_node.label_intake import intake_seg_series
 from dicom_node.settings import Settings
 from dicom_node.tasks import default_tasks
 from dicom_node.training import NightlyScheduler, task_rules
-from learning_helpers import phantom_study, radiologist_seg, store_all, tiny_bundle
+from learning_helpers import labelled_patients, phantom_study, radiologist_seg, store_all, tiny_bundle
 from loop_helpers import node_json
 from node_harness import DICOM_NODE, REPO, NodeProcess
 from registry.store import Registry
@@ -173,15 +173,7 @@ def _prepared(tmp_path: Path, donors: int = 3, others: int = 1) -> tuple[Path, l
     data = tmp_path / "data"
     with Archive(data) as archive, LabelStore(data) as labels:
         pids = [f"IN-{i}" for i in range(donors + others)]
-        for i, pid in enumerate(pids):
-            datasets, truth = phantom_study(pid, seed=40 + i)
-            store_all(archive, datasets, "CT_SCANNER")
-            seg = radiologist_seg(datasets, truth)
-            store_all(archive, [seg], "READING_ROOM")
-            decision = intake_seg_series(archive.twins.series_files(str(seg.SeriesInstanceUID)), labels)
-            assert decision.decision == "label", decision.reason
-            if i < donors:
-                archive.twins.set_consent(pid, donate=True, by="test")
+        labelled_patients(archive, labels, pids, seed=40, donors=donors)
     _install_tiny_active(data, tmp_path)
     return data, pids
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.label_intake import intake_seg_series
 from dicom_node.settings import Settings
 from dicom_node.training import nightly_config
-from learning_helpers import phantom_study, radiologist_seg, store_all, tiny_bundle
+from learning_helpers import labelled_patients, tiny_bundle
 from node_harness import DICOM_NODE, REPO
 from registry.errors import NoActiveModelError
 from registry.store import Registry
@@ -84,15 +83,7 @@ def test_scratch_candidate_below_the_floor_stays_a_candidate_and_nothing_serves(
         tmp_path: Path) -> None:
     data = tmp_path / "data"
     with Archive(data) as archive, LabelStore(data) as labels:
-        for i in range(3):
-            pid = f"FL-{i}"
-            datasets, truth = phantom_study(pid, seed=70 + i)
-            store_all(archive, datasets, "CT_SCANNER")
-            seg = radiologist_seg(datasets, truth)
-            store_all(archive, [seg], "READING_ROOM")
-            decision = intake_seg_series(archive.twins.series_files(str(seg.SeriesInstanceUID)), labels)
-            assert decision.decision == "label", decision.reason
-            archive.twins.set_consent(pid, donate=True, by="test")
+        labelled_patients(archive, labels, [f"FL-{i}" for i in range(3)], seed=70)
     # a registered (not active) tiny bundle gives the configuration to train from scratch
     with Registry(data) as reg:
         v1 = reg.import_bundle(tiny_bundle(tmp_path / "tiny"), task=TASK, by="test").version

@@ -17,8 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from dicom_node.label_intake import intake_seg_series
-from learning_helpers import phantom_study, radiologist_seg, store_all, tiny_bundle
+from learning_helpers import labelled_patients, tiny_bundle
 from node_harness import DICOM_NODE, REPO
 from pipelines.demo_model import DEMO_BUNDLE
 from registry.store import Registry
@@ -43,15 +42,7 @@ def _prepared(tmp_path: Path, donors: int = 3) -> tuple[Path, Path, str]:
     """Labelled studies of donating patients, a tiny random-weight active version."""
     data = tmp_path / "data"
     with Archive(data) as archive, LabelStore(data) as labels:
-        for i in range(donors):
-            pid = f"EXT-{i}"
-            datasets, truth = phantom_study(pid, seed=70 + i)
-            store_all(archive, datasets, "CT_SCANNER")
-            seg = radiologist_seg(datasets, truth)
-            store_all(archive, [seg], "READING_ROOM")
-            decision = intake_seg_series(archive.twins.series_files(str(seg.SeriesInstanceUID)), labels)
-            assert decision.decision == "label", decision.reason
-            archive.twins.set_consent(pid, donate=True, by="test")
+        labelled_patients(archive, labels, [f"EXT-{i}" for i in range(donors)], seed=70)
     with Registry(data) as reg:
         mv = reg.import_bundle(tiny_bundle(tmp_path / "tiny"), task=TASK, activate=True,
                                by="test", reason="random weights: the one to beat")

@@ -54,12 +54,6 @@ class Arrivals(IndexStore):
 
     REQUIRED_TABLE = "series"
 
-    def __enter__(self) -> Arrivals:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def quiet(self, until: str, *, since: str | None = None) -> list[QuietSeries]:
         """The series whose last instance arrived at or before ``until`` (and at or after
         ``since``, if given).

@@ -8,12 +8,11 @@ the one question and closes it.
 from __future__ import annotations
 
 import json
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.database import connect
+from dicom_node.database import open_existing
 from twin_archive.audit import AUDIT_DB_NAME
 from twin_archive.layout import INDEX_NAME
 
@@ -45,21 +44,9 @@ class AuditCounts:
     last_at: str = ""
 
 
-def _open(path: Path, table: str) -> sqlite3.Connection | None:
-    """``path`` opened read-only, or None if it or its ``table`` does not exist."""
-    if not path.exists():
-        return None
-    conn = connect(path, timeout_s=5.0, readonly=True).conn
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
-                    (table,)).fetchone() is None:
-        conn.close()
-        return None
-    return conn
-
-
 def archive_counts(data_dir: Path | str) -> ArchiveCounts:
     """Twins, studies, current instances and their bytes in ``<data_dir>``'s index."""
-    conn = _open(Path(data_dir) / INDEX_NAME, "instances")
+    conn = open_existing(Path(data_dir) / INDEX_NAME, "instances")
     if conn is None:
         return ArchiveCounts()
     with closing(conn):
@@ -76,7 +63,7 @@ def result_timings(data_dir: Path | str, *, after_id: int = 0) -> list[ResultTim
 
     Only numeric times are kept; a row whose timings are not a JSON object gives none.
     """
-    conn = _open(Path(data_dir) / INDEX_NAME, "ai_results")
+    conn = open_existing(Path(data_dir) / INDEX_NAME, "ai_results")
     if conn is None:
         return []
     with closing(conn):
@@ -97,7 +84,7 @@ def _numbers(text: str) -> dict[str, float]:
 
 def audit_counts(data_dir: Path | str) -> AuditCounts:
     """Events in ``<data_dir>``'s audit log and the time of the last one."""
-    conn = _open(Path(data_dir) / AUDIT_DB_NAME, "audit_events")
+    conn = open_existing(Path(data_dir) / AUDIT_DB_NAME, "audit_events")
     if conn is None:
         return AuditCounts()
     with closing(conn):

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
-from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from dicom_node.database import iso, utc_now, write
 from twin_archive import reconcile
@@ -334,10 +333,9 @@ class Ingest:
         data = path.read_bytes()
         fh = BytesIO(data)
         try:
-            read_preamble(fh, False)
-            meta = _read_file_meta_info(fh)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds
-            raise InvalidInstanceError("file", f"not a DICOM Part 10 file ({exc})") from exc
+            meta = reconcile.read_part10_meta(fh)
+        except ValueError as exc:
+            raise InvalidInstanceError("file", str(exc)) from exc
         offset = fh.tell()
         sha = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
         expected = reconcile.name_hash(path)

@@ -177,12 +177,6 @@ class LabelStore(IndexStore):
 
     REQUIRED_TABLE = "labels"
 
-    def __enter__(self) -> LabelStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ writing
     def _series_row(self, series_uid: str) -> dict[str, Any]:
         problem = uid_problem(series_uid)

@@ -29,8 +29,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
+from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from dicom_node.durable import clean_tmp, replace_durably
@@ -80,6 +81,25 @@ def data_files(data_dir: Path) -> Iterator[tuple[str, Path]]:
         yield from (("result", p) for p in walk_files(data_dir / folder))
 
 
+def read_part10_meta(fh: BinaryIO) -> FileMetaDataset:
+    """The File Meta Information of a Part 10 file open at its first byte; ``fh`` is left
+    at the data set's first byte.
+
+    The archive's one use of pydicom's private ``_read_file_meta_info``: its public
+    ``read_file_meta_info`` takes a path and does not say where the data set starts.
+
+    Raises
+    ------
+    ValueError
+        If it is not a Part 10 file (no preamble or File Meta Information).
+    """
+    try:
+        read_preamble(fh, False)
+        return _read_file_meta_info(fh)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds
+        raise ValueError(f"not a DICOM Part 10 file ({exc})") from exc
+
+
 def hash_instance_file(path: Path) -> FileCheck:
     """SHA-256 of an instance file's data set (what the archive records), streamed.
 
@@ -91,11 +111,7 @@ def hash_instance_file(path: Path) -> FileCheck:
         If it is not a Part 10 file (no preamble or File Meta Information).
     """
     with path.open("rb") as fh:
-        try:
-            read_preamble(fh, False)
-            _read_file_meta_info(fh)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds
-            raise ValueError(f"not a DICOM Part 10 file ({exc})") from exc
+        read_part10_meta(fh)
         offset = fh.tell()
         digest = hashlib.sha256()
         size = offset

@@ -224,12 +224,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                 sent_s = time.perf_counter() - t_send
             done = wait_for_sends(data_dir, study_uid, args.timeout, ("seg", "sr", "overlay"))
             detail = node.archive.twins.twin(args.patient_id)
-            store = ResultStore(data_dir)
-            try:
+            with ResultStore(data_dir) as store:
                 timings = {r["id"]: store.get(int(r["id"])).timings for r in detail.results
                            if r["study_uid"] == study_uid}
-            finally:
-                store.close()
             landed = orthanc_results(orthanc, study_uid)
             _print_summary(args, paths, sent_s, study_uid, landed, detail, timings, true_ml,
                            done, acked)

@@ -34,11 +34,8 @@ def cmd_drift(args: argparse.Namespace, settings: Any) -> int:
     config = config_of(settings)
     with open_archive(settings):  # migrates the index when the node never ran
         pass
-    store = FigureStore(settings.data_dir)
-    try:
+    with FigureStore(settings.data_dir) as store:
         report = drift_report(store, config, args.task)
-    finally:
-        store.close()
     if args.json:
         print(json.dumps([d.to_dict() for d in report], indent=2))
         return 0

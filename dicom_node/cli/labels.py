@@ -99,12 +99,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    with _archive(settings):
-        store = LabelStore(settings.data_dir)
-        try:
-            labels = store.list(current_only=not args.all)
-        finally:
-            store.close()
+    with _archive(settings), LabelStore(settings.data_dir) as store:
+        labels = store.list(current_only=not args.all)
     if args.json:
         print(json.dumps([lab.to_dict() for lab in labels], indent=2))
         return 0
