@@ -105,7 +105,12 @@ def _q3(db: sqlite_utils.Database) -> None:
     conn.execute("ALTER TABLE jobs ADD COLUMN worker TEXT NOT NULL DEFAULT ''")
 
 
-QUEUE_MIGRATIONS: tuple[Migration, ...] = (_q1, _q2, _q3)
+def _q4(db: sqlite_utils.Database) -> None:
+    # Retention (dicom_node.retention) joins a series' jobs with their sends.
+    db.execute("CREATE INDEX sends_result ON sends (result_id)")
+
+
+QUEUE_MIGRATIONS: tuple[Migration, ...] = (_q1, _q2, _q3, _q4)
 
 
 def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_utils.Database:
@@ -405,6 +410,38 @@ class JobQueue:
                 f"SELECT * FROM jobs WHERE series_uid IN ({','.join('?' * len(series_uids))})"
                 " ORDER BY id DESC", tuple(series_uids)).fetchall()
         return [Job.from_row(r) for r in rows]
+
+    def running_for_patient(self, patient_keys: list[str]) -> list[Job]:
+        """The jobs of these twins that a worker is running now."""
+        marks = ",".join("?" * len(patient_keys))
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT * FROM jobs WHERE state = ? AND patient_key IN ({marks})",  # noqa: S608
+                (JobState.RUNNING.value, *patient_keys)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def erase_patient(self, patient_keys: list[str], series_uids: list[str]) -> int:
+        """Delete every row naming these twins (their jobs, the sends of their results,
+        the monitor's decisions on their series) in one transaction, then truncate the
+        WAL (twin erasure); return how many rows went. Running jobs are not touched:
+        the caller refuses while there are any (:meth:`running_for_patient`)."""
+        from dicom_node.database import checkpoint_truncate
+
+        marks = ",".join("?" * len(patient_keys))
+        n = 0
+        with self._lock:
+            with write(self.db) as conn:
+                n += conn.execute(
+                    "DELETE FROM sends WHERE result_id IN (SELECT result_id FROM jobs WHERE"
+                    f" patient_key IN ({marks}) AND result_id IS NOT NULL)",  # noqa: S608
+                    patient_keys).rowcount
+                n += conn.execute(f"DELETE FROM jobs WHERE patient_key IN ({marks})"  # noqa: S608
+                                  " AND state <> ?", (*patient_keys, JobState.RUNNING.value)).rowcount
+                for uid in series_uids:
+                    n += conn.execute("DELETE FROM monitored_series WHERE series_uid = ?",
+                                      (uid,)).rowcount
+            checkpoint_truncate(self.db)
+        return n
 
     def wait_for_space(self, job_id: int, reason: str, *,
                        delay_s: float = SPACE_RETRY_S) -> None:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from dicom_node import retention
 from dicom_node.jobs import JobQueue
 from dicom_node.label_intake import TaskLabelIntake
 from dicom_node.monitor import StabilityMonitor
@@ -83,8 +84,15 @@ class Loop:
         if settings.backend == "triton":
             LOG.info("inference on Triton at %s (%s models); pre- and post-processing in "
                      "the workers", settings.triton_url, settings.triton_variant)
-        # The node's one scheduler (STYLE rule 15): nightly training, when enabled.
-        self.scheduler = NightlyScheduler(settings) if settings.train_enabled else None
+        # The node's one scheduler (STYLE rule 15): nightly training, when enabled, and
+        # the archive prune; the disk guard prunes under pressure between them.
+        self.scheduler = NightlyScheduler(settings)
+        self.settings = settings
+        self.scheduler.add_every(lambda: retention.prune(self.settings, by="scheduler", audit=audit),
+                                 settings.prune_every_min, job_id="archive-prune",
+                                 name="archive prune")
+        self.disk_guard = retention.DiskGuard(settings, audit)
+        archive.ingest.make_room = self.disk_guard.make_room
         LOG.info("tasks: %s", describe_tasks(settings.tasks))
         if not settings.destinations:
             LOG.warning("no destinations configured: results are kept in the twins only "
@@ -104,8 +112,9 @@ class Loop:
         self.monitor.set_tasks(tasks)
         self.workers.set_tasks(tasks)
         self.intake.set_tasks(tasks)
-        if self.scheduler is not None:
-            self.scheduler.set_tasks(tasks)
+        self.scheduler.set_tasks(tasks)
+        self.settings = self.settings.replace(tasks=tasks)  # their retention overrides
+        self.disk_guard.settings = self.settings
 
     def healthy(self) -> bool:
         """True while the sender thread and the workers' supervisor run.
@@ -121,15 +130,13 @@ class Loop:
         self.sender.start()
         self.workers.start()
         self.monitor.start()
-        if self.scheduler is not None:
-            self.scheduler.start()
-        else:
-            LOG.info("nightly training is disabled (train_enabled = false)")
+        self.scheduler.start()
+        self.disk_guard.start()
 
     def stop(self) -> None:
         """Stop all three; what is not done stays queued for the next start."""
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        self.scheduler.stop()
+        self.disk_guard.stop()
         self.monitor.stop()
         self.workers.stop()
         self.sender.stop()

@@ -333,6 +333,12 @@ def _to_float(v: Any, source: str = "") -> float:
     return float(v)
 
 
+def _to_days_or_forever(v: Any) -> float | None:
+    if isinstance(v, str) and v.strip().lower() == "forever":
+        return None
+    return _to_float(v)
+
+
 def _to_str(v: Any, source: str = "") -> str:
     if not isinstance(v, str):
         raise TypeError
@@ -555,6 +561,37 @@ class Settings:
         0.25, **_NUMBER, check=_number(0.001, 100, "a population stability index > 0"),
         doc="Population stability index above which a figure counts as moved (0.25: the "
             "customary \"significant shift\").")
+    retention_days: float = _setting(
+        30.0, read=_to_float, read_as="a number of days",
+        check=_number(0, 36500, "a number of days >= 0"),
+        doc="Days the source images of a patient who does not donate are kept once their "
+            "series is settled (every job done, every send of its results delivered or given "
+            "up); 0 removes them as soon as that is true. Their labels go with them. Per task: "
+            "``[[tasks]] retention_days``.")
+    result_retention_days: float | None = _setting(
+        None, read=lambda v, source: _to_days_or_forever(v), read_as='a number of days or "forever"',
+        shown='"forever"',
+        check=Check(expected='a number of days >= 0 or "forever"',
+                    test=lambda v: v is None or 0 <= v <= 36500),
+        doc="Days the results (SEG, SR, overlay files) are kept once their series is settled; "
+            '"forever" (the default) keeps them. Their measurements stay in the twin.')
+    revoke_grace_days: float = _setting(
+        30.0, read=_to_float, read_as="a number of days",
+        check=_number(0, 36500, "a number of days >= 0"),
+        doc="After a patient revokes donation, days their images stay before the non-donor "
+            "rule applies (training-use records stay).")
+    prune_every_min: float = _setting(
+        60.0, read=_to_float, read_as="a number of minutes",
+        check=_number(0, 10080, "a number of minutes > 0 (at most 10080)", above=True),
+        doc="Minutes between the scheduled prunes (``archive prune`` runs one by hand).")
+    disk_high_water_pct: float = _setting(
+        90.0, **_NUMBER, check=_number(1, 100, "a percentage from 1 to 100"),
+        doc="Use of the data directory's file system (%) above which the node prunes what "
+            "retention allows, waiving ``retention_days`` for settled non-donor images, oldest "
+            "first, down to ``disk_low_water_pct``, before any C-STORE is refused.")
+    disk_low_water_pct: float = _setting(
+        80.0, **_NUMBER, check=_number(0, 100, "a percentage from 0 to 100"),
+        doc="Use (%) a prune under disk pressure brings the file system down to.")
     max_memory_gb: float = _setting(
         0.0, read=_to_float, read_as="a number of GB",
         check=_number(0, 100000, "a number of GB >= 0 (0 = derived from the machine)"),
@@ -585,6 +622,9 @@ class Settings:
                 raise ConfigError(f"destinations[{i}].tls",
                                   "tls_cert, tls_key and tls_ca set (TLS needs the node's certificate)",
                                   True, src)
+        if self.disk_low_water_pct >= self.disk_high_water_pct:
+            raise ConfigError("disk_low_water_pct", "below disk_high_water_pct",
+                              self.disk_low_water_pct, src)
         if self.backend == "triton" and not self.triton_url:
             raise ConfigError("triton_url", 'HOST:PORT (backend = "triton" needs it)',
                               self.triton_url, src)

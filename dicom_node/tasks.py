@@ -40,7 +40,8 @@ DEFAULT_EXCLUDED_DESCRIPTIONS = (r"\bscout\b", r"locali[sz]er", r"dose\s*report"
 #: The keys of a ``[[tasks]]`` table.
 TASK_KEYS = ("name", "modality", "body_parts", "accept_missing_body_part",
              "exclude_series_descriptions", "min_slices", "max_slice_thickness_mm",
-             "manufacturers", "outputs", "enabled", "min_dice")
+             "manufacturers", "outputs", "enabled", "min_dice", "retention_days",
+             "result_retention_days")
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # as registry.records.check_task
 #: The image storage SOP class a task of each modality accepts (single-frame images,
 #: which the pipeline stacks into a volume).
@@ -88,6 +89,12 @@ class Task:
     min_dice : float or None
         The task's quality floor for promotion, mean validation Dice in [0, 1]
         (``None``: the global ``train_min_dice``, default 0.7).
+    retention_days : float or None
+        Days this task's source images of non-donors are kept once settled (``None``:
+        the global ``retention_days``; a series of several tasks keeps the longest).
+    result_retention_days : float, "forever" or None
+        Days this task's results are kept once settled; ``"forever"`` keeps them;
+        ``None``: the global ``result_retention_days``.
     source : str
         Where the task was read from (for error messages); not compared.
 
@@ -108,6 +115,8 @@ class Task:
     outputs: tuple[str, ...] = OUTPUT_KINDS
     enabled: bool = True
     min_dice: float | None = None
+    retention_days: float | None = None
+    result_retention_days: float | str | None = None
     source: str = field(default="", compare=False)
     rules: SelectionRules = field(init=False, compare=False, repr=False)
 
@@ -158,6 +167,7 @@ class Task:
                     or not 0 <= floor <= 1:
                 raise bad("min_dice", "a mean Dice in [0, 1]", floor)
             object.__setattr__(self, "min_dice", float(floor))
+        self._check_retention(bad)
         thick = self.max_slice_thickness_mm
         if thick is not None:
             if isinstance(thick, bool) or not isinstance(thick, int | float) \
@@ -176,6 +186,18 @@ class Task:
             raise bad(_RULE_KEYS.get(exc.key, exc.key), exc.expected, exc.got) from None
         object.__setattr__(self, "rules", rules)
 
+    def _check_retention(self, bad: Any) -> None:
+        """The per-task retention overrides: days >= 0 (``"forever"`` for results)."""
+        for key in ("retention_days", "result_retention_days"):
+            days = getattr(self, key)
+            if days is None or (key == "result_retention_days" and days == "forever"):
+                continue
+            if isinstance(days, bool) or not isinstance(days, int | float) \
+                    or not 0 <= days <= 36500:
+                raise bad(key, "a number of days >= 0" + (' or "forever"' if key.startswith(
+                    "result") else ""), days)
+            object.__setattr__(self, key, float(days))
+
     @property
     def task(self) -> str:
         """The registry task (same as :attr:`name`)."""
@@ -189,7 +211,9 @@ class Task:
                 "min_slices": self.min_slices,
                 "max_slice_thickness_mm": self.max_slice_thickness_mm,
                 "manufacturers": list(self.manufacturers), "outputs": list(self.outputs),
-                "enabled": self.enabled, "min_dice": self.min_dice}
+                "enabled": self.enabled, "min_dice": self.min_dice,
+                "retention_days": self.retention_days,
+                "result_retention_days": self.result_retention_days}
 
     def describe_rules(self) -> str:
         """The rules in one line of words."""

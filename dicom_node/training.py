@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 
 from dicom_node.settings import Settings, parse_time_of_day
 from dicom_node.tasks import Task, find_task
@@ -130,8 +131,19 @@ class NightlyScheduler:
         """Train ``tasks`` from the next firing on."""
         self.tasks = tuple(tasks)
 
+    def add_every(self, func: Callable[[], object], minutes: float, *, job_id: str,
+                  name: str) -> None:
+        """Run ``func`` every ``minutes`` on this scheduler (e.g. the archive prune)."""
+        self.scheduler.add_job(func, IntervalTrigger(minutes=minutes), id=job_id, name=name,
+                               replace_existing=True)
+
     def start(self) -> None:
-        """Start the scheduler thread with the nightly job."""
+        """Start the scheduler thread with the nightly job (when ``train_enabled``) and
+        the jobs added with :meth:`add_every`."""
+        if not self.settings.train_enabled:
+            self.scheduler.start()
+            LOG.info("nightly training is disabled (train_enabled = false)")
+            return
         self.scheduler.add_job(self.run_nightly, self.trigger, id=JOB_ID, name="nightly training",
                                replace_existing=True)
         self.scheduler.start()
@@ -197,6 +209,10 @@ class NightlyScheduler:
         return run
 
     def _on_event(self, event: JobExecutionEvent) -> None:
+        if event.job_id != JOB_ID:
+            if event.exception is not None:
+                LOG.error("scheduled job %s raised: %s", event.job_id, event.exception)
+            return
         if event.exception is not None:
             LOG.error("nightly training job raised: %s", event.exception)
         else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,3 +200,24 @@ def export_decathlon(archive: Archive, labels: LabelStore, data_dir: Path, task:
     LOG.info("exported %s: %d case(s) (%d validation) to %s; mapping kept in %s", task,
              len(order), len(validation), out_dir, keep)
     return desc
+
+
+def scrub_patients(data_dir: Path, patient_keys: Sequence[str]) -> int:
+    """Remove the cases of these twins from the kept export mappings (twin erasure);
+    return how many cases went. The exported files outside the data directory are the
+    site's to delete (the mapping said where they went)."""
+    keys = set(patient_keys)
+    removed = 0
+    for path in sorted((data_dir / EXPORTS_DIR).glob("*.json")):
+        kept = json.loads(path.read_text())
+        cases = kept.get("cases", [])
+        left = [c for c in cases if c.get("patient_key") not in keys]
+        if len(left) == len(cases):
+            continue
+        removed += len(cases) - len(left)
+        kept["cases"] = left
+        manifest = kept.get("manifest") or {}
+        if isinstance(manifest.get("series"), list):
+            manifest["series"] = [s for s in manifest["series"] if s.get("patient_key") not in keys]
+        write_durably(path, [json.dumps(kept, indent=2).encode()])
+    return removed

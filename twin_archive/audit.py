@@ -68,6 +68,10 @@ class AuditEvent(str, enum.Enum):
     MODEL_PROMOTED = "model-promoted"
     TWIN_MERGED = "twin-merged"
     ARCHIVE_REPAIRED = "archive-repaired"
+    ARCHIVE_PRUNED = "archive-pruned"
+    TWIN_ERASED = "twin-erased"
+    TWIN_HELD = "twin-held"
+    TWIN_RELEASED = "twin-released"
 
 
 #: DICOM Event ID (code, meaning) of each event type; DCM coding scheme (PS3.16 CID 400).
@@ -84,6 +88,10 @@ EVENT_IDS: dict[AuditEvent, tuple[str, str]] = {
     AuditEvent.MODEL_PROMOTED: ("110113", "Security Alert"),  # type 110131 Software Configuration
     AuditEvent.TWIN_MERGED: ("110110", "Patient Record"),
     AuditEvent.ARCHIVE_REPAIRED: ("110113", "Security Alert"),  # the archive was changed by hand
+    AuditEvent.ARCHIVE_PRUNED: ("110105", "DICOM Study Deleted"),
+    AuditEvent.TWIN_ERASED: ("110105", "DICOM Study Deleted"),
+    AuditEvent.TWIN_HELD: ("110110", "Patient Record"),
+    AuditEvent.TWIN_RELEASED: ("110110", "Patient Record"),
 }
 
 

@@ -19,7 +19,7 @@ import logging
 import shutil
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
@@ -77,6 +77,9 @@ class Ingest:
             raise ValueError(f"min_free_bytes must be >= 0, got {min_free_bytes}")
         self.db = db
         self.data_dir = data_dir
+        #: Called with the bytes needed before an instance is refused for lack of space;
+        #: returns whether it freed any (the node's disk guard prunes what retention allows).
+        self.make_room: Callable[[int], bool] | None = None
         self.tmp_dir = data_dir / "tmp"
         self.min_free_bytes = min_free_bytes
         self._lock = lock
@@ -209,6 +212,9 @@ class Ingest:
         if not self.min_free_bytes:
             return
         free = shutil.disk_usage(self.data_dir).free
+        if free - incoming_bytes < self.min_free_bytes and self.make_room is not None \
+                and self.make_room(incoming_bytes):  # pruned what retention allows: look again
+            free = shutil.disk_usage(self.data_dir).free
         if free - incoming_bytes < self.min_free_bytes:
             raise OutOfResourcesError(
                 f"only {free // (1 << 20)} MiB free on the data directory, below the "
@@ -275,6 +281,9 @@ class Ingest:
             paths = {r[0] for r in self.db.execute("SELECT path FROM instances")}
             paths.update(r[0] for r in self.db.execute("SELECT path FROM ai_result_objects"))
             paths.update(r[0] for r in self.db.execute("SELECT path FROM labels"))
+            # removals in progress (twin_archive.retention): finished at start, never re-indexed
+            paths.update(r[0] for r in self.db.execute(
+                "SELECT path FROM pruned_files WHERE file_removed = 0"))
             # shadow results (twin_archive.learning): stored, indexed, never sent
             paths.update(obj["path"] for r in self.db.execute("SELECT objects FROM shadow_results")
                          for obj in json.loads(r[0]))

@@ -292,11 +292,11 @@ class LabelStore(IndexStore):
                 cur = conn.execute(
                     "INSERT INTO labels (patient_key, study_uid, series_uid, source, segments,"
                     " path, sha256, seg_sop_instance_uid, seg_series_uid, calling_ae,"
-                    " content_creator, content_time, recorded_at, current, tasks)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,?)",
+                    " content_creator, content_time, recorded_at, current, tasks, size)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,?,?)",
                     (patient_key, study_uid, series_uid, source, json.dumps(list(segments)),
                      path, sha256, seg_sop, seg_series, calling_ae, creator, content_time,
-                     iso(utc_now()), tasks_text))
+                     iso(utc_now()), tasks_text, _file_size(self.data_dir / path)))
                 label_id, new = int(cur.lastrowid or 0), True
                 conn.execute("UPDATE labels SET current = (id = ?) WHERE series_uid = ?",
                              (label_id, series_uid))
@@ -431,3 +431,11 @@ def twin_labels(db: sqlite_utils.Database, data_dir: Path, patient_key: str
     """
     rows = fetch_dicts(db, "SELECT * FROM labels WHERE patient_key = ? ORDER BY id", (patient_key,))
     return tuple(_build(data_dir, r).to_dict() for r in rows)
+
+
+def _file_size(path: Path) -> int:
+    """Size of a label file in bytes (0 when it cannot be read)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -37,6 +37,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from dicom_node.durable import clean_tmp, replace_durably
 from twin_archive.layout import ARCHIVE_DIR, QUARANTINE_DIR
 from twin_archive.records import StoreOutcome, StoreResult
+from twin_archive.retention import Retention
 
 if TYPE_CHECKING:
     from twin_archive.ingest import Ingest
@@ -155,11 +156,13 @@ def recently_written(path: Path, seconds: float) -> bool:
 
 def recover(ingest: Ingest) -> int:
     """Start-up recovery (under the data directory's lock): remove temporary files
-    of writes interrupted by a crash, then reconcile files and rows
-    (:func:`reconcile`). Returns how many temporary files were removed."""
+    of writes interrupted by a crash, finish removals (prune, erasure) a crash
+    interrupted, then reconcile files and rows (:func:`reconcile`). Returns how many temporary files were removed."""
     removed = clean_tmp(ingest.tmp_dir)
     if removed:
         LOG.warning("archive: removed %d unfinished temporary file(s) after restart", removed)
+    with Retention(ingest.data_dir) as retention:
+        retention.finish_pending()
     reconcile(ingest)
     return removed
 

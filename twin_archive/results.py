@@ -160,7 +160,8 @@ class ResultStore(IndexStore):
             result_id = int(cur.lastrowid or 0)
             conn.executemany(
                 "INSERT INTO ai_result_objects (result_id, kind, sop_class_uid,"
-                " sop_instance_uid, series_uid, transfer_syntax_uid, path) VALUES (?,?,?,?,?,?,?)",
+                " sop_instance_uid, series_uid, transfer_syntax_uid, path, size)"
+                " VALUES (?,?,?,?,?,?,?,?)",
                 [(result_id, *r) for r in rows],
             )
             superseded = conn.execute(
@@ -175,7 +176,7 @@ class ResultStore(IndexStore):
         return result
 
     def _store_files(self, folder: Path, objects: Sequence[tuple[str, Dataset]]
-                     ) -> tuple[list[tuple[str, str, str, str, str, str]], list[Path]]:
+                     ) -> tuple[list[tuple[str, str, str, str, str, str, int]], list[Path]]:
         """Write each object durably; its index row (without the result id), and the
         files this call created (for :meth:`_discard` when the set cannot be recorded).
 
@@ -184,7 +185,7 @@ class ResultStore(IndexStore):
         any row naming the files is committed. On a failure (a full disk) the files
         written so far are removed before the error goes on: all or nothing.
         """
-        rows: list[tuple[str, str, str, str, str, str]] = []
+        rows: list[tuple[str, str, str, str, str, str, int]] = []
         created: list[Path] = []
         for kind, ds in objects:
             if kind not in RESULT_KINDS:
@@ -197,12 +198,13 @@ class ResultStore(IndexStore):
                 sop_uid = str(ds.SOPInstanceUID)
                 final = folder / f"{kind}-{sop_uid}.dcm"
                 existed = final.exists()
-                write_durably(final, (_encode(ds),), self.tmp_dir, sync_dir=False)
+                data = _encode(ds)
+                write_durably(final, (data,), self.tmp_dir, sync_dir=False)
                 if not existed:
                     created.append(final)
                 rows.append((kind, str(ds.SOPClassUID), sop_uid, str(ds.SeriesInstanceUID),
                              str(ds.file_meta.TransferSyntaxUID),
-                             str(final.relative_to(self.data_dir))))
+                             str(final.relative_to(self.data_dir)), len(data)))
             if rows:
                 fsync_dir(folder)
         except BaseException:
@@ -249,7 +251,8 @@ class ResultStore(IndexStore):
         with self._all_or_nothing(created), self._lock, write(self.db) as conn:
             conn.executemany(
                 "INSERT INTO ai_result_objects (result_id, kind, sop_class_uid,"
-                " sop_instance_uid, series_uid, transfer_syntax_uid, path) VALUES (?,?,?,?,?,?,?)",
+                " sop_instance_uid, series_uid, transfer_syntax_uid, path, size)"
+                " VALUES (?,?,?,?,?,?,?,?)",
                 [(result_id, *r) for r in rows],
             )
             conn.execute("UPDATE ai_results SET timings = ? WHERE id = ?",

@@ -171,9 +171,46 @@ def _m6_live_learning(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m7_retention(db: sqlite_utils.Database) -> None:
+    """Issue 23: what retention pruned (:mod:`twin_archive.retention`), legal holds, and
+    the sizes of result and label files (bytes by kind in ``status``).
+
+    ``pruned_files`` keeps one row per removed file (instance, result object or label)
+    with its UIDs, size, dates and why: ``twin show`` tells what existed. A row with
+    ``file_removed = 0`` is a removal in progress: its file, if still there, is removed
+    at the next start (:func:`twin_archive.retention.finish_pending`), never re-indexed.
+    """
+    db.execute(
+        "CREATE TABLE pruned_files (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,"
+        " patient_key TEXT NOT NULL, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,"
+        " sop_instance_uid TEXT NOT NULL, size INTEGER NOT NULL, received_at TEXT NOT NULL,"
+        " path TEXT NOT NULL, pruned_at TEXT NOT NULL, reason TEXT NOT NULL,"
+        " file_removed INTEGER NOT NULL DEFAULT 0)")
+    db.execute("CREATE INDEX pruned_files_series ON pruned_files (series_uid)")
+    db.execute("CREATE INDEX pruned_files_patient ON pruned_files (patient_key)")
+    db.execute("CREATE INDEX pruned_files_pending ON pruned_files (file_removed)"
+               " WHERE file_removed = 0")
+    db.execute(
+        "CREATE TABLE holds (patient_key TEXT PRIMARY KEY REFERENCES twins(patient_key),"
+        " at TEXT NOT NULL, by TEXT NOT NULL, reason TEXT NOT NULL)")
+    db.execute("ALTER TABLE ai_result_objects ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE labels ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+    db.execute("CREATE INDEX ai_results_series ON ai_results (source_series_uid)")
+    db.execute("CREATE INDEX instances_received_at ON instances (received_at)")
+    data_dir = Path(db.conn.execute("PRAGMA database_list").fetchone()[2]).parent
+    for table in ("ai_result_objects", "labels"):  # sizes of the files already there
+        rows = db.conn.execute(f"SELECT id, path FROM {table}").fetchall()  # noqa: S608
+        for row_id, rel in rows:
+            try:
+                size = (data_dir / rel).stat().st_size
+            except OSError:
+                continue
+            db.conn.execute(f"UPDATE {table} SET size = ? WHERE id = ?", (size, row_id))  # noqa: S608
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _m1_initial, _m2_ai_results, _m3_labels_and_training_use, _m4_label_tasks,
-    _m5_liberal_acceptance_and_repair, _m6_live_learning)
+    _m5_liberal_acceptance_and_repair, _m6_live_learning, _m7_retention)
 
 
 class IndexStore:

@@ -64,6 +64,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                         help="rebuild index.sqlite from the files and the audit log "
                              "(stop the node first)")
     p.set_defaults(func=cmd_rebuild)
+    from dicom_node.cli import retention
+
+    retention.register_archive(asub, parents)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -12,7 +12,7 @@ from twin_archive import Archive, audit, printable
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    twin = sub.add_parser("twin", parents=parents, help="patients' twins: list, show, consent")
+    twin = sub.add_parser("twin", parents=parents, help="patients' twins: list, show, consent, hold, forget")
     tsub = twin.add_subparsers(dest="twin_command", metavar="ACTION", required=True)
 
     p = tsub.add_parser("list", parents=parents, help="list the twins in the archive")
@@ -47,6 +47,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--by", required=True, help="who decides (recorded in the audit log)")
     p.add_argument("--reason", required=True, help="why: the order, the reconciliation...")
     p.set_defaults(func=cmd_merge)
+    from dicom_node.cli import retention
+
+    retention.register_twin(tsub, parents)
 
 
 def _archive(settings: Settings) -> Archive:
@@ -97,11 +100,16 @@ def _jobs_of(settings: Settings, detail: Any) -> list[Any]:
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from twin_archive.retention import Retention
+
     with _archive(settings) as archive:
         detail = archive.twins.twin(args.patient_id, args.issuer)
+    with Retention(settings.data_dir) as store:
+        hold = store.held(detail.twin.patient_key)
+        pruned = store.pruned_by_series(detail.twin.patient_key)
     jobs = _jobs_of(settings, detail)
     if args.json:
-        print(json.dumps({**detail.to_dict(), "jobs": [
+        print(json.dumps({**detail.to_dict(), "hold": hold, "pruned": pruned, "jobs": [
             {"id": j.id, "task": j.task, "series_uid": j.series_uid, "state": j.state.value,
              "reason": j.error, "result_id": j.result_id} for j in jobs]}, indent=2))
         return 0
@@ -118,6 +126,9 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     if t.merged_into:
         print(f"  MERGED into twin {t.merged_into}: its studies are shown there")
     print(f"  donation: {'DONATES' if t.donate else 'does not donate'}")
+    if hold is not None:
+        print(f"  LEGAL HOLD since {hold['at'][:19]} by {printable(hold['by'])}: "
+              f"{printable(hold['reason'])} (nothing of this patient is pruned)")
     for m in detail.merges:
         if m.target_key == t.patient_key:
             print(f"  merged in: unidentified twin {m.source_key} ({m.studies} study(ies)) at "
@@ -132,6 +143,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
                              "hashed file names")
             if se.missing:
                 notes.append(f"{se.missing} MISSING (file gone; found by archive verify)")
+            notes.extend(_pruned_notes(pruned.get(se.series_uid, {})))
             print(f"    series {printable(se.series_number):>4} {printable(se.modality):<3} "
                   f"{printable(se.description)!r:<30} {se.instances:>5} instances  "
                   f"{printable(se.manufacturer)} {printable(se.model_name)}  "
@@ -154,6 +166,13 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  job {j.id} ({j.task}) on series {j.series_uid}: {j.state.value}"
                   + (f": {j.error}" if j.state.value == "waiting" else ""))
     return 0
+
+
+def _pruned_notes(kinds: dict[str, dict[str, Any]]) -> list[str]:
+    """What retention removed of a series, in words (``twin show``)."""
+    names = {"instance": "instance(s)", "label": "label file(s)", "result": "result object(s)"}
+    return [f"{v['files']} {names.get(kind, kind)} PRUNED ({(v['bytes'] or 0) / 1e6:.1f} MB) at "
+            f"{v['at'][:19]}: {v['reason']}" for kind, v in sorted(kinds.items())]
 
 
 def cmd_consent(args: argparse.Namespace, settings: Settings) -> int:

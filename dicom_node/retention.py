@@ -1,0 +1,247 @@
+"""Retention in the running node: settled series, the scheduled prune, disk watermarks.
+
+The archive knows twins, consent and holds (:mod:`twin_archive.retention`); whether a
+series has served its purpose is the queues' knowledge, worked out here
+(:func:`settled_series`): the monitor decided on the series as it now stands, and
+either it needed no job (``ignored``, ``no-pipeline``) or every job of that state is
+``done`` or ``failed`` and every send of their results is ``sent``, ``failed`` (given
+up) or ``held``.
+
+* :func:`prune` - one prune (``archive prune``, the scheduled job, the disk guard),
+  audited in the hash chain;
+* :class:`DiskGuard` - above ``disk_high_water_pct`` prunes under pressure down to
+  ``disk_low_water_pct``, and is asked by the C-STORE path before it would refuse an
+  instance for lack of space (:attr:`twin_archive.ingest.Ingest.make_room`). When
+  nothing is prunable it says so once in the journal and on ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.jobs import open_queue_readonly
+from dicom_node.settings import Settings
+from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
+from twin_archive.retention import PruneItem, PruneReport, Retention, RetentionPolicy, SettledSeries
+
+LOG = logging.getLogger(__name__)
+
+#: Seconds between two looks at the disk by the guard.
+GUARD_INTERVAL_S = 1.0
+#: Seconds before the guard plans again after finding nothing prunable.
+NOTHING_PRUNABLE_RETRY_S = 10.0
+
+_SETTLED_SQL = """
+WITH cur AS (
+  SELECT m.series_uid, m.last_received, m.decision, m.decided_at FROM monitored_series m
+  WHERE m.decision IN ('queued', 'ignored', 'no-pipeline')),
+j AS (
+  SELECT cur.series_uid, COUNT(jobs.id) AS n,
+         SUM(jobs.state NOT IN ('done', 'failed')) AS open,
+         MAX(jobs.finished_at) AS finished, group_concat(DISTINCT jobs.task) AS tasks
+  FROM cur JOIN jobs ON jobs.series_uid = cur.series_uid
+   AND jobs.series_last_received = cur.last_received GROUP BY cur.series_uid),
+s AS (
+  SELECT cur.series_uid, SUM(sends.state = 'queued') AS open,
+         MAX(COALESCE(sends.sent_at, sends.next_attempt_at)) AS settled
+  FROM cur JOIN jobs ON jobs.series_uid = cur.series_uid
+   AND jobs.series_last_received = cur.last_received
+  JOIN sends ON sends.result_id = jobs.result_id GROUP BY cur.series_uid)
+SELECT cur.series_uid, cur.last_received, cur.decision, cur.decided_at,
+       j.n, j.open, j.finished, j.tasks, s.open AS open_sends, s.settled AS sends_settled
+FROM cur LEFT JOIN j ON j.series_uid = cur.series_uid LEFT JOIN s ON s.series_uid = cur.series_uid
+"""
+
+
+def policy(settings: Settings) -> RetentionPolicy:
+    """The retention policy of the settings and their tasks' overrides."""
+    days = {t.name: t.retention_days for t in settings.tasks if t.retention_days is not None}
+    result_days: dict[str, float | None] = {}
+    for t in settings.tasks:
+        if t.result_retention_days == "forever":
+            result_days[t.name] = None
+        elif isinstance(t.result_retention_days, float):
+            result_days[t.name] = t.result_retention_days
+    return RetentionPolicy(retention_days=settings.retention_days,
+                           result_retention_days=settings.result_retention_days,
+                           revoke_grace_days=settings.revoke_grace_days,
+                           task_retention_days=days, task_result_retention_days=result_days)
+
+
+def settled_series(data_dir: Path | str) -> list[SettledSeries]:
+    """The series whose purpose is served, from ``queue.sqlite`` (read only)."""
+    conn = open_queue_readonly(data_dir)
+    if conn is None:
+        return []
+    out = []
+    with contextlib.closing(conn):
+        for r in conn.execute(_SETTLED_SQL):
+            if r["decision"] == "queued":
+                if not r["n"] or r["open"] or r["open_sends"]:
+                    continue
+                at = max(x for x in (r["decided_at"], r["finished"], r["sends_settled"]) if x)
+                tasks = tuple(sorted((r["tasks"] or "").split(","))) if r["tasks"] else ()
+            else:
+                at, tasks = r["decided_at"], ()
+            out.append(SettledSeries(series_uid=r["series_uid"], last_received=r["last_received"],
+                                     settled_at=at, tasks=tasks))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PruneRun:
+    """A prune: what was allowed, and what was removed (``None`` for a dry run)."""
+
+    items: tuple[PruneItem, ...]
+    report: PruneReport | None
+    seconds: float
+
+
+def prune(settings: Settings, *, dry_run: bool = False, pressure: bool = False, by: str,
+          stop_when: Callable[[], bool] | None = None,
+          audit: AuditLog | None = None) -> PruneRun:
+    """Plan and (unless ``dry_run``) carry out one prune; audited when it removed anything.
+
+    Parameters
+    ----------
+    by : str
+        Who prunes (``scheduler``, ``disk-guard``, a user name) for the audit log.
+    """
+    t0 = time.perf_counter()
+    settled = settled_series(settings.data_dir)
+    with Retention(settings.data_dir) as store:
+        items = tuple(store.plan(policy(settings), settled, pressure=pressure))
+        if dry_run or not items:
+            return PruneRun(items=items, report=None, seconds=time.perf_counter() - t0)
+        total = sum(i.files for i in items)
+        LOG.info("archive prune: %d file(s) of %d series allowed by retention (%.1f MB)%s",
+                 total, len(items), sum(i.bytes for i in items) / 1e6,
+                 " under disk pressure" if pressure else "")
+        report = store.prune(items, stop_when=stop_when, progress=_progress(total))
+    _audit(settings.data_dir, report, by=by, pressure=pressure, audit=audit)
+    LOG.info("archive prune: removed %d file(s) of %d series of %d patient(s), %.1f MB, in %.1f s"
+             "%s", report.files, report.series, len(report.patients), report.bytes / 1e6,
+             time.perf_counter() - t0,
+             f"; {len(report.skipped)} series re-opened since, kept" if report.skipped else "")
+    return PruneRun(items=items, report=report, seconds=time.perf_counter() - t0)
+
+
+def _progress(total: int) -> Callable[[int, int], None]:
+    last = [time.monotonic()]
+
+    def show(done: int, _total: int) -> None:
+        if time.monotonic() - last[0] >= 10.0 and done < total:
+            last[0] = time.monotonic()
+            LOG.info("archive prune: %d of %d file(s) removed", done, total)
+    return show
+
+
+def _audit(data_dir: Path, report: PruneReport, *, by: str, pressure: bool,
+           audit: AuditLog | None) -> None:
+    if not report.files:
+        return
+    detail = {**report.to_dict(), "pressure": pressure, "patient_keys": list(report.patients)}
+    if audit is not None:
+        audit.record(AuditEvent.ARCHIVE_PRUNED, AuditOutcome.SUCCESS, by, "retention", detail)
+    else:
+        with AuditLog(data_dir) as log:
+            log.record(AuditEvent.ARCHIVE_PRUNED, AuditOutcome.SUCCESS, by, "retention", detail)
+
+
+def disk_use_pct(path: Path) -> float:
+    """Use of the file system holding ``path``, percent."""
+    u = shutil.disk_usage(path)
+    return 100.0 * (u.total - u.free) / u.total if u.total else 0.0
+
+
+class DiskGuard:
+    """Keeps the data directory's file system below its high water mark by pruning.
+
+    Parameters
+    ----------
+    settings : Settings
+        ``disk_high_water_pct``, ``disk_low_water_pct`` and the retention settings.
+    audit : AuditLog, optional
+        The node's audit log (prunes are recorded there).
+    """
+
+    def __init__(self, settings: Settings, audit: AuditLog | None = None) -> None:
+        self.settings = settings
+        self.audit = audit
+        self.nothing_prunable = False  # for /metrics
+        self.pressure = False
+        self._lock = threading.Lock()  # one prune at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._retry_at = 0.0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="disk-guard", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(GUARD_INTERVAL_S):
+            try:
+                self.check()
+            except Exception:  # the guard must outlive any one failure (a full disk included)
+                LOG.exception("disk guard: check failed; trying again")
+
+    def check(self) -> bool:
+        """Prune under pressure when above high water; return whether anything was removed."""
+        use = disk_use_pct(self.settings.data_dir)
+        if use < self.settings.disk_high_water_pct:
+            if self.pressure:
+                LOG.info("disk: %.1f %% used, below the high water mark (%.0f %%) again",
+                         use, self.settings.disk_high_water_pct)
+            self.pressure = self.nothing_prunable = False
+            return False
+        if not self.pressure:
+            LOG.warning("disk: %.1f %% used, above the high water mark (%.0f %%): pruning what "
+                        "retention allows down to %.0f %%", use, self.settings.disk_high_water_pct,
+                        self.settings.disk_low_water_pct)
+            self.pressure = True
+        return self.make_room()
+
+    def make_room(self, need_bytes: int = 0) -> bool:
+        """Prune under pressure now (also from the C-STORE path before an A700); return
+        whether anything was removed."""
+        if time.monotonic() < self._retry_at:
+            return False
+        with self._lock:
+            low = self.settings.disk_low_water_pct
+            run = prune(self.settings, pressure=True, by="disk-guard", audit=self.audit,
+                        stop_when=lambda: disk_use_pct(self.settings.data_dir) < low)
+        removed = run.report is not None and run.report.files > 0
+        if not removed:
+            self._retry_at = time.monotonic() + NOTHING_PRUNABLE_RETRY_S
+            if not self.nothing_prunable:
+                LOG.warning("disk: %.1f %% used and nothing is prunable (donors' and held "
+                            "patients' images, unsettled series and kept results stay); the "
+                            "min_free_mb reserve refuses C-STOREs when it is reached",
+                            disk_use_pct(self.settings.data_dir))
+            self.nothing_prunable = True
+        else:
+            self.nothing_prunable = False
+        return removed
+
+
+def summarize(items: Sequence[PruneItem]) -> dict[str, int]:
+    """Counts of a plan by kind (``archive prune`` output)."""
+    out = {"series": len({i.series_uid for i in items}), "files": 0, "bytes": 0,
+           "patients": len({i.patient_key for i in items})}
+    for i in items:
+        out["files"] += i.files
+        out["bytes"] += i.bytes
+    return out
