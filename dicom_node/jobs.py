@@ -43,6 +43,7 @@ from pathlib import Path
 import sqlite_utils
 
 from dicom_node.database import Migration, connect, iso, migrate, open_existing, utc_now, write
+from twin_archive.retention import SettledSeries
 
 LOG = logging.getLogger(__name__)
 
@@ -123,6 +124,57 @@ def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_ut
     db = connect(path, timeout_s=timeout_s)
     migrate(db, QUEUE_MIGRATIONS, name="queue database")
     return db
+
+
+# ----------------------------------------------------------------------- settled
+_SETTLED_SQL = """
+WITH cur AS (
+  SELECT m.series_uid, m.last_received, m.decision, m.decided_at FROM monitored_series m
+  WHERE m.decision IN ('queued', 'ignored', 'no-pipeline')),
+j AS (
+  SELECT cur.series_uid, COUNT(jobs.id) AS n,
+         SUM(jobs.state NOT IN ('done', 'failed')) AS open,
+         MAX(jobs.finished_at) AS finished, group_concat(DISTINCT jobs.task) AS tasks
+  FROM cur JOIN jobs ON jobs.series_uid = cur.series_uid
+   AND jobs.series_last_received = cur.last_received GROUP BY cur.series_uid),
+s AS (
+  SELECT cur.series_uid, SUM(sends.state = 'queued') AS open,
+         MAX(COALESCE(sends.sent_at, sends.next_attempt_at)) AS settled
+  FROM cur JOIN jobs ON jobs.series_uid = cur.series_uid
+   AND jobs.series_last_received = cur.last_received
+  JOIN sends ON sends.result_id = jobs.result_id GROUP BY cur.series_uid)
+SELECT cur.series_uid, cur.last_received, cur.decision, cur.decided_at,
+       j.n, j.open, j.finished, j.tasks, s.open AS open_sends, s.settled AS sends_settled
+FROM cur LEFT JOIN j ON j.series_uid = cur.series_uid LEFT JOIN s ON s.series_uid = cur.series_uid
+"""
+
+
+def settled_series(data_dir: Path | str) -> list[SettledSeries]:
+    """The series whose purpose is served, from ``queue.sqlite`` (read only).
+
+    The monitor decided on the series as it now stands, and either it needed no job
+    (``ignored``, ``no-pipeline``) or every job of that state is ``done`` or ``failed``
+    and every send of their results ``sent``, ``failed`` (given up) or ``held``; settled
+    at the latest of the decision, the jobs' end and the sends' last attempt
+    (retention counts from there, :mod:`dicom_node.retention`).
+    """
+    conn = open_queue_readonly(data_dir)
+    if conn is None:
+        return []
+    out = []
+    with contextlib.closing(conn):
+        for r in conn.execute(_SETTLED_SQL):
+            if r["decision"] == "queued":
+                if not r["n"] or r["open"] or r["open_sends"]:
+                    continue
+                at = max(x for x in (r["decided_at"], r["finished"], r["sends_settled"]) if x)
+                tasks = tuple(sorted((r["tasks"] or "").split(","))) if r["tasks"] else ()
+            else:
+                at, tasks = r["decided_at"], ()
+            out.append(SettledSeries(series_uid=r["series_uid"], last_received=r["last_received"],
+                                     settled_at=at, tasks=tasks))
+    return out
+
 
 
 # ----------------------------------------------------------------------- jobs

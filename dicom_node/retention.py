@@ -1,8 +1,8 @@
 """Retention in the running node: settled series, the scheduled prune, disk watermarks.
 
 The archive knows twins, consent and holds (:mod:`twin_archive.retention`); whether a
-series has served its purpose is the queues' knowledge, worked out here
-(:func:`settled_series`): the monitor decided on the series as it now stands, and
+series has served its purpose is the queues' knowledge
+(:func:`dicom_node.jobs.settled_series`): the monitor decided on the series as it now stands, and
 either it needed no job (``ignored``, ``no-pipeline``) or every job of that state is
 ``done`` or ``failed`` and every send of their results is ``sent``, ``failed`` (given
 up) or ``held``.
@@ -17,7 +17,6 @@ up) or ``held``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import threading
@@ -26,10 +25,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.jobs import open_queue_readonly
+from dicom_node.jobs import settled_series
 from dicom_node.settings import Settings
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
-from twin_archive.retention import PruneItem, PruneReport, Retention, RetentionPolicy, SettledSeries
+from twin_archive.retention import PruneItem, PruneReport, Retention, RetentionPolicy
 
 LOG = logging.getLogger(__name__)
 
@@ -38,26 +37,6 @@ GUARD_INTERVAL_S = 1.0
 #: Seconds before the guard plans again after finding nothing prunable.
 NOTHING_PRUNABLE_RETRY_S = 10.0
 
-_SETTLED_SQL = """
-WITH cur AS (
-  SELECT m.series_uid, m.last_received, m.decision, m.decided_at FROM monitored_series m
-  WHERE m.decision IN ('queued', 'ignored', 'no-pipeline')),
-j AS (
-  SELECT cur.series_uid, COUNT(jobs.id) AS n,
-         SUM(jobs.state NOT IN ('done', 'failed')) AS open,
-         MAX(jobs.finished_at) AS finished, group_concat(DISTINCT jobs.task) AS tasks
-  FROM cur JOIN jobs ON jobs.series_uid = cur.series_uid
-   AND jobs.series_last_received = cur.last_received GROUP BY cur.series_uid),
-s AS (
-  SELECT cur.series_uid, SUM(sends.state = 'queued') AS open,
-         MAX(COALESCE(sends.sent_at, sends.next_attempt_at)) AS settled
-  FROM cur JOIN jobs ON jobs.series_uid = cur.series_uid
-   AND jobs.series_last_received = cur.last_received
-  JOIN sends ON sends.result_id = jobs.result_id GROUP BY cur.series_uid)
-SELECT cur.series_uid, cur.last_received, cur.decision, cur.decided_at,
-       j.n, j.open, j.finished, j.tasks, s.open AS open_sends, s.settled AS sends_settled
-FROM cur LEFT JOIN j ON j.series_uid = cur.series_uid LEFT JOIN s ON s.series_uid = cur.series_uid
-"""
 
 
 def policy(settings: Settings) -> RetentionPolicy:
@@ -73,26 +52,6 @@ def policy(settings: Settings) -> RetentionPolicy:
                            result_retention_days=settings.result_retention_days,
                            revoke_grace_days=settings.revoke_grace_days,
                            task_retention_days=days, task_result_retention_days=result_days)
-
-
-def settled_series(data_dir: Path | str) -> list[SettledSeries]:
-    """The series whose purpose is served, from ``queue.sqlite`` (read only)."""
-    conn = open_queue_readonly(data_dir)
-    if conn is None:
-        return []
-    out = []
-    with contextlib.closing(conn):
-        for r in conn.execute(_SETTLED_SQL):
-            if r["decision"] == "queued":
-                if not r["n"] or r["open"] or r["open_sends"]:
-                    continue
-                at = max(x for x in (r["decided_at"], r["finished"], r["sends_settled"]) if x)
-                tasks = tuple(sorted((r["tasks"] or "").split(","))) if r["tasks"] else ()
-            else:
-                at, tasks = r["decided_at"], ()
-            out.append(SettledSeries(series_uid=r["series_uid"], last_received=r["last_received"],
-                                     settled_at=at, tasks=tasks))
-    return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

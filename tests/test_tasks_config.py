@@ -218,7 +218,7 @@ def test_a_job_waits_for_a_model_then_is_released_or_expires(tmp_path: Path) -> 
     queue.close()
     # the columns were added by a migration: an older queue file is migrated in place
     again = JobQueue(tmp_path)
-    assert [r[0] for r in again.conn.execute("SELECT version FROM schema_migrations")] == [1, 2, 3]
+    assert [r[0] for r in again.conn.execute("SELECT version FROM schema_migrations")] == [1, 2, 3, 4]
     again.close()
 
 

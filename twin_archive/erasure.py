@@ -35,7 +35,6 @@ from pydicom.errors import InvalidDicomError
 from dicom_node.database import checkpoint_truncate, iso, utc_now, write
 from twin_archive.layout import ARCHIVE_DIR, QUARANTINE_DIR
 from twin_archive.retention import PatientHeldError, Retention
-from twin_archive.schema import fetch_dicts
 
 LOG = logging.getLogger(__name__)
 

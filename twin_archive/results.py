@@ -37,6 +37,8 @@ from twin_archive.uids import path_component, uid_problem
 LOG = logging.getLogger(__name__)
 
 RESULT_KINDS = ("seg", "sr", "overlay")
+_INSERT_OBJECT = ("INSERT INTO ai_result_objects (result_id, kind, sop_class_uid, sop_instance_uid,"
+                  " series_uid, transfer_syntax_uid, path, size) VALUES (?,?,?,?,?,?,?,?)")
 RESULTS_DIR = "results"
 
 
@@ -158,12 +160,7 @@ class ResultStore(IndexStore):
                  json.dumps(timings)),
             )
             result_id = int(cur.lastrowid or 0)
-            conn.executemany(
-                "INSERT INTO ai_result_objects (result_id, kind, sop_class_uid,"
-                " sop_instance_uid, series_uid, transfer_syntax_uid, path, size)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                [(result_id, *r) for r in rows],
-            )
+            conn.executemany(_INSERT_OBJECT, [(result_id, *r) for r in rows])
             superseded = conn.execute(
                 "UPDATE ai_results SET superseded_by = ? WHERE source_series_uid = ? AND task = ?"
                 " AND id <> ? AND superseded_by IS NULL",
@@ -249,12 +246,7 @@ class ResultStore(IndexStore):
                                           / path_component(result.study_uid), objects)
         merged = {**result.timings, **(timings or {})}
         with self._all_or_nothing(created), self._lock, write(self.db) as conn:
-            conn.executemany(
-                "INSERT INTO ai_result_objects (result_id, kind, sop_class_uid,"
-                " sop_instance_uid, series_uid, transfer_syntax_uid, path, size)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                [(result_id, *r) for r in rows],
-            )
+            conn.executemany(_INSERT_OBJECT, [(result_id, *r) for r in rows])
             conn.execute("UPDATE ai_results SET timings = ? WHERE id = ?",
                          (json.dumps(merged), result_id))
         return self.get(result_id)
