@@ -41,6 +41,7 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging
 from dicom_node.loop import Loop, describe_tasks
 from dicom_node.metrics import NodeMetrics
+from dicom_node import retention
 from dicom_node.observability import MetricsServer, NodeCollector, build_registry
 from dicom_node.sdnotify import Notifier
 from dicom_node.server import DicomServer, _load_chain
@@ -147,6 +148,11 @@ class Node:
         ok = all(v for k, v in checks.items() if isinstance(v, bool))
         return ok, checks
 
+    def _storage_metrics(self) -> list[Any]:
+        """``/metrics`` families of the disk and retention (:mod:`dicom_node.retention`)."""
+        return retention.storage_families(retention.storage(self.settings),
+                                          nothing_prunable=self.loop.disk_guard.nothing_prunable)
+
     def status_line(self) -> str:
         c = self.metrics.snapshot()
         received = sum(v for k, v in c.items() if k.startswith("instances_"))
@@ -180,7 +186,7 @@ class Node:
                 self.http = MetricsServer(s.metrics_bind, s.metrics_port, build_registry(
                     NodeCollector(self.metrics, s.data_dir, healthy=self.alive, workers=lambda: [
                         (w.state, w.restarts) for w in self.loop.workers.describe()],
-                        drift=config_of(s))), self.health)
+                        drift=config_of(s), storage=self._storage_metrics)), self.health)
             except OSError as exc:
                 self.server.stop(0)
                 self.loop.stop()

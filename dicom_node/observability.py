@@ -22,7 +22,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -172,8 +172,10 @@ class NodeCollector(Collector):
     def __init__(self, metrics: NodeMetrics, data_dir: Path,
                  healthy: Callable[[], bool] | None = None,
                  workers: Callable[[], list[tuple[str, int]]] | None = None,
-                 drift: DriftConfig | None = None) -> None:
+                 drift: DriftConfig | None = None,
+                 storage: Callable[[], Iterable[Metric]] | None = None) -> None:
         self.metrics = metrics
+        self.storage = storage
         self.drift = drift or DriftConfig()
         self.data_dir = Path(data_dir)
         self.healthy = healthy
@@ -263,6 +265,8 @@ class NodeCollector(Collector):
         audit.add_metric([], state.audit_events)
         yield audit
         yield from drift_families(self.data_dir, self.drift)
+        if self.storage is not None:
+            yield from self.storage()
 
 
 def drift_families(data_dir: Path, config: DriftConfig) -> Iterator[Metric]:

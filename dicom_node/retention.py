@@ -25,10 +25,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
 from dicom_node.jobs import settled_series
 from dicom_node.settings import Settings
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
-from twin_archive.retention import PruneItem, PruneReport, Retention, RetentionPolicy
+from twin_archive.retention import (
+    PruneItem,
+    PruneReport,
+    Retention,
+    RetentionPolicy,
+    Usage,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -204,3 +212,83 @@ def summarize(items: Sequence[PruneItem]) -> dict[str, int]:
         out["files"] += i.files
         out["bytes"] += i.bytes
     return out
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Storage:
+    """The data directory's bytes by kind, what retention could free, and the outlook
+    (``status``, ``/metrics``)."""
+
+    usage: Usage
+    models: int
+    prunable: int  # allowed now
+    prunable_under_pressure: int  # allowed above the high water mark
+    disk_use_pct: float
+    free: int
+    days_to_full: float | None  # at the last 7 days' intake; None without intake
+
+    def to_dict(self) -> dict[str, object]:
+        return {"bytes": {**self.usage.to_dict(), "models": self.models},
+                "prunable_bytes": self.prunable,
+                "prunable_under_pressure_bytes": self.prunable_under_pressure,
+                "disk_use_pct": round(self.disk_use_pct, 2), "free_bytes": self.free,
+                "days_to_full": None if self.days_to_full is None else round(self.days_to_full, 1)}
+
+
+def storage(settings: Settings) -> Storage:
+    """Bytes by kind, prunable bytes and days to full, read from the stores."""
+    data_dir = Path(settings.data_dir)
+    settled = settled_series(data_dir)
+    with Retention(data_dir) as store:
+        usage = store.usage()
+        pol = policy(settings)
+        now = sum(i.bytes for i in store.plan(pol, settled))
+        pressed = sum(i.bytes for i in store.plan(pol, settled, pressure=True))
+    models = sum(p.stat().st_size for p in (data_dir / "models").rglob("*") if p.is_file()) \
+        if (data_dir / "models").is_dir() else 0
+    disk = shutil.disk_usage(data_dir)
+    rate = usage.received_last_7d / 7.0
+    return Storage(usage=usage, models=models, prunable=now, prunable_under_pressure=pressed,
+                   disk_use_pct=disk_use_pct(data_dir), free=disk.free,
+                   days_to_full=disk.free / rate if rate > 0 else None)
+
+
+def storage_lines(s: Storage) -> list[str]:
+    """``status`` lines about the disk and retention."""
+    u = s.usage
+    mib = 1 << 20
+    out = [f"storage:   source images {(u.donors + u.non_donors + u.held) // mib} MiB "
+           f"(donors {u.donors // mib}, non-donors {u.non_donors // mib}, held {u.held // mib}), "
+           f"results {u.results // mib} MiB, labels {u.labels // mib} MiB, models {s.models // mib} MiB",
+           f"retention: prunable now {s.prunable // mib} MiB, under disk pressure "
+           f"{s.prunable_under_pressure // mib} MiB; pruned so far {u.pruned_files} file(s), "
+           f"{u.pruned_bytes // mib} MiB",
+           f"disk:      {s.disk_use_pct:.1f} % used; "
+           + (f"full in about {s.days_to_full:.0f} day(s) at the last 7 days' intake "
+              f"({u.received_last_7d / 7 / mib:.0f} MiB/day)" if s.days_to_full is not None
+              else "no intake in the last 7 days")]
+    return out
+
+
+def storage_families(s: Storage, *, nothing_prunable: bool) -> list[Metric]:
+    """Prometheus families of :func:`storage` (``/metrics``)."""
+    by_kind = GaugeMetricFamily("dicom_node_storage_bytes", "Bytes in the data directory by kind",
+                                labels=["kind"])
+    for kind, value in {**s.usage.to_dict(), "models": s.models}.items():
+        if kind not in ("pruned_files", "pruned_bytes", "received_last_7d"):
+            by_kind.add_metric([kind], value)
+    prunable = GaugeMetricFamily("dicom_node_prunable_bytes", "Bytes retention allows to remove",
+                                 labels=["when"])
+    prunable.add_metric(["now"], s.prunable)
+    prunable.add_metric(["under_pressure"], s.prunable_under_pressure)
+    pruned = CounterMetricFamily("dicom_node_pruned_bytes", "Bytes removed by retention so far")
+    pruned.add_metric([], s.usage.pruned_bytes)
+    use = GaugeMetricFamily("dicom_node_disk_use_ratio", "Use of the data directory's file system")
+    use.add_metric([], s.disk_use_pct / 100.0)
+    days = GaugeMetricFamily("dicom_node_days_to_full",
+                             "Days until the disk is full at the last 7 days' intake (-1: no intake)")
+    days.add_metric([], -1.0 if s.days_to_full is None else s.days_to_full)
+    stuck = GaugeMetricFamily("dicom_node_disk_nothing_prunable",
+                              "1 while the disk is above high water and nothing is prunable")
+    stuck.add_metric([], 1.0 if nothing_prunable else 0.0)
+    return [by_kind, prunable, pruned, use, days, stuck]

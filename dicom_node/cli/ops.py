@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from dicom_node import retention
 from dicom_node.database import utc_now
 from dicom_node.node import STATE_FILE
 from dicom_node.observability import read_state
@@ -126,6 +128,16 @@ def describe_workers(workers: list[dict[str, Any]]) -> str:
     return f"{len(alive)} of {len(workers)} running (" + "; ".join(parts) + ")"
 
 
+def _storage(settings: Settings) -> retention.Storage | None:
+    """Bytes by kind and what retention could free; None before the index has its tables."""
+    if not (Path(settings.data_dir) / "index.sqlite").exists():  # status creates nothing
+        return None
+    try:
+        return retention.storage(settings)
+    except (RuntimeError, sqlite3.OperationalError):  # no index yet, or one not migrated
+        return None
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(settings.data_dir)
     state = read_state(data_dir)
@@ -139,8 +151,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError:
             health = {"healthy": False, "error": body[:200]}
         live = _live_counters(running["metrics"])
+    disk = _storage(settings)
     if args.json:
         out = {"data_dir": str(data_dir), "running": running, "health": health, "live": live,
+               "storage": disk.to_dict() if disk is not None else None,
                "state": {
                    "twins": state.twins, "studies": state.studies, "instances": state.instances,
                    "archived_bytes": state.archived_bytes, "jobs": state.jobs, "sends": state.sends,
@@ -176,6 +190,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"since start: {rx} instance(s), {int(live.get('dicom_node_received_bytes_total', 0)) >> 20}"
               f" MiB received; associations " + ", ".join(f"{n} {k}" for k, n in acc.items()))
     print(f"data:      {data_dir} ({state.free_bytes >> 30} GiB free)")
+    for line in retention.storage_lines(disk) if disk is not None else ():
+        print(line)
     print(f"archive:   {state.twins} twin(s), {state.studies} study(ies), {state.instances} "
           f"instance(s), {state.archived_bytes >> 20} MiB")
     print("jobs:      " + (", ".join(f"{n} {s}" for s, n in sorted(state.jobs.items())) or "none"))
