@@ -99,7 +99,7 @@ def _tmpfs(path: Path, size_mb: int) -> None:
 def test_a_stream_of_studies_at_high_water_is_never_refused_while_anything_is_prunable(
         tmp_path: Path) -> None:
     data = tmp_path / "disk"
-    _tmpfs(data, 64)
+    _tmpfs(data, 40)
     try:
         install_model(data)
         with OrthancServer(tmp_path / "orthanc") as orthanc:
@@ -109,7 +109,7 @@ def test_a_stream_of_studies_at_high_water_is_never_refused_while_anything_is_pr
             node = NodeProcess(data, config=_config(orthanc, extra, retention_days=30),
                                extra_args=["--stable-after", "1"]).start()
             try:
-                for i in range(16):  # ~4 MB a study with its results: the disk fills twice over
+                for i in range(16):  # 1.4 MB of images a study (and 5 MB of results, pruned once sent)
                     paths = write_files(small_study(f"WM-{i}", slices=40, size=128, seed=i),
                                         tmp_path / f"s{i}")
                     storescu(node.port, paths, node.ae_title)  # raises on any refusal
