@@ -57,3 +57,6 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # APScheduler logs every run of every job (the prune runs hourly) at INFO; the
+    # node logs what its jobs did itself.
+    logging.getLogger("apscheduler.executors").setLevel(max(logging.WARNING, root.level))
