@@ -220,7 +220,7 @@ def test_index_deleted_then_rebuilt_with_twins_studies_and_consent_equal(tmp_pat
         (node.data_dir / f"index.sqlite{suffix}").unlink(missing_ok=True)
     rebuilt = node.cli("archive", "rebuild-index", check=False)
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
-    assert "3 consent decision(s) and 1 twin merge(s) replayed" in rebuilt.stdout
+    assert "3 consent decision(s) and legal hold(s), and 1 twin merge(s) replayed" in rebuilt.stdout
     after = _snapshot(node.data_dir)
     for what in before:
         assert after[what] == before[what], what

@@ -360,3 +360,14 @@ def test_usage_by_kind(tmp_path: Path) -> None:
     assert usage.received_last_7d == usage.donors + usage.non_donors
     connect_queue(tmp_path).conn.close()
     time.sleep(0)
+
+
+def test_rebuild_index_replays_holds_from_the_audit_log(tmp_path: Path) -> None:
+    with Archive(tmp_path) as archive:
+        _series(archive, "HOLD-3")
+    assert _cli(tmp_path, "twin", "hold", "HOLD-3", "--by", "legal", "--reason", "case 9"
+                ).returncode == 0
+    rebuilt = _cli(tmp_path, "archive", "rebuild-index")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    show = _cli(tmp_path, "twin", "show", "HOLD-3")
+    assert "LEGAL HOLD" in show.stdout and "case 9" in show.stdout

@@ -12,13 +12,14 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from loop_helpers import install_model, node_json, queued_sends, results_in_orthanc, small_study, \
     storescu, write_files
-from node_harness import NodeProcess
+from node_harness import NodeProcess, free_port
 from orthanc.server import OrthancServer
 from waiting import wait_until
 
@@ -104,7 +105,8 @@ def test_a_stream_of_studies_at_high_water_is_never_refused_while_anything_is_pr
         install_model(data)
         with OrthancServer(tmp_path / "orthanc") as orthanc:
             # a small disk: the results go too once delivered (they are in the PACS)
-            extra = ("result_retention_days = 0\nmin_free_mb = 6\ndisk_high_water_pct = 60\n"
+            metrics_port = free_port()
+            extra = (f"metrics_port = {metrics_port}\nresult_retention_days = 0\nmin_free_mb = 6\ndisk_high_water_pct = 60\n"
                      "disk_low_water_pct = 45\n")
             node = NodeProcess(data, config=_config(orthanc, extra, retention_days=30),
                                extra_args=["--stable-after", "1"]).start()
@@ -123,6 +125,13 @@ def test_a_stream_of_studies_at_high_water_is_never_refused_while_anything_is_pr
                 assert "A700" not in log and "out of resources" not in log.lower()
                 usage = shutil.disk_usage(data)
                 assert 100 * (usage.total - usage.free) / usage.total < 90
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                    metrics = r.read().decode()
+                for name in ('dicom_node_storage_bytes{kind="source_non_donors"}',
+                             'dicom_node_prunable_bytes{when="under_pressure"}',
+                             "dicom_node_disk_nothing_prunable", "dicom_node_days_to_full",
+                             "dicom_node_pruned_bytes_total"):
+                    assert name in metrics, name
             finally:
                 node.stop()
     finally:

@@ -16,6 +16,7 @@ files stay where they are.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from twin_archive.errors import ArchiveError
 from twin_archive.layout import ARCHIVE_DIR, INDEX_NAME
 from twin_archive.reconcile import quarantine, walk_files
 from twin_archive.records import StoreResult
+from twin_archive.retention import Retention
 
 LOG = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class RebuildReport:
     instances: int
     twins: int
     studies: int
-    consent_events: int
+    consent_events: int  # consent decisions and legal holds placed or lifted
     merges: int
     skipped_events: int
     quarantined: int
@@ -59,6 +61,19 @@ def _set_aside(data_dir: Path) -> str:
         if src.exists():
             replace_durably(src, data_dir / f"{target.name}{suffix}")
     return str(target)
+
+
+def _replay_hold(data_dir: Path, event: AuditEvent, key: str, by: str, reason: str) -> None:
+    """A legal hold placed or lifted, replayed from the audit log (raises ValueError for
+    a twin with no file left: its hold row cannot name it)."""
+    with Retention(data_dir) as store:
+        if event is AuditEvent.TWIN_HELD:
+            try:
+                store.hold(key, by=by, reason=reason)
+            except sqlite3.IntegrityError as exc:
+                raise ValueError(f"twin {key} has no file left") from exc
+        else:
+            store.release(key, by=by, reason=reason)
 
 
 def rebuild_index(data_dir: Path | str) -> RebuildReport:
@@ -92,6 +107,10 @@ def rebuild_index(data_dir: Path | str) -> RebuildReport:
                         archive.twins.set_consent(event.what, donate=bool(event.detail["donate"]),
                                             by=event.who, reason=event.detail.get("reason", ""),
                                             at=event.detail.get("at") or event.at)
+                        consent += 1
+                    elif event.event_type in (AuditEvent.TWIN_HELD, AuditEvent.TWIN_RELEASED):
+                        _replay_hold(data_dir, event.event_type, event.what, event.who,
+                                     event.detail.get("reason", "") or "-")
                         consent += 1
                     elif event.event_type is AuditEvent.TWIN_MERGED:
                         archive.twins.merge_twins(event.what, event.detail["into"], by=event.who,

@@ -232,7 +232,7 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
         report = rebuild_index(data_dir)
     print(f"index rebuilt in {report.seconds:.1f} s: {report.instances} instance(s) of "
           f"{report.twins} twin(s), {report.studies} study(ies); {report.consent_events} "
-          f"consent decision(s) and {report.merges} twin merge(s) replayed from the audit log")
+          f"consent decision(s) and legal hold(s), and {report.merges} twin merge(s) replayed from the audit log")
     if report.set_aside:
         print(f"  the old index was kept as {report.set_aside}")
     if report.quarantined:
