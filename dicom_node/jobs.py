@@ -128,24 +128,16 @@ def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_ut
 
 # ----------------------------------------------------------------------- settled
 _SETTLED_SQL = """
-WITH cur AS (
-  SELECT m.series_uid, m.last_received, m.decision, m.decided_at FROM monitored_series m
-  WHERE m.decision IN ('queued', 'ignored', 'no-pipeline')),
-j AS (
-  SELECT cur.series_uid, COUNT(jobs.id) AS n,
-         SUM(jobs.state NOT IN ('done', 'failed')) AS open,
-         MAX(jobs.finished_at) AS finished, group_concat(DISTINCT jobs.task) AS tasks
-  FROM cur JOIN jobs ON jobs.series_uid = cur.series_uid
-   AND jobs.series_last_received = cur.last_received GROUP BY cur.series_uid),
-s AS (
-  SELECT cur.series_uid, SUM(sends.state = 'queued') AS open,
-         MAX(COALESCE(sends.sent_at, sends.next_attempt_at)) AS settled
-  FROM cur JOIN jobs ON jobs.series_uid = cur.series_uid
-   AND jobs.series_last_received = cur.last_received
-  JOIN sends ON sends.result_id = jobs.result_id GROUP BY cur.series_uid)
-SELECT cur.series_uid, cur.last_received, cur.decision, cur.decided_at,
-       j.n, j.open, j.finished, j.tasks, s.open AS open_sends, s.settled AS sends_settled
-FROM cur LEFT JOIN j ON j.series_uid = cur.series_uid LEFT JOIN s ON s.series_uid = cur.series_uid
+SELECT m.series_uid, m.last_received, m.decision, m.decided_at,
+       COUNT(DISTINCT j.id) AS n, MAX(j.state NOT IN ('done', 'failed')) AS open,
+       MAX(j.finished_at) AS finished, group_concat(DISTINCT j.task) AS tasks,
+       MAX(s.state = 'queued') AS open_sends,
+       MAX(COALESCE(s.sent_at, s.next_attempt_at)) AS sends_settled
+FROM monitored_series m
+LEFT JOIN jobs j ON j.series_uid = m.series_uid AND j.series_last_received = m.last_received
+LEFT JOIN sends s ON s.result_id = j.result_id
+WHERE m.decision IN ('queued', 'ignored', 'no-pipeline')
+GROUP BY m.series_uid
 """
 
 

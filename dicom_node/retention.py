@@ -17,6 +17,7 @@ up) or ``held``.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -27,6 +28,8 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from dicom_node.database import iso, utc_now
+from dicom_node.durable import write_durably
 from dicom_node.jobs import settled_series
 from dicom_node.settings import Settings
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
@@ -85,6 +88,10 @@ def prune(settings: Settings, *, dry_run: bool = False, pressure: bool = False, 
     settled = settled_series(settings.data_dir)
     with Retention(settings.data_dir) as store:
         items = tuple(store.plan(policy(settings), settled, pressure=pressure))
+        if not pressure:  # the figures status and /metrics show until the next prune
+            pressed = store.plan(policy(settings), settled, pressure=True)
+            _write_outlook(settings.data_dir, now=sum(i.bytes for i in items),
+                           pressed=sum(i.bytes for i in pressed))
         if dry_run or not items:
             return PruneRun(items=items, report=None, seconds=time.perf_counter() - t0)
         total = sum(i.files for i in items)
@@ -98,6 +105,27 @@ def prune(settings: Settings, *, dry_run: bool = False, pressure: bool = False, 
              time.perf_counter() - t0,
              f"; {len(report.skipped)} series re-opened since, kept" if report.skipped else "")
     return PruneRun(items=items, report=report, seconds=time.perf_counter() - t0)
+
+
+#: What the last scheduled prune found prunable (``status``, ``/metrics``): planning
+#: reads every settled series, too slow for a status at a million instances.
+OUTLOOK_FILE = "retention-outlook.json"
+
+
+def _write_outlook(data_dir: Path, *, now: int, pressed: int) -> None:
+    try:
+        write_durably(Path(data_dir) / OUTLOOK_FILE, [json.dumps(
+            {"at": iso(utc_now()), "prunable_bytes": now,
+             "prunable_under_pressure_bytes": pressed}).encode()])
+    except OSError as exc:  # a full disk: the figures are only as old as the last one
+        LOG.warning("archive prune: cannot record what is prunable (%s)", exc)
+
+
+def _read_outlook(data_dir: Path) -> dict[str, object]:
+    try:
+        return dict(json.loads((Path(data_dir) / OUTLOOK_FILE).read_text()))
+    except (OSError, ValueError):
+        return {}
 
 
 def _progress(total: int) -> Callable[[int, int], None]:
@@ -223,6 +251,7 @@ class Storage:
     models: int
     prunable: int  # allowed now
     prunable_under_pressure: int  # allowed above the high water mark
+    prunable_at: str  # when the last scheduled prune found them ('' before the first)
     disk_use_pct: float
     free: int
     days_to_full: float | None  # at the last 7 days' intake; None without intake
@@ -231,24 +260,27 @@ class Storage:
         return {"bytes": {**self.usage.to_dict(), "models": self.models},
                 "prunable_bytes": self.prunable,
                 "prunable_under_pressure_bytes": self.prunable_under_pressure,
+                "prunable_as_of": self.prunable_at or None,
                 "disk_use_pct": round(self.disk_use_pct, 2), "free_bytes": self.free,
                 "days_to_full": None if self.days_to_full is None else round(self.days_to_full, 1)}
 
 
 def storage(settings: Settings) -> Storage:
-    """Bytes by kind, prunable bytes and days to full, read from the stores."""
+    """Bytes by kind (from the index), what retention could free (as the last scheduled
+    prune found it) and days to full."""
     data_dir = Path(settings.data_dir)
-    settled = settled_series(data_dir)
     with Retention(data_dir) as store:
         usage = store.usage()
-        pol = policy(settings)
-        now = sum(i.bytes for i in store.plan(pol, settled))
-        pressed = sum(i.bytes for i in store.plan(pol, settled, pressure=True))
+    outlook = _read_outlook(data_dir)
     models = sum(p.stat().st_size for p in (data_dir / "models").rglob("*") if p.is_file()) \
         if (data_dir / "models").is_dir() else 0
     disk = shutil.disk_usage(data_dir)
     rate = usage.received_last_7d / 7.0
-    return Storage(usage=usage, models=models, prunable=now, prunable_under_pressure=pressed,
+    return Storage(usage=usage, models=models,
+                   prunable=int(outlook.get("prunable_bytes", 0)),  # type: ignore[call-overload]
+                   prunable_under_pressure=int(
+                       outlook.get("prunable_under_pressure_bytes", 0)),  # type: ignore[call-overload]
+                   prunable_at=str(outlook.get("at", "")),
                    disk_use_pct=disk_use_pct(data_dir), free=disk.free,
                    days_to_full=disk.free / rate if rate > 0 else None)
 
@@ -260,8 +292,9 @@ def storage_lines(s: Storage) -> list[str]:
     out = [f"storage:   source images {(u.donors + u.non_donors + u.held) // mib} MiB "
            f"(donors {u.donors // mib}, non-donors {u.non_donors // mib}, held {u.held // mib}), "
            f"results {u.results // mib} MiB, labels {u.labels // mib} MiB, models {s.models // mib} MiB",
-           f"retention: prunable now {s.prunable // mib} MiB, under disk pressure "
-           f"{s.prunable_under_pressure // mib} MiB; pruned so far {u.pruned_files} file(s), "
+           f"retention: prunable {s.prunable // mib} MiB, under disk pressure "
+           f"{s.prunable_under_pressure // mib} MiB (as of "
+           f"{s.prunable_at[:19] or 'the first scheduled prune'}); pruned so far {u.pruned_files} file(s), "
            f"{u.pruned_bytes // mib} MiB",
            f"disk:      {s.disk_use_pct:.1f} % used; "
            + (f"full in about {s.days_to_full:.0f} day(s) at the last 7 days' intake "

@@ -25,6 +25,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from dicom_node.database import utc_now
 from dicom_node.settings import Settings, parse_time_of_day
 from dicom_node.tasks import Task, find_task
 from pipelines.selection import SelectionRules
@@ -133,9 +134,10 @@ class NightlyScheduler:
 
     def add_every(self, func: Callable[[], object], minutes: float, *, job_id: str,
                   name: str) -> None:
-        """Run ``func`` every ``minutes`` on this scheduler (e.g. the archive prune)."""
+        """Run ``func`` at start and then every ``minutes`` on this scheduler (e.g. the
+        archive prune)."""
         self.scheduler.add_job(func, IntervalTrigger(minutes=minutes), id=job_id, name=name,
-                               replace_existing=True)
+                               replace_existing=True, next_run_time=utc_now())
 
     def start(self) -> None:
         """Start the scheduler thread with the nightly job (when ``train_enabled``) and

@@ -409,11 +409,13 @@ class Retention(IndexStore):
         with self._lock:
             conn = self.db.conn
             by = {"donor": 0, "non": 0, "held": 0}
-            for held, donate, size in conn.execute(
-                    "SELECT h.patient_key IS NOT NULL, t.donate, SUM(i.size) FROM instances i"
-                    " JOIN twins t ON t.patient_key = i.patient_key"
-                    " LEFT JOIN holds h ON h.patient_key = i.patient_key GROUP BY 1, 2"):
-                by["held" if held else "donor" if donate else "non"] += int(size or 0)
+            kinds = {key: "held" if held else "donor" if donate else "non"
+                     for key, donate, held in conn.execute(
+                         "SELECT t.patient_key, t.donate, h.patient_key IS NOT NULL FROM twins t"
+                         " LEFT JOIN holds h ON h.patient_key = t.patient_key")}
+            for key, size in conn.execute(
+                    "SELECT patient_key, SUM(size) FROM instances GROUP BY patient_key"):
+                by[kinds.get(key, "non")] += int(size or 0)
             results = conn.execute("SELECT COALESCE(SUM(size), 0) FROM ai_result_objects").fetchone()[0]
             labels = conn.execute("SELECT COALESCE(SUM(size), 0) FROM labels").fetchone()[0]
             pf, pb = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM pruned_files"
