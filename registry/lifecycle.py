@@ -6,9 +6,10 @@ A part of :class:`registry.store.Registry`.
 
 from __future__ import annotations
 
+import json
 import logging
 
-from dicom_node.database import iso, utc_now
+from dicom_node.database import checkpoint_truncate, iso, utc_now
 from registry.errors import StatusError
 from registry.records import AuditAction, Metrics, ModelStatus, ModelVersion, ScannerScope
 from registry.rows import insert_row
@@ -172,6 +173,29 @@ class VersionLifecycle(VersionQueries):
             self._audit(AuditAction.RETIRE, mv.task, version, mv.scope, by, reason)
         LOG.info("retired %s (was %s); by %s: %s", version, mv.status.value, by, reason)
         return self.get(version)
+
+    def redact_patient(self, patient_key: str) -> list[str]:
+        """Replace a twin's entries in the dataset manifests by an ``erased`` mark
+        (``twin forget``): the manifest keeps how many series each version used and
+        their split, not whose. Returns the versions whose manifest changed; the WAL is
+        truncated afterwards (no old page keeps the key)."""
+        changed = []
+        with self._tx() as conn:
+            rows = conn.execute("SELECT version, dataset_manifest FROM model_versions WHERE"
+                                " dataset_manifest LIKE ?", (f"%{patient_key}%",)).fetchall()
+            for version, text in rows:
+                manifest = json.loads(text)
+                for item in manifest.get("series", []) if isinstance(manifest, dict) else []:
+                    if isinstance(item, dict) and item.get("patient_key") == patient_key:
+                        item.update(patient_key="erased", study_uid="erased",
+                                    series_uid="erased", case_id="erased")
+                        if isinstance(item.get("label"), dict):
+                            item["label"]["seg_sop_instance_uid"] = "erased"
+                conn.execute("UPDATE model_versions SET dataset_manifest = ? WHERE version = ?",
+                             (json.dumps(manifest, sort_keys=True), version))
+                changed.append(version)
+        checkpoint_truncate(self.db)
+        return changed
 
     def _activation_stack(self, task: str, scope: ScannerScope) -> list[str]:
         """Replay the audit trail of one scope: promote pushes, rollback pops,

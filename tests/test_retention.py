@@ -6,6 +6,7 @@ subprocess. The node-with-Orthanc tests are in ``test_retention_node.py``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -312,6 +313,13 @@ def test_forget_leaves_no_byte_of_the_patient_id_or_name(tmp_path: Path) -> None
                        task="spleen-ct", model_name="m", model_version="1", backend="cpu",
                        segments=[SegmentMeasure(name="Spleen", volume_ml=1.0)], timings={},
                        objects=[("seg", seg)])
+    from registry.store import Registry
+    with Registry(tmp_path) as registry:  # a version trained with the patient's data
+        registry.db.execute(
+            "INSERT INTO model_versions (version, task, number, architecture, labels, created_at,"
+            " status, device_uid, path, dataset_manifest) VALUES ('spleen-ct/7','spleen-ct',7,"
+            "'UNet','{}','x','candidate','1.2.3.4','p',?)", (json.dumps({"series": [{"patient_key": key, "study_uid": study,
+                                                    "series_uid": s1, "split": "train"}]}),))
     (tmp_path / "quarantine").mkdir()
     stray = small_ct(patient_id=pid)
     stray.save_as(tmp_path / "quarantine" / "x.dcm", enforce_file_format=True)
@@ -319,6 +327,7 @@ def test_forget_leaves_no_byte_of_the_patient_id_or_name(tmp_path: Path) -> None
     out = _cli(tmp_path, "twin", "forget", pid, "--by", "dpo", "--reason", "request 42")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "spleen-ct/7" in out.stdout and "data protection officer" in out.stdout
+    assert "1 training manifest(s) redacted" in out.stdout
     assert _bytes_everywhere(tmp_path, pid.encode()) == []
     assert _bytes_everywhere(tmp_path, b"Forgetme") == []
     assert _bytes_everywhere(tmp_path, key.encode()) == []  # not even its pseudonymous key

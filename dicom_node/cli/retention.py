@@ -148,11 +148,14 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
         queue_rows = queue.erase_patient([key], list(report.series_uids))
     finally:
         queue.close()
+    from registry.store import Registry
     from trainer.export import scrub_patients
 
     cases = scrub_patients(settings.data_dir, [key])
+    with Registry(settings.data_dir) as registry:
+        manifests = registry.redact_patient(key)
     detail = {**report.to_dict(), "queue_rows": queue_rows, "export_cases": cases,
-              "reason": args.reason}
+              "manifests_redacted": manifests, "reason": args.reason}
     audit.record(settings.data_dir, audit.AuditEvent.TWIN_ERASED, audit.AuditOutcome.SUCCESS,
                  args.by, key, detail)
     if args.json:
@@ -161,7 +164,8 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
     print(f"twin forget: twin {key} erased: {report.studies} study(ies), {report.series} "
           f"series, {report.files} file(s) ({report.bytes / 1e6:.1f} MB), {queue_rows} queue "
           f"row(s), {cases} export mapping case(s), {report.quarantined_files} quarantined "
-          "file(s); recorded in the audit log under the twin key")
+          f"file(s), {len(manifests)} training manifest(s) redacted; recorded in the audit log "
+          "under the twin key")
     if report.model_versions:
         print("  model versions trained with this patient's data: "
               + ", ".join(report.model_versions)
