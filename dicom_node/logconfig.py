@@ -26,6 +26,20 @@ class EscapeControlCharacters(logging.Filter):
         return True
 
 
+#: The project's own packages: their INFO lines are the journal; other libraries' are not.
+OUR_PACKAGES = frozenset({"dicom_node", "twin_archive", "registry", "pipelines", "trainer",
+                          "orthanc", "__main__"})
+
+
+class OnlyOursBelowWarning(logging.Filter):
+    """Let other libraries' records through at WARNING and above only (highdicom logs a
+    dozen "copy attributes of module ..." lines per result at INFO, APScheduler every
+    job run); ``--log-level DEBUG`` shows them all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] in OUR_PACKAGES
+
+
 class JournalFormatter(logging.Formatter):
     """Prefixes each line with its syslog priority (``<3>`` error ... ``<7>`` debug).
 
@@ -52,11 +66,11 @@ def configure_logging(level: str = "INFO") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(EscapeControlCharacters())
+    if str(level).upper() != "DEBUG":
+        handler.addFilter(OnlyOursBelowWarning())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
-    # APScheduler logs every run of every job (the prune runs hourly) at INFO; the
-    # node logs what its jobs did itself.
-    logging.getLogger("apscheduler.executors").setLevel(max(logging.WARNING, root.level))
+
