@@ -379,7 +379,8 @@ class WorkerPool:
         self._schedule_restart(slot)
         self._changed()
 
-    def _give_back(self, owner: str, reason: str, *, count_attempt: bool = True) -> list[Job] | None:
+    def _give_back(self, owner: str, reason: str, *,
+                   count_attempt: bool = True) -> list[Job] | None:
         """:meth:`JobQueue.give_back`; None when the queue cannot be written now (the disk
         full): said once, and tried again every :data:`RETELL_S` seconds (the dead
         worker's job stays ``running`` meanwhile, so no other worker takes it)."""
