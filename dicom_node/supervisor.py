@@ -76,13 +76,17 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
+#: What a worker can be doing, as ``status`` and ``/metrics`` name it.
+WORKER_STATES = ("starting", "ready", "restarting", "stopped")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WorkerInfo:
     """One worker as ``status`` shows it."""
 
     name: str
     pid: int | None
-    state: str  # starting, ready, restarting, stopped
+    state: str  # one of WORKER_STATES
     job: int | None
     restarts: int
     last_exit: str  # what ended the previous process and when; '' if none did

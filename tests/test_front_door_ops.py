@@ -297,3 +297,53 @@ def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path
         if node is not None:
             node.stop()
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DICOM_NODE, "--data-dir", str(data), *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+
+
+def test_status_says_disk_full_not_damaged_and_metrics_answer(tmp_path: Path) -> None:
+    """Issue 23 part 6: on a full disk SQLite cannot create a database's shared-memory
+    file and answers "disk I/O error"; ``status`` names the full disk (and what it could
+    not read) instead of sending the operator to ``rebuild-index``, other commands say
+    "disk full" in their one line, ``/metrics`` answers with ``dicom_node_disk_full 1``;
+    with space back, all is as before."""
+    from prometheus_client import generate_latest
+
+    from dicom_node.jobs import JobQueue
+    from dicom_node.metrics import NodeMetrics
+    from dicom_node.observability import NodeCollector, build_registry
+
+    mnt = tmp_path / "small"
+    assert _mount_tmpfs(mnt, "16m"), "this test needs root to mount a tmpfs"
+    try:
+        data = mnt / "data"
+        install_model(data)
+        with Archive(data) as archive:
+            archive.ingest.store(incoming(small_ct(patient_id="FULL-2")))
+        JobQueue(data).close()  # every store exists, none is open: no -shm file is left
+        filler = mnt / "filler"
+        _fill(filler)
+        status = _cli(data, "status")
+        assert status.returncode == 0, status.stderr[-2000:]
+        assert "disk:      FULL" in status.stdout and "unreadable until then: " in status.stdout
+        assert "damaged" not in status.stdout + status.stderr
+        assert "rebuild-index" not in status.stdout + status.stderr
+        state = json.loads(_cli(data, "status", "--json").stdout)["state"]
+        assert state["disk_full"] is True and "index.sqlite" in state["unreadable"]
+        other = _cli(data, "twin", "list")
+        assert other.returncode == 1 and "dicom-node: disk full: " in other.stderr, other.stderr
+        assert "damaged" not in other.stderr and "rebuild-index" not in other.stderr
+        text = generate_latest(build_registry(NodeCollector(NodeMetrics(), data))).decode()
+        assert "dicom_node_disk_full 1.0" in text
+        filler.unlink()
+        status = _cli(data, "status")
+        assert status.returncode == 0 and "FULL" not in status.stdout, status.stdout
+        assert "1 instance(s)" in status.stdout and "spleen-ct: spleen-ct-v1" in status.stdout
+        assert "FULL-2" in _cli(data, "twin", "list").stdout
+        text = generate_latest(build_registry(NodeCollector(NodeMetrics(), data))).decode()
+        assert "dicom_node_disk_full 0.0" in text
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

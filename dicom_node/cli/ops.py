@@ -126,6 +126,16 @@ def describe_workers(workers: list[dict[str, Any]]) -> str:
     return f"{len(alive)} of {len(workers)} running (" + "; ".join(parts) + ")"
 
 
+def describe_disk_full(free: int, unreadable: tuple[str, ...]) -> str:
+    """The ``disk:`` line of ``status`` while the data directory's disk is full."""
+    line = (f"disk:      FULL ({free >> 10} KiB free): new instances are refused (A700), jobs "
+            "and sends wait; all resume by themselves once space is freed (nothing to repair)")
+    if unreadable:
+        line += (f"; unreadable until then: {', '.join(unreadable)} (counted as 0 below: "
+                 "SQLite cannot create its shared-memory file)")
+    return line
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(settings.data_dir)
     state = read_state(data_dir)
@@ -154,7 +164,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                                           (_waiting_for_models(data_dir)
                                            if state.jobs.get("waiting") else [])],
                    "audit_events": state.audit_events, "last_audit_at": state.last_audit_at,
-                   "free_bytes": state.free_bytes}}
+                   "free_bytes": state.free_bytes, "disk_full": state.disk_full,
+                   "unreadable": list(state.unreadable)}}
         print(json.dumps(out, indent=2))
         return 0
     if running:
@@ -176,6 +187,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"since start: {rx} instance(s), {int(live.get('dicom_node_received_bytes_total', 0)) >> 20}"
               f" MiB received; associations " + ", ".join(f"{n} {k}" for k, n in acc.items()))
     print(f"data:      {data_dir} ({state.free_bytes >> 30} GiB free)")
+    if state.disk_full:
+        print(describe_disk_full(state.free_bytes, state.unreadable))
     print(f"archive:   {state.twins} twin(s), {state.studies} study(ies), {state.instances} "
           f"instance(s), {state.archived_bytes >> 20} MiB")
     print("jobs:      " + (", ".join(f"{n} {s}" for s, n in sorted(state.jobs.items())) or "none"))
