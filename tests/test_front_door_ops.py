@@ -8,6 +8,9 @@ full disk when run as root).
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import sqlite3
 import subprocess
 import time
@@ -254,8 +257,11 @@ def _fill(path: Path) -> int:
 @pytest.mark.slow
 def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path: Path) -> None:
     """A real full disk (tmpfs, as root) while a job runs: it waits (no failed attempt),
-    the loop logs one line per change of state, ``status`` answers, and once space is
-    freed the results arrive with no intervention."""
+    its inference kept (run once, only the storing tried again), the loop logs one line
+    per change of state, ``status`` answers "disk full", and once space is freed the
+    results arrive with no intervention. Then the disk fills again and the worker is
+    SIGKILLed: it is reaped and restarted all the same, no thread of the node dies, and
+    ``serve.json`` tells the truth again once space is back (issue 23, part 6)."""
     mnt = tmp_path / "small"
     assert _mount_tmpfs(mnt, "64m"), "this test needs root to mount a tmpfs"
     node = None
@@ -275,6 +281,7 @@ def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path
                    180, 0.2)
         status = node.cli("status", check=False)
         assert status.returncode == 0 and "RUNNING" in status.stdout, status.stderr
+        assert "disk:      FULL" in status.stdout and "damaged" not in status.stdout
         # An observation window, not a wait for an event: several passes of the monitor,
         # worker and sender (each about once a second) on the full disk, after which the
         # log must not repeat itself and the job must not have failed.
@@ -292,11 +299,45 @@ def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path
         [result] = json.loads(node.cli("twin", "show", "FULL-1", "--json").stdout)["results"]
         assert result["seg_series_uid"] and result["sr_series_uid"] and result["overlay_series_uid"]
         assert "working again" in node.log()
+        assert node.log().count("pipelines.inference: spleen-ct-v1 on") == 1  # run once
+        assert "storing the results of its inference, kept while the disk was full" in node.log()
         assert node.cli("archive", "verify", "--deep").returncode == 0  # nothing stray left
+        _kill_the_worker_on_a_full_disk(node, filler, tmp_path)
     finally:
         if node is not None:
             node.stop()
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _serve_json_workers(node: NodeProcess) -> list[dict]:
+    try:
+        return json.loads((node.data_dir / "serve.json").read_text())["workers"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _kill_the_worker_on_a_full_disk(node: NodeProcess, filler: Path, tmp: Path) -> None:
+    """The disk full again (serve.json cannot be written), the worker SIGKILLed: it is
+    reaped and restarted, no thread dies, serve.json catches up once space is back, and
+    the restarted worker serves the next study."""
+    [before] = _serve_json_workers(node)
+    assert before["state"] == "ready"
+    _fill(filler)
+    os.kill(before["pid"], signal.SIGKILL)
+    wait_until("the killed worker restarted and ready", lambda: re.search(
+        r"worker-1 pid (?!%d\b)\d+ ready for jobs" % before["pid"], node.log()), 120, 0.2)
+    assert f"worker-1 (pid {before['pid']}) died: killed by SIGKILL" in node.log()
+    status = node.cli("status", check=False)
+    assert status.returncode == 0 and "disk:      FULL" in status.stdout, status.stderr
+    filler.unlink()
+    wait_until("serve.json telling the restarted worker", lambda: [
+        (w["state"], w["restarts"]) for w in _serve_json_workers(node)] == [("ready", 1)], 30, 0.2)
+    assert _serve_json_workers(node)[0]["pid"] != before["pid"]
+    log = node.log()
+    assert "Exception in thread" not in log and "Traceback" not in log
+    storescu(node.port, write_files(small_study("FULL-3", slices=24, size=64), tmp / "again"))
+    wait_until("the next job done", lambda: len(
+        [j for j in jobs_now(node.data_dir) if j.state.value == "done"]) == 2, 240, 0.2)
 
 
 def _cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
