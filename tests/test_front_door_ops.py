@@ -345,6 +345,19 @@ def _cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=REPO, timeout=120)
 
 
+def _open_under(where: Path) -> list[str]:
+    """The files under ``where`` this process holds open."""
+    out = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+        if target.startswith(str(where) + "/"):
+            out.append(target)
+    return out
+
+
 def test_status_says_disk_full_not_damaged_and_metrics_answer(tmp_path: Path) -> None:
     """Issue 23 part 6: on a full disk SQLite cannot create a database's shared-memory
     file and answers "disk I/O error"; ``status`` names the full disk (and what it could
@@ -379,6 +392,7 @@ def test_status_says_disk_full_not_damaged_and_metrics_answer(tmp_path: Path) ->
         assert "damaged" not in other.stderr and "rebuild-index" not in other.stderr
         text = generate_latest(build_registry(NodeCollector(NodeMetrics(), data))).decode()
         assert "dicom_node_disk_full 1.0" in text
+        assert _open_under(mnt) == []  # a scrape on a full disk leaves no connection open
         filler.unlink()
         status = _cli(data, "status")
         assert status.returncode == 0 and "FULL" not in status.stdout, status.stdout
