@@ -239,9 +239,9 @@ class WorkerPool:
             self._kick.set()
             self._thread.join(10.0)
         for slot in self._slots:  # exits the supervisor had no time for
-            if slot.proc is not None:
-                self.jobs.give_back(slot.owner, f"interrupted ({slot.name} stopped with the node)",
-                                    count_attempt=False)
+            if slot.proc is not None:  # (a full disk: said once; the next start requeues it)
+                self._give_back(slot.owner, f"interrupted ({slot.name} stopped with the node)",
+                                count_attempt=False)
             if slot.sock is not None:
                 slot.sock.close()
             slot.state, slot.job = "stopped", None
