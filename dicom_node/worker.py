@@ -25,6 +25,14 @@ over ``max_memory_gb``) fails at once with the reason, not retried; anything els
 unexpected error) is retried by the queue a bounded number of
 times, then left failed with its reason.
 
+A full disk is no failure. A job whose inference has run when storing its results (or
+its completion) finds no space stays claimed, its :class:`Computed` work kept in
+memory; the worker takes no other job meanwhile and tries only the storing again every
+:data:`~dicom_node.jobs.SPACE_RETRY_S` seconds, or at once when space was freed. A job
+that finds the disk full before its inference goes back to the queue
+(:meth:`~dicom_node.jobs.JobQueue.wait_for_space`). Neither counts as an attempt; the
+worker says so in one journal line, and in one more when it works again.
+
 With ``backend = "triton"`` the model runs on a Triton Inference Server
 (:mod:`pipelines.triton`). Triton down or the model not loaded there is not a failure
 of the job: it goes back to the queue to wait (its attempt not counted, the reason
@@ -647,7 +655,8 @@ class Worker:
                 LOG.warning("%s: job %d stays running for the next start to queue (%s)",
                             self.name, storing.id, describe(exc))
             LOG.info("%s: job %d waited for disk space; it stays queued and runs again after "
-                     "the restart (its kept inference is not kept)", self.name, storing.id)
+                     "the restart (its kept inference lived in this process)", self.name,
+                     storing.id)
 
 
 def triton_target(settings: Settings) -> TritonTarget | None:
