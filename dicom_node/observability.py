@@ -251,8 +251,12 @@ class NodeCollector(Collector):
                                            "Inference worker processes started again after dying")
             restarts.add_metric([], sum(n for _, n in now))
             yield restarts
+        yield from self.stored_families(read_state(self.data_dir, self._stages))
+        yield from drift_families(self.data_dir, self.drift)
 
-        state = read_state(self.data_dir, self._stages)
+    @staticmethod
+    def stored_families(state: NodeState) -> Iterator[Metric]:
+        """The figures of the stores (:func:`read_state`) as metric families."""
         jobs = GaugeMetricFamily("dicom_node_jobs", "Inference jobs by state", labels=["state"])
         for js in JobState:  # every state, from the queue's own enum
             jobs.add_metric([js.value], state.jobs.get(js.value, 0))
@@ -294,7 +298,6 @@ class NodeCollector(Collector):
         audit = CounterMetricFamily("dicom_node_audit_events", "Events in the audit log")
         audit.add_metric([], state.audit_events)
         yield audit
-        yield from drift_families(self.data_dir, self.drift)
 
 
 def drift_families(data_dir: Path, config: DriftConfig) -> Iterator[Metric]:

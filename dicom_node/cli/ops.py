@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.database import utc_now
 from dicom_node.node import STATE_FILE
-from dicom_node.observability import read_state
+from dicom_node.observability import NodeState, read_state
 from dicom_node.settings import Settings
 from twin_archive.audit import AuditEvent, AuditLog, AuditLogTamperedError
 
@@ -136,6 +136,27 @@ def describe_disk_full(free: int, unreadable: tuple[str, ...]) -> str:
     return line
 
 
+def status_json(data_dir: Path, running: dict[str, Any] | None, health: dict[str, Any] | None,
+                live: dict[str, float], state: NodeState) -> dict[str, Any]:
+    """What ``status --json`` prints."""
+    return {"data_dir": str(data_dir), "running": running, "health": health, "live": live,
+            "state": {
+                "twins": state.twins, "studies": state.studies, "instances": state.instances,
+                "archived_bytes": state.archived_bytes, "jobs": state.jobs, "sends": state.sends,
+                "jobs_waiting": list(state.waiting),
+                "send_failed_attempts": state.send_failed_attempts, "results": state.results,
+                "stages": {k: {"count": v.count, "total_s": v.total_s}
+                           for k, v in state.stages.items()},
+                "active_models": [{"task": m.task, "version": m.version, "scope": m.scope}
+                                  for m in state.active_models],
+                "waiting_for_models": [{"task": t, "scanner": sc} for t, sc in
+                                       (_waiting_for_models(data_dir)
+                                        if state.jobs.get("waiting") else [])],
+                "audit_events": state.audit_events, "last_audit_at": state.last_audit_at,
+                "free_bytes": state.free_bytes, "disk_full": state.disk_full,
+                "unreadable": list(state.unreadable)}}
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(settings.data_dir)
     state = read_state(data_dir)
@@ -150,23 +171,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             health = {"healthy": False, "error": body[:200]}
         live = _live_counters(running["metrics"])
     if args.json:
-        out = {"data_dir": str(data_dir), "running": running, "health": health, "live": live,
-               "state": {
-                   "twins": state.twins, "studies": state.studies, "instances": state.instances,
-                   "archived_bytes": state.archived_bytes, "jobs": state.jobs, "sends": state.sends,
-                   "jobs_waiting": list(state.waiting),
-                   "send_failed_attempts": state.send_failed_attempts, "results": state.results,
-                   "stages": {k: {"count": v.count, "total_s": v.total_s}
-                              for k, v in state.stages.items()},
-                   "active_models": [{"task": m.task, "version": m.version, "scope": m.scope}
-                                     for m in state.active_models],
-                   "waiting_for_models": [{"task": t, "scanner": sc} for t, sc in
-                                          (_waiting_for_models(data_dir)
-                                           if state.jobs.get("waiting") else [])],
-                   "audit_events": state.audit_events, "last_audit_at": state.last_audit_at,
-                   "free_bytes": state.free_bytes, "disk_full": state.disk_full,
-                   "unreadable": list(state.unreadable)}}
-        print(json.dumps(out, indent=2))
+        print(json.dumps(status_json(data_dir, running, health, live, state), indent=2))
         return 0
     if running:
         how = f"pid {running['pid']}, AE {running['ae_title']} on {running['bind_address']}:" \
