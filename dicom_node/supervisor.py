@@ -371,7 +371,7 @@ class WorkerPool:
             return
         given = self._give_back(owner, f"interrupted: {slot.name} (pid {proc.pid}) died ({how})")
         was = ("before it was ready" if slot.state == "starting" else
-               "(its job goes back to the queue once the queue can be written)" if given is None
+               "(a job it ran is given back once the queue can be written)" if given is None
                else f"during job {', '.join(str(j.id) for j in given)}" if given else "while idle")
         slot.last_exit = f"{how} {was}, at {when}"
         slot.state, slot.job = "restarting", None

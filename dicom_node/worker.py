@@ -652,11 +652,12 @@ class Worker:
             try:  # on a full disk this may fail too: the next start's recovery queues it
                 self.jobs.requeue_running(storing.id)
             except Exception as exc:  # noqa: BLE001 - stopping goes on
-                LOG.warning("%s: job %d stays running for the next start to queue (%s)",
-                            self.name, storing.id, describe(exc))
-            LOG.info("%s: job %d waited for disk space; it stays queued and runs again after "
-                     "the restart (its kept inference lived in this process)", self.name,
-                     storing.id)
+                LOG.warning("%s: job %d waited for disk space and stays running for the next "
+                            "start to queue (%s)", self.name, storing.id, describe(exc))
+            else:
+                LOG.info("%s: job %d waited for disk space; it stays queued and runs again "
+                         "after the restart (its kept inference lived in this process)",
+                         self.name, storing.id)
 
 
 def triton_target(settings: Settings) -> TritonTarget | None:
