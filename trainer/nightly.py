@@ -579,6 +579,7 @@ def _child_setup(nice: int) -> Callable[[], None]:
     ``dlopen``. The node's own children do the same (``dicom_node.childproc``, which
     this room may not import)."""
     parent = os.getpid()
+    prctl: Any
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux: no parent-death signal
