@@ -356,10 +356,16 @@ def test_training_settings_are_validated_per_key(tmp_path: Path) -> None:
             Settings(**{key: value})
 
 
-def _children(pid: int) -> list[int]:
+def _trainers(pid: int) -> list[int]:
+    """The children of ``pid`` that run ``trainer.nightly`` (exec done)."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        out += [int(c) for c in (task / "children").read_text().split()]
+        for child in (task / "children").read_text().split():
+            try:
+                if b"trainer.nightly" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    out.append(int(child))
+            except OSError:
+                continue
     return out
 
 
@@ -383,10 +389,7 @@ def test_the_training_child_dies_with_its_killed_parent(tmp_path: Path) -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children: list[int] = []
     try:
-        wait_until("the training child", lambda: _children(parent.pid), 120, 0.05)
-        children = _children(parent.pid)
-        assert any(b"trainer.nightly" in Path(f"/proc/{c}/cmdline").read_bytes()
-                   for c in children)
+        children = wait_until("the training child", lambda: _trainers(parent.pid), 120, 0.05)
         parent.kill()
         parent.wait()
         wait_until("the training child gone with its parent",
