@@ -168,8 +168,13 @@ def open_existing(path: Path | str, table: str, *, timeout_s: float = 5.0
     if not Path(path).exists():
         return None
     conn = connect(path, timeout_s=timeout_s, readonly=True).conn
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                    (table,)).fetchone() is None:
+    try:  # the first read may fail (a full disk: no -shm file): the connection is closed
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                             (table,)).fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    if found is None:
         conn.close()
         return None
     return conn

@@ -20,7 +20,9 @@ saw it die); a job found ``running`` when the node starts was interrupted by a c
 attempt does not count as a failed one (the job did not fail; the process was stopped).
 A job that fails for lack of disk space is not failed either: :meth:`JobQueue.wait_for_space`
 queues it again after :data:`SPACE_RETRY_S`, without counting the attempt, for as
-long as the disk stays full, so it resumes by itself once space is freed. The worker
+long as the disk stays full, so it resumes by itself once space is freed (a job whose
+inference has already run is not given back: its worker keeps it and the computed work,
+and stores it once space is back; :mod:`dicom_node.worker`). The worker
 makes a re-run harmless: a result is recorded under the job's key once (see
 :mod:`twin_archive.results`).
 

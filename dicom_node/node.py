@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -149,8 +150,13 @@ class Node:
         return ok, checks
 
     def _storage_metrics(self) -> list[Any]:
-        """``/metrics`` families of the disk and retention (:mod:`dicom_node.retention`)."""
-        return retention.storage_families(retention.storage(self.settings),
+        """``/metrics`` families of the disk and retention (:mod:`dicom_node.retention`);
+        none while the index cannot be read (a full disk: ``dicom_node_disk_full`` says so)."""
+        try:
+            found = retention.storage(self.settings)
+        except (sqlite3.DatabaseError, OSError, RuntimeError):
+            return []
+        return retention.storage_families(found,
                                           nothing_prunable=self.loop.disk_guard.nothing_prunable)
 
     def status_line(self) -> str:

@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -40,13 +41,17 @@ from prometheus_client.registry import Collector
 
 from dicom_node import __version__
 from dicom_node.drift import DriftConfig, drift_gauges
-from dicom_node.jobs import read_job_counts
+from dicom_node.faults import FULL_BELOW_BYTES, free_bytes, is_disk_full
+from dicom_node.jobs import JobCounts, JobState, read_job_counts
 from dicom_node.metrics import NodeMetrics
-from dicom_node.sender import read_send_counts
+from dicom_node.sender import SendCounts, SendState, read_send_counts
 from registry.in_service import active_versions
-from twin_archive.counts import archive_counts, audit_counts, result_timings
+from dicom_node.supervisor import WORKER_STATES
+from twin_archive.counts import (ArchiveCounts, AuditCounts, archive_counts, audit_counts,
+                                 result_timings)
 
 LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Upper bounds (seconds) of the job stage duration histogram.
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -89,6 +94,10 @@ class NodeState:
     free_bytes: int = 0
     #: Queued jobs waiting for something outside them: "job N: <reason>; next try <time>".
     waiting: tuple[str, ...] = ()
+    #: The data directory's file system is full (:data:`~dicom_node.faults.FULL_BELOW_BYTES`).
+    disk_full: bool = False
+    #: Stores that could not be read for lack of space (their figures count as 0).
+    unreadable: tuple[str, ...] = ()
 
 
 class _StageAggregator:
@@ -125,14 +134,31 @@ class _StageAggregator:
 def read_state(data_dir: Path | str, stages: _StageAggregator | None = None) -> NodeState:
     """Read the node's state from the stores of ``data_dir`` (read-only).
 
-    Missing files count as empty; the node need not run.
+    Missing files count as empty; the node need not run. On a full disk a store that
+    cannot be opened (SQLite cannot create its shared-memory file) counts as empty and
+    is named in ``unreadable``; any other error is raised.
     """
     data_dir = Path(data_dir)
     stages = stages or _StageAggregator()
-    stages.update(data_dir)
-    archive = archive_counts(data_dir)
-    jobs, sends = read_job_counts(data_dir), read_send_counts(data_dir)
-    audit = audit_counts(data_dir)
+    unreadable: list[str] = []
+
+    def read(store: str, fn: Callable[[Path], _T], empty: _T) -> _T:
+        try:
+            return fn(data_dir)
+        except (OSError, sqlite3.Error) as exc:
+            if not is_disk_full(exc, data_dir):
+                raise
+            LOG.debug("%s unreadable on a full disk: %s", store, exc)
+            if store not in unreadable:
+                unreadable.append(store)
+            return empty
+
+    read("index.sqlite", stages.update, None)
+    archive = read("index.sqlite", archive_counts, ArchiveCounts())
+    jobs = read("queue.sqlite", read_job_counts, JobCounts(by_state={}, waiting=()))
+    sends = read("queue.sqlite", read_send_counts, SendCounts(by_state={}, failed_attempts=0))
+    audit = read("audit.sqlite", audit_counts, AuditCounts())
+    models = read("registry.sqlite", active_versions, ())
     values: dict[str, Any] = {
         "twins": archive.twins, "studies": archive.studies, "instances": archive.instances,
         "archived_bytes": archive.archived_bytes,
@@ -144,12 +170,14 @@ def read_state(data_dir: Path | str, stages: _StageAggregator | None = None) -> 
             ActiveModel(task=m.task, version=m.version,
                         scope=f"{m.manufacturer}/{m.model_name}"
                         if m.manufacturer or m.model_name else "any scanner")
-            for m in active_versions(data_dir)),
+            for m in models),
         "audit_events": audit.events, "last_audit_at": audit.last_at,
+        "unreadable": tuple(unreadable),
     }
     values["results"], values["stages"] = stages.snapshot()
     if data_dir.exists():
         values["free_bytes"] = shutil.disk_usage(data_dir).free
+        values["disk_full"] = bool(unreadable) or (free_bytes(data_dir) or 0) < FULL_BELOW_BYTES
     return NodeState(**values)
 
 
@@ -218,22 +246,28 @@ class NodeCollector(Collector):
             now = self.workers()
             by_state = GaugeMetricFamily("dicom_node_workers", "Inference worker processes by state",
                                          labels=["state"])
-            for w in ("starting", "ready", "restarting", "stopped"):
+            for w in WORKER_STATES:
                 by_state.add_metric([w], sum(1 for s, _ in now if s == w))
             yield by_state
             restarts = CounterMetricFamily("dicom_node_worker_restarts",
                                            "Inference worker processes started again after dying")
             restarts.add_metric([], sum(n for _, n in now))
             yield restarts
+        yield from self.stored_families(read_state(self.data_dir, self._stages))
+        yield from drift_families(self.data_dir, self.drift)
+        if self.storage is not None:
+            yield from self.storage()
 
-        state = read_state(self.data_dir, self._stages)
+    @staticmethod
+    def stored_families(state: NodeState) -> Iterator[Metric]:
+        """The figures of the stores (:func:`read_state`) as metric families."""
         jobs = GaugeMetricFamily("dicom_node_jobs", "Inference jobs by state", labels=["state"])
-        for s in ("queued", "running", "done", "failed"):
-            jobs.add_metric([s], state.jobs.get(s, 0))
+        for js in JobState:  # every state, from the queue's own enum
+            jobs.add_metric([js.value], state.jobs.get(js.value, 0))
         yield jobs
         sends = GaugeMetricFamily("dicom_node_sends", "Outbound objects by state", labels=["state"])
-        for s in ("queued", "sent", "failed"):
-            sends.add_metric([s], state.sends.get(s, 0))
+        for ss in SendState:
+            sends.add_metric([ss.value], state.sends.get(ss.value, 0))
         yield sends
         sf = CounterMetricFamily("dicom_node_send_failures",
                                  "Failed send attempts (unreachable, aborted or refused)")
@@ -261,12 +295,13 @@ class NodeCollector(Collector):
         free = GaugeMetricFamily("dicom_node_data_dir_free_bytes", "Free space on the data directory")
         free.add_metric([], state.free_bytes)
         yield free
+        full = GaugeMetricFamily("dicom_node_disk_full", "1 while the data directory's disk is "
+                                 "full (stores it holds may then be unreadable)")
+        full.add_metric([], 1.0 if state.disk_full else 0.0)
+        yield full
         audit = CounterMetricFamily("dicom_node_audit_events", "Events in the audit log")
         audit.add_metric([], state.audit_events)
         yield audit
-        yield from drift_families(self.data_dir, self.drift)
-        if self.storage is not None:
-            yield from self.storage()
 
 
 def drift_families(data_dir: Path, config: DriftConfig) -> Iterator[Metric]:
@@ -281,7 +316,13 @@ def drift_families(data_dir: Path, config: DriftConfig) -> Iterator[Metric]:
                                        labels=["task", "scanner"]),
             "psi": GaugeMetricFamily("dicom_node_drift_psi", help_["psi"],
                                      labels=["task", "scanner", "figure"])}
-    for g in drift_gauges(data_dir, config):
+    try:
+        gauges = list(drift_gauges(data_dir, config))
+    except (OSError, sqlite3.Error) as exc:  # a full disk: no drift figures this scrape
+        if not is_disk_full(exc, data_dir):
+            raise
+        gauges = []
+    for g in gauges:
         keys = ["task", "scanner", "figure"] if g.name == "psi" else ["task", "scanner"]
         fams[g.name].add_metric([g.labels[k] for k in keys], g.value)
     yield from fams.values()

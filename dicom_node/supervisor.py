@@ -15,6 +15,11 @@ were queued for sending), and watches them:
   60 s, back to 1 s once a worker has lived 60 s. Each death and restart is a line in
   the journal; :meth:`WorkerPool.describe` is what ``dicom-node status`` shows.
 * The DICOM port is not touched by any of this: C-STOREs are answered throughout.
+* What the listener is told (``on_change``: ``serve.json``) may fail, a full disk
+  above all: no thread of the pool dies of it. The failure is one journal line
+  (:class:`~dicom_node.faults.StateLog`), the write is tried again every
+  :data:`RETELL_S` seconds until it works (one line again), and meanwhile workers are
+  reaped, restarted and their jobs given back as ever.
 
 Written by hand rather than with ``multiprocessing`` or a process
 manager: the node's acceptor processes already use this pattern (socket pair, one JSON
@@ -39,7 +44,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicom_node.database import utc_now
-from dicom_node.jobs import JobQueue
+from dicom_node.faults import StateLog
+from dicom_node.jobs import Job, JobQueue
 from dicom_node.settings import Destination, Settings
 from dicom_node.tasks import Task
 from dicom_node.childproc import pack, read_messages, send_message
@@ -54,6 +60,8 @@ RESTART_MAX_S = 60.0
 STABLE_AFTER_S = 60.0
 #: How often the supervisor looks for queued jobs to announce and restarts that are due.
 _TICK_S = 0.1
+#: Seconds between two tries to tell a change (``serve.json``) after one failed.
+RETELL_S = 1.0
 #: Environment a worker must not inherit (only the listener talks to systemd).
 _NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
@@ -68,13 +76,17 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
+#: What a worker can be doing, as ``status`` and ``/metrics`` name it.
+WORKER_STATES = ("starting", "ready", "restarting", "stopped")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class WorkerInfo:
     """One worker as ``status`` shows it."""
 
     name: str
     pid: int | None
-    state: str  # starting, ready, restarting, stopped
+    state: str  # one of WORKER_STATES
     job: int | None
     restarts: int
     last_exit: str  # what ended the previous process and when; '' if none did
@@ -140,6 +152,12 @@ class WorkerPool:
         self._exits: list[tuple[_Slot, subprocess.Popen[bytes], int]] = []
         self._exits_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._tell_lock = threading.Lock()
+        self._tell_state = StateLog(LOG, "worker supervisor")
+        self._retell_at: float | None = None  # a change not yet told (its telling failed)
+        self._queue_state = StateLog(LOG, "worker supervisor")
+        self._owed: list[tuple[str, str, bool]] = []  # give-backs the queue refused (disk full)
+        self._owed_at = 0.0
 
     # ----------------------------------------------------------------- listener side
     def start(self) -> None:
@@ -221,9 +239,9 @@ class WorkerPool:
             self._kick.set()
             self._thread.join(10.0)
         for slot in self._slots:  # exits the supervisor had no time for
-            if slot.proc is not None:
-                self.jobs.give_back(slot.owner, f"interrupted ({slot.name} stopped with the node)",
-                                    count_attempt=False)
+            if slot.proc is not None:  # (a full disk: said once; the next start requeues it)
+                self._give_back(slot.owner, f"interrupted ({slot.name} stopped with the node)",
+                                count_attempt=False)
             if slot.sock is not None:
                 slot.sock.close()
             slot.state, slot.job = "stopped", None
@@ -248,6 +266,8 @@ class WorkerPool:
                     for slot in self._slots:
                         slot.tell({"op": "wake"})
                 now = time.monotonic()
+                if self._retell_at is not None and now >= self._retell_at:
+                    self._changed()
                 with self._spawn_lock:
                     for slot in self._slots:
                         if (not self._stopping.is_set() and slot.restart_at is not None
@@ -280,62 +300,112 @@ class WorkerPool:
         threading.Thread(target=self._read, args=(slot, proc, ours), name=f"{slot.name}-reader",
                          daemon=True).start()
         LOG.info("%s started (pid %d), loading the pipeline runner", slot.name, proc.pid)
-        self.on_change()
+        self._changed()
+
+    def _changed(self) -> None:
+        """Tell ``on_change`` (the listener writes ``serve.json``). A failure (the disk
+        full) is one journal line, not the end of the calling thread; the supervisor
+        tries again every :data:`RETELL_S` seconds until it works (one line then too)."""
+        with self._tell_lock:
+            try:
+                self.on_change()
+            except Exception as exc:  # noqa: BLE001 - every caller must live on
+                self._retell_at = time.monotonic() + RETELL_S
+                self._tell_state.failed(exc, "could not record the workers' state (serve.json)")
+                return
+            self._retell_at = None
+            self._tell_state.ok()
 
     def _read(self, slot: _Slot, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
-        for message in read_messages(sock):
-            op = message.get("op")
-            if op == "queued":
-                self.on_queued()
-            elif op == "job":
-                slot.job = int(message["id"])
-                self.on_change()
-            elif op == "idle":
-                slot.job = None
-                self.on_change()
-            elif op == "ready":
-                slot.state = "ready"
-                self.on_change()
-        code = proc.wait()
-        with self._exits_lock:
-            self._exits.append((slot, proc, code))
-        self._kick.set()
+        """The reader thread of one worker: its messages, then its exit, always reported
+        (an exit that is never reported is a worker never reaped nor restarted)."""
+        try:
+            for message in read_messages(sock):
+                try:
+                    self._on_message(slot, message)
+                except Exception:  # noqa: BLE001 - a bad message must not end the reader
+                    LOG.exception("%s: message %r not handled", slot.name, message.get("op"))
+        finally:
+            code = proc.wait()
+            with self._exits_lock:
+                self._exits.append((slot, proc, code))
+            self._kick.set()
+
+    def _on_message(self, slot: _Slot, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "queued":
+            self.on_queued()
+        elif op == "job":
+            slot.job = int(message["id"])
+            self._changed()
+        elif op == "idle":
+            slot.job = None
+            self._changed()
+        elif op == "ready":
+            slot.state = "ready"
+            self._changed()
 
     def _handle_exits(self) -> None:
         with self._exits_lock:
             exits, self._exits = self._exits, []
         for slot, proc, code in exits:
-            if proc is not slot.proc:
-                continue
-            how = describe_exit(code)
-            owner = slot.owner
-            if slot.sock is not None:
-                slot.sock.close()
-                slot.sock = None
-            when = utc_now().isoformat(timespec="seconds")
-            if self._stopping.is_set():
-                self.jobs.give_back(owner, f"interrupted ({slot.name} stopped with the node)",
-                                    count_attempt=False)
-                slot.state, slot.job = "stopped", None
-                continue
-            given = self.jobs.give_back(owner, f"interrupted: {slot.name} (pid {proc.pid}) "
-                                               f"died ({how})")
-            was = ("before it was ready" if slot.state == "starting" else
-                   f"during job {', '.join(str(j.id) for j in given)}" if given else "while idle")
-            slot.last_exit = f"{how} {was}, at {when}"
-            slot.state, slot.job = "restarting", None
-            if time.monotonic() - slot.started >= STABLE_AFTER_S:
-                slot.backoff_s = RESTART_INITIAL_S
-            LOG.warning("%s (pid %d) died: %s %s; restarting it in %.0f s (restart %d)", slot.name,
-                        proc.pid, how, was, slot.backoff_s, slot.restarts + 1)
-            for job in given:
-                if job.state.value == "failed":
-                    LOG.error("job %d failed, not retried: %s", job.id, job.error)
-                else:
-                    LOG.warning("job %d is back in the queue (attempt %d of %d used)", job.id,
-                                job.attempts, job.max_attempts)
-            self._schedule_restart(slot)
-            self.on_change()
+            if proc is slot.proc:
+                self._reap(slot, proc, code)
+        if self._owed and time.monotonic() >= self._owed_at:
+            owed, self._owed = self._owed, []
+            for owner, reason, count in owed:
+                self._log_given(self._give_back(owner, reason, count_attempt=count) or [])
+
+    def _reap(self, slot: _Slot, proc: subprocess.Popen[bytes], code: int) -> None:
+        """A worker process ended: give back its job, say so, schedule its restart."""
+        how = describe_exit(code)
+        owner = slot.owner
+        if slot.sock is not None:
+            slot.sock.close()
+            slot.sock = None
+        when = utc_now().isoformat(timespec="seconds")
+        if self._stopping.is_set():
+            self._give_back(owner, f"interrupted ({slot.name} stopped with the node)",
+                            count_attempt=False)
+            slot.state, slot.job = "stopped", None
+            return
+        given = self._give_back(owner, f"interrupted: {slot.name} (pid {proc.pid}) died ({how})")
+        was = ("before it was ready" if slot.state == "starting" else
+               "(a job it ran is given back once the queue can be written)" if given is None
+               else f"during job {', '.join(str(j.id) for j in given)}" if given else "while idle")
+        slot.last_exit = f"{how} {was}, at {when}"
+        slot.state, slot.job = "restarting", None
+        if time.monotonic() - slot.started >= STABLE_AFTER_S:
+            slot.backoff_s = RESTART_INITIAL_S
+        LOG.warning("%s (pid %d) died: %s %s; restarting it in %.0f s (restart %d)", slot.name,
+                    proc.pid, how, was, slot.backoff_s, slot.restarts + 1)
+        self._log_given(given or [])
+        self._schedule_restart(slot)
+        self._changed()
+
+    def _give_back(self, owner: str, reason: str, *,
+                   count_attempt: bool = True) -> list[Job] | None:
+        """:meth:`JobQueue.give_back`; None when the queue cannot be written now (the disk
+        full): said once, and tried again every :data:`RETELL_S` seconds (the dead
+        worker's job stays ``running`` meanwhile, so no other worker takes it)."""
+        try:
+            given = self.jobs.give_back(owner, reason, count_attempt=count_attempt)
+        except Exception as exc:  # noqa: BLE001 - the restart must not wait for the queue
+            self._owed.append((owner, reason, count_attempt))
+            self._owed_at = time.monotonic() + RETELL_S
+            self._queue_state.failed(exc, f"could not give back the job of {owner}")
+            return None
+        self._queue_state.ok()
+        return given
+
+    @staticmethod
+    def _log_given(given: Sequence[Job]) -> None:
+        for job in given:
+            if job.state.value == "failed":
+                LOG.error("job %d failed, not retried: %s", job.id, job.error)
+            else:
+                LOG.warning("job %d is back in the queue (attempt %d of %d used)", job.id,
+                            job.attempts, job.max_attempts)
 
     def _schedule_restart(self, slot: _Slot) -> None:
         slot.state = "restarting"

@@ -25,6 +25,14 @@ over ``max_memory_gb``) fails at once with the reason, not retried; anything els
 unexpected error) is retried by the queue a bounded number of
 times, then left failed with its reason.
 
+A full disk is no failure. A job whose inference has run when storing its results (or
+its completion) finds no space stays claimed, its :class:`Computed` work kept in
+memory; the worker takes no other job meanwhile and tries only the storing again every
+:data:`~dicom_node.jobs.SPACE_RETRY_S` seconds, or at once when space was freed. A job
+that finds the disk full before its inference goes back to the queue
+(:meth:`~dicom_node.jobs.JobQueue.wait_for_space`). Neither counts as an attempt; the
+worker says so in one journal line, and in one more when it works again.
+
 With ``backend = "triton"`` the model runs on a Triton Inference Server
 (:mod:`pipelines.triton`). Triton down or the model not loaded there is not a failure
 of the job: it goes back to the queue to wait (its attempt not counted, the reason
@@ -43,11 +51,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from dicom_node.database import utc_now
-from dicom_node.faults import StateLog, is_out_of_space
-from dicom_node.jobs import Job, JobQueue
+from dicom_node.faults import FULL_BELOW_BYTES, StateLog, describe, free_bytes, is_out_of_space
+from dicom_node.jobs import SPACE_RETRY_S, Job, JobQueue
 from dicom_node.live_learning import LiveLearning
 from dicom_node.sender import Sender
 from dicom_node.settings import Destination, Settings
@@ -123,6 +132,23 @@ class JobOutcome:
     seconds: float
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Computed:
+    """What the pipeline made of one job's series, before anything of it is stored.
+
+    Kept by the worker until the job ends, so that a job that found the disk full
+    stores its results once space is back without running its inference again (in
+    memory only: a worker stopped or killed meanwhile leaves the job to run again).
+    """
+
+    job_key: str
+    files: tuple[Path, ...]
+    loaded: LoadedModel
+    outcome: Any  # pipelines.run's outcome: results (SEG, SR), segments, volume, model
+    model_load_s: float
+    pipeline_s: float
+
+
 class Worker:
     """Runs inference jobs in a background thread.
 
@@ -186,6 +212,10 @@ class Worker:
         self._waits = 0  # consecutive times a job had to wait for Triton
         self._space = StateLog(LOG, name)  # disk full: one line per change of state
         self._stalled: Job | None = None  # found the disk full; not yet back in the queue
+        self.computed: Computed | None = None  # the pipeline's work for the current job
+        self._storing: Job | None = None  # claimed, computed, waits for space to store
+        self._storing_at = 0.0  # when to try storing again (monotonic)
+        self._storing_free = 0  # bytes free when storing last failed
         self._loop_state = StateLog(LOG, name)
 
         # drift figures and shadow runs of served series (dicom_node.live_learning)
@@ -224,6 +254,9 @@ class Worker:
     def run(self, job: Job) -> JobOutcome:
         """Run one claimed job to its result (or raise).
 
+        The pipeline's work is kept (:attr:`computed`) until the job ends: a retry of
+        the same job after the disk was full only stores the results.
+
         Raises
         ------
         JobRefused
@@ -249,6 +282,34 @@ class Worker:
                 done = self._recover_overlay(job, done, destinations)
             return JobOutcome(job_id=job.id, result=done, note="already recorded",
                               seconds=time.perf_counter() - t0)
+        computed = self._kept_for(job)
+        if computed is None:
+            try:
+                computed = self._compute(job, spec)
+            except EmptyResultError as exc:
+                return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
+                                  note=f"nothing found, nothing sent ({exc})")
+        else:
+            LOG.info("job %d: storing the results of its inference, kept while the disk was "
+                     "full (not run again)", job.id)
+        return self._store(job, spec, computed, destinations, overlay, t0)
+
+    def _kept_for(self, job: Job) -> Computed | None:
+        """What the pipeline already made of ``job`` in this process, if anything."""
+        kept = self.computed
+        return kept if kept is not None and kept.job_key == job.key else None
+
+    def _compute(self, job: Job, spec: Task) -> Computed:
+        """Run the job's pipeline (the model loaded first); keep and return its work.
+
+        Raises
+        ------
+        JobRefused, JobWaitsForModel
+            As :meth:`run`.
+        EmptyResultError
+            The model found nothing (recorded for drift; nothing to store).
+        """
+        t0 = time.perf_counter()
         files = self.archive.twins.series_files(job.series_uid)
         if not files:
             raise JobRefused("the series has no current instances")
@@ -257,29 +318,37 @@ class Worker:
         predecessors = self._predecessor_srs(job)
         t_load = time.perf_counter()
         try:
-            # the overlay is built after the SEG and SR are on their way (below)
+            # the overlay is built after the SEG and SR are on their way (_store)
             outcome = self._run_series(files, loaded, rules=spec.rules,
                                        options=WriterOptions(write_overlay=False),
                                        predecessors=predecessors,
                                        max_memory_bytes=self.max_memory_bytes)
         except MemoryBudgetError as exc:  # retrying would hit the same wall
             raise JobRefused(str(exc)) from exc
-        except EmptyResultError as exc:
+        except EmptyResultError:
             self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=None,
                              result=None)
-            return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
-                              note=f"nothing found, nothing sent ({exc})")
+            raise
         except SeriesGeometryError as exc:
             raise JobRefused(str(exc)) from exc
+        self.computed = Computed(job_key=job.key, files=tuple(files), loaded=loaded,
+                                 outcome=outcome, model_load_s=t_load - t0,
+                                 pipeline_s=time.perf_counter() - t_load)
+        return self.computed
+
+    def _store(self, job: Job, spec: Task, computed: Computed,
+               destinations: Sequence[Destination], overlay: bool, t0: float) -> JobOutcome:
+        """Record the SEG and SR in the twin, queue them, then the overlay (:meth:`run`)."""
         t_run = time.perf_counter()
+        outcome, loaded, files = computed.outcome, computed.loaded, list(computed.files)
         datasets = outcome.results
         objects: list[tuple[str, Any]] = [("seg", datasets.seg), ("sr", datasets.sr)]
         # every object is checked before it may be sent; an invalid one is kept in the
         # twin but held back from every destination, with the reason
         held = invalid(validate_results(datasets))
         timings = _timings(outcome)
-        timings["model_load_s"] = t_load - t0
-        timings["pipeline_s"] = t_run - t_load
+        timings["model_load_s"] = computed.model_load_s
+        timings["pipeline_s"] = computed.pipeline_s
         result = self.results.record(
             job_key=job.key, patient_key=job.patient_key, study_uid=job.study_uid,
             source_series_uid=job.series_uid, source_last_received=job.series_last_received,
@@ -302,7 +371,7 @@ class Worker:
                  "%.1f s, SEG+SR stored and queued %.2f s, overlay %.2f s)", job.id, job.task,
                  job.series_uid, result.id, result.model_name, result.model_version, result.backend,
                  ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in result.segments) or "no segment",
-                 seconds, t_run - t_load, t_seg_sr - t_run, time.perf_counter() - t_seg_sr)
+                 seconds, computed.pipeline_s, t_seg_sr - t_run, time.perf_counter() - t_seg_sr)
         return JobOutcome(job_id=job.id, result=result, note="", seconds=seconds)
 
     def _add_overlay(self, job: Job, result: AIResult, outcome: Any,
@@ -336,6 +405,9 @@ class Worker:
         """The node stopped after the SEG and SR of ``done`` were recorded but before its
         overlay was: run the pipeline again and add the overlay, if (and only if) it
         finds the same segments (names and volumes) as the recorded result."""
+        kept = self._kept_for(job)
+        if kept is not None:  # the disk was full after recording: the same work, stored now
+            return self._add_overlay(job, done, kept.outcome, {}, destinations)
         spec = self.tasks.get(job.task)
         files = self.archive.twins.series_files(job.series_uid)
         if spec is None or not files:
@@ -386,24 +458,47 @@ class Worker:
         job = self.jobs.claim()
         if job is None:
             return None
-        self.current = job
+        self.computed = None  # the work of an earlier job is of no use to this one
         LOG.log(logging.DEBUG if self._space.failing else logging.INFO,
                 "job %d: %s on series %s (%d instance(s)), attempt %d of %d", job.id, job.task,
                 job.series_uid, job.instances, job.attempts, job.max_attempts)
+        return self._run_claimed(job)
+
+    def _run_claimed(self, job: Job) -> JobOutcome | None:
+        """Run a claimed job and record how it ended; ``None`` when it has no result now."""
+        self.current = job
         try:
             outcome = self.run(job)
-        except JobRefused as exc:
+            self.jobs.complete(job.id, result_id=outcome.result.id if outcome.result else None,
+                               note=outcome.note)
+        except Exception as exc:  # noqa: BLE001 - each kind is recorded in _not_done
+            self._not_done(job, exc)
+            return None
+        finally:
+            self.current = None
+        self._waits = 0
+        self.computed = None
+        self._space.ok()
+        if outcome.result is None:
+            LOG.info("job %d done: %s", job.id, outcome.note)
+        return outcome
+
+    def _not_done(self, job: Job, exc: Exception) -> None:
+        """Record in the queue why a claimed job has no result now (see :meth:`run`)."""
+        if is_out_of_space(exc):  # not a failure of the job: it waits for space
+            self._wait_for_space(job, exc)
+            return
+        self.computed = None
+        if isinstance(exc, JobRefused):
             self.jobs.fail(job.id, str(exc), permanent=True)
             LOG.error("job %d failed, not retried: %s", job.id, exc)
-            return None
-        except TritonUnavailableError as exc:
+        elif isinstance(exc, TritonUnavailableError):
             delay = min(self.wait_backoff_max_s,
                         self.WAIT_BACKOFF_INITIAL_S * 2 ** min(self._waits, 30))
             self._waits += 1
             self.jobs.postpone(job.id, str(exc), delay_s=delay)
             LOG.warning("job %d waits %.0f s, not counted as an attempt: %s", job.id, delay, exc)
-            return None
-        except JobWaitsForModel as exc:
+        elif isinstance(exc, JobWaitsForModel):
             self.jobs.wait_for_model(job.id, str(exc), manufacturer=exc.manufacturer,
                                      scanner_model=exc.scanner_model)
             told = (exc.task, exc.manufacturer, exc.scanner_model)
@@ -413,27 +508,40 @@ class Worker:
             else:
                 LOG.debug("job %d on series %s also waits for a model of %s", job.id,
                           job.series_uid, exc.task)
-            return None
-        except Exception as exc:
-            if is_out_of_space(exc):  # not a failure of the job: it waits for space
-                self._space.failed(exc, f"job {job.id} waits for disk space (not counted as "
-                                        "a failed attempt)")
-                self._stalled = job
-                self._requeue_stalled()
-                return None
+        else:
             state = self.jobs.fail(job.id, f"{type(exc).__name__}: {exc}")
-            LOG.exception("job %d attempt %d failed (%s)", job.id, job.attempts,
-                          "will be retried" if state.value == "queued" else "no attempts left")
+            LOG.error("job %d attempt %d failed (%s)", job.id, job.attempts,
+                      "will be retried" if state.value == "queued" else "no attempts left",
+                      exc_info=exc)
+
+    def _wait_for_space(self, job: Job, exc: BaseException) -> None:
+        """The disk is full. A job whose inference ran stays claimed, its work kept, and
+        only the storing is tried again (:meth:`_retry_storing`); a job that had not run
+        yet goes back to the queue. Neither counts as a failed attempt."""
+        if self._kept_for(job) is None:
+            self._space.failed(exc, f"job {job.id} waits for disk space (not counted as a "
+                                    "failed attempt)")
+            self._stalled = job
+            self._requeue_stalled()
+            return
+        self._space.failed(exc, f"job {job.id} waits for disk space, its inference done and "
+                                "kept: only storing its results is tried again (not counted as "
+                                "a failed attempt)")
+        self._storing = job
+        self._storing_at = time.monotonic() + SPACE_RETRY_S
+        self._storing_free = free_bytes(self.archive.data_dir) or 0
+
+    def _retry_storing(self) -> JobOutcome | None:
+        """Try again to store the kept results of the job that found the disk full: every
+        :data:`~dicom_node.jobs.SPACE_RETRY_S` seconds, or at once when space was freed."""
+        job = self._storing
+        if job is None:
             return None
-        finally:
-            self.current = None
-        self._waits = 0
-        self.jobs.complete(job.id, result_id=outcome.result.id if outcome.result else None,
-                           note=outcome.note)
-        self._space.ok()
-        if outcome.result is None:
-            LOG.info("job %d done: %s", job.id, outcome.note)
-        return outcome
+        freed = (free_bytes(self.archive.data_dir) or 0) - self._storing_free
+        if time.monotonic() < self._storing_at and freed < FULL_BELOW_BYTES:
+            return None
+        self._storing = None
+        return self._run_claimed(job)
 
     # ----------------------------------------------------------------- waiting jobs
     def check_waiting(self) -> int:
@@ -478,8 +586,11 @@ class Worker:
                 except Exception:
                     LOG.exception("%s: could not look for models that jobs wait for", self.name)
             try:
-                ready = self._requeue_stalled() and not self._below_reserve()
-                outcome = self.run_one() if ready else None
+                if self._storing is not None:  # no other job while one waits to store
+                    outcome = self._retry_storing()
+                else:
+                    ready = self._requeue_stalled() and not self._below_reserve()
+                    outcome = self.run_one() if ready else None
                 self._loop_state.ok()
             except Exception as exc:
                 self._loop_state.failed(exc, "could not take a job")
@@ -536,6 +647,17 @@ class Worker:
             self.jobs.requeue_running(job.id)
             LOG.info("%s: job %d interrupted by the stop; it stays queued and runs after the "
                      "restart", self.name, job.id)
+        storing = self._storing
+        if storing is not None and not self._thread.is_alive():
+            try:  # on a full disk this may fail too: the next start's recovery queues it
+                self.jobs.requeue_running(storing.id)
+            except Exception as exc:  # noqa: BLE001 - stopping goes on
+                LOG.warning("%s: job %d waited for disk space and stays running for the next "
+                            "start to queue (%s)", self.name, storing.id, describe(exc))
+            else:
+                LOG.info("%s: job %d waited for disk space; it stays queued and runs again "
+                         "after the restart (its kept inference lived in this process)",
+                         self.name, storing.id)
 
 
 def triton_target(settings: Settings) -> TritonTarget | None:

@@ -8,6 +8,9 @@ full disk when run as root).
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import sqlite3
 import subprocess
 import time
@@ -254,8 +257,11 @@ def _fill(path: Path) -> int:
 @pytest.mark.slow
 def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path: Path) -> None:
     """A real full disk (tmpfs, as root) while a job runs: it waits (no failed attempt),
-    the loop logs one line per change of state, ``status`` answers, and once space is
-    freed the results arrive with no intervention."""
+    its inference kept (run once, only the storing tried again), the loop logs one line
+    per change of state, ``status`` answers "disk full", and once space is freed the
+    results arrive with no intervention. Then the disk fills again and the worker is
+    SIGKILLed: it is reaped and restarted all the same, no thread of the node dies, and
+    ``serve.json`` tells the truth again once space is back (issue 23, part 6)."""
     mnt = tmp_path / "small"
     assert _mount_tmpfs(mnt, "64m"), "this test needs root to mount a tmpfs"
     node = None
@@ -275,6 +281,7 @@ def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path
                    180, 0.2)
         status = node.cli("status", check=False)
         assert status.returncode == 0 and "RUNNING" in status.stdout, status.stderr
+        assert "disk:      FULL" in status.stdout and "damaged" not in status.stdout
         # An observation window, not a wait for an event: several passes of the monitor,
         # worker and sender (each about once a second) on the full disk, after which the
         # log must not repeat itself and the job must not have failed.
@@ -292,8 +299,106 @@ def test_disk_full_mid_job_waits_and_results_arrive_once_space_is_freed(tmp_path
         [result] = json.loads(node.cli("twin", "show", "FULL-1", "--json").stdout)["results"]
         assert result["seg_series_uid"] and result["sr_series_uid"] and result["overlay_series_uid"]
         assert "working again" in node.log()
+        assert node.log().count("pipelines.inference: spleen-ct-v1 on") == 1  # run once
+        assert "storing the results of its inference, kept while the disk was full" in node.log()
         assert node.cli("archive", "verify", "--deep").returncode == 0  # nothing stray left
+        _kill_the_worker_on_a_full_disk(node, filler, tmp_path)
     finally:
         if node is not None:
             node.stop()
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _serve_json_workers(node: NodeProcess) -> list[dict]:
+    try:
+        return json.loads((node.data_dir / "serve.json").read_text())["workers"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _kill_the_worker_on_a_full_disk(node: NodeProcess, filler: Path, tmp: Path) -> None:
+    """The disk full again (serve.json cannot be written), the worker SIGKILLed: it is
+    reaped and restarted, no thread dies, serve.json catches up once space is back, and
+    the restarted worker serves the next study."""
+    [before] = _serve_json_workers(node)
+    assert before["state"] == "ready"
+    _fill(filler)
+    os.kill(before["pid"], signal.SIGKILL)
+    wait_until("the killed worker restarted and ready", lambda: re.search(
+        r"worker-1 pid (?!%d\b)\d+ ready for jobs" % before["pid"], node.log()), 120, 0.2)
+    assert f"worker-1 (pid {before['pid']}) died: killed by SIGKILL" in node.log()
+    status = node.cli("status", check=False)
+    assert status.returncode == 0 and "disk:      FULL" in status.stdout, status.stderr
+    filler.unlink()
+    wait_until("serve.json telling the restarted worker", lambda: [
+        (w["state"], w["restarts"]) for w in _serve_json_workers(node)] == [("ready", 1)], 30, 0.2)
+    assert _serve_json_workers(node)[0]["pid"] != before["pid"]
+    log = node.log()
+    assert "Exception in thread" not in log and "Traceback" not in log
+    storescu(node.port, write_files(small_study("FULL-3", slices=24, size=64), tmp / "again"))
+    wait_until("the next job done", lambda: len(
+        [j for j in jobs_now(node.data_dir) if j.state.value == "done"]) == 2, 240, 0.2)
+
+
+def _cli(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DICOM_NODE, "--data-dir", str(data), *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+
+
+def _open_under(where: Path) -> list[str]:
+    """The files under ``where`` this process holds open."""
+    out = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+        if target.startswith(str(where) + "/"):
+            out.append(target)
+    return out
+
+
+def test_status_says_disk_full_not_damaged_and_metrics_answer(tmp_path: Path) -> None:
+    """Issue 23 part 6: on a full disk SQLite cannot create a database's shared-memory
+    file and answers "disk I/O error"; ``status`` names the full disk (and what it could
+    not read) instead of sending the operator to ``rebuild-index``, other commands say
+    "disk full" in their one line, ``/metrics`` answers with ``dicom_node_disk_full 1``;
+    with space back, all is as before."""
+    from prometheus_client import generate_latest
+
+    from dicom_node.jobs import JobQueue
+    from dicom_node.metrics import NodeMetrics
+    from dicom_node.observability import NodeCollector, build_registry
+
+    mnt = tmp_path / "small"
+    assert _mount_tmpfs(mnt, "16m"), "this test needs root to mount a tmpfs"
+    try:
+        data = mnt / "data"
+        install_model(data)
+        with Archive(data) as archive:
+            archive.ingest.store(incoming(small_ct(patient_id="FULL-2")))
+        JobQueue(data).close()  # every store exists, none is open: no -shm file is left
+        filler = mnt / "filler"
+        _fill(filler)
+        status = _cli(data, "status")
+        assert status.returncode == 0, status.stderr[-2000:]
+        assert "disk:      FULL" in status.stdout and "unreadable until then: " in status.stdout
+        assert "damaged" not in status.stdout + status.stderr
+        assert "rebuild-index" not in status.stdout + status.stderr
+        state = json.loads(_cli(data, "status", "--json").stdout)["state"]
+        assert state["disk_full"] is True and "index.sqlite" in state["unreadable"]
+        other = _cli(data, "twin", "list")
+        assert other.returncode == 1 and "dicom-node: disk full: " in other.stderr, other.stderr
+        assert "damaged" not in other.stderr and "rebuild-index" not in other.stderr
+        text = generate_latest(build_registry(NodeCollector(NodeMetrics(), data))).decode()
+        assert "dicom_node_disk_full 1.0" in text
+        assert _open_under(mnt) == []  # a scrape on a full disk leaves no connection open
+        filler.unlink()
+        status = _cli(data, "status")
+        assert status.returncode == 0 and "FULL" not in status.stdout, status.stdout
+        assert "1 instance(s)" in status.stdout and "spleen-ct: spleen-ct-v1" in status.stdout
+        assert "FULL-2" in _cli(data, "twin", "list").stdout
+        text = generate_latest(build_registry(NodeCollector(NodeMetrics(), data))).decode()
+        assert "dicom_node_disk_full 0.0" in text
+    finally:
         subprocess.run(["umount", str(mnt)], check=False)

@@ -17,6 +17,8 @@ patches, a few epochs; a run takes 10-30 s on two CPU cores.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -352,3 +354,49 @@ def test_training_settings_are_validated_per_key(tmp_path: Path) -> None:
                        ("train_min_new_series", 0)):
         with pytest.raises(ConfigError, match=key):
             Settings(**{key: value})
+
+
+def _trainers(pid: int) -> list[int]:
+    """The children of ``pid`` that run ``trainer.nightly`` (exec done)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        for child in (task / "children").read_text().split():
+            try:
+                if b"trainer.nightly" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    out.append(int(child))
+            except OSError:
+                continue
+    return out
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is no zombie (a dead child nobody reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_the_training_child_dies_with_its_killed_parent(tmp_path: Path) -> None:
+    """Issue 30: ``dicom-node train --now`` (the nightly job's way to train) SIGKILLed
+    while its child trains: the child is gone too (parent-death signal), and does not
+    write to the data directory after the node and its lock are gone."""
+    data, _ = _prepared(tmp_path, donors=3)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(TINY)
+    parent = subprocess.Popen([*DICOM_NODE, "--config", str(cfg), "--data-dir", str(data), "train",
+                               TASK, "--now", "--epochs", "100000"], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        children = wait_until("the training child", lambda: _trainers(parent.pid), 120, 0.05)
+        parent.kill()
+        parent.wait()
+        wait_until("the training child gone with its parent",
+                   lambda: not any(_running(c) for c in children), 10, 0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for child in children:
+            if _running(child):
+                os.kill(child, signal.SIGKILL)

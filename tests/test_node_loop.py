@@ -319,3 +319,39 @@ def test_the_monitor_decides_each_quiet_series_once_and_again_after_a_late_insta
     again.stop()
     queue.close()
     archive.close()
+
+
+def test_every_job_send_and_worker_state_is_on_metrics(tmp_path: Path) -> None:
+    """Issue 30: ``/metrics`` names each state of the queues' own enums (jobs waiting for
+    a model and held sends were left out, so Prometheus never saw them)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dicom_node.metrics import NodeMetrics
+    from dicom_node.observability import NodeCollector, build_registry
+    from dicom_node.supervisor import WORKER_STATES
+
+    queue = JobQueue(tmp_path)
+    _job(queue, last="t1")
+    _job(queue, last="t2")
+    claimed = queue.claim()
+    assert claimed is not None
+    queue.wait_for_model(claimed.id, "no model", manufacturer="ACME", scanner_model="X1")
+    queue.close()
+    store, result = _result(tmp_path)
+    [obj] = result.objects
+    dest = Destination(ae_title="PACS", host="127.0.0.1", port=free_port(), send=("overlay",))
+    sender = Sender(tmp_path, ae_title="NODE", network_timeout_s=5)
+    sender.enqueue(result, [dest], held={obj.sop_instance_uid: "fails its check"})
+    sender.close()
+    store.close()
+    collector = NodeCollector(NodeMetrics(), tmp_path, workers=lambda: [("ready", 0)])
+    text = generate_latest(build_registry(collector)).decode()
+    got = {(s.name, s.labels.get("state")): s.value
+           for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert {s.value for s in JobState} <= {st for n, st in got if n == "dicom_node_jobs"}
+    assert {s.value for s in SendState} <= {st for n, st in got if n == "dicom_node_sends"}
+    assert set(WORKER_STATES) <= {st for n, st in got if n == "dicom_node_workers"}
+    assert got[("dicom_node_jobs", "waiting")] == 1 and got[("dicom_node_jobs", "queued")] == 1
+    assert got[("dicom_node_sends", "held")] == 1 and got[("dicom_node_sends", "queued")] == 0
+    assert got[("dicom_node_workers", "ready")] == 1

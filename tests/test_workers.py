@@ -10,7 +10,9 @@ checked on a real ``queue.sqlite``.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,7 +27,10 @@ from pathlib import Path
 import pytest
 
 from dicom_client import send
+from dicom_node.database import write
 from dicom_node.jobs import JobQueue, JobState
+from dicom_node.settings import load_settings
+from dicom_node.supervisor import WorkerPool
 from loop_helpers import (
     install_model,
     node_json,
@@ -151,6 +156,64 @@ def test_a_dead_workers_jobs_are_given_back_and_a_job_that_kills_every_worker_fa
     [stopped] = listener.give_back("worker-2 pid 12", "interrupted (stopped)", count_attempt=False)
     assert stopped.state is JobState.QUEUED and stopped.attempts == 0
     assert listener.give_back("worker-2 pid 12", "again") == []
+
+
+# ---------------------------------------------------------------- a full disk (issue 23, part 6)
+def test_a_state_write_that_fails_kills_no_thread_and_a_killed_worker_is_still_restarted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve.json`` cannot be written (ENOSPC, injected where the node writes it): the
+    reader threads live on, a worker SIGKILLed meanwhile is reaped, its job given back
+    and the worker restarted; the failure is one journal line, and one more when the
+    write works again (tried again by itself, so ``serve.json`` catches up)."""
+    died: list[str] = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: died.append(a.thread.name))
+    settings = load_settings(None, env={}, overrides={"data_dir": str(tmp_path / "data")})
+    settings = settings.replace(workers=1)
+    jobs = JobQueue(settings.data_dir)
+    full = threading.Event()
+    told: list[list[tuple[str, int | None]]] = []
+
+    def write_state() -> None:  # what Node._write_state does, on a disk that may be full
+        if full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        told.append([(w.state, w.pid) for w in pool.describe()])
+
+    pool = WorkerPool(settings, jobs, on_queued=lambda: None, on_change=write_state)
+    caplog.set_level(logging.INFO, logger="dicom_node.supervisor")
+    full.set()  # from the start: "ready" itself cannot be told
+    pool.start()
+    try:
+        assert pool.wait_ready(180)
+        [first] = pool.describe()
+        with write(jobs.db) as conn:  # a job the worker runs (claimed in one go: the worker
+            # itself would take a job queued first)
+            held_id = conn.execute(
+                "INSERT INTO jobs (series_uid, study_uid, patient_key, task, series_last_received,"
+                " instances, state, attempts, max_attempts, enqueued_at, not_before, worker)"
+                " VALUES ('9.9', '1.2', 'k', 'spleen-ct', 't1', 3, 'running', 1, 3, 't', 't', ?)",
+                (f"worker-1 pid {first.pid}",)).lastrowid
+        held = jobs.get(held_id)
+        os.kill(first.pid or 0, signal.SIGKILL)
+        wait_until("the killed worker reaped and restarted", lambda: (
+            pool.describe()[0].restarts == 1 and pool.describe()[0].state == "ready"), 180, 0.1)
+        [second] = pool.describe()
+        assert second.pid != first.pid and "killed by SIGKILL" in second.last_exit
+        again = jobs.get(held.id)  # given back, perhaps taken again by the new worker (and
+        # failed: its series has no instances)
+        assert again.state is JobState.QUEUED or again.worker == f"worker-1 pid {second.pid}"
+        assert told == [] and died == []
+        full.clear()  # space again: told without any new change
+        wait_until("the state told again", lambda: told and told[-1] == [("ready", second.pid)],
+                   10, 0.05)
+    finally:
+        pool.stop()
+        jobs.close()
+    assert died == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.supervisor"]
+    failing = [m for m in lines if "could not record the workers' state" in m]
+    assert len(failing) == 1 and "disk full" in failing[0], lines
+    assert sum("working again (after: disk full)" in m for m in lines) == 1, lines
+    assert f"job {held.id} is back in the queue (attempt 1 of 3 used)" in lines
 
 
 # ---------------------------------------------------------------- with Orthanc

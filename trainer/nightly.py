@@ -21,23 +21,26 @@
 
 :func:`run_in_subprocess` runs the same in a child process (``python -m
 trainer.nightly``) at a lower CPU priority (``os.nice``), so that the node keeps
-serving studies while it trains (STYLE rule 15); the outcome comes back as JSON.
+serving studies while it trains (STYLE rule 15); the outcome comes back as JSON. The
+child dies with the process that started it (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -511,13 +514,21 @@ def new_labelled_series(data_dir: Path | str, task: str, rules: SelectionRules) 
 
 
 # --------------------------------------------------------------------- subprocess
+#: prctl(2) option: the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
 def run_in_subprocess(data_dir: Path | str, task: str, rules: SelectionRules,
                       config: NightlyConfig, *, nice: int = 10, by: str = "trainer",
                       timeout_s: float | None = None,
                       cancel: threading.Event | None = None) -> TrainingOutcome:
     """Run :func:`run_training` in a child process at lower priority; return its outcome.
 
-    The child inherits stdout/stderr (its log lines go where the node's go).
+    The child inherits stdout/stderr (its log lines go where the node's go). It dies
+    with its parent (``PR_SET_PDEATHSIG``, SIGKILL, as the node's other children do), so
+    a killed node leaves no training behind that writes to the data directory after its
+    lock is gone; the calling thread waits for the child, so the signal (tied by Linux
+    to the thread that started the child) comes only when the process dies.
 
     Parameters
     ----------
@@ -552,16 +563,36 @@ def run_in_subprocess(data_dir: Path | str, task: str, rules: SelectionRules,
     timeout = timeout_s if timeout_s is not None else config.time_budget_s + 600
     LOG.info("training %s in a subprocess (nice +%d, timeout %.0f s)", task, nice, timeout)
 
-    def lower_priority() -> None:  # runs in the child before exec
-        os.nice(nice)
-
-    proc = subprocess.Popen(cmd, preexec_fn=lower_priority,
+    proc = subprocess.Popen(cmd, preexec_fn=_child_setup(nice),
                             cwd=str(Path(__file__).resolve().parents[1]))
     try:
         _wait_for_child(proc, task, timeout, cancel)
     finally:
         request.unlink(missing_ok=True)
     return _read_outcome(proc.returncode, result, task)
+
+
+def _child_setup(nice: int) -> Callable[[], None]:
+    """What the training child runs before exec: lower its priority by ``nice`` and ask
+    the kernel for SIGKILL when its parent dies (exit at once if it already has). libc
+    is loaded here, in the parent: a child forked from a threaded process does no
+    ``dlopen``. The node's own children do the same (``dicom_node.childproc``, which
+    this room may not import)."""
+    parent = os.getpid()
+    prctl: Any
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        prctl = None
+
+    def setup() -> None:
+        os.nice(nice)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return setup
 
 
 def _wait_for_child(proc: subprocess.Popen[bytes], task: str, timeout: float,

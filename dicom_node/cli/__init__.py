@@ -54,8 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def damaged_database_line(data_dir: Path | str, exc: BaseException) -> str:
-    """One line naming the damaged database of ``data_dir`` and what to run."""
+    """One line naming the damaged database of ``data_dir`` and what to run; on a full
+    disk (SQLite's ``disk I/O error`` included) it says so instead: nothing is damaged."""
     from dicom_node.cli.archive import check_databases
+    from dicom_node.faults import free_bytes, is_disk_full
+
+    if is_disk_full(exc, data_dir):
+        return (f"disk full: the data directory {data_dir} has {(free_bytes(data_dir) or 0) >> 10}"
+                f" KiB free ({exc}); free space and the node and this command work again, "
+                "with no repair")
 
     found = [p for p in check_databases(Path(data_dir)) if "damaged" in p or "missing" in p]
     what = found[0] if found else f"database error in {data_dir} ({exc})"

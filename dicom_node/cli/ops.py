@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dicom_node import retention
 from dicom_node.database import utc_now
 from dicom_node.node import STATE_FILE
-from dicom_node.observability import read_state
+from dicom_node.observability import NodeState, read_state
 from dicom_node.settings import Settings
 from twin_archive.audit import AuditEvent, AuditLog, AuditLogTamperedError
 
@@ -134,8 +134,39 @@ def _storage(settings: Settings) -> retention.Storage | None:
         return None
     try:
         return retention.storage(settings)
-    except (RuntimeError, sqlite3.OperationalError):  # no index yet, or one not migrated
+    except (RuntimeError, sqlite3.DatabaseError):  # no index yet, not migrated, or disk full
         return None
+
+
+def describe_disk_full(free: int, unreadable: tuple[str, ...]) -> str:
+    """The ``disk:`` line of ``status`` while the data directory's disk is full."""
+    line = (f"disk:      FULL ({free >> 10} KiB free): new instances are refused (A700), jobs "
+            "and sends wait; all resume by themselves once space is freed (nothing to repair)")
+    if unreadable:
+        line += (f"; unreadable until then: {', '.join(unreadable)} (counted as 0 below: "
+                 "SQLite cannot create its shared-memory file)")
+    return line
+
+
+def status_json(data_dir: Path, running: dict[str, Any] | None, health: dict[str, Any] | None,
+                live: dict[str, float], state: NodeState) -> dict[str, Any]:
+    """What ``status --json`` prints."""
+    return {"data_dir": str(data_dir), "running": running, "health": health, "live": live,
+            "state": {
+                "twins": state.twins, "studies": state.studies, "instances": state.instances,
+                "archived_bytes": state.archived_bytes, "jobs": state.jobs, "sends": state.sends,
+                "jobs_waiting": list(state.waiting),
+                "send_failed_attempts": state.send_failed_attempts, "results": state.results,
+                "stages": {k: {"count": v.count, "total_s": v.total_s}
+                           for k, v in state.stages.items()},
+                "active_models": [{"task": m.task, "version": m.version, "scope": m.scope}
+                                  for m in state.active_models],
+                "waiting_for_models": [{"task": t, "scanner": sc} for t, sc in
+                                       (_waiting_for_models(data_dir)
+                                        if state.jobs.get("waiting") else [])],
+                "audit_events": state.audit_events, "last_audit_at": state.last_audit_at,
+                "free_bytes": state.free_bytes, "disk_full": state.disk_full,
+                "unreadable": list(state.unreadable)}}
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -153,22 +184,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         live = _live_counters(running["metrics"])
     disk = _storage(settings)
     if args.json:
-        out = {"data_dir": str(data_dir), "running": running, "health": health, "live": live,
-               "storage": disk.to_dict() if disk is not None else None,
-               "state": {
-                   "twins": state.twins, "studies": state.studies, "instances": state.instances,
-                   "archived_bytes": state.archived_bytes, "jobs": state.jobs, "sends": state.sends,
-                   "jobs_waiting": list(state.waiting),
-                   "send_failed_attempts": state.send_failed_attempts, "results": state.results,
-                   "stages": {k: {"count": v.count, "total_s": v.total_s}
-                              for k, v in state.stages.items()},
-                   "active_models": [{"task": m.task, "version": m.version, "scope": m.scope}
-                                     for m in state.active_models],
-                   "waiting_for_models": [{"task": t, "scanner": sc} for t, sc in
-                                          (_waiting_for_models(data_dir)
-                                           if state.jobs.get("waiting") else [])],
-                   "audit_events": state.audit_events, "last_audit_at": state.last_audit_at,
-                   "free_bytes": state.free_bytes}}
+        out = status_json(data_dir, running, health, live, state)
+        out["storage"] = disk.to_dict() if disk is not None else None
         print(json.dumps(out, indent=2))
         return 0
     if running:
@@ -190,6 +207,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"since start: {rx} instance(s), {int(live.get('dicom_node_received_bytes_total', 0)) >> 20}"
               f" MiB received; associations " + ", ".join(f"{n} {k}" for k, n in acc.items()))
     print(f"data:      {data_dir} ({state.free_bytes >> 30} GiB free)")
+    if state.disk_full:
+        print(describe_disk_full(state.free_bytes, state.unreadable))
     for line in retention.storage_lines(disk) if disk is not None else ():
         print(line)
     print(f"archive:   {state.twins} twin(s), {state.studies} study(ies), {state.instances} "
