@@ -29,6 +29,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage, PositronEmissionTomograp
 
 from dicom_node.errors import ConfigError
 from pipelines.errors import SelectionRulesError
+from pipelines.multiframe import ENHANCED_SOP_CLASSES, VolumeChoice
 from pipelines.selection import SelectionRules
 
 #: The tasks served when the configuration has no ``[[tasks]]`` table (shipped data).
@@ -40,12 +41,15 @@ DEFAULT_EXCLUDED_DESCRIPTIONS = (r"\bscout\b", r"locali[sz]er", r"dose\s*report"
 #: The keys of a ``[[tasks]]`` table.
 TASK_KEYS = ("name", "modality", "body_parts", "accept_missing_body_part",
              "exclude_series_descriptions", "min_slices", "max_slice_thickness_mm",
-             "manufacturers", "outputs", "enabled", "min_dice")
+             "manufacturers", "outputs", "enabled", "min_dice", "volume")
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # as registry.records.check_task
-#: The image storage SOP class a task of each modality accepts (single-frame images,
-#: which the pipeline stacks into a volume).
-IMAGE_SOP_CLASSES = {"CT": (str(CTImageStorage),), "MR": (str(MRImageStorage),),
-                     "PT": (str(PositronEmissionTomographyImageStorage),)}
+#: The image storage SOP classes a task of each modality accepts: single-frame images,
+#: which the pipeline stacks into a volume, and the Enhanced / Legacy Converted Enhanced
+#: multi-frame images, whose frames it reads from the functional groups.
+IMAGE_SOP_CLASSES = {"CT": (str(CTImageStorage), *ENHANCED_SOP_CLASSES["CT"]),
+                     "MR": (str(MRImageStorage), *ENHANCED_SOP_CLASSES["MR"]),
+                     "PT": (str(PositronEmissionTomographyImageStorage),
+                            *ENHANCED_SOP_CLASSES["PT"])}
 #: SelectionRules field -> the task key that sets it (to name the key in an error).
 _RULE_KEYS = {"modality": "modality", "body_part_patterns": "body_parts",
               "accept_missing_body_part": "accept_missing_body_part",
@@ -88,6 +92,10 @@ class Task:
     min_dice : float or None
         The task's quality floor for promotion, mean validation Dice in [0, 1]
         (``None``: the global ``train_min_dice``, default 0.7).
+    volume : VolumeChoice or mapping
+        Which volume of a multi-frame (Enhanced) series the task segments, as a TOML
+        table ``volume = {stack = "1", temporal_position = 1, echo = 1, image_type =
+        ["ORIGINAL", "MAGNITUDE"]}`` (each key optional; these are the defaults).
     source : str
         Where the task was read from (for error messages); not compared.
 
@@ -108,6 +116,7 @@ class Task:
     outputs: tuple[str, ...] = OUTPUT_KINDS
     enabled: bool = True
     min_dice: float | None = None
+    volume: VolumeChoice = field(default_factory=VolumeChoice)
     source: str = field(default="", compare=False)
     rules: SelectionRules = field(init=False, compare=False, repr=False)
 
@@ -165,13 +174,15 @@ class Task:
                 raise bad("max_slice_thickness_mm", "a number of mm > 0 (at most 1000)", thick)
             object.__setattr__(self, "max_slice_thickness_mm", float(thick))
         try:
+            if not isinstance(self.volume, VolumeChoice):
+                object.__setattr__(self, "volume", VolumeChoice.from_dict(self.volume))
             rules = SelectionRules(
                 name=self.name, modality=self.modality, sop_class_uids=IMAGE_SOP_CLASSES[self.modality],
                 body_part_patterns=self.body_parts,
                 accept_missing_body_part=self.accept_missing_body_part,
                 exclude_series_description_patterns=self.exclude_series_descriptions,
                 min_slices=self.min_slices, max_slice_thickness_mm=self.max_slice_thickness_mm,
-                manufacturers=self.manufacturers)
+                manufacturers=self.manufacturers, volume=self.volume)
         except SelectionRulesError as exc:
             raise bad(_RULE_KEYS.get(exc.key, exc.key), exc.expected, exc.got) from None
         object.__setattr__(self, "rules", rules)
@@ -189,7 +200,10 @@ class Task:
                 "min_slices": self.min_slices,
                 "max_slice_thickness_mm": self.max_slice_thickness_mm,
                 "manufacturers": list(self.manufacturers), "outputs": list(self.outputs),
-                "enabled": self.enabled, "min_dice": self.min_dice}
+                "enabled": self.enabled, "min_dice": self.min_dice,
+                "volume": {"stack": self.volume.stack,
+                           "temporal_position": self.volume.temporal_position,
+                           "echo": self.volume.echo, "image_type": list(self.volume.image_type)}}
 
     def describe_rules(self) -> str:
         """The rules in one line of words."""
@@ -203,6 +217,8 @@ class Task:
             parts.append("manufacturer " + " / ".join(self.manufacturers))
         if self.exclude_series_descriptions:
             parts.append("description not " + " | ".join(self.exclude_series_descriptions))
+        if self.volume != VolumeChoice():
+            parts.append("multi-frame volume: " + self.volume.describe())
         return "; ".join(parts)
 
 

@@ -337,7 +337,7 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
     decision = select_series(datasets, rules)
     if max_memory_bytes:
         check_series_budget(datasets, model, max_memory_bytes)
-    volume = load_series(datasets)
+    volume = load_series(datasets, volume=rules.volume if rules is not None else None)
     modality = str(volume.source_images[0].get("Modality", "") or "") or None
     t_load = time.perf_counter() - t0
 

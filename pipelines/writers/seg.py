@@ -2,7 +2,9 @@
 
 One segment per non-empty label, frames only where a segment is present, frame ``n``
 on source image ``n`` (so any orientation, flipped or oblique, is written on the
-source's own grid), same study and Frame of Reference as the source, new series.
+source's own grid), same study and Frame of Reference as the source, new series. On a
+multi-frame source (Enhanced CT/MR/PET), each SEG frame names its source frame
+(Derivation Image Sequence with Referenced Frame Number, written by highdicom).
 
 Many segments: the segments (bounding-box crops, :class:`~pipelines.types.SegmentResult`)
 are pasted into ONE label map on the source slices (uint8, uint16 beyond 255
@@ -26,6 +28,7 @@ from pydicom.sr.codedict import codes
 
 from pipelines.codes import PROCESSING_ALGORITHM, UNPAIRED_BODY_REGIONS, segment_coding
 from pipelines.errors import EmptyResultError
+from pipelines.multiframe import read_frames
 from pipelines.types import (
     NODE_DEVICE_SERIAL,
     NODE_MANUFACTURER,
@@ -152,6 +155,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
                 .SegmentedPropertyTypeModifierCodeSequence = [coding.laterality]
         descriptions.append(description)
     pixels = _pixel_array(volume, kept)
+    sources, positions = _on_source_frames(volume)
     seg_type = hd.seg.SegmentationTypeValues.BINARY
     if opts.seg_type == "labelmap":
         if pixels.ndim == 3:
@@ -161,7 +165,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
                         "BINARY", volume.series_instance_uid)
     description = f"{opts.series_description_prefix} SEG {model.name}".strip()[:64]
     seg = hd.seg.Segmentation(
-        source_images=list(volume.source_images), pixel_array=pixels,
+        source_images=sources, pixel_array=pixels, plane_positions=positions,
         segmentation_type=seg_type,
         segment_descriptions=descriptions, series_instance_uid=new_uid(),
         series_number=opts.seg_series_number, sop_instance_uid=new_uid(), instance_number=1,
@@ -171,6 +175,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
         content_creator_name=None, omit_empty_frames=True,
         contributing_equipment=contributing_equipment("AI segmentation", model),
         series_description=description)
+    _keep_volume_frames(seg, volume)
     _laterality(seg, volume.source_images[0])
     LOG.info("SEG (%s) for series %s: %d segment(s), %d frame(s)", seg_type.value,
              volume.series_instance_uid, len(kept), int(seg.NumberOfFrames))
@@ -197,6 +202,54 @@ def _laterality(seg: Dataset, source: Dataset) -> None:
     anatomy.AnatomicRegionSequence = [region]
     anatomy.FrameLaterality = "U"
     seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+
+
+def _on_source_frames(volume: Volume) -> tuple[list[Dataset], list[hd.PlanePositionSequence] | None]:
+    """The source images as highdicom takes them, and the plane position of each slice
+    when the source is multi-frame.
+
+    Single-frame sources: one per source slice, positions from their headers. A
+    multi-frame source: the image once, and each slice's position read from its frame's
+    functional groups; highdicom then references, per SEG frame, the source frames at
+    that position (Derivation Image with Referenced Frame Number).
+
+    Raises
+    ------
+    ValueError
+        If the volume's frames lie in more than one multi-frame instance.
+    """
+    if not volume.source_frame_numbers:
+        return list(volume.source_images), None
+    instances = volume.source_instances
+    if len(instances) != 1:
+        raise ValueError(f"a SEG references one multi-frame source image, the volume has "
+                         f"{len(instances)}")
+    frames = read_frames(instances[0])
+    positions = [hd.PlanePositionSequence(
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        image_position=frames[f - 1].position) for f in volume.source_frame_numbers]
+    return list(instances), positions
+
+
+def _keep_volume_frames(seg: Dataset, volume: Volume) -> None:
+    """Leave in each SEG frame's Derivation Image only the volume's own source frame.
+
+    highdicom references every source frame at a SEG frame's position; in a
+    multi-frame image with several temporal positions or echoes those are several
+    frames, of which one was segmented.
+    """
+    if not volume.source_frame_numbers:
+        return
+    frames = read_frames(volume.source_instances[0])
+    chosen = np.array([frames[f - 1].position for f in volume.source_frame_numbers], float)
+    numbers = np.asarray(volume.source_frame_numbers)
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        ipp = np.array(item.PlanePositionSequence[0].ImagePositionPatient, float)
+        frame = int(numbers[np.argmin(np.linalg.norm(chosen - ipp, axis=1))])
+        for derivation in item.get("DerivationImageSequence", []):
+            derivation.SourceImageSequence = [
+                src for src in derivation.SourceImageSequence
+                if int(src.get("ReferencedFrameNumber", frame)) == frame]
 
 
 def _pixel_array(volume: Volume, kept: Sequence[SegmentResult]) -> np.ndarray:

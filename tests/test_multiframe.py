@@ -1,0 +1,223 @@
+"""Enhanced (multi-frame) CT and MR as input, and results that point at frames (issue 24).
+
+Two sources with known geometry:
+
+* a Legacy Converted Enhanced CT made by highdicom's converter from the phantom's
+  single-frame slices (highdicom writes its frames in reverse slice order);
+* an Enhanced MR made by the project (:func:`pipelines.phantom.enhanced_mr`): two
+  temporal positions x two echoes, oblique, frames stored in a random order.
+
+The "model output" is the phantom's truth sampled through the volume's affine, so every
+check of a written voxel or reference against the truth is a check of the geometry.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_node.errors import ConfigError
+from dicom_node.tasks import Task
+from pipelines import phantom as ph
+from pipelines.errors import AmbiguousVolumeError, GantryTiltError, MissingSlicesError
+from pipelines.multiframe import VolumeChoice, read_frames
+from pipelines.postprocess import split_labels
+from pipelines.selection import SelectionRules, matches
+from pipelines.types import ModelInfo, Volume
+from pipelines.volume import load_series
+from pipelines.writers import save_results, write_results
+
+ANATOMY = ph.Anatomy.random(5)
+MODEL = ModelInfo(name="abdomen_ct_segmentation", version="0.3.1", backend="torch-cpu")
+SQ = 1 / np.sqrt(2)
+TES = (10.0, 20.0)
+DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"  # dicom3tools: fail, never skip
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return [ln for ln in (run.stdout + run.stderr).splitlines() if ln.startswith("Error")]
+
+
+def _ct_geometry() -> ph.SliceGeometry:
+    return ph.SliceGeometry(rows=40, columns=48, slices=24, pixel_spacing=(8.0, 7.5),
+                            slice_spacing=9.0, centre=(5.0, 10.0, 0.0))
+
+
+def _mr_geometry() -> ph.SliceGeometry:
+    return ph.SliceGeometry(rows=40, columns=48, slices=20, pixel_spacing=(8.0, 7.5),
+                            slice_spacing=9.0, row_direction=(SQ, SQ, 0.0),
+                            column_direction=(0.0, 0.0, -1.0), centre=(5.0, 10.0, 0.0))
+
+
+def legacy_ct(slices: list[pydicom.Dataset]) -> pydicom.Dataset:
+    return hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=slices, series_instance_uid=generate_uid(), series_number=3,
+        sop_instance_uid=generate_uid(), instance_number=1)
+
+
+def _mr(order_seed: int = 3) -> pydicom.Dataset:
+    g = _mr_geometry()
+    frames = 2 * len(TES) * g.slices
+    return ph.enhanced_mr(ANATOMY, g, echo_times_ms=TES,
+                          frame_order=np.random.default_rng(order_seed).permutation(frames))
+
+
+def _truth(vol: Volume) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
+    return ph.truth_at(ANATOMY, vol.index_to_lps(grid))
+
+
+@pytest.fixture(scope="module")
+def ct() -> tuple[list[pydicom.Dataset], pydicom.Dataset]:
+    slices = ph.ct_series(ANATOMY, _ct_geometry())
+    return slices, legacy_ct(slices)
+
+
+def test_legacy_converted_ct_gives_the_single_frame_volume(ct) -> None:
+    slices, mf = ct
+    single, multi = load_series(slices), load_series([mf])
+    assert [int(f) for f in multi.source_frame_numbers] != sorted(multi.source_frame_numbers)
+    np.testing.assert_array_equal(multi.array, single.array)
+    np.testing.assert_allclose(multi.affine, single.affine, atol=1e-6)
+    np.testing.assert_allclose(multi.affine, _ct_geometry().affine, atol=1e-3)
+    assert multi.source_instances[0].SOPInstanceUID == mf.SOPInstanceUID
+    assert "PixelData" not in multi.source_instances[0]
+    # highdicom's own volume of the same file: same voxels, its slices in the other order
+    hv = hd.Image.from_dataset(mf, copy=False).get_volume(dtype=np.float32)
+    if np.dot(hv.affine[:3, 0], multi.affine[:3, 0]) < 0:
+        hv_array = hv.array[::-1]
+    else:
+        hv_array = hv.array
+    np.testing.assert_array_equal(hv_array, multi.array)
+
+
+def test_enhanced_mr_default_volume_is_first_time_first_echo(tmp_path: Path) -> None:
+    mr, g = _mr(), _mr_geometry()
+    vol = load_series([mr])
+    np.testing.assert_allclose(vol.affine, g.affine, atol=1e-3)  # oblique, exactly
+    frames = read_frames(mr)
+    picked = [frames[f - 1] for f in vol.source_frame_numbers]
+    assert {(f.temporal, f.echo) for f in picked} == {(1, TES[0])}
+    rng = np.random.default_rng(ANATOMY.seed + 2)
+    hus = [ph.render(ANATOMY, g, k, rng)[0] for k in range(g.slices)]
+    expected = np.stack([ph.mr_signal(h, TES[0], 1) for h in hus]).astype(np.float32)
+    np.testing.assert_array_equal(vol.array, expected)
+    # the rule picks another volume: second temporal position, second echo
+    other = load_series([mr], volume=VolumeChoice(temporal_position=2, echo=2))
+    expected = np.stack([ph.mr_signal(h, TES[1], 2) for h in hus]).astype(np.float32)
+    np.testing.assert_array_equal(other.array, expected)
+    assert {(frames[f - 1].temporal, frames[f - 1].echo) for f in other.source_frame_numbers} \
+        == {(2, TES[1])}
+
+
+@pytest.mark.parametrize("source", ["legacy-ct", "enhanced-mr"])
+def test_seg_sr_overlay_point_at_the_segmented_frames(source: str, ct, tmp_path: Path) -> None:
+    mf = ct[1] if source == "legacy-ct" else _mr()
+    vol = load_series([mf])
+    segments = split_labels(_truth(vol), vol, ph.LABELS, keep_components={"spleen": 1})
+    results = write_results(vol, segments, MODEL)
+    paths = save_results(results, tmp_path)
+    for p in paths:
+        assert _dciodvfy(p) == [], p.name
+    frames = read_frames(mf)
+    chosen = set(vol.source_frame_numbers)
+    # SEG: every frame derives from exactly one source frame of the volume, at its position
+    seg = hd.seg.segread(paths[0])
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        [src] = item.DerivationImageSequence[0].SourceImageSequence
+        assert src.ReferencedSOPInstanceUID == mf.SOPInstanceUID
+        frame = int(src.ReferencedFrameNumber)
+        assert frame in chosen
+        np.testing.assert_allclose(item.PlanePositionSequence[0].ImagePositionPatient,
+                                   frames[frame - 1].position, atol=1e-3)
+    back = seg.get_pixels_by_source_frame(
+        str(mf.SOPInstanceUID), list(vol.source_frame_numbers),
+        segment_numbers=list(range(1, len(seg.SegmentSequence) + 1)))
+    kept = [s for s in segments if not s.is_empty]
+    for n, s in enumerate(kept):
+        np.testing.assert_array_equal(back[..., n].astype(bool), s.mask)
+    # SR: the segment's source frames and the outline's frame
+    sr = hd.sr.srread(paths[1])
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        [ref] = group.referenced_segment.source_images_for_segmentation
+        assert ref.referenced_sop_instance_uid == mf.SOPInstanceUID
+        assert set(ref.referenced_frame_numbers) <= chosen
+    planar = sr.content.get_planar_roi_measurement_groups()
+    assert planar  # one outline per segment, on one frame each
+    for group in planar:
+        region = group.roi
+        [image] = [item for item in region.ContentSequence if item.ValueType == "IMAGE"]
+        [ref] = image.ReferencedSOPSequence
+        assert ref.ReferencedSOPInstanceUID == mf.SOPInstanceUID
+        assert int(ref.ReferencedFrameNumber) in chosen
+    # overlay: one image per covered source frame, each naming its frame
+    refs = [(o.SourceImageSequence[0].ReferencedSOPInstanceUID,
+             int(o.SourceImageSequence[0].ReferencedFrameNumber)) for o in results.overlay]
+    covered = {f for s in kept for f, here in zip(vol.source_frame_numbers,
+                                                  s.present_slices(), strict=True) if here}
+    assert sorted(f for _, f in refs) == sorted(covered)
+    assert {u for u, _ in refs} == {mf.SOPInstanceUID}
+
+
+def test_frame_geometry_is_checked_like_slices(ct) -> None:
+    _, mf = ct
+    tilted = copy.deepcopy(mf)
+    for n, item in enumerate(tilted.PerFrameFunctionalGroupsSequence):
+        ipp = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        item.PlanePositionSequence[0].ImagePositionPatient = [ipp[0], ipp[1] + 0.5 * n, ipp[2]]
+    with pytest.raises(GantryTiltError):
+        load_series([tilted])
+    gap = copy.deepcopy(mf)
+    item = gap.PerFrameFunctionalGroupsSequence[5].PlanePositionSequence[0]
+    item.ImagePositionPatient = [*item.ImagePositionPatient[:2], 500.0]
+    with pytest.raises(MissingSlicesError):
+        load_series([gap])
+
+
+def test_what_is_not_one_volume_is_refused_naming_the_dimensions() -> None:
+    mr = _mr()
+    # a second stack at the same positions: two volumes fit the default rule
+    for n, item in enumerate(mr.PerFrameFunctionalGroupsSequence):
+        item.FrameContentSequence[0].StackID = "1" if n % 2 else "2"
+    with pytest.raises(AmbiguousVolumeError) as err:
+        load_series([mr])
+    assert "2 stack(s), 2 temporal position(s), 2 echo(es) (TE 10, 20 ms)" in str(err.value)
+    rules = SelectionRules(name="liver-mr", modality="MR",
+                           sop_class_uids=("1.2.840.10008.5.1.4.1.1.4.1",), min_slices=5)
+    decision = matches(rules, [mr])
+    assert not decision.matched and "dimensions found: 80 frames, 2 stack(s)" in decision.reason
+    assert "\n" not in decision.reason
+    # ... until the rule names the stack
+    chosen = SelectionRules(name="liver-mr", modality="MR", min_slices=5,
+                            sop_class_uids=("1.2.840.10008.5.1.4.1.1.4.1",),
+                            volume=VolumeChoice(stack="2"))
+    assert matches(chosen, [mr]).matched
+    assert "frames of a multi-frame image" in matches(chosen, [mr]).reason
+    with pytest.raises(AmbiguousVolumeError, match="no frame is of image type PHASE"):
+        load_series([mr], volume=VolumeChoice(stack="2", image_type=("PHASE",)))
+
+
+def test_task_volume_rule_and_enhanced_sop_classes(ct) -> None:
+    task = Task(name="liver-mr", modality="MR", min_slices=5,
+                volume={"echo": 2, "image_type": ["original", "magnitude"]})
+    assert task.volume == VolumeChoice(echo=2)
+    assert "1.2.840.10008.5.1.4.1.1.4.1" in task.rules.sop_class_uids
+    assert task.to_dict()["volume"]["echo"] == 2 and "echo 2" in task.describe_rules()
+    with pytest.raises(ConfigError, match="tasks.liver-mr.volume.echo"):
+        Task(name="liver-mr", modality="MR", volume={"echo": 0})
+    with pytest.raises(ConfigError, match="tasks.liver-mr.volume.phase"):
+        Task(name="liver-mr", modality="MR", volume={"phase": 1})
+    spleen = Task(name="spleen-ct", modality="CT", accept_missing_body_part=True,
+                  body_parts=("ABDOMEN*",))
+    decision = matches(spleen.rules, [ct[1]])
+    assert decision.matched, decision.reason
+    assert "24 frames of a multi-frame image" in decision.reason
