@@ -221,3 +221,30 @@ def test_task_volume_rule_and_enhanced_sop_classes(ct) -> None:
     decision = matches(spleen.rules, [ct[1]])
     assert decision.matched, decision.reason
     assert "24 frames of a multi-frame image" in decision.reason
+
+
+def test_tasks_explain_names_dimensions_and_the_chosen_volume(tmp_path: Path, capsys) -> None:
+    from dicom_node.cli.tasks import cmd_explain, explain
+
+    mr = _mr()
+    mr.save_as(tmp_path / "mr.dcm", enforce_file_format=True)
+    tasks = (Task(name="liver-mr", modality="MR", min_slices=5, volume={"echo": 2}),
+             Task(name="spleen-ct", modality="CT"))
+    [report] = explain(tmp_path, tasks)
+    assert report["instances"] == 1 and report["selected_by"] == ["liver-mr"]
+    assert report["multiframe"]["dimensions"].startswith(
+        "80 frames, 1 stack(s), 2 temporal position(s), 2 echo(es) (TE 10, 20 ms)")
+    assert report["multiframe"]["volumes"] == {
+        "liver-mr": "the only stack, temporal position 1, echo 2, image type ORIGINAL/MAGNITUDE "
+                    "(20 frames)"}
+
+    class Args:
+        series_dir, json = tmp_path, False
+
+    class Settings:
+        pass
+
+    Settings.tasks = tasks  # type: ignore[attr-defined]
+    assert cmd_explain(Args(), Settings()) == 0  # type: ignore[arg-type]
+    text = capsys.readouterr().out
+    assert "multi-frame: 80 frames" in text and "liver-mr segments: the only stack" in text
