@@ -248,3 +248,37 @@ def test_tasks_explain_names_dimensions_and_the_chosen_volume(tmp_path: Path, ca
     assert cmd_explain(Args(), Settings()) == 0  # type: ignore[arg-type]
     text = capsys.readouterr().out
     assert "multi-frame: 80 frames" in text and "liver-mr segments: the only stack" in text
+
+
+def test_seg_on_a_multiframe_source_becomes_a_label_and_nifti_keeps_the_geometry(
+        ct, tmp_path: Path) -> None:
+    from trainer.labelmaps import mask_from_nifti, mask_from_seg, nifti_affine, to_nifti
+
+    slices, mf = ct
+    vol = load_series([mf])
+    truth = _truth(vol)
+    # a radiologist's SEG made elsewhere (highdicom) on the multi-frame CT, frame order
+    # as the file stores it
+    order = np.asarray(vol.source_frame_numbers) - 1
+    on_frames = np.zeros((int(mf.NumberOfFrames), *vol.shape[1:]), dtype=np.uint8)
+    on_frames[order] = (truth == 1).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=[mf], pixel_array=on_frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=1, segment_label="Spleen",
+            segmented_property_category=hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure"),
+            segmented_property_type=hd.sr.CodedConcept("78961009", "SCT", "Spleen"),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)],
+        series_instance_uid=generate_uid(), series_number=77, sop_instance_uid=generate_uid(),
+        instance_number=1, manufacturer="VIEWER", manufacturer_model_name="Viewer",
+        software_versions="1", device_serial_number="1")
+    path = tmp_path / "label.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    label = mask_from_seg(path, vol, {1: "spleen", 2: "liver"})
+    np.testing.assert_array_equal(label, (truth == 1).astype(np.uint8))
+    # NIfTI of the multi-frame volume: the single-frame series' affine, and it reads back
+    single = load_series(slices)
+    img = to_nifti(vol.array, vol.affine)
+    np.testing.assert_allclose(img.affine, nifti_affine(single.affine), atol=1e-6)
+    np.testing.assert_array_equal(mask_from_nifti(to_nifti(label, vol.affine), vol), label)
