@@ -338,6 +338,7 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
     if max_memory_bytes:
         check_series_budget(datasets, model, max_memory_bytes)
     volume = load_series(datasets, volume=rules.volume if rules is not None else None)
+    del datasets  # their pixel data: the volume holds the pixels now (headers share elements)
     modality = str(volume.source_images[0].get("Modality", "") or "") or None
     t_load = time.perf_counter() - t0
 

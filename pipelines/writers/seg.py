@@ -154,8 +154,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
             description.SegmentedPropertyTypeCodeSequence[0] \
                 .SegmentedPropertyTypeModifierCodeSequence = [coding.laterality]
         descriptions.append(description)
-    pixels = _pixel_array(volume, kept)
-    sources, positions = _on_source_frames(volume)
+    sources, pixels, positions = _on_source_frames(volume, _pixel_array(volume, kept))
     seg_type = hd.seg.SegmentationTypeValues.BINARY
     if opts.seg_type == "labelmap":
         if pixels.ndim == 3:
@@ -204,14 +203,18 @@ def _laterality(seg: Dataset, source: Dataset) -> None:
     seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
 
 
-def _on_source_frames(volume: Volume) -> tuple[list[Dataset], list[hd.PlanePositionSequence] | None]:
-    """The source images as highdicom takes them, and the plane position of each slice
-    when the source is multi-frame.
+def _on_source_frames(volume: Volume, pixels: np.ndarray
+                      ) -> tuple[list[Dataset], np.ndarray, list[hd.PlanePositionSequence] | None]:
+    """The source images, the pixels and (when needed) the plane positions as highdicom
+    takes them.
 
-    Single-frame sources: one per source slice, positions from their headers. A
-    multi-frame source: the image once, and each slice's position read from its frame's
-    functional groups; highdicom then references, per SEG frame, the source frames at
-    that position (Derivation Image with Referenced Frame Number).
+    Single-frame sources: one plane per source image, as they are. A multi-frame source
+    whose frames are all the volume's: one plane per frame of the image, in frame order
+    (highdicom writes each SEG frame's Derivation Image with its Referenced Frame
+    Number). A multi-frame source with other frames too (temporal positions, echoes):
+    one plane per slice with its position from the frame's functional groups, which
+    highdicom matches to the source frames at that position (see
+    :func:`_keep_volume_frames`).
 
     Raises
     ------
@@ -219,16 +222,35 @@ def _on_source_frames(volume: Volume) -> tuple[list[Dataset], list[hd.PlanePosit
         If the volume's frames lie in more than one multi-frame instance.
     """
     if not volume.source_frame_numbers:
-        return list(volume.source_images), None
+        return list(volume.source_images), pixels, None
     instances = volume.source_instances
     if len(instances) != 1:
         raise ValueError(f"a SEG references one multi-frame source image, the volume has "
                          f"{len(instances)}")
+    numbers = np.asarray(volume.source_frame_numbers, dtype=np.intp)
+    if len(numbers) == int(instances[0].NumberOfFrames):
+        return list(instances), _in_frame_order(pixels, numbers), None
     frames = read_frames(instances[0])
     positions = [hd.PlanePositionSequence(
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        image_position=frames[f - 1].position) for f in volume.source_frame_numbers]
-    return list(instances), positions
+        image_position=frames[f - 1].position) for f in numbers]
+    return list(instances), pixels, positions
+
+
+def _in_frame_order(pixels: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+    """``pixels`` (slice order) in frame order: plane ``f - 1`` is the slice of frame ``f``.
+
+    Frames stored along the slice normal, either way (scanners and highdicom's converter
+    store them so), give a view, not a copy of the label map.
+    """
+    ascending = np.arange(1, len(numbers) + 1)
+    if np.array_equal(numbers, ascending):
+        return pixels
+    if np.array_equal(numbers, ascending[::-1]):
+        return pixels[::-1]
+    out = np.empty_like(pixels)
+    out[numbers - 1] = pixels
+    return out
 
 
 def _keep_volume_frames(seg: Dataset, volume: Volume) -> None:
@@ -238,9 +260,11 @@ def _keep_volume_frames(seg: Dataset, volume: Volume) -> None:
     multi-frame image with several temporal positions or echoes those are several
     frames, of which one was segmented.
     """
-    if not volume.source_frame_numbers:
+    source = volume.source_instances[0]
+    if not volume.source_frame_numbers or \
+            len(volume.source_frame_numbers) == int(source.NumberOfFrames):
         return
-    frames = read_frames(volume.source_instances[0])
+    frames = read_frames(source)
     chosen = np.array([frames[f - 1].position for f in volume.source_frame_numbers], float)
     numbers = np.asarray(volume.source_frame_numbers)
     for item in seg.PerFrameFunctionalGroupsSequence:
