@@ -282,3 +282,14 @@ def test_seg_on_a_multiframe_source_becomes_a_label_and_nifti_keeps_the_geometry
     img = to_nifti(vol.array, vol.affine)
     np.testing.assert_allclose(img.affine, nifti_affine(single.affine), atol=1e-6)
     np.testing.assert_array_equal(mask_from_nifti(to_nifti(label, vol.affine), vol), label)
+
+
+def test_volume_rule_survives_the_training_subprocess_request() -> None:
+    # trainer.nightly.run_in_subprocess sends the rules as JSON (dataclasses.asdict)
+    import dataclasses
+    import json
+
+    rules = SelectionRules(name="liver-mr", modality="MR",
+                           volume=VolumeChoice(stack="2", echo=2, image_type=("WATER",)))
+    back = SelectionRules.from_dict(json.loads(json.dumps(dataclasses.asdict(rules))))
+    assert back == rules and back.volume.image_type == ("WATER",)
