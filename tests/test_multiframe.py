@@ -293,3 +293,26 @@ def test_volume_rule_survives_the_training_subprocess_request() -> None:
                            volume=VolumeChoice(stack="2", echo=2, image_type=("WATER",)))
     back = SelectionRules.from_dict(json.loads(json.dumps(dataclasses.asdict(rules))))
     assert back == rules and back.volume.image_type == ("WATER",)
+
+
+def test_legacy_converted_pet_with_per_frame_rescale_for_a_pt_task() -> None:
+    from pydicom.uid import PositronEmissionTomographyImageStorage
+
+    g = ph.SliceGeometry(rows=40, columns=48, slices=20, pixel_spacing=(8.0, 7.5),
+                         slice_spacing=9.0)
+    slices = ph.ct_series(ANATOMY, g, ph.StudyInfo(modality="PT", body_part="ABDOMEN"))
+    for k, ds in enumerate(slices):  # a slope per slice, as PET writes them
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = \
+            PositronEmissionTomographyImageStorage
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{0.5 + 0.01 * k:.2f}", "0", "BQML"
+        ds.Units, ds.DecayCorrection = "BQML", "START"
+        del ds.KVP
+    mf = hd.legacy.LegacyConvertedEnhancedPETImage(
+        legacy_datasets=slices, series_instance_uid=generate_uid(), series_number=3,
+        sop_instance_uid=generate_uid(), instance_number=1)
+    assert "PixelValueTransformationSequence" in mf.PerFrameFunctionalGroupsSequence[0]
+    single, multi = load_series(slices), load_series([mf])
+    np.testing.assert_allclose(multi.array, single.array, rtol=1e-6)
+    np.testing.assert_allclose(multi.affine, single.affine, atol=1e-6)
+    decision = matches(Task(name="liver-pt", modality="PT", body_parts=("ABDOMEN",)).rules, [mf])
+    assert decision.matched, decision.reason
