@@ -554,21 +554,25 @@ def mr_signal(hu: np.ndarray, echo_time_ms: float, temporal_index: int) -> np.nd
 
 def enhanced_mr(anatomy: Anatomy, geometry: SliceGeometry, info: StudyInfo | None = None, *,
                 temporal_positions: int = 2, echo_times_ms: tuple[float, ...] = (10.0, 20.0),
+                components: tuple[str, ...] = ("MAGNITUDE",),
                 frame_order: np.ndarray | None = None) -> Dataset:
     """Render an Enhanced MR Image (one multi-frame instance) with known geometry.
 
-    Frames: every temporal position x echo x slice, magnitude images
-    (:func:`mr_signal`); geometry per frame in the Per-Frame Functional Groups (Plane
-    Position, Frame Content with Temporal Position Index, MR Echo), orientation and
-    pixel measures shared; Dimension Index: temporal position, echo time, in-stack
-    position. ``frame_order`` (a permutation of the frames in temporal, echo, slice
-    order) stores them out of order.
+    Frames: every temporal position x echo x complex component x slice; magnitude
+    images are :func:`mr_signal`, PHASE images a ramp along the rows (stored values
+    0..4095); geometry per frame in the Per-Frame Functional Groups (Plane Position,
+    Frame Content with Temporal Position Index, MR Echo, MR Image Frame Type with the
+    Complex Image Component), orientation and pixel measures shared; Dimension Index:
+    temporal position, echo time, complex component, in-stack position.
+    ``frame_order`` (a permutation of the frames in that order) stores them out of
+    order.
     """
     info = info or StudyInfo(modality="MR", series_description="Abdomen multi-echo dynamic")
     rng = np.random.default_rng(anatomy.seed + 2)
     hus = [render(anatomy, geometry, k, rng)[0] for k in range(geometry.slices)]
-    frames = [(t, e, k) for t in range(1, temporal_positions + 1)
-              for e in range(len(echo_times_ms)) for k in range(geometry.slices)]
+    frames = [(t, e, c, k) for t in range(1, temporal_positions + 1)
+              for e in range(len(echo_times_ms)) for c in range(len(components))
+              for k in range(geometry.slices)]
     order = np.arange(len(frames)) if frame_order is None else np.asarray(frame_order)
     if sorted(order.tolist()) != list(range(len(frames))):
         raise ValueError("frame_order must be a permutation of the frames")
@@ -590,12 +594,15 @@ def enhanced_mr(anatomy: Anatomy, geometry: SliceGeometry, info: StudyInfo | Non
     ds.DimensionIndexSequence = [_dimension(ds, *d) for d in (
         ("TemporalPositionIndex", "FrameContentSequence", "Temporal Position"),
         ("EffectiveEchoTime", "MREchoSequence", "Effective Echo Time"),
+        ("ComplexImageComponent", "MRImageFrameTypeSequence", "Complex Component"),
         ("InStackPositionNumber", "FrameContentSequence", "In-Stack Position"))]
+    phase = np.broadcast_to(np.linspace(0, 4095, geometry.rows, dtype=np.float32)[:, None],
+                            (geometry.rows, geometry.columns)).astype(np.uint16)
     per_frame, pixels = [], []
     for i in order:
-        t, e, k = frames[i]
-        per_frame.append(_mr_frame(geometry, t, e, k, echo_times_ms[e]))
-        pixels.append(mr_signal(hus[k], echo_times_ms[e], t))
+        t, e, c, k = frames[i]
+        per_frame.append(_mr_frame(geometry, (t, e, c, k), echo_times_ms[e], components[c]))
+        pixels.append(phase if components[c] == "PHASE" else mr_signal(hus[k], echo_times_ms[e], t))
     ds.PerFrameFunctionalGroupsSequence = per_frame
     ds.PixelData = np.stack(pixels).tobytes()
     return ds
@@ -626,13 +633,15 @@ def _mr_shared(g: SliceGeometry) -> Dataset:
     return shared
 
 
-def _mr_frame(g: SliceGeometry, t: int, e: int, k: int, echo_time_ms: float) -> Dataset:
+def _mr_frame(g: SliceGeometry, index: tuple[int, int, int, int], echo_time_ms: float,
+              component: str) -> Dataset:
+    t, e, c, k = index
     frame = Dataset()
     content = Dataset()
     content.StackID = "1"
     content.InStackPositionNumber = k + 1
     content.TemporalPositionIndex = t
-    content.DimensionIndexValues = [t, e + 1, k + 1]
+    content.DimensionIndexValues = [t, e + 1, c + 1, k + 1]
     frame.FrameContentSequence = [content]
     position = Dataset()
     position.ImagePositionPatient = [f"{v:.4f}" for v in g.position(k)]
@@ -641,11 +650,11 @@ def _mr_frame(g: SliceGeometry, t: int, e: int, k: int, echo_time_ms: float) -> 
     echo.EffectiveEchoTime = echo_time_ms
     frame.MREchoSequence = [echo]
     frame_type = Dataset()
-    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "P" if component == "PHASE" else "M", "NONE"]
     frame_type.PixelPresentation = "MONOCHROME"
     frame_type.VolumetricProperties = "VOLUME"
     frame_type.VolumeBasedCalculationTechnique = "NONE"
-    frame_type.ComplexImageComponent = "MAGNITUDE"
+    frame_type.ComplexImageComponent = component
     frame_type.AcquisitionContrast = "PROTON_DENSITY"
     frame.MRImageFrameTypeSequence = [frame_type]
     return frame

@@ -316,3 +316,23 @@ def test_legacy_converted_pet_with_per_frame_rescale_for_a_pt_task() -> None:
     np.testing.assert_allclose(multi.affine, single.affine, atol=1e-6)
     decision = matches(Task(name="liver-pt", modality="PT", body_parts=("ABDOMEN",)).rules, [mf])
     assert decision.matched, decision.reason
+
+
+def test_magnitude_is_the_default_and_phase_is_chosen_by_image_type() -> None:
+    g = _mr_geometry()
+    frames = 2 * len(TES) * 2 * g.slices
+    mr = ph.enhanced_mr(ANATOMY, g, echo_times_ms=TES, components=("MAGNITUDE", "PHASE"),
+                        frame_order=np.random.default_rng(8).permutation(frames))
+    info = read_frames(mr)
+    magnitude = load_series([mr])
+    assert {info[f - 1].image_type[-1] for f in magnitude.source_frame_numbers} == {"MAGNITUDE"}
+    assert float(magnitude.array.max()) > 1000  # anatomy, not the phase ramp
+    phase = load_series([mr], volume=VolumeChoice(image_type=("PHASE",)))
+    assert {info[f - 1].image_type[-1] for f in phase.source_frame_numbers} == {"PHASE"}
+    np.testing.assert_allclose(phase.array[0, :, 0], np.linspace(0, 4095, g.rows).astype(np.uint16))
+    rules = SelectionRules(name="liver-mr", modality="MR", min_slices=5,
+                           sop_class_uids=("1.2.840.10008.5.1.4.1.1.4.1",),
+                           volume=VolumeChoice(image_type=("ORIGINAL",)))
+    decision = matches(rules, [mr])  # ORIGINAL alone leaves magnitude and phase
+    assert not decision.matched and "image types differ" in decision.reason
+    assert "2 image type(s)" in decision.reason
