@@ -336,3 +336,23 @@ def test_magnitude_is_the_default_and_phase_is_chosen_by_image_type() -> None:
     decision = matches(rules, [mr])  # ORIGINAL alone leaves magnitude and phase
     assert not decision.matched and "image types differ" in decision.reason
     assert "2 image type(s)" in decision.reason
+
+
+def test_memory_budget_is_checked_on_the_chosen_volume_s_frames(ct, tmp_path: Path) -> None:
+    from loop_helpers import install_model
+    from pipelines.inference import load_model
+    from pipelines.memory import MemoryBudgetError
+    from pipelines.run import check_series_budget
+    from registry.store import Registry
+
+    install_model(tmp_path)
+    with Registry(tmp_path) as reg:
+        model = load_model(reg.active("spleen-ct"), registry=reg)
+    slices, mf = ct
+    header = pydicom.Dataset(mf)
+    del header.PixelData  # headers suffice
+    multi = check_series_budget([header], model, 10**12)
+    single = check_series_budget(slices, model, 10**12)
+    assert multi.peak_bytes == single.peak_bytes > 0  # not the "no geometry" estimate
+    with pytest.raises(MemoryBudgetError):
+        check_series_budget([header], model, 1000)
