@@ -122,6 +122,10 @@ class FrameInfo:
     def __post_init__(self) -> None:
         if self.number < 1:
             raise ValueError(f"number must be >= 1, got {self.number}")
+        for name, size in (("position", 3), ("orientation", 6), ("pixel_spacing", 2)):
+            value = getattr(self, name)
+            if value is not None and len(value) != size:
+                raise ValueError(f"frame {self.number}: {name} has {len(value)} values, not {size}")
 
 
 def read_frames(ds: Dataset) -> tuple[FrameInfo, ...]:
@@ -130,7 +134,8 @@ def read_frames(ds: Dataset) -> tuple[FrameInfo, ...]:
     Raises
     ------
     UnsupportedImageError
-        If the Per-Frame Functional Groups do not have one item per frame.
+        If the Per-Frame Functional Groups do not have one item per frame, or a value
+        in them cannot be read (a position that is not a number ...).
     """
     shared = _first(ds.get("SharedFunctionalGroupsSequence"))
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
@@ -141,8 +146,12 @@ def read_frames(ds: Dataset) -> tuple[FrameInfo, ...]:
                                     f"{len(per_frame)} per-frame functional group items for "
                                     f"{count} frames")
     others = _other_pointers(ds)
-    return tuple(_frame(ds, uid, k + 1, per_frame[k] if per_frame else Dataset(), shared, others)
-                 for k in range(count))
+    try:
+        return tuple(_frame(ds, uid, k + 1, per_frame[k] if per_frame else Dataset(), shared,
+                            others) for k in range(count))
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:  # a malformed value
+        raise UnsupportedImageError(str(ds.get("SeriesInstanceUID", "")), uid,
+                                    f"functional groups cannot be read ({exc})") from exc
 
 
 def _frame(ds: Dataset, uid: str, number: int, pf: Dataset, shared: Dataset,

@@ -27,7 +27,12 @@ from pydicom.uid import generate_uid
 from dicom_node.errors import ConfigError
 from dicom_node.tasks import Task
 from pipelines import phantom as ph
-from pipelines.errors import AmbiguousVolumeError, GantryTiltError, MissingSlicesError
+from pipelines.errors import (
+    AmbiguousVolumeError,
+    GantryTiltError,
+    MissingSlicesError,
+    UnsupportedImageError,
+)
 from pipelines.multiframe import VolumeChoice, read_frames
 from pipelines.postprocess import split_labels
 from pipelines.selection import SelectionRules, matches
@@ -356,3 +361,18 @@ def test_memory_budget_is_checked_on_the_chosen_volume_s_frames(ct, tmp_path: Pa
     assert multi.peak_bytes == single.peak_bytes > 0  # not the "no geometry" estimate
     with pytest.raises(MemoryBudgetError):
         check_series_budget([header], model, 1000)
+
+
+def test_malformed_functional_groups_are_one_refusal_not_a_crash(ct) -> None:
+    _, mf = ct
+    bad = copy.deepcopy(mf)
+    bad.PerFrameFunctionalGroupsSequence[3].FrameContentSequence[0].TemporalPositionIndex = None
+    bad.PerFrameFunctionalGroupsSequence[3].PlanePositionSequence[0].ImagePositionPatient = \
+        ["1", "2"]
+    with pytest.raises(UnsupportedImageError, match="frame 4: position has 2 values, not 3"):
+        load_series([bad])
+    short = copy.deepcopy(mf)
+    del short.PerFrameFunctionalGroupsSequence[5]
+    decision = matches(SelectionRules(name="spleen-ct", accept_missing_body_part=True), [short])
+    assert not decision.matched and "23 per-frame functional group items for 24 frames" \
+        in decision.reason
