@@ -29,6 +29,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage, PositronEmissionTomograp
 
 from dicom_node.errors import ConfigError
 from pipelines.errors import SelectionRulesError
+from pipelines.multiframe import ENHANCED_SOP_CLASSES, VolumeChoice
 from pipelines.selection import SelectionRules
 
 #: The tasks served when the configuration has no ``[[tasks]]`` table (shipped data).
@@ -40,13 +41,16 @@ DEFAULT_EXCLUDED_DESCRIPTIONS = (r"\bscout\b", r"locali[sz]er", r"dose\s*report"
 #: The keys of a ``[[tasks]]`` table.
 TASK_KEYS = ("name", "modality", "body_parts", "accept_missing_body_part",
              "exclude_series_descriptions", "min_slices", "max_slice_thickness_mm",
-             "manufacturers", "outputs", "enabled", "min_dice", "retention_days",
+             "manufacturers", "outputs", "enabled", "min_dice", "volume", "retention_days",
              "result_retention_days")
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # as registry.records.check_task
-#: The image storage SOP class a task of each modality accepts (single-frame images,
-#: which the pipeline stacks into a volume).
-IMAGE_SOP_CLASSES = {"CT": (str(CTImageStorage),), "MR": (str(MRImageStorage),),
-                     "PT": (str(PositronEmissionTomographyImageStorage),)}
+#: The image storage SOP classes a task of each modality accepts: single-frame images,
+#: which the pipeline stacks into a volume, and the Enhanced / Legacy Converted Enhanced
+#: multi-frame images, whose frames it reads from the functional groups.
+IMAGE_SOP_CLASSES = {"CT": (str(CTImageStorage), *ENHANCED_SOP_CLASSES["CT"]),
+                     "MR": (str(MRImageStorage), *ENHANCED_SOP_CLASSES["MR"]),
+                     "PT": (str(PositronEmissionTomographyImageStorage),
+                            *ENHANCED_SOP_CLASSES["PT"])}
 #: SelectionRules field -> the task key that sets it (to name the key in an error).
 _RULE_KEYS = {"modality": "modality", "body_part_patterns": "body_parts",
               "accept_missing_body_part": "accept_missing_body_part",
@@ -95,6 +99,10 @@ class Task:
     result_retention_days : float, "forever" or None
         Days this task's results are kept once settled; ``"forever"`` keeps them;
         ``None``: the global ``result_retention_days``.
+    volume : VolumeChoice or mapping
+        Which volume of a multi-frame (Enhanced) series the task segments, as a TOML
+        table ``volume = {stack = "1", temporal_position = 1, echo = 1, image_type =
+        ["ORIGINAL", "MAGNITUDE"]}`` (each key optional; these are the defaults).
     source : str
         Where the task was read from (for error messages); not compared.
 
@@ -117,6 +125,7 @@ class Task:
     min_dice: float | None = None
     retention_days: float | None = None
     result_retention_days: float | str | None = None
+    volume: VolumeChoice = field(default_factory=VolumeChoice)
     source: str = field(default="", compare=False)
     rules: SelectionRules = field(init=False, compare=False, repr=False)
 
@@ -175,13 +184,15 @@ class Task:
                 raise bad("max_slice_thickness_mm", "a number of mm > 0 (at most 1000)", thick)
             object.__setattr__(self, "max_slice_thickness_mm", float(thick))
         try:
+            if not isinstance(self.volume, VolumeChoice):
+                object.__setattr__(self, "volume", VolumeChoice.from_dict(self.volume))
             rules = SelectionRules(
                 name=self.name, modality=self.modality, sop_class_uids=IMAGE_SOP_CLASSES[self.modality],
                 body_part_patterns=self.body_parts,
                 accept_missing_body_part=self.accept_missing_body_part,
                 exclude_series_description_patterns=self.exclude_series_descriptions,
                 min_slices=self.min_slices, max_slice_thickness_mm=self.max_slice_thickness_mm,
-                manufacturers=self.manufacturers)
+                manufacturers=self.manufacturers, volume=self.volume)
         except SelectionRulesError as exc:
             raise bad(_RULE_KEYS.get(exc.key, exc.key), exc.expected, exc.got) from None
         object.__setattr__(self, "rules", rules)
@@ -213,7 +224,10 @@ class Task:
                 "manufacturers": list(self.manufacturers), "outputs": list(self.outputs),
                 "enabled": self.enabled, "min_dice": self.min_dice,
                 "retention_days": self.retention_days,
-                "result_retention_days": self.result_retention_days}
+                "result_retention_days": self.result_retention_days,
+                "volume": {"stack": self.volume.stack,
+                           "temporal_position": self.volume.temporal_position,
+                           "echo": self.volume.echo, "image_type": list(self.volume.image_type)}}
 
     def describe_rules(self) -> str:
         """The rules in one line of words."""
@@ -227,6 +241,8 @@ class Task:
             parts.append("manufacturer " + " / ".join(self.manufacturers))
         if self.exclude_series_descriptions:
             parts.append("description not " + " | ".join(self.exclude_series_descriptions))
+        if self.volume != VolumeChoice():
+            parts.append("multi-frame volume: " + self.volume.describe())
         return "; ".join(parts)
 
 

@@ -146,6 +146,27 @@ class MissingSlicesError(SeriesGeometryError):
                          "resend the series) before running the pipeline")
 
 
+class AmbiguousVolumeError(SeriesGeometryError):
+    """A multi-frame series holds several volumes and the task's ``volume`` rule does not
+    pick exactly one (several stacks, temporal positions, echoes or image types).
+
+    Parameters
+    ----------
+    series_uid : str
+        Series Instance UID.
+    dimensions : str
+        The dimensions found, in words (``temporal position x2, echo x2``).
+    problem : str
+        Why no single volume could be chosen.
+    """
+
+    def __init__(self, series_uid: str, dimensions: str, problem: str) -> None:
+        self.dimensions = dimensions
+        super().__init__(series_uid, f"{problem} (dimensions found: {dimensions})",
+                         "set the task's volume rule (stack, temporal_position, echo, "
+                         "image_type) to choose one volume")
+
+
 class SelectionRulesError(PipelineError, ValueError):
     """A selection rule set (from the configuration) is invalid.
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.tag import Tag
+from pydicom.uid import CTImageStorage, EnhancedMRImageStorage, ExplicitVRLittleEndian, generate_uid
 
 # Label values of the phantom's truth map.
 LABELS: dict[int, str] = {1: "spleen", 2: "liver", 3: "kidney", 4: "spine"}
@@ -539,3 +540,121 @@ def truth_labels(anatomy: Anatomy, geometry: SliceGeometry) -> np.ndarray:
 def truth_at(anatomy: Anatomy, points: np.ndarray) -> np.ndarray:
     """Truth label values (uint8) at LPS points (..., 3), mm."""
     return anatomy.sample(np.asarray(points, dtype=np.float32))[1]
+
+
+def mr_signal(hu: np.ndarray, echo_time_ms: float, temporal_index: int) -> np.ndarray:
+    """Stored values (uint16) of a synthetic MR magnitude image from the phantom's HU.
+
+    Signal ``(HU + 1024) * exp(-TE / 80 ms) * (1 + 0.1 * (t - 1))``: each echo and
+    temporal position gives another, known image of the same anatomy.
+    """
+    signal = (hu + 1024.0) * np.exp(-echo_time_ms / 80.0) * (1.0 + 0.1 * (temporal_index - 1))
+    return np.clip(np.rint(signal), 0, 4095).astype(np.uint16)
+
+
+def enhanced_mr(anatomy: Anatomy, geometry: SliceGeometry, info: StudyInfo | None = None, *,
+                temporal_positions: int = 2, echo_times_ms: tuple[float, ...] = (10.0, 20.0),
+                components: tuple[str, ...] = ("MAGNITUDE",),
+                frame_order: np.ndarray | None = None) -> Dataset:
+    """Render an Enhanced MR Image (one multi-frame instance) with known geometry.
+
+    Frames: every temporal position x echo x complex component x slice; magnitude
+    images are :func:`mr_signal`, PHASE images a ramp along the rows (stored values
+    0..4095); geometry per frame in the Per-Frame Functional Groups (Plane Position,
+    Frame Content with Temporal Position Index, MR Echo, MR Image Frame Type with the
+    Complex Image Component), orientation and pixel measures shared; Dimension Index:
+    temporal position, echo time, complex component, in-stack position.
+    ``frame_order`` (a permutation of the frames in that order) stores them out of
+    order.
+    """
+    info = info or StudyInfo(modality="MR", series_description="Abdomen multi-echo dynamic")
+    rng = np.random.default_rng(anatomy.seed + 2)
+    hus = [render(anatomy, geometry, k, rng)[0] for k in range(geometry.slices)]
+    frames = [(t, e, c, k) for t in range(1, temporal_positions + 1)
+              for e in range(len(echo_times_ms)) for c in range(len(components))
+              for k in range(geometry.slices)]
+    order = np.arange(len(frames)) if frame_order is None else np.asarray(frame_order)
+    if sorted(order.tolist()) != list(range(len(frames))):
+        raise ValueError("frame_order must be a permutation of the frames")
+    ds = _ct_dataset(np.zeros((geometry.rows, geometry.columns), np.uint16), geometry, 0, info,
+                     _dt.datetime(2026, 1, 15, 9, 30, 0))
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                    "SliceThickness", "SliceLocation", "RescaleIntercept", "RescaleSlope",
+                    "RescaleType", "WindowCenter", "WindowWidth", "KVP", "InstanceNumber",
+                    "AcquisitionNumber"):
+        delattr(ds, keyword)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = len(frames)
+    ds.BitsStored, ds.HighBit = 16, 15
+    ds.SharedFunctionalGroupsSequence = [_mr_shared(geometry)]
+    ds.DimensionOrganizationSequence = [Dataset()]
+    ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = generate_uid()
+    ds.DimensionIndexSequence = [_dimension(ds, *d) for d in (
+        ("TemporalPositionIndex", "FrameContentSequence", "Temporal Position"),
+        ("EffectiveEchoTime", "MREchoSequence", "Effective Echo Time"),
+        ("ComplexImageComponent", "MRImageFrameTypeSequence", "Complex Component"),
+        ("InStackPositionNumber", "FrameContentSequence", "In-Stack Position"))]
+    phase = np.broadcast_to(np.linspace(0, 4095, geometry.rows, dtype=np.float32)[:, None],
+                            (geometry.rows, geometry.columns)).astype(np.uint16)
+    per_frame, pixels = [], []
+    for i in order:
+        t, e, c, k = frames[i]
+        per_frame.append(_mr_frame(geometry, (t, e, c, k), echo_times_ms[e], components[c]))
+        pixels.append(phase if components[c] == "PHASE" else mr_signal(hus[k], echo_times_ms[e], t))
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = np.stack(pixels).tobytes()
+    return ds
+
+
+def _dimension(ds: Dataset, keyword: str, group: str, label: str) -> Dataset:
+    item = Dataset()
+    item.DimensionOrganizationUID = ds.DimensionOrganizationSequence[0].DimensionOrganizationUID
+    item.DimensionIndexPointer = Tag(keyword)
+    item.FunctionalGroupPointer = Tag(group)
+    item.DimensionDescriptionLabel = label
+    return item
+
+
+def _mr_shared(g: SliceGeometry) -> Dataset:
+    shared = Dataset()
+    measures = Dataset()
+    measures.PixelSpacing = [f"{g.pixel_spacing[0]:.4f}", f"{g.pixel_spacing[1]:.4f}"]
+    measures.SliceThickness = f"{g.slice_spacing:.3f}"
+    shared.PixelMeasuresSequence = [measures]
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = [f"{v:.6f}" for v in (*g.row_direction,
+                                                                 *g.column_direction)]
+    shared.PlaneOrientationSequence = [orientation]
+    transform = Dataset()
+    transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = "0", "1", "US"
+    shared.PixelValueTransformationSequence = [transform]
+    return shared
+
+
+def _mr_frame(g: SliceGeometry, index: tuple[int, int, int, int], echo_time_ms: float,
+              component: str) -> Dataset:
+    t, e, c, k = index
+    frame = Dataset()
+    content = Dataset()
+    content.StackID = "1"
+    content.InStackPositionNumber = k + 1
+    content.TemporalPositionIndex = t
+    content.DimensionIndexValues = [t, e + 1, c + 1, k + 1]
+    frame.FrameContentSequence = [content]
+    position = Dataset()
+    position.ImagePositionPatient = [f"{v:.4f}" for v in g.position(k)]
+    frame.PlanePositionSequence = [position]
+    echo = Dataset()
+    echo.EffectiveEchoTime = echo_time_ms
+    frame.MREchoSequence = [echo]
+    frame_type = Dataset()
+    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "P" if component == "PHASE" else "M", "NONE"]
+    frame_type.PixelPresentation = "MONOCHROME"
+    frame_type.VolumetricProperties = "VOLUME"
+    frame_type.VolumeBasedCalculationTechnique = "NONE"
+    frame_type.ComplexImageComponent = component
+    frame_type.AcquisitionContrast = "PROTON_DENSITY"
+    frame.MRImageFrameTypeSequence = [frame_type]
+    return frame

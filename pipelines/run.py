@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pipelines.errors import PipelineError
 from pipelines.inference import LoadedModel
 from pipelines.memory import MemoryEstimate, check_budget, series_geometry
+from pipelines.multiframe import VolumeChoice, expand_frames
 from pipelines.postprocess import split_labels
 from pipelines.selection import SelectionDecision, SelectionRules, is_node_output, matches
 from pipelines.types import ModelInfo, ResultDatasets, SegmentResult, Volume, WriterOptions
@@ -335,9 +336,11 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
     t0 = time.perf_counter()
     datasets = [it if isinstance(it, Dataset) else pydicom.dcmread(os.fspath(it)) for it in items]
     decision = select_series(datasets, rules)
-    if max_memory_bytes:
-        check_series_budget(datasets, model, max_memory_bytes)
-    volume = load_series(datasets)
+    if max_memory_bytes:  # a multi-frame series: the geometry of the chosen volume's frames
+        check_series_budget(datasets, model, max_memory_bytes,
+                            volume=rules.volume if rules is not None else None)
+    volume = load_series(datasets, volume=rules.volume if rules is not None else None)
+    del datasets  # their pixel data: the volume holds the pixels now (headers share elements)
     modality = str(volume.source_images[0].get("Modality", "") or "") or None
     t_load = time.perf_counter() - t0
 
@@ -370,10 +373,13 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
     return outcome
 
 
-def check_series_budget(datasets: Sequence[Dataset], model: LoadedModel, max_memory_bytes: int
-                        ) -> MemoryEstimate:
+def check_series_budget(datasets: Sequence[Dataset], model: LoadedModel, max_memory_bytes: int,
+                        *, volume: VolumeChoice | None = None) -> MemoryEstimate:
     """Predict a series' peak memory with ``model`` from its headers and refuse it when
     over ``max_memory_bytes``.
+
+    A multi-frame series is measured by the frames of the volume ``volume`` chooses
+    (default: the first temporal position and echo, ORIGINAL magnitude).
 
     Raises
     ------
@@ -382,8 +388,8 @@ def check_series_budget(datasets: Sequence[Dataset], model: LoadedModel, max_mem
     """
     uid = str(datasets[0].get("SeriesInstanceUID", "")) if datasets else ""
     try:
-        shape, affine = series_geometry(datasets)
-    except ValueError:
+        shape, affine = series_geometry(expand_frames(datasets, volume or VolumeChoice()))
+    except (ValueError, PipelineError):
         LOG.debug("series %s: no geometry in the headers; memory checked after loading", uid)
         return MemoryEstimate(peak_bytes=0, baseline_bytes=0, stages=(("none", 0),),
                               source_bytes=0, model_grid=(0, 0, 0), channels=0)

@@ -15,13 +15,14 @@ import fnmatch
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
-from pipelines.errors import SelectionRulesError
+from pipelines.errors import PipelineError, SelectionRulesError, SeriesGeometryError
+from pipelines.multiframe import ENHANCED_SOP_CLASSES, VolumeChoice, expand_frames
 from pipelines.types import NODE_MANUFACTURER
 
 LOG = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class SelectionRules:
     modality : str
         Required Modality (e.g. ``CT``); a result modality (SEG, SR, ...) is refused.
     sop_class_uids : tuple of str
-        Accepted SOP Class UIDs (default: CT Image Storage).
+        Accepted SOP Class UIDs (default: CT Image Storage, Enhanced CT and Legacy
+        Converted Enhanced CT Image Storage).
     body_part_patterns : tuple of str
         Shell-style patterns (``ABDOMEN*``), case-insensitive, one must match
         Body Part Examined. Empty: any body part.
@@ -78,6 +80,12 @@ class SelectionRules:
     manufacturers : tuple of str
         Shell-style patterns, case-insensitive, one of which must match Manufacturer.
         Empty: any manufacturer.
+    volume : VolumeChoice
+        Which volume of a multi-frame (Enhanced) series is segmented: stack, temporal
+        position, echo, image type (default: the first temporal position and echo,
+        ORIGINAL magnitude). The other checks then apply to that volume's frames as
+        if they were single-frame images; a series that does not give one volume is
+        refused, naming the dimensions found.
 
     Raises
     ------
@@ -87,7 +95,7 @@ class SelectionRules:
 
     name: str = "default"
     modality: str = "CT"
-    sop_class_uids: tuple[str, ...] = (str(CTImageStorage),)
+    sop_class_uids: tuple[str, ...] = (str(CTImageStorage), *ENHANCED_SOP_CLASSES["CT"])
     body_part_patterns: tuple[str, ...] = ()
     accept_missing_body_part: bool = False
     series_description_patterns: tuple[str, ...] = ()
@@ -98,6 +106,7 @@ class SelectionRules:
     single_orientation: bool = True
     max_slice_thickness_mm: float | None = None
     manufacturers: tuple[str, ...] = ()
+    volume: VolumeChoice = field(default_factory=VolumeChoice)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -138,6 +147,8 @@ class SelectionRules:
                                   or not 0 < thick <= 1000):
             raise SelectionRulesError("max_slice_thickness_mm", "a number of mm > 0 (at most 1000)",
                                       thick)
+        if not isinstance(self.volume, VolumeChoice):
+            raise SelectionRulesError("volume", "a VolumeChoice", type(self.volume).__name__)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> SelectionRules:
@@ -163,6 +174,8 @@ class SelectionRules:
                 value = tuple(value)
             if key in ("modality",) and isinstance(value, str):
                 value = value.strip().upper()
+            if key == "volume" and not isinstance(value, VolumeChoice):
+                value = VolumeChoice.from_dict(value)  # type: ignore[arg-type]
             if key == "exclude_image_types" and isinstance(value, tuple):
                 value = tuple(v.strip().upper() if isinstance(v, str) else v for v in value)
             kwargs[key] = value
@@ -200,12 +213,27 @@ def matches(rules: SelectionRules, series: Iterable[Dataset]) -> SelectionDecisi
         ``matched`` and the first reason that decided it.
     """
     items = list(series)
+    reason = _refuse_kind(rules, items)
+    if reason is None:
+        try:
+            items = expand_frames(items, rules.volume)
+        except PipelineError as exc:  # several volumes, malformed functional groups
+            reason = f"{exc.problem}; {exc.fix}" if isinstance(exc, SeriesGeometryError) \
+                else str(exc)
     for check in _CHECKS:
-        reason = check(rules, items)
+        reason = reason or check(rules, items)
         if reason is not None:
             return SelectionDecision(matched=False, reason=f"rules {rules.name!r}: {reason}")
-    count = len({str(ds.get("SOPInstanceUID", "")) for ds in items})
-    return SelectionDecision(matched=True, reason=f"rules {rules.name!r}: matched ({count} instances)")
+    count = _image_count(items)
+    frames = any("ReferencedFrameNumber" in ds for ds in items)
+    what = f"{count} frames of a multi-frame image" if frames else f"{count} instances"
+    return SelectionDecision(matched=True, reason=f"rules {rules.name!r}: matched ({what})")
+
+
+def _image_count(items: list[Dataset]) -> int:
+    """Distinct images: instances, and each frame of a multi-frame instance."""
+    return len({(str(ds.get("SOPInstanceUID", "")), ds.get("ReferencedFrameNumber"))
+                for ds in items})
 
 
 def _refuse_kind(rules: SelectionRules, items: list[Dataset]) -> str | None:
@@ -299,9 +327,10 @@ def _refuse_orientation(rules: SelectionRules, items: list[Dataset]) -> str | No
 
 def _refuse_geometry(rules: SelectionRules, items: list[Dataset]) -> str | None:
     """Number of instances and slice thickness."""
-    count = len({str(ds.get("SOPInstanceUID", "")) for ds in items})
+    count = _image_count(items)
     if count < rules.min_slices:
-        return f"{count} instance(s), at least {rules.min_slices} required"
+        noun = "frame(s)" if any("ReferencedFrameNumber" in ds for ds in items) else "instance(s)"
+        return f"{count} {noun}, at least {rules.min_slices} required"
     if rules.max_slice_thickness_mm is not None:
         thickness = slice_thickness_mm(items)
         if thickness is None:
@@ -314,7 +343,7 @@ def _refuse_geometry(rules: SelectionRules, items: list[Dataset]) -> str | None:
 #: The checks of :func:`matches`, in the order they decide: each returns why the series
 #: is refused, or None.
 _CHECKS: tuple[Callable[[SelectionRules, list[Dataset]], str | None], ...] = (
-    _refuse_kind, _refuse_modality, _refuse_image_type, _refuse_body_part,
+    _refuse_modality, _refuse_image_type, _refuse_body_part,
     _refuse_manufacturer, _refuse_description, _refuse_orientation, _refuse_geometry)
 
 

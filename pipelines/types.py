@@ -75,6 +75,10 @@ class Volume:
         For each source image, its slice index ``k`` on this grid (fractional when
         the series was resampled onto a regular grid). ``0, 1, 2, ...`` when the grid
         is the source slices themselves.
+    source_frame_numbers : tuple of int, optional
+        For a volume read from a multi-frame image: for each source image (the same
+        multi-frame header repeated), the number (1-based) of its frame. Empty for
+        single-frame sources.
 
     Raises
     ------
@@ -91,6 +95,7 @@ class Volume:
     series_instance_uid: str
     source_images: tuple[Dataset, ...]
     source_grid_positions: tuple[float, ...]
+    source_frame_numbers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.array, np.ndarray) or self.array.dtype != np.float32:
@@ -111,9 +116,15 @@ class Volume:
         n = self.array.shape[0]
         if any(not (-0.5 <= p <= n - 0.5) for p in self.source_grid_positions):
             raise ValueError("source_grid_positions must lie on the grid (0 .. slices-1)")
-        for ds in self.source_images:
+        for ds in self.source_instances:
             if (int(ds.Rows), int(ds.Columns)) != self.array.shape[1:]:
                 raise ValueError("source image matrix does not match the array's rows/columns")
+        if self.source_frame_numbers:
+            if len(self.source_frame_numbers) != len(self.source_images):
+                raise ValueError("source_frame_numbers must have one frame per source image")
+            if any(not 1 <= int(f) <= int(ds.get("NumberOfFrames", 1) or 1) for f, ds in
+                   zip(self.source_frame_numbers, self.source_images, strict=True)):
+                raise ValueError("source_frame_numbers must be frames of their source images")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -142,6 +153,18 @@ class Volume:
     def sop_instance_uids(self) -> tuple[str, ...]:
         """SOP Instance UIDs of the source images, in slice order."""
         return tuple(str(ds.SOPInstanceUID) for ds in self.source_images)
+
+    @property
+    def source_instances(self) -> tuple[Dataset, ...]:
+        """The distinct source instances (headers), in slice order of their first frame."""
+        seen: dict[str, Dataset] = {}
+        for ds in self.source_images:
+            seen.setdefault(str(ds.SOPInstanceUID), ds)
+        return tuple(seen.values())
+
+    def source_frame(self, n: int) -> int | None:
+        """Frame number of source image ``n`` in its instance; ``None`` when single-frame."""
+        return int(self.source_frame_numbers[n]) if self.source_frame_numbers else None
 
     @property
     def is_source_grid(self) -> bool:

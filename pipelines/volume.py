@@ -21,7 +21,12 @@ more than one orientation                 :class:`MixedOrientationError`
 gantry tilt / sheared stack               :class:`GantryTiltError`
 matrix or pixel spacing differs           :class:`InconsistentGeometryError`
 several series / frames of reference      :class:`MixedSeriesError`
-multi-frame, colour                       :class:`UnsupportedImageError`
+Enhanced / Legacy Converted multi-frame   frames from the functional groups
+                                          (:mod:`pipelines.multiframe`), then as above
+several volumes in one multi-frame series the task's ``volume`` rule picks one; else
+                                          :class:`AmbiguousVolumeError`
+colour, multi-frame without functional    :class:`UnsupportedImageError`
+groups, single- and multi-frame mixed
 ========================================  ==========================================
 """
 
@@ -51,6 +56,7 @@ from pipelines.errors import (
     TooFewSlicesError,
     UnsupportedImageError,
 )
+from pipelines.multiframe import VolumeChoice, is_multiframe, volume_views
 from pipelines.types import Volume
 
 LOG = logging.getLogger(__name__)
@@ -101,8 +107,9 @@ class GeometryTolerances:
 
 
 def load_series(items: Iterable[Dataset | str | os.PathLike[str]], *,
-                tolerances: GeometryTolerances | None = None) -> Volume:
-    """Build a volume in HU from the single-frame images of one series.
+                tolerances: GeometryTolerances | None = None,
+                volume: VolumeChoice | None = None) -> Volume:
+    """Build a volume in HU from the images of one series (single- or multi-frame).
 
     Parameters
     ----------
@@ -110,12 +117,17 @@ def load_series(items: Iterable[Dataset | str | os.PathLike[str]], *,
         The instances of one series, in any order. Data sets are not modified.
     tolerances : GeometryTolerances, optional
         Geometry tolerances; the defaults suit CT.
+    volume : VolumeChoice, optional
+        Which volume of a multi-frame series (stack, temporal position, echo, image
+        type); default: the first temporal position and echo, ORIGINAL magnitude.
+        Ignored for single-frame series.
 
     Returns
     -------
     Volume
         ``array`` float32 HU (slices, rows, columns), read-only; ``affine`` from voxel
-        index (k, i, j) to LPS mm; source headers sorted along the slice normal.
+        index (k, i, j) to LPS mm; source headers sorted along the slice normal (for a
+        multi-frame image: its header once per frame, with ``source_frame_numbers``).
 
     Raises
     ------
@@ -129,20 +141,25 @@ def load_series(items: Iterable[Dataset | str | os.PathLike[str]], *,
         raise EmptySeriesError()
     series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
     datasets = _unique_instances(datasets, series_uid)
-    _check_identity(datasets, series_uid)
-    if len(datasets) < 2:
-        raise TooFewSlicesError(series_uid, len(datasets))
-    row_dir, col_dir, normal = _orientation(datasets, series_uid, tol)
-    rows, cols, spacing_rc = _matrix(datasets, series_uid, tol)
+    _check_uids(datasets, series_uid)
+    if any(is_multiframe(ds) for ds in datasets):
+        owners, views = _multiframe_views(datasets, series_uid, volume or VolumeChoice())
+    else:
+        _check_images(datasets, series_uid)
+        owners, views = datasets, datasets
+    if len(views) < 2:
+        raise TooFewSlicesError(series_uid, len(views))
+    row_dir, col_dir, normal = _orientation(views, series_uid, tol)
+    rows, cols, spacing_rc = _matrix(views, series_uid, tol)
 
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in views])
     offsets = positions @ normal
     order = np.argsort(offsets, kind="stable")
-    datasets = [datasets[i] for i in order]
+    views, owners = [views[i] for i in order], [owners[i] for i in order]
     positions, offsets = positions[order], offsets[order]
-    median = _check_stacking(datasets, positions, offsets, normal, spacing_rc, series_uid, tol)
+    median = _check_stacking(views, positions, offsets, normal, spacing_rc, series_uid, tol)
 
-    hu = _read_pixels(datasets, rows, cols, series_uid)
+    hu = _read_pixels(owners, views, rows, cols, series_uid)
     hu, step, grid_positions = _regular_grid(hu, offsets, median, series_uid, tol)
     affine = np.eye(4)
     affine[:3, 0] = normal * step
@@ -150,13 +167,48 @@ def load_series(items: Iterable[Dataset | str | os.PathLike[str]], *,
     affine[:3, 2] = row_dir * spacing_rc[1]
     affine[:3, 3] = positions[0]
     hu.flags.writeable = False
-    first = datasets[0]
+    first = owners[0]
+    headers = {str(ds.SOPInstanceUID): _header(ds) for ds in owners if is_multiframe(ds)}
     return Volume(array=hu, affine=affine,
                   frame_of_reference_uid=str(first.FrameOfReferenceUID),
                   study_instance_uid=str(first.StudyInstanceUID),
                   series_instance_uid=series_uid,
-                  source_images=tuple(_header(ds) for ds in datasets),
-                  source_grid_positions=grid_positions)
+                  source_images=tuple(headers.get(str(ds.SOPInstanceUID)) or _header(ds)
+                                      for ds in owners),
+                  source_grid_positions=grid_positions,
+                  source_frame_numbers=tuple(int(v.ReferencedFrameNumber) for v in views)
+                  if headers else ())
+
+
+def _multiframe_views(datasets: list[Dataset], series_uid: str, choice: VolumeChoice
+                      ) -> tuple[list[Dataset], list[Dataset]]:
+    """(owning instance, frame view) of each frame of the chosen volume.
+
+    Raises
+    ------
+    UnsupportedImageError
+        Single- and multi-frame images mixed, colour, no pixel data, or the volume's
+        frames spread over several instances (a SEG can reference one multi-frame
+        source only).
+    AmbiguousVolumeError
+        If the frames do not make one volume under ``choice``.
+    """
+    single = [ds for ds in datasets if not is_multiframe(ds)]
+    if single:
+        raise UnsupportedImageError(series_uid, str(single[0].SOPInstanceUID),
+                                    "single-frame and multi-frame images in one series")
+    for ds in datasets:
+        _check_pixels(ds, series_uid)
+    pairs = volume_views(datasets, choice, series_uid)
+    owners = {str(ds.SOPInstanceUID) for ds, _ in pairs}
+    if len(owners) > 1:
+        raise UnsupportedImageError(series_uid, sorted(owners)[0],
+                                    f"the volume's frames lie in {len(owners)} multi-frame "
+                                    "instances; one multi-frame instance per volume is read")
+    views = [view for _, view in pairs]
+    for view in views:
+        _check_geometry_keywords(view, series_uid)
+    return [ds for ds, _ in pairs], views
 
 
 def _check_stacking(datasets: list[Dataset], positions: np.ndarray, offsets: np.ndarray,
@@ -250,7 +302,7 @@ def _unique_instances(datasets: list[Dataset], series_uid: str) -> list[Dataset]
     return list(seen.values())
 
 
-def _check_identity(datasets: list[Dataset], series_uid: str) -> None:
+def _check_uids(datasets: list[Dataset], series_uid: str) -> None:
     for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
         values = {str(ds.get(keyword, "")) for ds in datasets}
         if "" in values:
@@ -258,18 +310,35 @@ def _check_identity(datasets: list[Dataset], series_uid: str) -> None:
             raise MissingAttributeError(series_uid, str(bad.SOPInstanceUID), keyword)
         if len(values) > 1:
             raise MixedSeriesError(series_uid, keyword, sorted(values))
+
+
+def _check_images(datasets: list[Dataset], series_uid: str) -> None:
+    """Single-frame, grey, with geometry and pixels."""
     for ds in datasets:
-        uid = str(ds.SOPInstanceUID)
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise UnsupportedImageError(series_uid, uid, f"multi-frame image "
-                                        f"({ds.NumberOfFrames} frames) is not supported")
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise UnsupportedImageError(series_uid, uid, "colour image (SamplesPerPixel "
-                                        f"{ds.SamplesPerPixel}) is not supported")
-        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-                        "Rows", "Columns", "PixelData"):
-            if keyword not in ds or ds[keyword].value in (None, "", b""):
-                raise MissingAttributeError(series_uid, uid, keyword)
+            raise UnsupportedImageError(series_uid, str(ds.SOPInstanceUID), f"multi-frame image "
+                                        f"({ds.NumberOfFrames} frames) without functional groups "
+                                        "is not supported")
+        _check_pixels(ds, series_uid)
+        _check_geometry_keywords(ds, series_uid)
+
+
+def _check_pixels(ds: Dataset, series_uid: str) -> None:
+    uid = str(ds.SOPInstanceUID)
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise UnsupportedImageError(series_uid, uid, "colour image (SamplesPerPixel "
+                                    f"{ds.SamplesPerPixel}) is not supported")
+    for keyword in ("Rows", "Columns", "PixelData"):
+        if keyword not in ds or ds[keyword].value in (None, "", b""):
+            raise MissingAttributeError(series_uid, uid, keyword)
+
+
+def _check_geometry_keywords(ds: Dataset, series_uid: str) -> None:
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if keyword not in ds or ds[keyword].value in (None, "", b""):
+            frame = ds.get("ReferencedFrameNumber")
+            where = f" (frame {frame})" if frame is not None else ""
+            raise MissingAttributeError(series_uid, f"{ds.SOPInstanceUID}{where}", keyword)
 
 
 def _orientation(datasets: list[Dataset], series_uid: str, tol: GeometryTolerances
@@ -319,14 +388,21 @@ def _matrix(datasets: list[Dataset], series_uid: str, tol: GeometryTolerances
     return rows, cols, (float(spacings[0, 0]), float(spacings[0, 1]))
 
 
-def _read_pixels(datasets: list[Dataset], rows: int, cols: int, series_uid: str) -> np.ndarray:
-    # decoded with pydicom.pixels.pixel_array, not ds.pixel_array: the latter caches
-    # the decoded array on each data set (another 2 bytes per voxel held by the
-    # caller's data sets for as long as they live), and modifies them
-    out = np.empty((len(datasets), rows, cols), dtype=np.float32)
-    for k, ds in enumerate(datasets):
+def _read_pixels(owners: list[Dataset], views: list[Dataset], rows: int, cols: int,
+                 series_uid: str) -> np.ndarray:
+    """HU of each slice (``views[k]`` of instance ``owners[k]``), decoded one frame at a time.
+
+    Decoded with pydicom.pixels.pixel_array, not ds.pixel_array: the latter caches the
+    decoded array on each data set (another 2 bytes per voxel held by the caller's data
+    sets for as long as they live), and modifies them. A frame of a multi-frame image
+    is decoded alone (``index``), never the whole image; its rescale is the frame's
+    Pixel Value Transformation (carried by its view).
+    """
+    out = np.empty((len(views), rows, cols), dtype=np.float32)
+    for k, (ds, view) in enumerate(zip(owners, views, strict=True)):
+        frame = view.get("ReferencedFrameNumber") if view is not ds else None
         try:
-            stored = pixel_array(ds)
+            stored = pixel_array(ds) if frame is None else pixel_array(ds, index=int(frame) - 1)
         except Exception as exc:  # decoder missing or corrupt data: say which instance
             raise UnsupportedImageError(series_uid, str(ds.SOPInstanceUID),
                                         f"pixel data cannot be decoded "
@@ -335,7 +411,11 @@ def _read_pixels(datasets: list[Dataset], rows: int, cols: int, series_uid: str)
         if stored.shape != (rows, cols):
             raise UnsupportedImageError(series_uid, str(ds.SOPInstanceUID),
                                         f"decoded pixels have shape {stored.shape}")
-        out[k] = apply_modality_lut(stored, ds)
+        if frame is None:
+            out[k] = apply_modality_lut(stored, ds)
+        else:
+            np.multiply(stored, float(view.RescaleSlope), out=out[k], casting="unsafe")
+            out[k] += float(view.RescaleIntercept)
         pad = ds.get("PixelPaddingValue")
         if pad is not None:
             limit = ds.get("PixelPaddingRangeLimit", pad)

@@ -64,7 +64,7 @@ def test_rules_from_a_json_round_trip_and_match(series: list) -> None:
     ({"ImageType": ["DERIVED", "SECONDARY", "AXIAL"]}, "is not ORIGINAL"),
     ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "contains ['LOCALIZER']"),
     ({"Modality": "MR"}, "modality ['MR'] is not CT"),
-    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2.1"}, "SOP class"),
+    ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.128"}, "SOP class"),  # PET on a CT rule (Enhanced CT is read since issue 24)
 ])
 def test_each_rule_refuses_with_a_reason(series: list, change: dict, words: str) -> None:
     decision = matches(SelectionRules.from_dict(RULES), _with(series, **change))

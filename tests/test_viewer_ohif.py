@@ -55,12 +55,12 @@ BROWSER_TIMEOUT = 300.0
 class Demo:
     """``dicom-node demo --viewer`` in a subprocess; its output collected by a thread."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *extra: str) -> None:
         self.lines: list[str] = []
         self.url_seen = threading.Event()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node", "--data-dir", str(data_dir), "demo", "--viewer",
-             "--slices", str(SLICES), "--seed", str(SEED)],
+             "--slices", str(SLICES), "--seed", str(SEED), *extra],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"))
         threading.Thread(target=self._read, daemon=True).start()
@@ -117,14 +117,17 @@ def _tinted(rgb: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_demo_results_show_in_ohif(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["single-frame", "multiframe"])
+def test_demo_results_show_in_ohif(form: str, tmp_path: Path) -> None:
+    """The demo's CT as single-frame slices, and as one Legacy Converted Enhanced CT
+    (``demo --multiframe``, issue 24): the same checks on screen."""
     chromium = shutil.which("chromium")
     assert chromium, "Debian chromium is required (scripts/setup.sh installs it)"
     assert PUPPETEER.is_file(), "puppeteer-core is required (scripts/setup.sh: viewer-assets/)"
     assert (ASSETS / "ohif" / "index.html").is_file(), "OHIF is required (scripts/setup.sh)"
     k, g, truth = _truth_slice()
     t0 = time.monotonic()
-    demo = Demo(tmp_path / "demo-data")
+    demo = Demo(tmp_path / "demo-data", *(["--multiframe"] if form == "multiframe" else []))
     try:
         url = demo.url()
         t_demo = time.monotonic() - t0

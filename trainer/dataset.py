@@ -26,13 +26,14 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pydicom
 
 from dicom_node.database import utc_now
+from pipelines.multiframe import VolumeChoice
 from pipelines.selection import SelectionRules, matches
 from pipelines.volume import load_series
 from trainer.labelmaps import mask_from_file, mask_from_seg
@@ -109,6 +110,9 @@ class TrainingSet:
         Salt of the patient hash (default: the task name).
     excluded : tuple of (str, str)
         Labelled, donated series left out, with the reason (series UID, reason).
+    volume : VolumeChoice
+        Which volume of a multi-frame series the task's rules choose (the items are
+        read with it, :func:`load_case`).
     """
 
     task: str
@@ -117,6 +121,7 @@ class TrainingSet:
     validation_fraction: float
     salt: str
     excluded: tuple[tuple[str, str], ...] = ()
+    volume: VolumeChoice = field(default_factory=VolumeChoice)
 
     @property
     def train(self) -> tuple[DatasetItem, ...]:
@@ -253,7 +258,7 @@ def build_dataset(archive: Archive, labels: LabelStore, task: str, rules: Select
         for lab, sha, n in chosen)
     ts = TrainingSet(task=task, built_at=utc_now().isoformat(timespec="seconds"),
                      items=items, validation_fraction=validation_fraction, salt=salt,
-                     excluded=tuple(excluded))
+                     excluded=tuple(excluded), volume=rules.volume)
     LOG.info("dataset %s: %d series of %d donating patient(s) (%d train, %d validation); "
              "%d labelled series left out", task, len(items), len(ts.patients), len(ts.train),
              len(ts.validation), len(excluded))
@@ -270,8 +275,13 @@ class LoadedCase:
     affine: np.ndarray
 
 
-def load_case(archive: Archive, item: DatasetItem, model_labels: Mapping[int, str]) -> LoadedCase:
+def load_case(archive: Archive, item: DatasetItem, model_labels: Mapping[int, str], *,
+              choice: VolumeChoice | None = None) -> LoadedCase:
     """Read a dataset item's image and its label map onto the same grid.
+
+    ``choice`` chooses the volume of a multi-frame series (the dataset's
+    :attr:`TrainingSet.volume`; default: the first temporal position and echo,
+    ORIGINAL magnitude).
 
     Raises
     ------
@@ -280,7 +290,7 @@ def load_case(archive: Archive, item: DatasetItem, model_labels: Mapping[int, st
     LabelGeometryError, LabelContentError
         If the label does not fit the series or names none of the model's labels.
     """
-    volume = load_series(archive.twins.series_files(item.series_uid))
+    volume = load_series(archive.twins.series_files(item.series_uid), volume=choice)
     if item.label.source == SOURCE_SEG:
         mask = mask_from_seg(item.label.path, volume, model_labels)
     else:

@@ -103,7 +103,7 @@ def export_annotation_queue(archive: Archive, labels: LabelStore, registry: Regi
     cases = []
     for item in items:
         files = archive.twins.series_files(item.series_uid)
-        volume = load_series(files)
+        volume = load_series(files, volume=rules.volume)
         head = pydicom.dcmread(files[0], stop_before_pixels=True)
         image_name = f"{item.case_id}_image.nii.gz"
         nib.save(to_nifti(volume.array, volume.affine, dtype=np.int16), out_dir / image_name)
@@ -175,7 +175,7 @@ def export_decathlon(archive: Archive, labels: LabelStore, data_dir: Path, task:
     training, validation, mapping = [], [], []
     for n, item in enumerate(order, start=1):
         name = f"case_{n:04d}.nii.gz"
-        case = load_case(archive, item, model_labels)
+        case = load_case(archive, item, model_labels, choice=dataset.volume)
         nib.save(_blank_header(to_nifti(case.image, case.affine, dtype=np.int16)),
                  out_dir / "imagesTr" / name)
         nib.save(_blank_header(to_nifti(case.label, case.affine, dtype=np.uint8)),

@@ -132,7 +132,8 @@ def import_candidate(data_dir: Path | str, bundle_dir: Path | str, task: str,
                         series_uid=s["series_uid"], label_id=s["label"]["id"], split=s["split"])
             for s in manifest.get("series", [])])
         model_labels = dict(candidate.label_names)
-        cases = [load_case(archive, i, model_labels) for i in dataset.validation]
+        cases = [load_case(archive, i, model_labels, choice=dataset.volume)
+                 for i in dataset.validation]
         j = judge_candidate(data_dir, reg, task, candidate, cases, dataset.validation_set_id,
                             config=config, device=config.resolved_device(), by=by)
         out = TrainingOutcome(

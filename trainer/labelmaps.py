@@ -178,7 +178,8 @@ def mask_from_seg(path: Path, volume: Volume, model_labels: Mapping[int, str]) -
     """Decode a DICOM SEG onto the grid of the series it references.
 
     Frames are matched to the series' images by their source-image references
-    (highdicom); images without a frame are background. Segments are matched to the
+    (highdicom), or to the frames of a multi-frame source by Referenced Frame Number;
+    images without a frame are background. Segments are matched to the
     model's labels by name or SNOMED CT code.
 
     Returns
@@ -204,11 +205,17 @@ def mask_from_seg(path: Path, volume: Volume, model_labels: Mapping[int, str]) -
     if not mapping:
         raise LabelContentError(uid, f"its segments {names} name none of the model's labels "
                                 f"{sorted(model_labels.values())}")
+    wanted = [numbers[p - 1] for p in sorted(mapping)]
     try:
-        stack = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=list(volume.sop_instance_uids),
-            segment_numbers=[numbers[p - 1] for p in sorted(mapping)],
-            assert_missing_frames_are_empty=True, skip_overlap_checks=True, dtype=np.uint8)
+        if volume.source_frame_numbers:  # a multi-frame source: its frames, in slice order
+            stack = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=volume.sop_instance_uids[0],
+                source_frame_numbers=list(volume.source_frame_numbers), segment_numbers=wanted,
+                assert_missing_frames_are_empty=True, skip_overlap_checks=True, dtype=np.uint8)
+        else:
+            stack = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=list(volume.sop_instance_uids), segment_numbers=wanted,
+                assert_missing_frames_are_empty=True, skip_overlap_checks=True, dtype=np.uint8)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise LabelContentError(uid, f"its frames cannot be mapped onto the series ({exc})") from exc
     src = np.zeros((stack.shape[0], *volume.shape[1:]), dtype=np.uint8)

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dicom_node.database import utc_now
+from pipelines.multiframe import VolumeChoice
 from pipelines.selection import SelectionRules
 from registry.records import Metrics, ModelVersion
 from registry.store import Registry
@@ -236,12 +237,13 @@ class ArchiveItem:
     item: DatasetItem
     model_labels: Mapping[int, str]
     name: str
+    choice: VolumeChoice | None = None
 
     def load(self) -> VolumeItem:
         """Read the series and its label from the archive."""
         from trainer.train import VolumeItem
 
-        case = load_case(self.archive, self.item, self.model_labels)
+        case = load_case(self.archive, self.item, self.model_labels, choice=self.choice)
         return VolumeItem(name=self.name, image=case.image, label=case.label, affine=case.affine)
 
 
@@ -353,7 +355,8 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
                    f"{len(dataset.validation)} validation series")
         record_training_use(data_dir, model_version=candidate.version, task=task,
                             uses=dataset.uses())
-        cases = [load_case(archive, i, model_labels) for i in dataset.validation]
+        cases = [load_case(archive, i, model_labels, choice=dataset.volume)
+                 for i in dataset.validation]
         j = judge_candidate(data_dir, reg, task, candidate, cases, dataset.validation_set_id,
                             config=config, device=device, by=by)
         out = TrainingOutcome(
@@ -392,7 +395,7 @@ def _train_candidate(archive: Archive, task: str, work: Path, dataset: TrainingS
     bundle = work / "bundle"
     model_labels = dict(enumerate(TrainableBundle(bundle).label_names, start=1))
     make = lambda items: [ArchiveItem(archive=archive, item=i, model_labels=model_labels,  # noqa: E731
-                                      name=i.case_id) for i in items]
+                                      name=i.case_id, choice=dataset.volume) for i in items]
     device = config.resolved_device()
     tc = TrainingConfig(
         learning_rate=config.finetune_lr if parent else config.scratch_lr,

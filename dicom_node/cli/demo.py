@@ -36,6 +36,7 @@ from dicom_node.settings import Destination, Settings
 LOG = logging.getLogger(__name__)
 
 SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -50,6 +51,8 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="quiet period before a series counts as complete (default 2 s)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                    help="give up waiting for the results after this long")
+    p.add_argument("--multiframe", action="store_true",
+                   help="send the CT as one Legacy Converted Enhanced CT (multi-frame) instance")
     p.add_argument("--viewer", action="store_true",
                    help="after the demo, keep Orthanc and the node and serve the OHIF web viewer "
                         "on the study until Ctrl-C")
@@ -60,9 +63,11 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _write_study(out: Path, slices: int, patient_id: str, seed: int) -> tuple[list[Path], float]:
-    """Generate and save the demo CT; returns the files and the phantom's true spleen
-    volume on this grid (mL: spleen voxels of the truth map times the voxel volume)."""
+def _write_study(out: Path, slices: int, patient_id: str, seed: int, multiframe: bool = False
+                 ) -> tuple[list[Path], float]:
+    """Generate and save the demo CT (as one Legacy Converted Enhanced CT, made by
+    highdicom's converter, when ``multiframe``); returns the files and the phantom's true
+    spleen volume on this grid (mL: spleen voxels of the truth map times the voxel volume)."""
     import numpy as np
 
     from pipelines.phantom import LABELS, Anatomy, SliceGeometry, StudyInfo, ct_series, truth_labels
@@ -70,8 +75,16 @@ def _write_study(out: Path, slices: int, patient_id: str, seed: int) -> tuple[li
     anatomy = Anatomy.random(seed)
     geometry = SliceGeometry(slices=slices)
     info = StudyInfo(patient_id=patient_id, patient_name="Demo^Patient")
+    datasets = ct_series(anatomy, geometry, info)
+    if multiframe:
+        import highdicom as hd
+        from pydicom.uid import generate_uid
+
+        datasets = [hd.legacy.LegacyConvertedEnhancedCTImage(
+            legacy_datasets=datasets, series_instance_uid=generate_uid(), series_number=3,
+            sop_instance_uid=generate_uid(), instance_number=1)]
     paths = []
-    for i, ds in enumerate(ct_series(anatomy, geometry, info)):
+    for i, ds in enumerate(datasets):
         path = out / f"ct{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -90,18 +103,21 @@ def send_files(paths: list[Path], port: int, called: str) -> None:
     RuntimeError
         If the association is refused or an instance is not stored.
     """
+    from pydicom import dcmread
+
+    classes = {str(dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+               for p in paths}
     storescu = shutil.which("storescu")
-    if storescu:
+    if storescu and classes == {CT_IMAGE_STORAGE}:  # storescu does not propose every class
         env = dict(os.environ, TCP_NODELAY="1")
         subprocess.run([storescu, "-aet", "DEMO_SCU", "-aec", called, "127.0.0.1", str(port),
                         *map(str, paths)], check=True, env=env)
         return
-    from pydicom import dcmread
     from pynetdicom import AE
-    from pynetdicom.sop_class import CTImageStorage
 
     ae = AE(ae_title="DEMO_SCU")
-    ae.add_requested_context(CTImageStorage)
+    for sop_class in sorted(classes):
+        ae.add_requested_context(sop_class)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         raise RuntimeError("the node refused the association")
@@ -213,7 +229,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                 LOG.warning("demo: the inference worker is not ready after 300 s; going on")
             with tempfile.TemporaryDirectory(prefix="dicom-node-demo-") as tmp:
                 LOG.info("demo: generating a %d-slice 512x512 abdominal CT", args.slices)
-                paths, true_ml = _write_study(Path(tmp), args.slices, args.patient_id, args.seed)
+                paths, true_ml = _write_study(Path(tmp), args.slices, args.patient_id, args.seed,
+                                              getattr(args, "multiframe", False))
                 study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
                 LOG.info("demo: storing the study in Orthanc, as the scanner would in the PACS")
                 send_files(paths, orthanc.dicom_port, orthanc.aet)

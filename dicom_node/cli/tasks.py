@@ -5,7 +5,9 @@
   scanner scope - or "no active model" (its jobs then wait for one).
 * ``tasks explain SERIES_DIR [--json]``: for a folder of DICOM files, per series, which
   tasks select it and, for each other task, the first rule that refused it - decided by
-  the same :func:`pipelines.selection.matches` the node uses.
+  the same :func:`pipelines.selection.matches` the node uses. A multi-frame (Enhanced)
+  series also gets its dimensions (stacks, temporal positions, echoes, image types) and
+  the volume each selecting task segments.
 
 Both read the configuration and the registry only; they work while the node serves.
 """
@@ -22,6 +24,8 @@ import pydicom
 
 from dicom_node.settings import Settings
 from dicom_node.tasks import Task
+from pipelines.errors import PipelineError
+from pipelines.multiframe import choose_frames, describe_dimensions, is_multiframe, read_frames
 from pipelines.selection import matches
 from registry.records import ModelStatus
 from registry.store import Registry
@@ -113,8 +117,27 @@ def explain(series_dir: Path, tasks: Sequence[Task]) -> list[dict[str, Any]]:
                 refused.append({"task": t.name, "reason": reason})
         out.append({"series_uid": s.series_uid, "modality": s.modality,
                     "series_description": s.series_description, "instances": len(s.paths),
+                    "multiframe": _multiframe(headers, tasks, selected),
                     "selected_by": selected, "refused_by": refused})
     return out
+
+
+def _multiframe(headers: Sequence[pydicom.Dataset], tasks: Sequence[Task],
+                selected: Sequence[str]) -> dict[str, Any] | None:
+    """For a multi-frame (Enhanced) series: its dimensions, and which volume each selecting
+    task takes (``None`` for a single-frame series)."""
+    multi = [h for h in headers if is_multiframe(h)]
+    if not multi:
+        return None
+    try:
+        frames = [f for h in multi for f in read_frames(h)]
+    except PipelineError as exc:
+        return {"dimensions": f"unreadable functional groups: {exc}", "volumes": {}}
+    volumes = {t.name: f"{t.volume.describe()} "
+                       f"({len(choose_frames(frames, t.volume, str(multi[0].SeriesInstanceUID)))}"
+                       " frames)"
+               for t in tasks if t.name in selected}
+    return {"dimensions": describe_dimensions(frames), "volumes": volumes}
 
 
 def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
@@ -126,6 +149,10 @@ def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
         what = f"{r['modality']} {r['series_description']!r}" if r["series_description"] \
             else r["modality"]
         print(f"series {r['series_uid']} ({what}, {r['instances']} instance(s))")
+        if r["multiframe"]:
+            print(f"  multi-frame: {r['multiframe']['dimensions']}")
+            for task, volume in r["multiframe"]["volumes"].items():
+                print(f"  {task} segments: {volume}")
         print("  selected by: " + (", ".join(r["selected_by"]) or "no task"))
         for item in r["refused_by"]:
             print(f"  not {item['task']}: {item['reason']}")

@@ -1,7 +1,7 @@
 """Overlay series: secondary-capture RGB images with burned-in contours and a warning.
 
-For viewers that cannot display SEG. One image per source slice that contains any
-segment: the CT in a grey window, a 1-2 pixel contour per segment in the segment's
+For viewers that cannot display SEG. One image per source slice (per source frame of
+a multi-frame image, whose frame number it references) that contains any segment: the CT in a grey window, a 1-2 pixel contour per segment in the segment's
 display colour (the SEG's colour), a legend, and the banner
 :data:`~pipelines.types.OVERLAY_BANNER` on a strip added above the image (so it hides
 no anatomy) and a legend strip below it that grows to hold every label name and the
@@ -100,7 +100,7 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
             _draw_contour(rgb, s, k, factor, opts.contour_width_px * factor, colour)
             names.append((s.name, colour))
         pixels = _decorate(rgb, banner_h, font, names, f"{model.name} {model.version}")
-        out.append(_sc_image(series, pixels, src, len(out) + 1))
+        out.append(_sc_image(series, pixels, _reference(src, volume.source_frame(n)), len(out) + 1))
     LOG.info("overlay for series %s: %d image(s)", volume.series_instance_uid, len(out))
     return tuple(out)
 
@@ -129,8 +129,9 @@ def _grey_rgb(plane: np.ndarray, opts: WriterOptions, factor: int) -> np.ndarray
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
-def _sc_image(series: _OverlaySeries, pixels: np.ndarray, src: Dataset, number: int) -> Dataset:
-    """The secondary capture of one rendered slice, referencing its source image."""
+def _sc_image(series: _OverlaySeries, pixels: np.ndarray, reference: Dataset, number: int
+              ) -> Dataset:
+    """The secondary capture of one rendered slice, referencing its source image (frame)."""
     first, opts, model = series.volume.source_images[0], series.opts, series.model
     orientation = series.orientation
     sc = hd.sc.SCImage(
@@ -158,7 +159,7 @@ def _sc_image(series: _OverlaySeries, pixels: np.ndarray, src: Dataset, number: 
     sc.RecognizableVisualFeatures = "NO"
     sc.DerivationDescription = f"CT W{opts.window_width:g}/L{opts.window_center:g} with AI " \
                                f"contours ({model.name} {model.version})"[:1024]
-    sc.SourceImageSequence = DicomSequence([_reference(src)])
+    sc.SourceImageSequence = DicomSequence([reference])
     sc.ImageComments = OVERLAY_BANNER
     return sc
 
@@ -188,10 +189,13 @@ def _get(ds: Dataset, keyword: str) -> str | None:
     return None if value is None else str(value)
 
 
-def _reference(src: Dataset) -> Dataset:
+def _reference(src: Dataset, frame: int | None) -> Dataset:
+    """A Source Image Sequence item: the source image and, when multi-frame, its frame."""
     item = Dataset()
     item.ReferencedSOPClassUID = src.SOPClassUID
     item.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    if frame is not None:
+        item.ReferencedFrameNumber = frame
     return item
 
 

@@ -2,7 +2,9 @@
 
 One segment per non-empty label, frames only where a segment is present, frame ``n``
 on source image ``n`` (so any orientation, flipped or oblique, is written on the
-source's own grid), same study and Frame of Reference as the source, new series.
+source's own grid), same study and Frame of Reference as the source, new series. On a
+multi-frame source (Enhanced CT/MR/PET), each SEG frame names its source frame
+(Derivation Image Sequence with Referenced Frame Number, written by highdicom).
 
 Many segments: the segments (bounding-box crops, :class:`~pipelines.types.SegmentResult`)
 are pasted into ONE label map on the source slices (uint8, uint16 beyond 255
@@ -26,6 +28,7 @@ from pydicom.sr.codedict import codes
 
 from pipelines.codes import PROCESSING_ALGORITHM, UNPAIRED_BODY_REGIONS, segment_coding
 from pipelines.errors import EmptyResultError
+from pipelines.multiframe import read_frames
 from pipelines.types import (
     NODE_DEVICE_SERIAL,
     NODE_MANUFACTURER,
@@ -151,7 +154,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
             description.SegmentedPropertyTypeCodeSequence[0] \
                 .SegmentedPropertyTypeModifierCodeSequence = [coding.laterality]
         descriptions.append(description)
-    pixels = _pixel_array(volume, kept)
+    sources, pixels, positions = _on_source_frames(volume, _pixel_array(volume, kept))
     seg_type = hd.seg.SegmentationTypeValues.BINARY
     if opts.seg_type == "labelmap":
         if pixels.ndim == 3:
@@ -161,7 +164,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
                         "BINARY", volume.series_instance_uid)
     description = f"{opts.series_description_prefix} SEG {model.name}".strip()[:64]
     seg = hd.seg.Segmentation(
-        source_images=list(volume.source_images), pixel_array=pixels,
+        source_images=sources, pixel_array=pixels, plane_positions=positions,
         segmentation_type=seg_type,
         segment_descriptions=descriptions, series_instance_uid=new_uid(),
         series_number=opts.seg_series_number, sop_instance_uid=new_uid(), instance_number=1,
@@ -171,6 +174,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
         content_creator_name=None, omit_empty_frames=True,
         contributing_equipment=contributing_equipment("AI segmentation", model),
         series_description=description)
+    _keep_volume_frames(seg, volume)
     _laterality(seg, volume.source_images[0])
     LOG.info("SEG (%s) for series %s: %d segment(s), %d frame(s)", seg_type.value,
              volume.series_instance_uid, len(kept), int(seg.NumberOfFrames))
@@ -197,6 +201,79 @@ def _laterality(seg: Dataset, source: Dataset) -> None:
     anatomy.AnatomicRegionSequence = [region]
     anatomy.FrameLaterality = "U"
     seg.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+
+
+def _on_source_frames(volume: Volume, pixels: np.ndarray
+                      ) -> tuple[list[Dataset], np.ndarray, list[hd.PlanePositionSequence] | None]:
+    """The source images, the pixels and (when needed) the plane positions as highdicom
+    takes them.
+
+    Single-frame sources: one plane per source image, as they are. A multi-frame source
+    whose frames are all the volume's: one plane per frame of the image, in frame order
+    (highdicom writes each SEG frame's Derivation Image with its Referenced Frame
+    Number). A multi-frame source with other frames too (temporal positions, echoes):
+    one plane per slice with its position from the frame's functional groups, which
+    highdicom matches to the source frames at that position (see
+    :func:`_keep_volume_frames`).
+
+    Raises
+    ------
+    ValueError
+        If the volume's frames lie in more than one multi-frame instance.
+    """
+    if not volume.source_frame_numbers:
+        return list(volume.source_images), pixels, None
+    instances = volume.source_instances
+    if len(instances) != 1:
+        raise ValueError(f"a SEG references one multi-frame source image, the volume has "
+                         f"{len(instances)}")
+    numbers = np.asarray(volume.source_frame_numbers, dtype=np.intp)
+    if len(numbers) == int(instances[0].NumberOfFrames):
+        return list(instances), _in_frame_order(pixels, numbers), None
+    frames = read_frames(instances[0])
+    positions = [hd.PlanePositionSequence(
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        image_position=frames[f - 1].position) for f in numbers]
+    return list(instances), pixels, positions
+
+
+def _in_frame_order(pixels: np.ndarray, numbers: np.ndarray) -> np.ndarray:
+    """``pixels`` (slice order) in frame order: plane ``f - 1`` is the slice of frame ``f``.
+
+    Frames stored along the slice normal, either way (scanners and highdicom's converter
+    store them so), give a view, not a copy of the label map.
+    """
+    ascending = np.arange(1, len(numbers) + 1)
+    if np.array_equal(numbers, ascending):
+        return pixels
+    if np.array_equal(numbers, ascending[::-1]):
+        return pixels[::-1]
+    out = np.empty_like(pixels)
+    out[numbers - 1] = pixels
+    return out
+
+
+def _keep_volume_frames(seg: Dataset, volume: Volume) -> None:
+    """Leave in each SEG frame's Derivation Image only the volume's own source frame.
+
+    highdicom references every source frame at a SEG frame's position; in a
+    multi-frame image with several temporal positions or echoes those are several
+    frames, of which one was segmented.
+    """
+    source = volume.source_instances[0]
+    if not volume.source_frame_numbers or \
+            len(volume.source_frame_numbers) == int(source.NumberOfFrames):
+        return
+    frames = read_frames(source)
+    chosen = np.array([frames[f - 1].position for f in volume.source_frame_numbers], float)
+    numbers = np.asarray(volume.source_frame_numbers)
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        ipp = np.array(item.PlanePositionSequence[0].ImagePositionPatient, float)
+        frame = int(numbers[np.argmin(np.linalg.norm(chosen - ipp, axis=1))])
+        for derivation in item.get("DerivationImageSequence", []):
+            derivation.SourceImageSequence = [
+                src for src in derivation.SourceImageSequence
+                if int(src.get("ReferencedFrameNumber", frame)) == frame]
 
 
 def _pixel_array(volume: Volume, kept: Sequence[SegmentResult]) -> np.ndarray:

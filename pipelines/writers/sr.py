@@ -96,7 +96,7 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
                             else procedure_reported(volume.source_images[0])),
         imaging_measurements=groups)
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*volume.source_images, seg], content=report,
+        evidence=[*volume.source_instances, seg], content=report,
         series_instance_uid=new_uid(), series_number=opts.sr_series_number,
         sop_instance_uid=new_uid(), instance_number=1, manufacturer=NODE_MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,
@@ -170,10 +170,18 @@ def _referenced_segment(seg: Dataset, number: int, volume: Volume, segment: Segm
     grid_index = np.clip(np.rint(np.asarray(volume.source_grid_positions)), 0,
                          volume.shape[0] - 1).astype(np.intp)
     present = segment.present_slices()[grid_index]
-    sources = [hd.sr.SourceImageForSegmentation(
-        referenced_sop_class_uid=str(src.SOPClassUID),
-        referenced_sop_instance_uid=str(src.SOPInstanceUID))
-        for src, here in zip(volume.source_images, present, strict=True) if here]
+    if volume.source_frame_numbers:  # one multi-frame source: its frames, in slice order
+        frames = [f for f, here in zip(volume.source_frame_numbers, present, strict=True) if here]
+        src = volume.source_instances[0]
+        sources = [hd.sr.SourceImageForSegmentation(
+            referenced_sop_class_uid=str(src.SOPClassUID),
+            referenced_sop_instance_uid=str(src.SOPInstanceUID),
+            referenced_frame_numbers=frames)]
+    else:
+        sources = [hd.sr.SourceImageForSegmentation(
+            referenced_sop_class_uid=str(src.SOPClassUID),
+            referenced_sop_instance_uid=str(src.SOPInstanceUID))
+            for src, here in zip(volume.source_images, present, strict=True) if here]
     return hd.sr.ReferencedSegment(sop_class_uid=str(seg.SOPClassUID),
                                    sop_instance_uid=str(seg.SOPInstanceUID),
                                    segment_number=number, source_images=sources)
@@ -190,6 +198,7 @@ class Outline:
     source_image: Dataset
     points: np.ndarray
     area_mm2: float
+    frame_number: int | None = None
 
 
 def largest_outline(volume: Volume, mask: np.ndarray) -> Outline | None:
@@ -215,9 +224,9 @@ def largest_outline(volume: Volume, mask: np.ndarray) -> Outline | None:
     if not np.allclose(points[0], points[-1]):
         points = np.vstack([points, points[:1]])
     src = volume.source_images[n]
-    dy, dx = (float(v) for v in src.PixelSpacing)
+    dy, dx = volume.spacing_mm[1:]  # the source's Pixel Spacing (rows, columns)
     return Outline(source_image=src, points=points.astype(np.float32),
-                   area_mm2=float(region.sum()) * dx * dy)
+                   area_mm2=float(region.sum()) * dx * dy, frame_number=volume.source_frame(n))
 
 
 def _shoelace(xy: np.ndarray) -> float:
@@ -231,7 +240,9 @@ def _planar_group(outline: Outline, item: Dataset, coding: SegmentCoding,
     """TID 1410 group: the outline as an Image Region and its area, tracked as the segment."""
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline.points,
-        source_image=hd.sr.SourceImageForRegion.from_source_image(outline.source_image))
+        source_image=hd.sr.SourceImageForRegion.from_source_image(
+            outline.source_image, referenced_frame_numbers=None if outline.frame_number is None
+            else [outline.frame_number]))
     area = hd.sr.Measurement(name=codes.SCT.Area, value=round(outline.area_mm2, 1),
                              unit=codes.UCUM.SquareMillimeter, algorithm_id=algorithm)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
