@@ -15,8 +15,9 @@ file that no row names. At start (:func:`recover`) and with
   (``instances.missing_at``: their series say so in ``twin show``) and moves a damaged
   file to quarantine.
 
-Nothing is ever deleted here. The walk uses ``os.scandir`` (about a second per 100,000
-files on a local disk).
+Nothing is ever deleted here. The walk uses ``os.scandir`` and compares text paths
+with the index's (about 0.4 s per 100,000 files on a local disk, the index's paths
+read included; ``benchmarks/archive_scale.py``).
 """
 
 from __future__ import annotations
@@ -74,12 +75,36 @@ def walk_files(root: Path) -> Iterator[Path]:
                 yield Path(entry.path)
 
 
-def data_files(data_dir: Path) -> Iterator[tuple[str, Path]]:
-    """``(kind, path)`` of every file the index should name: ``instance`` under
-    ``archive/``, ``result`` under ``results/`` and ``labels/``."""
-    yield from (("instance", p) for p in walk_files(data_dir / ARCHIVE_DIR))
+def relative_files(data_dir: Path, folder: str) -> Iterator[str]:
+    """The path relative to ``data_dir`` (as the index writes it) of every regular file
+    under ``data_dir/folder``, as text.
+
+    Text, not :class:`~pathlib.Path`: start-up walks every file of the archive, and a
+    ``Path`` and its ``relative_to`` per file cost several times the walk itself (about
+    13 s for 1,000,000 files, where the walk is 3 s; ``benchmarks/archive_scale.py``).
+    """
+    base = os.path.join(data_dir, "")
+    cut = len(base)
+    stack = [base + folder]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except FileNotFoundError:
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    yield entry.path[cut:]
+
+
+def data_files(data_dir: Path) -> Iterator[tuple[str, str]]:
+    """``(kind, path relative to data_dir)`` of every file the index should name:
+    ``instance`` under ``archive/``, ``result`` under ``results/`` and ``labels/``."""
+    yield from (("instance", p) for p in relative_files(data_dir, ARCHIVE_DIR))
     for folder in RESULT_DIRS:
-        yield from (("result", p) for p in walk_files(data_dir / folder))
+        yield from (("result", p) for p in relative_files(data_dir, folder))
 
 
 def read_part10_meta(fh: BinaryIO) -> FileMetaDataset:
@@ -175,9 +200,10 @@ def stray_files(ingest: Ingest, *, skip_recent_s: float = 0.0) -> list[tuple[str
     """
     known = ingest.indexed_paths()
     out = []
-    for kind, path in data_files(ingest.data_dir):
-        if str(path.relative_to(ingest.data_dir)) in known:
+    for kind, rel in data_files(ingest.data_dir):
+        if rel in known:
             continue
+        path = ingest.data_dir / rel
         if skip_recent_s and recently_written(path, skip_recent_s):
             continue
         out.append((kind, path))
