@@ -208,9 +208,24 @@ def _m7_retention(db: sqlite_utils.Database) -> None:
             db.conn.execute(f"UPDATE {table} SET size = ? WHERE id = ?", (size, row_id))  # noqa: S608
 
 
+def _m8_instance_indexes_by_patient_and_current(db: sqlite_utils.Database) -> None:
+    """Issue 23 (an archive of millions): instances by patient, and current instances
+    with their sizes, so that neither ``twin show`` nor ``status``/``/metrics`` reads
+    the whole table (``benchmarks/archive_scale.py``; README, "How the index scales").
+
+    ``instances_patient`` serves a twin's counts and last arrival (it was a scan of
+    every instance row per twin shown) and the moves of a twin merge;
+    ``instances_current_size`` is a covering index for the archive's count and bytes
+    (a scan of a narrow index instead of the table).
+    """
+    db.execute("CREATE INDEX instances_patient ON instances (patient_key, current, received_at)")
+    db.execute("CREATE INDEX instances_current_size ON instances (current, size)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _m1_initial, _m2_ai_results, _m3_labels_and_training_use, _m4_label_tasks,
-    _m5_liberal_acceptance_and_repair, _m6_live_learning, _m7_retention)
+    _m5_liberal_acceptance_and_repair, _m6_live_learning, _m7_retention,
+    _m8_instance_indexes_by_patient_and_current)
 
 
 class IndexStore:
