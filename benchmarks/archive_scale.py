@@ -23,7 +23,9 @@ one, in turns, ``--rounds`` times, and the table gives both, their ratio and the
   exit 0 (a fixture that verify finds wrong is a failed run).
 
 The nodes run with ``workers = 0`` (no inference process loading torch beside the
-measurements on a small machine) and ``listener_processes = 1``.
+measurements on a small machine) and ``listener_processes = 1``; ``/metrics`` and
+ingest are measured ``--settle`` seconds (5) after ``READY=1``, once the stability
+monitor's first pass over every series of the archive is over.
 
 The builder is a BENCHMARK FIXTURE, not a way to fill an archive: it does not send
 anything over the network; it writes the files and the index rows directly, in the
@@ -86,7 +88,7 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage  # noqa: E402
 
 from benchmarks.ingest import (  # noqa: E402
-    _kill_children, _on_signal, _spawn, _stop, _wait_port, send,
+    _kill_children, _on_signal, _spawn, _stop, _wait_port, send, vm_hwm_kib,
 )
 from dicom_node.database import connect, iso, utc_now, write  # noqa: E402
 from dicom_node.jobs import connect_queue  # noqa: E402
@@ -428,6 +430,7 @@ class Context:
     workdir: Path
     ingest_files: dict[int, list[Path]] = field(default_factory=dict)  # associations -> files
     round: int = 1
+    settle_s: float = 5.0  # after READY=1, before /metrics and ingest are measured
     #: (data directory, round) -> the samples of that round's served session
     node_samples: dict[tuple[str, int], dict[str, list[float]]] = field(default_factory=dict)
     verify_output: dict[str, str] = field(default_factory=dict)
@@ -478,8 +481,8 @@ def _node_config(workdir: Path, metrics_port: int) -> Path:
 
 
 @contextmanager
-def running_node(data_dir: Path, workdir: Path) -> Iterator[tuple[int, int, float]]:
-    """``dicom-node serve`` on ``data_dir``: (DICOM port, metrics port, seconds to ready).
+def running_node(data_dir: Path, workdir: Path) -> Iterator[tuple[int, int, float, int]]:
+    """``dicom-node serve`` on ``data_dir``: (DICOM port, metrics port, seconds to ready, pid).
 
     Ready is ``READY=1`` on ``NOTIFY_SOCKET``, as systemd sees it: the listener bound, the
     loop and the metrics endpoint started.
@@ -503,7 +506,7 @@ def running_node(data_dir: Path, workdir: Path) -> Iterator[tuple[int, int, floa
         try:
             ready = _wait_ready(sock, proc, log, t0)
             _wait_port(port, proc)
-            yield port, mport, ready
+            yield port, mport, ready, proc.pid
         finally:
             _stop(proc, timeout=60)
 
@@ -541,8 +544,12 @@ def _node_session(data_dir: Path, ctx: Context) -> dict[str, list[float]]:
     if key in ctx.node_samples:
         return ctx.node_samples[key]
     samples = ctx.node_samples[key] = {}
-    with running_node(data_dir, ctx.workdir) as (port, mport, ready):
+    with running_node(data_dir, ctx.workdir) as (port, mport, ready, pid):
         samples["ready"] = [ready]
+        samples["peak_rss_mib_at_ready"] = [(vm_hwm_kib(pid) or 0) / 1024]
+        # The stability monitor's first pass looks at every series once (about 0.8 s of
+        # the node's CPU at 50,000 series); what follows is measured after it.
+        time.sleep(ctx.settle_s)
         _scrape(mport)  # the first scrape reads every result's timings once
         samples["metrics"] = [_scrape(mport) for _ in range(5)]
         for parallel, files in sorted(ctx.ingest_files.items()):
@@ -815,8 +822,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="where built data directories are kept and reused "
                              "(default /tmp/dn-scale)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--ingest-slices", type=int, default=100,
-                        help="slices (512x512 CT) per ingest series (default 100)")
+    parser.add_argument("--ingest-slices", type=int, default=200,
+                        help="slices (512x512 CT) per ingest series (default 200)")
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds after READY=1 before /metrics and ingest are measured, "
+                             "so the monitor's first pass over every series is not in them "
+                             "(default 5)")
     parser.add_argument("--only", default="",
                         help="comma-separated measurement names (substrings) to run")
     parser.add_argument("--build-only", action="store_true", help="build (or find) and stop")
@@ -845,18 +856,24 @@ def main(argv: list[str] | None = None) -> int:
         "build": info}
     workdir = Path(tempfile.mkdtemp(prefix="scale-run-", dir=args.cache))
     try:
-        ctx = Context(scale=scale, rounds=args.rounds, workdir=workdir)
+        ctx = Context(scale=scale, rounds=args.rounds, workdir=workdir, settle_s=args.settle)
         if any(m.rate for m in MEASUREMENTS) or any("start-up to" in m.name for m in MEASUREMENTS):
             ctx.ingest_files = write_ingest_series(workdir / "series", args.ingest_slices)
         lines = run(built, ctx)
         cond["load_average_at_end"] = "/".join(f"{x:.2f}" for x in os.getloadavg())
         print_table(lines, ctx, cond)
+        for (where, rnd), got in sorted(ctx.node_samples.items()):
+            if got.get("peak_rss_mib_at_ready"):
+                print(f"node peak RSS at ready, round {rnd}, {where}: "
+                      f"{got['peak_rss_mib_at_ready'][0]:.0f} MiB")
         for where, out in ctx.verify_output.items():
             print(f"archive verify of {where}: {out.splitlines()[-1] if out else ''}")
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {"conditions": cond, "scale": asdict(scale),
-                 "lines": [asdict(ln) for ln in lines]}, indent=2))
+                 "lines": [asdict(ln) for ln in lines],
+                 "node_sessions": [{"data_dir": d, "round": r, **got}
+                                   for (d, r), got in ctx.node_samples.items()]}, indent=2))
             print(f"wrote {args.json}")
         return 0 if all(ln.ok is not False for ln in lines) else 1
     finally:
