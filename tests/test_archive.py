@@ -26,6 +26,7 @@ from twin_archive import (
     Archive,
     IncomingInstance,
     InvalidInstanceError,
+    OutOfResourcesError,
     SopClassMismatchError,
     StoreOutcome,
     TwinNotFoundError,
@@ -74,6 +75,20 @@ def test_sop_class_mismatch_is_refused(tmp_path: Path) -> None:
                 transfer_syntax_uid=good.transfer_syntax_uid, sop_class_uid=good.sop_class_uid,
                 sop_instance_uid=good.sop_instance_uid))
         assert archive.twins.instance_count() == 0
+
+
+def test_an_instance_whose_row_cannot_be_committed_leaves_no_file(tmp_path: Path) -> None:
+    """The file written before a failed index commit is removed (looked up by its
+    content's unique index: a scan by path took 0.26 s at 1,000,000 rows)."""
+    with Archive(tmp_path) as archive:
+        kept = archive.ingest.store(incoming(small_ct(instance=1)))
+        archive.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON instances"
+                           " BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        with pytest.raises(OutOfResourcesError, match="cannot commit"):
+            archive.ingest.store(incoming(small_ct(instance=2)))
+        files = sorted(p.relative_to(tmp_path).as_posix()
+                       for p in (tmp_path / "archive").rglob("*.dcm"))
+        assert files == [kept.path]
 
 
 def test_concurrent_stores_of_the_same_instance_index_it_once(tmp_path: Path) -> None:
