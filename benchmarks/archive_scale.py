@@ -84,6 +84,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+import sqlite_utils  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage  # noqa: E402
 
@@ -306,7 +307,7 @@ def _utc(t: float) -> datetime:
     return datetime.fromtimestamp(t, timezone.utc)
 
 
-def _flush(index, queue, rows: _Rows) -> None:  # noqa: ANN001 - sqlite_utils.Database
+def _flush(index: sqlite_utils.Database, queue: sqlite_utils.Database, rows: _Rows) -> None:
     """One transaction in each database for the rows gathered so far."""
     with write(index) as conn:
         conn.executemany(
