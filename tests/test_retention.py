@@ -361,12 +361,19 @@ def test_forget_refuses_while_a_job_of_the_patient_runs(tmp_path: Path) -> None:
 def test_usage_by_kind(tmp_path: Path) -> None:
     with Archive(tmp_path) as archive:
         _series(archive, "U-NON")
-        _series(archive, "U-DON")
+        _series(archive, "U-DON", n=2)
+        _series(archive, "U-HELD", n=4)
         archive.twins.set_consent("U-DON", donate=True, by="dpo")
+        held = archive.twins.find_twin_keys("U-HELD")[0]
+        size = {pid: sum(f.stat().st_size for st in archive.twins.twin(pid).studies
+                         for se in st.series for f in archive.twins.series_files(se.series_uid))
+                for pid in ("U-NON", "U-DON", "U-HELD")}
     with Retention(tmp_path) as store:
+        store.hold(held, by="legal", reason="case 1")
         usage = store.usage()
-    assert usage.donors > 0 and usage.non_donors > 0 and usage.held == 0
-    assert usage.received_last_7d == usage.donors + usage.non_donors
+    assert (usage.non_donors, usage.donors, usage.held) == (
+        size["U-NON"], size["U-DON"], size["U-HELD"])
+    assert usage.received_last_7d == usage.donors + usage.non_donors + usage.held
     connect_queue(tmp_path).conn.close()
     time.sleep(0)
 

@@ -213,12 +213,13 @@ def _m8_instance_indexes_by_patient_and_current(db: sqlite_utils.Database) -> No
     with their sizes, so that neither ``twin show`` nor ``status``/``/metrics`` reads
     the whole table (``benchmarks/archive_scale.py``; README, "How the index scales").
 
-    ``instances_patient`` serves a twin's counts and last arrival (it was a scan of
-    every instance row per twin shown) and the moves of a twin merge;
-    ``instances_current_size`` is a covering index for the archive's count and bytes
-    (a scan of a narrow index instead of the table).
+    ``instances_patient`` serves a twin's counts, last arrival and bytes (it was a scan
+    of every instance row per twin shown; retention's bytes by kind looked each row
+    up) and the moves of a twin merge; ``instances_current_size`` is a covering index
+    for the archive's count and bytes (a scan of a narrow index instead of the table).
     """
-    db.execute("CREATE INDEX instances_patient ON instances (patient_key, current, received_at)")
+    db.execute("CREATE INDEX instances_patient ON instances"
+               " (patient_key, current, received_at, size)")
     db.execute("CREATE INDEX instances_current_size ON instances (current, size)")
 
 
