@@ -17,15 +17,17 @@ one, in turns, ``--rounds`` times, and the table gives both, their ratio and the
   after each round so that it stays at its size;
 * ``twin show``: :meth:`twin_archive.twins.Twins.twin` of a built patient, in-process
   (what ``dicom-node twin show`` asks of the index), and the command's wall time;
-* ``status``: :func:`dicom_node.observability.read_state` (what ``dicom-node status``
-  and ``/metrics`` read from the stores), and the command's wall time;
+* ``status``: what ``dicom-node status`` and ``/metrics`` ask of the stores
+  (:func:`dicom_node.observability.read_state` and :func:`dicom_node.retention.storage`),
+  and the command's wall time;
 * ``archive verify``: ``dicom-node archive verify`` (not ``--deep``), wall time; it must
   exit 0 (a fixture that verify finds wrong is a failed run).
 
 The nodes run with ``workers = 0`` (no inference process loading torch beside the
-measurements on a small machine) and ``listener_processes = 1``; ``/metrics`` and
-ingest are measured ``--settle`` seconds (5) after ``READY=1``, once the stability
-monitor's first pass over every series of the archive is over.
+measurements on a small machine), ``listener_processes = 1`` and a retention that
+keeps the built archive (:data:`NODE_CONFIG`); ``/metrics`` and ingest are measured
+once the start's scheduled prune has planned and ``--settle`` seconds (5) later, when
+the stability monitor's first pass over every series of the archive is over.
 
 The builder is a BENCHMARK FIXTURE, not a way to fill an archive: it does not send
 anything over the network; it writes the files and the index rows directly, in the
