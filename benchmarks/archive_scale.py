@@ -663,6 +663,37 @@ def measure_startup_inprocess(data_dir: Path, ctx: Context) -> list[float]:
     return [time.perf_counter() - t0]
 
 
+#: Instances the prune line removes from the built archive (issue 23: >= 1,000 per second).
+PRUNE_INSTANCES = 100_000
+
+
+@register_measurement("prune 100,000 instances (in-process)", goal_s=PRUNE_INSTANCES / 1000,
+                      mutates=True)
+def measure_prune(data_dir: Path, ctx: Context) -> list[float]:
+    """Retention's crash-safe prune (rows moved, files unlinked and their folders
+    fsynced, rows marked) of the oldest settled non-donor series, up to
+    :data:`PRUNE_INSTANCES` instances; the plan is timed apart (printed)."""
+    from dicom_node.jobs import settled_series
+    from twin_archive.retention import Retention, RetentionPolicy
+
+    t0 = time.perf_counter()
+    settled = settled_series(data_dir)
+    with Retention(data_dir) as store:
+        chosen, n = [], 0
+        for item in store.plan(RetentionPolicy(retention_days=0), settled):
+            if item.kind == "source" and n < PRUNE_INSTANCES:
+                chosen.append(item)
+                n += item.files
+        planned = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        report = store.prune(chosen)
+        took = time.perf_counter() - t1
+    print(f"  prune of {data_dir.name}: plan {planned:.1f} s ({len(settled)} settled series), "
+          f"{report.files} instance(s) of {report.series} series removed in {took:.1f} s "
+          f"({report.files / took if took else 0:.0f} instances/s)", flush=True)
+    return [took]
+
+
 def a_patient(data_dir: Path) -> str:
     """The Patient ID of a built patient in the middle of the archive."""
     index = connect(data_dir / INDEX_NAME, timeout_s=30.0, readonly=True)
