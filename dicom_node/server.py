@@ -196,6 +196,7 @@ class DicomServer:
         else:
             LOG.info("accepting associations only from: %s", ", ".join(s.allowed_calling_aes))
         fast_receive.quiet_standard_handlers()  # before any server or association exists
+        fast_receive.accept_nonconformant_uids()  # both modes: DESIGN decision 2
         one_line_pynetdicom_errors()
         self._server = self._start_server((s.bind_address, s.port), self._listen_socket,
                                           shared=s.listener_processes > 1 or self._in_acceptor)

@@ -491,3 +491,201 @@ def test_large_instance_with_an_element_after_pixel_data_is_parsed_in_bounded_me
         assert grew < 100 << 20, f"resident memory rose by {grew >> 20} MiB"
     assert any(r["sop_instance_uid"] == ds.SOPInstanceUID for r in stored_rows(hostile.data_dir))
     watch.assert_clean()
+
+
+# ------------------------------------------------- issue 28: one answer in both modes
+def _ui(element: int, value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    raw += b"\x00" if len(raw) % 2 else b""
+    return struct.pack("<HHL", 0, element, len(raw)) + raw
+
+
+def _us(element: int, value: int) -> bytes:
+    return struct.pack("<HHLH", 0, element, 2, value)
+
+
+def _store_command(sop_instance: str | bytes | None, *, sop_class: str | None = CTImageStorage,
+                   message_id: int | None = 1) -> bytes:
+    """A C-STORE-RQ command set with these values (None leaves the element out)."""
+    body = b"".join([
+        _ui(0x0002, sop_class) if sop_class is not None else b"",
+        _us(0x0100, 0x0001),
+        _us(0x0110, message_id) if message_id is not None else b"",
+        _us(0x0700, 0),
+        _us(0x0800, 0x0001),
+        _ui(0x1000, sop_instance) if sop_instance is not None else b"",
+    ])
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def _response_status(sock: socket.socket, within: float) -> int | None:
+    """The Status of the first C-STORE-RSP the node sends on ``sock``; None when the node
+    sends an A-ABORT or closes the connection instead."""
+    sock.settimeout(within)
+    data = b""
+    while True:
+        while len(data) < 6 or len(data) < 6 + struct.unpack(">L", data[2:6])[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        pdu_type, length = data[0], struct.unpack(">L", data[2:6])[0]
+        body, data = data[6:6 + length], data[6 + length:]
+        if pdu_type != 0x04:
+            return None  # A-ABORT (0x07) or release
+        command = body[6:]
+        at = 0
+        while at + 8 <= len(command):
+            group, element, size = struct.unpack_from("<HHL", command, at)
+            if (group, element) == (0, 0x0900):
+                return int(struct.unpack_from("<H", command, at + 8)[0])
+            at += 8 + size
+
+
+def _raw_association(node: NodeProcess, *, source: str = "127.0.0.1") -> tuple[socket.socket, dict[str, int]]:
+    """An association made by hand: returns the socket and {abstract syntax: context id}
+    of the contexts the node accepted (CT Image Storage as 1, Verification as 3)."""
+    sock = socket.create_connection(("127.0.0.1", node.port), source_address=(source, 0))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rq = _association_request_with_verification()
+    sock.sendall(rq)
+    sock.settimeout(10)
+    data = b""
+    while len(data) < 6 or len(data) < 6 + struct.unpack(">L", data[2:6])[0]:
+        chunk = sock.recv(65536)
+        assert chunk, "the node closed the connection instead of accepting"
+        data += chunk
+    assert data[0] == 0x02, f"not an A-ASSOCIATE-AC: {data[:16]!r}"
+    return sock, {CTImageStorage: 1, Verification: 3}
+
+
+_RQ_CACHE: dict[str, bytes] = {}
+
+
+def _association_request_with_verification() -> bytes:
+    """A-ASSOCIATE-RQ from pynetdicom with CT Image Storage (context 1) and Verification (3)."""
+    if "rq" not in _RQ_CACHE:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            port = listener.getsockname()[1]
+            ae = AE(ae_title="HOSTILE")
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            ae.add_requested_context(Verification)
+            ae.acse_timeout = 2
+            t = threading.Thread(target=ae.associate, args=("127.0.0.1", port),
+                                 kwargs={"ae_title": "DICOM_NODE"})
+            t.start()
+            conn, _ = listener.accept()
+            conn.settimeout(5)
+            data = b""
+            while len(data) < 6 or len(data) < 6 + struct.unpack(">L", data[2:6])[0]:
+                data += conn.recv(65536)
+            conn.close()
+            t.join()
+        _RQ_CACHE["rq"] = data
+    return _RQ_CACHE["rq"]
+
+
+def _dataset(sop_instance: str) -> bytes:
+    ds = small_ct(patient_id="ODD-UID")
+    ds.SOPInstanceUID = sop_instance
+    return encode(ds, False, True)
+
+
+#: The one table: what the node answers to each broken C-STORE, in both receive modes.
+#: ``abort``: an A-ABORT (or the connection closed) at once, nothing archived.
+BROKEN_STORES = {
+    "no_sop_instance_uid": "abort",
+    "no_sop_class_uid": "abort",
+    "no_message_id": "abort",
+    "data_set_on_another_context": "abort",
+    "command_inside_data_set": "abort",
+    "data_set_without_command": "abort",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_STORES))
+def test_broken_store_gets_the_same_answer_in_both_modes(hostile: NodeProcess, tmp_path: Path,
+                                                         case: str) -> None:
+    watch = _Watch(hostile)
+    uid = "1.2.826.0.1.3680043.8.498.28." + str(time.monotonic_ns())
+    sock, contexts = _raw_association(hostile)
+    ct, echo = contexts[CTImageStorage], contexts[Verification]
+    dataset = _dataset(uid)
+    command = {
+        "no_sop_instance_uid": _store_command(None),
+        "no_sop_class_uid": _store_command(uid, sop_class=None),
+        "no_message_id": _store_command(uid, message_id=None),
+    }.get(case, _store_command(uid))
+    try:
+        if case == "data_set_without_command":
+            sock.sendall(_pdata(ct, 0x02, dataset))
+        else:
+            sock.sendall(_pdata(ct, 0x03, command))
+        if case == "data_set_on_another_context":
+            sock.sendall(_pdata(echo, 0x02, dataset))
+        elif case == "command_inside_data_set":
+            sock.sendall(_pdata(ct, 0x00, dataset[:200]) + _pdata(ct, 0x03, command)
+                         + _pdata(ct, 0x02, dataset[200:]))
+        elif case != "data_set_without_command":
+            sock.sendall(_pdata(ct, 0x02, dataset))
+        start = time.monotonic()
+        status = _response_status(sock, NETWORK_TIMEOUT_S + SLACK_S)
+        took = time.monotonic() - start
+    except TimeoutError:
+        status, took = "no answer", float("inf")
+    finally:
+        sock.close()
+    assert BROKEN_STORES[case] == "abort"
+    assert status is None, f"{case}: answered {status!r} instead of an abort"
+    assert took < NETWORK_TIMEOUT_S, f"{case}: ended after {took:.1f} s, not at once (the idle timeout)"
+    assert not any(r["sop_instance_uid"] == uid for r in stored_rows(hostile.data_dir))
+    log = watch.log()
+    assert "aborted" in log, log
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+@pytest.mark.parametrize("odd", ["65_characters", "nul_inside"])
+def test_odd_uid_in_the_command_set_is_stored_under_a_hashed_name(hostile: NodeProcess, tmp_path: Path,
+                                                                   odd: str) -> None:
+    """DESIGN decision 2: a UID the node cannot use as a name is kept under a hashed one."""
+    watch = _Watch(hostile)
+    stamp = str(time.monotonic_ns())
+    uid = ("1.2.826.0.1.3680043.8.498.28." + stamp + "." + "1" * 64)[:65] if odd == "65_characters" \
+        else "1.2.826.0.1.3680043.8.498.28." + stamp + "\x00" + "7"
+    sock, contexts = _raw_association(hostile)
+    try:
+        sock.sendall(_pdata(contexts[CTImageStorage], 0x03, _store_command(uid))
+                     + _pdata(contexts[CTImageStorage], 0x02, _dataset(uid)))
+        status = _response_status(sock, NETWORK_TIMEOUT_S + SLACK_S)
+    finally:
+        sock.close()
+    assert status == 0x0000, watch.log()
+    rows = [r for r in stored_rows(hostile.data_dir) if r["sop_instance_uid"] == uid]
+    assert len(rows) == 1 and rows[0]["uid_flags"] == "SOPInstanceUID"
+    assert str(rows[0]["path"]).split("/")[-1].startswith("nc-")
+    log = watch.log()
+    assert "Command Data Set Type" not in log and "warnings.warn" not in log, log
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_store_on_the_verification_context_is_refused(hostile: NodeProcess, tmp_path: Path) -> None:
+    """A CT instance sent on the Verification presentation context: refused 0122 (PS3.7
+    C.5.x, SOP Class not supported on that context), never archived."""
+    watch = _Watch(hostile)
+    uid = "1.2.826.0.1.3680043.8.498.28." + str(time.monotonic_ns())
+    sock, contexts = _raw_association(hostile)
+    try:
+        echo = contexts[Verification]
+        sock.sendall(_pdata(echo, 0x03, _store_command(uid)) + _pdata(echo, 0x02, _dataset(uid)))
+        status = _response_status(sock, NETWORK_TIMEOUT_S + SLACK_S)
+    finally:
+        sock.close()
+    assert status == 0x0122, status
+    assert not any(r["sop_instance_uid"] == uid for r in stored_rows(hostile.data_dir))
+    assert "Verification" in watch.log()
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
