@@ -27,6 +27,7 @@ from dicom_node.handlers.association import (
     handle_released,
     handle_requested,
 )
+from dicom_node.handlers.admission import Admission
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
 from dicom_node import bounded_wire, fast_receive
@@ -99,6 +100,8 @@ class DicomServer:
         self.metrics = metrics or NodeMetrics()
         self.audit = audit
         self.ledger = StudyLedger(audit)
+        self.admission = Admission(settings.max_associations, settings.max_associations_per_host,
+                                   self.metrics)
         self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
         self.ae = self._build_ae()
         # The one switch for everything that reaches into pynetdicom (dicom_node/fast_receive).
@@ -118,7 +121,9 @@ class DicomServer:
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
-        ae.maximum_associations = s.max_associations
+        # pynetdicom counts connections whose request has not arrived; the node's own
+        # Admission decides (handlers/admission.py), pynetdicom's count only bounds threads.
+        ae.maximum_associations = s.max_associations + 2 * self.admission.max_pending
         ae.maximum_pdu_size = s.max_pdu_size
         ae.network_timeout = s.network_timeout_s
         ae.acse_timeout = s.acse_timeout_s  # a connection that says nothing is closed after it
@@ -132,7 +137,7 @@ class DicomServer:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingest, self.metrics, self.ledger]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.metrics, self.audit]),
-            (evt.EVT_REQUESTED, handle_requested, [self.metrics, self.audit]),
+            (evt.EVT_REQUESTED, handle_requested, [self.metrics, self.audit, self.admission]),
             (evt.EVT_REJECTED, handle_rejected, [self.metrics, self.audit]),
             (evt.EVT_ABORTED, handle_aborted, [self.metrics]),
             (evt.EVT_RELEASED, handle_released),
@@ -144,6 +149,7 @@ class DicomServer:
     def _connection_opened(self, event: Any) -> None:
         with self._opened_lock:
             self._opened.add(event.assoc)
+        self.admission.opened(getattr(event.assoc.dul.socket, "socket", None), event.assoc)
 
     def reap(self) -> int:
         """Release what ended associations left: spools not handled, open sockets.
@@ -162,6 +168,7 @@ class DicomServer:
             self._opened.difference_update(ended)
         for assoc in ended:
             fast_receive.release_ended(assoc)
+        self.admission.tick()  # a lock-out that refused nothing lately has ended: say so
         return len(ended)
 
     def _reap_forever(self) -> None:
@@ -236,7 +243,8 @@ class DicomServer:
         s = self.settings
         base = _SharedSocketServer if shared else _GuardedServer
         server_class = type(base.__name__, (base,), {
-            "inherited": inherited, "max_pdu": s.max_pdu_size, "read_timeout_s": s.network_timeout_s})
+            "inherited": inherited, "max_pdu": s.max_pdu_size, "read_timeout_s": s.network_timeout_s,
+            "admission": self.admission})
         server = self.ae.make_server(address, evt_handlers=self._handlers(),
                                      ssl_context=self.ssl_context, server_class=server_class)
         thread = threading.Thread(target=server.serve_forever, daemon=True,
@@ -305,20 +313,28 @@ _serving_lock = threading.Lock()
 
 class _GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server whose accepted sockets have bounded reads
-    (:mod:`dicom_node.bounded_wire`; ``socketserver``'s ``get_request`` hook)."""
+    (:mod:`dicom_node.bounded_wire`; ``socketserver``'s ``get_request`` hook), and that
+    closes at once a connection its :class:`Admission` refuses (a peer over its limit of
+    connections without an association request); ``socketserver`` takes the
+    ``OSError`` as a connection that failed to be accepted."""
 
     inherited: socket.socket | None = None
     max_pdu = 0
     read_timeout_s = 60.0
+    admission: Admission | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
         try:
-            return bounded_wire.guard(sock, max_pdu=self.max_pdu,
-                                      timeout_s=self.read_timeout_s), address
+            guarded = bounded_wire.guard(sock, max_pdu=self.max_pdu, timeout_s=self.read_timeout_s)
         except OSError:
             sock.close()
             raise
+        host = str(address[0]) if isinstance(address, tuple) else str(address)
+        if self.admission is not None and not self.admission.connection(guarded, host):
+            guarded.close()
+            raise ConnectionRefusedError(f"connection from {host} refused: lock-out")
+        return guarded, address
 
 
 class _OneLineErrors(logging.Filter):

@@ -11,6 +11,7 @@ receive path (``fast_receive = true``) and once with plain pynetdicom.
 from __future__ import annotations
 
 import os
+from collections import Counter
 import socket
 import struct
 import subprocess
@@ -73,6 +74,16 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _fd_targets(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return sorted(out)
+
+
 def _parts(node: NodeProcess) -> list[Path]:
     tmp = node.data_dir / "tmp"
     return sorted(tmp.glob("*.part")) if tmp.exists() else []
@@ -86,6 +97,7 @@ class _Watch:
         assert node.proc is not None
         self.pid = node.proc.pid
         self.fds = _fds(self.pid)
+        self.fd_targets = _fd_targets(self.pid)
         self.log_offset = node.log_path.stat().st_size
 
     def log(self) -> str:
@@ -94,7 +106,8 @@ class _Watch:
     def assert_clean(self) -> None:
         wait_until(f"the node's descriptors back to {self.fds}",
                    lambda: _fds(self.pid) <= self.fds, 10.0, poll=0.05,
-                   explain=lambda: _fds(self.pid))
+                   explain=lambda: (_fds(self.pid), "new:", sorted((Counter(_fd_targets(self.pid))
+                                                                    - Counter(self.fd_targets)).elements())))
         wait_until("no partial file left", lambda: not _parts(self.node), 10.0, poll=0.05,
                    explain=lambda: _parts(self.node))
         assert "Traceback" not in self.log(), self.log()[-3000:]
@@ -689,3 +702,116 @@ def test_store_on_the_verification_context_is_refused(hostile: NodeProcess, tmp_
     assert "Verification" in watch.log()
     watch.assert_clean()
     watch.assert_still_serves(tmp_path)
+
+
+# -------------------------------------------------------- issue 28 item 4: no lock-out
+LOCKOUT_PER_HOST = 2
+HOSTILE_PEERS = 20
+HOSTILE_FOR_S = 8.0
+
+
+def _hostile_peer(kind: str, rq: bytes, stop: threading.Event, attempts: list[int]) -> None:
+    """One hostile peer from 127.0.0.2, again and again until ``stop``: connect and
+    close, or connect and send half an A-ASSOCIATE-RQ and wait for the node to end it."""
+    while not stop.is_set():
+        try:
+            sock = socket.create_connection(("127.0.0.1", _LOCKOUT_PORT[0]),
+                                            source_address=("127.0.0.2", 0), timeout=5)
+        except OSError:
+            time.sleep(0.05)
+            continue
+        attempts.append(1)
+        try:
+            if kind == "half_request":
+                sock.sendall(rq[:len(rq) // 2])
+                sock.settimeout(0.2)
+                while not stop.is_set():
+                    try:
+                        if not sock.recv(4096):
+                            break
+                    except TimeoutError:
+                        continue
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        time.sleep(0.05)
+
+
+_LOCKOUT_PORT = [0]
+
+
+def _echo_from_normal_sender(port: int) -> bool:
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = 5
+    ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE", bind_address=("127.0.0.1", 0))
+    if not assoc.is_established:
+        return False
+    try:
+        return bool(assoc.send_c_echo().Status == 0)
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("kind", ["connect_close", "half_request"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_receive", "plain"])
+def test_hostile_connections_do_not_lock_out_a_normal_sender(tmp_path: Path, kind: str,
+                                                             fast: bool) -> None:
+    """20 hostile connections from one host, repeated for 8 s, against a node with 4
+    association slots: the normal sender on another address is never refused, the
+    hostile host is, and the journal says when its lock-out started and ended."""
+    from test_operations import _get, _samples  # noqa: PLC0415 - the metrics helpers
+
+    from node_harness import free_port
+
+    mport = free_port()
+    node = NodeProcess(tmp_path / "data", workers=0, env={"MALLOC_ARENA_MAX": "1"}, config=(
+        _config(fast).replace(f"max_associations = {MAX_ASSOCIATIONS}", "max_associations = 4")
+        + f"max_associations_per_host = {LOCKOUT_PER_HOST}\nmetrics_port = {mport}\n")).start()
+    try:
+        _LOCKOUT_PORT[0] = node.port
+        _Watch(node).assert_still_serves(tmp_path)  # the node's lazy connections opened first
+        assert _echo_from_normal_sender(node.port)
+        watch = _Watch(node)
+        stop = threading.Event()
+        attempts: list[int] = []
+        rq = _association_request()
+        peers = [threading.Thread(target=_hostile_peer, args=(kind, rq, stop, attempts))
+                 for _ in range(HOSTILE_PEERS)]
+        for peer in peers:
+            peer.start()
+        outcomes: list[tuple[float, bool]] = []
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < HOSTILE_FOR_S:
+                t0 = time.monotonic()
+                outcomes.append((t0 - start, _echo_from_normal_sender(node.port)))
+                time.sleep(max(0.0, 0.25 - (time.monotonic() - t0)))
+        finally:
+            stop.set()
+            for peer in peers:
+                peer.join(30)
+        refused = [t for t, ok in outcomes if not ok]
+        # The measurement: how long the normal sender was refused (attempts every 0.25 s).
+        print(f"\n{kind}, {'fast' if fast else 'plain'}: {len(attempts)} hostile connections in "
+              f"{HOSTILE_FOR_S:.0f} s; normal sender: {len(outcomes)} associations, "
+              f"{len(refused)} refused (~{len(refused) * 0.25:.2f} s refused)")
+        assert not refused, f"the normal sender was refused at {refused} s"
+        wait_until("the lock-out's end in the log", lambda: "lock-out of 127.0.0.2 ended" in watch.log(),
+                   ACSE_TIMEOUT_S + NETWORK_TIMEOUT_S + SLACK_S, poll=0.1,
+                   explain=lambda: watch.log()[-2000:])
+        log = watch.log()
+        started = [line for line in log.splitlines() if "lock-out of 127.0.0.2 started" in line]
+        print("\n".join(line for line in log.splitlines() if "lock-out" in line))
+        assert 1 <= len(started) <= 3, started
+        assert "lock-out of 127.0.0.1" not in log
+        watch.assert_clean()
+        # After the descriptor count: /metrics opens the stores' read-only connections.
+        m = _samples(_get(f"http://127.0.0.1:{mport}/metrics")[1])
+        assert m[("dicom_node_lockouts_total", ())] >= 1
+        assert m[("dicom_node_associations_total", (("result", "refused"),))] >= 1
+        watch.assert_still_serves(tmp_path)
+    finally:
+        node.stop()
