@@ -191,7 +191,10 @@ class DimseFraming:
                 return
             length, context, control = _PDV_HEADER.unpack(self._header)
             self._header = b""
-            if length < 2 or length - 2 > end - at + pdu_left:
+            if length < 2:
+                raise self.fail(f"a presentation data value of {length} bytes (at least 2: its "
+                                "context ID and control header)")
+            if length - 2 > end - at + pdu_left:
                 raise self.fail("a presentation data value longer than its P-DATA-TF PDU")
             self._fragment_began(context, control)
             self._left = length - 2

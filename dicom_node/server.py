@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -283,26 +284,83 @@ class DicomServer:
                 return
             server.shutdown()
             LOG.info("listener stopped: no new associations")
+            everything = self._in_progress(server)
+            for assoc in everything:  # no request yet: nothing to wait for
+                if assoc.requestor.primitive is None:
+                    _hang_up(assoc)
             deadline = time.monotonic() + grace
-            active = server.active_associations
+            active = self._in_progress(server, requested=True)
             if active:
                 LOG.info("waiting up to %.0f s for %d association(s) in progress", grace, len(active))
             while active and time.monotonic() < deadline:
                 time.sleep(0.05)
-                active = server.active_associations
+                active = self._in_progress(server, requested=True)
             for assoc in active:
                 LOG.warning("aborting association with %s after %.0f s grace: the sender "
                             "re-sends what was not acknowledged",
                             (assoc.requestor.ae_title or "?").strip(), grace)
                 self.ledger.mark(assoc, "aborted at stop")
+                _wake_reads(assoc)  # a read in progress (half a PDU) returns now
                 assoc.abort()
-            for assoc in active:
-                assoc.join(30.0)
+            for assoc in everything:
+                if assoc.requestor.primitive is not None:  # the others wait on a queue (daemons)
+                    assoc.join(5.0)
+                _hang_up(assoc)  # no DUL thread (not a daemon) may outlive the node (issue 28)
             self._server = None
             self._reaper_stop.set()
             self.reap()
         if pool_stop is not None:
             pool_stop.join()
+
+
+    def _in_progress(self, server: ThreadedAssociationServer, *,
+                     requested: bool = False) -> list[Any]:
+        """The server's associations whose threads run (``requested``: those whose
+        association request has arrived), and those the reaper has not seen end."""
+        with self._opened_lock:
+            opened = [a for a in self._opened if a.is_alive() or a.dul.is_alive()]
+        found = {id(a): a for a in [*server.active_associations, *opened]}
+        return [a for a in found.values()
+                if not requested or a.requestor.primitive is not None]
+
+
+#: A-ABORT, source 0 (service user), reason 0: the node stops.
+_A_ABORT_AT_STOP = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x00, 0x00)
+
+
+def _wake_reads(assoc: Any) -> None:
+    """Shut the reading side of the association's socket: a read that waits (half a PDU
+    sent, ``network_timeout_s`` to go) returns at once; sending still works."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+
+def _hang_up(assoc: Any) -> None:
+    """End a connection at stop whatever its threads wait for: an A-ABORT when the
+    association's DUL thread still runs, the socket shut, the DUL thread told to stop
+    and joined. A DUL thread is not a daemon: one left reading a silent peer's socket
+    kept a node that had logged "stopped cleanly" alive until its timeout."""
+    dul = assoc.dul
+    if not dul.is_alive():
+        return
+    sock = getattr(dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(_A_ABORT_AT_STOP)
+        except OSError:
+            pass
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    assoc.is_aborted = True
+    dul.kill_dul()
+    dul.join(5.0)
 
 
 #: How long a process waits per association it serves before accepting another.

@@ -11,6 +11,7 @@ receive path (``fast_receive = true``) and once with plain pynetdicom.
 from __future__ import annotations
 
 import os
+import signal
 from collections import Counter
 import socket
 import struct
@@ -815,3 +816,66 @@ def test_hostile_connections_do_not_lock_out_a_normal_sender(tmp_path: Path, kin
         watch.assert_still_serves(tmp_path)
     finally:
         node.stop()
+
+
+# ------------------------------------------------------ issue 28 item 6: a clean exit
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_receive", "plain"])
+def test_node_exits_after_stopped_cleanly_with_hostile_peers_still_connected(
+        tmp_path: Path, fast: bool) -> None:
+    """SIGTERM while peers hold half-sent requests, half-sent PDUs and silent
+    connections, with the default timeouts (60 s): the node stops within its grace and
+    its process is gone right after "stopped cleanly" (a plain-mode node once lived on,
+    a DUL thread still reading a hostile socket)."""
+    node = NodeProcess(tmp_path / "data", workers=0, config=(
+        f"fast_receive = {'true' if fast else 'false'}\nstop_grace_s = 1\n"
+        "network_timeout_s = 60\nacse_timeout_s = 30\n")).start()
+    rq = _association_request()
+    held: list[socket.socket] = []
+    held_assocs: list[Any] = []
+    try:
+        for _ in range(3):
+            sock = _connect(node)
+            sock.sendall(rq[:len(rq) // 2])  # half a request
+            held.append(sock)
+            held.append(_connect(node))  # says nothing
+        for _ in range(2):
+            assoc = _client(node)
+            # half a PDU: the start of a command fragment of 4090 bytes, 100 of them sent
+            _send_raw(assoc, struct.pack(">BBLLBB", 0x04, 0, 4096, 4090, 1, 0x01) + b"\x00" * 100)
+            held_assocs.append(assoc)
+        time.sleep(0.5)  # the node's threads are in their reads
+        assert node.proc is not None
+        start = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        wait_until("stopped cleanly", lambda: "stopped cleanly" in node.log(), 30.0, poll=0.05)
+        logged = time.monotonic() - start
+        node.proc.wait(10.0)
+        gone = time.monotonic() - start
+        print(f"\n{'fast' if fast else 'plain'}: 'stopped cleanly' after {logged:.1f} s, "
+              f"process gone after {gone:.1f} s")
+        assert logged < 1 + SLACK_S, f"the stop took {logged:.1f} s with a grace of 1 s"
+        assert gone - logged < 3.0, f"the process lived {gone - logged:.1f} s after 'stopped cleanly'"
+        assert node.proc.returncode == 0
+    finally:
+        for sock in held:
+            sock.close()
+        for assoc in held_assocs:
+            assoc.abort()
+        node.kill()
+
+
+def test_sigterm_to_the_whole_process_group_is_a_stop_not_a_worker_death(tmp_path: Path) -> None:
+    """``kill -TERM -<pgid>`` (or a terminal's group signal): the worker dies of the same
+    SIGTERM as the listener; that is the node stopping, not a worker to restart."""
+    node = NodeProcess(tmp_path / "data", workers=1, preexec_fn=os.setsid,
+                       config="stop_grace_s = 1\n").start()
+    try:
+        wait_until("the worker ready", lambda: "ready for jobs" in node.log(), 120.0, poll=0.2)
+        assert node.proc is not None
+        os.killpg(node.proc.pid, signal.SIGTERM)
+        assert node.proc.wait(30.0) == 0
+        log = node.log()
+        assert "stopped cleanly" in log
+        assert " died" not in log and "restarting it" not in log, log[-3000:]
+    finally:
+        node.kill()
