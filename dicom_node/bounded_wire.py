@@ -236,6 +236,10 @@ class DimseFraming:
         self._phase = "data" if has_data_set else "idle"
 
 
+#: The errors a guarded socket raises after logging them itself (one line with the reason).
+LOGGED_REFUSALS = (PduTooLargeError, PduTimeoutError, FramingError)
+
+
 class PduWatch:
     """Follows PDU boundaries in a received byte stream and enforces the limits.
 

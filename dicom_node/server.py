@@ -6,6 +6,7 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -409,7 +410,17 @@ class _OneLineErrors(logging.Filter):
             "malformed PDU received (cannot be decoded); the association is aborted",
     }
 
+    #: pynetdicom's line before ``LOGGER.exception(exc)`` when a read of the socket failed.
+    READ_FAILED = "Connection closed before the entire PDU was received"
+
     def filter(self, record: logging.LogRecord) -> bool:
+        # A read the node's socket refused (bounded_wire) was logged there, with its reason:
+        # pynetdicom's two lines about it (twice: it reads again) add nothing.
+        if isinstance(record.msg, bounded_wire.LOGGED_REFUSALS):
+            return False
+        if record.msg == self.READ_FAILED and isinstance(sys.exc_info()[1],
+                                                         bounded_wire.LOGGED_REFUSALS):
+            return False
         if record.exc_info:
             record.exc_info = None
             record.exc_text = None

@@ -20,6 +20,9 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 # Error: Cannot understand (C000-CFFF). Used for missing/invalid identifying attributes
 # and for a data set that cannot be parsed.
 CANNOT_UNDERSTAND = 0xC000
+# Warning: Data Set does not match SOP Class (B007): stored, but not as its SOP class says
+# (e.g. less Pixel Data than its Rows, Columns and Bits Allocated need).
+WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
 # Warning: Coercion of Data Elements (B000). Not used: the node never coerces.
 COERCION_OF_DATA_ELEMENTS = 0xB000
 

@@ -879,3 +879,40 @@ def test_sigterm_to_the_whole_process_group_is_a_stop_not_a_worker_death(tmp_pat
         assert " died" not in log and "restarting it" not in log, log[-3000:]
     finally:
         node.kill()
+
+
+def test_oversized_association_request_is_logged_once(hostile: NodeProcess, tmp_path: Path) -> None:
+    """Issue 28 item 7: pynetdicom's two lines for the refused read came twice after the
+    node's own line; the node says it once."""
+    watch = _Watch(hostile)
+    sock = _connect(hostile)
+    sock.sendall(struct.pack(">BBL", 0x01, 0, 2 << 20) + b"\x00" * 1000)
+    assert _ended_by_node(sock, NETWORK_TIMEOUT_S + SLACK_S) is not None
+    sock.close()
+    wait_until("the refusal logged", lambda: "2097152" in watch.log(), 5.0, poll=0.05)
+    time.sleep(0.5)  # what pynetdicom would add comes at once
+    lines = [line for line in watch.log().splitlines() if "2097152" in line]
+    assert len(lines) == 1 and "larger than the maximum" in lines[0], lines
+    assert "Connection closed before the entire PDU" not in watch.log()
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)
+
+
+def test_image_with_too_little_pixel_data_is_not_a_plain_success(hostile: NodeProcess,
+                                                                  tmp_path: Path) -> None:
+    """Issue 28 item 7: 512 x 512 x 16 bits need 524288 bytes of Pixel Data; 10 bytes
+    were acknowledged Success. It is kept (a PACS keeps it: DESIGN decision 2) but
+    answered B007 (Warning: data set does not match SOP class) with the reason logged."""
+    watch = _Watch(hostile)
+    ds = small_ct(patient_id="SHORT-PIXELS", size=512)
+    ds.PixelData = b"\x00" * 10
+    assoc = _client(hostile)
+    try:
+        status = _store_raw(assoc, encode(ds, False, True), ds.SOPInstanceUID)
+    finally:
+        assoc.release()
+    assert status == 0xB007, hex(status)
+    log = watch.log()
+    assert "Pixel Data" in log and "524288" in log, log
+    watch.assert_clean()
+    watch.assert_still_serves(tmp_path)

@@ -101,5 +101,9 @@ def handle_store(event: Event, ingest: Ingest, metrics: NodeMetrics,
     metrics.stored(incoming.size, result.outcome.value)
     if ledger is not None:
         ledger.add(event, result.study_uid, incoming.size)
+    if result.warning:
+        LOG.warning("C-STORE from %s (%s) stored with a warning, data set does not match its "
+                    "SOP class: %s", calling_ae, peer, result.warning)
+        return statuses.WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS
     LOG.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling_ae, result.outcome.value)
     return statuses.SUCCESS
