@@ -305,14 +305,13 @@ class DicomServer:
                 assoc.abort()
             for assoc in everything:
                 if assoc.requestor.primitive is not None:  # the others wait on a queue (daemons)
-                    assoc.join(5.0)
+                    assoc.join(30.0)  # a handler in its durable write finishes it first
                 _hang_up(assoc)  # no DUL thread (not a daemon) may outlive the node (issue 28)
             self._server = None
             self._reaper_stop.set()
             self.reap()
         if pool_stop is not None:
             pool_stop.join()
-
 
     def _in_progress(self, server: ThreadedAssociationServer, *,
                      requested: bool = False) -> list[Any]:

@@ -186,6 +186,7 @@ class Admission:
         many are still on (called twice a second by the server's reaper)."""
         now = self._clock()
         with self._lock:
+            self._count("", admitted=False)  # forget ended connections (and their buffers)
             ended = [(k, v) for k, v in self._lockouts.items() if now - v.last >= LOCKOUT_QUIET_S]
             for key, _ in ended:
                 del self._lockouts[key]
