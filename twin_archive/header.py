@@ -150,6 +150,7 @@ def _scan(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool,
         elif end != size:
             return None
         fields = _fields(ds)
+        pixel_problem = pixel_shortfall(ds, stop[0][1]) if native and native[0] else ""
     except Exception:  # noqa: BLE001 - the full parse reports it properly
         return None
     elements = ds._dict  # noqa: SLF001
@@ -157,7 +158,7 @@ def _scan(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool,
         fields=fields,
         has_pixels=bool(stop),
         has_rows_columns=_ROWS in elements and _COLUMNS in elements,
-        pixel_problem=pixel_shortfall(ds, stop[0][1]) if native and native[0] else "",
+        pixel_problem=pixel_problem,
     )
 
 
@@ -166,14 +167,16 @@ def pixel_shortfall(ds: Dataset, length: int) -> str:
     header, read up to the pixel data), or "".
 
     Rows x Columns x Samples per Pixel x Number of Frames x Bits Allocated / 8 bytes
-    (PS3.5 8.1.1; two thirds of it for YBR_FULL_422); encapsulated pixel data (undefined length), Float/Double Float Pixel
-    Data and images missing those attributes are not judged here.
+    (PS3.5 8.1.1; two thirds of it for YBR_FULL_422). Encapsulated pixel data (undefined
+    length), Float/Double Float Pixel Data, images missing those attributes, and data
+    sets that take the full parse (elements after the pixel data, deflated) are not
+    judged here.
     """
     try:
         rows, columns, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, OverflowError):
         return ""
     needed = (rows * columns * samples * frames * bits + 7) // 8
     if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
