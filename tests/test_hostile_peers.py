@@ -519,14 +519,14 @@ def _us(element: int, value: int) -> bytes:
 
 
 def _store_command(sop_instance: str | bytes | None, *, sop_class: str | None = CTImageStorage,
-                   message_id: int | None = 1) -> bytes:
+                   message_id: int | None = 1, data_set_type: int = 0x0001) -> bytes:
     """A C-STORE-RQ command set with these values (None leaves the element out)."""
     body = b"".join([
         _ui(0x0002, sop_class) if sop_class is not None else b"",
         _us(0x0100, 0x0001),
         _us(0x0110, message_id) if message_id is not None else b"",
         _us(0x0700, 0),
-        _us(0x0800, 0x0001),
+        _us(0x0800, data_set_type),
         _ui(0x1000, sop_instance) if sop_instance is not None else b"",
     ])
     return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
@@ -671,7 +671,9 @@ def test_odd_uid_in_the_command_set_is_stored_under_a_hashed_name(hostile: NodeP
         else "1.2.826.0.1.3680043.8.498.28." + stamp + "\x00" + "7"
     sock, contexts = _raw_association(hostile)
     try:
-        sock.sendall(_pdata(contexts[CTImageStorage], 0x03, _store_command(uid))
+        # Command Data Set Type 0000 (a data set follows: any value but 0101) was once
+        # taken for a missing one, the wrong reason the log gave for these aborts.
+        sock.sendall(_pdata(contexts[CTImageStorage], 0x03, _store_command(uid, data_set_type=0))
                      + _pdata(contexts[CTImageStorage], 0x02, _dataset(uid)))
         status = _response_status(sock, NETWORK_TIMEOUT_S + SLACK_S)
     finally:
