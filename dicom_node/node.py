@@ -243,7 +243,9 @@ class Node:
 
     def stopping(self) -> None:
         """Called from the signal handler, before :meth:`stop`: the workers are not
-        restarted from now on (a signal to the whole process group reaches them too)."""
+        restarted from now on, and an acceptor process that exits is not a surprise (a
+        signal to the whole process group reaches them too)."""
+        self.server.stopping()
         self.loop.workers.stopping()
 
     def stop(self) -> None:

@@ -262,6 +262,13 @@ class DicomServer:
         if self._pool is not None:
             self._pool.set_allowed_calling_aes(titles)
 
+    def stopping(self) -> None:
+        """Called from the node's signal handler before :meth:`stop` (see
+        :meth:`dicom_node.acceptor.AcceptorPool.stopping`)."""
+        pool = self._pool
+        if pool is not None:
+            pool.stopping()
+
     def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting associations; let those in progress finish, then abort the rest.
 

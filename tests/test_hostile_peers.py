@@ -867,10 +867,11 @@ def test_node_exits_after_stopped_cleanly_with_hostile_peers_still_connected(
 
 
 def test_sigterm_to_the_whole_process_group_is_a_stop_not_a_worker_death(tmp_path: Path) -> None:
-    """``kill -TERM -<pgid>`` (or a terminal's group signal): the worker dies of the same
-    SIGTERM as the listener; that is the node stopping, not a worker to restart."""
+    """``kill -TERM -<pgid>`` (or a terminal's group signal): the worker and the extra
+    acceptor process get the same SIGTERM as the listener; that is the node stopping,
+    not a worker to restart nor an acceptor that "ended unexpectedly"."""
     node = NodeProcess(tmp_path / "data", workers=1, preexec_fn=os.setsid,
-                       config="stop_grace_s = 1\n").start()
+                       config="stop_grace_s = 1\nlistener_processes = 2\n").start()
     try:
         wait_until("the worker ready", lambda: "ready for jobs" in node.log(), 120.0, poll=0.2)
         assert node.proc is not None
@@ -879,6 +880,7 @@ def test_sigterm_to_the_whole_process_group_is_a_stop_not_a_worker_death(tmp_pat
         log = node.log()
         assert "stopped cleanly" in log
         assert " died" not in log and "restarting it" not in log, log[-3000:]
+        assert "ended unexpectedly" not in log, log[-3000:]
     finally:
         node.kill()
 
