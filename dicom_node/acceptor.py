@@ -143,6 +143,11 @@ class AcceptorPool:
         """Acceptor processes running."""
         return sum(1 for c in self._children if c.proc.poll() is None)
 
+    def stopping(self) -> None:
+        """The node is stopping (its signal handler): an acceptor that exits from now on
+        went with it (a SIGTERM to the whole process group), not unexpectedly."""
+        self._stopping = True
+
     def stop(self, grace_s: float) -> None:
         """Drain and stop every acceptor (in parallel); return when all have exited."""
         self._stopping = True

@@ -19,6 +19,16 @@ socket classes with ``recv``/``recv_into`` watching the PDU stream as it passes
   its header arrives: the node sends an A-ABORT (invalid PDU parameter value), logs
   why and ends the read with ``ConnectionAbortedError``.
 
+* the presentation data values of P-DATA-TF PDUs must frame DIMSE messages as PS3.7
+  and PS3.8 say (:class:`DimseFraming`): a command set, whole, then its data set on
+  the same presentation context when the command announces one; a C-STORE-RQ command
+  set must carry its Message ID, Affected SOP Class UID and Affected SOP Instance UID.
+  A data set fragment on another context than its command, a command fragment inside
+  a data set, a data set without a command, or a command set missing those elements is
+  answered with an A-ABORT at once, the reason logged, in both receive modes alike
+  (plain pynetdicom ignored the command without its UIDs and archived the data set on
+  the wrong context; the fast path aborted: one rule here makes one answer).
+
 pynetdicom (and the fast path) meet those as a broken connection (``OSError``): the
 association ends, its thread and slot are freed, and the data set it was receiving is
 discarded, never acknowledged. Nothing here reads a private name of pynetdicom: the
@@ -63,6 +73,173 @@ class PduTimeoutError(TimeoutError):
                          f"for {timeout_s:g} s (network_timeout_s)")
 
 
+class FramingError(ConnectionAbortedError):
+    """The peer's presentation data values do not frame DIMSE messages (PS3.7, PS3.8 E)."""
+
+    def __init__(self, peer: str, what: str) -> None:
+        super().__init__(f"{peer} sent {what}")
+
+
+#: Longest command set taken, bytes (a real one is under 200).
+MAX_COMMAND_SET = 1 << 16
+#: Command Field of C-STORE-RQ and C-CANCEL-RQ (PS3.7 E.1); the response bit.
+_C_STORE_RQ, _C_CANCEL_RQ, _RESPONSE = 0x0001, 0x0FFF, 0x8000
+#: Command Data Set Type when no data set follows (PS3.7 E.1).
+_NO_DATA_SET = 0x0101
+_PDV_HEADER = struct.Struct(">LBB")
+_ELEMENT = struct.Struct("<HHL")
+
+
+def command_set_problem(raw: bytes) -> tuple[str | None, bool]:
+    """What is missing from a whole command set, and whether a data set follows it.
+
+    Returns
+    -------
+    problem : str or None
+        Why the command set cannot be served (the words of the log), or None.
+    has_data_set : bool
+        True when its Command Data Set Type announces a data set.
+    """
+    values: dict[int, bytes] = {}
+    at, end = 0, len(raw)
+    while at < end:
+        if at + 8 > end:
+            return "a command set that ends inside an element header", False
+        group, element, length = _ELEMENT.unpack_from(raw, at)
+        at += 8
+        if group != 0 or length > end - at:
+            return "a command set with an element outside group 0000 or past its end", False
+        values[element] = raw[at:at + length]
+        at += length
+    field, data_set_type = values.get(0x0100, b""), values.get(0x0800, b"")
+    if len(field) != 2 or len(data_set_type) != 2:
+        return "a command set without Command Field or Command Data Set Type", False
+    command = int.from_bytes(field, "little")
+    has_data_set = int.from_bytes(data_set_type, "little") != _NO_DATA_SET
+    if not command & _RESPONSE and command != _C_CANCEL_RQ and len(values.get(0x0110, b"")) != 2:
+        return "a request without Message ID", has_data_set
+    if command == _C_STORE_RQ:
+        for element, name in ((0x0002, "Affected SOP Class UID"),
+                              (0x1000, "Affected SOP Instance UID")):
+            if not values.get(element, b"").rstrip(b"\x00 "):
+                return f"a C-STORE request without {name}", has_data_set
+        if not has_data_set:
+            return "a C-STORE request without a data set", False
+    return None, has_data_set
+
+
+class DimseFraming:
+    """Follows the presentation data values of P-DATA-TF PDUs, fed their bodies in pieces.
+
+    Parameters
+    ----------
+    peer : str
+        ``address:port``, for the error.
+    """
+
+    __slots__ = ("peer", "_header", "_left", "_command", "_context", "_phase", "_last")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self._header = b""  # a PDV header in progress
+        self._left = 0  # bytes of the current PDV's data not seen yet
+        self._command = bytearray()
+        self._context = 0  # the context of the message in progress
+        self._phase = "idle"  # idle (a command next), command, data
+        self._last = False  # the current PDV is the message part's last fragment
+
+    def fail(self, what: str) -> FramingError:
+        return FramingError(self.peer, what)
+
+    def pdu_ended(self) -> None:
+        """A P-DATA-TF PDU ended; a PDV may not run past it.
+
+        Raises
+        ------
+        FramingError
+            A presentation data value was cut by the end of its PDU.
+        """
+        if self._header or self._left:
+            raise self.fail("a presentation data value longer than its P-DATA-TF PDU")
+
+    def feed(self, data: Any, pdu_left: int) -> None:
+        """Account for ``data``, part of a P-DATA-TF PDU's body after which ``pdu_left``
+        bytes of that PDU remain.
+
+        Raises
+        ------
+        FramingError
+            The values do not frame DIMSE messages (see the module docstring).
+        """
+        at, end = 0, len(data)
+        while at < end:
+            if self._left:
+                take = min(self._left, end - at)
+                if self._phase == "command":
+                    if len(self._command) + take > MAX_COMMAND_SET:
+                        raise self.fail(f"a command set longer than {MAX_COMMAND_SET} bytes")
+                    self._command += data[at:at + take]
+                self._left -= take
+                at += take
+                if not self._left:
+                    self._fragment_ended()
+                continue
+            need = 6 - len(self._header)
+            self._header += bytes(data[at:at + need])
+            at += need
+            if len(self._header) < 6:
+                return
+            length, context, control = _PDV_HEADER.unpack(self._header)
+            self._header = b""
+            if length < 2:
+                raise self.fail(f"a presentation data value of {length} bytes (at least 2: its "
+                                "context ID and control header)")
+            if length - 2 > end - at + pdu_left:
+                raise self.fail("a presentation data value longer than its P-DATA-TF PDU")
+            self._fragment_began(context, control)
+            self._left = length - 2
+            if not self._left:
+                self._fragment_ended()
+
+    def _fragment_began(self, context: int, control: int) -> None:
+        is_command = bool(control & 0x01)
+        self._last = bool(control & 0x02)
+        if self._phase == "data":
+            if is_command:
+                raise self.fail(f"a command fragment inside a data set (context {self._context})")
+            if context != self._context:
+                raise self.fail(f"a data set fragment on presentation context {context}, its "
+                                f"command on {self._context}")
+        elif self._phase == "command":
+            if not is_command:
+                raise self.fail("a data set fragment before its command set ended")
+            if context != self._context:
+                raise self.fail(f"command fragments on presentation contexts {self._context} "
+                                f"and {context}")
+        elif not is_command:
+            raise self.fail(f"a data set fragment on presentation context {context} without "
+                            "a command")
+        else:
+            self._phase, self._context = "command", context
+            self._command.clear()
+
+    def _fragment_ended(self) -> None:
+        if not self._last:
+            return
+        if self._phase == "data":
+            self._phase = "idle"
+            return
+        problem, has_data_set = command_set_problem(bytes(self._command))
+        self._command.clear()
+        if problem is not None:
+            raise self.fail(problem)
+        self._phase = "data" if has_data_set else "idle"
+
+
+#: The errors a guarded socket raises after logging them itself (one line with the reason).
+LOGGED_REFUSALS = (PduTooLargeError, PduTimeoutError, FramingError)
+
+
 class PduWatch:
     """Follows PDU boundaries in a received byte stream and enforces the limits.
 
@@ -76,7 +253,8 @@ class PduWatch:
         Seconds a PDU may take from its first byte to its last.
     """
 
-    __slots__ = ("peer", "max_pdu", "timeout_s", "_header", "_left", "_length", "_deadline")
+    __slots__ = ("peer", "max_pdu", "timeout_s", "_header", "_left", "_length", "_deadline",
+                 "_framing", "_data")
 
     def __init__(self, peer: str, max_pdu: int, timeout_s: float) -> None:
         self.peer = peer
@@ -86,6 +264,8 @@ class PduWatch:
         self._left = 0
         self._length = 0
         self._deadline: float | None = None
+        self._framing = DimseFraming(peer)
+        self._data = False  # the current PDU is a P-DATA-TF
 
     def wait_s(self) -> float:
         """How long the next read may wait; raises when the current PDU is overdue.
@@ -118,15 +298,21 @@ class PduWatch:
         ------
         PduTooLargeError
             A PDU header declares more than the limit.
+        FramingError
+            A P-DATA-TF PDU's values do not frame DIMSE messages.
         """
         at, end = 0, len(data)
         while at < end:
             if self._left:
                 take = min(self._left, end - at)
                 self._left -= take
+                if self._data:
+                    self._framing.feed(data[at:at + take], self._left)
                 at += take
                 if not self._left:
                     self._deadline = None
+                    if self._data:
+                        self._framing.pdu_ended()
                 continue
             if self._deadline is None:
                 self._deadline = time.monotonic() + self.timeout_s
@@ -142,6 +328,7 @@ class PduWatch:
                 kind = "P-DATA-TF" if pdu_type == _P_DATA_TF else f"type 0x{pdu_type:02X}"
                 raise PduTooLargeError(self.peer, kind, length, limit)
             self._length = self._left = length
+            self._data = pdu_type == _P_DATA_TF
             if not length:
                 self._deadline = None
 
@@ -173,7 +360,7 @@ class _Bounded:
     def _after(self, watch: PduWatch, data: Any) -> None:
         try:
             watch.received(data)
-        except PduTooLargeError as exc:
+        except (PduTooLargeError, FramingError) as exc:
             self._fail(exc)
         if not watch.in_pdu():
             self.settimeout(watch.timeout_s)  # type: ignore[attr-defined]
@@ -183,7 +370,7 @@ class _Bounded:
         if self._failed is None:
             self._failed = exc
             LOG.warning("association with %s aborted: %s", self.watch.peer if self.watch else "?", exc)
-            if isinstance(exc, PduTooLargeError):
+            if isinstance(exc, (PduTooLargeError, FramingError)):
                 try:
                     self.settimeout(1.0)  # type: ignore[attr-defined]
                     self.sendall(A_ABORT_INVALID_PARAMETER)  # type: ignore[attr-defined]

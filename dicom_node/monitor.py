@@ -24,6 +24,14 @@ Decisions, each logged once per series state:
   :mod:`dicom_node.tasks`), so one CT may get a job of several tasks;
 * ``label``: a radiologist's SEG (not ours) referencing an archived series became that
   series' label (:mod:`dicom_node.label_intake`); SEGs never become jobs.
+
+An instance file that is gone from disk (or is no DICOM file) does not stop a series:
+it is decided on the instances that can be read, and its reason says how many could
+not (``archive verify --repair`` marks such instances MISSING). A series none of whose
+files can be read, or whose files cannot be read for another reason (permissions, an
+I/O error), is set aside: one WARNING line when that starts, one INFO line when its
+files can be read again and it is decided; the passes in between try it again quietly
+(a missing file once logged an ERROR every second, forever: issue 28).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.database import iso, utc_now, write
+from dicom_node.errors import DicomNodeError
 from dicom_node.faults import StateLog
 from dicom_node.jobs import JobQueue, connect_queue
 from dicom_node.label_intake import IntakeDecision
@@ -72,6 +81,31 @@ class SeriesDecision:
 def read_headers(paths: Sequence[Path]) -> list[Dataset]:
     """Headers (no pixel data) of the instance files of one series."""
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+def read_available_headers(paths: Sequence[Path]) -> tuple[list[Dataset], list[str]]:
+    """Headers of the files that can be read, and why each of the others cannot.
+
+    A file that is gone or is not DICOM is skipped; any other ``OSError`` (permissions,
+    I/O) is raised, as it may pass.
+    """
+    headers, unreadable = [], []
+    for path in paths:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except FileNotFoundError:
+            unreadable.append(f"{path.name}: missing")
+        except pydicom.errors.InvalidDicomError as exc:
+            unreadable.append(f"{path.name}: {exc}")
+    return headers, unreadable
+
+
+class SeriesUnreadableError(DicomNodeError, OSError):
+    """None of a series' instance files can be read."""
+
+    def __init__(self, series_uid: str, count: int, first: str) -> None:
+        super().__init__(f"none of its {count} instance file(s) can be read ({first})")
+        self.series_uid = series_uid
 
 
 class StabilityMonitor:
@@ -112,6 +146,7 @@ class StabilityMonitor:
         self._db = connect_queue(archive.data_dir)  # its own: monitored_series
         self._conn = self._db.conn
         self._since: str | None = None  # where the next pass looks from (None: everything)
+        self._set_aside: dict[str, str] = {}  # series UID -> why it cannot be decided yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -144,17 +179,31 @@ class StabilityMonitor:
                 out.append(self._decide(row))
             except (OSError, pydicom.errors.InvalidDicomError) as exc:
                 unread.append(row.last_received)
-                LOG.error("series %s: cannot read its instances to decide on it (%s); "
-                          "will try again", row.series_uid, exc)
+                self._setting_aside(row.series_uid, str(exc))
+                continue
+            why = self._set_aside.pop(row.series_uid, None)
+            if why is not None:
+                LOG.info("series %s: its instances can be read again (set aside for: %s); "
+                         "decided", row.series_uid, why)
         self._since = min([iso(now - timedelta(seconds=self.stable_after_s + LOOKBACK_S)),
                            *unread])
         return out
+
+    def _setting_aside(self, uid: str, why: str) -> None:
+        """Log a series set aside once per reason; the passes after it retry quietly."""
+        if self._set_aside.get(uid) == why:
+            LOG.debug("series %s still set aside: %s", uid, why)
+            return
+        self._set_aside[uid] = why
+        LOG.warning("series %s set aside, not decided: %s; tried again quietly at each pass "
+                    "and said here once it can be read", uid, why)
 
     def _decide(self, row: QuietSeries) -> SeriesDecision:
         uid, last = row.series_uid, row.last_received
         modality = row.modality.upper()
         files = self.archive.twins.series_files(uid)
         job_ids: list[int] = []
+        count = len(files)
         if modality == "SEG" and files and self.label_intake is not None:
             intake = self.label_intake(files)  # never a job: a label, or left alone
             decision, reason = intake.decision, intake.reason
@@ -163,47 +212,58 @@ class StabilityMonitor:
         elif not files:
             decision, reason = "ignored", "no current instances"
         else:
-            headers = read_headers(files)
-            if any(is_node_output(ds) for ds in headers):
-                decision, reason = "ignored", "produced by this node; never inferred on"
-            elif any(str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX)
-                     for ds in headers):
-                decision, reason = "ignored", "secondary capture; never inferred on"
-            else:
-                reasons = []
-                for spec in self.tasks:  # one tuple, replaced whole by set_tasks
-                    if not spec.enabled:
-                        continue
-                    verdict = matches(spec.rules, headers)
-                    if not verdict.matched:
-                        reasons.append(verdict.reason)
-                        continue
-                    job = self.jobs.enqueue(
-                        series_uid=uid, study_uid=row.study_uid, patient_key=row.patient_key,
-                        task=spec.task, series_last_received=last, instances=len(files))
-                    if job is not None:
-                        job_ids.append(job.id)
-                    reasons.append(verdict.reason)
-                if job_ids:
-                    decision, reason = "queued", "; ".join(reasons)
-                elif any("matched" in r for r in reasons):
-                    decision, reason = "queued", "job already queued"
-                else:
-                    decision, reason = "no-pipeline", "; ".join(reasons) or "no task enabled"
+            headers, unreadable = read_available_headers(files)
+            if not headers:
+                raise SeriesUnreadableError(uid, len(files), unreadable[0])
+            decision, reason = self._decide_images(row, headers, job_ids)
+            count = len(headers)
+            if unreadable:
+                reason += (f" (decided on the {len(headers)} of {len(files)} instance(s) that can "
+                           f"be read; {len(unreadable)} cannot: {unreadable[0]})")
+                LOG.warning("series %s: %d of its %d instance file(s) cannot be read (%s); "
+                            "decided on the others", uid, len(unreadable), len(files), unreadable[0])
         reopened = self._record(uid, last, decision, reason)
         if decision == "queued":
             LOG.info("series %s quiet for %.0f s with %d instance(s)%s: job(s) %s queued",
-                     uid, self.stable_after_s, len(files),
+                     uid, self.stable_after_s, count,
                      " (re-opened by later instances; the new result will supersede the old)"
                      if reopened else "", ", ".join(map(str, job_ids)) or "-")
         elif decision == "label":
-            LOG.info("series %s (SEG, %d instance(s)) taken as label(s): %s", uid, len(files),
-                     reason)
+            LOG.info("series %s (SEG, %d instance(s)) taken as label(s): %s", uid, count, reason)
         else:
             LOG.info("series %s (%s, %d instance(s)) left alone: %s", uid, modality or "?",
-                     len(files), reason)
+                     count, reason)
         return SeriesDecision(series_uid=uid, last_received=last, decision=decision,
                               reason=reason, job_ids=tuple(job_ids))
+
+    def _decide_images(self, row: QuietSeries, headers: Sequence[Dataset],
+                       job_ids: list[int]) -> tuple[str, str]:
+        """Decision and reason for an image series from its readable headers; the ids of
+        the jobs queued are added to ``job_ids``."""
+        if any(is_node_output(ds) for ds in headers):
+            return "ignored", "produced by this node; never inferred on"
+        if any(str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX)
+               for ds in headers):
+            return "ignored", "secondary capture; never inferred on"
+        reasons = []
+        for spec in self.tasks:  # one tuple, replaced whole by set_tasks
+            if not spec.enabled:
+                continue
+            verdict = matches(spec.rules, headers)
+            if not verdict.matched:
+                reasons.append(verdict.reason)
+                continue
+            job = self.jobs.enqueue(
+                series_uid=row.series_uid, study_uid=row.study_uid, patient_key=row.patient_key,
+                task=spec.task, series_last_received=row.last_received, instances=len(headers))
+            if job is not None:
+                job_ids.append(job.id)
+            reasons.append(verdict.reason)
+        if job_ids:
+            return "queued", "; ".join(reasons)
+        if any("matched" in r for r in reasons):
+            return "queued", "job already queued"
+        return "no-pipeline", "; ".join(reasons) or "no task enabled"
 
     def _record(self, uid: str, last: str, decision: str, reason: str) -> bool:
         """Remember the decision; return whether the series had been decided before."""

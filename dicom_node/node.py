@@ -253,6 +253,13 @@ class Node:
                         ", ".join(restart))
         return restart
 
+    def stopping(self) -> None:
+        """Called from the signal handler, before :meth:`stop`: the workers are not
+        restarted from now on, and an acceptor process that exits is not a surprise (a
+        signal to the whole process group reaches them too)."""
+        self.server.stopping()
+        self.loop.workers.stopping()
+
     def stop(self) -> None:
         """Stop in order (listener, loop, metrics); leave queues for the next start."""
         self.notifier.notify(STOPPING=1, STATUS="stopping: finishing associations in progress")

@@ -234,14 +234,20 @@ class NodeCollector(Collector):
         yield size
         failed = CounterMetricFamily("dicom_node_store_failures", "C-STORE requests refused",
                                      labels=["reason"])
-        for reason in ("cannot_understand", "sop_class_mismatch", "out_of_resources"):
+        for reason in ("cannot_understand", "sop_class_mismatch", "out_of_resources",
+                       "context_mismatch"):
             failed.add_metric([reason], counts.get(f"store_failed_{reason}", 0))
         yield failed
         assocs = CounterMetricFamily("dicom_node_associations",
                                      "Associations by what became of them", labels=["result"])
-        for what in ("accepted", "rejected", "aborted"):
+        for what in ("accepted", "rejected", "aborted", "refused"):  # refused: closed at accept
             assocs.add_metric([what], counts.get(f"associations_{what}", 0))
         yield assocs
+        lockouts = CounterMetricFamily("dicom_node_lockouts",
+                                       "Lock-outs started: a peer address, or every peer, refused "
+                                       "(dicom_node/handlers/admission.py)")
+        lockouts.add_metric([], counts.get("associations_lockouts", 0))
+        yield lockouts
         if self.workers is not None:
             now = self.workers()
             by_state = GaugeMetricFamily("dicom_node_workers", "Inference worker processes by state",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from dicom_node.handlers.association import (
     handle_released,
     handle_requested,
 )
+from dicom_node.handlers.admission import Admission
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
 from dicom_node import bounded_wire, fast_receive
@@ -99,6 +102,8 @@ class DicomServer:
         self.metrics = metrics or NodeMetrics()
         self.audit = audit
         self.ledger = StudyLedger(audit)
+        self.admission = Admission(settings.max_associations, settings.max_associations_per_host,
+                                   self.metrics)
         self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
         self.ae = self._build_ae()
         # The one switch for everything that reaches into pynetdicom (dicom_node/fast_receive).
@@ -118,7 +123,9 @@ class DicomServer:
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
-        ae.maximum_associations = s.max_associations
+        # pynetdicom counts connections whose request has not arrived; the node's own
+        # Admission decides (handlers/admission.py), pynetdicom's count only bounds threads.
+        ae.maximum_associations = s.max_associations + 2 * self.admission.max_pending
         ae.maximum_pdu_size = s.max_pdu_size
         ae.network_timeout = s.network_timeout_s
         ae.acse_timeout = s.acse_timeout_s  # a connection that says nothing is closed after it
@@ -132,7 +139,7 @@ class DicomServer:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingest, self.metrics, self.ledger]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.metrics, self.audit]),
-            (evt.EVT_REQUESTED, handle_requested, [self.metrics, self.audit]),
+            (evt.EVT_REQUESTED, handle_requested, [self.metrics, self.audit, self.admission]),
             (evt.EVT_REJECTED, handle_rejected, [self.metrics, self.audit]),
             (evt.EVT_ABORTED, handle_aborted, [self.metrics]),
             (evt.EVT_RELEASED, handle_released),
@@ -144,6 +151,7 @@ class DicomServer:
     def _connection_opened(self, event: Any) -> None:
         with self._opened_lock:
             self._opened.add(event.assoc)
+        self.admission.opened(getattr(event.assoc.dul.socket, "socket", None), event.assoc)
 
     def reap(self) -> int:
         """Release what ended associations left: spools not handled, open sockets.
@@ -162,6 +170,7 @@ class DicomServer:
             self._opened.difference_update(ended)
         for assoc in ended:
             fast_receive.release_ended(assoc)
+        self.admission.tick()  # a lock-out that refused nothing lately has ended: say so
         return len(ended)
 
     def _reap_forever(self) -> None:
@@ -196,6 +205,7 @@ class DicomServer:
         else:
             LOG.info("accepting associations only from: %s", ", ".join(s.allowed_calling_aes))
         fast_receive.quiet_standard_handlers()  # before any server or association exists
+        fast_receive.accept_nonconformant_uids()  # both modes: DESIGN decision 2
         one_line_pynetdicom_errors()
         self._server = self._start_server((s.bind_address, s.port), self._listen_socket,
                                           shared=s.listener_processes > 1 or self._in_acceptor)
@@ -235,7 +245,8 @@ class DicomServer:
         s = self.settings
         base = _SharedSocketServer if shared else _GuardedServer
         server_class = type(base.__name__, (base,), {
-            "inherited": inherited, "max_pdu": s.max_pdu_size, "read_timeout_s": s.network_timeout_s})
+            "inherited": inherited, "max_pdu": s.max_pdu_size, "read_timeout_s": s.network_timeout_s,
+            "admission": self.admission})
         server = self.ae.make_server(address, evt_handlers=self._handlers(),
                                      ssl_context=self.ssl_context, server_class=server_class)
         thread = threading.Thread(target=server.serve_forever, daemon=True,
@@ -250,6 +261,13 @@ class DicomServer:
         self.ae.require_calling_aet = list(titles)
         if self._pool is not None:
             self._pool.set_allowed_calling_aes(titles)
+
+    def stopping(self) -> None:
+        """Called from the node's signal handler before :meth:`stop` (see
+        :meth:`dicom_node.acceptor.AcceptorPool.stopping`)."""
+        pool = self._pool
+        if pool is not None:
+            pool.stopping()
 
     def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting associations; let those in progress finish, then abort the rest.
@@ -274,26 +292,82 @@ class DicomServer:
                 return
             server.shutdown()
             LOG.info("listener stopped: no new associations")
+            everything = self._in_progress(server)
+            for assoc in everything:  # no request yet: nothing to wait for
+                if assoc.requestor.primitive is None:
+                    _hang_up(assoc)
             deadline = time.monotonic() + grace
-            active = server.active_associations
+            active = self._in_progress(server, requested=True)
             if active:
                 LOG.info("waiting up to %.0f s for %d association(s) in progress", grace, len(active))
             while active and time.monotonic() < deadline:
                 time.sleep(0.05)
-                active = server.active_associations
+                active = self._in_progress(server, requested=True)
             for assoc in active:
                 LOG.warning("aborting association with %s after %.0f s grace: the sender "
                             "re-sends what was not acknowledged",
                             (assoc.requestor.ae_title or "?").strip(), grace)
                 self.ledger.mark(assoc, "aborted at stop")
+                _wake_reads(assoc)  # a read in progress (half a PDU) returns now
                 assoc.abort()
-            for assoc in active:
-                assoc.join(30.0)
+            for assoc in everything:
+                if assoc.requestor.primitive is not None:  # the others wait on a queue (daemons)
+                    assoc.join(30.0)  # a handler in its durable write finishes it first
+                _hang_up(assoc)  # no DUL thread (not a daemon) may outlive the node (issue 28)
             self._server = None
             self._reaper_stop.set()
             self.reap()
         if pool_stop is not None:
             pool_stop.join()
+
+    def _in_progress(self, server: ThreadedAssociationServer, *,
+                     requested: bool = False) -> list[Any]:
+        """The server's associations whose threads run (``requested``: those whose
+        association request has arrived), and those the reaper has not seen end."""
+        with self._opened_lock:
+            opened = [a for a in self._opened if a.is_alive() or a.dul.is_alive()]
+        found = {id(a): a for a in [*server.active_associations, *opened]}
+        return [a for a in found.values()
+                if not requested or a.requestor.primitive is not None]
+
+
+#: A-ABORT, source 0 (service user), reason 0: the node stops.
+_A_ABORT_AT_STOP = struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x00, 0x00)
+
+
+def _wake_reads(assoc: Any) -> None:
+    """Shut the reading side of the association's socket: a read that waits (half a PDU
+    sent, ``network_timeout_s`` to go) returns at once; sending still works."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+
+def _hang_up(assoc: Any) -> None:
+    """End a connection at stop whatever its threads wait for: an A-ABORT when the
+    association's DUL thread still runs, the socket shut, the DUL thread told to stop
+    and joined. A DUL thread is not a daemon: one left reading a silent peer's socket
+    kept a node that had logged "stopped cleanly" alive until its timeout."""
+    dul = assoc.dul
+    if not dul.is_alive():
+        return
+    sock = getattr(dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(_A_ABORT_AT_STOP)
+        except OSError:
+            pass
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    assoc.is_aborted = True
+    dul.kill_dul()
+    dul.join(5.0)
 
 
 #: How long a process waits per association it serves before accepting another.
@@ -304,20 +378,28 @@ _serving_lock = threading.Lock()
 
 class _GuardedServer(ThreadedAssociationServer):
     """pynetdicom's threaded server whose accepted sockets have bounded reads
-    (:mod:`dicom_node.bounded_wire`; ``socketserver``'s ``get_request`` hook)."""
+    (:mod:`dicom_node.bounded_wire`; ``socketserver``'s ``get_request`` hook), and that
+    closes at once a connection its :class:`Admission` refuses (a peer over its limit of
+    connections without an association request); ``socketserver`` takes the
+    ``OSError`` as a connection that failed to be accepted."""
 
     inherited: socket.socket | None = None
     max_pdu = 0
     read_timeout_s = 60.0
+    admission: Admission | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()
         try:
-            return bounded_wire.guard(sock, max_pdu=self.max_pdu,
-                                      timeout_s=self.read_timeout_s), address
+            guarded = bounded_wire.guard(sock, max_pdu=self.max_pdu, timeout_s=self.read_timeout_s)
         except OSError:
             sock.close()
             raise
+        host = str(address[0]) if isinstance(address, tuple) else str(address)
+        if self.admission is not None and not self.admission.connection(guarded, host):
+            guarded.close()
+            raise ConnectionRefusedError(f"connection from {host} refused: lock-out")
+        return guarded, address
 
 
 class _OneLineErrors(logging.Filter):
@@ -334,7 +416,17 @@ class _OneLineErrors(logging.Filter):
             "malformed PDU received (cannot be decoded); the association is aborted",
     }
 
+    #: pynetdicom's line before ``LOGGER.exception(exc)`` when a read of the socket failed.
+    READ_FAILED = "Connection closed before the entire PDU was received"
+
     def filter(self, record: logging.LogRecord) -> bool:
+        # A read the node's socket refused (bounded_wire) was logged there, with its reason:
+        # pynetdicom's two lines about it (twice: it reads again) add nothing.
+        if isinstance(record.msg, bounded_wire.LOGGED_REFUSALS):
+            return False
+        if record.msg == self.READ_FAILED and isinstance(sys.exc_info()[1],
+                                                         bounded_wire.LOGGED_REFUSALS):
+            return False
         if record.exc_info:
             record.exc_info = None
             record.exc_text = None

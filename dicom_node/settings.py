@@ -388,6 +388,13 @@ class Settings:
         False, **_BOOL, doc="Reject associations whose Called AE Title is not ``ae_title``.")
     max_associations: int = _setting(16, **_INT, check=_integer(1, 1000, "an integer from 1 to 1000"),
                                      doc="Associations served at once.")
+    max_associations_per_host: int = _setting(
+        8, **_INT, check=_integer(1, 1000, "an integer from 1 to 1000"),
+        doc="Associations served at once for one peer address, and connections from it that "
+            "have not finished their association request; beyond it that peer's requests are "
+            "rejected (transient, local limit) and its further connections closed, while other "
+            "peers are served. A connection counts against ``max_associations`` only once its "
+            "association request has arrived. Per listener process.")
     max_pdu_size: int = _setting(
         0, **_INT, check=_integer(0, math.inf, "an integer >= 0 (0 = no limit)"),
         doc="Largest PDU the node accepts, bytes (0 = no limit); a larger P-DATA PDU is "

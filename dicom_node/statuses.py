@@ -20,11 +20,16 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 # Error: Cannot understand (C000-CFFF). Used for missing/invalid identifying attributes
 # and for a data set that cannot be parsed.
 CANNOT_UNDERSTAND = 0xC000
+# Warning: Data Set does not match SOP Class (B007): stored, but not as its SOP class says
+# (e.g. less Pixel Data than its Rows, Columns and Bits Allocated need).
+WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
 # Warning: Coercion of Data Elements (B000). Not used: the node never coerces.
 COERCION_OF_DATA_ELEMENTS = 0xB000
 
-# PS3.7 Annex C.5.x: refused because the node is shutting down (used by SIGTERM handling).
-# Refused: SOP Class not supported is 0x0122 (PS3.7 C.4.2); pynetdicom answers it itself.
+# PS3.7 Annex C.5 (Failure statuses): Refused: SOP Class Not Supported. pynetdicom answers
+# it for a SOP class no context was negotiated for; the node answers it for a C-STORE whose
+# Affected SOP Class UID is not the abstract syntax of the presentation context it came on
+# (a CT image on the Verification context, issue 28).
 REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 # pynetdicom's answer when a C-STORE handler raises (a Cxxx "Cannot understand" value);

@@ -211,6 +211,12 @@ class WorkerPool:
         for slot in self._slots:
             slot.tell({"op": "log_level", "level": level})
 
+    def stopping(self) -> None:
+        """The node is stopping (its signal handler): a worker that dies from now on went
+        with it (a SIGTERM to the whole process group), and is neither a death nor
+        restarted. Safe in a signal handler."""
+        self._stopping.set()
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop every worker: a job still running after ``grace_s`` goes back to the queue
         (its attempt not counted); a worker that does not exit is killed."""

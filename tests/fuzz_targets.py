@@ -5,7 +5,8 @@ runs them through; it returns quietly when the node would refuse them the way it
 means to (an A-ABORT, a C000) and raises anything else, which atheris reports as a
 crash:
 
-* ``pdu`` - the PDU stream watch (:class:`dicom_node.bounded_wire.PduWatch`), the
+* ``pdu`` - the PDU stream watch (:class:`dicom_node.bounded_wire.PduWatch`, with its
+  DIMSE framing rules, whose refusals are ``FramingError``), the
   fast path's command-set decoder and its refusal of broken command sets
   (:mod:`dicom_node.fast_receive.store_lane`), and pynetdicom's P-DATA-TF decoder;
 * ``association`` - an A-ASSOCIATE-RQ: pynetdicom's decoder (whose errors its DUL
@@ -32,7 +33,7 @@ TARGETS = ("pdu", "association", "store")
 def _setup_pdu() -> Callable[[bytes], None]:
     from pynetdicom.pdu import P_DATA_TF
 
-    from dicom_node.bounded_wire import PduTooLargeError, PduWatch
+    from dicom_node.bounded_wire import FramingError, PduTooLargeError, PduWatch
     from dicom_node.fast_receive.store_lane import command_problem, decode_store_command
 
     accepted = {1: object(), 3: object()}
@@ -41,7 +42,7 @@ def _setup_pdu() -> Callable[[bytes], None]:
         watch = PduWatch("fuzz", 4096, 60.0)
         try:
             watch.received(data)
-        except PduTooLargeError:
+        except (PduTooLargeError, FramingError):
             pass
         decode_store_command(data)
         command_problem(data, data[0] if data else 1, accepted)

@@ -8,9 +8,12 @@ Settings: destinations and the quiet period validated per key.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import pytest
+from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicom_node.errors import ConfigError
@@ -355,3 +358,51 @@ def test_every_job_send_and_worker_state_is_on_metrics(tmp_path: Path) -> None:
     assert got[("dicom_node_jobs", "waiting")] == 1 and got[("dicom_node_jobs", "queued")] == 1
     assert got[("dicom_node_sends", "held")] == 1 and got[("dicom_node_sends", "queued")] == 0
     assert got[("dicom_node_workers", "ready")] == 1
+
+
+def test_a_missing_instance_file_is_said_once_and_its_series_decided_on_what_is_there(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 28 item 5: a missing archived file made the monitor log an ERROR every
+    second, forever. Now: a series with a file missing is decided on the others (the
+    reason says so); a series none of whose files can be read is set aside with one
+    WARNING line, retried quietly, and one INFO line says when it can be read again."""
+    archive = Archive(tmp_path)
+    queue = JobQueue(tmp_path)
+    series = str(generate_uid())
+    three = [small_ct(patient_id="P1", series_uid=series, instance=i) for i in (1, 2, 3)]
+    for ds in three:
+        three[0].StudyInstanceUID = ds.StudyInstanceUID = three[0].StudyInstanceUID
+        archive.ingest.store(incoming(ds))
+    alone = small_ct(patient_id="P2")
+    archive.ingest.store(incoming(alone))
+    archive.twins.series_files(series)[1].unlink()
+    gone = archive.twins.series_files(str(alone.SeriesInstanceUID))[0]
+    kept = gone.read_bytes()
+    gone.unlink()
+    monitor = StabilityMonitor(archive, queue, default_tasks(), stable_after_s=0.05)
+    decided: dict[str, str] = {}
+    caplog.set_level(logging.DEBUG, logger="dicom_node.monitor")
+
+    def passes(n: int) -> None:
+        for _ in range(n):
+            decided.update((d.series_uid, d.reason) for d in monitor.poll())
+            time.sleep(0.02)
+
+    wait_until("the series with a missing file decided",
+               lambda: passes(1) or series in decided, 10.0, poll=0.02)
+    assert "decided on the 2 of 3 instance(s) that can be read; 1 cannot" in decided[series]
+    passes(20)  # about as many passes as 20 s of a running node
+    assert str(alone.SeriesInstanceUID) not in decided
+    warnings_ = [r for r in caplog.records if r.levelno >= logging.WARNING
+                 and str(alone.SeriesInstanceUID) in r.getMessage()]
+    assert len(warnings_) == 1 and "set aside" in warnings_[0].getMessage(), warnings_
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    gone.write_bytes(kept)
+    wait_until("the set-aside series decided once readable",
+               lambda: passes(1) or str(alone.SeriesInstanceUID) in decided, 10.0, poll=0.02)
+    again = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
+             and "can be read again" in r.getMessage()]
+    assert len(again) == 1 and str(alone.SeriesInstanceUID) in again[0]
+    monitor.stop()
+    queue.close()
+    archive.close()

@@ -43,6 +43,8 @@ class Header:
     fields: dict[str, str]
     has_pixels: bool
     has_rows_columns: bool
+    #: Why the native Pixel Data is shorter than the image attributes say, or "".
+    pixel_problem: str = ""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -62,6 +64,7 @@ _FIELD_KEYWORDS = (
 _FIELD_TAGS = tuple((kw, int(Tag(kw))) for kw in _FIELD_KEYWORDS)
 _PIXEL_TAGS = frozenset(int(Tag(kw)) for kw in _PIXEL_KEYWORDS)
 _ROWS, _COLUMNS = int(Tag("Rows")), int(Tag("Columns"))
+_PIXEL_DATA = int(Tag("PixelData"))
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SEQ_DELIM = {True: b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", False: b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"}
 
@@ -118,10 +121,12 @@ def _scan(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool,
     skipped, not read.
     """
     stop: list[tuple[int, int]] = []
+    native: list[bool] = []  # the pixel data met is native Pixel Data (defined length)
 
     def at_pixels(tag: int, vr: str | None, length: int) -> bool:
         if tag in _PIXEL_TAGS:
             stop.append((fp.tell() - start, length))  # positioned at the value
+            native.append(tag == _PIXEL_DATA and length != _UNDEFINED_LENGTH)
             return True
         return False
 
@@ -145,6 +150,7 @@ def _scan(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool,
         elif end != size:
             return None
         fields = _fields(ds)
+        pixel_problem = pixel_shortfall(ds, stop[0][1]) if native and native[0] else ""
     except Exception:  # noqa: BLE001 - the full parse reports it properly
         return None
     elements = ds._dict  # noqa: SLF001
@@ -152,7 +158,33 @@ def _scan(fp: BinaryIO, start: int, size: int, implicit: bool, little: bool,
         fields=fields,
         has_pixels=bool(stop),
         has_rows_columns=_ROWS in elements and _COLUMNS in elements,
+        pixel_problem=pixel_problem,
     )
+
+
+def pixel_shortfall(ds: Dataset, length: int) -> str:
+    """Why ``length`` bytes of native Pixel Data are too few for the image ``ds`` (its
+    header, read up to the pixel data), or "".
+
+    Rows x Columns x Samples per Pixel x Number of Frames x Bits Allocated / 8 bytes
+    (PS3.5 8.1.1; two thirds of it for YBR_FULL_422). Encapsulated pixel data (undefined
+    length), Float/Double Float Pixel Data, images missing those attributes, and data
+    sets that take the full parse (elements after the pixel data, deflated) are not
+    judged here.
+    """
+    try:
+        rows, columns, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return ""
+    needed = (rows * columns * samples * frames * bits + 7) // 8
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        needed = needed * 2 // 3  # two chroma samples per two pixels (PS3.3 C.7.6.3.1.2)
+    if length >= needed:
+        return ""
+    return (f"Pixel Data holds {length} bytes; {rows} x {columns} pixels x {samples} "
+            f"sample(s) x {frames} frame(s) at {bits} bits allocated need {needed}")
 
 
 def parse(incoming: IncomingInstance) -> Header:

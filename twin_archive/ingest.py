@@ -132,7 +132,8 @@ class Ingest:
         if version is not None:
             LOG.info("archive: instance %s already archived (identical), not written again",
                      printable(ident["sop_uid"]))
-            return _result(StoreOutcome.DUPLICATE, ident, key, version, rel, sha)
+            return _result(StoreOutcome.DUPLICATE, ident, key, version, rel, sha,
+                           parsed.pixel_problem)
         final = self.data_dir / rel
         self._write(incoming, final, rel)
         pending = Pending(fields=parsed.fields, ident=ident, key=key, sha=sha, rel=str(rel),
@@ -144,7 +145,7 @@ class Ingest:
                 "version %d beside the earlier one(s), the newer is current",
                 printable(ident["sop_uid"]), printable(incoming.calling_ae or "?"), version,
             )
-        return _result(outcome, ident, key, version, rel, sha)
+        return _result(outcome, ident, key, version, rel, sha, parsed.pixel_problem)
 
     def _archived_version(self, sop_uid: str, sha: str) -> int | None:
         """The version under which this very content is archived already, if it is."""
@@ -390,11 +391,11 @@ class Ingest:
 
 
 def _result(outcome: StoreOutcome, ident: dict[str, str], key: str, version: int, rel: Path,
-            sha: str) -> StoreResult:
+            sha: str, warning: str = "") -> StoreResult:
     return StoreResult(
         outcome=outcome, sop_instance_uid=ident["sop_uid"],
         series_uid=ident["series_uid"], study_uid=ident["study_uid"],
-        patient_key=key, version=version, path=str(rel), sha256=sha,
+        patient_key=key, version=version, path=str(rel), sha256=sha, warning=warning,
     )
 
 

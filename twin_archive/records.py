@@ -78,6 +78,8 @@ class StoreResult:
     version: int
     path: str  # relative to the data directory
     sha256: str
+    #: Kept, but not as it should be (e.g. too little Pixel Data for its image): why, or "".
+    warning: str = ""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

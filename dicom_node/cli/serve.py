@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         if signum == signal.SIGHUP:
             reload.set()
             return
+        node.stopping()  # first: the same signal may be ending the workers (a process group)
         LOG.info("received %s: stopping", signal.Signals(signum).name)
         stop.set()
 

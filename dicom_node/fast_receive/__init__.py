@@ -26,6 +26,11 @@ docstring names the internals it uses and why no documented hook does):
 * :mod:`.store_response` - C-STORE responses encoded by hand
   (``DIMSEServiceProvider.send_msg``).
 
+Two documented pynetdicom switches are set in both modes, because they change what the
+node accepts, not how fast: :mod:`.uids` (``_config.VALIDATORS``, non-conformant UIDs
+taken, DESIGN decision 2) and :func:`quiet_standard_handlers`
+(``_config.LOG_HANDLER_LEVEL``).
+
 pynetdicom is pinned in ``pyproject.toml`` to the range these were tested with
 (:data:`TESTED_VERSIONS`). :func:`install` first runs :func:`self_check`, which looks
 for every internal the parts rely on; when one is missing or changed it installs
@@ -41,6 +46,7 @@ import pynetdicom
 from pynetdicom.dimse import DIMSEServiceProvider
 
 from dicom_node.fast_receive import speedups, spooling, store_lane
+from dicom_node.fast_receive.uids import accept_nonconformant_uids
 from dicom_node.fast_receive.spooling import (
     SpoolFile,
     discard_unclaimed,
@@ -56,7 +62,7 @@ LOG = logging.getLogger(__name__)
 TESTED_VERSIONS = ("3.0.",)
 
 __all__ = [
-    "SpoolFile", "discard_unclaimed", "encode_file_meta", "freeze_heap", "install",
+    "SpoolFile", "accept_nonconformant_uids", "discard_unclaimed", "encode_file_meta", "freeze_heap", "install",
     "pydicom_file_meta", "quiet_standard_handlers", "register_server", "release_ended",
     "self_check", "spool_of",
 ]

@@ -69,7 +69,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_node.fast_receive import spooling, store_response
-from dicom_node.bounded_wire import GuardedSocket
+from dicom_node.bounded_wire import GuardedSocket, command_set_problem
 from dicom_node.statuses import HANDLER_FAILED
 
 LOG = logging.getLogger(__name__)
@@ -169,29 +169,14 @@ def decode_store_command(raw: bytes | memoryview) -> StoreCommand | None:
 def command_problem(raw: bytes | memoryview, context_id: int, accepted: Any) -> str | None:
     """Why a whole command set cannot be served, or None to let pynetdicom decode it.
 
-    pynetdicom meets a message on a presentation context it never accepted, or a
-    C-STORE-RQ without Affected SOP Class/Instance UID or Command Data Set Type, with
-    an exception in its receive thread; the lane refuses them first (A-ABORT).
+    pynetdicom meets a message on a presentation context it never accepted with an
+    exception in its receive thread; the lane refuses it first (A-ABORT). What a command
+    set lacks is the rule of :func:`dicom_node.bounded_wire.command_set_problem`, which
+    the node's sockets apply in both receive modes before the lane reads the bytes.
     """
     if context_id not in accepted:
         return f"a message on presentation context {context_id}, which was not accepted"
-    values: dict[int, bytes] = {}
-    at, end = 0, len(raw)
-    while at + 8 <= end:
-        group, element, length = _ELEMENT.unpack_from(raw, at)
-        at += 8
-        if group != 0 or at + length > end:
-            return None
-        values[element] = bytes(raw[at:at + length])
-        at += length
-    if values.get(0x0100) != b"\x01\x00":
-        return None  # not a C-STORE-RQ: pynetdicom's
-    for element, name in ((0x0002, "Affected SOP Class UID"),
-                          (0x1000, "Affected SOP Instance UID"),
-                          (0x0800, "Command Data Set Type")):
-        if not values.get(element, b"").strip(b"\x00 "):
-            return f"a C-STORE request without {name}"
-    return None
+    return command_set_problem(bytes(raw))[0]
 
 
 def _us(value: bytes) -> int:
@@ -307,7 +292,9 @@ class _Lane:
         raw = bytes(self._read(command_length))
         message = self._take(context_id, raw)
         if message is None:
-            problem = command_problem(raw, context_id, self.assoc._accepted_cx)  # noqa: SLF001
+            # The last fragment of a command set pynetdicom is assembling is not a whole one.
+            problem = None if self.assoc.dimse.message is not None else \
+                command_problem(raw, context_id, self.assoc._accepted_cx)  # noqa: SLF001
             if problem is not None:
                 self.left = pdu_length - 6 - command_length
                 raise _ProtocolError(problem)

@@ -14,6 +14,7 @@ from typing import Any
 
 from pynetdicom.events import Event
 
+from dicom_node.handlers.admission import Admission
 from dicom_node.metrics import NodeMetrics
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
 
@@ -120,6 +121,11 @@ _REJECTIONS = {
 }
 
 
+#: A-ASSOCIATE-RJ (result, source, diagnostic) for a request over the node's limits: rejected
+#: transient, service provider (presentation), local limit exceeded (PS3.8 9.3.4).
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+
 def rejection_reason(event: Event) -> str:
     """Why the association of ``event`` was rejected, in words."""
     primitive = event.assoc.acceptor.primitive
@@ -142,14 +148,28 @@ def request_problem(primitive: Any) -> str | None:
     return None
 
 
-def handle_requested(event: Event, metrics: NodeMetrics, audit: AuditLog | None = None) -> None:
-    """``EVT_REQUESTED``: abort an association request pynetdicom cannot negotiate."""
+def handle_requested(event: Event, metrics: NodeMetrics, audit: AuditLog | None = None,
+                     admission: Admission | None = None) -> None:
+    """``EVT_REQUESTED``: abort a request pynetdicom cannot negotiate; reject one over the
+    limits of :class:`~dicom_node.handlers.admission.Admission` (transient, local limit)."""
     problem = request_problem(event.assoc.requestor.primitive)
-    if problem is None:
-        return
-    metrics.association("rejected")
     req = event.assoc.requestor
     calling = (getattr(req.primitive, "calling_ae_title", None) or "?").strip() or "?"
+    if problem is None:
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        why = admission.request(sock, req.address) if admission and sock is not None else None
+        if why is None:
+            return
+        metrics.association("rejected")
+        LOG.debug("association request from %s at %s:%s rejected: %s", calling, req.address,
+                  req.port, why)  # the lock-out's first refusal is logged at WARNING
+        audit_safely(audit, AuditEvent.ASSOCIATION_REFUSED, AuditOutcome.MINOR_FAILURE,
+                     f"{calling}@{req.address}", (event.assoc.acceptor.ae_title or "").strip(),
+                     {"reason": why, "port": req.port})
+        event.assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
+        event.assoc.kill()  # as pynetdicom's own rejection does
+        return
+    metrics.association("rejected")
     LOG.warning("association request from %s at %s:%s malformed (%s): aborted",
                 calling, req.address, req.port, problem)
     audit_safely(audit, AuditEvent.ASSOCIATION_REFUSED, AuditOutcome.MINOR_FAILURE,

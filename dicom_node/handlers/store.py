@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from pydicom.uid import UID
 from pynetdicom.events import Event
 
 from dicom_node import statuses
@@ -25,9 +26,18 @@ from twin_archive.ingest import Ingest
 LOG = logging.getLogger(__name__)
 
 
+def _name_of(uid: str) -> str:
+    """``Verification`` for its UID; the UID itself when pydicom has no name for it."""
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
 def handle_store(event: Event, ingest: Ingest, metrics: NodeMetrics,
                  ledger: StudyLedger | None = None) -> int:
     """Store one instance in the twin archive and return the C-STORE status.
+
+    A C-STORE whose SOP class is not the abstract syntax of its presentation context
+    (an image sent on the Verification context) is refused 0122 before anything is read.
 
     Parameters
     ----------
@@ -48,6 +58,13 @@ def handle_store(event: Event, ingest: Ingest, metrics: NodeMetrics,
     transfer_syntax = str(event.context.transfer_syntax)
     sop_class_uid = str(request.AffectedSOPClassUID)
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
+    context_class = str(event.context.abstract_syntax)
+    if context_class != sop_class_uid:
+        LOG.warning("C-STORE from %s (%s) refused: its SOP class %s is not the abstract syntax "
+                    "of presentation context %d (%s)", calling_ae, peer, sop_class_uid,
+                    event.context.context_id, _name_of(context_class))
+        metrics.store_failed("context_mismatch")
+        return statuses.REFUSED_SOP_CLASS_NOT_SUPPORTED
     spool = spool_of(request)
     if spool is not None:
         # Written to the archive's temporary folder while it arrived (dicom_node/fast_receive).
@@ -84,5 +101,9 @@ def handle_store(event: Event, ingest: Ingest, metrics: NodeMetrics,
     metrics.stored(incoming.size, result.outcome.value)
     if ledger is not None:
         ledger.add(event, result.study_uid, incoming.size)
+    if result.warning:
+        LOG.warning("C-STORE from %s (%s) stored with a warning, data set does not match its "
+                    "SOP class: %s", calling_ae, peer, result.warning)
+        return statuses.WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS
     LOG.debug("C-STORE %s from %s: %s", result.sop_instance_uid, calling_ae, result.outcome.value)
     return statuses.SUCCESS
