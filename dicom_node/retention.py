@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from dicom_node.database import iso, utc_now
 from dicom_node.durable import write_durably
+from dicom_node.faults import is_disk_full
 from dicom_node.jobs import settled_series
 from dicom_node.settings import Settings
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
@@ -172,6 +174,7 @@ class DiskGuard:
         self.audit = audit
         self.nothing_prunable = False  # for /metrics
         self.pressure = False
+        self.full = False  # the disk too full to record a prune
         self._lock = threading.Lock()  # one prune at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -214,10 +217,26 @@ class DiskGuard:
         whether anything was removed."""
         if time.monotonic() < self._retry_at:
             return False
-        with self._lock:
-            low = self.settings.disk_low_water_pct
-            run = prune(self.settings, pressure=True, by="disk-guard", audit=self.audit,
-                        stop_when=lambda: disk_use_pct(self.settings.data_dir) < low)
+        try:
+            with self._lock:
+                low = self.settings.disk_low_water_pct
+                run = prune(self.settings, pressure=True, by="disk-guard", audit=self.audit,
+                            stop_when=lambda: disk_use_pct(self.settings.data_dir) < low)
+        except (sqlite3.Error, OSError) as exc:
+            if not is_disk_full(exc, self.settings.data_dir):
+                raise
+            # Recording a removal needs a little space (the index's journal): a disk
+            # filled to the last byte cannot be pruned until something else frees some.
+            self._retry_at = time.monotonic() + NOTHING_PRUNABLE_RETRY_S
+            if not self.full:
+                LOG.error("disk: completely full; the index cannot record a prune (%s). "
+                          "Trying again every %.0f s; keep min_free_mb above 0 so that it can",
+                          exc, NOTHING_PRUNABLE_RETRY_S)
+            self.full = True
+            return False
+        if self.full:
+            LOG.info("disk: a prune can be recorded again")
+        self.full = False
         removed = run.report is not None and run.report.files > 0
         if not removed:
             self._retry_at = time.monotonic() + NOTHING_PRUNABLE_RETRY_S

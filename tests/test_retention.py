@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -387,3 +388,42 @@ def test_rebuild_index_replays_holds_from_the_audit_log(tmp_path: Path) -> None:
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     show = _cli(tmp_path, "twin", "show", "HOLD-3")
     assert "LEGAL HOLD" in show.stdout and "case 9" in show.stdout
+
+
+def test_disk_guard_on_a_disk_full_to_the_last_byte_says_so_once_and_prunes_when_it_can(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the full-disk test of the whole suite: recording a prune needs a little
+    space; on a disk full to the last byte the guard logged a traceback every second."""
+    data = tmp_path / "disk"
+    data.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(data)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        with Archive(data) as archive:
+            _, s1 = _series(archive, "FULL-1", n=20)
+            _settle_in_queue(data, archive, s1, archive.twins.find_twin_keys("FULL-1")[0])
+        filler = data / "filler"
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+            except OSError:
+                pass
+        settings = load_settings(None, overrides={"data_dir": str(data)}, env={})
+        guard = shell_retention.DiskGuard(settings)
+        caplog.set_level("INFO", logger="dicom_node.retention")
+        for _ in range(3):
+            guard._retry_at = 0.0
+            assert guard.check() is False  # nothing can be recorded: no exception
+        assert guard.full and caplog.text.count("completely full") == 1
+        assert "Traceback" not in caplog.text
+        assert len(_files(data, s1)) == 20
+        filler.unlink()
+        with open(filler, "wb") as fh:  # above high water, with 256 KiB the index can use
+            fh.write(b"\0" * (shutil.disk_usage(data).free - (256 << 10)))
+        guard._retry_at = 0.0
+        assert guard.check() is True and _files(data, s1) == []
+        assert "a prune can be recorded again" in caplog.text
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
