@@ -23,7 +23,9 @@ Decisions, each logged once per series state:
 * ``queued``: one job per enabled task whose rules match (``[[tasks]]``,
   :mod:`dicom_node.tasks`), so one CT may get a job of several tasks;
 * ``label``: a radiologist's SEG (not ours) referencing an archived series became that
-  series' label (:mod:`dicom_node.label_intake`); SEGs never become jobs.
+  series' label (:mod:`dicom_node.label_intake`); SEGs never become jobs;
+* ``unclaimed``: such a SEG names no configured task's structure: kept as an unclaimed
+  label until a task or model names its segments (never pruned on its own).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class StabilityMonitor:
         How often the index is looked at; default ``min(1, stable_after_s / 4)``.
     label_intake : callable, optional
         Called with the files of a complete SEG series; returns its
-        :class:`~dicom_node.label_intake.IntakeDecision` (``label`` or ``ignored``)
+        :class:`~dicom_node.label_intake.IntakeDecision` (``label``, ``unclaimed`` or ``ignored``)
         (:func:`dicom_node.label_intake.intake_seg_series`). Without it SEG series are
         ignored like other result objects. Never makes a job of a SEG.
     """
@@ -199,6 +201,9 @@ class StabilityMonitor:
         elif decision == "label":
             LOG.info("series %s (SEG, %d instance(s)) taken as label(s): %s", uid, len(files),
                      reason)
+        elif decision == "unclaimed":
+            LOG.info("series %s (SEG, %d instance(s)) kept as unclaimed label(s), claimed when "
+                     "a task or model names its segments: %s", uid, len(files), reason)
         else:
             LOG.info("series %s (%s, %d instance(s)) left alone: %s", uid, modality or "?",
                      len(files), reason)
