@@ -200,6 +200,7 @@ def test_tasks_list_and_explain(tmp_path: Path) -> None:
         ("GE MEDICAL SYSTEMS", "liver-ct-v2"), ("all scanners", "liver-ct-v1")]
     text = _cli(data, cfg, "tasks", "list").stdout
     assert "wholebody-ct  enabled" in text and "model: no active model" in text
+    assert "  segments: none\n" in text  # none declared (issue 27)
     assert "model: liver-ct-v2 for GE MEDICAL SYSTEMS (labels: liver)" in text
 
     folder = tmp_path / "study"
