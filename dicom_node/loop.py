@@ -112,7 +112,6 @@ class Loop:
         self.monitor.set_tasks(tasks)
         self.workers.set_tasks(tasks)
         self.intake.set_tasks(tasks)
-        self.claim_labels(via="SIGHUP")
         self.scheduler.set_tasks(tasks)
         self.settings = self.settings.replace(tasks=tasks)  # their retention overrides
         self.disk_guard.settings = self.settings
