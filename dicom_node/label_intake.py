@@ -16,12 +16,19 @@ A SEG becomes a label when
 * it references a series that is in the archive (Referenced Series Sequence), of the
   same patient and in the same Frame of Reference.
 
-* and, when tasks are configured (:class:`TaskLabelIntake`), its segments name a label
-  of at least one configured task: by name (case, ``_`` and ``-`` ignored) or by the
-  SNOMED CT code of its Segmented Property Type. The label is recorded for each such
-  task (a SEG of spleen and liver is a label of ``spleen-ct`` and of ``liver-ct``). A
-  task's label names are those of its active model versions, or of its newest
-  registered version when none is active.
+* and, when tasks are configured (:class:`TaskLabelIntake`), its segments name a
+  structure of at least one configured task: by name (case, ``_`` and ``-`` ignored) or
+  by the code value of its Segmented Property Type. A task's structures are those it
+  declares (``[[tasks]] segments``) and the labels of its active model versions (of its
+  newest registered version when none is active). The label is recorded for each such
+  task (a SEG of spleen and liver is a label of ``spleen-ct`` and of ``liver-ct``).
+
+A SEG that passes every check but names no configured task's structure is kept as an
+*unclaimed* label, with the reason (:mod:`twin_archive.labels`): no label is lost for
+want of a task. It is claimed - made a label of the tasks it names - when a task or a
+model that names its segments appears: on SIGHUP and at start
+(:meth:`TaskLabelIntake.set_tasks`, :meth:`TaskLabelIntake.rescan`), after ``models
+import`` and by ``labels rescan`` (:func:`claim_unclaimed`).
 
 Otherwise the series is left alone with the reason logged.
 """
@@ -40,10 +47,10 @@ from pydicom.uid import SegmentationStorage
 
 from dicom_node.tasks import Task
 from pipelines.selection import is_node_output
-from registry.records import LabelSpec, code_for_label
+from registry.records import LabelSpec, ModelVersion, code_for_label
 from registry.store import Registry
 from twin_archive import audit
-from twin_archive.labels import LabelRefusedError, LabelStore
+from twin_archive.labels import Label, LabelRefusedError, LabelStore
 
 LOG = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ LOG = logging.getLogger(__name__)
 class IntakeDecision:
     """What label intake did with one SEG series."""
 
-    decision: str  # "label" or "ignored"
+    decision: str  # "label", "unclaimed" (kept for no task yet) or "ignored"
     reason: str
     label_ids: tuple[int, ...] = ()
 
@@ -85,23 +92,141 @@ def _key(name: str) -> str:
     return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
 
 
-def label_matches(names: Sequence[str], codes: Sequence[str | None],
-                  specs: Sequence[LabelSpec]) -> bool:
-    """Whether a segment (by name or SNOMED CT code) names one of the model labels ``specs``."""
-    by_name = {_key(s.name) for s in specs}
-    by_code = {c.value for c in ((s.code or code_for_label(s.name)) for s in specs) if c}
-    return any(_key(n) in by_name for n in names) or any(c in by_code for c in codes if c)
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskTerms:
+    """What names a task's labels: the structures it declares and its models' labels.
+
+    Parameters
+    ----------
+    task : str
+    names : frozenset of str
+        Structure names, normalised (lower case; ``_``, ``-`` and runs of spaces as one
+        space).
+    codes : frozenset of str
+        Code values (``78961009``) of its structures.
+    described : str
+        Where they come from, in words (for an unclaimed label's reason).
+    """
+
+    task: str
+    names: frozenset[str]
+    codes: frozenset[str]
+    described: str
+
+    def matches(self, names: Sequence[str], codes: Sequence[str | None]) -> bool:
+        """Whether one of a SEG's segments (by name or code) is one of these structures."""
+        return any(_key(n) in self.names for n in names) or any(
+            c in self.codes for c in codes if c)
+
+
+def task_terms(task: Task, versions: Sequence[ModelVersion]) -> TaskTerms:
+    """The structures of ``task``: its ``segments`` and the labels of its active versions
+    among ``versions`` (all of the task's registered versions, oldest first), or of
+    the newest one when none is active."""
+    active = [v for v in versions if v.status.value == "active"]
+    specs: list[LabelSpec] = []
+    for mv in active or list(versions)[-1:]:
+        specs.extend(s for s in mv.labels if s not in specs)
+    names = {_key(s.name) for s in task.segments} | {_key(s.name) for s in specs}
+    codes = {s.value for s in task.segments if s.value} | {
+        c.value for c in ((s.code or code_for_label(s.name)) for s in specs) if c}
+    parts = []
+    if task.segments:
+        parts.append(f"declares {task.describe_segments()}")
+    if specs:
+        parts.append(f"model labels {', '.join(s.name for s in specs)}")
+    described = "; ".join(parts) or "no segments declared, no model registered"
+    return TaskTerms(task=task.name, names=frozenset(names), codes=frozenset(codes),
+                     described=described)
+
+
+def registry_terms(data_dir: Path | str, tasks: Sequence[Task]) -> tuple[TaskTerms, ...]:
+    """:func:`task_terms` of every task, with their versions read from the registry."""
+    with Registry(data_dir) as reg:
+        return tuple(task_terms(t, reg.list(t.name)) for t in tasks)
+
+
+def tasks_named(terms: Sequence[TaskTerms], names: Sequence[str],
+                codes: Sequence[str | None]) -> tuple[str, ...]:
+    """The tasks whose structures a SEG's segments name, sorted."""
+    return tuple(sorted(t.task for t in terms if t.matches(names, codes)))
+
+
+def unclaimed_reason(terms: Sequence[TaskTerms], names: Sequence[str]) -> str:
+    """Why a SEG of segments ``names`` is a label of no configured task, in words."""
+    have = "; ".join(f"{t.task}: {t.described}" for t in terms) or "no task configured"
+    return f"its segments {list(names)} name no structure of a configured task ({have})"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClaimReport:
+    """What :func:`claim_unclaimed` did: labels claimed (id, tasks), labels left
+    unclaimed (id, reason)."""
+
+    claimed: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    unclaimed: tuple[tuple[int, str], ...] = ()
+
+    def summary(self) -> str:
+        """One line for the journal and the CLI."""
+        if not self.claimed and not self.unclaimed:
+            return "no unclaimed labels"
+        done = ", ".join(f"label {i} for {', '.join(t)}" for i, t in self.claimed)
+        return (f"{len(self.claimed)} unclaimed label(s) claimed{': ' + done if done else ''};"
+                f" {len(self.unclaimed)} still unclaimed")
+
+
+def claim_unclaimed(labels: LabelStore, terms: Sequence[TaskTerms], *, via: str,
+                    by: str = "dicom-node") -> ClaimReport:
+    """Claim each unclaimed label whose segments a task's structures now name; say
+    anew why the others stay unclaimed. Each claim is audited (``label-imported``,
+    ``via: claimed ...``).
+
+    Parameters
+    ----------
+    labels : LabelStore
+    terms : sequence of TaskTerms
+        The configured tasks' structures (:func:`registry_terms`).
+    via : str
+        What triggered it (``SIGHUP``, ``models import``, ``labels rescan``, ``start``).
+    by : str
+        Who, for the audit trail.
+    """
+    claimed: list[tuple[int, tuple[str, ...]]] = []
+    left: list[tuple[int, str]] = []
+    for label in labels.unclaimed():
+        tasks = tasks_named(terms, label.segments, label.segment_codes)
+        if not tasks:
+            reason = unclaimed_reason(terms, label.segments)
+            if reason != label.unclaimed:
+                labels.set_unclaimed_reason(label.id, reason)
+            left.append((label.id, reason))
+            continue
+        got, now = labels.claim(label.id, tasks)
+        if now:
+            _audit_claim(labels, got, label.unclaimed, via, by)
+            claimed.append((got.id, got.tasks))
+    report = ClaimReport(claimed=tuple(claimed), unclaimed=tuple(left))
+    if claimed or left:
+        LOG.info("unclaimed labels (%s): %s", via, report.summary())
+    return report
+
+
+def _audit_claim(labels: LabelStore, label: Label, was: str, via: str, by: str) -> None:
+    audit.record(labels.data_dir, audit.AuditEvent.LABEL_IMPORTED, audit.AuditOutcome.SUCCESS,
+                 by, label.series_uid, {"label_id": label.id, "via": f"claimed ({via})",
+                                        "tasks": list(label.tasks), "was_unclaimed": was})
 
 
 class TaskLabelIntake:
-    """Label intake for the configured tasks: a SEG is a label of each task it names.
+    """Label intake for the configured tasks: a SEG is a label of each task it names,
+    or an unclaimed label until one names it.
 
     Callable as the stability monitor's ``label_intake`` (runs in its thread).
 
     Parameters
     ----------
     data_dir : pathlib.Path
-        The node's data directory (its registry gives each task's label names).
+        The node's data directory (its registry gives each task's model labels).
     labels : LabelStore
         Where labels are recorded.
     tasks : sequence of Task
@@ -115,34 +240,36 @@ class TaskLabelIntake:
         self._lock = threading.Lock()
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
-        """Match SEGs against ``tasks`` from now on."""
+        """Match SEGs against ``tasks`` from now on (SIGHUP; then :meth:`rescan`)."""
         self.tasks = tuple(tasks)
 
-    def task_labels(self) -> dict[str, tuple[LabelSpec, ...]]:
-        """Each configured task's model labels (empty when no version is registered)."""
-        out: dict[str, tuple[LabelSpec, ...]] = {}
-        with self._lock, Registry(self.data_dir) as reg:
-            for task in self.tasks:
-                versions = reg.list(task.name)
-                active = [v for v in versions if v.status.value == "active"]
-                specs: list[LabelSpec] = []
-                for mv in active or versions[-1:]:
-                    specs.extend(s for s in mv.labels if s not in specs)
-                out[task.name] = tuple(specs)
-        return out
+    def terms(self) -> tuple[TaskTerms, ...]:
+        """The configured tasks' structures, as the registry is now."""
+        with self._lock:
+            return registry_terms(self.data_dir, self.tasks)
+
+    def rescan(self, *, via: str) -> ClaimReport:
+        """Claim the unclaimed labels that a configured task or model names now."""
+        terms = self.terms()
+        with self._lock:
+            return claim_unclaimed(self.labels, terms, via=via)
 
     def __call__(self, files: Sequence[Path]) -> IntakeDecision:
-        known = self.task_labels()
+        terms = self.terms()
+        return intake_seg_series(
+            files, self.labels, tasks_for=lambda names, codes: tasks_named(terms, names, codes),
+            none_matches=lambda names: unclaimed_reason(terms, names))
 
-        def tasks_for(names: Sequence[str], codes: Sequence[str | None]) -> tuple[str, ...]:
-            return tuple(sorted(t for t, specs in known.items() if label_matches(names, codes, specs)))
 
-        def none_matches(names: Sequence[str]) -> str:
-            have = "; ".join(f"{t}: {', '.join(s.name for s in specs) or 'no model registered'}"
-                             for t, specs in known.items()) or "no task configured"
-            return f"its segments {list(names)} name no label of a configured task ({have})"
-
-        return intake_seg_series(files, self.labels, tasks_for=tasks_for, none_matches=none_matches)
+def _not_a_label(ds: Dataset) -> str:
+    """Why a SEG instance cannot be a label at all ('' when it can be one)."""
+    if str(ds.get("SOPClassUID", "")) != SegmentationStorage:
+        return "not a Segmentation Storage instance"
+    if is_node_output(ds):
+        return "produced by this node; not a label"
+    if not referenced_series(ds):
+        return "references no series (Referenced Series Sequence empty)"
+    return ""
 
 
 def intake_seg_series(files: Sequence[Path], labels: LabelStore, *,
@@ -159,62 +286,70 @@ def intake_seg_series(files: Sequence[Path], labels: LabelStore, *,
         Where labels are recorded.
     tasks_for : callable, optional
         ``(segment names, segment codes) -> task names`` the SEG is a label of; a SEG
-        naming none is not recorded. Without it, the label is for any task.
+        naming none is kept as an unclaimed label. Without it, the label is for any task.
     none_matches : callable, optional
         ``(segment names) -> reason`` when ``tasks_for`` names no task.
 
     Returns
     -------
     IntakeDecision
+        ``label`` when a label of some task was recorded, ``unclaimed`` when only
+        unclaimed ones were, ``ignored`` otherwise.
     """
-    recorded: list[int] = []
+    claimed: list[int] = []
+    kept: list[int] = []
     reasons: list[str] = []
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         sop = str(ds.get("SOPInstanceUID", ""))
-        if str(ds.get("SOPClassUID", "")) != SegmentationStorage:
-            reasons.append(f"{sop}: not a Segmentation Storage instance")
+        problem = _not_a_label(ds)
+        if problem:
+            reasons.append(f"{sop}: {problem}")
             continue
-        if is_node_output(ds):
-            reasons.append(f"{sop}: produced by this node; not a label")
-            continue
-        refs = referenced_series(ds)
-        if not refs:
-            reasons.append(f"{sop}: references no series (Referenced Series Sequence empty)")
-            continue
-        names = segment_names(ds)
-        tasks: tuple[str, ...] = ()
-        if tasks_for is not None:
-            tasks = tasks_for(names, segment_codes(ds))
-            if not tasks:
-                reasons.append(f"{sop}: " + (none_matches(names) if none_matches else
-                                             f"its segments {list(names)} name no task's label"))
-                continue
-        creator = str(ds.get("ContentCreatorName", "") or "")
-        when = f"{ds.get('ContentDate', '') or ''}{str(ds.get('ContentTime', '') or '').split('.')[0]}"
-        for series_uid in refs:
-            for_seg = str(ds.get("FrameOfReferenceUID", "") or "")
-            for_src = labels.frame_of_reference(series_uid)
-            if for_src and for_seg and for_seg != for_src:
-                reasons.append(f"{sop}: its Frame of Reference differs from series {series_uid}'s")
-                continue
-            try:
-                label, new = labels.add_seg(seg_sop_instance_uid=sop, source_series_uid=series_uid,
-                                            segments=names, content_creator=creator,
-                                            content_time=when, tasks=tasks)
-            except LabelRefusedError as exc:
-                reasons.append(f"{sop}: {exc.problem}")
-                continue
-            recorded.append(label.id)
-            if new:
-                audit.record(labels.data_dir, audit.AuditEvent.LABEL_IMPORTED,
-                             audit.AuditOutcome.SUCCESS, creator or "unknown creator", series_uid,
-                             {"label_id": label.id, "via": "C-STORE", "seg_sop_instance_uid": sop,
-                              "tasks": list(tasks)})
-            reasons.append(f"{sop}: label {label.id} of series {series_uid}"
-                           f" for {', '.join(tasks) or 'any task'}"
-                           f"{'' if new else ' (already recorded)'}")
-    if recorded:
-        return IntakeDecision(decision="label", reason="; ".join(reasons),
-                              label_ids=tuple(recorded))
-    return IntakeDecision(decision="ignored", reason="; ".join(reasons) or "no instances")
+        names, codes = segment_names(ds), segment_codes(ds)
+        tasks: tuple[str, ...] = () if tasks_for is None else tasks_for(names, codes)
+        unclaimed = ""
+        if tasks_for is not None and not tasks:
+            unclaimed = (none_matches(names) if none_matches else
+                         f"its segments {list(names)} name no task's label")
+        for series_uid in referenced_series(ds):
+            label_id, text = _record(ds, series_uid, labels, names, codes, tasks, unclaimed)
+            reasons.append(f"{sop}: {text}")
+            if label_id is not None:
+                (kept if unclaimed else claimed).append(label_id)
+    decision = "label" if claimed else "unclaimed" if kept else "ignored"
+    return IntakeDecision(decision=decision, reason="; ".join(reasons) or "no instances",
+                          label_ids=tuple(claimed + kept))
+
+
+def _record(ds: Dataset, series_uid: str, labels: LabelStore, names: tuple[str, ...],
+            codes: tuple[str | None, ...], tasks: tuple[str, ...], unclaimed: str
+            ) -> tuple[int | None, str]:
+    """Record one SEG instance as a label of one referenced series (audited when new);
+    return the label id (``None`` when refused) and what happened, in words."""
+    sop = str(ds.get("SOPInstanceUID", ""))
+    creator = str(ds.get("ContentCreatorName", "") or "")
+    when = f"{ds.get('ContentDate', '') or ''}{str(ds.get('ContentTime', '') or '').split('.')[0]}"
+    for_seg = str(ds.get("FrameOfReferenceUID", "") or "")
+    for_src = labels.frame_of_reference(series_uid)
+    if for_src and for_seg and for_seg != for_src:
+        return None, f"its Frame of Reference differs from series {series_uid}'s"
+    try:
+        label, new = labels.add_seg(seg_sop_instance_uid=sop, source_series_uid=series_uid,
+                                    segments=names, content_creator=creator, content_time=when,
+                                    tasks=tasks, unclaimed=unclaimed, segment_codes=codes)
+    except LabelRefusedError as exc:
+        return None, exc.problem
+    if new:
+        detail = {"label_id": label.id, "via": "C-STORE", "seg_sop_instance_uid": sop,
+                  "tasks": list(tasks)}
+        if unclaimed:
+            detail["unclaimed"] = unclaimed
+        audit.record(labels.data_dir, audit.AuditEvent.LABEL_IMPORTED, audit.AuditOutcome.SUCCESS,
+                     creator or "unknown creator", series_uid, detail)
+    again = "" if new else " (already recorded)"
+    if label.unclaimed:
+        return label.id, f"label {label.id} of series {series_uid} kept unclaimed{again}: " \
+                         f"{label.unclaimed}"
+    return label.id, (f"label {label.id} of series {series_uid} for "
+                      f"{', '.join(label.tasks) or 'any task'}{again}")

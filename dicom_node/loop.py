@@ -116,6 +116,15 @@ class Loop:
         self.settings = self.settings.replace(tasks=tasks)  # their retention overrides
         self.disk_guard.settings = self.settings
 
+    def claim_labels(self, *, via: str) -> None:
+        """Claim the unclaimed labels that a configured task or model names now (at start
+        and on SIGHUP); a failure is logged, the node goes on (``labels rescan`` retries)."""
+        try:
+            self.intake.rescan(via=via)
+        except Exception:  # the reload or the start must not fail for it
+            LOG.exception("could not claim unclaimed labels (%s); `dicom-node labels rescan` "
+                          "tries again", via)
+
     def healthy(self) -> bool:
         """True while the sender thread and the workers' supervisor run.
 
@@ -127,6 +136,7 @@ class Loop:
     def start(self) -> None:
         """Recover interrupted jobs, then start the sender, the workers and the monitor."""
         self.jobs.recover()
+        self.claim_labels(via="start")
         self.sender.start()
         self.workers.start()
         self.monitor.start()

@@ -23,7 +23,9 @@ Decisions, each logged once per series state:
 * ``queued``: one job per enabled task whose rules match (``[[tasks]]``,
   :mod:`dicom_node.tasks`), so one CT may get a job of several tasks;
 * ``label``: a radiologist's SEG (not ours) referencing an archived series became that
-  series' label (:mod:`dicom_node.label_intake`); SEGs never become jobs.
+  series' label (:mod:`dicom_node.label_intake`); SEGs never become jobs;
+* ``unclaimed``: such a SEG names no configured task's structure: kept as an unclaimed
+  label until a task or model names its segments (never pruned on its own).
 
 An instance file that is gone from disk (or is no DICOM file) does not stop a series:
 it is decided on the instances that can be read, and its reason says how many could
@@ -126,7 +128,7 @@ class StabilityMonitor:
         How often the index is looked at; default ``min(1, stable_after_s / 4)``.
     label_intake : callable, optional
         Called with the files of a complete SEG series; returns its
-        :class:`~dicom_node.label_intake.IntakeDecision` (``label`` or ``ignored``)
+        :class:`~dicom_node.label_intake.IntakeDecision` (``label``, ``unclaimed`` or ``ignored``)
         (:func:`dicom_node.label_intake.intake_seg_series`). Without it SEG series are
         ignored like other result objects. Never makes a job of a SEG.
     """
@@ -229,7 +231,11 @@ class StabilityMonitor:
                      " (re-opened by later instances; the new result will supersede the old)"
                      if reopened else "", ", ".join(map(str, job_ids)) or "-")
         elif decision == "label":
-            LOG.info("series %s (SEG, %d instance(s)) taken as label(s): %s", uid, count, reason)
+            LOG.info("series %s (SEG, %d instance(s)) taken as label(s): %s", uid, count,
+                     reason)
+        elif decision == "unclaimed":
+            LOG.info("series %s (SEG, %d instance(s)) kept as unclaimed label(s), claimed when "
+                     "a task or model names its segments: %s", uid, count, reason)
         else:
             LOG.info("series %s (%s, %d instance(s)) left alone: %s", uid, modality or "?",
                      count, reason)

@@ -17,8 +17,9 @@ Lifecycle, as systemd (``Type=notify``) sees it:
   goes back to the queue) and the sender stop; queued jobs and sends stay in
   ``queue.sqlite`` for the next start. Exit status 0.
 * SIGHUP (:meth:`Node.reload`): the calling AE allow-list, the destinations (workers
-  too), the log level and the TLS files are applied at once; anything else that
-  changed is logged as needing a restart.
+  too), the log level, the tasks and the TLS files are applied at once; anything else
+  that changed is logged as needing a restart. The unclaimed labels that a task or
+  model names now are claimed (:mod:`dicom_node.label_intake`).
 """
 
 from __future__ import annotations
@@ -247,6 +248,9 @@ class Node:
                 _load_chain(self.loop.sender.tls_context, new)
             applied += tls_keys or ["tls files re-read"]
         self.settings = old.replace(**{k: getattr(new, k) for k in applied if k in changed})
+        # Every reload: a task added or given segments, or a model registered meanwhile,
+        # may name an unclaimed label's segments now.
+        self.loop.claim_labels(via="SIGHUP")
         LOG.info("configuration reloaded: applied %s", ", ".join(applied) or "nothing (no change)")
         if restart:
             LOG.warning("configuration reloaded: changed but NOT applied until a restart: %s",

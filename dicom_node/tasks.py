@@ -42,8 +42,13 @@ DEFAULT_EXCLUDED_DESCRIPTIONS = (r"\bscout\b", r"locali[sz]er", r"dose\s*report"
 TASK_KEYS = ("name", "modality", "body_parts", "accept_missing_body_part",
              "exclude_series_descriptions", "min_slices", "max_slice_thickness_mm",
              "manufacturers", "outputs", "enabled", "min_dice", "volume", "retention_days",
-             "result_retention_days")
+             "result_retention_days", "segments", "template")
 _TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")  # as registry.records.check_task
+#: A coded concept as a task names it: ``SCHEME:VALUE`` (``SCT:78961009``).
+_CODE = re.compile(r"^([A-Za-z0-9_.-]{1,16}):(\S{1,64})$")
+#: What a ``segments`` entry holds (``{ name = "Spleen", code = "SCT:78961009" }``).
+_SEGMENT_EXPECTED = ('a list of tables { name = "Spleen", code = "SCT:78961009" } (code '
+                     'optional, SCHEME:VALUE)')
 #: The image storage SOP classes a task of each modality accepts: single-frame images,
 #: which the pipeline stacks into a volume, and the Enhanced / Legacy Converted Enhanced
 #: multi-frame images, whose frames it reads from the functional groups.
@@ -57,6 +62,54 @@ _RULE_KEYS = {"modality": "modality", "body_part_patterns": "body_parts",
               "exclude_series_description_patterns": "exclude_series_descriptions",
               "min_slices": "min_slices", "max_slice_thickness_mm": "max_slice_thickness_mm",
               "manufacturers": "manufacturers", "name": "name"}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TaskSegment:
+    """One structure a task segments, as its ``segments`` list names it.
+
+    Parameters
+    ----------
+    name : str
+        The structure's name (``Spleen``); a SEG segment of that Segment Label (case,
+        ``_`` and ``-`` ignored) is a label of the task.
+    code : str or None
+        Its coded concept ``SCHEME:VALUE`` (``SCT:78961009``); a SEG segment whose
+        Segmented Property Type has that code value is a label of the task, whatever
+        its label says.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is empty or ``code`` is not ``SCHEME:VALUE``.
+    """
+
+    name: str
+    code: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "name", " ".join(self.name.split()))
+        if self.code is not None and (not isinstance(self.code, str)
+                                      or not _CODE.match(self.code.strip())):
+            raise ValueError(f"code must be SCHEME:VALUE such as SCT:78961009, got {self.code!r}")
+        if self.code is not None:
+            object.__setattr__(self, "code", self.code.strip())
+
+    @property
+    def scheme(self) -> str | None:
+        """The coding scheme designator (``SCT``), ``None`` without a code."""
+        return None if self.code is None else self.code.split(":", 1)[0]
+
+    @property
+    def value(self) -> str | None:
+        """The code value (``78961009``), ``None`` without a code."""
+        return None if self.code is None else self.code.split(":", 1)[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as its TOML table."""
+        return {"name": self.name, "code": self.code}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -103,6 +156,14 @@ class Task:
         Which volume of a multi-frame (Enhanced) series the task segments, as a TOML
         table ``volume = {stack = "1", temporal_position = 1, echo = 1, image_type =
         ["ORIGINAL", "MAGNITUDE"]}`` (each key optional; these are the defaults).
+    segments : tuple of TaskSegment
+        The structures the task segments (TOML: a list of ``{ name, code }`` tables):
+        a radiologist's SEG naming one of them is a label of the task even before any
+        model of the task is registered (the labels of its models count too).
+    template : pathlib.Path or None
+        A MONAI bundle directory whose network and transforms train the task's first
+        model, with fresh weights, when the task has no model (``trainer.nightly``);
+        relative to the file that declares the task.
     source : str
         Where the task was read from (for error messages); not compared.
 
@@ -126,6 +187,8 @@ class Task:
     retention_days: float | None = None
     result_retention_days: float | str | None = None
     volume: VolumeChoice = field(default_factory=VolumeChoice)
+    segments: tuple[TaskSegment, ...] = ()
+    template: Path | None = None
     source: str = field(default="", compare=False)
     rules: SelectionRules = field(init=False, compare=False, repr=False)
 
@@ -177,6 +240,7 @@ class Task:
                 raise bad("min_dice", "a mean Dice in [0, 1]", floor)
             object.__setattr__(self, "min_dice", float(floor))
         self._check_retention(bad)
+        self._check_learning(bad)
         thick = self.max_slice_thickness_mm
         if thick is not None:
             if isinstance(thick, bool) or not isinstance(thick, int | float) \
@@ -209,6 +273,43 @@ class Task:
                     "result") else ""), days)
             object.__setattr__(self, key, float(days))
 
+    def _check_learning(self, bad: Any) -> None:
+        """``segments`` (tables or :class:`TaskSegment`) and ``template`` (a bundle folder)."""
+        value = self.segments
+        if not isinstance(value, list | tuple):
+            raise bad("segments", _SEGMENT_EXPECTED, value)
+        out = []
+        for entry in value:
+            if isinstance(entry, Mapping):
+                if set(entry) - {"name", "code"}:
+                    raise bad("segments", _SEGMENT_EXPECTED, dict(entry))
+                try:
+                    entry = TaskSegment(name=entry.get("name"), code=entry.get("code"))
+                except ValueError:
+                    raise bad("segments", _SEGMENT_EXPECTED, dict(entry)) from None
+            if not isinstance(entry, TaskSegment):
+                raise bad("segments", _SEGMENT_EXPECTED, entry)
+            out.append(entry)
+        object.__setattr__(self, "segments", tuple(out))
+        if self.template is None:
+            return
+        if not isinstance(self.template, str | Path) or not str(self.template).strip():
+            raise bad("template", "a MONAI bundle directory (a path)", self.template)
+        path = Path(self.template).expanduser()
+        if not path.is_absolute():
+            base = Path(self.source).parent if self.source else Path.cwd()
+            path = base / path
+        path = path.resolve()
+        if not (path / "configs" / "metadata.json").is_file():
+            raise bad("template", "a MONAI bundle directory (configs/metadata.json and an "
+                      "inference config) to train a first model from", str(self.template))
+        object.__setattr__(self, "template", path)
+
+    def describe_segments(self) -> str:
+        """The declared segments in words (``Spleen (SCT:78961009)``), or ``none``."""
+        return ", ".join(s.name + (f" ({s.code})" if s.code else "")
+                         for s in self.segments) or "none"
+
     @property
     def task(self) -> str:
         """The registry task (same as :attr:`name`)."""
@@ -227,7 +328,9 @@ class Task:
                 "result_retention_days": self.result_retention_days,
                 "volume": {"stack": self.volume.stack,
                            "temporal_position": self.volume.temporal_position,
-                           "echo": self.volume.echo, "image_type": list(self.volume.image_type)}}
+                           "echo": self.volume.echo, "image_type": list(self.volume.image_type)},
+                "segments": [seg.to_dict() for seg in self.segments],
+                "template": None if self.template is None else str(self.template)}
 
     def describe_rules(self) -> str:
         """The rules in one line of words."""

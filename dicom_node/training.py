@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -49,7 +50,7 @@ def task_rules(task: str, tasks: Sequence[Task]) -> SelectionRules:
 
 
 def nightly_config(settings: Settings, *, epochs: int | None = None,
-                   min_dice: float | None = None) -> NightlyConfig:
+                   min_dice: float | None = None, template: Path | None = None) -> NightlyConfig:
     """The trainer's configuration from the settings (``epochs`` overrides the maximum).
 
     Parameters
@@ -57,6 +58,9 @@ def nightly_config(settings: Settings, *, epochs: int | None = None,
     min_dice : float, optional
         The task's own quality floor (a ``[[tasks]]`` table's ``min_dice``); default
         ``settings.train_min_dice``.
+    template : pathlib.Path, optional
+        The task's template bundle (a ``[[tasks]]`` table's ``template``): its first
+        model is trained de novo from it.
 
     Raises
     ------
@@ -75,7 +79,8 @@ def nightly_config(settings: Settings, *, epochs: int | None = None,
         min_dice=settings.train_min_dice if min_dice is None else min_dice,
         promote_after_shadow=settings.train_promote_after_shadow,
         validation_fraction=settings.train_validation_fraction,
-        patch_size=settings.train_patch_size, device=settings.train_device)
+        patch_size=settings.train_patch_size, device=settings.train_device,
+        template=str(template) if template is not None else "")
 
 
 def train_task(settings: Settings, task: str, *, epochs: int | None = None,
@@ -89,11 +94,12 @@ def train_task(settings: Settings, task: str, *, epochs: int | None = None,
     TrainingError
         If the training subprocess fails.
     """
-    rules = task_rules(task, settings.tasks)
+    spec = find_task(settings.tasks, task)
     if min_dice is None:  # the task's own floor, else train_min_dice
-        min_dice = find_task(settings.tasks, task).min_dice
-    return run_in_subprocess(settings.data_dir, task, rules,
-                             nightly_config(settings, epochs=epochs, min_dice=min_dice),
+        min_dice = spec.min_dice
+    return run_in_subprocess(settings.data_dir, task, spec.rules,
+                             nightly_config(settings, epochs=epochs, min_dice=min_dice,
+                                            template=spec.template),
                              nice=settings.train_nice, by=by)
 
 
@@ -197,7 +203,8 @@ class NightlyScheduler:
             LOG.info("nightly training of %s: %d new labelled series", spec.task, new)
             try:
                 outcome = run_in_subprocess(self.settings.data_dir, spec.task, spec.rules,
-                                            nightly_config(self.settings, min_dice=spec.min_dice),
+                                            nightly_config(self.settings, min_dice=spec.min_dice,
+                                                           template=spec.template),
                                             nice=self.settings.train_nice, by="nightly",
                                             cancel=self._cancel)
             except TrainingError as exc:

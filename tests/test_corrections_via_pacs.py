@@ -23,8 +23,6 @@ from pydicom.uid import generate_uid
 from loop_helpers import labels_now, node_json, pacs, small_study, storescu, write_files
 from node_harness import NodeProcess
 from orthanc.server import lua_forward_corrections
-from pipelines.demo_model import DEMO_BUNDLE
-from registry.store import Registry
 from waiting import wait_until
 
 pytestmark = pytest.mark.orthanc
@@ -66,10 +64,9 @@ def test_lua_forwards_only_segs_and_rejects_a_bad_modality_name() -> None:
 def test_seg_stowed_into_orthanc_becomes_a_label_with_its_creator(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    # A SEG becomes a label of the configured tasks whose model labels its segments
-    # (issue 14): the demo spleen-ct model is registered (as a candidate: no inference).
-    with Registry(data) as reg:
-        reg.import_bundle(DEMO_BUNDLE, task="spleen-ct", by="test", reason="names the labels")
+    # A SEG becomes a label of the configured tasks whose declared segments or model
+    # labels its segments name: the shipped spleen-ct declares Spleen (issue 27), so no
+    # model needs to be registered for the radiologist's first SEG to count.
     node = NodeProcess(data, extra_args=["--stable-after", "1.0"]).start()
     try:
         source = small_study("CORR-0001", slices=20)
@@ -94,6 +91,7 @@ def test_seg_stowed_into_orthanc_becomes_a_label_with_its_creator(tmp_path: Path
             assert got["content_creator"] == CREATOR
             assert got["series_uid"] == str(source[0].SeriesInstanceUID)
             assert got["segments"] == ["spleen"]
+            assert got["tasks"] == ["spleen-ct"] and got["unclaimed"] is None
             listing = node.cli("labels", "list").stdout
             assert CREATOR in listing and str(source[0].SeriesInstanceUID) in listing
             forwarded = re.findall(r"forwarding SEG (\S+)", orthanc.log_tail(400))

@@ -78,6 +78,27 @@ def test_the_issue_example_is_one_frozen_task_and_replaces_the_default(tmp_path:
         ("wholebody-ct", "CT", True), ("spleen-ct", "CT", False)]
 
 
+def test_a_task_names_its_segments_and_a_template_relative_to_its_file(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundles" / "organ"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "metadata.json").write_text("{}")
+    [task] = _load(tmp_path, '[[tasks]]\nname = "organ-ct"\nmodality = "CT"\n'
+                             'segments = [{ name = "Spleen", code = "SCT:78961009" }, '
+                             '{ name = "left  kidney" }]\ntemplate = "bundles/organ"\n').tasks
+    assert [(s.name, s.scheme, s.value) for s in task.segments] == [
+        ("Spleen", "SCT", "78961009"), ("left kidney", None, None)]
+    assert task.template == bundle.resolve()  # relative to the configuration file
+    assert task.to_dict()["segments"] == [{"name": "Spleen", "code": "SCT:78961009"},
+                                          {"name": "left kidney", "code": None}]
+    assert task.to_dict()["template"] == str(bundle.resolve())
+    assert task.describe_segments() == "Spleen (SCT:78961009), left kidney"
+    # the shipped default declares its segment and names the shipped demo bundle
+    [default] = default_tasks()
+    assert [(s.name, s.code) for s in default.segments] == [("Spleen", "SCT:78961009")]
+    assert default.template is not None and (default.template / "configs").is_dir()
+    assert default.template.name == "spleen_ct_demo"
+
+
 MISTAKES = [
     ('[[tasks]]\nmodality = "CT"\n', "tasks[0].name"),
     ('[[tasks]]\nname = "Whole Body"\nmodality = "CT"\n', "tasks[0].name"),
@@ -100,6 +121,15 @@ MISTAKES = [
     ('[[tasks]]\nname = "wb-ct"\nmodality = "CT"\nenabled = 1\n', "tasks.wb-ct.enabled"),
     ('[[tasks]]\nname = "wb-ct"\nmodality = "CT"\n[[tasks]]\nname = "wb-ct"\nmodality = "MR"\n',
      "tasks.wb-ct.name"),
+    ('[[tasks]]\nname = "wb-ct"\nmodality = "CT"\nsegments = "Spleen"\n', "tasks.wb-ct.segments"),
+    ('[[tasks]]\nname = "wb-ct"\nmodality = "CT"\nsegments = [{ name = "" }]\n',
+     "tasks.wb-ct.segments"),
+    ('[[tasks]]\nname = "wb-ct"\nmodality = "CT"\nsegments = [{ name = "Spleen", code = "78961009" }]\n',
+     "tasks.wb-ct.segments"),
+    ('[[tasks]]\nname = "wb-ct"\nmodality = "CT"\nsegments = [{ name = "Spleen", colour = "red" }]\n',
+     "tasks.wb-ct.segments"),
+    ('[[tasks]]\nname = "wb-ct"\nmodality = "CT"\ntemplate = "no-such-bundle"\n',
+     "tasks.wb-ct.template"),
     ('tasks = "spleen-ct"\n', "tasks"),
     ("waiting_for_model_max_age_h = 0\n", "waiting_for_model_max_age_h"),
 ]
@@ -170,6 +200,7 @@ def test_tasks_list_and_explain(tmp_path: Path) -> None:
         ("GE MEDICAL SYSTEMS", "liver-ct-v2"), ("all scanners", "liver-ct-v1")]
     text = _cli(data, cfg, "tasks", "list").stdout
     assert "wholebody-ct  enabled" in text and "model: no active model" in text
+    assert "  segments: none\n" in text  # none declared (issue 27)
     assert "model: liver-ct-v2 for GE MEDICAL SYSTEMS (labels: liver)" in text
 
     folder = tmp_path / "study"
@@ -255,9 +286,11 @@ def test_a_radiologist_seg_of_two_organs_is_a_label_of_both_tasks(tmp_path: Path
             [label] = [labels.get(i) for i in first.label_ids]
             assert label.tasks == ("liver-ct", "spleen-ct") and label.segments == ("Spleen", "Hepar")
             refused = intake(files[str(kidney_only.SeriesInstanceUID)])
-            assert refused.decision == "ignored"
-            assert "name no label of a configured task" in refused.reason
-            assert "heart-ct: no model registered" in refused.reason
+            assert refused.decision == "unclaimed"  # kept, for no task yet (issue 27)
+            assert "name no structure of a configured task" in refused.reason
+            assert "heart-ct: no segments declared, no model registered" in refused.reason
+            [kept] = [labels.get(i) for i in refused.label_ids]
+            assert kept.unclaimed and kept.tasks == () and not kept.current
             later = intake(files[str(spleen_only.SeriesInstanceUID)])
             [newer] = [labels.get(i) for i in later.label_ids]
             assert newer.tasks == ("spleen-ct",)

@@ -6,9 +6,11 @@
    donating patients, current labels, selection rules, split by patient);
 2. train a candidate with :func:`trainer.train.train` (the one training loop of the
    project): fine-tuned from the active version's weights at ``finetune_lr`` (1e-4)
-   or, when the task has no active version, from scratch at ``scratch_lr`` (1e-3) with
-   the configuration of the task's latest registered bundle (or the shipped demo
-   bundle of ``spleen-ct``); within a time budget, resumable from its checkpoint;
+   or, when the task has no active version, *de novo* (fresh weights) at ``scratch_lr``
+   (1e-3) with the network and transforms of the task's latest registered bundle or,
+   when it has none, of the template bundle the task names (``[[tasks]] template``,
+   ``NightlyConfig.template``; the shipped task names the demo bundle); within a time
+   budget, resumable from its checkpoint;
 3. register it as a candidate with its dataset manifest and parent (registry), and
    record in the twins which series it was trained with;
 4. evaluate the candidate and the active version on the *same* validation patients,
@@ -101,6 +103,10 @@ class NightlyConfig:
     min_series : int
         Fewest labelled series (train + validation) to train at all (>= 2).
     seed : int
+    template : str
+        A MONAI bundle directory whose network and transforms train the task's first
+        model de novo when it has no registered version ('' : none; the task's
+        ``[[tasks]] template``). Its weights are never used.
 
     Raises
     ------
@@ -121,6 +127,7 @@ class NightlyConfig:
     device: str = "auto"
     min_series: int = 2
     seed: int = 0
+    template: str = ""
 
     def __post_init__(self) -> None:
         for name in ("finetune_lr", "scratch_lr"):
@@ -146,6 +153,9 @@ class NightlyConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.min_series < 2:
             raise ValueError(f"min_series must be >= 2, got {self.min_series}")
+        if not isinstance(self.template, str):
+            raise TypeError(f"template must be a str (a bundle directory or ''), got "
+                            f"{type(self.template).__name__}")
 
     def resolved_device(self) -> str:
         """``auto`` resolved: ``cuda`` when a GPU is visible, else ``cpu``."""
@@ -171,7 +181,10 @@ class TrainingOutcome:
     candidate : str or None
         The registered candidate version.
     parent : str or None
-        The version it was fine-tuned from (``None``: from scratch).
+        The version it was fine-tuned from (``None``: de novo).
+    started_from : str
+        What it was trained from, in words (``fine-tuned from spleen-ct-v1``, ``de novo
+        from template /path/spleen_ct_demo``).
     active_before : str or None
         The active version when the run started.
     candidate_dice, active_dice : dict of str to float
@@ -200,6 +213,7 @@ class TrainingOutcome:
     train_seconds: float = 0.0
     samples_per_s: float = 0.0
     stopped_by: str = ""
+    started_from: str = ""
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -221,7 +235,8 @@ class TrainingOutcome:
         if self.outcome == "skipped":
             return f"{self.task}: nothing trained: {self.reason}"
         how = "stays a candidate" if self.outcome == "candidate" else self.outcome
-        return (f"{self.task}: {self.candidate} {how} ({self.reason}); mean Dice "
+        start = f", {self.started_from}" if self.started_from else ""
+        return (f"{self.task}: {self.candidate}{start} {how} ({self.reason}); mean Dice "
                 f"{mean(self.candidate_dice)} vs {mean(self.active_dice)} of "
                 f"{self.active_before or 'no active version'} on {self.validation_set}; "
                 f"{self.train_series} train / {self.validation_series} validation series of "
@@ -277,23 +292,37 @@ def evaluate(version: ModelVersion, cases: Sequence[LoadedCase], registry: Regis
     return {name: float(np.mean([d[name] for d in per_case])) for name in per_case[0]}
 
 
-def _base_bundle(reg: Registry, task: str) -> tuple[ModelVersion | None, Path]:
-    """The version to fine-tune (the active general one) and the bundle to copy."""
+def _base_bundle(reg: Registry, task: str, template: str = ""
+                 ) -> tuple[ModelVersion | None, Path, str]:
+    """The version to fine-tune (the active general one), the bundle to copy the
+    configuration of, and where the candidate starts from, in words.
+
+    Without an active version the candidate is trained de novo with the configuration
+    of the task's latest registered version or, without one, of ``template``.
+
+    Raises
+    ------
+    TrainingError
+        If the task has no registered version and names no usable template.
+    """
     active = reg.active(task)
     if active is not None:
-        return active, active.path
+        return active, active.path, f"fine-tuned from {active.version}"
     versions = reg.list(task)
     if versions:
-        return None, versions[-1].path
-    from pipelines.demo_model import DEMO_BUNDLE, DEMO_TASK
+        return None, versions[-1].path, f"de novo with the configuration of {versions[-1].version}"
+    if template:
+        path = Path(template)
+        if not (path / "configs").is_dir():
+            raise TrainingError(f"task {task!r}: its template {template} is not a bundle "
+                                "directory (no configs/)")
+        return None, path, f"de novo from template {path.name}"
+    raise TrainingError(f"task {task!r} has no registered model and names no template bundle "
+                        "to train a first one from: add `template = \"BUNDLE_DIR\"` to its "
+                        "[[tasks]] table, or import a bundle (dicom-node models import)")
 
-    if task == DEMO_TASK and (DEMO_BUNDLE / "configs").is_dir():
-        return None, DEMO_BUNDLE
-    raise TrainingError(f"task {task!r} has no registered model whose configuration could be "
-                        "trained; import a bundle first (dicom-node models import)")
 
-
-def _prepare_bundle(src: Path, dest: Path, *, parent: str | None, run_id: str,
+def _prepare_bundle(src: Path, dest: Path, *, how: str, run_id: str,
                     dataset: TrainingSet) -> None:
     """Copy the configs (not the weights) and note the run in metadata.json's changelog."""
     if dest.exists():
@@ -307,7 +336,6 @@ def _prepare_bundle(src: Path, dest: Path, *, parent: str | None, run_id: str,
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     base = str(meta.get("version", "0.0.0")).split("+")[0]
     meta["version"] = f"{base}+{run_id}"
-    how = f"fine-tuned from {parent}" if parent else "trained from scratch"
     changelog = dict(meta.get("changelog") or {})
     meta["changelog"] = {meta["version"]: f"{how} on {len(dataset.train)} series of donating "
                          f"patients (dicom-node nightly training)", **changelog}
@@ -338,14 +366,13 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
             LOG.info("training %s skipped: %s", task, reason)
             return TrainingOutcome(task=task, outcome="skipped", reason=reason,
                                    patients=len(dataset.patients))
-        parent, src = _base_bundle(reg, task)
+        parent, src, how = _base_bundle(reg, task, config.template)
         # One work folder per dataset and parent: a run interrupted (node stopped, budget
         # of the night spent) resumes from its checkpoint when the dataset is unchanged.
         key = hashlib.sha256(f"{parent.version if parent else '-'}\n{dataset.manifest_key()}"
                              .encode()).hexdigest()[:16]
         work = data_dir / TRAINING_DIR / task / f"run-{key}"
-        _prepare_bundle(src, work / "bundle", parent=parent.version if parent else None,
-                        run_id=run_id, dataset=dataset)
+        _prepare_bundle(src, work / "bundle", how=how, run_id=run_id, dataset=dataset)
         result, model_labels, device = _train_candidate(archive, task, work, dataset, parent,
                                                         config)
         candidate = reg.register_candidate(
@@ -367,7 +394,7 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
             train_series=len(dataset.train), validation_series=len(dataset.validation),
             patients=len(dataset.patients), epochs=result.epochs,
             train_seconds=round(result.seconds, 3), samples_per_s=round(result.samples_per_s, 3),
-            stopped_by=result.stopped_by)
+            stopped_by=result.stopped_by, started_from=how)
         (work / "outcome.json").write_text(json.dumps(out.to_dict(), indent=2))
         shutil.rmtree(work, ignore_errors=True)  # the bundle is copied into the registry
         LOG.info("training %s", out.summary())
@@ -404,7 +431,8 @@ def _train_candidate(archive: Archive, task: str, work: Path, dataset: TrainingS
         samples_per_volume=config.samples_per_volume)
     LOG.info("training %s: %s, lr %.0e, %d train / %d validation series, device %s, budget "
              "%.0f s, up to %d epochs", task,
-             f"fine-tuning {parent.version}" if parent else "from scratch", tc.learning_rate,
+             f"fine-tuning {parent.version}" if parent else "de novo (fresh weights)",
+             tc.learning_rate,
              len(dataset.train), len(dataset.validation), device, config.time_budget_s,
              config.max_epochs)
     result = train(bundle, make(dataset.train), make(dataset.validation), tc,

@@ -23,10 +23,16 @@ later liver SEG of the same series are both kept in use. A label naming no task 
 before tasks were recorded, or an import without one) is for any task. Recording
 the same content twice (a SEG re-sent identically, a file imported twice) adds nothing.
 
+A SEG that names no configured task's structure is still kept, as an *unclaimed*
+label with the reason (``unclaimed``) and its segments' codes: it is for no task, never
+current and in no dataset until :meth:`LabelStore.claim` names the tasks it is for
+(the shell claims it when a task or a model that names its segments appears). No label
+is lost for want of a task.
+
 This module decides nothing about DICOM content (whether an object is the node's own
 output, what a SEG references): the application shell does, and calls
 :meth:`LabelStore.add_seg` or :meth:`LabelStore.add_file`. Table ``labels``
-(migration 3 in :mod:`twin_archive.schema`).
+(migrations 3, 4 and 8 in :mod:`twin_archive.schema`).
 """
 
 from __future__ import annotations
@@ -104,7 +110,13 @@ class Label:
     current : bool
         Whether it is the series' current label (the newest recorded).
     tasks : tuple of str
-        The tasks it is a label for; empty: any task.
+        The tasks it is a label for; empty: any task (unless it is unclaimed).
+    unclaimed : str
+        Why it is for no task yet (its segments name no configured task's structure);
+        '' once claimed. An unclaimed label is never current and in no dataset.
+    segment_codes : tuple of str or None
+        Code value of each segment's Segmented Property Type (``None`` for a segment
+        without one); empty when unknown (imports, labels recorded before codes were).
     """
 
     id: int
@@ -123,16 +135,23 @@ class Label:
     recorded_at: str
     current: bool
     tasks: tuple[str, ...] = ()
+    unclaimed: str = ""
+    segment_codes: tuple[str | None, ...] = ()
 
     def applies_to(self, task: str) -> bool:
-        """Whether this label is a label of ``task`` (one naming no task is for any)."""
-        return not self.tasks or task in self.tasks
+        """Whether this label is a label of ``task`` (one naming no task is for any; an
+        unclaimed one is for none)."""
+        return not self.unclaimed and (not self.tasks or task in self.tasks)
 
     def __post_init__(self) -> None:
         if self.source not in LABEL_SOURCES:
             raise ValueError(f"source must be one of {LABEL_SOURCES}, got {self.source!r}")
         if not self.segments:
             raise ValueError("segments must name at least one structure")
+        if self.unclaimed and (self.tasks or self.current):
+            raise ValueError("an unclaimed label names no task and is not current")
+        if self.segment_codes and len(self.segment_codes) != len(self.segments):
+            raise ValueError("segment_codes needs one entry per segment")
 
     @property
     def version(self) -> str:
@@ -149,7 +168,8 @@ class Label:
             "seg_series_uid": self.seg_series_uid, "calling_ae": self.calling_ae,
             "content_creator": self.content_creator, "content_time": self.content_time,
             "recorded_at": self.recorded_at, "current": self.current,
-            "tasks": list(self.tasks),
+            "tasks": list(self.tasks), "unclaimed": self.unclaimed or None,
+            "segment_codes": list(self.segment_codes),
         }
 
 
@@ -191,14 +211,17 @@ class LabelStore(IndexStore):
 
     def add_seg(self, *, seg_sop_instance_uid: str, source_series_uid: str,
                 segments: Sequence[str], content_creator: str = "",
-                content_time: str = "", tasks: Sequence[str] = ()) -> tuple[Label, bool]:
+                content_time: str = "", tasks: Sequence[str] = (), unclaimed: str = "",
+                segment_codes: Sequence[str | None] = ()) -> tuple[Label, bool]:
         """Record an archived DICOM SEG instance as a label of ``source_series_uid``.
 
         The SEG must already be archived (its current instance row gives the file, the
         SHA-256 and the calling AE). The caller has checked that it is not the node's
         own output and that it references ``source_series_uid``. ``tasks`` names the
         tasks it is a label for (empty: any task); re-recording the same SEG with other
-        tasks updates them.
+        tasks updates them. With ``unclaimed`` (why), it is kept for no task until
+        :meth:`claim`; re-recording a claimed label as unclaimed changes nothing.
+        ``segment_codes``: each segment's Segmented Property Type code value.
 
         Returns
         -------
@@ -212,12 +235,17 @@ class LabelStore(IndexStore):
             If the source series is not archived, the SEG instance is not archived,
             or the SEG belongs to another patient than the series.
         ValueError
-            If a UID is invalid.
+            If a UID is invalid, ``unclaimed`` comes with ``tasks``, or
+            ``segment_codes`` does not have one entry per segment.
         """
         problem = uid_problem(seg_sop_instance_uid)
         if problem:
             raise ValueError(f"seg_sop_instance_uid: {problem}")
         segs = _check_segments(source_series_uid, segments)
+        if unclaimed and tasks:
+            raise ValueError("unclaimed: an unclaimed label names no task")
+        if segment_codes and len(segment_codes) != len(segs):
+            raise ValueError("segment_codes: one code (or None) per segment")
         with self._lock:
             src = self._series_row(source_series_uid)
             inst = fetch_dicts(self.db, "SELECT * FROM instances WHERE sop_instance_uid = ? AND current = 1",
@@ -234,7 +262,8 @@ class LabelStore(IndexStore):
                 series_uid=source_series_uid, source=SOURCE_SEG, segments=segs,
                 path=seg["path"], sha256=seg["sha256"], seg_sop=seg_sop_instance_uid,
                 seg_series=seg["series_uid"], calling_ae=seg["calling_ae"] or "",
-                creator=content_creator, content_time=content_time, tasks=tuple(tasks))
+                creator=content_creator, content_time=content_time, tasks=tuple(tasks),
+                unclaimed=unclaimed, codes=tuple(segment_codes))
 
     def add_file(self, *, series_uid: str, data: bytes, segments: Sequence[str], by: str,
                  suffix: str = ".nii.gz") -> tuple[Label, bool]:
@@ -277,36 +306,96 @@ class LabelStore(IndexStore):
     def _insert(self, *, patient_key: str, study_uid: str, series_uid: str, source: str,
                 segments: tuple[str, ...], path: str, sha256: str, seg_sop: str,
                 seg_series: str, calling_ae: str, creator: str, content_time: str,
-                tasks: tuple[str, ...] = ()) -> tuple[Label, bool]:
-        """Insert a label row and make it current, in one transaction (lock held)."""
+                tasks: tuple[str, ...] = (), unclaimed: str = "",
+                codes: tuple[str | None, ...] = ()) -> tuple[Label, bool]:
+        """Insert a label row and make it current (unless unclaimed), in one transaction
+        (lock held); the same content again updates its tasks or claims it."""
         tasks_text = json.dumps(sorted(set(tasks))) if tasks else ""
         with write(self.db) as conn:
             same = conn.execute(
-                "SELECT id, tasks FROM labels WHERE series_uid = ? AND sha256 = ?"
+                "SELECT id, tasks, unclaimed FROM labels WHERE series_uid = ? AND sha256 = ?"
                 " AND seg_sop_instance_uid = ?", (series_uid, sha256, seg_sop)).fetchone()
             if same is not None:
                 label_id, new = int(same[0]), False
-                if same[1] != tasks_text:
+                if unclaimed:  # a claimed label stays claimed; an unclaimed one says why now
+                    conn.execute("UPDATE labels SET unclaimed = ? WHERE id = ? AND unclaimed <> ''",
+                                 (unclaimed, label_id))
+                elif same[2]:
+                    _claim_row(conn, label_id, series_uid, tasks_text)
+                elif same[1] != tasks_text:
                     conn.execute("UPDATE labels SET tasks = ? WHERE id = ?", (tasks_text, label_id))
             else:
                 cur = conn.execute(
                     "INSERT INTO labels (patient_key, study_uid, series_uid, source, segments,"
                     " path, sha256, seg_sop_instance_uid, seg_series_uid, calling_ae,"
-                    " content_creator, content_time, recorded_at, current, tasks, size)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,?,?)",
+                    " content_creator, content_time, recorded_at, current, tasks, size,"
+                    " unclaimed, segment_codes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,0,?,?,?,?)",
                     (patient_key, study_uid, series_uid, source, json.dumps(list(segments)),
                      path, sha256, seg_sop, seg_series, calling_ae, creator, content_time,
-                     iso(utc_now()), tasks_text, _file_size(self.data_dir / path)))
+                     iso(utc_now()), tasks_text, _file_size(self.data_dir / path), unclaimed,
+                     json.dumps(list(codes)) if codes else ""))
                 label_id, new = int(cur.lastrowid or 0), True
-                conn.execute("UPDATE labels SET current = (id = ?) WHERE series_uid = ?",
-                             (label_id, series_uid))
+                if not unclaimed:
+                    _move_current(conn, series_uid)
         label = _build(self.data_dir, fetch_dicts(self.db, "SELECT * FROM labels WHERE id = ?",
                                             (label_id,))[0])
-        if new:
+        if new and unclaimed:
+            LOG.info("label %d kept unclaimed for series %s (%s, %s; from %s): %s", label.id,
+                     series_uid, source, ", ".join(segments), calling_ae or "import", unclaimed)
+        elif new:
             LOG.info("label %d recorded for series %s (%s, %s; from %s; for %s)", label.id,
                      series_uid, source, ", ".join(segments), calling_ae or "import",
                      ", ".join(tasks) or "any task")
         return label, new
+
+    def claim(self, label_id: int, tasks: Sequence[str]) -> tuple[Label, bool]:
+        """Make an unclaimed label a label of ``tasks`` (one transaction: tasks named,
+        reason cleared, the series' current label moved to the newest claimed one).
+
+        Returns
+        -------
+        (Label, bool)
+            The label, and whether this call claimed it (``False``: it was claimed
+            already, e.g. by another process; nothing changed).
+
+        Raises
+        ------
+        KeyError
+            If there is no such label.
+        ValueError
+            If ``tasks`` is empty.
+        """
+        if not tasks:
+            raise ValueError("tasks: name at least one task to claim a label for")
+        tasks_text = json.dumps(sorted(set(tasks)))
+        with self._lock:
+            with write(self.db) as conn:
+                row = conn.execute("SELECT series_uid, unclaimed FROM labels WHERE id = ?",
+                                   (label_id,)).fetchone()
+                if row is None:
+                    raise KeyError(f"no label {label_id}")
+                if row[1]:
+                    _claim_row(conn, label_id, str(row[0]), tasks_text)
+            label = _build(self.data_dir, fetch_dicts(self.db, "SELECT * FROM labels WHERE id = ?",
+                                                      (label_id,))[0])
+        if row[1]:
+            LOG.info("label %d of series %s claimed for %s (was unclaimed: %s)", label_id,
+                     label.series_uid, ", ".join(label.tasks), row[1])
+        return label, bool(row[1])
+
+    def set_unclaimed_reason(self, label_id: int, reason: str) -> None:
+        """Say why a label is still unclaimed (nothing happens to a claimed one).
+
+        Raises
+        ------
+        ValueError
+            If ``reason`` is empty.
+        """
+        if not reason.strip():
+            raise ValueError("reason: say why the label is unclaimed")
+        with self._lock, write(self.db) as conn:
+            conn.execute("UPDATE labels SET unclaimed = ? WHERE id = ? AND unclaimed <> ''",
+                         (reason, label_id))
 
     # ------------------------------------------------------------------ reading
     def frame_of_reference(self, series_uid: str) -> str | None:
@@ -371,12 +460,12 @@ class LabelStore(IndexStore):
         return [_build(self.data_dir, r) for r in rows]
 
     def donated_unlabelled_series(self, task: str | None = None) -> list[dict[str, str]]:
-        """Series of donating patients without any label (with ``task``: without a label
+        """Series of donating patients without any claimed label (with ``task``: without a label
         for that task): ``patient_key``, ``study_uid``, ``series_uid``, ``modality``,
         ``description``, ``last_received``; oldest first. Result and document modalities
         (SEG, SR, ...) are for the caller to filter."""
-        which, args = ("", ()) if task is None else (f" AND {_FOR_TASK.format('l')}",
-                                                      (_task_token(task),))
+        which, args = (" AND l.unclaimed = ''", ()) if task is None else (
+            f" AND {_FOR_TASK.format('l')}", (_task_token(task),))
         with self._lock:
             return fetch_dicts(self.db, "SELECT st.patient_key, se.study_uid, se.series_uid,"
                          " se.modality, se.description, se.last_received FROM series se"
@@ -394,16 +483,37 @@ class LabelStore(IndexStore):
         return [p for p in paths if not (self.data_dir / p).is_file()]
 
     def list(self, *, current_only: bool = False) -> list[Label]:
-        """All labels, oldest first (only the current ones with ``current_only``)."""
-        sql = "SELECT * FROM labels" + (" WHERE current = 1" if current_only else "") + " ORDER BY id"
+        """All labels, oldest first (with ``current_only``: the current and the unclaimed
+        ones)."""
+        sql = "SELECT * FROM labels" + (" WHERE current = 1 OR unclaimed <> ''"
+                                        if current_only else "") + " ORDER BY id"
         with self._lock:
             rows = fetch_dicts(self.db, sql, ())
         return [_build(self.data_dir, r) for r in rows]
 
+    def unclaimed(self) -> list[Label]:
+        """The unclaimed labels, oldest first."""
+        with self._lock:
+            rows = fetch_dicts(self.db, "SELECT * FROM labels WHERE unclaimed <> '' ORDER BY id", ())
+        return [_build(self.data_dir, r) for r in rows]
+
 
 #: SQL condition "label {0} is for the task given as parameter" (``tasks`` is a JSON list
-#: of task names, which hold no quote; '' means any task).
-_FOR_TASK = "({0}.tasks = '' OR instr({0}.tasks, ?) > 0)"
+#: of task names, which hold no quote; '' means any task; an unclaimed label is for none).
+_FOR_TASK = "({0}.unclaimed = '' AND ({0}.tasks = '' OR instr({0}.tasks, ?) > 0))"
+
+
+def _move_current(conn: Any, series_uid: str) -> None:
+    """Make the newest claimed label of a series its current one (open transaction)."""
+    conn.execute("UPDATE labels SET current = COALESCE(id = (SELECT MAX(id) FROM labels"
+                 " WHERE series_uid = ? AND unclaimed = ''), 0) WHERE series_uid = ?",
+                 (series_uid, series_uid))
+
+
+def _claim_row(conn: Any, label_id: int, series_uid: str, tasks_text: str) -> None:
+    """Claim label ``label_id`` for the tasks of ``tasks_text`` (open transaction)."""
+    conn.execute("UPDATE labels SET tasks = ?, unclaimed = '' WHERE id = ?", (tasks_text, label_id))
+    _move_current(conn, series_uid)
 
 
 def _task_token(task: str) -> str:
@@ -420,6 +530,8 @@ def _build(data_dir: Path, r: dict[str, Any]) -> Label:
         content_creator=r["content_creator"] or "", content_time=r["content_time"] or "",
         recorded_at=r["recorded_at"], current=bool(r["current"]),
         tasks=tuple(json.loads(r["tasks"])) if r.get("tasks") else (),
+        unclaimed=r.get("unclaimed") or "",
+        segment_codes=tuple(json.loads(r["segment_codes"])) if r.get("segment_codes") else (),
     )
 
 

@@ -223,10 +223,22 @@ def _m8_instance_indexes_by_patient_and_current(db: sqlite_utils.Database) -> No
     db.execute("CREATE INDEX instances_current_size ON instances (current, size)")
 
 
+def _m9_unclaimed_labels(db: sqlite_utils.Database) -> None:
+    """Issue 27: a SEG whose segments name no configured task's structure is kept as an
+    *unclaimed* label (``unclaimed``: why, in words; '' once claimed, and for every
+    label before this migration), with the code values of its segments' Segmented
+    Property Types (``segment_codes``: JSON list, ``null`` for a segment without one;
+    '' when unknown), so that a task or model added later can claim it without
+    reading the SEG again."""
+    db.execute("ALTER TABLE labels ADD COLUMN unclaimed TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE labels ADD COLUMN segment_codes TEXT NOT NULL DEFAULT ''")
+    db.execute("CREATE INDEX labels_unclaimed ON labels (id) WHERE unclaimed <> ''")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _m1_initial, _m2_ai_results, _m3_labels_and_training_use, _m4_label_tasks,
     _m5_liberal_acceptance_and_repair, _m6_live_learning, _m7_retention,
-    _m8_instance_indexes_by_patient_and_current)
+    _m8_instance_indexes_by_patient_and_current, _m9_unclaimed_labels)
 
 
 class IndexStore:

@@ -1,7 +1,11 @@
-"""``dicom-node labels``: import annotation-tool masks as labels, list the labels.
+"""``dicom-node labels``: import annotation-tool masks as labels, list the labels, claim
+the unclaimed ones.
 
 Labels also arrive as DICOM SEG over C-STORE (:mod:`dicom_node.label_intake`); both
-kinds are listed here with their provenance.
+kinds are listed here with their provenance. A SEG whose segments name no configured
+task's structure is kept *unclaimed* (listed with the reason); ``labels rescan`` claims
+those that a task or model names now (the node also does at start, on SIGHUP and after
+``models import``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from dicom_node.label_intake import ClaimReport, claim_unclaimed, registry_terms
 from dicom_node.settings import Settings
 from pipelines.volume import load_series
 from trainer.labelmaps import LabelContentError, mask_from_nifti
@@ -47,6 +52,15 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--all", action="store_true", help="also superseded (non-current) labels")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_list)
+
+    p = lsub.add_parser("rescan", parents=parents,
+                        help="claim the unclaimed labels that a configured task or model names now",
+                        description="Match every unclaimed label (a SEG whose segments named no "
+                                    "configured task's structure when it arrived) against the "
+                                    "configured tasks' segments and their models' labels; claim "
+                                    "those that match, say why the others stay unclaimed.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_rescan)
 
 
 def _archive(settings: Settings) -> Any:
@@ -113,5 +127,36 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{lab.id:>4}  {'*' if lab.current else '':<3} {lab.source:<12} "
               f"{','.join(lab.segments)[:18]:<18} {lab.calling_ae or '-':<16} "
               f"{lab.content_creator[:20]:<20} {lab.recorded_at[:19]:<19}  {lab.series_uid}")
-        print(f"{'':>6}for tasks: {', '.join(lab.tasks) or 'any'}")
+        if lab.unclaimed:
+            print(f"{'':>6}UNCLAIMED: {lab.unclaimed}")
+        else:
+            print(f"{'':>6}for tasks: {', '.join(lab.tasks) or 'any'}")
+    waiting = sum(1 for lab in labels if lab.unclaimed)
+    if waiting:
+        print(f"{waiting} unclaimed label(s): kept, in no dataset until a task or model names "
+              "their segments ([[tasks]] segments, `models import`), then `dicom-node labels "
+              "rescan` (the node also claims them on SIGHUP)")
     return 0
+
+
+def cmd_rescan(args: argparse.Namespace, settings: Settings) -> int:
+    report = claim_labels(settings, via="labels rescan", by=getpass.getuser())
+    if args.json:
+        print(json.dumps({"claimed": [{"label_id": i, "tasks": list(t)} for i, t in report.claimed],
+                          "unclaimed": [{"label_id": i, "reason": r} for i, r in report.unclaimed]},
+                         indent=2))
+        return 0
+    for label_id, tasks in report.claimed:
+        print(f"claimed: label {label_id} for {', '.join(tasks)}")
+    for label_id, reason in report.unclaimed:
+        print(f"still unclaimed: label {label_id}: {reason}")
+    print(report.summary())
+    return 0
+
+
+def claim_labels(settings: Settings, *, via: str, by: str) -> ClaimReport:
+    """Claim the unclaimed labels that the configured tasks or their models name now
+    (``labels rescan``, and after ``models import``)."""
+    with _archive(settings), LabelStore(settings.data_dir) as store:
+        return claim_unclaimed(store, registry_terms(settings.data_dir, settings.tasks), via=via,
+                               by=by)

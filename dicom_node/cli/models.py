@@ -269,12 +269,22 @@ def cmd_import(args: argparse.Namespace, settings: Any) -> int:
     print(f"imported {mv.version} ({mv.status.value}, scope {mv.scope}): {mv.bundle_name} "
           f"{mv.bundle_version}, labels {', '.join(lab.name for lab in mv.labels)}; "
           f"device UID {mv.device_uid}")
+    _claim_labels(settings, _by(args))
     if args.activate and mv.metrics is None:
         LOG.warning("%s activated with no recorded validation metrics (the quality floor was "
                     "not checked): the operator's explicit choice", mv.version)
         print(f"note: {mv.version} has no recorded validation metrics; it serves on your "
               "explicit choice (--activate), the quality floor min_dice was not checked")
     return 0
+
+
+def _claim_labels(settings: Any, by: str) -> None:
+    """The unclaimed labels that the new version's labels name become its task's."""
+    from dicom_node.cli.labels import claim_labels
+
+    report = claim_labels(settings, via="models import", by=by)
+    if report.claimed:
+        print(report.summary())
 
 
 def _import_candidate(args: argparse.Namespace, settings: Any) -> int:

@@ -73,6 +73,8 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     for t, models in rows:
         print(f"{t.name}  {'enabled' if t.enabled else 'DISABLED'}  outputs {'/'.join(t.outputs)}")
         print(f"  rules: {t.describe_rules()}")
+        print(f"  segments: {t.describe_segments()}"
+              + (f"; first model from template {t.template}" if t.template else ""))
         if not models:
             print("  model: no active model (its series wait for one: `dicom-node models import "
                   f"BUNDLE_DIR --task {t.name} --activate`)")
