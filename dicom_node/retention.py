@@ -47,8 +47,9 @@ LOG = logging.getLogger(__name__)
 
 #: Seconds between two looks at the disk by the guard.
 GUARD_INTERVAL_S = 1.0
-#: Seconds before the guard plans again after finding nothing prunable.
-NOTHING_PRUNABLE_RETRY_S = 10.0
+#: Seconds before the guard plans again after finding nothing prunable, at least; twice
+#: the last plan's time when that is longer (a plan at a million instances takes ~2 s).
+NOTHING_PRUNABLE_RETRY_S = 1.0
 
 
 
@@ -217,6 +218,7 @@ class DiskGuard:
         whether anything was removed."""
         if time.monotonic() < self._retry_at:
             return False
+        t0 = time.monotonic()
         try:
             with self._lock:
                 low = self.settings.disk_low_water_pct
@@ -239,7 +241,8 @@ class DiskGuard:
         self.full = False
         removed = run.report is not None and run.report.files > 0
         if not removed:
-            self._retry_at = time.monotonic() + NOTHING_PRUNABLE_RETRY_S
+            self._retry_at = time.monotonic() + max(NOTHING_PRUNABLE_RETRY_S,
+                                                    2 * (time.monotonic() - t0))
             if not self.nothing_prunable:
                 LOG.warning("disk: %.1f %% used and nothing is prunable (donors' and held "
                             "patients' images, unsettled series and kept results stay); the "
