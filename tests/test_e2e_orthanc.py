@@ -166,9 +166,11 @@ def test_seg_from_elsewhere_does_not_trigger_inference(
     wait_until("the source series to be decided", lambda: str(source[0].SeriesInstanceUID) in node.log(), 30)
     jobs_before = len(node_json(node, "jobs"))
     assert send(node.port, [path], called_ae=node.ae_title) == [0]
-    # The monitor files it as the series' label (or leaves it alone); never a job.
+    # The monitor files it as the series' label, or keeps it unclaimed (no task names the
+    # liver: issue 27), or leaves it alone; never a job.
     decided = wait_until("the monitor's decision on the foreign SEG", lambda: re.search(
-        rf"series {ds.SeriesInstanceUID} \(SEG, 1 instance\(s\)\) (taken as label|left alone)",
+        rf"series {ds.SeriesInstanceUID} \(SEG, 1 instance\(s\)\) "
+        r"(taken as label|kept as unclaimed label|left alone)",
         node.log()), 30)
     assert decided
     assert len(node_json(node, "jobs")) == jobs_before
