@@ -221,6 +221,8 @@ class DiskGuard:
         t0 = time.monotonic()
         try:
             with self._lock:
+                if need_bytes and self._room_for(need_bytes):
+                    return True  # another association's prune, while this one waited, made it
                 low = self.settings.disk_low_water_pct
                 run = prune(self.settings, pressure=True, by="disk-guard", audit=self.audit,
                             stop_when=lambda: disk_use_pct(self.settings.data_dir) < low)
@@ -252,6 +254,12 @@ class DiskGuard:
         else:
             self.nothing_prunable = False
         return removed
+
+
+    def _room_for(self, need_bytes: int) -> bool:
+        """Whether ``need_bytes`` fit above the ``min_free_mb`` reserve now."""
+        free = shutil.disk_usage(self.settings.data_dir).free
+        return free - need_bytes >= self.settings.min_free_mb << 20
 
 
 def summarize(items: Sequence[PruneItem]) -> dict[str, int]:

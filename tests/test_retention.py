@@ -12,14 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from dicom_node.database import iso, utc_now
-from dicom_node.jobs import JobQueue, JobState, connect_queue
+from dicom_node.jobs import JobQueue, JobState
 from dicom_node import retention as shell_retention
 from dicom_node.settings import load_settings
 from node_harness import incoming, small_ct
@@ -234,8 +233,10 @@ def test_hold_and_release_through_the_cli_are_audited(tmp_path: Path) -> None:
     assert "LEGAL HOLD" in show.stdout and "case 4" in show.stdout
     with Retention(tmp_path) as store:
         assert store.plan(RetentionPolicy(retention_days=0), settled, pressure=True) == []
+    with Archive(tmp_path) as archive:
+        key = archive.twins.find_twin_keys("HOLD-2")[0]
     with Erasure(tmp_path) as erasure, pytest.raises(PatientHeldError, match="legal hold"):
-        erasure.erase(settled[0].series_uid and Archive(tmp_path).twins.find_twin_keys("HOLD-2")[0])
+        erasure.erase(key)
     refused = _cli(tmp_path, "twin", "forget", "HOLD-2", "--by", "dpo", "--reason", "art. 17")
     assert refused.returncode != 0 and "legal hold" in refused.stderr + refused.stdout
     assert len(_files(tmp_path, s1)) == 3
@@ -375,8 +376,6 @@ def test_usage_by_kind(tmp_path: Path) -> None:
     assert (usage.non_donors, usage.donors, usage.held) == (
         size["U-NON"], size["U-DON"], size["U-HELD"])
     assert usage.received_last_7d == usage.donors + usage.non_donors + usage.held
-    connect_queue(tmp_path).conn.close()
-    time.sleep(0)
 
 
 def test_rebuild_index_replays_holds_from_the_audit_log(tmp_path: Path) -> None:
@@ -427,3 +426,16 @@ def test_disk_guard_on_a_disk_full_to_the_last_byte_says_so_once_and_prunes_when
         assert "a prune can be recorded again" in caplog.text
     finally:
         subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def test_an_association_that_waited_for_another_prune_does_not_prune_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """C-STOREs below the reserve on several associations each ask the guard for room; one
+    that finds the room made (by the prune it waited for) returns at once, no new plan."""
+    with Archive(tmp_path) as archive:
+        _series(archive, "ROOM-1")
+    settings = load_settings(None, overrides={"data_dir": str(tmp_path)}, env={})
+    guard = shell_retention.DiskGuard(settings.replace(min_free_mb=0))
+    caplog.set_level("INFO", logger="dicom_node.retention")
+    assert guard.make_room(1) is True
+    assert "archive prune" not in caplog.text and not (tmp_path / "retention-outlook.json").exists()
