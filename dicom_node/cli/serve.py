@@ -55,7 +55,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     settings = apply_flags(args, settings)
     configure_logging(settings.log_level)
     node = Node(settings)
-    node.start()
     stop = threading.Event()
     reload = threading.Event()
 
@@ -70,6 +69,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
+    # The handlers come first: the listener is ready (and a supervisor may send SIGHUP or
+    # SIGTERM) before start() returns; a signal in between was lost, or ended the process.
+    node.start()
     next_status = time.monotonic() + 10.0
     while not stop.wait(0.5):
         if reload.is_set():
