@@ -18,7 +18,7 @@ one, in turns, ``--rounds`` times, and the table gives both, their ratio and the
 * ``twin show``: :meth:`twin_archive.twins.Twins.twin` of a built patient, in-process
   (what ``dicom-node twin show`` asks of the index), and the command's wall time;
 * ``status``: what ``dicom-node status`` and ``/metrics`` ask of the stores
-  (:func:`dicom_node.observability.read_state` and :func:`dicom_node.retention.storage`),
+  (:func:`dicom_node.runtime.observability.read_state` and :func:`dicom_node.runtime.retention.storage`),
   and the command's wall time;
 * ``archive verify``: ``dicom-node archive verify`` (not ``--deep``), wall time; it must
   exit 0 (a fixture that verify finds wrong is a failed run).
@@ -93,9 +93,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage  
 from benchmarks.ingest import (  # noqa: E402
     _kill_children, _on_signal, _spawn, _stop, _wait_port, send, vm_hwm_kib,
 )
-from dicom_node.database import connect, iso, utc_now, write  # noqa: E402
-from dicom_node.jobs import connect_queue  # noqa: E402
-from dicom_node.retention import OUTLOOK_FILE  # noqa: E402
+from dicom_node.foundation.database import connect, write  # noqa: E402
+from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.queue.jobs import connect_queue  # noqa: E402
+from dicom_node.runtime.retention import OUTLOOK_FILE  # noqa: E402
 from orthanc.server import free_ports  # noqa: E402
 from pipelines.phantom import Anatomy, SliceGeometry, StudyInfo, ct_series  # noqa: E402
 from twin_archive import Archive  # noqa: E402
@@ -539,7 +540,7 @@ def _wait_ready(sock: socket.socket, proc: subprocess.Popen[bytes], log: Path, t
 
 def _wait_first_prune_plan(data_dir: Path, t_spawn: float, timeout_s: float = 300.0) -> float:
     """Seconds from the node's launch (``t_spawn``, Unix time) until the scheduled prune
-    of its start wrote what it found prunable (:data:`dicom_node.retention.OUTLOOK_FILE`)."""
+    of its start wrote what it found prunable (:data:`dicom_node.runtime.retention.OUTLOOK_FILE`)."""
     path = data_dir / OUTLOOK_FILE
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -654,7 +655,7 @@ def measure_ingest4(data_dir: Path, ctx: Context) -> list[float]:
 
 @register_measurement("start-up: lock+open+reconcile (in-process)")
 def measure_startup_inprocess(data_dir: Path, ctx: Context) -> list[float]:
-    from dicom_node.datadir_lock import DataDirLock
+    from dicom_node.runtime.datadir_lock import DataDirLock
     from twin_archive.reconcile import recover
 
     t0 = time.perf_counter()
@@ -673,7 +674,7 @@ def measure_prune(data_dir: Path, ctx: Context) -> list[float]:
     """Retention's crash-safe prune (rows moved, files unlinked and their folders
     fsynced, rows marked) of the oldest settled non-donor series, up to
     :data:`PRUNE_INSTANCES` instances; the plan is timed apart (printed)."""
-    from dicom_node.jobs import settled_series
+    from dicom_node.queue.jobs import settled_series
     from twin_archive.retention import Retention, RetentionPolicy
 
     t0 = time.perf_counter()
@@ -738,9 +739,9 @@ def measure_twin_show_cli(data_dir: Path, ctx: Context) -> list[float]:
 @register_measurement("status: the stores' reads (in-process)", goal_s=0.5)
 def measure_status(data_dir: Path, ctx: Context) -> list[float]:
     """What ``dicom-node status`` asks of the stores: :func:`read_state` (counts, queue,
-    audit) and :func:`dicom_node.retention.storage` (bytes by kind)."""
-    from dicom_node import retention
-    from dicom_node.observability import read_state
+    audit) and :func:`dicom_node.runtime.retention.storage` (bytes by kind)."""
+    from dicom_node.runtime import retention
+    from dicom_node.runtime.observability import read_state
     from dicom_node.settings import Settings
 
     settings = Settings().replace(data_dir=data_dir, retention_days=36500.0)

@@ -54,7 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.end_to_end import start_node  # noqa: E402
-from dicom_node.database import connect  # noqa: E402
+from dicom_node.foundation.database import connect  # noqa: E402
 from orthanc.server import OrthancServer, free_ports  # noqa: E402
 from pipelines.demo_model import ensure_demo_model  # noqa: E402
 from pipelines.phantom import Anatomy, SliceGeometry, StudyInfo, ct_series  # noqa: E402

@@ -1,8 +1,8 @@
 """Per-row cost of sqlite-utils' ``Table.insert`` next to a prepared ``execute``.
 
-The figure behind :mod:`dicom_node.database`'s choice to write SQL by hand. Both
-write the same rows into an index-like table through :func:`dicom_node.database.connect`
-(WAL, ``synchronous=FULL``), all rows in one :func:`~dicom_node.database.write`
+The figure behind :mod:`dicom_node.foundation.database`'s choice to write SQL by hand. Both
+write the same rows into an index-like table through :func:`dicom_node.foundation.database.connect`
+(WAL, ``synchronous=FULL``), all rows in one :func:`~dicom_node.foundation.database.write`
 transaction, so the statement cost is measured rather than the commit's fsync::
 
     .venv/bin/python benchmarks/sqlite_writes.py --rows 2000 --rounds 3
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dicom_node.database import connect, write
+from dicom_node.foundation.database import connect, write
 
 _TABLE = ("CREATE TABLE instances (id INTEGER PRIMARY KEY, sop_instance_uid TEXT NOT NULL,"
           " series_uid TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,"

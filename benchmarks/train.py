@@ -33,9 +33,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dicom_node.label_intake import intake_seg_series  # noqa: E402
+from dicom_node.learning.label_intake import intake_seg_series  # noqa: E402
 from dicom_node.tasks import default_tasks  # noqa: E402
-from dicom_node.training import task_rules  # noqa: E402
+from dicom_node.learning.training import task_rules  # noqa: E402
 from learning_helpers import radiologist_seg, store_all  # noqa: E402
 from pipelines import phantom as ph  # noqa: E402
 from pipelines.demo_model import DEMO_BUNDLE, DEMO_TASK  # noqa: E402

@@ -3,7 +3,7 @@
 Sources, later ones winning: built-in defaults, the TOML file (``--config`` or
 ``DICOM_NODE_CONFIG``), environment variables (``DICOM_NODE_DATA_DIR``,
 ``DICOM_NODE_PORT``, ``DICOM_NODE_AE_TITLE``, ``DICOM_NODE_LOG_LEVEL``), command-line
-flags. Every mistake is reported as one :class:`~dicom_node.errors.ConfigError` line
+flags. Every mistake is reported as one :class:`~dicom_node.foundation.errors.ConfigError` line
 naming the key and what is expected.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.errors import ConfigError
+from dicom_node.foundation.errors import ConfigError
 from dicom_node.profiles import DEFAULT_TRANSFER_SYNTAXES, check_transfer_syntaxes
 from dicom_node.tasks import Task, default_tasks, parse_tasks
 
@@ -422,7 +422,7 @@ class Settings:
             "sends nothing is closed after it.")
     fast_receive: bool = _setting(
         True, **_BOOL,
-        doc="Receive C-STOREs on the node's fast path (:mod:`dicom_node.fast_receive`, which "
+        doc="Receive C-STOREs on the node's fast path (:mod:`dicom_node.wire.fast_receive`, which "
             "reaches into pynetdicom's internals) or, false, on plain pynetdicom. A pynetdicom "
             "whose internals changed is detected at start and served plainly.")
     min_free_mb: int = _setting(
@@ -548,7 +548,7 @@ class Settings:
         0.7, **_NUMBER, check=_number(0, 1, "a mean Dice from 0 to 1"),
         doc="Quality floor: a trained candidate whose mean validation Dice is below it is "
             "never promoted, even when the task has no active version. A task's own "
-            "``min_dice`` overrides it (:func:`dicom_node.training.nightly_config`).")
+            "``min_dice`` overrides it (:func:`dicom_node.learning.training.nightly_config`).")
     train_promote_after_shadow: int = _setting(
         0, **_INT, check=_integer(0, 100000, "an integer >= 0 (0 = off)"),
         doc="When > 0, the nightly job promotes a candidate only after it has shadowed this "

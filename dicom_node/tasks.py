@@ -8,7 +8,7 @@ either"). A configuration without ``[[tasks]]`` serves the tasks of the shipped 
 when any ``[[tasks]]`` table is present, the tables are the whole list.
 
 Each table becomes a frozen :class:`Task`, validated in its constructor: every mistake is
-one :class:`~dicom_node.errors.ConfigError` line naming the task and the key
+one :class:`~dicom_node.foundation.errors.ConfigError` line naming the task and the key
 (``tasks.wholebody-ct.min_slices: expected an integer >= 1, got 0``).
 
 The rules are applied by :func:`pipelines.selection.matches` (the same code for
@@ -27,7 +27,7 @@ from typing import Any
 
 from pydicom.uid import CTImageStorage, MRImageStorage, PositronEmissionTomographyImageStorage
 
-from dicom_node.errors import ConfigError
+from dicom_node.foundation.errors import ConfigError
 from pipelines.errors import SelectionRulesError
 from pipelines.multiframe import ENHANCED_SOP_CLASSES, VolumeChoice
 from pipelines.selection import SelectionRules

@@ -7,7 +7,7 @@ instances by UID only.
 
 from __future__ import annotations
 
-from dicom_node.errors import DicomNodeError
+from dicom_node.foundation.errors import DicomNodeError
 
 
 class PipelineError(DicomNodeError):

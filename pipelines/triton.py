@@ -9,7 +9,7 @@ logits. The Triton model is the version's ONNX export, written by
 Runtime backend, TensorRT on the GPU) or ``<version>-python`` (Python backend).
 
 Triton down, or the model not loaded there, is :class:`TritonUnavailableError`:
-the job waits and is tried again with back-off (:mod:`dicom_node.worker`); there is
+the job waits and is tried again with back-off (:mod:`dicom_node.runtime.worker`); there is
 never a silent fallback to local inference. A request that fails on a lost
 connection is tried again a few times within ``retry_s`` before that.
 """

@@ -12,8 +12,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from dicom_node.database import iso, utc_now
-from dicom_node.durable import replace_durably
+from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.durable import replace_durably
 from registry.records import Artifact, ArtifactKind, Verification, check_version
 from registry.rows import insert_row, parse_ts
 from registry.versions import VersionQueries

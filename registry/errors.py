@@ -1,6 +1,6 @@
 """Exceptions of the model registry (the "knowledge bank").
 
-A leaf module: it imports only :mod:`dicom_node.errors`, so that the registry stays
+A leaf module: it imports only :mod:`dicom_node.foundation.errors`, so that the registry stays
 free of the application shell. Every error the registry raises on purpose is a
 :class:`RegistryError`; each subclass also subclasses the fitting built-in, and
 builds its message in ``__init__`` from the identifier involved.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node.errors import DicomNodeError
+from dicom_node.foundation.errors import DicomNodeError
 
 
 class RegistryError(DicomNodeError):

@@ -11,7 +11,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.database import open_existing
+from dicom_node.foundation.database import open_existing
 from registry.records import ModelStatus
 from registry.store import DB_NAME
 

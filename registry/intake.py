@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import generate_uid
 
-from dicom_node.database import iso, utc_now
-from dicom_node.durable import replace_durably
+from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.durable import replace_durably
 from registry.artifacts import sha256_file
 from registry.errors import RegistryError
 from registry.lifecycle import VersionLifecycle

@@ -23,7 +23,7 @@ from registry.records import (
 
 def insert_row(conn: sqlite3.Connection, table: str, row: Mapping[str, Any]) -> None:
     """Insert ``row`` (column -> value) into the register's ``table`` (a name of ours,
-    never from outside) with one plain ``INSERT`` (``dicom_node.database`` says why not
+    never from outside) with one plain ``INSERT`` (``dicom_node.foundation.database`` says why not
     sqlite-utils' ``Table.insert``); the caller holds the write transaction."""
     placeholders = ", ".join("?" * len(row))
     conn.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({placeholders})",

@@ -1,4 +1,4 @@
-"""The register of model versions: SQLite (via :mod:`dicom_node.database`) and files on disk.
+"""The register of model versions: SQLite (via :mod:`dicom_node.foundation.database`) and files on disk.
 
 Layout under the data directory::
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from dicom_node.database import Migration, connect, migrate, write
+from dicom_node.foundation.database import Migration, connect, migrate, write
 from registry.artifacts import ArtifactRecords
 from registry.intake import VersionIntake
 
@@ -34,7 +34,7 @@ LOG = logging.getLogger(__name__)
 
 DB_NAME = "registry.sqlite"
 
-# The register's schema, migration 1 (dicom_node.database.migrate records it).
+# The register's schema, migration 1 (dicom_node.foundation.database.migrate records it).
 _M1 = """
     CREATE TABLE model_versions (
         version TEXT PRIMARY KEY,
@@ -156,7 +156,7 @@ class Registry(VersionIntake, ArtifactRecords):
     # -- transactions and schema ------------------------------------------------------
 
     def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """One write transaction on the register (:func:`dicom_node.database.write`):
+        """One write transaction on the register (:func:`dicom_node.foundation.database.write`):
         write lock taken up front, nested calls join it."""
         return write(self.db)
 

@@ -5,10 +5,10 @@ runs them through; it returns quietly when the node would refuse them the way it
 means to (an A-ABORT, a C000) and raises anything else, which atheris reports as a
 crash:
 
-* ``pdu`` - the PDU stream watch (:class:`dicom_node.bounded_wire.PduWatch`, with its
+* ``pdu`` - the PDU stream watch (:class:`dicom_node.wire.bounded_wire.PduWatch`, with its
   DIMSE framing rules, whose refusals are ``FramingError``), the
   fast path's command-set decoder and its refusal of broken command sets
-  (:mod:`dicom_node.fast_receive.store_lane`), and pynetdicom's P-DATA-TF decoder;
+  (:mod:`dicom_node.wire.fast_receive.store_lane`), and pynetdicom's P-DATA-TF decoder;
 * ``association`` - an A-ASSOCIATE-RQ: pynetdicom's decoder (whose errors its DUL
   answers with an A-ABORT), then what runs in the node's threads after it: the
   primitive, and the presentation context negotiation against the node's contexts;
@@ -33,8 +33,8 @@ TARGETS = ("pdu", "association", "store")
 def _setup_pdu() -> Callable[[bytes], None]:
     from pynetdicom.pdu import P_DATA_TF
 
-    from dicom_node.bounded_wire import FramingError, PduTooLargeError, PduWatch
-    from dicom_node.fast_receive.store_lane import command_problem, decode_store_command
+    from dicom_node.wire.bounded_wire import FramingError, PduTooLargeError, PduWatch
+    from dicom_node.wire.fast_receive.store_lane import command_problem, decode_store_command
 
     accepted = {1: object(), 3: object()}
 
@@ -63,8 +63,8 @@ def _setup_association() -> Callable[[bytes], None]:
     from pynetdicom.pdu import A_ASSOCIATE_RQ
     from pynetdicom.presentation import build_context, negotiate_as_acceptor
 
-    from dicom_node.handlers.association import request_problem
-    from dicom_node.server import TRANSFER_SYNTAXES
+    from dicom_node.wire.handlers.association import request_problem
+    from dicom_node.wire.server import TRANSFER_SYNTAXES
 
     supported = [build_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
                  for cx in AllStoragePresentationContexts[:8]]

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipelines import phantom as ph
-from dicom_node.label_intake import intake_seg_series
+from dicom_node.learning.label_intake import intake_seg_series
 from node_harness import incoming
 from twin_archive import Archive
 from twin_archive.labels import LabelStore

@@ -17,8 +17,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_node.jobs import Job, JobQueue
-from dicom_node.sender import Send, Sender, SendState
+from dicom_node.queue.jobs import Job, JobQueue
+from dicom_node.queue.sender import Send, Sender, SendState
 from orthanc.server import OrthancServer
 from pipelines import phantom as ph
 from registry.store import Registry

@@ -11,8 +11,8 @@ import logging
 
 import pytest
 
-from dicom_node.handlers.admission import LOCKOUT_QUIET_S, Admission
-from dicom_node.metrics import NodeMetrics
+from dicom_node.wire.handlers.admission import LOCKOUT_QUIET_S, Admission
+from dicom_node.wire.metrics import NodeMetrics
 
 
 class _Conn:
@@ -29,7 +29,7 @@ def test_pending_connections_hold_only_their_own_peers_slots(caplog: pytest.LogC
     admission = Admission(2, 2, metrics, clock=lambda: now[0])
     hostile = [_Conn() for _ in range(2)]
     assert all(admission.connection(c, "10.0.0.66") for c in hostile)  # type: ignore[arg-type]
-    caplog.set_level(logging.INFO, logger="dicom_node.handlers.admission")
+    caplog.set_level(logging.INFO, logger="dicom_node.wire.handlers.admission")
     for _ in range(20):  # the hostile peer again and again: closed at accept
         assert not admission.connection(_Conn(), "10.0.0.66")  # type: ignore[arg-type]
     scanner = [_Conn(), _Conn()]

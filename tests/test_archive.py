@@ -177,7 +177,7 @@ def test_write_lock_taken_after_another_process_releases_it(tmp_path: Path) -> N
     """begin_immediate waits for a held write lock in short steps, then gives up cleanly."""
     import sqlite3
 
-    from dicom_node.database import begin_immediate, connect
+    from dicom_node.foundation.database import begin_immediate, connect
     from waiting import wait_until
 
     path = str(tmp_path / "x.sqlite")

@@ -15,7 +15,7 @@ from contextlib import closing
 from pathlib import Path
 
 from benchmarks.archive_scale import Scale, a_patient, build_data_dir
-from dicom_node.database import connect
+from dicom_node.foundation.database import connect
 from twin_archive import Archive
 from twin_archive.rebuild import rebuild_index
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket
 
-from dicom_node.server import DicomServer
+from dicom_node.wire.server import DicomServer
 from dicom_node.settings import Settings
 from twin_archive import Archive
 

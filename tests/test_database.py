@@ -1,4 +1,4 @@
-"""The SQLite leaf (dicom_node.database): connect, write, migrate, the clock; and that
+"""The SQLite leaf (dicom_node.foundation.database): connect, write, migrate, the clock; and that
 data directories written before it upgrade (the registry's, the queue's and the audit
 log's older records of their migrations)."""
 
@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from dicom_node.database import connect, iso, migrate, utc_now, write
+from dicom_node.foundation.database import connect, migrate, write
+
+from dicom_node.foundation.clock import iso, utc_now
 
 
 def _db(tmp_path: Path, name: str = "x.sqlite") -> sqlite_utils.Database:
@@ -224,7 +226,7 @@ def test_older_data_directories_upgrade(tmp_path: Path) -> None:
     """Each store opened on its file as the code before the leaf left it: the record of
     its migrations is put back in the older form, and reopening must adopt it (a
     migration applied twice would fail: its tables exist)."""
-    from dicom_node.jobs import JobQueue
+    from dicom_node.queue.jobs import JobQueue
     from registry.store import Registry
     from twin_archive import Archive
     from twin_archive.audit import AuditLog

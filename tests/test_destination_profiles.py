@@ -16,9 +16,9 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, evt
 
-from dicom_node.errors import ConfigError
+from dicom_node.foundation.errors import ConfigError
 from dicom_node.profiles import KIND_SOP_CLASSES
-from dicom_node.sender import Sender, SendState
+from dicom_node.queue.sender import Sender, SendState
 from dicom_node.settings import Destination, load_settings
 from loop_helpers import pacs
 from orthanc.server import free_ports

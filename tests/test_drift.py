@@ -3,7 +3,7 @@ against each scanner's baseline, ``dicom-node drift``, ``/metrics``, named once.
 
 Three phantom "scanners" (same Manufacturer and model, Station Name CT-1, CT-2, CT-3)
 send series that are written as DICOM files and go through the worker's hook
-(:class:`dicom_node.live_learning.LiveLearning`, the empty-result path, which reads
+(:class:`dicom_node.learning.live_learning.LiveLearning`, the empty-result path, which reads
 the series back from its files); CT-3's later series have a shifted contrast (native
 phase, darker spleen). CT-1 and CT-2 stay stable; CT-3 is named in the journal, once.
 """
@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from dicom_node.drift import DriftConfig, psi
-from dicom_node.jobs import JobQueue
-from dicom_node.live_learning import LiveLearning
-from dicom_node.metrics import NodeMetrics
-from dicom_node.observability import NodeCollector, build_registry
+from dicom_node.learning.drift import DriftConfig, psi
+from dicom_node.queue.jobs import JobQueue
+from dicom_node.learning.live_learning import LiveLearning
+from dicom_node.wire.metrics import NodeMetrics
+from dicom_node.runtime.observability import NodeCollector, build_registry
 from learning_helpers import geometry
 from loop_helpers import install_model, write_files
 from node_harness import DICOM_NODE, REPO
@@ -54,7 +54,7 @@ def test_two_stable_scanners_and_one_with_shifted_contrast_named_once(
     live = LiveLearning(data, drift=CONFIG)
     g = geometry()
     plan = [("CT-1", None)] * 6 + [("CT-2", None)] * 6 + [("CT-3", None)] * 3 + [("CT-3", SHIFTED)] * 3
-    caplog.set_level(logging.WARNING, logger="dicom_node.drift")
+    caplog.set_level(logging.WARNING, logger="dicom_node.learning.drift")
     try:
         for i, (station, style) in enumerate(plan):
             info = ph.StudyInfo(patient_id=f"DR-{i}", station_name=station)

@@ -1,4 +1,4 @@
-"""The one durable write helper (``dicom_node/durable.py``): nothing or the whole file."""
+"""The one durable write helper (``dicom_node/foundation/durable.py``): nothing or the whole file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydicom.dataset import Dataset
 
-from dicom_node import durable
+from dicom_node.foundation import durable
 from trainer.train import _save_atomic
 
 
@@ -18,7 +18,7 @@ def synced_dirs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """The directories fsynced during the test (the real fsync still runs).
 
     Spies on ``os.fsync`` itself, so it sees every caller however it imported the
-    helper (a module that did ``from dicom_node.durable import fsync_dir`` before the
+    helper (a module that did ``from dicom_node.foundation.durable import fsync_dir`` before the
     test keeps the real function)."""
     seen: list[Path] = []
     real = os.fsync

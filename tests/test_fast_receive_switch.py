@@ -11,8 +11,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom import dul as pynetdicom_dul
 
-from dicom_node import fast_receive
-from dicom_node.server import DicomServer
+from dicom_node.wire import fast_receive
+from dicom_node.wire.server import DicomServer
 from dicom_node.settings import Settings
 from twin_archive import Archive
 
@@ -32,9 +32,9 @@ def test_changed_internals_fall_back_to_plain_pynetdicom_with_one_warning(
     monkeypatch.setattr(fast_receive.store_lane, "_installed", False)  # as in a fresh process
     monkeypatch.delattr(pynetdicom_dul.DULServiceProvider, "_read_pdu_data")
     assert "_read_pdu_data" in (fast_receive.self_check() or "")
-    caplog.set_level(logging.WARNING, logger="dicom_node.fast_receive")
+    caplog.set_level(logging.WARNING, logger="dicom_node.wire.fast_receive")
     assert fast_receive.install(AE(), tmp_path) is False
-    warnings = [r for r in caplog.records if r.name == "dicom_node.fast_receive"]
+    warnings = [r for r in caplog.records if r.name == "dicom_node.wire.fast_receive"]
     assert len(warnings) == 1 and "plain pynetdicom" in warnings[0].getMessage()
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dicom_client import send
-from dicom_node.label_intake import TaskLabelIntake
+from dicom_node.learning.label_intake import TaskLabelIntake
 from dicom_node.tasks import default_tasks, parse_tasks
 from learning_helpers import phantom_study, radiologist_seg, store_all, tiny_bundle
 from node_harness import DICOM_NODE, REPO, NodeProcess

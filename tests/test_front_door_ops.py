@@ -366,9 +366,9 @@ def test_status_says_disk_full_not_damaged_and_metrics_answer(tmp_path: Path) ->
     with space back, all is as before."""
     from prometheus_client import generate_latest
 
-    from dicom_node.jobs import JobQueue
-    from dicom_node.metrics import NodeMetrics
-    from dicom_node.observability import NodeCollector, build_registry
+    from dicom_node.queue.jobs import JobQueue
+    from dicom_node.wire.metrics import NodeMetrics
+    from dicom_node.runtime.observability import NodeCollector, build_registry
 
     mnt = tmp_path / "small"
     assert _mount_tmpfs(mnt, "16m"), "this test needs root to mount a tmpfs"

@@ -16,9 +16,8 @@ ALLOWED = {
     "pipelines": {"pipelines", "registry"},
     "trainer": {"trainer", "twin_archive", "registry", "pipelines"},
 }
-#: Leaf modules every room may import: the root exception, the durable file write,
-#: the one way to SQLite.
-LEAVES = {"dicom_node.errors", "dicom_node.durable", "dicom_node.database"}
+#: The one sub-package of the shell every room may import (DESIGN: the foundation).
+FOUNDATION = "dicom_node.foundation"
 
 
 def imports_of(path: Path) -> set[str]:
@@ -37,7 +36,53 @@ def test_package_imports_only_what_design_allows(package: str) -> None:
     for path in sorted((ROOT / package).rglob("*.py")):
         for name in imports_of(path):
             top = name.split(".")[0]
-            if top in OURS and top not in ALLOWED[package] and name not in LEAVES:
+            if (top in OURS and top not in ALLOWED[package]
+                    and not name.startswith(FOUNDATION + ".")):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert bad == []
+
+
+#: The shell's sub-packages and the configuration modules at its top, and which of them
+#: each may import (issue 30). The CLI and ``__main__`` may import everything; the lower
+#: rooms the foundation only (above).
+TOP_MODULES = {"__init__", "__main__", "settings", "tasks", "profiles", "logconfig"}
+SHELL_ROOMS = {
+    "foundation": {"foundation"},
+    "config": {"foundation", "config"},
+    "wire": {"foundation", "config", "wire"},
+    "learning": {"foundation", "config", "learning"},
+    "queue": {"foundation", "config", "wire", "learning", "queue"},
+    "runtime": {"foundation", "config", "wire", "learning", "queue", "runtime"},
+}
+LOWER_FOR_SHELL = {"foundation"}
+
+
+def _shell_room(name: str) -> str | None:
+    """The room of a dotted module name inside ``dicom_node`` (``config`` for the top's)."""
+    parts = name.split(".")
+    if parts[0] != "dicom_node" or len(parts) < 2:
+        return None
+    return "config" if parts[1] in TOP_MODULES else parts[1]
+
+
+def test_at_most_six_modules_at_the_shells_top() -> None:
+    top = {p.stem for p in (ROOT / "dicom_node").glob("*.py")}
+    assert top == TOP_MODULES, "put a new module in the sub-package of its job"
+    assert len(top) <= 6
+
+
+@pytest.mark.parametrize("room", sorted(SHELL_ROOMS))
+def test_shell_room_imports_only_what_it_may(room: str) -> None:
+    paths = ([ROOT / "dicom_node" / f"{m}.py" for m in sorted(TOP_MODULES - {"__main__"})]
+             if room == "config" else sorted((ROOT / "dicom_node" / room).rglob("*.py")))
+    bad = []
+    for path in paths:
+        for name in imports_of(path):
+            target = _shell_room(name)
+            top = name.split(".")[0]
+            if target is not None and target not in SHELL_ROOMS[room]:
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+            elif room in LOWER_FOR_SHELL and top in OURS - {"dicom_node"}:
                 bad.append(f"{path.relative_to(ROOT)} imports {name}")
     assert bad == []
 
@@ -54,21 +99,26 @@ def test_the_registry_builds_no_artifacts() -> None:
     assert bad == []
 
 
+FOUNDATION_DIR = ROOT / "dicom_node" / "foundation"
+
+
 def test_errors_module_is_a_leaf() -> None:
-    assert {n.split(".")[0] for n in imports_of(ROOT / "dicom_node" / "errors.py")} <= {"__future__"}
+    assert {n.split(".")[0] for n in imports_of(FOUNDATION_DIR / "errors.py")} <= {"__future__"}
     assert imports_of(ROOT / "dicom_node" / "__init__.py") == set()
+    assert imports_of(FOUNDATION_DIR / "__init__.py") == set()
 
 
-def test_durable_module_is_a_leaf() -> None:
-    """``dicom_node/durable.py`` imports only the standard library (every room uses it)."""
-    tops = {n.split(".")[0] for n in imports_of(ROOT / "dicom_node" / "durable.py")}
+@pytest.mark.parametrize("module", ["durable", "clock", "faults"])
+def test_foundation_module_is_a_leaf(module: str) -> None:
+    """``dicom_node/foundation/{durable,clock,faults}.py`` import only the standard library."""
+    tops = {n.split(".")[0] for n in imports_of(FOUNDATION_DIR / f"{module}.py")}
     assert tops <= set(sys.stdlib_module_names) | {"__future__"}, tops
 
 
 # ---------------------------------------------------------------- one durable write
 #: Modules that may rename files or use ``tempfile``, and why (none of them keeps a file).
 RENAMES_ALLOWED = {
-    "dicom_node/durable.py": "the one durable write helper",
+    "dicom_node/foundation/durable.py": "the one durable write helper",
     "dicom_node/cli/demo.py": "the demo's throwaway data directory (TemporaryDirectory)",
     "pipelines/validation.py": "a scratch copy for the DICOM validator, removed after",
 }
@@ -98,7 +148,7 @@ def _renames_and_tempfiles(path: Path) -> list[str]:
 
 
 def test_files_are_kept_only_through_the_durable_helper() -> None:
-    """Every file the node keeps is written by ``dicom_node.durable`` (issue 18): no other
+    """Every file the node keeps is written by ``dicom_node.foundation.durable`` (issue 18): no other
     module renames files into place or makes temporary files."""
     found = {}
     for path in _product_modules():
@@ -120,9 +170,11 @@ def test_the_check_for_renames_finds_them(tmp_path: Path) -> None:
 
 
 def test_database_module_is_a_leaf() -> None:
-    """dicom_node.database: the standard library and sqlite-utils, nothing of ours."""
-    tops = {n.split(".")[0] for n in imports_of(ROOT / "dicom_node" / "database.py")}
+    """dicom_node.foundation.database: the standard library and sqlite-utils, nothing of ours."""
+    names = imports_of(FOUNDATION_DIR / "database.py")
+    tops = {n.split(".")[0] for n in names if not n.startswith(FOUNDATION + ".")}
     assert tops - set(sys.stdlib_module_names) == {"sqlite_utils"}
+    assert {n for n in names if n.startswith("dicom_node")} == {FOUNDATION + ".clock"}
 
 
 # ---------------------------------------------------------------- one way to SQLite
@@ -140,12 +192,12 @@ def _calls_sqlite3_connect(path: Path) -> list[int]:
 
 
 def test_only_the_database_leaf_opens_sqlite() -> None:
-    """Every store, queue and reader opens SQLite through dicom_node.database.connect
+    """Every store, queue and reader opens SQLite through dicom_node.foundation.database.connect
     (WAL, synchronous=FULL, busy timeout, read-only where asked). Tests may open the
     files with plain sqlite3 to look at them from outside."""
     paths = _product_modules() + sorted((ROOT / "benchmarks").rglob("*.py"))
     bad = [f"{p.relative_to(ROOT)}:{line}" for p in paths for line in _calls_sqlite3_connect(p)
-           if p != ROOT / "dicom_node" / "database.py"]
+           if p != FOUNDATION_DIR / "database.py"]
     assert bad == []
 
 
@@ -158,8 +210,8 @@ def test_the_check_for_sqlite3_connect_finds_it(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- no copies in the stores
 #: The stores and the queue: no block of REPEAT_LINES code lines appears twice among them.
-STORE_MODULES = ("twin_archive/**/*.py", "registry/**/*.py", "dicom_node/jobs.py",
-                 "dicom_node/sender.py")
+STORE_MODULES = ("twin_archive/**/*.py", "registry/**/*.py", "dicom_node/queue/jobs.py",
+                 "dicom_node/queue/sender.py")
 REPEAT_LINES = 6
 
 
@@ -214,7 +266,8 @@ STORE_TABLES = ("twins", "consent_events", "studies", "series", "instances", "ai
                 "model_versions", "artifacts", "verifications", "audit", "schema_migrations")
 QUEUE_TABLES = ("jobs", "sends", "monitored_series")
 STORES = ("twin_archive/", "registry/")
-QUEUE_MODULES = ("dicom_node/jobs.py", "dicom_node/sender.py", "dicom_node/monitor.py")
+#: The queue database's owner: the one sub-package of the shell that names its tables.
+QUEUE_MODULES = ("dicom_node/queue/",)
 _SQL_NAMING = r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE|EXISTS)\s+(?:\w+\.)?[\"'`]?({names})\b"
 
 
@@ -251,8 +304,8 @@ def test_only_the_stores_and_the_queue_name_their_tables_in_sql() -> None:
         rel = path.relative_to(ROOT).as_posix()
         if rel.startswith(STORES):
             continue
-        owned = QUEUE_TABLES if rel in QUEUE_MODULES else ()
-        if rel == "dicom_node/database.py":  # the record of every file's migrations
+        owned = QUEUE_TABLES if rel.startswith(QUEUE_MODULES) else ()
+        if rel == "dicom_node/foundation/database.py":  # the record of every file's migrations
             owned = ("schema_migrations",)
         for table in _tables_named(path, STORE_TABLES + QUEUE_TABLES):
             if table not in owned:
@@ -358,10 +411,10 @@ def _clock_reads(path: Path) -> list[int]:
 
 
 def test_one_clock() -> None:
-    """Every timestamp the node records comes from ``dicom_node.database.utc_now`` (issue 18:
-    there were three clocks with different return types)."""
+    """Every timestamp the node records comes from ``dicom_node.foundation.clock.utc_now``
+    (issue 18: there were three clocks with different return types)."""
     bad = [f"{p.relative_to(ROOT)}:{line}" for p in _product_modules() for line in _clock_reads(p)
-           if p != ROOT / "dicom_node" / "database.py"]
+           if p != FOUNDATION_DIR / "clock.py"]
     assert bad == []
 
 
@@ -376,7 +429,7 @@ def test_the_check_for_clock_reads_finds_them(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- dependencies' private names
 #: Modules that may import a private name of pydicom, pynetdicom or MONAI, and why.
 PRIVATE_ALLOWED = {
-    "dicom_node/fast_receive/": "the one adapter behind the fast_receive switch",
+    "dicom_node/wire/fast_receive/": "the one adapter behind the fast_receive switch",
     "twin_archive/reconcile.py": "read_part10_meta: pydicom's public meta reader takes only a path",
 }
 

@@ -18,7 +18,7 @@ def test_third_party_info_lines_only_at_debug(level: str, capsys: pytest.Capture
         logging.getLogger("highdicom.base").info('copy attributes of module "General Study"')
         logging.getLogger("apscheduler.executors.default").info("Running job")
         logging.getLogger("highdicom.seg").warning("a library's warning")
-        logging.getLogger("dicom_node.retention").info("archive prune: removed 3 file(s)")
+        logging.getLogger("dicom_node.runtime.retention").info("archive prune: removed 3 file(s)")
         out = capsys.readouterr().out
     finally:
         root.handlers[:], root.level = saved

@@ -24,7 +24,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_node.errors import ConfigError
+from dicom_node.foundation.errors import ConfigError
 from dicom_node.tasks import Task
 from pipelines import phantom as ph
 from pipelines.errors import (

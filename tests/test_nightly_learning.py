@@ -29,10 +29,10 @@ import pydicom
 import pytest
 
 from dicom_client import send
-from dicom_node.label_intake import intake_seg_series
+from dicom_node.learning.label_intake import intake_seg_series
 from dicom_node.settings import Settings
 from dicom_node.tasks import default_tasks
-from dicom_node.training import NightlyScheduler, task_rules
+from dicom_node.learning.training import NightlyScheduler, task_rules
 from learning_helpers import labelled_patients, phantom_study, radiologist_seg, store_all, tiny_bundle
 from loop_helpers import node_json
 from node_harness import DICOM_NODE, REPO, NodeProcess
@@ -342,7 +342,7 @@ def test_patient_split_is_deterministic_exact_and_never_empty() -> None:
 
 
 def test_training_settings_are_validated_per_key(tmp_path: Path) -> None:
-    from dicom_node.errors import ConfigError
+    from dicom_node.foundation.errors import ConfigError
     from dicom_node.settings import load_settings
 
     cfg = tmp_path / "node.toml"

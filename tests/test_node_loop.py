@@ -16,10 +16,10 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from dicom_node.errors import ConfigError
-from dicom_node import monitor as monitor_module
-from dicom_node.database import iso, utc_now
-from dicom_node.jobs import (
+from dicom_node.foundation.errors import ConfigError
+from dicom_node.queue import monitor as monitor_module
+from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.queue.jobs import (
     JobCounts,
     JobQueue,
     JobState,
@@ -27,8 +27,8 @@ from dicom_node.jobs import (
     connect_queue,
     read_job_counts,
 )
-from dicom_node.monitor import StabilityMonitor
-from dicom_node.sender import Sender, SendCounts, SendState, read_send_counts, sends_of_results
+from dicom_node.queue.monitor import StabilityMonitor
+from dicom_node.queue.sender import Sender, SendCounts, SendState, read_send_counts, sends_of_results
 from dicom_node.tasks import default_tasks
 from dicom_node.settings import Destination, load_settings, parse_destination
 from node_harness import free_port, incoming, small_ct
@@ -330,9 +330,9 @@ def test_every_job_send_and_worker_state_is_on_metrics(tmp_path: Path) -> None:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from dicom_node.metrics import NodeMetrics
-    from dicom_node.observability import NodeCollector, build_registry
-    from dicom_node.supervisor import WORKER_STATES
+    from dicom_node.wire.metrics import NodeMetrics
+    from dicom_node.runtime.observability import NodeCollector, build_registry
+    from dicom_node.runtime.supervisor import WORKER_STATES
 
     queue = JobQueue(tmp_path)
     _job(queue, last="t1")
@@ -381,7 +381,7 @@ def test_a_missing_instance_file_is_said_once_and_its_series_decided_on_what_is_
     gone.unlink()
     monitor = StabilityMonitor(archive, queue, default_tasks(), stable_after_s=0.05)
     decided: dict[str, str] = {}
-    caplog.set_level(logging.DEBUG, logger="dicom_node.monitor")
+    caplog.set_level(logging.DEBUG, logger="dicom_node.queue.monitor")
 
     def passes(n: int) -> None:
         for _ in range(n):

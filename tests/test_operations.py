@@ -104,8 +104,8 @@ def test_metrics_healthz_status_and_audit_once_per_study(tmp_path: Path) -> None
 
 def _seed_queued_send(data_dir: Path) -> None:
     """One result object queued for a destination that is down (a closed port)."""
-    from dicom_node.database import iso, utc_now
-    from dicom_node.jobs import connect_queue
+    from dicom_node.foundation.clock import iso, utc_now
+    from dicom_node.queue.jobs import connect_queue
 
     conn = connect_queue(data_dir)
     now, port = iso(utc_now()), free_port()
@@ -254,10 +254,10 @@ def test_tls_trusted_client_stores_untrusted_is_refused_and_sender_uses_tls(tmp_
             send(node.port, [small_ct()], calling_ae="PLAIN")  # no TLS at all
         assert len(stored_rows(node.data_dir)) == 1
         # The sender, over TLS with the node's certificate, to this TLS node.
-        from dicom_node.database import iso, utc_now
-        from dicom_node.jobs import connect_queue
-        from dicom_node.sender import Sender
-        from dicom_node.server import client_tls_context
+        from dicom_node.foundation.clock import iso, utc_now
+        from dicom_node.queue.jobs import connect_queue
+        from dicom_node.queue.sender import Sender
+        from dicom_node.wire.tls import client_tls_context
         from dicom_node.settings import Settings
 
         out_dir = tmp_path / "sender"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.settings import Settings
-from dicom_node.training import nightly_config
+from dicom_node.learning.training import nightly_config
 from learning_helpers import labelled_patients, tiny_bundle
 from node_harness import DICOM_NODE, REPO
 from registry.errors import NoActiveModelError
@@ -60,7 +60,7 @@ def test_min_dice_setting_and_the_per_task_override(tmp_path: Path) -> None:
     assert nightly_config(s, min_dice=0.9).min_dice == 0.9  # a [[tasks]] table's min_dice
     with pytest.raises(ValueError, match="min_dice"):
         nightly_config(s, min_dice=2.0)
-    from dicom_node.errors import ConfigError
+    from dicom_node.foundation.errors import ConfigError
 
     for key, value in (("train_min_dice", 1.2), ("train_promote_after_shadow", -1),
                        ("train_shadow_min_agreement", 2.0), ("drift_baseline_series", 1),

@@ -13,7 +13,7 @@ from pipelines.export.optimize import optimize
 from pipelines.export.tensorrt import tensorrt_status
 from pipelines.backends import choose_backend
 from pipelines.inference import load_model
-from dicom_node.database import utc_now
+from dicom_node.foundation.clock import utc_now
 from registry.records import ArtifactKind, Backend
 from registry.store import Registry
 from registry_bundles import phantom_volume, spleen_bundle

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.database import iso, utc_now
-from dicom_node.jobs import JobQueue, JobState
-from dicom_node import retention as shell_retention
+from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.queue.jobs import JobQueue, JobState
+from dicom_node.runtime import retention as shell_retention
 from dicom_node.settings import load_settings
 from node_harness import incoming, small_ct
 from twin_archive import Archive, audit
@@ -178,7 +178,7 @@ sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
 from pathlib import Path
 import twin_archive.retention as r
 from twin_archive import Archive
-from dicom_node.database import iso, utc_now
+from dicom_node.foundation.clock import iso, utc_now
 data = Path({str(data_dir)!r})
 real = r.Retention._remove_files
 def slow(self, moved):
@@ -411,7 +411,7 @@ def test_disk_guard_on_a_disk_full_to_the_last_byte_says_so_once_and_prunes_when
                 pass
         settings = load_settings(None, overrides={"data_dir": str(data)}, env={})
         guard = shell_retention.DiskGuard(settings)
-        caplog.set_level("INFO", logger="dicom_node.retention")
+        caplog.set_level("INFO", logger="dicom_node.runtime.retention")
         for _ in range(3):
             guard._retry_at = 0.0
             assert guard.check() is False  # nothing can be recorded: no exception
@@ -436,6 +436,6 @@ def test_an_association_that_waited_for_another_prune_does_not_prune_again(
         _series(archive, "ROOM-1")
     settings = load_settings(None, overrides={"data_dir": str(tmp_path)}, env={})
     guard = shell_retention.DiskGuard(settings.replace(min_free_mb=0))
-    caplog.set_level("INFO", logger="dicom_node.retention")
+    caplog.set_level("INFO", logger="dicom_node.runtime.retention")
     assert guard.make_room(1) is True
     assert "archive prune" not in caplog.text and not (tmp_path / "retention-outlook.json").exists()

@@ -62,7 +62,7 @@ def test_association_aborted_mid_transfer_leaves_no_row_and_no_file(node: NodePr
         f"{_bytes_acked(sock) - acked_before} of {_wire_size(half)} bytes acknowledged, "
         f"{_unread(node.port, client_port)} unread"))
     if fast_receive:  # plain pynetdicom receives the data set in memory
-        # The half data set is being spooled into the archive's tmp folder (dicom_node/fast_receive/spooling.py).
+        # The half data set is being spooled into the archive's tmp folder (dicom_node/wire/fast_receive/spooling.py).
         wait_until("the half data set in the spool",
                    lambda: len(list((node.data_dir / "tmp").glob("*.part"))) == 1, 30.0, poll=0.02)
     assoc.abort()

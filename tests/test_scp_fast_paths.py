@@ -22,10 +22,10 @@ from pynetdicom import evt, transport
 from pynetdicom.dimse import DIMSEServiceProvider
 
 from dicom_client import send
-from dicom_node.durable import write_durably
-from dicom_node.fast_receive import speedups, store_response
-from dicom_node.fast_receive.spooling import encode_file_meta, pydicom_file_meta
-from dicom_node.server import DicomServer
+from dicom_node.foundation.durable import write_durably
+from dicom_node.wire.fast_receive import speedups, store_response
+from dicom_node.wire.fast_receive.spooling import encode_file_meta, pydicom_file_meta
+from dicom_node.wire.server import DicomServer
 from dicom_node.settings import Settings
 from node_harness import small_ct
 from twin_archive import Archive
@@ -70,7 +70,7 @@ def test_speedups_store_byte_exact_over_parallel_associations_without_leaks(tmp_
         for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
             assert server._server.get_handlers(event) == []  # type: ignore[union-attr]
         # ... nor to the associations (pynetdicom's LOG_HANDLER_LEVEL), so C-STORE
-        # Success responses take the hand-encoded path of dicom_node/fast_receive/store_response.py.
+        # Success responses take the hand-encoded path of dicom_node/wire/fast_receive/store_response.py.
         assert pynetdicom._config.LOG_HANDLER_LEVEL == "none"
         assert DIMSEServiceProvider.send_msg is store_response._send_msg
         baseline = _open_fds()
@@ -142,7 +142,7 @@ def test_freeze_heap_exempts_what_exists_from_full_collections() -> None:
 
     # A cycle made before freezing is exempt from full passes: made garbage afterwards, a
     # full collection neither scans nor frees it. A cycle made after freezing is freed.
-    code = ("import gc, weakref; from dicom_node.fast_receive import speedups; import pynetdicom, pydicom\n"
+    code = ("import gc, weakref; from dicom_node.wire.fast_receive import speedups; import pynetdicom, pydicom\n"
             "class Cell: pass\n"
             "before = Cell(); before.me = before; seen_before = weakref.ref(before)\n"
             "n = speedups.freeze_heap(); assert n > 10000, n\n"

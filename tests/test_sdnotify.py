@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.sdnotify import Notifier
+from dicom_node.runtime.sdnotify import Notifier
 
 
 @pytest.fixture
@@ -154,7 +154,7 @@ def test_log_lines_carry_journald_priorities_under_systemd(monkeypatch: pytest.M
 def test_a_manager_that_stops_reading_never_blocks_the_node(
         notify_socket: tuple[str, socket.socket]) -> None:
     """A full datagram queue makes notify() give up after its timeout, not hang."""
-    from dicom_node.sdnotify import SEND_TIMEOUT_S
+    from dicom_node.runtime.sdnotify import SEND_TIMEOUT_S
 
     path, _ = notify_socket
     n = Notifier({"NOTIFY_SOCKET": path})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.errors import ConfigError
+from dicom_node.foundation.errors import ConfigError
 from dicom_node.settings import load_settings
 
 

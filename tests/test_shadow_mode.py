@@ -14,8 +14,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.shadow import agreement, promote_after_shadow, summarize
-from dicom_node.sender import Sender
+from dicom_node.learning.shadow import agreement, promote_after_shadow, summarize
+from dicom_node.queue.sender import Sender
 from waiting import wait_until
 from loop_helpers import install_model, pacs, results_in_orthanc, small_study, storescu, \
     write_files

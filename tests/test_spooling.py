@@ -13,8 +13,8 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 
-from dicom_node.fast_receive import speedups
-from dicom_node.fast_receive.store_response import encode_store_success
+from dicom_node.wire.fast_receive import speedups
+from dicom_node.wire.fast_receive.store_response import encode_store_success
 from twin_archive.spool import Spool, SpoolError
 
 

@@ -1,4 +1,4 @@
-"""The C-STORE lane (dicom_node/fast_receive/store_lane.py) against pynetdicom's own receive path.
+"""The C-STORE lane (dicom_node/wire/fast_receive/store_lane.py) against pynetdicom's own receive path.
 
 An in-process pynetdicom SCP with the node's spooling and lane installed, and a
 handler that keeps what it was given, is driven by real clients (pynetdicom and dcmtk
@@ -25,9 +25,9 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.fast_receive import spooling, store_lane
+from dicom_node.wire.fast_receive import spooling, store_lane
 from dicom_client import store_pdus
-from dicom_node.fast_receive.spooling import encode_file_meta
+from dicom_node.wire.fast_receive.spooling import encode_file_meta
 from node_harness import small_ct
 from waiting import wait_until
 

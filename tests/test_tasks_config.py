@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from pydicom.sr.codedict import codes
 
-from dicom_node.errors import ConfigError
-from dicom_node.database import iso, utc_now
-from dicom_node.jobs import JobQueue, JobState
-from dicom_node.label_intake import TaskLabelIntake
+from dicom_node.foundation.errors import ConfigError
+from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.queue.jobs import JobQueue, JobState
+from dicom_node.learning.label_intake import TaskLabelIntake
 from dicom_node.settings import Settings, load_settings
 from dicom_node.tasks import Task, default_tasks, parse_tasks
 from learning_helpers import organ_seg, phantom_study, store_all

@@ -20,14 +20,14 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from dicom_node.errors import ConfigError
-from dicom_node.jobs import JobQueue, JobState
-from dicom_node.monitor import StabilityMonitor
-from dicom_node.observability import read_state
-from dicom_node.sender import Sender
+from dicom_node.foundation.errors import ConfigError
+from dicom_node.queue.jobs import JobQueue, JobState
+from dicom_node.queue.monitor import StabilityMonitor
+from dicom_node.runtime.observability import read_state
+from dicom_node.queue.sender import Sender
 from dicom_node.settings import Settings
 from dicom_node.tasks import default_tasks
-from dicom_node.worker import Worker
+from dicom_node.runtime.worker import Worker
 from learning_helpers import store_all
 from dicom_client import send
 from loop_helpers import install_model, jobs_now, node_json, small_study

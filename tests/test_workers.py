@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 
 from dicom_client import send
-from dicom_node.database import write
-from dicom_node.jobs import JobQueue, JobState
+from dicom_node.foundation.database import write
+from dicom_node.queue.jobs import JobQueue, JobState
 from dicom_node.settings import load_settings
-from dicom_node.supervisor import WorkerPool
+from dicom_node.runtime.supervisor import WorkerPool
 from loop_helpers import (
     install_model,
     node_json,
@@ -86,7 +86,7 @@ def _exactly_once(orthanc: OrthancServer, study_uid: str) -> None:
 _IN_PROCESS = r"""
 import json, sys, time
 from dicom_node.cli import build_parser
-from dicom_node.node import Node
+from dicom_node.runtime.node import Node
 from dicom_node.settings import load_settings
 
 build_parser()  # every command's parser, as `dicom-node serve` builds them
@@ -179,7 +179,7 @@ def test_a_state_write_that_fails_kills_no_thread_and_a_killed_worker_is_still_r
         told.append([(w.state, w.pid) for w in pool.describe()])
 
     pool = WorkerPool(settings, jobs, on_queued=lambda: None, on_change=write_state)
-    caplog.set_level(logging.INFO, logger="dicom_node.supervisor")
+    caplog.set_level(logging.INFO, logger="dicom_node.runtime.supervisor")
     full.set()  # from the start: "ready" itself cannot be told
     pool.start()
     try:
@@ -209,7 +209,7 @@ def test_a_state_write_that_fails_kills_no_thread_and_a_killed_worker_is_still_r
         pool.stop()
         jobs.close()
     assert died == []
-    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.supervisor"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.runtime.supervisor"]
     failing = [m for m in lines if "could not record the workers' state" in m]
     assert len(failing) == 1 and "disk full" in failing[0], lines
     assert sum("working again (after: disk full)" in m for m in lines) == 1, lines

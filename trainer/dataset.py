@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from dicom_node.database import utc_now
+from dicom_node.foundation.clock import utc_now
 from pipelines.multiframe import VolumeChoice
 from pipelines.selection import SelectionRules, matches
 from pipelines.volume import load_series

@@ -1,6 +1,6 @@
 """Errors of the trainer room.
 
-A leaf module: it imports only :mod:`dicom_node.errors` (the dependency-free root,
+A leaf module: it imports only :mod:`dicom_node.foundation.errors` (the dependency-free root,
 as :mod:`registry.errors` and :mod:`pipelines.errors` do). Every error the trainer
 raises on purpose is a :class:`TrainingError`, which is also a ``RuntimeError``.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicom_node.errors import DicomNodeError
+from dicom_node.foundation.errors import DicomNodeError
 
 
 class TrainingError(DicomNodeError, RuntimeError):

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-from dicom_node.durable import write_durably
+from dicom_node.foundation.durable import write_durably
 from pipelines.inference import load_model
 from pipelines.selection import NON_IMAGE_MODALITIES, SelectionRules, matches
 from pipelines.volume import load_series

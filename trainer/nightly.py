@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dicom_node.database import utc_now
+from dicom_node.foundation.clock import utc_now
 from pipelines.multiframe import VolumeChoice
 from pipelines.selection import SelectionRules
 from registry.records import Metrics, ModelVersion
@@ -607,7 +607,7 @@ def _child_setup(nice: int) -> Callable[[], None]:
     """What the training child runs before exec: lower its priority by ``nice`` and ask
     the kernel for SIGKILL when its parent dies (exit at once if it already has). libc
     is loaded here, in the parent: a child forked from a threaded process does no
-    ``dlopen``. The node's own children do the same (``dicom_node.childproc``, which
+    ``dlopen``. The node's own children do the same (``dicom_node.wire.childproc``, which
     this room may not import)."""
     parent = os.getpid()
     prctl: Any

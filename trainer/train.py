@@ -46,7 +46,7 @@ from monai.transforms import (Compose, RandCropByPosNegLabeld, RandScaleIntensit
 from monai.transforms.transform import MapTransform
 from monai.utils import set_determinism
 
-from dicom_node.durable import open_durably
+from dicom_node.foundation.durable import open_durably
 from registry.bundle import LOADING_TRANSFORMS, find_config
 from trainer.errors import BundleConfigError, CheckpointError, TrainingError
 

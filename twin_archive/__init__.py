@@ -1,6 +1,6 @@
 """twin_archive: the per-patient archive (files on disk and their SQLite index).
 
-Imports nothing of ours but the leaf :mod:`dicom_node.errors`.
+Imports nothing of ours but the leaf :mod:`dicom_node.foundation.errors`.
 """
 
 from twin_archive.archive import Archive

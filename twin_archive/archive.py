@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from dicom_node.database import connect, migrate
+from dicom_node.foundation.database import connect, migrate
 from twin_archive.ingest import Ingest
 from twin_archive.layout import INDEX_NAME, load_or_create_key
 from twin_archive.schema import MIGRATIONS

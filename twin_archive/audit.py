@@ -45,7 +45,9 @@ from typing import Any
 
 import sqlite_utils
 
-from dicom_node.database import Migration, connect, iso, migrate, utc_now, write
+from dicom_node.foundation.database import Migration, connect, migrate, write
+
+from dicom_node.foundation.clock import iso, utc_now
 
 LOG = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.database import open_existing
+from dicom_node.foundation.database import open_existing
 from twin_archive.audit import AUDIT_DB_NAME
 from twin_archive.layout import INDEX_NAME
 

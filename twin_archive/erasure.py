@@ -4,7 +4,7 @@
 every row of the index that names the twin (twin, studies, series, instances, consent
 events, results, labels, training-use records, figures, merges, holds, earlier prune
 records), then truncates the index's WAL. Connections run with ``secure_delete``
-(:func:`dicom_node.database.connect`), so deleted rows are overwritten with zeros, not
+(:func:`dicom_node.foundation.database.connect`), so deleted rows are overwritten with zeros, not
 left in free pages. Afterwards no file of the archive names the patient; the caller
 scrubs the queues and the export mappings, and records the erasure in the audit log
 under the twin's pseudonymous key.
@@ -32,7 +32,9 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.database import checkpoint_truncate, iso, utc_now, write
+from dicom_node.foundation.database import checkpoint_truncate, write
+
+from dicom_node.foundation.clock import iso, utc_now
 from twin_archive.layout import ARCHIVE_DIR, QUARANTINE_DIR
 from twin_archive.retention import PatientHeldError, Retention
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dicom_node.errors import DicomNodeError
+from dicom_node.foundation.errors import DicomNodeError
 
 
 class ArchiveError(DicomNodeError):

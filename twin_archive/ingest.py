@@ -27,9 +27,11 @@ from typing import Any
 
 import sqlite_utils
 
-from dicom_node.database import iso, utc_now, write
+from dicom_node.foundation.database import write
+
+from dicom_node.foundation.clock import iso, utc_now
 from twin_archive import reconcile
-from dicom_node.durable import fsync_dir, write_durably
+from dicom_node.foundation.durable import fsync_dir, write_durably
 from twin_archive.errors import ArchiveError, InvalidInstanceError, OutOfResourcesError
 from twin_archive.group_commit import GroupCommit, Pending
 from twin_archive.header import identify, parse

@@ -23,7 +23,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_node.database import iso, utc_now, write
+from dicom_node.foundation.database import write
+
+from dicom_node.foundation.clock import iso, utc_now
 from twin_archive.results import ResultStore
 from twin_archive.schema import IndexStore, fetch_dicts
 

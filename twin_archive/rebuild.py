@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.database import utc_now
-from dicom_node.durable import replace_durably
+from dicom_node.foundation.clock import utc_now
+from dicom_node.foundation.durable import replace_durably
 from twin_archive.archive import Archive
 from twin_archive.audit import AuditEvent, AuditLog, AuditLogTamperedError
 from twin_archive.errors import ArchiveError

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
-from dicom_node.durable import clean_tmp, replace_durably
+from dicom_node.foundation.durable import clean_tmp, replace_durably
 from twin_archive.layout import ARCHIVE_DIR, QUARANTINE_DIR
 from twin_archive.records import StoreOutcome, StoreResult
 from twin_archive.retention import Retention

@@ -41,8 +41,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from dicom_node.database import iso, utc_now, write
-from dicom_node.durable import fsync_dir
+from dicom_node.foundation.database import write
+
+from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.durable import fsync_dir
 from twin_archive.errors import ArchiveError
 from twin_archive.schema import IndexStore, fetch_dicts
 

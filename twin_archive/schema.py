@@ -1,7 +1,7 @@
 """The archive index schema, applied as numbered migrations.
 
 Each migration runs in one transaction together with the row that records it in
-``schema_migrations`` (:func:`dicom_node.database.migrate`); a migration is never
+``schema_migrations`` (:func:`dicom_node.foundation.database.migrate`); a migration is never
 edited once released: add a new one.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import sqlite_utils
 
-from dicom_node.database import Migration, connect
+from dicom_node.foundation.database import Migration, connect
 from twin_archive.layout import INDEX_NAME
 
 LOG = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ MIGRATIONS: tuple[Migration, ...] = (
 class IndexStore:
     """Base of the stores that keep their rows in the archive's index (results, labels).
 
-    Opens ``<data_dir>/index.sqlite`` with :func:`~dicom_node.database.connect`, keeps a ``tmp/`` folder for
+    Opens ``<data_dir>/index.sqlite`` with :func:`~dicom_node.foundation.database.connect`, keeps a ``tmp/`` folder for
     durable writes, and serialises use of the connection with a lock.
 
     Parameters

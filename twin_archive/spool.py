@@ -8,7 +8,7 @@ the bytes are already on their way to the disk: the ``fdatasync`` that makes the
 durable then waits for the tail only (figures in ``benchmarks/README.md``), and the
 data set is never assembled in memory.
 
-The durability contract is the one of :func:`dicom_node.durable.write_durably`
+The durability contract is the one of :func:`dicom_node.foundation.durable.write_durably`
 (DESIGN decision 1): the spool *is* the temporary file; :meth:`Spool.commit` flushes it
 (``fdatasync``), renames it into place, and leaves the directory ``fsync`` to the
 archive's group commit, which runs before the index row is committed.
@@ -16,7 +16,7 @@ archive's group commit, which runs before the index row is committed.
 A spool is consumed exactly once: :meth:`Spool.claim` by the archive (which then
 commits or discards it), or :meth:`Spool.discard` when the association ends before the
 request was handled (abort, connection lost). Anything left by a crash is a
-``*.part`` file that :func:`dicom_node.durable.clean_tmp` removes at the next start.
+``*.part`` file that :func:`dicom_node.foundation.durable.clean_tmp` removes at the next start.
 
 Write errors (``ENOSPC``) are kept, not raised: the fragment writer runs in the
 network thread, which must go on; :meth:`Spool.claim` raises them where the C-STORE
@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO
 
-from dicom_node.durable import mkstemp_part, replace_durably
+from dicom_node.foundation.durable import mkstemp_part, replace_durably
 
 #: Bytes at the start of the data set kept in memory for reading its header (:attr:`Spool.head`).
 HEAD_BYTES = 64 * 1024

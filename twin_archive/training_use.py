@@ -16,7 +16,9 @@ from pathlib import Path
 
 import sqlite_utils
 
-from dicom_node.database import connect, iso, utc_now, write
+from dicom_node.foundation.database import connect, write
+
+from dicom_node.foundation.clock import iso, utc_now
 from twin_archive.layout import INDEX_NAME
 
 SPLITS = ("train", "validation")

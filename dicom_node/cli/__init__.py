@@ -13,7 +13,7 @@ from pathlib import Path
 from collections.abc import Sequence
 
 from dicom_node import __version__
-from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.foundation.errors import ConfigError, DicomNodeError
 from dicom_node.settings import load_settings
 
 
@@ -57,7 +57,7 @@ def damaged_database_line(data_dir: Path | str, exc: BaseException) -> str:
     """One line naming the damaged database of ``data_dir`` and what to run; on a full
     disk (SQLite's ``disk I/O error`` included) it says so instead: nothing is damaged."""
     from dicom_node.cli.archive import check_databases
-    from dicom_node.faults import free_bytes, is_disk_full
+    from dicom_node.foundation.faults import free_bytes, is_disk_full
 
     if is_disk_full(exc, data_dir):
         return (f"disk full: the data directory {data_dir} has {(free_bytes(data_dir) or 0) >> 10}"

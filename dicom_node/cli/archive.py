@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.database import connect
-from dicom_node.datadir_lock import DataDirInUseError, DataDirLock
+from dicom_node.foundation.database import connect
+from dicom_node.runtime.datadir_lock import DataDirInUseError, DataDirLock
 from dicom_node.settings import Settings
 from twin_archive import Archive, StoreOutcome, StoreResult, audit
 from twin_archive.labels import LabelStore
@@ -130,7 +130,7 @@ def _verify(data_dir: Path, settings: Settings, *, deep: bool, repair: bool,
         print("the index cannot be checked against the files; rebuild it first: "
               "dicom-node archive rebuild-index")
         return 1
-    from dicom_node.node import open_archive
+    from dicom_node.runtime.node import open_archive
 
     repaired: dict[str, int] = {}
     with open_archive(settings) as archive:

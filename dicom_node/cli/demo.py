@@ -158,8 +158,8 @@ def wait_for_sends(data_dir: Path, study_uid: str, timeout: float, kinds: tuple[
     TimeoutError
         If not all of them are acknowledged within ``timeout`` s.
     """
-    from dicom_node.jobs import connect_queue
-    from dicom_node.sender import SendState, sends_of_results
+    from dicom_node.queue.jobs import connect_queue
+    from dicom_node.queue.sender import SendState, sends_of_results
     from twin_archive.results import ResultStore
 
     deadline = time.monotonic() + timeout
@@ -187,9 +187,9 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     import pydicom
 
-    from dicom_node.datadir_lock import DataDirLock
-    from dicom_node.node import Node
-    from dicom_node.database import utc_now
+    from dicom_node.runtime.datadir_lock import DataDirLock
+    from dicom_node.runtime.node import Node
+    from dicom_node.foundation.clock import utc_now
     from orthanc.server import OrthancServer, free_ports
     from pipelines.demo_model import ensure_demo_model
     from registry.store import Registry

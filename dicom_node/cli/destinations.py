@@ -14,7 +14,7 @@ from typing import Any
 
 from pynetdicom import AE, build_context
 
-from dicom_node.errors import ConfigError
+from dicom_node.foundation.errors import ConfigError
 from dicom_node.profiles import KIND_SOP_CLASSES, TRANSFER_SYNTAXES, alias, suggest
 from dicom_node.settings import Destination, Settings
 

@@ -1,7 +1,7 @@
 """``dicom-node drift [TASK] [--json]``: each scanner's recent series beside its baseline.
 
 The figures and the test (population stability index) are described in
-:mod:`dicom_node.drift`.
+:mod:`dicom_node.learning.drift`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from dicom_node.drift import config_of, drift_report
+from dicom_node.learning.drift import config_of, drift_report
 from twin_archive.learning import FigureStore
 
 
@@ -29,7 +29,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def cmd_drift(args: argparse.Namespace, settings: Any) -> int:
-    from dicom_node.node import open_archive
+    from dicom_node.runtime.node import open_archive
 
     config = config_of(settings)
     with open_archive(settings):  # migrates the index when the node never ran

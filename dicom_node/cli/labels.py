@@ -1,7 +1,7 @@
 """``dicom-node labels``: import annotation-tool masks as labels, list the labels, claim
 the unclaimed ones.
 
-Labels also arrive as DICOM SEG over C-STORE (:mod:`dicom_node.label_intake`); both
+Labels also arrive as DICOM SEG over C-STORE (:mod:`dicom_node.learning.label_intake`); both
 kinds are listed here with their provenance. A SEG whose segments name no configured
 task's structure is kept *unclaimed* (listed with the reason); ``labels rescan`` claims
 those that a task or model names now (the node also does at start, on SIGHUP and after
@@ -19,7 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from dicom_node.label_intake import ClaimReport, claim_unclaimed, registry_terms
+from dicom_node.learning.label_intake import ClaimReport, claim_unclaimed, registry_terms
 from dicom_node.settings import Settings
 from pipelines.volume import load_series
 from trainer.labelmaps import LabelContentError, mask_from_nifti
@@ -64,7 +64,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _archive(settings: Settings) -> Any:
-    from dicom_node.node import open_archive
+    from dicom_node.runtime.node import open_archive
 
     return open_archive(settings)
 

@@ -157,7 +157,7 @@ def _version_dict(reg: Registry, mv: ModelVersion, full: bool = False,
         "serving_backend": _serving(reg, mv, settings), "path": str(mv.path),
     }
     if full:
-        from dicom_node.shadow import shadow_summary
+        from dicom_node.learning.shadow import shadow_summary
 
         d["held_because"] = reg.held_because(mv.version)
         d["shadow"] = shadow_summary(reg.data_dir, reg, mv.version,
@@ -288,7 +288,7 @@ def _claim_labels(settings: Any, by: str) -> None:
 
 
 def _import_candidate(args: argparse.Namespace, settings: Any) -> int:
-    from dicom_node.training import nightly_config, task_rules
+    from dicom_node.learning.training import nightly_config, task_rules
     from trainer.external import import_candidate
 
     if args.activate or args.manufacturer or args.scanner_model:

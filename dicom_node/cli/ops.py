@@ -19,10 +19,10 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node import retention
-from dicom_node.database import utc_now
-from dicom_node.node import STATE_FILE
-from dicom_node.observability import NodeState, read_state
+from dicom_node.runtime import retention
+from dicom_node.foundation.clock import utc_now
+from dicom_node.runtime.node import STATE_FILE
+from dicom_node.runtime.observability import NodeState, read_state
 from dicom_node.settings import Settings
 from twin_archive.audit import AuditEvent, AuditLog, AuditLogTamperedError
 
@@ -104,7 +104,7 @@ def _live_counters(metrics_url: str) -> dict[str, float]:
 
 def _waiting_for_models(data_dir: Path) -> list[tuple[str, str]]:
     """(task, scanner in words) of the jobs waiting for a model."""
-    from dicom_node.jobs import JobQueue
+    from dicom_node.queue.jobs import JobQueue
 
     queue = JobQueue(data_dir)
     try:

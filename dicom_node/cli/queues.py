@@ -10,8 +10,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from dicom_node.jobs import JobQueue, JobState
-from dicom_node.sender import Sender, SendState
+from dicom_node.queue.jobs import JobQueue, JobState
+from dicom_node.queue.sender import Sender, SendState
 from dicom_node.settings import Settings
 
 

@@ -11,8 +11,8 @@ import getpass
 import json
 from typing import Any
 
-from dicom_node import retention
-from dicom_node.errors import DicomNodeError
+from dicom_node.runtime import retention
+from dicom_node.foundation.errors import DicomNodeError
 from dicom_node.settings import Settings
 from twin_archive import audit, printable
 from twin_archive.erasure import Erasure
@@ -59,7 +59,7 @@ def register_twin(tsub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
-    from dicom_node.node import open_archive
+    from dicom_node.runtime.node import open_archive
 
     with open_archive(settings):  # migrates the index of an older data directory
         pass
@@ -92,7 +92,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _key(settings: Settings, patient_id: str, issuer: str | None) -> str:
-    from dicom_node.node import open_archive
+    from dicom_node.runtime.node import open_archive
 
     with open_archive(settings) as archive:
         keys = archive.twins.find_twin_keys(patient_id, issuer)
@@ -128,7 +128,7 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
-    from dicom_node.jobs import JobQueue
+    from dicom_node.queue.jobs import JobQueue
 
     key = _key(settings, args.patient_id, args.issuer)
     with Retention(settings.data_dir) as store:

@@ -1,7 +1,7 @@
 """``dicom-node serve``: run the DICOM node until SIGTERM/SIGINT.
 
 The node itself (listener, archive, monitor, sender, scheduler, and the supervised
-inference worker processes) is :class:`dicom_node.node.Node`; its lifecycle under
+inference worker processes) is :class:`dicom_node.runtime.node.Node`; its lifecycle under
 systemd is described there. This module is the command: flags, signals, and the
 SIGHUP reload (the configuration file read again; an invalid file is logged and the
 running configuration kept).
@@ -16,10 +16,10 @@ import threading
 import time
 from typing import Any
 
-from dicom_node.errors import DicomNodeError
+from dicom_node.foundation.errors import DicomNodeError
 from dicom_node.logconfig import configure_logging
-from dicom_node.loop import apply_flags
-from dicom_node.node import Node
+from dicom_node.runtime.loop import apply_flags
+from dicom_node.runtime.node import Node
 from dicom_node.settings import Settings, load_settings
 
 __all__ = ["cmd_serve", "register"]

@@ -22,9 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dicom_node.database import utc_now
+from dicom_node.foundation.clock import utc_now
 from dicom_node.settings import Settings
-from dicom_node.training import task_rules, train_task
+from dicom_node.learning.training import task_rules, train_task
 from registry.store import Registry
 from twin_archive import audit
 from twin_archive.labels import LabelStore
@@ -75,7 +75,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _archive(settings: Settings) -> Any:
-    from dicom_node.node import open_archive
+    from dicom_node.runtime.node import open_archive
 
     return open_archive(settings)
 

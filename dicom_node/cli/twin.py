@@ -53,7 +53,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _archive(settings: Settings) -> Archive:
-    from dicom_node.node import open_archive
+    from dicom_node.runtime.node import open_archive
 
     return open_archive(settings)
 
@@ -89,7 +89,7 @@ def _summary_dict(t: Any) -> dict[str, Any]:
 
 def _jobs_of(settings: Settings, detail: Any) -> list[Any]:
     """The inference jobs of the twin's series (newest first)."""
-    from dicom_node.jobs import JobQueue
+    from dicom_node.queue.jobs import JobQueue
 
     uids = [se.series_uid for st in detail.studies for se in st.series]
     queue = JobQueue(settings.data_dir)

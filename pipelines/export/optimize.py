@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from dicom_node.database import utc_now
+from dicom_node.foundation.clock import utc_now
 from pipelines.export.checks import check_input, time_batches, verdict
 from pipelines.export.onnx import ONNX_OPSET, OnnxRunner, export_onnx
 from pipelines.export.tensorrt import (

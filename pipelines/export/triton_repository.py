@@ -26,7 +26,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.durable import replace_durably
+from dicom_node.foundation.durable import replace_durably
 from pipelines.errors import ExportError
 from pipelines.export.onnx import INPUT_NAME, OUTPUT_NAME
 from registry.artifacts import sha256_file

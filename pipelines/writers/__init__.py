@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from dicom_node.durable import fsync_dir, open_durably
+from dicom_node.foundation.durable import fsync_dir, open_durably
 from pipelines.types import ModelInfo, ResultDatasets, SegmentResult, Volume, WriterOptions
 from pipelines.uids import is_valid_uid
 from pipelines.writers.overlay import build_overlay

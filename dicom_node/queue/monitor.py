@@ -1,0 +1,319 @@
+"""The stability monitor: a series quiet for ``stable_after`` seconds becomes a job.
+
+DICOM has no end-of-study message (DESIGN decision 3): a series is complete when no
+instance of it has arrived for ``stable_after`` seconds. The archive says when each
+series' last instance arrived (:class:`twin_archive.arrivals.Arrivals`); the monitor
+compares that with what it already decided for the series (table ``monitored_series``
+in ``queue.sqlite``). A series whose
+``last_received`` changed since its decision (a late instance) is decided again, and
+its new job's result supersedes the earlier one.
+
+The first pass looks at every series of the archive; later passes only at those whose
+last instance arrived since :data:`LOOKBACK_S` before the previous pass's cutoff (an
+instance's arrival time is taken inside its index transaction, so it commits well
+within that), and at those the monitor could not read yet. The window is set from the
+clock at each pass, so a clock set back costs at most one pass.
+
+Decisions, each logged once per series state:
+
+* ``ignored``: the series is a result or document object (SEG, SR, KO, PR,
+  secondary capture...) from anywhere, or the node's own output (DESIGN decision 4);
+* ``no-pipeline``: no enabled task's selection rules match (e.g. an MR): stored, left
+  alone;
+* ``queued``: one job per enabled task whose rules match (``[[tasks]]``,
+  :mod:`dicom_node.tasks`), so one CT may get a job of several tasks;
+* ``label``: a radiologist's SEG (not ours) referencing an archived series became that
+  series' label (:mod:`dicom_node.learning.label_intake`); SEGs never become jobs;
+* ``unclaimed``: such a SEG names no configured task's structure: kept as an unclaimed
+  label until a task or model names its segments (never pruned on its own).
+
+An instance file that is gone from disk (or is no DICOM file) does not stop a series:
+it is decided on the instances that can be read, and its reason says how many could
+not (``archive verify --repair`` marks such instances MISSING). A series none of whose
+files can be read, or whose files cannot be read for another reason (permissions, an
+I/O error), is set aside: one WARNING line when that starts, one INFO line when its
+files can be read again and it is decided; the passes in between try it again quietly
+(a missing file once logged an ERROR every second, forever: issue 28).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicom_node.foundation.database import write
+
+from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.errors import DicomNodeError
+from dicom_node.foundation.faults import StateLog
+from dicom_node.queue.jobs import JobQueue, connect_queue
+from dicom_node.learning.label_intake import IntakeDecision
+from dicom_node.tasks import Task
+from pipelines.selection import (
+    NON_IMAGE_MODALITIES,
+    SECONDARY_CAPTURE_PREFIX,
+    is_node_output,
+    matches,
+)
+from twin_archive import Archive
+from twin_archive.arrivals import Arrivals, QuietSeries
+
+LOG = logging.getLogger(__name__)
+
+#: How far before the previous pass's cutoff a pass looks again, seconds.
+LOOKBACK_S = 300.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SeriesDecision:
+    """What the monitor decided for a series that went quiet."""
+
+    series_uid: str
+    last_received: str
+    decision: str  # queued, no-pipeline, ignored
+    reason: str
+    job_ids: tuple[int, ...] = ()
+
+
+def read_headers(paths: Sequence[Path]) -> list[Dataset]:
+    """Headers (no pixel data) of the instance files of one series."""
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+def read_available_headers(paths: Sequence[Path]) -> tuple[list[Dataset], list[str]]:
+    """Headers of the files that can be read, and why each of the others cannot.
+
+    A file that is gone or is not DICOM is skipped; any other ``OSError`` (permissions,
+    I/O) is raised, as it may pass.
+    """
+    headers, unreadable = [], []
+    for path in paths:
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except FileNotFoundError:
+            unreadable.append(f"{path.name}: missing")
+        except pydicom.errors.InvalidDicomError as exc:
+            unreadable.append(f"{path.name}: {exc}")
+    return headers, unreadable
+
+
+class SeriesUnreadableError(DicomNodeError, OSError):
+    """None of a series' instance files can be read."""
+
+    def __init__(self, series_uid: str, count: int, first: str) -> None:
+        super().__init__(f"none of its {count} instance file(s) can be read ({first})")
+        self.series_uid = series_uid
+
+
+class StabilityMonitor:
+    """Turns quiet series into jobs.
+
+    Parameters
+    ----------
+    archive : twin_archive.Archive
+        The node's archive (its files are read for the series headers).
+    jobs : JobQueue
+        Where jobs go.
+    tasks : sequence of Task
+        The tasks served, tried in order; every enabled, matching one gets a job
+        (:meth:`set_tasks` replaces them, on SIGHUP).
+    stable_after_s : float
+        Quiet period, seconds (> 0).
+    poll_s : float, optional
+        How often the index is looked at; default ``min(1, stable_after_s / 4)``.
+    label_intake : callable, optional
+        Called with the files of a complete SEG series; returns its
+        :class:`~dicom_node.learning.label_intake.IntakeDecision` (``label``, ``unclaimed`` or ``ignored``)
+        (:func:`dicom_node.learning.label_intake.intake_seg_series`). Without it SEG series are
+        ignored like other result objects. Never makes a job of a SEG.
+    """
+
+    def __init__(self, archive: Archive, jobs: JobQueue, tasks: Sequence[Task], *,
+                 stable_after_s: float, poll_s: float | None = None,
+                 label_intake: Callable[[Sequence[Path]], IntakeDecision] | None = None) -> None:
+        if not stable_after_s > 0:
+            raise ValueError(f"stable_after_s must be > 0 seconds, got {stable_after_s}")
+        self.archive = archive
+        self.jobs = jobs
+        self.tasks = tuple(tasks)
+        self.stable_after_s = float(stable_after_s)
+        self.poll_s = poll_s if poll_s is not None else min(1.0, self.stable_after_s / 4)
+        self.label_intake = label_intake
+        self._arrivals = Arrivals(archive.data_dir)
+        self._db = connect_queue(archive.data_dir)  # its own: monitored_series
+        self._conn = self._db.conn
+        self._since: str | None = None  # where the next pass looks from (None: everything)
+        self._set_aside: dict[str, str] = {}  # series UID -> why it cannot be decided yet
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- one pass
+    def quiet_series(self, until: str, since: str | None = None) -> list[QuietSeries]:
+        """Series whose last instance arrived at or before ``until`` (and at or after
+        ``since``) and whose current state is not yet decided, oldest arrival first."""
+        quiet = self._arrivals.quiet(until, since=since)
+        decided = self._decided([s.series_uid for s in quiet])
+        return [s for s in quiet if decided.get(s.series_uid) != s.last_received]
+
+    def _decided(self, uids: Sequence[str], chunk: int = 500) -> dict[str, str]:
+        """Series UID -> the ``last_received`` last decided on, for those of ``uids``
+        decided before."""
+        out: dict[str, str] = {}
+        for i in range(0, len(uids), chunk):
+            part = uids[i:i + chunk]
+            out.update(self._conn.execute(
+                "SELECT series_uid, last_received FROM monitored_series WHERE series_uid IN"
+                f" ({','.join('?' * len(part))})", part).fetchall())
+        return out
+
+    def poll(self) -> list[SeriesDecision]:
+        """Decide every series that went quiet since the last pass; return the decisions."""
+        now = utc_now()
+        cutoff = iso(now - timedelta(seconds=self.stable_after_s))
+        out, unread = [], []
+        for row in self.quiet_series(cutoff, self._since):
+            try:
+                out.append(self._decide(row))
+            except (OSError, pydicom.errors.InvalidDicomError) as exc:
+                unread.append(row.last_received)
+                self._setting_aside(row.series_uid, str(exc))
+                continue
+            why = self._set_aside.pop(row.series_uid, None)
+            if why is not None:
+                LOG.info("series %s: its instances can be read again (set aside for: %s); "
+                         "decided", row.series_uid, why)
+        self._since = min([iso(now - timedelta(seconds=self.stable_after_s + LOOKBACK_S)),
+                           *unread])
+        return out
+
+    def _setting_aside(self, uid: str, why: str) -> None:
+        """Log a series set aside once per reason; the passes after it retry quietly."""
+        if self._set_aside.get(uid) == why:
+            LOG.debug("series %s still set aside: %s", uid, why)
+            return
+        self._set_aside[uid] = why
+        LOG.warning("series %s set aside, not decided: %s; tried again quietly at each pass "
+                    "and said here once it can be read", uid, why)
+
+    def _decide(self, row: QuietSeries) -> SeriesDecision:
+        uid, last = row.series_uid, row.last_received
+        modality = row.modality.upper()
+        files = self.archive.twins.series_files(uid)
+        job_ids: list[int] = []
+        count = len(files)
+        if modality == "SEG" and files and self.label_intake is not None:
+            intake = self.label_intake(files)  # never a job: a label, or left alone
+            decision, reason = intake.decision, intake.reason
+        elif modality in NON_IMAGE_MODALITIES:
+            decision, reason = "ignored", f"{modality} is a result/document object; never inferred on"
+        elif not files:
+            decision, reason = "ignored", "no current instances"
+        else:
+            headers, unreadable = read_available_headers(files)
+            if not headers:
+                raise SeriesUnreadableError(uid, len(files), unreadable[0])
+            decision, reason = self._decide_images(row, headers, job_ids)
+            count = len(headers)
+            if unreadable:
+                reason += (f" (decided on the {len(headers)} of {len(files)} instance(s) that can "
+                           f"be read; {len(unreadable)} cannot: {unreadable[0]})")
+                LOG.warning("series %s: %d of its %d instance file(s) cannot be read (%s); "
+                            "decided on the others", uid, len(unreadable), len(files), unreadable[0])
+        reopened = self._record(uid, last, decision, reason)
+        if decision == "queued":
+            LOG.info("series %s quiet for %.0f s with %d instance(s)%s: job(s) %s queued",
+                     uid, self.stable_after_s, count,
+                     " (re-opened by later instances; the new result will supersede the old)"
+                     if reopened else "", ", ".join(map(str, job_ids)) or "-")
+        elif decision == "label":
+            LOG.info("series %s (SEG, %d instance(s)) taken as label(s): %s", uid, count,
+                     reason)
+        elif decision == "unclaimed":
+            LOG.info("series %s (SEG, %d instance(s)) kept as unclaimed label(s), claimed when "
+                     "a task or model names its segments: %s", uid, count, reason)
+        else:
+            LOG.info("series %s (%s, %d instance(s)) left alone: %s", uid, modality or "?",
+                     count, reason)
+        return SeriesDecision(series_uid=uid, last_received=last, decision=decision,
+                              reason=reason, job_ids=tuple(job_ids))
+
+    def _decide_images(self, row: QuietSeries, headers: Sequence[Dataset],
+                       job_ids: list[int]) -> tuple[str, str]:
+        """Decision and reason for an image series from its readable headers; the ids of
+        the jobs queued are added to ``job_ids``."""
+        if any(is_node_output(ds) for ds in headers):
+            return "ignored", "produced by this node; never inferred on"
+        if any(str(ds.get("SOPClassUID", "")).startswith(SECONDARY_CAPTURE_PREFIX)
+               for ds in headers):
+            return "ignored", "secondary capture; never inferred on"
+        reasons = []
+        for spec in self.tasks:  # one tuple, replaced whole by set_tasks
+            if not spec.enabled:
+                continue
+            verdict = matches(spec.rules, headers)
+            if not verdict.matched:
+                reasons.append(verdict.reason)
+                continue
+            job = self.jobs.enqueue(
+                series_uid=row.series_uid, study_uid=row.study_uid, patient_key=row.patient_key,
+                task=spec.task, series_last_received=row.last_received, instances=len(headers))
+            if job is not None:
+                job_ids.append(job.id)
+            reasons.append(verdict.reason)
+        if job_ids:
+            return "queued", "; ".join(reasons)
+        if any("matched" in r for r in reasons):
+            return "queued", "job already queued"
+        return "no-pipeline", "; ".join(reasons) or "no task enabled"
+
+    def _record(self, uid: str, last: str, decision: str, reason: str) -> bool:
+        """Remember the decision; return whether the series had been decided before."""
+        with write(self._db) as conn:
+            before = conn.execute("SELECT 1 FROM monitored_series WHERE series_uid = ?",
+                                  (uid,)).fetchone()
+            conn.execute(
+                "INSERT INTO monitored_series (series_uid, last_received, decision, reason,"
+                " decided_at) VALUES (?,?,?,?,?) ON CONFLICT(series_uid) DO UPDATE SET"
+                " last_received=excluded.last_received, decision=excluded.decision,"
+                " reason=excluded.reason, decided_at=excluded.decided_at",
+                (uid, last, decision, reason, iso(utc_now())),
+            )
+        return before is not None
+
+    def set_tasks(self, tasks: Sequence[Task]) -> None:
+        """Serve ``tasks`` from the next series decided on (SIGHUP reload)."""
+        self.tasks = tuple(tasks)
+
+    # ----------------------------------------------------------------- thread
+    def start(self) -> None:
+        """Poll in a background thread until :meth:`stop`."""
+        self._thread = threading.Thread(target=self._run, name="stability-monitor", daemon=True)
+        self._thread.start()
+        LOG.info("stability monitor: a series is complete after %.1f s without new instances; "
+                 "tasks: %s", self.stable_after_s,
+                 ", ".join(t.name + ("" if t.enabled else " (disabled)") for t in self.tasks)
+                 or "none")
+
+    def _run(self) -> None:
+        state = StateLog(LOG, "stability monitor")  # one line per change, not per pass
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.poll()
+                state.ok()
+            except Exception as exc:  # keep watching; the next pass retries
+                state.failed(exc, "pass failed")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop polling and close the connections."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._conn.close()
+        self._arrivals.close()

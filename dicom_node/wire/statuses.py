@@ -1,0 +1,42 @@
+"""DICOM status codes used by the node's service handlers, named in one place.
+
+Each constant carries the PS3 section that defines it. Handlers return these names;
+no hex literal appears anywhere else. Unexpected exceptions inside a handler are left
+to pynetdicom, which answers 0xC211 and logs the traceback.
+"""
+
+from __future__ import annotations
+
+# PS3.7 Annex C.1.1: the operation completed successfully.
+SUCCESS = 0x0000
+# PS3.7 Annex C.1.2: the Warning class is 0001 or Bxxx (the operation was performed).
+WARNING = 0x0001
+
+# PS3.4 Annex B.2.3 (Storage Service Class, C-STORE statuses).
+# Refused: Out of Resources (A700-A7FF). Used for disk full and index unavailable.
+OUT_OF_RESOURCES = 0xA700
+# Error: Data Set does not match SOP Class (A900-A9FF).
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+# Error: Cannot understand (C000-CFFF). Used for missing/invalid identifying attributes
+# and for a data set that cannot be parsed.
+CANNOT_UNDERSTAND = 0xC000
+# Warning: Data Set does not match SOP Class (B007): stored, but not as its SOP class says
+# (e.g. less Pixel Data than its Rows, Columns and Bits Allocated need).
+WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+# Warning: Coercion of Data Elements (B000). Not used: the node never coerces.
+COERCION_OF_DATA_ELEMENTS = 0xB000
+
+# PS3.7 Annex C.5 (Failure statuses): Refused: SOP Class Not Supported. pynetdicom answers
+# it for a SOP class no context was negotiated for; the node answers it for a C-STORE whose
+# Affected SOP Class UID is not the abstract syntax of the presentation context it came on
+# (a CT image on the Verification context, issue 28).
+REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+# pynetdicom's answer when a C-STORE handler raises (a Cxxx "Cannot understand" value);
+# the fast store lane answers the same (dicom_node/wire/fast_receive/store_lane.py).
+HANDLER_FAILED = 0xC211
+
+
+def is_warning(status: int) -> bool:
+    """A Warning status (PS3.7 C.1.2: 0001 or Bxxx): the object was stored."""
+    return status == WARNING or (status & 0xF000) == COERCION_OF_DATA_ELEMENTS
