@@ -207,6 +207,14 @@ class Task:
         if self.modality not in IMAGE_SOP_CLASSES:
             raise bad("modality", f"one of {', '.join(IMAGE_SOP_CLASSES)} (the image modalities "
                       "the pipeline reads)", self.modality)
+        self._check_lists(bad)
+        self._check_numbers(bad)
+        self._check_retention(bad)
+        self._check_learning(bad)
+        object.__setattr__(self, "rules", self._rules(bad))
+
+    def _check_lists(self, bad: Any) -> None:
+        """The list keys: non-empty strings; valid patterns; known outputs."""
         for key in ("body_parts", "exclude_series_descriptions", "manufacturers", "outputs"):
             value = getattr(self, key)
             if isinstance(value, list):
@@ -227,6 +235,9 @@ class Task:
         if "seg" not in self.outputs and "sr" not in self.outputs:
             raise bad("outputs", 'a list with "seg" or "sr" (the overlay goes with them)',
                       list(self.outputs))
+
+    def _check_numbers(self, bad: Any) -> None:
+        """The flags and numbers: booleans, slice counts, the Dice floor, the thickness."""
         for key in ("accept_missing_body_part", "enabled"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false", getattr(self, key))
@@ -239,14 +250,15 @@ class Task:
                     or not 0 <= floor <= 1:
                 raise bad("min_dice", "a mean Dice in [0, 1]", floor)
             object.__setattr__(self, "min_dice", float(floor))
-        self._check_retention(bad)
-        self._check_learning(bad)
         thick = self.max_slice_thickness_mm
         if thick is not None:
             if isinstance(thick, bool) or not isinstance(thick, int | float) \
                     or not math.isfinite(thick) or not 0 < thick <= 1000:
                 raise bad("max_slice_thickness_mm", "a number of mm > 0 (at most 1000)", thick)
             object.__setattr__(self, "max_slice_thickness_mm", float(thick))
+
+    def _rules(self, bad: Any) -> SelectionRules:
+        """The selection rules the task stands for (their errors named by the task's keys)."""
         try:
             if not isinstance(self.volume, VolumeChoice):
                 object.__setattr__(self, "volume", VolumeChoice.from_dict(self.volume))
@@ -259,7 +271,7 @@ class Task:
                 manufacturers=self.manufacturers, volume=self.volume)
         except SelectionRulesError as exc:
             raise bad(_RULE_KEYS.get(exc.key, exc.key), exc.expected, exc.got) from None
-        object.__setattr__(self, "rules", rules)
+        return rules
 
     def _check_retention(self, bad: Any) -> None:
         """The per-task retention overrides: days >= 0 (``"forever"`` for results)."""

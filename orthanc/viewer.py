@@ -155,80 +155,85 @@ class ViewerServer:
         self.stop()
 
 
-def _handler(server: ViewerServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class _ViewerHandler(BaseHTTPRequestHandler):
+    """OHIF's files, and ``/dicom-web/`` and ``/wado`` passed through to Orthanc."""
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
-            LOG.debug("viewer: " + format, *args)
+    viewer: ViewerServer
+    protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib's name
-            self._route()
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+        LOG.debug("viewer: " + format, *args)
 
-        def do_HEAD(self) -> None:  # noqa: N802
-            self._route()
+    def do_GET(self) -> None:  # noqa: N802 - stdlib's name
+        self._route()
 
-        def do_POST(self) -> None:  # noqa: N802
-            self._route()
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._route()
 
-        def do_PUT(self) -> None:  # noqa: N802
-            self._route()
+    def do_POST(self) -> None:  # noqa: N802
+        self._route()
 
-        def do_DELETE(self) -> None:  # noqa: N802
-            self._route()
+    def do_PUT(self) -> None:  # noqa: N802
+        self._route()
 
-        def _route(self) -> None:
-            path = urlsplit(self.path).path
-            if path.startswith(PROXIED):
-                self._proxy()
-            elif self.command in ("GET", "HEAD"):
-                self._static(path)
-            else:
-                self._send(405, b"method not allowed", "text/plain")
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._route()
 
-        def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None
-                  ) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (extra or {}).items():
+    def _route(self) -> None:
+        path = urlsplit(self.path).path
+        if path.startswith(PROXIED):
+            self._proxy()
+        elif self.command in ("GET", "HEAD"):
+            self._static(path)
+        else:
+            self._send(405, b"method not allowed", "text/plain")
+
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None
+              ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _static(self, path: str) -> None:
+        if path == "/app-config.js":
+            self._send(200, self.viewer.config_js, "text/javascript", {"Cache-Control": "no-store"})
+            return
+        target = (self.viewer.root / path.lstrip("/")).resolve()
+        if not target.is_relative_to(self.viewer.root) or not target.is_file():
+            target = self.viewer.root / "index.html"  # the single-page app's own routes
+        ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        self._send(200, target.read_bytes(), ctype)
+
+    def _proxy(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["Host"] = self.headers.get("Host", "")  # Orthanc builds its URLs from it
+        conn = http.client.HTTPConnection(*self.viewer.upstream, timeout=120)
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except OSError as exc:
+            self._send(502, f"Orthanc did not answer: {exc}".encode(), "text/plain")
+            return
+        finally:
+            conn.close()
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in _HOP_BY_HOP:
                 self.send_header(k, v)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-        def _static(self, path: str) -> None:
-            if path == "/app-config.js":
-                self._send(200, server.config_js, "text/javascript", {"Cache-Control": "no-store"})
-                return
-            target = (server.root / path.lstrip("/")).resolve()
-            if not target.is_relative_to(server.root) or not target.is_file():
-                target = server.root / "index.html"  # the single-page app's own routes
-            ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
-            self._send(200, target.read_bytes(), ctype)
 
-        def _proxy(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else None
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            headers["Host"] = self.headers.get("Host", "")  # Orthanc builds its URLs from it
-            conn = http.client.HTTPConnection(*server.upstream, timeout=120)
-            try:
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            except OSError as exc:
-                self._send(502, f"Orthanc did not answer: {exc}".encode(), "text/plain")
-                return
-            finally:
-                conn.close()
-            self.send_response(resp.status, resp.reason)
-            for k, v in resp.getheaders():
-                if k.lower() not in _HOP_BY_HOP:
-                    self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-    return Handler
+def _handler(server: ViewerServer) -> type[BaseHTTPRequestHandler]:
+    """The request handler class of one :class:`ViewerServer`."""
+    return type("Handler", (_ViewerHandler,), {"viewer": server})

@@ -185,11 +185,8 @@ def wait_for_sends(data_dir: Path, study_uid: str, timeout: float, kinds: tuple[
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings.log_level)
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
-    import pydicom
-
     from dicom_node.runtime.datadir_lock import DataDirLock
     from dicom_node.runtime.node import Node
-    from dicom_node.foundation.clock import utc_now
     from orthanc.server import OrthancServer, free_ports
     from pipelines.demo_model import ensure_demo_model
     from registry.store import Registry
@@ -215,30 +212,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     with pacs as orthanc:
         LOG.info("demo: Orthanc (the PACS) is AE %s at 127.0.0.1:%d, web UI %s", orthanc.aet,
                  orthanc.dicom_port, orthanc.url)
-        settings = settings.replace(
-            data_dir=data_dir, port=node_port, bind_address="127.0.0.1", min_free_mb=64,
-            stable_after=args.stable_after, send_backoff_initial_s=0.5, send_backoff_max_s=5.0,
-            metrics_port=0, train_enabled=False, allowed_calling_aes=(), tls_cert=None,
-            tls_key=None, tls_ca=None,
-            destinations=(Destination(ae_title=orthanc.aet, host="127.0.0.1",
-                                      port=orthanc.dicom_port),))
+        settings = _demo_settings(settings, data_dir, node_port, args, orthanc)
         node = Node(settings, lock=lock)
         node.start()
         try:
             if not node.loop.workers.wait_ready(300):  # so the figures below hold no start-up
                 LOG.warning("demo: the inference worker is not ready after 300 s; going on")
-            with tempfile.TemporaryDirectory(prefix="dicom-node-demo-") as tmp:
-                LOG.info("demo: generating a %d-slice 512x512 abdominal CT", args.slices)
-                paths, true_ml = _write_study(Path(tmp), args.slices, args.patient_id, args.seed,
-                                              getattr(args, "multiframe", False))
-                study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
-                LOG.info("demo: storing the study in Orthanc, as the scanner would in the PACS")
-                send_files(paths, orthanc.dicom_port, orthanc.aet)
-                LOG.info("demo: sending %d instances to the node", len(paths))
-                t_send = time.perf_counter()
-                send_files(paths, node.server.port, settings.ae_title)
-                acked = utc_now()
-                sent_s = time.perf_counter() - t_send
+            paths, true_ml, study_uid, sent_s, acked = _send_study(args, orthanc, node, settings)
             done = wait_for_sends(data_dir, study_uid, args.timeout, ("seg", "sr", "overlay"))
             detail = node.archive.twins.twin(args.patient_id)
             with ResultStore(data_dir) as store:
@@ -255,6 +235,42 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
           f"the data stays under {data_dir}")
     print(f"demo: look again with: dicom-node --data-dir {data_dir} twin show {args.patient_id}")
     return 0
+
+
+def _demo_settings(settings: Settings, data_dir: Path, node_port: int, args: argparse.Namespace,
+                   orthanc: Any) -> Settings:
+    """The node's settings for the demo: loopback, Orthanc its one destination, short back-off."""
+    return settings.replace(
+        data_dir=data_dir, port=node_port, bind_address="127.0.0.1", min_free_mb=64,
+        stable_after=args.stable_after, send_backoff_initial_s=0.5, send_backoff_max_s=5.0,
+        metrics_port=0, train_enabled=False, allowed_calling_aes=(), tls_cert=None,
+        tls_key=None, tls_ca=None,
+        destinations=(Destination(ae_title=orthanc.aet, host="127.0.0.1",
+                                  port=orthanc.dicom_port),))
+
+
+def _send_study(args: argparse.Namespace, orthanc: Any, node: Any, settings: Settings
+                ) -> tuple[list[Path], float, str, float, Any]:
+    """Generate the CT, store it in Orthanc as the scanner would, then send it to the node.
+
+    Returns the files, the phantom's true spleen volume (mL), the Study Instance UID, the
+    seconds the send to the node took and the time its last instance was acknowledged.
+    """
+    import pydicom
+
+    from dicom_node.foundation.clock import utc_now
+
+    with tempfile.TemporaryDirectory(prefix="dicom-node-demo-") as tmp:
+        LOG.info("demo: generating a %d-slice 512x512 abdominal CT", args.slices)
+        paths, true_ml = _write_study(Path(tmp), args.slices, args.patient_id, args.seed,
+                                      getattr(args, "multiframe", False))
+        study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+        LOG.info("demo: storing the study in Orthanc, as the scanner would in the PACS")
+        send_files(paths, orthanc.dicom_port, orthanc.aet)
+        LOG.info("demo: sending %d instances to the node", len(paths))
+        t_send = time.perf_counter()
+        send_files(paths, node.server.port, settings.ae_title)
+        return paths, true_ml, study_uid, time.perf_counter() - t_send, utc_now()
 
 
 def _serve_viewer(args: argparse.Namespace, orthanc: Any, study_uid: str) -> None:

@@ -27,6 +27,34 @@ LOG = logging.getLogger(__name__)
 NO_METRICS = "activated on import with no recorded validation metrics (operator's explicit choice)"
 
 
+def _register_lifecycle(msub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """The actions that change which version serves: shadow, promote, rollback, retire."""
+    p = msub.add_parser("shadow", parents=parents,
+                        help="run a candidate in shadow on live series (results kept, never sent)")
+    p.add_argument("version", metavar="VERSION")
+    p.add_argument("--stop", action="store_true", help="stop its shadow mode")
+    _who(p)
+    p.set_defaults(func=cmd_shadow)
+
+    p = msub.add_parser("promote", parents=parents, help="make a version active in its scope")
+    p.add_argument("version", metavar="VERSION")
+    _who(p)
+    p.set_defaults(func=cmd_promote)
+
+    p = msub.add_parser("rollback", parents=parents,
+                        help="put back the version active before the current one")
+    p.add_argument("task", metavar="TASK")
+    p.add_argument("--manufacturer", default="", help="scope: Manufacturer")
+    p.add_argument("--scanner-model", default="", help="scope: Manufacturer's Model Name")
+    _who(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p = msub.add_parser("retire", parents=parents, help="take a version out of service")
+    p.add_argument("version", metavar="VERSION")
+    _who(p)
+    p.set_defaults(func=cmd_retire)
+
+
 def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Add the ``models`` subcommand and its actions to ``sub``."""
     parents = list(parents)
@@ -57,30 +85,7 @@ def register(sub: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     _who(p)
     p.set_defaults(func=cmd_import)
 
-    p = msub.add_parser("shadow", parents=parents,
-                        help="run a candidate in shadow on live series (results kept, never sent)")
-    p.add_argument("version", metavar="VERSION")
-    p.add_argument("--stop", action="store_true", help="stop its shadow mode")
-    _who(p)
-    p.set_defaults(func=cmd_shadow)
-
-    p = msub.add_parser("promote", parents=parents, help="make a version active in its scope")
-    p.add_argument("version", metavar="VERSION")
-    _who(p)
-    p.set_defaults(func=cmd_promote)
-
-    p = msub.add_parser("rollback", parents=parents,
-                        help="put back the version active before the current one")
-    p.add_argument("task", metavar="TASK")
-    p.add_argument("--manufacturer", default="", help="scope: Manufacturer")
-    p.add_argument("--scanner-model", default="", help="scope: Manufacturer's Model Name")
-    _who(p)
-    p.set_defaults(func=cmd_rollback)
-
-    p = msub.add_parser("retire", parents=parents, help="take a version out of service")
-    p.add_argument("version", metavar="VERSION")
-    _who(p)
-    p.set_defaults(func=cmd_retire)
+    _register_lifecycle(msub, parents)
 
     p = msub.add_parser("optimize", parents=parents,
                         help="export ONNX (and a TensorRT engine where possible) and check "

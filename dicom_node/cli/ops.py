@@ -188,6 +188,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         out["storage"] = disk.to_dict() if disk is not None else None
         print(json.dumps(out, indent=2))
         return 0
+    _print_node(running, health, live)
+    _print_data(data_dir, state, disk)
+    _print_queues(data_dir, state)
+    print(f"audit:     {state.audit_events} event(s)"
+          + (f", last at {state.last_audit_at[:19]}" if state.last_audit_at else ""))
+    return 0
+
+
+def _print_node(running: dict[str, Any] | None, health: dict[str, Any] | None,
+                live: dict[str, float]) -> None:
+    """``status``: the process, its workers, health and the counters since it started."""
     if running:
         how = f"pid {running['pid']}, AE {running['ae_title']} on {running['bind_address']}:" \
               f"{running['port']}{' (TLS)' if running.get('tls') else ''}, since {running['started_at']}"
@@ -206,6 +217,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         rx = sum(int(v) for k, v in live.items() if k.startswith("dicom_node_instances_received_total"))
         print(f"since start: {rx} instance(s), {int(live.get('dicom_node_received_bytes_total', 0)) >> 20}"
               f" MiB received; associations " + ", ".join(f"{n} {k}" for k, n in acc.items()))
+
+
+def _print_data(data_dir: Path, state: Any, disk: Any) -> None:
+    """``status``: the disk, retention's figures and the archive's size."""
     print(f"data:      {data_dir} ({state.free_bytes >> 30} GiB free)")
     if state.disk_full:
         print(describe_disk_full(state.free_bytes, state.unreadable))
@@ -213,6 +228,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(line)
     print(f"archive:   {state.twins} twin(s), {state.studies} study(ies), {state.instances} "
           f"instance(s), {state.archived_bytes >> 20} MiB")
+
+
+def _print_queues(data_dir: Path, state: Any) -> None:
+    """``status``: jobs, what waits and why, sends, results and the models in service."""
     print("jobs:      " + (", ".join(f"{n} {s}" for s, n in sorted(state.jobs.items())) or "none"))
     for line in state.waiting:
         print(f"waiting:   {line}")
@@ -231,9 +250,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"model:     {m.task}: {m.version} ({m.scope})")
     else:
         print("model:     none active")
-    print(f"audit:     {state.audit_events} event(s)"
-          + (f", last at {state.last_audit_at[:19]}" if state.last_audit_at else ""))
-    return 0
 
 
 def cmd_audit(args: argparse.Namespace, settings: Settings) -> int:

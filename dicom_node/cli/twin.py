@@ -113,6 +113,18 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
             {"id": j.id, "task": j.task, "series_uid": j.series_uid, "state": j.state.value,
              "reason": j.error, "result_id": j.result_id} for j in jobs]}, indent=2))
         return 0
+    _print_twin(detail, hold)
+    _print_studies(detail, pruned)
+    _print_consent_and_learning(detail)
+    for j in jobs:
+        if j.state.value in ("queued", "running", "waiting"):
+            print(f"  job {j.id} ({j.task}) on series {j.series_uid}: {j.state.value}"
+                  + (f": {j.error}" if j.state.value == "waiting" else ""))
+    return 0
+
+
+def _print_twin(detail: Any, hold: dict[str, Any] | None) -> None:
+    """The patient, merges, donation and legal hold (``twin show``)."""
     t = detail.twin
     if t.unidentified:
         print(f"UNIDENTIFIED twin {t.patient_key} (received without a Patient ID; filed by "
@@ -133,6 +145,10 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         if m.target_key == t.patient_key:
             print(f"  merged in: unidentified twin {m.source_key} ({m.studies} study(ies)) at "
                   f"{m.at[:19]} by {printable(m.by)}: {printable(m.reason)}")
+
+
+def _print_studies(detail: Any, pruned: dict[str, Any]) -> None:
+    """Each study and its series, with what is missing or was pruned (``twin show``)."""
     for st in detail.studies:
         print(f"  study {printable(st.study_uid)}  {st.study_date} {printable(st.description)!r}"
               f"  accession {printable(st.accession_number)}")
@@ -148,6 +164,10 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
                   f"{printable(se.description)!r:<30} {se.instances:>5} instances  "
                   f"{printable(se.manufacturer)} {printable(se.model_name)}  "
                   f"({printable(se.series_uid)})" + (f"  [{'; '.join(notes)}]" if notes else ""))
+
+
+def _print_consent_and_learning(detail: Any) -> None:
+    """Consent history, results, labels and the model versions trained with the data."""
     print("  consent history:" if detail.consent_history else "  consent history: none (default: not donated)")
     for ev in detail.consent_history:
         print(f"    {ev.at[:19]}  {'donate' if ev.previous else 'no'} -> {'donate' if ev.donate else 'no'}"
@@ -161,11 +181,6 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
               f" at {lab['recorded_at'][:19]}")
     if detail.trained_model_versions:
         print("    trained with this patient's data: " + ", ".join(detail.trained_model_versions))
-    for j in jobs:
-        if j.state.value in ("queued", "running", "waiting"):
-            print(f"  job {j.id} ({j.task}) on series {j.series_uid}: {j.state.value}"
-                  + (f": {j.error}" if j.state.value == "waiting" else ""))
-    return 0
 
 
 def _pruned_notes(kinds: dict[str, dict[str, Any]]) -> list[str]:

@@ -112,7 +112,6 @@ class QueueingSender(Sender):
 # ------------------------------------------------------------------ the process
 def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Settings,
           name: str, t0: float) -> int:
-    from dicom_node.logconfig import configure_logging
     from dicom_node.wire.tls import client_tls_context
     import torch
 
@@ -154,7 +153,20 @@ def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Set
     LOG.info("%s ready for jobs (started in %.1f s; torch uses %d CPU thread(s))", me,
              time.perf_counter() - t0, threads)
     report({"op": "ready"})
-    stop_grace: float | None = None
+    stop_grace = _follow(messages, worker, jobs)
+    if stop_grace is None:  # the listener is gone: stop at once, like it
+        os._exit(1)
+    worker.stop(stop_grace)  # a job still running goes back to the queue
+    for closeable in (jobs, sender, results, archive):
+        closeable.close()
+    return 0
+
+
+def _follow(messages: Iterator[dict[str, Any]], worker: Any, jobs: Any) -> float | None:
+    """Follow the listener's messages until it says stop (its grace, in seconds), or None
+    when the listener is gone (the socket closed)."""
+    from dicom_node.logconfig import configure_logging
+
     for message in messages:
         op = message.get("op")
         if op == "wake":
@@ -166,14 +178,8 @@ def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Set
         elif op == "log_level":
             configure_logging(str(message["level"]))
         elif op == "stop":
-            stop_grace = float(message.get("grace_s", 5.0))
-            break
-    if stop_grace is None:  # the listener is gone: stop at once, like it
-        os._exit(1)
-    worker.stop(stop_grace)  # a job still running goes back to the queue
-    for closeable in (jobs, sender, results, archive):
-        closeable.close()
-    return 0
+            return float(message.get("grace_s", 5.0))
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

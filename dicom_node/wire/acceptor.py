@@ -194,19 +194,37 @@ def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which tells us
-    reported: dict[str, int] = {}
-    reported_bytes = 0
+    report = _Reporter(sock, lock, metrics)
+    _obey(sock, buf, server, stop_grace, wake_r, report)
+    server.stop(stop_grace[0])
+    report()
+    archive.close()
+    return 0
 
-    def report() -> None:
-        nonlocal reported, reported_bytes
-        now = metrics.snapshot()
+
+class _Reporter:
+    """Sends the node what the counters gained since the last report (nothing if nothing)."""
+
+    def __init__(self, sock: socket.socket, lock: threading.Lock, metrics: NodeMetrics) -> None:
+        self.sock, self.lock, self.metrics = sock, lock, metrics
+        self.reported: dict[str, int] = {}
+        self.reported_bytes = 0
+
+    def __call__(self) -> None:
+        now = self.metrics.snapshot()
         size = now.pop("bytes_received", 0)
-        delta = {k: v - reported.get(k, 0) for k, v in now.items() if v != reported.get(k, 0)}
-        if delta or size != reported_bytes:
-            send_message(sock, lock, {"op": "metrics", "counts": delta,
-                               "bytes_received": size - reported_bytes})
-        reported, reported_bytes = now, size
+        delta = {k: v - self.reported.get(k, 0) for k, v in now.items()
+                 if v != self.reported.get(k, 0)}
+        if delta or size != self.reported_bytes:
+            send_message(self.sock, self.lock, {"op": "metrics", "counts": delta,
+                                                "bytes_received": size - self.reported_bytes})
+        self.reported, self.reported_bytes = now, size
 
+
+def _obey(sock: socket.socket, buf: bytes, server: Any, stop_grace: list[float], wake_r: int,
+          report: _Reporter) -> None:
+    """Follow the node's messages (allowed calling AE titles, stop) and report the counters
+    every :data:`_REPORT_EVERY_S`, until told to stop, SIGTERM or the node is gone."""
     next_report = time.monotonic() + _REPORT_EVERY_S
     while not stop_grace:
         if b"\n" in buf:
@@ -223,7 +241,7 @@ def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf
             data = sock.recv(65536)
             if not data:  # the node is gone: stop at once, like it
                 stop_grace.append(0.0)
-                break
+                return
             buf += data
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
@@ -232,10 +250,6 @@ def _serve(sock: socket.socket, listener: socket.socket, settings: Settings, buf
                 server.set_allowed_calling_aes(tuple(message["titles"]))
             elif message.get("op") == "stop":
                 stop_grace.append(float(message["grace_s"]))
-    server.stop(stop_grace[0])
-    report()
-    archive.close()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
