@@ -6,7 +6,7 @@
    eager, ``torch.compile`` (FP32 and FP16 autocast), ONNX Runtime CUDA where its
    execution provider exists, a TensorRT FP16 engine where ``tensorrt`` imports; each
    backend checked against PyTorch first (``models optimize``) and its argmax agreement
-   with PyTorch eager reported (:func:`pipelines.inference.benchmark`).
+   with PyTorch eager reported (:func:`pipelines.backend_benchmark.benchmark`).
 2. The 200-slice end to end (``benchmarks/end_to_end.py``: last CT instance acknowledged
    -> SEG and SR acknowledged by a real Orthanc) with the demo model and with the
    whole-body bundle, the node serving the fastest verified backend.
@@ -107,7 +107,7 @@ def backends(bundles: dict[str, Path | None], scratch: Path, *, repeats: int,
     from dicom_node.cli.models import phantom_volume
     from pipelines.demo_model import ensure_demo_model
     from pipelines.export.optimize import optimize
-    from pipelines.inference import benchmark
+    from pipelines.backend_benchmark import benchmark
     from registry.store import Registry
 
     out = []

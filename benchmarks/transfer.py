@@ -14,7 +14,7 @@ many epochs each arm reached), the same seed and the same patches:
   ``[[tasks]] template``).
 
 Both are scored, like the nightly job scores a candidate, as the Dice of the spleen in
-the served pipeline (:func:`trainer.nightly.evaluate`: preprocessing, sliding window,
+the served pipeline (:func:`trainer.judging.evaluate`: preprocessing, sliding window,
 back on the source grid) on held-out site-B patients that neither saw; the shipped
 model itself is scored on them too. A fixed set of site-B validation patients (not
 the held-out ones) chooses each run's kept epoch.
@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from pipelines import phantom as ph  # noqa: E402
 from pipelines.demo_model import DEMO_BUNDLE, DEMO_TASK  # noqa: E402
 from registry.store import Registry  # noqa: E402
-from trainer.nightly import evaluate  # noqa: E402
+from trainer.judging import evaluate  # noqa: E402
 from trainer.train import LoadedItem, TrainingConfig, VolumeItem, train  # noqa: E402
 
 PAPER = {"cases": 30, "fine_tuned": 0.8925, "de_novo": 0.6359}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +31,14 @@ from monai.data import MetaTensor
 
 from pipelines.backends import choose_backend
 from pipelines.errors import PipelineError
+from pipelines.grid import labels_on_source_grid, nearest_labels_on_source_grid, resample_argmax
 from pipelines.memory import MemoryEstimate, activation_bytes, estimate_memory
 from pipelines.stitching import WindowSettings, stream_sliding_window
-from pipelines.export.checks import available_backends, device_name
+from pipelines.export.checks import available_backends
 from pipelines.export.onnx import OnnxRunner
 from pipelines.export.tensorrt import TensorRTRunner
 from registry.bundle import OpenBundle, open_bundle
-from registry.records import Artifact, ArtifactKind, Backend, LabelSpec, ModelVersion
+from registry.records import ArtifactKind, Backend, LabelSpec, ModelVersion
 from registry.store import Registry
 
 LOG = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ class LoadedModel:
                                 "invertible; the bundle's preprocessing cannot be inverted")
         index_map = np.linalg.inv(model_affine) @ LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
         if "score" in state:
-            labels = _resample_argmax([state.pop("score")], index_map, tuple(shape))
+            labels = resample_argmax([state.pop("score")], index_map, tuple(shape))
         else:
             labels = nearest_labels_on_source_grid(state.pop("labels"), index_map, tuple(shape))
         return labels, t2
@@ -365,206 +365,6 @@ def _float32_resampling(pre: Any) -> Any:
         if isinstance(t, Spacingd):
             t.dtype = tuple(np.float32 for _ in t.dtype)
     return pre
-
-
-#: Source slices resampled at a time (bounds the post-processing memory: a chunk of
-#: 16 x 512 x 512 float32 is 16 MiB per intermediate).
-RESAMPLE_CHUNK = 16
-
-
-def labels_on_source_grid(probs: np.ndarray, index_map: np.ndarray, shape: tuple[int, ...],
-                          *, chunk: int = RESAMPLE_CHUNK) -> np.ndarray:
-    """Argmax label map on a source grid of per-channel maps on a model grid.
-
-    Parameters
-    ----------
-    probs : numpy.ndarray
-        (C, X, Y, Z) per-channel probabilities (or logits) on the model grid. Not modified.
-    index_map : numpy.ndarray
-        4x4 affine taking a source index (k, i, j) to a model-grid index (x, y, z)
-        (voxel centres at integers).
-    shape : tuple of int
-        Source grid shape (slices, rows, columns).
-    chunk : int
-        Source slices done at a time (memory is O(chunk x rows x columns)).
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8 labels, ``shape``; ties go to the lower channel (as ``torch.argmax``).
-
-    Notes
-    -----
-    Linear interpolation commutes with differences, so with two channels the one map
-    ``p1 - p0`` is resampled and thresholded at 0 (the argmax); with more, each channel
-    is resampled and a running maximum kept. Outside the model grid the border value
-    is used. When the grids are axis-aligned (any permutation and flips: the index
-    map's 3x3 part has one non-zero per row), trilinear interpolation is separable and
-    done one axis at a time on slabs of source slices; otherwise (oblique) the model
-    grid is sampled at each slab's mapped coordinates with
-    :func:`scipy.ndimage.map_coordinates` (order 1).
-    """
-    probs = np.asarray(probs, dtype=np.float32)
-    if probs.ndim != 4 or len(shape) != 3:
-        raise ValueError(f"probs must be (C, X, Y, Z) and shape 3-D, got {probs.shape}, {shape}")
-    if probs.shape[0] == 2:
-        maps = [probs[1] - probs[0]]
-    else:
-        maps = [probs[c] for c in range(probs.shape[0])]
-    return _resample_argmax(maps, index_map, shape, chunk=chunk)
-
-
-def _is_axis_aligned(index_map: np.ndarray) -> bool:
-    rot = np.asarray(index_map, dtype=np.float64)[:3, :3]
-    nonzero = np.abs(rot) > 1e-6 * np.abs(rot).max()
-    return bool(np.all(nonzero.sum(axis=0) == 1) and np.all(nonzero.sum(axis=1) == 1))
-
-
-def _resample_argmax(maps: list[np.ndarray], index_map: np.ndarray, shape: tuple[int, ...], *,
-                     chunk: int = RESAMPLE_CHUNK) -> np.ndarray:
-    """Linear resampling of per-channel maps onto the source grid, argmax there (one map:
-    thresholded at 0). See :func:`labels_on_source_grid`."""
-    sample = _separable_sampler(maps, index_map, shape) if _is_axis_aligned(index_map) \
-        else _oblique_sampler(maps, index_map, shape)
-    labels = np.empty(shape, dtype=np.uint8)
-    for k0 in range(0, shape[0], chunk):
-        k1 = min(shape[0], k0 + chunk)
-        values = sample(k0, k1)
-        if len(maps) == 1:
-            np.greater(values[0], 0, out=labels[k0:k1], casting="unsafe")
-            continue
-        best = values[0]
-        out = np.zeros(best.shape, dtype=np.uint8)
-        for c in range(1, len(values)):
-            better = values[c] > best
-            out[better] = c
-            np.maximum(best, values[c], out=best)
-        labels[k0:k1] = out
-    return labels
-
-
-def nearest_labels_on_source_grid(labels: np.ndarray, index_map: np.ndarray,
-                                  shape: tuple[int, ...], *, chunk: int = RESAMPLE_CHUNK
-                                  ) -> np.ndarray:
-    """A model-grid label map carried onto the source grid by nearest neighbour.
-
-    Parameters
-    ----------
-    labels : numpy.ndarray
-        (X, Y, Z) integer labels on the model grid. Not modified.
-    index_map : numpy.ndarray
-        4x4 affine from a source index (k, i, j) to a model-grid index (x, y, z).
-    shape : tuple of int
-        Source grid shape (slices, rows, columns).
-    chunk : int
-        Source slices done at a time (oblique grids only; aligned ones are one gather).
-
-    Returns
-    -------
-    numpy.ndarray
-        Labels on the source grid, the dtype of ``labels``; outside the model grid
-        the nearest border voxel's label.
-
-    Notes
-    -----
-    Axis-aligned grids (any permutation and flips) take one index per source
-    axis, so the result is ``labels`` gathered with three 1-D index arrays (no
-    coordinate array at all); oblique ones sample each slab's rounded coordinates.
-    """
-    m = np.asarray(index_map, dtype=np.float64)
-    lab = np.asarray(labels)
-    if lab.ndim != 3 or len(shape) != 3:
-        raise ValueError(f"labels must be 3-D and shape 3-D, got {lab.shape}, {shape}")
-    out = np.empty(shape, dtype=lab.dtype)
-    if _is_axis_aligned(m):
-        src_of = [int(np.argmax(np.abs(m[a, :3]))) for a in range(3)]
-        model_of = [src_of.index(s) for s in range(3)]
-        view = np.transpose(lab, model_of)  # source axis order (a view)
-        idx = []
-        for s in range(3):
-            a = model_of[s]
-            t = np.arange(shape[s], dtype=np.float64)
-            idx.append(np.clip(np.rint(m[a, s] * t + m[a, 3]), 0, lab.shape[a] - 1).astype(np.intp))
-        for k0 in range(0, shape[0], chunk):
-            k1 = min(shape[0], k0 + chunk)
-            out[k0:k1] = view[np.ix_(idx[0][k0:k1], idx[1], idx[2])]
-        return out
-    ii, jj = np.meshgrid(np.arange(shape[1], dtype=np.float64),
-                         np.arange(shape[2], dtype=np.float64), indexing="ij")
-    plane = [m[a, 1] * ii + m[a, 2] * jj + m[a, 3] for a in range(3)]
-    for k0 in range(0, shape[0], chunk):
-        k1 = min(shape[0], k0 + chunk)
-        k = np.arange(k0, k1, dtype=np.float64)[:, None, None]
-        coords = [np.clip(np.rint(plane[a][None] + m[a, 0] * k), 0, lab.shape[a] - 1)
-                  .astype(np.intp) for a in range(3)]
-        out[k0:k1] = lab[coords[0], coords[1], coords[2]]
-    return out
-
-
-def _linear_weights(coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lower/upper neighbour indices and upper weight for 1-D linear interpolation at
-    ``coords`` on ``size`` samples, clamped to the border."""
-    c = np.clip(coords, 0.0, size - 1.0)
-    lo = np.minimum(np.floor(c).astype(np.intp), max(size - 2, 0))
-    hi = np.minimum(lo + 1, size - 1)
-    return lo, hi, (c - lo).astype(np.float32)
-
-
-def _lerp(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray) -> np.ndarray:
-    shape = [1] * a.ndim
-    shape[axis] = w.size
-    wb = w.reshape(shape)
-    low = np.take(a, lo, axis=axis)
-    out = np.take(a, hi, axis=axis)
-    out -= low
-    out *= wb
-    out += low
-    return out
-
-
-def _separable_sampler(maps: list[np.ndarray], index_map: np.ndarray, shape: tuple[int, ...]
-                       ) -> Any:
-    m = np.asarray(index_map, dtype=np.float64)
-    # model axis a is driven by source axis src_of[a]
-    src_of = [int(np.argmax(np.abs(m[a, :3]))) for a in range(3)]
-    model_of = [src_of.index(s) for s in range(3)]
-    # the maps with their axes in source order, contiguous (model-grid sized: a
-    # gather along a strided axis of a transposed view was 100x slower)
-    views = [np.ascontiguousarray(np.transpose(x, model_of)) for x in maps]
-    weights = []
-    for s in range(3):
-        a = model_of[s]
-        t = np.arange(shape[s], dtype=np.float64)
-        weights.append(_linear_weights(m[a, s] * t + m[a, 3], maps[0].shape[a]))
-
-    def sample(k0: int, k1: int) -> list[np.ndarray]:
-        lo, hi, w = (x[k0:k1] for x in weights[0])
-        out = []
-        for v in views:
-            part = _lerp(v, 0, lo, hi, w)
-            part = _lerp(part, 1, *weights[1])
-            out.append(_lerp(part, 2, *weights[2]))
-        return out
-
-    return sample
-
-
-def _oblique_sampler(maps: list[np.ndarray], index_map: np.ndarray, shape: tuple[int, ...]
-                     ) -> Any:
-    from scipy.ndimage import map_coordinates
-
-    m = np.asarray(index_map, dtype=np.float64)
-    ii, jj = np.meshgrid(np.arange(shape[1], dtype=np.float64),
-                         np.arange(shape[2], dtype=np.float64), indexing="ij")
-    plane = [m[a, 1] * ii + m[a, 2] * jj + m[a, 3] for a in range(3)]
-
-    def sample(k0: int, k1: int) -> list[np.ndarray]:
-        k = np.arange(k0, k1, dtype=np.float64)[:, None, None]
-        coords = np.stack([(plane[a][None] + m[a, 0] * k).astype(np.float32) for a in range(3)])
-        return [map_coordinates(x, coords, order=1, mode="nearest", prefilter=False)
-                for x in maps]
-
-    return sample
 
 
 def load_model(model_version: ModelVersion, *, registry: Registry | None = None,
@@ -629,163 +429,3 @@ def load_model(model_version: ModelVersion, *, registry: Registry | None = None,
             raise ModelLoadError(mv.version, f"{chosen.value}: {exc}") from exc
     LOG.info("model %s: serving with %s (%s)", mv.version, chosen.value, why)
     return LoadedModel(mv, bundle, chosen, network, device)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class BenchmarkRow:
-    """One backend's sliding-window time on the benchmark volume.
-
-    Parameters
-    ----------
-    name : str
-        ``pytorch-eager``, ``torch.compile``, ``onnxruntime-cpu`` ...
-    device : str
-        ``cpu`` or the GPU name.
-    median_ms : float or None
-        Median wall time of one whole sliding-window inference, ms (``None`` if skipped).
-    runs : int
-        Timed runs.
-    argmax_agreement : float or None
-        Fraction of model-grid voxels with PyTorch eager's argmax label.
-    note : str
-        Why it was skipped, or what it ran with.
-    """
-
-    name: str
-    device: str
-    median_ms: float | None
-    runs: int = 0
-    argmax_agreement: float | None = None
-    note: str = ""
-
-
-def benchmark(model_version: ModelVersion, array: np.ndarray, affine: np.ndarray, *,
-              registry: Registry | None = None, repeats: int = 3, warmup: int = 1,
-              compile_: bool = True) -> tuple[tuple[int, ...], tuple[BenchmarkRow, ...]]:
-    """Time the bundle's sliding-window inference on one volume with every backend
-    available here: PyTorch eager, ``torch.compile``, ONNX Runtime CPU/CUDA, TensorRT.
-
-    The volume goes through the bundle's preprocessing once; each backend then runs
-    the bundle's inferer on the same model-grid tensor ``warmup`` + ``repeats`` times.
-
-    Parameters
-    ----------
-    model_version : ModelVersion
-    array, affine : numpy.ndarray
-        HU volume (slices, rows, columns) and its (k, i, j) -> LPS mm affine.
-    registry : Registry, optional
-        For the ONNX and TensorRT artifacts (skipped without it).
-    repeats, warmup : int
-    compile_ : bool
-        Include ``torch.compile`` (its first call compiles; counted as warm-up).
-
-    Returns
-    -------
-    (tuple of int, tuple of BenchmarkRow)
-        The model-grid shape (X, Y, Z) and one row per backend, eager first.
-    """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    base = load_model(model_version, registry=registry, backend=Backend.TORCH_CPU)
-    img = base.preprocess(array, affine)
-    grid = tuple(int(s) for s in img.shape[1:])
-    cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
-    dname = device_name(Backend.TORCH_CUDA if cuda else Backend.TORCH_CPU)
-    bench = _Bench(inferer=base.bundle.inferer(), x=img[None].as_tensor().to(dev), cuda=cuda,
-                   repeats=repeats, warmup=warmup)
-    eager = base.bundle.network(dev)
-    bench.run("pytorch-eager", eager, dname, "fp32")
-    if compile_:
-        bench.run("torch.compile", torch.compile(eager), dname,
-                  "fp32, first call compiles (warm-up)")
-        if cuda:
-            bench.run("torch.compile", torch.compile(eager), dname, "fp16 autocast",
-                      autocast=True)
-    artifacts = registry.artifacts(model_version.version) if registry else []
-    _bench_onnx(bench, model_version, artifacts)
-    _bench_tensorrt(bench, model_version, artifacts)
-    return grid, tuple(bench.rows)
-
-
-class _Bench:
-    """The rows of :func:`benchmark` so far; runs one backend on the model-grid tensor."""
-
-    def __init__(self, *, inferer: Any, x: torch.Tensor, cuda: bool, repeats: int,
-                 warmup: int) -> None:
-        self.inferer, self.x, self.cuda = inferer, x, cuda
-        self.repeats, self.warmup = repeats, warmup
-        self.rows: list[BenchmarkRow] = []
-        self.ref: np.ndarray | None = None  # the first backend's label map
-
-    def skip(self, name: str, device: str, note: str) -> None:
-        """A row for a backend that cannot run here."""
-        self.rows.append(BenchmarkRow(name=name, device=device, median_ms=None, note=note))
-
-    def run(self, name: str, net: object, device: str, note: str = "",
-            autocast: bool = False, inp: torch.Tensor | None = None) -> None:
-        """Time ``net`` under the bundle's inferer; a failure is a row, not an error."""
-        from pipelines.export.checks import time_batches
-
-        xin = self.x if inp is None else inp
-        out: list[torch.Tensor] = []
-
-        def once() -> None:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16,
-                                                        enabled=autocast):
-                y = self.inferer(xin, net)
-            out[:] = [y]
-        try:
-            ms = time_batches(once, repeats=self.repeats, warmup=self.warmup, cuda=self.cuda)
-        except Exception as exc:  # noqa: BLE001 - a backend failing is a benchmark result
-            LOG.warning("benchmark %s failed: %s", name, exc)
-            self.skip(name, device, f"failed: {str(exc).splitlines()[0][:120]}")
-            return
-        lab = torch.argmax(out[0][0].float(), dim=0).cpu().numpy()
-        if self.ref is None:
-            self.ref = lab
-        self.rows.append(BenchmarkRow(name=name, device=device, median_ms=ms, runs=self.repeats,
-                                      argmax_agreement=float(np.mean(lab == self.ref)),
-                                      note=note))
-        LOG.info("benchmark %s on %s: %.1f ms (median of %d)", name, device, ms, self.repeats)
-
-
-def _bench_onnx(bench: _Bench, model_version: ModelVersion, artifacts: Sequence[Artifact]) -> None:
-    """ONNX Runtime on the CPU and on CUDA, with the version's ONNX artifact."""
-    here = available_backends()
-    onnx_arts = [a for a in artifacts if a.kind is ArtifactKind.ONNX and a.path.is_file()]
-    out_ch = len(model_version.labels) + 1
-    for b in (Backend.ORT_CPU, Backend.ORT_CUDA):
-        if b not in here:
-            bench.skip(b.value, "-", "not available on this host")
-        elif not onnx_arts:
-            bench.skip(b.value, device_name(b), f"no ONNX artifact: run `dicom-node models "
-                                                f"optimize {model_version.version}`")
-        else:
-            runner = OnnxRunner(onnx_arts[-1].path, cuda=b is Backend.ORT_CUDA, out_channels=out_ch)
-            bench.run(b.value, runner, device_name(b), f"onnxruntime {_ort_version()}",
-                      inp=bench.x.cpu() if b is Backend.ORT_CPU else bench.x)
-
-
-def _bench_tensorrt(bench: _Bench, model_version: ModelVersion,
-                    artifacts: Sequence[Artifact]) -> None:
-    """TensorRT, with the version's engine built for this GPU."""
-    from pipelines.export.tensorrt import tensorrt_status
-
-    status = tensorrt_status()
-    trt_arts = [a for a in artifacts if a.kind is ArtifactKind.TENSORRT and a.path.is_file()
-                and a.path.stem == a.key]
-    if not status.available:
-        bench.skip(Backend.TENSORRT.value, "-", f"TensorRT not available: {status.reason}")
-    elif not trt_arts:
-        bench.skip(Backend.TENSORRT.value, status.gpu_name, "no engine: run `dicom-node models "
-                   f"optimize {model_version.version}`")
-    else:
-        bench.run(Backend.TENSORRT.value, TensorRTRunner(trt_arts[-1].path), status.gpu_name,
-                  f"TensorRT {status.version} fp16")
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return str(onnxruntime.__version__)

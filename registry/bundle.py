@@ -166,8 +166,8 @@ def open_bundle(root: Path | str) -> OpenBundle:
     """
     root = Path(root).resolve()
     meta_file, config_file, weights_file = _bundle_files(root)
-    meta = _read_metadata(meta_file)
-    parser = _config_parser(root, meta_file, config_file)
+    meta = read_metadata(meta_file)
+    parser = config_parser(root, meta_file, config_file)
     image_key = _resolve(parser, "image_key", config_file, default="image")
     modality, in_channels = _input_format(meta, image_key)
     network, architecture = _build_network(parser, config_file, weights_file)
@@ -203,7 +203,7 @@ def _bundle_files(root: Path) -> tuple[Path, Path, Path]:
     return meta_file, find_config(root), find_weights(root)
 
 
-def _read_metadata(meta_file: Path) -> dict[str, Any]:
+def read_metadata(meta_file: Path) -> dict[str, Any]:
     """``metadata.json`` as a dict.
 
     Raises
@@ -218,7 +218,7 @@ def _read_metadata(meta_file: Path) -> dict[str, Any]:
     return meta
 
 
-def _config_parser(root: Path, meta_file: Path, config_file: Path) -> ConfigParser:
+def config_parser(root: Path, meta_file: Path, config_file: Path) -> ConfigParser:
     """MONAI's parser of the bundle's configuration, rooted at ``root``, on the CPU.
 
     Raises

@@ -34,7 +34,8 @@ from node_harness import DICOM_NODE, REPO, NodeProcess
 from pipelines.demo_model import DEMO_BUNDLE
 from registry.store import Registry
 from trainer.dataset import build_dataset
-from trainer.nightly import NightlyConfig, run_in_subprocess
+from trainer.child import run_in_subprocess
+from trainer.nightly import NightlyConfig
 from twin_archive import Archive
 from twin_archive.audit import AuditEvent, AuditLog
 from twin_archive.labels import LabelStore

@@ -290,7 +290,7 @@ def test_seg_on_a_multiframe_source_becomes_a_label_and_nifti_keeps_the_geometry
 
 
 def test_volume_rule_survives_the_training_subprocess_request() -> None:
-    # trainer.nightly.run_in_subprocess sends the rules as JSON (dataclasses.asdict)
+    # trainer.child.run_in_subprocess sends the rules as JSON (dataclasses.asdict)
     import dataclasses
     import json
 

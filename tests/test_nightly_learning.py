@@ -39,7 +39,8 @@ from node_harness import DICOM_NODE, REPO, NodeProcess
 from registry.store import Registry
 from trainer.dataset import build_dataset
 from trainer.labelmaps import to_nifti
-from trainer.nightly import NightlyConfig, run_in_subprocess
+from trainer.child import run_in_subprocess
+from trainer.nightly import NightlyConfig
 from twin_archive import Archive
 from twin_archive.audit import AuditEvent, AuditLog
 from twin_archive.labels import LabelStore
@@ -357,12 +358,12 @@ def test_training_settings_are_validated_per_key(tmp_path: Path) -> None:
 
 
 def _trainers(pid: int) -> list[int]:
-    """The children of ``pid`` that run ``trainer.nightly`` (exec done)."""
+    """The children of ``pid`` that run ``trainer.child`` (exec done)."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         for child in (task / "children").read_text().split():
             try:
-                if b"trainer.nightly" in Path(f"/proc/{child}/cmdline").read_bytes():
+                if b"trainer.child" in Path(f"/proc/{child}/cmdline").read_bytes():
                     out.append(int(child))
             except OSError:
                 continue

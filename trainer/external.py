@@ -7,7 +7,7 @@
   candidate of the task (its dataset manifest is the export it was trained on, and the
   twins record that their series were used), evaluated with the active version on the
   node's validation patients, and promoted only when better - by
-  :func:`trainer.nightly.judge_candidate`, the nightly job's own decision.
+  :func:`trainer.judging.judge_candidate`, the nightly job's own decision.
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.selection import SelectionRules
-from registry.store import Registry
-from trainer.dataset import build_dataset, load_case
+from trainer.dataset import build_dataset
 from trainer.errors import TrainingError
 from trainer.export import EXPORTS_DIR
-from trainer.nightly import NightlyConfig, TrainingOutcome, judge_candidate
-from twin_archive import Archive
-from twin_archive.labels import LabelStore
-from twin_archive.training_use import TrainingUse, record_training_use
+from trainer.judging import register_and_judge, training_stores
+from trainer.nightly import NightlyConfig, TrainingOutcome
+from twin_archive.training_use import TrainingUse
 
 LOG = logging.getLogger(__name__)
 
@@ -109,33 +107,26 @@ def import_candidate(data_dir: Path | str, bundle_dir: Path | str, task: str,
     """
     data_dir = Path(data_dir)
     export = latest_export(data_dir, task)
-    archive = Archive(data_dir)
-    labels = LabelStore(data_dir)
-    reg = Registry(data_dir)
-    try:
-        parent = reg.get(candidate_of)
+    with training_stores(data_dir) as stores:
+        parent = stores.registry.get(candidate_of)
         if parent.task != task:
             raise TrainingError(f"{candidate_of} is a version of {parent.task}, not of {task}")
-        dataset = build_dataset(archive, labels, task, rules,
+        dataset = build_dataset(stores.archive, stores.labels, task, rules,
                                 validation_fraction=config.validation_fraction)
         if not dataset.validation:
             raise TrainingError(f"task {task}: no validation patients (labelled series of "
                                 "donating patients) to evaluate the bundle on")
         manifest = dict(export["manifest"])
         manifest["trained"] = f"outside the node on export {export.get('export_id', '?')}"
-        candidate = reg.register_candidate(
-            bundle_dir, task=task, parent_version=parent.version, dataset_manifest=manifest,
-            by=by, reason=f"trained outside the node from {parent.version} on export "
-                          f"{export.get('export_id', '?')}")
-        record_training_use(data_dir, model_version=candidate.version, task=task, uses=[
-            TrainingUse(patient_key=s["patient_key"], study_uid=s["study_uid"],
-                        series_uid=s["series_uid"], label_id=s["label"]["id"], split=s["split"])
-            for s in manifest.get("series", [])])
-        model_labels = dict(candidate.label_names)
-        cases = [load_case(archive, i, model_labels, choice=dataset.volume)
-                 for i in dataset.validation]
-        j = judge_candidate(data_dir, reg, task, candidate, cases, dataset.validation_set_id,
-                            config=config, device=config.resolved_device(), by=by)
+        candidate, j = register_and_judge(
+            stores, task, bundle_dir, parent_version=parent.version, manifest=manifest,
+            uses=[TrainingUse(patient_key=s["patient_key"], study_uid=s["study_uid"],
+                              series_uid=s["series_uid"], label_id=s["label"]["id"],
+                              split=s["split"]) for s in manifest.get("series", [])],
+            dataset=dataset, model_labels=None, config=config,
+            device=config.resolved_device(), by=by,
+            reason=f"trained outside the node from {parent.version} on export "
+                   f"{export.get('export_id', '?')}")
         out = TrainingOutcome(
             task=task, outcome=j.outcome, reason=j.reason, candidate=candidate.version,
             parent=parent.version, active_before=j.active_before,
@@ -146,7 +137,3 @@ def import_candidate(data_dir: Path | str, bundle_dir: Path | str, task: str,
             stopped_by="trained outside the node")
         LOG.info("import %s", out.summary())
         return out
-    finally:
-        reg.close()
-        labels.close()
-        archive.close()

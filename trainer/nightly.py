@@ -21,28 +21,20 @@
    :mod:`trainer.promotion`); otherwise it stays a candidate with its metrics and
    the reason recorded (registry audit ``hold``, the journal, ``models show``).
 
-:func:`run_in_subprocess` runs the same in a child process (``python -m
-trainer.nightly``) at a lower CPU priority (``os.nice``), so that the node keeps
-serving studies while it trains (STYLE rule 15); the outcome comes back as JSON. The
-child dies with the process that started it (``PR_SET_PDEATHSIG``).
+Beside it: :mod:`trainer.judging` (evaluation and the promotion decision, shared with
+candidates trained outside the node), :mod:`trainer.changes` (what the task gained
+since its last version: the scheduler's question) and :mod:`trainer.child` (the same
+run in a child process at a lower CPU priority, as the node runs it).
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,15 +44,13 @@ import numpy as np
 from dicom_node.foundation.clock import utc_now
 from pipelines.multiframe import VolumeChoice
 from pipelines.selection import SelectionRules
-from registry.records import Metrics, ModelVersion
+from registry.records import ModelVersion
 from registry.store import Registry
-from trainer.dataset import DatasetItem, LoadedCase, TrainingSet, build_dataset, load_case
+from trainer.dataset import DatasetItem, TrainingSet, build_dataset, load_case
 from trainer.errors import TrainingError
-from trainer.promotion import AWAITING_SHADOW, DEFAULT_MIN_DICE, decide
+from trainer.judging import register_and_judge, training_stores
+from trainer.promotion import DEFAULT_MIN_DICE
 from twin_archive import Archive
-from twin_archive import audit
-from twin_archive.labels import LabelStore
-from twin_archive.training_use import record_training_use
 
 if TYPE_CHECKING:
     from trainer.train import TrainingResult, VolumeItem
@@ -262,36 +252,6 @@ class ArchiveItem:
         return VolumeItem(name=self.name, image=case.image, label=case.label, affine=case.affine)
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray, labels: Mapping[int, str]) -> dict[str, float]:
-    out = {}
-    for value, name in labels.items():
-        p, t = pred == value, truth == value
-        denom = int(p.sum()) + int(t.sum())
-        out[name] = 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
-    return out
-
-
-def evaluate(version: ModelVersion, cases: Sequence[LoadedCase], registry: Registry | None = None,
-             *, backend: str | None = None) -> dict[str, float]:
-    """Mean Dice per label of a registered version on labelled cases, in the served pipeline.
-
-    Raises
-    ------
-    TrainingError
-        If there are no cases.
-    """
-    if not cases:
-        raise TrainingError(f"no validation cases to evaluate {version.version} on")
-    from pipelines.inference import load_model
-
-    loaded = load_model(version, registry=registry, backend=backend)
-    per_case = []
-    for case in cases:
-        labels = loaded.segment(case.image, case.affine).labels
-        per_case.append(_dice(labels, case.label, version.label_names))
-    return {name: float(np.mean([d[name] for d in per_case])) for name in per_case[0]}
-
-
 def _base_bundle(reg: Registry, task: str, template: str = ""
                  ) -> tuple[ModelVersion | None, Path, str]:
     """The version to fine-tune (the active general one), the bundle to copy the
@@ -353,10 +313,8 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
     """
     data_dir = Path(data_dir)
     run_id = utc_now().strftime("%Y%m%dT%H%M%SZ")
-    archive = Archive(data_dir)
-    labels = LabelStore(data_dir)
-    reg = Registry(data_dir)
-    try:
+    with training_stores(data_dir) as stores:
+        archive, labels, reg = stores.archive, stores.labels, stores.registry
         dataset = build_dataset(archive, labels, task, rules,
                                 validation_fraction=config.validation_fraction)
         if len(dataset.items) < config.min_series or not dataset.train or not dataset.validation:
@@ -375,17 +333,12 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
         _prepare_bundle(src, work / "bundle", how=how, run_id=run_id, dataset=dataset)
         result, model_labels, device = _train_candidate(archive, task, work, dataset, parent,
                                                         config)
-        candidate = reg.register_candidate(
-            work / "bundle", task=task, parent_version=parent.version if parent else None,
-            dataset_manifest=dataset.manifest_json(), by=by,
+        candidate, j = register_and_judge(
+            stores, task, work / "bundle", parent_version=parent.version if parent else None,
+            manifest=dataset.manifest_json(), uses=dataset.uses(), dataset=dataset,
+            model_labels=model_labels, config=config, device=device, by=by,
             reason=f"nightly training run {run_id}: {len(dataset.train)} train, "
                    f"{len(dataset.validation)} validation series")
-        record_training_use(data_dir, model_version=candidate.version, task=task,
-                            uses=dataset.uses())
-        cases = [load_case(archive, i, model_labels, choice=dataset.volume)
-                 for i in dataset.validation]
-        j = judge_candidate(data_dir, reg, task, candidate, cases, dataset.validation_set_id,
-                            config=config, device=device, by=by)
         out = TrainingOutcome(
             task=task, outcome=j.outcome, reason=j.reason, candidate=candidate.version,
             parent=parent.version if parent else None,
@@ -399,10 +352,6 @@ def run_training(data_dir: Path | str, task: str, rules: SelectionRules, config:
         shutil.rmtree(work, ignore_errors=True)  # the bundle is copied into the registry
         LOG.info("training %s", out.summary())
         return out
-    finally:
-        reg.close()
-        labels.close()
-        archive.close()
 
 
 def _train_candidate(archive: Archive, task: str, work: Path, dataset: TrainingSet,
@@ -441,261 +390,3 @@ def _train_candidate(archive: Archive, task: str, work: Path, dataset: TrainingS
     return result, model_labels, device
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Judgement:
-    """The promotion decision on a candidate (:func:`judge_candidate`).
-
-    Parameters
-    ----------
-    outcome : str
-        ``promoted`` or ``candidate``.
-    reason : str
-    candidate_dice, active_dice : dict of str to float
-        Mean Dice per label on the validation cases (``active_dice`` empty without an
-        active version).
-    active_before : str or None
-        The version active when the decision was taken.
-    """
-
-    outcome: str
-    reason: str
-    candidate_dice: dict[str, float]
-    active_dice: dict[str, float]
-    active_before: str | None
-
-
-def judge_candidate(data_dir: Path | str, reg: Registry, task: str, candidate: ModelVersion,
-                    cases: Sequence[LoadedCase], validation_set: str, *, config: NightlyConfig,
-                    device: str, by: str) -> Judgement:
-    """Evaluate a registered candidate and the task's active version on the same
-    validation cases, record both metrics, and promote the candidate only when it reaches
-    the quality floor (``config.min_dice``) and is better than the active one by the
-    margin (:func:`trainer.promotion.decide`); with ``promote_after_shadow`` it goes into
-    shadow mode instead (the nightly job's decision; ``models import --candidate-of``
-    uses it too).
-
-    Raises
-    ------
-    TrainingError
-        If there are no cases.
-    """
-    cand_dice = evaluate(candidate, cases, reg, backend=_torch_backend(device))
-    reg.record_metrics(candidate.version, Metrics(dice=cand_dice, validation_set=validation_set),
-                       by=by)
-    active = reg.active(task)
-    active_dice: dict[str, float] = {}
-    if active is not None:
-        active_dice = evaluate(active, cases, reg, backend=_torch_backend(device))
-        reg.record_metrics(active.version, Metrics(dice=active_dice, validation_set=validation_set),
-                           by=by)
-    decision = decide(cand_dice, active_dice or None, margin=config.margin,
-                      min_dice=config.min_dice,
-                      active_version=active.version if active else None,
-                      validation_set=validation_set)
-    reason = decision.reason
-    if decision.promote and config.promote_after_shadow > 0:
-        reason = (f"{AWAITING_SHADOW}: promoted after {config.promote_after_shadow} live "
-                  f"series in shadow without a disagreement; {decision.reason}")
-        reg.set_shadow(candidate.version, on=True, by=by, reason="train_promote_after_shadow")
-        reg.hold(candidate.version, by=by, reason=reason)
-        LOG.info("training %s: %s goes into shadow mode: %s", task, candidate.version, reason)
-        outcome = "candidate"
-    elif decision.promote:
-        reg.promote(candidate.version, by=by, reason=reason)
-        audit.record(data_dir, audit.AuditEvent.MODEL_PROMOTED, audit.AuditOutcome.SUCCESS,
-                     by, candidate.version, {"task": task, "reason": reason,
-                                             "previous": active.version if active else None})
-        outcome = "promoted"
-    else:
-        reg.hold(candidate.version, by=by, reason=reason)
-        LOG.warning("training %s: %s stays a candidate, not served: %s", task,
-                    candidate.version, reason)
-        outcome = "candidate"
-    return Judgement(outcome=outcome, reason=reason, candidate_dice=cand_dice,
-                     active_dice=active_dice, active_before=active.version if active else None)
-
-
-def _torch_backend(device: str) -> str:
-    return "pytorch-cuda" if device.startswith("cuda") else "pytorch-cpu"
-
-
-def last_trained_series(reg: Registry, task: str) -> set[tuple[str, str]]:
-    """(series UID, label SHA-256) pairs of the newest version of ``task`` with a manifest."""
-    for mv in reversed(reg.list(task)):
-        manifest = mv.manifest()
-        if isinstance(manifest, dict) and "series" in manifest:
-            return {(s["series_uid"], s["label"]["sha256"]) for s in manifest["series"]}
-    return set()
-
-
-def new_labelled_series(data_dir: Path | str, task: str, rules: SelectionRules) -> int:
-    """How many labelled, donated, matching series (or newer label versions) the task
-    has gained since its last trained version (all of them when never trained)."""
-    archive = Archive(data_dir)
-    labels = LabelStore(data_dir)
-    reg = Registry(data_dir)
-    try:
-        dataset = build_dataset(archive, labels, task, rules)
-        seen = last_trained_series(reg, task)
-        return sum(1 for i in dataset.items if (i.series_uid, i.label.sha256) not in seen)
-    finally:
-        reg.close()
-        labels.close()
-        archive.close()
-
-
-# --------------------------------------------------------------------- subprocess
-#: prctl(2) option: the signal a process gets when its parent dies.
-_PR_SET_PDEATHSIG = 1
-
-
-def run_in_subprocess(data_dir: Path | str, task: str, rules: SelectionRules,
-                      config: NightlyConfig, *, nice: int = 10, by: str = "trainer",
-                      timeout_s: float | None = None,
-                      cancel: threading.Event | None = None) -> TrainingOutcome:
-    """Run :func:`run_training` in a child process at lower priority; return its outcome.
-
-    The child inherits stdout/stderr (its log lines go where the node's go). It dies
-    with its parent (``PR_SET_PDEATHSIG``, SIGKILL, as the node's other children do), so
-    a killed node leaves no training behind that writes to the data directory after its
-    lock is gone; the calling thread waits for the child, so the signal (tied by Linux
-    to the thread that started the child) comes only when the process dies.
-
-    Parameters
-    ----------
-    nice : int
-        Niceness added to the child (0..19).
-    timeout_s : float, optional
-        Kill the child after this many seconds (default: the time budget plus 10 min
-        for caching, evaluation and registration).
-    cancel : threading.Event, optional
-        When set (the node stops), the child is terminated; a later run on the same
-        dataset resumes from its checkpoint.
-
-    Raises
-    ------
-    TrainingError
-        If the child fails or times out (its exit status and last error in the message).
-    ValueError
-        If ``nice`` is out of range.
-    """
-    if not 0 <= nice <= 19:
-        raise ValueError(f"nice must be in 0..19, got {nice}")
-    data_dir = Path(data_dir)
-    req_dir = data_dir / TRAINING_DIR / task
-    req_dir.mkdir(parents=True, exist_ok=True)
-    stamp = f"{os.getpid()}-{time.monotonic_ns()}"
-    request = req_dir / f"request-{stamp}.json"
-    result = req_dir / f"result-{stamp}.json"
-    request.write_text(json.dumps({
-        "data_dir": str(data_dir), "task": task, "rules": dataclasses.asdict(rules),
-        "config": dataclasses.asdict(config), "by": by, "result": str(result)}))
-    cmd = [sys.executable, "-m", "trainer.nightly", str(request)]
-    timeout = timeout_s if timeout_s is not None else config.time_budget_s + 600
-    LOG.info("training %s in a subprocess (nice +%d, timeout %.0f s)", task, nice, timeout)
-
-    proc = subprocess.Popen(cmd, preexec_fn=_child_setup(nice),
-                            cwd=str(Path(__file__).resolve().parents[1]))
-    try:
-        _wait_for_child(proc, task, timeout, cancel)
-    finally:
-        request.unlink(missing_ok=True)
-    return _read_outcome(proc.returncode, result, task)
-
-
-def _child_setup(nice: int) -> Callable[[], None]:
-    """What the training child runs before exec: lower its priority by ``nice`` and ask
-    the kernel for SIGKILL when its parent dies (exit at once if it already has). libc
-    is loaded here, in the parent: a child forked from a threaded process does no
-    ``dlopen``. The node's own children do the same (``dicom_node.wire.childproc``, which
-    this room may not import)."""
-    parent = os.getpid()
-    prctl: Any
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: no parent-death signal
-        prctl = None
-
-    def setup() -> None:
-        os.nice(nice)
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return setup
-
-
-def _wait_for_child(proc: subprocess.Popen[bytes], task: str, timeout: float,
-                    cancel: threading.Event | None) -> None:
-    """Wait for the training child; stop it (TERM, then KILL after 30 s) on the way out.
-
-    Raises
-    ------
-    TrainingError
-        If ``cancel`` is set or the child runs past ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None:
-            if cancel is not None and cancel.is_set():
-                raise TrainingError(f"training {task} cancelled (the node is stopping); the next "
-                                    "run on the same dataset resumes from the checkpoint")
-            if time.monotonic() > deadline:
-                raise TrainingError(f"training {task} did not finish within {timeout:.0f} s")
-            try:
-                proc.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _read_outcome(returncode: int | None, result: Path, task: str) -> TrainingOutcome:
-    """The outcome the child wrote to ``result`` (removed after reading).
-
-    Raises
-    ------
-    TrainingError
-        If the child failed or wrote an error.
-    """
-    if returncode != 0 or not result.is_file():
-        detail = result.read_text() if result.is_file() else "no result written"
-        result.unlink(missing_ok=True)
-        raise TrainingError(f"training {task} failed (exit status {returncode}): {detail}")
-    data = json.loads(result.read_text())
-    result.unlink(missing_ok=True)
-    if "error" in data:
-        raise TrainingError(f"training {task} failed: {data['error']}")
-    return TrainingOutcome.from_dict(data)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Child entry point: ``python -m trainer.nightly REQUEST.json``."""
-    parser = argparse.ArgumentParser(prog="python -m trainer.nightly")
-    parser.add_argument("request", type=Path)
-    args = parser.parse_args(argv)
-    req = json.loads(args.request.read_text())
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [trainer %(process)d] %(name)s: %(message)s")
-    result = Path(req["result"])
-    try:
-        rules = SelectionRules.from_dict(req["rules"])
-        config = NightlyConfig(**req["config"])
-        outcome = run_training(req["data_dir"], req["task"], rules, config, by=req["by"])
-    except Exception as exc:  # reported to the parent, which raises TrainingError
-        LOG.exception("training %s failed", req.get("task"))
-        result.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
-        return 1
-    result.write_text(json.dumps(outcome.to_dict()))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

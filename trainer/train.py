@@ -26,7 +26,6 @@ columns) order with a 4x4 affine from index (k, i, j) to LPS mm.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -38,7 +37,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader, MetaTensor
 from monai.losses import DiceCELoss
 from monai.transforms import (Compose, RandCropByPosNegLabeld, RandScaleIntensityd,
@@ -47,7 +45,8 @@ from monai.transforms.transform import MapTransform
 from monai.utils import set_determinism
 
 from dicom_node.foundation.durable import open_durably
-from registry.bundle import LOADING_TRANSFORMS, find_config
+from registry.bundle import LOADING_TRANSFORMS, config_parser, find_config, read_metadata
+from registry.errors import BundleError
 from trainer.errors import BundleConfigError, CheckpointError, TrainingError
 
 LOG = logging.getLogger(__name__)
@@ -272,26 +271,13 @@ class TrainableBundle:
 
     def __init__(self, bundle_dir: Path | str) -> None:
         self.root = Path(bundle_dir).resolve()
-        try:
-            self.config_file = find_config(self.root)
-        except Exception as exc:  # registry's BundleError: not a bundle directory
-            raise BundleConfigError(self.root / "configs", str(exc)) from exc
         meta_file = self.root / "configs" / "metadata.json"
-        try:
-            self.metadata: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise BundleConfigError(meta_file, f"cannot be read ({exc})") from exc
-        parser = ConfigParser()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                parser.read_meta(str(meta_file))
-                parser.read_config(str(self.config_file))
-        except Exception as exc:  # noqa: BLE001 - any parse failure of the config
-            raise BundleConfigError(self.config_file, f"cannot be parsed ({exc})") from exc
-        parser["bundle_root"] = str(self.root)
-        if "device" in parser:
-            parser["device"] = "$torch.device('cpu')"
+        try:  # read as the registry reads a bundle it imports (one reader, its checks)
+            self.config_file = find_config(self.root)
+            self.metadata: dict[str, Any] = read_metadata(meta_file)
+            parser = config_parser(self.root, meta_file, self.config_file)
+        except BundleError as exc:
+            raise BundleConfigError(exc.path, f"{exc.problem}; {exc.remedy}") from exc
         self._parser = parser
         self.image_key = str(parser.get("image_key", IMAGE))
         key = "network_def" if "network_def" in parser else "network"

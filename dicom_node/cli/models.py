@@ -392,7 +392,7 @@ def cmd_optimize(args: argparse.Namespace, settings: Any) -> int:
 
 def cmd_benchmark(args: argparse.Namespace, settings: Any) -> int:
     """``models benchmark VERSION``: sliding-window time per backend on a phantom."""
-    from pipelines.inference import benchmark
+    from pipelines.backend_benchmark import benchmark
 
     with _registry(settings) as reg:
         mv = reg.get(args.version)

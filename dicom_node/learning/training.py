@@ -30,7 +30,9 @@ from dicom_node.settings import Settings, parse_time_of_day
 from dicom_node.tasks import Task, find_task
 from pipelines.selection import SelectionRules
 from trainer.errors import TrainingError
-from trainer.nightly import NightlyConfig, TrainingOutcome, new_labelled_series, run_in_subprocess
+from trainer.changes import new_labelled_series
+from trainer.child import run_in_subprocess
+from trainer.nightly import NightlyConfig, TrainingOutcome
 
 LOG = logging.getLogger(__name__)
 
