@@ -431,7 +431,6 @@ def test_the_check_for_clock_reads_finds_them(tmp_path: Path) -> None:
 #: Modules that may import a private name of pydicom, pynetdicom or MONAI, and why.
 PRIVATE_ALLOWED = {
     "dicom_node/wire/fast_receive/": "the one adapter behind the fast_receive switch",
-    "twin_archive/reconcile.py": "read_part10_meta: pydicom's public meta reader takes only a path",
 }
 
 

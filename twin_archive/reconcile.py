@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from pydicom.dataset import FileMetaDataset
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
 
 from dicom_node.foundation.durable import clean_tmp, replace_durably
 from twin_archive.layout import ARCHIVE_DIR, QUARANTINE_DIR
@@ -111,8 +112,10 @@ def read_part10_meta(fh: BinaryIO) -> FileMetaDataset:
     """The File Meta Information of a Part 10 file open at its first byte; ``fh`` is left
     at the data set's first byte.
 
-    The archive's one use of pydicom's private ``_read_file_meta_info``: its public
-    ``read_file_meta_info`` takes a path and does not say where the data set starts.
+    Read with pydicom's public ``read_dataset``, stopped at the first element past group
+    0002 (its public ``read_file_meta_info`` takes a path and does not say where the data
+    set starts); File Meta written in implicit VR, as some old writers did, is read again
+    that way.
 
     Raises
     ------
@@ -121,9 +124,23 @@ def read_part10_meta(fh: BinaryIO) -> FileMetaDataset:
     """
     try:
         read_preamble(fh, False)
-        return _read_file_meta_info(fh)
+        start = fh.tell()
+        meta = FileMetaDataset(read_dataset(fh, is_implicit_VR=False, is_little_endian=True,
+                                            stop_when=_past_group_0002))
+        try:
+            for element in meta:  # each value parsed: an implicit-VR meta fails here
+                element.value
+        except NotImplementedError:
+            fh.seek(start)
+            meta = FileMetaDataset(read_dataset(fh, is_implicit_VR=True, is_little_endian=True,
+                                                stop_when=_past_group_0002))
+        return meta
     except Exception as exc:  # noqa: BLE001 - pydicom raises several kinds
         raise ValueError(f"not a DICOM Part 10 file ({exc})") from exc
+
+
+def _past_group_0002(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag >> 16 != 2
 
 
 def hash_instance_file(path: Path) -> FileCheck:
