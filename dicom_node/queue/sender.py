@@ -21,6 +21,7 @@ C-STORE with a failure status gets :data:`MAX_REFUSALS` tries, then the row is l
 
 from __future__ import annotations
 
+import builtins
 import enum
 import logging
 import sqlite3
@@ -307,7 +308,7 @@ class Sender:
                                          (SendState.QUEUED.value,)).fetchone()[0])
 
     # ----------------------------------------------------------------- sending
-    def _due(self) -> dict[str, list[dict[str, object]]]:
+    def _due(self) -> dict[str, builtins.list[dict[str, object]]]:
         with self._lock:
             rows = self.conn.execute(
                 "SELECT * FROM sends WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?",
@@ -353,7 +354,7 @@ class Sender:
             delivered += self._send_to(dest, rows)
         return delivered
 
-    def _send_to(self, dest: str, rows: list[dict[str, object]]) -> int:
+    def _send_to(self, dest: str, rows: builtins.list[dict[str, object]]) -> int:
         first = rows[0]
         ae = AE(ae_title=self.ae_title)
         ae.connection_timeout = min(10.0, self.network_timeout_s)
@@ -410,7 +411,7 @@ class Sender:
             self._audit_sent(dest, rows, delivered, tls_args is not None)
         return delivered
 
-    def _audit_sent(self, dest: str, rows: list[dict[str, object]], delivered: int, tls: bool) -> None:
+    def _audit_sent(self, dest: str, rows: builtins.list[dict[str, object]], delivered: int, tls: bool) -> None:
         """One ``results-sent`` audit event per association that delivered objects."""
         if self.audit is None:
             return
