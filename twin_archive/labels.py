@@ -450,6 +450,7 @@ class LabelStore(IndexStore):
 
         With ``task``: per series, the newest label for that task (or for any task).
         """
+        args: tuple[str, ...]
         if task is None:
             sql, args = ("SELECT l.* FROM labels l JOIN twins t ON t.patient_key = l.patient_key"
                          " WHERE l.current = 1 AND t.donate = 1 ORDER BY l.id", ())

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import sqlite_utils
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -117,12 +118,12 @@ def _send(r: sqlite3.Row) -> Send:
                 last_error=r["last_error"])
 
 
-def sends_of_results(conn: sqlite3.Connection, result_ids: Sequence[int]) -> list[Send]:
+def sends_of_results(conn: sqlite_utils.Database, result_ids: Sequence[int]) -> list[Send]:
     """The objects queued for the results ``result_ids``, in the order they were queued.
 
     Parameters
     ----------
-    conn : sqlite3.Connection
+    conn : sqlite_utils.Database
         A connection to the queue (:func:`~dicom_node.queue.jobs.connect_queue`).
     result_ids : sequence of int
         Ids of AI results (:class:`~twin_archive.results.AIResult`).
