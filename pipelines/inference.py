@@ -273,7 +273,7 @@ class LoadedModel:
             labels, t2 = self._segment_streamed(img, window, np.shape(array), affine)
         else:  # not a sliding-window inferer: MONAI's whole-image output, as before
             with torch.inference_mode():
-                logits = self._inferer(img[None].as_tensor().to(self.device), self.network)
+                logits = self._inferer(img.as_tensor()[None].to(self.device), self.network)
                 if isinstance(logits, (tuple, list)):
                     logits = logits[0]
                 logits = logits[0].float().cpu()
@@ -336,7 +336,7 @@ class LoadedModel:
         padded = [max(g, r) for g, r in zip(grid, window.roi_size, strict=True)]
         axis_of = [band_axis(padded)]
         with torch.inference_mode():
-            x = img[None].as_tensor()
+            x = img.as_tensor()[None]
             stream_sliding_window(x, self.network, window, emit, device=self.device)  # type: ignore[arg-type]
         t2 = time.perf_counter()
         model_affine = np.asarray(img.affine, dtype=np.float64)
@@ -692,7 +692,7 @@ def benchmark(model_version: ModelVersion, array: np.ndarray, affine: np.ndarray
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     dname = device_name(Backend.TORCH_CUDA if cuda else Backend.TORCH_CPU)
-    bench = _Bench(inferer=base.bundle.inferer(), x=img[None].as_tensor().to(dev), cuda=cuda,
+    bench = _Bench(inferer=base.bundle.inferer(), x=img.as_tensor()[None].to(dev), cuda=cuda,
                    repeats=repeats, warmup=warmup)
     eager = base.bundle.network(dev)
     bench.run("pytorch-eager", eager, dname, "fp32")
