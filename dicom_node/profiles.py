@@ -138,7 +138,7 @@ def contexts_for(shapes: Iterable[ObjectShape], syntaxes: Sequence[str]) -> list
         for ts in syntaxes:
             if ts not in row and fits(ts, shape):
                 row.append(ts)
-    contexts = []
+    contexts: list[PresentationContext] = []
     for sop, row in sorted(wanted.items()):
         ordered = [ts for ts in syntaxes if ts in row]
         contexts.extend(build_context(sop, [ts]) for ts in ordered)
@@ -170,7 +170,8 @@ def encode_as(ds: Dataset, syntax: str) -> Dataset:
     if str(ds.file_meta.TransferSyntaxUID) == syntax:
         return ds
     out = ds.copy()
-    out.file_meta = ds.file_meta.copy()
+    # pydicom annotates Dataset.copy as returning a Dataset; it is copy.copy(self), the same class.
+    out.file_meta = ds.file_meta.copy()  # type: ignore[assignment]
     if syntax in PIXEL_CODECS:
         out.compress(UID(syntax), generate_instance_uid=False)  # lossless: the same instance
     else:

@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from dicom_node.foundation.errors import ConfigError
 from dicom_node.profiles import DEFAULT_TRANSFER_SYNTAXES, check_transfer_syntaxes
@@ -145,7 +145,7 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
     if not isinstance(v, list):
         raise ConfigError("destinations", "an array of tables ([[destinations]])", v, source)
     known = ("name", "ae_title", "host", "port", "send", "tls", "transfer_syntaxes")
-    out = []
+    out: list[Destination] = []
     for i, table in enumerate(v):
         key = f"destinations[{i}]"
         if not isinstance(table, dict):
@@ -199,7 +199,7 @@ class Check:
 
     expected: str
     test: Callable[[Any], bool] | None = None
-    custom: Callable[[str, Any, str], None] | None = None
+    custom: Callable[[str, Any, str], object] | None = None
 
     def __call__(self, key: str, value: Any, source: str) -> None:
         """Raise :class:`ConfigError` naming ``key`` when ``value`` does not pass."""
@@ -357,11 +357,24 @@ def _to_aet_list(v: Any, source: str = "") -> tuple[str, ...]:
     return tuple(x.strip() for x in v)
 
 
-_INT = {"read": _to_int, "read_as": "an integer"}
-_SECONDS = {"read": _to_float, "read_as": "a number of seconds"}
-_NUMBER = {"read": _to_float, "read_as": "a number"}
-_STR = {"read": _to_str, "read_as": "a string"}
-_BOOL = {"read": _to_bool, "read_as": "true or false", "check": _FLAG}
+class _Reading(TypedDict):
+    """How a kind of key is read (spread into :func:`_setting`)."""
+
+    read: Callable[[Any, str], Any]
+    read_as: str
+
+
+class _CheckedReading(_Reading):
+    """A kind of key read and checked one way (a flag)."""
+
+    check: Check
+
+
+_INT: _Reading = {"read": _to_int, "read_as": "an integer"}
+_SECONDS: _Reading = {"read": _to_float, "read_as": "a number of seconds"}
+_NUMBER: _Reading = {"read": _to_float, "read_as": "a number"}
+_STR: _Reading = {"read": _to_str, "read_as": "a string"}
+_BOOL: _CheckedReading = {"read": _to_bool, "read_as": "true or false", "check": _FLAG}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

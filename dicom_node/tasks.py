@@ -287,7 +287,7 @@ class Task:
 
     def _check_learning(self, bad: Any) -> None:
         """``segments`` (tables or :class:`TaskSegment`) and ``template`` (a bundle folder)."""
-        value = self.segments
+        value: object = self.segments  # TOML tables until checked
         if not isinstance(value, list | tuple):
             raise bad("segments", _SEGMENT_EXPECTED, value)
         out = []
@@ -296,7 +296,7 @@ class Task:
                 if set(entry) - {"name", "code"}:
                     raise bad("segments", _SEGMENT_EXPECTED, dict(entry))
                 try:
-                    entry = TaskSegment(name=entry.get("name"), code=entry.get("code"))
+                    entry = TaskSegment(name=entry.get("name", ""), code=entry.get("code"))
                 except ValueError:
                     raise bad("segments", _SEGMENT_EXPECTED, dict(entry)) from None
             if not isinstance(entry, TaskSegment):
@@ -392,7 +392,7 @@ def parse_tasks(value: object, source: str = "") -> tuple[Task, ...]:
                               source)
         if any(t.name == name for t in out):
             raise ConfigError(f"{label}.name", "a name no other [[tasks]] table has", name, source)
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in table.items()}
+        kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in table.items()}
         out.append(Task(**kwargs, source=source))
     return tuple(out)
 

@@ -127,7 +127,8 @@ class ViewerServer:
 
     @property
     def url(self) -> str:
-        host = self._httpd.server_address[0]
+        host = self._httpd.server_address[0]  # typeshed allows bytes; getsockname() gives str
+        host = host.decode() if isinstance(host, bytes | bytearray) else host
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
 
     def study_url(self, study_uid: str) -> str:

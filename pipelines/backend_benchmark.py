@@ -82,7 +82,7 @@ def benchmark(model_version: ModelVersion, array: np.ndarray, affine: np.ndarray
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     dname = device_name(Backend.TORCH_CUDA if cuda else Backend.TORCH_CPU)
-    bench = _Bench(inferer=base.bundle.inferer(), x=img[None].as_tensor().to(dev), cuda=cuda,
+    bench = _Bench(inferer=base.bundle.inferer(), x=img.as_tensor()[None].to(dev), cuda=cuda,
                    repeats=repeats, warmup=warmup)
     eager = base.bundle.network(dev)
     bench.run("pytorch-eager", eager, dname, "fp32")

@@ -273,7 +273,7 @@ class LoadedModel:
             labels, t2 = self._segment_streamed(img, window, np.shape(array), affine)
         else:  # not a sliding-window inferer: MONAI's whole-image output, as before
             with torch.inference_mode():
-                logits = self._inferer(img[None].as_tensor().to(self.device), self.network)
+                logits = self._inferer(img.as_tensor()[None].to(self.device), self.network)
                 if isinstance(logits, (tuple, list)):
                     logits = logits[0]
                 logits = logits[0].float().cpu()
@@ -336,7 +336,7 @@ class LoadedModel:
         padded = [max(g, r) for g, r in zip(grid, window.roi_size, strict=True)]
         axis_of = [band_axis(padded)]
         with torch.inference_mode():
-            x = img[None].as_tensor()
+            x = img.as_tensor()[None]
             stream_sliding_window(x, self.network, window, emit, device=self.device)  # type: ignore[arg-type]
         t2 = time.perf_counter()
         model_affine = np.asarray(img.affine, dtype=np.float64)

@@ -221,7 +221,7 @@ def _item(pf: Dataset, shared: Dataset, keyword: str) -> Dataset:
     return _first(shared.get(keyword))
 
 
-def _values(value: object) -> list[object]:
+def _values(value: object) -> list[int | float | str]:
     if value is None or value == "":
         return []
     if isinstance(value, (str, int, float)):
@@ -286,8 +286,8 @@ class VolumeChoice:
             if key not in known:
                 raise SelectionRulesError(f"volume.{key}", f"one of {list(known)}")
         kwargs = dict(data)
-        if isinstance(kwargs.get("image_type"), (list, str)):
-            value = kwargs["image_type"]
+        value = kwargs.get("image_type")
+        if isinstance(value, (list, str)):
             kwargs["image_type"] = (value,) if isinstance(value, str) else tuple(value)
         return cls(**kwargs)  # type: ignore[arg-type]
 

@@ -264,6 +264,8 @@ def _sr_checks(data: bytes) -> list[str]:
     templates = [str(t.TemplateIdentifier) for t in sr.get("ContentTemplateSequence", [])]
     if templates != ["1500"]:
         errors.append(f"SR content template is {templates}, expected TID 1500")
+    if not isinstance(sr.content, hd.sr.MeasurementReport):  # highdicom reads TID 1500 only so
+        return errors
     groups = sr.content.get_volumetric_roi_measurement_groups()
     if not groups:
         errors.append("SR has no volumetric ROI measurement group")

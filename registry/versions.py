@@ -5,6 +5,7 @@ A part of :class:`registry.store.Registry`, which holds the connection.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import sqlite3
@@ -108,7 +109,7 @@ class VersionQueries:
                   best.version, best.scope)
         return best
 
-    def audit(self, task: str | None = None, version: str | None = None) -> list[AuditEntry]:
+    def audit(self, task: str | None = None, version: str | None = None) -> builtins.list[AuditEntry]:
         """Audit entries, oldest first, optionally for one task or one version."""
         sql, args = "SELECT * FROM audit WHERE 1=1", []
         if task is not None:
@@ -141,7 +142,7 @@ class VersionQueries:
         marks = [e.reason for e in self.audit(version=version) if e.action is AuditAction.SHADOW]
         return bool(marks) and marks[-1].startswith("start")
 
-    def shadowing(self, task: str) -> list[ModelVersion]:
+    def shadowing(self, task: str) -> builtins.list[ModelVersion]:
         """The candidates of ``task`` in shadow mode, oldest first."""
         return [mv for mv in self.list(task, ModelStatus.CANDIDATE) if self.in_shadow(mv.version)]
 

@@ -138,19 +138,29 @@ def test_sr_reads_back_volumes_in_ucum_referencing_seg_segments_and_its_predeces
 
 def test_python_validation_names_what_is_missing(written) -> None:
     vol, segments, first, *_ = written
-    broken = first.sr.copy()
+    broken = copy.deepcopy(first.sr)  # Dataset.copy shares the elements: the fixture's SR would change
     items = [e for e in broken.ContributingEquipmentSequence
              if e.PurposeOfReferenceCodeSequence[0].CodeValue != PROCESSING_ALGORITHM.value]
     broken.ContributingEquipmentSequence = items
     report = validate_dataset(broken, "sr", dciodvfy=False)
     assert not report.ok and report.checked_with == ("python",)
     assert "Processing Algorithm" in report.reason
-    seg = first.seg.copy()
+    seg = copy.deepcopy(first.seg)
     del seg.StudyDate
     report = validate_dataset(seg, "seg")
     assert "python: StudyDate is missing" in report.errors
     assert any(e.startswith("dciodvfy:") and "<StudyDate>" in e for e in report.errors)
     assert not validate_dataset(first.overlay[0], "seg", dciodvfy=False).ok  # wrong kind
+
+
+def test_an_sr_of_another_template_is_reported_as_such(written) -> None:
+    """Not TID 1500: the report says so, not that highdicom cannot read it (found by mypy:
+    only a TID 1500 document's content has measurement groups)."""
+    _vol, _segments, first, *_ = written
+    other = copy.deepcopy(first.sr)
+    other.ContentTemplateSequence[0].TemplateIdentifier = "2000"
+    report = validate_dataset(other, "sr", dciodvfy=False)
+    assert report.errors == ("python: SR content template is ['2000'], expected TID 1500",)
 
 
 def test_a_new_model_version_gets_a_new_device_uid_in_its_outputs(written, tmp_path: Path) -> None:

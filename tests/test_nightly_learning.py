@@ -263,6 +263,29 @@ def test_label_import_checks_geometry_and_the_newest_label_is_current(tmp_path: 
     assert decision.decision == "ignored" and "produced by this node" in decision.reason
 
 
+def test_a_mask_file_nibabel_reads_but_not_as_an_image_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A GIfTI surface (``.gii``) loads in nibabel but has no grid: one refusal line, no
+    traceback (found by mypy: ``nib.load`` returns any file image, not only NIfTI)."""
+    from dicom_node.cli import main
+    from pipelines.volume import load_series
+    from trainer.labelmaps import LabelContentError, mask_from_file
+
+    data = tmp_path / "data"
+    datasets, _ = phantom_study("GII-1", seed=5)
+    with Archive(data) as archive:
+        store_all(archive, datasets)
+    series = str(datasets[0].SeriesInstanceUID)
+    surface = tmp_path / "mask.gii"
+    nib.save(nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(np.zeros(8, np.float32))]),
+             surface)
+    rc = main(["--data-dir", str(data), "labels", "import", "GII-1", series, str(surface),
+               "--label", "spleen"])
+    assert rc != 0 and "not a NIfTI image" in capsys.readouterr().err
+    with pytest.raises(LabelContentError, match="not a NIfTI image"):
+        mask_from_file(surface, load_series(datasets), {1: "spleen"}, ("spleen",))
+
+
 def test_nightly_job_fires_from_the_scheduler_and_skips_without_new_labels(tmp_path: Path) -> None:
     data, _ = _prepared(tmp_path, donors=3, others=0)
     at = datetime.now() + timedelta(seconds=3)

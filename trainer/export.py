@@ -172,7 +172,9 @@ def export_decathlon(archive: Archive, labels: LabelStore, data_dir: Path, task:
     rng.shuffle(order)  # type: ignore[arg-type]
     (out_dir / "imagesTr").mkdir(parents=True)
     (out_dir / "labelsTr").mkdir()
-    training, validation, mapping = [], [], []
+    training: list[dict[str, str]] = []
+    validation: list[dict[str, str]] = []
+    mapping = []
     for n, item in enumerate(order, start=1):
         name = f"case_{n:04d}.nii.gz"
         case = load_case(archive, item, model_labels, choice=dataset.volume)

@@ -158,13 +158,15 @@ def judge_candidate(data_dir: Path | str, reg: Registry, task: str, candidate: M
         If there are no cases.
     """
     cand_dice = evaluate(candidate, cases, reg, backend=_torch_backend(device))
-    reg.record_metrics(candidate.version, Metrics(dice=cand_dice, validation_set=validation_set),
+    reg.record_metrics(candidate.version, Metrics(dice=tuple(cand_dice.items()),
+                                                  validation_set=validation_set),
                        by=by)
     active = reg.active(task)
     active_dice: dict[str, float] = {}
     if active is not None:
         active_dice = evaluate(active, cases, reg, backend=_torch_backend(device))
-        reg.record_metrics(active.version, Metrics(dice=active_dice, validation_set=validation_set),
+        reg.record_metrics(active.version, Metrics(dice=tuple(active_dice.items()),
+                                                   validation_set=validation_set),
                            by=by)
     decision = decide(cand_dice, active_dice or None, margin=config.margin,
                       min_dice=config.min_dice,

@@ -21,6 +21,7 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import io_orientation, ornt_transform
+from nibabel.spatialimages import SpatialImage
 
 from pipelines.types import Volume
 from registry.records import code_for_label
@@ -231,7 +232,11 @@ def mask_from_seg(path: Path, volume: Volume, model_labels: Mapping[int, str]) -
 def mask_from_file(path: Path, volume: Volume, model_labels: Mapping[int, str],
                    segments: tuple[str, ...]) -> np.ndarray:
     """An imported NIfTI label (mask value n = ``segments[n-1]``) as model label values."""
-    mask = mask_from_nifti(nib.load(str(path)), volume)
+    img = nib.load(str(path))
+    if not isinstance(img, SpatialImage):
+        raise LabelContentError(volume.series_instance_uid, f"{path.name} is not a NIfTI image "
+                                f"(nibabel reads it as {type(img).__name__})")
+    mask = mask_from_nifti(img, volume)
     mapping = match_label_values(segments, model_labels)
     if not mapping:
         raise LabelContentError(volume.series_instance_uid, f"its labels {list(segments)} name "

@@ -101,7 +101,10 @@ class VolumeItem:
 class ItemSource(Protocol):
     """Something that yields a :class:`VolumeItem` when asked (loaded lazily, once)."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """What the item is called in logs (read only: the sources are frozen)."""
+        ...
 
     def load(self) -> VolumeItem:
         """The labelled volume."""
@@ -345,7 +348,7 @@ class _PreprocessPair(MapTransform):
         meta = {"space": "RAS", "original_channel_dim": "no_channel"}
         img = MetaTensor(torch.from_numpy(np.ascontiguousarray(item.image, dtype=np.float32))[None],
                          affine=ras, meta=dict(meta))
-        lab = MetaTensor(torch.from_numpy(np.ascontiguousarray(item.label, dtype=np.float32))[None],
+        lab: torch.Tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(item.label, dtype=np.float32))[None],
                          affine=ras.clone(), meta=dict(meta))
         img = self.pre({self.image_key: img})[self.image_key]
         lab = self.resample(lab, img_dst=img)
@@ -685,7 +688,7 @@ def _validate(net: torch.nn.Module, inferer: Any, val_ds: CacheDataset, n_labels
     net.eval()
     per_item = []
     with torch.inference_mode():
-        for entry in val_ds:
+        for entry in (val_ds[i] for i in range(len(val_ds))):  # a Dataset: indexed, not iterable
             logits = inferer(entry[IMAGE][None].to(device), net)
             if isinstance(logits, (tuple, list)):
                 logits = logits[0]

@@ -37,6 +37,7 @@ output, what a SEG references): the application shell does, and calls
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -449,6 +450,7 @@ class LabelStore(IndexStore):
 
         With ``task``: per series, the newest label for that task (or for any task).
         """
+        args: tuple[str, ...]
         if task is None:
             sql, args = ("SELECT l.* FROM labels l JOIN twins t ON t.patient_key = l.patient_key"
                          " WHERE l.current = 1 AND t.donate = 1 ORDER BY l.id", ())
@@ -493,7 +495,7 @@ class LabelStore(IndexStore):
             rows = fetch_dicts(self.db, sql, ())
         return [_build(self.data_dir, r) for r in rows]
 
-    def unclaimed(self) -> list[Label]:
+    def unclaimed(self) -> builtins.list[Label]:
         """The unclaimed labels, oldest first."""
         with self._lock:
             rows = fetch_dicts(self.db, "SELECT * FROM labels WHERE unclaimed <> '' ORDER BY id", ())

@@ -105,8 +105,8 @@ class RetentionPolicy:
         _days("revoke_grace_days", self.revoke_grace_days)
         for task, days in self.task_retention_days.items():
             _days(f"tasks.{task}.retention_days", days)
-        for task, days in self.task_result_retention_days.items():
-            _days(f"tasks.{task}.result_retention_days", days, optional=True)
+        for task, result_days in self.task_result_retention_days.items():
+            _days(f"tasks.{task}.result_retention_days", result_days, optional=True)
 
     def source_days(self, tasks: Iterable[str]) -> float:
         """Days the source images of a series served by ``tasks`` are kept."""

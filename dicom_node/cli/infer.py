@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pydicom
 
@@ -103,6 +103,23 @@ class SeriesReport:
                 "model_version": self.model_version, "backend": self.backend,
                 "segments": [{"name": n, "volume_ml": v} for n, v in self.segments],
                 "timings": dict(self.timings), "files": list(self.files)}
+
+
+class _SeriesFields(TypedDict):
+    """The :class:`SeriesReport` fields every series has."""
+
+    series_uid: str
+    modality: str
+    series_description: str
+    instances: int
+
+
+class _ModelFields(TypedDict):
+    """The :class:`SeriesReport` fields of a series a model was chosen for."""
+
+    task: str
+    model_version: str
+    backend: str
 
 
 class _Nothing(Exception):
@@ -194,8 +211,9 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
     reports: list[SeriesReport] = []
     options = WriterOptions(write_overlay=write_overlay, seg_type=seg_type)
     for s in series:
-        base = {"series_uid": s.series_uid, "modality": s.modality,
-                "series_description": s.series_description, "instances": len(s.paths)}
+        base: _SeriesFields = {"series_uid": s.series_uid, "modality": s.modality,
+                                "series_description": s.series_description,
+                                "instances": len(s.paths)}
         try:
             _spec, chosen_task, rules = _select(s, specs, task)
         except SeriesNotSelected as exc:
@@ -205,8 +223,8 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
         if mv.version not in models:
             models[mv.version] = load_model(mv, registry=reg)
         loaded = models[mv.version]
-        model_fields = {"task": chosen_task, "model_version": mv.version,
-                        "backend": loaded.backend.value}
+        model_fields: _ModelFields = {"task": chosen_task, "model_version": mv.version,
+                                      "backend": loaded.backend.value}
         try:
             outcome = run_series(list(s.paths), loaded, rules=rules, options=options,
                                  max_memory_bytes=max_memory_bytes)

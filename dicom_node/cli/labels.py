@@ -18,6 +18,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from dicom_node.learning.label_intake import ClaimReport, claim_unclaimed, registry_terms
 from dicom_node.settings import Settings
@@ -69,6 +70,17 @@ def _archive(settings: Settings) -> Any:
     return open_archive(settings)
 
 
+def _read_mask(path: Path, series_uid: str) -> SpatialImage:
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several kinds for unreadable files
+        raise LabelRefusedError(series_uid, f"{path} is not a readable NIfTI file ({exc})") from exc
+    if not isinstance(img, SpatialImage):  # a GIfTI surface, a CIFTI matrix: no grid
+        raise LabelRefusedError(series_uid, f"{path} is not a NIfTI image "
+                                f"(nibabel reads it as {type(img).__name__})")
+    return img
+
+
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     with _archive(settings) as archive:
         keys = archive.twins.find_twin_keys(args.patient_id, args.issuer)  # TwinNotFoundError
@@ -84,12 +96,8 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             if not args.mask.is_file():
                 raise LabelRefusedError(args.series_uid, f"no mask file {args.mask}")
             volume = load_series(files)
-            try:
-                img = nib.load(str(args.mask))
-            except Exception as exc:  # nibabel raises several kinds for unreadable files
-                raise LabelRefusedError(args.series_uid,
-                                        f"{args.mask} is not a readable NIfTI file ({exc})") from exc
-            mask = mask_from_nifti(img, volume, tolerance_mm=args.tolerance_mm)
+            mask = mask_from_nifti(_read_mask(args.mask, args.series_uid), volume,
+                                   tolerance_mm=args.tolerance_mm)
             values = sorted(int(v) for v in np.unique(mask) if v)
             if not values:
                 raise LabelContentError(args.series_uid, "the mask is empty (all zero)")

@@ -120,7 +120,7 @@ def describe_workers(workers: list[dict[str, Any]]) -> str:
     parts = []
     for w in workers:
         what = {"starting": "starting", "ready": f"job {w['job']}" if w.get("job") else "idle",
-                "restarting": "restarting", "stopped": "stopped"}.get(w.get("state"), "?")
+                "restarting": "restarting", "stopped": "stopped"}.get(w.get("state", ""), "?")
         text = f"{w['name']} " + (f"pid {w['pid']}: " if w.get("pid") else "") + what
         if w.get("restarts") or w.get("last_exit"):
             text += f", restarted {w.get('restarts', 0)} time(s), last end: {w.get('last_exit')}"

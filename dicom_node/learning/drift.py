@@ -135,7 +135,7 @@ def series_figures(array: np.ndarray, affine: np.ndarray, *, kvp: float | None,
     return SeriesFigures(figures=figures, histogram=tuple(float(c) for c in counts))
 
 
-def psi(baseline: Sequence[float], window: Sequence[float]) -> float:
+def psi(baseline: Sequence[float] | np.ndarray, window: Sequence[float] | np.ndarray) -> float:
     """Population stability index of two distributions over the same bins (shares or counts)."""
     b = np.asarray(baseline, dtype=np.float64)
     w = np.asarray(window, dtype=np.float64)

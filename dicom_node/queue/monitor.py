@@ -93,7 +93,8 @@ def read_available_headers(paths: Sequence[Path]) -> tuple[list[Dataset], list[s
     A file that is gone or is not DICOM is skipped; any other ``OSError`` (permissions,
     I/O) is raised, as it may pass.
     """
-    headers, unreadable = [], []
+    headers: list[Dataset] = []
+    unreadable: list[str] = []
     for path in paths:
         try:
             headers.append(pydicom.dcmread(path, stop_before_pixels=True))

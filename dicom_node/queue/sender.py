@@ -21,6 +21,7 @@ C-STORE with a failure status gets :data:`MAX_REFUSALS` tries, then the row is l
 
 from __future__ import annotations
 
+import builtins
 import enum
 import logging
 import sqlite3
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import sqlite_utils
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -116,12 +118,12 @@ def _send(r: sqlite3.Row) -> Send:
                 last_error=r["last_error"])
 
 
-def sends_of_results(conn: sqlite3.Connection, result_ids: Sequence[int]) -> list[Send]:
+def sends_of_results(conn: sqlite_utils.Database, result_ids: Sequence[int]) -> list[Send]:
     """The objects queued for the results ``result_ids``, in the order they were queued.
 
     Parameters
     ----------
-    conn : sqlite3.Connection
+    conn : sqlite_utils.Database
         A connection to the queue (:func:`~dicom_node.queue.jobs.connect_queue`).
     result_ids : sequence of int
         Ids of AI results (:class:`~twin_archive.results.AIResult`).
@@ -307,7 +309,7 @@ class Sender:
                                          (SendState.QUEUED.value,)).fetchone()[0])
 
     # ----------------------------------------------------------------- sending
-    def _due(self) -> dict[str, list[dict[str, object]]]:
+    def _due(self) -> dict[str, builtins.list[dict[str, object]]]:
         with self._lock:
             rows = self.conn.execute(
                 "SELECT * FROM sends WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?",
@@ -353,7 +355,7 @@ class Sender:
             delivered += self._send_to(dest, rows)
         return delivered
 
-    def _send_to(self, dest: str, rows: list[dict[str, object]]) -> int:
+    def _send_to(self, dest: str, rows: builtins.list[dict[str, object]]) -> int:
         first = rows[0]
         ae = AE(ae_title=self.ae_title)
         ae.connection_timeout = min(10.0, self.network_timeout_s)
@@ -410,7 +412,7 @@ class Sender:
             self._audit_sent(dest, rows, delivered, tls_args is not None)
         return delivered
 
-    def _audit_sent(self, dest: str, rows: list[dict[str, object]], delivered: int, tls: bool) -> None:
+    def _audit_sent(self, dest: str, rows: builtins.list[dict[str, object]], delivered: int, tls: bool) -> None:
         """One ``results-sent`` audit event per association that delivered objects."""
         if self.audit is None:
             return

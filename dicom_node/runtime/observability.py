@@ -45,7 +45,7 @@ from dicom_node.foundation.faults import FULL_BELOW_BYTES, free_bytes, is_disk_f
 from dicom_node.queue.jobs import JobCounts, JobState, read_job_counts
 from dicom_node.wire.metrics import NodeMetrics
 from dicom_node.queue.sender import SendCounts, SendState, read_send_counts
-from registry.in_service import active_versions
+from registry.in_service import ActiveVersion, active_versions
 from dicom_node.runtime.supervisor import WORKER_STATES
 from twin_archive.counts import (ArchiveCounts, AuditCounts, archive_counts, audit_counts,
                                  result_timings)
@@ -158,7 +158,7 @@ def read_state(data_dir: Path | str, stages: _StageAggregator | None = None) -> 
     jobs = read("queue.sqlite", read_job_counts, JobCounts(by_state={}, waiting=()))
     sends = read("queue.sqlite", read_send_counts, SendCounts(by_state={}, failed_attempts=0))
     audit = read("audit.sqlite", audit_counts, AuditCounts())
-    models = read("registry.sqlite", active_versions, ())
+    models: tuple[ActiveVersion, ...] = read("registry.sqlite", active_versions, ())
     values: dict[str, Any] = {
         "twins": archive.twins, "studies": archive.studies, "instances": archive.instances,
         "archived_bytes": archive.archived_bytes,

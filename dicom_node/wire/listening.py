@@ -98,11 +98,13 @@ class SharedSocketServer(GuardedServer):
         if self.inherited is None:
             super().server_bind()
             return
-        self.socket.close()
+        if self.socket is not None:  # TCPServer's own, unused
+            self.socket.close()
         self.socket = self.inherited
         self.server_address = self.socket.getsockname()
 
     def server_activate(self) -> None:
         if self.inherited is None:
             super().server_activate()
+        assert self.socket is not None  # TCPServer made it or server_bind set the inherited one
         self.socket.setblocking(False)

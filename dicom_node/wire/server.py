@@ -11,7 +11,8 @@ from typing import Any
 
 from pydicom import uid as tsuid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+# pynetdicom.sop_class makes its SOP classes at import time (globals()): mypy cannot see them.
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.wire.handlers.association import (
@@ -119,6 +120,7 @@ class DicomServer:
         ae = AE(ae_title=s.ae_title)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None  # pynetdicom builds each from its SOP class
             ae.add_supported_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
         # pynetdicom counts connections whose request has not arrived; the node's own
         # Admission decides (handlers/admission.py), pynetdicom's count only bounds threads.
@@ -211,6 +213,7 @@ class DicomServer:
         self._reaper.start()
         if s.listener_processes > 1 and not self._in_acceptor:
             self._pool = AcceptorPool(s, s.listener_processes - 1, self.metrics)
+            assert self._server.socket is not None  # TCPServer made it (or it was inherited)
             try:
                 self._pool.start(self.port, self._server.socket.fileno())
             except OSError:

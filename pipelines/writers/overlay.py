@@ -153,7 +153,7 @@ def _sc_image(series: _OverlaySeries, pixels: np.ndarray, reference: Dataset, nu
     if first.get("BodyPartExamined"):
         sc.BodyPartExamined = first.BodyPartExamined
     else:  # type 2C: dciodvfy wants it present when it cannot tell the body part
-        sc.Laterality = None
+        sc.Laterality = ""
     sc.PatientOrientation = list(orientation)  # oblique: up to 3 letters (PS3.3 C.7.6.1.1.1)
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
@@ -244,7 +244,7 @@ def legend_layout(names: Sequence[tuple[str, tuple[int, int, int]]], model_text:
         The pieces of text with their positions, and the strip's height in pixels.
     """
     _, top, _, bottom = font.getbbox("Ag")
-    line_h = bottom - top + 4
+    line_h = int(bottom - top) + 4
     room = max(1, width - 2 * _MARGIN)
     out: list[LegendText] = []
     x, y = _MARGIN, _MARGIN

@@ -162,7 +162,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
         else:
             LOG.warning("series %s: segments overlap; a LABELMAP SEG cannot hold them, writing "
                         "BINARY", volume.series_instance_uid)
-    description = f"{opts.series_description_prefix} SEG {model.name}".strip()[:64]
+    series_description = f"{opts.series_description_prefix} SEG {model.name}".strip()[:64]
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels, plane_positions=positions,
         segmentation_type=seg_type,
@@ -173,7 +173,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
         content_label="AI_SEGMENTATION", content_description=f"{model.name} {model.version}"[:64],
         content_creator_name=None, omit_empty_frames=True,
         contributing_equipment=contributing_equipment("AI segmentation", model),
-        series_description=description)
+        series_description=series_description)
     _keep_volume_frames(seg, volume)
     _laterality(seg, volume.source_images[0])
     LOG.info("SEG (%s) for series %s: %d segment(s), %d frame(s)", seg_type.value,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import contourpy
 import highdicom as hd
@@ -218,7 +219,8 @@ def largest_outline(volume: Volume, mask: np.ndarray) -> Outline | None:
     sizes = np.bincount(labels.ravel())[1:]
     region = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
     padded = np.pad(region.astype(np.float64), 1)
-    lines = contourpy.contour_generator(z=padded, line_type="Separate").lines(0.5)
+    lines = cast("list[np.ndarray]",  # line_type Separate: one (n, 2) array per line
+                 contourpy.contour_generator(z=padded, line_type="Separate").lines(0.5))
     line = max(lines, key=lambda a: abs(_shoelace(a)))
     points = line - 1.0 + 0.5  # padded index -> pixel index -> pixel-centre coordinate
     if not np.allclose(points[0], points[-1]):

@@ -79,7 +79,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pynetdicom
 from pynetdicom import association as _association
@@ -91,6 +91,7 @@ from pynetdicom.presentation import PresentationContext
 from dicom_node.wire.fast_receive import store_response
 
 LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: The acceptor reactor's tick in pynetdicom 3.0 (``Association._run_reactor``).
 _ASSOC_TICK_S = 0.001
@@ -275,20 +276,21 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
     return bytestream
 
 
-def copy_contexts(value: Any, memo: dict[int, Any] | None = None) -> Any:
+def copy_contexts(x: _T, memo: dict[int, Any] | None = None, _nil: Any = None) -> _T:
     """``copy.deepcopy`` for a list of presentation contexts, without re-validating UIDs.
 
-    Anything else is handed to :func:`copy.deepcopy` unchanged.
+    Anything else is handed to :func:`copy.deepcopy` unchanged. It takes ``deepcopy``'s
+    arguments (``_nil``, its private sentinel, unused) as it stands in for it.
     """
-    if not isinstance(value, list) or not all(type(c) is PresentationContext for c in value):
-        return copy.deepcopy(value, memo)
+    if not isinstance(x, list) or not all(type(c) is PresentationContext for c in x):
+        return copy.deepcopy(x, memo)
     out = []
-    for context in value:
+    for context in x:
         clone = object.__new__(PresentationContext)
         clone.__dict__.update(context.__dict__)
         clone._transfer_syntax = list(context._transfer_syntax)  # noqa: SLF001
         out.append(clone)
-    return out
+    return cast(_T, out)  # a list of contexts, as x
 
 
 def quiet_standard_handlers() -> bool:
@@ -421,7 +423,7 @@ def install() -> bool:
         _dul.time = _Clock(_dul_sleep)  # type: ignore[assignment]
         _association.time = _Clock(_assoc_sleep)  # type: ignore[assignment]
         _transport.AssociationSocket.recv = _recv  # type: ignore[method-assign]
-        _transport.deepcopy = copy_contexts  # type: ignore[attr-defined]
+        _transport.deepcopy = copy_contexts
         global _shipped_set_uid
         _shipped_set_uid = _utils.set_uid
         for name in _SET_UID_USERS:

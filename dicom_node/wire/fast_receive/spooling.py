@@ -38,6 +38,7 @@ from typing import Any
 
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import _config
 from pynetdicom import dimse_messages as _messages
@@ -102,9 +103,9 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_
 def pydicom_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
                       calling_ae: str) -> bytes:
     """The same as :func:`encode_file_meta`, by pydicom (the slow path, for odd values)."""
-    meta = _pynetdicom_create_file_meta(sop_class_uid=sop_class_uid,
-                                        sop_instance_uid=sop_instance_uid,
-                                        transfer_syntax=transfer_syntax_uid)
+    meta = _pynetdicom_create_file_meta(sop_class_uid=UID(sop_class_uid),
+                                        sop_instance_uid=UID(sop_instance_uid),
+                                        transfer_syntax=UID(transfer_syntax_uid))
     if calling_ae:
         meta.SourceApplicationEntityTitle = calling_ae
     buf = DicomBytesIO()
@@ -214,11 +215,11 @@ def _create_file_meta(**kwargs: Any) -> Any:
     return _MetaRequest(**kwargs)
 
 
-def _write_file_meta_info(fp: Any, meta: Any, *args: Any, **kwargs: Any) -> None:
-    if not (isinstance(fp, SpoolFile) and isinstance(meta, _MetaRequest)):
-        _pydicom_write_file_meta_info(fp, meta, *args, **kwargs)
+def _write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
+    if not (isinstance(fp, SpoolFile) and isinstance(file_meta, _MetaRequest)):
+        _pydicom_write_file_meta_info(fp, file_meta, *args, **kwargs)
         return
-    fp.write_file_meta(*meta.values)
+    fp.write_file_meta(*file_meta.values)
 
 
 def discard_unclaimed(event: Any) -> int:

@@ -347,7 +347,9 @@ class _Lane:
         spool_file = spooling.open_spool(assoc, folder)
         spool_file.write_file_meta(command.sop_class_uid, command.sop_instance_uid,
                                    str(context.transfer_syntax[0]))
-        request._dataset_file = spool_file  # noqa: SLF001 - pynetdicom's chunked-dataset fields
+        # pynetdicom's NTF protocol is wrong for a file (its write() returns bytes, not the
+        # count) and asks a BufferedWriter; SpoolFile has the name, write, file.flush, close.
+        request._dataset_file = spool_file  # type: ignore[assignment]  # noqa: SLF001
         request._dataset_path = spool_file.spool.path  # noqa: SLF001
         return _Message(context_id, command, request, spool_file)
 
@@ -524,6 +526,7 @@ def _lane_of(dul: Any) -> _Lane | None:
     if not usable:
         dul._dicom_node_lane = False
         return None
+    assert isinstance(sock, socket.socket)  # usable: a plain socket or a GuardedSocket
     dul._dicom_node_lane = lane = _Lane(dul, sock)
     return lane
 

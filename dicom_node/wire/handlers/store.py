@@ -7,8 +7,10 @@ period rule (DESIGN decision 3), never by association release.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 from pydicom.uid import UID
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from dicom_node.wire import statuses
@@ -54,7 +56,7 @@ def handle_store(event: Event, ingest: Ingest, metrics: NodeMetrics,
     assoc = event.assoc
     calling_ae = (assoc.requestor.ae_title or "").strip()
     peer = f"{assoc.requestor.address}:{assoc.requestor.port}"
-    request = event.request
+    request = cast(C_STORE, event.request)  # EVT_C_STORE's request
     transfer_syntax = str(event.context.transfer_syntax)
     sop_class_uid = str(request.AffectedSOPClassUID)
     sop_instance_uid = str(request.AffectedSOPInstanceUID)
