@@ -14,7 +14,7 @@ parallel=()
 [ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadfile)
 start=$SECONDS
 status=0
-.venv/bin/python -m pytest "${parallel[@]}" "$@" || status=$?
+.venv/bin/python -m pytest "${parallel[@]}" --durations=15 "$@" || status=$?
 elapsed=$((SECONDS - start))
 printf 'test suite: %dm%02ds wall time with %s worker process(es) (pytest exit status %d)\n' \
   $((elapsed / 60)) $((elapsed % 60)) "$workers" "$status"
