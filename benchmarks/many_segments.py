@@ -20,7 +20,8 @@ Run from the repository root:
 Each case prints one line: wall seconds for SEG, SR, overlay (and their sum), the
 CPU seconds of the three (``time.process_time``: what they cost on an idle machine
 when the wall time is inflated by other load), the SEG's size, frames and peak RSS. Exit status 1 when a case fails its checks
-(every segment in the SEG with its code, one SR measurement per segment).
+(every segment in the SEG with its code; in the SR, per segment one volume group and one
+outline group).
 """
 
 from __future__ import annotations
@@ -99,6 +100,22 @@ def lattice_labels(shape: tuple[int, int, int], n: int) -> np.ndarray:
     return lab
 
 
+#: Concept names of a measurement group's segment reference (TID 1411) and outline (TID 1410).
+REFERENCED_SEGMENT, IMAGE_REGION = ("121191", "DCM"), ("111030", "DCM")
+
+
+def sr_check(sr) -> dict:  # noqa: ANN001
+    """Count the SR's measurement groups: per segment a volume (TID 1411, referencing its
+    SEG segment) and an outline on its largest slice (TID 1410, an Image Region)."""
+    groups = sr.ContentSequence[-1].ContentSequence
+    kinds = [{(str(i.ConceptNameCodeSequence[0].CodeValue),
+               str(i.ConceptNameCodeSequence[0].CodingSchemeDesignator))
+              for i in g.ContentSequence} for g in groups]
+    return {"sr_groups": len(groups),
+            "sr_volumes": sum(1 for k in kinds if REFERENCED_SEGMENT in k),
+            "sr_outlines": sum(1 for k in kinds if IMAGE_REGION in k)}
+
+
 def child(n: int, slices: int, mode: str) -> dict:
     import highdicom as hd
 
@@ -148,9 +165,8 @@ def child(n: int, slices: int, mode: str) -> dict:
         row.update(seg_s=round(t1 - t0, 3), sr_s=round(t2 - t1, 3), overlay_s=round(t3 - t2, 3),
                    seg_cpu_s=round(c1 - c0, 3), sr_cpu_s=round(c2 - c1, 3),
                    overlay_cpu_s=round(c3 - c2, 3), overlay_images=len(overlay))
-        groups = sr.ContentSequence[-1].ContentSequence
-        row["sr_groups"] = len(groups)
-        row["ok"] = bool(len(groups) == n)
+        row.update(sr_check(sr))
+        row["ok"] = row["sr_volumes"] == row["sr_outlines"] == row["sr_groups"] // 2 == n
         coded = sum(1 for item in seg.SegmentSequence
                     if item.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT")
         row["coded_segments"] = coded
