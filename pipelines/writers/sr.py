@@ -36,7 +36,7 @@ from scipy import ndimage
 from pipelines.types import NODE_MANUFACTURER, ModelInfo, SegmentResult, Volume, WriterOptions
 from pipelines.uids import new_uid
 from pipelines.writers.seg import contributing_equipment, written_segments
-from pipelines.writers.sr_document import comprehensive_3d_sr
+from pipelines.writers.highdicom_speedups import comprehensive_3d_sr
 
 LOG = logging.getLogger(__name__)
 #: A measurement group of the report: a segment's volume or its outline.
