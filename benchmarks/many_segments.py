@@ -5,7 +5,9 @@ bundle's label names, disjoint ellipsoids on a lattice, about 16 segments per sl
 with 104), each case in its own child process so that its peak RSS is its own:
 
 * ``node-binary``: the node's writers (:func:`pipelines.writers.build_seg` BINARY,
-  ``build_sr``, ``build_overlay``) on the segments as bounding-box crops;
+  ``build_sr``, ``build_overlay``) on the segments as bounding-box crops, then the
+  RTSTRUCT (:func:`pipelines.writers.rtstruct.build_rtstruct`, timed apart: it is an
+  output kind only some destinations take);
 * ``node-labelmap``: the same with ``WriterOptions(seg_type="labelmap")``;
 * ``highdicom-plain``: highdicom's ``Segmentation`` called plainly on the same masks
   as a stack of whole-volume masks (``(slices, rows, columns, segments)`` bool, the
@@ -123,6 +125,7 @@ def child(n: int, slices: int, mode: str) -> dict:
     from pipelines.postprocess import split_labels
     from pipelines.types import ModelInfo, WriterOptions
     from pipelines.writers import build_overlay, build_seg, build_sr
+    from pipelines.writers.rtstruct import build_rtstruct
 
     vol = make_volume(slices)
     names = _label_names(n)
@@ -162,11 +165,18 @@ def child(n: int, slices: int, mode: str) -> dict:
         t2, c2 = time.perf_counter(), time.process_time()
         overlay = build_overlay(vol, segments, model, options=opts)
         t3, c3 = time.perf_counter(), time.process_time()
+        rtstruct = build_rtstruct(vol, segments, model, options=opts)
+        t4, c4 = time.perf_counter(), time.process_time()
         row.update(seg_s=round(t1 - t0, 3), sr_s=round(t2 - t1, 3), overlay_s=round(t3 - t2, 3),
                    seg_cpu_s=round(c1 - c0, 3), sr_cpu_s=round(c2 - c1, 3),
-                   overlay_cpu_s=round(c3 - c2, 3), overlay_images=len(overlay))
+                   overlay_cpu_s=round(c3 - c2, 3), overlay_images=len(overlay),
+                   rtstruct_s=round(t4 - t3, 3), rtstruct_cpu_s=round(c4 - c3, 3),
+                   rtstruct_rois=len(rtstruct.StructureSetROISequence),
+                   rtstruct_contours=sum(len(c.ContourSequence) for c in rtstruct.ROIContourSequence))
+        row["rtstruct_ok"] = row["rtstruct_rois"] == n
         row.update(sr_check(sr))
-        row["ok"] = row["sr_volumes"] == row["sr_outlines"] == row["sr_groups"] // 2 == n
+        row["ok"] = row["sr_volumes"] == row["sr_outlines"] == row["sr_groups"] // 2 == n \
+            and row["rtstruct_ok"]
         coded = sum(1 for item in seg.SegmentSequence
                     if item.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT")
         row["coded_segments"] = coded
@@ -222,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"overlay {row['overlay_s'] or 0:5.2f} s  = {row['total_s']:6.2f} s  "
                   f"[CPU {row['total_cpu_s']:6.2f} s] (+encode {row['seg_encode_s']:.2f} s)  SEG {row['seg_mb']:7.2f} MB "
                   f"{row['frames']:6d} frames  peak RSS {row['peak_rss_mb']:7.0f} MB"
+                  + (f"  | RTSTRUCT {row['rtstruct_s']:5.2f} s [CPU {row['rtstruct_cpu_s']:5.2f} s] "
+                     f"{row['rtstruct_contours']} contours" if "rtstruct_s" in row else "")
                   + ("" if row.get("ok") else "  CHECK FAILED"))
     if args.json:
         args.json.write_text(json.dumps({"load_average": load, "rows": rows}, indent=1))

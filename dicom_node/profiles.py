@@ -53,6 +53,7 @@ KIND_SOP_CLASSES: dict[str, tuple[str, ...]] = {
     "seg": ("1.2.840.10008.5.1.4.1.1.66.4",),  # Segmentation Storage
     "sr": ("1.2.840.10008.5.1.4.1.1.88.34",),  # Comprehensive 3D SR Storage
     "overlay": ("1.2.840.10008.5.1.4.1.1.7",),  # Secondary Capture Image Storage
+    "rtstruct": ("1.2.840.10008.5.1.4.1.1.481.3",),  # RT Structure Set Storage
 }
 
 

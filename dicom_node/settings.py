@@ -26,8 +26,11 @@ from dicom_node.tasks import Task, default_tasks, parse_tasks
 DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENV_PREFIX = "DICOM_NODE_"
-#: What a destination may receive: the SEG, the SR and the overlay series.
-RESULT_KINDS = ("seg", "sr", "overlay")
+#: What a destination may receive: the SEG, the SR, the overlay series and the RTSTRUCT.
+RESULT_KINDS = ("seg", "sr", "overlay", "rtstruct")
+#: What a destination receives when its ``send`` is not given (RTSTRUCT only when asked).
+DEFAULT_SEND = ("seg", "sr", "overlay")
+_SEND_TEXT = 'a non-empty list of "seg", "sr", "overlay", "rtstruct"'
 #: Where the model runs: here, or on a Triton Inference Server.
 BACKENDS = ("local", "triton")
 TRITON_VARIANTS = ("onnx", "python")
@@ -72,7 +75,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
-    send: tuple[str, ...] = RESULT_KINDS
+    send: tuple[str, ...] = DEFAULT_SEND
     tls: bool = False
     name: str = ""
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
@@ -97,7 +100,7 @@ class Destination:
             raise ConfigError(f"{key}.port", "an integer from 1 to 65535", self.port, source)
         if (not isinstance(self.send, tuple) or not self.send
                 or not all(k in RESULT_KINDS for k in self.send) or len(set(self.send)) != len(self.send)):
-            raise ConfigError(f"{key}.send", 'a non-empty list of "seg", "sr", "overlay"',
+            raise ConfigError(f"{key}.send", _SEND_TEXT,
                               list(self.send) if isinstance(self.send, tuple) else self.send, source)
         if not isinstance(self.tls, bool):
             raise ConfigError(f"{key}.tls", "true or false", self.tls, source)
@@ -134,7 +137,7 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
         raise ConfigError("--destination", "AET@HOST:PORT, e.g. PACS@10.0.0.5:104", text, source) from None
     dest = Destination.__new__(Destination)
     for name, value in (("ae_title", aet.strip()), ("host", host), ("port", port_number),
-                        ("send", RESULT_KINDS), ("tls", False), ("name", aet.strip()),
+                        ("send", DEFAULT_SEND), ("tls", False), ("name", aet.strip()),
                         ("transfer_syntaxes", DEFAULT_TRANSFER_SYNTAXES)):
         object.__setattr__(dest, name, value)
     dest.check("--destination", source)
@@ -157,9 +160,9 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
         for name in ("ae_title", "host", "port"):
             if name not in table:
                 raise ConfigError(f"{key}.{name}", "a value (the key is required)", source=source)
-        send = table.get("send", list(RESULT_KINDS))
+        send = table.get("send", list(DEFAULT_SEND))
         if not isinstance(send, list):
-            raise ConfigError(f"{key}.send", 'a list of "seg", "sr", "overlay"', send, source)
+            raise ConfigError(f"{key}.send", _SEND_TEXT, send, source)
         syntaxes = table.get("transfer_syntaxes", list(DEFAULT_TRANSFER_SYNTAXES))
         if not isinstance(syntaxes, list):
             raise ConfigError(f"{key}.transfer_syntaxes", "a list of transfer syntaxes", syntaxes, source)

@@ -60,6 +60,7 @@ from dicom_node.jobs import SPACE_RETRY_S, Job, JobQueue
 from dicom_node.live_learning import LiveLearning
 from dicom_node.sender import Sender
 from dicom_node.settings import Destination, Settings
+from dicom_node.rtstruct_output import add_rtstruct
 from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
 from pipelines.inference import LoadedModel, load_model
@@ -364,6 +365,8 @@ class Worker:
         if overlay:
             result = self._add_overlay(job, result, outcome,
                                        {"seg_sr_store_s": t_seg_sr - t_run}, destinations)
+        if any("rtstruct" in d.send for d in destinations):
+            result = add_rtstruct(self.results, self.sender, job.id, result, outcome, destinations)
         self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=outcome,
                          result=result)
         seconds = time.perf_counter() - t0

@@ -11,7 +11,6 @@ model (wrapped, never cut; :func:`legend_layout`). Burned In Annotation is YES.
 from __future__ import annotations
 
 import copy
-import datetime
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import DA, TM
 from scipy import ndimage
 
 from pipelines.codes import segment_coding
@@ -173,14 +171,10 @@ def _sc_image(series: _OverlaySeries, pixels: np.ndarray, reference: Dataset, nu
     return sc
 
 
-#: Attributes highdicom sets to the time an image is made.
-_NOW_DATES = ("InstanceCreationDate", "ContentDate", "DateOfSecondaryCapture")
-_NOW_TIMES = ("InstanceCreationTime", "ContentTime", "TimeOfSecondaryCapture")
-
-
 def _next_image(first: Dataset, pixels: np.ndarray, reference: Dataset, number: int) -> Dataset:
     """Another image of ``first``'s series: a copy of it with its own pixels, SOP Instance
-    UID, Instance Number, source image and times.
+    UID, Instance Number and source image (its creation and content times are the first
+    image's: the series is made in one call).
 
     The images of one overlay series differ only in these; highdicom's ``SCImage``
     validates and sets every attribute anew for each image (4-5 ms, a third of the
@@ -205,13 +199,6 @@ def _next_image(first: Dataset, pixels: np.ndarray, reference: Dataset, number: 
         pixel_representation=int(first.PixelRepresentation),
         planar_configuration=int(first.PlanarConfiguration))
     sc.SourceImageSequence = DicomSequence([reference])
-    now = datetime.datetime.now()
-    for keyword in _NOW_DATES:
-        if keyword in first:
-            setattr(sc, keyword, DA(now.date()))
-    for keyword in _NOW_TIMES:
-        if keyword in first:
-            setattr(sc, keyword, TM(now.time()))
     return sc
 
 

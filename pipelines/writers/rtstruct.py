@@ -22,7 +22,6 @@ set is built here with pydicom, its contour data written as ready-encoded DS tex
 
 from __future__ import annotations
 
-import datetime
 import logging
 from collections.abc import Sequence
 
@@ -34,6 +33,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
+from dicom_node.database import utc_now
 from pipelines.codes import segment_coding
 from pipelines.types import (
     NODE_MANUFACTURER,
@@ -128,7 +128,7 @@ def build_rtstruct(volume: Volume, segments: Sequence[SegmentResult], model: Mod
 def _header(volume: Volume, model: ModelInfo, opts: WriterOptions) -> Dataset:
     """Patient, study, RT series, equipment, structure set label and SOP common."""
     first = volume.source_images[0]
-    now = datetime.datetime.now()
+    now = utc_now().astimezone()  # the node's one clock, in local time as DICOM dates are
     uid = new_uid()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
