@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from scipy import ndimage
@@ -192,12 +193,12 @@ def _next_image(first: Dataset, pixels: np.ndarray, reference: Dataset, number: 
             + (len(uid) + len(uid) % 2) - (len(old_uid) + len(old_uid) % 2)
     sc.InstanceNumber = number
     sc.Rows, sc.Columns = pixels.shape[:2]
-    sc.PixelData = hd.frame.encode_frame(
+    sc["PixelData"] = DataElement(0x7FE00010, first["PixelData"].VR, hd.frame.encode_frame(
         pixels, transfer_syntax_uid=first.file_meta.TransferSyntaxUID,
         bits_allocated=int(first.BitsAllocated), bits_stored=int(first.BitsStored),
         photometric_interpretation=str(first.PhotometricInterpretation),
         pixel_representation=int(first.PixelRepresentation),
-        planar_configuration=int(first.PlanarConfiguration))
+        planar_configuration=int(first.PlanarConfiguration)))
     sc.SourceImageSequence = DicomSequence([reference])
     return sc
 
