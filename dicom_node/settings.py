@@ -22,6 +22,7 @@ from typing import Any
 from dicom_node.errors import ConfigError
 from dicom_node.profiles import DEFAULT_TRANSFER_SYNTAXES, check_transfer_syntaxes
 from dicom_node.tasks import Task, default_tasks, parse_tasks
+from pipelines.types import SEG_TYPES
 
 DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -60,7 +61,8 @@ class Destination:
     port : int
         Its DICOM port (1-65535).
     send : tuple of str
-        Which results it wants, any of ``seg``, ``sr``, ``overlay`` (default all three).
+        Which results it wants, any of ``seg``, ``sr``, ``overlay``, ``rtstruct``
+        (default the first three).
     tls : bool
         Send over DICOM TLS (PS3.15 B.1), with the node's ``tls_cert``/``tls_key`` as
         client certificate and ``tls_ca`` to verify the destination (default false).
@@ -70,6 +72,11 @@ class Destination:
         Transfer syntaxes it accepts, most preferred first, as aliases or UIDs (see
         :mod:`dicom_node.profiles`); stored as UIDs. At least one uncompressed
         (default: explicit, then implicit VR little endian).
+    seg_type : str
+        ``binary`` (default: Segmentation Storage, which every PACS takes) or
+        ``labelmap`` (Label Map Segmentation Storage: one frame per slice, much smaller
+        with many labels). A job writes one SEG: LABELMAP when every destination that
+        takes the SEG asks for it, else BINARY (:func:`job_seg_type`).
     """
 
     ae_title: str
@@ -79,6 +86,7 @@ class Destination:
     tls: bool = False
     name: str = ""
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
+    seg_type: str = "binary"
 
     def __post_init__(self) -> None:
         if not self.name and isinstance(self.ae_title, str):
@@ -104,6 +112,9 @@ class Destination:
                               list(self.send) if isinstance(self.send, tuple) else self.send, source)
         if not isinstance(self.tls, bool):
             raise ConfigError(f"{key}.tls", "true or false", self.tls, source)
+        if self.seg_type not in SEG_TYPES:
+            raise ConfigError(f"{key}.seg_type", " or ".join(f'"{t}"' for t in SEG_TYPES),
+                              self.seg_type, source)
         if not isinstance(self.name, str) or not 1 <= len(self.name) <= 64 or not all(
                 c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"{key}.name", "1-64 letters, digits, '-', '_' or '.'", self.name, source)
@@ -119,6 +130,22 @@ class Destination:
     def key(self) -> str:
         """``AET@HOST:PORT``, the destination's name in queues and logs."""
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def job_seg_type(destinations: Sequence[Destination]) -> str:
+    """The SEG type a job writes for ``destinations``: ``labelmap`` when every one that
+    takes the SEG asks for it, else ``binary`` (a destination that asked for LABELMAP
+    beside one that did not gets BINARY, which every PACS takes; said at start-up by
+    :func:`seg_type_conflicts`)."""
+    wanted = {d.seg_type for d in destinations if "seg" in d.send}
+    return "labelmap" if wanted == {"labelmap"} else "binary"
+
+
+def seg_type_conflicts(destinations: Sequence[Destination]) -> tuple[str, ...]:
+    """Names of destinations that asked for a LABELMAP SEG but will get BINARY."""
+    if job_seg_type(destinations) == "labelmap":
+        return ()
+    return tuple(d.name for d in destinations if "seg" in d.send and d.seg_type == "labelmap")
 
 
 def parse_destination(text: str, source: str = "command line") -> Destination:
@@ -138,7 +165,7 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
     dest = Destination.__new__(Destination)
     for name, value in (("ae_title", aet.strip()), ("host", host), ("port", port_number),
                         ("send", DEFAULT_SEND), ("tls", False), ("name", aet.strip()),
-                        ("transfer_syntaxes", DEFAULT_TRANSFER_SYNTAXES)):
+                        ("transfer_syntaxes", DEFAULT_TRANSFER_SYNTAXES), ("seg_type", "binary")):
         object.__setattr__(dest, name, value)
     dest.check("--destination", source)
     return dest
@@ -147,7 +174,7 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
 def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
     if not isinstance(v, list):
         raise ConfigError("destinations", "an array of tables ([[destinations]])", v, source)
-    known = ("name", "ae_title", "host", "port", "send", "tls", "transfer_syntaxes")
+    known = ("name", "ae_title", "host", "port", "send", "tls", "transfer_syntaxes", "seg_type")
     out = []
     for i, table in enumerate(v):
         key = f"destinations[{i}]"
@@ -172,7 +199,8 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
                             ("port", table["port"]), ("send", tuple(send)),
                             ("tls", table.get("tls", False)),
                             ("name", table.get("name", aet.strip() if isinstance(aet, str) else aet)),
-                            ("transfer_syntaxes", tuple(syntaxes))):
+                            ("transfer_syntaxes", tuple(syntaxes)),
+                            ("seg_type", table.get("seg_type", "binary"))):
             object.__setattr__(dest, name, value)
         dest.check(key, source)
         if isinstance(dest.ae_title, str):
@@ -446,7 +474,9 @@ class Settings:
         read_as="an array of tables ([[destinations]])", shown="none",
         check=Check(expected="destination tables", custom=_check_destinations),
         doc="Where results are sent (``[[destinations]]`` tables with ``ae_title``, ``host``, "
-            "``port``, ``send``, ``tls``, ``name``, ``transfer_syntaxes``; ``--destination``).")
+            "``port``, ``send`` (``seg``, ``sr``, ``overlay``, ``rtstruct``; default the first "
+            "three), ``tls``, ``name``, ``transfer_syntaxes``, ``seg_type`` (``binary`` or "
+            "``labelmap``); ``--destination``).")
     send_backoff_initial_s: float = _setting(
         2.0, **_SECONDS, check=_SECONDS_DAY,
         doc="First delay before re-sending to a destination that cannot be reached, seconds.")

@@ -59,7 +59,7 @@ from dicom_node.faults import FULL_BELOW_BYTES, StateLog, describe, free_bytes, 
 from dicom_node.jobs import SPACE_RETRY_S, Job, JobQueue
 from dicom_node.live_learning import LiveLearning
 from dicom_node.sender import Sender
-from dicom_node.settings import Destination, Settings
+from dicom_node.settings import Destination, Settings, job_seg_type
 from dicom_node.rtstruct_output import add_rtstruct
 from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
@@ -286,7 +286,7 @@ class Worker:
         computed = self._kept_for(job)
         if computed is None:
             try:
-                computed = self._compute(job, spec)
+                computed = self._compute(job, spec, job_seg_type(destinations))
             except EmptyResultError as exc:
                 return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
                                   note=f"nothing found, nothing sent ({exc})")
@@ -300,7 +300,7 @@ class Worker:
         kept = self.computed
         return kept if kept is not None and kept.job_key == job.key else None
 
-    def _compute(self, job: Job, spec: Task) -> Computed:
+    def _compute(self, job: Job, spec: Task, seg_type: str = "binary") -> Computed:
         """Run the job's pipeline (the model loaded first); keep and return its work.
 
         Raises
@@ -321,7 +321,8 @@ class Worker:
         try:
             # the overlay is built after the SEG and SR are on their way (_store)
             outcome = self._run_series(files, loaded, rules=spec.rules,
-                                       options=WriterOptions(write_overlay=False),
+                                       options=WriterOptions(write_overlay=False,
+                                                             seg_type=seg_type),
                                        predecessors=predecessors,
                                        max_memory_bytes=self.max_memory_bytes)
         except MemoryBudgetError as exc:  # retrying would hit the same wall

@@ -84,3 +84,25 @@ def test_the_rtstruct_is_checked_stored_and_sent_to_the_destination_that_takes_i
     assert sorted(c for c, _, _ in pacs.stored) == sorted([SEG, SR])
     assert validate_dataset(tps.stored[0][2], "rtstruct").ok
     store.close()
+
+
+def test_seg_type_per_destination_decides_the_jobs_seg(tmp_path: Path) -> None:
+    from dicom_node.settings import job_seg_type, seg_type_conflicts
+
+    config = tmp_path / "node.toml"
+
+    def dests(*tables: str):  # noqa: ANN202
+        config.write_text(f'data_dir = "{tmp_path}"\n' + "".join(
+            f'[[destinations]]\nname = "d{i}"\nae_title = "D{i}"\nhost = "h"\nport = 104\n{t}\n'
+            for i, t in enumerate(tables)))
+        return load_settings(config, env={}).destinations
+
+    binary = dests("", 'seg_type = "binary"')
+    assert [d.seg_type for d in binary] == ["binary", "binary"] and job_seg_type(binary) == "binary"
+    labelmap = dests('seg_type = "labelmap"', 'seg_type = "labelmap"\nsend = ["seg", "sr"]',
+                     'send = ["overlay"]')  # takes no SEG: has no say
+    assert job_seg_type(labelmap) == "labelmap" and seg_type_conflicts(labelmap) == ()
+    mixed = dests('seg_type = "labelmap"', "")
+    assert job_seg_type(mixed) == "binary" and seg_type_conflicts(mixed) == ("d0",)
+    with pytest.raises(ConfigError, match="seg_type"):
+        dests('seg_type = "fractional"')
