@@ -189,3 +189,28 @@ def test_written_file_round_trips(written, tmp_path: Path) -> None:
     again = pydicom.dcmread(tmp_path / "again.dcm")
     assert again.ROIContourSequence[0].ContourSequence[0].ContourData == \
         ds.ROIContourSequence[0].ContourSequence[0].ContourData
+
+
+def test_a_resampled_volume_is_contoured_on_the_source_images(tmp_path: Path) -> None:
+    """Source slices 8 and 12 mm apart, resampled to a regular grid: each contour lies on
+    its source image's plane and fills what the SEG holds for that image."""
+    fine = ph.SliceGeometry(rows=32, columns=32, slices=41, pixel_spacing=(10.0, 10.0),
+                            slice_spacing=4.0)
+    dss = sorted(ph.ct_series(ANATOMY, fine), key=lambda d: int(d.InstanceNumber))
+    vol = load_series([dss[i] for i in range(0, 41) if i % 5 in (0, 2)])
+    assert not vol.is_source_grid
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
+    segments = [s for s in split_labels(ph.truth_at(ANATOMY, vol.index_to_lps(grid)), vol,
+                                        ph.LABELS) if not s.is_empty]
+    seg, rt = build_seg(vol, segments, MODEL), build_rtstruct(vol, segments, MODEL)
+    seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    rt.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
+    run = subprocess.run(["dciodvfy", str(tmp_path / "rt.dcm")], capture_output=True, text=True,
+                         timeout=120)
+    assert [ln for ln in (run.stdout + run.stderr).splitlines() if ln.startswith("Error")] == []
+    truth = hd.seg.segread(tmp_path / "seg.dcm").get_pixels_by_source_instance(
+        list(vol.sop_instance_uids), segment_numbers=list(range(1, len(segments) + 1))).astype(bool)
+    drawn = _rasterise(pydicom.dcmread(tmp_path / "rt.dcm"), vol, len(segments))
+    for number, s in enumerate(segments, start=1):
+        a, b = truth[..., number - 1], drawn[number - 1]
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.95, s.name
