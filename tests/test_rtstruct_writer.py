@@ -214,3 +214,31 @@ def test_a_resampled_volume_is_contoured_on_the_source_images(tmp_path: Path) ->
     for number, s in enumerate(segments, start=1):
         a, b = truth[..., number - 1], drawn[number - 1]
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.95, s.name
+
+
+def test_a_contour_too_long_for_one_ds_element_is_thinned_and_still_encodes(tmp_path: Path) -> None:
+    """A DS element holds at most 65,534 bytes in Explicit VR (16-bit length): a ragged
+    outline of a 1024 x 1024 image's big region is thinned (every second point) until
+    it fits, and the file is written, read back and validated."""
+    g = ph.SliceGeometry(rows=1024, columns=1024, slices=2, pixel_spacing=(0.4, 0.4),
+                         slice_spacing=5.0)
+    vol = load_series(ph.ct_series(ANATOMY, g))
+    rng = np.random.default_rng(0)
+    mask = np.zeros(vol.shape, dtype=bool)
+    for i in range(20, 1000):  # both sides ragged, every row
+        mask[0, i, 10 + rng.integers(0, 5):1000 + rng.integers(0, 5)] = True
+    s = SegmentResult(label=1, name="liver", mask=mask, volume_ml=1.0)
+    rt = build_rtstruct(vol, [s], MODEL)
+    rt.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
+    back = pydicom.dcmread(tmp_path / "rt.dcm")
+    (contour,) = back.ROIContourSequence[0].ContourSequence
+    assert 3 <= int(contour.NumberOfContourPoints) == len(contour.ContourData) // 3
+    assert len(plane_contours(mask[0])[0]) > int(contour.NumberOfContourPoints)  # thinned
+    run = subprocess.run(["dciodvfy", str(tmp_path / "rt.dcm")], capture_output=True, text=True,
+                         timeout=120)
+    assert [ln for ln in (run.stdout + run.stderr).splitlines() if ln.startswith("Error")] == []
+    img = vol.source_images[0]  # every point on the region's edge: within a pixel of its box
+    pts = np.array(contour.ContourData, float).reshape(-1, 3) - np.array(img.ImagePositionPatient, float)
+    iop = np.array(img.ImageOrientationPatient, float)
+    cols, rows = pts @ iop[:3] / 0.4, pts @ iop[3:] / 0.4
+    assert rows.min() >= 19 and rows.max() <= 1000 and cols.min() >= 9 and cols.max() <= 1005

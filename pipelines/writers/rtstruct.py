@@ -55,6 +55,9 @@ RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 #: systems (Detached Study Management, retired; PS3.3 C.8.8.5.1 names no other).
 _STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
+#: Longest value of a DS element in Explicit VR (a 16-bit length, PS3.5 7.1.2): about
+#: 2,700 contour points at 0.01 mm.
+MAX_DS_BYTES = 0xFFFE
 #: Segmented Property Categories whose ROIs are organs (Anatomical Structure, Body Structure).
 _ANATOMY_CATEGORIES = ("91723000", "123037004")
 _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
@@ -205,10 +208,17 @@ def _contour_items(volume: Volume, segment: SegmentResult) -> list[Dataset]:
         item.ContourImageSequence = [_image_reference(volume.source_images[n],
                                                       volume.source_frame(n))]
         item.ContourGeometricType = "CLOSED_PLANAR"
-        item.NumberOfContourPoints = len(polygon)
         lps = volume.index_to_lps(np.column_stack(
             [np.full(len(polygon), k), polygon[:, 1], polygon[:, 0]]))
-        item[_CONTOUR_DATA] = _ds_values(_CONTOUR_DATA, lps.ravel())
+        text = _ds_text(lps.ravel())
+        while len(text) > MAX_DS_BYTES and len(lps) > 3:  # a ragged outline of a big region
+            LOG.warning("segment %r: a contour of %d points is too long for one DS element; "
+                        "keeping every second point", segment.name, len(lps))
+            lps = lps[::2]
+            text = _ds_text(lps.ravel())
+        item.NumberOfContourPoints = len(lps)
+        item[_CONTOUR_DATA] = RawDataElement(_CONTOUR_DATA, "DS", len(text), text, 0, False, True,
+                                             True, False)
         items.append(item)
     return items
 
@@ -263,14 +273,12 @@ def plane_contours(plane: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _ds_values(tag: Tag, values: np.ndarray) -> RawDataElement:
-    """A DS element of ``values`` (mm) encoded as text once, not as one object per number.
+def _ds_text(values: np.ndarray) -> bytes:
+    """DS values (mm) encoded as text at once, not as one pydicom object per number.
 
-    Contour data of 104 segments are millions of numbers; pydicom's DS objects would
-    be created and validated one by one. Each value is written with 4 decimals (well
-    below a micrometre's tenth, at most 16 characters), the text padded to even length.
+    Contour data of 104 segments are millions of numbers; pydicom's DS objects would be
+    created and validated one by one. Each value is written with 2 decimals (0.01 mm,
+    far below a pixel; at most 16 characters), the text padded to even length.
     """
-    text = (("%.4f\\" * len(values))[:-1] % tuple(values.tolist())).encode("ascii")
-    if len(text) % 2:
-        text += b" "
-    return RawDataElement(tag, "DS", len(text), text, 0, False, True, True, False)
+    text = (("%.2f\\" * len(values))[:-1] % tuple(values.tolist())).encode("ascii")
+    return text + b" " if len(text) % 2 else text
