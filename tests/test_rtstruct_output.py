@@ -106,3 +106,13 @@ def test_seg_type_per_destination_decides_the_jobs_seg(tmp_path: Path) -> None:
     assert job_seg_type(mixed) == "binary" and seg_type_conflicts(mixed) == ("d0",)
     with pytest.raises(ConfigError, match="seg_type"):
         dests('seg_type = "fractional"')
+
+
+def test_destinations_test_suggests_the_rtstruct_only_to_a_peer_without_seg() -> None:
+    from dicom_node.profiles import suggest
+
+    explicit = {ExplicitVRLittleEndian}
+    everything = {sop: explicit for sop in (SEG, SR, SC, RTSTRUCT_SOP_CLASS)}
+    assert suggest(everything).send == ("seg", "sr", "overlay")
+    no_seg = {sop: explicit for sop in (SR, SC, RTSTRUCT_SOP_CLASS)}
+    assert suggest(no_seg).send == ("sr", "overlay", "rtstruct")
