@@ -5,7 +5,9 @@ bundle's label names, disjoint ellipsoids on a lattice, about 16 segments per sl
 with 104), each case in its own child process so that its peak RSS is its own:
 
 * ``node-binary``: the node's writers (:func:`pipelines.writers.build_seg` BINARY,
-  ``build_sr``, ``build_overlay``) on the segments as bounding-box crops;
+  ``build_sr``, ``build_overlay``) on the segments as bounding-box crops, then the
+  RTSTRUCT (:func:`pipelines.writers.rtstruct.build_rtstruct`, timed apart: it is an
+  output kind only some destinations take);
 * ``node-labelmap``: the same with ``WriterOptions(seg_type="labelmap")``;
 * ``highdicom-plain``: highdicom's ``Segmentation`` called plainly on the same masks
   as a stack of whole-volume masks (``(slices, rows, columns, segments)`` bool, the
@@ -20,7 +22,8 @@ Run from the repository root:
 Each case prints one line: wall seconds for SEG, SR, overlay (and their sum), the
 CPU seconds of the three (``time.process_time``: what they cost on an idle machine
 when the wall time is inflated by other load), the SEG's size, frames and peak RSS. Exit status 1 when a case fails its checks
-(every segment in the SEG with its code, one SR measurement per segment).
+(every segment in the SEG with its code; in the SR, per segment one volume group and one
+outline group).
 """
 
 from __future__ import annotations
@@ -99,6 +102,22 @@ def lattice_labels(shape: tuple[int, int, int], n: int) -> np.ndarray:
     return lab
 
 
+#: Concept names of a measurement group's segment reference (TID 1411) and outline (TID 1410).
+REFERENCED_SEGMENT, IMAGE_REGION = ("121191", "DCM"), ("111030", "DCM")
+
+
+def sr_check(sr) -> dict:  # noqa: ANN001
+    """Count the SR's measurement groups: per segment a volume (TID 1411, referencing its
+    SEG segment) and an outline on its largest slice (TID 1410, an Image Region)."""
+    groups = sr.ContentSequence[-1].ContentSequence
+    kinds = [{(str(i.ConceptNameCodeSequence[0].CodeValue),
+               str(i.ConceptNameCodeSequence[0].CodingSchemeDesignator))
+              for i in g.ContentSequence} for g in groups]
+    return {"sr_groups": len(groups),
+            "sr_volumes": sum(1 for k in kinds if REFERENCED_SEGMENT in k),
+            "sr_outlines": sum(1 for k in kinds if IMAGE_REGION in k)}
+
+
 def child(n: int, slices: int, mode: str) -> dict:
     import highdicom as hd
 
@@ -106,6 +125,7 @@ def child(n: int, slices: int, mode: str) -> dict:
     from pipelines.postprocess import split_labels
     from pipelines.types import ModelInfo, WriterOptions
     from pipelines.writers import build_overlay, build_seg, build_sr
+    from pipelines.writers.rtstruct import build_rtstruct
 
     vol = make_volume(slices)
     names = _label_names(n)
@@ -145,12 +165,18 @@ def child(n: int, slices: int, mode: str) -> dict:
         t2, c2 = time.perf_counter(), time.process_time()
         overlay = build_overlay(vol, segments, model, options=opts)
         t3, c3 = time.perf_counter(), time.process_time()
+        rtstruct = build_rtstruct(vol, segments, model, options=opts)
+        t4, c4 = time.perf_counter(), time.process_time()
         row.update(seg_s=round(t1 - t0, 3), sr_s=round(t2 - t1, 3), overlay_s=round(t3 - t2, 3),
                    seg_cpu_s=round(c1 - c0, 3), sr_cpu_s=round(c2 - c1, 3),
-                   overlay_cpu_s=round(c3 - c2, 3), overlay_images=len(overlay))
-        groups = sr.ContentSequence[-1].ContentSequence
-        row["sr_groups"] = len(groups)
-        row["ok"] = bool(len(groups) == n)
+                   overlay_cpu_s=round(c3 - c2, 3), overlay_images=len(overlay),
+                   rtstruct_s=round(t4 - t3, 3), rtstruct_cpu_s=round(c4 - c3, 3),
+                   rtstruct_rois=len(rtstruct.StructureSetROISequence),
+                   rtstruct_contours=sum(len(c.ContourSequence) for c in rtstruct.ROIContourSequence))
+        row["rtstruct_ok"] = row["rtstruct_rois"] == n
+        row.update(sr_check(sr))
+        row["ok"] = row["sr_volumes"] == row["sr_outlines"] == row["sr_groups"] // 2 == n \
+            and row["rtstruct_ok"]
         coded = sum(1 for item in seg.SegmentSequence
                     if item.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT")
         row["coded_segments"] = coded
@@ -206,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"overlay {row['overlay_s'] or 0:5.2f} s  = {row['total_s']:6.2f} s  "
                   f"[CPU {row['total_cpu_s']:6.2f} s] (+encode {row['seg_encode_s']:.2f} s)  SEG {row['seg_mb']:7.2f} MB "
                   f"{row['frames']:6d} frames  peak RSS {row['peak_rss_mb']:7.0f} MB"
+                  + (f"  | RTSTRUCT {row['rtstruct_s']:5.2f} s [CPU {row['rtstruct_cpu_s']:5.2f} s] "
+                     f"{row['rtstruct_contours']} contours" if "rtstruct_s" in row else "")
                   + ("" if row.get("ok") else "  CHECK FAILED"))
     if args.json:
         args.json.write_text(json.dumps({"load_average": load, "rows": rows}, indent=1))

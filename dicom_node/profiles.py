@@ -53,6 +53,7 @@ KIND_SOP_CLASSES: dict[str, tuple[str, ...]] = {
     "seg": ("1.2.840.10008.5.1.4.1.1.66.4",),  # Segmentation Storage
     "sr": ("1.2.840.10008.5.1.4.1.1.88.34",),  # Comprehensive 3D SR Storage
     "overlay": ("1.2.840.10008.5.1.4.1.1.7",),  # Secondary Capture Image Storage
+    "rtstruct": ("1.2.840.10008.5.1.4.1.1.481.3",),  # RT Structure Set Storage
 }
 
 
@@ -203,9 +204,15 @@ class Suggestion:
 
 
 def suggest(accepted: dict[str, set[str]]) -> Suggestion:
-    """Suggest a profile from ``{sop_class_uid: accepted syntax UIDs}``."""
+    """Suggest a profile from ``{sop_class_uid: accepted syntax UIDs}``.
+
+    The RTSTRUCT is suggested only to a peer that takes it and refuses the SEG (the
+    contours are the SEG's segments again: a peer that shows the SEG needs no copy).
+    """
     send = tuple(kind for kind, sops in KIND_SOP_CLASSES.items()
                  if any(accepted.get(sop, set()) & UNCOMPRESSED for sop in sops))
+    if "seg" in send:
+        send = tuple(k for k in send if k != "rtstruct")
     usable: set[str] = set()
     for kind in send:
         for sop in KIND_SOP_CLASSES[kind]:

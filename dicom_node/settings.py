@@ -22,12 +22,16 @@ from typing import Any, TypedDict
 from dicom_node.foundation.errors import ConfigError
 from dicom_node.profiles import DEFAULT_TRANSFER_SYNTAXES, check_transfer_syntaxes
 from dicom_node.tasks import Task, default_tasks, parse_tasks
+from pipelines.types import SEG_TYPES
 
 DEFAULT_DATA_DIR = Path("/var/lib/dicom-node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENV_PREFIX = "DICOM_NODE_"
-#: What a destination may receive: the SEG, the SR and the overlay series.
-RESULT_KINDS = ("seg", "sr", "overlay")
+#: What a destination may receive: the SEG, the SR, the overlay series and the RTSTRUCT.
+RESULT_KINDS = ("seg", "sr", "overlay", "rtstruct")
+#: What a destination receives when its ``send`` is not given (RTSTRUCT only when asked).
+DEFAULT_SEND = ("seg", "sr", "overlay")
+_SEND_TEXT = 'a non-empty list of "seg", "sr", "overlay", "rtstruct"'
 #: Where the model runs: here, or on a Triton Inference Server.
 BACKENDS = ("local", "triton")
 TRITON_VARIANTS = ("onnx", "python")
@@ -57,7 +61,8 @@ class Destination:
     port : int
         Its DICOM port (1-65535).
     send : tuple of str
-        Which results it wants, any of ``seg``, ``sr``, ``overlay`` (default all three).
+        Which results it wants, any of ``seg``, ``sr``, ``overlay``, ``rtstruct``
+        (default the first three).
     tls : bool
         Send over DICOM TLS (PS3.15 B.1), with the node's ``tls_cert``/``tls_key`` as
         client certificate and ``tls_ca`` to verify the destination (default false).
@@ -67,15 +72,21 @@ class Destination:
         Transfer syntaxes it accepts, most preferred first, as aliases or UIDs (see
         :mod:`dicom_node.profiles`); stored as UIDs. At least one uncompressed
         (default: explicit, then implicit VR little endian).
+    seg_type : str
+        ``binary`` (default: Segmentation Storage, which every PACS takes) or
+        ``labelmap`` (Label Map Segmentation Storage: one frame per slice, much smaller
+        with many labels). A job writes one SEG: LABELMAP when every destination that
+        takes the SEG asks for it, else BINARY (:func:`job_seg_type`).
     """
 
     ae_title: str
     host: str
     port: int
-    send: tuple[str, ...] = RESULT_KINDS
+    send: tuple[str, ...] = DEFAULT_SEND
     tls: bool = False
     name: str = ""
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
+    seg_type: str = "binary"
 
     def __post_init__(self) -> None:
         if not self.name and isinstance(self.ae_title, str):
@@ -97,10 +108,13 @@ class Destination:
             raise ConfigError(f"{key}.port", "an integer from 1 to 65535", self.port, source)
         if (not isinstance(self.send, tuple) or not self.send
                 or not all(k in RESULT_KINDS for k in self.send) or len(set(self.send)) != len(self.send)):
-            raise ConfigError(f"{key}.send", 'a non-empty list of "seg", "sr", "overlay"',
+            raise ConfigError(f"{key}.send", _SEND_TEXT,
                               list(self.send) if isinstance(self.send, tuple) else self.send, source)
         if not isinstance(self.tls, bool):
             raise ConfigError(f"{key}.tls", "true or false", self.tls, source)
+        if self.seg_type not in SEG_TYPES:
+            raise ConfigError(f"{key}.seg_type", " or ".join(f'"{t}"' for t in SEG_TYPES),
+                              self.seg_type, source)
         if not isinstance(self.name, str) or not 1 <= len(self.name) <= 64 or not all(
                 c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"{key}.name", "1-64 letters, digits, '-', '_' or '.'", self.name, source)
@@ -116,6 +130,22 @@ class Destination:
     def key(self) -> str:
         """``AET@HOST:PORT``, the destination's name in queues and logs."""
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def job_seg_type(destinations: Sequence[Destination]) -> str:
+    """The SEG type a job writes for ``destinations``: ``labelmap`` when every one that
+    takes the SEG asks for it, else ``binary`` (a destination that asked for LABELMAP
+    beside one that did not gets BINARY, which every PACS takes; said at start-up by
+    :func:`seg_type_conflicts`)."""
+    wanted = {d.seg_type for d in destinations if "seg" in d.send}
+    return "labelmap" if wanted == {"labelmap"} else "binary"
+
+
+def seg_type_conflicts(destinations: Sequence[Destination]) -> tuple[str, ...]:
+    """Names of destinations that asked for a LABELMAP SEG but will get BINARY."""
+    if job_seg_type(destinations) == "labelmap":
+        return ()
+    return tuple(d.name for d in destinations if "seg" in d.send and d.seg_type == "labelmap")
 
 
 def parse_destination(text: str, source: str = "command line") -> Destination:
@@ -134,8 +164,8 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
         raise ConfigError("--destination", "AET@HOST:PORT, e.g. PACS@10.0.0.5:104", text, source) from None
     dest = Destination.__new__(Destination)
     for name, value in (("ae_title", aet.strip()), ("host", host), ("port", port_number),
-                        ("send", RESULT_KINDS), ("tls", False), ("name", aet.strip()),
-                        ("transfer_syntaxes", DEFAULT_TRANSFER_SYNTAXES)):
+                        ("send", DEFAULT_SEND), ("tls", False), ("name", aet.strip()),
+                        ("transfer_syntaxes", DEFAULT_TRANSFER_SYNTAXES), ("seg_type", "binary")):
         object.__setattr__(dest, name, value)
     dest.check("--destination", source)
     return dest
@@ -144,7 +174,7 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
 def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
     if not isinstance(v, list):
         raise ConfigError("destinations", "an array of tables ([[destinations]])", v, source)
-    known = ("name", "ae_title", "host", "port", "send", "tls", "transfer_syntaxes")
+    known = ("name", "ae_title", "host", "port", "send", "tls", "transfer_syntaxes", "seg_type")
     out: list[Destination] = []
     for i, table in enumerate(v):
         key = f"destinations[{i}]"
@@ -157,9 +187,9 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
         for name in ("ae_title", "host", "port"):
             if name not in table:
                 raise ConfigError(f"{key}.{name}", "a value (the key is required)", source=source)
-        send = table.get("send", list(RESULT_KINDS))
+        send = table.get("send", list(DEFAULT_SEND))
         if not isinstance(send, list):
-            raise ConfigError(f"{key}.send", 'a list of "seg", "sr", "overlay"', send, source)
+            raise ConfigError(f"{key}.send", _SEND_TEXT, send, source)
         syntaxes = table.get("transfer_syntaxes", list(DEFAULT_TRANSFER_SYNTAXES))
         if not isinstance(syntaxes, list):
             raise ConfigError(f"{key}.transfer_syntaxes", "a list of transfer syntaxes", syntaxes, source)
@@ -169,7 +199,8 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
                             ("port", table["port"]), ("send", tuple(send)),
                             ("tls", table.get("tls", False)),
                             ("name", table.get("name", aet.strip() if isinstance(aet, str) else aet)),
-                            ("transfer_syntaxes", tuple(syntaxes))):
+                            ("transfer_syntaxes", tuple(syntaxes)),
+                            ("seg_type", table.get("seg_type", "binary"))):
             object.__setattr__(dest, name, value)
         dest.check(key, source)
         if isinstance(dest.ae_title, str):
@@ -456,7 +487,9 @@ class Settings:
         read_as="an array of tables ([[destinations]])", shown="none",
         check=Check(expected="destination tables", custom=_check_destinations),
         doc="Where results are sent (``[[destinations]]`` tables with ``ae_title``, ``host``, "
-            "``port``, ``send``, ``tls``, ``name``, ``transfer_syntaxes``; ``--destination``).")
+            "``port``, ``send`` (``seg``, ``sr``, ``overlay``, ``rtstruct``; default the first "
+            "three), ``tls``, ``name``, ``transfer_syntaxes``, ``seg_type`` (``binary`` or "
+            "``labelmap``); ``--destination``).")
     send_backoff_initial_s: float = _setting(
         2.0, **_SECONDS, check=_SECONDS_DAY,
         doc="First delay before re-sending to a destination that cannot be reached, seconds.")

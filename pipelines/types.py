@@ -351,7 +351,7 @@ class WriterOptions:
 
     Parameters
     ----------
-    seg_series_number, sr_series_number, overlay_series_number : int
+    seg_series_number, sr_series_number, overlay_series_number, rtstruct_series_number : int
         Series Number of each new result series (1 .. 2**31-1).
     series_description_prefix : str
         Prefix of each result's Series Description (``AI`` -> ``AI SEG spleen_ct``).
@@ -377,6 +377,7 @@ class WriterOptions:
     seg_series_number: int = 9001
     sr_series_number: int = 9002
     overlay_series_number: int = 9003
+    rtstruct_series_number: int = 9004
     series_description_prefix: str = "AI"
     procedure_code: tuple[str, str, str] | None = None
     window_center: float = 40.0
@@ -389,7 +390,8 @@ class WriterOptions:
     def __post_init__(self) -> None:
         if self.seg_type not in SEG_TYPES:
             raise ValueError(f"seg_type must be one of {', '.join(SEG_TYPES)}, got {self.seg_type!r}")
-        for name in ("seg_series_number", "sr_series_number", "overlay_series_number"):
+        for name in ("seg_series_number", "sr_series_number", "overlay_series_number",
+                     "rtstruct_series_number"):
             v = getattr(self, name)
             if not isinstance(v, int) or not 1 <= v <= 2**31 - 1:
                 raise ValueError(f"{name} must be an int in 1..2**31-1, got {v!r}")

@@ -40,7 +40,9 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
                   "1.2.840.10008.5.1.4.1.1.88.34")
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-KINDS = ("seg", "sr", "overlay")
+KINDS = ("seg", "sr", "overlay", "rtstruct")
+#: RT Structure Set Storage.
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 #: Seconds one ``dciodvfy`` run may take.
 DCIODVFY_TIMEOUT_S = 120.0
 
@@ -198,7 +200,8 @@ def run_dciodvfy(data: bytes, exe: str) -> list[str]:
 def _python_checks(ds: Dataset, data: bytes, kind: str) -> list[str]:
     errors: list[str] = []
     sop_class = str(ds.get("SOPClassUID", ""))
-    expected = {"seg": (SEG_SOP_CLASS,), "sr": SR_SOP_CLASSES, "overlay": (SC_SOP_CLASS,)}[kind]
+    expected = {"seg": (SEG_SOP_CLASS,), "sr": SR_SOP_CLASSES, "overlay": (SC_SOP_CLASS,),
+                "rtstruct": (RTSTRUCT_SOP_CLASS,)}[kind]
     if sop_class not in expected:
         errors.append(f"SOP Class UID {sop_class!r} is not one of a {kind}")
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -214,6 +217,8 @@ def _python_checks(ds: Dataset, data: bytes, kind: str) -> list[str]:
             errors.extend(_seg_checks(data))
         elif kind == "sr":
             errors.extend(_sr_checks(data))
+        elif kind == "rtstruct":
+            errors.extend(_rtstruct_checks(data))
         else:
             errors.extend(_overlay_checks(ds))
     except Exception as exc:  # a reader that refuses the object is the finding
@@ -282,6 +287,27 @@ def _sr_checks(data: bytes) -> list[str]:
                  if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
     if not procedure:
         errors.append("SR has no Procedure Reported")
+    return errors
+
+
+def _rtstruct_checks(data: bytes) -> list[str]:
+    """Read back: ROIs, one contour list and one observation each, contour data whole."""
+    ds = pydicom.dcmread(BytesIO(data))
+    errors = []
+    rois = ds.get("StructureSetROISequence", [])
+    if not rois:
+        errors.append("RTSTRUCT has no ROI")
+    numbers = [int(r.ROINumber) for r in rois]
+    for name in ("ROIContourSequence", "RTROIObservationsSequence"):
+        if sorted(int(i.ReferencedROINumber) for i in ds.get(name, [])) != sorted(numbers):
+            errors.append(f"{name} does not name each ROI once")
+    for item in ds.get("ROIContourSequence", []):
+        for c in item.get("ContourSequence", []):
+            if len(c.ContourData) != 3 * int(c.NumberOfContourPoints):
+                errors.append(f"ROI {item.ReferencedROINumber}: contour data and point count differ")
+                break
+    if not ds.get("ReferencedFrameOfReferenceSequence"):
+        errors.append("RTSTRUCT references no Frame of Reference")
     return errors
 
 

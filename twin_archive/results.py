@@ -38,7 +38,7 @@ from twin_archive.uids import path_component, uid_problem
 
 LOG = logging.getLogger(__name__)
 
-RESULT_KINDS = ("seg", "sr", "overlay")
+RESULT_KINDS = ("seg", "sr", "overlay", "rtstruct")
 _INSERT_OBJECT = ("INSERT INTO ai_result_objects (result_id, kind, sop_class_uid, sop_instance_uid,"
                   " series_uid, transfer_syntax_uid, path, size) VALUES (?,?,?,?,?,?,?,?)")
 RESULTS_DIR = "results"

@@ -143,7 +143,7 @@ def _is_success(status: int) -> bool:
 
 #: Bits Allocated of each result kind's pixel data (0: none), to choose syntaxes
 #: without reading the files before the association.
-_KIND_BITS = {"seg": 1, "sr": 0, "overlay": 8}
+_KIND_BITS = {"seg": 1, "sr": 0, "overlay": 8, "rtstruct": 0}
 
 
 def _preferred(row: Mapping[str, object]) -> list[str]:

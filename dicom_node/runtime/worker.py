@@ -39,7 +39,8 @@ from dicom_node.queue.jobs import Job, JobQueue
 from dicom_node.runtime.job_loop import JobLoop, JobOutcome, JobRefused, JobWaitsForModel
 from dicom_node.learning.live_learning import LiveLearning
 from dicom_node.queue.sender import Sender
-from dicom_node.settings import Destination, Settings
+from dicom_node.settings import Destination, Settings, job_seg_type
+from dicom_node.runtime.rtstruct_output import add_rtstruct
 from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
 from pipelines.inference import LoadedModel, load_model
@@ -224,7 +225,7 @@ class Worker(JobLoop):
         computed = self._kept_for(job)
         if computed is None:
             try:
-                computed = self._compute(job, spec)
+                computed = self._compute(job, spec, job_seg_type(destinations))
             except EmptyResultError as exc:
                 return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
                                   note=f"nothing found, nothing sent ({exc})")
@@ -238,7 +239,7 @@ class Worker(JobLoop):
         kept = self.computed
         return kept if kept is not None and kept.job_key == job.key else None
 
-    def _compute(self, job: Job, spec: Task) -> Computed:
+    def _compute(self, job: Job, spec: Task, seg_type: str = "binary") -> Computed:
         """Run the job's pipeline (the model loaded first); keep and return its work.
 
         Raises
@@ -259,7 +260,8 @@ class Worker(JobLoop):
         try:
             # the overlay is built after the SEG and SR are on their way (_store)
             outcome = self._run_series(files, loaded, rules=spec.rules,
-                                       options=WriterOptions(write_overlay=False),
+                                       options=WriterOptions(write_overlay=False,
+                                                             seg_type=seg_type),
                                        predecessors=predecessors,
                                        max_memory_bytes=self.max_memory_bytes)
         except MemoryBudgetError as exc:  # retrying would hit the same wall
@@ -303,6 +305,8 @@ class Worker(JobLoop):
         if overlay:
             result = self._add_overlay(job, result, outcome,
                                        {"seg_sr_store_s": t_seg_sr - t_run}, destinations)
+        if any("rtstruct" in d.send for d in destinations):
+            result = add_rtstruct(self.results, self.sender, job.id, result, outcome, destinations)
         self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=outcome,
                          result=result)
         seconds = time.perf_counter() - t0

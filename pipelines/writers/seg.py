@@ -40,6 +40,7 @@ from pipelines.types import (
     WriterOptions,
 )
 from pipelines.uids import new_uid
+from pipelines.writers.highdicom_speedups import segmentation
 from pipelines.volume import to_source_slices
 
 LOG = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def build_seg(volume: Volume, segments: Sequence[SegmentResult], model: ModelInf
             LOG.warning("series %s: segments overlap; a LABELMAP SEG cannot hold them, writing "
                         "BINARY", volume.series_instance_uid)
     series_description = f"{opts.series_description_prefix} SEG {model.name}".strip()[:64]
-    seg = hd.seg.Segmentation(
+    seg = segmentation(
         source_images=sources, pixel_array=pixels, plane_positions=positions,
         segmentation_type=seg_type,
         segment_descriptions=descriptions, series_instance_uid=new_uid(),

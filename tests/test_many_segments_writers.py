@@ -1,0 +1,189 @@
+"""The fast paths for many segments write exactly what the plain ones write.
+
+* :mod:`pipelines.writers.highdicom_speedups` (the one adapter to highdicom internals):
+  the SR document and the BINARY SEG built both ways, every attribute compared;
+* the SR outline from the segment's crop equals the outline traced on the whole slice
+  (islands, holes, segments touching the image's edge);
+* the overlay's contour by shifted ANDs equals ``ndimage.binary_erosion``'s, and an
+  overlay image copied from the first equals one highdicom builds.
+"""
+
+from __future__ import annotations
+
+import io
+
+import contourpy
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from pipelines import phantom as ph
+from pipelines.postprocess import split_labels
+from pipelines.types import ModelInfo, SegmentResult, WriterOptions
+from pipelines.volume import load_series
+from pipelines.writers import build_overlay, build_seg, build_sr, highdicom_speedups
+from pipelines.writers import overlay as overlay_writer
+from pipelines.writers.sr import largest_outline
+
+MODEL = ModelInfo(name="abdomen_ct_segmentation", version="0.3.1", backend="torch-cpu")
+
+
+def _json(ds: pydicom.Dataset) -> dict:
+    """Every attribute, nested ones too, but times and highdicom's random dimension UID."""
+    def scrub(node):  # noqa: ANN001, ANN202
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        return {k: scrub(v) for k, v in node.items()
+                if not (isinstance(v, dict) and v.get("vr") in ("DA", "TM", "DT"))
+                and k != DIMENSION_ORGANIZATION_UID}
+    return scrub(ds.to_json_dict(bulk_data_threshold=10**12))
+
+
+#: Dimension Organization UID: highdicom makes a new one for each SEG.
+DIMENSION_ORGANIZATION_UID = "00209164"
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    anatomy = ph.Anatomy.random(9)
+    g = ph.SliceGeometry(rows=40, columns=44, slices=12, pixel_spacing=(8.0, 7.5), slice_spacing=9.0)
+    vol = load_series(ph.ct_series(anatomy, g))
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
+    segments = split_labels(ph.truth_at(anatomy, vol.index_to_lps(grid)), vol, ph.LABELS)
+    return vol, segments
+
+
+def test_fast_sr_document_is_the_plain_one(phantom, monkeypatch) -> None:
+    vol, segments = phantom
+    seg = build_seg(vol, segments, MODEL)
+    built = {}
+    for fast in (False, True):
+        monkeypatch.setattr(highdicom_speedups, "FAST", fast)
+        monkeypatch.setattr("pipelines.writers.sr.new_uid", iter(["2.25.1", "2.25.2"] * 2).__next__)
+        built[fast] = build_sr(vol, seg, segments, MODEL)
+    assert _json(built[True]) == _json(built[False])
+    plain, fast = built[False].content, built[True].content
+    assert type(plain) is type(fast) and len(plain) == len(fast) == 1
+    back = hd.sr.Comprehensive3DSR.from_dataset(_roundtrip(built[True]))
+    assert len(back.content.get_volumetric_roi_measurement_groups()) == \
+        sum(not s.is_empty for s in segments)
+
+
+def test_fast_sr_document_still_refuses_references_without_evidence(phantom) -> None:
+    vol, segments = phantom
+    seg = build_seg(vol, segments, MODEL)
+    sr = build_sr(vol, seg, segments, MODEL)
+    report = hd.sr.MeasurementReport.from_sequence([_root(sr)])
+    with pytest.raises(ValueError, match="evidence"):
+        highdicom_speedups.comprehensive_3d_sr(
+            evidence=[seg], content=report, fast=True, series_instance_uid="2.25.3",
+            series_number=1, sop_instance_uid="2.25.4", instance_number=1)
+
+
+@pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
+def test_fast_binary_seg_is_the_plain_one(phantom, monkeypatch, seg_type: str) -> None:
+    vol, segments = phantom
+    built = {}
+    for fast in (False, True):
+        monkeypatch.setattr(highdicom_speedups, "FAST", fast)
+        monkeypatch.setattr("pipelines.writers.seg.new_uid",
+                            iter([f"2.25.{i}" for i in range(1, 40)]).__next__)
+        built[fast] = build_seg(vol, segments, MODEL, options=WriterOptions(seg_type=seg_type))
+    assert type(built[True]) is hd.seg.Segmentation
+    assert _json(built[True]) == _json(built[False])
+
+
+def _roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
+
+
+def _root(sr: pydicom.Dataset) -> pydicom.Dataset:
+    root = pydicom.Dataset()
+    for keyword in ("ConceptNameCodeSequence", "ContentSequence", "ValueType",
+                    "ContinuityOfContent", "ContentTemplateSequence"):
+        setattr(root, keyword, getattr(sr, keyword))
+    return root
+
+
+def _outline_on_whole_slice(volume, mask: np.ndarray):
+    """The outline as it was traced before it was taken from the crop (whole slices)."""
+    counts = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    n = int(np.argmax(counts))
+    labels, _ = ndimage.label(mask[n])
+    region = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])))
+    lines = contourpy.contour_generator(z=np.pad(region.astype(float), 1),
+                                        line_type="Separate").lines(0.5)
+    line = max(lines, key=lambda a: abs(0.5 * float(np.dot(a[:, 0], np.roll(a[:, 1], -1))
+                                                    - np.dot(a[:, 1], np.roll(a[:, 0], -1)))))
+    return n, line - 0.5, float(region.sum())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_outline_from_the_crop_is_the_whole_slice_outline(phantom, seed: int) -> None:
+    vol, _ = phantom
+    rng = np.random.default_rng(seed)
+    mask = ndimage.binary_opening(rng.random(vol.shape) > 0.55, iterations=1)
+    mask[:, :, :3] |= rng.random((vol.shape[0], vol.shape[1], 3)) > 0.3  # on the image's edge
+    k, i, j = np.nonzero(mask)
+    crop = mask[k.min():k.max() + 1, i.min():i.max() + 1, j.min():j.max() + 1]
+    s = SegmentResult(label=1, name="liver", crop=crop, origin=(k.min(), i.min(), j.min()),
+                      grid_shape=vol.shape, volume_ml=1.0)
+    outline = largest_outline(vol, s)
+    n, points, pixels = _outline_on_whole_slice(vol, mask)
+    assert outline.source_image is vol.source_images[n]
+    np.testing.assert_array_equal(outline.points[:len(points)], points.astype(np.float32))
+    assert outline.area_mm2 == pytest.approx(pixels * vol.spacing_mm[1] * vol.spacing_mm[2])
+
+
+@pytest.mark.parametrize(("width", "factor"), [(1, 1), (2, 1), (3, 1), (1, 2), (2, 3)])
+def test_overlay_contour_is_the_erosion_edge(width: int, factor: int) -> None:
+    rng = np.random.default_rng(width * 10 + factor)
+    plane = ndimage.binary_opening(rng.random((30, 34)) > 0.5)
+    plane[0, :] = plane[:, -1] = True  # touching the box's edge
+    s = SegmentResult(label=1, name="liver", crop=plane[None], origin=(0, 5, 6),
+                      grid_shape=(1, 40, 44), volume_ml=1.0)
+    rgb = np.zeros((40 * factor, 44 * factor, 3), np.uint8)
+    overlay_writer._draw_contour(rgb, s, 0, factor, width, (255, 0, 0))
+    full = np.zeros((40, 44), bool)
+    full[5:35, 6:40] = plane
+    full = np.repeat(np.repeat(full, factor, axis=0), factor, axis=1)
+    edge = full & ~ndimage.binary_erosion(full, ndimage.generate_binary_structure(2, 1),
+                                          iterations=width, border_value=0)
+    np.testing.assert_array_equal(rgb[..., 0] == 255, edge)
+
+
+def test_overlay_images_after_the_first_are_what_highdicom_builds(phantom) -> None:
+    vol, segments = phantom
+    images = build_overlay(vol, segments, MODEL)
+    assert len(images) > 2
+    first, second = images[0], images[1]
+    plain = overlay_writer._sc_image(  # the same image, built by highdicom
+        _series_of(first, vol), second.pixel_array, second.SourceImageSequence[0], 2)
+    def even(uid: object) -> int:
+        return len(str(uid)) + len(str(uid)) % 2
+
+    # the group length as highdicom counts it, for each image's own UID
+    assert int(second.file_meta.FileMetaInformationGroupLength) - even(second.SOPInstanceUID) \
+        == int(plain.file_meta.FileMetaInformationGroupLength) - even(plain.SOPInstanceUID)
+    for ds in (plain, second):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "2.25.42"
+    assert _json(second) == _json(plain)
+    np.testing.assert_array_equal(_roundtrip(second).pixel_array, plain.pixel_array)
+
+
+def _series_of(first: pydicom.Dataset, vol):
+    from pipelines.writers.seg import contributing_equipment
+
+    opts = WriterOptions()
+    factor = max(1, -(-opts.min_overlay_width_px // vol.shape[2]))
+    return overlay_writer._OverlaySeries(
+        volume=vol, model=MODEL, opts=opts, series_uid=str(first.SeriesInstanceUID),
+        description=str(first.SeriesDescription), equipment=contributing_equipment("AI overlay", MODEL),
+        pixel_spacing=(vol.spacing_mm[1] / factor, vol.spacing_mm[2] / factor),
+        orientation=overlay_writer._patient_orientation(vol))

@@ -1,0 +1,118 @@
+"""RTSTRUCT as an output kind: ``send = [..., "rtstruct"]`` on a destination.
+
+A real result store, a real sender and a real pynetdicom Storage SCP on loopback: the
+RTSTRUCT is built from a phantom result, checked, stored with the result and sent only
+to the destination that lists it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.foundation.errors import ConfigError
+from dicom_node.runtime.rtstruct_output import add_rtstruct
+from dicom_node.queue.sender import Sender
+from dicom_node.settings import DEFAULT_SEND, Destination, load_settings
+from pipelines import phantom as ph
+from pipelines.postprocess import split_labels
+from pipelines.types import ModelInfo
+from pipelines.validation import validate_dataset
+from pipelines.volume import load_series
+from pipelines.writers import write_results
+from pipelines.writers.rtstruct import RTSTRUCT_SOP_CLASS
+from tests.test_destination_profiles import SC, SEG, SR, Scp
+from twin_archive import Archive
+from twin_archive.results import ResultStore, SegmentMeasure
+
+MODEL = ModelInfo(name="spleen_ct_segmentation", version="2", task="spleen-ct")
+ACCEPTS = {sop: [ExplicitVRLittleEndian]
+           for sop in (SEG, SR, SC, RTSTRUCT_SOP_CLASS, "1.2.840.10008.1.1")}
+
+
+def test_send_lists_rtstruct_only_when_asked(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(f'data_dir = "{tmp_path}"\n'
+                      '[[destinations]]\nname = "tps"\nae_title = "TPS"\nhost = "h"\nport = 104\n'
+                      'send = ["rtstruct"]\n'
+                      '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 104\n')
+    tps, pacs = load_settings(config, env={}).destinations
+    assert tps.send == ("rtstruct",)
+    assert pacs.send == DEFAULT_SEND and "rtstruct" not in DEFAULT_SEND
+    config.write_text(f'data_dir = "{tmp_path}"\n[[destinations]]\nae_title = "TPS"\n'
+                      'host = "h"\nport = 104\nsend = ["rtss"]\n')
+    with pytest.raises(ConfigError, match="rtstruct"):
+        load_settings(config, env={})
+
+
+def test_the_rtstruct_is_checked_stored_and_sent_to_the_destination_that_takes_it(
+        tmp_path: Path) -> None:
+    anatomy = ph.Anatomy.random(3)
+    g = ph.SliceGeometry(rows=32, columns=32, slices=8, pixel_spacing=(10.0, 10.0), slice_spacing=12.0)
+    vol = load_series(ph.ct_series(anatomy, g))
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
+    segments = split_labels(ph.truth_at(anatomy, vol.index_to_lps(grid)), vol, ph.LABELS)
+    results = write_results(vol, segments, MODEL)
+    with Archive(tmp_path) as archive:
+        archive.db.execute("INSERT OR IGNORE INTO twins (patient_key, patient_id, donate)"
+                           " VALUES ('k', 'PAT-1', 0)")
+        archive.db.conn.commit()
+    store = ResultStore(tmp_path)
+    result = store.record(
+        job_key="job-1", patient_key="k", study_uid=vol.study_instance_uid,
+        source_series_uid=vol.series_instance_uid, source_last_received="t",
+        source_instances=len(vol.source_images), task="spleen-ct", model_name=MODEL.name,
+        model_version=MODEL.version, backend="torch-cpu",
+        segments=tuple(SegmentMeasure(name=s.name, volume_ml=s.volume_ml) for s in segments),
+        timings={}, objects=[("seg", results.seg), ("sr", results.sr)])
+    with Scp(ACCEPTS) as tps, Scp(ACCEPTS) as pacs:
+        dests = [Destination(name="tps", ae_title="PACS", host="127.0.0.1", port=tps.port,
+                             send=("rtstruct",)),
+                 Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs.port)]
+        sender = Sender(tmp_path, ae_title="NODE", network_timeout_s=10)
+        sender.enqueue(result, dests)
+        outcome = SimpleNamespace(volume=vol, segments=segments, model=MODEL)
+        after = add_rtstruct(store, sender, 1, result, outcome, dests)
+        assert sender.send_due() == 3  # SEG and SR to the PACS, the RTSTRUCT to the TPS
+        sender.close()
+    assert [o.kind for o in after.objects].count("rtstruct") == 1
+    assert [c for c, _, _ in tps.stored] == [RTSTRUCT_SOP_CLASS]
+    assert sorted(c for c, _, _ in pacs.stored) == sorted([SEG, SR])
+    assert validate_dataset(tps.stored[0][2], "rtstruct").ok
+    store.close()
+
+
+def test_seg_type_per_destination_decides_the_jobs_seg(tmp_path: Path) -> None:
+    from dicom_node.settings import job_seg_type, seg_type_conflicts
+
+    config = tmp_path / "node.toml"
+
+    def dests(*tables: str):  # noqa: ANN202
+        config.write_text(f'data_dir = "{tmp_path}"\n' + "".join(
+            f'[[destinations]]\nname = "d{i}"\nae_title = "D{i}"\nhost = "h"\nport = 104\n{t}\n'
+            for i, t in enumerate(tables)))
+        return load_settings(config, env={}).destinations
+
+    binary = dests("", 'seg_type = "binary"')
+    assert [d.seg_type for d in binary] == ["binary", "binary"] and job_seg_type(binary) == "binary"
+    labelmap = dests('seg_type = "labelmap"', 'seg_type = "labelmap"\nsend = ["seg", "sr"]',
+                     'send = ["overlay"]')  # takes no SEG: has no say
+    assert job_seg_type(labelmap) == "labelmap" and seg_type_conflicts(labelmap) == ()
+    mixed = dests('seg_type = "labelmap"', "")
+    assert job_seg_type(mixed) == "binary" and seg_type_conflicts(mixed) == ("d0",)
+    with pytest.raises(ConfigError, match="seg_type"):
+        dests('seg_type = "fractional"')
+
+
+def test_destinations_test_suggests_the_rtstruct_only_to_a_peer_without_seg() -> None:
+    from dicom_node.profiles import suggest
+
+    explicit = {ExplicitVRLittleEndian}
+    everything = {sop: explicit for sop in (SEG, SR, SC, RTSTRUCT_SOP_CLASS)}
+    assert suggest(everything).send == ("seg", "sr", "overlay")
+    no_seg = {sop: explicit for sop in (SR, SC, RTSTRUCT_SOP_CLASS)}
+    assert suggest(no_seg).send == ("sr", "overlay", "rtstruct")
