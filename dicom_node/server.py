@@ -32,7 +32,7 @@ from dicom_node.handlers.association import (
 from dicom_node.handlers.admission import Admission
 from dicom_node.handlers.echo import handle_echo
 from dicom_node.handlers.store import handle_store
-from dicom_node import bounded_wire, fast_receive
+from dicom_node import bounded_wire, commitment, fast_receive
 from dicom_node.acceptor import AcceptorPool
 from dicom_node.errors import DicomNodeError
 from dicom_node.metrics import NodeMetrics
@@ -102,6 +102,7 @@ class DicomServer:
         self.metrics = metrics or NodeMetrics()
         self.audit = audit
         self.ledger = StudyLedger(audit)
+        self.reports = commitment.ReportInbox(settings.data_dir, max_resends=settings.confirm_resends)
         self.admission = Admission(settings.max_associations, settings.max_associations_per_host,
                                    self.metrics)
         self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
@@ -121,6 +122,9 @@ class DicomServer:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
         ae.add_supported_context(Verification)
+        # Storage Commitment reports on a new association (PS3.4 J.3.3): the archive
+        # proposes itself as SCP of the SOP class; the node accepts in both roles.
+        ae.add_supported_context(commitment.STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
         # pynetdicom counts connections whose request has not arrived; the node's own
@@ -138,6 +142,7 @@ class DicomServer:
         return [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingest, self.metrics, self.ledger]),
+            (evt.EVT_N_EVENT_REPORT, commitment.handle_report, [self.reports]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.metrics, self.audit]),
             (evt.EVT_REQUESTED, handle_requested, [self.metrics, self.audit, self.admission]),
             (evt.EVT_REJECTED, handle_rejected, [self.metrics, self.audit]),

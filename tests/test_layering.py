@@ -214,7 +214,8 @@ STORE_TABLES = ("twins", "consent_events", "studies", "series", "instances", "ai
                 "model_versions", "artifacts", "verifications", "audit", "schema_migrations")
 QUEUE_TABLES = ("jobs", "sends", "monitored_series")
 STORES = ("twin_archive/", "registry/")
-QUEUE_MODULES = ("dicom_node/jobs.py", "dicom_node/sender.py", "dicom_node/monitor.py")
+QUEUE_MODULES = ("dicom_node/jobs.py", "dicom_node/sender.py", "dicom_node/monitor.py",
+                 "dicom_node/confirmations.py")
 _SQL_NAMING = r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE|EXISTS)\s+(?:\w+\.)?[\"'`]?({names})\b"
 
 
