@@ -292,6 +292,9 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
         if any(d.name == dest.name for d in out):
             raise ConfigError(f"{key}.name", "a name no other destination has (defaults to the "
                               "AE title)", dest.name, source)
+        if any(d.key == dest.key for d in out):  # the queue keeps one row per object and key
+            raise ConfigError(key, "a destination no other table names (AET@HOST:PORT or url)",
+                              dest.key, source)
         out.append(dest)
     return tuple(out)
 

@@ -106,9 +106,12 @@ def _apply(sender: Sender, dest_key: str, batch: list[dict[str, object]],
         delay = sender.mark_retry(ids, why)
         LOG.warning("send to %s: %s; %d object(s) kept in the queue, next try in %.0f s",
                     dest_key, why, len(ids), delay)
+    held: dict[str, list[int]] = defaultdict(list)
     for uid, why in out.held.items():
-        sender.mark_held([by_uid[uid]], why)
-        LOG.error("send to %s: %s held: %s", dest_key, uid, why)
+        held[why].append(by_uid[uid])
+    for why, ids in held.items():
+        sender.mark_held(ids, why)
+        LOG.error("send to %s: %d object(s) held (not sent again): %s", dest_key, len(ids), why)
     return len(stored)
 
 
