@@ -490,6 +490,14 @@ class Sender:
             self._audit_sent(dest, rows, len(done), tls)
         return len(done)
 
+    def _unconfirmable(self, dest: str, ids: list[int], why: str) -> None:
+        """The peer will not confirm: the rows stay ``sent``; said once per destination."""
+        if dest not in self._said_no_commitment:  # once per destination, not per batch
+            self._said_no_commitment.add(dest)
+            LOG.warning("send to %s: %s; its objects stay 'sent' (acknowledged, not confirmed)",
+                        dest, why)
+        self.ledger.unconfirmable(ids, f"not confirmed: {why}")
+
     def _request_commitment(self, assoc: Association, dest: str,
                             rows: list[dict[str, object]]) -> None:
         """Ask the peer to commit to the acknowledged ``rows`` that want it (one
@@ -499,22 +507,30 @@ class Sender:
         if not wanted:
             return
         if not commitment.accepts_commitment(assoc):
-            if dest not in self._said_no_commitment:  # once per destination, not per batch
-                self._said_no_commitment.add(dest)
-                LOG.warning("send to %s: the peer does not accept Storage Commitment; its objects "
-                            "stay 'sent' (acknowledged, not confirmed)", dest)
-            self.ledger.unconfirmable(ids, "not confirmed: the peer does not accept Storage Commitment")
+            self._unconfirmable(dest, ids, "the peer does not accept Storage Commitment")
             return
         uid = commitment.new_transaction_uid()
         self.ledger.requested(ids, uid)  # before the request: the report may come at once
         self.inbox.received.clear()
+        t0 = time.monotonic()
         status = commitment.request(assoc, uid, [(str(r["sop_class_uid"]), str(r["sop_instance_uid"]))
                                                  for r in wanted])
-        if status is None or not _is_success(status):
-            LOG.warning("send to %s: Storage Commitment request answered %s; %d object(s) are sent "
-                        "again if no report comes within %.0f s", dest,
-                        "nothing" if status is None else f"0x{status:04X}", len(ids),
+        quick = time.monotonic() - t0 < self.network_timeout_s / 2
+        while status is None and quick and assoc.is_established and time.monotonic() - t0 < 1.0:
+            time.sleep(0.02)  # the A-ABORT that ended the wait is still being taken in
+        if status is None and quick and assoc.is_aborted:
+            # Orthanc aborts the association at a request from a calling AE it does not know
+            self._unconfirmable(dest, ids, "the peer refused the Storage Commitment request "
+                                           "(it aborted the association)")
+            return
+        if status is None:
+            LOG.warning("send to %s: no answer to the Storage Commitment request; %d object(s) are "
+                        "sent again if no report comes within %.0f s", dest, len(ids),
                         self.confirm_timeout_s)
+            return
+        if not _is_success(status):  # e.g. Orthanc, for a calling AE it does not know
+            self._unconfirmable(dest, ids, f"the peer refused the Storage Commitment request "
+                                           f"(status 0x{status:04X})")
             return
         deadline = time.monotonic() + SAME_ASSOCIATION_WAIT_S
         while time.monotonic() < deadline and not self.inbox.received.wait(0.05):

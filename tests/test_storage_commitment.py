@@ -192,3 +192,21 @@ def test_unconfirmed_objects_are_sent_again_a_bounded_number_of_times_then_held(
     assert all("no Storage Commitment report within 0.3 s; held after 1 re-send(s)" in r.last_error
                for r in rows)
     assert len(peer.stored) == 2 * n and len(peer.requests) == 2
+
+
+@pytest.mark.orthanc
+def test_orthanc_refusing_the_request_of_an_unknown_node_leaves_sends_sent(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    results, result = _record(tmp_path / "node")
+    with pacs(tmp_path / "orthanc") as orthanc:  # the node is not in its DicomModalities
+        dest = Destination(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port)
+        sender = Sender(tmp_path / "node", ae_title="NODE", network_timeout_s=20,
+                        destinations=[dest])
+        sender.enqueue(result, [dest])
+        assert sender.send_due() == len(results.all())
+        rows = sender.list()
+        sender.close()
+    assert {r.state for r in rows} == {SendState.SENT}
+    assert all(r.confirm_by == "" and "refused the Storage Commitment request" in r.last_error
+               for r in rows)
+    assert len([m for m in caplog.messages if "refused the Storage Commitment" in m]) == 1
