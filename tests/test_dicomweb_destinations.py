@@ -209,6 +209,17 @@ def test_orthanc_dicomweb_behind_basic_auth_stores_and_read_back_confirms(tmp_pa
         rows = sender.list()
         sender.close()
         found = results_in_orthanc(orthanc, str(results.sr.StudyInstanceUID))
+        config = tmp_path / "node.toml"
+        config.write_text(f'[[destinations]]\nname = "orthanc"\nurl = "{good.url}"\nauth = "basic"\n'
+                          f'username = "node"\npassword_file = "{tmp_path / "pw"}"\n'
+                          f'[[destinations]]\nname = "bad"\nurl = "{bad.url}"\nauth = "basic"\n'
+                          f'username = "node"\npassword_file = "{tmp_path / "bad"}"\n')
+        probes = {name: subprocess.run([*DICOM_NODE, "--config", str(config), "--data-dir",
+                                        str(tmp_path / "node"), "destinations", "test", name],
+                                       capture_output=True, text=True, timeout=120)
+                  for name in ("orthanc", "bad")}
+    assert probes["orthanc"].returncode == 0 and "QIDO-RS answered" in probes["orthanc"].stdout
+    assert probes["bad"].returncode == 1 and "HTTP 401" in probes["bad"].stdout
     mine = [r for r in rows if r.destination == good.key]
     assert {r.state for r in mine} == {SendState.CONFIRMED}  # read back at once
     assert all(r.confirm == "read-back" and r.confirmed_at >= r.sent_at for r in mine)
