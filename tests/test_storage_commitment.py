@@ -210,3 +210,36 @@ def test_orthanc_refusing_the_request_of_an_unknown_node_leaves_sends_sent(
     assert all(r.confirm_by == "" and "refused the Storage Commitment request" in r.last_error
                for r in rows)
     assert len([m for m in caplog.messages if "refused the Storage Commitment" in m]) == 1
+
+
+def test_a_series_is_settled_only_once_its_sends_no_longer_wait_for_a_confirmation(
+        tmp_path: Path) -> None:
+    from dicom_node.database import iso, utc_now
+    from dicom_node.jobs import JobQueue, JobState, settled_series
+
+    queue = JobQueue(tmp_path)
+    job = queue.enqueue(series_uid="1.2.3", study_uid="1.2", patient_key="k", task="spleen-ct",
+                        series_last_received="t", instances=3)
+    assert job is not None
+    now = iso(utc_now())
+    with queue.conn:
+        queue.conn.execute("UPDATE jobs SET state = ?, finished_at = ?, result_id = 7 WHERE id = ?",
+                           (JobState.DONE.value, now, job.id))
+        queue.conn.execute("INSERT INTO monitored_series VALUES ('1.2.3', 't', 'queued', 'x', ?)",
+                           (now,))
+        queue.conn.execute(
+            "INSERT INTO sends (result_id, kind, destination, ae_title, host, port, path,"
+            " sop_class_uid, sop_instance_uid, transfer_syntax_uid, state, enqueued_at,"
+            " next_attempt_at, sent_at, confirm, confirm_by) VALUES (7, 'seg', 'P@h:1', 'P', 'h', 1,"
+            " 'r/x.dcm', '1.2', '1.2.9', '1.2.840.10008.1.2.1', 'sent', ?, ?, ?, 'commitment', ?)",
+            (now, now, now, "9999-01-01T00:00:00+00:00"))
+
+    def settled() -> list[str]:
+        return [s.series_uid for s in settled_series(tmp_path)]
+
+    assert settled() == []  # acknowledged, still waiting for its Storage Commitment report
+    with queue.conn:
+        queue.conn.execute("UPDATE sends SET state = 'confirmed', confirm_by = NULL,"
+                           " confirmed_at = ?", (now,))
+    assert settled() == ["1.2.3"]
+    queue.close()
