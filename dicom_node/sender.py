@@ -273,6 +273,7 @@ class Sender:
         # Reports on the sender's own associations (the listener has its own inbox).
         self.inbox = ReportInbox(self.data_dir, max_resends=confirm_resends, ledger=self.ledger)
         self._said_no_commitment: set[str] = set()
+        self.said_read_back_failed: set[str] = set()
         self._read_back_at = 0.0
         self.wakeup = threading.Event()
         self._stop = threading.Event()

@@ -106,14 +106,15 @@ def stow(session: requests.Session, url: str, batch: Sequence[tuple[str, bytes]]
         rsp = session.post(f"{url.rstrip('/')}/studies", data=body,
                            headers={"Content-Type": content_type,
                                     "Accept": "application/dicom+json"},
-                           timeout=(min(10.0, timeout_s), timeout_s))
+                           timeout=(min(10.0, timeout_s), timeout_s), allow_redirects=False)
     except requests.RequestException as exc:
-        why = f"no answer from the DICOMweb server ({type(exc).__name__}: {_short(exc)})"
+        why = f"no answer from the DICOMweb server ({type(exc).__name__}: {short(exc)})"
         return StowOutcome(http_status=0, retry={u: why for u in uids})
     return outcome(rsp.status_code, rsp.reason or "", rsp.content, uids)
 
 
-def _short(exc: BaseException) -> str:
+def short(exc: BaseException) -> str:
+    """An exception's text, at most 160 characters."""
     text = str(exc)
     return text if len(text) <= 160 else text[:157] + "..."
 

@@ -24,6 +24,7 @@ from pydicom import dcmread
 
 from dicom_node import stow
 from dicom_node.confirmations import Awaiting
+from dicom_node.settings import Destination
 
 if TYPE_CHECKING:
     from dicom_node.sender import Sender
@@ -115,6 +116,14 @@ def _apply(sender: Sender, dest_key: str, batch: list[dict[str, object]],
     return len(stored)
 
 
+def _present(dest: Destination, session: requests.Session | None, study: str, series: str,
+             timeout_s: float) -> set[str]:
+    if session is not None:
+        return stow.present(session, dest.url, study, series, timeout_s=timeout_s)
+    with stow.session_for(dest) as own:
+        return stow.present(own, dest.url, study, series, timeout_s=timeout_s)
+
+
 def read_back(sender: Sender, waiting: Sequence[Awaiting],
               session: requests.Session | None = None) -> int:
     """Ask each DICOMweb destination (QIDO-RS, per series) which ``waiting`` rows it
@@ -134,11 +143,15 @@ def read_back(sender: Sender, waiting: Sequence[Awaiting],
         if dest is None:
             continue
         try:
-            s = session or stow.session_for(dest)
-            found = stow.present(s, dest.url, study, series, timeout_s=sender.network_timeout_s)
+            found = _present(dest, session, study, series, sender.network_timeout_s)
         except (requests.RequestException, OSError, ValueError) as exc:
-            LOG.debug("read-back from %s failed: %s", dest_key, exc)
+            if dest_key not in sender.said_read_back_failed:  # once, not every second
+                sender.said_read_back_failed.add(dest_key)
+                LOG.warning("read-back from %s failed (%s); its objects are sent again when "
+                            "unconfirmed after %.0f s (confirm = \"none\" if it has no QIDO-RS)",
+                            dest_key, stow.short(exc), sender.confirm_timeout_s)
             continue
+        sender.said_read_back_failed.discard(dest_key)
         confirmed += sender.ledger.confirm([a.id for a in rows if a.sop_instance_uid in found])
     if confirmed:
         LOG.info("read-back: %d object(s) confirmed", confirmed)

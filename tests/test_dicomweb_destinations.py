@@ -159,6 +159,30 @@ def test_an_unreachable_server_and_an_unreadable_password_keep_the_objects_queue
     assert all("cannot read" in r.last_error for r in rows if r.destination == nopw.key)
 
 
+def test_an_archive_without_qido_never_confirms_so_the_objects_are_sent_again_then_held(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    results, result = _record(tmp_path)
+    with StowServer(_ok) as web:  # answers no GET: the read-back fails
+        dest = Destination(url=web.url)
+        assert dest.confirm == "read-back"
+        sender = _sender(tmp_path, [dest], confirm_timeout_s=0.3, confirm_resends=1)
+        sender.enqueue(result, [dest])
+        n = len(results.all())
+        assert sender.send_due() == n
+        assert all(r.state is SendState.SENT and r.confirm_by for r in sender.list())
+        time.sleep(1.1)  # past the deadline and the read-back interval
+        assert sender.send_due() == n  # sent again
+        time.sleep(1.1)
+        assert sender.send_due() == 0
+        rows = sender.list()
+        sender.close()
+    assert len(web.requests) == 2
+    assert {r.state for r in rows} == {SendState.HELD}
+    assert all("not found by read-back within 0.3 s; held after 1 re-send(s)" in r.last_error
+               for r in rows)
+    assert len([m for m in caplog.messages if "read-back from" in m]) == 1
+
+
 @pytest.mark.parametrize("table, key", [
     ('url = "ftp://x/dicom-web"', "url"),
     ('url = "http://u:p@x/dicom-web"', "url"),
