@@ -145,6 +145,9 @@ class ConfirmationLedger:
     def expire(self, *, max_resends: int, timeout_s: float) -> Expired:
         """Rows past their deadline: queued again (up to ``max_resends`` times), then held."""
         now = iso(utc_now())
+        first = self.next_deadline()
+        if first is None or first > now:  # nothing due: no write transaction at every pass
+            return Expired(resent=0, held=0)
         with self._lock, write(self.db) as conn:
             rows = conn.execute("SELECT id, resends, confirm FROM sends WHERE confirm_by IS NOT NULL"
                                 " AND confirm_by <= ?", (now,)).fetchall()
