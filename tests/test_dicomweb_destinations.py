@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.database import utc_now
+from dicom_node.database import iso, utc_now
 from dicom_node.errors import ConfigError
 from dicom_node.sender import Sender, SendState
 from dicom_node.settings import Destination, load_settings
@@ -25,12 +25,18 @@ from tests.loop_helpers import results_in_orthanc
 from tests.node_harness import DICOM_NODE
 from tests.stow_server import StowServer, stored_response
 from tests.test_destination_profiles import _record
+from tests.waiting import wait_until
 
 
 def _sender(data_dir: Path, dests: list[Destination], **kwargs: object) -> Sender:
     kwargs.setdefault("network_timeout_s", 10)
     return Sender(data_dir, ae_title="NODE", destinations=dests, backoff_initial_s=0.2,
                   backoff_max_s=1.0, **kwargs)  # type: ignore[arg-type]
+
+
+def _wait_past(when: str, what: str) -> None:
+    """Until the node's clock (the same text form as the sender's) is past ``when``."""
+    wait_until(what, lambda: iso(utc_now()) > when, 10.0, poll=0.02)
 
 
 def _ok(uids: list[str]) -> tuple[int, dict[str, object]]:
@@ -59,8 +65,7 @@ def test_a_400_holds_every_object_with_the_reason_and_never_retries(tmp_path: Pa
         sender = _sender(tmp_path, [dest])
         sender.enqueue(result, [dest])
         assert sender.send_due() == 0
-        time.sleep(0.3)  # past any back-off
-        sender.send_due()
+        sender.send_due()  # held: never due again
         rows = sender.list()
         sender.close()
     assert len(web.requests) == 1
@@ -120,7 +125,7 @@ def test_a_503_backs_off_and_the_objects_go_once_the_server_is_back(tmp_path: Pa
         assert all(datetime.fromisoformat(r.next_attempt_at) > utc_now() for r in rows)
         assert sender.send_due() == 0 and len(web.requests) == 1  # not before the back-off
         answers.append((200, None))
-        time.sleep(0.3)
+        _wait_past(max(r.next_attempt_at for r in rows), "the retry to be due")
         assert sender.send_due() == len(results.all())
         sender.close()
     assert len(web.requests) == 2
@@ -170,9 +175,9 @@ def test_an_archive_without_qido_never_confirms_so_the_objects_are_sent_again_th
         n = len(results.all())
         assert sender.send_due() == n
         assert all(r.state is SendState.SENT and r.confirm_by for r in sender.list())
-        time.sleep(1.1)  # past the deadline and the read-back interval
+        _wait_past(max(r.confirm_by for r in sender.list()), "the confirmation deadline")
         assert sender.send_due() == n  # sent again
-        time.sleep(1.1)
+        _wait_past(max(r.confirm_by for r in sender.list()), "the second deadline")
         assert sender.send_due() == 0
         rows = sender.list()
         sender.close()

@@ -19,6 +19,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
+from dicom_node.database import iso, utc_now
 from dicom_node.commitment import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
 from dicom_node.sender import Sender, SendState
 from dicom_node.server import DicomServer
@@ -26,7 +27,13 @@ from dicom_node.settings import Destination, Settings
 from loop_helpers import pacs
 from orthanc.server import free_ports
 from tests.test_destination_profiles import UNCOMPRESSED_ONLY, Scp, _record
+from tests.waiting import wait_until
 from twin_archive import Archive
+
+
+def _wait_past(when: str, what: str) -> None:
+    """Until the node's clock (the same text form as the sender's) is past ``when``."""
+    wait_until(what, lambda: iso(utc_now()) > when, 10.0, poll=0.02)
 
 
 @contextmanager
@@ -56,10 +63,8 @@ def test_orthanc_commits_on_a_new_association_and_the_sends_are_confirmed(tmp_pa
                         destinations=[dest], confirm_timeout_s=30)
         sender.enqueue(result, [dest])
         assert sender.send_due() == len(results.all())
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(
-                r.state is not SendState.CONFIRMED for r in sender.list()):
-            time.sleep(0.05)
+        wait_until("the report", lambda: all(r.state is SendState.CONFIRMED
+                                             for r in sender.list()), 10.0, poll=0.05)
         rows = sender.list()
         sender.close()
     assert {r.state for r in rows} == {SendState.CONFIRMED}, [r.last_error for r in rows]
@@ -159,7 +164,7 @@ def test_a_report_on_the_same_association_confirms_and_a_failure_is_sent_again(
         sender.send_due()
         rows = {r.sop_instance_uid: r for r in sender.list()}
         peer.fail.clear()
-        time.sleep(0.1)
+        _wait_past(rows[seg].next_attempt_at, "the re-send to be due")
         sender.send_due()  # the failed one again: committed this time
         again = {r.sop_instance_uid: r for r in sender.list()}
         sender.close()
@@ -181,10 +186,10 @@ def test_unconfirmed_objects_are_sent_again_a_bounded_number_of_times_then_held(
         n = len(results.all())
         assert sender.send_due() == n
         assert all(r.state is SendState.SENT and r.confirm_by for r in sender.list())
-        time.sleep(0.4)
+        _wait_past(max(r.confirm_by for r in sender.list()), "the confirmation deadline")
         assert sender.send_due() == n  # past the deadline: queued again and sent
         assert all(r.resends == 1 and r.state is SendState.SENT for r in sender.list())
-        time.sleep(0.4)
+        _wait_past(max(r.confirm_by for r in sender.list()), "the second deadline")
         assert sender.send_due() == 0
         rows = sender.list()
         sender.close()
@@ -214,7 +219,6 @@ def test_orthanc_refusing_the_request_of_an_unknown_node_leaves_sends_sent(
 
 def test_a_series_is_settled_only_once_its_sends_no_longer_wait_for_a_confirmation(
         tmp_path: Path) -> None:
-    from dicom_node.database import iso, utc_now
     from dicom_node.jobs import JobQueue, JobState, settled_series
 
     queue = JobQueue(tmp_path)
