@@ -488,7 +488,7 @@ class Sender:
                 assoc.release()
         if done:
             LOG.info("send to %s: %d object(s) delivered", dest, len(done))
-            self._audit_sent(dest, rows, len(done), tls)
+            self.audit_sent(dest, rows, len(done), tls)
         return len(done)
 
     def _unconfirmable(self, dest: str, ids: list[int], why: str) -> None:
@@ -538,8 +538,9 @@ class Sender:
             if not self.ledger.waiting(ids):  # reported on another association already
                 break
 
-    def _audit_sent(self, dest: str, rows: list[dict[str, object]], delivered: int, tls: bool) -> None:
-        """One ``results-sent`` audit event per association that delivered objects."""
+    def audit_sent(self, dest: str, rows: list[dict[str, object]], delivered: int, tls: bool) -> None:
+        """One ``results-sent`` audit event per association (or STOW-RS session) that
+        delivered objects."""
         if self.audit is None:
             return
         try:

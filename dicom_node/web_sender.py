@@ -85,6 +85,7 @@ def send(sender: Sender, dest_key: str, rows: list[dict[str, object]]) -> int:
                 break
         if stored:
             LOG.info("send to %s: %d object(s) stored (STOW-RS)", dest_key, stored)
+            sender.audit_sent(dest_key, rows, stored, dest.url.startswith("https:"))
             read_back(sender, [a for a in sender.ledger.awaiting("read-back")
                                if a.destination == dest_key], session=session)
     return stored

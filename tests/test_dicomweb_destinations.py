@@ -26,6 +26,7 @@ from tests.node_harness import DICOM_NODE
 from tests.stow_server import StowServer, stored_response
 from tests.test_destination_profiles import _record
 from tests.waiting import wait_until
+from twin_archive.audit import AuditLog
 
 
 def _sender(data_dir: Path, dests: list[Destination], **kwargs: object) -> Sender:
@@ -46,11 +47,14 @@ def _ok(uids: list[str]) -> tuple[int, dict[str, object]]:
 def test_every_object_of_a_result_goes_in_one_request_and_is_sent(tmp_path: Path) -> None:
     results, result = _record(tmp_path)
     with StowServer(_ok) as web:
-        sender = _sender(tmp_path, [Destination(url=web.url, confirm="none")])
+        sender = _sender(tmp_path, [Destination(url=web.url, confirm="none")],
+                         audit=AuditLog(tmp_path))
         assert sender.enqueue(result, [Destination(url=web.url, confirm="none")]) == len(results.all())
         assert sender.send_due() == len(results.all())
         rows = sender.list()
         sender.close()
+    (event,) = [e for e in AuditLog(tmp_path).entries() if e.event_type.value == "results-sent"]
+    assert event.detail["objects"] == len(results.all()) and event.detail["tls"] is False
     assert len(web.requests) == 1  # several instances per request
     assert sorted(web.requests[0]) == sorted(str(d.SOPInstanceUID) for d in results.all())
     assert {r.state for r in rows} == {SendState.SENT}
