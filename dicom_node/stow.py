@@ -27,8 +27,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
+import requests.adapters
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
@@ -82,8 +84,23 @@ def session_for(dest: Destination) -> requests.Session:
     elif dest.auth == "bearer":
         s.headers["Authorization"] = f"Bearer {_secret(dest.token_file)}"
     if dest.tls_ca is not None:
-        s.verify = str(dest.tls_ca)
+        s.mount("https://", _VerifyWith(str(dest.tls_ca)))
     return s
+
+
+class _VerifyWith(requests.adapters.HTTPAdapter):
+    """Verifies every HTTPS request with one CA bundle. ``Session.verify`` is not enough:
+    requests lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` from the environment override
+    it for any request made without ``verify=`` (requests issue 3829), as dicomweb-client's
+    are; a transport adapter (requests' documented extension point) sees every request."""
+
+    def __init__(self, ca: str) -> None:
+        super().__init__()
+        self.ca = ca
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        kwargs["verify"] = self.ca
+        return super().send(request, **kwargs)
 
 
 def _multipart(parts: Sequence[bytes]) -> tuple[bytes, str]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -45,14 +47,16 @@ def stored_response(uids: list[str], failed: dict[str, int] | None = None,
 
 
 class StowServer:
-    """``answer`` decides each response; ``stall_s`` > 0 sleeps before answering."""
+    """``answer`` decides each response; ``stall_s`` > 0 sleeps before answering;
+    ``tls`` (certificate, key) serves HTTPS."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, tls: tuple[Path, Path] | None = None) -> None:
         self.answer = answer
         self.stall_s = 0.0
         self.requests: list[list[str]] = []  # the SOP Instance UIDs of each request
+        self.authorization: list[str] = []  # the Authorization header of each request
         self.port = free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}/dicom-web"
+        self.url = f"{'https' if tls else 'http'}://localhost:{self.port}/dicom-web"
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -63,6 +67,7 @@ class StowServer:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 uids = _uids(self.headers["Content-Type"], body)
                 server.requests.append(uids)
+                server.authorization.append(self.headers.get("Authorization", ""))
                 if server.stall_s:
                     time.sleep(server.stall_s)
                 status, payload = server.answer(uids)
@@ -78,6 +83,10 @@ class StowServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.httpd.daemon_threads = True
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
 
     def __enter__(self) -> StowServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

@@ -25,6 +25,7 @@ from tests.loop_helpers import results_in_orthanc
 from tests.node_harness import DICOM_NODE
 from tests.stow_server import StowServer, stored_response
 from tests.test_destination_profiles import _record
+from tests.tls_pki import make_pki
 from tests.waiting import wait_until
 from twin_archive.audit import AuditLog
 
@@ -190,6 +191,33 @@ def test_an_archive_without_qido_never_confirms_so_the_objects_are_sent_again_th
     assert all("not found by read-back within 0.3 s; held after 1 re-send(s)" in r.last_error
                for r in rows)
     assert len([m for m in caplog.messages if "read-back from" in m]) == 1
+
+
+def test_https_is_verified_with_tls_ca_and_a_bearer_token_is_read_from_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # requests lets this variable override a session's CA bundle (found here: it is set on
+    # this machine); tls_ca must win over it
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    pki = make_pki(tmp_path / "pki")
+    results, result = _record(tmp_path / "node")
+    (tmp_path / "token").write_text("tok-1\n")
+    with StowServer(_ok, tls=(pki.server_cert, pki.server_key)) as web:
+        trusted = Destination(name="trusted", url=web.url, tls_ca=pki.ca, auth="bearer",
+                              token_file=tmp_path / "token", confirm="none", send=("sr",))
+        system = Destination(name="system", url=web.url.replace("localhost", "127.0.0.1"),
+                             confirm="none", send=("sr",))  # the test CA is not the system's
+        sender = _sender(tmp_path / "node", [trusted, system])
+        sender.enqueue(result, [trusted, system])
+        assert sender.send_due() == 1
+        (tmp_path / "token").write_text("tok-2\n")  # rotated in place: no restart
+        _, again = _record(tmp_path / "node", job_key="job-2")
+        sender.enqueue(again, [trusted])
+        assert sender.send_due() == 1
+        rows = {r.destination: r for r in sender.list() if r.result_id == result.id}
+        sender.close()
+    assert rows[trusted.key].state is SendState.SENT
+    assert rows[system.key].state is SendState.QUEUED and "SSLError" in rows[system.key].last_error
+    assert web.authorization == ["Bearer tok-1", "Bearer tok-2"]
 
 
 @pytest.mark.parametrize("table, key", [
