@@ -28,7 +28,7 @@ import ssl
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableSequence, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -422,7 +422,8 @@ class Sender:
                         "(not confirmed after %d re-sends)", expired.resent, expired.held,
                         self.confirm_resends)
 
-    def _associate(self, dest: str, rows: list[dict[str, object]]) -> tuple[Association, bool]:
+    def _associate(self, dest: str, rows: Sequence[Mapping[str, object]]
+                   ) -> tuple[Association, bool]:
         """An association to the destination of ``rows`` proposing what they need (and
         Storage Commitment when one of them wants it); whether it uses TLS."""
         first = rows[0]
@@ -451,7 +452,7 @@ class Sender:
             LOG.warning("send to %s: %s; %d object(s) kept in the queue, next try in %.0f s",
                         dest, why, len(rows), delay)
             return 0
-        done: list[dict[str, object]] = []
+        done: MutableSequence[Mapping[str, object]] = []
         try:
             for i, r in enumerate(rows):
                 if self._stop.is_set():
@@ -491,7 +492,7 @@ class Sender:
             self.audit_sent(dest, rows, len(done), tls)
         return len(done)
 
-    def _unconfirmable(self, dest: str, ids: list[int], why: str) -> None:
+    def _unconfirmable(self, dest: str, ids: Sequence[int], why: str) -> None:
         """The peer will not confirm: the rows stay ``sent``; said once per destination."""
         if dest not in self._said_no_commitment:  # once per destination, not per batch
             self._said_no_commitment.add(dest)
@@ -500,7 +501,7 @@ class Sender:
         self.ledger.unconfirmable(ids, f"not confirmed: {why}")
 
     def _request_commitment(self, assoc: Association, dest: str,
-                            rows: list[dict[str, object]]) -> None:
+                            rows: Sequence[Mapping[str, object]]) -> None:
         """Ask the peer to commit to the acknowledged ``rows`` that want it (one
         N-ACTION); wait briefly for a report on this association."""
         wanted = [r for r in rows if r["confirm"] == "commitment"]

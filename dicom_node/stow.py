@@ -98,9 +98,11 @@ class _VerifyWith(requests.adapters.HTTPAdapter):
         super().__init__()
         self.ca = ca
 
-    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
-        kwargs["verify"] = self.ca
-        return super().send(request, **kwargs)
+    def send(self, request: requests.PreparedRequest, stream: bool = False,
+             timeout: Any = None, verify: bool | str = True, cert: Any = None,
+             proxies: Any = None) -> requests.Response:
+        return super().send(request, stream=stream, timeout=timeout, verify=self.ca, cert=cert,
+                            proxies=proxies)
 
 
 def _multipart(parts: Sequence[bytes]) -> tuple[bytes, str]:
