@@ -140,7 +140,8 @@ def short(exc: BaseException) -> str:
 
 def outcome(status: int, reason: str, body: bytes, uids: Sequence[str]) -> StowOutcome:
     """The per-instance outcome of a STOW-RS response (see the module's docstring)."""
-    info = _response_dataset(body)
+    parsed = _response_dataset(body)
+    info = parsed if parsed is not None else Dataset()
     stored = {str(i.ReferencedSOPInstanceUID): _code(i, "WarningReason")
               for i in info.get("ReferencedSOPSequence", []) or [] if "ReferencedSOPInstanceUID" in i}
     failed = {str(i.ReferencedSOPInstanceUID): i.get("FailureReason")
@@ -152,7 +153,10 @@ def outcome(status: int, reason: str, body: bytes, uids: Sequence[str]) -> StowO
         why = f"STOW-RS {http}: failure reason {_hex(code)}"
         (retry if code is not None and (int(code) & 0xFF00) == 0xA700 else held)[uid] = why
     rest = [u for u in uids if u not in stored and u not in failed]
-    if 200 <= status < 300:
+    if 200 <= status < 300 and parsed is None:  # an HTML page (a proxy's login page) is no answer
+        retry.update({u: f"STOW-RS {http}: the response is not a DICOM JSON Store Instances "
+                         f"Response{_detail(body)}" for u in rest})
+    elif 200 <= status < 300:
         why = f"STOW-RS {http}: the instance is not in the response"
         for u in rest:
             if info or status == 202:
@@ -167,14 +171,16 @@ def outcome(status: int, reason: str, body: bytes, uids: Sequence[str]) -> StowO
                        retry=retry, held=held)
 
 
-def _response_dataset(body: bytes) -> Dataset:
+def _response_dataset(body: bytes) -> Dataset | None:
+    """The response's data set (empty for an empty body); None when it is not DICOM JSON
+    (an HTML error page: judged by the HTTP status)."""
     try:
         data = json.loads(body) if body.strip() else {}
         if isinstance(data, list):  # some servers wrap the one data set in an array
             data = data[0] if data else {}
-        return Dataset.from_json(data) if isinstance(data, dict) else Dataset()
-    except (ValueError, TypeError, KeyError):
-        return Dataset()  # not DICOM JSON (an HTML error page): judged by the HTTP status
+        return Dataset.from_json(data) if isinstance(data, dict) else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def _code(item: Dataset, keyword: str) -> str:
@@ -191,8 +197,8 @@ def _hex(value: object) -> str:
 
 def _detail(body: bytes) -> str:
     """A short, printable excerpt of a non-DICOM error body (no PHI is expected there)."""
-    text = body[:200].decode("utf-8", "replace").strip()
-    text = "".join(c if c.isprintable() else " " for c in text)
+    text = body[:120].decode("utf-8", "replace").strip()
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return f" ({text})" if text and not text.startswith("{") else ""
 
 

@@ -55,6 +55,7 @@ class StowServer:
         self.stall_s = 0.0
         self.requests: list[list[str]] = []  # the SOP Instance UIDs of each request
         self.authorization: list[str] = []  # the Authorization header of each request
+        self.raw_body: bytes | None = None  # sent instead of the answer's body when set
         self.port = free_ports(1)[0]
         self.url = f"{'https' if tls else 'http'}://localhost:{self.port}/dicom-web"
         server = self
@@ -72,6 +73,8 @@ class StowServer:
                     time.sleep(server.stall_s)
                 status, payload = server.answer(uids)
                 data = json.dumps(payload).encode() if payload is not None else b""
+                if server.raw_body is not None:
+                    data = server.raw_body
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/dicom+json")

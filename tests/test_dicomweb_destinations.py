@@ -116,6 +116,22 @@ def test_a_202_stores_the_rest_holds_the_failed_one_and_logs_the_warning(
     assert any(sr in m and "WarningReason 0xB000" in m for m in caplog.messages)
 
 
+def test_a_200_that_is_not_a_store_response_is_no_success(tmp_path: Path) -> None:
+    """A proxy's login page answered 200 is not taken for a stored instance."""
+    results, result = _record(tmp_path)
+    with StowServer(lambda uids: (200, None)) as web:
+        web.raw_body = b"<html><body>Please log in</body></html>"
+        dest = Destination(url=web.url, confirm="none")
+        sender = _sender(tmp_path, [dest])
+        sender.enqueue(result, [dest])
+        assert sender.send_due() == 0
+        rows = sender.list()
+        sender.close()
+    assert {r.state for r in rows} == {SendState.QUEUED}
+    assert all("not a DICOM JSON Store Instances Response (<html><body>Please log in" in r.last_error
+               for r in rows)
+
+
 def test_a_503_backs_off_and_the_objects_go_once_the_server_is_back(tmp_path: Path) -> None:
     results, result = _record(tmp_path)
     answers = [(503, None)]
