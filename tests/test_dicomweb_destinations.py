@@ -308,3 +308,50 @@ def test_orthanc_dicomweb_behind_basic_auth_stores_and_read_back_confirms(tmp_pa
                          capture_output=True, text=True, timeout=120)
     states = {r["destination"]: r["state"] for r in json.loads(run.stdout)}
     assert states == {good.key: "confirmed", bad.key: "held"}
+
+
+@pytest.mark.orthanc
+def test_the_node_delivers_a_study_s_results_by_stow_rs_and_c_store_both_confirmed(
+        tmp_path: Path) -> None:
+    """The whole node (subprocess, demo model): results go to Orthanc's DICOMweb behind
+    basic auth (read-back) and to its DICOM port (Storage Commitment, reported to the
+    node's listener); every send ends confirmed; status and sends say so."""
+    from loop_helpers import install_model, node_json, small_study, storescu, write_files
+    from node_harness import NodeProcess
+    from waiting import wait_until
+
+    (tmp_path / "pw").write_text("s3cret\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    install_model(data)
+    dicom_port, http_port = free_ports(2)
+    config = (f'[[destinations]]\nname = "web"\nurl = "http://127.0.0.1:{http_port}/dicom-web"\n'
+              f'auth = "basic"\nusername = "node"\npassword_file = "{tmp_path / "pw"}"\n'
+              f'[[destinations]]\nname = "dimse"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\n'
+              f"port = {dicom_port}\n")
+    node = NodeProcess(data, config=config, extra_args=["--stable-after", "1.5"])
+    with pacs(tmp_path / "orthanc", dicom_port=dicom_port, http_port=http_port, dicomweb=True,
+              http_user=("node", "s3cret"),
+              known_modalities={"node": (node.ae_title, "127.0.0.1", node.port)}):
+        node.start()
+        try:
+            datasets = small_study("WEB-1", slices=20, size=64)
+            storescu(node.port, write_files(datasets, tmp_path / "study"), node.ae_title)
+
+            def all_confirmed() -> bool:
+                sends = Sender(data, ae_title="T")
+                try:
+                    rows = sends.list(limit=1000)
+                finally:
+                    sends.close()
+                return bool(rows) and len({r.destination for r in rows}) == 2 and all(
+                    r.state is SendState.CONFIRMED for r in rows)
+
+            wait_until("every send confirmed", all_confirmed, 180)
+            rows = node_json(node, "sends")
+            status = node.cli("status").stdout
+        finally:
+            node.stop()
+    assert {r["state"] for r in rows} == {"confirmed"}
+    assert {r["confirm"] for r in rows} == {"read-back", "commitment"}
+    assert f"{len(rows)} confirmed" in status
