@@ -211,6 +211,9 @@ def _check_web(d: Destination, key: str, source: str) -> None:
             raise ConfigError(f"{key}.{name}", "a file path", getattr(d, name), source)
     if d.tls_ca is not None and parts.scheme != "https":
         raise ConfigError(f"{key}.tls_ca", "only with an https:// url", str(d.tls_ca), source)
+    if tuple(d.transfer_syntaxes) != DEFAULT_TRANSFER_SYNTAXES:  # STOW-RS posts the files as kept
+        raise ConfigError(f"{key}.transfer_syntaxes", "absent with url (the files are posted in "
+                          "the syntax they are kept in)", list(d.transfer_syntaxes), source)
     if d.confirm not in CONFIRM_WEB:
         raise ConfigError(f"{key}.confirm", '"read-back" or "none" (DICOMweb)', d.confirm, source)
 

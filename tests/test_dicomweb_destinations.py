@@ -245,6 +245,7 @@ def test_https_is_verified_with_tls_ca_and_a_bearer_token_is_read_from_its_file(
     ('url = "http://x/dicom-web"\nconfirm = "commitment"', "confirm"),
     ('url = "http://x/dicom-web"\ntls_ca = "/etc/ca.pem"', "tls_ca"),
     ('url = "http://x/dicom-web"\nae_title = "PACS"', "ae_title"),
+    ('url = "http://x/dicom-web"\ntransfer_syntaxes = ["rle", "explicit"]', "transfer_syntaxes"),
     ('ae_title = "PACS"\nhost = "h"\nport = 104\nconfirm = "read-back"', "confirm"),
     ('ae_title = "PACS"\nhost = "h"\nport = 104\nauth = "basic"', "auth"),
     ('url = "http://x/dicom-web"\n[[destinations]]\nurl = "http://x/dicom-web/"\nname = "y"', ""),
