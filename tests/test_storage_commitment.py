@@ -247,3 +247,25 @@ def test_a_series_is_settled_only_once_its_sends_no_longer_wait_for_a_confirmati
                            " confirmed_at = ?", (now,))
     assert settled() == ["1.2.3"]
     queue.close()
+
+
+def test_a_node_killed_between_the_acknowledgement_and_the_request_sends_again_after_restart(
+        tmp_path: Path) -> None:
+    """The acknowledgement is recorded with its deadline before anything else: a process
+    killed there (no N-ACTION went out) leaves rows that the next sender sends again once
+    the deadline passes, and that are then confirmed."""
+    results, result = _record(tmp_path)
+    with CommitmentPeer(report=True) as peer:
+        dest = Destination(ae_title="PACS", host="127.0.0.1", port=peer.port)
+        first = Sender(tmp_path, ae_title="NODE", destinations=[dest], confirm_timeout_s=0.3)
+        first.enqueue(result, [dest])
+        first.mark_sent([s.id for s in first.list()])  # acknowledged; then SIGKILL
+        first.close()
+        again = Sender(tmp_path, ae_title="NODE", network_timeout_s=10, destinations=[dest],
+                       confirm_timeout_s=30)
+        _wait_past(max(r.confirm_by for r in again.list()), "the deadline of the first life")
+        assert again.send_due() == len(results.all())
+        rows = again.list()
+        again.close()
+    assert {r.state for r in rows} == {SendState.CONFIRMED} and {r.resends for r in rows} == {1}
+    assert len(peer.requests) == 1
