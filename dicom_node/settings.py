@@ -50,16 +50,33 @@ def _check_ae_title(key: str, value: object, source: str) -> str:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Destination:
-    """A DICOM node that receives results (normally the PACS).
+    """A DICOM node that receives results (normally the PACS): by DIMSE C-STORE
+    (``ae_title``, ``host``, ``port``) or by DICOMweb STOW-RS (``url``).
 
     Parameters
     ----------
     ae_title : str
-        Its AE title (1-16 characters).
+        Its AE title (1-16 characters); DIMSE only.
     host : str
-        Host name or IP address.
+        Host name or IP address; DIMSE only.
     port : int
-        Its DICOM port (1-65535).
+        Its DICOM port (1-65535); DIMSE only.
+    url : str
+        The DICOMweb base (``https://archive.example/dicom-web``; STOW-RS posts to
+        ``URL/studies``); instead of ``ae_title``, ``host`` and ``port``.
+    auth : str
+        ``none``, ``basic`` (``username`` and ``password_file``) or ``bearer``
+        (``token_file``); DICOMweb only. The files are read at each request.
+    username : str
+        User name of ``basic`` authentication.
+    password_file, token_file : pathlib.Path or None
+        File holding the password (``basic``) or the token (``bearer``).
+    tls_ca : pathlib.Path or None
+        PEM CA bundle that verifies an ``https`` destination (default: the system's).
+    confirm : str
+        ``commitment`` (Storage Commitment, DIMSE; the default there), ``read-back``
+        (QIDO-RS of what was stored, DICOMweb; the default there) or ``none``: a send is
+        ``confirmed`` once the archive said it keeps the object.
     send : tuple of str
         Which results it wants, any of ``seg``, ``sr``, ``overlay``, ``rtstruct``
         (default the first three).
@@ -67,7 +84,8 @@ class Destination:
         Send over DICOM TLS (PS3.15 B.1), with the node's ``tls_cert``/``tls_key`` as
         client certificate and ``tls_ca`` to verify the destination (default false).
     name : str
-        Its name in ``dicom-node destinations test NAME`` (default: the AE title).
+        Its name in ``dicom-node destinations test NAME`` (default: the AE title, or the
+        URL's host for DICOMweb).
     transfer_syntaxes : tuple of str
         Transfer syntaxes it accepts, most preferred first, as aliases or UIDs (see
         :mod:`dicom_node.profiles`); stored as UIDs. At least one uncompressed
@@ -79,9 +97,16 @@ class Destination:
         takes the SEG asks for it, else BINARY (:func:`job_seg_type`).
     """
 
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    url: str = ""
+    auth: str = "none"
+    username: str = ""
+    password_file: Path | None = None
+    token_file: Path | None = None
+    tls_ca: Path | None = None
+    confirm: str = ""
     send: tuple[str, ...] = DEFAULT_SEND
     tls: bool = False
     name: str = ""
@@ -89,9 +114,21 @@ class Destination:
     seg_type: str = "binary"
 
     def __post_init__(self) -> None:
-        if not self.name and isinstance(self.ae_title, str):
-            object.__setattr__(self, "name", self.ae_title.strip())
+        self._defaults()
         self.check("destinations", "")
+
+    def _defaults(self) -> None:
+        if not self.name:
+            name = (self.ae_title.strip() if isinstance(self.ae_title, str) and not self.url
+                    else _url_host(self.url))
+            object.__setattr__(self, "name", name)
+        if not self.confirm:
+            object.__setattr__(self, "confirm", "read-back" if self.url else "commitment")
+
+    @property
+    def web(self) -> bool:
+        """True for a DICOMweb (STOW-RS) destination."""
+        return bool(self.url)
 
     def check(self, key: str, source: str) -> None:
         """Validate each field, naming ``key.field`` in the error.
@@ -101,17 +138,14 @@ class Destination:
         ConfigError
             On the first invalid field.
         """
-        _check_ae_title(f"{key}.ae_title", self.ae_title, source)
-        if not isinstance(self.host, str) or not self.host.strip() or any(c.isspace() for c in self.host):
-            raise ConfigError(f"{key}.host", "a host name or IP address", self.host, source)
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
-            raise ConfigError(f"{key}.port", "an integer from 1 to 65535", self.port, source)
+        if self.url:
+            _check_web(self, key, source)
+        else:
+            _check_dimse(self, key, source)
         if (not isinstance(self.send, tuple) or not self.send
                 or not all(k in RESULT_KINDS for k in self.send) or len(set(self.send)) != len(self.send)):
             raise ConfigError(f"{key}.send", _SEND_TEXT,
                               list(self.send) if isinstance(self.send, tuple) else self.send, source)
-        if not isinstance(self.tls, bool):
-            raise ConfigError(f"{key}.tls", "true or false", self.tls, source)
         if self.seg_type not in SEG_TYPES:
             raise ConfigError(f"{key}.seg_type", " or ".join(f'"{t}"' for t in SEG_TYPES),
                               self.seg_type, source)
@@ -128,8 +162,74 @@ class Destination:
 
     @property
     def key(self) -> str:
-        """``AET@HOST:PORT``, the destination's name in queues and logs."""
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        """``AET@HOST:PORT`` (or the DICOMweb URL), the destination's name in queues and logs."""
+        return self.url.rstrip("/") if self.url else f"{self.ae_title}@{self.host}:{self.port}"
+
+
+#: What ``confirm`` may be, per kind of destination.
+CONFIRM_DIMSE = ("commitment", "none")
+CONFIRM_WEB = ("read-back", "none")
+AUTH_MODES = ("none", "basic", "bearer")
+
+
+def _url_host(url: object) -> str:
+    """The host of a URL as a destination name (letters, digits, '-', '_', '.')."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname if isinstance(url, str) else None
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in (host or "dicomweb"))[:64]
+
+
+def _check_dimse(d: Destination, key: str, source: str) -> None:
+    _check_ae_title(f"{key}.ae_title", d.ae_title, source)
+    if not isinstance(d.host, str) or not d.host.strip() or any(c.isspace() for c in d.host):
+        raise ConfigError(f"{key}.host", "a host name or IP address", d.host, source)
+    if isinstance(d.port, bool) or not isinstance(d.port, int) or not 1 <= d.port <= 65535:
+        raise ConfigError(f"{key}.port", "an integer from 1 to 65535", d.port, source)
+    if not isinstance(d.tls, bool):
+        raise ConfigError(f"{key}.tls", "true or false", d.tls, source)
+    for name in ("auth", "username", "password_file", "token_file", "tls_ca"):
+        if getattr(d, name) not in (None, "", "none"):
+            raise ConfigError(f"{key}.{name}", "only with url (a DICOMweb destination)",
+                              getattr(d, name), source)
+    if d.confirm not in CONFIRM_DIMSE:
+        raise ConfigError(f"{key}.confirm", '"commitment" or "none" (DIMSE)', d.confirm, source)
+
+
+def _check_web(d: Destination, key: str, source: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(d.url) if isinstance(d.url, str) else None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or parts.username or parts.query or any(c.isspace() for c in d.url)):
+        raise ConfigError(f"{key}.url", "an http(s) URL of the DICOMweb base without credentials, "
+                          "e.g. https://archive.example/dicom-web", d.url, source)
+    for name in ("ae_title", "host"):
+        if getattr(d, name):
+            raise ConfigError(f"{key}.{name}", "absent with url (a DICOMweb destination)",
+                              getattr(d, name), source)
+    if d.port or d.tls:
+        raise ConfigError(f"{key}.{'port' if d.port else 'tls'}",
+                          "absent with url (https:// is TLS)", d.port or d.tls, source)
+    if d.auth not in AUTH_MODES:
+        raise ConfigError(f"{key}.auth", '"none", "basic" or "bearer"', d.auth, source)
+    needs = {"basic": ("username", "password_file"), "bearer": ("token_file",)}.get(d.auth, ())
+    for name in ("username", "password_file", "token_file"):
+        value = getattr(d, name)
+        if name in needs and not value:
+            raise ConfigError(f"{key}.{name}", f"a value (auth = \"{d.auth}\" needs it)", value, source)
+        if name not in needs and value:
+            raise ConfigError(f"{key}.{name}", f"absent (auth = \"{d.auth}\")", value, source)
+    for name in ("password_file", "token_file", "tls_ca"):
+        if getattr(d, name) is not None and not isinstance(getattr(d, name), Path):
+            raise ConfigError(f"{key}.{name}", "a file path", getattr(d, name), source)
+    if d.tls_ca is not None and parts.scheme != "https":
+        raise ConfigError(f"{key}.tls_ca", "only with an https:// url", str(d.tls_ca), source)
+    if tuple(d.transfer_syntaxes) != DEFAULT_TRANSFER_SYNTAXES:  # STOW-RS posts the files as kept
+        raise ConfigError(f"{key}.transfer_syntaxes", "absent with url (the files are posted in "
+                          "the syntax they are kept in)", list(d.transfer_syntaxes), source)
+    if d.confirm not in CONFIRM_WEB:
+        raise ConfigError(f"{key}.confirm", '"read-back" or "none" (DICOMweb)', d.confirm, source)
 
 
 def job_seg_type(destinations: Sequence[Destination]) -> str:
@@ -162,52 +262,72 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
         port_number = int(port)
     except ValueError:
         raise ConfigError("--destination", "AET@HOST:PORT, e.g. PACS@10.0.0.5:104", text, source) from None
-    dest = Destination.__new__(Destination)
-    for name, value in (("ae_title", aet.strip()), ("host", host), ("port", port_number),
-                        ("send", DEFAULT_SEND), ("tls", False), ("name", aet.strip()),
-                        ("transfer_syntaxes", DEFAULT_TRANSFER_SYNTAXES), ("seg_type", "binary")):
-        object.__setattr__(dest, name, value)
+    dest = _unchecked(ae_title=aet.strip(), host=host, port=port_number, name=aet.strip())
     dest.check("--destination", source)
     return dest
+
+
+def _unchecked(**values: Any) -> Destination:
+    """A :class:`Destination` with ``values`` over the defaults, not yet checked (the
+    caller checks it naming its own key)."""
+    dest = Destination.__new__(Destination)
+    for f in dataclasses.fields(Destination):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        object.__setattr__(dest, f.name, values.get(f.name, default))
+    dest._defaults()  # noqa: SLF001 - its own class's step
+    return dest
+
+
+_DEST_KEYS = ("name", "ae_title", "host", "port", "url", "auth", "username", "password_file",
+              "token_file", "tls_ca", "confirm", "send", "tls", "transfer_syntaxes", "seg_type")
+
+
+def _table_values(table: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    """The fields of one ``[[destinations]]`` table, read (lists as tuples, paths)."""
+    for name in table:
+        if name not in _DEST_KEYS:
+            raise ConfigError(f"{key}.{name}", f"no such key (known keys: {', '.join(_DEST_KEYS)})",
+                              source=source)
+    required = ("url",) if "url" in table else ("ae_title", "host", "port")
+    for name in required:
+        if name not in table:
+            raise ConfigError(f"{key}.{name}", "a value (the key is required; or url for "
+                              "DICOMweb)", source=source)
+    for name, what in (("send", _SEND_TEXT),
+                       ("transfer_syntaxes", "a list of transfer syntaxes")):
+        if name in table and not isinstance(table[name], list):
+            raise ConfigError(f"{key}.{name}", what, table[name], source)
+    values = dict(table)
+    for name in ("send", "transfer_syntaxes"):
+        if name in values:
+            values[name] = tuple(values[name])
+    for name in ("password_file", "token_file", "tls_ca"):
+        if name in values:
+            try:
+                values[name] = _to_path(values[name])
+            except TypeError:
+                raise ConfigError(f"{key}.{name}", "a file path (string)", values[name], source) from None
+    if isinstance(values.get("ae_title"), str):
+        values["ae_title"] = values["ae_title"].strip()
+    return values
 
 
 def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
     if not isinstance(v, list):
         raise ConfigError("destinations", "an array of tables ([[destinations]])", v, source)
-    known = ("name", "ae_title", "host", "port", "send", "tls", "transfer_syntaxes", "seg_type")
     out: list[Destination] = []
     for i, table in enumerate(v):
         key = f"destinations[{i}]"
         if not isinstance(table, dict):
-            raise ConfigError(key, "a table with ae_title, host, port and send", table, source)
-        for name in table:
-            if name not in known:
-                raise ConfigError(f"{key}.{name}", f"no such key (known keys: {', '.join(known)})",
-                                  source=source)
-        for name in ("ae_title", "host", "port"):
-            if name not in table:
-                raise ConfigError(f"{key}.{name}", "a value (the key is required)", source=source)
-        send = table.get("send", list(DEFAULT_SEND))
-        if not isinstance(send, list):
-            raise ConfigError(f"{key}.send", _SEND_TEXT, send, source)
-        syntaxes = table.get("transfer_syntaxes", list(DEFAULT_TRANSFER_SYNTAXES))
-        if not isinstance(syntaxes, list):
-            raise ConfigError(f"{key}.transfer_syntaxes", "a list of transfer syntaxes", syntaxes, source)
-        dest = Destination.__new__(Destination)
-        aet = table["ae_title"]
-        for name, value in (("ae_title", table["ae_title"]), ("host", table["host"]),
-                            ("port", table["port"]), ("send", tuple(send)),
-                            ("tls", table.get("tls", False)),
-                            ("name", table.get("name", aet.strip() if isinstance(aet, str) else aet)),
-                            ("transfer_syntaxes", tuple(syntaxes)),
-                            ("seg_type", table.get("seg_type", "binary"))):
-            object.__setattr__(dest, name, value)
+            raise ConfigError(key, "a table with ae_title, host, port (or url) and send", table, source)
+        dest = _unchecked(**_table_values(table, key, source))
         dest.check(key, source)
-        if isinstance(dest.ae_title, str):
-            object.__setattr__(dest, "ae_title", dest.ae_title.strip())
         if any(d.name == dest.name for d in out):
             raise ConfigError(f"{key}.name", "a name no other destination has (defaults to the "
                               "AE title)", dest.name, source)
+        if any(d.key == dest.key for d in out):  # the queue keeps one row per object and key
+            raise ConfigError(key, "a destination no other table names (AET@HOST:PORT or url)",
+                              dest.key, source)
         out.append(dest)
     return tuple(out)
 
@@ -489,13 +609,24 @@ class Settings:
         doc="Where results are sent (``[[destinations]]`` tables with ``ae_title``, ``host``, "
             "``port``, ``send`` (``seg``, ``sr``, ``overlay``, ``rtstruct``; default the first "
             "three), ``tls``, ``name``, ``transfer_syntaxes``, ``seg_type`` (``binary`` or "
-            "``labelmap``); ``--destination``).")
+            "``labelmap``), ``confirm``; or, for DICOMweb STOW-RS, ``url``, ``auth``, "
+            "``username``, ``password_file``, ``token_file``, ``tls_ca`` instead of "
+            "``ae_title``, ``host``, ``port``, ``tls``; ``--destination``).")
     send_backoff_initial_s: float = _setting(
         2.0, **_SECONDS, check=_SECONDS_DAY,
         doc="First delay before re-sending to a destination that cannot be reached, seconds.")
     send_backoff_max_s: float = _setting(
         300.0, **_SECONDS, check=_SECONDS_DAY,
         doc="Cap of the doubling of that delay, seconds.")
+    confirm_timeout_s: float = _setting(
+        60.0, **_SECONDS, check=_SECONDS_DAY,
+        doc="Seconds an acknowledged object waits for its confirmation (Storage Commitment "
+            "report, DICOMweb read-back) of a destination with ``confirm`` other than "
+            "``none``; then it is sent again.")
+    confirm_resends: int = _setting(
+        3, **_INT, check=_integer(0, 100, "an integer from 0 to 100"),
+        doc="Times an unconfirmed (or reported failed) object is sent again before it is "
+            "held with the reason.")
     stop_grace_s: float = _setting(
         20.0, **_SECONDS, check=_number(0, 3600, "a number of seconds from 0 to 3600"),
         doc="On SIGTERM, seconds the associations in progress get to finish before they are "

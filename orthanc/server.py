@@ -297,6 +297,10 @@ class OrthancServer:
     forward_corrections_to
         Name of a ``known_modalities`` entry (the node) that receives every SEG
         instance stored here that the node did not create (:func:`lua_forward_corrections`).
+    http_user
+        ``(name, password)``: the HTTP API (REST and DICOMweb) asks for basic
+        authentication with it (``AuthenticationEnabled``); this object's own REST calls
+        send it.
     extra_config
         Further configuration keys, written last (override everything).
     start_timeout
@@ -324,6 +328,7 @@ class OrthancServer:
         start_timeout: float = 30.0,
         dicomweb: bool = False,
         forward_corrections_to: str | None = None,
+        http_user: tuple[str, str] | None = None,
     ) -> None:
         if not aet or len(aet) > 16 or not aet.isascii() or "\\" in aet or aet != aet.strip():
             raise ValueError(f"aet must be 1-16 ASCII characters without backslash, got {aet!r}")
@@ -346,6 +351,7 @@ class OrthancServer:
         if self.refuse_sop_classes:
             self._lua = _lua_refuse(list(self.refuse_sop_classes), refuse_status, orthanc_version())
         self.dicomweb = dicomweb
+        self.http_user = http_user
         self._forward_lua: str | None = None
         if forward_corrections_to is not None:
             if forward_corrections_to not in self.known_modalities:
@@ -414,6 +420,9 @@ class OrthancServer:
             config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
                                   "WadoRoot": "/wado", "Ssl": False, "StudiesMetadata": "Full",
                                   "SeriesMetadata": "Full"}
+        if self.http_user is not None:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = {self.http_user[0]: self.http_user[1]}
         if self.accepted_transfer_syntaxes is not None:
             config["AcceptedTransferSyntaxes"] = self.accepted_transfer_syntaxes
         config.update(self.extra_config)
@@ -539,6 +548,11 @@ class OrthancServer:
     def _request(self, method: str, path: str, body: bytes | None = None,
                  content_type: str = "application/json", timeout: float = 30.0) -> bytes:
         req = urllib.request.Request(self.url + path, data=body, method=method)
+        if self.http_user is not None:
+            import base64
+
+            token = base64.b64encode(":".join(self.http_user).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         if body is not None:
             req.add_header("Content-Type", content_type)
         try:

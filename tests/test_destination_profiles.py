@@ -16,6 +16,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, evt
 
+from dicom_node.queue.commitment import STORAGE_COMMITMENT
 from dicom_node.foundation.errors import ConfigError
 from dicom_node.profiles import KIND_SOP_CLASSES
 from dicom_node.queue.sender import Sender, SendState
@@ -113,7 +114,8 @@ def test_an_overlay_only_destination_gets_no_seg_and_is_offered_only_its_sop_cla
         sender.close()
     assert {c for c, _, _ in overlay_pacs.stored} == {SC}
     assert len(overlay_pacs.stored) == len(results.overlay)
-    assert {sop for sop, _ in overlay_pacs.proposed} == {SC}  # nothing it does not need
+    # nothing it does not need (Storage Commitment: confirm = "commitment" by default)
+    assert {sop for sop, _ in overlay_pacs.proposed} == {SC, STORAGE_COMMITMENT}
     assert sorted(c for c, _, _ in full_pacs.stored) == sorted(str(d.SOPClassUID) for d in results.all())
 
 

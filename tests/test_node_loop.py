@@ -155,7 +155,9 @@ def test_sends_are_kept_while_the_destination_is_down_and_delivered_once_it_is_u
         tmp_path: Path) -> None:
     store, result = _result(tmp_path)
     port = free_port()
-    dest = Destination(ae_title="PACS", host="127.0.0.1", port=port, send=("overlay",))
+    # confirm = "none": no Storage Commitment context is proposed (checked below)
+    dest = Destination(ae_title="PACS", host="127.0.0.1", port=port, send=("overlay",),
+                       confirm="none")
     sender = Sender(tmp_path, ae_title="NODE", backoff_initial_s=0.2, backoff_max_s=0.4,
                     network_timeout_s=5)
     assert sender.enqueue(result, [dest]) == 1

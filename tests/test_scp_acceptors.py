@@ -29,7 +29,7 @@ def _children(pid: int) -> set[int]:
 
 def _acceptors(pid: int) -> set[int]:
     return {c for c in _children(pid)
-            if b"dicom_node.wire.acceptor" in Path(f"/proc/{c}/cmdline").read_bytes()}
+            if b"dicom_node.runtime.acceptor_process" in Path(f"/proc/{c}/cmdline").read_bytes()}
 
 
 def _written(pid: int) -> int:

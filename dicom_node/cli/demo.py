@@ -169,7 +169,7 @@ def wait_for_sends(data_dir: Path, study_uid: str, timeout: float, kinds: tuple[
             done: dict[str, datetime] = {}
             pending = False
             for r in rows:
-                if r.state is not SendState.SENT:
+                if r.state not in (SendState.SENT, SendState.CONFIRMED):
                     pending = True
                     continue
                 t = datetime.fromisoformat(r.sent_at)

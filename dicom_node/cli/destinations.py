@@ -47,8 +47,11 @@ def _find(settings: Settings, name: str) -> Destination:
 
 
 def _describe(dest: Destination) -> dict[str, Any]:
+    if dest.web:
+        return {"name": dest.name, "url": dest.url, "auth": dest.auth, "send": list(dest.send),
+                "confirm": dest.confirm, "tls_ca": str(dest.tls_ca) if dest.tls_ca else None}
     return {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
-            "send": list(dest.send), "tls": dest.tls,
+            "send": list(dest.send), "tls": dest.tls, "confirm": dest.confirm,
             "transfer_syntaxes": [alias(t) for t in dest.transfer_syntaxes]}
 
 
@@ -60,8 +63,13 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print("destinations: none configured ([[destinations]] in the configuration file)")
     for r in rows:
+        if "url" in r:
+            print(f"{r['name']}: STOW-RS {r['url']} (auth {r['auth']}) send {', '.join(r['send'])}; "
+                  f"confirm {r['confirm']}")
+            continue
         print(f"{r['name']}: {r['ae_title']}@{r['host']}:{r['port']} send {', '.join(r['send'])}; "
-              f"transfer syntaxes {', '.join(r['transfer_syntaxes'])}{'; TLS' if r['tls'] else ''}")
+              f"transfer syntaxes {', '.join(r['transfer_syntaxes'])}{'; TLS' if r['tls'] else ''}; "
+              f"confirm {r['confirm']}")
     return 0
 
 
@@ -109,8 +117,34 @@ def probe(dest: Destination, *, calling_ae: str, timeout: float = 10.0) -> dict[
                            if s.send else ""}}
 
 
+def probe_web(dest: Destination, timeout: float = 10.0) -> dict[str, Any]:
+    """Ask a DICOMweb destination one QIDO-RS question (``/studies?limit=1``) with its
+    authentication; ``reachable`` when it answers 2xx."""
+    import requests
+
+    from dicom_node.wire import stow
+
+    try:
+        with stow.session_for(dest) as session:
+            rsp = session.get(f"{dest.url.rstrip('/')}/studies", params={"limit": "1"},
+                              headers={"Accept": "application/dicom+json"},
+                              timeout=(min(10.0, timeout), timeout))
+    except (requests.RequestException, OSError) as exc:
+        return {"reachable": False, "reason": f"{type(exc).__name__}: {exc}"}
+    ok = 200 <= rsp.status_code < 300
+    return {"reachable": ok, "reason": "" if ok else f"HTTP {rsp.status_code} {rsp.reason}"}
+
+
 def cmd_test(args: argparse.Namespace, settings: Settings) -> int:
     dest = _find(settings, args.name)
+    if dest.web:
+        report = dict(probe_web(dest, args.timeout), destination=_describe(dest))
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"{dest.name} ({dest.url}): " + ("QIDO-RS answered" if report["reachable"]
+                                                   else report["reason"]))
+        return 0 if report["reachable"] else 1
     report = probe(dest, calling_ae=settings.ae_title, timeout=args.timeout)
     report["destination"] = _describe(dest)
     if args.json:

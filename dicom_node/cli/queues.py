@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from dicom_node.queue.jobs import JobQueue, JobState
-from dicom_node.queue.sender import Sender, SendState
+from dicom_node.queue.sender import Send, Sender, SendState
 from dicom_node.settings import Settings
 
 
@@ -22,8 +22,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_jobs)
-    p = sub.add_parser("sends", parents=parents, help="list results queued, sent or failed per destination",
-                       description="List the outbound C-STOREs of results, newest first.")
+    p = sub.add_parser("sends", parents=parents, help="list results queued, sent, confirmed, held or failed per destination",
+                       description="List the outbound objects of results (C-STORE or STOW-RS), "
+                                   "newest first: sent is acknowledged, confirmed is kept by the "
+                                   "archive (Storage Commitment or read-back).")
     p.add_argument("--state", choices=[s.value for s in SendState], help="only sends in this state")
     p.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -69,10 +71,21 @@ def cmd_sends(args: argparse.Namespace, settings: Settings) -> int:
     if not sends:
         print("sends: none yet")
         return 0
-    print(f"{'ID':>5}  {'STATE':<6} {'KIND':<7} {'DESTINATION':<32} {'TRIES':>5}  {'RESULT':>6}  WHEN / LAST ERROR")
+    print(f"{'ID':>5}  {'STATE':<9} {'KIND':<7} {'DESTINATION':<32} {'TRIES':>5}  {'RESULT':>6}  "
+          "WHEN / LAST ERROR")
     for s in sends:
-        when = s.sent_at[:19] if s.state is SendState.SENT else f"next try {s.next_attempt_at[:19]}" \
-            if s.state is SendState.QUEUED else ""
-        print(f"{s.id:>5}  {s.state.value:<6} {s.kind:<7} {s.destination[:32]:<32} {s.attempts:>5}  "
-              f"{s.result_id:>6}  {when}{'  ' + s.last_error if s.last_error else ''}")
+        print(f"{s.id:>5}  {s.state.value:<9} {s.kind:<7} {s.destination[:32]:<32} {s.attempts:>5}  "
+              f"{s.result_id:>6}  {_when(s)}{'  ' + s.last_error if s.last_error else ''}")
     return 0
+
+
+def _when(s: Send) -> str:
+    """When the row was delivered, confirmed, or will be tried or confirmed by."""
+    if s.state is SendState.CONFIRMED:
+        return f"confirmed {s.confirmed_at[:19]} ({s.confirm})"
+    if s.state is SendState.SENT:
+        wait = f"; awaiting {s.confirm} until {s.confirm_by[:19]}" if s.confirm_by else ""
+        return f"{s.sent_at[:19]}{wait}"
+    if s.state is SendState.QUEUED:
+        return f"next try {s.next_attempt_at[:19]}"
+    return ""

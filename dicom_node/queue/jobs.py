@@ -115,7 +115,24 @@ def _q4(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX sends_result ON sends (result_id)")
 
 
-QUEUE_MIGRATIONS: tuple[Migration, ...] = (_q1, _q2, _q3, _q4)
+def _q5_confirmed_delivery(db: sqlite_utils.Database) -> None:
+    conn = db.conn
+    # DICOMweb destinations (issue 25): the STOW-RS base; '' for a DIMSE destination.
+    conn.execute("ALTER TABLE sends ADD COLUMN url TEXT NOT NULL DEFAULT ''")
+    # Confirmed delivery: how ('commitment', 'read-back', 'none'; 'none' for rows before),
+    # until when a sent row waits for its confirmation (NULL: it waits for none), when it
+    # came, the Storage Commitment Transaction UID of the last request, and how many
+    # times the row was sent again for want of a confirmation.
+    conn.execute("ALTER TABLE sends ADD COLUMN confirm TEXT NOT NULL DEFAULT 'none'")
+    conn.execute("ALTER TABLE sends ADD COLUMN confirm_by TEXT")
+    conn.execute("ALTER TABLE sends ADD COLUMN confirmed_at TEXT")
+    conn.execute("ALTER TABLE sends ADD COLUMN commitment_uid TEXT NOT NULL DEFAULT ''")
+    conn.execute("ALTER TABLE sends ADD COLUMN resends INTEGER NOT NULL DEFAULT 0")
+    conn.execute("CREATE INDEX sends_awaiting ON sends (confirm_by) WHERE confirm_by IS NOT NULL")
+    conn.execute("CREATE INDEX sends_commitment ON sends (commitment_uid) WHERE commitment_uid != ''")
+
+
+QUEUE_MIGRATIONS: tuple[Migration, ...] = (_q1, _q2, _q3, _q4, _q5_confirmed_delivery)
 
 
 def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_utils.Database:
@@ -135,8 +152,8 @@ _SETTLED_SQL = """
 SELECT m.series_uid, m.last_received, m.decision, m.decided_at,
        COUNT(DISTINCT j.id) AS n, MAX(j.state NOT IN ('done', 'failed')) AS open,
        MAX(j.finished_at) AS finished, group_concat(DISTINCT j.task) AS tasks,
-       MAX(s.state = 'queued') AS open_sends,
-       MAX(COALESCE(s.sent_at, s.next_attempt_at)) AS sends_settled
+       MAX(s.state = 'queued' OR s.confirm_by IS NOT NULL) AS open_sends,
+       MAX(COALESCE(s.confirmed_at, s.sent_at, s.next_attempt_at)) AS sends_settled
 FROM monitored_series m
 LEFT JOIN jobs j ON j.series_uid = m.series_uid AND j.series_last_received = m.last_received
 LEFT JOIN sends s ON s.result_id = j.result_id
@@ -150,7 +167,8 @@ def settled_series(data_dir: Path | str) -> list[SettledSeries]:
 
     The monitor decided on the series as it now stands, and either it needed no job
     (``ignored``, ``no-pipeline``) or every job of that state is ``done`` or ``failed``
-    and every send of their results ``sent``, ``failed`` (given up) or ``held``; settled
+    and every send of their results ``sent`` (and not waiting for its confirmation),
+    ``confirmed``, ``failed`` (given up) or ``held``; settled
     at the latest of the decision, the jobs' end and the sends' last attempt
     (retention counts from there, :mod:`dicom_node.runtime.retention`).
     """

@@ -27,23 +27,25 @@ import logging
 import sqlite3
 import ssl
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableSequence, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import sqlite_utils
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
-from dicom_node.foundation.database import write
-
-from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.queue import commitment, web_sender
+from dicom_node.queue.commitment import ReportInbox
+from dicom_node.queue.confirmations import ConfirmationLedger
+from dicom_node.foundation.database import iso, utc_now, write
 from dicom_node.foundation.faults import StateLog
 from dicom_node.queue.jobs import connect_queue, open_queue_readonly
 from dicom_node.profiles import UNCOMPRESSED, ObjectShape, alias, choose, contexts_for, encode_as
@@ -58,15 +60,22 @@ LOG = logging.getLogger(__name__)
 MAX_REFUSALS = 5
 #: Objects sent on one association at most.
 BATCH = 1000
+#: Seconds an association stays open after a Storage Commitment request for a report on it.
+SAME_ASSOCIATION_WAIT_S = 0.5
+#: Seconds between two read-backs of what DICOMweb destinations should hold.
+READ_BACK_EVERY_S = 1.0
 
 
 class SendState(str, enum.Enum):
     """Where an outbound object is."""
 
     QUEUED = "queued"
-    SENT = "sent"
+    SENT = "sent"  # acknowledged (C-STORE success, STOW-RS stored); awaiting a confirmation
+    # while confirm_by is set (dicom_node.queue.confirmations)
+    CONFIRMED = "confirmed"  # the archive took responsibility (Storage Commitment, read-back)
     FAILED = "failed"
-    HELD = "held"  # failed validation before sending; never sent (last_error says why)
+    HELD = "held"  # not sent, or given up, with the reason in last_error (invalid, refused
+    # by a DICOMweb server, never confirmed)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,6 +94,10 @@ class Send:
     next_attempt_at: str
     sent_at: str
     last_error: str
+    confirm: str = "none"  # commitment, read-back or none
+    confirm_by: str = ""  # while sent and awaiting its confirmation
+    confirmed_at: str = ""
+    resends: int = 0  # sent again for want of a confirmation
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -103,9 +116,11 @@ def read_send_counts(data_dir: Path | str) -> SendCounts:
         return SendCounts(by_state={}, failed_attempts=0)
     with closing(conn):
         by_state = dict(conn.execute("SELECT state, COUNT(*) FROM sends GROUP BY state"))
-        # attempts count every try; the one that delivered a sent row is no failure
-        failed = conn.execute("SELECT COALESCE(SUM(attempts), 0) - COALESCE(SUM(state = ?), 0)"
-                              " FROM sends", (SendState.SENT.value,)).fetchone()[0]
+        # attempts count every try; the one that delivered a sent (or confirmed) row is no
+        # failure, nor are the deliveries of rows sent again for want of a confirmation
+        failed = conn.execute("SELECT COALESCE(SUM(attempts), 0) - COALESCE(SUM(state IN (?, ?)), 0)"
+                              " - COALESCE(SUM(resends), 0) FROM sends",
+                              (SendState.SENT.value, SendState.CONFIRMED.value)).fetchone()[0]
     return SendCounts(by_state=by_state, failed_attempts=int(failed))
 
 
@@ -115,7 +130,8 @@ def _send(r: sqlite3.Row) -> Send:
                 sop_instance_uid=r["sop_instance_uid"], state=SendState(r["state"]),
                 attempts=r["attempts"], enqueued_at=r["enqueued_at"],
                 next_attempt_at=r["next_attempt_at"], sent_at=r["sent_at"] or "",
-                last_error=r["last_error"])
+                last_error=r["last_error"], confirm=r["confirm"], confirm_by=r["confirm_by"] or "",
+                confirmed_at=r["confirmed_at"] or "", resends=r["resends"])
 
 
 def sends_of_results(conn: sqlite_utils.Database, result_ids: Sequence[int]) -> list[Send]:
@@ -220,13 +236,21 @@ class Sender:
         Keys (``AET@HOST:PORT``) of the destinations sent to over TLS.
     audit : twin_archive.audit.AuditLog, optional
         Where one ``results-sent`` event per association with objects delivered goes.
+    destinations : sequence of Destination
+        The configured destinations: a DICOMweb row is sent with the authentication and
+        CA of the destination of its key (:meth:`set_destinations` on reload).
+    confirm_timeout_s : float
+        Seconds an acknowledged object waits for its confirmation before it is sent again.
+    confirm_resends : int
+        Times an unconfirmed object is sent again before it is held.
     """
 
     def __init__(self, data_dir: Path | str, *, ae_title: str, backoff_initial_s: float = 2.0,
                  backoff_max_s: float = 300.0, network_timeout_s: float = 30.0,
                  tls_context: ssl.SSLContext | None = None,
                  tls_destinations: Sequence[str] | frozenset[str] = frozenset(),
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, destinations: Sequence[Destination] = (),
+                 confirm_timeout_s: float = 60.0, confirm_resends: int = 3) -> None:
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError("backoff_initial_s must be > 0 and <= backoff_max_s, got "
                              f"{backoff_initial_s} and {backoff_max_s}")
@@ -240,12 +264,26 @@ class Sender:
         if self.tls_destinations and tls_context is None:
             raise ValueError("tls_destinations need a tls_context")
         self.audit = audit
+        self.confirm_timeout_s = confirm_timeout_s
+        self.confirm_resends = confirm_resends
+        self.web_destinations: dict[str, Destination] = {}
+        self.set_destinations(destinations)
         self.db = connect_queue(self.data_dir)
         self.conn = self.db.conn
         self._lock = threading.Lock()
+        self.ledger = ConfirmationLedger(self.db, self._lock)
+        # Reports on the sender's own associations (the listener has its own inbox).
+        self.inbox = ReportInbox(self.data_dir, max_resends=confirm_resends, ledger=self.ledger)
+        self._said_no_commitment: set[str] = set()
+        self.said_read_back_failed: set[str] = set()
+        self._read_back_at = 0.0
         self.wakeup = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def set_destinations(self, destinations: Sequence[Destination]) -> None:
+        """The configured destinations (DICOMweb ones are looked up by key when sending)."""
+        self.web_destinations = {d.key: d for d in destinations if d.web}
 
     def close(self) -> None:
         """Close the database connection."""
@@ -278,14 +316,15 @@ class Sender:
                                  dest.port, str(obj.path.relative_to(self.data_dir.resolve())),
                                  obj.sop_class_uid, obj.sop_instance_uid, obj.transfer_syntax_uid,
                                  state.value, now, now, ",".join(dest.transfer_syntaxes),
-                                 f"not sent, invalid: {reason}" if reason is not None else ""))
+                                 f"not sent, invalid: {reason}" if reason is not None else "",
+                                 dest.url.rstrip("/"), dest.confirm))
         with self._lock, write(self.db) as conn:
             before = conn.total_changes
             conn.executemany(
                 "INSERT OR IGNORE INTO sends (result_id, kind, destination, ae_title, host, port,"
                 " path, sop_class_uid, sop_instance_uid, transfer_syntax_uid, state, enqueued_at,"
-                " next_attempt_at, accept_syntaxes, last_error)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                " next_attempt_at, accept_syntaxes, last_error, url, confirm)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             added = conn.total_changes - before
         if added:
             LOG.info("result %d: %d object(s) queued for %s", result.id, added,
@@ -323,10 +362,22 @@ class Sender:
         return float(min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(0, attempts - 1)))
 
     def _mark_sent(self, send_id: int) -> None:
+        self.mark_sent([send_id])
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        """Acknowledged: ``sent``, waiting for a confirmation where the row wants one."""
+        self.ledger.acknowledged(ids, timeout_s=self.confirm_timeout_s)
+
+    def mark_held(self, ids: Sequence[int], reason: str) -> None:
+        """Given up for a reason that a re-send would not change: ``held`` with it."""
         with self._lock, write(self.db) as conn:
-            conn.execute("UPDATE sends SET state = ?, sent_at = ?, attempts = attempts + 1,"
-                         " last_error = '' WHERE id = ?",
-                         (SendState.SENT.value, iso(utc_now()), send_id))
+            conn.executemany("UPDATE sends SET state = ?, attempts = attempts + 1, last_error = ?,"
+                             " confirm_by = NULL WHERE id = ?",
+                             [(SendState.HELD.value, reason, i) for i in ids])
+
+    def mark_retry(self, ids: Sequence[int], error: str) -> float:
+        """A failed attempt that a later one may fix; returns the back-off delay."""
+        return self._mark_retry(ids, error)
 
     def _mark_retry(self, ids: Sequence[int], error: str, *, refused: bool = False) -> float:
         """Count a failed attempt for ``ids``; returns the delay before the next one."""
@@ -347,15 +398,36 @@ class Sender:
         return delay
 
     def send_due(self) -> int:
-        """Send what is due now, one association per destination; return objects delivered."""
+        """Settle the confirmations that are due, then send what is due now, one
+        association (or STOW-RS session) per destination; return objects delivered."""
+        self.settle_confirmations()
         delivered = 0
         for dest, rows in self._due().items():
             if self._stop.is_set():
                 break
-            delivered += self._send_to(dest, rows)
+            if rows[0]["url"]:
+                delivered += web_sender.send(self, dest, rows)
+            else:
+                delivered += self._send_to(dest, rows)
         return delivered
 
-    def _send_to(self, dest: str, rows: builtins.list[dict[str, object]]) -> int:
+    def settle_confirmations(self) -> None:
+        """Read back what DICOMweb destinations should now hold (at most once a second),
+        then send again, or hold, what stayed unconfirmed past its deadline."""
+        if time.monotonic() - self._read_back_at >= READ_BACK_EVERY_S:
+            self._read_back_at = time.monotonic()
+            web_sender.read_back(self, self.ledger.awaiting("read-back"))
+        expired = self.ledger.expire(max_resends=self.confirm_resends,
+                                     timeout_s=self.confirm_timeout_s)
+        if expired.resent or expired.held:
+            LOG.warning("sender: %d unconfirmed object(s) queued to be sent again, %d held "
+                        "(not confirmed after %d re-sends)", expired.resent, expired.held,
+                        self.confirm_resends)
+
+    def _associate(self, dest: str, rows: Sequence[Mapping[str, object]]
+                   ) -> tuple[Association, bool]:
+        """An association to the destination of ``rows`` proposing what they need (and
+        Storage Commitment when one of them wants it); whether it uses TLS."""
         first = rows[0]
         ae = AE(ae_title=self.ae_title)
         ae.connection_timeout = min(10.0, self.network_timeout_s)
@@ -363,10 +435,18 @@ class Sender:
         ae.dimse_timeout = self.network_timeout_s
         ae.network_timeout = self.network_timeout_s
         contexts = _contexts(rows)
+        if any(r["confirm"] == "commitment" for r in rows) and len(contexts) < 128:
+            contexts.append(build_context(commitment.STORAGE_COMMITMENT))
         tls_args = ((self.tls_context, str(first["host"]))
                     if self.tls_context is not None and dest in self.tls_destinations else None)
         assoc = ae.associate(str(first["host"]), int(str(first["port"])),
-                             ae_title=str(first["ae_title"]), contexts=contexts, tls_args=tls_args)
+                             ae_title=str(first["ae_title"]), contexts=contexts, tls_args=tls_args,
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, commitment.handle_report,
+                                            [self.inbox])])
+        return assoc, tls_args is not None
+
+    def _send_to(self, dest: str, rows: builtins.list[dict[str, object]]) -> int:
+        assoc, tls = self._associate(dest, rows)
         if not assoc.is_established:
             why = ("association rejected" if assoc.is_rejected else
                    "association aborted" if assoc.is_aborted else "cannot connect")
@@ -374,7 +454,7 @@ class Sender:
             LOG.warning("send to %s: %s; %d object(s) kept in the queue, next try in %.0f s",
                         dest, why, len(rows), delay)
             return 0
-        delivered = 0
+        done: MutableSequence[Mapping[str, object]] = []
         try:
             for i, r in enumerate(rows):
                 if self._stop.is_set():
@@ -392,7 +472,7 @@ class Sender:
                 code = int(status.Status) if "Status" in status else None
                 if code is not None and _is_success(code):
                     self._mark_sent(send_id)
-                    delivered += 1
+                    done.append(r)
                 elif code is None:
                     rest = [int(str(x["id"])) for x in rows[i:]]
                     delay = self._mark_retry(rest, "no answer (association lost)")
@@ -404,16 +484,67 @@ class Sender:
                                      refused=True)
                     LOG.error("send to %s: %s object %s refused with status 0x%04X",
                               dest, r["kind"], r["sop_instance_uid"], code)
+            if assoc.is_established:
+                self._request_commitment(assoc, dest, done)
         finally:
             if assoc.is_established:
                 assoc.release()
-        if delivered:
-            LOG.info("send to %s: %d object(s) delivered", dest, delivered)
-            self._audit_sent(dest, rows, delivered, tls_args is not None)
-        return delivered
+        if done:
+            LOG.info("send to %s: %d object(s) delivered", dest, len(done))
+            self.audit_sent(dest, rows, len(done), tls)
+        return len(done)
 
-    def _audit_sent(self, dest: str, rows: builtins.list[dict[str, object]], delivered: int, tls: bool) -> None:
-        """One ``results-sent`` audit event per association that delivered objects."""
+    def _unconfirmable(self, dest: str, ids: Sequence[int], why: str) -> None:
+        """The peer will not confirm: the rows stay ``sent``; said once per destination."""
+        if dest not in self._said_no_commitment:  # once per destination, not per batch
+            self._said_no_commitment.add(dest)
+            LOG.warning("send to %s: %s; its objects stay 'sent' (acknowledged, not confirmed)",
+                        dest, why)
+        self.ledger.unconfirmable(ids, f"not confirmed: {why}")
+
+    def _request_commitment(self, assoc: Association, dest: str,
+                            rows: Sequence[Mapping[str, object]]) -> None:
+        """Ask the peer to commit to the acknowledged ``rows`` that want it (one
+        N-ACTION); wait briefly for a report on this association."""
+        wanted = [r for r in rows if r["confirm"] == "commitment"]
+        ids = [int(str(r["id"])) for r in wanted]
+        if not wanted:
+            return
+        if not commitment.accepts_commitment(assoc):
+            self._unconfirmable(dest, ids, "the peer does not accept Storage Commitment")
+            return
+        uid = commitment.new_transaction_uid()
+        self.ledger.requested(ids, uid)  # before the request: the report may come at once
+        self.inbox.received.clear()
+        t0 = time.monotonic()
+        status = commitment.request(assoc, uid, [(str(r["sop_class_uid"]), str(r["sop_instance_uid"]))
+                                                 for r in wanted])
+        quick = time.monotonic() - t0 < self.network_timeout_s / 2
+        while status is None and quick and assoc.is_established and time.monotonic() - t0 < 1.0:
+            time.sleep(0.02)  # the A-ABORT that ended the wait is still being taken in
+        if status is None and quick and assoc.is_aborted:
+            # Orthanc aborts the association at a request from a calling AE it does not know
+            self._unconfirmable(dest, ids, "the peer refused the Storage Commitment request "
+                                           "(it aborted the association)")
+            return
+        if status is None:
+            LOG.warning("send to %s: no answer to the Storage Commitment request; %d object(s) are "
+                        "sent again if no report comes within %.0f s", dest, len(ids),
+                        self.confirm_timeout_s)
+            return
+        if not _is_success(status):  # e.g. Orthanc, for a calling AE it does not know
+            self._unconfirmable(dest, ids, f"the peer refused the Storage Commitment request "
+                                           f"(status 0x{status:04X})")
+            return
+        deadline = time.monotonic() + SAME_ASSOCIATION_WAIT_S
+        while time.monotonic() < deadline and not self.inbox.received.wait(0.05):
+            if not self.ledger.waiting(ids):  # reported on another association already
+                break
+
+    def audit_sent(self, dest: str, rows: builtins.list[dict[str, object]], delivered: int,
+                   tls: bool) -> None:
+        """One ``results-sent`` audit event per association (or STOW-RS session) that
+        delivered objects."""
         if self.audit is None:
             return
         try:
@@ -436,11 +567,12 @@ class Sender:
         with self._lock:
             row = self.conn.execute("SELECT MIN(next_attempt_at) FROM sends WHERE state = ?",
                                     (SendState.QUEUED.value,)).fetchone()
-        if row[0] is None:
-            return 5.0
-        from datetime import datetime
-
-        wait = (datetime.fromisoformat(row[0]) - utc_now()).total_seconds()
+        due = [t for t in (row[0], self.ledger.next_deadline()) if t is not None]
+        wait = 5.0
+        if due:
+            wait = (datetime.fromisoformat(min(due)) - utc_now()).total_seconds()
+        if self.ledger.awaiting("read-back", limit=1):
+            wait = min(wait, READ_BACK_EVERY_S)
         return max(0.05, min(5.0, wait))
 
     def _run(self) -> None:
@@ -455,6 +587,10 @@ class Sender:
                 wait = 5.0
             self.wakeup.wait(wait)
             self.wakeup.clear()
+
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stop.is_set()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop after the object being sent; what is not sent stays queued."""

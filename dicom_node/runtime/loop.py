@@ -73,7 +73,9 @@ class Loop:
                              network_timeout_s=settings.network_timeout_s,
                              tls_context=client_tls_context(settings),
                              tls_destinations=frozenset(d.key for d in settings.destinations if d.tls),
-                             audit=audit)
+                             audit=audit, destinations=settings.destinations,
+                             confirm_timeout_s=settings.confirm_timeout_s,
+                             confirm_resends=settings.confirm_resends)
         self.labels = LabelStore(settings.data_dir)
         self.intake = TaskLabelIntake(settings.data_dir, self.labels, settings.tasks)
         self.monitor = StabilityMonitor(
@@ -109,6 +111,7 @@ class Loop:
         """Send future results to ``destinations`` (SIGHUP reload; queued sends keep theirs)."""
         self.workers.set_destinations(destinations)
         self.sender.tls_destinations = frozenset(d.key for d in destinations if d.tls)
+        self.sender.set_destinations(destinations)
 
     def set_tasks(self, tasks: tuple[Task, ...]) -> None:
         """Serve ``tasks`` from now on (SIGHUP reload): new series get jobs of these

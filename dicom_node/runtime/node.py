@@ -46,6 +46,7 @@ from dicom_node.wire.metrics import NodeMetrics
 from dicom_node.runtime import retention
 from dicom_node.runtime.observability import MetricsServer, NodeCollector, build_registry
 from dicom_node.runtime.sdnotify import Notifier
+from dicom_node.runtime.listener_services import listener_services
 from dicom_node.wire.server import DicomServer
 from dicom_node.wire.tls import load_chain
 from dicom_node.settings import Settings
@@ -118,7 +119,8 @@ class Node:
         self._state: dict[str, Any] | None = None  # serve.json while serving
         self._state_lock = threading.Lock()
         self.loop = Loop(settings, self.archive, self.audit, on_workers_change=self._write_state)
-        self.server = DicomServer(settings, self.archive.ingest, self.metrics, self.audit)
+        self.server = DicomServer(settings, self.archive.ingest, self.metrics, self.audit,
+                                  services=listener_services(settings))
         self.http: MetricsServer | None = None
 
     def _write_state(self) -> None:

@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pydicom import uid as tsuid
@@ -32,6 +33,7 @@ from dicom_node.wire import fast_receive
 from dicom_node.wire.acceptor import AcceptorPool
 from dicom_node.wire.listening import GuardedServer, SharedSocketServer
 from dicom_node.wire.log_lines import one_line_pynetdicom_errors
+from dicom_node.wire.services import Service
 from dicom_node.wire.tls import server_tls_context
 from dicom_node.wire.metrics import NodeMetrics
 from dicom_node.settings import Settings
@@ -77,6 +79,9 @@ class DicomServer:
         Counters (a new set when omitted).
     audit : twin_archive.audit.AuditLog, optional
         Where associations and received studies are audited (not audited when omitted).
+    services : sequence of Service
+        DIMSE services beyond Verification and Storage that rooms above the wire handle
+        (:mod:`dicom_node.wire.services`; e.g. Storage Commitment reports).
     listen_socket : socket.socket, optional
         Given inside an extra acceptor process (:mod:`dicom_node.wire.acceptor`): the node's
         listening socket, inherited, to accept on beside the node; no acceptors of its
@@ -90,7 +95,7 @@ class DicomServer:
     """
 
     def __init__(self, settings: Settings, ingest: Ingest, metrics: NodeMetrics | None = None,
-                 audit: AuditLog | None = None, *,
+                 audit: AuditLog | None = None, *, services: Sequence[Service] = (),
                  listen_socket: socket.socket | None = None) -> None:
         self.settings = settings
         self._in_acceptor = listen_socket is not None
@@ -100,6 +105,7 @@ class DicomServer:
         self.metrics = metrics or NodeMetrics()
         self.audit = audit
         self.ledger = StudyLedger(audit)
+        self.services = tuple(services)
         self.admission = Admission(settings.max_associations, settings.max_associations_per_host,
                                    self.metrics)
         self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
@@ -119,6 +125,9 @@ class DicomServer:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
         ae.add_supported_context(Verification)
+        for service in self.services:  # e.g. Storage Commitment reports (queue/commitment.py)
+            ae.add_supported_context(service.sop_class, scu_role=service.scu_role,
+                                     scp_role=service.scp_role)
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None  # pynetdicom builds each from its SOP class
             ae.add_supported_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
@@ -145,7 +154,7 @@ class DicomServer:
             (evt.EVT_CONN_CLOSE, handle_closed, [self.ledger]),
             (evt.EVT_CONN_CLOSE, fast_receive.discard_unclaimed),
             (evt.EVT_CONN_OPEN, self._connection_opened),
-        ]
+        ] + [(e, h, list(a)) if a else (e, h) for s in self.services for e, h, a in s.handlers]
 
     def _connection_opened(self, event: Any) -> None:
         with self._opened_lock:

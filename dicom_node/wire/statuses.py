@@ -32,6 +32,11 @@ COERCION_OF_DATA_ELEMENTS = 0xB000
 # (a CT image on the Verification context, issue 28).
 REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
+# PS3.7 Annex C.4.2 (N-EVENT-REPORT, and every DIMSE-N service): Failure: Processing
+# failure. The node answers it to a Storage Commitment report it could not record, so the
+# archive sends it again (dicom_node/queue/commitment.py).
+COMMITMENT_PROCESSING_FAILURE = 0x0110
+
 # pynetdicom's answer when a C-STORE handler raises (a Cxxx "Cannot understand" value);
 # the fast store lane answers the same (dicom_node/wire/fast_receive/store_lane.py).
 HANDLER_FAILED = 0xC211
