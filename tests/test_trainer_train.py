@@ -85,3 +85,20 @@ def test_config_and_items_are_validated() -> None:
     with pytest.raises(ValueError, match="affine"):
         VolumeItem(name="x", image=np.zeros((2, 3, 4)), label=np.zeros((2, 3, 4)),
                    affine=np.zeros((4, 4)))
+
+
+def test_false_positives_in_a_background_patch_cost_dice_not_only_cross_entropy() -> None:
+    """Issue 27: half of every batch is background patches (RandCropByPosNegLabeld). With a
+    Dice per patch, a background patch's spleen Dice is ~0 whatever is predicted there, so
+    a network trained from fresh weights learned to call every organ of the spleen's
+    density spleen; the Dice over the batch counts those false positives."""
+    from trainer.train import training_loss
+
+    truth = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+    truth[0, 0, 4:12, 4:12, 4:12] = 1                    # a foreground patch, then a background one
+    confident = torch.cat([truth == 0, truth == 1], dim=1).float() * 8.0  # logits, right everywhere
+    false_pos = confident.clone()
+    false_pos[1, 1, :8], false_pos[1, 0, :8] = 8.0, 0.0  # half of the background patch called spleen
+    dice = training_loss().dice                          # the Dice term, on softmax as in training
+    gained = float(dice(false_pos, truth)) - float(dice(confident, truth))
+    assert gained > 0.2, f"false positives in a background patch raise the Dice loss by {gained:.3f}"

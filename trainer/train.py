@@ -11,7 +11,8 @@ i.e. orientation, spacing, intensity scaling) and its label map is resampled ont
 the same model grid (nearest neighbour) and cached (``CacheDataset``); every epoch
 draws random patches centred on foreground and background in equal numbers
 (``RandCropByPosNegLabeld``) with a mild random intensity scale and shift; Adam,
-Dice + cross-entropy loss, exponential learning-rate decay per epoch. Every
+Dice (over the whole batch, :func:`training_loss`) + cross-entropy loss, exponential
+learning-rate decay per epoch. Every
 ``validate_every`` epochs and after the last one, the whole validation volumes are
 segmented with the bundle's inferer and the Dice of each label is computed on the
 model grid; the best weights (mean Dice over labels) are kept. A checkpoint after
@@ -436,8 +437,8 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
     if init_weights is not None and not (ckpt_path and ckpt_path.is_file()):
         _load_initial_weights(net, Path(init_weights), device)
     data = _cache_volumes(bundle, train_items, val_items, config)
-    run = _Run(net=net, bundle=bundle, data=data, device=device, loss_fn=DiceCELoss(
-        to_onehot_y=True, softmax=True), inferer=bundle.inferer())
+    run = _Run(net=net, bundle=bundle, data=data, device=device, loss_fn=training_loss(),
+               inferer=bundle.inferer())
     run.optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     run.scheduler = torch.optim.lr_scheduler.ExponentialLR(run.optimizer, gamma=config.lr_decay)
     if ckpt_path is not None and ckpt_path.is_file():
@@ -490,6 +491,21 @@ def _run_epochs(run: _Run, config: TrainingConfig, weights_out: Path, ckpt_path:
         if ckpt_path is not None:
             run.save_checkpoint(ckpt_path, wall)
     return stopped_by
+
+
+def training_loss() -> DiceCELoss:
+    """The loss of every training run: Dice + cross-entropy on softmax outputs, the Dice
+    of each label taken over the *whole batch* of patches (``batch=True``).
+
+    A batch holds patches centred on foreground and on background in equal numbers
+    (``RandCropByPosNegLabeld``). With a Dice per patch, a background patch's label Dice
+    is ~0 whatever it predicts (nothing to overlap, smoothing 1e-5), so its false
+    positives cost nothing but the cross-entropy, weak beside the Dice of the foreground
+    patches: a network trained from fresh weights learned "every organ of the spleen's
+    density is spleen" and never got off the ground on whole volumes (issue 27). Over
+    the batch, those false positives enlarge the label's denominator like any other.
+    """
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
 
 def _load_initial_weights(net: torch.nn.Module, path: Path, device: torch.device) -> None:
