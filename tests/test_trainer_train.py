@@ -102,3 +102,19 @@ def test_false_positives_in_a_background_patch_cost_dice_not_only_cross_entropy(
     dice = training_loss().dice                          # the Dice term, on softmax as in training
     gained = float(dice(false_pos, truth)) - float(dice(confident, truth))
     assert gained > 0.2, f"false positives in a background patch raise the Dice loss by {gained:.3f}"
+
+
+def test_an_epoch_of_few_volumes_draws_at_least_min_patches_per_epoch(bundle: Path,
+                                                                     tmp_path: Path) -> None:
+    """Issue 27: an epoch of one visit per volume is a handful of steps with few labelled
+    series, so an epoch cap stopped a de novo run after a few hundred steps whatever its
+    budget; an epoch now draws at least ``min_patches_per_epoch`` patches."""
+    cfg = dict(max_epochs=2, lr_decay=1.0, patch_size=(16, 16, 16), samples_per_volume=1)
+    one_visit = train(bundle, [_item(24), _item(25)], [], TrainingConfig(**cfg),
+                      weights_out=tmp_path / "a.pt")
+    assert one_visit.samples == 2 * 2                    # 2 epochs x 2 volumes x 1 patch
+    longer = train(bundle, [_item(24), _item(25)], [],
+                   TrainingConfig(min_patches_per_epoch=5, **cfg), weights_out=tmp_path / "b.pt")
+    assert longer.epochs == 2 and longer.samples == 2 * 6  # 3 visits of 2 volumes per epoch
+    with pytest.raises(ValueError, match="min_patches_per_epoch"):
+        TrainingConfig(min_patches_per_epoch=-1)

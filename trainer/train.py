@@ -152,6 +152,13 @@ class TrainingConfig:
         Volumes per optimiser step (batch size = volumes x samples).
     validate_every : int
         Validate after every this many epochs (and after the last one).
+    min_patches_per_epoch : int
+        Fewest training patches of an epoch: the training volumes are visited again
+        until at least this many were drawn (0: one visit of each, however few
+        patches that makes). With few volumes an epoch of one visit is a handful of
+        optimiser steps, and an epoch cap then stops a run long before its time budget
+        (issue 27: 20 epochs of 10 volumes are 200 steps; a network from fresh weights
+        needs thousands).
     intensity_augmentation : bool
         Random intensity scale (+-10 %) and shift (+-0.05) of the scaled input.
 
@@ -171,6 +178,7 @@ class TrainingConfig:
     samples_per_volume: int = 4
     volumes_per_batch: int = 1
     validate_every: int = 1
+    min_patches_per_epoch: int = 0
     intensity_augmentation: bool = True
 
     def __post_init__(self) -> None:
@@ -189,6 +197,8 @@ class TrainingConfig:
         for name in ("samples_per_volume", "volumes_per_batch", "validate_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_patches_per_epoch < 0:
+            raise ValueError(f"min_patches_per_epoch must be >= 0, got {self.min_patches_per_epoch}")
         try:
             dev = torch.device(self.device)
         except RuntimeError as exc:
@@ -475,7 +485,7 @@ def _run_epochs(run: _Run, config: TrainingConfig, weights_out: Path, ckpt_path:
             stopped_by = "time budget"
             break
         t_epoch = time.perf_counter()
-        loss, n_epoch = run.fit_epoch()
+        loss, n_epoch = run.fit_epoch(config.min_patches_per_epoch)
         fit_s = time.perf_counter() - t_epoch
         run.train_seconds += fit_s
         dice_text = run.validate_epoch(config, weights_out)
@@ -641,8 +651,9 @@ class _Run:
                       "best_epoch": self.best_epoch, "best_state": self.best_state,
                       "validated_epoch": self.validated_epoch}, ckpt_path)
 
-    def fit_epoch(self) -> tuple[float, int]:
-        """One pass over the training patches; returns the mean loss and the patches seen.
+    def fit_epoch(self, min_patches: int = 0) -> tuple[float, int]:
+        """One pass over the training volumes, more until ``min_patches`` patches were
+        drawn; returns the mean loss and the patches seen.
 
         Raises
         ------
@@ -650,8 +661,21 @@ class _Run:
             If the loss is not finite.
         """
         self.net.train()
-        losses = []
+        losses: list[float] = []
         n_epoch = 0
+        while True:
+            n_pass = self._fit_pass(losses)
+            n_epoch += n_pass
+            if n_pass == 0 or n_epoch >= min_patches:
+                break
+        self.scheduler.step()
+        self.epoch += 1
+        self.samples += n_epoch
+        return (float(np.mean(losses)) if losses else math.nan), n_epoch
+
+    def _fit_pass(self, losses: list[float]) -> int:
+        """One visit of every training volume (appending each step's loss); the patches seen."""
+        n_pass = 0
         for batch in self.data.loader:
             x = batch[IMAGE].to(self.device)
             y = batch[LABEL].to(self.device).long()
@@ -663,11 +687,8 @@ class _Run:
             loss.backward()
             self.optimizer.step()
             losses.append(float(loss.detach()))
-            n_epoch += int(x.shape[0])
-        self.scheduler.step()
-        self.epoch += 1
-        self.samples += n_epoch
-        return (float(np.mean(losses)) if losses else math.nan), n_epoch
+            n_pass += int(x.shape[0])
+        return n_pass
 
     def validate_epoch(self, config: TrainingConfig, weights_out: Path) -> str:
         """Validate when due; keep (and write) the weights when they improved.
