@@ -6,7 +6,10 @@ images, almost native contrast, smaller spleens, 100 kVp) gives N = 2, 5, 10, 20
 labelled studies. For each N, two candidates are trained with the project's one
 training loop (:func:`trainer.train.train`), with the same number of epochs (an equal
 epoch budget: no time budget unless ``--budget`` sets one, and then the table says how
-many epochs each arm reached), the same seed and the same patches:
+many epochs each arm reached), the same seed and the same patches; an epoch draws at
+least ``--min-patches`` patches (160, the node's ``train_min_patches_per_epoch``: with
+few studies the volumes are visited again), so equal epochs are equal optimiser steps
+at every N up to 40:
 
 * **fine-tuned**: from the shipped model's weights at 1e-4 (the nightly job's rule);
 * **de novo**: the shipped bundle as a template - its network and transforms, fresh
@@ -104,7 +107,8 @@ def _arm(reg: Registry, out: Path, arm: str, lr: float, init: Path | None, train
     _bundle(out, None)
     cfg = TrainingConfig(learning_rate=lr, max_epochs=args.epochs,
                          time_budget_s=args.budget or None, seed=0, device=args.device,
-                         patch_size=(args.patch,) * 3, validate_every=args.validate_every)
+                         patch_size=(args.patch,) * 3, validate_every=args.validate_every,
+                         min_patches_per_epoch=args.min_patches)
     t1 = time.perf_counter()
     res = train(out, _items(train_cases, "b"), _items(val, "v"), cfg,
                 weights_out=out / "models" / "model.pt", init_weights=init)
@@ -145,6 +149,9 @@ def main() -> int:
     ap.add_argument("--patch", type=int, default=64, help="training patch edge (default 64)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--min-patches", type=int, default=160,
+                    help="fewest patches of an epoch (default 160, the node's "
+                         "train_min_patches_per_epoch; 0: one visit per volume)")
     ap.add_argument("--validate-every", type=int, default=1,
                     help="validate every this many epochs (default 1)")
     ap.add_argument("--arms", nargs="+", default=["fine_tuned", "de_novo"],
@@ -189,7 +196,8 @@ def main() -> int:
                 rows.append(row)
         total = time.perf_counter() - t_start
         report = {
-            "site": args.site, "arms": args.arms, "validate_every": args.validate_every,
+            "site": args.site, "arms": args.arms, "min_patches_per_epoch": args.min_patches,
+            "validate_every": args.validate_every,
             "site_b": {k: getattr(style, k) for k in ph.SiteStyle.__dataclass_fields__},
             "grid": [args.rows, args.rows, args.slices], "test_patients": args.test,
             "val_patients": args.val, "epochs": args.epochs, "budget_s": args.budget or None,
