@@ -6,7 +6,10 @@ images, almost native contrast, smaller spleens, 100 kVp) gives N = 2, 5, 10, 20
 labelled studies. For each N, two candidates are trained with the project's one
 training loop (:func:`trainer.train.train`), with the same number of epochs (an equal
 epoch budget: no time budget unless ``--budget`` sets one, and then the table says how
-many epochs each arm reached), the same seed and the same patches:
+many epochs each arm reached), the same seed and the same patches; an epoch draws at
+least ``--min-patches`` patches (160, the node's ``train_min_patches_per_epoch``: with
+few studies the volumes are visited again), so equal epochs are equal optimiser steps
+at every N up to 40:
 
 * **fine-tuned**: from the shipped model's weights at 1e-4 (the nightly job's rule);
 * **de novo**: the shipped bundle as a template - its network and transforms, fresh
@@ -64,10 +67,10 @@ class Case:
     affine: np.ndarray
 
 
-def site_b_case(seed: int, rows: int, slices: int) -> Case:
-    """Render one site-B patient (its own seed) with its exact spleen mask."""
-    anatomy = ph.Anatomy.random(seed, ph.SITE_B)
-    g = ph.SITE_B.geometry(rows, slices)
+def site_b_case(seed: int, rows: int, slices: int, style: ph.SiteStyle = ph.SITE_B) -> Case:
+    """Render one site-B patient (its own seed; or of ``style``) with its exact spleen mask."""
+    anatomy = ph.Anatomy.random(seed, style)
+    g = style.geometry(rows, slices)
     rng = np.random.default_rng(seed + 1)
     image = np.stack([ph.render(anatomy, g, k, rng)[0] for k in range(g.slices)])
     image = np.clip(np.rint(image), -1024, 3071).astype(np.float32)  # as stored (int16 HU)
@@ -104,7 +107,8 @@ def _arm(reg: Registry, out: Path, arm: str, lr: float, init: Path | None, train
     _bundle(out, None)
     cfg = TrainingConfig(learning_rate=lr, max_epochs=args.epochs,
                          time_budget_s=args.budget or None, seed=0, device=args.device,
-                         patch_size=(args.patch,) * 3)
+                         patch_size=(args.patch,) * 3, validate_every=args.validate_every,
+                         min_patches_per_epoch=args.min_patches)
     t1 = time.perf_counter()
     res = train(out, _items(train_cases, "b"), _items(val, "v"), cfg,
                 weights_out=out / "models" / "model.pt", init_weights=init)
@@ -121,8 +125,9 @@ def _print_table(rows: list[dict[str, object]], baseline: float, total: float) -
     print("\n| N site-B studies | fine-tuned (1e-4) | de novo (1e-3) | epochs (fine-tuned / de novo) |")
     print("|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['n']} | {r['fine_tuned']:.4f} | {r['de_novo']:.4f} | "
-              f"{r['fine_tuned_epochs']} / {r['de_novo_epochs']} |")
+        cell = lambda arm: f"{r[arm]:.4f}" if arm in r else "-"  # noqa: E731
+        print(f"| {r['n']} | {cell('fine_tuned')} | {cell('de_novo')} | "
+              f"{r.get('fine_tuned_epochs', '-')} / {r.get('de_novo_epochs', '-')} |")
     print(f"| paper, {PAPER['cases']} cases | {PAPER['fine_tuned']} | {PAPER['de_novo']} | "
           "to convergence |")
     print(f"\nshipped model on site B: {baseline:.4f}; whole run {total:.0f} s "
@@ -144,9 +149,22 @@ def main() -> int:
     ap.add_argument("--patch", type=int, default=64, help="training patch edge (default 64)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--min-patches", type=int, default=160,
+                    help="fewest patches of an epoch (default 160, the node's "
+                         "train_min_patches_per_epoch; 0: one visit per volume)")
+    ap.add_argument("--validate-every", type=int, default=1,
+                    help="validate every this many epochs (default 1)")
+    ap.add_argument("--arms", nargs="+", default=["fine_tuned", "de_novo"],
+                    choices=["fine_tuned", "de_novo"], help="which arms to train (default both)")
+    ap.add_argument("--site", default="B", choices=["A", "B"],
+                    help="phantom style of every study (default B; A: the shipped model's own "
+                         "style, which makes the fine-tuned arm meaningless)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--log", action="store_true", help="log every epoch (trainer.train at INFO)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(relativeCreated)8.0f %(name)s: %(message)s")
+    if args.log:
+        logging.getLogger("trainer.train").setLevel(logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -156,13 +174,14 @@ def main() -> int:
         # site-B seeds: 300000.. (the shipped model's own seeds are 100000.. and 200000..)
         t0 = time.perf_counter()
         n_max = max(args.ns)
-        pool = [site_b_case(300000 + i, args.rows, args.slices) for i in range(n_max)]
-        val = [site_b_case(310000 + i, args.rows, args.slices) for i in range(args.val)]
-        test = [site_b_case(320000 + i, args.rows, args.slices) for i in range(args.test)]
+        style = ph.SITE_B if args.site == "B" else ph.SITE_A
+        pool = [site_b_case(300000 + i, args.rows, args.slices, style) for i in range(n_max)]
+        val = [site_b_case(310000 + i, args.rows, args.slices, style) for i in range(args.val)]
+        test = [site_b_case(320000 + i, args.rows, args.slices, style) for i in range(args.test)]
         t_data = time.perf_counter() - t0
-        print(f"site B: {n_max} + {args.val} + {args.test} studies of {args.rows}x{args.rows}x"
-              f"{args.slices} ({ph.SITE_B.fov_mm / args.rows:.2f} x {ph.SITE_B.fov_mm / args.rows:.2f}"
-              f" x {ph.SITE_B.slice_spacing_mm} mm) rendered in {t_data:.0f} s", flush=True)
+        print(f"site {args.site}: {n_max} + {args.val} + {args.test} studies of {args.rows}x{args.rows}x"
+              f"{args.slices} ({style.fov_mm / args.rows:.2f} x {style.fov_mm / args.rows:.2f}"
+              f" x {style.slice_spacing_mm} mm) rendered in {t_data:.0f} s", flush=True)
         rows = []
         with Registry(work / "data") as reg:
             baseline = _score(reg, _bundle(work / "shipped", shipped), test, args.device)
@@ -170,12 +189,16 @@ def main() -> int:
             for n in args.ns:
                 row: dict[str, object] = {"n": n}
                 for arm, lr, init in (("fine_tuned", 1e-4, shipped), ("de_novo", 1e-3, None)):
+                    if arm not in args.arms:
+                        continue
                     row.update(_arm(reg, work / f"{arm}-{n}", arm, lr, init, pool[:n], val, test,
                                     args))
                 rows.append(row)
         total = time.perf_counter() - t_start
         report = {
-            "site_b": {k: getattr(ph.SITE_B, k) for k in ph.SiteStyle.__dataclass_fields__},
+            "site": args.site, "arms": args.arms, "min_patches_per_epoch": args.min_patches,
+            "validate_every": args.validate_every,
+            "site_b": {k: getattr(style, k) for k in ph.SiteStyle.__dataclass_fields__},
             "grid": [args.rows, args.rows, args.slices], "test_patients": args.test,
             "val_patients": args.val, "epochs": args.epochs, "budget_s": args.budget or None,
             "device": args.device,

@@ -670,6 +670,11 @@ class Settings:
         doc="Wall-clock budget of one task's training, minutes.")
     train_max_epochs: int = _setting(100, **_INT, check=_integer(1, 100000, "an integer >= 1"),
                                      doc="Upper bound of epochs of one training.")
+    train_min_patches_per_epoch: int = _setting(
+        160, **_INT, check=_integer(0, 10_000_000, "an integer >= 0"),
+        doc="Fewest training patches of an epoch: with few labelled series the volumes "
+            "are visited again, so that the time budget, not the epoch cap, ends a run "
+            "(0: one visit of each volume).")
     train_finetune_lr: float = _setting(
         1e-4, **_NUMBER, check=_number(1e-9, 0.999, "a learning rate in (0, 1)"),
         doc="Learning rate when fine-tuning the active version.")

@@ -155,6 +155,7 @@ def test_the_shipped_task_trains_de_novo_from_its_template_judged_by_the_floor(
     assert [d.decision for d in decisions] == ["label"] * 3, decisions
     cfg = tmp_path / "node.toml"
     cfg.write_text('train_enabled = false\ntrain_patch_size = 32\ntrain_max_epochs = 1\n'
+                   'train_min_patches_per_epoch = 0\n'
                    'train_time_budget_min = 5\ntrain_device = "cpu"\ntrain_nice = 5\n'
                    'train_min_dice = 0.99\n')
     outcome = json.loads(_cli(data, cfg, "train", TASK, "--now", "--json").stdout)

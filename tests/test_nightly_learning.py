@@ -53,6 +53,7 @@ train_enabled = false
 train_finetune_lr = 0.001
 train_patch_size = 32
 train_max_epochs = 5
+train_min_patches_per_epoch = 0
 train_time_budget_min = 10
 train_promote_margin = 0.01
 train_device = "cpu"
@@ -62,7 +63,8 @@ train_min_dice = 0.05
 # train_min_dice: the tiny 8-32-channel UNet of these tests reaches a mean Dice of about
 # 0.1 in 5 epochs, far below the default quality floor (0.7) that now guards promotion;
 # these tests check the loop's mechanics, the floor itself is tested in
-# tests/test_quality_floor.py.
+# tests/test_quality_floor.py. train_min_patches_per_epoch = 0: an epoch is one visit of
+# each volume, as before that setting (tests/test_trainer_train.py tests it).
 
 
 def _install_tiny_active(data_dir: Path, tmp: Path) -> str:
@@ -291,6 +293,7 @@ def test_nightly_job_fires_from_the_scheduler_and_skips_without_new_labels(tmp_p
     at = datetime.now() + timedelta(seconds=3)
     settings = Settings(data_dir=data, train_at=at.strftime("%H:%M:%S"), train_min_new_series=3,
                         train_finetune_lr=1e-3, train_patch_size=32, train_max_epochs=2,
+                        train_min_patches_per_epoch=0,
                         train_time_budget_min=5, train_device="cpu", train_nice=5)
     sched = NightlyScheduler(settings)
     sched.start()

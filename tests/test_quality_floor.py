@@ -90,6 +90,7 @@ def test_scratch_candidate_below_the_floor_stays_a_candidate_and_nothing_serves(
         assert reg.active(TASK) is None
     cfg = tmp_path / "node.toml"
     cfg.write_text('train_enabled = false\ntrain_patch_size = 32\ntrain_max_epochs = 1\n'
+                   'train_min_patches_per_epoch = 0\n'
                    'train_time_budget_min = 5\ntrain_device = "cpu"\ntrain_nice = 5\n')
     run = _cli(data, "train", TASK, "--now", "--json", config=cfg)
     outcome = json.loads(run.stdout)

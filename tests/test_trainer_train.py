@@ -85,3 +85,36 @@ def test_config_and_items_are_validated() -> None:
     with pytest.raises(ValueError, match="affine"):
         VolumeItem(name="x", image=np.zeros((2, 3, 4)), label=np.zeros((2, 3, 4)),
                    affine=np.zeros((4, 4)))
+
+
+def test_false_positives_in_a_background_patch_cost_dice_not_only_cross_entropy() -> None:
+    """Issue 27: half of every batch is background patches (RandCropByPosNegLabeld). With a
+    Dice per patch, a background patch's spleen Dice is ~0 whatever is predicted there, so
+    a network trained from fresh weights learned to call every organ of the spleen's
+    density spleen; the Dice over the batch counts those false positives."""
+    from trainer.train import training_loss
+
+    truth = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+    truth[0, 0, 4:12, 4:12, 4:12] = 1                    # a foreground patch, then a background one
+    confident = torch.cat([truth == 0, truth == 1], dim=1).float() * 8.0  # logits, right everywhere
+    false_pos = confident.clone()
+    false_pos[1, 1, :8], false_pos[1, 0, :8] = 8.0, 0.0  # half of the background patch called spleen
+    dice = training_loss().dice                          # the Dice term, on softmax as in training
+    gained = float(dice(false_pos, truth)) - float(dice(confident, truth))
+    assert gained > 0.2, f"false positives in a background patch raise the Dice loss by {gained:.3f}"
+
+
+def test_an_epoch_of_few_volumes_draws_at_least_min_patches_per_epoch(bundle: Path,
+                                                                     tmp_path: Path) -> None:
+    """Issue 27: an epoch of one visit per volume is a handful of steps with few labelled
+    series, so an epoch cap stopped a de novo run after a few hundred steps whatever its
+    budget; an epoch now draws at least ``min_patches_per_epoch`` patches."""
+    cfg = dict(max_epochs=2, lr_decay=1.0, patch_size=(16, 16, 16), samples_per_volume=1)
+    one_visit = train(bundle, [_item(24), _item(25)], [], TrainingConfig(**cfg),
+                      weights_out=tmp_path / "a.pt")
+    assert one_visit.samples == 2 * 2                    # 2 epochs x 2 volumes x 1 patch
+    longer = train(bundle, [_item(24), _item(25)], [],
+                   TrainingConfig(min_patches_per_epoch=5, **cfg), weights_out=tmp_path / "b.pt")
+    assert longer.epochs == 2 and longer.samples == 2 * 6  # 3 visits of 2 volumes per epoch
+    with pytest.raises(ValueError, match="min_patches_per_epoch"):
+        TrainingConfig(min_patches_per_epoch=-1)

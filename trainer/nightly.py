@@ -88,6 +88,9 @@ class NightlyConfig:
         Edge of the cubic training patch, voxels (>= 8).
     samples_per_volume : int
         Patches drawn from a volume per visit.
+    min_patches_per_epoch : int
+        Fewest patches of an epoch (>= 0; the volumes are visited again until drawn):
+        with few labelled series the time budget, not the epoch cap, ends a run.
     device : str
         ``cpu``, ``cuda`` or ``auto`` (CUDA when available).
     min_series : int
@@ -114,6 +117,7 @@ class NightlyConfig:
     validation_fraction: float = 0.2
     patch_size: int = 96
     samples_per_volume: int = 4
+    min_patches_per_epoch: int = 0
     device: str = "auto"
     min_series: int = 2
     seed: int = 0
@@ -139,6 +143,9 @@ class NightlyConfig:
             raise ValueError(f"patch_size must be >= 8 voxels, got {self.patch_size}")
         if self.samples_per_volume < 1:
             raise ValueError(f"samples_per_volume must be >= 1, got {self.samples_per_volume}")
+        if self.min_patches_per_epoch < 0:
+            raise ValueError(f"min_patches_per_epoch must be >= 0, got "
+                             f"{self.min_patches_per_epoch}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.min_series < 2:
@@ -377,7 +384,8 @@ def _train_candidate(archive: Archive, task: str, work: Path, dataset: TrainingS
         learning_rate=config.finetune_lr if parent else config.scratch_lr,
         max_epochs=config.max_epochs, time_budget_s=config.time_budget_s, seed=config.seed,
         device=device, patch_size=(config.patch_size,) * 3,
-        samples_per_volume=config.samples_per_volume)
+        samples_per_volume=config.samples_per_volume,
+        min_patches_per_epoch=config.min_patches_per_epoch)
     LOG.info("training %s: %s, lr %.0e, %d train / %d validation series, device %s, budget "
              "%.0f s, up to %d epochs", task,
              f"fine-tuning {parent.version}" if parent else "de novo (fresh weights)",

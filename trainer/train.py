@@ -11,7 +11,8 @@ i.e. orientation, spacing, intensity scaling) and its label map is resampled ont
 the same model grid (nearest neighbour) and cached (``CacheDataset``); every epoch
 draws random patches centred on foreground and background in equal numbers
 (``RandCropByPosNegLabeld``) with a mild random intensity scale and shift; Adam,
-Dice + cross-entropy loss, exponential learning-rate decay per epoch. Every
+Dice (over the whole batch, :func:`training_loss`) + cross-entropy loss, exponential
+learning-rate decay per epoch. Every
 ``validate_every`` epochs and after the last one, the whole validation volumes are
 segmented with the bundle's inferer and the Dice of each label is computed on the
 model grid; the best weights (mean Dice over labels) are kept. A checkpoint after
@@ -153,6 +154,13 @@ class TrainingConfig:
         Volumes per optimiser step (batch size = volumes x samples).
     validate_every : int
         Validate after every this many epochs (and after the last one).
+    min_patches_per_epoch : int
+        Fewest training patches of an epoch: the training volumes are visited again
+        until at least this many were drawn (0: one visit of each, however few
+        patches that makes). With few volumes an epoch of one visit is a handful of
+        optimiser steps, and an epoch cap then stops a run long before its time budget
+        (issue 27: 20 epochs of 10 volumes are 200 steps; a network from fresh weights
+        needs thousands).
     intensity_augmentation : bool
         Random intensity scale (+-10 %) and shift (+-0.05) of the scaled input.
 
@@ -172,6 +180,7 @@ class TrainingConfig:
     samples_per_volume: int = 4
     volumes_per_batch: int = 1
     validate_every: int = 1
+    min_patches_per_epoch: int = 0
     intensity_augmentation: bool = True
 
     def __post_init__(self) -> None:
@@ -190,6 +199,8 @@ class TrainingConfig:
         for name in ("samples_per_volume", "volumes_per_batch", "validate_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_patches_per_epoch < 0:
+            raise ValueError(f"min_patches_per_epoch must be >= 0, got {self.min_patches_per_epoch}")
         try:
             dev = torch.device(self.device)
         except RuntimeError as exc:
@@ -425,8 +436,8 @@ def train(bundle_dir: Path | str, train_items: Sequence[ItemSource],
     if init_weights is not None and not (ckpt_path and ckpt_path.is_file()):
         _load_initial_weights(net, Path(init_weights), device)
     data = _cache_volumes(bundle, train_items, val_items, config)
-    run = _Run(net=net, bundle=bundle, data=data, device=device, loss_fn=DiceCELoss(
-        to_onehot_y=True, softmax=True), inferer=bundle.inferer())
+    run = _Run(net=net, bundle=bundle, data=data, device=device, loss_fn=training_loss(),
+               inferer=bundle.inferer())
     run.optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     run.scheduler = torch.optim.lr_scheduler.ExponentialLR(run.optimizer, gamma=config.lr_decay)
     if ckpt_path is not None and ckpt_path.is_file():
@@ -463,7 +474,7 @@ def _run_epochs(run: _Run, config: TrainingConfig, weights_out: Path, ckpt_path:
             stopped_by = "time budget"
             break
         t_epoch = time.perf_counter()
-        loss, n_epoch = run.fit_epoch()
+        loss, n_epoch = run.fit_epoch(config.min_patches_per_epoch)
         fit_s = time.perf_counter() - t_epoch
         run.train_seconds += fit_s
         dice_text = run.validate_epoch(config, weights_out)
@@ -479,6 +490,21 @@ def _run_epochs(run: _Run, config: TrainingConfig, weights_out: Path, ckpt_path:
         if ckpt_path is not None:
             run.save_checkpoint(ckpt_path, wall)
     return stopped_by
+
+
+def training_loss() -> DiceCELoss:
+    """The loss of every training run: Dice + cross-entropy on softmax outputs, the Dice
+    of each label taken over the *whole batch* of patches (``batch=True``).
+
+    A batch holds patches centred on foreground and on background in equal numbers
+    (``RandCropByPosNegLabeld``). With a Dice per patch, a background patch's label Dice
+    is ~0 whatever it predicts (nothing to overlap, smoothing 1e-5), so its false
+    positives cost nothing but the cross-entropy, weak beside the Dice of the foreground
+    patches: a network trained from fresh weights learned "every organ of the spleen's
+    density is spleen" and never got off the ground on whole volumes (issue 27). Over
+    the batch, those false positives enlarge the label's denominator like any other.
+    """
+    return DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
 
 def _load_initial_weights(net: torch.nn.Module, path: Path, device: torch.device) -> None:
@@ -614,8 +640,9 @@ class _Run:
                       "best_epoch": self.best_epoch, "best_state": self.best_state,
                       "validated_epoch": self.validated_epoch}, ckpt_path)
 
-    def fit_epoch(self) -> tuple[float, int]:
-        """One pass over the training patches; returns the mean loss and the patches seen.
+    def fit_epoch(self, min_patches: int = 0) -> tuple[float, int]:
+        """One pass over the training volumes, more until ``min_patches`` patches were
+        drawn; returns the mean loss and the patches seen.
 
         Raises
         ------
@@ -623,8 +650,21 @@ class _Run:
             If the loss is not finite.
         """
         self.net.train()
-        losses = []
+        losses: list[float] = []
         n_epoch = 0
+        while True:
+            n_pass = self._fit_pass(losses)
+            n_epoch += n_pass
+            if n_pass == 0 or n_epoch >= min_patches:
+                break
+        self.scheduler.step()
+        self.epoch += 1
+        self.samples += n_epoch
+        return (float(np.mean(losses)) if losses else math.nan), n_epoch
+
+    def _fit_pass(self, losses: list[float]) -> int:
+        """One visit of every training volume (appending each step's loss); the patches seen."""
+        n_pass = 0
         for batch in self.data.loader:
             x = batch[IMAGE].to(self.device)
             y = batch[LABEL].to(self.device).long()
@@ -636,11 +676,8 @@ class _Run:
             loss.backward()
             self.optimizer.step()
             losses.append(float(loss.detach()))
-            n_epoch += int(x.shape[0])
-        self.scheduler.step()
-        self.epoch += 1
-        self.samples += n_epoch
-        return (float(np.mean(losses)) if losses else math.nan), n_epoch
+            n_pass += int(x.shape[0])
+        return n_pass
 
     def validate_epoch(self, config: TrainingConfig, weights_out: Path) -> str:
         """Validate when due; keep (and write) the weights when they improved.

@@ -75,6 +75,7 @@ def nightly_config(settings: Settings, *, epochs: int | None = None,
     return NightlyConfig(
         finetune_lr=settings.train_finetune_lr, scratch_lr=settings.train_scratch_lr,
         max_epochs=epochs or settings.train_max_epochs,
+        min_patches_per_epoch=settings.train_min_patches_per_epoch,
         time_budget_s=settings.train_time_budget_min * 60.0,
         margin=settings.train_promote_margin,
         min_dice=settings.train_min_dice if min_dice is None else min_dice,
