@@ -37,7 +37,6 @@ import contextlib
 import enum
 import logging
 import sqlite3
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -47,6 +46,7 @@ import sqlite_utils
 from dicom_node.foundation.database import Migration, connect, migrate, open_existing, write
 
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.queue.durable_queue import DurableQueue
 from twin_archive.retention import SettledSeries
 
 LOG = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ class Job:
         )
 
 
-class JobQueue:
+class JobQueue(DurableQueue):
     """The inference jobs of one node.
 
     Thread-safe (one connection, one lock); several processes may share the file.
@@ -300,24 +300,18 @@ class JobQueue:
         ``''`` where nothing is claimed, e.g. in the listener).
     """
 
+    table = "jobs"
+
     def __init__(self, data_dir: Path | str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                  retry_delay_s: float = RETRY_DELAY_S, worker: str = "") -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         if retry_delay_s < 0:
             raise ValueError(f"retry_delay_s must be >= 0, got {retry_delay_s}")
-        self.db = connect_queue(data_dir)
-        self.conn = self.db.conn
+        super().__init__(connect_queue(data_dir))
         self.max_attempts = max_attempts
         self.retry_delay_s = retry_delay_s
         self.worker = worker
-        self._lock = threading.Lock()
-        self.wakeup = threading.Event()
-
-    def close(self) -> None:
-        """Close the database connection."""
-        with self._lock:
-            self.conn.close()
 
     def enqueue(self, *, series_uid: str, study_uid: str, patient_key: str, task: str,
                 series_last_received: str, instances: int) -> Job | None:
@@ -588,15 +582,6 @@ class JobQueue:
 
     def list(self, state: JobState | str | None = None, limit: int = 100) -> list[Job]:
         """Jobs, newest first, optionally only those in ``state``."""
-        sql, params = "SELECT * FROM jobs", ()  # type: tuple[str, tuple[object, ...]]
-        if state is not None:
-            sql, params = sql + " WHERE state = ?", (JobState(state).value,)
-        with self._lock:
-            rows = self.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
-        return [Job.from_row(r) for r in rows]
+        return [Job.from_row(r) for r in self._rows(
+            JobState(state).value if state is not None else None, limit)]
 
-    def counts(self) -> dict[str, int]:
-        """Number of jobs in each state."""
-        with self._lock:
-            rows = self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        return {r[0]: r[1] for r in rows}

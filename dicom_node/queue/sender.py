@@ -47,6 +47,7 @@ from dicom_node.queue.commitment import ReportInbox
 from dicom_node.queue.confirmations import ConfirmationLedger
 from dicom_node.foundation.database import iso, utc_now, write
 from dicom_node.foundation.faults import StateLog
+from dicom_node.queue.durable_queue import DurableQueue
 from dicom_node.queue.jobs import connect_queue, open_queue_readonly
 from dicom_node.profiles import UNCOMPRESSED, ObjectShape, alias, choose, contexts_for, encode_as
 from dicom_node.settings import Destination
@@ -217,7 +218,7 @@ def _store(assoc: Association, ds: Dataset, tries: Sequence[str], dest: str) -> 
     return status
 
 
-class Sender:
+class Sender(DurableQueue):
     """Sends queued result objects; one background thread.
 
     Parameters
@@ -245,6 +246,8 @@ class Sender:
         Times an unconfirmed object is sent again before it is held.
     """
 
+    table = "sends"
+
     def __init__(self, data_dir: Path | str, *, ae_title: str, backoff_initial_s: float = 2.0,
                  backoff_max_s: float = 300.0, network_timeout_s: float = 30.0,
                  tls_context: ssl.SSLContext | None = None,
@@ -268,27 +271,19 @@ class Sender:
         self.confirm_resends = confirm_resends
         self.web_destinations: dict[str, Destination] = {}
         self.set_destinations(destinations)
-        self.db = connect_queue(self.data_dir)
-        self.conn = self.db.conn
-        self._lock = threading.Lock()
+        super().__init__(connect_queue(self.data_dir))
         self.ledger = ConfirmationLedger(self.db, self._lock)
         # Reports on the sender's own associations (the listener has its own inbox).
         self.inbox = ReportInbox(self.data_dir, max_resends=confirm_resends, ledger=self.ledger)
         self._said_no_commitment: set[str] = set()
         self.said_read_back_failed: set[str] = set()
         self._read_back_at = 0.0
-        self.wakeup = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def set_destinations(self, destinations: Sequence[Destination]) -> None:
         """The configured destinations (DICOMweb ones are looked up by key when sending)."""
         self.web_destinations = {d.key: d for d in destinations if d.web}
-
-    def close(self) -> None:
-        """Close the database connection."""
-        with self._lock:
-            self.conn.close()
 
     # ----------------------------------------------------------------- queueing
     def enqueue(self, result: AIResult, destinations: Sequence[Destination],
@@ -334,12 +329,8 @@ class Sender:
 
     def list(self, state: SendState | str | None = None, limit: int = 200) -> list[Send]:
         """Queued, sent or failed objects, newest first."""
-        sql, params = "SELECT * FROM sends", ()  # type: tuple[str, tuple[object, ...]]
-        if state is not None:
-            sql, params = sql + " WHERE state = ?", (SendState(state).value,)
-        with self._lock:
-            rows = self.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
-        return [_send(r) for r in rows]
+        return [_send(r) for r in self._rows(
+            SendState(state).value if state is not None else None, limit)]
 
     def pending(self) -> int:
         """Number of objects still queued."""
