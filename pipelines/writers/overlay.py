@@ -44,7 +44,7 @@ _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
 def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: ModelInfo, *,
-                  options: WriterOptions | None = None) -> tuple[Dataset, ...]:
+                  options: WriterOptions | None = None, note: str = "") -> tuple[Dataset, ...]:
     """Render the overlay series, one RGB secondary capture per source slice with a segment.
 
     Parameters
@@ -59,6 +59,10 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
     options : WriterOptions, optional
         Window (HU), contour width (pixels of the source matrix), minimum width and
         series number.
+    note : str, optional
+        A second banner line under the warning: the comparison with the prior
+        (``Spleen +28 % since 2025-12-03``, :func:`pipelines.comparison.banner_line`)
+        or why there is none.
 
     Returns
     -------
@@ -99,7 +103,7 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
                 continue
             _draw_contour(rgb, s, k, factor, opts.contour_width_px * factor, colour)
             names.append((s.name, colour))
-        pixels = _decorate(rgb, banner_h, font, names, f"{model.name} {model.version}")
+        pixels = _decorate(rgb, banner_h, font, names, f"{model.name} {model.version}", note)
         out.append(_sc_image(series, pixels, _reference(src, volume.source_frame(n)), len(out) + 1))
     LOG.info("overlay for series %s: %d image(s)", volume.series_instance_uid, len(out))
     return tuple(out)
@@ -298,7 +302,8 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, room: i
 
 
 def _decorate(rgb: np.ndarray, banner_h: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
-              names: list[tuple[str, tuple[int, int, int]]], model_text: str) -> np.ndarray:
+              names: list[tuple[str, tuple[int, int, int]]], model_text: str,
+              note: str = "") -> np.ndarray:
     """Add the banner strip above the image and a legend strip below it.
 
     Neither strip covers the image: the banner is the warning, the legend lists the
@@ -315,11 +320,15 @@ def _decorate(rgb: np.ndarray, banner_h: int, font: ImageFont.ImageFont | ImageF
         size -= 1
         legend_font = ImageFont.load_default(size=size)
         pieces, legend_h = legend_layout(names, model_text, legend_font, w)
+    notes = _wrap(note, font, max(1, w - 8)) if note else []
+    warning_h, banner_h = banner_h, banner_h + len(notes) * (bottom - top + 6)
     canvas = Image.new("RGB", (w, banner_h + h + legend_h), _LEGEND_RGB)
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((0, 0, w - 1, banner_h - 1), fill=_BANNER_RGB)
-    draw.text(((w - (right - left)) // 2 - left, (banner_h - (bottom - top)) // 2 - top),
+    draw.text(((w - (right - left)) // 2 - left, (warning_h - (bottom - top)) // 2 - top),
               OVERLAY_BANNER, fill=_TEXT_RGB, font=font)
+    for i, line in enumerate(notes):  # issue 26: the comparison with the prior, wrapped
+        draw.text((4, warning_h + i * (bottom - top + 6) - top), line, fill=_TEXT_RGB, font=font)
     canvas.paste(Image.fromarray(rgb, "RGB"), (0, banner_h))
     _, glyph_top, _, _ = legend_font.getbbox("Ag")
     for piece in pieces:
