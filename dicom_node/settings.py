@@ -67,6 +67,12 @@ class Destination:
         Transfer syntaxes it accepts, most preferred first, as aliases or UIDs (see
         :mod:`dicom_node.profiles`); stored as UIDs. At least one uncompressed
         (default: explicit, then implicit VR little endian).
+    query : bool
+        Also ask it for a patient's prior studies (Query/Retrieve, :mod:`dicom_node.priors`;
+        default false).
+    retrieve : str
+        How priors are retrieved from it: ``move`` (C-MOVE to the node's AE title; the
+        PACS must know the node) or ``get`` (C-GET on the query's association).
     """
 
     ae_title: str
@@ -76,6 +82,8 @@ class Destination:
     tls: bool = False
     name: str = ""
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
+    query: bool = False
+    retrieve: str = "move"
 
     def __post_init__(self) -> None:
         if not self.name and isinstance(self.ae_title, str):
@@ -101,6 +109,10 @@ class Destination:
                               list(self.send) if isinstance(self.send, tuple) else self.send, source)
         if not isinstance(self.tls, bool):
             raise ConfigError(f"{key}.tls", "true or false", self.tls, source)
+        if not isinstance(self.query, bool):
+            raise ConfigError(f"{key}.query", "true or false", self.query, source)
+        if self.retrieve not in ("move", "get"):
+            raise ConfigError(f"{key}.retrieve", '"move" or "get"', self.retrieve, source)
         if not isinstance(self.name, str) or not 1 <= len(self.name) <= 64 or not all(
                 c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"{key}.name", "1-64 letters, digits, '-', '_' or '.'", self.name, source)
@@ -144,7 +156,8 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
 def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
     if not isinstance(v, list):
         raise ConfigError("destinations", "an array of tables ([[destinations]])", v, source)
-    known = ("name", "ae_title", "host", "port", "send", "tls", "transfer_syntaxes")
+    known = ("name", "ae_title", "host", "port", "send", "tls", "transfer_syntaxes", "query",
+             "retrieve")
     out = []
     for i, table in enumerate(v):
         key = f"destinations[{i}]"
@@ -169,7 +182,9 @@ def _to_destinations(v: Any, source: str) -> tuple[Destination, ...]:
                             ("port", table["port"]), ("send", tuple(send)),
                             ("tls", table.get("tls", False)),
                             ("name", table.get("name", aet.strip() if isinstance(aet, str) else aet)),
-                            ("transfer_syntaxes", tuple(syntaxes))):
+                            ("transfer_syntaxes", tuple(syntaxes)),
+                            ("query", table.get("query", False)),
+                            ("retrieve", table.get("retrieve", "move"))):
             object.__setattr__(dest, name, value)
         dest.check(key, source)
         if isinstance(dest.ae_title, str):
@@ -606,6 +621,33 @@ class Settings:
             "not fit (from its headers and the model, before any pixel is read) is refused with "
             "one line and not retried. 0 derives it from the machine: 80 % of its memory, or of "
             "the cgroup's limit when lower.")
+    # issue 26: priors from the PACS (dicom_node.priors)
+    priors_years: float = _setting(
+        2.0, **_NUMBER, check=_number(0, 100, "a number of years from 0 (off) to 100"),
+        doc="When a study arrives and the twin has no earlier study of the patient within this "
+            "many years, the destinations with ``query = true`` are asked for priors (C-FIND, "
+            "then C-MOVE or C-GET), and the task runs on them so that the new result is "
+            "compared with the prior's; 0 turns it off.")
+    priors_max_studies: int = _setting(
+        3, **_INT, check=_integer(1, 50, "an integer from 1 to 50"),
+        doc="Most prior studies retrieved for one new study (the most recent first).")
+    priors_max_mb: float = _setting(
+        2048.0, **_NUMBER, check=_number(1, 1e6, "a number of MB >= 1"),
+        doc="Most MB (10^6 bytes) retrieved as priors for one new study; once reached, no "
+            "further series is asked for.")
+    priors_per_hour: int = _setting(
+        60, **_INT, check=_integer(1, 100000, "an integer >= 1"),
+        doc="Most prior retrievals (one per new study) the node starts in an hour; beyond it "
+            "a new study goes out compared with what the twin has, saying so.")
+    priors_timeout_s: float = _setting(
+        10.0, **_NUMBER, check=_number(0, 600, "a number of seconds > 0 (at most 600)", above=True),
+        doc="Seconds the PACS has to answer each association, C-FIND and retrieval response "
+            "when asked for priors; a PACS that does not answer in time never holds the new "
+            "result back (it goes out without the comparison, saying so).")
+    send_prior_results: bool = _setting(
+        False, **_BOOL,
+        doc="Send the results computed on retrieved priors to the destinations too (default: "
+            "they stay in the twin and serve the comparison only).")
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""

@@ -174,3 +174,14 @@ class HistoryStore(IndexStore):
         with self._lock:
             return self.db.execute("SELECT 1 FROM retrieved_series WHERE series_uid = ?",
                                    (series_uid,)).fetchone() is not None
+
+    def series_arrival(self, series_uid: str) -> tuple[str, str, int, int] | None:
+        """(study UID, last received, current instances, their bytes) of a series the
+        index holds; None when it holds none of it."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT se.study_uid, se.last_received, COUNT(i.id), COALESCE(SUM(i.size), 0)"
+                " FROM series se LEFT JOIN instances i ON i.series_uid = se.series_uid"
+                " AND i.current = 1 WHERE se.series_uid = ? GROUP BY se.series_uid",
+                (series_uid,)).fetchone()
+        return None if row is None else (row[0], row[1] or "", int(row[2]), int(row[3]))
