@@ -141,7 +141,8 @@ def history_image(points: Sequence[VolumePoint], overlay: Sequence[Dataset]) -> 
     first = overlay[0]
     sc = hd.sc.SCImage(
         pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system=None, study_instance_uid=str(first.StudyInstanceUID),
+        coordinate_system="PATIENT", patient_orientation=("L", "P"),
+        study_instance_uid=str(first.StudyInstanceUID),
         series_instance_uid=str(first.SeriesInstanceUID), series_number=int(first.SeriesNumber),
         sop_instance_uid=new_uid(), instance_number=max(int(d.InstanceNumber) for d in overlay) + 1,
         manufacturer=NODE_MANUFACTURER, patient_id=first.get("PatientID"),
@@ -155,6 +156,9 @@ def history_image(points: Sequence[VolumePoint], overlay: Sequence[Dataset]) -> 
     for keyword in ("BodyPartExamined", "ContributingEquipmentSequence"):
         if keyword in first:
             setattr(sc, keyword, first[keyword].value)
+    sc.PatientOrientation = None  # a chart: no patient direction (type 2, empty)
+    if "BodyPartExamined" not in first:
+        sc.Laterality = None  # type 2C: present when the body part cannot tell (dciodvfy)
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.ImageComments = f"{OVERLAY_BANNER}: volume of each segment over time"
