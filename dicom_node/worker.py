@@ -386,7 +386,9 @@ class Worker:
                  job.series_uid, result.id, result.model_name, result.model_version, result.backend,
                  ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in result.segments) or "no segment",
                  seconds, computed.pipeline_s, t_seg_sr - t_run, time.perf_counter() - t_seg_sr)
-        return JobOutcome(job_id=job.id, result=result, note="", seconds=seconds)
+        # what the comparison could not be (a PACS that did not answer), in the job's note
+        return JobOutcome(job_id=job.id, result=result, note=self._prior_notes.pop(job.key, ""),
+                          seconds=seconds)
 
     def _add_overlay(self, job: Job, result: AIResult, outcome: Any,
                      timings: dict[str, float], destinations: Sequence[Destination]) -> AIResult:
@@ -401,7 +403,7 @@ class Worker:
             images = build_overlay(outcome.volume, outcome.segments, outcome.model,
                                    options=WriterOptions(write_overlay=True),
                                    note=banner_line(getattr(outcome, "comparison", None),
-                                                    note=self._prior_notes.pop(job.key, "")))
+                                                    note=self._prior_notes.get(job.key, "")))
         except EmptyResultError:
             return result
         images = (*images, *self._history_chart(result, images))

@@ -213,6 +213,9 @@ def test_chart_is_one_more_image_of_the_overlay_series(two_studies, tmp_path) ->
     img = history_image(points, overlay)
     assert img.SeriesInstanceUID == overlay[0].SeriesInstanceUID
     assert int(img.InstanceNumber) == len(overlay) + 1
+    from pipelines.validation import validate_series
+
+    assert [r.reason for r in validate_series([img], "overlay") if not r.ok] == []
     path = tmp_path / "chart.dcm"
     img.save_as(path, enforce_file_format=True)
     run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)

@@ -153,7 +153,8 @@ def history_image(points: Sequence[VolumePoint], overlay: Sequence[Dataset]) -> 
         referring_physician_name=first.get("ReferringPhysicianName"),
         series_description=first.get("SeriesDescription"),
         manufacturer_model_name=NODE_MODEL_NAME, software_versions=NODE_SOFTWARE_VERSION)
-    for keyword in ("BodyPartExamined", "ContributingEquipmentSequence"):
+    # derived from today's series: the source image of the overlay's first image
+    for keyword in ("BodyPartExamined", "ContributingEquipmentSequence", "SourceImageSequence"):
         if keyword in first:
             setattr(sc, keyword, first[keyword].value)
     sc.PatientOrientation = None  # a chart: no patient direction (type 2, empty)
