@@ -36,12 +36,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import (
-    StudyRootQueryRetrieveInformationModelFind as FIND,
-    StudyRootQueryRetrieveInformationModelGet as GET,
-    StudyRootQueryRetrieveInformationModelMove as MOVE,
-)
+from pydicom.uid import UID
 
+from dicom_node.database import utc_now
 from dicom_node.errors import DicomNodeError
 from dicom_node.settings import Destination, Settings
 from pipelines.selection import SelectionRules
@@ -50,6 +47,10 @@ from twin_archive.history import HistoryStore, study_day
 
 LOG = logging.getLogger(__name__)
 
+#: Study Root Query/Retrieve Information Model FIND, MOVE, GET (PS3.4 C.6.2).
+FIND = UID("1.2.840.10008.5.1.4.1.2.2.1")
+MOVE = UID("1.2.840.10008.5.1.4.1.2.2.2")
+GET = UID("1.2.840.10008.5.1.4.1.2.2.3")
 #: PS3.4 C.4 status classes of a Q/R response.
 _PENDING = (0xFF00, 0xFF01)
 _SUCCESS = 0x0000
@@ -208,7 +209,7 @@ class PriorRetriever:
         return today - dt.timedelta(days=round(self.settings.years * 365.25))
 
     def _rate_left(self) -> bool:
-        since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+        since = utc_now() - dt.timedelta(hours=1)
         with audit.AuditLog(self.data_dir) as log:
             done = log.entries(since=since, event_type=audit.AuditEvent.PRIORS_RETRIEVED)
         return len(done) < self.settings.per_hour
@@ -269,7 +270,7 @@ class PriorRetriever:
         if pacs.tls:
             raise PacsUnanswered(pacs.ae_title, "queries over TLS are not supported yet")
         ae = self._ae(get_classes=get_classes)
-        roles = [build_role(uid, scp_role=True) for uid in get_classes]
+        roles: list[Any] = [build_role(uid, scp_role=True) for uid in get_classes]
         assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title,
                              ext_neg=roles or None, evt_handlers=list(handlers) or None)
         if not assoc.is_established:

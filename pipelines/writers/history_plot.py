@@ -157,9 +157,9 @@ def history_image(points: Sequence[VolumePoint], overlay: Sequence[Dataset]) -> 
     for keyword in ("BodyPartExamined", "ContributingEquipmentSequence", "SourceImageSequence"):
         if keyword in first:
             setattr(sc, keyword, first[keyword].value)
-    sc.PatientOrientation = None  # a chart: no patient direction (type 2, empty)
+    sc["PatientOrientation"].value = None  # a chart: no patient direction (type 2, empty)
     if "BodyPartExamined" not in first:
-        sc.Laterality = None  # type 2C: present when the body part cannot tell (dciodvfy)
+        sc.add_new("Laterality", "CS", None)  # type 2C: present when the body part cannot tell (dciodvfy)
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.ImageComments = f"{OVERLAY_BANNER}: volume of each segment over time"
