@@ -62,7 +62,7 @@ class PacsUnanswered(DicomNodeError, ConnectionError):
 
     def __init__(self, pacs: str, what: str) -> None:
         self.pacs = pacs
-        super().__init__(f"PACS {pacs} did not answer ({what})")
+        super().__init__(f"PACS {pacs} {what}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -134,12 +134,12 @@ def _answers(responses: Any, pacs: str) -> list[Dataset]:
     out = []
     for status, identifier in responses:
         if not status:  # no response within dimse_timeout, or the association died
-            raise PacsUnanswered(pacs, "no C-FIND response in time")
+            raise PacsUnanswered(pacs, "did not answer (no C-FIND response in time)")
         code = int(status.Status)
         if code in _PENDING and identifier is not None:
             out.append(identifier)
         elif code != _SUCCESS and code not in _PENDING:
-            raise PacsUnanswered(pacs, f"C-FIND status 0x{code:04X}")
+            raise PacsUnanswered(pacs, f"failed the C-FIND (status 0x{code:04X})")
     return out
 
 
@@ -221,6 +221,11 @@ class PriorRetriever:
         Never raises for the PACS's sake: a PACS that does not answer is a
         :class:`Retrieval` with ``answered = False`` and the reason in ``note``.
         """
+        if not patient_id or any(c in patient_id for c in "*?\\"):
+            # an empty ID (an unidentified twin) or a wildcard would match other patients
+            return Retrieval(source="", series=(), bytes=0, answered=False,
+                             note="priors not asked for: no Patient ID that matches one "
+                                  "patient only")
         if not self._rate_left():
             return Retrieval(source="", series=(), bytes=0, answered=False,
                              note=f"priors not asked for: priors_per_hour "
@@ -268,13 +273,15 @@ class PriorRetriever:
     def _associate(self, pacs: Destination, *, get_classes: Sequence[str] = (),
                    handlers: Sequence[Any] = ()) -> Any:
         if pacs.tls:
-            raise PacsUnanswered(pacs.ae_title, "queries over TLS are not supported yet")
+            raise PacsUnanswered(pacs.ae_title, "was not asked: queries over TLS are not "
+                                 "supported yet")
         ae = self._ae(get_classes=get_classes)
         roles: list[Any] = [build_role(uid, scp_role=True) for uid in get_classes]
         assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title,
                              ext_neg=roles or None, evt_handlers=list(handlers) or None)
         if not assoc.is_established:
-            raise PacsUnanswered(pacs.ae_title, "association not accepted in time")
+            raise PacsUnanswered(pacs.ae_title, "did not answer (association not accepted "
+                                 "in time)")
         return assoc
 
     def _find(self, pacs: Destination, patient_id: str, issuer: str, patient_key: str,
@@ -290,6 +297,8 @@ class PriorRetriever:
             for ds in _answers(assoc.send_c_find(query, FIND), pacs.ae_title):
                 uid, day = _text(ds, "StudyInstanceUID"), study_day(_text(ds, "StudyDate"))
                 other_issuer = _text(ds, "IssuerOfPatientID")
+                if _text(ds, "PatientID") not in ("", patient_id):
+                    continue  # a PACS that matched loosely: not this patient
                 if uid and uid not in held and day is not None and day < today and (
                         not issuer or not other_issuer or other_issuer == issuer):
                     studies.append((day, uid))
@@ -339,18 +348,24 @@ class PriorRetriever:
         q.StudyInstanceUID = f.study_uid
         q.SeriesInstanceUID = f.series_uid
         t0 = time.perf_counter()
-        if pacs.retrieve == "get":
-            responses = assoc.send_c_get(q, GET)
-        else:
-            responses = assoc.send_c_move(q, self.settings.node_ae_title, MOVE)
-        last = None
-        for status, _ in responses:
-            if not status:
-                raise PacsUnanswered(pacs.ae_title, f"no C-{pacs.retrieve.upper()} response in time")
-            last = int(status.Status)
+        op = f"C-{pacs.retrieve.upper()}"
+        try:
+            if pacs.retrieve == "get":
+                responses = assoc.send_c_get(q, GET)
+            else:
+                responses = assoc.send_c_move(q, self.settings.node_ae_title, MOVE)
+            last = None
+            for status, _ in responses:
+                if not status:  # Orthanc, for one, says nothing to a caller it does not know
+                    raise PacsUnanswered(pacs.ae_title, (
+                        f"did not answer the {op} (no response in time; does it know the "
+                        f"node's AE title {self.settings.node_ae_title}?)"))
+                last = int(status.Status)
+        except (ValueError, RuntimeError) as exc:  # no accepted context for it, ...
+            raise PacsUnanswered(pacs.ae_title, f"refused the {op} ({exc})") from exc
         if last not in (_SUCCESS, 0xB000):  # B000: some sub-operations failed
-            raise PacsUnanswered(pacs.ae_title, f"C-{pacs.retrieve.upper()} status "
-                                                f"0x{(last or 0):04X}")
+            raise PacsUnanswered(pacs.ae_title, f"failed the C-{pacs.retrieve.upper()} "
+                                                f"(status 0x{(last or 0):04X})")
         LOG.info("priors: series %s retrieved by C-%s in %.2f s", f.series_uid,
                  pacs.retrieve.upper(), time.perf_counter() - t0)
 

@@ -4,6 +4,7 @@ a PACS that never answers costs ``priors_timeout_s``, not the result."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import socket
 import threading
@@ -182,3 +183,31 @@ def test_the_rules_decide_from_the_c_find_answer() -> None:
     assert not rules_take(RULES, FoundSeries(**{**base, "description": "Scout"}))
     assert not rules_take(RULES, FoundSeries(**{**base, "instances": 3}))
     assert not rules_take(RULES, FoundSeries(**{**base, "body_part": "HEAD"}))
+
+
+@pytest.mark.parametrize("patient_id", ["", "QR-*", "QR-?", "A\\B"])
+def test_no_query_that_would_match_other_patients(orthanc, tmp_path, patient_id) -> None:
+    """An unidentified twin (no Patient ID) or an ID with a wildcard would match other
+    patients' studies in a C-FIND: the PACS is not asked at all."""
+    server, _ = orthanc
+    data, archive, today, key = _twin(tmp_path)
+    retriever = _retriever(data, archive, server.dicom_port)
+    got = retriever.retrieve(patient_id=patient_id, issuer="", patient_key=key,
+                             study_uid=str(today[0].StudyInstanceUID), today=dt.date(2026, 12, 1),
+                             rules=RULES)
+    assert not got.answered and got.series == () and "matches one patient only" in got.note
+    with audit.AuditLog(data) as log:
+        assert log.entries(event_type=audit.AuditEvent.PRIORS_RETRIEVED) == []
+    archive.close()
+
+
+def test_a_pacs_that_does_not_know_the_node_fails_the_move_and_says_so(orthanc, tmp_path) -> None:
+    server, _ = orthanc
+    data, archive, today, key = _twin(tmp_path)
+    retriever = _retriever(data, archive, server.dicom_port, retrieve="move")
+    retriever.settings = dataclasses.replace(retriever.settings, node_ae_title="UNKNOWN_AE")
+    got = retriever.retrieve(patient_id="QR-1", issuer="", patient_key=key,
+                             study_uid=str(today[0].StudyInstanceUID), today=dt.date(2026, 12, 1),
+                             rules=RULES)
+    assert not got.answered and "C-MOVE" in got.note and "UNKNOWN_AE" in got.note, got.note
+    archive.close()
