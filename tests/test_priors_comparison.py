@@ -288,3 +288,30 @@ def test_history_store_and_twin_history_command(tmp_path, two_studies) -> None:
                           cwd=REPO)
     assert text.returncode == 0, text.stderr
     assert "+100.0 mL +50 %" in text.stdout and "(prior from the PACS)" in text.stdout
+
+
+def test_a_retrieved_prior_reaches_training_only_if_the_patient_donates(tmp_path) -> None:
+    """Consent unchanged (issue 26, item 4): a prior retrieved from the PACS is a study of
+    the twin like any other; labelled, it is in a dataset only while the patient donates."""
+    from dicom_node.tasks import default_tasks
+    from learning_helpers import labelled_patients
+    from trainer.dataset import build_dataset
+    from twin_archive.labels import LabelStore
+
+    data = tmp_path / "data"
+    archive = Archive(data)
+    labels = LabelStore(data)
+    labelled_patients(archive, labels, ["PRIOR-C"], seed=11, donors=0)
+    key = archive.twins.find_twin_keys("PRIOR-C")[0]
+    detail = archive.twins.twin("PRIOR-C")
+    ct = [se.series_uid for st in detail.studies for se in st.series if se.modality == "CT"]
+    with HistoryStore(data) as store:
+        assert store.mark_retrieved(ct, source="PACS", for_study_uid="1.2.3") == 1
+        assert store.is_retrieved(ct[0])
+    rules = default_tasks()[0].rules
+    assert build_dataset(archive, labels, "spleen-ct", rules).items == ()  # does not donate
+    archive.twins.set_consent("PRIOR-C", donate=True, by="test")
+    items = build_dataset(archive, labels, "spleen-ct", rules).items
+    assert [i.series_uid for i in items] == ct and items[0].patient_key == key
+    labels.close()
+    archive.close()
