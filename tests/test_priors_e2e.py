@@ -1,7 +1,7 @@
 """Issue 26 end to end: the real node, the demo model and a real Orthanc as the PACS.
 
-One phantom patient, two studies a year apart, the spleen 50 % larger in the second.
-The first study is only in Orthanc (the node was installed since); the second is sent
+One phantom patient, three studies a year apart, the spleen 25 % then 50 % larger.
+The first two are only in Orthanc (the node was installed since); the third is sent
 to the node. The node asks Orthanc for priors (C-FIND, C-MOVE to its own AE), runs the
 task on the prior, and today's SR in Orthanc holds both time points and references the
 prior study; the prior's results stay in the twin. A second node whose only PACS to ask
@@ -72,6 +72,8 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                                                           node.port)}) as orthanc:
         node.config = _config(orthanc.dicom_port, orthanc.dicom_port)
         a1 = ph.Anatomy.random(5)
+        older = _study(grown(a1, 0.8), "20241203", "PRIOR-E2E")  # several priors: two
+        storescu(orthanc.dicom_port, write_files(older, tmp / "older"), orthanc.aet)
         prior = _study(a1, "20251203", "PRIOR-E2E")
         storescu(orthanc.dicom_port, write_files(prior, tmp / "prior"), orthanc.aet)
         today = _study(grown(a1, GROWTH), "20261203", "PRIOR-E2E")
@@ -84,7 +86,7 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                 lambda f: f if f["seg"] and f["sr"] and f["overlay"] else None)(
                 results_in_orthanc(orthanc, str(today[0].StudyInstanceUID))), RESULT_TIMEOUT)
             took = time.monotonic() - last_sent
-            yield {"orthanc": orthanc, "node": node, "prior": prior, "today": today,
+            yield {"orthanc": orthanc, "node": node, "prior": prior, "today": today, "older": older,
                    "found": found, "took": took, "tmp": tmp}
         finally:
             node.stop()
@@ -118,19 +120,22 @@ def test_the_prior_is_in_the_twin_marked_retrieved_and_not_sent(setting) -> None
     prior = setting["prior"]
     history = node_json(node, "twin", "history", "PRIOR-E2E", "--task", "spleen-ct")["points"]
     assert [(p["study_date"], p["retrieved"]) for p in history] == [
-        ("2025-12-03", True), ("2026-12-03", False)]
-    assert history[1]["change_pct"] == pytest.approx(50, abs=15)
-    assert history[1]["interval_days"] == 365
+        ("2024-12-03", True), ("2025-12-03", True), ("2026-12-03", False)]
+    assert history[1]["change_pct"] == pytest.approx(25, abs=15)  # 0.8 -> 1.0
+    assert history[2]["change_pct"] == pytest.approx(50, abs=15)  # 1.0 -> 1.5
+    assert history[2]["interval_days"] == 365
     # the prior series' own job (queued when it went quiet) finds its result recorded
-    prior_uid = str(prior[0].SeriesInstanceUID)
-    wait_until("the prior series' own job done", lambda: [
-        j for j in jobs_now(node.data_dir) if j.series_uid == prior_uid
-        and j.state.value == "done"], 120)
-    found = results_in_orthanc(orthanc, str(prior[0].StudyInstanceUID))
-    assert found["seg"] == found["sr"] == found["overlay"] == []  # send_prior_results = false
+    for study in (prior, setting["older"]):
+        uid = str(study[0].SeriesInstanceUID)
+        wait_until("the prior series' own job done", lambda: [
+            j for j in jobs_now(node.data_dir) if j.series_uid == uid
+            and j.state.value == "done"], 120)
+        found = results_in_orthanc(orthanc, str(study[0].StudyInstanceUID))
+        assert found["seg"] == found["sr"] == found["overlay"] == []  # send_prior_results false
     lines = node.cli("audit", "--type", "priors-retrieved", "--json").stdout.splitlines()
     [event] = [json.loads(line) for line in lines if line.strip()]  # one JSON object a line
-    assert event["detail"]["series"] == 1 and event["detail"]["error"] == ""
+    assert event["detail"]["series"] == 2 and event["detail"]["error"] == ""
+    assert len(event["detail"]["studies"]) == 2
     assert "PRIOR-E2E" not in json.dumps(event)  # the twin key, never the Patient ID
 
 
