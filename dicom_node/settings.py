@@ -147,7 +147,8 @@ def parse_destination(text: str, source: str = "command line") -> Destination:
     dest = Destination.__new__(Destination)
     for name, value in (("ae_title", aet.strip()), ("host", host), ("port", port_number),
                         ("send", RESULT_KINDS), ("tls", False), ("name", aet.strip()),
-                        ("transfer_syntaxes", DEFAULT_TRANSFER_SYNTAXES)):
+                        ("transfer_syntaxes", DEFAULT_TRANSFER_SYNTAXES), ("query", False),
+                        ("retrieve", "move")):
         object.__setattr__(dest, name, value)
     dest.check("--destination", source)
     return dest

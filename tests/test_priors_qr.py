@@ -211,3 +211,20 @@ def test_a_pacs_that_does_not_know_the_node_fails_the_move_and_says_so(orthanc, 
                              rules=RULES)
     assert not got.answered and "C-MOVE" in got.note and "UNKNOWN_AE" in got.note, got.note
     archive.close()
+
+
+def test_destination_query_keys_are_read_and_checked(tmp_path) -> None:
+    from dicom_node.errors import ConfigError
+    from dicom_node.settings import load_settings, parse_destination
+
+    flag = parse_destination("ARCHIVE@pacs.local:11112")  # --destination: never asked for priors
+    assert (flag.query, flag.retrieve) == (False, "move")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[destinations]]\nae_title = "PACS"\nhost = "h"\nport = 104\nquery = true\n'
+                   'retrieve = "get"\n')
+    [dest] = load_settings(config_path=cfg, env={}).destinations
+    assert (dest.query, dest.retrieve) == (True, "get")
+    cfg.write_text('[[destinations]]\nae_title = "PACS"\nhost = "h"\nport = 104\n'
+                   'retrieve = "fetch"\n')
+    with pytest.raises(ConfigError, match="destinations.0..retrieve"):
+        load_settings(config_path=cfg, env={})
