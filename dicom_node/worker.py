@@ -231,6 +231,7 @@ class Worker:
         self.priors = JobPriors(self.history, priors)
         self.send_prior_results = send_prior_results
         self._prior_notes: dict[str, str] = {}
+        self._prior_s: dict[str, float] = {}
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
         """Serve ``tasks`` from the next job on (SIGHUP reload)."""
@@ -322,14 +323,14 @@ class Worker:
         EmptyResultError
             The model found nothing (recorded for drift; nothing to store).
         """
-        t0 = time.perf_counter()
         files = self.archive.twins.series_files(job.series_uid)
         if not files:
             raise JobRefused("the series has no current instances")
+        extra = self._prior_of(job, spec, files)  # timed apart (prior_s): it may retrieve
+        t0 = time.perf_counter()
         manufacturer, model_name = _scanner(files[0])
         loaded = self._model(job.task, manufacturer, model_name)
         predecessors = self._predecessor_srs(job)
-        extra = self._prior_of(job, spec, files)
         t_load = time.perf_counter()
         try:
             # the overlay is built after the SEG and SR are on their way (_store)
@@ -363,6 +364,7 @@ class Worker:
         timings = _timings(outcome)
         timings["model_load_s"] = computed.model_load_s
         timings["pipeline_s"] = computed.pipeline_s
+        timings["prior_s"] = self._prior_s.pop(job.key, 0.0)  # finding (or retrieving) the prior
         result = self.results.record(
             job_key=job.key, patient_key=job.patient_key, study_uid=job.study_uid,
             source_series_uid=job.series_uid, source_last_received=job.series_last_received,
@@ -457,6 +459,7 @@ class Worker:
             patient_key=job.patient_key, task=job.task, study_uid=job.study_uid,
             series_uid=job.series_uid, files=files, rules=spec.rules,
             run_prior=lambda uid: self._run_prior(job, spec, uid))
+        self._prior_s[job.key] = lookup.seconds
         if lookup.note:
             self._prior_notes[job.key] = lookup.note
         if lookup.prior is None:
