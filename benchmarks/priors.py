@@ -160,7 +160,7 @@ def _groups(vol, seg, segs, model):  # noqa: ANN001, ANN202 - a benchmark's shor
 
 
 def retrieve_mode(slices: int, stable_after: float) -> None:
-    from loop_helpers import install_model, pacs, results_in_orthanc, storescu, write_files
+    from loop_helpers import install_model, jobs_now, pacs, results_in_orthanc, storescu, write_files
     from node_harness import NodeProcess
     from waiting import wait_until
 
@@ -187,10 +187,14 @@ def retrieve_mode(slices: int, stable_after: float) -> None:
                 wait_until("today's SR in Orthanc", lambda: results_in_orthanc(
                     orthanc, str(today[0].StudyInstanceUID))["sr"], 600, poll=0.1)
                 took = time.monotonic() - t0
+                load1 = os.getloadavg()[0]
+                wait_until("today's job done", lambda: any(
+                    j.state.value == "done" and j.study_uid == str(today[0].StudyInstanceUID)
+                    for j in jobs_now(data)), 300)
                 lines = [ln for ln in node.log_path.read_text().splitlines()
                          if "priors" in ln or "-> result" in ln or "compared with" in ln]
                 print(f"{slices} slices of 512x512, stable_after {stable_after} s, load "
-                      f"{load0:.1f} -> {os.getloadavg()[0]:.1f}: today's SR in Orthanc "
+                      f"{load0:.1f} -> {load1:.1f}: today's SR in Orthanc "
                       f"{took:.1f} s after its last instance was acknowledged")
                 print("\n".join(ln[:240] for ln in lines))
             finally:
