@@ -234,7 +234,7 @@ class PriorRetriever:
         for pacs in self.pacs:
             try:
                 found = self._find(pacs, patient_id, issuer, patient_key, study_uid, today, rules)
-                got, size = self._fetch(pacs, found, rules)
+                got, size = self._fetch(pacs, found, rules, patient_key, study_uid)
             except PacsUnanswered as exc:
                 LOG.warning("priors for a study of twin %s: %s", patient_key, exc)
                 notes.append(str(exc))
@@ -318,8 +318,8 @@ class PriorRetriever:
         finally:
             assoc.release()
 
-    def _fetch(self, pacs: Destination, found: Sequence[FoundSeries], rules: SelectionRules
-               ) -> tuple[list[FoundSeries], int]:
+    def _fetch(self, pacs: Destination, found: Sequence[FoundSeries], rules: SelectionRules,
+               patient_key: str, for_study_uid: str) -> tuple[list[FoundSeries], int]:
         """Retrieve each series (C-MOVE or C-GET) until the bytes bound; those now held."""
         if not found:
             return [], 0
@@ -333,6 +333,9 @@ class PriorRetriever:
                     LOG.info("priors: %d MB reached; series %s not asked for",
                              self.settings.max_bytes // 10**6, f.series_uid)
                     break
+                self.history.expect_retrieved(  # before: a half-moved series is a prior too
+                    series_uid=f.series_uid, study_uid=f.study_uid, patient_key=patient_key,
+                    source=pacs.ae_title, for_study_uid=for_study_uid)
                 self._retrieve_one(assoc, pacs, f)
                 arrival = self.history.series_arrival(f.series_uid)
                 if arrival is not None and arrival[2] > 0:

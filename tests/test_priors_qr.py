@@ -210,6 +210,8 @@ def test_a_pacs_that_does_not_know_the_node_fails_the_move_and_says_so(orthanc, 
                              study_uid=str(today[0].StudyInstanceUID), today=dt.date(2026, 12, 1),
                              rules=RULES)
     assert not got.answered and "C-MOVE" in got.note and "UNKNOWN_AE" in got.note, got.note
+    # marked before it was asked for: had part of it arrived, its result would not be sent
+    assert HistoryStore(data).is_retrieved(str(orthanc[1]["20251201"][0].SeriesInstanceUID))
     archive.close()
 
 

@@ -169,6 +169,17 @@ class HistoryStore(IndexStore):
                     (uid, row[0], row[1], source, now, for_study_uid)).rowcount
         return n
 
+    def expect_retrieved(self, *, series_uid: str, study_uid: str, patient_key: str, source: str,
+                         for_study_uid: str) -> None:
+        """Record a series as retrieved *before* it is asked for, so that whatever of it
+        arrives (all, or part of it when the PACS stops halfway) counts as a prior and
+        its result is never sent unless asked."""
+        with self._lock, write(self.db) as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO retrieved_series (series_uid, study_uid, patient_key,"
+                " source, retrieved_at, for_study_uid) VALUES (?,?,?,?,?,?)",
+                (series_uid, study_uid, patient_key, source, iso(utc_now()), for_study_uid))
+
     def is_retrieved(self, series_uid: str) -> bool:
         """Whether ``series_uid`` came from a PACS as a prior."""
         with self._lock:
