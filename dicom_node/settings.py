@@ -95,6 +95,12 @@ class Destination:
         ``labelmap`` (Label Map Segmentation Storage: one frame per slice, much smaller
         with many labels). A job writes one SEG: LABELMAP when every destination that
         takes the SEG asks for it, else BINARY (:func:`job_seg_type`).
+    query : bool
+        Also ask it for a patient's prior studies (Query/Retrieve, :mod:`dicom_node.wire.priors`;
+        default false).
+    retrieve : str
+        How priors are retrieved from it: ``move`` (C-MOVE to the node's AE title; the
+        PACS must know the node) or ``get`` (C-GET on the query's association).
     """
 
     ae_title: str = ""
@@ -112,6 +118,8 @@ class Destination:
     name: str = ""
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
     seg_type: str = "binary"
+    query: bool = False
+    retrieve: str = "move"
 
     def __post_init__(self) -> None:
         self._defaults()
@@ -149,6 +157,13 @@ class Destination:
         if self.seg_type not in SEG_TYPES:
             raise ConfigError(f"{key}.seg_type", " or ".join(f'"{t}"' for t in SEG_TYPES),
                               self.seg_type, source)
+        if not isinstance(self.query, bool):
+            raise ConfigError(f"{key}.query", "true or false", self.query, source)
+        if self.retrieve not in ("move", "get"):
+            raise ConfigError(f"{key}.retrieve", '"move" or "get"', self.retrieve, source)
+        if self.url and self.query:
+            raise ConfigError(f"{key}.query", "absent with url (priors are queried over DIMSE: "
+                              "C-FIND, C-MOVE or C-GET)", self.query, source)
         if not isinstance(self.name, str) or not 1 <= len(self.name) <= 64 or not all(
                 c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"{key}.name", "1-64 letters, digits, '-', '_' or '.'", self.name, source)
@@ -279,7 +294,8 @@ def _unchecked(**values: Any) -> Destination:
 
 
 _DEST_KEYS = ("name", "ae_title", "host", "port", "url", "auth", "username", "password_file",
-              "token_file", "tls_ca", "confirm", "send", "tls", "transfer_syntaxes", "seg_type")
+              "token_file", "tls_ca", "confirm", "send", "tls", "transfer_syntaxes", "seg_type",
+              "query", "retrieve")
 
 
 def _table_values(table: dict[str, Any], key: str, source: str) -> dict[str, Any]:
@@ -609,7 +625,8 @@ class Settings:
         doc="Where results are sent (``[[destinations]]`` tables with ``ae_title``, ``host``, "
             "``port``, ``send`` (``seg``, ``sr``, ``overlay``, ``rtstruct``; default the first "
             "three), ``tls``, ``name``, ``transfer_syntaxes``, ``seg_type`` (``binary`` or "
-            "``labelmap``), ``confirm``; or, for DICOMweb STOW-RS, ``url``, ``auth``, "
+            "``labelmap``), ``confirm``, ``query`` and ``retrieve`` (``move`` or ``get``: priors "
+            "from this PACS); or, for DICOMweb STOW-RS, ``url``, ``auth``, "
             "``username``, ``password_file``, ``token_file``, ``tls_ca`` instead of "
             "``ae_title``, ``host``, ``port``, ``tls``; ``--destination``).")
     send_backoff_initial_s: float = _setting(
@@ -788,6 +805,33 @@ class Settings:
             "not fit (from its headers and the model, before any pixel is read) is refused with "
             "one line and not retried. 0 derives it from the machine: 80 % of its memory, or of "
             "the cgroup's limit when lower.")
+    # issue 26: priors from the PACS (dicom_node.wire.priors)
+    priors_years: float = _setting(
+        2.0, **_NUMBER, check=_number(0, 100, "a number of years from 0 (off) to 100"),
+        doc="When a study arrives and the twin has no earlier study of the patient within this "
+            "many years, the destinations with ``query = true`` are asked for priors (C-FIND, "
+            "then C-MOVE or C-GET), and the task runs on them so that the new result is "
+            "compared with the prior's; 0 turns it off.")
+    priors_max_studies: int = _setting(
+        3, **_INT, check=_integer(1, 50, "an integer from 1 to 50"),
+        doc="Most prior studies retrieved for one new study (the most recent first).")
+    priors_max_mb: float = _setting(
+        2048.0, **_NUMBER, check=_number(1, 1e6, "a number of MB >= 1"),
+        doc="Most MB (10^6 bytes) retrieved as priors for one new study; once reached, no "
+            "further series is asked for.")
+    priors_per_hour: int = _setting(
+        60, **_INT, check=_integer(1, 100000, "an integer >= 1"),
+        doc="Most prior retrievals (one per new study) the node starts in an hour; beyond it "
+            "a new study goes out compared with what the twin has, saying so.")
+    priors_timeout_s: float = _setting(
+        10.0, **_NUMBER, check=_number(0, 600, "a number of seconds > 0 (at most 600)", above=True),
+        doc="Seconds the PACS has to answer each association, C-FIND and retrieval response "
+            "when asked for priors; a PACS that does not answer in time never holds the new "
+            "result back (it goes out without the comparison, saying so).")
+    send_prior_results: bool = _setting(
+        False, **_BOOL,
+        doc="Send the results computed on retrieved priors to the destinations too (default: "
+            "they stay in the twin and serve the comparison only).")
 
     def __post_init__(self) -> None:
         src = str(self.config_path) if self.config_path else ""

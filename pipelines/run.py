@@ -22,6 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from pipelines.comparison import Comparison, PriorResult, compare, study_date_of
 from pipelines.errors import PipelineError
 from pipelines.inference import LoadedModel
 from pipelines.memory import MemoryEstimate, check_budget, series_geometry
@@ -143,6 +144,7 @@ class PipelineOutcome:
     model_grid_shape: tuple[int, ...]
     selection: SelectionDecision | None
     timings: PipelineTimings
+    comparison: Comparison | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.volume, Volume):
@@ -287,7 +289,7 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
                rules: SelectionRules | None = None, options: WriterOptions | None = None,
                largest_component: bool = True,
                predecessors: Sequence[Dataset] = (),
-               max_memory_bytes: int = 0) -> PipelineOutcome:
+               max_memory_bytes: int = 0, prior: PriorResult | None = None) -> PipelineOutcome:
     """Run one model on one series and build its SEG, SR and overlay.
 
     Parameters
@@ -309,6 +311,10 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
         Memory budget of the process, bytes (0: none). A series whose predicted peak
         (:meth:`LoadedModel.memory_estimate`, from the headers) exceeds it is refused
         with :class:`~pipelines.memory.MemoryBudgetError` before its pixels are read.
+    prior : PriorResult, optional
+        The patient's most recent prior result of the task: today's volumes are
+        compared with it (:func:`pipelines.comparison.compare`) in the SR and the
+        overlay, when the series has a Study Date after the prior's.
 
     Returns
     -------
@@ -357,7 +363,9 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
                      backend=result.backend.value, source="dicom-node registry",
                      task=_lo64(mv.task), device_uid=result.device_uid)
     t2 = time.perf_counter()
-    results = write_results(volume, segments, info, options=options, predecessors=predecessors)
+    comparison = _compare(volume, segments, prior)
+    results = write_results(volume, segments, info, options=options, predecessors=predecessors,
+                            comparison=comparison)
     t_write = time.perf_counter() - t2
 
     timings = PipelineTimings(load_s=t_load, preprocess_s=result.timings.preprocess_s,
@@ -368,7 +376,7 @@ def run_series(items: Sequence[Dataset | str | os.PathLike[str]], model: LoadedM
                               model_version=mv.version, backend=result.backend.value,
                               device_uid=result.device_uid,
                               model_grid_shape=tuple(result.model_grid_shape),
-                              selection=decision, timings=timings)
+                              selection=decision, timings=timings, comparison=comparison)
     LOG.info("series %s: %s", volume.series_instance_uid, outcome.summary())
     return outcome
 
@@ -397,6 +405,20 @@ def check_series_budget(datasets: Sequence[Dataset], model: LoadedModel, max_mem
     check_budget(estimate, max_memory_bytes, series_uid=uid, version=model.version.version)
     LOG.info("series %s: %s; budget %.1f GB", uid, estimate.summary(), max_memory_bytes / 1e9)
     return estimate
+
+
+def _compare(volume: Volume, segments: Sequence[SegmentResult], prior: PriorResult | None
+             ) -> Comparison | None:
+    """Today's volumes against ``prior``; None without a prior, or when the series has
+    no Study Date after the prior's (said in the log)."""
+    if prior is None:
+        return None
+    today = study_date_of(volume.source_images[0])
+    if today is None or not prior.study_date < today:
+        LOG.warning("series %s: not compared with the prior of %s: its Study Date is %s",
+                    volume.series_instance_uid, prior.study_date, today or "absent")
+        return None
+    return compare([(s.name, float(s.volume_ml)) for s in segments], today, prior)
 
 
 def _lo64(text: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.foundation.database import iso, utc_now
+from dicom_node.foundation.clock import iso, utc_now
 from dicom_node.foundation.errors import ConfigError
 from dicom_node.queue.sender import Sender, SendState
 from dicom_node.settings import Destination, load_settings

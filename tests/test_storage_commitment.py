@@ -19,7 +19,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
-from dicom_node.foundation.database import iso, utc_now
+from dicom_node.foundation.clock import iso, utc_now
 from dicom_node.queue.commitment import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
 from dicom_node.queue.sender import Sender, SendState
 from dicom_node.runtime.listener_services import listener_services

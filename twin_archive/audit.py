@@ -74,6 +74,7 @@ class AuditEvent(str, enum.Enum):
     TWIN_ERASED = "twin-erased"
     TWIN_HELD = "twin-held"
     TWIN_RELEASED = "twin-released"
+    PRIORS_RETRIEVED = "priors-retrieved"
 
 
 #: DICOM Event ID (code, meaning) of each event type; DCM coding scheme (PS3.16 CID 400).
@@ -94,6 +95,7 @@ EVENT_IDS: dict[AuditEvent, tuple[str, str]] = {
     AuditEvent.TWIN_ERASED: ("110105", "DICOM Study Deleted"),
     AuditEvent.TWIN_HELD: ("110110", "Patient Record"),
     AuditEvent.TWIN_RELEASED: ("110110", "Patient Record"),
+    AuditEvent.PRIORS_RETRIEVED: ("110104", "DICOM Instances Transferred"),
 }
 
 

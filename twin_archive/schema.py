@@ -235,10 +235,22 @@ def _m9_unclaimed_labels(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX labels_unclaimed ON labels (id) WHERE unclaimed <> ''")
 
 
+def _m10_retrieved_priors(db: sqlite_utils.Database) -> None:
+    """Issue 26: series the node retrieved from a PACS as priors of a patient
+    (:mod:`twin_archive.history`), so that their results are not sent unless asked
+    and ``twin history`` can say which points came from the PACS."""
+    db.execute(
+        "CREATE TABLE retrieved_series (series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL,"
+        " patient_key TEXT NOT NULL, source TEXT NOT NULL, retrieved_at TEXT NOT NULL,"
+        " for_study_uid TEXT NOT NULL DEFAULT '')")
+    db.execute("CREATE INDEX retrieved_series_patient ON retrieved_series (patient_key)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     _m1_initial, _m2_ai_results, _m3_labels_and_training_use, _m4_label_tasks,
     _m5_liberal_acceptance_and_repair, _m6_live_learning, _m7_retention,
-    _m8_instance_indexes_by_patient_and_current, _m9_unclaimed_labels)
+    _m8_instance_indexes_by_patient_and_current, _m9_unclaimed_labels,
+    _m10_retrieved_priors)
 
 
 class IndexStore:

@@ -47,9 +47,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--by", required=True, help="who decides (recorded in the audit log)")
     p.add_argument("--reason", required=True, help="why: the order, the reconciliation...")
     p.set_defaults(func=cmd_merge)
-    from dicom_node.cli import retention
+    from dicom_node.cli import history, retention
 
     retention.register_twin(tsub, parents)
+    history.register_twin(tsub, parents)
 
 
 def _archive(settings: Settings) -> Archive:

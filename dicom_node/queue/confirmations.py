@@ -23,7 +23,9 @@ from datetime import timedelta
 
 import sqlite_utils
 
-from dicom_node.foundation.database import iso, utc_now, write
+from dicom_node.foundation.database import write
+
+from dicom_node.foundation.clock import iso, utc_now
 
 LOG = logging.getLogger(__name__)
 

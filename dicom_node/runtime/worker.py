@@ -41,17 +41,22 @@ from dicom_node.learning.live_learning import LiveLearning
 from dicom_node.queue.sender import Sender
 from dicom_node.settings import Destination, Settings, job_seg_type
 from dicom_node.runtime.rtstruct_output import add_rtstruct
+from dicom_node.runtime.prior_results import JobPriors, volume_points
+from dicom_node.wire.priors import PriorRetriever
 from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
 from pipelines.inference import LoadedModel, load_model
 from pipelines.memory import MemoryBudgetError
 from pipelines.triton import TritonTarget, load_triton_model
 from pipelines.types import WriterOptions
+from pipelines.comparison import banner_line
 from pipelines.writers import build_overlay
+from pipelines.writers.history_plot import history_image
 from pipelines.validation import invalid, validate_results, validate_series
 from registry.errors import NoActiveModelError
 from registry.store import Registry
 from twin_archive import Archive
+from twin_archive.history import HistoryStore
 from twin_archive.results import AIResult, ResultStore, SegmentMeasure
 
 LOG = logging.getLogger(__name__)
@@ -127,7 +132,8 @@ class Worker(JobLoop):
                  destinations: Sequence[Destination], tasks: Sequence[Task],
                  waiting_max_age_h: float = 24.0, name: str = "worker-1",
                  triton: TritonTarget | None = None, wait_backoff_max_s: float = 60.0,
-                 live: LiveLearning | None = None, max_memory_bytes: int = 0) -> None:
+                 live: LiveLearning | None = None, max_memory_bytes: int = 0,
+                 priors: PriorRetriever | None = None, send_prior_results: bool = False) -> None:
         if not waiting_max_age_h > 0:
             raise ValueError(f"waiting_max_age_h must be > 0 hours, got {waiting_max_age_h}")
         self.archive = archive
@@ -160,6 +166,12 @@ class Worker(JobLoop):
 
         # drift figures and shadow runs of served series (dicom_node.learning.live_learning)
         self.live = live or LiveLearning(archive.data_dir, run_series=self._run_series)
+        # issue 26: each result set against the patient's prior (dicom_node.runtime.prior_results)
+        self.history = HistoryStore(archive.data_dir)
+        self.priors = JobPriors(self.history, priors)
+        self.send_prior_results = send_prior_results
+        self._prior_notes: dict[str, str] = {}
+        self._prior_s: dict[str, float] = {}
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
         """Serve ``tasks`` from the next job on (SIGHUP reload)."""
@@ -213,6 +225,8 @@ class Worker(JobLoop):
             raise JobRefused(f"task {job.task!r} is not configured any more (no [[tasks]] table "
                              "names it)")
         destinations = self._destinations(spec)
+        if not self.send_prior_results and self.history.is_retrieved(job.series_uid):
+            destinations = ()  # a prior from the PACS: its result serves the comparison
         overlay = "overlay" in spec.outputs and (
             any("overlay" in d.send for d in destinations) or not self.destinations)
         done = self.results.by_job_key(job.key)
@@ -249,10 +263,11 @@ class Worker(JobLoop):
         EmptyResultError
             The model found nothing (recorded for drift; nothing to store).
         """
-        t0 = time.perf_counter()
         files = self.archive.twins.series_files(job.series_uid)
         if not files:
             raise JobRefused("the series has no current instances")
+        extra = self._prior_of(job, spec, files)  # timed apart (prior_s): it may retrieve
+        t0 = time.perf_counter()
         manufacturer, model_name = _scanner(files[0])
         loaded = self._model(job.task, manufacturer, model_name)
         predecessors = self._predecessor_srs(job)
@@ -263,7 +278,7 @@ class Worker(JobLoop):
                                        options=WriterOptions(write_overlay=False,
                                                              seg_type=seg_type),
                                        predecessors=predecessors,
-                                       max_memory_bytes=self.max_memory_bytes)
+                                       max_memory_bytes=self.max_memory_bytes, **extra)
         except MemoryBudgetError as exc:  # retrying would hit the same wall
             raise JobRefused(str(exc)) from exc
         except EmptyResultError:
@@ -290,6 +305,7 @@ class Worker(JobLoop):
         timings = _timings(outcome)
         timings["model_load_s"] = computed.model_load_s
         timings["pipeline_s"] = computed.pipeline_s
+        timings["prior_s"] = self._prior_s.pop(job.key, 0.0)  # finding (or retrieving) the prior
         result = self.results.record(
             job_key=job.key, patient_key=job.patient_key, study_uid=job.study_uid,
             source_series_uid=job.series_uid, source_last_received=job.series_last_received,
@@ -315,7 +331,9 @@ class Worker(JobLoop):
                  job.series_uid, result.id, result.model_name, result.model_version, result.backend,
                  ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in result.segments) or "no segment",
                  seconds, computed.pipeline_s, t_seg_sr - t_run, time.perf_counter() - t_seg_sr)
-        return JobOutcome(job_id=job.id, result=result, note="", seconds=seconds)
+        # what the comparison could not be (a PACS that did not answer), in the job's note
+        return JobOutcome(job_id=job.id, result=result, note=self._prior_notes.pop(job.key, ""),
+                          seconds=seconds)
 
     def _add_overlay(self, job: Job, result: AIResult, outcome: Any,
                      timings: dict[str, float], destinations: Sequence[Destination]) -> AIResult:
@@ -328,9 +346,12 @@ class Worker(JobLoop):
         t0 = time.perf_counter()
         try:
             images = build_overlay(outcome.volume, outcome.segments, outcome.model,
-                                   options=WriterOptions(write_overlay=True))
+                                   options=WriterOptions(write_overlay=True),
+                                   note=banner_line(getattr(outcome, "comparison", None),
+                                                    note=self._prior_notes.get(job.key, "")))
         except EmptyResultError:
             return result
+        images = (*images, *self._history_chart(result, images))
         t1 = time.perf_counter()
         held = invalid(validate_series(images, "overlay"))
         t2 = time.perf_counter()
@@ -372,6 +393,50 @@ class Worker(JobLoop):
                         "other segments than the recorded SEG", job.id, done.id)
             return done
         return self._add_overlay(job, done, outcome, {}, destinations)
+
+    def _prior_of(self, job: Job, spec: Task, files: Sequence[Path]) -> dict[str, Any]:
+        """``{"prior": PriorResult}`` for the pipeline when the patient has a prior result
+        of the task (retrieved from the PACS first when the twin has none), else ``{}``;
+        what could not be done is kept for the overlay's banner line."""
+        lookup = self.priors.lookup(
+            patient_key=job.patient_key, task=job.task, study_uid=job.study_uid,
+            series_uid=job.series_uid, files=files, rules=spec.rules,
+            run_prior=lambda uid: self._run_prior(job, spec, uid))
+        self._prior_s[job.key] = lookup.seconds
+        if lookup.note:
+            self._prior_notes[job.key] = lookup.note
+        if lookup.prior is None:
+            return {}
+        LOG.info("job %d: compared with the prior result of %s (found in %.3f s)", job.id,
+                 lookup.prior.study_date, lookup.seconds)
+        return {"prior": lookup.prior}
+
+    def _run_prior(self, job: Job, spec: Task, series_uid: str) -> None:
+        """Run ``job``'s task on a series retrieved as a prior and record its result
+        (under the key its own job will have: that job then finds it recorded); not
+        sent unless ``send_prior_results`` (:meth:`run` narrows its destinations)."""
+        arrival = self.history.series_arrival(series_uid)
+        if arrival is None or arrival[2] == 0:
+            return
+        prior_job = replace(job, series_uid=series_uid, study_uid=arrival[0],
+                            series_last_received=arrival[1], instances=arrival[2])
+        if self.results.by_job_key(prior_job.key) is not None:
+            return
+        destinations = self._destinations(spec) if self.send_prior_results else ()
+        try:
+            computed = self._compute(prior_job, spec)
+            self._store(prior_job, spec, computed, destinations, False, time.perf_counter())
+        except (PipelineError, JobWaitsForModel) as exc:
+            LOG.warning("job %d: prior series %s not measured: %s", job.id, series_uid, exc)
+        finally:
+            self.computed = None
+
+    def _history_chart(self, result: AIResult, images: Sequence[Any]) -> tuple[Any, ...]:
+        """The twin's volumes over time as one more overlay image (two time points or more)."""
+        points = volume_points(self.history, result.patient_key, result.task)
+        if len({p.study_date for p in points}) < 2 or not images:
+            return ()
+        return (history_image(points, images),)
 
     @staticmethod
     def _log_held(job: Job, held: dict[str, str]) -> None:

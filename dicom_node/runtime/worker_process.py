@@ -137,6 +137,7 @@ def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Set
                             tls_context=client_tls_context(settings),
                             tls_destinations=frozenset(d.key for d in settings.destinations if d.tls))
     from dicom_node.learning.live_learning import LiveLearning
+    from dicom_node.wire.priors import retriever_for
     from pipelines.memory import budget_bytes
 
     triton = triton_target(settings)
@@ -145,7 +146,9 @@ def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Set
                     waiting_max_age_h=settings.waiting_for_model_max_age_h, name=name,
                     triton=triton, wait_backoff_max_s=settings.triton_backoff_max_s,
                     live=LiveLearning.from_settings(settings),
-                    max_memory_bytes=budget_bytes(settings.max_memory_gb))
+                    max_memory_bytes=budget_bytes(settings.max_memory_gb),
+                    priors=retriever_for(settings, archive.ingest),
+                    send_prior_results=settings.send_prior_results)
     if triton is not None:
         LOG.info("%s: inference on Triton at %s (%s models); pre- and post-processing here",
                  name, triton.url, settings.triton_variant)

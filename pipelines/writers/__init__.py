@@ -16,6 +16,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from dicom_node.foundation.durable import fsync_dir, open_durably
+from pipelines.comparison import Comparison, banner_line
 from pipelines.types import ModelInfo, ResultDatasets, SegmentResult, Volume, WriterOptions
 from pipelines.uids import is_valid_uid
 from pipelines.writers.overlay import build_overlay
@@ -29,7 +30,8 @@ __all__ = ["build_overlay", "build_seg", "build_sr", "save_results", "write_resu
 
 def write_results(volume: Volume, segments: Sequence[SegmentResult], model: ModelInfo, *,
                   options: WriterOptions | None = None,
-                  predecessors: Sequence[Dataset] = ()) -> ResultDatasets:
+                  predecessors: Sequence[Dataset] = (),
+                  comparison: Comparison | None = None) -> ResultDatasets:
     """Build the SEG, the SR that measures it, and (optionally) the overlay series.
 
     Parameters
@@ -45,6 +47,9 @@ def write_results(volume: Volume, segments: Sequence[SegmentResult], model: Mode
     predecessors : sequence of pydicom.dataset.Dataset, optional
         The SR(s) of the result this one supersedes; referenced from the new SR's
         Predecessor Documents Sequence.
+    comparison : Comparison, optional
+        Today's volumes against the patient's prior result: in the SR (time points,
+        the prior's groups) and as the overlay banner's comparison line.
 
     Returns
     -------
@@ -60,8 +65,10 @@ def write_results(volume: Volume, segments: Sequence[SegmentResult], model: Mode
     """
     opts = options or WriterOptions()
     seg = build_seg(volume, segments, model, options=opts)
-    sr = build_sr(volume, seg, segments, model, options=opts, predecessors=predecessors)
-    overlay = build_overlay(volume, segments, model, options=opts) if opts.write_overlay else ()
+    sr = build_sr(volume, seg, segments, model, options=opts, predecessors=predecessors,
+                  comparison=comparison)
+    overlay = build_overlay(volume, segments, model, options=opts,
+                            note=banner_line(comparison)) if opts.write_overlay else ()
     return ResultDatasets(seg=seg, sr=sr, overlay=overlay)
 
 

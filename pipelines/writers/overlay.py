@@ -46,7 +46,7 @@ _CROSS = ndimage.generate_binary_structure(2, 1)
 
 
 def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: ModelInfo, *,
-                  options: WriterOptions | None = None) -> tuple[Dataset, ...]:
+                  options: WriterOptions | None = None, note: str = "") -> tuple[Dataset, ...]:
     """Render the overlay series, one RGB secondary capture per source slice with a segment.
 
     Parameters
@@ -61,6 +61,10 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
     options : WriterOptions, optional
         Window (HU), contour width (pixels of the source matrix), minimum width and
         series number.
+    note : str, optional
+        A second banner line under the warning: the comparison with the prior
+        (``Spleen +28 % since 2025-12-03``, :func:`pipelines.comparison.banner_line`)
+        or why there is none.
 
     Returns
     -------
@@ -90,7 +94,8 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
     present = np.stack([s.present_slices() for s in kept], axis=1)  # (grid slices, segments)
 
     strips = _Strips(width=volume.shape[2] * factor, height=volume.shape[1] * factor,
-                     banner_h=banner_h, font=font, model_text=f"{model.name} {model.version}")
+                     banner_h=banner_h, font=font, model_text=f"{model.name} {model.version}",
+                     note=note)
     out: list[Dataset] = []
     for n, src in enumerate(volume.source_images):
         k = int(grid_index[n])
@@ -341,7 +346,8 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, room: i
 
 
 def _decorate(rgb: np.ndarray, banner_h: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
-              names: list[tuple[str, tuple[int, int, int]]], model_text: str) -> np.ndarray:
+              names: list[tuple[str, tuple[int, int, int]]], model_text: str,
+              note: str = "") -> np.ndarray:
     """Add the banner strip above the image and a legend strip below it.
 
     Neither strip covers the image: the banner is the warning, the legend lists the
@@ -350,7 +356,8 @@ def _decorate(rgb: np.ndarray, banner_h: int, font: ImageFont.ImageFont | ImageF
     as with 104 labels, its type shrinks down to 11 px first).
     """
     h, w = rgb.shape[:2]
-    strips = _Strips(width=w, height=h, banner_h=banner_h, font=font, model_text=model_text)
+    strips = _Strips(width=w, height=h, banner_h=banner_h, font=font, model_text=model_text,
+                     note=note)
     return strips.around(rgb, names)
 
 
@@ -363,13 +370,20 @@ class _Strips:
     """
 
     def __init__(self, *, width: int, height: int, banner_h: int,
-                 font: ImageFont.ImageFont | ImageFont.FreeTypeFont, model_text: str) -> None:
+                 font: ImageFont.ImageFont | ImageFont.FreeTypeFont, model_text: str,
+                 note: str = "") -> None:
         self.width, self.height, self.font, self.model_text = width, height, font, model_text
-        canvas = Image.new("RGB", (width, banner_h), _BANNER_RGB)
         left, top, right, bottom = font.getbbox(OVERLAY_BANNER)
-        ImageDraw.Draw(canvas).text(
-            ((width - (right - left)) // 2 - left, (banner_h - (bottom - top)) // 2 - top),
-            OVERLAY_BANNER, fill=_TEXT_RGB, font=font)
+        # issue 26: the comparison with the prior (or why there is none), wrapped, under
+        # the warning
+        notes = _wrap(note, font, max(1, width - 8)) if note else []
+        line_h = int(bottom - top) + 6
+        canvas = Image.new("RGB", (width, banner_h + len(notes) * line_h), _BANNER_RGB)
+        draw = ImageDraw.Draw(canvas)
+        draw.text(((width - (right - left)) // 2 - left, (banner_h - (bottom - top)) // 2 - top),
+                  OVERLAY_BANNER, fill=_TEXT_RGB, font=font)
+        for i, line in enumerate(notes):
+            draw.text((4, banner_h + i * line_h - top), line, fill=_TEXT_RGB, font=font)
         self.banner = np.asarray(canvas, dtype=np.uint8)
         self.legends: dict[tuple[tuple[str, tuple[int, int, int]], ...], np.ndarray] = {}
 

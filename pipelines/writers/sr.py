@@ -31,6 +31,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from pipelines.comparison import Comparison
 from pipelines.codes import MILLILITER, VOLUME, SegmentCoding, procedure_reported, segment_coding
 from scipy import ndimage
 
@@ -38,6 +39,7 @@ from pipelines.types import NODE_MANUFACTURER, ModelInfo, SegmentResult, Volume,
 from pipelines.uids import new_uid
 from pipelines.writers.seg import contributing_equipment, written_segments
 from pipelines.writers.highdicom_speedups import comprehensive_3d_sr
+from pipelines.writers.sr_prior import with_prior
 
 LOG = logging.getLogger(__name__)
 #: A measurement group of the report: a segment's volume or its outline.
@@ -46,8 +48,8 @@ _Group = (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
 
 
 def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], model: ModelInfo, *,
-             options: WriterOptions | None = None, predecessors: Sequence[Dataset] = ()
-             ) -> Dataset:
+             options: WriterOptions | None = None, predecessors: Sequence[Dataset] = (),
+             comparison: Comparison | None = None) -> Dataset:
     """Write the segments' volumes as a TID 1500 Comprehensive 3D SR.
 
     Parameters
@@ -66,6 +68,9 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
     predecessors : sequence of pydicom.dataset.Dataset, optional
         Earlier SRs of the same series and task that this one supersedes; each goes
         into the Predecessor Documents Sequence (0040,A360).
+    comparison : Comparison, optional
+        Today's volumes set against the patient's prior result: time points and the
+        prior's groups (:func:`pipelines.writers.sr_prior.with_prior`).
 
     Returns
     -------
@@ -92,13 +97,17 @@ def build_sr(volume: Volume, seg: Dataset, segments: Sequence[SegmentResult], mo
         name=model.name, version=model.version,
         parameters=[f"backend={model.backend}"] if model.backend else None)
     groups = _measurement_groups(volume, seg, items, kept, algorithm)
+    evidence = [*volume.source_instances, seg]
+    if comparison is not None:  # issue 26: the prior time point, in its own module
+        groups, evidence = with_prior(groups, evidence, comparison, items,
+                                      volume.study_instance_uid)
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=(hd.sr.CodedConcept(*opts.procedure_code) if opts.procedure_code
                             else procedure_reported(volume.source_images[0])),
         imaging_measurements=groups)
     sr = comprehensive_3d_sr(
-        evidence=[*volume.source_instances, seg], content=report,
+        evidence=evidence, content=report,
         series_instance_uid=new_uid(), series_number=opts.sr_series_number,
         sop_instance_uid=new_uid(), instance_number=1, manufacturer=NODE_MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False,

@@ -1,0 +1,129 @@
+"""A job's prior: found in the twin, or retrieved from the PACS and run first (issue 26).
+
+:class:`JobPriors` is what the worker asks before it runs a job's pipeline: the
+patient's most recent prior result of the task (:meth:`HistoryStore.prior_result`),
+as the :class:`~pipelines.comparison.PriorResult` the pipeline compares with. When
+the twin holds no earlier study within ``priors_years`` and a destination has
+``query = true``, it first retrieves the priors (:class:`~dicom_node.wire.priors.PriorRetriever`)
+and has the worker run the task on them, oldest first, so that their results exist
+(recorded in the twin, not sent unless ``send_prior_results``). What it could not do
+is said in :attr:`PriorLookup.note` (the overlay's banner line and the job's note):
+the new result never waits for a PACS that does not answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+from dicom_node.wire.priors import PriorRetriever
+from pipelines.comparison import PriorResult, PriorSegment
+from pipelines.selection import SelectionRules
+from pipelines.writers.history_plot import VolumePoint
+from twin_archive.history import HistoryStore, PriorRecord, study_day
+
+LOG = logging.getLogger(__name__)
+
+_HEADER_TAGS = ["PatientID", "IssuerOfPatientID", "StudyDate", "StudyInstanceUID"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class PriorLookup:
+    """The prior a job is compared with (None: none), and what to say about it."""
+
+    prior: PriorResult | None
+    note: str
+    seconds: float
+
+
+def as_prior_result(record: PriorRecord) -> PriorResult | None:
+    """The pipeline's view of a prior result (its SEG's headers read for the SR's
+    reference; None when it has no study date)."""
+    if record.study_date is None:
+        return None
+    seg = None
+    for obj in record.result.objects:
+        if obj.kind == "seg":
+            try:
+                seg = pydicom.dcmread(obj.path, stop_before_pixels=True)
+            except (OSError, ValueError) as exc:  # pruned by retention, or damaged
+                LOG.warning("prior result %d: SEG %s cannot be read (%s); the SR will not "
+                            "reference it", record.result.id, obj.sop_instance_uid, exc)
+            break
+    return PriorResult(study_uid=record.result.study_uid, study_date=record.study_date,
+                       segments=tuple(PriorSegment(name=s.name, volume_ml=s.volume_ml)
+                                      for s in record.result.segments if s.volume_ml >= 0),
+                       seg=seg, model_version=record.result.model_version)
+
+
+def volume_points(history: HistoryStore, patient_key: str, task: str) -> list[VolumePoint]:
+    """The twin's dated volumes of ``task`` (for the chart)."""
+    out = []
+    for p in history.history(patient_key, task):
+        day = study_day(p.study_date)
+        if day is not None:
+            out.append(VolumePoint(segment=p.segment, study_date=day, volume_ml=p.volume_ml))
+    return out
+
+
+class JobPriors:
+    """Finds (and when needed retrieves) a job's prior.
+
+    Parameters
+    ----------
+    history : HistoryStore
+    retriever : PriorRetriever or None
+        None: never asks a PACS.
+    """
+
+    def __init__(self, history: HistoryStore, retriever: PriorRetriever | None) -> None:
+        self.history = history
+        self.retriever = retriever
+
+    def lookup(self, *, patient_key: str, task: str, study_uid: str, series_uid: str,
+               files: Sequence[Path], rules: SelectionRules,
+               run_prior: Callable[[str], None]) -> PriorLookup:
+        """The prior of a job's series (retrieving it first when the twin has none).
+
+        ``run_prior(series_uid)`` runs the job's task on a retrieved series now and
+        records its result (the worker's; it does not send it).
+        """
+        t0 = time.perf_counter()
+        note = ""
+        if self.retriever is not None and not self.history.is_retrieved(series_uid):
+            note = self._retrieve(patient_key, study_uid, files, rules, run_prior)
+        record = self.history.prior_result(patient_key, task, study_uid)
+        prior = as_prior_result(record) if record is not None else None
+        if prior is None and not note and record is not None:
+            note = "no comparison: the prior study has no Study Date"
+        return PriorLookup(prior=prior, note=note if prior is None else "",
+                           seconds=time.perf_counter() - t0)
+
+    def _retrieve(self, patient_key: str, study_uid: str, files: Sequence[Path],
+                  rules: SelectionRules, run_prior: Callable[[str], None]) -> str:
+        """Retrieve priors when the twin has none in the window and run the task on
+        them; what to say when that could not be done ('' otherwise)."""
+        assert self.retriever is not None
+        head = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        today = study_day(str(head.get("StudyDate", "") or ""))
+        why_not = self.retriever.wanted(patient_key, study_uid, today)
+        if why_not or today is None:
+            LOG.debug("twin %s: priors not asked for: %s", patient_key, why_not)
+            return ""
+        got = self.retriever.retrieve(
+            patient_id=str(head.get("PatientID", "") or ""),
+            issuer=str(head.get("IssuerOfPatientID", "") or ""), patient_key=patient_key,
+            study_uid=study_uid, today=today, rules=rules)
+        if not got.answered:
+            LOG.warning("twin %s: the result goes out without the comparison with a prior "
+                        "from the PACS: %s", patient_key, got.note)
+            return f"no comparison: {got.note}"[:200]
+        for found in sorted(got.series, key=lambda f: f.study_date):  # oldest first
+            run_prior(found.series_uid)
+        return ""
+
