@@ -16,7 +16,7 @@ from pydicom import uid as tsuid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.handlers.association import (
@@ -31,12 +31,15 @@ from dicom_node.handlers.association import (
 )
 from dicom_node.handlers.admission import Admission
 from dicom_node.handlers.echo import handle_echo
+from dicom_node.handlers.mpps import handle_n_create, handle_n_set
 from dicom_node.handlers.store import handle_store
 from dicom_node import bounded_wire, fast_receive
 from dicom_node.acceptor import AcceptorPool
 from dicom_node.errors import DicomNodeError
+from dicom_node.jobs import connect_queue
 from dicom_node.metrics import NodeMetrics
-from dicom_node.settings import Settings
+from dicom_node.mpps import MppsSteps
+from dicom_node.settings import Settings, resolve_forward
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
 from twin_archive.ingest import Ingest
 
@@ -105,6 +108,12 @@ class DicomServer:
         self.admission = Admission(settings.max_associations, settings.max_associations_per_host,
                                    self.metrics)
         self.ssl_context = server_tls_context(settings, on_refused=self._tls_refused)
+        # MPPS steps go to queue.sqlite (dicom_node/mpps.py); on_mpps wakes the monitor.
+        forward = resolve_forward(settings.forward_mpps, settings.destinations).key \
+            if settings.forward_mpps else ""
+        self.mpps = MppsSteps(connect_queue(settings.data_dir), forward_to=forward)
+        self._mpps_lock = threading.Lock()
+        self.on_mpps: Callable[[], None] = lambda: None
         self.ae = self._build_ae()
         # The one switch for everything that reaches into pynetdicom (dicom_node/fast_receive).
         self.fast_receive = settings.fast_receive and fast_receive.install(self.ae, ingest.tmp_dir)
@@ -121,6 +130,8 @@ class DicomServer:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
         ae.add_supported_context(Verification)
+        ae.add_supported_context(ModalityPerformedProcedureStep,
+                                 [tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian])
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
         # pynetdicom counts connections whose request has not arrived; the node's own
@@ -138,6 +149,8 @@ class DicomServer:
         return [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingest, self.metrics, self.ledger]),
+            (evt.EVT_N_CREATE, handle_n_create, [self.mpps, self._mpps_lock, self._mpps_changed]),
+            (evt.EVT_N_SET, handle_n_set, [self.mpps, self._mpps_lock, self._mpps_changed]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.metrics, self.audit]),
             (evt.EVT_REQUESTED, handle_requested, [self.metrics, self.audit, self.admission]),
             (evt.EVT_REJECTED, handle_rejected, [self.metrics, self.audit]),
@@ -147,6 +160,9 @@ class DicomServer:
             (evt.EVT_CONN_CLOSE, fast_receive.discard_unclaimed),
             (evt.EVT_CONN_OPEN, self._connection_opened),
         ]
+
+    def _mpps_changed(self) -> None:
+        self.on_mpps()
 
     def _connection_opened(self, event: Any) -> None:
         with self._opened_lock:
@@ -317,6 +333,8 @@ class DicomServer:
             self._server = None
             self._reaper_stop.set()
             self.reap()
+            with self._mpps_lock:
+                self.mpps.db.conn.close()
         if pool_stop is not None:
             pool_stop.join()
 

@@ -212,9 +212,11 @@ def test_the_check_for_repeated_blocks_finds_them(tmp_path: Path) -> None:
 STORE_TABLES = ("twins", "consent_events", "studies", "series", "instances", "ai_results",
                 "ai_result_objects", "labels", "training_use", "twin_merges", "audit_events",
                 "model_versions", "artifacts", "verifications", "audit", "schema_migrations")
-QUEUE_TABLES = ("jobs", "sends", "monitored_series")
+QUEUE_TABLES = ("jobs", "sends", "monitored_series", "mpps_steps", "mpps_series",
+                "mpps_instances", "mpps_forwards", "series_sizes", "scanner_completeness")
 STORES = ("twin_archive/", "registry/")
-QUEUE_MODULES = ("dicom_node/jobs.py", "dicom_node/sender.py", "dicom_node/monitor.py")
+QUEUE_MODULES = ("dicom_node/jobs.py", "dicom_node/sender.py", "dicom_node/monitor.py",
+                 "dicom_node/mpps.py", "dicom_node/mpps_forward.py", "dicom_node/completeness.py")
 _SQL_NAMING = r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE|EXISTS)\s+(?:\w+\.)?[\"'`]?({names})\b"
 
 

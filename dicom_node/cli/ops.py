@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node import retention
+from dicom_node.completeness import CompletenessCounts, read_completeness
 from dicom_node.database import utc_now
 from dicom_node.node import STATE_FILE
 from dicom_node.observability import NodeState, read_state
@@ -169,6 +170,19 @@ def status_json(data_dir: Path, running: dict[str, Any] | None, health: dict[str
                 "unreadable": list(state.unreadable)}}
 
 
+def completeness_lines(found: CompletenessCounts) -> list[str]:
+    """``status`` lines: how series were completed, and each scanner's early starts."""
+    if not found.by and not found.scanners:
+        return []
+    lines = ["complete:  " + (", ".join(f"{n} by {how}" for how, n in sorted(found.by.items()))
+                              or "none yet")]
+    for sc in found.scanners:
+        lines.append(f"scanner:   {sc.scanner}: {sc.early} series complete early, {sc.reopened} "
+                     "re-opened" + ("" if sc.early_start else
+                                    " - early start OFF (early_reopen_limit reached)"))
+    return lines
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(settings.data_dir)
     state = read_state(data_dir)
@@ -183,9 +197,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             health = {"healthy": False, "error": body[:200]}
         live = _live_counters(running["metrics"])
     disk = _storage(settings)
+    complete = read_completeness(data_dir)
     if args.json:
         out = status_json(data_dir, running, health, live, state)
         out["storage"] = disk.to_dict() if disk is not None else None
+        out["completeness"] = {"by": complete.by, "scanners": [
+            {"scanner": sc.scanner, "early": sc.early, "reopened": sc.reopened,
+             "early_start": sc.early_start} for sc in complete.scanners]}
         print(json.dumps(out, indent=2))
         return 0
     if running:
@@ -221,6 +239,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
               f"`dicom-node models import BUNDLE_DIR --task {task} --activate`")
     print("sends:     " + (", ".join(f"{n} {s}" for s, n in sorted(state.sends.items())) or "none")
           + (f"; {state.send_failed_attempts} failed attempt(s)" if state.send_failed_attempts else ""))
+    for line in completeness_lines(complete):
+        print(line)
     if state.stages:
         print(f"results:   {state.results}; mean seconds per stage: " + ", ".join(
             f"{k} {v.total_s / v.count:.2f}" for k, v in state.stages.items() if v.count))

@@ -1,0 +1,341 @@
+"""Results the moment the series ends: MPPS and learned completeness (issue 29, items 1-2).
+
+The real node (subprocess) gets MPPS from pynetdicom as the scanner's MPPS SCU over real
+associations, and images from dcmtk ``storescu``. With the quiet period set long
+(``stable_after`` 60 s), a series whose MPPS COMPLETED lists every instance received
+gets its job (and, with a model and a real Orthanc, its SEG and SR) at once; the MPPS is
+passed on to a pynetdicom MPPS SCP standing in for the PACS (Orthanc has no MPPS SCP).
+DISCONTINUED, a COMPLETED that lists an instance that never comes, and malformed or
+out-of-order messages are checked with the status each must get. A scanner's series
+size is learned: its third series completes early, a shorter one from it still waits,
+a late instance re-opens an early one (counted in ``status`` and ``/metrics``) and the
+scanner that re-opens too often loses its early start.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+from loop_helpers import install_model, pacs, results_in_orthanc, small_study, storescu, write_files
+from node_harness import NodeProcess, free_port
+from waiting import wait_until
+
+STATION = "CT-ROOM-1"
+
+
+# ------------------------------------------------------------------ the scanner's side
+def _associate(port: int, calling: str = "SCANNER") -> Any:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    return assoc
+
+
+def n_create(port: int, step_uid: str, *, study_uid: str, status: str | None = "IN PROGRESS",
+             drop: str = "") -> int:
+    """Send an N-CREATE; return the status the node answered."""
+    ds = Dataset()
+    if status is not None:
+        ds.PerformedProcedureStepStatus = status
+    ds.PerformedStationAETitle = "SCANNER"
+    ds.PerformedStationName = STATION
+    ds.PerformedProcedureStepID = "PPS-1"
+    ds.PerformedProcedureStepStartDate, ds.PerformedProcedureStepStartTime = "20261206", "120000"
+    item = Dataset()
+    item.StudyInstanceUID = study_uid
+    ds.ScheduledStepAttributesSequence = DicomSequence([item])
+    ds.PerformedSeriesSequence = DicomSequence([])
+    if drop:
+        delattr(ds, drop)
+    assoc = _associate(port)
+    try:
+        rsp, _ = assoc.send_n_create(ds, ModalityPerformedProcedureStep, step_uid)
+    finally:
+        assoc.release()
+    return int(rsp.Status)
+
+
+def performed(series: dict[str, list[Dataset]], extra: dict[str, list[str]] | None = None
+              ) -> DicomSequence:
+    """A Performed Series Sequence listing every instance of ``series`` (and ``extra`` UIDs)."""
+    items = []
+    for uid, datasets in series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = uid
+        item.SeriesDescription = "abdomen"
+        refs = []
+        for ds in datasets:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = ds.SOPClassUID
+            ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            refs.append(ref)
+        for sop in (extra or {}).get(uid, []):
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = datasets[0].SOPClassUID
+            ref.ReferencedSOPInstanceUID = sop
+            refs.append(ref)
+        item.ReferencedImageSequence = DicomSequence(refs)
+        items.append(item)
+    return DicomSequence(items)
+
+
+def n_set(port: int, step_uid: str, status: str | None, series: DicomSequence | None = None) -> int:
+    """Send an N-SET; return the status the node answered."""
+    ds = Dataset()
+    if status is not None:
+        ds.PerformedProcedureStepStatus = status
+    ds.PerformedProcedureStepEndDate, ds.PerformedProcedureStepEndTime = "20261206", "121000"
+    if series is not None:
+        ds.PerformedSeriesSequence = series
+    assoc = _associate(port)
+    try:
+        rsp, _ = assoc.send_n_set(ds, ModalityPerformedProcedureStep, step_uid)
+    finally:
+        assoc.release()
+    return int(rsp.Status)
+
+
+# ------------------------------------------------------------------ the node's side
+def decisions(data_dir: Path) -> dict[str, tuple[str, str]]:
+    """Series UID -> (decision, completed_by) from the node's queue (read from outside)."""
+    path = data_dir / "queue.sqlite"
+    if not path.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {u: (d, b) for u, d, b in conn.execute(
+            "SELECT series_uid, decision, completed_by FROM monitored_series")}
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        conn.close()
+
+
+def series(patient: str, slices: int, *, seed: int = 5, description: str = "abdomen") -> list[Dataset]:
+    datasets = small_study(patient, slices=slices, size=32, seed=seed)
+    for ds in datasets:
+        ds.StationName = STATION
+        ds.SeriesDescription = description
+    return datasets
+
+
+def _send(node: NodeProcess, datasets: list[Dataset], folder: Path) -> float:
+    storescu(node.port, write_files(datasets, folder))
+    return time.monotonic()
+
+
+def _node(tmp_path: Path, stable_after: float, extra: str = "", workers: int = 0) -> NodeProcess:
+    data = tmp_path / "data"
+    return NodeProcess(data, workers=workers, config=f"stable_after = {stable_after}\n{extra}")
+
+
+@pytest.fixture
+def quiet_node(tmp_path: Path) -> Iterator[NodeProcess]:
+    """A node whose quiet period is 3 s (no inference worker)."""
+    node = _node(tmp_path, 3.0).start()
+    yield node
+    node.stop()
+
+
+# ------------------------------------------------------------------ an MPPS SCP as the PACS
+class MppsPacs:
+    """A pynetdicom MPPS SCP that records what it receives (the PACS behind the node)."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, str, str]] = []  # (N-CREATE/N-SET, step, status)
+        self.port = free_port()
+        self.ae = AE(ae_title="PACS_MPPS")
+        self.ae.add_supported_context(ModalityPerformedProcedureStep)
+        handlers = [(evt.EVT_N_CREATE, self._create), (evt.EVT_N_SET, self._set)]
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
+                                           evt_handlers=handlers)
+        self.lock = threading.Lock()
+
+    def _create(self, event: Any) -> tuple[int, Dataset]:
+        ds = event.attribute_list
+        with self.lock:
+            self.received.append(("N-CREATE", str(event.request.AffectedSOPInstanceUID),
+                                  str(ds.PerformedProcedureStepStatus)))
+        return 0x0000, ds
+
+    def _set(self, event: Any) -> tuple[int, None]:
+        ds = event.modification_list
+        with self.lock:
+            self.received.append(("N-SET", str(event.request.RequestedSOPInstanceUID),
+                                  str(ds.get("PerformedProcedureStepStatus", ""))))
+        return 0x0000, None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+# ------------------------------------------------------------------ the tests
+@pytest.mark.orthanc
+def test_mpps_completed_gives_the_result_without_waiting_the_quiet_period(tmp_path: Path) -> None:
+    """IN PROGRESS, images, COMPLETED: SEG and SR in Orthanc long before the 60 s quiet
+    period; the MPPS reaches the PACS's MPPS SCP in order."""
+    mpps_pacs = MppsPacs()
+    with pacs(tmp_path / "orthanc") as orthanc:
+        data = tmp_path / "data"
+        data.mkdir()
+        install_model(data)
+        config = (f'forward_mpps = "PACS_MPPS@127.0.0.1:{mpps_pacs.port}"\n'
+                  "[[destinations]]\n"
+                  f'ae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+                  'send = ["seg", "sr"]\n')
+        node = NodeProcess(data, workers=1, config="stable_after = 60\n" + config).start()
+        try:
+            datasets = small_study("MPPS-1", slices=24, size=64)
+            study, uid = str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
+            step = generate_uid()
+            assert n_create(node.port, step, study_uid=study) == 0x0000
+            _send(node, datasets, tmp_path / "s1")
+            start = time.monotonic()
+            assert n_set(node.port, step, "COMPLETED", performed({uid: datasets})) == 0x0000
+            wait_until("the series decided by MPPS", lambda: decisions(data).get(uid), 10,
+                       poll=0.05)
+            assert decisions(data)[uid] == ("queued", "mpps")
+            assert time.monotonic() - start < 5.0  # not 60 s
+            wait_until("SEG and SR in Orthanc", lambda: (lambda r: r["seg"] and r["sr"])(
+                results_in_orthanc(orthanc, study)), 50, poll=0.5)
+            assert time.monotonic() - start < 55.0, "the result waited for the quiet period"
+            wait_until("the MPPS passed on", lambda: len(mpps_pacs.received) == 2, 20, poll=0.1)
+            assert mpps_pacs.received == [("N-CREATE", step, "IN PROGRESS"),
+                                          ("N-SET", step, "COMPLETED")]
+            assert f"series {uid} complete early (mpps: MPPS step {step} COMPLETED" in node.log()
+        finally:
+            node.stop()
+            mpps_pacs.stop()
+
+
+def test_mpps_discontinued_waits_for_the_quiet_period(quiet_node: NodeProcess,
+                                                      tmp_path: Path) -> None:
+    node = quiet_node
+    datasets = series("DISC-1", 6)
+    uid, step = str(datasets[0].SeriesInstanceUID), generate_uid()
+    assert n_create(node.port, step, study_uid=str(datasets[0].StudyInstanceUID)) == 0x0000
+    sent = _send(node, datasets, tmp_path / "s")
+    assert n_set(node.port, step, "DISCONTINUED", performed({uid: datasets})) == 0x0000
+    wait_until("the series decided", lambda: decisions(node.data_dir).get(uid), 20, poll=0.1)
+    assert time.monotonic() - sent >= 2.5  # the quiet period (3 s), not at once
+    assert decisions(node.data_dir)[uid][1] == "quiet"
+    assert f"MPPS step {step} from SCANNER: DISCONTINUED" in node.log()
+    # Nothing may follow a DISCONTINUED: the step may no longer be updated (0110).
+    assert n_set(node.port, step, "COMPLETED", performed({uid: datasets})) == 0x0110
+
+
+def test_mpps_completed_listing_an_instance_that_never_comes(quiet_node: NodeProcess,
+                                                             tmp_path: Path) -> None:
+    node = quiet_node
+    datasets = series("MISS-1", 6)
+    uid, step, ghost = str(datasets[0].SeriesInstanceUID), generate_uid(), generate_uid()
+    assert n_create(node.port, step, study_uid=str(datasets[0].StudyInstanceUID)) == 0x0000
+    sent = _send(node, datasets, tmp_path / "s")
+    assert n_set(node.port, step, "COMPLETED", performed({uid: datasets}, {uid: [ghost]})) == 0
+    time.sleep(1.0)
+    assert uid not in decisions(node.data_dir)  # waits: one listed instance is not in
+    wait_until("the series decided", lambda: decisions(node.data_dir).get(uid), 20, poll=0.1)
+    assert time.monotonic() - sent >= 2.5
+    assert decisions(node.data_dir)[uid][1] == "quiet"
+    log = node.log()
+    assert f"MPPS step {step} COMPLETED lists 1 instance(s) never received ({ghost})" in log
+    assert "WARNING" in next(line for line in log.splitlines() if ghost in line and "never" in line)
+
+
+def test_mpps_refuses_malformed_and_out_of_order_messages(node: NodeProcess) -> None:
+    """Each refusal with its PS3.7 status; nothing is kept of a refused message."""
+    study = generate_uid()
+    unknown = generate_uid()
+    assert n_set(node.port, unknown, "COMPLETED", performed({})) == 0x0112  # never created
+    step = generate_uid()
+    assert n_create(node.port, step, study_uid=study, status="COMPLETED") == 0x0106
+    assert n_create(node.port, step, study_uid=study, status=None) == 0x0120
+    assert n_create(node.port, step, study_uid=study) == 0x0000
+    assert n_create(node.port, step, study_uid=study) == 0x0111  # duplicate
+    assert n_set(node.port, step, "FINISHED") == 0x0106  # not a status of PS3.3
+    assert n_set(node.port, step, "COMPLETED") == 0x0121  # no Performed Series Sequence
+    no_uid = DicomSequence([Dataset()])
+    assert n_set(node.port, step, "COMPLETED", no_uid) == 0x0121  # an item without its UID
+    assert n_set(node.port, step, None) == 0x0000  # other attributes: still IN PROGRESS
+    datasets = small_study("BAD-1", slices=2, size=16)
+    assert n_set(node.port, step, "COMPLETED", performed(
+        {str(datasets[0].SeriesInstanceUID): datasets})) == 0x0000
+    assert n_set(node.port, step, "IN PROGRESS") == 0x0110  # after COMPLETED
+    log = node.log()
+    assert "MPPS N-SET %s from SCANNER refused (0x0112)" % unknown in log
+    assert "is COMPLETED: it may no longer be updated" in log
+
+
+def test_learned_size_completes_the_third_series_early(tmp_path: Path) -> None:
+    """Two series of 8 from one scanner and protocol: the third of 8 completes after the
+    guard, not the quiet period; one of 5 still waits; a late instance re-opens the early
+    one (counted per scanner in status and /metrics), and at the limit (1) the scanner
+    loses its early start."""
+    metrics = free_port()
+    node = _node(tmp_path, 4.0, f"early_guard_s = 0.3\nearly_reopen_limit = 1\n"
+                                f"metrics_port = {metrics}\nmetrics_bind = \"127.0.0.1\"\n").start()
+    data = node.data_dir
+    try:
+        for n in (1, 2):
+            ds = series(f"LRN-{n}", 8, seed=n)
+            _send(node, ds, tmp_path / f"s{n}")
+            wait_until(f"series {n} decided", lambda: str(ds[0].SeriesInstanceUID) in decisions(
+                data), 20, poll=0.1)
+            assert decisions(data)[str(ds[0].SeriesInstanceUID)] [1] == "quiet"
+        third = series("LRN-3", 8, seed=3)
+        uid3 = str(third[0].SeriesInstanceUID)
+        sent = _send(node, third, tmp_path / "s3")
+        wait_until("the third series decided", lambda: uid3 in decisions(data), 10, poll=0.05)
+        assert time.monotonic() - sent < 2.0  # guard 0.3 s, not the 4 s quiet period
+        assert decisions(data)[uid3][1] == "learned"
+        short = series("LRN-4", 5, seed=4)
+        uid4 = str(short[0].SeriesInstanceUID)
+        sent = _send(node, short, tmp_path / "s4")
+        wait_until("the short series decided", lambda: uid4 in decisions(data), 20, poll=0.1)
+        assert time.monotonic() - sent >= 3.5
+        assert decisions(data)[uid4] [1] == "quiet"
+        # A late ninth instance re-opens the third series: decided again by the quiet period.
+        late = series("LRN-3", 9, seed=3)[8:]
+        for ds in late:
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = third[0].StudyInstanceUID, uid3
+            ds.FrameOfReferenceUID = third[0].FrameOfReferenceUID
+        _send(node, late, tmp_path / "late")
+        wait_until("the re-opened series decided again", lambda: len(
+            [j for j in node.log().splitlines() if f"series {uid3} " in j and "left alone" in j]) == 2, 20, poll=0.1)
+        assert f"series {uid3} completed early (learned) was re-opened" in node.log()
+        assert "early_reopen_limit = 1" in node.log()
+        status = json.loads(node.cli("status", "--json").stdout)["completeness"]
+        [scanner] = status["scanners"]
+        assert scanner == {"scanner": f"TEST_SCU/{STATION}", "early": 1, "reopened": 1,
+                           "early_start": False}
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
+        assert f'dicom_node_series_reopened_total{{scanner="TEST_SCU/{STATION}"}} 1.0' in text
+        assert f'dicom_node_scanner_early_start{{scanner="TEST_SCU/{STATION}"}} 0.0' in text
+        assert "re-opened - early start OFF" in node.cli("status").stdout
+        # No early start any more: a series that declares its size (Images in Acquisition)
+        # waits for the quiet period all the same.
+        fifth = series("LRN-5", 8, seed=5)
+        for ds in fifth:
+            ds.ImagesInAcquisition = 8
+        uid5 = str(fifth[0].SeriesInstanceUID)
+        sent = _send(node, fifth, tmp_path / "s5")
+        wait_until("the fifth series decided", lambda: uid5 in decisions(data), 20, poll=0.1)
+        assert time.monotonic() - sent >= 3.5
+        assert decisions(data)[uid5] [1] == "quiet"
+    finally:
+        node.stop()
