@@ -1,12 +1,18 @@
-"""The stability monitor: a series quiet for ``stable_after`` seconds becomes a job.
+"""The stability monitor: a complete series becomes a job.
 
-DICOM has no end-of-study message (DESIGN decision 3): a series is complete when no
-instance of it has arrived for ``stable_after`` seconds. The archive says when each
-series' last instance arrived (:class:`twin_archive.arrivals.Arrivals`); the monitor
-compares that with what it already decided for the series (table ``monitored_series``
-in ``queue.sqlite``). A series whose
-``last_received`` changed since its decision (a late instance) is decided again, and
-its new job's result supersedes the earlier one.
+DICOM has no end-of-series message on the C-STORE side. DESIGN decision 3: a series is
+complete when an MPPS COMPLETED lists it and all its instances are in
+(:mod:`dicom_node.mpps`), or when it reaches the size its scanner and protocol have been
+learned to make, after ``guard_s`` without an instance (:mod:`dicom_node.completeness`);
+otherwise when no instance of it has arrived for ``stable_after`` seconds. The early
+pass (MPPS, sizes) runs every :data:`EARLY_POLL_S` and when an N-SET wakes it; the
+quiet pass every ``poll_s``. The archive says when each series' last instance arrived
+(:class:`twin_archive.arrivals.Arrivals`); the monitor compares that with what it
+already decided for the series (table ``monitored_series`` in ``queue.sqlite``, with how
+it was decided: ``completed_by``). A series whose ``last_received`` changed since its
+decision (a late instance) is decided again by the quiet period, and its new job's
+result supersedes the earlier one; a series completed early and re-opened so is counted
+against its scanner.
 
 The first pass looks at every series of the archive; later passes only at those whose
 last instance arrived since :data:`LOOKBACK_S` before the previous pass's cutoff (an
@@ -149,7 +155,7 @@ class StabilityMonitor:
     def __init__(self, archive: Archive, jobs: JobQueue, tasks: Sequence[Task], *,
                  stable_after_s: float, poll_s: float | None = None,
                  label_intake: Callable[[Sequence[Path]], IntakeDecision] | None = None,
-                 guard_s: float = 0.5, learn_from: int = 2, reopen_limit: int = 3) -> None:
+                 guard_s: float = 0.2, learn_from: int = 2, reopen_limit: int = 3) -> None:
         if not stable_after_s > 0:
             raise ValueError(f"stable_after_s must be > 0 seconds, got {stable_after_s}")
         self.archive = archive
@@ -239,7 +245,10 @@ class StabilityMonitor:
                          "period", step.step_uid)
                 continue
             wanted = [uid for s in listed for uid in s.instances]
-            if len(self._arrivals.archived(wanted)) < len(set(wanted)):
+            have = self._arrivals.archived(wanted)
+            if len(have) < len(set(wanted)):
+                if step.completed_at < iso(utc_now() - timedelta(seconds=self.stable_after_s)):
+                    self._give_up(step.step_uid, [u for u in wanted if u not in have])
                 continue  # not all in yet; the quiet period decides if they never come
             rows = self._arrivals.of([s.series_uid for s in listed])
             decided = self._decided([r.series_uid for r in rows])
@@ -282,6 +291,16 @@ class StabilityMonitor:
                 self._shapes[series_uid] = None
         return self._shapes[series_uid]
 
+    def _give_up(self, step_uid: str, missing: list[str], series_uid: str = "") -> None:
+        """Name the instances a COMPLETED step lists that never came, once; resolve it."""
+        LOG.warning("MPPS step %s COMPLETED lists %d instance(s) never received (%s%s); %s",
+                    step_uid, len(missing), ", ".join(missing[:5]),
+                    f" and {len(missing) - 5} more" if len(missing) > 5 else "",
+                    f"series {series_uid} complete by the quiet period instead" if series_uid
+                    else f"its series complete by the quiet period ({self.stable_after_s:g} s "
+                         "after the N-SET, none of them has instances still missing)")
+        self.steps.resolve(step_uid, "fallback")
+
     def _fall_back(self, series_uid: str) -> None:
         """A series decided by the quiet period that an open COMPLETED step lists: name the
         instances that never came, once, and resolve the step."""
@@ -289,13 +308,8 @@ class StabilityMonitor:
             wanted = [uid for s in step.series for uid in s.instances]
             have = self._arrivals.archived(wanted)
             missing = [uid for uid in wanted if uid not in have]
-            if not missing:
-                continue
-            LOG.warning("MPPS step %s COMPLETED lists %d instance(s) never received (%s%s); "
-                        "series %s complete by the quiet period instead", step.step_uid,
-                        len(missing), ", ".join(missing[:5]),
-                        f" and {len(missing) - 5} more" if len(missing) > 5 else "", series_uid)
-            self.steps.resolve(step.step_uid, "fallback")
+            if missing:
+                self._give_up(step.step_uid, missing, series_uid)
 
     def _setting_aside(self, uid: str, why: str) -> None:
         """Log a series set aside once per reason; the passes after it retry quietly."""

@@ -85,6 +85,7 @@ class CompletedStep:
 
     step_uid: str
     calling_ae: str
+    completed_at: str  # ISO 8601 UTC: when the N-SET made it COMPLETED
     series: tuple[PerformedSeries, ...]
 
 
@@ -265,10 +266,10 @@ class MppsSteps:
     def completed_open(self) -> list[CompletedStep]:
         """COMPLETED steps not yet resolved, oldest first."""
         steps = self.db.conn.execute(
-            "SELECT step_uid, calling_ae FROM mpps_steps WHERE status = ? AND resolved = ''"
-            " ORDER BY updated_at", (COMPLETED,)).fetchall()
-        return [CompletedStep(step_uid=uid, calling_ae=ae, series=self._listed(uid))
-                for uid, ae in steps]
+            "SELECT step_uid, calling_ae, updated_at FROM mpps_steps WHERE status = ? AND"
+            " resolved = '' ORDER BY updated_at", (COMPLETED,)).fetchall()
+        return [CompletedStep(step_uid=uid, calling_ae=ae, completed_at=at,
+                              series=self._listed(uid)) for uid, ae, at in steps]
 
     def _listed(self, step_uid: str) -> tuple[PerformedSeries, ...]:
         rows = self.db.conn.execute(

@@ -461,7 +461,7 @@ class Settings:
         doc="Seconds without a new instance after which a series is complete and its "
             "inference job is queued.")
     early_guard_s: float = _setting(
-        0.5, **_SECONDS, check=_number(0, 60, "a number of seconds from 0 to 60"),
+        0.2, **_SECONDS, check=_number(0, 60, "a number of seconds from 0 to 60"),
         doc="A series that reaches the size its scanner and protocol were learned to make (or "
             "its Images in Acquisition) is complete once no instance arrived for this long, "
             "instead of ``stable_after``. An MPPS COMPLETED whose instances are all in needs no "
