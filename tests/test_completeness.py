@@ -156,9 +156,10 @@ def quiet_node(tmp_path: Path) -> Iterator[NodeProcess]:
 class MppsPacs:
     """A pynetdicom MPPS SCP that records what it receives (the PACS behind the node)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         self.received: list[tuple[str, str, str]] = []  # (N-CREATE/N-SET, step, status)
-        self.port = free_port()
+        self.refuse: dict[str, int] = {}  # step -> the status its N-SET gets
+        self.port = port or free_port()
         self.ae = AE(ae_title="PACS_MPPS")
         self.ae.add_supported_context(ModalityPerformedProcedureStep)
         handlers = [(evt.EVT_N_CREATE, self._create), (evt.EVT_N_SET, self._set)]
@@ -178,7 +179,7 @@ class MppsPacs:
         with self.lock:
             self.received.append(("N-SET", str(event.request.RequestedSOPInstanceUID),
                                   str(ds.get("PerformedProcedureStepStatus", ""))))
-        return 0x0000, None
+        return self.refuse.get(str(event.request.RequestedSOPInstanceUID), 0x0000), None
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -337,5 +338,58 @@ def test_learned_size_completes_the_third_series_early(tmp_path: Path) -> None:
         wait_until("the fifth series decided", lambda: uid5 in decisions(data), 20, poll=0.1)
         assert time.monotonic() - sent >= 3.5
         assert decisions(data)[uid5] [1] == "quiet"
+    finally:
+        node.stop()
+
+
+def test_mpps_forwarded_in_order_once_the_pacs_is_up_and_a_refusal_is_not_resent(
+        tmp_path: Path) -> None:
+    """The PACS's MPPS SCP is down while the scanner creates and completes two steps:
+    once it is up, both arrive, each N-CREATE before its N-SET; an N-SET the PACS refuses
+    is left failed (logged), not sent again."""
+    pacs_port = free_port()
+    node = _node(tmp_path, 30.0, f'forward_mpps = "PACS_MPPS@127.0.0.1:{pacs_port}"\n'
+                                 "send_backoff_initial_s = 0.2\nsend_backoff_max_s = 0.5\n").start()
+    mpps_pacs = None
+    try:
+        first, second = generate_uid(), generate_uid()
+        datasets = series("FWD-1", 2)
+        listed = performed({str(datasets[0].SeriesInstanceUID): datasets})
+        assert n_create(node.port, first, study_uid=generate_uid()) == 0
+        assert n_set(node.port, first, "COMPLETED", listed) == 0
+        assert n_create(node.port, second, study_uid=generate_uid()) == 0
+        wait_until("a failed attempt logged", lambda: "not passed on" in node.log(), 20, poll=0.1)
+        mpps_pacs = MppsPacs(pacs_port)  # on the port the node was told about
+        wait_until("three messages passed on", lambda: len(mpps_pacs.received) == 3, 30, poll=0.1)
+        assert mpps_pacs.received == [("N-CREATE", first, "IN PROGRESS"), ("N-SET", first, "COMPLETED"),
+                                      ("N-CREATE", second, "IN PROGRESS")]
+        mpps_pacs.refuse[second] = 0x0110
+        assert n_set(node.port, second, "DISCONTINUED", listed) == 0  # the node takes it
+        wait_until("the refusal logged", lambda: "refused by PACS_MPPS" in node.log(), 20, poll=0.1)
+        time.sleep(1.5)  # past the back-off: nothing is sent again
+        assert [m for m in mpps_pacs.received if m[1] == second] == [
+            ("N-CREATE", second, "IN PROGRESS"), ("N-SET", second, "DISCONTINUED")]
+    finally:
+        node.stop()
+        if mpps_pacs is not None:
+            mpps_pacs.stop()
+
+
+def test_an_mpps_step_survives_a_kill_and_completes_after_the_restart(tmp_path: Path) -> None:
+    """N-CREATE and the images, then SIGKILL: after the restart the N-SET COMPLETED is
+    taken (the step was kept) and the series is complete at once, not after 60 s."""
+    node = _node(tmp_path, 60.0).start()
+    try:
+        datasets = series("KILL-1", 4)
+        uid, step = str(datasets[0].SeriesInstanceUID), generate_uid()
+        assert n_create(node.port, step, study_uid=str(datasets[0].StudyInstanceUID)) == 0
+        _send(node, datasets, tmp_path / "s")
+        node.kill()
+        node.start()
+        start = time.monotonic()
+        assert n_set(node.port, step, "COMPLETED", performed({uid: datasets})) == 0
+        wait_until("the series decided", lambda: uid in decisions(node.data_dir), 10, poll=0.05)
+        assert time.monotonic() - start < 5.0
+        assert decisions(node.data_dir)[uid][1] == "mpps"
     finally:
         node.stop()
