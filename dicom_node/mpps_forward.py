@@ -21,7 +21,7 @@ from io import BytesIO
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.dsutils import decode
-from pynetdicom.sop_class import ModalityPerformedProcedureStep
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from dicom_node.database import iso, utc_now, write
 from dicom_node.jobs import connect_queue

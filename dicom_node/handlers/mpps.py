@@ -47,7 +47,8 @@ def _raw(ds: Dataset) -> bytes:
 def handle_n_create(event: Event, steps: MppsSteps, lock: threading.Lock,
                     on_change: Callable[[], None]) -> tuple[Any, Dataset | None]:
     """``EVT_N_CREATE``: keep a new step (IN PROGRESS); its attribute list is answered back."""
-    uid = str(event.request.AffectedSOPInstanceUID or "") or generate_uid()
+    request: Any = event.request
+    uid = str(request.AffectedSOPInstanceUID or "") or generate_uid()
     try:
         ds = event.attribute_list
         message = read_create(ds)
@@ -63,7 +64,7 @@ def handle_n_create(event: Event, steps: MppsSteps, lock: threading.Lock,
     LOG.info("MPPS step %s from %s: IN PROGRESS (station %s)", uid, _who(event),
              message.station or "?")
     on_change()
-    ds.SOPClassUID = event.request.AffectedSOPClassUID
+    ds.SOPClassUID = request.AffectedSOPClassUID
     ds.SOPInstanceUID = uid
     return statuses.SUCCESS, ds
 
@@ -71,7 +72,8 @@ def handle_n_create(event: Event, steps: MppsSteps, lock: threading.Lock,
 def handle_n_set(event: Event, steps: MppsSteps, lock: threading.Lock,
                  on_change: Callable[[], None]) -> tuple[Any, Dataset | None]:
     """``EVT_N_SET``: apply a modification (COMPLETED, DISCONTINUED, or more attributes)."""
-    uid = str(event.request.RequestedSOPInstanceUID or "")
+    request: Any = event.request
+    uid = str(request.RequestedSOPInstanceUID or "")
     try:
         ds = event.modification_list
         message = read_set(ds)
