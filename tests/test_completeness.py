@@ -258,8 +258,10 @@ def test_mpps_completed_listing_an_instance_that_never_comes(quiet_node: NodePro
     assert "WARNING" in next(line for line in log.splitlines() if ghost in line and "never" in line)
 
 
+@pytest.mark.parametrize("fast_receive", [True, False], ids=["fast", "plain"])
 def test_mpps_refuses_malformed_and_out_of_order_messages(node: NodeProcess) -> None:
-    """Each refusal with its PS3.7 status; nothing is kept of a refused message."""
+    """Each refusal with its PS3.7 status; nothing is kept of a refused message (both
+    receive modes: the fast C-STORE lane leaves DIMSE-N messages to pynetdicom)."""
     study = generate_uid()
     unknown = generate_uid()
     assert n_set(node.port, unknown, "COMPLETED", performed({})) == 0x0112  # never created
@@ -391,5 +393,49 @@ def test_an_mpps_step_survives_a_kill_and_completes_after_the_restart(tmp_path: 
         wait_until("the series decided", lambda: uid in decisions(node.data_dir), 10, poll=0.05)
         assert time.monotonic() - start < 5.0
         assert decisions(node.data_dir)[uid][1] == "mpps"
+    finally:
+        node.stop()
+
+
+def test_what_a_header_says_about_its_series_size() -> None:
+    """Scanner = calling AE (the stored file's meta) / Station Name; protocol = Series
+    Description with frames per instance and temporal positions; declared size = Images
+    in Acquisition in instances."""
+    from pydicom.dataset import FileMetaDataset
+
+    from dicom_node.completeness import shape_of
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.SourceApplicationEntityTitle = "CT1 "
+    ds.StationName, ds.SeriesDescription = "ROOM-1", "Abdomen 2.5mm"
+    assert shape_of(ds).scanner == "CT1/ROOM-1"
+    assert (shape_of(ds).protocol, shape_of(ds).declared) == ("Abdomen 2.5mm", None)
+    ds.ImagesInAcquisition = 120
+    assert shape_of(ds).declared == 120
+    ds.NumberOfFrames, ds.NumberOfTemporalPositions = 40, 3
+    shape = shape_of(ds)
+    assert (shape.protocol, shape.declared) == ("Abdomen 2.5mm frames=40 temporal=3", 3)
+    ds.ImagesInAcquisition = 0
+    assert shape_of(ds).declared is None
+
+
+def test_images_in_acquisition_completes_a_series_early_and_only_at_that_size(
+        tmp_path: Path) -> None:
+    node = _node(tmp_path, 4.0, "learn_from_series = 0\n").start()
+    try:
+        full, short = series("DECL-1", 6, seed=1), series("DECL-2", 4, seed=2)
+        for ds in full + short:
+            ds.ImagesInAcquisition = 6
+        sent = _send(node, full, tmp_path / "full")
+        uid = str(full[0].SeriesInstanceUID)
+        wait_until("the full series decided", lambda: uid in decisions(node.data_dir), 10, poll=0.05)
+        assert time.monotonic() - sent < 2.0
+        assert decisions(node.data_dir)[uid][1] == "declared"
+        sent = _send(node, short, tmp_path / "short")
+        uid = str(short[0].SeriesInstanceUID)
+        wait_until("the short series decided", lambda: uid in decisions(node.data_dir), 20, poll=0.1)
+        assert time.monotonic() - sent >= 3.5
+        assert decisions(node.data_dir)[uid][1] == "quiet"
     finally:
         node.stop()
