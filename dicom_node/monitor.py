@@ -246,11 +246,15 @@ class StabilityMonitor:
                 continue
             wanted = [uid for s in listed for uid in s.instances]
             have = self._arrivals.archived(wanted)
-            if len(have) < len(set(wanted)):
-                if step.completed_at < iso(utc_now() - timedelta(seconds=self.stable_after_s)):
-                    self._give_up(step.step_uid, [u for u in wanted if u not in have])
-                continue  # not all in yet; the quiet period decides if they never come
             rows = self._arrivals.of([s.series_uid for s in listed])
+            if len(have) < len(set(wanted)):
+                # Not all in yet. Given up only once nothing of its series arrived for the
+                # quiet period since the N-SET (a slow transfer after the N-SET is no loss);
+                # a series that arrived is decided by the quiet pass, which names them.
+                latest = max([step.completed_at, *(r.last_received for r in rows)])
+                if latest < iso(utc_now() - timedelta(seconds=self.stable_after_s)):
+                    self._give_up(step.step_uid, [u for u in wanted if u not in have])
+                continue
             decided = self._decided([r.series_uid for r in rows])
             for row in rows:
                 if decided.get(row.series_uid) != row.last_received:

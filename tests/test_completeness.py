@@ -439,3 +439,22 @@ def test_images_in_acquisition_completes_a_series_early_and_only_at_that_size(
         assert decisions(node.data_dir)[uid][1] == "quiet"
     finally:
         node.stop()
+
+
+def test_mpps_completed_before_a_slow_transfer_still_completes_the_series_at_once(
+        quiet_node: NodeProcess, tmp_path: Path) -> None:
+    """The N-SET COMPLETED comes first and the images trickle in for longer than the
+    quiet period (3 s) in all: the step is not given up while its instances arrive, and
+    the series is complete by MPPS the moment the last one is in."""
+    node = quiet_node
+    datasets = series("SLOW-1", 6)
+    uid, step = str(datasets[0].SeriesInstanceUID), generate_uid()
+    assert n_create(node.port, step, study_uid=str(datasets[0].StudyInstanceUID)) == 0
+    assert n_set(node.port, step, "COMPLETED", performed({uid: datasets})) == 0
+    for k in range(3):
+        time.sleep(1.5)
+        sent = _send(node, datasets[2 * k:2 * k + 2], tmp_path / f"part{k}")
+    wait_until("the series decided", lambda: uid in decisions(node.data_dir), 10, poll=0.05)
+    assert time.monotonic() - sent < 2.0
+    assert decisions(node.data_dir)[uid][1] == "mpps"
+    assert "never received" not in node.log()
