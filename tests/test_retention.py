@@ -258,7 +258,8 @@ def _settle_in_queue(data_dir: Path, archive: Archive, series_uid: str, key: str
     with queue.conn:
         queue.conn.execute("UPDATE jobs SET state = ?, finished_at = ? WHERE id = ?",
                            (JobState.DONE.value, iso(utc_now()), job.id))
-        queue.conn.execute("INSERT INTO monitored_series VALUES (?,?,?,?,?)",
+        queue.conn.execute("INSERT INTO monitored_series (series_uid, last_received, decision,"
+                           " reason, decided_at) VALUES (?,?,?,?,?)",
                            (series_uid, last, "queued", "spleen-ct", iso(utc_now())))
     queue.close()
 
