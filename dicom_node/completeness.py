@@ -28,6 +28,7 @@ import sqlite_utils
 from pydicom.dataset import Dataset
 
 from dicom_node.database import iso, utc_now
+from dicom_node.faults import is_disk_full
 from dicom_node.jobs import open_queue_readonly
 
 LOG = logging.getLogger(__name__)
@@ -190,8 +191,19 @@ class CompletenessCounts:
 
 def read_completeness(data_dir: Path | str) -> CompletenessCounts:
     """The completeness figures of ``<data_dir>/queue.sqlite``, read only (``status``,
-    ``/metrics``); empty before the queue has them. A scanner's early start is as the
-    running node's ``early_reopen_limit`` last judged it."""
+    ``/metrics``); empty before the queue has them, and on a full disk (SQLite cannot
+    make its shared-memory file; ``status`` says the disk is full). A scanner's early
+    start is as the running node's ``early_reopen_limit`` last judged it."""
+    try:
+        return _read_completeness(data_dir)
+    except (OSError, sqlite3.Error) as exc:
+        if not is_disk_full(exc, data_dir):
+            raise
+        LOG.debug("completeness figures unreadable on a full disk: %s", exc)
+        return CompletenessCounts(by={}, scanners=())
+
+
+def _read_completeness(data_dir: Path | str) -> CompletenessCounts:
     conn = open_queue_readonly(data_dir)
     if conn is None:
         return CompletenessCounts(by={}, scanners=())

@@ -60,3 +60,6 @@ MISSING_ATTRIBUTE = 0x0120
 # Failure: Missing Attribute Value: present but empty where a value is required (a
 # COMPLETED step without its Performed Series Sequence, a series item without its UID).
 MISSING_ATTRIBUTE_VALUE = 0x0121
+# Failure: Resource limitation (PS3.7 C.5.x, a DIMSE-N failure): the step could not be
+# kept (the queue database is unwritable: a full disk, a lock held too long).
+RESOURCE_LIMITATION = 0x0213

@@ -458,3 +458,38 @@ def test_mpps_completed_before_a_slow_transfer_still_completes_the_series_at_onc
     assert time.monotonic() - sent < 2.0
     assert decisions(node.data_dir)[uid][1] == "mpps"
     assert "never received" not in node.log()
+
+
+def test_mpps_on_a_full_disk_is_refused_as_a_resource_limitation_and_taken_after(
+        tmp_path: Path) -> None:
+    """The queue cannot be written (the disk is full): N-CREATE and N-SET are answered
+    0213 (resource limitation, one ERROR line each), not pynetdicom's traceback and 0110;
+    with space back the scanner's retry is taken. (The audit log's own write failing on
+    the full disk is logged as it was before; not this test's subject.)"""
+    import subprocess
+
+    from test_front_door_ops import _fill
+    from test_scp_store import _mount_tmpfs
+
+    mnt = tmp_path / "small"
+    assert _mount_tmpfs(mnt, "32m"), "this test needs root to mount a tmpfs"
+    try:
+        node = NodeProcess(mnt / "data", workers=0, config="min_free_mb = 0\n").start()
+        try:
+            step, study = generate_uid(), generate_uid()
+            filler = mnt / "filler"
+            _fill(filler)
+            assert n_create(node.port, step, study_uid=study) == 0x0213
+            filler.unlink()
+            assert n_create(node.port, step, study_uid=study) == 0  # the retry is taken
+            _fill(filler)
+            assert n_set(node.port, step, "DISCONTINUED") == 0x0213
+            filler.unlink()
+            assert n_set(node.port, step, "DISCONTINUED") == 0
+            log = node.log()
+            assert f"MPPS N-CREATE {step} from SCANNER not kept (0x0213" in log
+            assert "Exception in the handler" not in log  # pynetdicom's traceback and 0110
+        finally:
+            node.stop()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -10,6 +10,7 @@ in one line.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,13 @@ def _refusal(status: int, why: str) -> Dataset:
     return answer
 
 
+def _not_kept(what: str, uid: str, event: Event, exc: BaseException) -> Dataset:
+    """Resource limitation: the step could not be kept; the scanner may send it again."""
+    LOG.error("MPPS %s %s from %s not kept (0x%04X, resource limitation): %s", what, uid,
+              _who(event), statuses.RESOURCE_LIMITATION, exc)
+    return _refusal(statuses.RESOURCE_LIMITATION, f"cannot keep it now: {exc}")
+
+
 def _who(event: Event) -> str:
     return (event.assoc.requestor.ae_title or "").strip() or "?"
 
@@ -58,6 +66,8 @@ def handle_n_create(event: Event, steps: MppsSteps, lock: threading.Lock,
         LOG.warning("MPPS N-CREATE %s from %s refused (0x%04X): %s", uid, _who(event), exc.status,
                     exc.why)
         return _refusal(exc.status, exc.why), None
+    except (sqlite3.Error, OSError) as exc:  # the queue cannot be written (disk full, lock)
+        return _not_kept("N-CREATE", uid, event, exc), None
     except (ValueError, TypeError, KeyError, AttributeError) as exc:  # cannot be decoded
         LOG.warning("MPPS N-CREATE %s from %s refused: cannot read it (%s)", uid, _who(event), exc)
         return _refusal(statuses.PROCESSING_FAILURE, f"cannot read the attribute list: {exc}"), None
@@ -83,6 +93,8 @@ def handle_n_set(event: Event, steps: MppsSteps, lock: threading.Lock,
         LOG.warning("MPPS N-SET %s from %s refused (0x%04X): %s", uid, _who(event), exc.status,
                     exc.why)
         return _refusal(exc.status, exc.why), None
+    except (sqlite3.Error, OSError) as exc:
+        return _not_kept("N-SET", uid, event, exc), None
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         LOG.warning("MPPS N-SET %s from %s refused: cannot read it (%s)", uid, _who(event), exc)
         return _refusal(statuses.PROCESSING_FAILURE, f"cannot read the modification list: {exc}"), None
