@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from io import BytesIO
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE
@@ -29,6 +30,9 @@ from dicom_node.settings import parse_destination
 from dicom_node.statuses import SUCCESS, is_warning
 
 LOG = logging.getLogger(__name__)
+
+#: How long stop waits for the thread after aborting a forward in flight, seconds.
+ABORT_JOIN_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -68,6 +72,7 @@ class MppsForwarder:
         self.wakeup = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._assoc: Any = None  # the association in use, aborted at stop (a stalled PACS)
 
     def due(self) -> list[Forward]:
         """The queued messages, oldest first."""
@@ -95,7 +100,7 @@ class MppsForwarder:
         ae = AE(ae_title=self.ae_title)
         ae.add_requested_context(ModalityPerformedProcedureStep)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.network_timeout_s
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = self._assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         if not assoc.is_established:
             self._retry(forwards[0], "association not established")
             return 0
@@ -106,17 +111,18 @@ class MppsForwarder:
                     break
                 sent += 1
         finally:
+            self._assoc = None
             if assoc.is_established:
                 assoc.release()
         return sent
 
-    def _send_one(self, assoc: object, f: Forward) -> bool:
+    def _send_one(self, assoc: Any, f: Forward) -> bool:
         """One message; False when the association failed (it is retried later)."""
         ds = decode(BytesIO(f.dataset), False, True)
         if f.kind == "create":
-            status, _ = assoc.send_n_create(ds, ModalityPerformedProcedureStep, f.step_uid)  # type: ignore[attr-defined]
+            status, _ = assoc.send_n_create(ds, ModalityPerformedProcedureStep, f.step_uid)
         else:
-            status, _ = assoc.send_n_set(ds, ModalityPerformedProcedureStep, f.step_uid)  # type: ignore[attr-defined]
+            status, _ = assoc.send_n_set(ds, ModalityPerformedProcedureStep, f.step_uid)
         code = getattr(status, "Status", None) if isinstance(status, Dataset) else None
         if code is None:
             self._retry(f, "no response (association aborted or timed out)")
@@ -164,8 +170,23 @@ class MppsForwarder:
             self.wakeup.clear()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop; a message in flight to a PACS that does not answer is aborted (it stays
+        queued and is sent again at the next start).
+
+        pynetdicom's wait for the N-CREATE/N-SET response is not woken by a local abort
+        (it waits out its DIMSE timeout), so after an abort the thread (a daemon; the
+        abort ended its association's threads) is given :data:`ABORT_JOIN_S` only, and
+        its connection is left to the process's exit.
+        """
         self._stop.set()
         self.wakeup.set()
+        assoc = self._assoc
+        if assoc is not None:
+            assoc.abort()
+            LOG.info("MPPS forward to a PACS that had not answered aborted at stop; it stays "
+                     "queued for the next start")
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(ABORT_JOIN_S if assoc is not None else timeout)
+            if self._thread.is_alive():
+                return
         self.db.conn.close()

@@ -493,3 +493,37 @@ def test_mpps_on_a_full_disk_is_refused_as_a_resource_limitation_and_taken_after
             node.stop()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_pacs_that_stalls_on_mpps_does_not_hold_the_node_at_stop(tmp_path: Path) -> None:
+    """The PACS takes the association and never answers the N-CREATE: the node stops in
+    seconds (the forward is aborted) and the message stays queued for the next start."""
+    stall = threading.Event()
+    pacs_port = free_port()
+    ae = AE(ae_title="PACS_MPPS")
+    ae.add_supported_context(ModalityPerformedProcedureStep)
+
+    def never_answers(event: Any) -> tuple[int, None]:
+        stall.wait(60)
+        return 0x0110, None
+
+    server = ae.start_server(("127.0.0.1", pacs_port), block=False,
+                             evt_handlers=[(evt.EVT_N_CREATE, never_answers)])
+    node = _node(tmp_path, 30.0, f'forward_mpps = "PACS_MPPS@127.0.0.1:{pacs_port}"\n').start()
+    try:
+        step = generate_uid()
+        assert n_create(node.port, step, study_uid=generate_uid()) == 0
+        wait_until("the forward in flight", lambda: len(server.active_associations) == 1, 20,
+                   poll=0.1)
+        start = time.monotonic()
+        assert node.stop() == 0
+        assert time.monotonic() - start < 6.0, time.monotonic() - start
+        conn = sqlite3.connect(f"file:{node.data_dir / 'queue.sqlite'}?mode=ro", uri=True)
+        try:
+            assert conn.execute("SELECT state FROM mpps_forwards").fetchall() == [("queued",)]
+        finally:
+            conn.close()
+    finally:
+        stall.set()
+        node.stop()
+        server.shutdown()
