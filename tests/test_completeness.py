@@ -304,7 +304,7 @@ def test_learned_size_completes_the_third_series_early(tmp_path: Path) -> None:
         uid3 = str(third[0].SeriesInstanceUID)
         sent = _send(node, third, tmp_path / "s3")
         wait_until("the third series decided", lambda: uid3 in decisions(data), 10, poll=0.05)
-        assert time.monotonic() - sent < 2.0  # guard 0.3 s, not the 4 s quiet period
+        assert time.monotonic() - sent < 3.5  # not the 4 s quiet period
         assert decisions(data)[uid3][1] == "learned"
         short = series("LRN-4", 5, seed=4)
         uid4 = str(short[0].SeriesInstanceUID)
@@ -318,8 +318,8 @@ def test_learned_size_completes_the_third_series_early(tmp_path: Path) -> None:
             ds.StudyInstanceUID, ds.SeriesInstanceUID = third[0].StudyInstanceUID, uid3
             ds.FrameOfReferenceUID = third[0].FrameOfReferenceUID
         _send(node, late, tmp_path / "late")
-        wait_until("the re-opened series decided again", lambda: len(
-            [j for j in node.log().splitlines() if f"series {uid3} " in j and "left alone" in j]) == 2, 20, poll=0.1)
+        wait_until("the re-opened series decided again", lambda: decisions(data)[uid3][1] == "quiet",
+                   20, poll=0.1)
         assert f"series {uid3} completed early (learned) was re-opened" in node.log()
         assert "early_reopen_limit = 1" in node.log()
         status = json.loads(node.cli("status", "--json").stdout)["completeness"]
@@ -430,7 +430,7 @@ def test_images_in_acquisition_completes_a_series_early_and_only_at_that_size(
         sent = _send(node, full, tmp_path / "full")
         uid = str(full[0].SeriesInstanceUID)
         wait_until("the full series decided", lambda: uid in decisions(node.data_dir), 10, poll=0.05)
-        assert time.monotonic() - sent < 2.0
+        assert time.monotonic() - sent < 3.5  # the quiet period (4 s) cannot be this early
         assert decisions(node.data_dir)[uid][1] == "declared"
         sent = _send(node, short, tmp_path / "short")
         uid = str(short[0].SeriesInstanceUID)
@@ -455,7 +455,7 @@ def test_mpps_completed_before_a_slow_transfer_still_completes_the_series_at_onc
         time.sleep(1.5)
         sent = _send(node, datasets[2 * k:2 * k + 2], tmp_path / f"part{k}")
     wait_until("the series decided", lambda: uid in decisions(node.data_dir), 10, poll=0.05)
-    assert time.monotonic() - sent < 2.0
+    assert time.monotonic() - sent < 2.5  # the quiet period (3 s) cannot be this early
     assert decisions(node.data_dir)[uid][1] == "mpps"
     assert "never received" not in node.log()
 
