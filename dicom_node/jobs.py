@@ -170,6 +170,19 @@ def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_ut
     return db
 
 
+def _erase_series_completeness(conn: sqlite3.Connection, series_uid: str) -> int:
+    """Delete what completeness keeps of a series: its learned size, and every MPPS step
+    that lists it, with the step's messages queued or sent to the PACS (they carry the
+    patient's name and ID). Inside the erasure's transaction; returns the rows deleted."""
+    steps = [r[0] for r in conn.execute("SELECT DISTINCT step_uid FROM mpps_series"
+                                        " WHERE series_uid = ?", (series_uid,))]
+    n = conn.execute("DELETE FROM series_sizes WHERE series_uid = ?", (series_uid,)).rowcount
+    for step in steps:
+        for table in ("mpps_forwards", "mpps_instances", "mpps_series", "mpps_steps"):
+            n += conn.execute(f"DELETE FROM {table} WHERE step_uid = ?", (step,)).rowcount  # noqa: S608
+    return n
+
+
 # ----------------------------------------------------------------------- settled
 _SETTLED_SQL = """
 SELECT m.series_uid, m.last_received, m.decision, m.decided_at,
@@ -528,6 +541,7 @@ class JobQueue:
                 for uid in series_uids:
                     n += conn.execute("DELETE FROM monitored_series WHERE series_uid = ?",
                                       (uid,)).rowcount
+                    n += _erase_series_completeness(conn, uid)
             checkpoint_truncate(self.db)
         return n
 

@@ -7,7 +7,9 @@ One thread sends them oldest first, each with the step's SOP Instance UID: a
 destination that cannot be reached is tried again with the sender's back-off, and no
 later message passes an earlier one (an N-SET never reaches the PACS before its
 N-CREATE). A message the PACS refuses with a failure status is left ``failed`` with the
-status in ``last_error`` and logged; the ones after it go on.
+status in ``last_error`` and logged; the ones after it go on. A message's data set (it
+names the patient) is kept only until it is sent or refused; erasing a twin deletes its
+steps and their messages (:meth:`dicom_node.jobs.JobQueue.erase_patient`).
 """
 
 from __future__ import annotations
@@ -130,10 +132,12 @@ class MppsForwarder:
         with write(self.db) as conn:
             if code == SUCCESS or is_warning(code):
                 conn.execute("UPDATE mpps_forwards SET state = 'sent', sent_at = ?,"
-                             " attempts = attempts + 1 WHERE id = ?", (iso(utc_now()), f.id))
+                             " attempts = attempts + 1, dataset = x'' WHERE id = ?",
+                             (iso(utc_now()), f.id))
             else:
                 conn.execute("UPDATE mpps_forwards SET state = 'failed', attempts = attempts + 1,"
-                             " last_error = ? WHERE id = ?", (f"status 0x{code:04X}", f.id))
+                             " last_error = ?, dataset = x'' WHERE id = ?",
+                             (f"status 0x{code:04X}", f.id))
         if code == SUCCESS or is_warning(code):
             LOG.info("MPPS N-%s of step %s passed on to %s", f.kind.upper(), f.step_uid,
                      f.destination)

@@ -527,3 +527,55 @@ def test_a_pacs_that_stalls_on_mpps_does_not_hold_the_node_at_stop(tmp_path: Pat
         stall.set()
         node.stop()
         server.shutdown()
+
+
+def test_forget_leaves_no_mpps_of_the_patient(tmp_path: Path) -> None:
+    """DESIGN decision 12: an erased twin leaves no identifier behind, also in the MPPS
+    kept and queued for the PACS (the N-CREATE carries the patient's name and ID) and in
+    the learned sizes of its series."""
+    from pydicom.uid import CTImageStorage
+    from pynetdicom.dsutils import encode
+
+    from dicom_node.completeness import Completeness, SeriesShape
+    from dicom_node.database import write
+    from dicom_node.jobs import connect_queue
+    from dicom_node.mpps import MppsSteps, PerformedSeries, read_create, read_set
+    from test_retention import _bytes_everywhere, _cli, _series
+    from twin_archive import Archive
+
+    pid, name = "MPPS-FORGET-81", "Mppsforget^Olga"
+    with Archive(tmp_path) as archive:
+        study, series_uid = _series(archive, pid, name=name)
+        _series(archive, "MPPS-KEEP-1")
+    db = connect_queue(tmp_path)
+    steps = MppsSteps(db, forward_to="PACS@127.0.0.1:1")
+    create = Dataset()
+    create.PatientName, create.PatientID = name, pid
+    create.PerformedProcedureStepStatus = "IN PROGRESS"
+    item = Dataset()
+    item.StudyInstanceUID = study
+    create.ScheduledStepAttributesSequence = DicomSequence([item])
+    step = generate_uid()
+    steps.create(step, read_create(create), calling_ae="CT1", raw=encode(create, False, True))
+    done = Dataset()
+    done.PerformedProcedureStepStatus = "COMPLETED"
+    done.PerformedSeriesSequence = performed({series_uid: [small_ct_ref(CTImageStorage)]})
+    steps.update(step, read_set(done), raw=encode(done, False, True))
+    with write(db) as conn:
+        Completeness(db, learn_from=2, reopen_limit=3).record(
+            conn, series_uid, SeriesShape(scanner="CT1/R", protocol="p"), 3, "2026")
+    db.conn.close()
+    assert _bytes_everywhere(tmp_path, pid.encode())  # it is there before
+    out = _cli(tmp_path, "twin", "forget", pid, "--by", "dpo", "--reason", "request 43")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _bytes_everywhere(tmp_path, pid.encode()) == []
+    assert _bytes_everywhere(tmp_path, b"Mppsforget") == []
+    assert _bytes_everywhere(tmp_path, series_uid.encode()) == []
+    assert _bytes_everywhere(tmp_path, step.encode()) == []
+
+
+def small_ct_ref(sop_class: str) -> Dataset:
+    """A stand-in instance for :func:`performed` (its SOP class and a new SOP Instance UID)."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    return ds
