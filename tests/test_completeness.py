@@ -539,7 +539,7 @@ def test_forget_leaves_no_mpps_of_the_patient(tmp_path: Path) -> None:
     from dicom_node.completeness import Completeness, SeriesShape
     from dicom_node.database import write
     from dicom_node.jobs import connect_queue
-    from dicom_node.mpps import MppsSteps, PerformedSeries, read_create, read_set
+    from dicom_node.mpps import MppsSteps, read_create, read_set
     from test_retention import _bytes_everywhere, _cli, _series
     from twin_archive import Archive
 
