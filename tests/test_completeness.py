@@ -579,3 +579,18 @@ def small_ct_ref(sop_class: str) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
     return ds
+
+
+def test_forward_mpps_names_a_destination_or_an_address(tmp_path: Path) -> None:
+    from dicom_node.errors import ConfigError
+    from dicom_node.settings import load_settings, resolve_forward
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('forward_mpps = "PACS"\n[[destinations]]\nname = "PACS"\nae_title = "ORTHANC"\n'
+                   'host = "127.0.0.1"\nport = 4242\n')
+    s = load_settings(cfg, env={})
+    assert resolve_forward(s.forward_mpps, s.destinations).key == "ORTHANC@127.0.0.1:4242"
+    assert load_settings(env={}, overrides={"forward_mpps": "RIS@10.0.0.7:104"}).forward_mpps
+    for bad in ("NOPE", "RIS@host:99999"):
+        with pytest.raises(ConfigError, match="forward_mpps"):
+            load_settings(env={}, overrides={"forward_mpps": bad})
