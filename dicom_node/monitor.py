@@ -171,6 +171,7 @@ class StabilityMonitor:
         self.completeness = Completeness(self._db, learn_from=learn_from, reopen_limit=reopen_limit)
         self.guard_s = float(guard_s)
         self._shapes: dict[str, SeriesShape | None] = {}  # growing series: their header's word
+        self._step_seen: dict[str, str] = {}  # open COMPLETED step -> latest arrival looked at
         self._wake = threading.Event()
         self._since: str | None = None  # where the next pass looks from (None: everything)
         self._set_aside: dict[str, str] = {}  # series UID -> why it cannot be decided yet
@@ -237,22 +238,25 @@ class StabilityMonitor:
 
     def _mpps_pass(self) -> list[SeriesDecision]:
         out = []
+        cutoff = iso(utc_now() - timedelta(seconds=self.stable_after_s))
         for step in self.steps.completed_open():
-            listed = [s for s in step.series if s.instances]
-            if not listed:
+            if not step.series_uids:
                 self.steps.resolve(step.step_uid, "fallback")
                 LOG.info("MPPS step %s lists no instance: its series complete after the quiet "
                          "period", step.step_uid)
                 continue
-            wanted = [uid for s in listed for uid in s.instances]
+            rows = self._arrivals.of(list(step.series_uids))
+            latest = max([step.completed_at, *(r.last_received for r in rows)])
+            if self._step_seen.get(step.step_uid) == latest and latest >= cutoff:
+                continue  # nothing of its series arrived since the last look
+            self._step_seen[step.step_uid] = latest
+            wanted = [uid for s in self.steps.listing(step.step_uid) for uid in s.instances]
             have = self._arrivals.archived(wanted)
-            rows = self._arrivals.of([s.series_uid for s in listed])
             if len(have) < len(set(wanted)):
                 # Not all in yet. Given up only once nothing of its series arrived for the
                 # quiet period since the N-SET (a slow transfer after the N-SET is no loss);
                 # a series that arrived is decided by the quiet pass, which names them.
-                latest = max([step.completed_at, *(r.last_received for r in rows)])
-                if latest < iso(utc_now() - timedelta(seconds=self.stable_after_s)):
+                if latest < cutoff:
                     self._give_up(step.step_uid, [u for u in wanted if u not in have])
                 continue
             decided = self._decided([r.series_uid for r in rows])
@@ -262,6 +266,7 @@ class StabilityMonitor:
                                                     f"{len(wanted)} instance(s) in")
                     out += [found] if found is not None else []
             self.steps.resolve(step.step_uid, "complete")
+            self._step_seen.pop(step.step_uid, None)
         return out
 
     def _sized_pass(self) -> list[SeriesDecision]:
@@ -304,12 +309,14 @@ class StabilityMonitor:
                     else f"its series complete by the quiet period ({self.stable_after_s:g} s "
                          "after the N-SET, none of them has instances still missing)")
         self.steps.resolve(step_uid, "fallback")
+        self._step_seen.pop(step_uid, None)
 
     def _fall_back(self, series_uid: str) -> None:
         """A series decided by the quiet period that an open COMPLETED step lists: name the
         instances that never came, once, and resolve the step."""
-        for step in self.steps.completed_listing(series_uid):
-            wanted = [uid for s in step.series for uid in s.instances]
+        for step in self.steps.completed_open(series_uid):
+            wanted = [uid for s in self.steps.listing(step.step_uid) if s.series_uid == series_uid
+                      for uid in s.instances]
             have = self._arrivals.archived(wanted)
             missing = [uid for uid in wanted if uid not in have]
             if missing:

@@ -81,12 +81,12 @@ class StepMessage:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CompletedStep:
-    """A COMPLETED step not yet resolved, with the series and instances it lists."""
+    """A COMPLETED step not yet resolved (its instances: :meth:`MppsSteps.listing`)."""
 
     step_uid: str
     calling_ae: str
     completed_at: str  # ISO 8601 UTC: when the N-SET made it COMPLETED
-    series: tuple[PerformedSeries, ...]
+    series_uids: tuple[str, ...]  # the series it lists instances of
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -263,30 +263,29 @@ class MppsSteps:
                      (step_uid, kind, raw, self.forward_to, now))
 
     # ------------------------------------------------------------ the monitor's questions
-    def completed_open(self) -> list[CompletedStep]:
-        """COMPLETED steps not yet resolved, oldest first."""
-        steps = self.db.conn.execute(
-            "SELECT step_uid, calling_ae, updated_at FROM mpps_steps WHERE status = ? AND"
-            " resolved = '' ORDER BY updated_at", (COMPLETED,)).fetchall()
-        return [CompletedStep(step_uid=uid, calling_ae=ae, completed_at=at,
-                              series=self._listed(uid)) for uid, ae, at in steps]
-
-    def _listed(self, step_uid: str) -> tuple[PerformedSeries, ...]:
+    def completed_open(self, series_uid: str = "") -> list[CompletedStep]:
+        """COMPLETED steps not yet resolved (those listing ``series_uid``, if given),
+        oldest first. Cheap: their instances are read by :meth:`listing`."""
         rows = self.db.conn.execute(
-            "SELECT s.series_uid, i.sop_instance_uid FROM mpps_series s LEFT JOIN mpps_instances i"
-            " ON i.step_uid = s.step_uid AND i.series_uid = s.series_uid WHERE s.step_uid = ?"
-            " ORDER BY s.series_uid, i.rowid", (step_uid,)).fetchall()
+            "SELECT p.step_uid, p.calling_ae, p.updated_at, group_concat(s.series_uid, ' ')"
+            " FROM mpps_steps p LEFT JOIN mpps_series s ON s.step_uid = p.step_uid"
+            " AND s.listed > 0 WHERE p.status = ? AND p.resolved = '' AND (? = '' OR"
+            " p.step_uid IN (SELECT step_uid FROM mpps_series WHERE series_uid = ?))"
+            " GROUP BY p.step_uid ORDER BY p.updated_at",
+            (COMPLETED, series_uid, series_uid)).fetchall()
+        return [CompletedStep(step_uid=uid, calling_ae=ae, completed_at=at,
+                              series_uids=tuple((uids or "").split()))
+                for uid, ae, at, uids in rows]
+
+    def listing(self, step_uid: str) -> tuple[PerformedSeries, ...]:
+        """The series a step lists instances of, with those instances."""
+        rows = self.db.conn.execute(
+            "SELECT series_uid, sop_instance_uid FROM mpps_instances WHERE step_uid = ?"
+            " ORDER BY series_uid, rowid", (step_uid,)).fetchall()
         by_series: dict[str, list[str]] = {}
         for series_uid, sop in rows:
-            by_series.setdefault(series_uid, [])
-            if sop is not None:
-                by_series[series_uid].append(sop)
+            by_series.setdefault(series_uid, []).append(sop)
         return tuple(PerformedSeries(series_uid=k, instances=tuple(v)) for k, v in by_series.items())
-
-    def completed_listing(self, series_uid: str) -> list[CompletedStep]:
-        """The open COMPLETED steps that list ``series_uid``."""
-        return [s for s in self.completed_open()
-                if any(p.series_uid == series_uid for p in s.series)]
 
     def resolve(self, step_uid: str, how: str) -> None:
         """Mark a step resolved: ``complete`` (its series decided at once) or ``fallback``."""
