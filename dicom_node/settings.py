@@ -263,6 +263,28 @@ def seg_type_conflicts(destinations: Sequence[Destination]) -> tuple[str, ...]:
     return tuple(d.name for d in destinations if "seg" in d.send and d.seg_type == "labelmap")
 
 
+def resolve_forward(text: str, destinations: Sequence[Destination], source: str = ""
+                    ) -> Destination:
+    """The destination ``forward_mpps`` names: a destination's ``name``, or ``AET@HOST:PORT``.
+
+    Raises
+    ------
+    ConfigError
+        If it is neither.
+    """
+    for dest in destinations:
+        if dest.name == text:
+            return dest
+    if "@" not in text:
+        raise ConfigError("forward_mpps", "AET@HOST:PORT or the name of a destination ("
+                          + (", ".join(d.name for d in destinations) or "none configured") + ")",
+                          text, source)
+    try:
+        return parse_destination(text, source)
+    except ConfigError as exc:
+        raise ConfigError("forward_mpps", exc.expected, text, source) from None
+
+
 def parse_destination(text: str, source: str = "command line") -> Destination:
     """Parse ``AET@HOST:PORT`` (the ``--destination`` flag); it receives SEG, SR and overlay.
 
@@ -618,6 +640,30 @@ class Settings:
         30.0, **_SECONDS, env=True, check=_SECONDS_DAY,
         doc="Seconds without a new instance after which a series is complete and its "
             "inference job is queued.")
+    early_guard_s: float = _setting(
+        0.2, **_SECONDS, check=_number(0, 60, "a number of seconds from 0 to 60"),
+        doc="A series that reaches the size its scanner and protocol were learned to make (or "
+            "its Images in Acquisition) is complete once no instance arrived for this long, "
+            "instead of ``stable_after``. An MPPS COMPLETED whose instances are all in needs no "
+            "guard.")
+    learn_from_series: int = _setting(
+        2, **_INT, check=_integer(0, 100, "an integer from 0 (learn nothing) to 100"),
+        doc="A scanner (calling AE and station) and protocol (series description, frames per "
+            "instance, temporal positions) has a learned size once its last this many series, "
+            "each complete by the quiet period or MPPS, had the same number of instances; its "
+            "next series of that size completes early. 0 turns learned sizes off (Images in "
+            "Acquisition still counts).")
+    early_reopen_limit: int = _setting(
+        3, **_INT, check=_integer(1, 1000000, "an integer >= 1"),
+        doc="A scanner whose series completed early were re-opened by later instances this "
+            "many times loses its early start: its series wait for ``stable_after`` (MPPS "
+            "COMPLETED still counts). Re-opens per scanner are in ``status`` and ``/metrics``.")
+    forward_mpps: str = _setting(
+        "", **_STR, check=Check(expected='"" (off), AET@HOST:PORT, or the name of a destination',
+                                 test=lambda v: isinstance(v, str) and len(v) <= 200),
+        doc="Where MPPS N-CREATEs and N-SETs received are passed on, in order, durably, with "
+            "retries (the node may sit between scanner and PACS): ``AET@HOST:PORT`` or the "
+            "``name`` of a ``[[destinations]]`` table; empty passes nothing on.")
     destinations: tuple[Destination, ...] = _setting(
         (), read=lambda v, source: _to_destinations(v, source),
         read_as="an array of tables ([[destinations]])", shown="none",
@@ -858,6 +904,8 @@ class Settings:
         if self.disk_low_water_pct >= self.disk_high_water_pct:
             raise ConfigError("disk_low_water_pct", "below disk_high_water_pct",
                               self.disk_low_water_pct, src)
+        if self.forward_mpps:
+            resolve_forward(self.forward_mpps, self.destinations, src)
         if self.backend == "triton" and not self.triton_url:
             raise ConfigError("triton_url", 'HOST:PORT (backend = "triton" needs it)',
                               self.triton_url, src)

@@ -264,7 +264,8 @@ def test_the_check_for_repeated_blocks_finds_them(tmp_path: Path) -> None:
 STORE_TABLES = ("twins", "consent_events", "studies", "series", "instances", "ai_results",
                 "ai_result_objects", "labels", "training_use", "twin_merges", "audit_events",
                 "model_versions", "artifacts", "verifications", "audit", "schema_migrations")
-QUEUE_TABLES = ("jobs", "sends", "monitored_series")
+QUEUE_TABLES = ("jobs", "sends", "monitored_series", "mpps_steps", "mpps_series",
+                "mpps_instances", "mpps_forwards", "series_sizes", "scanner_completeness")
 STORES = ("twin_archive/", "registry/")
 #: The queue database's owner: the one sub-package of the shell that names its tables.
 QUEUE_MODULES = ("dicom_node/queue/",)

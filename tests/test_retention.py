@@ -258,7 +258,8 @@ def _settle_in_queue(data_dir: Path, archive: Archive, series_uid: str, key: str
     with queue.conn:
         queue.conn.execute("UPDATE jobs SET state = ?, finished_at = ? WHERE id = ?",
                            (JobState.DONE.value, iso(utc_now()), job.id))
-        queue.conn.execute("INSERT INTO monitored_series VALUES (?,?,?,?,?)",
+        queue.conn.execute("INSERT INTO monitored_series (series_uid, last_received, decision,"
+                           " reason, decided_at) VALUES (?,?,?,?,?)",
                            (series_uid, last, "queued", "spleen-ct", iso(utc_now())))
     queue.close()
 
@@ -403,7 +404,7 @@ def test_disk_guard_on_a_disk_full_to_the_last_byte_says_so_once_and_prunes_when
             _, s1 = _series(archive, "FULL-1", n=20)
             _settle_in_queue(data, archive, s1, archive.twins.find_twin_keys("FULL-1")[0])
         filler = data / "filler"
-        with open(filler, "wb") as fh:
+        with open(filler, "wb", buffering=0) as fh:  # unbuffered: ENOSPC at a write, not at close
             try:
                 while True:
                     fh.write(b"\0" * 65536)

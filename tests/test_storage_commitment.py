@@ -230,7 +230,8 @@ def test_a_series_is_settled_only_once_its_sends_no_longer_wait_for_a_confirmati
     with queue.conn:
         queue.conn.execute("UPDATE jobs SET state = ?, finished_at = ?, result_id = 7 WHERE id = ?",
                            (JobState.DONE.value, now, job.id))
-        queue.conn.execute("INSERT INTO monitored_series VALUES ('1.2.3', 't', 'queued', 'x', ?)",
+        queue.conn.execute("INSERT INTO monitored_series (series_uid, last_received, decision,"
+                           " reason, decided_at) VALUES ('1.2.3', 't', 'queued', 'x', ?)",
                            (now,))
         queue.conn.execute(
             "INSERT INTO sends (result_id, kind, destination, ae_title, host, port, path,"

@@ -20,6 +20,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.runtime import retention
+from dicom_node.queue.completeness import CompletenessCounts, read_completeness
 from dicom_node.foundation.clock import utc_now
 from dicom_node.runtime.node import STATE_FILE
 from dicom_node.runtime.observability import NodeState, read_state
@@ -169,6 +170,19 @@ def status_json(data_dir: Path, running: dict[str, Any] | None, health: dict[str
                 "unreadable": list(state.unreadable)}}
 
 
+def completeness_lines(found: CompletenessCounts) -> list[str]:
+    """``status`` lines: how series were completed, and each scanner's early starts."""
+    if not found.by and not found.scanners:
+        return []
+    lines = ["complete:  " + (", ".join(f"{n} by {how}" for how, n in sorted(found.by.items()))
+                              or "none yet")]
+    for sc in found.scanners:
+        lines.append(f"scanner:   {sc.scanner}: {sc.early} series complete early, {sc.reopened} "
+                     "re-opened" + ("" if sc.early_start else
+                                    " - early start OFF (early_reopen_limit reached)"))
+    return lines
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(settings.data_dir)
     state = read_state(data_dir)
@@ -183,14 +197,18 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             health = {"healthy": False, "error": body[:200]}
         live = _live_counters(running["metrics"])
     disk = _storage(settings)
+    complete = read_completeness(data_dir)
     if args.json:
         out = status_json(data_dir, running, health, live, state)
         out["storage"] = disk.to_dict() if disk is not None else None
+        out["completeness"] = {"by": complete.by, "scanners": [
+            {"scanner": sc.scanner, "early": sc.early, "reopened": sc.reopened,
+             "early_start": sc.early_start} for sc in complete.scanners]}
         print(json.dumps(out, indent=2))
         return 0
     _print_node(running, health, live)
     _print_data(data_dir, state, disk)
-    _print_queues(data_dir, state)
+    _print_queues(data_dir, state, complete)
     print(f"audit:     {state.audit_events} event(s)"
           + (f", last at {state.last_audit_at[:19]}" if state.last_audit_at else ""))
     return 0
@@ -230,7 +248,7 @@ def _print_data(data_dir: Path, state: Any, disk: Any) -> None:
           f"instance(s), {state.archived_bytes >> 20} MiB")
 
 
-def _print_queues(data_dir: Path, state: Any) -> None:
+def _print_queues(data_dir: Path, state: Any, complete: CompletenessCounts) -> None:
     """``status``: jobs, what waits and why, sends, results and the models in service."""
     print("jobs:      " + (", ".join(f"{n} {s}" for s, n in sorted(state.jobs.items())) or "none"))
     for line in state.waiting:
@@ -240,6 +258,8 @@ def _print_queues(data_dir: Path, state: Any) -> None:
               f"`dicom-node models import BUNDLE_DIR --task {task} --activate`")
     print("sends:     " + (", ".join(f"{n} {s}" for s, n in sorted(state.sends.items())) or "none")
           + (f"; {state.send_failed_attempts} failed attempt(s)" if state.send_failed_attempts else ""))
+    for line in completeness_lines(complete):
+        print(line)
     if state.stages:
         print(f"results:   {state.results}; mean seconds per stage: " + ", ".join(
             f"{k} {v.total_s / v.count:.2f}" for k, v in state.stages.items() if v.count))

@@ -132,7 +132,50 @@ def _q5_confirmed_delivery(db: sqlite_utils.Database) -> None:
     conn.execute("CREATE INDEX sends_commitment ON sends (commitment_uid) WHERE commitment_uid != ''")
 
 
-QUEUE_MIGRATIONS: tuple[Migration, ...] = (_q1, _q2, _q3, _q4, _q5_confirmed_delivery)
+def _q6_completeness(db: sqlite_utils.Database) -> None:
+    conn = db.conn
+    # MPPS steps (dicom_node.queue.mpps): their status, and what a COMPLETED one lists.
+    # resolved: '' (open), 'complete' (its series complete at once), 'fallback' (listed
+    # instances never came: the quiet period decided), 'discontinued'.
+    conn.execute(
+        "CREATE TABLE mpps_steps (step_uid TEXT PRIMARY KEY, status TEXT NOT NULL,"
+        " calling_ae TEXT NOT NULL, station TEXT NOT NULL DEFAULT '', study_uid TEXT NOT NULL"
+        " DEFAULT '', created_at TEXT NOT NULL, updated_at TEXT NOT NULL,"
+        " resolved TEXT NOT NULL DEFAULT '')")
+    conn.execute("CREATE INDEX mpps_steps_open ON mpps_steps (status, resolved)")
+    conn.execute(
+        "CREATE TABLE mpps_series (step_uid TEXT NOT NULL REFERENCES mpps_steps(step_uid),"
+        " series_uid TEXT NOT NULL, listed INTEGER NOT NULL, PRIMARY KEY (step_uid, series_uid))")
+    conn.execute("CREATE INDEX mpps_series_series ON mpps_series (series_uid)")
+    conn.execute(
+        "CREATE TABLE mpps_instances (step_uid TEXT NOT NULL REFERENCES mpps_steps(step_uid),"
+        " series_uid TEXT NOT NULL, sop_instance_uid TEXT NOT NULL,"
+        " PRIMARY KEY (step_uid, sop_instance_uid))")
+    # MPPS messages to pass on to the PACS (forward_mpps), in the order received.
+    conn.execute(
+        "CREATE TABLE mpps_forwards (id INTEGER PRIMARY KEY, step_uid TEXT NOT NULL,"
+        " kind TEXT NOT NULL, dataset BLOB NOT NULL, destination TEXT NOT NULL,"
+        " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_attempt_at TEXT NOT NULL, sent_at TEXT, last_error TEXT NOT NULL DEFAULT '')")
+    conn.execute("CREATE INDEX mpps_forwards_due ON mpps_forwards (state, id)")
+    # Learned completeness (dicom_node.queue.completeness): each decided series' size per
+    # scanner and protocol, and per scanner how often an early completion was re-opened.
+    conn.execute(
+        "CREATE TABLE series_sizes (series_uid TEXT PRIMARY KEY, scanner TEXT NOT NULL,"
+        " protocol TEXT NOT NULL, instances INTEGER NOT NULL, decided_at TEXT NOT NULL)")
+    conn.execute("CREATE INDEX series_sizes_key ON series_sizes (scanner, protocol, decided_at)")
+    conn.execute(
+        "CREATE TABLE scanner_completeness (scanner TEXT PRIMARY KEY,"
+        " early INTEGER NOT NULL DEFAULT 0, reopened INTEGER NOT NULL DEFAULT 0,"
+        " last_reopened_at TEXT, early_start INTEGER NOT NULL DEFAULT 1)")
+    # How the series' decision came: 'quiet', 'mpps', 'learned' or 'declared'.
+    conn.execute("ALTER TABLE monitored_series ADD COLUMN completed_by TEXT NOT NULL"
+                 " DEFAULT 'quiet'")
+    conn.execute("ALTER TABLE monitored_series ADD COLUMN scanner TEXT NOT NULL DEFAULT ''")
+
+
+QUEUE_MIGRATIONS: tuple[Migration, ...] = (_q1, _q2, _q3, _q4, _q5_confirmed_delivery,
+                                           _q6_completeness)
 
 
 def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_utils.Database:
@@ -145,6 +188,19 @@ def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_ut
     db = connect(path, timeout_s=timeout_s)
     migrate(db, QUEUE_MIGRATIONS, name="queue database")
     return db
+
+
+def _erase_series_completeness(conn: sqlite3.Connection, series_uid: str) -> int:
+    """Delete what completeness keeps of a series: its learned size, and every MPPS step
+    that lists it, with the step's messages queued or sent to the PACS (they carry the
+    patient's name and ID). Inside the erasure's transaction; returns the rows deleted."""
+    steps = [r[0] for r in conn.execute("SELECT DISTINCT step_uid FROM mpps_series"
+                                        " WHERE series_uid = ?", (series_uid,))]
+    n = conn.execute("DELETE FROM series_sizes WHERE series_uid = ?", (series_uid,)).rowcount
+    for step in steps:
+        for table in ("mpps_forwards", "mpps_instances", "mpps_series", "mpps_steps"):
+            n += conn.execute(f"DELETE FROM {table} WHERE step_uid = ?", (step,)).rowcount  # noqa: S608
+    return n
 
 
 # ----------------------------------------------------------------------- settled
@@ -500,6 +556,7 @@ class JobQueue(DurableQueue):
                 for uid in series_uids:
                     n += conn.execute("DELETE FROM monitored_series WHERE series_uid = ?",
                                       (uid,)).rowcount
+                    n += _erase_series_completeness(conn, uid)
             checkpoint_truncate(self.db)
         return n
 

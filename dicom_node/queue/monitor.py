@@ -1,12 +1,18 @@
-"""The stability monitor: a series quiet for ``stable_after`` seconds becomes a job.
+"""The stability monitor: a complete series becomes a job.
 
-DICOM has no end-of-study message (DESIGN decision 3): a series is complete when no
-instance of it has arrived for ``stable_after`` seconds. The archive says when each
-series' last instance arrived (:class:`twin_archive.arrivals.Arrivals`); the monitor
-compares that with what it already decided for the series (table ``monitored_series``
-in ``queue.sqlite``). A series whose
-``last_received`` changed since its decision (a late instance) is decided again, and
-its new job's result supersedes the earlier one.
+DICOM has no end-of-series message on the C-STORE side. DESIGN decision 3: a series is
+complete when an MPPS COMPLETED lists it and all its instances are in
+(:mod:`dicom_node.queue.mpps`), or when it reaches the size its scanner and protocol have been
+learned to make, after ``guard_s`` without an instance (:mod:`dicom_node.queue.completeness`);
+otherwise when no instance of it has arrived for ``stable_after`` seconds. The early
+pass (MPPS, sizes) runs every :data:`EARLY_POLL_S` and when an N-SET wakes it; the
+quiet pass every ``poll_s``. The archive says when each series' last instance arrived
+(:class:`twin_archive.arrivals.Arrivals`); the monitor compares that with what it
+already decided for the series (table ``monitored_series`` in ``queue.sqlite``, with how
+it was decided: ``completed_by``). A series whose ``last_received`` changed since its
+decision (a late instance) is decided again by the quiet period, and its new job's
+result supersedes the earlier one; a series completed early and re-opened so is counted
+against its scanner.
 
 The first pass looks at every series of the archive; later passes only at those whose
 last instance arrived since :data:`LOOKBACK_S` before the previous pass's cutoff (an
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -48,13 +55,14 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.queue.completeness import BY_MPPS, BY_QUIET, Completeness, SeriesShape, shape_of
 from dicom_node.foundation.database import write
-
 from dicom_node.foundation.clock import iso, utc_now
 from dicom_node.foundation.errors import DicomNodeError
 from dicom_node.foundation.faults import StateLog
 from dicom_node.queue.jobs import JobQueue, connect_queue
 from dicom_node.learning.label_intake import IntakeDecision
+from dicom_node.queue.mpps import MppsSteps
 from dicom_node.tasks import Task
 from pipelines.selection import (
     NON_IMAGE_MODALITIES,
@@ -69,6 +77,8 @@ LOG = logging.getLogger(__name__)
 
 #: How far before the previous pass's cutoff a pass looks again, seconds.
 LOOKBACK_S = 300.0
+#: How often the early pass (MPPS, learned sizes) looks, seconds; an N-SET wakes it at once.
+EARLY_POLL_S = 0.1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,6 +90,7 @@ class SeriesDecision:
     decision: str  # queued, no-pipeline, ignored
     reason: str
     job_ids: tuple[int, ...] = ()
+    completed_by: str = BY_QUIET  # quiet, mpps, learned, declared
 
 
 def read_headers(paths: Sequence[Path]) -> list[Dataset]:
@@ -134,11 +145,19 @@ class StabilityMonitor:
         :class:`~dicom_node.learning.label_intake.IntakeDecision` (``label``, ``unclaimed`` or ``ignored``)
         (:func:`dicom_node.learning.label_intake.intake_seg_series`). Without it SEG series are
         ignored like other result objects. Never makes a job of a SEG.
+    guard_s : float, optional
+        Seconds without an instance after which a series at its expected size (learned,
+        or Images in Acquisition) is complete (:mod:`dicom_node.queue.completeness`).
+    learn_from : int, optional
+        Series of one scanner and protocol that must agree on a size before it is used.
+    reopen_limit : int, optional
+        Re-opens after which a scanner's series wait for the quiet period.
     """
 
     def __init__(self, archive: Archive, jobs: JobQueue, tasks: Sequence[Task], *,
                  stable_after_s: float, poll_s: float | None = None,
-                 label_intake: Callable[[Sequence[Path]], IntakeDecision] | None = None) -> None:
+                 label_intake: Callable[[Sequence[Path]], IntakeDecision] | None = None,
+                 guard_s: float = 0.2, learn_from: int = 2, reopen_limit: int = 3) -> None:
         if not stable_after_s > 0:
             raise ValueError(f"stable_after_s must be > 0 seconds, got {stable_after_s}")
         self.archive = archive
@@ -150,6 +169,12 @@ class StabilityMonitor:
         self._arrivals = Arrivals(archive.data_dir)
         self._db = connect_queue(archive.data_dir)  # its own: monitored_series
         self._conn = self._db.conn
+        self.steps = MppsSteps(self._db)
+        self.completeness = Completeness(self._db, learn_from=learn_from, reopen_limit=reopen_limit)
+        self.guard_s = float(guard_s)
+        self._shapes: dict[str, SeriesShape | None] = {}  # growing series: their header's word
+        self._step_seen: dict[str, str] = {}  # open COMPLETED step -> latest arrival looked at
+        self._wake = threading.Event()
         self._since: str | None = None  # where the next pass looks from (None: everything)
         self._set_aside: dict[str, str] = {}  # series UID -> why it cannot be decided yet
         self._stop = threading.Event()
@@ -175,24 +200,129 @@ class StabilityMonitor:
         return out
 
     def poll(self) -> list[SeriesDecision]:
+        """One early pass then one quiet pass; return the decisions of both."""
+        return self.poll_early() + self.poll_quiet()
+
+    def poll_quiet(self) -> list[SeriesDecision]:
         """Decide every series that went quiet since the last pass; return the decisions."""
         now = utc_now()
         cutoff = iso(now - timedelta(seconds=self.stable_after_s))
         out, unread = [], []
         for row in self.quiet_series(cutoff, self._since):
-            try:
-                out.append(self._decide(row))
-            except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            decided = self._try(row, BY_QUIET)
+            if decided is None:
                 unread.append(row.last_received)
-                self._setting_aside(row.series_uid, str(exc))
-                continue
-            why = self._set_aside.pop(row.series_uid, None)
-            if why is not None:
-                LOG.info("series %s: its instances can be read again (set aside for: %s); "
-                         "decided", row.series_uid, why)
+            else:
+                out.append(decided)
         self._since = min([iso(now - timedelta(seconds=self.stable_after_s + LOOKBACK_S)),
                            *unread])
         return out
+
+    def _try(self, row: QuietSeries, by: str, why: str = "") -> SeriesDecision | None:
+        """Decide ``row``; None when its files cannot be read (set aside, tried again)."""
+        try:
+            decided = self._decide(row, by, why)
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            self._setting_aside(row.series_uid, str(exc))
+            return None
+        why_aside = self._set_aside.pop(row.series_uid, None)
+        if why_aside is not None:
+            LOG.info("series %s: its instances can be read again (set aside for: %s); "
+                     "decided", row.series_uid, why_aside)
+        return decided
+
+    # ----------------------------------------------------------------- early
+    def poll_early(self) -> list[SeriesDecision]:
+        """Decide the series complete before their quiet period: those a COMPLETED MPPS
+        step lists once all its instances are in, and those at their expected size for
+        ``guard_s`` (DESIGN decision 3)."""
+        return self._mpps_pass() + self._sized_pass()
+
+    def _mpps_pass(self) -> list[SeriesDecision]:
+        out = []
+        cutoff = iso(utc_now() - timedelta(seconds=self.stable_after_s))
+        for step in self.steps.completed_open():
+            if not step.series_uids:
+                self.steps.resolve(step.step_uid, "fallback")
+                LOG.info("MPPS step %s lists no instance: its series complete after the quiet "
+                         "period", step.step_uid)
+                continue
+            rows = self._arrivals.of(list(step.series_uids))
+            latest = max([step.completed_at, *(r.last_received for r in rows)])
+            if self._step_seen.get(step.step_uid) == latest and latest >= cutoff:
+                continue  # nothing of its series arrived since the last look
+            self._step_seen[step.step_uid] = latest
+            wanted = [uid for s in self.steps.listing(step.step_uid) for uid in s.instances]
+            have = self._arrivals.archived(wanted)
+            if len(have) < len(set(wanted)):
+                # Not all in yet. Given up only once nothing of its series arrived for the
+                # quiet period since the N-SET (a slow transfer after the N-SET is no loss);
+                # a series that arrived is decided by the quiet pass, which names them.
+                if latest < cutoff:
+                    self._give_up(step.step_uid, [u for u in wanted if u not in have])
+                continue
+            decided = self._decided([r.series_uid for r in rows])
+            for row in rows:
+                if decided.get(row.series_uid) != row.last_received:
+                    found = self._try(row, BY_MPPS, f"MPPS step {step.step_uid} COMPLETED, its "
+                                                    f"{len(wanted)} instance(s) in")
+                    out += [found] if found is not None else []
+            self.steps.resolve(step.step_uid, "complete")
+            self._step_seen.pop(step.step_uid, None)
+        return out
+
+    def _sized_pass(self) -> list[SeriesDecision]:
+        now = utc_now()
+        growing = self._arrivals.growing(iso(now - timedelta(seconds=self.stable_after_s)))
+        guard_until = iso(now - timedelta(seconds=self.guard_s))
+        self._shapes = {g.series.series_uid: self._shapes[g.series.series_uid] for g in growing
+                        if g.series.series_uid in self._shapes}
+        ready = [g for g in growing if g.series.last_received <= guard_until
+                 and g.series.modality.upper() not in NON_IMAGE_MODALITIES]
+        decided = self._decided([g.series.series_uid for g in ready])
+        out = []
+        for g in ready:
+            row = g.series
+            if decided.get(row.series_uid) == row.last_received:
+                continue
+            shape = self._shape(row.series_uid)
+            expected = shape and self.completeness.expected(shape, row.series_uid)
+            if expected and g.instances == expected.instances:
+                found = self._try(row, expected.by, expected.why)
+                out += [found] if found is not None else []
+        return out
+
+    def _shape(self, series_uid: str) -> SeriesShape | None:
+        """What the header of one of the series' instances says (read once per series)."""
+        if series_uid not in self._shapes:
+            files = self.archive.twins.series_files(series_uid)
+            try:
+                self._shapes[series_uid] = shape_of(read_headers(files[-1:])[0]) if files else None
+            except (OSError, pydicom.errors.InvalidDicomError, IndexError):
+                self._shapes[series_uid] = None
+        return self._shapes[series_uid]
+
+    def _give_up(self, step_uid: str, missing: list[str], series_uid: str = "") -> None:
+        """Name the instances a COMPLETED step lists that never came, once; resolve it."""
+        LOG.warning("MPPS step %s COMPLETED lists %d instance(s) never received (%s%s); %s",
+                    step_uid, len(missing), ", ".join(missing[:5]),
+                    f" and {len(missing) - 5} more" if len(missing) > 5 else "",
+                    f"series {series_uid} complete by the quiet period instead" if series_uid
+                    else f"its series complete by the quiet period ({self.stable_after_s:g} s "
+                         "after the N-SET, none of them has instances still missing)")
+        self.steps.resolve(step_uid, "fallback")
+        self._step_seen.pop(step_uid, None)
+
+    def _fall_back(self, series_uid: str) -> None:
+        """A series decided by the quiet period that an open COMPLETED step lists: name the
+        instances that never came, once, and resolve the step."""
+        for step in self.steps.completed_open(series_uid):
+            wanted = [uid for s in self.steps.listing(step.step_uid) if s.series_uid == series_uid
+                      for uid in s.instances]
+            have = self._arrivals.archived(wanted)
+            missing = [uid for uid in wanted if uid not in have]
+            if missing:
+                self._give_up(step.step_uid, missing, series_uid)
 
     def _setting_aside(self, uid: str, why: str) -> None:
         """Log a series set aside once per reason; the passes after it retry quietly."""
@@ -203,12 +333,13 @@ class StabilityMonitor:
         LOG.warning("series %s set aside, not decided: %s; tried again quietly at each pass "
                     "and said here once it can be read", uid, why)
 
-    def _decide(self, row: QuietSeries) -> SeriesDecision:
+    def _decide(self, row: QuietSeries, by: str = BY_QUIET, why: str = "") -> SeriesDecision:
+        """Decide a series complete (``by`` the quiet period, MPPS, or its size: ``why``)."""
         uid, last = row.series_uid, row.last_received
         modality = row.modality.upper()
         files = self.archive.twins.series_files(uid)
         job_ids: list[int] = []
-        count = len(files)
+        count, shape = len(files), None
         if modality == "SEG" and files and self.label_intake is not None:
             intake = self.label_intake(files)  # never a job: a label, or left alone
             decision, reason = intake.decision, intake.reason
@@ -221,16 +352,27 @@ class StabilityMonitor:
             if not headers:
                 raise SeriesUnreadableError(uid, len(files), unreadable[0])
             decision, reason = self._decide_images(row, headers, job_ids)
-            count = len(headers)
+            count, shape = len(headers), shape_of(headers[-1])
             if unreadable:
                 reason += (f" (decided on the {len(headers)} of {len(files)} instance(s) that can "
                            f"be read; {len(unreadable)} cannot: {unreadable[0]})")
                 LOG.warning("series %s: %d of its %d instance file(s) cannot be read (%s); "
                             "decided on the others", uid, len(unreadable), len(files), unreadable[0])
-        reopened = self._record(uid, last, decision, reason)
+        if by == BY_QUIET:
+            self._fall_back(uid)
+        reopened = self._record(uid, last, decision, reason, by=by, shape=shape, count=count)
+        self._say(uid, modality, decision, reason, count, job_ids, reopened,
+                  by if by == BY_QUIET else f"{by}: {why}")
+        return SeriesDecision(series_uid=uid, last_received=last, decision=decision,
+                              reason=reason, job_ids=tuple(job_ids), completed_by=by)
+
+    def _say(self, uid: str, modality: str, decision: str, reason: str, count: int,
+             job_ids: list[int], reopened: bool, how: str) -> None:
+        """The decision's one log line."""
         if decision == "queued":
-            LOG.info("series %s quiet for %.0f s with %d instance(s)%s: job(s) %s queued",
-                     uid, self.stable_after_s, count,
+            when = (f"quiet for {self.stable_after_s:.0f} s" if how == BY_QUIET
+                    else f"complete early ({how})")
+            LOG.info("series %s %s with %d instance(s)%s: job(s) %s queued", uid, when, count,
                      " (re-opened by later instances; the new result will supersede the old)"
                      if reopened else "", ", ".join(map(str, job_ids)) or "-")
         elif decision == "label":
@@ -242,8 +384,6 @@ class StabilityMonitor:
         else:
             LOG.info("series %s (%s, %d instance(s)) left alone: %s", uid, modality or "?",
                      count, reason)
-        return SeriesDecision(series_uid=uid, last_received=last, decision=decision,
-                              reason=reason, job_ids=tuple(job_ids))
 
     def _decide_images(self, row: QuietSeries, headers: Sequence[Dataset],
                        job_ids: list[int]) -> tuple[str, str]:
@@ -274,18 +414,33 @@ class StabilityMonitor:
             return "queued", "job already queued"
         return "no-pipeline", "; ".join(reasons) or "no task enabled"
 
-    def _record(self, uid: str, last: str, decision: str, reason: str) -> bool:
-        """Remember the decision; return whether the series had been decided before."""
+    def _record(self, uid: str, last: str, decision: str, reason: str, *, by: str = BY_QUIET,
+                shape: SeriesShape | None = None, count: int = 0) -> bool:
+        """Remember the decision (with the series' size, for learning, and the scanner's
+        early completions and re-opens); return whether the series had been decided before."""
+        now = iso(utc_now())
         with write(self._db) as conn:
-            before = conn.execute("SELECT 1 FROM monitored_series WHERE series_uid = ?",
-                                  (uid,)).fetchone()
+            before = conn.execute("SELECT last_received, completed_by, scanner FROM"
+                                  " monitored_series WHERE series_uid = ?", (uid,)).fetchone()
+            scanner = shape.scanner if shape is not None else (before[2] if before else "")
             conn.execute(
                 "INSERT INTO monitored_series (series_uid, last_received, decision, reason,"
-                " decided_at) VALUES (?,?,?,?,?) ON CONFLICT(series_uid) DO UPDATE SET"
+                " decided_at, completed_by, scanner) VALUES (?,?,?,?,?,?,?)"
+                " ON CONFLICT(series_uid) DO UPDATE SET"
                 " last_received=excluded.last_received, decision=excluded.decision,"
-                " reason=excluded.reason, decided_at=excluded.decided_at",
-                (uid, last, decision, reason, iso(utc_now())),
+                " reason=excluded.reason, decided_at=excluded.decided_at,"
+                " completed_by=excluded.completed_by, scanner=excluded.scanner",
+                (uid, last, decision, reason, now, by, scanner),
             )
+            if shape is not None and decision in ("queued", "no-pipeline"):
+                self.completeness.record(conn, uid, shape, count, now)
+            reopened_early = (before is not None and before[1] != BY_QUIET
+                              and before[0] != last)
+            if reopened_early:
+                LOG.info("series %s completed early (%s) was re-opened by a later instance "
+                         "(scanner %s)", uid, before[1], scanner or "?")
+            self.completeness.counted(conn, scanner, early=by != BY_QUIET,
+                                      reopened=reopened_early)
         return before is not None
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
@@ -302,11 +457,23 @@ class StabilityMonitor:
                  ", ".join(t.name + ("" if t.enabled else " (disabled)") for t in self.tasks)
                  or "none")
 
+    def wake(self) -> None:
+        """Look at once (an MPPS step changed): the early pass runs without waiting."""
+        self._wake.set()
+
     def _run(self) -> None:
         state = StateLog(LOG, "stability monitor")  # one line per change, not per pass
-        while not self._stop.wait(self.poll_s):
+        next_quiet = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(min(EARLY_POLL_S, self.poll_s))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
-                self.poll()
+                self.poll_early()
+                if time.monotonic() >= next_quiet:
+                    self.poll_quiet()
+                    next_quiet = time.monotonic() + self.poll_s
                 state.ok()
             except Exception as exc:  # keep watching; the next pass retries
                 state.failed(exc, "pass failed")
@@ -314,6 +481,7 @@ class StabilityMonitor:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop polling and close the connections."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
         self._conn.close()

@@ -18,6 +18,7 @@ from dicom_node.runtime import retention
 from dicom_node.queue.jobs import JobQueue
 from dicom_node.learning.label_intake import TaskLabelIntake
 from dicom_node.queue.monitor import StabilityMonitor
+from dicom_node.queue.mpps_forward import MppsForwarder
 from dicom_node.queue.sender import Sender
 from dicom_node.wire.tls import client_tls_context
 from dicom_node.settings import Destination, Settings, parse_destination, seg_type_conflicts
@@ -80,7 +81,13 @@ class Loop:
         self.intake = TaskLabelIntake(settings.data_dir, self.labels, settings.tasks)
         self.monitor = StabilityMonitor(
             archive, self.jobs, settings.tasks, stable_after_s=settings.stable_after,
-            label_intake=self.intake)
+            label_intake=self.intake, guard_s=settings.early_guard_s,
+            learn_from=settings.learn_from_series, reopen_limit=settings.early_reopen_limit)
+        self.mpps_forwarder = MppsForwarder(
+            settings.data_dir, ae_title=settings.ae_title,
+            backoff_initial_s=settings.send_backoff_initial_s,
+            backoff_max_s=settings.send_backoff_max_s,
+            network_timeout_s=settings.network_timeout_s) if settings.forward_mpps else None
         self.workers = WorkerPool(settings, self.jobs, on_queued=self.sender.wakeup.set,
                                   on_change=on_workers_change)
         if settings.backend == "triton":
@@ -132,6 +139,12 @@ class Loop:
             LOG.exception("could not claim unclaimed labels (%s); `dicom-node labels rescan` "
                           "tries again", via)
 
+    def mpps_changed(self) -> None:
+        """An MPPS step was created or set: the monitor and the forwarder look at once."""
+        self.monitor.wake()
+        if self.mpps_forwarder is not None:
+            self.mpps_forwarder.wakeup.set()
+
     def healthy(self) -> bool:
         """True while the sender thread and the workers' supervisor run.
 
@@ -147,6 +160,8 @@ class Loop:
         self.sender.start()
         self.workers.start()
         self.monitor.start()
+        if self.mpps_forwarder is not None:
+            self.mpps_forwarder.start()
         self.scheduler.start()
         self.disk_guard.start()
 
@@ -155,6 +170,8 @@ class Loop:
         self.scheduler.stop()
         self.disk_guard.stop()
         self.monitor.stop()
+        if self.mpps_forwarder is not None:
+            self.mpps_forwarder.stop()
         self.workers.stop()
         self.sender.stop()
         counts = self.jobs.counts()

@@ -120,7 +120,8 @@ class Node:
         self._state_lock = threading.Lock()
         self.loop = Loop(settings, self.archive, self.audit, on_workers_change=self._write_state)
         self.server = DicomServer(settings, self.archive.ingest, self.metrics, self.audit,
-                                  services=listener_services(settings))
+                                  services=listener_services(settings,
+                                                             on_mpps=self.loop.mpps_changed))
         self.http: MetricsServer | None = None
 
     def _write_state(self) -> None:

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 from dicom_node import __version__
 from dicom_node.learning.drift import DriftConfig, drift_gauges
 from dicom_node.foundation.faults import FULL_BELOW_BYTES, free_bytes, is_disk_full
+from dicom_node.queue.completeness import COMPLETED_BY, CompletenessCounts, read_completeness
 from dicom_node.queue.jobs import JobCounts, JobState, read_job_counts
 from dicom_node.wire.metrics import NodeMetrics
 from dicom_node.queue.sender import SendCounts, SendState, read_send_counts
@@ -261,6 +262,7 @@ class NodeCollector(Collector):
             yield restarts
         yield from self.stored_families(read_state(self.data_dir, self._stages))
         yield from drift_families(self.data_dir, self.drift)
+        yield from completeness_families(read_completeness(self.data_dir))
         if self.storage is not None:
             yield from self.storage()
 
@@ -308,6 +310,31 @@ class NodeCollector(Collector):
         audit = CounterMetricFamily("dicom_node_audit_events", "Events in the audit log")
         audit.add_metric([], state.audit_events)
         yield audit
+
+
+def completeness_families(found: CompletenessCounts) -> Iterator[Metric]:
+    """How series were completed, and per scanner its early completions and re-opens."""
+    by = GaugeMetricFamily("dicom_node_series_completed", "Series with jobs, by how their "
+                           "completion was decided (quiet period, MPPS, learned or declared "
+                           "size)", labels=["by"])
+    for how in COMPLETED_BY:
+        by.add_metric([how], found.by.get(how, 0))
+    yield by
+    early = CounterMetricFamily("dicom_node_series_completed_early",
+                                "Series completed before their quiet period, per scanner",
+                                labels=["scanner"])
+    reopened = CounterMetricFamily("dicom_node_series_reopened", "Series completed early that "
+                                   "a later instance re-opened, per scanner", labels=["scanner"])
+    start = GaugeMetricFamily("dicom_node_scanner_early_start", "1 while a scanner's series may "
+                              "complete by size (0 once it re-opened early_reopen_limit times)",
+                              labels=["scanner"])
+    for sc in found.scanners:
+        early.add_metric([sc.scanner], sc.early)
+        reopened.add_metric([sc.scanner], sc.reopened)
+        start.add_metric([sc.scanner], 1.0 if sc.early_start else 0.0)
+    yield early
+    yield reopened
+    yield start
 
 
 def drift_families(data_dir: Path, config: DriftConfig) -> Iterator[Metric]:

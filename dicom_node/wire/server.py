@@ -126,8 +126,8 @@ class DicomServer:
         ae = AE(ae_title=s.ae_title)
         ae.add_supported_context(Verification)
         for service in self.services:  # e.g. Storage Commitment reports (queue/commitment.py)
-            ae.add_supported_context(service.sop_class, scu_role=service.scu_role,
-                                     scp_role=service.scp_role)
+            ae.add_supported_context(service.sop_class, list(service.transfer_syntaxes) or None,
+                                     scu_role=service.scu_role, scp_role=service.scp_role)
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None  # pynetdicom builds each from its SOP class
             ae.add_supported_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
@@ -326,6 +326,9 @@ class DicomServer:
             self._server = None
             self._reaper_stop.set()
             self.reap()
+            for service in self.services:
+                if service.close is not None:
+                    service.close()
         if pool_stop is not None:
             pool_stop.join()
 

@@ -24,16 +24,22 @@ class Service:
         The SOP Class UID the node accepts as a presentation context.
     handlers : sequence of (event, handler, args)
         pynetdicom event bindings (``args`` may be empty).
+    transfer_syntaxes : sequence of str
+        The transfer syntaxes accepted for it (empty: pynetdicom's defaults).
     scu_role, scp_role : bool or None
         SCP/SCU Role Selection the node accepts (None: pynetdicom's default).
+    close : callable, optional
+        Called once when the listener stops (e.g. to close the service's connection).
     name : str
         For the log.
     """
 
     sop_class: str
     handlers: Sequence[tuple[Any, Callable[..., Any], list[Any]]] = field(default_factory=tuple)
+    transfer_syntaxes: Sequence[str] = ()
     scu_role: bool | None = None
     scp_role: bool | None = None
+    close: Callable[[], None] | None = None
     name: str = ""
 
     def __post_init__(self) -> None:

@@ -45,3 +45,26 @@ HANDLER_FAILED = 0xC211
 def is_warning(status: int) -> bool:
     """A Warning status (PS3.7 C.1.2: 0001 or Bxxx): the object was stored."""
     return status == WARNING or (status & 0xF000) == COERCION_OF_DATA_ELEMENTS
+
+# PS3.7 Annex C.4 (failure statuses of the DIMSE-N services), as Modality Performed
+# Procedure Step (PS3.4 Annex F.7.2.1.3 N-CREATE, F.7.2.2.3 N-SET) answers them.
+# Failure: Invalid Attribute Value: e.g. a Performed Procedure Step Status that is not
+# IN PROGRESS / COMPLETED / DISCONTINUED, or an N-CREATE that is not IN PROGRESS.
+INVALID_ATTRIBUTE_VALUE = 0x0106
+# Failure: Processing failure. For MPPS N-SET (PS3.4 F.7.2.2, pynetdicom's
+# PROCEDURE_STEP_STATUS): "Performed Procedure Step Object may no longer be updated",
+# an N-SET on a step already COMPLETED or DISCONTINUED; also a data set the node cannot
+# read or store.
+PROCESSING_FAILURE = 0x0110
+# Failure: Duplicate SOP Instance: an N-CREATE for a step that exists.
+DUPLICATE_SOP_INSTANCE = 0x0111
+# Failure: No Such SOP Instance: an N-SET on a step never created here.
+NO_SUCH_SOP_INSTANCE = 0x0112
+# Failure: Missing Attribute: a Type 1 attribute absent (e.g. Performed Procedure Step Status).
+MISSING_ATTRIBUTE = 0x0120
+# Failure: Missing Attribute Value: present but empty where a value is required (a
+# COMPLETED step without its Performed Series Sequence, a series item without its UID).
+MISSING_ATTRIBUTE_VALUE = 0x0121
+# Failure: Resource limitation (PS3.7 C.5.x, a DIMSE-N failure): the step could not be
+# kept (the queue database is unwritable: a full disk, a lock held too long).
+RESOURCE_LIMITATION = 0x0213
