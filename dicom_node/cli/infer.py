@@ -17,9 +17,11 @@ no series selected, no model for the task, an unknown version.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +44,9 @@ if TYPE_CHECKING:
     from pipelines.inference import LoadedModel
     from pipelines.run import SeriesFiles
 
-# torch and MONAI (pipelines.inference, pipelines.run) are imported when the command
-# runs: every command's parser is built at each start of `dicom-node`, `serve` too,
-# and the DICOM listener never loads torch (DESIGN decision 10).
+# torch and MONAI (pipelines.inference) are imported when the command runs, in a thread
+# while the files are read (:func:`import_model_code`): the DICOM listener never loads
+# torch (DESIGN decision 10), and `serve` builds no parser but its own.
 
 LOG = logging.getLogger(__name__)
 
@@ -128,9 +130,30 @@ def _specs(task: str | None, model_version: ModelVersion | None,
     return tuple(served) if served else (None,)
 
 
+def import_model_code() -> threading.Thread:
+    """Start importing :mod:`pipelines.inference` (torch, MONAI: 2-3 s of a core) in a
+    thread and return it; the caller reads its files meanwhile and imports the module
+    itself when it needs it (Python's import lock makes that wait for the thread).
+    An import error is not lost: the caller's own import raises it again. The thread is
+    not a daemon: a command that ends early waits for it rather than stopping the
+    interpreter in the middle of an import."""
+    def work() -> None:
+        try:
+            importlib.import_module("pipelines.inference")
+        except Exception:  # noqa: BLE001 - raised again by the caller's own import
+            LOG.debug("importing pipelines.inference in the background failed", exc_info=True)
+
+    thread = threading.Thread(target=work, name="import-model-code")
+    thread.start()
+    return thread
+
+
 def _select(series: SeriesFiles, specs: Sequence[Task | None], task: str | None
             ) -> tuple[Task | None, str, SelectionRules | None]:
     """The first pipeline that accepts the series: (spec, task, rules).
+
+    Only the headers are read (``run_series`` reads the files whole and lets each
+    one's pixel data go once it is in the volume).
 
     Raises
     ------
@@ -158,6 +181,17 @@ def _scanner(path: Path) -> tuple[str, str]:
     return str(ds.get("Manufacturer", "") or ""), str(ds.get("ManufacturerModelName", "") or "")
 
 
+def _loaded(mv: ModelVersion, models: dict[str, LoadedModel], importing: threading.Thread,
+            reg: Registry) -> LoadedModel:
+    """``mv`` loaded once per command, after the background import of its code."""
+    if mv.version not in models:
+        importing.join()
+        from pipelines.inference import load_model
+
+        models[mv.version] = load_model(mv, registry=reg)
+    return models[mv.version]
+
+
 def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequence[Task],
                  task: str | None = None, model_version: str | None = None,
                  write_overlay: bool = True, seg_type: str = "binary",
@@ -173,7 +207,6 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
     NoActiveModelError
         No active model serves a selected series' task and scanner.
     """
-    from pipelines.inference import load_model
     from pipelines.run import SeriesNotSelected, group_series, run_series
     from pipelines.writers import save_results
 
@@ -183,6 +216,7 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
     if task is not None and not task.strip():
         raise ValueError("--task must not be empty")
     files = _input_files(input_dir)
+    importing = import_model_code()  # torch and MONAI, while the files are read
     series, unreadable = group_series(files)
     for bad in unreadable:
         LOG.debug("skipped %s: %s", bad.path, bad.reason)
@@ -202,9 +236,7 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
             reports.append(SeriesReport(**base, status="not-selected", reason=exc.reason))
             continue
         mv = fixed or reg.resolve(chosen_task, *_scanner(s.paths[0]))  # NoActiveModelError
-        if mv.version not in models:
-            models[mv.version] = load_model(mv, registry=reg)
-        loaded = models[mv.version]
+        loaded = _loaded(mv, models, importing, reg)
         model_fields = {"task": chosen_task, "model_version": mv.version,
                         "backend": loaded.backend.value}
         try:
