@@ -26,9 +26,15 @@ brings holoscan-cu13 4.6.0, which runs on CPU), torch pinned to the CPU build 2.
 ``.venv``. That download is the benchmark's, for the peer only: the product downloads
 nothing at run time, and this script needs the network only the first time.
 
+``--startup`` measures the start-up alone (no peer, no inference): each
+``dicom-node infer`` runs under an audit hook (:data:`PROBE`) that stops it when it
+opens the model's weights, and reports the wall and CPU seconds from the start of the
+process to the first DICOM file opened and to the weights opened.
+
 Usage::
 
     .venv/bin/python benchmarks/infer_vs_deploy.py                      # 3 rounds
+    .venv/bin/python benchmarks/infer_vs_deploy.py --startup --rounds 5 --baseline-ref main
     .venv/bin/python benchmarks/infer_vs_deploy.py --rounds 5 --baseline-ref main
     .venv/bin/python benchmarks/infer_vs_deploy.py --json /tmp/ivd.json
 """
@@ -83,6 +89,56 @@ def baseline_tree(ref: str, scratch: Path) -> Path:
     return tree
 
 
+PROBE = r"""
+import os, runpy, sys, time
+T0, marks = time.perf_counter(), {}
+def hook(event, args):
+    if event != "open" or not args or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    path = os.fsdecode(args[0])
+    for key, end in (("first_dicom", ".dcm"), ("model_open", "model.pt")):
+        if path.endswith(end) and key not in marks:
+            marks[key] = [round(time.perf_counter() - T0, 3), round(time.process_time(), 3)]
+    if "model_open" in marks:
+        print("PROBE " + __import__("json").dumps(marks), flush=True)
+        os._exit(0)
+sys.addaudithook(hook)
+sys.argv = ["dicom-node"] + sys.argv[1:]
+runpy.run_module("dicom_node", run_name="__main__")
+"""
+
+
+def startup(tree: Path, data: Path, ct: Path, out: Path) -> dict[str, Any]:
+    """Seconds (wall, CPU) from the start of ``dicom-node infer`` to its first DICOM file
+    opened and to the model's weights opened."""
+    load = os.getloadavg()[0]
+    proc = subprocess.run([sys.executable, "-c", PROBE, "--data-dir", str(data), "infer",
+                           str(ct), "--out", str(out)], cwd=tree, capture_output=True, text=True,
+                          env=dict(QUIET, PYTHONPATH=str(tree)), check=True)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PROBE "))
+    return {"load1": round(load, 2), **json.loads(line.split(" ", 1)[1])}
+
+
+def run_startup(args: argparse.Namespace, scratch: Path, data: Path, ct: Path) -> dict[str, Any]:
+    trees = {"dicom-node": REPO}
+    if args.baseline_ref:
+        trees[f"dicom-node@{args.baseline_ref}"] = baseline_tree(args.baseline_ref, scratch)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for i in range(args.rounds):
+        for name, tree in trees.items():
+            r = startup(tree, data, ct, scratch / "unused")
+            rows[name].append(r)
+            print(f"round {i + 1} {name:>24}: first DICOM file at {r['first_dicom'][0]:.2f} s "
+                  f"(cpu {r['first_dicom'][1]:.2f} s), weights at {r['model_open'][0]:.2f} s "
+                  f"(cpu {r['model_open'][1]:.2f} s) (load {r['load1']:.1f})", flush=True)
+    for name, runs in rows.items():
+        print(f"{name:>24}: median to weights: wall "
+              f"{statistics.median(r['model_open'][0] for r in runs):.2f} s, cpu "
+              f"{statistics.median(r['model_open'][1] for r in runs):.2f} s; to the first DICOM "
+              f"file: wall {statistics.median(r['first_dicom'][0] for r in runs):.2f} s")
+    return {"slices": args.slices, "rounds": args.rounds, "startup": rows}
+
+
 def timed(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> dict[str, Any]:
     """Run ``cmd``; its wall and CPU seconds, the load average at its start, its output."""
     load = os.getloadavg()[0]
@@ -120,12 +176,14 @@ def run_deploy(python: Path, ct: Path, out: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    python = deploy_python()
     ct = scratch / "ct"
     write_series(ct, args.slices, seed=7)
     data = scratch / "data"
     with Registry(data) as reg:
         ensure_demo_model(reg)
+    if args.startup:
+        return run_startup(args, scratch, data, ct)
+    python = deploy_python()
     contenders = {"dicom-node": lambda out: run_node(REPO, data, ct, out),
                   "monai-deploy": lambda out: run_deploy(python, ct, out)}
     if args.baseline_ref:
@@ -164,11 +222,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline-ref", default=None, metavar="REF",
                     help="also run dicom-node infer from this git ref's tree")
+    ap.add_argument("--startup", action="store_true",
+                    help="the start-up alone: to the first DICOM file and to the weights opened")
     ap.add_argument("--json", type=Path, default=None, help="write every run here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="infer-vs-deploy-") as tmp:
         result = run(args, Path(tmp))
-    for line in summary(result):
+    for line in ([] if args.startup else summary(result)):
         print(line)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -2,8 +2,7 @@
 
 ``main`` builds the parser of the named command only (``COMMAND_MODULES``), so that
 ``infer`` starts without the listener's modules and ``serve`` without the
-trainer's; the whole parser answers ``--help``, ``--version`` and mistakes. torch and
-MONAI are imported by ``infer`` in a thread while it reads the files.
+trainer's; the whole parser answers ``--help``, ``--version`` and mistakes.
 """
 
 from __future__ import annotations

@@ -17,11 +17,9 @@ no series selected, no model for the task, an unknown version.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +42,11 @@ if TYPE_CHECKING:
     from pipelines.inference import LoadedModel
     from pipelines.run import SeriesFiles
 
-# torch and MONAI (pipelines.inference) are imported when the command runs, in a thread
-# while the files are read (:func:`import_model_code`): the DICOM listener never loads
-# torch (DESIGN decision 10), and `serve` builds no parser but its own.
+# torch and MONAI (pipelines.inference) are imported when the first model is loaded,
+# after the files are read and grouped: the DICOM listener never loads torch (DESIGN
+# decision 10). Importing them in a thread while the files are read was measured
+# (benchmarks/README.md, infer_vs_deploy.py --startup) and lost: both sides hold the
+# GIL, the thread cost 0.17 s more CPU and brought the weights no sooner.
 
 LOG = logging.getLogger(__name__)
 
@@ -130,24 +130,6 @@ def _specs(task: str | None, model_version: ModelVersion | None,
     return tuple(served) if served else (None,)
 
 
-def import_model_code() -> threading.Thread:
-    """Start importing :mod:`pipelines.inference` (torch, MONAI: 2-3 s of a core) in a
-    thread and return it; the caller reads its files meanwhile and imports the module
-    itself when it needs it (Python's import lock makes that wait for the thread).
-    An import error is not lost: the caller's own import raises it again. The thread is
-    not a daemon: a command that ends early waits for it rather than stopping the
-    interpreter in the middle of an import."""
-    def work() -> None:
-        try:
-            importlib.import_module("pipelines.inference")
-        except Exception:  # noqa: BLE001 - raised again by the caller's own import
-            LOG.debug("importing pipelines.inference in the background failed", exc_info=True)
-
-    thread = threading.Thread(target=work, name="import-model-code")
-    thread.start()
-    return thread
-
-
 def _select(series: SeriesFiles, specs: Sequence[Task | None], task: str | None
             ) -> tuple[Task | None, str, SelectionRules | None]:
     """The first pipeline that accepts the series: (spec, task, rules).
@@ -181,11 +163,9 @@ def _scanner(path: Path) -> tuple[str, str]:
     return str(ds.get("Manufacturer", "") or ""), str(ds.get("ManufacturerModelName", "") or "")
 
 
-def _loaded(mv: ModelVersion, models: dict[str, LoadedModel], importing: threading.Thread,
-            reg: Registry) -> LoadedModel:
-    """``mv`` loaded once per command, after the background import of its code."""
+def _loaded(mv: ModelVersion, models: dict[str, LoadedModel], reg: Registry) -> LoadedModel:
+    """``mv`` loaded once per command (torch and MONAI are imported by the first)."""
     if mv.version not in models:
-        importing.join()
         from pipelines.inference import load_model
 
         models[mv.version] = load_model(mv, registry=reg)
@@ -216,7 +196,6 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
     if task is not None and not task.strip():
         raise ValueError("--task must not be empty")
     files = _input_files(input_dir)
-    importing = import_model_code()  # torch and MONAI, while the files are read
     series, unreadable = group_series(files)
     for bad in unreadable:
         LOG.debug("skipped %s: %s", bad.path, bad.reason)
@@ -236,7 +215,7 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
             reports.append(SeriesReport(**base, status="not-selected", reason=exc.reason))
             continue
         mv = fixed or reg.resolve(chosen_task, *_scanner(s.paths[0]))  # NoActiveModelError
-        loaded = _loaded(mv, models, importing, reg)
+        loaded = _loaded(mv, models, reg)
         model_fields = {"task": chosen_task, "model_version": mv.version,
                         "backend": loaded.backend.value}
         try:
