@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -26,8 +27,12 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import build_context
-from pynetdicom.presentation import PresentationContext
+
+if TYPE_CHECKING:
+    from pynetdicom.presentation import PresentationContext
+
+# pynetdicom is imported by the sender when it builds its contexts: the settings import
+# this module, and commands that never touch the network (``infer``) start without it.
 
 LOG = logging.getLogger(__name__)
 
@@ -133,6 +138,8 @@ def contexts_for(shapes: Iterable[ObjectShape], syntaxes: Sequence[str]) -> list
     destination that fit at least one of its objects; separate contexts let the peer
     accept an uncompressed syntax while refusing a compressed one.
     """
+    from pynetdicom import build_context
+
     wanted: dict[str, list[str]] = {}
     for shape in shapes:
         row = wanted.setdefault(shape.sop_class_uid, [])

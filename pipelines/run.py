@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -24,7 +25,6 @@ from pydicom.errors import InvalidDicomError
 
 from pipelines.comparison import Comparison, PriorResult, compare, study_date_of
 from pipelines.errors import PipelineError
-from pipelines.inference import LoadedModel
 from pipelines.memory import MemoryEstimate, check_budget, series_geometry
 from pipelines.multiframe import VolumeChoice, expand_frames
 from pipelines.postprocess import split_labels
@@ -32,6 +32,9 @@ from pipelines.selection import SelectionDecision, SelectionRules, is_node_outpu
 from pipelines.types import ModelInfo, ResultDatasets, SegmentResult, Volume, WriterOptions
 from pipelines.volume import load_series
 from pipelines.writers import write_results
+
+if TYPE_CHECKING:  # torch and MONAI: a caller imports them (load_model) in its own time
+    from pipelines.inference import LoadedModel
 
 LOG = logging.getLogger(__name__)
 

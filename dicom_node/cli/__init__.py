@@ -28,9 +28,39 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command-line interface."""
-    from dicom_node.cli import demo, destinations, infer, models, ops, queues, serve, twin
+#: Which module of this package registers each top-level command (its parser and
+#: handler): ``dicom-node COMMAND`` imports that module only, so that a command starts
+#: without importing every other command's dependencies (``infer`` does not load the
+#: listener, ``serve`` not the trainer's). tests/test_cli_start.py checks the table
+#: against what each module registers.
+COMMAND_MODULES: dict[str, str] = {
+    "serve": "serve", "twin": "twin", "infer": "infer", "demo": "demo",
+    "models": "models", "jobs": "queues", "sends": "queues", "status": "ops", "audit": "ops",
+    "destinations": "destinations", "labels": "labels", "train": "training",
+    "queue": "training", "dataset": "training", "tasks": "tasks", "drift": "drift",
+    "archive": "archive",
+}
+#: The order of the modules in ``dicom-node --help``.
+_MODULE_ORDER = ("serve", "twin", "models", "infer", "demo", "queues", "ops", "destinations",
+                 "labels", "training", "tasks", "drift", "archive")
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command named by ``argv`` (after the common options), or ``None`` when there
+    is none or it is not one of :data:`COMMAND_MODULES` (the whole parser says why)."""
+    common = _common()
+    common.exit_on_error = False
+    try:
+        _known, rest = common.parse_known_args(list(argv))
+    except argparse.ArgumentError:  # a common option without its value: the whole parser says so
+        return None
+    first = next((a for a in rest if not a.startswith("-")), None)
+    return first if first in COMMAND_MODULES and rest and rest[0] == first else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command-line interface: every command, or only ``command``'s module."""
+    import importlib
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -40,16 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, twin, models, infer, demo, queues, ops, destinations):
-        module.register(sub, [common])
-    from dicom_node.cli import labels, tasks, training  # nightly learning: labels, train, queue, dataset
-    from dicom_node.cli import drift  # live learning: drift per scanner
-
-    for module in (labels, training, tasks, drift):
-        module.register(sub, [common])
-    from dicom_node.cli import archive  # issue 13: archive verify / rebuild-index
-
-    archive.register(sub, [common])
+    names = (COMMAND_MODULES[command],) if command is not None else _MODULE_ORDER
+    for name in names:
+        importlib.import_module(f"dicom_node.cli.{name}").register(sub, [common])
     return parser
 
 
@@ -72,7 +95,8 @@ def damaged_database_line(data_dir: Path | str, exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dicom-node`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     overrides = {
         "data_dir": getattr(args, "data_dir", None),

@@ -42,9 +42,11 @@ if TYPE_CHECKING:
     from pipelines.inference import LoadedModel
     from pipelines.run import SeriesFiles
 
-# torch and MONAI (pipelines.inference, pipelines.run) are imported when the command
-# runs: every command's parser is built at each start of `dicom-node`, `serve` too,
-# and the DICOM listener never loads torch (DESIGN decision 10).
+# torch and MONAI (pipelines.inference) are imported when the first model is loaded,
+# after the files are read and grouped: the DICOM listener never loads torch (DESIGN
+# decision 10). Importing them in a thread while the files are read was measured
+# (benchmarks/README.md, infer_vs_deploy.py --startup) and lost: both sides hold the
+# GIL, the thread cost 0.17 s more CPU and brought the weights no sooner.
 
 LOG = logging.getLogger(__name__)
 
@@ -149,6 +151,9 @@ def _select(series: SeriesFiles, specs: Sequence[Task | None], task: str | None
             ) -> tuple[Task | None, str, SelectionRules | None]:
     """The first pipeline that accepts the series: (spec, task, rules).
 
+    Only the headers are read (``run_series`` reads the files whole and lets each
+    one's pixel data go once it is in the volume).
+
     Raises
     ------
     SeriesNotSelected
@@ -175,6 +180,15 @@ def _scanner(path: Path) -> tuple[str, str]:
     return str(ds.get("Manufacturer", "") or ""), str(ds.get("ManufacturerModelName", "") or "")
 
 
+def _loaded(mv: ModelVersion, models: dict[str, LoadedModel], reg: Registry) -> LoadedModel:
+    """``mv`` loaded once per command (torch and MONAI are imported by the first)."""
+    if mv.version not in models:
+        from pipelines.inference import load_model
+
+        models[mv.version] = load_model(mv, registry=reg)
+    return models[mv.version]
+
+
 def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequence[Task],
                  task: str | None = None, model_version: str | None = None,
                  write_overlay: bool = True, seg_type: str = "binary",
@@ -190,7 +204,6 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
     NoActiveModelError
         No active model serves a selected series' task and scanner.
     """
-    from pipelines.inference import load_model
     from pipelines.run import SeriesNotSelected, group_series, run_series
     from pipelines.writers import save_results
 
@@ -220,9 +233,7 @@ def infer_folder(input_dir: Path, out_dir: Path, reg: Registry, *, tasks: Sequen
             reports.append(SeriesReport(**base, status="not-selected", reason=exc.reason))
             continue
         mv = fixed or reg.resolve(chosen_task, *_scanner(s.paths[0]))  # NoActiveModelError
-        if mv.version not in models:
-            models[mv.version] = load_model(mv, registry=reg)
-        loaded = models[mv.version]
+        loaded = _loaded(mv, models, reg)
         model_fields: _ModelFields = {"task": chosen_task, "model_version": mv.version,
                                       "backend": loaded.backend.value}
         try:
