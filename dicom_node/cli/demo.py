@@ -200,14 +200,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     LOG.info("demo: serving model %s for task spleen-ct", model.version)
     t_start = time.perf_counter()
     viewer = getattr(args, "viewer", False)
-    node_port = free_ports(1)[0] if viewer else 0
+    # Orthanc knows the node (its AE on a fixed free port): it reports Storage Commitment
+    # on a new association to it, so the demo's results end 'confirmed' (issue 25)
+    node_port = free_ports(1)[0]
     if viewer:
         from orthanc.viewer import ohif_dir
 
         ohif_dir()  # fail now, not after the demo, when OHIF is not installed
     pacs = OrthancServer(data_dir / "orthanc", dicomweb=viewer,
-                         known_modalities={"node": (settings.ae_title, "127.0.0.1", node_port)}
-                         if viewer else None,
+                         known_modalities={"node": (settings.ae_title, "127.0.0.1", node_port)},
                          forward_corrections_to="node" if viewer else None)
     with pacs as orthanc:
         LOG.info("demo: Orthanc (the PACS) is AE %s at 127.0.0.1:%d, web UI %s", orthanc.aet,
