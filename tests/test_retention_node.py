@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from loop_helpers import install_model, node_json, queued_sends, results_in_orthanc, small_study, \
-    storescu, write_files
+from loop_helpers import install_model, jobs_now, node_json, queued_sends, results_in_orthanc, \
+    small_study, storescu, write_files
 from node_harness import NodeProcess, free_port
 from orthanc.server import OrthancServer
 from waiting import wait_until
@@ -62,7 +62,7 @@ def test_retention_zero_prunes_a_non_donor_only_once_orthanc_has_the_results(
         non_key = node_json(node, "twin", "show", "RET-NON")["twin"]["patient_key"]
         don_key = node_json(node, "twin", "show", "RET-DON")["twin"]["patient_key"]
         wait_until("a failed send attempt", lambda: "kept in the queue" in node.log(), RESULT_TIMEOUT)
-        wait_until("both jobs done", lambda: [j["state"] for j in node_json(node, "jobs")]
+        wait_until("both jobs done", lambda: [j.state.value for j in jobs_now(data)]
                    == ["done", "done"], RESULT_TIMEOUT)
         time.sleep(3.0)  # several scheduled prunes (every 1.2 s) while the sends are open
         assert len(_files(data, non_key)) == 20, "pruned before the results were delivered"
@@ -117,8 +117,8 @@ def test_a_stream_of_studies_at_high_water_is_never_refused_while_anything_is_pr
                     storescu(node.port, paths, node.ae_title)  # raises on any refusal
                     shutil.rmtree(tmp_path / f"s{i}")
                     wait_until(f"study {i} settled", lambda: not queued_sends(data)
-                               and all(j["state"] in ("done", "failed")
-                                       for j in node_json(node, "jobs")), RESULT_TIMEOUT)
+                               and all(j.state.value in ("done", "failed")
+                                       for j in jobs_now(data)), RESULT_TIMEOUT)
                 log = node.log()
                 assert "above the high water mark" in log
                 assert "under disk pressure" in log
