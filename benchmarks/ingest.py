@@ -276,13 +276,13 @@ def node_receiver(workdir: Path, *, fast_receive: bool = True) -> Iterator[Recei
             time.sleep(0.05)
         _wait_port(port, proc)
         deadline = time.monotonic() + 60
-        while len(child_pids(proc.pid, b"dicom_node.wire.acceptor")) < NODE_PROCESSES[0] - 1:
+        while len(child_pids(proc.pid, b"dicom_node.runtime.acceptor_process")) < NODE_PROCESSES[0] - 1:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node acceptors not started:\n{log.read_text()[-2000:]}")
             time.sleep(0.05)
         yield Receiver(port=port, aet=NODE_AET, pid=proc.pid, log=log,
                        count=lambda: count_files(data / "archive", "*.dcm"),
-                       helpers=lambda: child_pids(proc.pid, b"dicom_node.wire.acceptor"))
+                       helpers=lambda: child_pids(proc.pid, b"dicom_node.runtime.acceptor_process"))
     finally:
         _stop(proc)
 
