@@ -14,9 +14,9 @@ and answers "Yes". Checked here:
 * SR: opens with no error in the page console, the spleen's outline is drawn and the
   volume the node measured is on screen;
 * RTSTRUCT (the demo's destination takes it, issue 25): loads with no error, OHIF lists
-  its one ROI, the spleen, and on the same slice what it draws (the screen with the
-  contours against the same screen with them hidden) runs along the spleen's true
-  outline, all round it, and not away from it;
+  its one ROI, the spleen, in the segmentation panel, and on the same slice what it
+  draws (the screen with the contours against the same screen with them hidden) runs
+  along the outline of the SEG as OHIF drew it, all round it, and not away from it;
 * no console error anywhere on the way.
 
 Needs what ``scripts/setup.sh`` installs (chromium, orthanc-dicomweb, OHIF and
@@ -178,7 +178,7 @@ def test_demo_results_show_in_ohif(form: str, tmp_path: Path) -> None:
           f"RTSTRUCT {found['phases']['rtstruct_shown']:.0f} s)")
     shots = os.environ.get("VIEWER_SCREENSHOTS")
     if shots:
-        for name in ("ohif-seg.png", "ohif-overlay.png", "ohif-sr.png", "ohif-rtstruct.png"):
+        for name in ("ohif-seg.png", "ohif-overlay.png", "ohif-sr.png", "ohif-rtstruct-listed.png"):
             shutil.copy(tmp_path / name, REPO / shots / name)
 
     # --- SEG: the segment's colour inside the spleen's projected true outline, not outside
@@ -213,9 +213,15 @@ def test_demo_results_show_in_ohif(form: str, tmp_path: Path) -> None:
     sr = np.asarray(Image.open(tmp_path / "ohif-sr.png").convert("RGB"))
     assert _tinted(sr[y0:y0 + h, x0:x0 + w], segment_coding("spleen").rgb).sum() > 100
 
-    # --- RTSTRUCT: its ROI listed; what it draws runs along the spleen's true outline
+    # --- RTSTRUCT: its ROI listed; what it draws runs along the SEG's outline as OHIF drew
+    # it on the same slice (both are the node's one segmentation; the SEG was checked
+    # against the spleen's true outline above)
     assert [s["label"] for s in found["rt_segments"]] == ["spleen"], found.get("rt_segments")
-    assert found["rt_listed"] >= 1, "the RTSTRUCT's ROI is not listed on the page"
+    assert found["rt_listed"] >= 1, ("the RTSTRUCT's ROI is not listed in the segmentation "
+                                     f"panel ({found.get('rt_panel_tabs')})")
+    seg_drawn = np.zeros_like(truth)
+    seg_drawn[ii[tinted], jj[tinted]] = True
+    seg_drawn = ndimage.binary_fill_holes(ndimage.binary_closing(seg_drawn, iterations=1))
     view = found["rt_view"]
     assert view == found["rt_view_hidden"], "the view moved between the two screenshots"
     (x0, y0, w, h), ii, jj, on_image = _screen_to_image(view)
@@ -224,15 +230,16 @@ def test_demo_results_show_in_ohif(form: str, tmp_path: Path) -> None:
     without = np.asarray(Image.open(tmp_path / "ohif-rtstruct-hidden.png").convert("RGB"))
     drawn = (_tinted(with_contours[y0:y0 + h, x0:x0 + w], rgb)
              & ~_tinted(without[y0:y0 + h, x0:x0 + w], rgb) & on_image)
-    edge = truth & ~ndimage.binary_erosion(truth)  # the organ's boundary pixels
-    from_edge = np.where(truth, dist_in, dist_out)  # image pixels from its outline
+    edge = seg_drawn & ~ndimage.binary_erosion(seg_drawn)  # the SEG's boundary pixels
+    from_edge = np.where(seg_drawn, ndimage.distance_transform_edt(seg_drawn),
+                         ndimage.distance_transform_edt(~seg_drawn))
     hit = np.zeros_like(truth)
     hit[ii[drawn], jj[drawn]] = True
     covered = (ndimage.binary_dilation(hit, iterations=2) & edge).sum() / edge.sum()
-    away = (drawn & ~truth[ii, jj] & (from_edge[ii, jj] > 3)).sum()
+    away = (drawn & (from_edge[ii, jj] > 2)).sum()
     print(f"viewer test: RTSTRUCT drew {drawn.sum()} pixels in the ROI's colour, along "
-          f"{covered:.1%} of the spleen's outline; {away} pixels away from it outside "
-          f"(representations {found['rt_representations']})")
+          f"{covered:.1%} of the SEG's outline; {away} pixels more than 2 image pixels away "
+          f"from it (representations {found['rt_representations']})")
     assert drawn.sum() > 100, "the RTSTRUCT's contours are not drawn"
-    assert covered > 0.8, "the RTSTRUCT's contour does not follow the spleen's outline"
-    assert away < 0.05 * drawn.sum(), "the RTSTRUCT draws away from the spleen's outline"
+    assert covered > 0.9, "the RTSTRUCT's contour does not follow the SEG's outline"
+    assert away < 0.03 * drawn.sum(), "the RTSTRUCT draws away from the SEG's outline"

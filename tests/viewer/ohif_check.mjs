@@ -244,10 +244,6 @@ try {
   await page.evaluate(() => window.cornerstone.getEnabledElements().forEach(e => e.viewport.render()));
   await settle(page, 2000);
   out.rt_view = await viewGeometry(page, rtNav.viewportId, args.points);
-  out.rt_text = await page.evaluate(() => document.body.innerText);
-  // the ROI's name as its own line of text on the page (the segmentation panel's row)
-  out.rt_listed = await page.evaluate(() => [...document.querySelectorAll('body *')]
-    .filter(e => e.children.length === 0 && e.innerText?.trim() === 'spleen').length);
   await page.screenshot({ path: `${args.outDir}/ohif-rtstruct.png` });
   // the same view with the contours hidden: what differs is what the RTSTRUCT drew
   await page.evaluate((vid, id) => {
@@ -258,6 +254,26 @@ try {
   await settle(page, 1500);
   out.rt_view_hidden = await viewGeometry(page, rtNav.viewportId, args.points);
   await page.screenshot({ path: `${args.outDir}/ohif-rtstruct-hidden.png` });
+  // the segmentation panel (contours), opened now that the screenshots are taken (it
+  // narrows the viewport): the ROI's name as a row of its own
+  out.rt_panel_tabs = await page.$$eval('[data-cy$="-btn"]', els =>
+    els.map(e => e.getAttribute('data-cy')));
+  const tab = out.rt_panel_tabs.find(t => /panelSegmentation.*Contour/i.test(t))
+    || out.rt_panel_tabs.find(t => /panelSegmentation/i.test(t));
+  if (tab) await page.click(`[data-cy="${tab}"]`);
+  const listed = () => [...document.querySelectorAll('body *')].filter(e => [...e.childNodes]
+    .some(n => n.nodeType === 3 && n.textContent.trim() === 'spleen')).length;
+  await waitFor(page, 'the ROI listed', listed, null, 20000)
+    .catch(e => { out.rt_list_wait = String(e); });
+  out.rt_listed = await page.evaluate(listed);
+  out.rt_text = await page.evaluate(() => document.body.innerText);
+  await page.evaluate((vid, id) => {
+    window.services.segmentationService.toggleSegmentationRepresentationVisibility(
+      vid, { segmentationId: id, type: 'Contour' });
+    window.cornerstone.getEnabledElements().forEach(e => e.viewport.render());
+  }, rtNav.viewportId, rtId);
+  await settle(page, 1500);
+  await page.screenshot({ path: `${args.outDir}/ohif-rtstruct-listed.png` });
   mark('rtstruct_shown');
 } catch (e) {
   out.failure = String(e && e.stack || e);
