@@ -140,7 +140,8 @@ class Task:
         Shell-style patterns on Manufacturer; empty: any scanner.
     outputs : tuple of str
         What the task produces, any of ``seg``, ``sr``, ``overlay`` (default all three);
-        each destination's ``send`` still applies.
+        each destination's ``send`` still applies. The RTSTRUCT comes with the SEG (to
+        the destinations whose ``send`` lists ``rtstruct``).
     enabled : bool
         A disabled task is listed and explained but gets no jobs.
     min_dice : float or None

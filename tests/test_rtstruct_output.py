@@ -116,3 +116,24 @@ def test_destinations_test_suggests_the_rtstruct_only_to_a_peer_without_seg() ->
     assert suggest(everything).send == ("seg", "sr", "overlay")
     no_seg = {sop: explicit for sop in (SR, SC, RTSTRUCT_SOP_CLASS)}
     assert suggest(no_seg).send == ("sr", "overlay", "rtstruct")
+
+
+def test_a_task_that_outputs_the_seg_gives_the_rtstruct_to_the_destinations_that_take_it() -> None:
+    """The worker narrows each destination to what the task outputs; the RTSTRUCT comes
+    with the SEG (it was dropped there, so no node ever sent it: found by the viewer test)."""
+    from dicom_node.runtime.worker import task_destinations
+    from dicom_node.tasks import Task
+
+    tps = Destination(name="tps", ae_title="TPS", host="h", port=104, send=("rtstruct",))
+    pacs = Destination(name="pacs", ae_title="PACS", host="h", port=104,
+                       send=("seg", "sr", "overlay", "rtstruct"))
+    plain = Destination(name="plain", ae_title="PLAIN", host="h", port=104)
+    every = Task(name="spleen-ct", modality="CT")
+    assert [d.send for d in task_destinations([tps, pacs, plain], every)] == [
+        ("rtstruct",), ("seg", "sr", "overlay", "rtstruct"), DEFAULT_SEND]
+    seg_sr = Task(name="liver-ct", modality="CT", outputs=("seg", "sr"))
+    assert [d.send for d in task_destinations([tps, pacs, plain], seg_sr)] == [
+        ("rtstruct",), ("seg", "sr", "rtstruct"), ("seg", "sr")]
+    sr_only = Task(name="volumes-ct", modality="CT", outputs=("sr",))
+    assert [(d.name, d.send) for d in task_destinations([tps, pacs, plain], sr_only)] == [
+        ("pacs", ("sr",)), ("plain", ("sr",))]

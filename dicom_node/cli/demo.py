@@ -8,11 +8,12 @@
 4. generates an abdominal CT study (``pipelines.phantom``), stores it in Orthanc (as the
    scanner would in the PACS) and sends it to the node, with dcmtk ``storescu``
    (``TCP_NODELAY=1``; pynetdicom when dcmtk is absent);
-5. waits for the SEG, the SR and the overlay series to be acknowledged by Orthanc and
-   shows what landed there, the measured spleen volume and the time it took;
+5. waits for the SEG, the SR, the overlay series and the RTSTRUCT to be acknowledged by
+   Orthanc (the demo's destination takes all four) and shows what landed there, the
+   measured spleen volume and the time it took;
 6. stops everything; or, with ``--viewer``, keeps Orthanc (with its DICOMweb plugin)
    and the node running and serves the OHIF web viewer (``orthanc/viewer.py``) at a
-   printed URL until Ctrl-C: the SEG, the overlay and the SR in a browser, and a SEG
+   printed URL until Ctrl-C: the SEG, the RTSTRUCT, the overlay and the SR in a browser, and a SEG
    exported from OHIF (STOW-RS into Orthanc) is forwarded to the node as a label.
 """
 
@@ -38,12 +39,14 @@ LOG = logging.getLogger(__name__)
 SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+#: What the demo's destination (Orthanc) takes, and what the demo waits for.
+DEMO_KINDS = ("seg", "sr", "overlay", "rtstruct")
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", parents=parents,
                        help="run the main job end to end: Orthanc as PACS, a generated CT, "
-                            "SEG/SR/overlay back in Orthanc")
+                            "SEG/SR/overlay/RTSTRUCT back in Orthanc")
     p.add_argument("--slices", type=int, default=80, help="slices of the generated CT (512x512)")
     p.add_argument("--patient-id", default="DEMO-0001")
     p.add_argument("--seed", type=int, default=7, help="seed of the generated anatomy (default 7)")
@@ -131,9 +134,10 @@ def send_files(paths: list[Path], port: int, called: str) -> None:
 
 
 def orthanc_results(orthanc: Any, study_uid: str) -> dict[str, list[dict[str, Any]]]:
-    """What Orthanc holds in one study, by kind (seg, sr, overlay, source): the series'
-    main tags, once per instance (the SOP Class is read from one instance per series)."""
-    out: dict[str, list[dict[str, Any]]] = {"seg": [], "sr": [], "overlay": [], "source": []}
+    """What Orthanc holds in one study, by kind (seg, sr, overlay, rtstruct, source): the
+    series' main tags, once per instance (the SOP Class is read from one instance per series)."""
+    out: dict[str, list[dict[str, Any]]] = {"seg": [], "sr": [], "overlay": [], "rtstruct": [],
+                                            "source": []}
     for series in orthanc.post_json("/tools/find", {"Level": "Series", "Expand": True,
                                                     "Query": {"StudyInstanceUID": study_uid}}) or []:
         instances = list(series.get("Instances", []))
@@ -142,6 +146,7 @@ def orthanc_results(orthanc: Any, study_uid: str) -> dict[str, list[dict[str, An
         tags = orthanc.instance_tags(instances[0])
         sop = tags.get("SOPClassUID", "")
         kind = ("seg" if sop == SEG_SOP else "sr" if tags.get("Modality") == "SR" else
+                "rtstruct" if tags.get("Modality") == "RTSTRUCT" else
                 "overlay" if sop.startswith(SC_PREFIX) else "source")
         out[kind] += [tags] * len(instances)
     return out
@@ -220,7 +225,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             if not node.loop.workers.wait_ready(300):  # so the figures below hold no start-up
                 LOG.warning("demo: the inference worker is not ready after 300 s; going on")
             paths, true_ml, study_uid, sent_s, acked = _send_study(args, orthanc, node, settings)
-            done = wait_for_sends(data_dir, study_uid, args.timeout, ("seg", "sr", "overlay"))
+            done = wait_for_sends(data_dir, study_uid, args.timeout, DEMO_KINDS)
             detail = node.archive.twins.twin(args.patient_id)
             with ResultStore(data_dir) as store:
                 timings = {r["id"]: store.get(int(r["id"])).timings for r in detail.results
@@ -240,14 +245,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def _demo_settings(settings: Settings, data_dir: Path, node_port: int, args: argparse.Namespace,
                    orthanc: Any) -> Settings:
-    """The node's settings for the demo: loopback, Orthanc its one destination, short back-off."""
+    """The node's settings for the demo: loopback, Orthanc its one destination (taking the
+    SEG, the SR, the overlay and the RTSTRUCT), short back-off."""
     return settings.replace(
         data_dir=data_dir, port=node_port, bind_address="127.0.0.1", min_free_mb=64,
         stable_after=args.stable_after, send_backoff_initial_s=0.5, send_backoff_max_s=5.0,
         metrics_port=0, train_enabled=False, allowed_calling_aes=(), tls_cert=None,
         tls_key=None, tls_ca=None,
         destinations=(Destination(ae_title=orthanc.aet, host="127.0.0.1",
-                                  port=orthanc.dicom_port),))
+                                  port=orthanc.dicom_port, send=DEMO_KINDS),))
 
 
 def _send_study(args: argparse.Namespace, orthanc: Any, node: Any, settings: Settings
@@ -288,7 +294,8 @@ def _serve_viewer(args: argparse.Namespace, orthanc: Any, study_uid: str) -> Non
         with ViewerServer(orthanc.url, host=args.viewer_bind, port=args.viewer_port) as web:
             print(f"demo: the OHIF web viewer on this study: {web.study_url(study_uid)}", flush=True)
             print("demo: double-click the SEG thumbnail (then Yes) to lay the segmentation on the "
-                  "CT; the overlay and the SR are series of the same study. A SEG exported from "
+                  "CT, the RTSTRUCT (then Yes) for its contours; the overlay and the SR are "
+                  "series of the same study. A SEG exported from "
                   "OHIF goes to Orthanc and on to the node as a label. Ctrl-C to stop.", flush=True)
             stop.wait()
     finally:
@@ -307,7 +314,8 @@ def _print_summary(args: argparse.Namespace, paths: list[Path], sent_s: float, s
     print(f"demo: {len(paths)} CT instances (512x512) sent to the node in {sent_s:.1f} s")
     print(f"demo: in Orthanc, study {study_uid}:")
     for kind, label in (("source", "CT images"), ("seg", "DICOM SEG"), ("sr", "DICOM SR (TID 1500)"),
-                        ("overlay", "overlay images (secondary capture)")):
+                        ("overlay", "overlay images (secondary capture)"),
+                        ("rtstruct", "RT Structure Set (contours)")):
         items = landed[kind]
         descr = sorted({str(t.get("SeriesDescription", "")) for t in items})
         print(f"  {len(items):>4} {label:<36} {', '.join(d for d in descr if d)}")
@@ -322,5 +330,5 @@ def _print_summary(args: argparse.Namespace, paths: list[Path], sent_s: float, s
             print("demo: the node's stages: " + ", ".join(
                 f"{k.removesuffix('_s').replace('_', ' ')} {v:.2f} s" for k, v in stages.items()))
     print(f"demo: from the last instance acknowledged to SEG and SR acknowledged by Orthanc: "
-          f"{to_seg_sr:.1f} s ({to_all:.1f} s with the overlay), of which {args.stable_after:.1f} s "
+          f"{to_seg_sr:.1f} s ({to_all:.1f} s with the overlay and the RTSTRUCT), of which {args.stable_after:.1f} s "
           "is the quiet period that marks the series complete", flush=True)

@@ -97,6 +97,23 @@ class Computed:
     pipeline_s: float
 
 
+def task_destinations(destinations: Sequence[Destination], task: Task
+                      ) -> tuple[Destination, ...]:
+    """The destinations of ``task``'s results, each narrowed to what the task outputs and
+    it accepts (destinations left with nothing are dropped).
+
+    The RTSTRUCT is the SEG's segments as contours: a task that outputs the SEG outputs
+    it too, for the destinations whose ``send`` lists ``"rtstruct"``.
+    """
+    made = set(task.outputs) | ({"rtstruct"} if "seg" in task.outputs else set())
+    out = []
+    for d in destinations:
+        send = tuple(k for k in d.send if k in made)
+        if send:
+            out.append(d if send == d.send else replace(d, send=send))
+    return tuple(out)
+
+
 class Worker(JobLoop):
     """Runs inference jobs in a background thread (its policy: :class:`JobLoop`).
 
@@ -179,12 +196,7 @@ class Worker(JobLoop):
 
     def _destinations(self, task: Task) -> tuple[Destination, ...]:
         """The destinations, each narrowed to what the task outputs (and it accepts)."""
-        out = []
-        for d in self.destinations:
-            send = tuple(k for k in d.send if k in task.outputs)
-            if send:
-                out.append(d if send == d.send else replace(d, send=send))
-        return tuple(out)
+        return task_destinations(self.destinations, task)
 
     # ----------------------------------------------------------------- one job
     def _registry_here(self) -> Registry:
