@@ -35,52 +35,23 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO)]
-
-import numpy as np  # noqa: E402
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from dicom_node.queue.sender import Sender, SendState  # noqa: E402
 from dicom_node.runtime.listener_services import listener_services  # noqa: E402
 from dicom_node.wire.server import DicomServer  # noqa: E402
 from dicom_node.settings import Destination, Settings  # noqa: E402
+from loop_helpers import phantom_result  # noqa: E402
 from orthanc.server import OrthancServer, free_ports  # noqa: E402
-from pipelines import phantom as ph  # noqa: E402
-from pipelines.postprocess import split_labels  # noqa: E402
-from pipelines.types import ModelInfo  # noqa: E402
-from pipelines.volume import load_series  # noqa: E402
-from pipelines.writers import write_results  # noqa: E402
 from twin_archive import Archive  # noqa: E402
-from twin_archive.results import ResultStore, SegmentMeasure  # noqa: E402
 
-MODEL = ModelInfo(name="spleen_ct_segmentation", version="2", task="spleen-ct",
-                  device_uid="2.25.99887766554433221100")
 WAYS = ("c-store", "stow-rs", "c-store+commitment", "stow-rs+read-back")
 
 
 def make_result(data_dir: Path, key: str, size: int, slices: int) -> tuple[object, int]:
     """A stored result of a phantom CT: (the AI result, its number of objects)."""
-    anatomy = ph.Anatomy.random(11)
-    g = ph.SliceGeometry(rows=size, columns=size, slices=slices,
-                         pixel_spacing=(320.0 / size, 320.0 / size), slice_spacing=96.0 / slices)
-    vol = load_series(ph.ct_series(anatomy, g))
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
-    segments = split_labels(ph.truth_at(anatomy, vol.index_to_lps(grid)), vol, ph.LABELS)
-    results = write_results(vol, segments, MODEL)
-    with Archive(data_dir) as archive:
-        archive.db.execute("INSERT OR IGNORE INTO twins (patient_key, patient_id, donate)"
-                           " VALUES ('k', 'PAT-1', 0)")
-        archive.db.conn.commit()
-    store = ResultStore(data_dir)
-    objects = [("seg", results.seg), ("sr", results.sr)] + [("overlay", d) for d in results.overlay]
-    result = store.record(
-        job_key=key, patient_key="k", study_uid=vol.study_instance_uid,
-        source_series_uid=vol.series_instance_uid, source_last_received="t",
-        source_instances=len(vol.source_images), task="spleen-ct", model_name=MODEL.name,
-        model_version=MODEL.version, backend="torch-cpu",
-        segments=tuple(SegmentMeasure(name=s.name, volume_ml=s.volume_ml) for s in segments),
-        timings={}, objects=objects)
-    store.close()
-    return result, len(objects)
+    made = phantom_result(data_dir, key, size=size, slices=slices)
+    return made.result, len(made.objects)
 
 
 def one(sender: Sender, result: object, dest: Destination, n: int) -> tuple[float, float | None]:

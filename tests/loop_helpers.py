@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -21,6 +22,7 @@ from dicom_node.queue.jobs import Job, JobQueue
 from dicom_node.queue.sender import Send, Sender, SendState
 from orthanc.server import OrthancServer
 from pipelines import phantom as ph
+from pipelines.types import ModelInfo
 from registry.store import Registry
 from twin_archive.labels import Label, LabelStore
 
@@ -80,6 +82,54 @@ def small_study(patient_id: str, *, slices: int = 40, size: int = 128, seed: int
             ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "SE", "NONE", ""
             ds.MRAcquisitionType, ds.EchoTime, ds.RepetitionTime = "2D", "10", "500"
     return datasets
+
+
+#: The model a phantom result names (:func:`phantom_result`).
+PHANTOM_MODEL = ModelInfo(name="spleen_ct_segmentation", version="2", task="spleen-ct",
+                          device_uid="2.25.99887766554433221100")
+
+
+def phantom_result(data_dir: Path, job_key: str = "job-1", *, size: int = 32, slices: int = 8,
+                   seed: int = 11, kinds: tuple[str, ...] = ("seg", "sr", "overlay"),
+                   model: ModelInfo = PHANTOM_MODEL) -> SimpleNamespace:
+    """A result of a phantom CT (``size`` x ``size`` x ``slices``, 320 x 320 x 96 mm)
+    recorded in ``data_dir``'s result store with the objects of ``kinds``, as a sender
+    gets it: ``vol``, ``segments``, ``results`` (the written SEG/SR/overlay), ``objects``
+    (what was recorded) and ``result`` (the stored result)."""
+    import numpy as np
+
+    from pipelines.postprocess import split_labels
+    from pipelines.volume import load_series
+    from pipelines.writers import write_results
+    from twin_archive import Archive
+    from twin_archive.results import ResultStore, SegmentMeasure
+
+    anatomy = ph.Anatomy.random(seed)
+    g = ph.SliceGeometry(rows=size, columns=size, slices=slices,
+                         pixel_spacing=(320.0 / size, 320.0 / size), slice_spacing=96.0 / slices)
+    vol = load_series(ph.ct_series(anatomy, g))
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
+    segments = split_labels(ph.truth_at(anatomy, vol.index_to_lps(grid)), vol, ph.LABELS)
+    results = write_results(vol, segments, model)
+    with Archive(data_dir) as archive:
+        archive.db.execute("INSERT OR IGNORE INTO twins (patient_key, patient_id, donate)"
+                           " VALUES ('k', 'PAT-1', 0)")
+        archive.db.conn.commit()
+    written = {"seg": [results.seg], "sr": [results.sr], "overlay": list(results.overlay)}
+    objects = [(kind, ds) for kind in kinds for ds in written[kind]]
+    store = ResultStore(data_dir)
+    try:
+        result = store.record(
+            job_key=job_key, patient_key="k", study_uid=vol.study_instance_uid,
+            source_series_uid=vol.series_instance_uid, source_last_received="t",
+            source_instances=len(vol.source_images), task=model.task, model_name=model.name,
+            model_version=model.version, backend="torch-cpu",
+            segments=tuple(SegmentMeasure(name=s.name, volume_ml=s.volume_ml) for s in segments),
+            timings={}, objects=objects)
+    finally:
+        store.close()
+    return SimpleNamespace(vol=vol, segments=segments, results=results, objects=objects,
+                           result=result)
 
 
 def write_files(datasets: list[Dataset], folder: Path) -> list[Path]:

@@ -23,45 +23,17 @@ from dicom_node.queue.sender import Sender, SendState
 from dicom_node.settings import Destination, load_settings
 from loop_helpers import pacs
 from orthanc.server import free_ports
-from pipelines import phantom as ph
-from pipelines.postprocess import split_labels
-from pipelines.types import ModelInfo
 from pipelines.validation import invalid, validate_results
-from pipelines.volume import load_series
-from pipelines.writers import write_results
-from tests.loop_helpers import results_in_orthanc
+from tests.loop_helpers import phantom_result, results_in_orthanc
 from tests.node_harness import DICOM_NODE
-from twin_archive import Archive
-from twin_archive.results import ResultStore, SegmentMeasure
 
 SEG, SR, SC = (KIND_SOP_CLASSES[k][0] for k in ("seg", "sr", "overlay"))
-MODEL = ModelInfo(name="spleen_ct_segmentation", version="2", task="spleen-ct",
-                  device_uid="2.25.99887766554433221100")
 
 
 def _record(data_dir: Path, job_key: str = "job-1"):
     """A stored result (SEG, SR, overlay images) of a phantom series."""
-    anatomy = ph.Anatomy.random(11)
-    g = ph.SliceGeometry(rows=32, columns=32, slices=8, pixel_spacing=(10.0, 10.0), slice_spacing=12.0)
-    vol = load_series(ph.ct_series(anatomy, g))
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
-    segments = split_labels(ph.truth_at(anatomy, vol.index_to_lps(grid)), vol, ph.LABELS)
-    results = write_results(vol, segments, MODEL)
-    with Archive(data_dir) as archive:
-        archive.db.execute("INSERT OR IGNORE INTO twins (patient_key, patient_id, donate)"
-                           " VALUES ('k', 'PAT-1', 0)")
-        archive.db.conn.commit()
-    store = ResultStore(data_dir)
-    objects = [("seg", results.seg), ("sr", results.sr)] + [("overlay", d) for d in results.overlay]
-    result = store.record(
-        job_key=job_key, patient_key="k", study_uid=vol.study_instance_uid,
-        source_series_uid=vol.series_instance_uid, source_last_received="t",
-        source_instances=len(vol.source_images), task="spleen-ct", model_name=MODEL.name,
-        model_version=MODEL.version, backend="torch-cpu",
-        segments=tuple(SegmentMeasure(name=s.name, volume_ml=s.volume_ml) for s in segments),
-        timings={}, objects=objects)
-    store.close()
-    return results, result
+    made = phantom_result(data_dir, job_key)
+    return made.results, made.result
 
 
 class Scp:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -18,16 +17,12 @@ from dicom_node.foundation.errors import ConfigError
 from dicom_node.runtime.rtstruct_output import add_rtstruct
 from dicom_node.queue.sender import Sender
 from dicom_node.settings import DEFAULT_SEND, Destination, load_settings
-from pipelines import phantom as ph
-from pipelines.postprocess import split_labels
 from pipelines.types import ModelInfo
 from pipelines.validation import validate_dataset
-from pipelines.volume import load_series
-from pipelines.writers import write_results
 from pipelines.writers.rtstruct import RTSTRUCT_SOP_CLASS
+from tests.loop_helpers import phantom_result
 from tests.test_destination_profiles import SC, SEG, SR, Scp
-from twin_archive import Archive
-from twin_archive.results import ResultStore, SegmentMeasure
+from twin_archive.results import ResultStore
 
 MODEL = ModelInfo(name="spleen_ct_segmentation", version="2", task="spleen-ct")
 ACCEPTS = {sop: [ExplicitVRLittleEndian]
@@ -51,24 +46,9 @@ def test_send_lists_rtstruct_only_when_asked(tmp_path: Path) -> None:
 
 def test_the_rtstruct_is_checked_stored_and_sent_to_the_destination_that_takes_it(
         tmp_path: Path) -> None:
-    anatomy = ph.Anatomy.random(3)
-    g = ph.SliceGeometry(rows=32, columns=32, slices=8, pixel_spacing=(10.0, 10.0), slice_spacing=12.0)
-    vol = load_series(ph.ct_series(anatomy, g))
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
-    segments = split_labels(ph.truth_at(anatomy, vol.index_to_lps(grid)), vol, ph.LABELS)
-    results = write_results(vol, segments, MODEL)
-    with Archive(tmp_path) as archive:
-        archive.db.execute("INSERT OR IGNORE INTO twins (patient_key, patient_id, donate)"
-                           " VALUES ('k', 'PAT-1', 0)")
-        archive.db.conn.commit()
+    made = phantom_result(tmp_path, seed=3, kinds=("seg", "sr"), model=MODEL)
+    vol, segments, result = made.vol, made.segments, made.result
     store = ResultStore(tmp_path)
-    result = store.record(
-        job_key="job-1", patient_key="k", study_uid=vol.study_instance_uid,
-        source_series_uid=vol.series_instance_uid, source_last_received="t",
-        source_instances=len(vol.source_images), task="spleen-ct", model_name=MODEL.name,
-        model_version=MODEL.version, backend="torch-cpu",
-        segments=tuple(SegmentMeasure(name=s.name, volume_ml=s.volume_ml) for s in segments),
-        timings={}, objects=[("seg", results.seg), ("sr", results.sr)])
     with Scp(ACCEPTS) as tps, Scp(ACCEPTS) as pacs:
         dests = [Destination(name="tps", ae_title="PACS", host="127.0.0.1", port=tps.port,
                              send=("rtstruct",)),
