@@ -34,15 +34,14 @@ def _common() -> argparse.ArgumentParser:
 #: listener, ``serve`` not the trainer's). tests/test_cli_start.py checks the table
 #: against what each module registers.
 COMMAND_MODULES: dict[str, str] = {
-    "serve": "serve", "twin": "twin", "infer": "infer", "demo": "demo",
-    "models": "models", "jobs": "queues", "sends": "queues", "status": "ops", "audit": "ops",
+    "serve": "serve", "twin": "twin", "models": "models", "infer": "infer", "demo": "demo",
+    "jobs": "queues", "sends": "queues", "status": "ops", "audit": "ops",
     "destinations": "destinations", "labels": "labels", "train": "training",
     "queue": "training", "dataset": "training", "tasks": "tasks", "drift": "drift",
     "archive": "archive",
 }
-#: The order of the modules in ``dicom-node --help``.
-_MODULE_ORDER = ("serve", "twin", "models", "infer", "demo", "queues", "ops", "destinations",
-                 "labels", "training", "tasks", "drift", "archive")
+#: The order of the modules in ``dicom-node --help``: the table's.
+_MODULE_ORDER = tuple(dict.fromkeys(COMMAND_MODULES.values()))
 
 
 def command_of(argv: Sequence[str]) -> str | None:
