@@ -435,9 +435,10 @@ def _setting(default: Any = dataclasses.MISSING, *, read: Callable[[Any, str], A
     return field(default=default, default_factory=default_factory, metadata={"key": key})
 
 
-def _integer(lo: float, hi: float, expected: str) -> Check:
-    return Check(expected=expected, test=lambda v: not isinstance(v, bool)
-                 and isinstance(v, int) and lo <= v <= hi)
+def _integer(lo: float, hi: float, expected: str = "") -> Check:
+    """An integer from ``lo`` to ``hi`` (``expected`` says so unless given)."""
+    return Check(expected=expected or f"an integer from {lo} to {hi}",
+                 test=lambda v: not isinstance(v, bool) and isinstance(v, int) and lo <= v <= hi)
 
 
 def _number(lo: float, hi: float, expected: str, *, above: bool = False) -> Check:
@@ -486,6 +487,7 @@ def _train_device_ok(device: object) -> bool:
 
 
 _FLAG = Check(expected="true or false", test=lambda v: isinstance(v, bool))
+_SECONDS_POSITIVE = _number(0, math.inf, "a number of seconds > 0", above=True)
 _SECONDS_DAY = _number(0, 86400, "a number of seconds > 0 (at most 86400)", above=True)
 _AET = Check(expected="an AE title: 1-16 printable ASCII characters, no backslash",
              custom=_check_ae_title)
@@ -572,7 +574,7 @@ class Settings:
     ae_title: str = _setting("DICOM_NODE", **_STR, check=_AET, env=True,
                              doc="The node's own AE title (1-16 characters).")
     port: int = _setting(
-        11112, **_INT, env=True, check=_integer(0, 65535, "an integer from 0 to 65535"),
+        11112, **_INT, env=True, check=_integer(0, 65535),
         doc="TCP port of the DICOM listener (0 picks a free port; 104 needs a capability).")
     bind_address: str = _setting(
         "0.0.0.0", **_STR, check=Check(expected="an IP address such as 0.0.0.0 or 127.0.0.1",
@@ -588,10 +590,10 @@ class Settings:
             "is logged at start).")
     require_called_ae: bool = _setting(
         False, **_BOOL, doc="Reject associations whose Called AE Title is not ``ae_title``.")
-    max_associations: int = _setting(16, **_INT, check=_integer(1, 1000, "an integer from 1 to 1000"),
+    max_associations: int = _setting(16, **_INT, check=_integer(1, 1000),
                                      doc="Associations served at once.")
     max_associations_per_host: int = _setting(
-        8, **_INT, check=_integer(1, 1000, "an integer from 1 to 1000"),
+        8, **_INT, check=_integer(1, 1000),
         doc="Associations served at once for one peer address, and connections from it that "
             "have not finished their association request; beyond it that peer's requests are "
             "rejected (transient, local limit) and its further connections closed, while other "
@@ -602,24 +604,24 @@ class Settings:
         doc="Largest PDU the node accepts, bytes (0 = no limit); a larger P-DATA PDU is "
             "aborted at its header.")
     listener_processes: int = _setting(
-        1, **_INT, check=_integer(1, 16, "an integer from 1 to 16"),
+        1, **_INT, check=_integer(1, 16),
         doc="Processes that accept DICOM associations on the one listening socket (the least "
             "busy takes each new association), 1-16. More than one lets parallel associations "
             "use more than one CPU core (one Python process stores on one core at a time); the "
             "extra ones are lean (no inference) and are started and stopped with the node. See "
             "``benchmarks/README.md``.")
     workers: int = _setting(
-        1, **_INT, check=_integer(0, 32, "an integer from 0 to 32"),
+        1, **_INT, check=_integer(0, 32),
         doc="Inference worker processes, 0-32. Each claims jobs from the queue and runs them "
             "(torch and the model live in the workers, never in the DICOM listener); a worker "
             "that dies gives its job back and is restarted with back-off. 0: no inference here "
             "(jobs stay queued). Each worker holds its own copy of the models in memory.")
     network_timeout_s: float = _setting(
-        60.0, **_SECONDS, check=_number(0, math.inf, "a number of seconds > 0", above=True),
+        60.0, **_SECONDS, check=_SECONDS_POSITIVE,
         doc="Seconds of silence after which an association is aborted; also the longest a PDU "
             "(or an A-ASSOCIATE-RQ) may take to arrive once it has begun.")
     acse_timeout_s: float = _setting(
-        10.0, **_SECONDS, check=_number(0, math.inf, "a number of seconds > 0", above=True),
+        10.0, **_SECONDS, check=_SECONDS_POSITIVE,
         doc="Seconds a new connection has to send its association request; a connection that "
             "sends nothing is closed after it.")
     fast_receive: bool = _setting(
@@ -687,7 +689,7 @@ class Settings:
             "report, DICOMweb read-back) of a destination with ``confirm`` other than "
             "``none``; then it is sent again.")
     confirm_resends: int = _setting(
-        3, **_INT, check=_integer(0, 100, "an integer from 0 to 100"),
+        3, **_INT, check=_integer(0, 100),
         doc="Times an unconfirmed (or reported failed) object is sent again before it is "
             "held with the reason.")
     stop_grace_s: float = _setting(
@@ -753,7 +755,7 @@ class Settings:
     train_device: str = _setting(
         "auto", **_STR, check=Check(expected="auto, cpu or cuda[:N]", test=_train_device_ok),
         doc="``auto`` (CUDA when available), ``cpu`` or ``cuda``.")
-    train_nice: int = _setting(10, **_INT, check=_integer(0, 19, "an integer from 0 to 19"),
+    train_nice: int = _setting(10, **_INT, check=_integer(0, 19),
                                doc="Niceness of the training subprocess, 0-19.")
     backend: str = _setting(
         "local", **_STR, check=_one_of(BACKENDS, " or ".join(f'"{b}"' for b in BACKENDS)),
@@ -859,7 +861,7 @@ class Settings:
             "then C-MOVE or C-GET), and the task runs on them so that the new result is "
             "compared with the prior's; 0 turns it off.")
     priors_max_studies: int = _setting(
-        3, **_INT, check=_integer(1, 50, "an integer from 1 to 50"),
+        3, **_INT, check=_integer(1, 50),
         doc="Most prior studies retrieved for one new study (the most recent first).")
     priors_max_mb: float = _setting(
         2048.0, **_NUMBER, check=_number(1, 1e6, "a number of MB >= 1"),
