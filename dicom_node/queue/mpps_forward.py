@@ -157,10 +157,6 @@ class MppsForwarder:
         LOG.warning("MPPS for %s not passed on (%s); tried again in %.0f s", f.destination, why,
                     delay)
 
-    def counts(self) -> dict[str, int]:
-        """Forwards by state."""
-        return dict(self.db.conn.execute("SELECT state, COUNT(*) FROM mpps_forwards GROUP BY state"))
-
     # ----------------------------------------------------------------- thread
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mpps-forwarder", daemon=True)
