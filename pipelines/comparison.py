@@ -94,6 +94,13 @@ class Comparison:
         return next((c for c in self.changes if c.name.lower() == name.lower()), None)
 
 
+def volume_change(volume_ml: float, prior_ml: float) -> tuple[float, float | None]:
+    """The change from ``prior_ml`` to ``volume_ml``: (mL, rounded to 0.001; %, rounded to
+    0.1, None when the prior was 0), as the SR, the banner and ``twin history`` show it."""
+    return (round(float(volume_ml) - prior_ml, 3),
+            round((float(volume_ml) - prior_ml) / prior_ml * 100.0, 1) if prior_ml > 0 else None)
+
+
 def compare(segments: Sequence[tuple[str, float]], study_date: dt.date,
             prior: PriorResult) -> Comparison:
     """Compare today's volumes with the prior's, segment by segment.
@@ -120,11 +127,10 @@ def compare(segments: Sequence[tuple[str, float]], study_date: dt.date,
         old = before.get(name.lower())
         if old is None or volume <= 0:
             continue
+        change_ml, change_pct = volume_change(volume, old)
         changes.append(SegmentChange(
-            name=name, volume_ml=float(volume), prior_volume_ml=old,
-            change_ml=round(float(volume) - old, 3),
-            change_pct=round((float(volume) - old) / old * 100.0, 1) if old > 0 else None,
-            interval_days=days))
+            name=name, volume_ml=float(volume), prior_volume_ml=old, change_ml=change_ml,
+            change_pct=change_pct, interval_days=days))
     return Comparison(prior=prior, study_date=study_date, interval_days=days,
                       changes=tuple(changes))
 

@@ -31,6 +31,7 @@ def register_twin(tsub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def rows_with_changes(points: list[Any]) -> list[dict[str, Any]]:
     """The points as dicts, each with its change since the previous point of the same
     task and segment (``change_ml``, ``change_pct``, ``interval_days``; None for the first)."""
+    from pipelines.comparison import volume_change
     from twin_archive.history import study_day
 
     last: dict[tuple[str, str], Any] = {}
@@ -40,9 +41,7 @@ def rows_with_changes(points: list[Any]) -> list[dict[str, Any]]:
         before = last.get((p.task, p.segment))
         day, prev_day = study_day(p.study_date), study_day(before.study_date) if before else None
         if before is not None:
-            row["change_ml"] = round(p.volume_ml - before.volume_ml, 3)
-            row["change_pct"] = (round((p.volume_ml - before.volume_ml) / before.volume_ml * 100, 1)
-                                 if before.volume_ml > 0 else None)
+            row["change_ml"], row["change_pct"] = volume_change(p.volume_ml, before.volume_ml)
             row["interval_days"] = (day - prev_day).days if day and prev_day else None
         last[(p.task, p.segment)] = p
         out.append(row)
