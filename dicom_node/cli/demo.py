@@ -32,15 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.logconfig import configure_logging
-from dicom_node.settings import Destination, Settings
+from dicom_node.settings import RESULT_KINDS, Destination, Settings
 
 LOG = logging.getLogger(__name__)
 
 SEG_SOP = "1.2.840.10008.5.1.4.1.1.66.4"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-#: What the demo's destination (Orthanc) takes, and what the demo waits for.
-DEMO_KINDS = ("seg", "sr", "overlay", "rtstruct")
+#: What the demo's destination (Orthanc) takes, and what the demo waits for: every kind.
+DEMO_KINDS = RESULT_KINDS
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
