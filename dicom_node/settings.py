@@ -315,9 +315,8 @@ def _unchecked(**values: Any) -> Destination:
     return dest
 
 
-_DEST_KEYS = ("name", "ae_title", "host", "port", "url", "auth", "username", "password_file",
-              "token_file", "tls_ca", "confirm", "send", "tls", "transfer_syntaxes", "seg_type",
-              "query", "retrieve")
+#: The keys of a ``[[destinations]]`` table: the fields of :class:`Destination`.
+_DEST_KEYS = tuple(f.name for f in dataclasses.fields(Destination))
 
 
 def _table_values(table: dict[str, Any], key: str, source: str) -> dict[str, Any]:
