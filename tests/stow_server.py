@@ -9,6 +9,7 @@ import json
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
@@ -56,6 +57,9 @@ class StowServer:
         self.requests: list[list[str]] = []  # the SOP Instance UIDs of each request
         self.authorization: list[str] = []  # the Authorization header of each request
         self.raw_body: bytes | None = None  # sent instead of the answer's body when set
+        #: QIDO-RS: query parameters -> DICOM JSON array (None: GET is not answered)
+        self.qido: Callable[[dict[str, str]], list[dict[str, Any]]] | None = None
+        self.gets = 0
         self.port = free_ports(1)[0]
         self.url = f"{'https' if tls else 'http'}://localhost:{self.port}/dicom-web"
         server = self
@@ -83,6 +87,19 @@ class StowServer:
                     self.wfile.write(data)
                 except OSError:
                     pass  # the client gave up (the stall)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if server.qido is None:
+                    self.send_error(404)
+                    return
+                server.gets += 1
+                query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+                data = json.dumps(server.qido(query)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.httpd.daemon_threads = True

@@ -596,3 +596,39 @@ def test_forward_mpps_names_a_destination_or_an_address(tmp_path: Path) -> None:
     for bad in ("NOPE", "RIS@host:99999"):
         with pytest.raises(ConfigError, match="forward_mpps"):
             load_settings(env={}, overrides={"forward_mpps": bad})
+
+
+def test_an_mpps_message_too_large_to_pass_on_is_refused_as_a_resource_limitation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``forward_mpps`` set, each message is kept whole for the PACS: one past
+    ``MAX_FORWARD_BYTES`` is answered 0213 and neither kept nor queued; a small one is."""
+    from dicom_node.queue import mpps_handlers
+    from dicom_node.runtime.listener_services import listener_services
+    from dicom_node.settings import Settings
+    from dicom_node.wire.server import DicomServer
+    from twin_archive import Archive
+
+    monkeypatch.setattr(mpps_handlers, "MAX_FORWARD_BYTES", 4096)
+    port = free_port()
+    settings = Settings(data_dir=tmp_path, port=port, bind_address="127.0.0.1",
+                        ae_title="DICOM_NODE", forward_mpps=f"PACS@127.0.0.1:{free_port()}")
+    big, small = generate_uid(), generate_uid()
+    listed = performed({"1.2.3": series("BIG-1", 1)}, extra={"1.2.3": [
+        generate_uid() for _ in range(100)]})
+    with Archive(tmp_path) as archive:
+        server = DicomServer(settings, archive.ingest, services=listener_services(settings))
+        server.start()
+        try:
+            assert n_create(port, big, study_uid=generate_uid()) == 0
+            assert n_set(port, big, "COMPLETED", listed) == 0x0213
+            assert n_create(port, small, study_uid=generate_uid()) == 0
+        finally:
+            server.stop(0.0)
+    conn = sqlite3.connect(tmp_path / "queue.sqlite")
+    try:
+        steps = dict(conn.execute("SELECT step_uid, status FROM mpps_steps"))
+        forwards = conn.execute("SELECT step_uid, kind FROM mpps_forwards ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    assert steps == {big: "IN PROGRESS", small: "IN PROGRESS"}
+    assert forwards == [(big, "create"), (small, "create")]

@@ -14,11 +14,13 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import requests
 
 from dicom_node.foundation.clock import iso, utc_now
 from dicom_node.foundation.errors import ConfigError
 from dicom_node.queue.sender import Sender, SendState
 from dicom_node.settings import Destination, load_settings
+from dicom_node.wire import stow
 from loop_helpers import pacs
 from orthanc.server import free_ports
 from tests.loop_helpers import results_in_orthanc
@@ -130,6 +132,39 @@ def test_a_200_that_is_not_a_store_response_is_no_success(tmp_path: Path) -> Non
     assert {r.state for r in rows} == {SendState.QUEUED}
     assert all("not a DICOM JSON Store Instances Response (<html><body>Please log in" in r.last_error
                for r in rows)
+
+
+def test_a_response_past_its_byte_bound_is_not_read_whole_and_the_objects_stay_queued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stow, "MAX_RESPONSE_BYTES", 4096)
+    results, result = _record(tmp_path)
+    with StowServer(_ok) as web:
+        web.raw_body = b"[" + b" " * 100_000 + b"]"
+        dest = Destination(url=web.url, confirm="none")
+        sender = _sender(tmp_path, [dest])
+        sender.enqueue(result, [dest])
+        assert sender.send_due() == 0
+        rows = sender.list()
+        sender.close()
+    assert {r.state for r in rows} == {SendState.QUEUED}
+    assert all("ResponseTooLarge" in r.last_error for r in rows)
+
+
+def test_read_back_pages_with_offset_and_stops_at_a_server_that_ignores_it(
+        tmp_path: Path) -> None:
+    uids = [f"1.2.3.{n}" for n in range(5)]
+
+    def item(uid: str) -> dict[str, object]:
+        return {"00080018": {"vr": "UI", "Value": [uid]}}
+
+    with StowServer(_ok) as web, requests.Session() as session:
+        web.qido = lambda q: [item(u) for u in uids[int(q["offset"]):][:2]]  # pages of 2
+        assert stow.present(session, web.url, "1.2", "1.2.3", timeout_s=5) == set(uids)
+        assert web.gets == 4  # 2 + 2 + 1, then the empty page
+        web.gets = 0
+        web.qido = lambda q: [item(u) for u in uids[:2]]  # the first page, whatever the offset
+        assert stow.present(session, web.url, "1.2", "1.2.3", timeout_s=5) == set(uids[:2])
+        assert web.gets == 2
 
 
 def test_a_503_backs_off_and_the_objects_go_once_the_server_is_back(tmp_path: Path) -> None:

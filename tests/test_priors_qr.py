@@ -175,6 +175,50 @@ def test_a_pacs_that_never_answers_costs_the_timeout_only(silent_pacs, tmp_path)
     archive.close()
 
 
+@pytest.fixture
+def garbled_pacs() -> Iterator[int]:
+    """A pynetdicom Q/R SCP whose SERIES-level C-FIND answer has a Number of Series
+    Related Instances that is no integer."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+    from pynetdicom import AE, evt
+    from dicom_node.wire.priors import FIND
+
+    def on_find(event: object) -> Iterator[tuple[int, Dataset | None]]:
+        query = event.identifier  # type: ignore[attr-defined]
+        answer = Dataset()
+        answer.QueryRetrieveLevel = query.QueryRetrieveLevel
+        answer.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+        if query.QueryRetrieveLevel == "STUDY":
+            answer.PatientID, answer.StudyDate = "QR-1", "20250101"
+        else:
+            answer.SeriesInstanceUID, answer.Modality = "1.2.826.0.1.3680043.8.498.2", "CT"
+            answer[0x00201209] = RawDataElement(Tag(0x00201209), "IS", 4, b"many", 0, False,
+                                                True)
+        yield 0xFF00, answer
+        yield 0x0000, None
+
+    ae = AE(ae_title="GARBLED")
+    ae.add_supported_context(FIND)
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    yield int(server.server_address[1])
+    server.shutdown()
+
+
+def test_a_c_find_answer_that_cannot_be_read_is_no_traceback(garbled_pacs, tmp_path) -> None:
+    data, archive, today, key = _twin(tmp_path)
+    retriever = _retriever(data, archive, garbled_pacs, timeout_s=5)
+    got = retriever.retrieve(patient_id="QR-1", issuer="", patient_key=key,
+                             study_uid=str(today[0].StudyInstanceUID), today=dt.date(2026, 12, 1),
+                             rules=RULES)
+    # the count is not known, so the rules do not judge by it; the C-GET is then refused
+    # (the SCP has no GET context) and said so
+    assert not got.answered and "refused the C-GET" in got.note, got.note
+    archive.close()
+
+
 def test_the_rules_decide_from_the_c_find_answer() -> None:
     base = dict(study_uid="1", series_uid="2", study_date=dt.date(2025, 1, 1), modality="CT",
                 body_part="ABDOMEN", description="Abdomen 2.5mm", manufacturer="X", instances=80)

@@ -176,6 +176,26 @@ def test_a_report_on_the_same_association_confirms_and_a_failure_is_sent_again(
     assert peer.stored.count(seg) == 2 and len(peer.requests) == 2
 
 
+def test_a_report_that_cannot_be_read_is_refused_in_one_line_without_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_ports(1)[0]
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(STORAGE_COMMITMENT)
+    with node_listener(tmp_path, port):
+        assoc = ae.associate("127.0.0.1", port, ae_title="NODE")
+        assert assoc.is_established
+        info = Dataset()
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3"
+        info.ReferencedSOPSequence = [item]  # no Transaction UID
+        status, _ = assoc.send_n_event_report(info, 1, STORAGE_COMMITMENT,
+                                              STORAGE_COMMITMENT_INSTANCE)
+        assoc.release()
+    assert status.Status == 0x0110
+    [record] = [r for r in caplog.records if "storage commitment report" in r.getMessage()]
+    assert "without a Transaction UID" in record.getMessage() and record.exc_info is None
+
+
 def test_unconfirmed_objects_are_sent_again_a_bounded_number_of_times_then_held(
         tmp_path: Path) -> None:
     results, result = _record(tmp_path)

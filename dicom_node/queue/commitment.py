@@ -138,21 +138,28 @@ def handle_report(event: object, inbox: ReportInbox) -> tuple[int, Dataset | Non
     """``EVT_N_EVENT_REPORT``: a Storage Commitment result, recorded; Success.
 
     Reports of another SOP class, or that cannot be read, are answered with a
-    processing failure (0110: the peer may send it again).
+    processing failure (0110: the peer may send it again) and one warning line.
     """
     request_ = event.request  # type: ignore[attr-defined]
+    who = event.assoc.remote["ae_title"]  # type: ignore[attr-defined]
     if str(request_.AffectedSOPClassUID) != STORAGE_COMMITMENT:
+        LOG.warning("N-EVENT-REPORT of SOP class %s from %s refused (0x%04X): not a Storage "
+                    "Commitment report", request_.AffectedSOPClassUID, who,
+                    COMMITMENT_PROCESSING_FAILURE)
         return COMMITMENT_PROCESSING_FAILURE, None
     try:
         report = parse_report(event.event_information)  # type: ignore[attr-defined]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # the peer's fault
+        LOG.warning("storage commitment report from %s refused (0x%04X): cannot read it (%s)",
+                    who, COMMITMENT_PROCESSING_FAILURE, exc)
+        return COMMITMENT_PROCESSING_FAILURE, None
+    try:
         confirmed, failed = inbox.take(report)
     except Exception:
-        LOG.exception("storage commitment report from %s could not be recorded",
-                      event.assoc.remote["ae_title"])  # type: ignore[attr-defined]
+        LOG.exception("storage commitment report from %s could not be recorded", who)
         return COMMITMENT_PROCESSING_FAILURE, None
     LOG.info("storage commitment report %s from %s: %d object(s) confirmed, %d failed",
-             report.transaction_uid, event.assoc.remote["ae_title"],  # type: ignore[attr-defined]
-             confirmed, failed)
+             report.transaction_uid, who, confirmed, failed)
     return SUCCESS, None
 
 

@@ -104,6 +104,7 @@ class MppsForwarder:
         ae = AE(ae_title=self.ae_title)
         ae.add_requested_context(ModalityPerformedProcedureStep)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.network_timeout_s
+        ae.connection_timeout = min(10.0, self.network_timeout_s)  # as the sender's
         assoc = self._assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
         if not assoc.is_established:
             self._retry(forwards[0], "association not established")

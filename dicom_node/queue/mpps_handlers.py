@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
-from pynetdicom.dsutils import encode
 from pynetdicom.events import Event
 
 from dicom_node.settings import Settings, resolve_forward
@@ -29,6 +30,9 @@ LOG = logging.getLogger(__name__)
 
 #: Error Comment (0000,0902) is LO: 64 characters at most.
 _COMMENT_MAX = 64
+#: Bytes of one message kept for ``forward_mpps`` at most (a step listing 20,000
+#: instances encodes to about 2.3 MB).
+MAX_FORWARD_BYTES = 16 << 20
 
 
 def _refusal(status: int, why: str) -> Dataset:
@@ -49,9 +53,31 @@ def _who(event: Event) -> str:
     return (event.assoc.requestor.ae_title or "").strip() or "?"
 
 
-def _raw(ds: Dataset) -> bytes:
-    """The data set as it came, explicit VR little endian (for forwarding)."""
-    return bytes(encode(ds, False, True) or b"")
+def _raw(ds: Dataset, steps: MppsSteps) -> bytes:
+    """The data set as it came, explicit VR little endian, for forwarding (b'' when
+    nothing is forwarded).
+
+    Raises
+    ------
+    MppsRefused
+        When it cannot be encoded (0110: pynetdicom's encoder would log a traceback and
+        give nothing, so the step would be kept and silently not passed on) or is larger
+        than :data:`MAX_FORWARD_BYTES` (0213).
+    """
+    if not steps.forward_to:
+        return b""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = False, True
+    try:
+        write_dataset(fp, ds)
+    except Exception as exc:  # a value that does not encode (pydicom raises many kinds)
+        raise MppsRefused(statuses.PROCESSING_FAILURE,
+                          f"cannot encode it to pass on: {exc}") from None
+    raw = fp.getvalue()
+    if len(raw) > MAX_FORWARD_BYTES:
+        raise MppsRefused(statuses.RESOURCE_LIMITATION,
+                          f"{len(raw)} bytes: more than {MAX_FORWARD_BYTES} to pass on")
+    return raw
 
 
 def handle_n_create(event: Event, steps: MppsSteps, lock: threading.Lock,
@@ -62,8 +88,9 @@ def handle_n_create(event: Event, steps: MppsSteps, lock: threading.Lock,
     try:
         ds = event.attribute_list
         message = read_create(ds)
+        raw = _raw(ds, steps)
         with lock:
-            steps.create(uid, message, calling_ae=_who(event), raw=_raw(ds))
+            steps.create(uid, message, calling_ae=_who(event), raw=raw)
     except MppsRefused as exc:
         LOG.warning("MPPS N-CREATE %s from %s refused (0x%04X): %s", uid, _who(event), exc.status,
                     exc.why)
@@ -89,8 +116,9 @@ def handle_n_set(event: Event, steps: MppsSteps, lock: threading.Lock,
     try:
         ds = event.modification_list
         message = read_set(ds)
+        raw = _raw(ds, steps)
         with lock:
-            status = steps.update(uid, message, raw=_raw(ds))
+            status = steps.update(uid, message, raw=raw)
     except MppsRefused as exc:
         LOG.warning("MPPS N-SET %s from %s refused (0x%04X): %s", uid, _who(event), exc.status,
                     exc.why)

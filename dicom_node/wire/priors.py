@@ -168,6 +168,15 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(ds.get(keyword, "") or "").strip()
 
 
+def _count(ds: Dataset, keyword: str) -> int:
+    """An IS count from a C-FIND answer; 0 (not known: the rules do not judge by it)
+    when the PACS sent something else."""
+    try:
+        return max(0, int(_text(ds, keyword) or 0))
+    except ValueError:
+        return 0
+
+
 class PriorRetriever:
     """Asks the PACS for a patient's priors and brings them into the twin.
 
@@ -311,10 +320,12 @@ class PriorRetriever:
                                     body_part=_text(ds, "BodyPartExamined"),
                                     description=_text(ds, "SeriesDescription"),
                                     manufacturer=_text(ds, "Manufacturer"),
-                                    instances=int(_text(ds, "NumberOfSeriesRelatedInstances") or 0))
+                                    instances=_count(ds, "NumberOfSeriesRelatedInstances"))
                     if f.series_uid and rules_take(rules, f):
                         found.append(f)
             return found
+        except (ValueError, RuntimeError) as exc:  # no accepted FIND context, ...
+            raise PacsUnanswered(pacs.ae_title, f"refused the C-FIND ({exc})") from exc
         finally:
             assoc.release()
 

@@ -3,8 +3,11 @@
 Transport: one ``requests`` session per destination (connection reuse, a connect and a
 read deadline on every request, ``verify`` with the destination's ``tls_ca``, basic or
 bearer authentication whose secret is read from its file at each request, so a rotated
-token needs no restart). The read-back uses dicomweb-client's QIDO-RS
-(``search_for_instances``) on that session. STOW-RS is posted here rather than with
+token needs no restart). Every response is read streamed, within the read deadline as
+a whole and :data:`MAX_RESPONSE_BYTES`. The read-back is a QIDO-RS search for a series'
+instances on that session (:func:`present`; dicomweb-client's ``search_for_instances``
+would read every page whole and, with ``get_remaining``, ask again for ever a server that
+ignores ``offset``). STOW-RS is posted here rather than with
 dicomweb-client's ``store_instances``: the sender needs the per-instance outcome of
 every response (PS3.18 10.5.3, the Store Instances Response Module), and that method
 raises on a 4xx before its Failed SOP Sequence can be read, retries 429/503 with its
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +35,6 @@ from typing import Any
 
 import requests
 import requests.adapters
-from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from dicom_node.settings import Destination
@@ -42,6 +45,16 @@ LOG = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 429})
 #: Instances and bytes in one STOW-RS request at most.
 MAX_INSTANCES, MAX_BYTES = 100, 64 << 20
+#: Bytes of one response read into memory at most: a Store Instances Response or a
+#: QIDO-RS page names each instance in well under a kilobyte.
+MAX_RESPONSE_BYTES = 16 << 20
+#: QIDO-RS pages asked for one series at most (a server that ignores ``offset`` would
+#: otherwise answer the same page for ever).
+MAX_PAGES = 50
+
+
+class ResponseTooLarge(requests.RequestException):
+    """A DICOMweb server's response went past :data:`MAX_RESPONSE_BYTES` or its deadline."""
 
 
 class WebAuthError(OSError):
@@ -125,11 +138,36 @@ def stow(session: requests.Session, url: str, batch: Sequence[tuple[str, bytes]]
         rsp = session.post(f"{url.rstrip('/')}/studies", data=body,
                            headers={"Content-Type": content_type,
                                     "Accept": "application/dicom+json"},
-                           timeout=(min(10.0, timeout_s), timeout_s), allow_redirects=False)
+                           timeout=(min(10.0, timeout_s), timeout_s), allow_redirects=False,
+                           stream=True)
+        with rsp:
+            body = _body(rsp, timeout_s)
     except requests.RequestException as exc:
         why = f"no answer from the DICOMweb server ({type(exc).__name__}: {short(exc)})"
         return StowOutcome(http_status=0, retry={u: why for u in uids})
-    return outcome(rsp.status_code, rsp.reason or "", rsp.content, uids)
+    return outcome(rsp.status_code, rsp.reason or "", body, uids)
+
+
+def _body(rsp: requests.Response, timeout_s: float) -> bytes:
+    """A streamed response's body, read within ``timeout_s`` (the read deadline bounds
+    each wait, not a server that trickles) and :data:`MAX_RESPONSE_BYTES`.
+
+    Raises
+    ------
+    ResponseTooLarge
+        Past either bound.
+    """
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in rsp.iter_content(64 << 10):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise ResponseTooLarge(f"the response is larger than {MAX_RESPONSE_BYTES} bytes")
+        if time.monotonic() > deadline:
+            raise ResponseTooLarge(f"the response took longer than {timeout_s:.0f} s")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def short(exc: BaseException) -> str:
@@ -204,17 +242,33 @@ def _detail(body: bytes) -> str:
 
 def present(session: requests.Session, url: str, study_uid: str, series_uid: str, *,
             timeout_s: float) -> set[str]:
-    """SOP Instance UIDs of one series the archive returns to QIDO-RS (the read-back).
+    """SOP Instance UIDs of one series the archive returns to QIDO-RS (the read-back):
+    pages (``offset``) until an empty or a repeated one, :data:`MAX_PAGES` at most, each
+    bounded like a STOW-RS response.
 
     Raises
     ------
     requests.RequestException
-        When the archive does not answer or answers with an error status.
+        When the archive does not answer, answers with an error status, or past a bound.
+    ValueError
+        When its answer is not a DICOM JSON array.
     """
-    client = DICOMwebClient(url=url.rstrip("/"), session=session,
-                            timeout=(min(10.0, timeout_s), timeout_s))
-    client.set_http_retry_params(retry=False)
-    found = client.search_for_instances(study_instance_uid=study_uid,
-                                        series_instance_uid=series_uid,
-                                        fields=["SOPInstanceUID"], get_remaining=True)
-    return {str(v) for item in found for v in item.get("00080018", {}).get("Value", [])}
+    found: set[str] = set()
+    instances = f"{url.rstrip('/')}/studies/{study_uid}/series/{series_uid}/instances"
+    for _ in range(MAX_PAGES):
+        with session.get(instances, params={"includefield": "00080018", "offset": str(len(found))},
+                         headers={"Accept": "application/dicom+json, application/json"},
+                         timeout=(min(10.0, timeout_s), timeout_s), allow_redirects=False,
+                         stream=True) as rsp:
+            rsp.raise_for_status()
+            body = _body(rsp, timeout_s)
+        page = json.loads(body) if body.strip() else []
+        page = [page] if isinstance(page, dict) else page
+        if not isinstance(page, list):
+            raise ValueError("the QIDO-RS answer is not a DICOM JSON array")
+        uids = {str(v) for item in page if isinstance(item, dict)
+                for v in (item.get("00080018") or {}).get("Value", [])}
+        if not uids - found:  # empty, or the same page again (offset ignored)
+            break
+        found |= uids
+    return found
