@@ -242,3 +242,30 @@ def test_a_contour_too_long_for_one_ds_element_is_thinned_and_still_encodes(tmp_
     iop = np.array(img.ImageOrientationPatient, float)
     cols, rows = pts @ iop[:3] / 0.4, pts @ iop[3:] / 0.4
     assert rows.min() >= 19 and rows.max() <= 1000 and cols.min() >= 9 and cols.max() <= 1005
+
+
+def test_on_a_multiframe_source_each_contour_names_its_frame(tmp_path: Path) -> None:
+    """An Enhanced MR (frames stored in a random order): every Contour Image item names
+    the multi-frame instance and the frame the contour lies on, and the frames that
+    carry contours are those where a segment is present."""
+    from tests.test_multiframe import _mr, _truth
+
+    mf = _mr()
+    vol = load_series([mf])
+    segments = [s for s in split_labels(_truth(vol), vol, ph.LABELS) if not s.is_empty]
+    rt = build_rtstruct(vol, segments, MODEL)
+    rt.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
+    run = subprocess.run(["dciodvfy", str(tmp_path / "rt.dcm")], capture_output=True, text=True,
+                         timeout=120)
+    assert [ln for ln in (run.stdout + run.stderr).splitlines() if ln.startswith("Error")] == []
+    series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+        .RTReferencedSeriesSequence[0]
+    assert [(i.ReferencedSOPInstanceUID, int(i.ReferencedFrameNumber))
+            for i in series.ContourImageSequence] == \
+        [(mf.SOPInstanceUID, f) for f in vol.source_frame_numbers]
+    for item, s in zip(rt.ROIContourSequence, segments, strict=True):
+        refs = {(c.ContourImageSequence[0].ReferencedSOPInstanceUID,
+                 int(c.ContourImageSequence[0].ReferencedFrameNumber)) for c in item.ContourSequence}
+        present = s.present_slices()[vol.source_grid_slices()]
+        assert refs == {(mf.SOPInstanceUID, f)
+                        for f, here in zip(vol.source_frame_numbers, present, strict=True) if here}
