@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw, ImageFont, features
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from scipy import ndimage
 
 from pipelines.codes import segment_coding
 from pipelines.types import (
@@ -42,7 +41,6 @@ LOG = logging.getLogger(__name__)
 _BANNER_RGB = (200, 0, 0)
 _TEXT_RGB = (255, 255, 255)
 _LEGEND_RGB = (32, 32, 32)
-_CROSS = ndimage.generate_binary_structure(2, 1)
 
 
 def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: ModelInfo, *,
