@@ -269,3 +269,25 @@ def test_on_a_multiframe_source_each_contour_names_its_frame(tmp_path: Path) -> 
         present = s.present_slices()[vol.source_grid_slices()]
         assert refs == {(mf.SOPInstanceUID, f)
                         for f, here in zip(vol.source_frame_numbers, present, strict=True) if here}
+
+
+def test_the_result_check_finds_a_broken_rtstruct(written) -> None:
+    """What the worker holds back: an RTSTRUCT that names an ROI without its observation,
+    or a contour whose point count is not its data's, fails the Python checks."""
+    from pipelines.validation import validate_dataset
+
+    *_, (_, path) = written
+    good = pydicom.dcmread(path)
+    assert validate_dataset(good, "rtstruct", dciodvfy=False).ok
+    no_observation = pydicom.dcmread(path)
+    del no_observation.RTROIObservationsSequence[-1]
+    report = validate_dataset(no_observation, "rtstruct", dciodvfy=False)
+    assert not report.ok and "RTROIObservationsSequence does not name each ROI once" in report.reason
+    miscounted = pydicom.dcmread(path)
+    contour = miscounted.ROIContourSequence[0].ContourSequence[0]
+    contour.NumberOfContourPoints = int(contour.NumberOfContourPoints) + 1
+    report = validate_dataset(miscounted, "rtstruct", dciodvfy=False)
+    assert not report.ok and "contour data and point count differ" in report.reason
+    no_rois = pydicom.dcmread(path)
+    no_rois.StructureSetROISequence = []
+    assert "RTSTRUCT has no ROI" in validate_dataset(no_rois, "rtstruct", dciodvfy=False).reason
