@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.export.checks import available_backends, device_name
+from pipelines.export.checks import available_backends, device_name, time_batches
 from pipelines.export.onnx import OnnxRunner
-from pipelines.export.tensorrt import TensorRTRunner
+from pipelines.export.tensorrt import TensorRTRunner, tensorrt_status
 from pipelines.inference import load_model
 from registry.records import Artifact, ArtifactKind, Backend, ModelVersion
 from registry.store import Registry
@@ -115,8 +115,6 @@ class _Bench:
     def run(self, name: str, net: object, device: str, note: str = "",
             autocast: bool = False, inp: torch.Tensor | None = None) -> None:
         """Time ``net`` under the bundle's inferer; a failure is a row, not an error."""
-        from pipelines.export.checks import time_batches
-
         xin = self.x if inp is None else inp
         out: list[torch.Tensor] = []
 
@@ -160,8 +158,6 @@ def _bench_onnx(bench: _Bench, model_version: ModelVersion, artifacts: Sequence[
 def _bench_tensorrt(bench: _Bench, model_version: ModelVersion,
                     artifacts: Sequence[Artifact]) -> None:
     """TensorRT, with the version's engine built for this GPU."""
-    from pipelines.export.tensorrt import tensorrt_status
-
     status = tensorrt_status()
     trt_arts = [a for a in artifacts if a.kind is ArtifactKind.TENSORRT and a.path.is_file()
                 and a.path.stem == a.key]

@@ -151,8 +151,13 @@ def banner_line(comparison: Comparison | None, *, note: str = "") -> str:
 
 
 def study_date_of(ds: Dataset) -> dt.date | None:
-    """The Study Date of a data set, or None when absent or invalid."""
-    text = str(ds.get("StudyDate", "") or "").strip()
+    """The Study Date of a data set, or None when absent or invalid.
+
+    Read as the twin reads it when it picks the prior (:func:`twin_archive.history.study_day`:
+    ``YYYYMMDD``, also ``YYYY-MM-DD`` and the old ``YYYY.MM.DD``), so that a prior the twin
+    found for a series is compared, not dropped for the form of the series' date.
+    """
+    text = str(ds.get("StudyDate", "") or "").strip().replace("-", "").replace(".", "")
     try:
         return dt.datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
     except ValueError:

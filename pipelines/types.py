@@ -172,6 +172,11 @@ class Volume:
         return (len(self.source_grid_positions) == self.array.shape[0]
                 and all(abs(p - k) < 1e-6 for k, p in enumerate(self.source_grid_positions)))
 
+    def source_grid_slices(self) -> np.ndarray:
+        """For each source image, the index of its nearest grid slice (intp array)."""
+        return np.clip(np.rint(np.asarray(self.source_grid_positions)), 0,
+                       self.array.shape[0] - 1).astype(np.intp)
+
     def index_to_lps(self, index: np.ndarray) -> np.ndarray:
         """Map voxel indices (..., 3) as (k, i, j) to LPS coordinates (..., 3), mm."""
         idx = np.asarray(index, dtype=np.float64)

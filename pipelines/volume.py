@@ -285,8 +285,7 @@ def to_source_slices(volume: Volume, mask: np.ndarray) -> np.ndarray:
         raise ValueError(f"mask has shape {mask.shape}, the volume {volume.shape}")
     if volume.is_source_grid:
         return mask
-    idx = np.clip(np.rint(np.asarray(volume.source_grid_positions)), 0, volume.shape[0] - 1)
-    return mask[idx.astype(np.intp)]
+    return mask[volume.source_grid_slices()]
 
 
 def _unique_instances(datasets: list[Dataset], series_uid: str) -> list[Dataset]:

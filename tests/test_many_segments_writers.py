@@ -60,11 +60,17 @@ def phantom():
 def test_fast_sr_document_is_the_plain_one(phantom, monkeypatch) -> None:
     vol, segments = phantom
     seg = build_seg(vol, segments, MODEL)
-    built = {}
+    built, walked = {}, {}
+    walk = highdicom_speedups._referenced_uids  # the fast path's evidence check, its alone
     for fast in (False, True):
         monkeypatch.setattr(highdicom_speedups, "FAST", fast)
         monkeypatch.setattr("pipelines.writers.sr.new_uid", iter(["2.25.1", "2.25.2"] * 2).__next__)
+        calls: list[int] = []
+        monkeypatch.setattr(highdicom_speedups, "_referenced_uids",
+                            lambda node, calls=calls: (calls.append(1), walk(node))[1])
         built[fast] = build_sr(vol, seg, segments, MODEL)
+        walked[fast] = bool(calls)
+    assert walked == {False: False, True: True}  # each build took the path it was asked for
     assert _json(built[True]) == _json(built[False])
     plain, fast = built[False].content, built[True].content
     assert type(plain) is type(fast) and len(plain) == len(fast) == 1
@@ -87,12 +93,19 @@ def test_fast_sr_document_still_refuses_references_without_evidence(phantom) -> 
 @pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
 def test_fast_binary_seg_is_the_plain_one(phantom, monkeypatch, seg_type: str) -> None:
     vol, segments = phantom
-    built = {}
+    built, subclassed = {}, {}
+    make = highdicom_speedups._LabelMapSegmentation.__init__
     for fast in (False, True):
         monkeypatch.setattr(highdicom_speedups, "FAST", fast)
         monkeypatch.setattr("pipelines.writers.seg.new_uid",
                             iter([f"2.25.{i}" for i in range(1, 40)]).__next__)
+        calls: list[int] = []
+        monkeypatch.setattr(highdicom_speedups._LabelMapSegmentation, "__init__",
+                            lambda self, calls=calls, **kw: (calls.append(1), make(self, **kw))[1])
         built[fast] = build_seg(vol, segments, MODEL, options=WriterOptions(seg_type=seg_type))
+        subclassed[fast] = bool(calls)
+    # the fast construction ran where it applies (BINARY), and only when asked for
+    assert subclassed == {False: False, True: seg_type == "binary"}
     assert type(built[True]) is hd.seg.Segmentation
     assert _json(built[True]) == _json(built[False])
 

@@ -315,3 +315,17 @@ def test_a_retrieved_prior_reaches_training_only_if_the_patient_donates(tmp_path
     assert [i.series_uid for i in items] == ct and items[0].patient_key == key
     labels.close()
     archive.close()
+
+
+def test_the_study_date_is_read_as_the_twin_reads_it_when_it_picks_the_prior() -> None:
+    """The twin picks a prior by its Study Date (``study_day``: ``YYYYMMDD``, ``YYYY-MM-DD``,
+    ``YYYY.MM.DD``); the pipeline reads today's date the same way, so a prior found for
+    a series with an old-style date is compared, not dropped as 'Study Date absent'."""
+    from pipelines.comparison import study_date_of
+    from twin_archive.history import study_day
+
+    for text in ("20261203", "2026-12-03", "2026.12.03", "", "2026", "20261340"):
+        ds = pydicom.Dataset()
+        ds.StudyDate = text
+        assert study_date_of(ds) == study_day(text), text
+    assert study_date_of(pydicom.Dataset()) is None

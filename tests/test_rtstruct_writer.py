@@ -242,3 +242,52 @@ def test_a_contour_too_long_for_one_ds_element_is_thinned_and_still_encodes(tmp_
     iop = np.array(img.ImageOrientationPatient, float)
     cols, rows = pts @ iop[:3] / 0.4, pts @ iop[3:] / 0.4
     assert rows.min() >= 19 and rows.max() <= 1000 and cols.min() >= 9 and cols.max() <= 1005
+
+
+def test_on_a_multiframe_source_each_contour_names_its_frame(tmp_path: Path) -> None:
+    """An Enhanced MR (frames stored in a random order): every Contour Image item names
+    the multi-frame instance and the frame the contour lies on, and the frames that
+    carry contours are those where a segment is present."""
+    from tests.test_multiframe import _mr, _truth
+
+    mf = _mr()
+    vol = load_series([mf])
+    segments = [s for s in split_labels(_truth(vol), vol, ph.LABELS) if not s.is_empty]
+    rt = build_rtstruct(vol, segments, MODEL)
+    rt.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
+    run = subprocess.run(["dciodvfy", str(tmp_path / "rt.dcm")], capture_output=True, text=True,
+                         timeout=120)
+    assert [ln for ln in (run.stdout + run.stderr).splitlines() if ln.startswith("Error")] == []
+    series = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+        .RTReferencedSeriesSequence[0]
+    assert [(i.ReferencedSOPInstanceUID, int(i.ReferencedFrameNumber))
+            for i in series.ContourImageSequence] == \
+        [(mf.SOPInstanceUID, f) for f in vol.source_frame_numbers]
+    for item, s in zip(rt.ROIContourSequence, segments, strict=True):
+        refs = {(c.ContourImageSequence[0].ReferencedSOPInstanceUID,
+                 int(c.ContourImageSequence[0].ReferencedFrameNumber)) for c in item.ContourSequence}
+        present = s.present_slices()[vol.source_grid_slices()]
+        assert refs == {(mf.SOPInstanceUID, f)
+                        for f, here in zip(vol.source_frame_numbers, present, strict=True) if here}
+
+
+def test_the_result_check_finds_a_broken_rtstruct(written) -> None:
+    """What the worker holds back: an RTSTRUCT that names an ROI without its observation,
+    or a contour whose point count is not its data's, fails the Python checks."""
+    from pipelines.validation import validate_dataset
+
+    *_, (_, path) = written
+    good = pydicom.dcmread(path)
+    assert validate_dataset(good, "rtstruct", dciodvfy=False).ok
+    no_observation = pydicom.dcmread(path)
+    del no_observation.RTROIObservationsSequence[-1]
+    report = validate_dataset(no_observation, "rtstruct", dciodvfy=False)
+    assert not report.ok and "RTROIObservationsSequence does not name each ROI once" in report.reason
+    miscounted = pydicom.dcmread(path)
+    contour = miscounted.ROIContourSequence[0].ContourSequence[0]
+    contour.NumberOfContourPoints = int(contour.NumberOfContourPoints) + 1
+    report = validate_dataset(miscounted, "rtstruct", dciodvfy=False)
+    assert not report.ok and "contour data and point count differ" in report.reason
+    no_rois = pydicom.dcmread(path)
+    no_rois.StructureSetROISequence = []
+    assert "RTSTRUCT has no ROI" in validate_dataset(no_rois, "rtstruct", dciodvfy=False).reason

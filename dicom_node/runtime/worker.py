@@ -41,7 +41,7 @@ from dicom_node.learning.live_learning import LiveLearning
 from dicom_node.queue.sender import Sender
 from dicom_node.settings import Destination, Settings, job_seg_type
 from dicom_node.runtime.rtstruct_output import add_rtstruct
-from dicom_node.runtime.prior_results import JobPriors, volume_points
+from dicom_node.runtime.prior_results import JobPriors, PriorLookup, volume_points
 from dicom_node.wire.priors import PriorRetriever
 from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
@@ -95,6 +95,8 @@ class Computed:
     outcome: Any  # pipelines.run's outcome: results (SEG, SR), segments, volume, model
     model_load_s: float
     pipeline_s: float
+    prior_s: float = 0.0  # finding (or retrieving) the prior
+    prior_note: str = ""  # what the comparison could not be (the banner line, the job's note)
 
 
 def task_destinations(destinations: Sequence[Destination], task: Task
@@ -187,8 +189,6 @@ class Worker(JobLoop):
         self.history = HistoryStore(archive.data_dir)
         self.priors = JobPriors(self.history, priors)
         self.send_prior_results = send_prior_results
-        self._prior_notes: dict[str, str] = {}
-        self._prior_s: dict[str, float] = {}
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
         """Serve ``tasks`` from the next job on (SIGHUP reload)."""
@@ -278,7 +278,7 @@ class Worker(JobLoop):
         files = self.archive.twins.series_files(job.series_uid)
         if not files:
             raise JobRefused("the series has no current instances")
-        extra = self._prior_of(job, spec, files)  # timed apart (prior_s): it may retrieve
+        lookup = self._prior_of(job, spec, files)  # timed apart (prior_s): it may retrieve
         t0 = time.perf_counter()
         manufacturer, model_name = _scanner(files[0])
         loaded = self._model(job.task, manufacturer, model_name)
@@ -290,7 +290,8 @@ class Worker(JobLoop):
                                        options=WriterOptions(write_overlay=False,
                                                              seg_type=seg_type),
                                        predecessors=predecessors,
-                                       max_memory_bytes=self.max_memory_bytes, **extra)
+                                       max_memory_bytes=self.max_memory_bytes,
+                                       prior=lookup.prior)
         except MemoryBudgetError as exc:  # retrying would hit the same wall
             raise JobRefused(str(exc)) from exc
         except EmptyResultError:
@@ -301,7 +302,8 @@ class Worker(JobLoop):
             raise JobRefused(str(exc)) from exc
         self.computed = Computed(job_key=job.key, files=tuple(files), loaded=loaded,
                                  outcome=outcome, model_load_s=t_load - t0,
-                                 pipeline_s=time.perf_counter() - t_load)
+                                 pipeline_s=time.perf_counter() - t_load,
+                                 prior_s=lookup.seconds, prior_note=lookup.note)
         return self.computed
 
     def _store(self, job: Job, spec: Task, computed: Computed,
@@ -317,7 +319,7 @@ class Worker(JobLoop):
         timings = _timings(outcome)
         timings["model_load_s"] = computed.model_load_s
         timings["pipeline_s"] = computed.pipeline_s
-        timings["prior_s"] = self._prior_s.pop(job.key, 0.0)  # finding (or retrieving) the prior
+        timings["prior_s"] = computed.prior_s
         result = self.results.record(
             job_key=job.key, patient_key=job.patient_key, study_uid=job.study_uid,
             source_series_uid=job.series_uid, source_last_received=job.series_last_received,
@@ -332,7 +334,8 @@ class Worker(JobLoop):
         self._log_held(job, held)
         if overlay:
             result = self._add_overlay(job, result, outcome,
-                                       {"seg_sr_store_s": t_seg_sr - t_run}, destinations)
+                                       {"seg_sr_store_s": t_seg_sr - t_run}, destinations,
+                                       computed.prior_note)
         if any("rtstruct" in d.send for d in destinations):
             result = add_rtstruct(self.results, self.sender, job.id, result, outcome, destinations)
         self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=outcome,
@@ -344,23 +347,25 @@ class Worker(JobLoop):
                  ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in result.segments) or "no segment",
                  seconds, computed.pipeline_s, t_seg_sr - t_run, time.perf_counter() - t_seg_sr)
         # what the comparison could not be (a PACS that did not answer), in the job's note
-        return JobOutcome(job_id=job.id, result=result, note=self._prior_notes.pop(job.key, ""),
+        return JobOutcome(job_id=job.id, result=result, note=computed.prior_note,
                           seconds=seconds)
 
     def _add_overlay(self, job: Job, result: AIResult, outcome: Any,
-                     timings: dict[str, float], destinations: Sequence[Destination]) -> AIResult:
+                     timings: dict[str, float], destinations: Sequence[Destination],
+                     prior_note: str = "") -> AIResult:
         """Build, check, store and queue the overlay series of a recorded result.
 
         Runs after the SEG and SR are queued, so that they do not wait for it. Its
         instances are checked with :func:`~pipelines.validation.validate_series`
         (Python checks on each, ``dciodvfy`` on the first); an invalid one is held.
+        ``prior_note``: why there is no comparison, for the banner line.
         """
         t0 = time.perf_counter()
         try:
             images = build_overlay(outcome.volume, outcome.segments, outcome.model,
                                    options=WriterOptions(write_overlay=True),
                                    note=banner_line(getattr(outcome, "comparison", None),
-                                                    note=self._prior_notes.get(job.key, "")))
+                                                    note=prior_note))
         except EmptyResultError:
             return result
         images = (*images, *self._history_chart(result, images))
@@ -383,7 +388,7 @@ class Worker(JobLoop):
         finds the same segments (names and volumes) as the recorded result."""
         kept = self._kept_for(job)
         if kept is not None:  # the disk was full after recording: the same work, stored now
-            return self._add_overlay(job, done, kept.outcome, {}, destinations)
+            return self._add_overlay(job, done, kept.outcome, {}, destinations, kept.prior_note)
         spec = self.tasks.get(job.task)
         files = self.archive.twins.series_files(job.series_uid)
         if spec is None or not files:
@@ -406,22 +411,19 @@ class Worker(JobLoop):
             return done
         return self._add_overlay(job, done, outcome, {}, destinations)
 
-    def _prior_of(self, job: Job, spec: Task, files: Sequence[Path]) -> dict[str, Any]:
-        """``{"prior": PriorResult}`` for the pipeline when the patient has a prior result
-        of the task (retrieved from the PACS first when the twin has none), else ``{}``;
-        what could not be done is kept for the overlay's banner line."""
+    def _prior_of(self, job: Job, spec: Task, files: Sequence[Path]) -> PriorLookup:
+        """The patient's prior result of the task for the pipeline (retrieved from the
+        PACS first when the twin has none), and what could not be done (the overlay's
+        banner line); kept with the job's :class:`Computed` work."""
         lookup = self.priors.lookup(
             patient_key=job.patient_key, task=job.task, study_uid=job.study_uid,
             series_uid=job.series_uid, files=files, rules=spec.rules,
             run_prior=lambda uid: self._run_prior(job, spec, uid))
-        self._prior_s[job.key] = lookup.seconds
-        if lookup.note:
-            self._prior_notes[job.key] = lookup.note
         if lookup.prior is None:
-            return {}
+            return lookup
         LOG.info("job %d: compared with the prior result of %s (found in %.3f s)", job.id,
                  lookup.prior.study_date, lookup.seconds)
-        return {"prior": lookup.prior}
+        return lookup
 
     def _run_prior(self, job: Job, spec: Task, series_uid: str) -> None:
         """Run ``job``'s task on a series retrieved as a prior and record its result

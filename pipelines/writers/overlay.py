@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw, ImageFont, features
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from scipy import ndimage
 
 from pipelines.codes import segment_coding
 from pipelines.types import (
@@ -35,14 +34,13 @@ from pipelines.types import (
     WriterOptions,
 )
 from pipelines.uids import new_uid
-from pipelines.writers.seg import contributing_equipment, written_segments
+from pipelines.writers.seg import contributing_equipment, image_reference, written_segments
 
 LOG = logging.getLogger(__name__)
 
 _BANNER_RGB = (200, 0, 0)
 _TEXT_RGB = (255, 255, 255)
 _LEGEND_RGB = (32, 32, 32)
-_CROSS = ndimage.generate_binary_structure(2, 1)
 
 
 def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: ModelInfo, *,
@@ -80,8 +78,7 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
     opts = options or WriterOptions()
     kept = written_segments(volume, segments)
     colours = [segment_coding(s.name, n).rgb for n, s in enumerate(kept)]
-    grid_index = np.clip(np.rint(np.asarray(volume.source_grid_positions)), 0,
-                         volume.shape[0] - 1).astype(np.intp)
+    grid_index = volume.source_grid_slices()
     factor = max(1, -(-opts.min_overlay_width_px // volume.shape[2]))
     font, banner_h = _font(volume.shape[2] * factor)
     series = _OverlaySeries(
@@ -109,7 +106,7 @@ def build_overlay(volume: Volume, segments: Sequence[SegmentResult], model: Mode
             _draw_contour(rgb, s, k, factor, opts.contour_width_px * factor, colour)
             names.append((s.name, colour))
         pixels = strips.around(rgb, names)
-        reference = _reference(src, volume.source_frame(n))
+        reference = image_reference(src, volume.source_frame(n))
         out.append(_sc_image(series, pixels, reference, 1) if not out
                    else _next_image(out[0], pixels, reference, len(out) + 1))
     LOG.info("overlay for series %s: %d image(s)", volume.series_instance_uid, len(out))
@@ -235,16 +232,6 @@ def _draw_contour(rgb: np.ndarray, segment: SegmentResult, k: int, factor: int, 
 def _get(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     return None if value is None else str(value)
-
-
-def _reference(src: Dataset, frame: int | None) -> Dataset:
-    """A Source Image Sequence item: the source image and, when multi-frame, its frame."""
-    item = Dataset()
-    item.ReferencedSOPClassUID = src.SOPClassUID
-    item.ReferencedSOPInstanceUID = src.SOPInstanceUID
-    if frame is not None:
-        item.ReferencedFrameNumber = frame
-    return item
 
 
 def _font(width: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int]:

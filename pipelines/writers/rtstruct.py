@@ -46,7 +46,7 @@ from pipelines.types import (
     WriterOptions,
 )
 from pipelines.uids import new_uid
-from pipelines.writers.seg import contributing_equipment, written_segments
+from pipelines.writers.seg import contributing_equipment, image_reference, written_segments
 
 LOG = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def _referenced_frame_of_reference(volume: Volume) -> Dataset:
     """The Frame of Reference, its study, the source series and every source image."""
     images = []
     for n, src in enumerate(volume.source_images):
-        images.append(_image_reference(src, volume.source_frame(n)))
+        images.append(image_reference(src, volume.source_frame(n)))
     series = Dataset()
     series.SeriesInstanceUID = volume.series_instance_uid
     series.ContourImageSequence = DicomSequence(images)
@@ -183,15 +183,6 @@ def _referenced_frame_of_reference(volume: Volume) -> Dataset:
     frame.FrameOfReferenceUID = volume.frame_of_reference_uid
     frame.RTReferencedStudySequence = [study]
     return frame
-
-
-def _image_reference(src: Dataset, frame: int | None) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = src.SOPClassUID
-    item.ReferencedSOPInstanceUID = src.SOPInstanceUID
-    if frame is not None:
-        item.ReferencedFrameNumber = frame
-    return item
 
 
 def _code(concept: Dataset) -> Dataset:
@@ -206,7 +197,7 @@ def _contour_items(volume: Volume, segment: SegmentResult) -> list[Dataset]:
     items = []
     for n, k, polygon in segment_contours(volume, segment):
         item = Dataset()
-        item.ContourImageSequence = [_image_reference(volume.source_images[n],
+        item.ContourImageSequence = [image_reference(volume.source_images[n],
                                                       volume.source_frame(n))]
         item.ContourGeometricType = "CLOSED_PLANAR"
         lps = volume.index_to_lps(np.column_stack(
@@ -235,8 +226,7 @@ def segment_contours(volume: Volume, segment: SegmentResult
         array of (column, row) grid pixel coordinates of one closed polygon (first
         point not repeated), pixel centres at integers.
     """
-    grid_index = np.clip(np.rint(np.asarray(volume.source_grid_positions)), 0,
-                         volume.shape[0] - 1).astype(np.intp)
+    grid_index = volume.source_grid_slices()
     present = segment.present_slices()
     box = segment.box
     offset = np.array([box[2].start - 1.0, box[1].start - 1.0])  # padded crop -> grid

@@ -75,6 +75,17 @@ def written_segments(volume: Volume, segments: Sequence[SegmentResult]) -> tuple
     return kept
 
 
+def image_reference(src: Dataset, frame: int | None) -> Dataset:
+    """A reference to a source image (an RTSTRUCT's Contour Image, an overlay's Source
+    Image item): its SOP class and instance and, when multi-frame, its frame."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = src.SOPClassUID
+    item.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    if frame is not None:
+        item.ReferencedFrameNumber = frame
+    return item
+
+
 def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequence:
     """Algorithm Identification (family "Artificial Intelligence") of ``model``."""
     params = {"backend": model.backend} if model.backend else None
