@@ -440,3 +440,41 @@ def test_an_association_that_waited_for_another_prune_does_not_prune_again(
     caplog.set_level("INFO", logger="dicom_node.runtime.retention")
     assert guard.make_room(1) is True
     assert "archive prune" not in caplog.text and not (tmp_path / "retention-outlook.json").exists()
+
+
+def test_forget_leaves_no_retrieved_prior_and_no_send_of_a_prior_result(tmp_path: Path) -> None:
+    """A prior retrieved from the PACS is recorded in ``retrieved_series`` (with the twin
+    key), also before any of it arrived; its result may be queued for a destination
+    (``send_prior_results``) before the series' own job exists. Forgetting the twin
+    removes both: no row of the index or the queue names it afterwards."""
+    from dicom_node.queue.sender import Sender
+    from dicom_node.settings import Destination
+    from twin_archive.history import HistoryStore
+
+    pid = "PRIOR-FORGET-5"
+    with Archive(tmp_path) as archive:
+        study, s1 = _series(archive, pid)
+        prior_study, prior = _series(archive, pid)
+        _series(archive, "PRIOR-KEEP-1")
+        key = archive.twins.find_twin_keys(pid)[0]
+    with HistoryStore(tmp_path) as history:
+        assert history.mark_retrieved([prior], source="PACS", for_study_uid=study) == 1
+        history.expect_retrieved(series_uid="1.2.826.0.1.3680043.8.498.4711",
+                                 study_uid=prior_study, patient_key=key, source="PACS",
+                                 for_study_uid=study)  # asked for, never came
+    with ResultStore(tmp_path) as results:
+        result = results.record(
+            job_key=f"{prior}@x/spleen-ct", patient_key=key, study_uid=prior_study,
+            source_series_uid=prior, source_last_received="x", source_instances=3,
+            task="spleen-ct", model_name="m", model_version="1", backend="cpu",
+            segments=[SegmentMeasure(name="Spleen", volume_ml=1.0)], timings={},
+            objects=[("seg", small_ct(patient_id=pid, study_uid=prior_study))])
+    dest = Destination(ae_title="PACS", host="127.0.0.1", port=1, send=("seg",))
+    sender = Sender(tmp_path, ae_title="NODE", destinations=[dest])
+    assert sender.enqueue(result, [dest]) == 1  # no job row names this result
+    sender.close()
+    out = _cli(tmp_path, "twin", "forget", pid, "--by", "dpo", "--reason", "request 44")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _bytes_everywhere(tmp_path, key.encode()) == []
+    assert _bytes_everywhere(tmp_path, prior.encode()) == []
+    assert _bytes_everywhere(tmp_path, b"1.2.826.0.1.3680043.8.498.4711") == []

@@ -145,7 +145,8 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
                 " wait for it to finish (dicom-node jobs) and run the command again")
         with Erasure(settings.data_dir) as erasure:
             report = erasure.erase(key, patient_id=args.patient_id)
-        queue_rows = queue.erase_patient([key], list(report.series_uids))
+        queue_rows = queue.erase_patient([key], report.series_uids, study_uids=report.study_uids,
+                                         result_ids=report.result_ids, patient_id=args.patient_id)
     finally:
         queue.close()
     from registry.store import Registry
