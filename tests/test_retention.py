@@ -478,3 +478,33 @@ def test_forget_leaves_no_retrieved_prior_and_no_send_of_a_prior_result(tmp_path
     assert _bytes_everywhere(tmp_path, key.encode()) == []
     assert _bytes_everywhere(tmp_path, prior.encode()) == []
     assert _bytes_everywhere(tmp_path, b"1.2.826.0.1.3680043.8.498.4711") == []
+
+
+def test_a_reopened_series_is_not_settled_while_its_earlier_results_sends_are_open(
+        tmp_path: Path) -> None:
+    """A series completed early and re-opened by a late instance has two jobs: the first
+    one's result may still be queued for the PACS when the second is done. The series is
+    settled only once those sends are settled too (result retention would remove the
+    files they send)."""
+    with Archive(tmp_path) as archive:
+        _, s1 = _series(archive, "REOPEN-1")
+        key = archive.twins.find_twin_keys("REOPEN-1")[0]
+        _settle_in_queue(tmp_path, archive, s1, key)  # the second job, done, nothing to send
+    queue = JobQueue(tmp_path)
+    first = queue.enqueue(series_uid=s1, study_uid="1.2", patient_key=key, task="spleen-ct",
+                          series_last_received="2000-01-01T00:00:00+00:00", instances=2)
+    assert first is not None
+    now = iso(utc_now())
+    with queue.conn:
+        queue.conn.execute("UPDATE jobs SET state = ?, finished_at = ?, result_id = 7 WHERE id = ?",
+                           (JobState.DONE.value, now, first.id))
+        queue.conn.execute(
+            "INSERT INTO sends (result_id, kind, destination, ae_title, host, port, path,"
+            " sop_class_uid, sop_instance_uid, transfer_syntax_uid, state, enqueued_at,"
+            " next_attempt_at) VALUES (7, 'seg', 'P@h:1', 'P', 'h', 1, 'r/x.dcm', '1.2', '1.2.9',"
+            " '1.2.840.10008.1.2.1', 'queued', ?, ?)", (now, now))
+    assert shell_retention.settled_series(tmp_path) == []  # the PACS was down
+    with queue.conn:
+        queue.conn.execute("UPDATE sends SET state = 'sent', sent_at = ?", (now,))
+    assert [s.series_uid for s in shell_retention.settled_series(tmp_path)] == [s1]
+    queue.close()

@@ -237,14 +237,18 @@ _SETTLED_SQL = """
 SELECT m.series_uid, m.last_received, m.decision, m.decided_at,
        COUNT(DISTINCT j.id) AS n, MAX(j.state NOT IN ('done', 'failed')) AS open,
        MAX(j.finished_at) AS finished, group_concat(DISTINCT j.task) AS tasks,
-       MAX(s.state = 'queued' OR s.confirm_by IS NOT NULL) AS open_sends,
-       MAX(COALESCE(s.confirmed_at, s.sent_at, s.next_attempt_at)) AS sends_settled
+       (SELECT MAX(s.state = 'queued' OR s.confirm_by IS NOT NULL) FROM jobs a
+        JOIN sends s ON s.result_id = a.result_id WHERE a.series_uid = m.series_uid) AS open_sends,
+       (SELECT MAX(COALESCE(s.confirmed_at, s.sent_at, s.next_attempt_at)) FROM jobs a
+        JOIN sends s ON s.result_id = a.result_id WHERE a.series_uid = m.series_uid)
+         AS sends_settled
 FROM monitored_series m
 LEFT JOIN jobs j ON j.series_uid = m.series_uid AND j.series_last_received = m.last_received
-LEFT JOIN sends s ON s.result_id = j.result_id
 WHERE m.decision IN ('queued', 'ignored', 'no-pipeline')
 GROUP BY m.series_uid
 """
+# The sends are those of every job of the series, also of its earlier states (a series
+# re-opened by a late instance): result retention removes the files they send.
 
 
 def settled_series(data_dir: Path | str) -> list[SettledSeries]:
@@ -252,7 +256,8 @@ def settled_series(data_dir: Path | str) -> list[SettledSeries]:
 
     The monitor decided on the series as it now stands, and either it needed no job
     (``ignored``, ``no-pipeline``) or every job of that state is ``done`` or ``failed``
-    and every send of their results ``sent`` (and not waiting for its confirmation),
+    and every send of the results of the series (of earlier states too) ``sent`` (and
+    not waiting for its confirmation),
     ``confirmed``, ``failed`` (given up) or ``held``; settled
     at the latest of the decision, the jobs' end and the sends' last attempt
     (retention counts from there, :mod:`dicom_node.runtime.retention`).
@@ -263,8 +268,10 @@ def settled_series(data_dir: Path | str) -> list[SettledSeries]:
     out = []
     with contextlib.closing(conn):
         for r in conn.execute(_SETTLED_SQL):
+            if r["open_sends"]:
+                continue
             if r["decision"] == "queued":
-                if not r["n"] or r["open"] or r["open_sends"]:
+                if not r["n"] or r["open"]:
                     continue
                 at = max(x for x in (r["decided_at"], r["finished"], r["sends_settled"]) if x)
                 tasks = tuple(sorted((r["tasks"] or "").split(","))) if r["tasks"] else ()
