@@ -146,11 +146,16 @@ def test_results_follow_result_retention_and_labels_follow_their_source(tmp_path
     with ResultStore(tmp_path) as results:
         seg = small_ct(patient_id="NON-4", study_uid=study)
         seg.SeriesInstanceUID = "1.2.826.0.1.3680043.10.999.1"
-        results.record(job_key=f"{s1}@x/spleen-ct", patient_key=key, study_uid=study,
-                       source_series_uid=s1, source_last_received="x", source_instances=3,
-                       task="spleen-ct", model_name="m", model_version="1", backend="cpu",
-                       segments=[SegmentMeasure(name="Spleen", volume_ml=1.0)], timings={},
-                       objects=[("seg", seg)])
+        result = results.record(
+            job_key=f"{s1}@x/spleen-ct", patient_key=key, study_uid=study,
+            source_series_uid=s1, source_last_received="x", source_instances=3,
+            task="spleen-ct", model_name="m", model_version="1", backend="cpu",
+            segments=[SegmentMeasure(name="Spleen", volume_ml=1.0)], timings={},
+            objects=[("seg", seg)])
+        rtstruct = small_ct(patient_id="NON-4", study_uid=study)  # added after, as the worker does
+        rtstruct.SeriesInstanceUID = "1.2.826.0.1.3680043.10.999.2"
+        result = results.add_objects(result.id, [("rtstruct", rtstruct)], timings={})
+        assert sorted(o.kind for o in result.objects) == ["rtstruct", "seg"]
     with LabelStore(tmp_path) as labels:
         labels.add_file(series_uid=s1, data=b"\x00" * 64, segments=("Spleen",), by="rad",
                            suffix=".nii")
@@ -162,7 +167,7 @@ def test_results_follow_result_retention_and_labels_follow_their_source(tmp_path
         assert store.usage().labels == 0
         assert store.usage().results > 0
         items = store.plan(RetentionPolicy(retention_days=0, result_retention_days=0), settled)
-        assert [i.kind for i in items] == ["results"]
+        assert [i.kind for i in items] == ["results"] and items[0].files == 2  # SEG, RTSTRUCT
         store.prune(items)
         assert store.usage().results == 0
     assert not list((tmp_path / "labels").rglob("*.nii"))
