@@ -513,3 +513,37 @@ def test_a_reopened_series_is_not_settled_while_its_earlier_results_sends_are_op
         queue.conn.execute("UPDATE sends SET state = 'sent', sent_at = ?", (now,))
     assert [s.series_uid for s in shell_retention.settled_series(tmp_path)] == [s1]
     queue.close()
+
+
+def test_a_job_queued_for_the_patient_is_not_claimed_while_it_is_erased(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node runs on while ``twin forget`` removes the files: a job of the patient
+    still queued (a retry, one waiting for disk space) must not be claimed by a worker
+    in the meantime (it would run on an erased series, and its row, left running, would
+    keep the twin key in the queue)."""
+    import argparse
+
+    from dicom_node.cli.retention import cmd_forget
+
+    with Archive(tmp_path) as archive:
+        _, s1 = _series(archive, "CLAIM-1")
+        key = archive.twins.find_twin_keys("CLAIM-1")[0]
+    queue = JobQueue(tmp_path)
+    assert queue.enqueue(series_uid=s1, study_uid="1.2", patient_key=key, task="spleen-ct",
+                         series_last_received="x", instances=3) is not None
+    queue.close()
+    claimed = []
+    real = Erasure.erase
+
+    def erase_while_a_worker_claims(self: Erasure, *a: object, **kw: object) -> object:
+        worker = JobQueue(tmp_path, worker="worker-1 pid 1")
+        claimed.append(worker.claim())
+        worker.close()
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Erasure, "erase", erase_while_a_worker_claims)
+    settings = load_settings(None, overrides={"data_dir": str(tmp_path)}, env={})
+    args = argparse.Namespace(patient_id="CLAIM-1", issuer=None, by="dpo", reason="r", json=True)
+    assert cmd_forget(args, settings) == 0
+    assert claimed == [None]
+    assert _bytes_everywhere(tmp_path, key.encode()) == []
