@@ -826,7 +826,7 @@ class Settings:
         shown='"forever"',
         check=Check(expected='a number of days >= 0 or "forever"',
                     test=lambda v: v is None or 0 <= v <= 36500),
-        doc="Days the results (SEG, SR, overlay files) are kept once their series is settled; "
+        doc="Days the results (SEG, SR, RTSTRUCT, overlay files) are kept once their series is settled; "
             '"forever" (the default) keeps them. Their measurements stay in the twin.')
     revoke_grace_days: float = _setting(
         30.0, read=_to_float, read_as="a number of days",

@@ -576,6 +576,59 @@ def test_forget_leaves_no_mpps_of_the_patient(tmp_path: Path) -> None:
     assert _bytes_everywhere(tmp_path, step.encode()) == []
 
 
+def test_forget_leaves_no_mpps_step_of_the_patient_that_lists_none_of_its_series(
+        tmp_path: Path) -> None:
+    """A step still IN PROGRESS (no Performed Series yet), or one whose series never
+    came, carries the patient's ID and name in its N-CREATE queued for the PACS, or names
+    the patient's study: forgetting the patient removes it too; another patient's queued
+    message stays."""
+    from pynetdicom.dsutils import encode
+
+    from dicom_node.queue.jobs import connect_queue
+    from dicom_node.queue.mpps import MppsSteps, read_create
+    from test_retention import _bytes_everywhere, _cli, _series
+    from twin_archive import Archive
+
+    pid, name = "MPPS-FORGET-82", "Mppsforget^Nora"
+    with Archive(tmp_path) as archive:
+        study, _ = _series(archive, pid, name=name)
+        _series(archive, "MPPS-KEEP-2")
+
+    def create(patient_id: str, patient_name: str, study_uid: str) -> Dataset:
+        ds = Dataset()
+        ds.PatientName, ds.PatientID = patient_name, patient_id
+        ds.PerformedProcedureStepStatus = "IN PROGRESS"
+        item = Dataset()
+        item.StudyInstanceUID = study_uid
+        ds.ScheduledStepAttributesSequence = DicomSequence([item])
+        return ds
+
+    db = connect_queue(tmp_path)
+    forwarded = MppsSteps(db, forward_to="PACS@127.0.0.1:1")
+    unsent = create(pid, name, generate_uid())  # a study the node has not received yet
+    in_progress = generate_uid()
+    forwarded.create(in_progress, read_create(unsent), calling_ae="CT1",
+                     raw=encode(unsent, False, True))
+    kept = create("MPPS-KEEP-2", "Keep^Me", generate_uid())
+    other = generate_uid()
+    forwarded.create(other, read_create(kept), calling_ae="CT1", raw=encode(kept, False, True))
+    of_study = generate_uid()  # not forwarded: only the study names the patient
+    MppsSteps(db).create(of_study, read_create(create(pid, name, study)), calling_ae="CT2")
+    db.conn.close()
+    out = _cli(tmp_path, "twin", "forget", pid, "--by", "dpo", "--reason", "request 45")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _bytes_everywhere(tmp_path, pid.encode()) == []
+    assert _bytes_everywhere(tmp_path, b"Mppsforget") == []
+    assert _bytes_everywhere(tmp_path, in_progress.encode()) == []
+    assert _bytes_everywhere(tmp_path, of_study.encode()) == []
+    conn = sqlite3.connect(f"file:{tmp_path / 'queue.sqlite'}?mode=ro", uri=True)
+    try:
+        assert conn.execute("SELECT step_uid, state FROM mpps_forwards").fetchall() == [
+            (other, "queued")]
+    finally:
+        conn.close()
+
+
 def small_ct_ref(sop_class: str) -> Dataset:
     """A stand-in instance for :func:`performed` (its SOP class and a new SOP Instance UID)."""
     ds = Dataset()

@@ -146,11 +146,16 @@ def test_results_follow_result_retention_and_labels_follow_their_source(tmp_path
     with ResultStore(tmp_path) as results:
         seg = small_ct(patient_id="NON-4", study_uid=study)
         seg.SeriesInstanceUID = "1.2.826.0.1.3680043.10.999.1"
-        results.record(job_key=f"{s1}@x/spleen-ct", patient_key=key, study_uid=study,
-                       source_series_uid=s1, source_last_received="x", source_instances=3,
-                       task="spleen-ct", model_name="m", model_version="1", backend="cpu",
-                       segments=[SegmentMeasure(name="Spleen", volume_ml=1.0)], timings={},
-                       objects=[("seg", seg)])
+        result = results.record(
+            job_key=f"{s1}@x/spleen-ct", patient_key=key, study_uid=study,
+            source_series_uid=s1, source_last_received="x", source_instances=3,
+            task="spleen-ct", model_name="m", model_version="1", backend="cpu",
+            segments=[SegmentMeasure(name="Spleen", volume_ml=1.0)], timings={},
+            objects=[("seg", seg)])
+        rtstruct = small_ct(patient_id="NON-4", study_uid=study)  # added after, as the worker does
+        rtstruct.SeriesInstanceUID = "1.2.826.0.1.3680043.10.999.2"
+        result = results.add_objects(result.id, [("rtstruct", rtstruct)], timings={})
+        assert sorted(o.kind for o in result.objects) == ["rtstruct", "seg"]
     with LabelStore(tmp_path) as labels:
         labels.add_file(series_uid=s1, data=b"\x00" * 64, segments=("Spleen",), by="rad",
                            suffix=".nii")
@@ -162,7 +167,7 @@ def test_results_follow_result_retention_and_labels_follow_their_source(tmp_path
         assert store.usage().labels == 0
         assert store.usage().results > 0
         items = store.plan(RetentionPolicy(retention_days=0, result_retention_days=0), settled)
-        assert [i.kind for i in items] == ["results"]
+        assert [i.kind for i in items] == ["results"] and items[0].files == 2  # SEG, RTSTRUCT
         store.prune(items)
         assert store.usage().results == 0
     assert not list((tmp_path / "labels").rglob("*.nii"))
@@ -440,3 +445,105 @@ def test_an_association_that_waited_for_another_prune_does_not_prune_again(
     caplog.set_level("INFO", logger="dicom_node.runtime.retention")
     assert guard.make_room(1) is True
     assert "archive prune" not in caplog.text and not (tmp_path / "retention-outlook.json").exists()
+
+
+def test_forget_leaves_no_retrieved_prior_and_no_send_of_a_prior_result(tmp_path: Path) -> None:
+    """A prior retrieved from the PACS is recorded in ``retrieved_series`` (with the twin
+    key), also before any of it arrived; its result may be queued for a destination
+    (``send_prior_results``) before the series' own job exists. Forgetting the twin
+    removes both: no row of the index or the queue names it afterwards."""
+    from dicom_node.queue.sender import Sender
+    from dicom_node.settings import Destination
+    from twin_archive.history import HistoryStore
+
+    pid = "PRIOR-FORGET-5"
+    with Archive(tmp_path) as archive:
+        study, s1 = _series(archive, pid)
+        prior_study, prior = _series(archive, pid)
+        _series(archive, "PRIOR-KEEP-1")
+        key = archive.twins.find_twin_keys(pid)[0]
+    with HistoryStore(tmp_path) as history:
+        assert history.mark_retrieved([prior], source="PACS", for_study_uid=study) == 1
+        history.expect_retrieved(series_uid="1.2.826.0.1.3680043.8.498.4711",
+                                 study_uid=prior_study, patient_key=key, source="PACS",
+                                 for_study_uid=study)  # asked for, never came
+    with ResultStore(tmp_path) as results:
+        result = results.record(
+            job_key=f"{prior}@x/spleen-ct", patient_key=key, study_uid=prior_study,
+            source_series_uid=prior, source_last_received="x", source_instances=3,
+            task="spleen-ct", model_name="m", model_version="1", backend="cpu",
+            segments=[SegmentMeasure(name="Spleen", volume_ml=1.0)], timings={},
+            objects=[("seg", small_ct(patient_id=pid, study_uid=prior_study))])
+    dest = Destination(ae_title="PACS", host="127.0.0.1", port=1, send=("seg",))
+    sender = Sender(tmp_path, ae_title="NODE", destinations=[dest])
+    assert sender.enqueue(result, [dest]) == 1  # no job row names this result
+    sender.close()
+    out = _cli(tmp_path, "twin", "forget", pid, "--by", "dpo", "--reason", "request 44")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert _bytes_everywhere(tmp_path, key.encode()) == []
+    assert _bytes_everywhere(tmp_path, prior.encode()) == []
+    assert _bytes_everywhere(tmp_path, b"1.2.826.0.1.3680043.8.498.4711") == []
+
+
+def test_a_reopened_series_is_not_settled_while_its_earlier_results_sends_are_open(
+        tmp_path: Path) -> None:
+    """A series completed early and re-opened by a late instance has two jobs: the first
+    one's result may still be queued for the PACS when the second is done. The series is
+    settled only once those sends are settled too (result retention would remove the
+    files they send)."""
+    with Archive(tmp_path) as archive:
+        _, s1 = _series(archive, "REOPEN-1")
+        key = archive.twins.find_twin_keys("REOPEN-1")[0]
+        _settle_in_queue(tmp_path, archive, s1, key)  # the second job, done, nothing to send
+    queue = JobQueue(tmp_path)
+    first = queue.enqueue(series_uid=s1, study_uid="1.2", patient_key=key, task="spleen-ct",
+                          series_last_received="2000-01-01T00:00:00+00:00", instances=2)
+    assert first is not None
+    now = iso(utc_now())
+    with queue.conn:
+        queue.conn.execute("UPDATE jobs SET state = ?, finished_at = ?, result_id = 7 WHERE id = ?",
+                           (JobState.DONE.value, now, first.id))
+        queue.conn.execute(
+            "INSERT INTO sends (result_id, kind, destination, ae_title, host, port, path,"
+            " sop_class_uid, sop_instance_uid, transfer_syntax_uid, state, enqueued_at,"
+            " next_attempt_at) VALUES (7, 'seg', 'P@h:1', 'P', 'h', 1, 'r/x.dcm', '1.2', '1.2.9',"
+            " '1.2.840.10008.1.2.1', 'queued', ?, ?)", (now, now))
+    assert shell_retention.settled_series(tmp_path) == []  # the PACS was down
+    with queue.conn:
+        queue.conn.execute("UPDATE sends SET state = 'sent', sent_at = ?", (now,))
+    assert [s.series_uid for s in shell_retention.settled_series(tmp_path)] == [s1]
+    queue.close()
+
+
+def test_a_job_queued_for_the_patient_is_not_claimed_while_it_is_erased(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node runs on while ``twin forget`` removes the files: a job of the patient
+    still queued (a retry, one waiting for disk space) must not be claimed by a worker
+    in the meantime (it would run on an erased series, and its row, left running, would
+    keep the twin key in the queue)."""
+    import argparse
+
+    from dicom_node.cli.retention import cmd_forget
+
+    with Archive(tmp_path) as archive:
+        _, s1 = _series(archive, "CLAIM-1")
+        key = archive.twins.find_twin_keys("CLAIM-1")[0]
+    queue = JobQueue(tmp_path)
+    assert queue.enqueue(series_uid=s1, study_uid="1.2", patient_key=key, task="spleen-ct",
+                         series_last_received="x", instances=3) is not None
+    queue.close()
+    claimed = []
+    real = Erasure.erase
+
+    def erase_while_a_worker_claims(self: Erasure, *a: object, **kw: object) -> object:
+        worker = JobQueue(tmp_path, worker="worker-1 pid 1")
+        claimed.append(worker.claim())
+        worker.close()
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Erasure, "erase", erase_while_a_worker_claims)
+    settings = load_settings(None, overrides={"data_dir": str(tmp_path)}, env={})
+    args = argparse.Namespace(patient_id="CLAIM-1", issuer=None, by="dpo", reason="r", json=True)
+    assert cmd_forget(args, settings) == 0
+    assert claimed == [None]
+    assert _bytes_everywhere(tmp_path, key.encode()) == []

@@ -2,8 +2,8 @@
 
 :meth:`Erasure.erase` removes a twin's images, results, labels and shadow results and
 every row of the index that names the twin (twin, studies, series, instances, consent
-events, results, labels, training-use records, figures, merges, holds, earlier prune
-records), then truncates the index's WAL. Connections run with ``secure_delete``
+events, results, labels, training-use records, figures, merges, holds, series retrieved
+as priors, earlier prune records), then truncates the index's WAL. Connections run with ``secure_delete``
 (:func:`dicom_node.foundation.database.connect`), so deleted rows are overwritten with zeros, not
 left in free pages. Afterwards no file of the archive names the patient; the caller
 scrubs the queues and the export mappings, and records the erasure in the audit log
@@ -53,6 +53,8 @@ class ErasureReport:
     quarantined_files: int
     model_versions: tuple[str, ...]  # trained with the twin's data
     series_uids: tuple[str, ...]  # for the caller's queue scrub; never printed
+    study_uids: tuple[str, ...] = ()  # as series_uids
+    result_ids: tuple[int, ...] = ()  # as series_uids (sends of its results)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (``twin forget --json``); no UIDs."""
@@ -65,7 +67,7 @@ class ErasureReport:
 #: Tables whose rows name a twin by ``patient_key``: those deleted before its results
 #: (they may reference them), and those after.
 _BEFORE_RESULTS = ("training_use", "shadow_results", "labels")
-_AFTER_RESULTS = ("instances", "consent_events", "holds", "pruned_files")
+_AFTER_RESULTS = ("instances", "consent_events", "holds", "retrieved_series", "pruned_files")
 
 
 class Erasure(Retention):
@@ -110,7 +112,9 @@ class Erasure(Retention):
                              bytes=sum(size for _, size in files),
                              quarantined_files=quarantined,
                              model_versions=tuple(facts["versions"]),
-                             series_uids=tuple(facts["series"]))
+                             series_uids=tuple(facts["series"]),
+                             study_uids=tuple(facts["studies"]),
+                             result_ids=tuple(facts["results"]))
 
     def _remove_folders(self, keys: list[str]) -> None:
         """The twin's folders, once their files are gone (empty folders named by its key)."""
@@ -135,7 +139,10 @@ def _facts(conn: sqlite3.Connection, key: str) -> dict[str, Any]:
     versions = [r[0] for r in conn.execute(
         f"SELECT DISTINCT model_version FROM training_use WHERE patient_key IN ({marks})"  # noqa: S608
         " ORDER BY model_version", keys)]
-    return {"keys": keys, "studies": studies, "series": series, "versions": versions}
+    results = [r[0] for r in conn.execute(
+        f"SELECT id FROM ai_results WHERE patient_key IN ({marks})", keys)]  # noqa: S608
+    return {"keys": keys, "studies": studies, "series": series, "versions": versions,
+            "results": results}
 
 
 def _files(conn: sqlite3.Connection, keys: list[str]) -> list[tuple[str, int]]:

@@ -14,7 +14,7 @@ The rules (:class:`RetentionPolicy`), per settled series of a patient:
   longest of its tasks' overrides); after a revoke, not before ``revoke_grace_days``
   have passed since the revoke. The radiologist's labels of the series (the label file
   and the SEG it came in) go with them;
-* results (SEG, SR, overlay files) go ``result_retention_days`` after the series
+* results (SEG, SR, RTSTRUCT, overlay files) go ``result_retention_days`` after the series
   settled; ``None`` keeps them (the default). The result's row (volumes, model) stays.
 
 Under disk pressure (:meth:`Retention.plan` with ``pressure=True``) the days of
@@ -81,7 +81,7 @@ class RetentionPolicy:
     retention_days : float
         Source images of non-donors, counted from the moment their series settled.
     result_retention_days : float or None
-        Results (SEG, SR, overlay files); ``None`` keeps them.
+        Results (SEG, SR, RTSTRUCT, overlay files); ``None`` keeps them.
     revoke_grace_days : float
         After a donor revokes, the images stay at least this long from the revoke.
     task_retention_days, task_result_retention_days : mapping of str to float

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.runtime import retention
 from dicom_node.foundation.errors import DicomNodeError
@@ -17,6 +17,9 @@ from dicom_node.settings import Settings
 from twin_archive import audit, printable
 from twin_archive.erasure import Erasure
 from twin_archive.retention import Retention
+
+if TYPE_CHECKING:
+    from dicom_node.queue.jobs import JobQueue
 
 
 class ErasureRefusedError(DicomNodeError):
@@ -127,6 +130,14 @@ def cmd_release(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _refuse_if_running(queue: JobQueue, key: str) -> None:
+    running = queue.running_for_patient([key])
+    if running:
+        raise ErasureRefusedError(
+            f"twin forget: job {running[0].id} of this patient is running ({running[0].worker});"
+            " wait for it to finish (dicom-node jobs) and run the command again")
+
+
 def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
     from dicom_node.queue.jobs import JobQueue
 
@@ -138,14 +149,16 @@ def cmd_forget(args: argparse.Namespace, settings: Settings) -> int:
                                   f"({hold['reason']}); release it first")
     queue = JobQueue(settings.data_dir)
     try:
-        running = queue.running_for_patient([key])
-        if running:
-            raise ErasureRefusedError(
-                f"twin forget: job {running[0].id} of this patient is running ({running[0].worker});"
-                " wait for it to finish (dicom-node jobs) and run the command again")
+        _refuse_if_running(queue, key)
+        # Its queued jobs go first, so that no worker of the running node claims one
+        # while the files are removed; a claim in between is refused as above.
+        queued_rows = queue.erase_patient([key], ())
+        _refuse_if_running(queue, key)
         with Erasure(settings.data_dir) as erasure:
             report = erasure.erase(key, patient_id=args.patient_id)
-        queue_rows = queue.erase_patient([key], list(report.series_uids))
+        queue_rows = queue.erase_patient([key], report.series_uids, study_uids=report.study_uids,
+                                         result_ids=report.result_ids,
+                                         patient_id=args.patient_id) + queued_rows
     finally:
         queue.close()
     from registry.store import Registry

@@ -37,8 +37,10 @@ import contextlib
 import enum
 import logging
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from io import BytesIO
 from pathlib import Path
 
 import sqlite_utils
@@ -190,17 +192,44 @@ def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_ut
     return db
 
 
-def _erase_series_completeness(conn: sqlite3.Connection, series_uid: str) -> int:
-    """Delete what completeness keeps of a series: its learned size, and every MPPS step
-    that lists it, with the step's messages queued or sent to the PACS (they carry the
-    patient's name and ID). Inside the erasure's transaction; returns the rows deleted."""
-    steps = [r[0] for r in conn.execute("SELECT DISTINCT step_uid FROM mpps_series"
-                                        " WHERE series_uid = ?", (series_uid,))]
-    n = conn.execute("DELETE FROM series_sizes WHERE series_uid = ?", (series_uid,)).rowcount
+def _erase_completeness(conn: sqlite3.Connection, series_uids: Sequence[str],
+                       study_uids: Sequence[str], patient_id: str) -> int:
+    """Delete what completeness keeps of a patient: the learned sizes of its series, and
+    every MPPS step that lists one of them, names one of its studies, or whose message
+    still queued for the PACS carries its Patient ID (a step IN PROGRESS lists no series
+    yet), with the step's messages queued or sent (they carry the patient's name and
+    ID). Inside the erasure's transaction; returns the rows deleted."""
+    steps: set[str] = set()
+    n = 0
+    for uid in series_uids:
+        steps.update(r[0] for r in conn.execute(
+            "SELECT step_uid FROM mpps_series WHERE series_uid = ?", (uid,)))
+        n += conn.execute("DELETE FROM series_sizes WHERE series_uid = ?", (uid,)).rowcount
+    for uid in study_uids:
+        steps.update(r[0] for r in conn.execute(
+            "SELECT step_uid FROM mpps_steps WHERE study_uid = ?", (uid,)))
+    if patient_id:
+        for step, raw in conn.execute("SELECT step_uid, dataset FROM mpps_forwards"
+                                      " WHERE length(dataset) > 0"):
+            if _names_patient(raw, patient_id):
+                steps.add(step)
     for step in steps:
         for table in ("mpps_forwards", "mpps_instances", "mpps_series", "mpps_steps"):
             n += conn.execute(f"DELETE FROM {table} WHERE step_uid = ?", (step,)).rowcount  # noqa: S608
     return n
+
+
+def _names_patient(raw: bytes, patient_id: str) -> bool:
+    """Whether an MPPS message kept for the PACS (explicit VR little endian, as
+    :mod:`dicom_node.queue.mpps_handlers` encodes it and :mod:`~dicom_node.queue.mpps_forward`
+    reads it) has this Patient ID; one that cannot be read counts when its bytes hold the ID."""
+    from pynetdicom.dsutils import decode
+
+    try:
+        return str(decode(BytesIO(raw), False, True).get("PatientID", "") or "").strip() \
+            == patient_id
+    except Exception:  # noqa: BLE001 - unreadable: judged by its bytes
+        return patient_id.encode("utf-8", "surrogateescape") in raw
 
 
 # ----------------------------------------------------------------------- settled
@@ -208,14 +237,18 @@ _SETTLED_SQL = """
 SELECT m.series_uid, m.last_received, m.decision, m.decided_at,
        COUNT(DISTINCT j.id) AS n, MAX(j.state NOT IN ('done', 'failed')) AS open,
        MAX(j.finished_at) AS finished, group_concat(DISTINCT j.task) AS tasks,
-       MAX(s.state = 'queued' OR s.confirm_by IS NOT NULL) AS open_sends,
-       MAX(COALESCE(s.confirmed_at, s.sent_at, s.next_attempt_at)) AS sends_settled
+       (SELECT MAX(s.state = 'queued' OR s.confirm_by IS NOT NULL) FROM jobs a
+        JOIN sends s ON s.result_id = a.result_id WHERE a.series_uid = m.series_uid) AS open_sends,
+       (SELECT MAX(COALESCE(s.confirmed_at, s.sent_at, s.next_attempt_at)) FROM jobs a
+        JOIN sends s ON s.result_id = a.result_id WHERE a.series_uid = m.series_uid)
+         AS sends_settled
 FROM monitored_series m
 LEFT JOIN jobs j ON j.series_uid = m.series_uid AND j.series_last_received = m.last_received
-LEFT JOIN sends s ON s.result_id = j.result_id
 WHERE m.decision IN ('queued', 'ignored', 'no-pipeline')
 GROUP BY m.series_uid
 """
+# The sends are those of every job of the series, also of its earlier states (a series
+# re-opened by a late instance): result retention removes the files they send.
 
 
 def settled_series(data_dir: Path | str) -> list[SettledSeries]:
@@ -223,7 +256,8 @@ def settled_series(data_dir: Path | str) -> list[SettledSeries]:
 
     The monitor decided on the series as it now stands, and either it needed no job
     (``ignored``, ``no-pipeline``) or every job of that state is ``done`` or ``failed``
-    and every send of their results ``sent`` (and not waiting for its confirmation),
+    and every send of the results of the series (of earlier states too) ``sent`` (and
+    not waiting for its confirmation),
     ``confirmed``, ``failed`` (given up) or ``held``; settled
     at the latest of the decision, the jobs' end and the sends' last attempt
     (retention counts from there, :mod:`dicom_node.runtime.retention`).
@@ -234,8 +268,10 @@ def settled_series(data_dir: Path | str) -> list[SettledSeries]:
     out = []
     with contextlib.closing(conn):
         for r in conn.execute(_SETTLED_SQL):
+            if r["open_sends"]:
+                continue
             if r["decision"] == "queued":
-                if not r["n"] or r["open"] or r["open_sends"]:
+                if not r["n"] or r["open"]:
                     continue
                 at = max(x for x in (r["decided_at"], r["finished"], r["sends_settled"]) if x)
                 tasks = tuple(sorted((r["tasks"] or "").split(","))) if r["tasks"] else ()
@@ -536,11 +572,15 @@ class JobQueue(DurableQueue):
                 (JobState.RUNNING.value, *patient_keys)).fetchall()
         return [Job.from_row(r) for r in rows]
 
-    def erase_patient(self, patient_keys: list[str], series_uids: list[str]) -> int:
+    def erase_patient(self, patient_keys: list[str], series_uids: Sequence[str], *,
+                      study_uids: Sequence[str] = (), result_ids: Sequence[int] = (),
+                      patient_id: str = "") -> int:
         """Delete every row naming these twins (their jobs, the sends of their results,
-        the monitor's decisions on their series) in one transaction, then truncate the
-        WAL (twin erasure); return how many rows went. Running jobs are not touched:
-        the caller refuses while there are any (:meth:`running_for_patient`)."""
+        the monitor's decisions on their series, what completeness keeps of them: see
+        :func:`_erase_completeness`) in one transaction, then truncate the WAL (twin
+        erasure); return how many rows went. ``result_ids`` are the twins' results (a
+        prior's result may be queued before its series has a job). Running jobs are not
+        touched: the caller refuses while there are any (:meth:`running_for_patient`)."""
         from dicom_node.foundation.database import checkpoint_truncate
 
         marks = ",".join("?" * len(patient_keys))
@@ -551,13 +591,17 @@ class JobQueue(DurableQueue):
                     "DELETE FROM sends WHERE result_id IN (SELECT result_id FROM jobs WHERE"
                     f" patient_key IN ({marks}) AND result_id IS NOT NULL)",  # noqa: S608
                     patient_keys).rowcount
+                for rid in result_ids:
+                    n += conn.execute("DELETE FROM sends WHERE result_id = ?", (rid,)).rowcount
                 n += conn.execute(f"DELETE FROM jobs WHERE patient_key IN ({marks})"  # noqa: S608
                                   " AND state <> ?", (*patient_keys, JobState.RUNNING.value)).rowcount
                 for uid in series_uids:
                     n += conn.execute("DELETE FROM monitored_series WHERE series_uid = ?",
                                       (uid,)).rowcount
-                    n += _erase_series_completeness(conn, uid)
-            checkpoint_truncate(self.db)
+                n += _erase_completeness(conn, series_uids, study_uids, patient_id)
+            if not checkpoint_truncate(self.db):
+                LOG.warning("job queue: the WAL could not be truncated after the erasure (a "
+                            "reader kept it busy); it is at the next checkpoint")
         return n
 
     def wait_for_space(self, job_id: int, reason: str, *,
