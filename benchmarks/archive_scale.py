@@ -93,8 +93,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage  
 from benchmarks.ingest import (  # noqa: E402
     _kill_children, _on_signal, _spawn, _stop, _wait_port, send, vm_hwm_kib,
 )
-from dicom_node.foundation.database import connect, write  # noqa: E402
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import connect, write  # noqa: E402
 from dicom_node.queue.jobs import connect_queue  # noqa: E402
 from dicom_node.runtime.retention import OUTLOOK_FILE  # noqa: E402
 from orthanc.server import free_ports  # noqa: E402

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import logging
 
-from dicom_node.foundation.database import checkpoint_truncate
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import checkpoint_truncate
 from registry.errors import StatusError
 from registry.records import AuditAction, Metrics, ModelStatus, ModelVersion, ScannerScope
 from registry.rows import insert_row

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from dicom_node.foundation.database import connect, migrate, write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import connect, migrate, write
 
 
 def _db(tmp_path: Path, name: str = "x.sqlite") -> sqlite_utils.Database:

@@ -45,9 +45,8 @@ from typing import Any
 
 import sqlite_utils
 
-from dicom_node.foundation.database import Migration, connect, migrate, write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import Migration, connect, migrate, write
 
 LOG = logging.getLogger(__name__)
 

@@ -32,9 +32,8 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.foundation.database import checkpoint_truncate, write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import checkpoint_truncate, write
 from twin_archive.layout import ARCHIVE_DIR, QUARANTINE_DIR
 from twin_archive.retention import PatientHeldError, Retention
 

@@ -27,9 +27,8 @@ from typing import Any
 
 import sqlite_utils
 
-from dicom_node.foundation.database import write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from twin_archive import reconcile
 from dicom_node.foundation.durable import fsync_dir, write_durably
 from twin_archive.errors import ArchiveError, InvalidInstanceError, OutOfResourcesError

@@ -48,9 +48,8 @@ from typing import Any
 
 import sqlite_utils
 
-from dicom_node.foundation.database import write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from dicom_node.foundation.durable import write_durably
 from twin_archive.errors import ArchiveError
 from twin_archive.schema import IndexStore, fetch_dicts

@@ -23,9 +23,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_node.foundation.database import write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from twin_archive.results import ResultStore
 from twin_archive.schema import IndexStore, fetch_dicts
 

@@ -29,9 +29,8 @@ import pydicom
 import sqlite_utils
 from pydicom.dataset import Dataset
 
-from dicom_node.foundation.database import write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from dicom_node.foundation.durable import fsync_dir, write_durably
 from twin_archive.schema import IndexStore, fetch_dicts
 from twin_archive.uids import path_component, uid_problem

@@ -41,9 +41,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from dicom_node.foundation.database import write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from dicom_node.foundation.durable import fsync_dir
 from twin_archive.errors import ArchiveError
 from twin_archive.schema import IndexStore, fetch_dicts

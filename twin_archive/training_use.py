@@ -16,9 +16,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from dicom_node.foundation.database import connect, write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import connect, write
 from twin_archive.layout import INDEX_NAME
 
 SPLITS = ("train", "validation")

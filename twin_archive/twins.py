@@ -18,9 +18,8 @@ from typing import Any
 
 import sqlite_utils
 
-from dicom_node.foundation.database import write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from twin_archive.errors import TwinNotFoundError
 from twin_archive.labels import twin_labels
 from twin_archive.records import (

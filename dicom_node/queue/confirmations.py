@@ -23,9 +23,8 @@ from datetime import timedelta
 
 import sqlite_utils
 
-from dicom_node.foundation.database import write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 
 LOG = logging.getLogger(__name__)
 

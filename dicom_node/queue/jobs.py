@@ -45,9 +45,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from dicom_node.foundation.database import Migration, connect, migrate, open_existing, write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import Migration, connect, migrate, open_existing, write
 from dicom_node.queue.durable_queue import DurableQueue
 from twin_archive.retention import SettledSeries
 

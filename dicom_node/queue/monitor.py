@@ -56,8 +56,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.queue.completeness import BY_MPPS, BY_QUIET, Completeness, SeriesShape, shape_of
-from dicom_node.foundation.database import write
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from dicom_node.foundation.errors import DicomNodeError
 from dicom_node.foundation.faults import StateLog
 from dicom_node.queue.jobs import JobQueue, connect_queue

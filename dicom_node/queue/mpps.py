@@ -24,8 +24,8 @@ import sqlite_utils
 from pydicom.dataset import Dataset
 
 from dicom_node.wire import statuses
-from dicom_node.foundation.database import write
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from dicom_node.foundation.errors import DicomNodeError
 
 LOG = logging.getLogger(__name__)

@@ -26,9 +26,8 @@ from pynetdicom import AE
 from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
-from dicom_node.foundation.database import write
-
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from dicom_node.queue.jobs import connect_queue
 from dicom_node.settings import parse_destination
 from dicom_node.wire.statuses import SUCCESS, is_warning

@@ -45,8 +45,8 @@ from pynetdicom.presentation import PresentationContext
 from dicom_node.queue import commitment, web_sender
 from dicom_node.queue.commitment import ReportInbox
 from dicom_node.queue.confirmations import ConfirmationLedger
-from dicom_node.foundation.database import write
 from dicom_node.foundation.clock import iso, utc_now
+from dicom_node.foundation.database import write
 from dicom_node.foundation.faults import StateLog
 from dicom_node.queue.durable_queue import DurableQueue
 from dicom_node.queue.jobs import connect_queue, open_queue_readonly
