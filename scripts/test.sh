@@ -3,7 +3,8 @@
 #
 # The tests run in TEST_WORKERS pytest-xdist processes (default 3; 0 runs them in this
 # process), one test module per process at a time (--dist loadfile: a module's shared
-# node, Orthanc or model is started once). More processes than the 2 cores of the
+# node, Orthanc or model is started once), the longest modules first (tests/conftest.py;
+# --no-loadscope-reorder keeps that order). More processes than the 2 cores of the
 # reference machine pay: most tests spend most of their time waiting for a node, an
 # Orthanc or a timeout. Extra arguments go to pytest (e.g. -m "not slow").
 set -euo pipefail
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 workers=${TEST_WORKERS:-3}
 parallel=()
-[ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadfile)
+[ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 start=$SECONDS
 status=0
 .venv/bin/python -m pytest "${parallel[@]}" --durations=15 "$@" || status=$?

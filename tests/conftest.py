@@ -20,21 +20,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("fast_receive", [True, False], ids=["fast", "plain"])
 
 
+#: Each module's seconds in a whole run (``tests/module_seconds.txt``, refreshed by
+#: ``tests/module_seconds.py`` from a JUnit report); a module not listed counts 0.
+MODULE_SECONDS = {line.split()[1]: float(line.split()[0])
+                  for line in (Path(__file__).with_name("module_seconds.txt")).read_text().splitlines()
+                  if line.strip() and not line.startswith("#")}
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with a ``slow`` or ``viewer`` test first, then those that start Orthanc,
-    then the rest, each module's tests in their order: with several worker processes
-    (``scripts/test.sh``) the long modules start early rather than end the run alone."""
-    rank: dict[str, int] = {}
-    for item in items:
-        weight = 2 if item.get_closest_marker("slow") or item.get_closest_marker("viewer") else \
-            1 if item.get_closest_marker("orthanc") else 0
-        rank[item.nodeid.split("::")[0]] = max(weight, rank.get(item.nodeid.split("::")[0], 0))
-    first = {}
+    """The longest modules first (``MODULE_SECONDS``), each module's tests in their order:
+    with several worker processes (``scripts/test.sh``, which keeps this order with
+    ``--no-loadscope-reorder``) a long module started last would end the run alone."""
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+    first: dict[str, int] = {}
     for i, item in enumerate(items):
-        first.setdefault(item.nodeid.split("::")[0], i)
+        first.setdefault(module(item), i)
     position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda it: (-rank[it.nodeid.split("::")[0]], first[it.nodeid.split("::")[0]],
+    items.sort(key=lambda it: (-MODULE_SECONDS.get(module(it), 0.0), first[module(it)],
                                position[id(it)]))
 
 

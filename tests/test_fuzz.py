@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import fuzz  # noqa: E402
 
-FUZZ_SECONDS = 30
+FUZZ_SECONDS = 20
 REGRESSIONS = Path(__file__).parent / "fuzz_regressions"
 
 
