@@ -78,6 +78,7 @@ class TritonServer:
         self.url = f"127.0.0.1:{self.port}"
         self.log = workdir / "tritonserver.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.shm_prefix = f"dicom_node_test_{os.getpid()}_{self.port}_"
 
     def start(self, *, wait: bool = True, timeout: float = 180.0) -> None:
         """Start the server; with ``wait``, until every model is ready."""
@@ -88,7 +89,9 @@ class TritonServer:
                *[f"--load-model={m}" for m in self.models],
                "--allow-http=false", "--allow-metrics=false", "--allow-gpu-metrics=false",
                "--grpc-address=127.0.0.1", f"--grpc-port={self.port}",
-               "--exit-timeout-secs=5", "--log-verbose=0"]
+               "--exit-timeout-secs=5", "--log-verbose=0",
+               # its own shared-memory names, removed by stop(): a SIGKILLed server leaves them
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -129,6 +132,8 @@ class TritonServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
         self.proc = None
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
     def __enter__(self) -> TritonServer:
         self.start()
