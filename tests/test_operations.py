@@ -288,10 +288,27 @@ def test_tls_trusted_client_stores_untrusted_is_refused_and_sender_uses_tls(tmp_
             sent = audit.entries(event_type="results-sent")
         assert len(sent) == 1 and sent[0].detail["tls"] is True and sent[0].what == dest
         assert ds.SOPInstanceUID in {r["sop_instance_uid"] for r in stored_rows(node.data_dir)}
+
+        # Two peers connect and say nothing: the handshake waits in their own threads, so a
+        # trusted client is served at once, while both are still connected (with the
+        # handshake in the accept loop it waited their 10 s handshake timeouts, one by one).
+        silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
+        try:
+            time.sleep(0.3)  # both accepted
+            assert _tls_send(node.port, pki.client_cert, pki.client_key, pki.ca) == [0]
+            for peer in silent:  # not closed by a handshake timeout yet
+                peer.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    peer.recv(1, socket.MSG_PEEK)
+        finally:
+            for peer in silent:
+                peer.close()
+        wait_until("the silent peers' handshakes to be refused",
+                   lambda: node.log().count("TLS connection REFUSED") >= 5, timeout=20)
     finally:
         assert node.stop() == 0
     events = _audit(node)
     accepted = [e for e in events if e["event_type"] == "association-accepted"]
-    assert len(accepted) == 2 and all(e["detail"]["tls"] for e in accepted)
+    assert len(accepted) == 3 and all(e["detail"]["tls"] for e in accepted)
     refused = [e for e in events if e["event_type"] == "association-refused"]
-    assert len(refused) == 3 and all("TLS handshake failed" in e["detail"]["reason"] for e in refused)
+    assert len(refused) == 5 and all("TLS handshake failed" in e["detail"]["reason"] for e in refused)

@@ -12,6 +12,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.wire import bounded_wire
 from dicom_node.wire.handlers.admission import Admission
+from dicom_node.wire.tls import finish_handshake
 
 
 #: How long a process waits per association it serves before accepting another.
@@ -44,6 +45,12 @@ class GuardedServer(ThreadedAssociationServer):
             guarded.close()
             raise ConnectionRefusedError(f"connection from {host} refused: lock-out")
         return guarded, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The TLS handshake here, in the connection's thread, not in the accept loop."""
+        if not finish_handshake(request):
+            return
+        super().process_request_thread(request, client_address)
 
 
 class SharedSocketServer(GuardedServer):
