@@ -329,3 +329,27 @@ def test_destinations_that_agree_get_one_seg_and_one_sr(two_pacs, tmp_path: Path
     got = [_received(o, str(study[0].StudyInstanceUID)) for o in two_pacs]
     assert [[d.SOPInstanceUID for d in g["seg"] + g["sr"]] for g in got] == [
         [o.sop_instance_uid for o in result.objects if o.kind in ("seg", "sr")]] * 2
+
+
+def test_the_sr_of_each_type_references_the_prior_seg_and_earlier_sr_of_its_type(
+        tmp_path: Path, phantom) -> None:
+    """With a prior result that has a SEG of each type, the SR of each type references
+    the prior's SEG of that type (the one its destinations received); the earlier SRs
+    it supersedes are those of its type, or all when none is."""
+    import datetime as dt
+
+    from dicom_node.runtime.prior_results import PriorLookup, as_prior_result
+    from dicom_node.runtime.worker import _of_type
+    from twin_archive.history import PriorRecord
+
+    pairs, result = _record_two_types(tmp_path, phantom)
+    record = PriorRecord(result=result, study_date=dt.date(2025, 12, 3))
+    lookup = PriorLookup(prior=as_prior_result(record), note="", seconds=0.0, record=record)
+    assert lookup.prior is not None and lookup.prior.seg.SOPClassUID == BINARY_SEG  # the first
+    for seg_type, pair in zip(("binary", "labelmap"), pairs, strict=True):
+        prior = lookup.for_seg_type(seg_type)
+        assert prior is not None and prior.seg.SOPInstanceUID == pair.seg.SOPInstanceUID
+    binary_sr, labelmap_sr = (p.sr for p in pairs)
+    earlier = [("binary", binary_sr), ("labelmap", labelmap_sr)]
+    assert _of_type(earlier, "labelmap") == [labelmap_sr]
+    assert _of_type(earlier[:1], "labelmap") == [binary_sr]  # it got the BINARY one before
