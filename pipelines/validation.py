@@ -26,6 +26,7 @@ fact that ``dciodvfy`` lacks; a ``dciodvfy`` that knows the class checks both in
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -37,7 +38,8 @@ from io import BytesIO
 
 import highdicom as hd
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from pipelines.codes import PROCESSING_ALGORITHM, VOLUME
 from pipelines.types import ResultDatasets
@@ -141,17 +143,32 @@ def validate_dataset(ds: Dataset, kind: str, *, dciodvfy: str | None | bool = Tr
         errors.extend(f"python: {e}" for e in _python_checks(back, data, kind))
     exe = find_dciodvfy() if dciodvfy is True else (dciodvfy or None)
     if exe and data:
-        found = run_dciodvfy(_as_dciodvfy_reads(ds, data, kind), exe)
-        if DCIODVFY_UNKNOWN_IOD in found and str(ds.get("SOPClassUID", "")) == LABELMAP_SEG_SOP_CLASS:
+        if str(ds.get("SOPClassUID", "")) == LABELMAP_SEG_SOP_CLASS and predates_labelmap(exe):
             checked.append("dciodvfy: predates Label Map Segmentation, not checked")
         else:
             checked.append("dciodvfy")
-            errors.extend(f"dciodvfy: {e}" for e in found)
+            errors.extend(f"dciodvfy: {e}"
+                          for e in run_dciodvfy(_as_dciodvfy_reads(ds, data, kind), exe))
     report = ValidationReport(kind=kind, sop_instance_uid=uid, errors=tuple(errors),
                               checked_with=tuple(checked))
     if not report.ok:
         LOG.error("%s %s failed validation: %s", kind, uid, report.reason)
     return report
+
+
+@functools.lru_cache(maxsize=4)
+def predates_labelmap(exe: str) -> bool:
+    """Whether the ``dciodvfy`` at ``exe`` has no IOD for Label Map Segmentation Storage
+    (asked once per process, with a data set of that class and nothing else)."""
+    probe = Dataset()
+    probe.file_meta = FileMetaDataset()
+    probe.file_meta.MediaStorageSOPClassUID = LABELMAP_SEG_SOP_CLASS
+    probe.file_meta.MediaStorageSOPInstanceUID = "2.25.1"
+    probe.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    probe.SOPClassUID, probe.SOPInstanceUID = LABELMAP_SEG_SOP_CLASS, "2.25.1"
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, probe, enforce_file_format=True)
+    return DCIODVFY_UNKNOWN_IOD in run_dciodvfy(buf.getvalue(), exe)
 
 
 def _as_dciodvfy_reads(ds: Dataset, data: bytes, kind: str) -> bytes:

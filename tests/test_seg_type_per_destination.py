@@ -24,7 +24,7 @@ from dicom_node.settings import Destination, job_seg_types, seg_type_for
 from pipelines import phantom as ph
 from pipelines.postprocess import split_labels
 from pipelines.types import ModelInfo, WriterOptions
-from pipelines.validation import validate_results
+from pipelines.validation import find_dciodvfy, predates_labelmap, validate_results
 from pipelines.volume import load_series
 from pipelines.writers import write_results
 
@@ -74,7 +74,15 @@ def test_a_labelmap_seg_and_its_sr_pass_the_checks_before_sending(phantom) -> No
     assert results.seg.SOPClassUID == LABELMAP_SEG
     reports = validate_results(results)
     assert [r.errors for r in reports] == [(), ()]
-    assert "python" in reports[0].checked_with
+    assert reports[0].checked_with[0] == "python" and reports[1].checked_with == (
+        "python", "dciodvfy")  # the SR in full, its Label Map references read as SEG
+    if predates_labelmap(find_dciodvfy() or ""):
+        assert reports[0].checked_with[1:] == (
+            "dciodvfy: predates Label Map Segmentation, not checked",)
+    # what dciodvfy finds besides the Label Map class is still found
+    del results.sr.CompletionFlag
+    (sr_report,) = validate_results(results)[1:]
+    assert any(e.startswith("dciodvfy:") and "CompletionFlag" in e for e in sr_report.errors)
 
 
 def _record_two_types(data_dir: Path, phantom, job_key: str = "job-2"):
