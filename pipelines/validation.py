@@ -39,7 +39,7 @@ from io import BytesIO
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pipelines.codes import PROCESSING_ALGORITHM, VOLUME
 from pipelines.types import ResultDatasets
@@ -162,8 +162,8 @@ def predates_labelmap(exe: str) -> bool:
     (asked once per process, with a data set of that class and nothing else)."""
     probe = Dataset()
     probe.file_meta = FileMetaDataset()
-    probe.file_meta.MediaStorageSOPClassUID = LABELMAP_SEG_SOP_CLASS
-    probe.file_meta.MediaStorageSOPInstanceUID = "2.25.1"
+    probe.file_meta.MediaStorageSOPClassUID = UID(LABELMAP_SEG_SOP_CLASS)
+    probe.file_meta.MediaStorageSOPInstanceUID = UID("2.25.1")
     probe.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     probe.SOPClassUID, probe.SOPInstanceUID = LABELMAP_SEG_SOP_CLASS, "2.25.1"
     buf = BytesIO()
