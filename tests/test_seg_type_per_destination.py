@@ -243,6 +243,7 @@ def _dciodvfy(ds: pydicom.Dataset, folder: Path) -> list[str]:
     return dciodvfy_errors(path)
 
 
+@pytest.mark.orthanc
 def test_each_pacs_gets_the_seg_of_its_type_and_the_sr_of_that_seg_even_after_a_crash(
         two_pacs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two destinations, BINARY and LABELMAP. The node stops (here: the queueing raises)
@@ -316,6 +317,7 @@ def _bytes(ds: pydicom.Dataset) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.orthanc
 def test_destinations_that_agree_get_one_seg_and_one_sr(two_pacs, tmp_path: Path) -> None:
     """The common case costs nothing more: one SEG, one SR, the same to both PACS."""
     from tests.loop_helpers import small_study
