@@ -685,8 +685,9 @@ class Settings:
         doc="Where results are sent (``[[destinations]]`` tables with ``ae_title``, ``host``, "
             "``port``, ``send`` (``seg``, ``sr``, ``overlay``, ``rtstruct``; default the first "
             "three), ``tls``, ``name``, ``transfer_syntaxes``, ``seg_type`` (``binary`` or "
-            "``labelmap``: the SEG it gets, with the SR of that SEG), ``confirm``, ``query`` and ``retrieve`` (``move`` or ``get``: priors "
-            "from this PACS); or, for DICOMweb STOW-RS, ``url``, ``auth``, "
+            "``labelmap``: the SEG it gets, with the SR of that SEG), ``confirm``, ``query`` "
+            "and ``retrieve`` (``move`` or ``get``: priors from this PACS); or, for DICOMweb "
+            "STOW-RS, ``url``, ``auth``, "
             "``username``, ``password_file``, ``token_file``, ``tls_ca`` instead of "
             "``ae_title``, ``host``, ``port``, ``tls``; ``--destination``).")
     send_backoff_initial_s: float = _setting(

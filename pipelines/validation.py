@@ -248,7 +248,8 @@ def run_dciodvfy(data: bytes, exe: str) -> list[str]:
 def _python_checks(ds: Dataset, data: bytes, kind: str) -> list[str]:
     errors: list[str] = []
     sop_class = str(ds.get("SOPClassUID", ""))
-    expected = {"seg": (SEG_SOP_CLASS, LABELMAP_SEG_SOP_CLASS), "sr": SR_SOP_CLASSES, "overlay": (SC_SOP_CLASS,),
+    expected = {"seg": (SEG_SOP_CLASS, LABELMAP_SEG_SOP_CLASS), "sr": SR_SOP_CLASSES,
+                "overlay": (SC_SOP_CLASS,),
                 "rtstruct": (RTSTRUCT_SOP_CLASS,)}[kind]
     if sop_class not in expected:
         errors.append(f"SOP Class UID {sop_class!r} is not one of a {kind}")

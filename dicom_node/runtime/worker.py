@@ -503,6 +503,7 @@ class Worker(JobLoop):
                                     job.id, obj.sop_instance_uid, exc)
         return out
 
+
 def _of_type(predecessors: Sequence[tuple[str, Any]], seg_type: str) -> list[Any]:
     """The earlier SRs an SR of ``seg_type`` supersedes: those of its type, or all when
     none is (the destinations of this type got the other one before)."""
