@@ -93,8 +93,9 @@ class Destination:
     seg_type : str
         ``binary`` (default: Segmentation Storage, which every PACS takes) or
         ``labelmap`` (Label Map Segmentation Storage: one frame per slice, much smaller
-        with many labels). A job writes one SEG: LABELMAP when every destination that
-        takes the SEG asks for it, else BINARY (:func:`job_seg_type`).
+        with many labels). Each destination gets the SEG of its type, and the SR that
+        references that SEG: a job writes one SEG (and SR) per type its destinations
+        ask for (:func:`job_seg_types`), shares everything else (overlay, RTSTRUCT).
     query : bool
         Also ask it for a patient's prior studies (Query/Retrieve, :mod:`dicom_node.wire.priors`;
         default false).
@@ -247,20 +248,32 @@ def _check_web(d: Destination, key: str, source: str) -> None:
         raise ConfigError(f"{key}.confirm", '"read-back" or "none" (DICOMweb)', d.confirm, source)
 
 
-def job_seg_type(destinations: Sequence[Destination]) -> str:
-    """The SEG type a job writes for ``destinations``: ``labelmap`` when every one that
-    takes the SEG asks for it, else ``binary`` (a destination that asked for LABELMAP
-    beside one that did not gets BINARY, which every PACS takes; said at start-up by
-    :func:`seg_type_conflicts`)."""
+def job_seg_types(destinations: Sequence[Destination]) -> tuple[str, ...]:
+    """The SEG types a job writes for ``destinations``, in :data:`SEG_TYPES` order: each
+    type a destination that takes the SEG asks for (``binary`` alone when none takes it:
+    the twin keeps a SEG, and the SR needs one to reference).
+
+    One SEG, and one SR referencing it, per type; :func:`seg_type_for` says which a
+    destination receives."""
     wanted = {d.seg_type for d in destinations if "seg" in d.send}
-    return "labelmap" if wanted == {"labelmap"} else "binary"
+    return tuple(t for t in SEG_TYPES if t in wanted) or (SEG_TYPES[0],)
 
 
-def seg_type_conflicts(destinations: Sequence[Destination]) -> tuple[str, ...]:
-    """Names of destinations that asked for a LABELMAP SEG but will get BINARY."""
-    if job_seg_type(destinations) == "labelmap":
-        return ()
-    return tuple(d.name for d in destinations if "seg" in d.send and d.seg_type == "labelmap")
+def seg_type_for(destination: Destination, written: Sequence[str]) -> str:
+    """The type of the SEG (and of the SR that references it) ``destination`` receives
+    of a result whose SEGs are of the types ``written``: its own ``seg_type`` when one
+    was written (always, for a destination that takes the SEG), else the first (a
+    destination that takes the SR without the SEG, or a result recorded before its
+    ``seg_type`` was configured).
+
+    Raises
+    ------
+    ValueError
+        If ``written`` is empty.
+    """
+    if not written:
+        raise ValueError("written must name at least one SEG type")
+    return destination.seg_type if destination.seg_type in written else written[0]
 
 
 def resolve_forward(text: str, destinations: Sequence[Destination], source: str = ""
@@ -672,8 +685,9 @@ class Settings:
         doc="Where results are sent (``[[destinations]]`` tables with ``ae_title``, ``host``, "
             "``port``, ``send`` (``seg``, ``sr``, ``overlay``, ``rtstruct``; default the first "
             "three), ``tls``, ``name``, ``transfer_syntaxes``, ``seg_type`` (``binary`` or "
-            "``labelmap``), ``confirm``, ``query`` and ``retrieve`` (``move`` or ``get``: priors "
-            "from this PACS); or, for DICOMweb STOW-RS, ``url``, ``auth``, "
+            "``labelmap``: the SEG it gets, with the SR of that SEG), ``confirm``, ``query`` "
+            "and ``retrieve`` (``move`` or ``get``: priors from this PACS); or, for DICOMweb "
+            "STOW-RS, ``url``, ``auth``, "
             "``username``, ``password_file``, ``token_file``, ``tls_ca`` instead of "
             "``ae_title``, ``host``, ``port``, ``tls``; ``--destination``).")
     send_backoff_initial_s: float = _setting(

@@ -13,10 +13,20 @@ Two levels, both run on the encoded bytes (what a PACS would receive):
   runs it on the first instance and the Python check on every instance.
 
 An object with any error is not sent (the sender holds it with the reason).
+
+Label Map Segmentation Storage (the LABELMAP SEG, DICOM 2024, Sup 243) is newer than
+the ``dciodvfy`` of Debian 12 (dicom3tools 2022): it answers "Information Object Not
+found" for such a SEG (it has no IOD to check it against, and reads its background
+segment 0 as an error), and reads an SR's references to it as references to a
+non-segmentation class. So a LABELMAP SEG that ``dciodvfy`` does not know is checked by
+the Python checks alone (``checked_with`` says so), and an SR is given to ``dciodvfy``
+with its references to Label Map Segmentation read as Segmentation Storage, the one
+fact that ``dciodvfy`` lacks; a ``dciodvfy`` that knows the class checks both in full.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -28,7 +38,8 @@ from io import BytesIO
 
 import highdicom as hd
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pipelines.codes import PROCESSING_ALGORITHM, VOLUME
 from pipelines.types import ResultDatasets
@@ -37,6 +48,10 @@ from pipelines.uids import is_valid_uid
 LOG = logging.getLogger(__name__)
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+#: Label Map Segmentation Storage (the LABELMAP SEG).
+LABELMAP_SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.7"
+#: What ``dciodvfy`` answers for a SOP class it has no IOD for.
+DCIODVFY_UNKNOWN_IOD = "Information Object Not found"
 SR_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33",
                   "1.2.840.10008.5.1.4.1.1.88.34")
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -128,13 +143,46 @@ def validate_dataset(ds: Dataset, kind: str, *, dciodvfy: str | None | bool = Tr
         errors.extend(f"python: {e}" for e in _python_checks(back, data, kind))
     exe = find_dciodvfy() if dciodvfy is True else (dciodvfy or None)
     if exe and data:
-        checked.append("dciodvfy")
-        errors.extend(f"dciodvfy: {e}" for e in run_dciodvfy(data, exe))
+        if str(ds.get("SOPClassUID", "")) == LABELMAP_SEG_SOP_CLASS and predates_labelmap(exe):
+            checked.append("dciodvfy: predates Label Map Segmentation, not checked")
+        else:
+            checked.append("dciodvfy")
+            errors.extend(f"dciodvfy: {e}"
+                          for e in run_dciodvfy(_as_dciodvfy_reads(ds, data, kind), exe))
     report = ValidationReport(kind=kind, sop_instance_uid=uid, errors=tuple(errors),
                               checked_with=tuple(checked))
     if not report.ok:
         LOG.error("%s %s failed validation: %s", kind, uid, report.reason)
     return report
+
+
+@functools.lru_cache(maxsize=4)
+def predates_labelmap(exe: str) -> bool:
+    """Whether the ``dciodvfy`` at ``exe`` has no IOD for Label Map Segmentation Storage
+    (asked once per process, with a data set of that class and nothing else)."""
+    probe = Dataset()
+    probe.file_meta = FileMetaDataset()
+    probe.file_meta.MediaStorageSOPClassUID = UID(LABELMAP_SEG_SOP_CLASS)
+    probe.file_meta.MediaStorageSOPInstanceUID = UID("2.25.1")
+    probe.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    probe.SOPClassUID, probe.SOPInstanceUID = LABELMAP_SEG_SOP_CLASS, "2.25.1"
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, probe, enforce_file_format=True)
+    return DCIODVFY_UNKNOWN_IOD in run_dciodvfy(buf.getvalue(), exe)
+
+
+def _as_dciodvfy_reads(ds: Dataset, data: bytes, kind: str) -> bytes:
+    """``data``, or for an SR that references a LABELMAP SEG, the SR with those
+    references read as Segmentation Storage (see the module's docstring)."""
+    if kind != "sr" or LABELMAP_SEG_SOP_CLASS.encode() not in data:
+        return data
+    copy = pydicom.dcmread(BytesIO(data))
+    for elem in copy.iterall():
+        if elem.keyword == "ReferencedSOPClassUID" and elem.value == LABELMAP_SEG_SOP_CLASS:
+            elem.value = SEG_SOP_CLASS
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, copy, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def validate_results(results: ResultDatasets, *, dciodvfy: str | None | bool = True
@@ -200,7 +248,8 @@ def run_dciodvfy(data: bytes, exe: str) -> list[str]:
 def _python_checks(ds: Dataset, data: bytes, kind: str) -> list[str]:
     errors: list[str] = []
     sop_class = str(ds.get("SOPClassUID", ""))
-    expected = {"seg": (SEG_SOP_CLASS,), "sr": SR_SOP_CLASSES, "overlay": (SC_SOP_CLASS,),
+    expected = {"seg": (SEG_SOP_CLASS, LABELMAP_SEG_SOP_CLASS), "sr": SR_SOP_CLASSES,
+                "overlay": (SC_SOP_CLASS,),
                 "rtstruct": (RTSTRUCT_SOP_CLASS,)}[kind]
     if sop_class not in expected:
         errors.append(f"SOP Class UID {sop_class!r} is not one of a {kind}")

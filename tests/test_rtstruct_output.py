@@ -66,8 +66,8 @@ def test_the_rtstruct_is_checked_stored_and_sent_to_the_destination_that_takes_i
     store.close()
 
 
-def test_seg_type_per_destination_decides_the_jobs_seg(tmp_path: Path) -> None:
-    from dicom_node.settings import job_seg_type, seg_type_conflicts
+def test_seg_type_per_destination_decides_the_jobs_segs(tmp_path: Path) -> None:
+    from dicom_node.settings import job_seg_types
 
     config = tmp_path / "node.toml"
 
@@ -78,12 +78,12 @@ def test_seg_type_per_destination_decides_the_jobs_seg(tmp_path: Path) -> None:
         return load_settings(config, env={}).destinations
 
     binary = dests("", 'seg_type = "binary"')
-    assert [d.seg_type for d in binary] == ["binary", "binary"] and job_seg_type(binary) == "binary"
+    assert [d.seg_type for d in binary] == ["binary", "binary"] and job_seg_types(binary) == ("binary",)
     labelmap = dests('seg_type = "labelmap"', 'seg_type = "labelmap"\nsend = ["seg", "sr"]',
                      'send = ["overlay"]')  # takes no SEG: has no say
-    assert job_seg_type(labelmap) == "labelmap" and seg_type_conflicts(labelmap) == ()
+    assert job_seg_types(labelmap) == ("labelmap",)
     mixed = dests('seg_type = "labelmap"', "")
-    assert job_seg_type(mixed) == "binary" and seg_type_conflicts(mixed) == ("d0",)
+    assert job_seg_types(mixed) == ("binary", "labelmap")  # a SEG (and SR) of each
     with pytest.raises(ConfigError, match="seg_type"):
         dests('seg_type = "fractional"')
 

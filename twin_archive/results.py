@@ -11,6 +11,11 @@ row gets ``superseded_by``; nothing is overwritten (the new objects are new seri
 
 Each result is recorded under its job's key, once: recording the same key again
 returns the result already stored (a job re-run after a crash adds nothing).
+
+A job whose destinations ask for a BINARY and a LABELMAP SEG records one result with a
+SEG and an SR of each type (one measurement of the study: history, retention and
+erasure see one result); :meth:`AIResult.seg_type_of_objects` pairs each SR with its
+SEG, read from the objects themselves.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from twin_archive.uids import path_component, uid_problem
 LOG = logging.getLogger(__name__)
 
 RESULT_KINDS = ("seg", "sr", "overlay", "rtstruct")
+#: The SEG type of each Segmentation Storage SOP class a result may hold (PS3.4 B.5).
+SEG_TYPE_OF_CLASS = {"1.2.840.10008.5.1.4.1.1.66.4": "binary",  # Segmentation Storage
+                     "1.2.840.10008.5.1.4.1.1.66.7": "labelmap"}  # Label Map Segmentation
 _INSERT_OBJECT = ("INSERT INTO ai_result_objects (result_id, kind, sop_class_uid, sop_instance_uid,"
                   " series_uid, transfer_syntax_uid, path, size) VALUES (?,?,?,?,?,?,?,?)")
 RESULTS_DIR = "results"
@@ -55,7 +63,7 @@ class SegmentMeasure:
 class ResultObject:
     """One stored DICOM object of a result."""
 
-    kind: str  # seg, sr or overlay
+    kind: str  # seg, sr, overlay or rtstruct
     sop_class_uid: str
     sop_instance_uid: str
     series_uid: str
@@ -84,6 +92,34 @@ class AIResult:
     superseded_by: int | None
     objects: tuple[ResultObject, ...]
 
+    @property
+    def seg_types(self) -> tuple[str, ...]:
+        """The types of its SEGs (``binary``, ``labelmap``), in the order recorded: one
+        for most results; one per type the job's destinations asked for otherwise."""
+        return tuple(dict.fromkeys(SEG_TYPE_OF_CLASS.get(o.sop_class_uid, "binary")
+                                   for o in self.objects if o.kind == "seg"))
+
+    def seg_type_of_objects(self) -> dict[str, str]:
+        """``{SOP Instance UID: SEG type}`` of each SEG and SR of the result: a SEG's
+        type is its SOP class's, an SR's that of the SEG of this result its evidence
+        references (the SR file's headers are read). The SR of a result with a SEG of
+        each type goes with its own SEG, to the destinations that get that SEG.
+
+        Raises
+        ------
+        OSError
+            If an SR's file cannot be read.
+        """
+        segs = {o.sop_instance_uid: SEG_TYPE_OF_CLASS.get(o.sop_class_uid, "binary")
+                for o in self.objects if o.kind == "seg"}
+        out = dict(segs)
+        for o in self.objects:
+            if o.kind == "sr":
+                found = {segs[uid] for uid in evidence_uids(o.path) if uid in segs}
+                if len(found) == 1:
+                    out[o.sop_instance_uid] = found.pop()
+        return out
+
     def series_uids(self, kind: str) -> tuple[str, ...]:
         """Series Instance UIDs of the objects of ``kind``."""
         return tuple(dict.fromkeys(o.series_uid for o in self.objects if o.kind == kind))
@@ -103,6 +139,25 @@ class AIResult:
             "objects": len(self.objects),
             "superseded_by": self.superseded_by,
         }
+
+
+def evidence_uids(path: Path) -> set[str]:
+    """SOP Instance UIDs an SR file lists as evidence (its Current Requested Procedure
+    and Pertinent Other Evidence Sequences), read without the rest of its content.
+
+    Raises
+    ------
+    OSError
+        If the file cannot be read; ``ValueError`` if it is not DICOM.
+    """
+    ds = pydicom.dcmread(path, specific_tags=["CurrentRequestedProcedureEvidenceSequence",
+                                              "PertinentOtherEvidenceSequence"])
+    return {str(sop.ReferencedSOPInstanceUID)
+            for keyword in ("CurrentRequestedProcedureEvidenceSequence",
+                            "PertinentOtherEvidenceSequence")
+            for study in ds.get(keyword, [])
+            for series in study.get("ReferencedSeriesSequence", [])
+            for sop in series.get("ReferencedSOPSequence", [])}
 
 
 def _encode(ds: Dataset) -> bytes:

@@ -51,7 +51,7 @@ from dicom_node.foundation.faults import StateLog
 from dicom_node.queue.durable_queue import DurableQueue
 from dicom_node.queue.jobs import connect_queue, open_queue_readonly
 from dicom_node.profiles import UNCOMPRESSED, ObjectShape, alias, choose, contexts_for, encode_as
-from dicom_node.settings import Destination
+from dicom_node.settings import Destination, seg_type_for
 from dicom_node.wire.statuses import SUCCESS, is_warning
 from twin_archive.audit import AuditEvent, AuditLog, AuditOutcome
 from twin_archive.results import AIResult
@@ -299,13 +299,21 @@ class Sender(DurableQueue):
 
         Returns the number of new rows (rows already queued for the same object and
         destination are kept as they are, so a re-run job queues nothing twice).
+
+        A result with a SEG of each type (destinations that ask for different
+        ``seg_type``) gives each destination the SEG of its type and the SR that
+        references it (:func:`~dicom_node.settings.seg_type_for`); every other object
+        goes to every destination that takes its kind.
         """
         now = iso(utc_now())
         held = dict(held or {})
+        written = result.seg_types
+        paired = result.seg_type_of_objects() if len(written) > 1 else {}
         rows = []
         for dest in destinations:
+            own = seg_type_for(dest, written) if paired else ""
             for obj in result.objects:
-                if obj.kind in dest.send:
+                if obj.kind in dest.send and paired.get(obj.sop_instance_uid, own) == own:
                     reason = held.get(obj.sop_instance_uid)
                     state = SendState.HELD if reason is not None else SendState.QUEUED
                     rows.append((result.id, obj.kind, dest.key, dest.ae_title, dest.host,

@@ -21,7 +21,7 @@ from dicom_node.queue.monitor import StabilityMonitor
 from dicom_node.queue.mpps_forward import MppsForwarder
 from dicom_node.queue.sender import Sender
 from dicom_node.wire.tls import client_tls_context
-from dicom_node.settings import Destination, Settings, parse_destination, seg_type_conflicts
+from dicom_node.settings import Destination, Settings, job_seg_types, parse_destination
 from dicom_node.runtime.supervisor import WorkerPool
 from dicom_node.tasks import Task
 from dicom_node.learning.training import NightlyScheduler
@@ -109,10 +109,10 @@ class Loop:
         else:
             LOG.info("results go to: %s", ", ".join(
                 f"{d.key} ({'/'.join(d.send)})" for d in settings.destinations))
-            if seg_type_conflicts(settings.destinations):
-                LOG.warning("destination(s) %s asked for a LABELMAP SEG, but others take "
-                            "BINARY: every destination gets the BINARY SEG", ", ".join(
-                                seg_type_conflicts(settings.destinations)))
+            if len(job_seg_types(settings.destinations)) > 1:
+                LOG.info("destinations ask for BINARY and LABELMAP SEGs: a job whose "
+                         "destinations differ writes a SEG and an SR of each type; each "
+                         "destination gets its own")
 
     def set_destinations(self, destinations: tuple[Destination, ...]) -> None:
         """Send future results to ``destinations`` (SIGHUP reload; queued sends keep theirs)."""

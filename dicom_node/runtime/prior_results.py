@@ -26,6 +26,7 @@ from pipelines.comparison import PriorResult, PriorSegment
 from pipelines.selection import SelectionRules
 from pipelines.writers.history_plot import VolumePoint
 from twin_archive.history import HistoryStore, PriorRecord, study_day
+from twin_archive.results import SEG_TYPE_OF_CLASS
 
 LOG = logging.getLogger(__name__)
 
@@ -39,16 +40,28 @@ class PriorLookup:
     prior: PriorResult | None
     note: str
     seconds: float
+    record: PriorRecord | None = None  # what ``prior`` was made of
+
+    def for_seg_type(self, seg_type: str) -> PriorResult | None:
+        """:attr:`prior` with the prior's SEG of ``seg_type`` (when it has one) for the SR
+        of that type to reference: the SEG its destinations received."""
+        if (self.prior is None or self.record is None
+                or len(self.record.result.seg_types) < 2):
+            return self.prior
+        return as_prior_result(self.record, seg_type)
 
 
-def as_prior_result(record: PriorRecord) -> PriorResult | None:
+def as_prior_result(record: PriorRecord, seg_type: str = "") -> PriorResult | None:
     """The pipeline's view of a prior result (its SEG's headers read for the SR's
-    reference; None when it has no study date)."""
+    reference: the SEG of ``seg_type`` when it has one of each, else its first; None
+    when it has no study date)."""
     if record.study_date is None:
         return None
     seg = None
+    kinds = record.result.seg_types
+    wanted = SEG_TYPE_OF_CLASS.get if seg_type in kinds else None
     for obj in record.result.objects:
-        if obj.kind == "seg":
+        if obj.kind == "seg" and (wanted is None or wanted(obj.sop_class_uid) == seg_type):
             try:
                 seg = pydicom.dcmread(obj.path, stop_before_pixels=True)
             except (OSError, ValueError) as exc:  # pruned by retention, or damaged
@@ -102,7 +115,7 @@ class JobPriors:
         if prior is None and not note and record is not None:
             note = "no comparison: the prior study has no Study Date"
         return PriorLookup(prior=prior, note=note if prior is None else "",
-                           seconds=time.perf_counter() - t0)
+                           seconds=time.perf_counter() - t0, record=record)
 
     def _retrieve(self, patient_key: str, study_uid: str, files: Sequence[Path],
                   rules: SelectionRules, run_prior: Callable[[str], None]) -> str:

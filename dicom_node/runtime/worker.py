@@ -13,6 +13,14 @@ pipeline finds the same segments again.
 What a job produces is its task's (:class:`~dicom_node.tasks.Task`, from ``[[tasks]]``):
 its selection rules, and its ``outputs`` narrowing what each destination gets.
 
+SEG type per destination: when the destinations that take the SEG ask for different
+``seg_type`` (:func:`~dicom_node.settings.job_seg_types`), the job writes a SEG of each
+type and, for each, an SR that references it (and the prior's SEG of that type, and
+the earlier SR of that type it supersedes), all recorded in one transaction as one
+result (one measurement of the study); the sender gives each destination the SEG of
+its type and its SR. The overlay and the RTSTRUCT are written once, for all. When all
+agree, one SEG and one SR, as always.
+
 How a job that cannot end now is recorded (waiting for a model, for Triton, for disk
 space), and the thread itself: :mod:`dicom_node.runtime.job_loop`.
 
@@ -39,7 +47,7 @@ from dicom_node.queue.jobs import Job, JobQueue
 from dicom_node.runtime.job_loop import JobLoop, JobOutcome, JobRefused, JobWaitsForModel
 from dicom_node.learning.live_learning import LiveLearning
 from dicom_node.queue.sender import Sender
-from dicom_node.settings import Destination, Settings, job_seg_type
+from dicom_node.settings import Destination, Settings, job_seg_types
 from dicom_node.runtime.rtstruct_output import add_rtstruct
 from dicom_node.runtime.prior_results import JobPriors, PriorLookup, volume_points
 from dicom_node.wire.priors import PriorRetriever
@@ -48,9 +56,9 @@ from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryErro
 from pipelines.inference import LoadedModel, load_model
 from pipelines.memory import MemoryBudgetError
 from pipelines.triton import TritonTarget, load_triton_model
-from pipelines.types import WriterOptions
+from pipelines.types import ResultDatasets, WriterOptions
 from pipelines.comparison import banner_line
-from pipelines.writers import build_overlay
+from pipelines.writers import build_overlay, write_results
 from pipelines.writers.history_plot import history_image
 from pipelines.validation import invalid, validate_results, validate_series
 from registry.errors import NoActiveModelError
@@ -97,6 +105,9 @@ class Computed:
     pipeline_s: float
     prior_s: float = 0.0  # finding (or retrieving) the prior
     prior_note: str = ""  # what the comparison could not be (the banner line, the job's note)
+    # the SEG and SR of each further type the destinations asked for, and their time
+    other_seg_types: tuple[ResultDatasets, ...] = ()
+    other_seg_types_s: float = 0.0
 
 
 def task_destinations(destinations: Sequence[Destination], task: Task
@@ -251,7 +262,7 @@ class Worker(JobLoop):
         computed = self._kept_for(job)
         if computed is None:
             try:
-                computed = self._compute(job, spec, job_seg_type(destinations))
+                computed = self._compute(job, spec, job_seg_types(destinations))
             except EmptyResultError as exc:
                 return JobOutcome(job_id=job.id, result=None, seconds=time.perf_counter() - t0,
                                   note=f"nothing found, nothing sent ({exc})")
@@ -265,8 +276,11 @@ class Worker(JobLoop):
         kept = self.computed
         return kept if kept is not None and kept.job_key == job.key else None
 
-    def _compute(self, job: Job, spec: Task, seg_type: str = "binary") -> Computed:
-        """Run the job's pipeline (the model loaded first); keep and return its work.
+    def _compute(self, job: Job, spec: Task, seg_types: Sequence[str] = ("binary",)
+                 ) -> Computed:
+        """Run the job's pipeline (the model loaded first), writing a SEG and SR of each
+        of ``seg_types`` (:func:`~dicom_node.settings.job_seg_types`); keep and return
+        its work.
 
         Raises
         ------
@@ -288,10 +302,10 @@ class Worker(JobLoop):
             # the overlay is built after the SEG and SR are on their way (_store)
             outcome = self._run_series(files, loaded, rules=spec.rules,
                                        options=WriterOptions(write_overlay=False,
-                                                             seg_type=seg_type),
-                                       predecessors=predecessors,
+                                                             seg_type=seg_types[0]),
+                                       predecessors=_of_type(predecessors, seg_types[0]),
                                        max_memory_bytes=self.max_memory_bytes,
-                                       prior=lookup.prior)
+                                       prior=lookup.for_seg_type(seg_types[0]))
         except MemoryBudgetError as exc:  # retrying would hit the same wall
             raise JobRefused(str(exc)) from exc
         except EmptyResultError:
@@ -300,26 +314,34 @@ class Worker(JobLoop):
             raise
         except SeriesGeometryError as exc:
             raise JobRefused(str(exc)) from exc
+        t_run = time.perf_counter()
+        others = _other_seg_types(outcome, seg_types[1:], predecessors, lookup)
         self.computed = Computed(job_key=job.key, files=tuple(files), loaded=loaded,
                                  outcome=outcome, model_load_s=t_load - t0,
-                                 pipeline_s=time.perf_counter() - t_load,
-                                 prior_s=lookup.seconds, prior_note=lookup.note)
+                                 pipeline_s=t_run - t_load,
+                                 prior_s=lookup.seconds, prior_note=lookup.note,
+                                 other_seg_types=others,
+                                 other_seg_types_s=time.perf_counter() - t_run)
         return self.computed
 
     def _store(self, job: Job, spec: Task, computed: Computed,
                destinations: Sequence[Destination], overlay: bool, t0: float) -> JobOutcome:
-        """Record the SEG and SR in the twin, queue them, then the overlay (:meth:`run`)."""
+        """Record the SEG(s) and SR(s) in the twin in one transaction, queue them, then
+        the overlay (:meth:`run`)."""
         t_run = time.perf_counter()
         outcome, loaded, files = computed.outcome, computed.loaded, list(computed.files)
-        datasets = outcome.results
-        objects: list[tuple[str, Any]] = [("seg", datasets.seg), ("sr", datasets.sr)]
+        written = (outcome.results, *computed.other_seg_types)
+        objects: list[tuple[str, Any]] = [(kind, ds) for d in written
+                                          for kind, ds in (("seg", d.seg), ("sr", d.sr))]
         # every object is checked before it may be sent; an invalid one is kept in the
         # twin but held back from every destination, with the reason
-        held = invalid(validate_results(datasets))
+        held = {uid: why for d in written for uid, why in invalid(validate_results(d)).items()}
         timings = _timings(outcome)
         timings["model_load_s"] = computed.model_load_s
         timings["pipeline_s"] = computed.pipeline_s
         timings["prior_s"] = computed.prior_s
+        if computed.other_seg_types:
+            timings["other_seg_types_s"] = computed.other_seg_types_s
         result = self.results.record(
             job_key=job.key, patient_key=job.patient_key, study_uid=job.study_uid,
             source_series_uid=job.series_uid, source_last_received=job.series_last_received,
@@ -342,10 +364,12 @@ class Worker(JobLoop):
                          result=result)
         seconds = time.perf_counter() - t0
         LOG.info("job %d (%s): series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline "
-                 "%.1f s, SEG+SR stored and queued %.2f s, overlay %.2f s)", job.id, job.task,
+                 "%.1f s, SEG+SR stored and queued %.2f s, overlay %.2f s)%s", job.id, job.task,
                  job.series_uid, result.id, result.model_name, result.model_version, result.backend,
                  ", ".join(f"{s.name} {s.volume_ml:.1f} mL" for s in result.segments) or "no segment",
-                 seconds, computed.pipeline_s, t_seg_sr - t_run, time.perf_counter() - t_seg_sr)
+                 seconds, computed.pipeline_s, t_seg_sr - t_run, time.perf_counter() - t_seg_sr,
+                 f"; SEG and SR of each type: {'/'.join(result.seg_types)}, "
+                 f"{computed.other_seg_types_s:.2f} s more" if computed.other_seg_types else "")
         # what the comparison could not be (a PACS that did not answer), in the job's note
         return JobOutcome(job_id=job.id, result=result, note=computed.prior_note,
                           seconds=seconds)
@@ -438,7 +462,7 @@ class Worker(JobLoop):
             return
         destinations = self._destinations(spec) if self.send_prior_results else ()
         try:
-            computed = self._compute(prior_job, spec)
+            computed = self._compute(prior_job, spec, job_seg_types(destinations))
             self._store(prior_job, spec, computed, destinations, False, time.perf_counter())
         except (PipelineError, JobWaitsForModel) as exc:
             LOG.warning("job %d: prior series %s not measured: %s", job.id, series_uid, exc)
@@ -458,22 +482,52 @@ class Worker(JobLoop):
             LOG.error("job %d: %d object(s) failed validation and are held back, not sent: %s",
                       job.id, len(held), "; ".join(sorted(set(held.values())))[:500])
 
-    def _predecessor_srs(self, job: Job) -> list[Any]:
-        """The SR(s) of the current result of this series and task, which the new one supersedes."""
+    def _predecessor_srs(self, job: Job) -> list[tuple[str, Any]]:
+        """The SR(s) of the current result of this series and task, which the new one
+        supersedes, each with the type of the SEG it references."""
         import pydicom
 
         out = []
         for earlier in self.results.for_series(job.series_uid):
             if earlier.task != job.task or earlier.superseded_by is not None:
                 continue
+            types = earlier.seg_types or ("binary",)
+            paired = earlier.seg_type_of_objects() if len(types) > 1 else {}
             for obj in earlier.objects:
                 if obj.kind == "sr":
                     try:
-                        out.append(pydicom.dcmread(obj.path, stop_before_pixels=True))
+                        out.append((paired.get(obj.sop_instance_uid, types[0]),
+                                    pydicom.dcmread(obj.path, stop_before_pixels=True)))
                     except (OSError, ValueError) as exc:
                         LOG.warning("job %d: earlier SR %s cannot be read (%s); not referenced",
                                     job.id, obj.sop_instance_uid, exc)
         return out
+
+
+def _of_type(predecessors: Sequence[tuple[str, Any]], seg_type: str) -> list[Any]:
+    """The earlier SRs an SR of ``seg_type`` supersedes: those of its type, or all when
+    none is (the destinations of this type got the other one before)."""
+    return ([ds for t, ds in predecessors if t == seg_type]
+            or [ds for _, ds in predecessors])
+
+
+def _other_seg_types(outcome: Any, seg_types: Sequence[str],
+                     predecessors: Sequence[tuple[str, Any]], lookup: PriorLookup
+                     ) -> tuple[ResultDatasets, ...]:
+    """The SEG, and the SR that references it, of each further type asked for, from the
+    same segments, comparison and model as the pipeline's first pair."""
+    out = []
+    for seg_type in seg_types:
+        comparison = outcome.comparison
+        prior = lookup.for_seg_type(seg_type)
+        if comparison is not None and prior is not None and prior is not comparison.prior:
+            comparison = replace(comparison, prior=prior)  # its SEG of this type
+        out.append(write_results(outcome.volume, outcome.segments, outcome.model,
+                                 options=WriterOptions(write_overlay=False, seg_type=seg_type),
+                                 predecessors=_of_type(predecessors, seg_type),
+                                 comparison=comparison))
+    return tuple(out)
+
 
 def triton_target(settings: Settings) -> TritonTarget | None:
     """Where the models run: ``None`` (here) or the Triton server the settings name."""
