@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -71,7 +71,8 @@ from pipelines.selection import (
     matches,
 )
 from twin_archive import Archive
-from twin_archive.arrivals import Arrivals, QuietSeries
+from twin_archive.arrivals import Arrivals, GrowingSeries, QuietSeries
+from twin_archive.history import HistoryStore
 
 LOG = logging.getLogger(__name__)
 
@@ -152,12 +153,16 @@ class StabilityMonitor:
         Series of one scanner and protocol that must agree on a size before it is used.
     reopen_limit : int, optional
         Re-opens after which a scanner's series wait for the quiet period.
+    ask_priors : bool, optional
+        Queue a priors job for each new study as its first instance is filed (a PACS is
+        asked for priors: ``priors_years`` > 0 and a destination with ``query = true``).
     """
 
     def __init__(self, archive: Archive, jobs: JobQueue, tasks: Sequence[Task], *,
                  stable_after_s: float, poll_s: float | None = None,
                  label_intake: Callable[[Sequence[Path]], IntakeDecision] | None = None,
-                 guard_s: float = 0.2, learn_from: int = 2, reopen_limit: int = 3) -> None:
+                 guard_s: float = 0.2, learn_from: int = 2, reopen_limit: int = 3,
+                 ask_priors: bool = False) -> None:
         if not stable_after_s > 0:
             raise ValueError(f"stable_after_s must be > 0 seconds, got {stable_after_s}")
         self.archive = archive
@@ -179,6 +184,9 @@ class StabilityMonitor:
         self._set_aside: dict[str, str] = {}  # series UID -> why it cannot be decided yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.ask_priors = ask_priors
+        self._priors_seen: set[str] = set()  # studies whose priors job is queued (or not needed)
+        self._history = HistoryStore(archive.data_dir) if ask_priors else None
 
     # ----------------------------------------------------------------- one pass
     def quiet_series(self, until: str, since: str | None = None) -> list[QuietSeries]:
@@ -235,8 +243,38 @@ class StabilityMonitor:
     def poll_early(self) -> list[SeriesDecision]:
         """Decide the series complete before their quiet period: those a COMPLETED MPPS
         step lists once all its instances are in, and those at their expected size for
-        ``guard_s`` (DESIGN decision 3)."""
-        return self._mpps_pass() + self._sized_pass()
+        ``guard_s`` (DESIGN decision 3). With ``ask_priors``, first queue the look for
+        the priors of each new study whose first instances are arriving."""
+        now = utc_now()
+        growing = self._arrivals.growing(iso(now - timedelta(seconds=self.stable_after_s)))
+        if self.ask_priors:
+            self._priors_pass(growing)
+        return self._mpps_pass() + self._sized_pass(growing, now)
+
+    def _priors_pass(self, growing: Sequence[GrowingSeries]) -> None:
+        """Queue one priors job per new study and task whose modality it has, as soon as
+        its first instance is filed (the queue keeps it once per study, across
+        restarts); never for a series retrieved as a prior (the priors of a prior are
+        not looked for)."""
+        if len(self._priors_seen) > 10000:
+            self._priors_seen.clear()  # memory only: the queue is what keeps it once
+        for g in growing:
+            row = g.series
+            modality = row.modality.upper()
+            if row.study_uid in self._priors_seen or modality in NON_IMAGE_MODALITIES:
+                continue
+            self._priors_seen.add(row.study_uid)
+            if self._history is not None and self._history.is_retrieved(row.series_uid):
+                continue
+            for spec in self.tasks:
+                if not spec.enabled or spec.rules.modality.upper() != modality:
+                    continue
+                job = self.jobs.enqueue_priors(series_uid=row.series_uid,
+                                               study_uid=row.study_uid,
+                                               patient_key=row.patient_key, task=spec.task)
+                if job is not None:
+                    LOG.info("study %s: its first instance(s) are in; job %d looks for its "
+                             "priors (%s) while it arrives", row.study_uid, job.id, spec.task)
 
     def _mpps_pass(self) -> list[SeriesDecision]:
         out = []
@@ -271,9 +309,8 @@ class StabilityMonitor:
             self._step_seen.pop(step.step_uid, None)
         return out
 
-    def _sized_pass(self) -> list[SeriesDecision]:
-        now = utc_now()
-        growing = self._arrivals.growing(iso(now - timedelta(seconds=self.stable_after_s)))
+    def _sized_pass(self, growing: Sequence[GrowingSeries], now: datetime
+                    ) -> list[SeriesDecision]:
         guard_until = iso(now - timedelta(seconds=self.guard_s))
         self._shapes = {g.series.series_uid: self._shapes[g.series.series_uid] for g in growing
                         if g.series.series_uid in self._shapes}
@@ -486,3 +523,5 @@ class StabilityMonitor:
             self._thread.join(timeout)
         self._conn.close()
         self._arrivals.close()
+        if self._history is not None:
+            self._history.close()

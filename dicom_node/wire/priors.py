@@ -403,10 +403,16 @@ class PriorRetriever:
         return _SUCCESS
 
 
+def asks_priors(settings: Settings) -> bool:
+    """Whether the node asks a PACS for priors: ``priors_years`` > 0 and a destination
+    with ``query = true``."""
+    return settings.priors_years > 0 and any(d.query for d in settings.destinations)
+
+
 def retriever_for(settings: Settings, ingest: Any) -> PriorRetriever | None:
     """The retriever ``settings`` ask for; None when ``priors_years`` is 0 or no
     destination has ``query = true``."""
-    if settings.priors_years <= 0 or not any(d.query for d in settings.destinations):
+    if not asks_priors(settings):
         return None
     return PriorRetriever(settings=PriorSettings.from_settings(settings),
                           destinations=settings.destinations, ingest=ingest,
