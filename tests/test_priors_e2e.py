@@ -79,6 +79,8 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         today = _study(grown(a1, GROWTH), "20261203", "PRIOR-E2E")
         node.start()
         try:
+            # a node in service: its worker is up when a study comes (not importing torch)
+            wait_until("the worker ready", lambda: "ready for jobs" in node.log(), 120, poll=0.1)
             paths = write_files(today, tmp / "today")
             storescu(node.port, paths, node.ae_title)
             last_sent = time.monotonic()
@@ -138,7 +140,9 @@ def test_the_prior_is_in_the_twin_marked_retrieved_and_not_sent(setting) -> None
     jobs = jobs_now(node.data_dir)
     today_uid = str(setting["today"][0].StudyInstanceUID)
     [asked] = [j for j in jobs if j.kind.value == "priors"]
-    [todays] = [j for j in jobs if j.kind.value == "series" and j.study_uid == today_uid]
+    todays = [j for j in jobs if j.kind.value == "series" and j.study_uid == today_uid]
+    assert len(todays) == 1, todays
+    todays = todays[0]
     assert asked.study_uid == today_uid and asked.state.value == "done", asked
     assert asked.started_at < todays.enqueued_at, (asked, todays)
     assert "2 series retrieved from ORTHANC" in asked.error, asked.error
