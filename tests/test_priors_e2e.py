@@ -146,6 +146,12 @@ def test_the_prior_is_in_the_twin_marked_retrieved_and_not_sent(setting) -> None
     assert asked.study_uid == today_uid and asked.state.value == "done", asked
     assert asked.started_at < todays.enqueued_at, (asked, todays)
     assert "2 series retrieved from ORTHANC" in asked.error, asked.error
+    # the priors' results were served to nobody: no drift figures (nor shadow run) of them
+    from twin_archive.learning import FigureStore
+
+    with FigureStore(node.data_dir) as figures:
+        keys = [r[0] for r in figures.db.execute("SELECT job_key FROM series_figures")]
+    assert [k.split("@")[0] for k in keys] == [str(setting["today"][0].SeriesInstanceUID)]
     lines = node.cli("audit", "--type", "priors-retrieved", "--json").stdout.splitlines()
     [event] = [json.loads(line) for line in lines if line.strip()]  # one JSON object a line
     assert event["detail"]["series"] == 2 and event["detail"]["error"] == ""

@@ -311,8 +311,12 @@ class Worker(JobLoop):
         return self.computed
 
     def _store(self, job: Job, spec: Task, computed: Computed,
-               destinations: Sequence[Destination], overlay: bool, t0: float) -> JobOutcome:
-        """Record the SEG and SR in the twin, queue them, then the overlay (:meth:`run`)."""
+               destinations: Sequence[Destination], overlay: bool, t0: float,
+               served: bool = True) -> JobOutcome:
+        """Record the SEG and SR in the twin, queue them, then the overlay (:meth:`run`).
+
+        ``served`` false (a prior's result that goes nowhere): no drift figures and no
+        shadow run of a candidate model on it, which would only delay today's result."""
         t_run = time.perf_counter()
         outcome, loaded, files = computed.outcome, computed.loaded, list(computed.files)
         datasets = outcome.results
@@ -342,8 +346,9 @@ class Worker(JobLoop):
                                        computed.prior_note)
         if any("rtstruct" in d.send for d in destinations):
             result = add_rtstruct(self.results, self.sender, job.id, result, outcome, destinations)
-        self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=outcome,
-                         result=result)
+        if served:
+            self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded,
+                             outcome=outcome, result=result)
         seconds = time.perf_counter() - t0
         LOG.info("job %d (%s): series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline "
                  "%.1f s, SEG+SR stored and queued %.2f s, overlay %.2f s)", job.id, job.task,
@@ -496,7 +501,8 @@ class Worker(JobLoop):
         destinations = self._destinations(spec) if self.send_prior_results else ()
         try:
             computed = self._compute(prior_job, spec)
-            self._store(prior_job, spec, computed, destinations, False, time.perf_counter())
+            self._store(prior_job, spec, computed, destinations, False, time.perf_counter(),
+                        served=bool(destinations))
         except (PipelineError, JobWaitsForModel) as exc:
             LOG.warning("job %d: prior series %s not measured: %s", job.id, series_uid, exc)
         finally:
