@@ -146,6 +146,7 @@ def test_the_prior_is_in_the_twin_marked_retrieved_and_not_sent(setting) -> None
     assert asked.study_uid == today_uid and asked.state.value == "done", asked
     assert asked.started_at < todays.enqueued_at, (asked, todays)
     assert "2 series retrieved from ORTHANC" in asked.error, asked.error
+    assert f"priors of study {today_uid}" in node.cli("jobs").stdout
     # the priors' results were served to nobody: no drift figures (nor shadow run) of them
     from twin_archive.learning import FigureStore
 

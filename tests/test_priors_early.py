@@ -66,9 +66,20 @@ def test_one_priors_job_per_new_study_from_its_first_instance_across_restarts(
     sr = small_ct(patient_id="EARLY-2")
     sr.Modality = "SR"
     archive.ingest.store(incoming(sr))
+    # a series the task's rules would not take (an MR) asks for nothing, and leaves its
+    # study's turn to the next series that they take
+    mr = small_ct(patient_id="EARLY-3")
+    mr.Modality = "MR"
+    archive.ingest.store(incoming(mr))
+    again.poll()
+    assert [j.id for j in _priors_jobs(queue)] == [asked.id]
+    ct = small_ct(patient_id="EARLY-3", study_uid=str(mr.StudyInstanceUID))
+    archive.ingest.store(incoming(ct))
     again.poll()
     again.stop()
-    assert [j.id for j in _priors_jobs(queue)] == [asked.id]
+    [later, _] = _priors_jobs(queue)  # newest first
+    assert (later.study_uid, later.series_uid) == (str(mr.StudyInstanceUID),
+                                                   str(ct.SeriesInstanceUID))
     assert queue.enqueue_priors(series_uid="x", study_uid=asked.study_uid,
                                 patient_key=asked.patient_key, task="spleen-ct") is None
 

@@ -64,6 +64,7 @@ from dicom_node.queue.jobs import JobQueue, connect_queue
 from dicom_node.learning.label_intake import IntakeDecision
 from dicom_node.queue.mpps import MppsSteps
 from dicom_node.tasks import Task
+from dicom_node.wire.priors import header_taken
 from pipelines.selection import (
     NON_IMAGE_MODALITIES,
     SECONDARY_CAPTURE_PREFIX,
@@ -185,7 +186,8 @@ class StabilityMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.ask_priors = ask_priors
-        self._priors_seen: set[str] = set()  # studies whose priors job is queued (or not needed)
+        self._priors_seen: set[str] = set()  # studies whose priors job is queued
+        self._priors_judged: set[str] = set()  # series looked at for it
         self._history = HistoryStore(archive.data_dir) if ask_priors else None
 
     # ----------------------------------------------------------------- one pass
@@ -252,23 +254,33 @@ class StabilityMonitor:
         return self._mpps_pass() + self._sized_pass(growing, now)
 
     def _priors_pass(self, growing: Sequence[GrowingSeries]) -> None:
-        """Queue one priors job per new study and task whose modality it has, as soon as
-        its first instance is filed (the queue keeps it once per study, across
-        restarts); never for a series retrieved as a prior (the priors of a prior are
-        not looked for)."""
-        if len(self._priors_seen) > 10000:
-            self._priors_seen.clear()  # memory only: the queue is what keeps it once
+        """Queue one priors job per new study and task, as soon as the first instance of
+        a series the task's rules would take (judged from its header, as a C-FIND answer
+        is) is filed; the queue keeps it once per study, across restarts. Never for a
+        series retrieved as a prior (the priors of a prior are not looked for)."""
+        if len(self._priors_judged) > 10000:  # memory only: the queue keeps it once
+            self._priors_seen.clear()
+            self._priors_judged.clear()
         for g in growing:
             row = g.series
-            modality = row.modality.upper()
-            if row.study_uid in self._priors_seen or modality in NON_IMAGE_MODALITIES:
+            if row.study_uid in self._priors_seen or row.series_uid in self._priors_judged \
+                    or row.modality.upper() in NON_IMAGE_MODALITIES:
                 continue
-            self._priors_seen.add(row.study_uid)
+            self._priors_judged.add(row.series_uid)
             if self._history is not None and self._history.is_retrieved(row.series_uid):
                 continue
+            files = self.archive.twins.series_files(row.series_uid)
+            try:
+                head = pydicom.dcmread(files[0], stop_before_pixels=True) if files else None
+            except (OSError, pydicom.errors.InvalidDicomError):
+                head = None
+            if head is None:
+                self._priors_judged.discard(row.series_uid)  # tried again at the next pass
+                continue
             for spec in self.tasks:
-                if not spec.enabled or spec.rules.modality.upper() != modality:
+                if not spec.enabled or not header_taken(spec.rules, head):
                     continue
+                self._priors_seen.add(row.study_uid)
                 job = self.jobs.enqueue_priors(series_uid=row.series_uid,
                                                study_uid=row.study_uid,
                                                patient_key=row.patient_key, task=spec.task)

@@ -129,6 +129,16 @@ def rules_take(rules: SelectionRules, found: FoundSeries) -> bool:
         fnmatch.fnmatch(found.manufacturer.upper(), m.upper()) for m in rules.manufacturers))
 
 
+def header_taken(rules: SelectionRules, ds: Dataset) -> bool:
+    """Whether the task's rules would take the series of one instance's header, judged
+    as :func:`rules_take` judges a C-FIND answer (not by its number of instances): is a
+    new study one whose priors the task wants?"""
+    return rules_take(rules, FoundSeries(
+        study_uid="", series_uid="", study_date=dt.date.min, modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"), description=_text(ds, "SeriesDescription"),
+        manufacturer=_text(ds, "Manufacturer"), instances=0))
+
+
 def _answers(responses: Any, pacs: str) -> list[Dataset]:
     """The identifiers of a C-FIND's pending responses; raises on silence or failure."""
     out = []
