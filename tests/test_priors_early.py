@@ -147,3 +147,35 @@ def test_todays_job_runs_a_priors_job_not_begun_and_waits_a_bounded_time_for_a_r
                                   files=archive.twins.series_files(today.series_uid),
                                   rules=spec.rules, run_prior=lambda uid: None, asked=note)
     assert lookup.prior is None and lookup.note == note
+
+
+def test_a_priors_job_run_again_after_a_restart_measures_what_was_retrieved_not_again(
+        tmp_path: Path) -> None:
+    """Stopped after the C-MOVE, before the prior's inference: the job, queued again,
+    does not ask the PACS again (the prior is in the twin) but measures the retrieved
+    series (the worker's ``run_prior`` skips those with a result)."""
+    from dicom_node.runtime.prior_results import JobPriors
+
+    archive = Archive(tmp_path)
+    today = small_ct(patient_id="AGAIN-1")
+    archive.ingest.store(incoming(today))
+    key = archive.twins.find_twin_keys("AGAIN-1")[0]
+    prior = small_ct(patient_id="AGAIN-1")
+    prior.StudyDate = "20250101"
+    history = HistoryStore(tmp_path)
+    history.expect_retrieved(series_uid=str(prior.SeriesInstanceUID),
+                             study_uid=str(prior.StudyInstanceUID), patient_key=key,
+                             source="PACS", for_study_uid=str(today.StudyInstanceUID))
+    archive.ingest.store(incoming(prior))
+    never = PriorRetriever(  # would refuse at once: it must not be asked
+        settings=PriorSettings(years=5, max_studies=3, max_bytes=10**9, per_hour=100,
+                               timeout_s=1.0, node_ae_title="DICOM_NODE"),
+        destinations=[Destination(ae_title="GONE", host="127.0.0.1", port=9, query=True)],
+        ingest=archive.ingest, history=history, data_dir=tmp_path)
+    measured: list[str] = []
+    note = JobPriors(history, never).ask(
+        patient_key=key, study_uid=str(today.StudyInstanceUID),
+        files=archive.twins.series_files(str(today.SeriesInstanceUID)),
+        rules=default_tasks()[0].rules, run_prior=measured.append)
+    assert note == "priors not asked for: a prior within the window is in the twin"
+    assert measured == [str(prior.SeriesInstanceUID)]
