@@ -1,7 +1,10 @@
 """The durable inference job queue, in ``<data-dir>/queue.sqlite``.
 
 A job is "run the matching pipeline on this series as it stood at this moment"
-(``series_uid`` plus the series' ``last_received`` when it went quiet). Jobs live in
+(``series_uid`` plus the series' ``last_received`` when it went quiet). A job of kind
+``priors`` (:class:`JobKind`, migration 7) is "look for this new study's priors for this
+task" instead, queued once per study and task as its first instance is filed
+(:meth:`JobQueue.enqueue_priors`; issue 26). Jobs live in
 SQLite, so they survive a restart; a job is claimed by one worker at a time
 (``BEGIN IMMEDIATE``), runs once, is retried a bounded number of times with a delay
 after a failure and then stays visible as ``failed`` with its reason.

@@ -14,6 +14,10 @@ decision (a late instance) is decided again by the quiet period, and its new job
 result supersedes the earlier one; a series completed early and re-opened so is counted
 against its scanner.
 
+With ``ask_priors`` the early pass also queues a priors job for each new study, as the
+first instance of a series a task's rules would take is filed (:meth:`StabilityMonitor._priors_pass`):
+the priors are retrieved and measured while the study arrives and goes quiet.
+
 The first pass looks at every series of the archive; later passes only at those whose
 last instance arrived since :data:`LOOKBACK_S` before the previous pass's cutoff (an
 instance's arrival time is taken inside its index transaction, so it commits well

@@ -1,14 +1,19 @@
-"""A job's prior: found in the twin, or retrieved from the PACS and run first (issue 26).
+"""A job's prior: found in the twin, or retrieved from the PACS and measured first (issue 26).
 
-:class:`JobPriors` is what the worker asks before it runs a job's pipeline: the
-patient's most recent prior result of the task (:meth:`HistoryStore.prior_result`),
-as the :class:`~pipelines.comparison.PriorResult` the pipeline compares with. When
-the twin holds no earlier study within ``priors_years`` and a destination has
-``query = true``, it first retrieves the priors (:class:`~dicom_node.wire.priors.PriorRetriever`)
-and has the worker run the task on them, oldest first, so that their results exist
-(recorded in the twin, not sent unless ``send_prior_results``). What it could not do
-is said in :attr:`PriorLookup.note` (the overlay's banner line and the job's note):
-the new result never waits for a PACS that does not answer.
+:class:`JobPriors` does a *priors job*'s work (:meth:`JobPriors.ask`; the job is queued by
+the stability monitor as a new study's first instance is filed, so this runs while the
+study is still arriving): when the twin holds no earlier study within ``priors_years``
+and a destination has ``query = true``, it retrieves the priors
+(:class:`~dicom_node.wire.priors.PriorRetriever`), then has the worker run the task on
+the series retrieved for the study that have no result yet, oldest first (also after a
+restart, without asking the PACS again), recorded in the twin and not sent unless
+``send_prior_results``. :meth:`JobPriors.lookup` is what a job asks before its pipeline:
+the patient's most recent prior result of the task
+(:meth:`HistoryStore.prior_result`), as the :class:`~pipelines.comparison.PriorResult`
+the pipeline compares with, given the priors job's note (``asked``), or asking itself
+when no priors job looked (a study that arrived while the node was down). What it could
+not do is said in :attr:`PriorLookup.note` (``no comparison: ...``: the overlay's banner
+line and the job's note): the new result never waits for a PACS that does not answer.
 """
 
 from __future__ import annotations

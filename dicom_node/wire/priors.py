@@ -1,7 +1,8 @@
 """Priors from the PACS: a patient's earlier studies, asked for when a new one arrives.
 
-When a study arrives for a twin that holds no earlier study of the patient within
-``priors_years``, the worker asks each destination with ``query = true``
+When a study starts arriving (its priors job, :mod:`dicom_node.runtime.prior_results`)
+for a twin that holds no earlier study of the patient within ``priors_years``, the
+worker asks each destination with ``query = true``
 (:class:`PriorRetriever`): C-FIND at STUDY level (Study Root) by Patient ID and Issuer
 of Patient ID over the window, the most recent ``priors_max_studies`` studies the twin
 does not hold; C-FIND at SERIES level in each; then, for the series the task's rules
