@@ -129,10 +129,14 @@ def test_todays_job_runs_a_priors_job_not_begun_and_waits_a_bounded_time_for_a_r
     assert 0.6 <= waited < 3.0, waited
     assert note == ("no comparison: the priors were still being retrieved or measured after "
                     "0.6 s (priors_wait_s)")
+    # ... and runs it itself when its worker died and gave it back meanwhile
+    other.give_back("worker-2 pid 2", "worker-2 died", count_attempt=False)
+    again = worker._priors_asked(today, spec)  # noqa: SLF001
+    assert again.startswith("no comparison: PACS GONE did not answer"), again
+    assert queue.get(asked.id).worker == "worker-1 pid 1"
     # ... and takes its word once it has ended
-    other.complete(asked.id, result_id=None, note="no comparison: PACS GONE did not answer")
     t0 = time.monotonic()
-    assert worker._priors_asked(today, spec) == "no comparison: PACS GONE did not answer"  # noqa: SLF001
+    assert worker._priors_asked(today, spec) == again  # noqa: SLF001
     assert time.monotonic() - t0 < 0.5
     # 2. a priors job not begun (this worker had other work): today's job runs it itself,
     # once; the PACS refuses, and the result goes out without the comparison, saying why

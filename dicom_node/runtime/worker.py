@@ -453,29 +453,23 @@ class Worker(JobLoop):
 
     def _priors_asked(self, job: Job, spec: Task) -> str | None:
         """The note of the study's priors job once it has ended (None: there is none, or
-        the series is a prior itself). One not begun yet is run here and now; one another
-        worker runs is waited for at most ``priors_wait_s``, then the job goes on without
-        it, saying so."""
+        the series is a prior itself). One not begun (or given back by a worker that
+        died) is run here and now; one another worker runs is waited for at most
+        ``priors_wait_s``, then the job goes on without it, saying so."""
         if self.priors.retriever is None or self.history.is_retrieved(job.series_uid):
             return None
         asked = self.jobs.priors_job(job.study_uid, job.task)
         if asked is None:
             return None
-        if asked.state is JobState.QUEUED:
-            taken = self.jobs.take(asked.id)
-            if taken is not None:
-                LOG.info("job %d: runs job %d (the priors of its study, not begun) itself",
-                         job.id, asked.id)
-                try:
-                    note = self._look_for_priors(taken, spec, time.perf_counter()).note
-                except Exception as exc:  # noqa: BLE001 - recorded on the priors job
-                    self.jobs.fail(taken.id, f"{exc}", permanent=True)
-                    return f"{NO_COMPARISON} looking for priors failed ({exc})"[:200]
-                self.jobs.complete(taken.id, result_id=None, note=note)
-                return note
         t_wait, deadline = time.perf_counter(), time.monotonic() + self.priors_wait_s
-        while asked.state in (JobState.QUEUED, JobState.RUNNING) and \
-                time.monotonic() < deadline and not self._stop.is_set():
+        while True:
+            if asked.state is JobState.QUEUED:
+                taken = self.jobs.take(asked.id)
+                if taken is not None:
+                    return self._run_priors_here(job, taken, spec)
+            if asked.state not in (JobState.QUEUED, JobState.RUNNING) or \
+                    time.monotonic() >= deadline or self._stop.is_set():
+                break
             time.sleep(0.1)
             asked = self.jobs.get(asked.id)
         LOG.info("job %d: waited %.1f s for job %d (the priors of its study): %s", job.id,
@@ -486,6 +480,19 @@ class Worker(JobLoop):
             return f"{NO_COMPARISON} looking for priors failed ({asked.error})"[:200]
         return (f"{NO_COMPARISON} the priors were still being retrieved or measured after "
                 f"{self.priors_wait_s:g} s (priors_wait_s)")
+
+    def _run_priors_here(self, job: Job, taken: Job, spec: Task) -> str:
+        """Run the priors job ``taken`` (claimed by this worker) inside ``job``, record
+        how it ended, and return its note."""
+        LOG.info("job %d: runs job %d (the priors of its study, not begun) itself", job.id,
+                 taken.id)
+        try:
+            note = self._look_for_priors(taken, spec, time.perf_counter()).note
+        except Exception as exc:  # noqa: BLE001 - recorded on the priors job
+            self.jobs.fail(taken.id, f"{exc}", permanent=True)
+            return f"{NO_COMPARISON} looking for priors failed ({exc})"[:200]
+        self.jobs.complete(taken.id, result_id=None, note=note)
+        return note
 
     def _run_prior(self, job: Job, spec: Task, series_uid: str) -> None:
         """Run ``job``'s task on a series retrieved as a prior and record its result
