@@ -6,16 +6,17 @@
 reading its SEG's headers (``JobPriors.lookup``), comparing, the SR's extra groups
 (``write_results`` with and without the comparison, SEG+SR only) and the chart image.
 
-``--mode retrieve`` (real node and Orthanc, subprocesses): the prior study (``--slices``
-slices of 512x512) is only in Orthanc; today's study of the same patient is sent to the
-node with dcmtk ``storescu``. The clock starts when ``storescu`` exits (every instance
-acknowledged) and stops when Orthanc holds today's SR; the node's log gives the
-retrieval's and both pipelines' times.
+``--mode retrieve`` (real node and Orthanc, subprocesses): ``--rounds`` patients, each
+with its prior study (``--slices`` slices of 512x512) only in Orthanc; today's study of
+the patient is sent to the node with dcmtk ``storescu``. The clock starts when
+``storescu`` exits (every instance acknowledged) and stops when Orthanc holds today's
+SR; the stage times come from the node's tables (the jobs' times, the results'
+timings) and its log. One node serves every round: the first pays the model's load.
 
 Usage::
 
     .venv/bin/python benchmarks/priors.py --mode twin --rounds 5
-    .venv/bin/python benchmarks/priors.py --mode retrieve --slices 80
+    .venv/bin/python benchmarks/priors.py --mode retrieve --slices 80 --rounds 3
 """
 
 from __future__ import annotations
@@ -159,8 +160,57 @@ def _groups(vol, seg, segs, model):  # noqa: ANN001, ANN202 - a benchmark's shor
     return sr_mod._measurement_groups(vol, seg, items, kept, algorithm), items
 
 
-def retrieve_mode(slices: int, stable_after: float) -> None:
-    from loop_helpers import install_model, jobs_now, pacs, results_in_orthanc, storescu, write_files
+def _utc(text: str) -> float:
+    """An ISO 8601 UTC time of the node's tables as seconds since the epoch."""
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _round(data: Path, orthanc, node, prior_slices: list, today: list, work: Path) -> dict:  # noqa: ANN001
+    """One patient: today's study sent to the node, timed to its SR in Orthanc."""
+    from loop_helpers import jobs_now, results_in_orthanc, storescu, write_files
+    from twin_archive.results import ResultStore
+    from waiting import wait_until
+
+    paths = write_files(today, work)
+    study = str(today[0].StudyInstanceUID)
+    load0 = os.getloadavg()[0]
+    t_first = time.time()
+    storescu(node.port, paths, node.ae_title)
+    t0, wall0 = time.monotonic(), time.time()
+    wait_until("today's SR in Orthanc", lambda: results_in_orthanc(orthanc, study)["sr"], 600,
+               poll=0.05)
+    took = time.monotonic() - t0
+    load1 = os.getloadavg()[0]
+    wait_until("today's job done", lambda: any(
+        j.state.value == "done" and j.study_uid == study and j.kind.value == "series"
+        for j in jobs_now(data)), 300)
+    jobs = [j for j in jobs_now(data) if j.study_uid == study]
+    asked = [j for j in jobs if j.kind.value == "priors"]
+    series_job = [j for j in jobs if j.kind.value == "series"][0]
+    store = ResultStore(data)
+    try:
+        mine = store.for_series(str(today[0].SeriesInstanceUID))[0]
+        prior = store.for_series(str(prior_slices[0].SeriesInstanceUID))
+    finally:
+        store.close()
+    out = {"took": took, "load": (load0, load1), "arrival": wall0 - t_first,
+           "today": mine.timings, "prior": prior[0].timings if prior else {},
+           "queued": _utc(series_job.enqueued_at) - wall0,
+           "started": _utc(series_job.started_at) - wall0,
+           "finished": _utc(series_job.finished_at) - wall0,
+           "change": [(s.name, s.volume_ml) for s in mine.segments],
+           "note": series_job.error}
+    if asked:
+        out["priors_job"] = (_utc(asked[0].started_at) - wall0,
+                             _utc(asked[0].finished_at) - wall0, asked[0].error)
+    return out
+
+
+def retrieve_mode(slices: int, stable_after: float, rounds: int) -> None:
+    """Each round a new patient: its prior only in Orthanc, today's study sent to the
+    node; the clock from the last instance acknowledged to today's SR in Orthanc. One
+    node for all rounds (the first pays the model's load)."""
+    from loop_helpers import install_model, pacs, storescu, write_files
     from node_harness import NodeProcess
     from waiting import wait_until
 
@@ -174,33 +224,49 @@ def retrieve_mode(slices: int, stable_after: float) -> None:
             node.config = ("priors_years = 5\n[[destinations]]\n"
                            f'ae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\n'
                            f"port = {orthanc.dicom_port}\nquery = true\n")
-            a1 = ph.Anatomy.random(5)
-            prior = _study(a1, "20251203", slices)
-            storescu(orthanc.dicom_port, write_files(prior, work / "prior"), orthanc.aet)
-            today = _study(_grown(a1, 1.3), "20261203", slices)
-            paths = write_files(today, work / "today")
+            studies = []
+            for i in range(rounds):
+                a1 = ph.Anatomy.random(5 + i)
+                prior = _study(a1, "20251203", slices, pid=f"BENCH-PRIOR-{i}")
+                storescu(orthanc.dicom_port, write_files(prior, work / f"prior{i}"), orthanc.aet)
+                studies.append((prior, _study(_grown(a1, 1.3), "20261203", slices,
+                                              pid=f"BENCH-PRIOR-{i}")))
             node.start()
             try:
-                load0 = os.getloadavg()[0]
-                storescu(node.port, paths, node.ae_title)
-                t0 = time.monotonic()
-                wait_until("today's SR in Orthanc", lambda: results_in_orthanc(
-                    orthanc, str(today[0].StudyInstanceUID))["sr"], 600, poll=0.1)
-                took = time.monotonic() - t0
-                load1 = os.getloadavg()[0]
-                wait_until("today's job done", lambda: any(
-                    j.state.value == "done" and j.study_uid == str(today[0].StudyInstanceUID)
-                    for j in jobs_now(data)), 300)
+                wait_until("the worker ready", lambda: "ready for jobs" in node.log(), 120,
+                           poll=0.1)
+                figures = [_round(data, orthanc, node, prior, today, work / f"today{i}")
+                           for i, (prior, today) in enumerate(studies)]
                 lines = [ln for ln in node.log_path.read_text().splitlines()
                          if "priors" in ln or "-> result" in ln or "compared with" in ln]
-                print(f"{slices} slices of 512x512, stable_after {stable_after} s, load "
-                      f"{load0:.1f} -> {load1:.1f}: today's SR in Orthanc "
-                      f"{took:.1f} s after its last instance was acknowledged")
-                print("\n".join(ln[:240] for ln in lines))
             finally:
                 node.stop()
+        _report(slices, stable_after, figures)
+        print("\n".join(ln[:260] for ln in lines))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(slices: int, stable_after: float, figures: list[dict]) -> None:
+    """Each round's figures and the medians (seconds; times relative to the last
+    instance acknowledged, negative: before it)."""
+    print(f"{slices} slices of 512x512, stable_after {stable_after} s, {len(figures)} round(s)")
+    for i, f in enumerate(figures):
+        pj = f.get("priors_job")
+        pt, tt = f["prior"], f["today"]
+        print(f"round {i + 1}: load {f['load'][0]:.1f} -> {f['load'][1]:.1f}; today's SR in "
+              f"Orthanc {f['took']:.1f} s after its last instance (sent in {f['arrival']:.1f} s)"
+              + (f"; priors job {pj[0]:+.1f} -> {pj[1]:+.1f} s ({pj[2]})" if pj else "")
+              + f"; prior's model load {pt.get('model_load_s', 0):.1f} s, pipeline "
+              f"{pt.get('pipeline_s', 0):.1f} s; today's job queued {f['queued']:+.1f}, "
+              f"begun {f['started']:+.1f}, done {f['finished']:+.1f} s (model load "
+              f"{tt.get('model_load_s', 0):.1f}, prior found {tt.get('prior_s', 0):.2f}, pipeline "
+              f"{tt.get('pipeline_s', 0):.1f}: read {tt.get('load_s', 0):.1f}, preprocess "
+              f"{tt.get('preprocess_s', 0):.1f}, inference {tt.get('inference_s', 0):.1f}, "
+              f"postprocess {tt.get('postprocess_s', 0):.1f}, SEG+SR {tt.get('write_s', 0):.1f}); "
+              f"{f['change']} {f['note']}")
+    took = [f["took"] for f in figures]
+    print(f"median {statistics.median(took):.1f} s (min {min(took):.1f}, max {max(took):.1f})")
 
 
 def main() -> None:
@@ -213,7 +279,7 @@ def main() -> None:
     if args.mode == "twin":
         twin_mode(args.slices, args.rounds)
     else:
-        retrieve_mode(args.slices, args.stable_after)
+        retrieve_mode(args.slices, args.stable_after, args.rounds)
 
 
 if __name__ == "__main__":

@@ -889,6 +889,12 @@ class Settings:
         doc="Seconds the PACS has to answer each association, C-FIND and retrieval response "
             "when asked for priors; a PACS that does not answer in time never holds the new "
             "result back (it goes out without the comparison, saying so).")
+    priors_wait_s: float = _setting(
+        30.0, **_NUMBER, check=_number(0, 3600, "a number of seconds from 0 to 3600"),
+        doc="The priors of a new study are looked for (retrieved and measured) by a job "
+            "queued as its first instance is filed; a job of the study that finds that one "
+            "still running (in another worker) waits for it at most this many seconds, then "
+            "goes out without the comparison, saying so.")
     send_prior_results: bool = _setting(
         False, **_BOOL,
         doc="Send the results computed on retrieved priors to the destinations too (default: "

@@ -79,6 +79,8 @@ def setting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         today = _study(grown(a1, GROWTH), "20261203", "PRIOR-E2E")
         node.start()
         try:
+            # a node in service: its worker is up when a study comes (not importing torch)
+            wait_until("the worker ready", lambda: "ready for jobs" in node.log(), 120, poll=0.1)
             paths = write_files(today, tmp / "today")
             storescu(node.port, paths, node.ae_title)
             last_sent = time.monotonic()
@@ -132,6 +134,25 @@ def test_the_prior_is_in_the_twin_marked_retrieved_and_not_sent(setting) -> None
             and j.state.value == "done"], 120)
         found = results_in_orthanc(orthanc, str(study[0].StudyInstanceUID))
         assert found["seg"] == found["sr"] == found["overlay"] == []  # send_prior_results false
+    # the priors were looked for by one job, queued when today's first instance was filed
+    # and begun before today's series went quiet (not after it, by today's own job); none
+    # for the retrieved prior studies
+    jobs = jobs_now(node.data_dir)
+    today_uid = str(setting["today"][0].StudyInstanceUID)
+    [asked] = [j for j in jobs if j.kind.value == "priors"]
+    todays = [j for j in jobs if j.kind.value == "series" and j.study_uid == today_uid]
+    assert len(todays) == 1, todays
+    todays = todays[0]
+    assert asked.study_uid == today_uid and asked.state.value == "done", asked
+    assert asked.started_at < todays.enqueued_at, (asked, todays)
+    assert "2 series retrieved from ORTHANC" in asked.error, asked.error
+    assert f"priors of study {today_uid}" in node.cli("jobs").stdout
+    # the priors' results were served to nobody: no drift figures (nor shadow run) of them
+    from twin_archive.learning import FigureStore
+
+    with FigureStore(node.data_dir) as figures:
+        keys = [r[0] for r in figures.db.execute("SELECT job_key FROM series_figures")]
+    assert [k.split("@")[0] for k in keys] == [str(setting["today"][0].SeriesInstanceUID)]
     lines = node.cli("audit", "--type", "priors-retrieved", "--json").stdout.splitlines()
     [event] = [json.loads(line) for line in lines if line.strip()]  # one JSON object a line
     assert event["detail"]["series"] == 2 and event["detail"]["error"] == ""
@@ -181,8 +202,12 @@ def test_a_pacs_that_never_answers_does_not_hold_the_result_back(setting) -> Non
         assert "without the comparison with a prior from the PACS" in log
         assert "did not answer" in log
         [job] = wait_until("the job done, its note saying why there is no comparison", lambda: [
-            j for j in jobs_now(data) if j.state.value == "done"], 120)
+            j for j in jobs_now(data) if j.state.value == "done" and j.kind.value == "series"],
+            120)
         assert job.result_id and "no comparison: PACS SILENT did not answer" in job.error
+        [asked] = [j for j in jobs_now(data) if j.kind.value == "priors"]
+        assert asked.state.value == "done" and asked.result_id is None
+        assert "no comparison: PACS SILENT did not answer" in asked.error
     finally:
         node.stop()
         silent.close()

@@ -181,6 +181,16 @@ class HistoryStore(IndexStore):
                 " source, retrieved_at, for_study_uid) VALUES (?,?,?,?,?,?)",
                 (series_uid, study_uid, patient_key, source, iso(utc_now()), for_study_uid))
 
+    def retrieved_for(self, study_uid: str) -> list[str]:
+        """The series retrieved (or asked for) as priors of ``study_uid``, oldest study
+        first."""
+        with self._lock:
+            return [r[0] for r in self.db.execute(
+                "SELECT x.series_uid FROM retrieved_series x LEFT JOIN studies s ON"
+                " s.study_uid = x.study_uid WHERE x.for_study_uid = ?"
+                " ORDER BY COALESCE(s.study_date, ''), COALESCE(s.study_time, ''), x.series_uid",
+                (study_uid,))]
+
     def is_retrieved(self, series_uid: str) -> bool:
         """Whether ``series_uid`` came from a PACS as a prior."""
         with self._lock:

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from dicom_node.queue.jobs import JobQueue, JobState
+from dicom_node.queue.jobs import JobKind, JobQueue, JobState
 from dicom_node.queue.sender import Send, Sender, SendState
 from dicom_node.settings import Settings
 
@@ -52,7 +52,8 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
               "SERIES / REASON")
     for j in jobs:
         print(f"{j.id:>5}  {j.state.value:<8} {j.task:<12} {j.attempts:>2}/{j.max_attempts:<2}  "
-              f"{j.enqueued_at[:19]:<19}  {j.result_id if j.result_id else '-':>6}  {j.series_uid}")
+              f"{j.enqueued_at[:19]:<19}  {j.result_id if j.result_id else '-':>6}  "
+              + (f"priors of study {j.study_uid}" if j.kind is JobKind.PRIORS else j.series_uid))
         if j.error:
             what = {JobState.FAILED: "reason", JobState.WAITING: "waiting"}.get(j.state, "note")
             print(f"{'':>7}{what}: {j.error}")

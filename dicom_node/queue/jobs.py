@@ -1,7 +1,10 @@
 """The durable inference job queue, in ``<data-dir>/queue.sqlite``.
 
 A job is "run the matching pipeline on this series as it stood at this moment"
-(``series_uid`` plus the series' ``last_received`` when it went quiet). Jobs live in
+(``series_uid`` plus the series' ``last_received`` when it went quiet). A job of kind
+``priors`` (:class:`JobKind`, migration 7) is "look for this new study's priors for this
+task" instead, queued once per study and task as its first instance is filed
+(:meth:`JobQueue.enqueue_priors`; issue 26). Jobs live in
 SQLite, so they survive a restart; a job is claimed by one worker at a time
 (``BEGIN IMMEDIATE``), runs once, is retried a bounded number of times with a delay
 after a failure and then stays visible as ``failed`` with its reason.
@@ -175,8 +178,16 @@ def _q6_completeness(db: sqlite_utils.Database) -> None:
     conn.execute("ALTER TABLE monitored_series ADD COLUMN scanner TEXT NOT NULL DEFAULT ''")
 
 
+def _q7_priors_jobs(db: sqlite_utils.Database) -> None:
+    # What a job does (JobKind): 'series' (the pipeline on a series that went quiet;
+    # every row before) or 'priors' (look for a new study's priors as soon as its first
+    # instance is filed, issue 26); one 'priors' job per study and task.
+    db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'series'")
+    db.execute("CREATE INDEX jobs_priors ON jobs (study_uid, task) WHERE kind = 'priors'")
+
+
 QUEUE_MIGRATIONS: tuple[Migration, ...] = (_q1, _q2, _q3, _q4, _q5_confirmed_delivery,
-                                           _q6_completeness)
+                                           _q6_completeness, _q7_priors_jobs)
 
 
 def connect_queue(data_dir: Path | str, *, timeout_s: float = 30.0) -> sqlite_utils.Database:
@@ -331,9 +342,21 @@ class JobState(str, enum.Enum):
     FAILED = "failed"
 
 
+class JobKind(str, enum.Enum):
+    """What a job does."""
+
+    SERIES = "series"  # the task's pipeline on a series that went quiet
+    PRIORS = "priors"  # look for a new study's priors (retrieve, measure) while it arrives
+
+
+#: ``series_last_received`` of a priors job (its series has not gone quiet: it is
+#: the study's first series, named for its files' headers).
+PRIORS_MARK = "priors"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Job:
-    """One inference job as stored in the queue."""
+    """One job as stored in the queue (an inference job unless ``kind`` says otherwise)."""
 
     id: int
     series_uid: str
@@ -353,6 +376,7 @@ class Job:
     manufacturer: str = ""
     scanner_model: str = ""
     worker: str = ""
+    kind: JobKind = JobKind.SERIES
 
     @property
     def key(self) -> str:
@@ -369,7 +393,7 @@ class Job:
             enqueued_at=r["enqueued_at"], started_at=r["started_at"] or "",
             finished_at=r["finished_at"] or "", error=r["error"] or "", result_id=r["result_id"],
             manufacturer=r["manufacturer"], scanner_model=r["scanner_model"],
-            worker=r["worker"],
+            worker=r["worker"], kind=JobKind(r["kind"]),
         )
 
 
@@ -421,6 +445,47 @@ class JobQueue(DurableQueue):
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone()
         self.wakeup.set()
         return Job.from_row(row)
+
+    def enqueue_priors(self, *, series_uid: str, study_uid: str, patient_key: str,
+                       task: str) -> Job | None:
+        """Queue the look for priors of a new study for ``task`` (its first series:
+        ``series_uid``); ``None`` when the study already has one (once per study and
+        task, whatever restarts come between)."""
+        now = iso(utc_now())
+        with self._lock, write(self.db) as conn:
+            if conn.execute("SELECT 1 FROM jobs WHERE kind = ? AND study_uid = ? AND task = ?",
+                            (JobKind.PRIORS.value, study_uid, task)).fetchone() is not None:
+                return None
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO jobs (series_uid, study_uid, patient_key, task,"
+                " series_last_received, instances, state, max_attempts, enqueued_at, not_before,"
+                " kind) VALUES (?,?,?,?,?,0,?,?,?,?,?)",
+                (series_uid, study_uid, patient_key, task, PRIORS_MARK, JobState.QUEUED.value,
+                 self.max_attempts, now, now, JobKind.PRIORS.value))
+            if cur.rowcount == 0:
+                return None
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone()
+        self.wakeup.set()
+        return Job.from_row(row)
+
+    def priors_job(self, study_uid: str, task: str) -> Job | None:
+        """The look for priors of a study for ``task``, if one was queued."""
+        with self._lock:
+            row = self.conn.execute("SELECT * FROM jobs WHERE kind = ? AND study_uid = ? AND"
+                                    " task = ?", (JobKind.PRIORS.value, study_uid, task)).fetchone()
+        return None if row is None else Job.from_row(row)
+
+    def take(self, job_id: int) -> Job | None:
+        """Claim one queued job by its id, due or not (a job that needs it now runs it
+        itself); ``None`` when it is not queued any more."""
+        with self._lock, write(self.db) as conn:
+            n = conn.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ?, worker = ?"
+                " WHERE id = ? AND state = ?", (JobState.RUNNING.value, iso(utc_now()),
+                                                self.worker, job_id, JobState.QUEUED.value)
+            ).rowcount
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if n else None
 
     def claim(self) -> Job | None:
         """Take the oldest due queued job for this worker (marks it running), or ``None``."""

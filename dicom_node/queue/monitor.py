@@ -14,6 +14,10 @@ decision (a late instance) is decided again by the quiet period, and its new job
 result supersedes the earlier one; a series completed early and re-opened so is counted
 against its scanner.
 
+With ``ask_priors`` the early pass also queues a priors job for each new study, as the
+first instance of a series a task's rules would take is filed (:meth:`StabilityMonitor._priors_pass`):
+the priors are retrieved and measured while the study arrives and goes quiet.
+
 The first pass looks at every series of the archive; later passes only at those whose
 last instance arrived since :data:`LOOKBACK_S` before the previous pass's cutoff (an
 instance's arrival time is taken inside its index transaction, so it commits well
@@ -49,7 +53,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -64,6 +68,7 @@ from dicom_node.queue.jobs import JobQueue, connect_queue
 from dicom_node.learning.label_intake import IntakeDecision
 from dicom_node.queue.mpps import MppsSteps
 from dicom_node.tasks import Task
+from dicom_node.wire.priors import header_taken
 from pipelines.selection import (
     NON_IMAGE_MODALITIES,
     SECONDARY_CAPTURE_PREFIX,
@@ -71,7 +76,8 @@ from pipelines.selection import (
     matches,
 )
 from twin_archive import Archive
-from twin_archive.arrivals import Arrivals, QuietSeries
+from twin_archive.arrivals import Arrivals, GrowingSeries, QuietSeries
+from twin_archive.history import HistoryStore
 
 LOG = logging.getLogger(__name__)
 
@@ -152,12 +158,16 @@ class StabilityMonitor:
         Series of one scanner and protocol that must agree on a size before it is used.
     reopen_limit : int, optional
         Re-opens after which a scanner's series wait for the quiet period.
+    ask_priors : bool, optional
+        Queue a priors job for each new study as its first instance is filed (a PACS is
+        asked for priors: ``priors_years`` > 0 and a destination with ``query = true``).
     """
 
     def __init__(self, archive: Archive, jobs: JobQueue, tasks: Sequence[Task], *,
                  stable_after_s: float, poll_s: float | None = None,
                  label_intake: Callable[[Sequence[Path]], IntakeDecision] | None = None,
-                 guard_s: float = 0.2, learn_from: int = 2, reopen_limit: int = 3) -> None:
+                 guard_s: float = 0.2, learn_from: int = 2, reopen_limit: int = 3,
+                 ask_priors: bool = False) -> None:
         if not stable_after_s > 0:
             raise ValueError(f"stable_after_s must be > 0 seconds, got {stable_after_s}")
         self.archive = archive
@@ -179,6 +189,10 @@ class StabilityMonitor:
         self._set_aside: dict[str, str] = {}  # series UID -> why it cannot be decided yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.ask_priors = ask_priors
+        self._priors_seen: set[str] = set()  # studies whose priors job is queued
+        self._priors_judged: set[str] = set()  # series looked at for it
+        self._history = HistoryStore(archive.data_dir) if ask_priors else None
 
     # ----------------------------------------------------------------- one pass
     def quiet_series(self, until: str, since: str | None = None) -> list[QuietSeries]:
@@ -235,8 +249,48 @@ class StabilityMonitor:
     def poll_early(self) -> list[SeriesDecision]:
         """Decide the series complete before their quiet period: those a COMPLETED MPPS
         step lists once all its instances are in, and those at their expected size for
-        ``guard_s`` (DESIGN decision 3)."""
-        return self._mpps_pass() + self._sized_pass()
+        ``guard_s`` (DESIGN decision 3). With ``ask_priors``, first queue the look for
+        the priors of each new study whose first instances are arriving."""
+        now = utc_now()
+        growing = self._arrivals.growing(iso(now - timedelta(seconds=self.stable_after_s)))
+        if self.ask_priors:
+            self._priors_pass(growing)
+        return self._mpps_pass() + self._sized_pass(growing, now)
+
+    def _priors_pass(self, growing: Sequence[GrowingSeries]) -> None:
+        """Queue one priors job per new study and task, as soon as the first instance of
+        a series the task's rules would take (judged from its header, as a C-FIND answer
+        is) is filed; the queue keeps it once per study, across restarts. Never for a
+        series retrieved as a prior (the priors of a prior are not looked for)."""
+        if len(self._priors_judged) > 10000:  # memory only: the queue keeps it once
+            self._priors_seen.clear()
+            self._priors_judged.clear()
+        for g in growing:
+            row = g.series
+            if row.study_uid in self._priors_seen or row.series_uid in self._priors_judged \
+                    or row.modality.upper() in NON_IMAGE_MODALITIES:
+                continue
+            self._priors_judged.add(row.series_uid)
+            if self._history is not None and self._history.is_retrieved(row.series_uid):
+                continue
+            files = self.archive.twins.series_files(row.series_uid)
+            try:
+                head = pydicom.dcmread(files[0], stop_before_pixels=True) if files else None
+            except (OSError, pydicom.errors.InvalidDicomError):
+                head = None
+            if head is None:
+                self._priors_judged.discard(row.series_uid)  # tried again at the next pass
+                continue
+            for spec in self.tasks:
+                if not spec.enabled or not header_taken(spec.rules, head):
+                    continue
+                self._priors_seen.add(row.study_uid)
+                job = self.jobs.enqueue_priors(series_uid=row.series_uid,
+                                               study_uid=row.study_uid,
+                                               patient_key=row.patient_key, task=spec.task)
+                if job is not None:
+                    LOG.info("study %s: its first instance(s) are in; job %d looks for its "
+                             "priors (%s) while it arrives", row.study_uid, job.id, spec.task)
 
     def _mpps_pass(self) -> list[SeriesDecision]:
         out = []
@@ -271,9 +325,8 @@ class StabilityMonitor:
             self._step_seen.pop(step.step_uid, None)
         return out
 
-    def _sized_pass(self) -> list[SeriesDecision]:
-        now = utc_now()
-        growing = self._arrivals.growing(iso(now - timedelta(seconds=self.stable_after_s)))
+    def _sized_pass(self, growing: Sequence[GrowingSeries], now: datetime
+                    ) -> list[SeriesDecision]:
         guard_until = iso(now - timedelta(seconds=self.guard_s))
         self._shapes = {g.series.series_uid: self._shapes[g.series.series_uid] for g in growing
                         if g.series.series_uid in self._shapes}
@@ -486,3 +539,5 @@ class StabilityMonitor:
             self._thread.join(timeout)
         self._conn.close()
         self._arrivals.close()
+        if self._history is not None:
+            self._history.close()

@@ -45,7 +45,7 @@ from dicom_node.foundation.faults import (
     free_bytes,
     is_out_of_space,
 )
-from dicom_node.queue.jobs import SPACE_RETRY_S, Job, JobQueue
+from dicom_node.queue.jobs import SPACE_RETRY_S, Job, JobKind, JobQueue
 from pipelines.errors import PipelineError
 from pipelines.triton import TritonUnavailableError
 from registry.errors import NoActiveModelError
@@ -141,9 +141,13 @@ class JobLoop:
         if job is None:
             return None
         self.computed = None  # the work of an earlier job is of no use to this one
-        LOG.log(logging.DEBUG if self._space.failing else logging.INFO,
-                "job %d: %s on series %s (%d instance(s)), attempt %d of %d", job.id, job.task,
-                job.series_uid, job.instances, job.attempts, job.max_attempts)
+        level = logging.DEBUG if self._space.failing else logging.INFO
+        if job.kind is JobKind.PRIORS:
+            LOG.log(level, "job %d: the priors of study %s for %s, attempt %d of %d", job.id,
+                    job.study_uid, job.task, job.attempts, job.max_attempts)
+        else:
+            LOG.log(level, "job %d: %s on series %s (%d instance(s)), attempt %d of %d", job.id,
+                    job.task, job.series_uid, job.instances, job.attempts, job.max_attempts)
         return self._run_claimed(job)
 
     def _run_claimed(self, job: Job) -> JobOutcome | None:

@@ -20,6 +20,7 @@ from dicom_node.learning.label_intake import TaskLabelIntake
 from dicom_node.queue.monitor import StabilityMonitor
 from dicom_node.queue.mpps_forward import MppsForwarder
 from dicom_node.queue.sender import Sender
+from dicom_node.wire.priors import asks_priors
 from dicom_node.wire.tls import client_tls_context
 from dicom_node.settings import Destination, Settings, job_seg_types, parse_destination
 from dicom_node.runtime.supervisor import WorkerPool
@@ -82,7 +83,8 @@ class Loop:
         self.monitor = StabilityMonitor(
             archive, self.jobs, settings.tasks, stable_after_s=settings.stable_after,
             label_intake=self.intake, guard_s=settings.early_guard_s,
-            learn_from=settings.learn_from_series, reopen_limit=settings.early_reopen_limit)
+            learn_from=settings.learn_from_series, reopen_limit=settings.early_reopen_limit,
+            ask_priors=asks_priors(settings))
         self.mpps_forwarder = MppsForwarder(
             settings.data_dir, ae_title=settings.ae_title,
             backoff_initial_s=settings.send_backoff_initial_s,

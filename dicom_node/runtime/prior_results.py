@@ -1,14 +1,19 @@
-"""A job's prior: found in the twin, or retrieved from the PACS and run first (issue 26).
+"""A job's prior: found in the twin, or retrieved from the PACS and measured first (issue 26).
 
-:class:`JobPriors` is what the worker asks before it runs a job's pipeline: the
-patient's most recent prior result of the task (:meth:`HistoryStore.prior_result`),
-as the :class:`~pipelines.comparison.PriorResult` the pipeline compares with. When
-the twin holds no earlier study within ``priors_years`` and a destination has
-``query = true``, it first retrieves the priors (:class:`~dicom_node.wire.priors.PriorRetriever`)
-and has the worker run the task on them, oldest first, so that their results exist
-(recorded in the twin, not sent unless ``send_prior_results``). What it could not do
-is said in :attr:`PriorLookup.note` (the overlay's banner line and the job's note):
-the new result never waits for a PACS that does not answer.
+:class:`JobPriors` does a *priors job*'s work (:meth:`JobPriors.ask`; the job is queued by
+the stability monitor as a new study's first instance is filed, so this runs while the
+study is still arriving): when the twin holds no earlier study within ``priors_years``
+and a destination has ``query = true``, it retrieves the priors
+(:class:`~dicom_node.wire.priors.PriorRetriever`), then has the worker run the task on
+the series retrieved for the study that have no result yet, oldest first (also after a
+restart, without asking the PACS again), recorded in the twin and not sent unless
+``send_prior_results``. :meth:`JobPriors.lookup` is what a job asks before its pipeline:
+the patient's most recent prior result of the task
+(:meth:`HistoryStore.prior_result`), as the :class:`~pipelines.comparison.PriorResult`
+the pipeline compares with, given the priors job's note (``asked``), or asking itself
+when no priors job looked (a study that arrived while the node was down). What it could
+not do is said in :attr:`PriorLookup.note` (``no comparison: ...``: the overlay's banner
+line and the job's note): the new result never waits for a PACS that does not answer.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from twin_archive.results import SEG_TYPE_OF_CLASS
 LOG = logging.getLogger(__name__)
 
 _HEADER_TAGS = ["PatientID", "IssuerOfPatientID", "StudyDate", "StudyInstanceUID"]
+#: How a note that explains a missing comparison begins.
+NO_COMPARISON = "no comparison:"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -100,43 +107,54 @@ class JobPriors:
 
     def lookup(self, *, patient_key: str, task: str, study_uid: str, series_uid: str,
                files: Sequence[Path], rules: SelectionRules,
-               run_prior: Callable[[str], None]) -> PriorLookup:
+               run_prior: Callable[[str], None], asked: str | None = None) -> PriorLookup:
         """The prior of a job's series (retrieving it first when the twin has none).
 
         ``run_prior(series_uid)`` runs the job's task on a retrieved series now and
-        records its result (the worker's; it does not send it).
+        records its result (the worker's; it does not send it). ``asked``: the note of
+        the study's priors job when one has looked for its priors already (None: none
+        did, this job asks itself).
         """
         t0 = time.perf_counter()
         note = ""
-        if self.retriever is not None and not self.history.is_retrieved(series_uid):
-            note = self._retrieve(patient_key, study_uid, files, rules, run_prior)
+        if asked is not None:
+            note = asked if asked.startswith(NO_COMPARISON) else ""
+        elif self.retriever is not None and not self.history.is_retrieved(series_uid):
+            note = self.ask(patient_key=patient_key, study_uid=study_uid, files=files,
+                            rules=rules, run_prior=run_prior)
+            note = note if note.startswith(NO_COMPARISON) else ""
         record = self.history.prior_result(patient_key, task, study_uid)
         prior = as_prior_result(record) if record is not None else None
         if prior is None and not note and record is not None:
-            note = "no comparison: the prior study has no Study Date"
+            note = f"{NO_COMPARISON} the prior study has no Study Date"
         return PriorLookup(prior=prior, note=note if prior is None else "",
                            seconds=time.perf_counter() - t0, record=record)
 
-    def _retrieve(self, patient_key: str, study_uid: str, files: Sequence[Path],
-                  rules: SelectionRules, run_prior: Callable[[str], None]) -> str:
-        """Retrieve priors when the twin has none in the window and run the task on
-        them; what to say when that could not be done ('' otherwise)."""
-        assert self.retriever is not None
+    def ask(self, *, patient_key: str, study_uid: str, files: Sequence[Path],
+            rules: SelectionRules, run_prior: Callable[[str], None]) -> str:
+        """Retrieve priors when the twin has none in the window, and run the task on the
+        series retrieved for ``study_uid`` that have no result yet (after a restart too),
+        oldest first. Returns what was done, or why there will be no comparison
+        (``no comparison: ...``)."""
+        if self.retriever is None:
+            return "priors not asked for: no PACS to ask"
         head = pydicom.dcmread(files[0], stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         today = study_day(str(head.get("StudyDate", "") or ""))
         why_not = self.retriever.wanted(patient_key, study_uid, today)
-        if why_not or today is None:
+        if not why_not and today is not None:
+            got = self.retriever.retrieve(
+                patient_id=str(head.get("PatientID", "") or ""),
+                issuer=str(head.get("IssuerOfPatientID", "") or ""), patient_key=patient_key,
+                study_uid=study_uid, today=today, rules=rules)
+            if not got.answered:
+                LOG.warning("twin %s: the result goes out without the comparison with a prior "
+                            "from the PACS: %s", patient_key, got.note)
+                return f"{NO_COMPARISON} {got.note}"[:200]
+            why_not = got.note or (f"{len(got.series)} series retrieved from {got.source} "
+                                   f"({got.bytes / 1e6:.1f} MB)")
+        else:
             LOG.debug("twin %s: priors not asked for: %s", patient_key, why_not)
-            return ""
-        got = self.retriever.retrieve(
-            patient_id=str(head.get("PatientID", "") or ""),
-            issuer=str(head.get("IssuerOfPatientID", "") or ""), patient_key=patient_key,
-            study_uid=study_uid, today=today, rules=rules)
-        if not got.answered:
-            LOG.warning("twin %s: the result goes out without the comparison with a prior "
-                        "from the PACS: %s", patient_key, got.note)
-            return f"no comparison: {got.note}"[:200]
-        for found in sorted(got.series, key=lambda f: f.study_date):  # oldest first
-            run_prior(found.series_uid)
-        return ""
-
+            why_not = f"priors not asked for: {why_not}"
+        for uid in self.history.retrieved_for(study_uid):  # skips those measured already
+            run_prior(uid)
+        return why_not

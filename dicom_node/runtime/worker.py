@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.foundation.faults import StateLog
-from dicom_node.queue.jobs import Job, JobQueue
+from dicom_node.queue.jobs import Job, JobKind, JobQueue, JobState
 from dicom_node.runtime.job_loop import JobLoop, JobOutcome, JobRefused, JobWaitsForModel
 from dicom_node.learning.live_learning import LiveLearning
 from dicom_node.queue.sender import Sender
 from dicom_node.settings import Destination, Settings, job_seg_types
 from dicom_node.runtime.rtstruct_output import add_rtstruct
-from dicom_node.runtime.prior_results import JobPriors, PriorLookup, volume_points
+from dicom_node.runtime.prior_results import NO_COMPARISON, JobPriors, PriorLookup, volume_points
 from dicom_node.wire.priors import PriorRetriever
 from dicom_node.tasks import Task
 from pipelines.errors import EmptyResultError, PipelineError, SeriesGeometryError
@@ -163,7 +163,8 @@ class Worker(JobLoop):
                  waiting_max_age_h: float = 24.0, name: str = "worker-1",
                  triton: TritonTarget | None = None, wait_backoff_max_s: float = 60.0,
                  live: LiveLearning | None = None, max_memory_bytes: int = 0,
-                 priors: PriorRetriever | None = None, send_prior_results: bool = False) -> None:
+                 priors: PriorRetriever | None = None, send_prior_results: bool = False,
+                 priors_wait_s: float = 30.0) -> None:
         if not waiting_max_age_h > 0:
             raise ValueError(f"waiting_max_age_h must be > 0 hours, got {waiting_max_age_h}")
         self.archive = archive
@@ -200,6 +201,7 @@ class Worker(JobLoop):
         self.history = HistoryStore(archive.data_dir)
         self.priors = JobPriors(self.history, priors)
         self.send_prior_results = send_prior_results
+        self.priors_wait_s = float(priors_wait_s)
 
     def set_tasks(self, tasks: Sequence[Task]) -> None:
         """Serve ``tasks`` from the next job on (SIGHUP reload)."""
@@ -247,6 +249,8 @@ class Worker(JobLoop):
         if spec is None:
             raise JobRefused(f"task {job.task!r} is not configured any more (no [[tasks]] table "
                              "names it)")
+        if job.kind is JobKind.PRIORS:
+            return self._look_for_priors(job, spec, t0)
         destinations = self._destinations(spec)
         if not self.send_prior_results and self.history.is_retrieved(job.series_uid):
             destinations = ()  # a prior from the PACS: its result serves the comparison
@@ -325,9 +329,13 @@ class Worker(JobLoop):
         return self.computed
 
     def _store(self, job: Job, spec: Task, computed: Computed,
-               destinations: Sequence[Destination], overlay: bool, t0: float) -> JobOutcome:
+               destinations: Sequence[Destination], overlay: bool, t0: float,
+               served: bool = True) -> JobOutcome:
         """Record the SEG(s) and SR(s) in the twin in one transaction, queue them, then
-        the overlay (:meth:`run`)."""
+        the overlay (:meth:`run`).
+
+        ``served`` false (a prior's result that goes nowhere): no drift figures and no
+        shadow run of a candidate model on it, which would only delay today's result."""
         t_run = time.perf_counter()
         outcome, loaded, files = computed.outcome, computed.loaded, list(computed.files)
         written = (outcome.results, *computed.other_seg_types)
@@ -360,8 +368,9 @@ class Worker(JobLoop):
                                        computed.prior_note)
         if any("rtstruct" in d.send for d in destinations):
             result = add_rtstruct(self.results, self.sender, job.id, result, outcome, destinations)
-        self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded, outcome=outcome,
-                         result=result)
+        if served:
+            self.live.served(job=job, files=files, rules=spec.rules, loaded=loaded,
+                             outcome=outcome, result=result)
         seconds = time.perf_counter() - t0
         LOG.info("job %d (%s): series %s -> result %d (%s %s on %s): %s; %.1f s (pipeline "
                  "%.1f s, SEG+SR stored and queued %.2f s, overlay %.2f s)%s", job.id, job.task,
@@ -437,17 +446,77 @@ class Worker(JobLoop):
 
     def _prior_of(self, job: Job, spec: Task, files: Sequence[Path]) -> PriorLookup:
         """The patient's prior result of the task for the pipeline (retrieved from the
-        PACS first when the twin has none), and what could not be done (the overlay's
-        banner line); kept with the job's :class:`Computed` work."""
+        PACS first when the twin has none: by the study's priors job, waited for at most
+        ``priors_wait_s``, or here when there is none), and what could not be done (the
+        overlay's banner line); kept with the job's :class:`Computed` work."""
         lookup = self.priors.lookup(
             patient_key=job.patient_key, task=job.task, study_uid=job.study_uid,
             series_uid=job.series_uid, files=files, rules=spec.rules,
-            run_prior=lambda uid: self._run_prior(job, spec, uid))
+            run_prior=lambda uid: self._run_prior(job, spec, uid),
+            asked=self._priors_asked(job, spec))
         if lookup.prior is None:
             return lookup
         LOG.info("job %d: compared with the prior result of %s (found in %.3f s)", job.id,
                  lookup.prior.study_date, lookup.seconds)
         return lookup
+
+    def _look_for_priors(self, job: Job, spec: Task, t0: float) -> JobOutcome:
+        """A priors job: retrieve the priors of its study and measure them, while the
+        study is still arriving (:meth:`JobPriors.ask`); nothing is sent."""
+        files = self.archive.twins.series_files(job.series_uid)
+        if not files:
+            note = "priors not looked for: the series has no current instances"
+        else:
+            note = self.priors.ask(patient_key=job.patient_key, study_uid=job.study_uid,
+                                   files=files, rules=spec.rules,
+                                   run_prior=lambda uid: self._run_prior(job, spec, uid))
+        LOG.info("job %d: priors of study %s looked for in %.1f s: %s", job.id, job.study_uid,
+                 time.perf_counter() - t0, note)
+        return JobOutcome(job_id=job.id, result=None, note=note,
+                          seconds=time.perf_counter() - t0)
+
+    def _priors_asked(self, job: Job, spec: Task) -> str | None:
+        """The note of the study's priors job once it has ended (None: there is none, or
+        the series is a prior itself). One not begun (or given back by a worker that
+        died) is run here and now; one another worker runs is waited for at most
+        ``priors_wait_s``, then the job goes on without it, saying so."""
+        if self.priors.retriever is None or self.history.is_retrieved(job.series_uid):
+            return None
+        asked = self.jobs.priors_job(job.study_uid, job.task)
+        if asked is None:
+            return None
+        t_wait, deadline = time.perf_counter(), time.monotonic() + self.priors_wait_s
+        while True:
+            if asked.state is JobState.QUEUED:
+                taken = self.jobs.take(asked.id)
+                if taken is not None:
+                    return self._run_priors_here(job, taken, spec)
+            if asked.state not in (JobState.QUEUED, JobState.RUNNING) or \
+                    time.monotonic() >= deadline or self._stop.is_set():
+                break
+            time.sleep(0.1)
+            asked = self.jobs.get(asked.id)
+        LOG.info("job %d: waited %.1f s for job %d (the priors of its study): %s", job.id,
+                 time.perf_counter() - t_wait, asked.id, asked.state.value)
+        if asked.state is JobState.DONE:
+            return asked.error
+        if asked.state is JobState.FAILED:
+            return f"{NO_COMPARISON} looking for priors failed ({asked.error})"[:200]
+        return (f"{NO_COMPARISON} the priors were still being retrieved or measured after "
+                f"{self.priors_wait_s:g} s (priors_wait_s)")
+
+    def _run_priors_here(self, job: Job, taken: Job, spec: Task) -> str:
+        """Run the priors job ``taken`` (claimed by this worker) inside ``job``, record
+        how it ended, and return its note."""
+        LOG.info("job %d: runs job %d (the priors of its study, not begun) itself", job.id,
+                 taken.id)
+        try:
+            note = self._look_for_priors(taken, spec, time.perf_counter()).note
+        except Exception as exc:  # noqa: BLE001 - recorded on the priors job
+            self.jobs.fail(taken.id, f"{exc}", permanent=True)
+            return f"{NO_COMPARISON} looking for priors failed ({exc})"[:200]
+        self.jobs.complete(taken.id, result_id=None, note=note)
+        return note
 
     def _run_prior(self, job: Job, spec: Task, series_uid: str) -> None:
         """Run ``job``'s task on a series retrieved as a prior and record its result
@@ -456,14 +525,15 @@ class Worker(JobLoop):
         arrival = self.history.series_arrival(series_uid)
         if arrival is None or arrival[2] == 0:
             return
-        prior_job = replace(job, series_uid=series_uid, study_uid=arrival[0],
+        prior_job = replace(job, kind=JobKind.SERIES, series_uid=series_uid, study_uid=arrival[0],
                             series_last_received=arrival[1], instances=arrival[2])
         if self.results.by_job_key(prior_job.key) is not None:
             return
         destinations = self._destinations(spec) if self.send_prior_results else ()
         try:
             computed = self._compute(prior_job, spec, job_seg_types(destinations))
-            self._store(prior_job, spec, computed, destinations, False, time.perf_counter())
+            self._store(prior_job, spec, computed, destinations, False, time.perf_counter(),
+                        served=bool(destinations))
         except (PipelineError, JobWaitsForModel) as exc:
             LOG.warning("job %d: prior series %s not measured: %s", job.id, series_uid, exc)
         finally:

@@ -148,7 +148,8 @@ def _work(sock: socket.socket, messages: Iterator[dict[str, Any]], settings: Set
                     live=LiveLearning.from_settings(settings),
                     max_memory_bytes=budget_bytes(settings.max_memory_gb),
                     priors=retriever_for(settings, archive.ingest),
-                    send_prior_results=settings.send_prior_results)
+                    send_prior_results=settings.send_prior_results,
+                    priors_wait_s=settings.priors_wait_s)
     if triton is not None:
         LOG.info("%s: inference on Triton at %s (%s models); pre- and post-processing here",
                  name, triton.url, settings.triton_variant)

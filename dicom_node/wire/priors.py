@@ -1,7 +1,8 @@
 """Priors from the PACS: a patient's earlier studies, asked for when a new one arrives.
 
-When a study arrives for a twin that holds no earlier study of the patient within
-``priors_years``, the worker asks each destination with ``query = true``
+When a study starts arriving (its priors job, :mod:`dicom_node.runtime.prior_results`)
+for a twin that holds no earlier study of the patient within ``priors_years``, the
+worker asks each destination with ``query = true``
 (:class:`PriorRetriever`): C-FIND at STUDY level (Study Root) by Patient ID and Issuer
 of Patient ID over the window, the most recent ``priors_max_studies`` studies the twin
 does not hold; C-FIND at SERIES level in each; then, for the series the task's rules
@@ -127,6 +128,16 @@ def rules_take(rules: SelectionRules, found: FoundSeries) -> bool:
         return False
     return not (rules.manufacturers and found.manufacturer and not any(
         fnmatch.fnmatch(found.manufacturer.upper(), m.upper()) for m in rules.manufacturers))
+
+
+def header_taken(rules: SelectionRules, ds: Dataset) -> bool:
+    """Whether the task's rules would take the series of one instance's header, judged
+    as :func:`rules_take` judges a C-FIND answer (not by its number of instances): is a
+    new study one whose priors the task wants?"""
+    return rules_take(rules, FoundSeries(
+        study_uid="", series_uid="", study_date=dt.date.min, modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"), description=_text(ds, "SeriesDescription"),
+        manufacturer=_text(ds, "Manufacturer"), instances=0))
 
 
 def _answers(responses: Any, pacs: str) -> list[Dataset]:
@@ -403,10 +414,16 @@ class PriorRetriever:
         return _SUCCESS
 
 
+def asks_priors(settings: Settings) -> bool:
+    """Whether the node asks a PACS for priors: ``priors_years`` > 0 and a destination
+    with ``query = true``."""
+    return settings.priors_years > 0 and any(d.query for d in settings.destinations)
+
+
 def retriever_for(settings: Settings, ingest: Any) -> PriorRetriever | None:
     """The retriever ``settings`` ask for; None when ``priors_years`` is 0 or no
     destination has ``query = true``."""
-    if settings.priors_years <= 0 or not any(d.query for d in settings.destinations):
+    if not asks_priors(settings):
         return None
     return PriorRetriever(settings=PriorSettings.from_settings(settings),
                           destinations=settings.destinations, ingest=ingest,

@@ -10,6 +10,8 @@
 //   segDescription, overlayDescription, srDescription, rtDescription}>'
 // Prints one JSON line (the findings); the pixel checks are made in Python.
 const args = JSON.parse(process.argv[2]);
+// `steps` (optional): which of 'seg', 'overlay', 'sr', 'rtstruct' to take (default all)
+const steps = args.steps || ['seg', 'overlay', 'sr', 'rtstruct'];
 const { default: puppeteer } = await import(args.puppeteer);
 const sleep = ms => new Promise(r => setTimeout(r, ms));
 const errors = [];
@@ -142,6 +144,7 @@ try {
   });
   mark('study_open');
 
+  if (steps.includes('seg')) {
   // ---- SEG
   phase = 'seg';
   out.seg_item = await openSeries(page, 'SEG', args.segDescription);
@@ -171,6 +174,8 @@ try {
   await page.screenshot({ path: `${args.outDir}/ohif-seg.png` });
   mark('seg_loaded');
 
+  }
+  if (steps.includes('overlay')) {
   // ---- overlay series
   phase = 'overlay';
   out.overlay_item = await openSeries(page, 'OT', args.overlayDescription);
@@ -189,6 +194,8 @@ try {
   await page.screenshot({ path: `${args.outDir}/ohif-overlay.png` });
   mark('overlay_shown');
 
+  }
+  if (steps.includes('sr')) {
   // ---- SR
   phase = 'sr';
   out.sr_item = await openSeries(page, 'SR', args.srDescription);
@@ -205,6 +212,8 @@ try {
   await page.screenshot({ path: `${args.outDir}/ohif-sr.png` });
   mark('sr_shown');
 
+  }
+  if (steps.includes('rtstruct')) {
   // ---- RTSTRUCT
   phase = 'rtstruct';
   out.rt_item = await openSeries(page, 'RTSTRUCT', args.rtDescription);
@@ -275,6 +284,7 @@ try {
   await settle(page, 1500);
   await page.screenshot({ path: `${args.outDir}/ohif-rtstruct-listed.png` });
   mark('rtstruct_shown');
+  }
 } catch (e) {
   out.failure = String(e && e.stack || e);
 } finally {
