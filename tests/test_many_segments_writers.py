@@ -164,6 +164,27 @@ def test_fast_binary_seg_of_frames_not_a_whole_number_of_bytes(monkeypatch) -> N
     np.testing.assert_array_equal(read, to_source_slices(vol, labels))
 
 
+@pytest.mark.parametrize("order_seed", [None, 5])
+def test_fast_binary_seg_of_a_multiframe_source_with_other_frames(monkeypatch, order_seed) -> None:
+    """An Enhanced MR of 2 temporal positions x 2 echoes (frames stored in order, then
+    shuffled): each SEG frame derives from its source frame, whose Derivation Image
+    item, shared by the frames of a plane in the fast build, the node then trims to
+    the volume's own frame (``seg._keep_volume_frames``) - written as the plain build."""
+    anatomy = ph.Anatomy.random(6)
+    g = ph.SliceGeometry(rows=40, columns=48, slices=8, pixel_spacing=(8.0, 7.5), slice_spacing=9.0)
+    order = None if order_seed is None else np.random.default_rng(order_seed).permutation(32)
+    vol = load_series([ph.enhanced_mr(anatomy, g, frame_order=order)])
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
+    segments = split_labels(ph.truth_at(anatomy, vol.index_to_lps(grid)), vol, ph.LABELS)
+    built, subclassed, packed = _both_ways(vol, segments, monkeypatch)
+    assert subclassed == {False: False, True: True}
+    assert packed == {False: 0, True: int(built[True].NumberOfFrames)}
+    assert int(built[True].NumberOfFrames) > g.slices  # planes of several frames
+    for item in built[True].PerFrameFunctionalGroupsSequence:
+        assert len(item.DerivationImageSequence[0].SourceImageSequence) == 1
+    assert _written(built[True]) == _written(built[False])
+
+
 def _roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)

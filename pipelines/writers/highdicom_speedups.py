@@ -192,7 +192,23 @@ class _LabelMapSegmentation(hd.seg.Segmentation):
     """
 
     #: The construction's state in the instance's ``__dict__``.
-    STATE = ("_planes_labels", "_frame", "_shared_items")
+    STATE = ("_planes_labels", "_frame", "_shared_items", "_number_of_frames")
+
+    @property
+    def number_of_frames(self) -> int:
+        """highdicom's ``number_of_frames`` (``self.get("NumberOfFrames", 1)``), read once
+        while the look-up tables are built (:meth:`_build_luts` asks for it five times a
+        frame, 20,000 pydicom look-ups with 4,040 frames)."""
+        number = self.__dict__.get("_number_of_frames")
+        return self.get("NumberOfFrames", 1) if number is None else number
+
+    def _build_luts(self) -> None:
+        """highdicom's, with the number of frames read once (it is set before)."""
+        self.__dict__["_number_of_frames"] = self.get("NumberOfFrames", 1)
+        try:
+            super()._build_luts()
+        finally:
+            del self.__dict__["_number_of_frames"]
 
     def _get_segment_pixel_array(self, pixel_array: np.ndarray, segment_number: int,  # type: ignore[override]
                                  **kwargs: Any) -> np.ndarray:
