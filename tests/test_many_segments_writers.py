@@ -99,7 +99,7 @@ def _both_ways(vol, segments, monkeypatch, seg_type: str = "binary"):
     for fast in (False, True):
         monkeypatch.setattr(highdicom_speedups, "FAST", fast)
         monkeypatch.setattr("pipelines.writers.seg.new_uid",
-                            iter([f"2.25.{i}" for i in range(1, 40)]).__next__)
+                            iter([f"2.25.{i}" for i in range(1, 400)]).__next__)
         calls: list[int] = []
         frames: list[bool] = []
         monkeypatch.setattr(highdicom_speedups._LabelMapSegmentation, "__init__",
@@ -162,6 +162,25 @@ def test_fast_binary_seg_of_frames_not_a_whole_number_of_bytes(monkeypatch) -> N
     read = back.get_pixels_by_source_instance(
         [str(src.SOPInstanceUID) for src in vol.source_images], combine_segments=True)
     np.testing.assert_array_equal(read, to_source_slices(vol, labels))
+
+
+def test_fast_binary_seg_of_more_than_255_segments(monkeypatch) -> None:
+    """300 segments: the label map is uint16; still every frame packed by the fast path
+    and the file highdicom writes."""
+    g = ph.SliceGeometry(rows=40, columns=48, slices=4, pixel_spacing=(8.0, 7.5), slice_spacing=9.0)
+    vol = load_series(ph.ct_series(ph.Anatomy.random(7), g))
+    labels = np.zeros(vol.shape, np.uint16)
+    for v in range(1, 301):  # 2 x 2 blocks, 75 a slice, 6 of them on a second slice
+        k, i, j = v % 4, 2 * ((v // 4) // 12) + 4, 3 * ((v // 4) % 12) + 5
+        labels[k, i:i + 2, j:j + 2] = v
+        if v % 50 == 0:
+            labels[(k + 1) % 4, i + 20:i + 22, j:j + 2] = v
+    segments = split_labels(labels, vol, {v: f"structure {v}" for v in range(1, 301)})
+    built, subclassed, packed = _both_ways(vol, segments, monkeypatch)
+    assert subclassed == {False: False, True: True}
+    assert len(built[True].SegmentSequence) == 300  # a uint16 label map given to highdicom
+    assert packed == {False: 0, True: 306} == {False: 0, True: int(built[True].NumberOfFrames)}
+    assert _written(built[True]) == _written(built[False])
 
 
 @pytest.mark.parametrize("order_seed", [None, 5])
