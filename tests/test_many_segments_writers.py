@@ -22,7 +22,7 @@ from scipy import ndimage
 from pipelines import phantom as ph
 from pipelines.postprocess import split_labels
 from pipelines.types import ModelInfo, SegmentResult, WriterOptions
-from pipelines.volume import load_series
+from pipelines.volume import load_series, to_source_slices
 from pipelines.writers import build_overlay, build_seg, build_sr, highdicom_speedups
 from pipelines.writers import overlay as overlay_writer
 from pipelines.writers.sr import largest_outline
@@ -90,24 +90,118 @@ def test_fast_sr_document_still_refuses_references_without_evidence(phantom) -> 
             series_number=1, sop_instance_uid="2.25.4", instance_number=1)
 
 
-@pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
-def test_fast_binary_seg_is_the_plain_one(phantom, monkeypatch, seg_type: str) -> None:
-    vol, segments = phantom
-    built, subclassed = {}, {}
+def _both_ways(vol, segments, monkeypatch, seg_type: str = "binary"):
+    """The SEG built plainly and fast, with the same UIDs; and, for the fast build,
+    whether the subclass ran and how many frames it packed itself."""
+    built, subclassed, packed = {}, {}, {}
     make = highdicom_speedups._LabelMapSegmentation.__init__
+    encode = highdicom_speedups._LabelMapSegmentation._encode_pixels_native
     for fast in (False, True):
         monkeypatch.setattr(highdicom_speedups, "FAST", fast)
         monkeypatch.setattr("pipelines.writers.seg.new_uid",
-                            iter([f"2.25.{i}" for i in range(1, 40)]).__next__)
+                            iter([f"2.25.{i}" for i in range(1, 400)]).__next__)
         calls: list[int] = []
+        frames: list[bool] = []
         monkeypatch.setattr(highdicom_speedups._LabelMapSegmentation, "__init__",
                             lambda self, calls=calls, **kw: (calls.append(1), make(self, **kw))[1])
+
+        def counted(self, planes, frames=frames):  # noqa: ANN001, ANN202
+            frames.append((self.__dict__.get("_frame") or (0, None))[1] is not None)
+            return encode(self, planes)
+        monkeypatch.setattr(highdicom_speedups._LabelMapSegmentation, "_encode_pixels_native",
+                            counted)
         built[fast] = build_seg(vol, segments, MODEL, options=WriterOptions(seg_type=seg_type))
-        subclassed[fast] = bool(calls)
+        subclassed[fast], packed[fast] = bool(calls), sum(frames)
+    return built, subclassed, packed
+
+
+def _written(ds: pydicom.Dataset) -> bytes:
+    """The file as written, its times and highdicom's random dimension UID made fixed."""
+    def fix(_: pydicom.Dataset, elem: pydicom.DataElement) -> None:
+        if elem.VR in ("DA", "TM", "DT"):
+            elem.value = {"DA": "20260101", "TM": "120000", "DT": "20260101120000"}[elem.VR]
+        if elem.keyword == "DimensionOrganizationUID":
+            elem.value = "2.25.99"
+    ds.walk(fix)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
+def test_fast_binary_seg_is_the_plain_one(phantom, monkeypatch, seg_type: str) -> None:
+    vol, segments = phantom
+    built, subclassed, packed = _both_ways(vol, segments, monkeypatch, seg_type)
     # the fast construction ran where it applies (BINARY), and only when asked for
     assert subclassed == {False: False, True: seg_type == "binary"}
+    # 40 x 44 pixels: every frame was packed by the fast path, none by highdicom
+    assert packed == {False: 0, True: int(built[True].NumberOfFrames) if seg_type == "binary" else 0}
     assert type(built[True]) is hd.seg.Segmentation
+    assert not set(highdicom_speedups._LabelMapSegmentation.STATE) & set(vars(built[True]))
     assert _json(built[True]) == _json(built[False])
+    assert _written(built[True]) == _written(built[False])
+
+
+def test_fast_binary_seg_of_frames_not_a_whole_number_of_bytes(monkeypatch) -> None:
+    """41 x 43 pixels: a frame's last bits share a byte with the next frame's, so the
+    frames are packed by highdicom, one stream, and the rest is still the fast path's."""
+    anatomy = ph.Anatomy.random(4)
+    g = ph.SliceGeometry(rows=41, columns=43, slices=6, pixel_spacing=(8.0, 7.5), slice_spacing=9.0)
+    vol = load_series(ph.ct_series(anatomy, g))
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
+    segments = split_labels(ph.truth_at(anatomy, vol.index_to_lps(grid)), vol, ph.LABELS)
+    built, subclassed, packed = _both_ways(vol, segments, monkeypatch)
+    assert subclassed == {False: False, True: True} and packed == {False: 0, True: 0}
+    assert int(built[True].NumberOfFrames) > 6  # several segments on some slice
+    assert _written(built[True]) == _written(built[False])
+    back = hd.seg.Segmentation.from_dataset(_roundtrip(built[True]))
+    labels = np.zeros(vol.shape, np.uint8)
+    kept = sorted((s for s in segments if not s.is_empty), key=lambda s: s.label)
+    for number, s in enumerate(kept, start=1):
+        labels[s.mask] = number
+    read = back.get_pixels_by_source_instance(
+        [str(src.SOPInstanceUID) for src in vol.source_images], combine_segments=True)
+    np.testing.assert_array_equal(read, to_source_slices(vol, labels))
+
+
+def test_fast_binary_seg_of_more_than_255_segments(monkeypatch) -> None:
+    """300 segments: the label map is uint16; still every frame packed by the fast path
+    and the file highdicom writes."""
+    g = ph.SliceGeometry(rows=40, columns=48, slices=4, pixel_spacing=(8.0, 7.5), slice_spacing=9.0)
+    vol = load_series(ph.ct_series(ph.Anatomy.random(7), g))
+    labels = np.zeros(vol.shape, np.uint16)
+    for v in range(1, 301):  # 2 x 2 blocks, 75 a slice, 6 of them on a second slice
+        k, i, j = v % 4, 2 * ((v // 4) // 12) + 4, 3 * ((v // 4) % 12) + 5
+        labels[k, i:i + 2, j:j + 2] = v
+        if v % 50 == 0:
+            labels[(k + 1) % 4, i + 20:i + 22, j:j + 2] = v
+    segments = split_labels(labels, vol, {v: f"structure {v}" for v in range(1, 301)})
+    built, subclassed, packed = _both_ways(vol, segments, monkeypatch)
+    assert subclassed == {False: False, True: True}
+    assert len(built[True].SegmentSequence) == 300  # a uint16 label map given to highdicom
+    assert packed == {False: 0, True: 306} == {False: 0, True: int(built[True].NumberOfFrames)}
+    assert _written(built[True]) == _written(built[False])
+
+
+@pytest.mark.parametrize("order_seed", [None, 5])
+def test_fast_binary_seg_of_a_multiframe_source_with_other_frames(monkeypatch, order_seed) -> None:
+    """An Enhanced MR of 2 temporal positions x 2 echoes (frames stored in order, then
+    shuffled): each SEG frame derives from its source frame, whose Derivation Image
+    item, shared by the frames of a plane in the fast build, the node then trims to
+    the volume's own frame (``seg._keep_volume_frames``) - written as the plain build."""
+    anatomy = ph.Anatomy.random(6)
+    g = ph.SliceGeometry(rows=40, columns=48, slices=8, pixel_spacing=(8.0, 7.5), slice_spacing=9.0)
+    order = None if order_seed is None else np.random.default_rng(order_seed).permutation(32)
+    vol = load_series([ph.enhanced_mr(anatomy, g, frame_order=order)])
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), axis=-1)
+    segments = split_labels(ph.truth_at(anatomy, vol.index_to_lps(grid)), vol, ph.LABELS)
+    built, subclassed, packed = _both_ways(vol, segments, monkeypatch)
+    assert subclassed == {False: False, True: True}
+    assert packed == {False: 0, True: int(built[True].NumberOfFrames)}
+    assert int(built[True].NumberOfFrames) > g.slices  # planes of several frames
+    for item in built[True].PerFrameFunctionalGroupsSequence:
+        assert len(item.DerivationImageSequence[0].SourceImageSequence) == 1
+    assert _written(built[True]) == _written(built[False])
 
 
 def _roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
