@@ -11,6 +11,8 @@ times through:
   operators (DICOMDataLoaderOperator, DICOMSeriesSelectorOperator,
   DICOMSeriesToVolumeOperator, MonaiBundleInferenceOperator,
   DICOMSegmentationWriterOperator; SEG only), run by the interpreter of ``.venv-deploy``;
+* with ``--peer-passive``, also the peer with ``OMP_WAIT_POLICY=PASSIVE`` in its
+  environment, the OpenMP wait policy ``dicom-node`` sets for itself;
 * with ``--baseline-ref REF``, also ``dicom-node infer`` from the tree of git ``REF``
   (``git archive``), to compare the start-up work before and after a change.
 
@@ -38,6 +40,7 @@ Usage::
     .venv/bin/python benchmarks/infer_vs_deploy.py                      # 3 rounds
     .venv/bin/python benchmarks/infer_vs_deploy.py --startup --rounds 5 --baseline-ref main
     .venv/bin/python benchmarks/infer_vs_deploy.py --rounds 5 --baseline-ref main
+    .venv/bin/python benchmarks/infer_vs_deploy.py --rounds 3 --baseline-ref main --peer-passive
     .venv/bin/python benchmarks/infer_vs_deploy.py --json /tmp/ivd.json
 """
 
@@ -184,9 +187,9 @@ def run_node(tree: Path, data: Path, ct: Path, out: Path) -> dict[str, Any]:
     return r
 
 
-def run_deploy(python: Path, ct: Path, out: Path) -> dict[str, Any]:
+def run_deploy(python: Path, ct: Path, out: Path, env: dict[str, str] = QUIET) -> dict[str, Any]:
     r = timed([str(python), str(REPO / "benchmarks" / "deploy_app.py"), str(ct), str(out),
-               str(DEMO_BUNDLE)], cwd=REPO, env=QUIET)
+               str(DEMO_BUNDLE)], cwd=REPO, env=env)
     line = next(x for x in r.pop("stdout").splitlines() if x.startswith("DEPLOY-TIMES "))
     r["stages"] = json.loads(line.split(" ", 1)[1])
     if not any(out.glob("*.dcm")):
@@ -206,6 +209,9 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     compiled(REPO)
     contenders = {"dicom-node": lambda out: run_node(REPO, data, ct, out),
                   "monai-deploy": lambda out: run_deploy(python, ct, out)}
+    if args.peer_passive:  # the peer with the OpenMP wait policy dicom-node sets for itself
+        passive = dict(QUIET, OMP_WAIT_POLICY="PASSIVE")
+        contenders["monai-deploy-passive"] = lambda out: run_deploy(python, ct, out, passive)
     if args.baseline_ref:
         tree = baseline_tree(args.baseline_ref, scratch)
         contenders[f"dicom-node@{args.baseline_ref}"] = lambda out: run_node(tree, data, ct, out)
@@ -229,6 +235,10 @@ def summary(result: dict[str, Any]) -> list[str]:
     lines.append(f"monai-deploy / dicom-node: wall {peer['wall_s'] / node['wall_s']:.2f}x, "
                  f"cpu {peer['cpu_s'] / node['cpu_s']:.2f}x "
                  f"({result['slices']} slices, {result['rounds']} rounds, alternating)")
+    if "monai-deploy-passive" in med:
+        p = med["monai-deploy-passive"]
+        lines.append(f"monai-deploy-passive / dicom-node: wall {p['wall_s'] / node['wall_s']:.2f}x, "
+                     f"cpu {p['cpu_s'] / node['cpu_s']:.2f}x")
     for name in med:
         if name.startswith("dicom-node@"):
             lines.append(f"{name} / dicom-node: wall {med[name]['wall_s'] / node['wall_s']:.2f}x, "
@@ -244,6 +254,8 @@ def main() -> int:
                     help="also run dicom-node infer from this git ref's tree")
     ap.add_argument("--startup", action="store_true",
                     help="the start-up alone: to the first DICOM file and to the weights opened")
+    ap.add_argument("--peer-passive", action="store_true",
+                    help="also run the peer with OMP_WAIT_POLICY=PASSIVE, as dicom-node runs")
     ap.add_argument("--json", type=Path, default=None, help="write every run here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="infer-vs-deploy-") as tmp:
