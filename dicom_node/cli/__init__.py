@@ -107,8 +107,8 @@ def openmp_defaults(environ: MutableMapping[str, str] = os.environ) -> None:
     inherited by the node's inference workers and the trainer. GNU OpenMP's default lets
     an idle thread spin: on a machine where the DICOM listener, other workers or other
     programs want the cores, the spinning threads burned CPU and took time from the one
-    doing the work (``dicom-node infer``, 200-slice CT, 2 shared cores at load 5-6:
-    7.7 s of CPU and 8.0 s wall asleep against 12.6 s and 12.8 s spinning;
+    doing the work (``dicom-node infer``, 200-slice CT, 2 shared cores at load 4.9-6.2:
+    7.6 s of CPU and 7.9 s wall asleep against 12.5 s and 12.8 s spinning, medians of 3;
     benchmarks/README.md). The results are the same either way.
     """
     for name, value in OPENMP_DEFAULTS.items():
