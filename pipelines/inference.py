@@ -278,6 +278,7 @@ class LoadedModel:
                     logits = logits[0]
                 logits = logits[0].float().cpu()
             t2 = time.perf_counter()
+            self._check_channels(int(logits.shape[0]))
             labels = self.to_source_grid(self._activate(logits), img, np.shape(array), affine)
         t3 = time.perf_counter()
         timings = StageTimings(preprocess_s=t1 - t0, inference_s=t2 - t1, postprocess_s=t3 - t2)
@@ -288,6 +289,19 @@ class LoadedModel:
                                label_specs=mv.labels, version=mv.version,
                                device_uid=mv.device_uid, backend=self.backend,
                                model_grid_shape=tuple(img.shape[1:]), timings=timings)
+
+    def _check_channels(self, channels: int) -> None:
+        """The network must give one channel per label and the background.
+
+        Raises
+        ------
+        PipelineError
+            If it gives another number of channels.
+        """
+        expected = len(self.version.labels) + 1
+        if channels != expected:
+            raise PipelineError(f"model {self.version.version}: the network gives {channels} "
+                                f"channels, its labels need {expected}")
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         if self.bundle.activation == "softmax":
@@ -313,13 +327,10 @@ class LoadedModel:
         """
         grid = tuple(int(s) for s in img.shape[1:])
         state: dict[str, np.ndarray] = {}
-        expected = len(self.version.labels) + 1
 
         def emit(start: int, stop: int, values: torch.Tensor) -> None:
             channels = int(values.shape[0])
-            if channels != expected:
-                raise PipelineError(f"model {self.version.version}: the network gives {channels} "
-                                    f"channels, its labels need {expected}")
+            self._check_channels(channels)
             idx = [slice(None)] * 3
             idx[axis_of[0]] = slice(start, stop)
             if channels == 2:
@@ -393,7 +404,11 @@ def load_model(model_version: ModelVersion, *, registry: Registry | None = None,
     """
     mv = model_version
     try:
-        bundle = open_bundle(mv.path)
+        # The registry ran the network on a whole window when it took the version in
+        # (intake); the inference checks the channels of every window it runs, so the
+        # version is not run a second time here (as much work as one window of the
+        # inference; benchmarks/README.md, infer_vs_deploy.py).
+        bundle = open_bundle(mv.path, run_network=False)
     except Exception as exc:  # BundleError or an OS error on the version directory
         raise ModelLoadError(mv.version, f"cannot open its bundle ({exc})") from exc
     if bundle.info.in_channels != 1:

@@ -89,3 +89,21 @@ def test_infer_parses_its_arguments_without_the_listener_torch_or_the_trainer() 
 
 def test_serve_parses_its_arguments_without_torch() -> None:
     assert not {"torch", "monai"} & set(_loaded_after_parsing("serve"))
+
+
+def test_openmp_threads_wait_asleep_unless_the_environment_says_otherwise(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Set before any command imports torch (above: parsing imports none); spinning
+    OpenMP threads burned 5 s of CPU in one `infer` on a shared machine."""
+    import os
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "unset below")  # restored after the test
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    with pytest.raises(SystemExit):
+        main(["bogus"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with pytest.raises(SystemExit):
+        main(["bogus"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    capsys.readouterr()

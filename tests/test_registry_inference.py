@@ -142,3 +142,32 @@ def test_labels_on_the_source_grid_agree_with_monais_inverse(
     assert mine.shape == ref.shape == hu.shape
     assert len(np.unique(ref)) == channels
     assert np.mean(mine != ref) < 1e-3
+
+
+def test_load_runs_the_network_on_nothing_and_every_window_checks_its_channels(
+        registry: Registry) -> None:
+    """load_model does not run the network on a whole window (the registry did when it
+    took the version in: as much work as one window of the inference); the inference
+    checks the channels of the windows it runs."""
+    import dataclasses
+
+    from pipelines.errors import PipelineError
+    from registry.records import LabelSpec
+
+    calls: list[str] = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, _inputs: calls.append(type(module).__name__))
+    try:
+        mv = registry.get("spleen-ct-v1")
+        loaded = load_model(mv, registry=registry)
+    finally:
+        hook.remove()
+    assert calls == []
+    liver = LabelSpec(value=2, name="liver", code=None)
+    three = LoadedModel(dataclasses.replace(mv, labels=(*mv.labels, liver)), loaded.bundle,
+                        loaded.backend, loaded.network, loaded.device)
+    g = ph.SliceGeometry(rows=48, columns=48, slices=12, pixel_spacing=(4.0, 4.0),
+                         slice_spacing=7.5)
+    hu, affine, _ = phantom_volume(g)
+    with pytest.raises(PipelineError, match="the network gives 2 channels, its labels need 3"):
+        three.segment(hu, affine, modality="CT")
