@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.cli import openmp_defaults
 from node_harness import NodeProcess
+
+# The test processes' own torch threads wait asleep, as the node's do (before torch loads).
+openmp_defaults()
 
 # pynetdicom logs every PDU at INFO when the root logger allows it; keep tests readable.
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
