@@ -26,6 +26,7 @@ from pipelines.volume import load_series, to_source_slices
 from pipelines.writers import build_overlay, build_seg, build_sr, highdicom_speedups
 from pipelines.writers import overlay as overlay_writer
 from pipelines.writers.sr import largest_outline
+from pipelines.validation import validate_dataset
 
 MODEL = ModelInfo(name="abdomen_ct_segmentation", version="0.3.1", backend="torch-cpu")
 
@@ -294,3 +295,20 @@ def _series_of(first: pydicom.Dataset, vol):
         description=str(first.SeriesDescription), equipment=contributing_equipment("AI overlay", MODEL),
         pixel_spacing=(vol.spacing_mm[1] / factor, vol.spacing_mm[2] / factor),
         orientation=overlay_writer._patient_orientation(vol))
+
+
+def test_fast_binary_seg_of_one_segment_is_the_plain_one_and_valid(phantom, monkeypatch) -> None:
+    """One segment (the spleen task's SEG): highdicom puts its Segment Identification in
+    the shared functional groups, so no frame may carry one of its own (dciodvfy:
+    "Functional Group Sequence already used in SharedFunctionalGroupsSequence")."""
+    vol, segments = phantom
+    (spleen,) = [s for s in segments if s.name == "spleen"]
+    built, subclassed, packed = _both_ways(vol, [spleen], monkeypatch)
+    assert subclassed == {False: False, True: True}
+    assert packed == {False: 0, True: int(built[True].NumberOfFrames)}
+    shared = built[True].SharedFunctionalGroupsSequence[0]
+    assert "SegmentIdentificationSequence" in shared
+    assert not any("SegmentIdentificationSequence" in f
+                   for f in built[True].PerFrameFunctionalGroupsSequence)
+    assert _written(built[True]) == _written(built[False])
+    assert validate_dataset(built[True], "seg").ok

@@ -200,7 +200,8 @@ class _LabelMapSegmentation(hd.seg.Segmentation):
     """
 
     #: The construction's state in the instance's ``__dict__``.
-    STATE = ("_planes_labels", "_frame", "_shared_items", "_number_of_frames")
+    STATE = ("_planes_labels", "_frame", "_shared_items", "_number_of_frames",
+             "_identify_per_frame")
 
     @property
     def number_of_frames(self) -> int:
@@ -284,18 +285,24 @@ class _LabelMapSegmentation(hd.seg.Segmentation):
         content = Dataset({_DIMENSION_INDEX_VALUES: DataElement(
             _DIMENSION_INDEX_VALUES, "UL", MultiValue(int, dimension_index_values),
             already_converted=True)})
-        return Dataset({
+        item = Dataset({
             _DERIVATION_IMAGE_SEQUENCE: DataElement(_DERIVATION_IMAGE_SEQUENCE, "SQ", derived[2]),
             _FRAME_CONTENT_SEQUENCE: DataElement(
                 _FRAME_CONTENT_SEQUENCE, "SQ", DicomSequence([content])),
-            _PLANE_POSITION_SEQUENCE: DataElement(_PLANE_POSITION_SEQUENCE, "SQ", plane_position),
-            _SEGMENT_IDENTIFICATION_SEQUENCE: DataElement(
-                _SEGMENT_IDENTIFICATION_SEQUENCE, "SQ", identification)})
+            _PLANE_POSITION_SEQUENCE: DataElement(_PLANE_POSITION_SEQUENCE, "SQ", plane_position)})
+        if self.__dict__.get("_identify_per_frame", True):  # one segment: in the shared groups
+            item[_SEGMENT_IDENTIFICATION_SEQUENCE] = DataElement(
+                _SEGMENT_IDENTIFICATION_SEQUENCE, "SQ", identification)
+        return item
 
     def _init_multiframe_image(self, **kwargs: Any) -> None:  # type: ignore[override]
         """highdicom's, with its callback that adds each frame's Segment Identification
         left out where :meth:`_get_pffg_item` has added it already."""
         add_segment = kwargs.get("add_channel_callback")
+        # highdicom puts a single segment's identification in the shared functional
+        # groups and none in the frames' (its callback is then used once, for those)
+        channels = kwargs.get("channel_values")
+        self.__dict__["_identify_per_frame"] = channels is None or len(channels) != 1
         if add_segment is not None:
             def add_unless_added(item: Dataset, segment_number: int) -> Dataset:
                 if _SEGMENT_IDENTIFICATION_SEQUENCE not in item:
