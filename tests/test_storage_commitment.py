@@ -238,6 +238,51 @@ def test_orthanc_refusing_the_request_of_an_unknown_node_leaves_sends_sent(
     assert len([m for m in caplog.messages if "refused the Storage Commitment" in m]) == 1
 
 
+class SilentCommitmentPeer(CommitmentPeer):
+    """Answers the N-ACTION late (never within the sender's wait) and counts the requests;
+    ``abort``: aborts the association at the request instead, as Orthanc does for a
+    calling AE it does not know."""
+
+    def __init__(self, abort: bool) -> None:
+        super().__init__(report=False)
+        self.abort = abort
+
+    def _on_action(self, event: evt.Event) -> tuple[int, None]:
+        self.requests.append([])
+        if self.abort:
+            event.assoc.abort()
+        else:
+            time.sleep(12)  # past the sender's wait (COMMITMENT_ANSWER_S)
+        return 0, None
+
+
+@pytest.mark.parametrize("abort", [True, False], ids=["aborting", "silent"])
+def test_a_peer_that_refuses_or_never_answers_the_request_holds_no_delivery_up(
+        tmp_path: Path, abort: bool) -> None:
+    """A peer that aborts at the request is not asked again for a while (each further
+    association would end the same way); one that never answers the N-ACTION holds the
+    sender for a bounded time, not its whole DIMSE timeout (60 s: every delivery of the
+    node waited behind it)."""
+    results, result = _record(tmp_path)
+    _, second = _record(tmp_path, "job-2")
+    with SilentCommitmentPeer(abort=abort) as peer:
+        dest = Destination(ae_title="PACS", host="127.0.0.1", port=peer.port)
+        sender = Sender(tmp_path, ae_title="NODE", network_timeout_s=60,
+                        destinations=[dest])
+        sender.enqueue(result, [dest])
+        t0 = time.monotonic()
+        assert sender.send_due() == len(results.all())
+        assert time.monotonic() - t0 < 20
+        if abort:  # the next result goes without the request
+            sender.enqueue(second, [dest])
+            sender.send_due()
+        rows = sender.list()
+        sender.close()
+    assert len(peer.requests) == 1
+    assert {r.state for r in rows} == {SendState.SENT}
+    assert len(rows) == (2 if abort else 1) * len(results.all())
+
+
 def test_a_series_is_settled_only_once_its_sends_no_longer_wait_for_a_confirmation(
         tmp_path: Path) -> None:
     from dicom_node.queue.jobs import JobQueue, JobState, settled_series

@@ -64,6 +64,13 @@ MAX_REFUSALS = 5
 BATCH = 1000
 #: Seconds an association stays open after a Storage Commitment request for a report on it.
 SAME_ASSOCIATION_WAIT_S = 0.5
+#: At most this long for the answer to a Storage Commitment N-ACTION (the answer is
+#: immediate, the report comes later): a peer that never answers held every delivery of
+#: the node for the whole DIMSE timeout.
+COMMITMENT_ANSWER_S = 10.0
+#: A peer that refused Storage Commitment (aborted at the request, refused it, or does not
+#: accept the SOP class) is not asked again for this long; its objects stay ``sent``.
+COMMITMENT_ASK_AGAIN_S = 3600.0
 #: Seconds between two read-backs of what DICOMweb destinations should hold.
 READ_BACK_EVERY_S = 1.0
 
@@ -277,6 +284,8 @@ class Sender(DurableQueue):
         # Reports on the sender's own associations (the listener has its own inbox).
         self.inbox = ReportInbox(self.data_dir, max_resends=confirm_resends, ledger=self.ledger)
         self._said_no_commitment: set[str] = set()
+        #: destination -> (monotonic time until which it is not asked, why)
+        self._refused_commitment: dict[str, tuple[float, str]] = {}
         self.said_read_back_failed: set[str] = set()
         self._read_back_at = 0.0
         self._stop = threading.Event()
@@ -435,7 +444,8 @@ class Sender(DurableQueue):
         ae.dimse_timeout = self.network_timeout_s
         ae.network_timeout = self.network_timeout_s
         contexts = _contexts(rows)
-        if any(r["confirm"] == "commitment" for r in rows) and len(contexts) < 128:
+        if any(r["confirm"] == "commitment" for r in rows) and len(contexts) < 128 \
+                and self._commitment_refusal(dest) is None:
             contexts.append(build_context(commitment.STORAGE_COMMITMENT))
         tls_args = ((self.tls_context, str(first["host"]))
                     if self.tls_context is not None and dest in self.tls_destinations else None)
@@ -495,12 +505,19 @@ class Sender(DurableQueue):
         return len(done)
 
     def _unconfirmable(self, dest: str, ids: Sequence[int], why: str) -> None:
-        """The peer will not confirm: the rows stay ``sent``; said once per destination."""
+        """The peer will not confirm: the rows stay ``sent``, and the peer is not asked
+        again for :data:`COMMITMENT_ASK_AGAIN_S`; said once per destination."""
         if dest not in self._said_no_commitment:  # once per destination, not per batch
             self._said_no_commitment.add(dest)
-            LOG.warning("send to %s: %s; its objects stay 'sent' (acknowledged, not confirmed)",
-                        dest, why)
+            LOG.warning("send to %s: %s; its objects stay 'sent' (acknowledged, not confirmed); "
+                        "asked again in %.0f min", dest, why, COMMITMENT_ASK_AGAIN_S / 60)
+        self._refused_commitment[dest] = (time.monotonic() + COMMITMENT_ASK_AGAIN_S, why)
         self.ledger.unconfirmable(ids, f"not confirmed: {why}")
+
+    def _commitment_refusal(self, dest: str) -> str | None:
+        """Why ``dest`` is not asked for Storage Commitment now, or None."""
+        until, why = self._refused_commitment.get(dest, (0.0, ""))
+        return why if time.monotonic() < until else None
 
     def _request_commitment(self, assoc: Association, dest: str,
                             rows: Sequence[Mapping[str, object]]) -> None:
@@ -510,6 +527,10 @@ class Sender(DurableQueue):
         ids = [int(str(r["id"])) for r in wanted]
         if not wanted:
             return
+        refused = self._commitment_refusal(dest)
+        if refused is not None:
+            self.ledger.unconfirmable(ids, f"not confirmed: {refused}")
+            return
         if not commitment.accepts_commitment(assoc):
             self._unconfirmable(dest, ids, "the peer does not accept Storage Commitment")
             return
@@ -517,9 +538,14 @@ class Sender(DurableQueue):
         self.ledger.requested(ids, uid)  # before the request: the report may come at once
         self.inbox.received.clear()
         t0 = time.monotonic()
-        status = commitment.request(assoc, uid, [(str(r["sop_class_uid"]), str(r["sop_instance_uid"]))
-                                                 for r in wanted])
-        quick = time.monotonic() - t0 < self.network_timeout_s / 2
+        answer_s = min(self.network_timeout_s, COMMITMENT_ANSWER_S)
+        assoc.dimse_timeout, dimse_timeout = answer_s, assoc.dimse_timeout
+        try:
+            status = commitment.request(assoc, uid, [(str(r["sop_class_uid"]),
+                                                      str(r["sop_instance_uid"])) for r in wanted])
+        finally:
+            assoc.dimse_timeout = dimse_timeout
+        quick = time.monotonic() - t0 < answer_s / 2
         while status is None and quick and assoc.is_established and time.monotonic() - t0 < 1.0:
             time.sleep(0.02)  # the A-ABORT that ended the wait is still being taken in
         if status is None and quick and assoc.is_aborted:
