@@ -55,6 +55,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -117,15 +118,56 @@ def orthanc_version(binary: str | None = None) -> tuple[int, ...]:
     raise OrthancError(f"cannot read the Orthanc version from {first!r}")
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports that are free on ``host`` right now."""
-    socks = []
+#: Listening ports for tests, demos and benchmarks come from here up to the kernel's
+#: ephemeral range (which it hands to outgoing connections, so a port picked there can be
+#: taken by any client's connect before the server binds it).
+PORTS_FROM = 10000
+_port_lock = threading.Lock()
+_port_cursor: list[int] = []  # this process's next candidate (one item once started)
+
+
+def _ephemeral_low() -> int:
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that are free on ``host`` right now.
+
+    Taken below the kernel's ephemeral range (from :data:`PORTS_FROM`), each process
+    walking its own stretch from a start set by its pid, so two test workers picking at
+    the same moment do not get the same port and no outgoing connection takes one
+    between the pick and the server's bind. Where that range is too small (an unusual
+    ``ip_local_port_range``), the kernel picks (bind to port 0).
+    """
+    top = _ephemeral_low()
+    span = top - PORTS_FROM
+    socks: list[socket.socket] = []
+    try:
+        if span < 1000:
+            for _ in range(n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.bind((host, 0))
+                socks.append(s)
+            return [s.getsockname()[1] for s in socks]
+        with _port_lock:
+            if not _port_cursor:
+                _port_cursor.append((os.getpid() * 7919) % span)
+            for _ in range(span):
+                port = PORTS_FROM + _port_cursor[0] % span
+                _port_cursor[0] += 1
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    s.close()
+                    continue
+                socks.append(s)
+                if len(socks) == n:
+                    return [s.getsockname()[1] for s in socks]
+        raise OrthancError(f"no {n} free TCP ports on {host} from {PORTS_FROM} to {top}")
     finally:
         for s in socks:
             s.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from orthanc.server import free_ports
 from twin_archive import IncomingInstance
 from waiting import wait_until
 
@@ -28,9 +28,7 @@ DICOM_NODE = [sys.executable, "-m", "dicom_node"]
 
 def free_port() -> int:
     """A TCP port that was free on loopback a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]  # below the ephemeral range, this process's own stretch
 
 
 class NodeProcess:

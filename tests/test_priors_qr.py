@@ -274,3 +274,30 @@ def test_destination_query_keys_are_read_and_checked(tmp_path) -> None:
                    'retrieve = "fetch"\n')
     with pytest.raises(ConfigError, match="destinations.0..retrieve"):
         load_settings(config_path=cfg, env={})
+
+
+def test_c_get_stores_every_instance_when_pynetdicom_receives_into_files(
+        orthanc, tmp_path, monkeypatch) -> None:
+    """The defect CI found: a listener in the same process (the node's fast receive path)
+    sets pynetdicom's process-wide ``STORE_RECV_CHUNKED_DATASET``; a C-GET's instances then
+    arrived as files and were read as empty data sets (Orthanc ended with A702). Each is
+    now read from its file, and the file removed."""
+    from pynetdicom import _config
+
+    server, studies = orthanc
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    data, archive, today, key = _twin(tmp_path)
+    retriever = _retriever(data, archive, server.dicom_port, max_studies=1)
+    got = retriever.retrieve(patient_id="QR-1", issuer="", patient_key=key,
+                             study_uid=str(today[0].StudyInstanceUID), today=dt.date(2026, 12, 1),
+                             rules=RULES)
+    assert got.answered and got.note == ""
+    [series] = got.series
+    assert series.series_uid == str(studies["20251201"][0].SeriesInstanceUID)
+    arrival = HistoryStore(data).series_arrival(series.series_uid)
+    assert arrival is not None and arrival[2] == 20
+    assert list(scratch.iterdir()) == []  # no file left behind by the C-GET
+    archive.close()
