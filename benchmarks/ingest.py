@@ -268,7 +268,9 @@ def node_receiver(workdir: Path, *, fast_receive: bool = True) -> Iterator[Recei
                       start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while "ready" not in log.read_text(errors="replace"):
+        # Untimed start-up means all of it: the listener and the inference worker, whose
+        # start (importing torch, about 2 s of a core) would otherwise run in the first round.
+        while "ready for jobs" not in log.read_text(errors="replace"):
             if proc.poll() is not None:
                 raise RuntimeError(f"node exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
             if time.monotonic() > deadline:

@@ -90,3 +90,77 @@ def test_presentation_contexts_copied_cheaply_and_independently() -> None:
     assert original[0].context_id is None
     assert "1.2.840.10008.1.2.4.50" not in original[0].transfer_syntax
     assert speedups.copy_contexts({"a": [1]}) == {"a": [1]}  # anything else: copy.deepcopy
+
+
+def test_spool_hashes_fragments_from_a_buffer_the_writer_reuses(tmp_path: Path) -> None:
+    """The hash runs beside the network thread, which reads each fragment into one
+    buffer: what was written must be what was hashed."""
+    spool = Spool(tmp_path)
+    spool.write_meta(b"M" * 132)
+    buffer = bytearray(65536)
+    view = memoryview(buffer)
+    sent = []
+    for k in range(8):
+        buffer[:] = os.urandom(65536)
+        sent.append(bytes(buffer))
+        spool.write(view)  # overwritten at the next turn, maybe before it is hashed
+    spool.claim()
+    spool.commit(tmp_path / "final.dcm")
+    assert spool.sha256 == hashlib.sha256(b"".join(sent)).hexdigest()
+    assert (tmp_path / "final.dcm").read_bytes()[132:] == b"".join(sent)
+
+
+def _archive_and_spooled(tmp_path: Path, **changes: object):
+    """An archive, and a CT as the network layer hands it over: in a spool, in fragments."""
+    from node_harness import incoming, small_ct
+    from twin_archive import Archive, IncomingInstance
+
+    archive = Archive(tmp_path / "data")
+    ds = small_ct()
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    inc = incoming(ds)
+    spool = Spool(archive.ingest.tmp_dir)
+    spool.write_meta(inc.file_meta)
+    for at in range(0, len(inc.dataset), 4096):
+        spool.write(inc.dataset[at:at + 4096])
+    return archive, inc, IncomingInstance(
+        file_meta=b"", dataset=b"", transfer_syntax_uid=inc.transfer_syntax_uid,
+        sop_class_uid=inc.sop_class_uid, sop_instance_uid=inc.sop_instance_uid,
+        calling_ae="T", spool=spool)
+
+
+def test_a_spool_that_cannot_be_flushed_is_refused_as_out_of_resources_and_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush runs while a helper thread reads the header; its failure (a full disk)
+    is answered as before: out of resources, nothing indexed, no file left."""
+    import errno
+
+    from twin_archive import OutOfResourcesError
+
+    archive, inc, spooled = _archive_and_spooled(tmp_path)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", full)
+    with pytest.raises(OutOfResourcesError, match="disk full"):
+        archive.ingest.store(spooled)
+    monkeypatch.undo()
+    assert list(archive.ingest.tmp_dir.iterdir()) == []
+    assert archive.ingest.db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+    archive.ingest.store(inc)  # sent again, with room: stored
+    assert archive.ingest.db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 1
+    archive.close()
+
+
+def test_a_spooled_instance_that_cannot_be_grouped_is_refused_after_its_flush(
+        tmp_path: Path) -> None:
+    from twin_archive import InvalidInstanceError
+
+    archive, _, spooled = _archive_and_spooled(tmp_path, StudyInstanceUID="")
+    with pytest.raises(InvalidInstanceError, match="StudyInstanceUID"):
+        archive.ingest.store(spooled)
+    assert list(archive.ingest.tmp_dir.iterdir()) == []
+    assert archive.ingest.db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+    archive.close()

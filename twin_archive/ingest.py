@@ -33,7 +33,7 @@ from twin_archive import reconcile
 from dicom_node.foundation.durable import fsync_dir, write_durably
 from twin_archive.errors import ArchiveError, InvalidInstanceError, OutOfResourcesError
 from twin_archive.group_commit import GroupCommit, Pending
-from twin_archive.header import identify, parse
+from twin_archive.header import Header, identify, parse
 from twin_archive.layout import (
     instance_relpath,
     patient_key,
@@ -41,11 +41,18 @@ from twin_archive.layout import (
 )
 from twin_archive.records import IncomingInstance, StoreOutcome, StoreResult
 from twin_archive.schema import fetch_dicts
+from twin_archive.spool import Spool, helper_pool
 from twin_archive.text import printable
 
 LOG = logging.getLogger(__name__)
 
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _parser() -> Any:
+    """Helper threads that read headers while the storing threads flush (one per
+    association storing at once, up to eight)."""
+    return helper_pool("parse", 8)
 
 
 class Ingest:
@@ -115,14 +122,39 @@ class Ingest:
                                           f"{exc.strerror}") from exc
             raise OutOfResourcesError(f"cannot spool {incoming.sop_instance_uid}: {exc}") from exc
         try:
-            return self._store(incoming)
+            return self._store(incoming, self._parse_while_flushing(incoming, spool))
         finally:
             spool.discard(force=True)  # no-op once committed
 
-    def _store(self, incoming: IncomingInstance) -> StoreResult:
-        """Read, check, write and commit one instance (:meth:`store` claimed its spool)."""
+    def _parse_while_flushing(self, incoming: IncomingInstance, spool: Spool) -> Header:
+        """Flush the spool (``fdatasync``, this thread) while a helper thread reads and
+        checks the header: the one waits on the disk, the other needs the CPU, and one
+        instance's wait to be answered is the longer of the two, not their sum.
+
+        Raises
+        ------
+        InvalidInstanceError
+            From :func:`parse`, once the flush is done.
+        OutOfResourcesError
+            The flush failed.
+        """
+        parsing = _parser().submit(parse, incoming)
+        try:
+            spool.flush()
+        except OSError as exc:
+            parsing.exception()  # let the helper finish with the file before it is removed
+            if exc.errno in _NO_SPACE_ERRNOS:
+                raise OutOfResourcesError(f"disk full writing {incoming.sop_instance_uid}: "
+                                          f"{exc.strerror}") from exc
+            raise OutOfResourcesError(f"cannot flush {incoming.sop_instance_uid}: {exc}") from exc
+        return parsing.result()
+
+    def _store(self, incoming: IncomingInstance, parsed: Header | None = None) -> StoreResult:
+        """Read, check, write and commit one instance (:meth:`store` claimed its spool and
+        may have read its header already: ``parsed``)."""
         spool = incoming.spool
-        parsed = parse(incoming)
+        if parsed is None:
+            parsed = parse(incoming)
         ident = identify(parsed, incoming)
         sha = spool.sha256 if spool is not None else hashlib.sha256(incoming.dataset).hexdigest()
         key = self._twin_key(ident)

@@ -33,12 +33,10 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, build_role, evt
-from pynetdicom.dsutils import split_dataset
+from pynetdicom import AE, build_role, evt
 from pydicom.uid import UID
 
 from dicom_node.foundation.clock import utc_now
@@ -398,7 +396,7 @@ class PriorRetriever:
 
     def _store_got(self, event: Any) -> int:
         """A C-STORE on the C-GET association: stored durably like any other."""
-        from dicom_node.wire.fast_receive import pydicom_file_meta
+        from dicom_node.wire.fast_receive import pydicom_file_meta, received_dataset
 
         request = event.request
         sop_class, sop_uid = str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
@@ -414,28 +412,6 @@ class PriorRetriever:
             LOG.warning("priors: instance %s from C-GET not stored: %s", sop_uid, exc)
             return 0xA700
         return _SUCCESS
-
-
-def received_dataset(event: Any) -> bytes:
-    """The encoded data set of a C-STORE that arrived on the node's own (requestor)
-    association, File Meta Information left out.
-
-    pynetdicom keeps it in memory unless ``_config.STORE_RECV_CHUNKED_DATASET`` is set; that
-    switch is process-wide and the node's listener sets it (:mod:`dicom_node.wire.fast_receive`
-    spools what it accepts), so in a process that also listens, a C-GET's instances arrive
-    as files (``event.dataset_path``) that pynetdicom does not remove on this side: read and
-    removed here. ``event.encoded_dataset`` would be empty then.
-    """
-    if not _config.STORE_RECV_CHUNKED_DATASET:
-        return bytes(event.encoded_dataset(include_meta=False))
-    path = Path(event.dataset_path)
-    try:
-        _, offset = split_dataset(path)
-        with path.open("rb") as fp:
-            fp.seek(offset)
-            return fp.read()
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def asks_priors(settings: Settings) -> bool:

@@ -52,6 +52,7 @@ from dicom_node.wire.fast_receive.spooling import (
     discard_unclaimed,
     encode_file_meta,
     pydicom_file_meta,
+    received_dataset,
     release_ended,
 )
 from twin_archive.spool import Spool
@@ -63,7 +64,8 @@ TESTED_VERSIONS = ("3.0.",)
 
 __all__ = [
     "SpoolFile", "accept_nonconformant_uids", "discard_unclaimed", "encode_file_meta", "freeze_heap", "install",
-    "pydicom_file_meta", "quiet_standard_handlers", "register_server", "release_ended",
+    "pydicom_file_meta", "quiet_standard_handlers", "received_dataset", "register_server",
+    "release_ended",
     "self_check", "spool_of",
 ]
 

@@ -44,6 +44,7 @@ from pynetdicom import _config
 from pynetdicom import dimse_messages as _messages
 from pynetdicom import dul as _dul
 from pynetdicom.dsutils import create_file_meta as _pynetdicom_create_file_meta
+from pynetdicom.dsutils import split_dataset
 
 from twin_archive import InvalidInstanceError
 from twin_archive.spool import Spool
@@ -256,6 +257,28 @@ def release_ended(assoc: Any) -> int:
         LOG.info("association with %s ended abnormally: %d unfinished data set(s) removed, "
                  "none was acknowledged", (assoc.requestor.ae_title or "?").strip(), removed)
     return removed
+
+
+def received_dataset(event: Any) -> bytes:
+    """The encoded data set of a C-STORE that arrived on an association the node
+    requested (a C-GET's instances), File Meta Information left out.
+
+    pynetdicom keeps it in memory unless ``_config.STORE_RECV_CHUNKED_DATASET`` is set;
+    that switch is process-wide and :func:`install` sets it (to spool what the node
+    accepts), so in a process that also listens a C-GET's instances arrive as files
+    (``event.dataset_path``) that pynetdicom does not remove on the requesting side:
+    read and removed here. ``event.encoded_dataset`` would be empty then.
+    """
+    if not _config.STORE_RECV_CHUNKED_DATASET:
+        return bytes(event.encoded_dataset(include_meta=False))
+    path = Path(event.dataset_path)
+    try:
+        _, offset = split_dataset(path)
+        with path.open("rb") as fp:
+            fp.seek(offset)
+            return fp.read()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _compatible() -> str | None:
