@@ -164,3 +164,28 @@ def test_a_spooled_instance_that_cannot_be_grouped_is_refused_after_its_flush(
     assert list(archive.ingest.tmp_dir.iterdir()) == []
     assert archive.ingest.db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
     archive.close()
+
+
+def test_spools_hash_in_line_while_another_is_live(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two spools receiving at once (two associations) the fragments are hashed in
+    the receiving thread, with one alone in the hashing thread; the hash is the same."""
+    from twin_archive import spool as spool_module
+
+    monkeypatch.setattr(spool_module, "_live", 0)  # other tests' spools left unconsumed
+    data = os.urandom(3 * 65536)
+    first = Spool(tmp_path)
+    assert spool_module.alone()
+    second = Spool(tmp_path)
+    assert not spool_module.alone()
+    for s in (first, second):
+        s.write_meta(b"M" * 132)
+        for at in range(0, len(data), 65536):
+            s.write(data[at:at + 65536])
+    assert first._hashed is None and second._hashed is None  # noqa: SLF001 - in line
+    second.discard()
+    assert spool_module.alone()
+    first.write(data)  # alone again: to the hashing thread, after what was hashed in line
+    assert first._hashed is not None  # noqa: SLF001
+    assert first.sha256 == hashlib.sha256(data + data).hexdigest()
+    first.discard()

@@ -41,7 +41,7 @@ from twin_archive.layout import (
 )
 from twin_archive.records import IncomingInstance, StoreOutcome, StoreResult
 from twin_archive.schema import fetch_dicts
-from twin_archive.spool import Spool, helper_pool
+from twin_archive.spool import Spool, alone, helper_pool
 from twin_archive.text import printable
 
 LOG = logging.getLogger(__name__)
@@ -122,7 +122,9 @@ class Ingest:
                                           f"{exc.strerror}") from exc
             raise OutOfResourcesError(f"cannot spool {incoming.sop_instance_uid}: {exc}") from exc
         try:
-            return self._store(incoming, self._parse_while_flushing(incoming, spool))
+            if alone():
+                return self._store(incoming, self._parse_while_flushing(incoming, spool))
+            return self._store(incoming)  # busy: in line (see twin_archive.spool.alone)
         finally:
             spool.discard(force=True)  # no-op once committed
 

@@ -72,6 +72,28 @@ def helper_pool(name: str, workers: int) -> ThreadPoolExecutor:
         return pool
 
 
+_live_lock = threading.Lock()
+_live = 0  # spools of this process receiving or being stored
+
+
+def _live_change(delta: int) -> int:
+    global _live
+    with _live_lock:
+        _live += delta
+        return _live
+
+
+def alone() -> bool:
+    """Whether at most one spool of this process is receiving or being stored.
+
+    Then the helper threads (hashing, and the archive's header read beside the flush)
+    shorten that instance's wait on cores that would idle; with several at once the
+    associations already keep the cores busy and the hand-offs (a copy of each fragment,
+    a thread woken per step) would only add CPU, so the work is done in line.
+    """
+    return _live <= 1
+
+
 def _hashing() -> ThreadPoolExecutor:
     """One thread for every spool's sha256 updates: first in, first hashed, so each
     spool's fragments are hashed in order. hashlib lets go of the GIL on large inputs,
@@ -107,6 +129,8 @@ class Spool:
     def __init__(self, tmp_dir: Path) -> None:
         fd, name = mkstemp_part(tmp_dir)
         self._fd: int | None = fd
+        self._live = True
+        _live_change(+1)
         self.path = Path(name)
         self.meta_length = 0
         self.size = 0
@@ -166,8 +190,14 @@ class Spool:
             return
         self._offset += len(data)
         if not meta:
-            # a copy: the network layer reuses its buffer for the next fragment
-            self._hashed = _hashing().submit(self._sha.update, bytes(data))
+            if alone():
+                # a copy: the network layer reuses its buffer for the next fragment
+                self._hashed = _hashing().submit(self._sha.update, bytes(data))
+            else:
+                if self._hashed is not None:  # the fragments before, hashed first
+                    self._hashed.result()
+                    self._hashed = None
+                self._sha.update(data)
         if _sync_file_range is not None and len(data) >= 65536:
             _sync_file_range(self._fd, start, len(data), _SYNC_FILE_RANGE_WRITE)
 
@@ -267,6 +297,7 @@ class Spool:
             self.discard(force=True)
             raise
         self._state = "committed"
+        self._retire()
 
     def discard(self, *, force: bool = False) -> bool:
         """Close and remove the file unless the archive has claimed it (or ``force``).
@@ -280,6 +311,7 @@ class Spool:
             if self._state in ("committed", "discarded") or (self._state == "claimed" and not force):
                 return False
             self._state = "discarded"
+        self._retire()
         self._close_fd()
         try:
             self.path.unlink()
@@ -291,6 +323,12 @@ class Spool:
         """Release the descriptor (the file stays until committed or discarded)."""
         if self._state != "claimed":
             self._close_fd()
+
+    def _retire(self) -> None:
+        """No longer receiving or being stored (counted once)."""
+        if self._live:
+            self._live = False
+            _live_change(-1)
 
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, None
