@@ -189,3 +189,27 @@ def test_spools_hash_in_line_while_another_is_live(tmp_path: Path,
     assert first._hashed is not None  # noqa: SLF001
     assert first.sha256 == hashlib.sha256(data + data).hexdigest()
     first.discard()
+
+
+def test_a_resent_spooled_instance_is_not_flushed_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance sent again (same SOP Instance UID, same content) is a duplicate: the
+    archive answers it without writing, and its spool is not flushed to the disk first."""
+    from twin_archive import IncomingInstance, StoreOutcome
+
+    archive, inc, spooled = _archive_and_spooled(tmp_path)
+    assert archive.ingest.store(spooled).outcome is StoreOutcome.STORED
+    again = Spool(archive.ingest.tmp_dir)
+    again.write_meta(inc.file_meta)
+    again.write(inc.dataset)
+    flushed = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushed.append(fd), real(fd))[1])
+    result = archive.ingest.store(IncomingInstance(
+        file_meta=b"", dataset=b"", transfer_syntax_uid=inc.transfer_syntax_uid,
+        sop_class_uid=inc.sop_class_uid, sop_instance_uid=inc.sop_instance_uid,
+        calling_ae="T", spool=again))
+    assert result.outcome is StoreOutcome.DUPLICATE
+    assert flushed == []
+    assert list(archive.ingest.tmp_dir.iterdir()) == []
+    archive.close()

@@ -49,6 +49,15 @@ LOG = logging.getLogger(__name__)
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
+def _disk_error(exc: OSError, doing: str, what: str) -> OutOfResourcesError:
+    """An ``OSError`` while ``doing`` (``writing``, ...) ``what``, as the archive reports it:
+    "disk full ..." for a full disk or quota, "cannot ..." for anything else."""
+    if exc.errno in _NO_SPACE_ERRNOS:
+        return OutOfResourcesError(f"disk full {doing} {what}: {exc.strerror}")
+    verb = {"receiving": "spool", "writing": "write", "flushing": "flush"}[doing]
+    return OutOfResourcesError(f"cannot {verb} {what}: {exc}")
+
+
 def _parser() -> Any:
     """Helper threads that read headers while the storing threads flush (one per
     association storing at once, up to eight)."""
@@ -117,14 +126,13 @@ class Ingest:
         try:
             spool.claim()
         except OSError as exc:
-            if exc.errno in _NO_SPACE_ERRNOS:
-                raise OutOfResourcesError(f"disk full receiving {incoming.sop_instance_uid}: "
-                                          f"{exc.strerror}") from exc
-            raise OutOfResourcesError(f"cannot spool {incoming.sop_instance_uid}: {exc}") from exc
+            raise _disk_error(exc, "receiving", incoming.sop_instance_uid) from exc
         try:
-            if alone():
+            # Flushed beside the header read only when alone (see twin_archive.spool.alone)
+            # and new: a resent instance may be archived already, and is then not flushed.
+            if alone() and not self._known(incoming.sop_instance_uid):
                 return self._store(incoming, self._parse_while_flushing(incoming, spool))
-            return self._store(incoming)  # busy: in line (see twin_archive.spool.alone)
+            return self._store(incoming)
         finally:
             spool.discard(force=True)  # no-op once committed
 
@@ -145,11 +153,14 @@ class Ingest:
             spool.flush()
         except OSError as exc:
             parsing.exception()  # let the helper finish with the file before it is removed
-            if exc.errno in _NO_SPACE_ERRNOS:
-                raise OutOfResourcesError(f"disk full writing {incoming.sop_instance_uid}: "
-                                          f"{exc.strerror}") from exc
-            raise OutOfResourcesError(f"cannot flush {incoming.sop_instance_uid}: {exc}") from exc
+            raise _disk_error(exc, "flushing", incoming.sop_instance_uid) from exc
         return parsing.result()
+
+    def _known(self, sop_uid: str) -> bool:
+        """Whether an instance of this SOP Instance UID is archived (any content)."""
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ? LIMIT 1",
+                                   (sop_uid,)).fetchone() is not None
 
     def _store(self, incoming: IncomingInstance, parsed: Header | None = None) -> StoreResult:
         """Read, check, write and commit one instance (:meth:`store` claimed its spool and
@@ -211,9 +222,7 @@ class Ingest:
                 write_durably(final, (incoming.file_meta, incoming.dataset), self.tmp_dir,
                               sync_dir=False)
         except OSError as exc:
-            if exc.errno in _NO_SPACE_ERRNOS:
-                raise OutOfResourcesError(f"disk full writing {rel.name}: {exc.strerror}") from exc
-            raise OutOfResourcesError(f"cannot write {rel.name}: {exc}") from exc
+            raise _disk_error(exc, "writing", rel.name) from exc
 
     def _commit(self, pending: Pending) -> tuple[StoreOutcome, int]:
         """Hand a written file to the group commit; its outcome and version once indexed.
